@@ -1,0 +1,32 @@
+"""Domain types that describe a model file: formats, tensors and the cost estimated from its graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FORMATS = ("onnx", "tflite")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, uint8, int8, int64.
+    shape: tuple[int, ...]  # -1 marks a dynamic axis.
+    dim_names: tuple[str, ...] = ()  # Symbolic names of dynamic axes, "" for fixed ones.
+    scale: float = 0.0  # Quantization scale; 0 means the tensor is not quantized.
+    zero_point: int = 0
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    format: str  # One of FORMATS.
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int  # ONNX default-domain opset, or the TFLite schema version.
+    parameters: int
+    macs: int  # Multiply-accumulates of one inference with dynamic axes set to 1.
+    peak_activation_bytes: int
+    macs_by_op_type: dict[str, int] = field(default_factory=dict)
+    precision: str = "fp32"  # One of PRECISIONS: the narrowest type that most weights use.
+    layers: int = 0

@@ -1,0 +1,1 @@
+"""The central service: fleet state, model catalog, compression, variant choice and rollouts."""

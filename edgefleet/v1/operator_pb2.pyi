@@ -1,0 +1,569 @@
+import datetime
+
+from edgefleet.v1 import agent_pb2 as _agent_pb2
+from edgefleet.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class RolloutState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_STATE_UNSPECIFIED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PENDING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_RUNNING: _ClassVar[RolloutState]
+    ROLLOUT_STATE_PAUSED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_SUCCEEDED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ROLLING_BACK: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ROLLED_BACK: _ClassVar[RolloutState]
+    ROLLOUT_STATE_ABORTED: _ClassVar[RolloutState]
+    ROLLOUT_STATE_SUPERSEDED: _ClassVar[RolloutState]
+
+class WaveDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WAVE_DECISION_UNSPECIFIED: _ClassVar[WaveDecision]
+    WAVE_DECISION_WAITING: _ClassVar[WaveDecision]
+    WAVE_DECISION_PROCEED: _ClassVar[WaveDecision]
+    WAVE_DECISION_PAUSE: _ClassVar[WaveDecision]
+    WAVE_DECISION_ROLLBACK: _ClassVar[WaveDecision]
+
+class RolloutAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_ACTION_UNSPECIFIED: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_PAUSE: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_RESUME: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_ABORT: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_ROLLBACK: _ClassVar[RolloutAction]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+ROLLOUT_STATE_UNSPECIFIED: RolloutState
+ROLLOUT_STATE_PENDING: RolloutState
+ROLLOUT_STATE_RUNNING: RolloutState
+ROLLOUT_STATE_PAUSED: RolloutState
+ROLLOUT_STATE_SUCCEEDED: RolloutState
+ROLLOUT_STATE_ROLLING_BACK: RolloutState
+ROLLOUT_STATE_ROLLED_BACK: RolloutState
+ROLLOUT_STATE_ABORTED: RolloutState
+ROLLOUT_STATE_SUPERSEDED: RolloutState
+WAVE_DECISION_UNSPECIFIED: WaveDecision
+WAVE_DECISION_WAITING: WaveDecision
+WAVE_DECISION_PROCEED: WaveDecision
+WAVE_DECISION_PAUSE: WaveDecision
+WAVE_DECISION_ROLLBACK: WaveDecision
+ROLLOUT_ACTION_UNSPECIFIED: RolloutAction
+ROLLOUT_ACTION_PAUSE: RolloutAction
+ROLLOUT_ACTION_RESUME: RolloutAction
+ROLLOUT_ACTION_ABORT: RolloutAction
+ROLLOUT_ACTION_ROLLBACK: RolloutAction
+
+class IdentityConflict(_message.Message):
+    __slots__ = ("instance_key_fingerprint", "peer", "seen_at")
+    INSTANCE_KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SEEN_AT_FIELD_NUMBER: _ClassVar[int]
+    instance_key_fingerprint: str
+    peer: str
+    seen_at: _timestamp_pb2.Timestamp
+    def __init__(self, instance_key_fingerprint: _Optional[str] = ..., peer: _Optional[str] = ..., seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    status: _common_pb2.DeviceStatus
+    hardware: _common_pb2.HardwareProfile
+    labels: _containers.ScalarMap[str, str]
+    agent_version: str
+    registered_at: _timestamp_pb2.Timestamp
+    last_seen: _timestamp_pb2.Timestamp
+    models: _containers.RepeatedCompositeFieldContainer[_agent_pb2.ModelStatus]
+    desired: _containers.RepeatedCompositeFieldContainer[_agent_pb2.ModelAssignment]
+    desired_generation: int
+    reported_generation: int
+    identity_conflicts: _containers.RepeatedCompositeFieldContainer[IdentityConflict]
+    profile_revisions: int
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ...) -> None: ...
+
+class ListDevicesRequest(_message.Message):
+    __slots__ = ("status", "label_selector", "hardware_class")
+    class LabelSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    status: _common_pb2.DeviceStatus
+    label_selector: _containers.ScalarMap[str, str]
+    hardware_class: str
+    def __init__(self, status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., hardware_class: _Optional[str] = ...) -> None: ...
+
+class ListDevicesResponse(_message.Message):
+    __slots__ = ("devices",)
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+
+class GetDeviceRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class UploadModelHeader(_message.Message):
+    __slots__ = ("name", "version", "format", "size_bytes", "sha256", "filename")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    format: _common_pb2.ModelFormat
+    size_bytes: int
+    sha256: str
+    filename: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., filename: _Optional[str] = ...) -> None: ...
+
+class UploadModelRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadModelHeader
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[UploadModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class Variant(_message.Message):
+    __slots__ = ("variant_id", "model_name", "model_version", "kind", "format", "precision", "digest", "size_bytes", "metadata", "status", "rejection_reason", "accuracy", "accuracy_metric", "latency_ms", "parent_variant_id", "created_at")
+    class LatencyMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_METRIC_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    variant_id: str
+    model_name: str
+    model_version: str
+    kind: str
+    format: _common_pb2.ModelFormat
+    precision: _common_pb2.Precision
+    digest: str
+    size_bytes: int
+    metadata: _common_pb2.ModelMetadata
+    status: str
+    rejection_reason: str
+    accuracy: float
+    accuracy_metric: str
+    latency_ms: _containers.ScalarMap[str, float]
+    parent_variant_id: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, variant_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., kind: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metadata: _Optional[_Union[_common_pb2.ModelMetadata, _Mapping]] = ..., status: _Optional[str] = ..., rejection_reason: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., parent_variant_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Model(_message.Message):
+    __slots__ = ("name", "version", "digest", "size_bytes", "metadata", "created_at", "variants")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    size_bytes: int
+    metadata: _common_pb2.ModelMetadata
+    created_at: _timestamp_pb2.Timestamp
+    variants: _containers.RepeatedCompositeFieldContainer[Variant]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metadata: _Optional[_Union[_common_pb2.ModelMetadata, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[Model]
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ListVariantsRequest(_message.Message):
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ListVariantsResponse(_message.Message):
+    __slots__ = ("variants",)
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    variants: _containers.RepeatedCompositeFieldContainer[Variant]
+    def __init__(self, variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ...) -> None: ...
+
+class CompressionJob(_message.Message):
+    __slots__ = ("job_id", "model_name", "model_version", "recipe_json", "state", "progress", "stage", "error", "variant_ids", "created_at", "updated_at")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_name: str
+    model_version: str
+    recipe_json: str
+    state: JobState
+    progress: float
+    stage: str
+    error: str
+    variant_ids: _containers.RepeatedScalarFieldContainer[str]
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., recipe_json: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., stage: _Optional[str] = ..., error: _Optional[str] = ..., variant_ids: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateCompressionJobRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "recipe_json")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    recipe_json: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., recipe_json: _Optional[str] = ...) -> None: ...
+
+class GetCompressionJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListCompressionJobsRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class ListCompressionJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[CompressionJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[CompressionJob, _Mapping]]] = ...) -> None: ...
+
+class CancelCompressionJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeployRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "device_id", "variant_id", "threads")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    device_id: str
+    variant_id: str
+    threads: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., device_id: _Optional[str] = ..., variant_id: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class DeployResponse(_message.Message):
+    __slots__ = ("device", "assignment")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    assignment: _agent_pb2.ModelAssignment
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., assignment: _Optional[_Union[_agent_pb2.ModelAssignment, _Mapping]] = ...) -> None: ...
+
+class ExplainSelectionRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "device_id", "budget_ms")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    device_id: str
+    budget_ms: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., device_id: _Optional[str] = ..., budget_ms: _Optional[float] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("variant", "predicted_p50_ms", "predicted_p95_ms", "predicted_memory_bytes", "threads", "chosen", "reason")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    variant: Variant
+    predicted_p50_ms: float
+    predicted_p95_ms: float
+    predicted_memory_bytes: int
+    threads: int
+    chosen: bool
+    reason: str
+    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., predicted_memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., chosen: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ExplainSelectionResponse(_message.Message):
+    __slots__ = ("candidates",)
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class WaveDevice(_message.Message):
+    __slots__ = ("device_id", "variant_id", "hardware_class", "state", "samples", "p95_ms", "error_rate")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    variant_id: str
+    hardware_class: str
+    state: _common_pb2.ModelState
+    samples: int
+    p95_ms: float
+    error_rate: float
+    def __init__(self, device_id: _Optional[str] = ..., variant_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ModelState, str]] = ..., samples: _Optional[int] = ..., p95_ms: _Optional[float] = ..., error_rate: _Optional[float] = ...) -> None: ...
+
+class Wave(_message.Message):
+    __slots__ = ("index", "percent", "devices", "decision", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    percent: int
+    devices: _containers.RepeatedCompositeFieldContainer[WaveDevice]
+    decision: WaveDecision
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., percent: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[WaveDevice, _Mapping]]] = ..., decision: _Optional[_Union[WaveDecision, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("rollout_id", "model_name", "model_version", "target_labels", "target_hardware_class", "wave_percents", "budget_ms", "max_p95_regression_pct", "max_error_rate_pct", "state", "waves", "reason", "created_at", "updated_at")
+    class TargetLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LABELS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    WAVE_PERCENTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_P95_REGRESSION_PCT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_PCT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    model_name: str
+    model_version: str
+    target_labels: _containers.ScalarMap[str, str]
+    target_hardware_class: str
+    wave_percents: _containers.RepeatedScalarFieldContainer[int]
+    budget_ms: float
+    max_p95_regression_pct: float
+    max_error_rate_pct: float
+    state: RolloutState
+    waves: _containers.RepeatedCompositeFieldContainer[Wave]
+    reason: str
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, rollout_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., target_labels: _Optional[_Mapping[str, str]] = ..., target_hardware_class: _Optional[str] = ..., wave_percents: _Optional[_Iterable[int]] = ..., budget_ms: _Optional[float] = ..., max_p95_regression_pct: _Optional[float] = ..., max_error_rate_pct: _Optional[float] = ..., state: _Optional[_Union[RolloutState, str]] = ..., waves: _Optional[_Iterable[_Union[Wave, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateRolloutRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "target_labels", "target_hardware_class", "wave_percents", "budget_ms", "max_p95_regression_pct", "max_error_rate_pct", "min_samples")
+    class TargetLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LABELS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    WAVE_PERCENTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_P95_REGRESSION_PCT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_PCT_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    target_labels: _containers.ScalarMap[str, str]
+    target_hardware_class: str
+    wave_percents: _containers.RepeatedScalarFieldContainer[int]
+    budget_ms: float
+    max_p95_regression_pct: float
+    max_error_rate_pct: float
+    min_samples: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., target_labels: _Optional[_Mapping[str, str]] = ..., target_hardware_class: _Optional[str] = ..., wave_percents: _Optional[_Iterable[int]] = ..., budget_ms: _Optional[float] = ..., max_p95_regression_pct: _Optional[float] = ..., max_error_rate_pct: _Optional[float] = ..., min_samples: _Optional[int] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id",)
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+
+class UpdateRolloutRequest(_message.Message):
+    __slots__ = ("rollout_id", "action")
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: str
+    action: RolloutAction
+    def __init__(self, rollout_id: _Optional[str] = ..., action: _Optional[_Union[RolloutAction, str]] = ...) -> None: ...
+
+class QueryMetricsRequest(_message.Message):
+    __slots__ = ("device_id", "model_name", "variant_id", "hardware_class", "start", "end", "group_by")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    model_name: str
+    variant_id: str
+    hardware_class: str
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., variant_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MetricRow(_message.Message):
+    __slots__ = ("group", "inference_count", "error_count", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "first_window", "last_window")
+    class GroupEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_PER_S_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LAST_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    group: _containers.ScalarMap[str, str]
+    inference_count: int
+    error_count: int
+    throughput_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    first_window: _timestamp_pb2.Timestamp
+    last_window: _timestamp_pb2.Timestamp
+    def __init__(self, group: _Optional[_Mapping[str, str]] = ..., inference_count: _Optional[int] = ..., error_count: _Optional[int] = ..., throughput_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ..., first_window: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_window: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class QueryMetricsResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[MetricRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[MetricRow, _Mapping]]] = ...) -> None: ...
