@@ -151,20 +151,22 @@ class GetDeviceRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ...) -> None: ...
 
 class UploadModelHeader(_message.Message):
-    __slots__ = ("name", "version", "format", "size_bytes", "sha256", "filename")
+    __slots__ = ("name", "version", "format", "size_bytes", "sha256", "filename", "variant_kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     format: _common_pb2.ModelFormat
     size_bytes: int
     sha256: str
     filename: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., filename: _Optional[str] = ...) -> None: ...
+    variant_kind: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., filename: _Optional[str] = ..., variant_kind: _Optional[str] = ...) -> None: ...
 
 class UploadModelRequest(_message.Message):
     __slots__ = ("header", "chunk")
