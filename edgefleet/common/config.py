@@ -1,0 +1,132 @@
+"""Layered configuration: defaults, then a TOML file, then EDGEFLEET_* variables, then flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ENV_PREFIX = "EDGEFLEET_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names it."""
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _convert(value: Any, target: Any, source: str, name: str) -> Any:
+    """Convert a file or environment value to the field's annotated type."""
+    origin = typing.get_origin(target)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(target) if t is not type(None)]
+        if value is None or value == "":
+            return None
+        target = options[0]
+        origin = typing.get_origin(target)
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if target in (int, float, str):
+            if isinstance(value, bool) or (target is not str and isinstance(value, str) and not value.strip()):
+                raise ValueError(f"expected {target.__name__}, got {value!r}")
+            return target(value)
+        if target is Path:
+            return Path(str(value)).expanduser()
+        if origin is dict:
+            if isinstance(value, Mapping):
+                return {str(k): str(v) for k, v in value.items()}
+            return parse_pairs(str(value), name)
+        if origin is tuple:
+            items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
+            return tuple(str(v).strip() for v in items)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"invalid value for {name} from {source}: {error}") from None
+    return value
+
+
+def parse_pairs(text: str, name: str) -> dict[str, str]:
+    """Parse "k=v,k2=v2" into a dict; raise ConfigError naming the bad pair."""
+    pairs: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid {name} entry {item!r}: expected KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def add_flags(parser: argparse.ArgumentParser, config_type: type, help_texts: Mapping[str, str]) -> None:
+    """Add one flag per config field; flags default to None so that lower layers show through."""
+    hints = typing.get_type_hints(config_type)
+    for field in dataclasses.fields(config_type):
+        kind = hints[field.name]
+        help_text = f"{help_texts.get(field.name, '')} (env {env_name(field.name)})".strip()
+        if kind is bool:
+            parser.add_argument(flag_name(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag_name(field.name), default=None, metavar=field.name.upper(), help=help_text)
+
+
+def load_config(
+    config_type: type[T],
+    *,
+    flags: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+    file: Path | None = None,
+) -> T:
+    """Build config_type from its defaults, a TOML file, the environment and parsed flags, in that order.
+
+    Raises ConfigError naming the source and the key for unknown keys, unreadable files and bad values.
+    """
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(config_type)
+    names = {f.name for f in dataclasses.fields(config_type)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {file}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {file} is not valid TOML: {error}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"unknown key {key!r} in {file}; allowed: {', '.join(sorted(names))}")
+            values[name] = _convert(value, hints[name], str(file), key)
+
+    for name in names:
+        if env_name(name) in environ:
+            values[name] = _convert(environ[env_name(name)], hints[name], "the environment", env_name(name))
+
+    if flags is not None:
+        for name in names:
+            value = getattr(flags, name, None)
+            if value is not None:
+                values[name] = _convert(value, hints[name], "the command line", flag_name(name))
+    return config_type(**values)
