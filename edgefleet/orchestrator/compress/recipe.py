@@ -1,0 +1,261 @@
+"""Compression recipes: typed, strictly validated settings parsed from JSON, TOML or a dict."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class RecipeError(ValueError):
+    """A recipe with an unknown key, a wrong type or an out-of-range value."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How calibration and evaluation images become model inputs; see calibration.PreprocessSpec."""
+
+    height: int = 224
+    width: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1.0 / 255.0
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+    resize_shorter: int = 0
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Samples for calibration or evaluation: a folder of images or an .npz with one array per input."""
+
+    images: str = ""  # Folder of image files, preprocessed with `preprocess`.
+    npz: str = ""  # .npz file whose key `input_name` holds the samples, batch axis first.
+    input_name: str = ""  # Model input to feed; empty picks the only one.
+    labels: str = ""  # Optional .npy of integer class labels, one per sample, for top-1 accuracy.
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: str = "static"  # "static" (calibrated QDQ) or "dynamic" (MatMul-heavy models only).
+    per_channel: bool = True
+    activation_type: str = "uint8"  # "uint8" or "int8".
+    calibration_method: str = "minmax"  # "minmax", "entropy", "percentile" or "distribution".
+    calibration_size: int = 128  # Maximum calibration samples taken from `calibration`.
+    reduce_range: bool = False
+    calibration: DataSource = field(default_factory=DataSource)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.3  # Fraction of channels removed, in (0, 1).
+    round_to: int = 8  # Kept channel counts are multiples of this: 8 or 16.
+    finetune_epochs: int = 3
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student_family: str = "inverted_residual"  # "inverted_residual" or "fire".
+    mac_budget: int = 50_000_000  # Maximum multiply-accumulates of one student inference.
+    temperature: float = 4.0
+    alpha: float = 0.7  # Weight of the soft-target loss, in [0, 1].
+    epochs: int = 10
+    lr: float = 1e-3
+    input_resolution: int = 224
+
+
+@dataclass(frozen=True)
+class TfliteConfig:
+    precisions: tuple[str, ...] = ("fp32",)  # Any of "fp32", "fp16", "int8".
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_accuracy_drop: float = 1.0  # Percentage points, >= 0.
+    evaluation: DataSource = field(default_factory=DataSource)
+    runtimes: tuple[str, ...] = ("onnxruntime",)  # Any of "onnxruntime", "litert".
+    threads: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which compressions to run and how; a section left out of the input is None and not run."""
+
+    quantize: QuantizeConfig | None = None
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
+    tflite: TfliteConfig | None = None
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+# Allowed values per "section.key"; ranges are checked in _check_ranges.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "quantize.method": ("static", "dynamic"),
+    "quantize.activation_type": ("uint8", "int8"),
+    "quantize.calibration_method": ("minmax", "entropy", "percentile", "distribution"),
+    "prune.round_to": (8, 16),
+    "distill.student_family": ("inverted_residual", "fire"),
+    "preprocess.layout": ("NCHW", "NHWC"),
+    "preprocess.channel_order": ("RGB", "BGR"),
+    "tflite.precisions": ("fp32", "fp16", "int8"),
+    "gate.runtimes": ("onnxruntime", "litert"),
+}
+_SECTIONS: dict[str, type[Any]] = {
+    "quantize": QuantizeConfig,
+    "prune": PruneConfig,
+    "distill": DistillConfig,
+    "tflite": TfliteConfig,
+    "gate": GateConfig,
+}
+_NESTED: dict[str, type[Any]] = {
+    "calibration": DataSource,
+    "evaluation": DataSource,
+    "preprocess": PreprocessConfig,
+}
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Build a Recipe from a dict; keys that are left out take the defaults of the dataclasses above.
+
+    Raises RecipeError naming the key, the value and what is allowed for an unknown key, a wrong type
+    or an out-of-range value.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a table of sections, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise RecipeError(f"unknown recipe section {unknown[0]!r}: allowed sections are {sorted(_SECTIONS)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in data:
+            sections[name] = _build(cls, data[name], name)
+    recipe = Recipe(**sections)
+    logger.debug("parsed recipe %s", recipe)
+    return recipe
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read a recipe from a .json or .toml file.
+
+    Raises RecipeError for another suffix, a syntax error (with its position) or an invalid value.
+    """
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise RecipeError(f"cannot read recipe {path}: expected a .json or .toml file")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise RecipeError(f"invalid recipe file {path}: {error}") from error
+    try:
+        return parse_recipe(data)
+    except RecipeError as error:
+        raise RecipeError(f"{path}: {error}") from error
+
+
+def _build(cls: type[Any], value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where} must be a table, got {value!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        key = unknown[0]
+        raise RecipeError(f"unknown key {where}.{key} = {value[key]!r}: allowed keys are {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for key, raw in value.items():
+        path = f"{where}.{key}"
+        if key in _NESTED:
+            kwargs[key] = _build(_NESTED[key], raw, path)
+            continue
+        default = getattr(cls(), key)
+        kwargs[key] = _convert(raw, default, path)
+        choice_key = f"{where.rsplit('.', 1)[-1]}.{key}"
+        _check_choice(kwargs[key], choice_key, path)
+    built = cls(**kwargs)
+    _check_ranges(built, where)
+    return built
+
+
+def _convert(raw: Any, default: Any, path: str) -> Any:
+    """Check raw against the type of the field's default, converting lists to tuples."""
+    if isinstance(default, bool):
+        if not isinstance(raw, bool):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected true or false")
+        return raw
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected an integer")
+        return raw
+    if isinstance(default, float):
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected a number")
+        return float(raw)
+    if isinstance(default, str):
+        if not isinstance(raw, str):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected a string")
+        return raw
+    if isinstance(default, tuple):
+        if not isinstance(raw, list | tuple):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected a list")
+        if default and len(raw) == 0:
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected at least one value")
+        if default and isinstance(default[0], float) and len(raw) != len(default):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected {len(default)} numbers")
+        sample = default[0] if default else ""
+        return tuple(_convert(item, sample, f"{path}[{i}]") for i, item in enumerate(raw))
+    raise RecipeError(f"{path} has no known type")  # pragma: no cover - every field has a typed default
+
+
+def _check_choice(value: Any, choice_key: str, path: str) -> None:
+    allowed = _CHOICES.get(choice_key)
+    if allowed is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for item in values:
+        if item not in allowed:
+            raise RecipeError(f"{path} = {value!r} is invalid: allowed values are {list(allowed)}")
+
+
+def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise RecipeError(f"{path} = {value!r} is out of range: must be {allowed}")
+
+
+def _check_ranges(section: Any, where: str) -> None:
+    if isinstance(section, QuantizeConfig):
+        _require(section.calibration_size > 0, f"{where}.calibration_size", section.calibration_size, "> 0")
+    elif isinstance(section, PruneConfig):
+        _require(0.0 < section.ratio < 1.0, f"{where}.ratio", section.ratio, "in (0, 1), exclusive")
+        _require(section.finetune_epochs >= 0, f"{where}.finetune_epochs", section.finetune_epochs, ">= 0")
+        _require(section.lr > 0, f"{where}.lr", section.lr, "> 0")
+    elif isinstance(section, DistillConfig):
+        _require(section.mac_budget > 0, f"{where}.mac_budget", section.mac_budget, "> 0")
+        _require(section.temperature > 0, f"{where}.temperature", section.temperature, "> 0")
+        _require(0.0 <= section.alpha <= 1.0, f"{where}.alpha", section.alpha, "in [0, 1]")
+        _require(section.epochs > 0, f"{where}.epochs", section.epochs, "> 0")
+        _require(section.lr > 0, f"{where}.lr", section.lr, "> 0")
+        resolution = section.input_resolution
+        _require(resolution >= 16, f"{where}.input_resolution", resolution, ">= 16")
+    elif isinstance(section, GateConfig):
+        _require(section.max_accuracy_drop >= 0, f"{where}.max_accuracy_drop", section.max_accuracy_drop,
+                 ">= 0 percentage points")
+        _require(all(t > 0 for t in section.threads), f"{where}.threads", section.threads, "positive")
+    elif isinstance(section, PreprocessConfig):
+        _require(section.height > 0, f"{where}.height", section.height, "> 0")
+        _require(section.width > 0, f"{where}.width", section.width, "> 0")
+        _require(all(s != 0 for s in section.std), f"{where}.std", section.std, "non-zero")
+        _require(section.scale > 0, f"{where}.scale", section.scale, "> 0")
+        _require(section.resize_shorter >= 0, f"{where}.resize_shorter", section.resize_shorter, ">= 0")
+    elif isinstance(section, DataSource):
+        _require(not (section.images and section.npz), f"{where}.npz", section.npz,
+                 "empty when images is set: give either images or npz")
