@@ -1,0 +1,1 @@
+"""Demo assets: pretrained models, real photos, preprocessing and ImageNet labels."""
