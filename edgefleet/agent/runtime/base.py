@@ -1,0 +1,169 @@
+"""The runner interface shared by the onnxruntime and LiteRT back ends, with input checking."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.models import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidInputError(ValueError):
+    """Raised when the feeds of a call do not match the model's declared inputs."""
+
+
+class ModelLoadError(RuntimeError):
+    """Raised when a runtime cannot load or warm up a model file; the message has the runtime's error."""
+
+
+class ModelClosedError(RuntimeError):
+    """Raised when a model is called after close()."""
+
+
+def choose_threads(profile: HardwareProfile | None, requested: int = 0) -> int:
+    """Return the intra-op thread count for a model: requested when positive, else the usable cores.
+
+    Usable cores come from the hardware profile (a cgroup quota may make them fractional) and are
+    rounded down, with a minimum of 1. Raises ValueError for a negative request.
+    """
+    if requested < 0:
+        raise ValueError(f"threads must be 0 (choose from the usable cores) or positive, got {requested}")
+    if requested > 0:
+        return requested
+    if profile is None:
+        return 1
+    return max(1, math.floor(profile.usable_cores))
+
+
+def check_threads(threads: int) -> None:
+    """Raise ValueError unless threads is a positive thread count."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}; pass the count from choose_threads()")
+
+
+def zeros_for(spec: TensorSpec) -> np.ndarray:
+    """Return an array of zeros of the spec's dtype and shape, with each dynamic axis set to 1."""
+    shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
+    return np.zeros(shape, dtype=np.dtype(spec.dtype))
+
+
+def _describe(dtype: str, shape: Sequence[int]) -> str:
+    return f"{dtype} with shape {tuple(shape)}"
+
+
+def _shape_matches(expected: Sequence[int], received: Sequence[int]) -> bool:
+    if len(expected) != len(received):
+        return False
+    return all(want < 0 or want == got for want, got in zip(expected, received, strict=True))
+
+
+def _convert_dtype(spec: TensorSpec, array: np.ndarray) -> np.ndarray | None:
+    """Return array in a dtype that the spec accepts, or None when no safe conversion exists."""
+    expected = np.dtype(spec.dtype)
+    received = array.dtype
+    if received == expected:
+        return array
+    if spec.scale != 0.0 and received in (np.float32, np.float64):
+        # A quantized input takes float data, which the runner quantizes with the spec's scale.
+        return array.astype(np.float32, copy=False)
+    if expected == np.float32 and received == np.float64:
+        return array.astype(np.float32)
+    if expected == np.int64 and received == np.int32:
+        # Widening int32 to int64 keeps every value.
+        return array.astype(np.int64)
+    return None
+
+
+def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check feeds against the declared inputs and return them converted for the runtime.
+
+    Converts float64 to float32, int32 to int64, and, for a quantized input, float data to float32
+    (the runner quantizes it). Dynamic axes (-1) accept any size. Returns C-contiguous arrays.
+    Raises InvalidInputError for missing or unexpected names, another dtype or a shape mismatch.
+    """
+    expected_names = [spec.name for spec in specs]
+    missing = [name for name in expected_names if name not in feeds]
+    unexpected = sorted(name for name in feeds if name not in expected_names)
+    if missing or unexpected:
+        raise InvalidInputError(
+            f"invalid input names: missing {missing}, unexpected {unexpected}; "
+            f"the model expects exactly {expected_names}"
+        )
+
+    checked: dict[str, np.ndarray] = {}
+    for spec in specs:
+        array = np.asarray(feeds[spec.name])
+        converted = _convert_dtype(spec, array)
+        shape_ok = _shape_matches(spec.shape, array.shape)
+        if converted is None or not shape_ok:
+            accepted = spec.dtype if spec.scale == 0.0 else f"{spec.dtype} (or float32 to quantize)"
+            raise InvalidInputError(
+                f"invalid input {spec.name!r}: expected {_describe(accepted, spec.shape)} "
+                f"(-1 is any size), received {_describe(array.dtype.name, array.shape)}; "
+                "pass an array of the expected dtype and shape"
+            )
+        checked[spec.name] = np.ascontiguousarray(converted)
+    return checked
+
+
+class LoadedModel(abc.ABC):
+    """A model loaded in a runtime, ready to run.
+
+    Implementations set the attributes below in their constructor. providers lists the execution
+    providers or delegates actually in effect, requested_providers those asked for, and
+    fallback_reason says why a requested one is not in effect ("" when all are).
+    """
+
+    path: Path
+    runtime: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    providers: tuple[str, ...]
+    requested_providers: tuple[str, ...]
+    fallback_reason: str
+    threads: int
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check and convert feeds, run the model and return its outputs by name.
+
+        Raises InvalidInputError for feeds that do not match the inputs, ModelClosedError after
+        close(), and the runtime's own exception when it fails.
+        """
+        return self.run_checked(check_feeds(self.inputs, feeds))
+
+    @abc.abstractmethod
+    def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on feeds already returned by check_feeds and return its outputs by name."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the runtime's resources; later calls raise ModelClosedError."""
+
+
+class Runner(abc.ABC):
+    """A runtime back end that loads model files of one format."""
+
+    runtime: str  # "onnxruntime" or "litert".
+    format: str  # "onnx" or "tflite", as in edgefleet.common.models.FORMATS.
+
+    @abc.abstractmethod
+    def available_providers(self) -> tuple[str, ...]:
+        """Return the execution providers or delegates this runtime can use, in preference order."""
+
+    @abc.abstractmethod
+    def load(
+        self, path: Path | str, *, threads: int, allowed_providers: Sequence[str] | None = None
+    ) -> LoadedModel:
+        """Load the model file at path with threads intra-op threads.
+
+        allowed_providers limits the providers or delegates tried (None allows all). Raises
+        ModelLoadError with the runtime's message when the file cannot be loaded.
+        """
