@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 from google.protobuf.message import DecodeError
 
@@ -11,11 +12,17 @@ from edgefleet.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
 
+# Module-level aliases save an attribute lookup per call on the add() hot path.
+_ceil = math.ceil
+_log = math.log
+_INF = math.inf
+
 DEFAULT_RELATIVE_ACCURACY = 0.01
 # Samples at or below this many milliseconds go to the zero bucket and read back as 0.0.
 MIN_TRACKABLE_MS = 1e-6
-# With the default accuracy, 2048 buckets span a factor of about 6e17 between the smallest and the
-# largest tracked value, so real latencies never reach the bound.
+# n buckets span a factor of gamma^n between the smallest and the largest tracked value. At the
+# default 1% accuracy 2048 buckets span about 6e17, which no real latency range reaches, but at
+# 0.1% they span only about 60, so finer accuracies need a larger max_buckets.
 DEFAULT_MAX_BUCKETS = 2048
 
 
@@ -23,10 +30,10 @@ class LatencySketch:
     """Quantile sketch with bounded relative error over positive latencies in milliseconds.
 
     Bucket i counts the samples in (gamma^(i-1), gamma^i] with gamma = (1 + a) / (1 - a) for the
-    relative accuracy a. A quantile reads back as 2 * gamma^i / (gamma + 1), which lies within a
-    factor a of every value in bucket i, so quantile(q) is within a relative error of a of the
-    exact sample of rank floor(q * (count - 1)) (numpy's ``method="lower"``). Samples at or below
-    MIN_TRACKABLE_MS count in a zero bucket that reads back as 0.0.
+    relative accuracy a. A quantile reads back as 2 * gamma^i / (gamma + 1), which is within a
+    relative error of a of every value in bucket i. So quantile(q) is within a relative error of a
+    of the exact sample of rank floor(q * (count - 1)), which numpy returns for method="lower".
+    Samples at or below MIN_TRACKABLE_MS count in a zero bucket that reads back as 0.0.
 
     At most ``max_buckets`` buckets are kept: when a new sample would widen the range past that,
     the lowest buckets are folded into the lowest kept one, so only the low quantiles lose
@@ -113,9 +120,9 @@ class LatencySketch:
     def add(self, value_ms: float) -> None:
         """Record one latency; raise ValueError for a negative, NaN or infinite value."""
         if value_ms > MIN_TRACKABLE_MS:
-            if value_ms == math.inf:
+            if value_ms == _INF:
                 raise ValueError("latency must be finite, got inf; record failed calls as errors instead")
-            index = math.ceil(math.log(value_ms) * self._inverse_log_gamma)
+            index = _ceil(_log(value_ms) * self._inverse_log_gamma)
             position = index - self._offset
             counts = self._counts
             if 0 <= position < len(counts):
@@ -147,10 +154,15 @@ class LatencySketch:
             other_top = other._offset + len(other._counts) - 1
             self._add_outside(other._offset, 0)
             self._add_outside(other_top, 0)
-            floor = self._offset
-            for position, bucket_count in enumerate(other._counts):
-                if bucket_count:
-                    self._counts[max(other._offset + position, floor) - floor] += bucket_count
+            # Buckets of other below the kept range fold into the lowest kept bucket.
+            other_counts = other._counts
+            below = max(self._offset - other._offset, 0)
+            if below:
+                self._counts[0] += sum(other_counts[:below])
+                other_counts = other_counts[below:]
+            start = other._offset + below - self._offset
+            end = start + len(other_counts)
+            self._counts[start:end] = map(operator.add, self._counts[start:end], other_counts)
         self._zero_count += other._zero_count
         self._count += other._count
         self._sum += other._sum
@@ -246,6 +258,7 @@ class LatencySketch:
     ) -> LatencySketch:
         """Build a sketch from a message; raise ValueError if its fields contradict each other."""
         sketch = cls(message.relative_accuracy, max_buckets=max_buckets)
+
         bucket_total = sum(message.counts)
         if message.count != message.zero_count + bucket_total:
             raise ValueError(
@@ -259,6 +272,7 @@ class LatencySketch:
             )
         if not math.isfinite(message.sum_ms) or message.sum_ms < 0.0:
             raise ValueError(f"invalid LatencySketch: sum_ms must be finite and >= 0, got {message.sum_ms!r}")
+
         if len(message.counts) > max_buckets:
             # Fold the lowest buckets exactly as add() would have.
             top = message.bucket_offset + len(message.counts) - 1
@@ -269,6 +283,7 @@ class LatencySketch:
         else:
             sketch._offset = message.bucket_offset
             sketch._counts = list(message.counts)
+
         sketch._zero_count = message.zero_count
         sketch._count = message.count
         sketch._sum = message.sum_ms
