@@ -1,0 +1,285 @@
+"""The agent's life cycle: serve local models, register, hold the control stream, upload metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+import grpc
+
+from edgefleet import __version__
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.delivery import Downloader, ModelStore
+from edgefleet.agent.identity import Identity, load_identity, save_identity
+from edgefleet.agent.local_api import LocalApiServer
+from edgefleet.agent.metrics import MetricsRecorder, new_batch_id
+from edgefleet.agent.profiles import EnforcedLimits
+from edgefleet.agent.reconcile import Reconciler
+from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.common.backoff import Backoff
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.serde import hardware_to_proto
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Keepalive: ping every 30 s and give up on a silent link after 10 s more. The orchestrator
+# accepts pings every 10 s or slower, so it never rejects these.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+# Errors that a reconnect cannot fix: the agent exits so that systemd does not restart it in a loop.
+FATAL_CODES = (
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+# A session that lasted this long counts as healthy, so the next reconnect starts from a short delay.
+HEALTHY_SESSION_S = 30.0
+
+
+class FatalAgentError(Exception):
+    """The orchestrator rejected this agent for a reason a retry cannot fix."""
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        hardware: HardwareProfile,
+        limits: EnforcedLimits,
+        allowed_runtimes: tuple[str, ...],
+    ) -> None:
+        self.config = config
+        self.hardware = hardware
+        self.limits = limits
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity: Identity = load_identity(config.state_dir)
+        self.recorder = MetricsRecorder(config.metrics_window_s)
+        self.host = ModelHost(default_threads=limits.threads, on_latency=self._on_latency)
+        self.store = ModelStore(config.state_dir / "models")
+        self._sync_channel = grpc.insecure_channel(config.orchestrator, options=CHANNEL_OPTIONS)
+        self.downloader = Downloader(self._sync_channel, self.store, device_id=self.identity.device_id)
+        self.reconciler = Reconciler(
+            host=self.host,
+            store=self.store,
+            downloader=self.downloader,
+            state_dir=config.state_dir,
+            allowed_runtimes=allowed_runtimes,
+            default_threads=limits.threads,
+            memory_budget_bytes=limits.memory_budget_bytes,
+            report=self._queue_report,
+        )
+        self.local_api = LocalApiServer(self.host, config.socket_path)
+        self.ready = asyncio.Event()  # Set once registered or serving from local state.
+        self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending_batch: tuple[str, list[agent_pb2.MetricWindow]] | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self.identity.device_id
+
+    def _on_latency(self, name: str, variant_id: str, latency_ms: float, ok: bool) -> None:
+        served = self.host.get(name)
+        self.recorder.record(name, served.version if served else "", variant_id, latency_ms, ok)
+
+    def _queue_report(self, state: agent_pb2.ReportedState) -> None:
+        """Send reported state from any thread; dropped while disconnected (a full report follows the next hello)."""
+        if self._loop is None or self._outbox is None:
+            return
+        message = agent_pb2.AgentMessage(reported_state=state)
+        outbox = self._outbox
+        self._loop.call_soon_threadsafe(outbox.put_nowait, message)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until stop is set; raise FatalAgentError when the orchestrator rejects this device."""
+        self._loop = asyncio.get_running_loop()
+        self.local_api.start()
+        await asyncio.to_thread(self.reconciler.restore)
+        if self.host.list():
+            self.ready.set()
+        channel = grpc.aio.insecure_channel(self.config.orchestrator, options=CHANNEL_OPTIONS)
+        uploader = asyncio.create_task(self._upload_loop(channel, stop))
+        try:
+            await self._connect_loop(channel, stop)
+        finally:
+            uploader.cancel()
+            await asyncio.gather(uploader, return_exceptions=True)
+            await self._final_upload(channel)
+            await channel.close()
+            self._sync_channel.close()
+            self.local_api.stop()
+            self.host.close()
+            log.info("agent stopped device_id=%s", self.device_id)
+
+    async def _connect_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+        backoff = Backoff(cap_s=self.config.max_backoff_s)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self._session(channel, stop)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in FATAL_CODES:
+                    raise FatalAgentError(
+                        f"orchestrator rejected device {self.device_id or '(new)'}: {error.details()}"
+                    ) from None
+                if time.monotonic() - started > HEALTHY_SESSION_S:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.warning(
+                    "connection to orchestrator %s failed (%s: %s); retrying in %.1f s",
+                    self.config.orchestrator,
+                    error.code().name,
+                    error.details(),
+                    delay,
+                )
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+
+    async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        response = await stub.Register(
+            agent_pb2.RegisterRequest(
+                device_id=self.identity.device_id,
+                instance_key=self.identity.instance_key,
+                hardware=hardware_to_proto(self.hardware),
+                labels=self.config.labels,
+                agent_version=__version__,
+                enrollment_token=self.config.enrollment_token,
+            ),
+            timeout=15,
+        )
+        if response.device_id != self.identity.device_id:
+            self.identity = replace(self.identity, device_id=response.device_id)
+            save_identity(self.config.state_dir, self.identity)
+            self.downloader.device_id = response.device_id
+        log.info("registered as device_id=%s with orchestrator %s", self.device_id, self.config.orchestrator)
+        self.ready.set()
+
+        self._outbox = asyncio.Queue()
+        call = stub.Control()
+        await call.write(
+            agent_pb2.AgentMessage(
+                hello=agent_pb2.Hello(
+                    device_id=self.device_id,
+                    instance_key=self.identity.instance_key,
+                    desired_generation=self.reconciler.generation,
+                )
+            )
+        )
+        await call.write(agent_pb2.AgentMessage(reported_state=self.reconciler.reported_state()))
+        interval = max(1, response.heartbeat_interval_seconds)
+        tasks = [
+            asyncio.create_task(self._write_loop(call)),
+            asyncio.create_task(self._heartbeat_loop(interval)),
+            asyncio.create_task(self._read_loop(call)),
+            asyncio.create_task(stop.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if not stop.is_set():
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    "control stream ended",
+                )
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            call.cancel()
+            self._outbox = None
+
+    async def _write_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        assert self._outbox is not None
+        outbox = self._outbox
+        while True:
+            message = await outbox.get()
+            await call.write(message)
+
+    async def _heartbeat_loop(self, interval_s: int) -> None:
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval_s)
+            sequence += 1
+            heartbeat = agent_pb2.Heartbeat(sequence=sequence)
+            heartbeat.sent_at.GetCurrentTime()
+            if self._outbox is not None:
+                self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=heartbeat))
+
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        apply_lock = asyncio.Lock()
+        async for message in call:
+            kind = message.WhichOneof("body")
+            if kind == "desired_state":
+                log.info(
+                    "received desired state generation %d with %d models",
+                    message.desired_state.generation,
+                    len(message.desired_state.models),
+                )
+                async with apply_lock:
+                    await asyncio.to_thread(self.reconciler.apply, message.desired_state)
+            elif kind == "heartbeat_ack":
+                continue
+            else:
+                log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
+
+    async def _upload_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(min(self.config.metrics_window_s, 5.0))
+            await self._upload(channel, include_open=False)
+
+    async def _final_upload(self, channel: grpc.aio.Channel) -> None:
+        """Deliver the open windows at shutdown, within a short bound."""
+        try:
+            await asyncio.wait_for(
+                self._upload(channel, include_open=True), timeout=self.config.shutdown_grace_s
+            )
+        except TimeoutError:
+            log.warning("metric windows not delivered before shutdown; they are lost")
+
+    async def _upload(self, channel: grpc.aio.Channel, *, include_open: bool) -> None:
+        """Send the pending batch (retried with the same id, so it is stored once) and then new windows."""
+        if not self.device_id:
+            return
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        while True:
+            if self._pending_batch is None:
+                windows = self.recorder.drain(include_open=include_open)
+                if not windows:
+                    return
+                self._pending_batch = (new_batch_id(), windows)
+            batch_id, windows = self._pending_batch
+            try:
+                response = await stub.UploadMetrics(
+                    agent_pb2.UploadMetricsRequest(
+                        device_id=self.device_id, batch_id=batch_id, windows=windows
+                    ),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as error:
+                log.warning(
+                    "metric upload of batch %s failed (%s); retrying later", batch_id, error.code().name
+                )
+                return
+            log.debug(
+                "uploaded batch %s: %d windows (duplicate=%s)",
+                batch_id,
+                response.accepted,
+                response.duplicate,
+            )
+            self._pending_batch = None
+            include_open = False

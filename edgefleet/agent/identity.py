@@ -1,0 +1,60 @@
+"""The device's stable identity: its id and a secret instance key, kept in the state directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+
+
+class IdentityError(ValueError):
+    """The identity file exists but cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    device_id: str  # Empty until the orchestrator assigns one at the first registration.
+    instance_key: str  # Random secret; a second agent claiming this device id lacks it.
+
+
+def load_identity(state_dir: Path) -> Identity:
+    """Read the stored identity, creating a new instance key on first start."""
+    path = state_dir / IDENTITY_FILE
+    if not path.exists():
+        identity = Identity(device_id="", instance_key=secrets.token_urlsafe(32))
+        save_identity(state_dir, identity)
+        log.info("created a new instance key in %s", path)
+        return identity
+    try:
+        data = json.loads(path.read_text())
+        identity = Identity(device_id=str(data.get("device_id", "")), instance_key=str(data["instance_key"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise IdentityError(
+            f"cannot read the device identity {path}: {error}; restore it from a backup, or delete it to "
+            "register as a new device"
+        ) from None
+    if len(identity.instance_key) < 16:
+        raise IdentityError(
+            f"instance_key in {path} is too short; delete the file to register as a new device"
+        )
+    return identity
+
+
+def save_identity(state_dir: Path, identity: Identity) -> None:
+    """Write the identity atomically with owner-only permissions."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / IDENTITY_FILE
+    temp = path.with_suffix(".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"device_id": identity.device_id, "instance_key": identity.instance_key}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)

@@ -1,0 +1,147 @@
+"""The local inference API: gRPC over a Unix domain socket for applications on the device."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edgefleet.agent.runtime.base import InvalidInputError
+from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
+from edgefleet.common.serde import MODEL_STATE_NAMES, name_to_enum, tensor_to_proto
+from edgefleet.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Largest tensor payload accepted or returned: a batch of camera frames fits, a runaway client does not.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Threads serving local calls; each call holds one while the runtime runs.
+WORKERS = 4
+
+
+def tensor_to_array(tensor: inference_pb2.Tensor) -> np.ndarray:
+    """Decode a Tensor message; raise ValueError naming the tensor when dtype, shape and data disagree."""
+    try:
+        dtype = np.dtype(tensor.dtype)
+    except TypeError:
+        raise ValueError(
+            f"input {tensor.name!r} has unknown dtype {tensor.dtype!r}; use a numpy dtype name"
+        ) from None
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"input {tensor.name!r} has a negative dimension in shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(tensor.data):
+        raise ValueError(
+            f"input {tensor.name!r}: shape {list(shape)} of {dtype.name} needs {expected} bytes, got {len(tensor.data)}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def array_to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:
+    data = np.ascontiguousarray(array)
+    little = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    return inference_pb2.Tensor(
+        name=name, dtype=data.dtype.name, shape=list(data.shape), data=little.tobytes()
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+
+    def Infer(
+        self, request: inference_pb2.InferRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.InferResponse:
+        try:
+            feeds = {t.name: tensor_to_array(t) for t in request.inputs}
+            result = self.host.infer(request.model_name, feeds)
+        except (ValueError, InvalidInputError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except ModelNotFoundError as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except Exception as error:
+            log.exception("local inference on model=%s failed", request.model_name)
+            context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
+        return inference_pb2.InferResponse(
+            model_name=result.model_name,
+            model_version=result.model_version,
+            variant_id=result.variant_id,
+            outputs=[array_to_tensor(name, value) for name, value in result.outputs.items()],
+            latency_ms=result.latency_ms,
+        )
+
+    def ListLocalModels(
+        self, request: inference_pb2.ListLocalModelsRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.ListLocalModelsResponse:
+        return inference_pb2.ListLocalModelsResponse(
+            models=[
+                inference_pb2.LocalModel(
+                    model_name=m.name,
+                    model_version=m.version,
+                    variant_id=m.variant_id,
+                    runtime=m.runtime,
+                    providers=list(m.providers),
+                    threads=m.threads,
+                    inputs=[tensor_to_proto(t) for t in m.inputs],
+                    outputs=[tensor_to_proto(t) for t in m.outputs],
+                    state=name_to_enum("serving", MODEL_STATE_NAMES),
+                )
+                for m in self.host.list()
+            ]
+        )
+
+
+class LocalApiServer:
+    """Serves InferenceService and grpc.health.v1 on a Unix socket that only the agent's user can open."""
+
+    def __init__(self, host: ModelHost, socket_path: Path) -> None:
+        self.host = host
+        self.socket_path = socket_path.absolute()  # gRPC needs unix:///absolute/path.
+        self._server: grpc.Server | None = None
+
+    def start(self) -> None:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.unlink(missing_ok=True)  # A socket left by a killed agent blocks the bind.
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="local-api"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.host), server)
+        health_servicer = health.HealthServicer()
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        old_umask = os.umask(0o077)
+        try:
+            server.add_insecure_port(f"unix://{self.socket_path}")
+            server.start()
+        finally:
+            os.umask(old_umask)
+        self._server = server
+        log.info("local inference API listening on %s", self.socket_path)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 1)
+            self._server = None
+        self.socket_path.unlink(missing_ok=True)
+
+
+def wait_for_socket(path: Path, timeout_s: float) -> bool:
+    """Return True once path exists as a socket, False after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_socket():
+            return True
+        time.sleep(0.05)
+    return False

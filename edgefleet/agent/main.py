@@ -1,0 +1,137 @@
+"""Command line entry point: edgefleet-agent (run the daemon) and edgefleet-agent infer (try a model)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from edgefleet.agent.config import HELP, AgentConfig
+from edgefleet.common.config import ConfigError, add_flags, load_config
+from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from edgefleet.common.logs import configure_logging
+
+log = logging.getLogger("edgefleet.agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet-agent",
+        description="Run the edgefleet agent on a device. `edgefleet-agent infer --help` tries a deployed model.",
+    )
+    parser.add_argument(
+        "--config", type=Path, help="TOML file with any of the settings below (env EDGEFLEET_CONFIG)"
+    )
+    add_flags(parser, AgentConfig, HELP)
+    return parser
+
+
+def load_agent_config(flags: argparse.Namespace) -> AgentConfig:
+    config_file = flags.config
+    if config_file is None and os.environ.get("EDGEFLEET_CONFIG"):
+        config_file = Path(os.environ["EDGEFLEET_CONFIG"])
+    return load_config(AgentConfig, flags=flags, file=config_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "infer":
+        from edgefleet.agent.infer_cli import main as infer_main
+
+        return infer_main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    flags = build_parser().parse_args(argv)
+    try:
+        config = load_agent_config(flags)
+        configure_logging(config.log_level, config.log_format)
+    except (ConfigError, ValueError) as error:
+        print(f"edgefleet-agent: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run(config)
+
+
+def run(config: AgentConfig) -> int:
+    from edgefleet.agent.agent import Agent, FatalAgentError
+    from edgefleet.agent.probe import probe_hardware
+    from edgefleet.agent.profiles import DeviceProfile, ProfileError, load_profile
+
+    try:
+        profile = load_profile(config.profile) if config.profile else DeviceProfile(name="")
+    except ProfileError as error:
+        log.error("%s", error)
+        return EXIT_CONFIG
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    limits = profile.enforce()
+    hardware = profile.apply(probe_hardware(store_dir=config.state_dir))
+    labels = {**profile.labels, **config.labels}
+    if profile.name:
+        labels.setdefault("profile", profile.name)
+    config = AgentConfig(**{**config.__dict__, "labels": labels})
+    allowed_runtimes = tuple(r.name for r in hardware.runtimes)
+    log.info(
+        "starting agent %s: profile=%s cores=%g threads=%d memory=%d MiB runtimes=%s class=%s",
+        config.state_dir,
+        profile.name or "-",
+        hardware.usable_cores,
+        limits.threads,
+        hardware.memory_total_bytes >> 20,
+        ",".join(allowed_runtimes) or "none",
+        hardware.hardware_class,
+    )
+    if config.insecure:
+        log.warning("talking to the orchestrator without TLS (--insecure); use only on a trusted network")
+    try:
+        agent = Agent(config, hardware, limits, allowed_runtimes)
+    except ValueError as error:
+        log.error("cannot start: %s", error)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(_serve(agent, config.shutdown_grace_s))
+    except FatalAgentError as error:
+        log.error("%s", error)
+        return EXIT_USAGE
+    except Exception:
+        log.exception("agent failed")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _serve(agent: object, grace_s: float) -> None:
+    from edgefleet.agent.agent import Agent
+
+    assert isinstance(agent, Agent)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1 and signum == signal.SIGINT:
+            log.warning("second interrupt: exiting at once")
+            os._exit(130)
+        log.info("received %s; stopping within %.0f s", signal.Signals(signum).name, grace_s)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    task = asyncio.create_task(agent.run(stop))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()  # Raises what ended the agent early, such as FatalAgentError.
+        return
+    try:
+        await asyncio.wait_for(task, timeout=grace_s + 2)
+    except TimeoutError:
+        log.warning("shutdown took longer than %.0f s; exiting anyway", grace_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Bring the models served on the device in line with the desired state from the orchestrator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefleet.agent.delivery import DeliveryError, Downloader, ModelStore
+from edgefleet.agent.runtime.base import ModelLoadError
+from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.common.serde import MODEL_STATE_NAMES, format_from_proto, name_to_enum
+from edgefleet.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+DESIRED_FILE = "desired.json"
+# The runtime that executes each model format.
+FORMAT_RUNTIMES = {"onnx": "onnxruntime", "tflite": "litert"}
+# Memory a loaded model needs, estimated as a multiple of its file size plus a fixed runtime cost.
+# NOTE: a rough estimate (weights, one copy for optimised kernels, arena); measured peak memory is
+# not yet reported per model.
+MEMORY_PER_FILE_BYTE = 3
+MEMORY_FIXED_BYTES = 16 * 1024 * 1024
+
+ReportCallback = Callable[[agent_pb2.ReportedState], None]
+
+
+@dataclass
+class Reconciler:
+    """Applies DesiredState messages one at a time; reports every state change through report()."""
+
+    host: ModelHost
+    store: ModelStore
+    downloader: Downloader
+    state_dir: Path
+    allowed_runtimes: tuple[str, ...]
+    default_threads: int
+    memory_budget_bytes: int | None
+    report: ReportCallback
+    generation: int = 0
+    statuses: dict[str, agent_pb2.ModelStatus] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_progress: dict[str, float] = field(default_factory=dict)
+
+    def reported_state(self) -> agent_pb2.ReportedState:
+        return agent_pb2.ReportedState(
+            desired_generation=self.generation, models=[self.statuses[k] for k in sorted(self.statuses)]
+        )
+
+    def _set(self, assignment: agent_pb2.ModelAssignment, state: str, **fields: object) -> None:
+        status = agent_pb2.ModelStatus(
+            model_name=assignment.model_name,
+            model_version=assignment.model_version,
+            variant_id=assignment.variant_id,
+            digest=assignment.digest,
+            state=name_to_enum(state, MODEL_STATE_NAMES),
+            size_bytes=assignment.size_bytes,
+            **fields,  # type: ignore[arg-type]
+        )
+        status.updated_at.GetCurrentTime()
+        self.statuses[assignment.model_name] = status
+        self.report(self.reported_state())
+
+    def restore(self) -> None:
+        """Serve the last applied desired state from local files, before any orchestrator is reachable."""
+        path = self.state_dir / DESIRED_FILE
+        if not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text())
+            desired = agent_pb2.DesiredState()
+            desired.ParseFromString(bytes.fromhex(data["desired_state"]))
+        except (OSError, ValueError, KeyError) as error:
+            log.warning(
+                "ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error
+            )
+            return
+        log.info(
+            "restoring %d models of desired generation %d from local files",
+            len(desired.models),
+            desired.generation,
+        )
+        self.apply(desired, offline=True)
+
+    def apply(self, desired: agent_pb2.DesiredState, *, offline: bool = False) -> None:
+        """Install, swap or remove models until the host serves exactly the desired ones."""
+        with self._lock:
+            wanted = {a.model_name: a for a in desired.models}
+            for name in [m.name for m in self.host.list() if m.name not in wanted]:
+                self.host.remove(name)
+                log.info("removed model=%s: no longer in the desired state", name)
+                self.statuses.pop(name, None)
+            for name in [n for n in self.statuses if n not in wanted]:
+                self.statuses.pop(name)
+            for assignment in desired.models:
+                self._apply_one(assignment, offline=offline)
+            self.generation = desired.generation
+            if not offline:
+                self._save(desired)
+            self.report(self.reported_state())
+
+    def _apply_one(self, assignment: agent_pb2.ModelAssignment, *, offline: bool) -> None:
+        name = assignment.model_name
+        served = self.host.get(name)
+        if (
+            served is not None
+            and served.variant_id == assignment.variant_id
+            and self._serving_digest(name) == assignment.digest
+        ):
+            return
+        try:
+            model_format = format_from_proto(assignment.format)
+        except ValueError as error:
+            self._set(assignment, "failed", error=str(error))
+            return
+        runtime = FORMAT_RUNTIMES[model_format]
+        if runtime not in self.allowed_runtimes:
+            self._set(
+                assignment,
+                "failed",
+                error=f"{model_format} models need {runtime}, which this device does not run "
+                f"(runtimes: {', '.join(self.allowed_runtimes) or 'none'})",
+            )
+            return
+        needed = assignment.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
+        if self.memory_budget_bytes is not None:
+            in_use = sum(
+                m.path.stat().st_size * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
+                for m in self.host.list()
+                if m.name != name and m.path.exists()
+            )
+            if in_use + needed > self.memory_budget_bytes:
+                self._set(
+                    assignment,
+                    "failed",
+                    error=f"model needs about {needed >> 20} MiB, {in_use >> 20} MiB are in use and the device's "
+                    f"memory budget is {self.memory_budget_bytes >> 20} MiB",
+                )
+                return
+
+        previous = self.store.current(name)
+        try:
+            if offline:
+                installed = self.store.find(name, assignment.digest)
+                if installed is None:
+                    log.info(
+                        "model=%s %s is not on disk; it is fetched once the orchestrator is reachable",
+                        name,
+                        assignment.digest,
+                    )
+                    return
+            else:
+                self._set(assignment, "downloading", bytes_downloaded=0)
+                installed = self.downloader.install(
+                    name,
+                    assignment.digest,
+                    model_format,
+                    expected_size=assignment.size_bytes,
+                    progress=lambda done, total: self._progress(assignment, done, total),
+                )
+                self._set(assignment, "verifying", bytes_downloaded=assignment.size_bytes)
+            self._set(assignment, "loading")
+            threads = assignment.threads or self.default_threads
+            served = self.host.install(
+                name, assignment.model_version, assignment.variant_id, installed.path, model_format, threads
+            )
+        except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
+            log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)
+            if previous is not None and previous.digest != assignment.digest:
+                # Keep the version on disk that the host still serves.
+                self.store.activate(name, previous.digest)
+            self._set(assignment, "failed", error=str(error))
+            return
+        self._set(
+            assignment,
+            "serving",
+            runtime=served.runtime,
+            providers=list(served.providers),
+            threads=served.threads,
+            bytes_downloaded=assignment.size_bytes,
+        )
+        log.info(
+            "model=%s variant=%s serving on %s providers=%s threads=%d",
+            name,
+            assignment.variant_id,
+            served.runtime,
+            ",".join(served.providers),
+            served.threads,
+        )
+
+    def _serving_digest(self, name: str) -> str:
+        current = self.store.current(name)
+        return current.digest if current is not None else ""
+
+    def _progress(self, assignment: agent_pb2.ModelAssignment, done: int, total: int) -> None:
+        # Report at most twice a second so a fast download does not flood the control stream.
+        now = time.monotonic()
+        if now - self._last_progress.get(assignment.model_name, 0.0) < 0.5 and done < total:
+            return
+        self._last_progress[assignment.model_name] = now
+        self._set(assignment, "downloading", bytes_downloaded=done)
+
+    def _save(self, desired: agent_pb2.DesiredState) -> None:
+        path = self.state_dir / DESIRED_FILE
+        temp = path.with_suffix(".tmp")
+        with temp.open("w") as handle:
+            json.dump(
+                {"generation": desired.generation, "desired_state": desired.SerializeToString().hex()}, handle
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)

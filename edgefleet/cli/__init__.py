@@ -1,0 +1,1 @@
+"""The operator CLI, edgefleet. It talks to the orchestrator's OperatorService only."""

@@ -1,0 +1,440 @@
+"""edgefleet: the operator CLI for devices, models, deployments and metrics.
+
+Exit codes: 0 success, 1 the request failed, 2 invalid usage or arguments, 3 not found,
+4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edgefleet.cli import views
+from edgefleet.common.errors import EXIT_UNAVAILABLE
+from edgefleet.v1 import operator_pb2, operator_pb2_grpc
+
+DEFAULT_ORCHESTRATOR = "127.0.0.1:50051"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
+STATUS_EXIT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_CONFLICT,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_CONFLICT,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Client:
+    """An OperatorService stub whose errors become CliError with the address in the message."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address)
+        self.stub = operator_pb2_grpc.OperatorServiceStub(self.channel)
+
+    def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise self.error(error) from None
+
+    def error(self, error: grpc.RpcError) -> CliError:
+        code = error.code()  # type: ignore[attr-defined]
+        details = error.details()  # type: ignore[attr-defined]
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return CliError(
+                f"cannot reach the orchestrator at {self.address} ({code.name.lower()}: {details}); "
+                "is it running? Set --orchestrator or EDGEFLEET_ORCHESTRATOR",
+                EXIT_UNAVAILABLE,
+            )
+        return CliError(f"{code.name.lower().replace('_', ' ')}: {details}", STATUS_EXIT_CODES.get(code, EXIT_FAILED))
+
+
+def emit(data: Any, output: str, render: Callable[[Any], str]) -> None:
+    if output == "json":
+        print(json.dumps(data, indent=2, sort_keys=False))
+    else:
+        print(render(data))
+
+
+def split_model_ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition(":")
+    return name, version
+
+
+def parse_time(value: str) -> datetime:
+    """Parse an ISO 8601 time or a duration back from now such as 15m, 2h, 30s, 1d."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
+    if match:
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return datetime.now(UTC) - timedelta(seconds=seconds)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(f"invalid time {value!r}: use ISO 8601 (2026-12-04T10:00:00Z) or a duration (15m, 2h)", EXIT_USAGE) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# Devices
+
+
+def render_devices(devices: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            d["device_id"],
+            d["status"],
+            d["profile"] or "-",
+            f"{d['usable_cores']:g}",
+            views.human_bytes(d["memory_bytes"]),
+            ",".join(r["name"] for r in d["runtimes"]) or "-",
+            ",".join(f"{m['model']}:{m['state']}" for m in d["models"]) or "-",
+            views.age(d["last_seen"]),
+        )
+        for d in devices
+    ]
+    return views.table(("DEVICE", "STATUS", "PROFILE", "CORES", "MEMORY", "RUNTIMES", "MODELS", "LAST SEEN"), rows)
+
+
+def render_device(d: dict[str, Any]) -> str:
+    lines = [
+        f"device:        {d['device_id']} ({d['status']}, last seen {views.age(d['last_seen'])})",
+        f"profile:       {d['profile'] or '-'}   class: {d['hardware_class']}",
+        f"cpu:           {d['cpu_model']} ({d['architecture']}), {d['usable_cores']:g} usable of {d['logical_cores']} cores",
+        f"cpu features:  {', '.join(d['cpu_features']) or '-'}",
+        f"memory:        {views.human_bytes(d['memory_bytes'])} ({views.human_bytes(d['memory_available_bytes'])} available)",
+        f"disk free:     {views.human_bytes(d['disk_free_bytes'])}",
+        f"accelerators:  {', '.join(a['kind'] + ' ' + a['vendor'] + ' ' + a['name'] for a in d['accelerators']) or 'none'}",
+        "runtimes:      " + ("; ".join(f"{r['name']} {r['version']} [{', '.join(r['providers'])}]" for r in d["runtimes"]) or "none"),
+        f"os:            {d['os']} (kernel {d['kernel']})",
+        f"labels:        {', '.join(f'{k}={v}' for k, v in sorted(d['labels'].items())) or '-'}",
+        f"generations:   desired {d['desired_generation']}, reported {d['reported_generation']}",
+    ]
+    if d["models"]:
+        lines.append("models:")
+        lines.append(
+            views.table(
+                ("  MODEL", "VARIANT", "STATE", "RUNTIME", "PROVIDERS", "THREADS", "ERROR"),
+                [
+                    ("  " + m["model"], m["variant_id"], m["state"], m["runtime"] or "-", ",".join(m["providers"]) or "-",
+                     m["threads"] or "-", m["error"] or "")
+                    for m in d["models"]
+                ],
+            )
+        )
+    for conflict in d["identity_conflicts"]:
+        lines.append(
+            f"WARNING: another agent claimed this id from {conflict['peer']} at {conflict['seen_at']} "
+            f"(key {conflict['instance_key_fingerprint']})"
+        )
+    return "\n".join(lines)
+
+
+def cmd_devices_list(client: Client, args: argparse.Namespace) -> None:
+    labels = dict(pair.split("=", 1) for pair in args.label)
+    status = {"online": 1, "stale": 2, "offline": 3}.get(args.status or "", 0)
+    response = client.call("ListDevices", operator_pb2.ListDevicesRequest(status=status, label_selector=labels))
+    emit([views.device_view(d) for d in response.devices], args.output, render_devices)
+
+
+def cmd_devices_show(client: Client, args: argparse.Namespace) -> None:
+    device = client.call("GetDevice", operator_pb2.GetDeviceRequest(device_id=args.device_id))
+    emit(views.device_view(device), args.output, render_device)
+
+
+# Models
+
+
+def upload_requests(path: Path, header: operator_pb2.UploadModelHeader, progress: bool) -> Iterator[operator_pb2.UploadModelRequest]:
+    yield operator_pb2.UploadModelRequest(header=header)
+    sent = 0
+    started = time.monotonic()
+    with path.open("rb") as handle:
+        while chunk := handle.read(UPLOAD_CHUNK_BYTES):
+            sent += len(chunk)
+            if progress:
+                done = sent / max(header.size_bytes, 1)
+                bar = "#" * int(done * 30)
+                rate = sent / max(time.monotonic() - started, 1e-6) / 1e6
+                print(f"\rupload {path.name} [{bar:<30}] {done:6.1%} {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)
+            yield operator_pb2.UploadModelRequest(chunk=chunk)
+    if progress:
+        print(file=sys.stderr)
+
+
+def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
+    import hashlib
+
+    path: Path = args.path
+    if not path.is_file():
+        raise CliError(f"model file {path} not found", EXIT_USAGE)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    header = operator_pb2.UploadModelHeader(
+        name=args.name,
+        version=args.version,
+        size_bytes=path.stat().st_size,
+        sha256=digest.hexdigest(),
+        filename=path.name,
+        variant_kind=args.variant_kind or "",
+    )
+    show_progress = sys.stderr.isatty() and not args.quiet
+    try:
+        model = client.stub.UploadModel(upload_requests(path, header, show_progress), timeout=600)
+    except grpc.RpcError as error:
+        raise client.error(error) from None
+    emit(views.model_view(model), args.output, render_model)
+
+
+def render_models(models: list[dict[str, Any]]) -> str:
+    rows = [
+        (m["name"], m["version"], m["format"], m["precision"], views.human_bytes(m["size_bytes"]),
+         f"{m['macs'] / 1e6:.1f}M", f"{m['parameters'] / 1e6:.2f}M", len(m["variants"]), m["created_at"])
+        for m in models
+    ]
+    return views.table(("NAME", "VERSION", "FORMAT", "PRECISION", "SIZE", "MACS", "PARAMS", "VARIANTS", "CREATED"), rows)
+
+
+def render_model(m: dict[str, Any]) -> str:
+    lines = [
+        f"model:      {m['name']}:{m['version']} ({m['format']}, opset {m['opset']}, {m['precision']})",
+        f"digest:     {m['digest']}",
+        f"size:       {views.human_bytes(m['size_bytes'])}   parameters: {m['parameters']:,}   layers: {m['layers']}",
+        f"cost:       {m['macs']:,} MACs per inference; peak activations about {views.human_bytes(m['peak_activation_bytes'])}",
+        "inputs:     " + "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
+        "outputs:    " + "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
+        "variants:",
+        render_variants(m["variants"]),
+    ]
+    return "\n".join(lines)
+
+
+def render_variants(variants: list[dict[str, Any]]) -> str:
+    rows = [
+        (v["variant_id"], v["format"], v["precision"], v["status"], views.human_bytes(v["size_bytes"]),
+         f"{v['macs'] / 1e6:.1f}M", "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
+         " ".join(f"{k}:{val:.2f}ms" for k, val in sorted(v["latency_ms"].items())) or "-", v["rejection_reason"])
+        for v in variants
+    ]
+    return views.table(("VARIANT", "FORMAT", "PRECISION", "STATUS", "SIZE", "MACS", "ACCURACY", "LATENCY P50", "REASON"), rows)
+
+
+def cmd_models_list(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("ListModels", operator_pb2.ListModelsRequest(name=args.name or ""))
+    emit([views.model_view(m) for m in response.models], args.output, render_models)
+
+
+def cmd_models_show(client: Client, args: argparse.Namespace) -> None:
+    name, version = split_model_ref(args.model)
+    model = client.call("GetModel", operator_pb2.GetModelRequest(name=name, version=version))
+    emit(views.model_view(model), args.output, render_model)
+
+
+def cmd_models_variants(client: Client, args: argparse.Namespace) -> None:
+    name, version = split_model_ref(args.model)
+    response = client.call("ListVariants", operator_pb2.ListVariantsRequest(model_name=name, model_version=version))
+    emit([views.variant_view(v) for v in response.variants], args.output, render_variants)
+
+
+# Deployments
+
+
+def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
+    name, version = split_model_ref(args.model)
+    response = client.call(
+        "Deploy",
+        operator_pb2.DeployRequest(
+            model_name=name, model_version=version, device_id=args.device, variant_id=args.variant or "", threads=args.threads
+        ),
+    )
+    assignment = response.assignment
+    device = views.device_view(response.device)
+    if args.wait > 0:
+        device = wait_for_state(client, args.device, assignment.model_name, assignment.variant_id, args.wait)
+    result = {
+        "device_id": args.device,
+        "model": assignment.model_name,
+        "version": assignment.model_version,
+        "variant_id": assignment.variant_id,
+        "digest": assignment.digest,
+        "desired_generation": device["desired_generation"],
+        "state": next((m for m in device["models"] if m["model"] == assignment.model_name), None),
+    }
+    emit(result, args.output, render_deploy)
+    state = result["state"]
+    if state is not None and state["state"] == "failed":
+        raise CliError(f"device {args.device} failed to run {assignment.variant_id}: {state['error']}")
+
+
+def wait_for_state(client: Client, device_id: str, model: str, variant_id: str, timeout_s: float) -> dict[str, Any]:
+    """Poll the device until the model is serving or failed on the desired variant, or timeout_s passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        device = views.device_view(client.call("GetDevice", operator_pb2.GetDeviceRequest(device_id=device_id)))
+        status = next((m for m in device["models"] if m["model"] == model and m["variant_id"] == variant_id), None)
+        if status is not None and status["state"] in ("serving", "failed"):
+            return device
+        if time.monotonic() > deadline:
+            shown = status["state"] if status else "not reported yet"
+            raise CliError(f"timed out after {timeout_s:g} s waiting for {variant_id} on {device_id} (state: {shown})")
+        time.sleep(0.5)
+
+
+def render_deploy(result: dict[str, Any]) -> str:
+    state = result["state"]
+    line = f"{result['variant_id']} -> {result['device_id']} (desired generation {result['desired_generation']})"
+    if state is None:
+        return line + ": not reported yet"
+    detail = state["error"] if state["state"] == "failed" else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
+    return f"{line}: {state['state']} {detail}".rstrip()
+
+
+# Metrics
+
+
+def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
+    request = operator_pb2.QueryMetricsRequest(
+        device_id=args.device or "",
+        model_name=args.model or "",
+        variant_id=args.variant or "",
+        hardware_class=args.hardware_class or "",
+        group_by=[g for g in args.group_by.split(",") if g],
+    )
+    if args.since:
+        request.start.FromDatetime(parse_time(args.since))
+    if args.until:
+        request.end.FromDatetime(parse_time(args.until))
+    response = client.call("QueryMetrics", request)
+    rows = [views.metric_row_view(r) for r in response.rows]
+    keys = [g for g in args.group_by.split(",") if g]
+
+    def render(data: list[dict[str, Any]]) -> str:
+        return views.table(
+            (*[k.upper() for k in keys], "INFERENCES", "ERRORS", "PER S", "P50 MS", "P95 MS", "P99 MS"),
+            [(*[r.get(k) for k in keys], r["inferences"], r["errors"], r["throughput_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"]) for r in data],
+        )
+
+    emit(rows, args.output, render)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgefleet.demo.run import run_demo
+
+    return run_demo(report_path=args.report, duration_s=args.duration, work_dir=args.work_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--orchestrator",
+        default=os.environ.get("EDGEFLEET_ORCHESTRATOR", DEFAULT_ORCHESTRATOR),
+        help=f"orchestrator HOST:PORT (env EDGEFLEET_ORCHESTRATOR, default {DEFAULT_ORCHESTRATOR})",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each request")
+    nouns = parser.add_subparsers(dest="noun", required=True)
+
+    def output_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+
+    devices = nouns.add_parser("devices", help="list and inspect devices").add_subparsers(dest="verb", required=True)
+    sub = devices.add_parser("list", help="list devices")
+    sub.add_argument("--status", choices=("online", "stale", "offline"), help="only devices in this status")
+    sub.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="only devices with this label")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_devices_list)
+    sub = devices.add_parser("show", help="show one device with its hardware and models")
+    sub.add_argument("device_id")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_devices_show)
+
+    models = nouns.add_parser("models", help="add and inspect models").add_subparsers(dest="verb", required=True)
+    sub = models.add_parser("add", help="upload an ONNX or TFLite file")
+    sub.add_argument("path", type=Path)
+    sub.add_argument("--name", required=True)
+    sub.add_argument("--version", required=True)
+    sub.add_argument("--variant-kind", help="add the file as a variant of this kind (tflite-fp32, int8, ...) of an existing version")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_models_add)
+    sub = models.add_parser("list", help="list model versions")
+    sub.add_argument("--name", help="only versions of this model")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_models_list)
+    sub = models.add_parser("show", help="show a model version (NAME or NAME:VERSION)")
+    sub.add_argument("model")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_models_show)
+    sub = models.add_parser("variants", help="list the variants of a model version with their figures")
+    sub.add_argument("model")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_models_variants)
+
+    sub = nouns.add_parser("deploy", help="assign a model to a device")
+    sub.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: latest version)")
+    sub.add_argument("--device", required=True, help="device id")
+    sub.add_argument("--variant", help="variant id; default: the source variant or one the device can run")
+    sub.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 lets the agent choose")
+    sub.add_argument("--wait", type=float, default=0.0, help="seconds to wait until the device serves or fails it")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_deploy)
+
+    metrics = nouns.add_parser("metrics", help="query latency metrics").add_subparsers(dest="verb", required=True)
+    sub = metrics.add_parser("query", help="count, throughput and p50/p95/p99 latency from merged sketches")
+    sub.add_argument("--device")
+    sub.add_argument("--model")
+    sub.add_argument("--variant")
+    sub.add_argument("--hardware-class")
+    sub.add_argument("--since", help="start: ISO 8601 time or a duration back from now (15m, 2h)")
+    sub.add_argument("--until", help="end: ISO 8601 time or a duration back from now")
+    sub.add_argument("--group-by", default="device,model,variant", help="comma-separated: device, model, variant, hardware_class")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_metrics_query)
+
+    sub = nouns.add_parser("demo", help="run the demo fleet on real models (orchestrator and three agents)")
+    sub.add_argument("--report", type=Path, help="also write the figures as JSON to this file")
+    sub.add_argument("--duration", type=float, default=20.0, help="seconds of inference per device")
+    sub.add_argument("--work-dir", type=Path, help="directory for the demo's database and agents (default: a temp dir)")
+    sub.set_defaults(handler=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.noun == "demo":
+            return cmd_demo(args)
+        for pair in getattr(args, "label", []):
+            if "=" not in pair:
+                raise CliError(f"invalid --label {pair!r}: expected KEY=VALUE", EXIT_USAGE)
+        client = Client(args.orchestrator, args.timeout)
+        args.handler(client, args)
+    except CliError as error:
+        print(f"edgefleet: {error}", file=sys.stderr)
+        return error.code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Plain, JSON-ready views of API messages, and their rendering as tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from edgefleet.common.models import FORMATS, PRECISIONS
+from edgefleet.common.serde import DEVICE_STATUS_NAMES, MODEL_STATE_NAMES
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+
+
+def _name(value: int, names: Sequence[str]) -> str:
+    return names[value - 1] if 1 <= value <= len(names) else "unknown"
+
+
+def _time(value: Timestamp) -> str | None:
+    if value.seconds == 0 and value.nanos == 0:
+        return None
+    return value.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def model_status_view(status: agent_pb2.ModelStatus) -> dict[str, Any]:
+    return {
+        "model": status.model_name,
+        "version": status.model_version,
+        "variant_id": status.variant_id,
+        "state": _name(status.state, MODEL_STATE_NAMES),
+        "error": status.error,
+        "runtime": status.runtime,
+        "providers": list(status.providers),
+        "threads": status.threads,
+        "bytes_downloaded": status.bytes_downloaded,
+        "size_bytes": status.size_bytes,
+        "updated_at": _time(status.updated_at),
+    }
+
+
+def device_view(device: operator_pb2.Device) -> dict[str, Any]:
+    hardware = device.hardware
+    return {
+        "device_id": device.device_id,
+        "status": _name(device.status, DEVICE_STATUS_NAMES),
+        "profile": hardware.profile_name,
+        "hardware_class": hardware.hardware_class,
+        "architecture": hardware.architecture,
+        "cpu_model": hardware.cpu_model,
+        "usable_cores": hardware.usable_cores,
+        "logical_cores": hardware.logical_cores,
+        "memory_bytes": hardware.memory_total_bytes,
+        "memory_available_bytes": hardware.memory_available_bytes,
+        "disk_free_bytes": hardware.disk_free_bytes,
+        "cpu_features": list(hardware.cpu_features),
+        "accelerators": [
+            {"kind": _name(a.kind, ("gpu", "npu", "dsp")), "vendor": a.vendor, "name": a.name, "device_path": a.device_path}
+            for a in hardware.accelerators
+        ],
+        "runtimes": [{"name": r.name, "version": r.version, "providers": list(r.providers)} for r in hardware.runtimes],
+        "os": hardware.os,
+        "kernel": hardware.kernel,
+        "labels": dict(device.labels),
+        "agent_version": device.agent_version,
+        "registered_at": _time(device.registered_at),
+        "last_seen": _time(device.last_seen),
+        "desired_generation": device.desired_generation,
+        "reported_generation": device.reported_generation,
+        "models": [model_status_view(m) for m in device.models],
+        "desired": [
+            {"model": a.model_name, "version": a.model_version, "variant_id": a.variant_id, "digest": a.digest}
+            for a in device.desired
+        ],
+        "identity_conflicts": [
+            {"instance_key_fingerprint": c.instance_key_fingerprint, "peer": c.peer, "seen_at": _time(c.seen_at)}
+            for c in device.identity_conflicts
+        ],
+        "profile_revisions": device.profile_revisions,
+    }
+
+
+def tensor_view(tensor: common_pb2.TensorSpec) -> dict[str, Any]:
+    view: dict[str, Any] = {"name": tensor.name, "dtype": tensor.dtype, "shape": list(tensor.shape)}
+    if tensor.scale:
+        view["scale"] = tensor.scale
+        view["zero_point"] = tensor.zero_point
+    return view
+
+
+def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
+    metadata = variant.metadata
+    return {
+        "variant_id": variant.variant_id,
+        "kind": variant.kind,
+        "format": _name(variant.format, FORMATS),
+        "precision": _name(variant.precision, PRECISIONS),
+        "status": variant.status,
+        "rejection_reason": variant.rejection_reason,
+        "digest": variant.digest,
+        "size_bytes": variant.size_bytes,
+        "macs": metadata.macs,
+        "parameters": metadata.parameters,
+        "peak_activation_bytes": metadata.peak_activation_bytes,
+        "accuracy": _number(variant.accuracy),
+        "accuracy_metric": variant.accuracy_metric,
+        "latency_ms": dict(variant.latency_ms),
+        "parent_variant_id": variant.parent_variant_id,
+    }
+
+
+def model_view(model: operator_pb2.Model) -> dict[str, Any]:
+    metadata = model.metadata
+    return {
+        "name": model.name,
+        "version": model.version,
+        "digest": model.digest,
+        "size_bytes": model.size_bytes,
+        "format": _name(metadata.format, FORMATS),
+        "opset": metadata.opset,
+        "parameters": metadata.parameters,
+        "macs": metadata.macs,
+        "macs_by_op_type": dict(metadata.macs_by_op_type),
+        "peak_activation_bytes": metadata.peak_activation_bytes,
+        "precision": _name(metadata.precision, PRECISIONS),
+        "layers": metadata.layers,
+        "inputs": [tensor_view(t) for t in metadata.inputs],
+        "outputs": [tensor_view(t) for t in metadata.outputs],
+        "created_at": _time(model.created_at),
+        "variants": [variant_view(v) for v in model.variants],
+    }
+
+
+def metric_row_view(row: operator_pb2.MetricRow) -> dict[str, Any]:
+    return {
+        **dict(row.group),
+        "inferences": row.inference_count,
+        "errors": row.error_count,
+        "throughput_per_s": _number(row.throughput_per_s),
+        "p50_ms": _number(row.p50_ms),
+        "p95_ms": _number(row.p95_ms),
+        "p99_ms": _number(row.p99_ms),
+        "mean_ms": _number(row.mean_ms),
+        "first_window": _time(row.first_window),
+        "last_window": _time(row.last_window),
+    }
+
+
+def human_bytes(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"
+
+
+def age(iso: str | None, now: datetime | None = None) -> str:
+    if iso is None:
+        return "never"
+    seconds = ((now or datetime.now(UTC)) - datetime.fromisoformat(iso)).total_seconds()
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Render rows as a left-aligned text table with a header line."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""Configuration of the orchestrator process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HELP = {
+    "listen": "HOST:PORT to serve gRPC on; port 0 picks a free port",
+    "db": "SQLAlchemy URL; default sqlite:///DATA_DIR/edgefleet.db",
+    "data_dir": "directory for the database file and the artifact store",
+    "heartbeat_interval_s": "seconds between agent heartbeats",
+    "stale_after_s": "seconds without a heartbeat before a device is stale",
+    "offline_after_s": "seconds without a heartbeat before a device is offline",
+    "max_upload_bytes": "largest model file accepted by an upload, in bytes",
+    "port_file": "write the bound port to this file once serving (for scripts and tests)",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text or json",
+    "shutdown_grace_s": "seconds that open calls get to finish on SIGTERM",
+}
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    listen: str = "127.0.0.1:50051"
+    db: str = ""
+    data_dir: Path = Path("./edgefleet-data")
+    heartbeat_interval_s: float = 10.0
+    stale_after_s: float = 30.0
+    offline_after_s: float = 120.0
+    max_upload_bytes: int = 512 * 1024 * 1024
+    port_file: Path | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    shutdown_grace_s: float = 5.0
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"

@@ -1,0 +1,138 @@
+"""Live fleet state in one orchestrator process: open control streams, last-seen times, device status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from edgefleet.orchestrator.domain import Device
+from edgefleet.orchestrator.store.base import Store
+from edgefleet.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+# Bound on commands queued for one stream. A device that cannot keep up gets its stream closed
+# and re-syncs from the desired state when it reconnects, so nothing is lost by the bound.
+MAX_QUEUED_COMMANDS = 64
+
+
+@dataclass(eq=False)
+class StreamSession:
+    """One open control stream. Commands for the agent go through its queue."""
+
+    device_id: str
+    peer: str
+    opened_at: datetime
+    queue: asyncio.Queue[agent_pb2.OrchestratorMessage | None] = field(
+        default_factory=lambda: asyncio.Queue(MAX_QUEUED_COMMANDS)
+    )
+
+    def send(self, message: agent_pb2.OrchestratorMessage) -> bool:
+        """Queue a message without waiting; return False when the queue is full."""
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Ask the stream's writer to finish; a None in the queue ends it."""
+        while True:
+            try:
+                self.queue.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self.queue.get_nowait()
+
+
+class FleetHub:
+    """Tracks open streams and heartbeats; writes last-seen times to the store in batches.
+
+    A heartbeat only updates a dict in memory. flush() writes all pending times in one
+    transaction, so 5,000 agents heartbeating every 10 s cost one write every flush interval
+    instead of 500 writes a second.
+    """
+
+    def __init__(self, store: Store, *, stale_after_s: float, offline_after_s: float) -> None:
+        self.store = store
+        self.stale_after_s = stale_after_s
+        self.offline_after_s = offline_after_s
+        self.sessions: dict[str, StreamSession] = {}
+        self.last_seen: dict[str, datetime] = {}
+        self._pending: dict[str, datetime] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # Set by the server once its loop runs.
+
+    def open(self, device_id: str, peer: str) -> StreamSession:
+        """Register a new stream for a device, closing an older stream of the same device."""
+        previous = self.sessions.get(device_id)
+        if previous is not None:
+            log.info("replacing control stream of device_id=%s (old peer %s, new peer %s)", device_id, previous.peer, peer)
+            previous.close()
+        now = datetime.now(UTC)
+        session = StreamSession(device_id=device_id, peer=peer, opened_at=now)
+        self.sessions[device_id] = session
+        self.heartbeat(device_id, now)
+        return session
+
+    def release(self, session: StreamSession) -> bool:
+        """Forget a stream that ended; return False if a newer stream of the device replaced it."""
+        if self.sessions.get(session.device_id) is session:
+            del self.sessions[session.device_id]
+            return True
+        return False
+
+    def heartbeat(self, device_id: str, now: datetime | None = None) -> None:
+        now = now or datetime.now(UTC)
+        self.last_seen[device_id] = now
+        self._pending[device_id] = now
+
+    def push(self, device_id: str, message: agent_pb2.OrchestratorMessage) -> bool:
+        """Send a message to a connected device; return False when it is not connected here."""
+        session = self.sessions.get(device_id)
+        if session is None:
+            return False
+        if not session.send(message):
+            log.warning("command queue full for device_id=%s; closing its stream so it re-syncs", device_id)
+            session.close()
+            return False
+        return True
+
+    def push_threadsafe(self, device_id: str, message: agent_pb2.OrchestratorMessage) -> bool:
+        """Schedule push() on the server's event loop from a worker thread.
+
+        Returns whether the device has a stream open now; the push itself happens on the loop.
+        """
+        if self.loop is None or device_id not in self.sessions:
+            return False
+        self.loop.call_soon_threadsafe(self.push, device_id, message)
+        return True
+
+    def flush(self) -> int:
+        """Write pending last-seen times in one transaction; return how many were written."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, {}
+        try:
+            self.store.touch_devices(pending)
+        except Exception:
+            # Keep the newest times for the next flush instead of losing them.
+            for device_id, seen in pending.items():
+                self._pending.setdefault(device_id, seen)
+            raise
+        return len(pending)
+
+    def status_of(self, device: Device, now: datetime | None = None) -> str:
+        """Derive online, stale or offline from the newest heartbeat and whether a stream is open."""
+        now = now or datetime.now(UTC)
+        seen = self.last_seen.get(device.device_id) or device.last_seen
+        if seen is None:
+            return "offline"
+        age = (now - seen).total_seconds()
+        connected = device.device_id in self.sessions
+        if connected and age <= self.stale_after_s:
+            return "online"
+        if age <= (self.offline_after_s if connected else self.stale_after_s):
+            return "stale"
+        return "offline"

@@ -1,0 +1,154 @@
+"""Device registration, reported state and fleet listing."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import secrets
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from edgefleet.common.errors import AlreadyExists, InvalidArgument, NotFound
+from edgefleet.common.hardware import hardware_class_of
+from edgefleet.common.serde import DEVICE_STATUS_NAMES, enum_to_name, hardware_from_proto, timestamp
+from edgefleet.orchestrator import serde, validation
+from edgefleet.orchestrator.domain import Device
+from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.orchestrator.store.base import IdentityMismatchError
+from edgefleet.v1 import agent_pb2, operator_pb2
+
+log = logging.getLogger(__name__)
+
+
+def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer: str) -> agent_pb2.RegisterResponse:
+    """Validate and store a registration; a new device without an id gets one.
+
+    Raises InvalidArgument for a malformed request and AlreadyExists when the id is registered
+    with another instance key. Nothing is stored in either case, apart from the conflict record.
+    """
+    validation.check_device_id(request.device_id, required=False)
+    validation.check_instance_key(request.instance_key)
+    if not request.HasField("hardware"):
+        raise InvalidArgument("hardware", "missing; the agent sends its probed hardware profile")
+    validation.check_hardware(request.hardware)
+    validation.check_labels(request.labels)
+    validation.check_text(request.agent_version, "agent_version", 64)
+    try:
+        hardware = hardware_from_proto(request.hardware)
+    except ValueError as error:
+        raise InvalidArgument("hardware", str(error)) from None
+    # The class is derived here so that every device is grouped by the same rule.
+    hardware = replace(hardware, hardware_class=hardware_class_of(hardware))
+
+    device_id = request.device_id or f"dev-{secrets.token_hex(6)}"
+    try:
+        device = state.store.register_device(
+            device_id=device_id,
+            instance_key_hash=serde.key_hash(request.instance_key),
+            hardware=hardware,
+            labels=dict(request.labels),
+            agent_version=request.agent_version,
+            peer=peer,
+            now=datetime.now(UTC),
+        )
+    except IdentityMismatchError:
+        log.warning(
+            "rejected registration of device_id=%s from %s: the id is registered with another instance key",
+            device_id,
+            peer,
+        )
+        raise AlreadyExists(
+            f"device id {device_id!r} is already registered by another agent (different instance key); "
+            "if this is a re-imaged device, remove the old device or give this one a new id"
+        ) from None
+    state.hub.heartbeat(device.device_id)
+    log.info(
+        "registered device_id=%s class=%s profile=%s from %s",
+        device.device_id,
+        hardware.hardware_class,
+        hardware.profile_name or "-",
+        peer,
+    )
+    return agent_pb2.RegisterResponse(
+        device_id=device.device_id,
+        heartbeat_interval_seconds=max(1, round(state.config.heartbeat_interval_s)),
+        server_time=timestamp(datetime.now(UTC)),
+    )
+
+
+def verify_identity(device_id: str, instance_key: str, state: OrchestratorState, peer: str) -> Device:
+    """Check that a control stream comes from the agent that registered device_id."""
+    validation.check_device_id(device_id, "hello.device_id")
+    validation.check_instance_key(instance_key)
+    device = state.store.get_device(device_id)
+    if device is None:
+        raise NotFound(f"device {device_id!r} is not registered; call Register before opening the control stream")
+    if device.instance_key_hash != serde.key_hash(instance_key):
+        log.warning("rejected control stream of device_id=%s from %s: instance key mismatch", device_id, peer)
+        raise AlreadyExists(f"device id {device_id!r} belongs to another agent (different instance key)")
+    return device
+
+
+def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state: OrchestratorState) -> None:
+    if len(message.models) > 256:
+        raise InvalidArgument("reported_state.models", f"has {len(message.models)} entries; at most 256")
+    try:
+        statuses = [serde.model_status_from_proto(device_id, m, i) for i, m in enumerate(message.models)]
+    except ValueError as error:
+        raise InvalidArgument("reported_state", str(error)) from None
+    state.store.save_reported_state(device_id, message.desired_generation, statuses, datetime.now(UTC))
+    for status in statuses:
+        if status.state == "failed":
+            log.warning(
+                "device_id=%s reports model=%s variant=%s failed: %s",
+                device_id,
+                status.model_name,
+                status.variant_id,
+                status.error,
+            )
+
+
+def describe_device(device: Device, state: OrchestratorState) -> operator_pb2.Device:
+    generation, desired = state.store.get_desired_state(device.device_id)
+    return serde.device_to_proto(
+        device,
+        status=state.hub.status_of(device),
+        reported=state.store.get_reported_state(device.device_id),
+        desired=desired,
+        conflicts=state.store.list_identity_conflicts(device.device_id),
+    )
+
+
+def list_devices(request: operator_pb2.ListDevicesRequest, state: OrchestratorState) -> operator_pb2.ListDevicesResponse:
+    wanted_status = ""
+    if request.status:
+        try:
+            wanted_status = enum_to_name(request.status, DEVICE_STATUS_NAMES, "status")
+        except ValueError as error:
+            raise InvalidArgument("status", str(error)) from None
+    validation.check_labels(request.label_selector, "label_selector")
+    devices = []
+    for device in sorted(state.store.list_devices(), key=lambda d: d.device_id):
+        if wanted_status and state.hub.status_of(device) != wanted_status:
+            continue
+        if any(device.labels.get(k) != v for k, v in request.label_selector.items()):
+            continue
+        if request.hardware_class and device.hardware.hardware_class != request.hardware_class:
+            continue
+        devices.append(describe_device(device, state))
+    return operator_pb2.ListDevicesResponse(devices=devices)
+
+
+def get_device(request: operator_pb2.GetDeviceRequest, state: OrchestratorState) -> operator_pb2.Device:
+    validation.check_device_id(request.device_id)
+    device = state.store.get_device(request.device_id)
+    if device is None:
+        known = [d.device_id for d in state.store.list_devices()]
+        raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
+    return describe_device(device, state)
+
+
+def suggest(value: str, known: list[str]) -> str:
+    """Return '; did you mean ...?' for the closest known names, or an empty string."""
+    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""

@@ -1,0 +1,158 @@
+"""Metric windows from devices, and latency queries that merge their sketches."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+from edgefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from edgefleet.common.serde import from_timestamp, timestamp
+from edgefleet.common.sketch import LatencySketch
+from edgefleet.orchestrator import validation
+from edgefleet.orchestrator.domain import MetricWindow
+from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.v1 import agent_pb2, operator_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_WINDOWS_PER_BATCH = 1000
+MAX_WINDOW_SECONDS = 3600
+GROUP_KEYS = ("device", "model", "variant", "hardware_class")
+# A device clock this far from the orchestrator's is logged; queries use the device's window start.
+CLOCK_SKEW_WARNING = timedelta(minutes=5)
+
+
+def upload_metrics(
+    request: agent_pb2.UploadMetricsRequest, state: OrchestratorState
+) -> agent_pb2.UploadMetricsResponse:
+    """Validate and store one batch of windows; a batch id seen before stores nothing."""
+    validation.check_device_id(request.device_id)
+    if not request.batch_id or len(request.batch_id) > 64:
+        raise InvalidArgument("batch_id", "must be 1-64 characters; the agent makes one per batch")
+    if len(request.windows) > MAX_WINDOWS_PER_BATCH:
+        raise ResourceExhausted(
+            f"batch has {len(request.windows)} windows; at most {MAX_WINDOWS_PER_BATCH} per batch, split it"
+        )
+    device = state.store.get_device(request.device_id)
+    if device is None:
+        raise NotFound(f"device {request.device_id!r} is not registered; register before uploading metrics")
+    received_at = datetime.now(UTC)
+    windows = [_window_from_proto(device.device_id, device.hardware.hardware_class, w, i, received_at)
+               for i, w in enumerate(request.windows)]
+    stored = state.store.add_metric_batch(device.device_id, request.batch_id, windows)
+    skewed = [w for w in windows if abs(w.window_start - received_at) > CLOCK_SKEW_WARNING + timedelta(seconds=w.window_seconds)]
+    if stored and skewed:
+        log.warning(
+            "device_id=%s clock looks off by about %.0f s (batch %s); windows keep the device time and the receive time",
+            device.device_id,
+            (received_at - skewed[-1].window_start).total_seconds(),
+            request.batch_id,
+        )
+    return agent_pb2.UploadMetricsResponse(accepted=len(windows) if stored else 0, duplicate=not stored)
+
+
+def _window_from_proto(
+    device_id: str, hardware_class: str, message: agent_pb2.MetricWindow, index: int, received_at: datetime
+) -> MetricWindow:
+    field = f"windows[{index}]"
+    validation.check_name(message.model_name, f"{field}.model_name")
+    validation.check_text(message.model_version, f"{field}.model_version", 128)
+    validation.check_text(message.variant_id, f"{field}.variant_id", 200)
+    if not 1 <= message.window_seconds <= MAX_WINDOW_SECONDS:
+        raise InvalidArgument(f"{field}.window_seconds", f"{message.window_seconds} must be 1 to {MAX_WINDOW_SECONDS}")
+    start = from_timestamp(message.window_start)
+    if start is None:
+        raise InvalidArgument(f"{field}.window_start", "missing")
+    if message.error_count > message.inference_count:
+        raise InvalidArgument(
+            f"{field}.error_count", f"{message.error_count} exceeds inference_count {message.inference_count}"
+        )
+    try:
+        sketch = LatencySketch.from_proto(message.latency)
+    except ValueError as error:
+        raise InvalidArgument(f"{field}.latency", str(error)) from None
+    if sketch.count > message.inference_count:
+        raise InvalidArgument(
+            f"{field}.latency", f"holds {sketch.count} samples but inference_count is {message.inference_count}"
+        )
+    return MetricWindow(
+        device_id=device_id,
+        model_name=message.model_name,
+        model_version=message.model_version,
+        variant_id=message.variant_id,
+        hardware_class=hardware_class,
+        window_start=start,
+        window_seconds=message.window_seconds,
+        received_at=received_at,
+        inference_count=message.inference_count,
+        error_count=message.error_count,
+        sketch=sketch.to_bytes(),
+    )
+
+
+def _group_key(window: MetricWindow, keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    values = {
+        "device": window.device_id,
+        "model": window.model_name,
+        "variant": window.variant_id,
+        "hardware_class": window.hardware_class,
+    }
+    return tuple((key, values[key]) for key in keys)
+
+
+def query_metrics(
+    request: operator_pb2.QueryMetricsRequest, state: OrchestratorState
+) -> operator_pb2.QueryMetricsResponse:
+    """Merge the stored sketches of the matching windows into one row per group."""
+    for key in request.group_by:
+        if key not in GROUP_KEYS:
+            raise InvalidArgument("group_by", f"unknown key {key!r}; allowed: {', '.join(GROUP_KEYS)}")
+    if request.device_id:
+        validation.check_device_id(request.device_id)
+    start = from_timestamp(request.start)
+    end = from_timestamp(request.end)
+    if start and end and start >= end:
+        raise InvalidArgument("start", f"{start.isoformat()} must be before end {end.isoformat()}")
+    windows = state.store.query_metric_windows(
+        device_id=request.device_id,
+        model_name=request.model_name,
+        variant_id=request.variant_id,
+        hardware_class=request.hardware_class,
+        start=start,
+        end=end,
+    )
+    keys = tuple(dict.fromkeys(request.group_by))
+    groups: dict[tuple[tuple[str, str], ...], list[MetricWindow]] = defaultdict(list)
+    for window in windows:
+        groups[_group_key(window, keys)].append(window)
+    rows = [_row(dict(group), members) for group, members in sorted(groups.items())]
+    return operator_pb2.QueryMetricsResponse(rows=rows)
+
+
+def _row(group: dict[str, str], windows: list[MetricWindow]) -> operator_pb2.MetricRow:
+    sketch = LatencySketch()
+    for window in windows:
+        sketch.merge(LatencySketch.from_bytes(window.sketch))
+    first = min(w.window_start for w in windows)
+    last_end = max(w.window_start + timedelta(seconds=w.window_seconds) for w in windows)
+    # Throughput per device: windows of several devices overlap in time, so their spans are summed.
+    busy_seconds: dict[str, float] = defaultdict(float)
+    for window in windows:
+        busy_seconds[window.device_id] += window.window_seconds
+    inferences = sum(w.inference_count for w in windows)
+    span = max(sum(busy_seconds.values()) / max(len(busy_seconds), 1), 1e-9)
+    empty = sketch.count == 0
+    return operator_pb2.MetricRow(
+        group=group,
+        inference_count=inferences,
+        error_count=sum(w.error_count for w in windows),
+        throughput_per_s=inferences / span,
+        p50_ms=math.nan if empty else sketch.quantile(0.50),
+        p95_ms=math.nan if empty else sketch.quantile(0.95),
+        p99_ms=math.nan if empty else sketch.quantile(0.99),
+        mean_ms=math.nan if empty else sketch.mean,
+        first_window=timestamp(first),
+        last_window=timestamp(last_end),
+    )

@@ -1,0 +1,54 @@
+"""Command line entry point: edgefleet-orchestrator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edgefleet.common.config import ConfigError, add_flags, load_config
+from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from edgefleet.common.logs import configure_logging
+from edgefleet.orchestrator.config import HELP, OrchestratorConfig
+
+log = logging.getLogger("edgefleet.orchestrator")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet-orchestrator", description="Run the edgefleet orchestrator (gRPC API, fleet store)."
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (env EDGEFLEET_CONFIG)")
+    add_flags(parser, OrchestratorConfig, HELP)
+    flags = parser.parse_args(argv)
+    config_file = flags.config
+    try:
+        if config_file is None and os.environ.get("EDGEFLEET_CONFIG"):
+            config_file = Path(os.environ["EDGEFLEET_CONFIG"])
+        config = load_config(OrchestratorConfig, flags=flags, file=config_file)
+        configure_logging(config.log_level, config.log_format)
+    except (ConfigError, ValueError) as error:
+        print(f"edgefleet-orchestrator: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(serve_config(config))
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        return EXIT_UNAVAILABLE
+    except Exception:
+        log.exception("orchestrator failed")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def serve_config(config: OrchestratorConfig) -> None:
+    from edgefleet.orchestrator.server import serve
+
+    await serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

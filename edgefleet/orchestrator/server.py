@@ -1,0 +1,147 @@
+"""The orchestrator's gRPC server and its life cycle: start-up, serve, bounded graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from edgefleet.orchestrator.artifacts import FileArtifactStore
+from edgefleet.orchestrator.config import OrchestratorConfig
+from edgefleet.orchestrator.fleet import FleetHub
+from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
+from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.orchestrator.store import open_store
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    operator_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
+)
+# Last-seen times are written in one transaction per interval.
+FLUSH_INTERVAL_S = 2.0
+
+# Keepalive: the server pings an idle connection every 60 s and drops it when no answer comes in
+# 20 s, so a silently dropped agent link is noticed in about 80 s. It accepts client pings down to
+# every 10 s; agents ping every 30 s, so neither side sends pings the other rejects (a rejected
+# ping makes the peer close the connection with ENHANCE_YOUR_CALM).
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # One process holds thousands of idle control streams; each needs an HTTP/2 stream.
+    ("grpc.max_concurrent_streams", 100_000),
+]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    state: OrchestratorState
+    health: health_aio.HealthServicer
+    flusher: asyncio.Task[None]
+
+    async def stop(self, grace_s: float) -> None:
+        """Flip health to NOT_SERVING, close streams, let calls finish for grace_s, then flush and close."""
+        await self.health.enter_graceful_shutdown()
+        for session in list(self.state.hub.sessions.values()):
+            session.close()
+        await self.server.stop(grace_s)
+        self.flusher.cancel()
+        await asyncio.gather(self.flusher, return_exceptions=True)
+        try:
+            await asyncio.to_thread(self.state.hub.flush)
+        except Exception:
+            log.exception("final flush of last-seen times failed")
+        self.state.store.close()
+        log.info("orchestrator stopped")
+
+
+async def _flush_forever(hub: FleetHub) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        try:
+            await asyncio.to_thread(hub.flush)
+        except Exception:
+            log.exception("writing last-seen times failed; retrying in %.0f s", FLUSH_INTERVAL_S)
+
+
+async def start_server(config: OrchestratorConfig) -> RunningServer:
+    """Open the store, bind the listen address and start serving; return the running server."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = await asyncio.to_thread(open_store, config.db_url)
+    for device in await asyncio.to_thread(store.list_devices):
+        if device.connected:
+            # Left over from a process that died; no stream of that process survives it.
+            await asyncio.to_thread(store.set_connected, device.device_id, False, device.registered_at)
+    artifacts = FileArtifactStore(config.data_dir / "artifacts")
+    hub = FleetHub(store, stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s)
+    hub.loop = asyncio.get_running_loop()
+    state = OrchestratorState(config=config, store=store, hub=hub, artifacts=artifacts)
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state), server)
+    operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(state), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        store.close()
+        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    flusher = asyncio.create_task(_flush_forever(hub))
+    if config.port_file is not None:
+        config.port_file.write_text(f"{port}\n")
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("orchestrator serving on %s:%d with database %s", host, port, _redact(config.db_url))
+    return RunningServer(server=server, port=port, state=state, health=health, flusher=flusher)
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a database URL before logging it."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest and ":" in rest.split("@", 1)[0]:
+        user = rest.split("@", 1)[0].split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(config: OrchestratorConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down within the configured grace period.
+
+    A second SIGINT during shutdown exits at once.
+    """
+    running = await start_server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1 and signum == signal.SIGINT:
+            log.warning("second interrupt: exiting without waiting for open calls")
+            raise SystemExit(130)
+        log.info("received %s; shutting down within %.0f s", signal.Signals(signum).name, config.shutdown_grace_s)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    await running.stop(config.shutdown_grace_s)

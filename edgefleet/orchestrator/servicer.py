@@ -1,0 +1,189 @@
+"""Thin gRPC servicers: they log, run the plain handlers off the event loop and map errors to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+
+from edgefleet.common.errors import EdgefleetError, InvalidArgument
+from edgefleet.common.serde import timestamp
+from edgefleet.orchestrator import serde
+from edgefleet.orchestrator.fleet import StreamSession
+from edgefleet.orchestrator.handlers import catalog, deploy, devices, metrics
+from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, method: str, error: BaseException) -> None:
+    """End the call with the error's status; unexpected errors become INTERNAL without details."""
+    if isinstance(error, EdgefleetError):
+        log.info("[%s] %s: %s", method, error.code.name, error.message)
+        await context.abort(error.code, error.message)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("[%s] unexpected error id=%s", method, error_id, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the orchestrator log")
+
+
+def unary(
+    handler: Callable[[Any, OrchestratorState], Response],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Adapt handler(request, state) to an async gRPC method that runs it in a worker thread."""
+
+    @functools.wraps(handler)
+    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await asyncio.to_thread(handler, request, self.state)
+        except Exception as error:
+            await abort_with(context, handler.__name__, error)
+            raise  # abort_with always raises; this satisfies the type checker.
+
+    return method
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, state: OrchestratorState) -> None:
+        self.state = state
+
+    async def Register(
+        self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RegisterResponse:
+        try:
+            return await asyncio.to_thread(devices.register, request, self.state, context.peer())
+        except Exception as error:
+            await abort_with(context, "AgentService.Register", error)
+            raise
+
+    async def Control(
+        self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.OrchestratorMessage]:
+        peer = context.peer()
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        try:
+            if first.WhichOneof("body") != "hello":
+                raise InvalidArgument("body", "the first message on a control stream must be hello")
+            hello = first.hello
+            device = await asyncio.to_thread(
+                devices.verify_identity, hello.device_id, hello.instance_key, self.state, peer
+            )
+            generation, assignments = await asyncio.to_thread(self.state.store.get_desired_state, device.device_id)
+        except Exception as error:
+            await abort_with(context, "AgentService.Control", error)
+            raise
+
+        hub = self.state.hub
+        session = hub.open(device.device_id, peer)
+        await asyncio.to_thread(self.state.store.set_connected, device.device_id, True, datetime.now(UTC))
+        log.info("control stream opened for device_id=%s from %s", device.device_id, peer)
+        # A device that missed commands while offline is brought up to date at once.
+        if hello.desired_generation != generation:
+            session.send(serde.desired_state_message(generation, assignments))
+
+        failure: list[BaseException] = []
+        reader = asyncio.create_task(self._read(session, request_iterator, failure))
+        try:
+            while True:
+                message = await session.queue.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            if hub.release(session):
+                await asyncio.to_thread(self.state.store.set_connected, device.device_id, False, datetime.now(UTC))
+            log.info("control stream closed for device_id=%s", device.device_id)
+        if failure:
+            await abort_with(context, "AgentService.Control", failure[0])
+
+    async def _read(
+        self,
+        session: StreamSession,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        failure: list[BaseException],
+    ) -> None:
+        """Handle the agent's messages until it closes the stream or sends something invalid."""
+        device_id = session.device_id
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("body")
+                if kind == "heartbeat":
+                    self.state.hub.heartbeat(device_id)
+                    session.send(
+                        agent_pb2.OrchestratorMessage(
+                            heartbeat_ack=agent_pb2.HeartbeatAck(
+                                sequence=message.heartbeat.sequence, server_time=timestamp(datetime.now(UTC))
+                            )
+                        )
+                    )
+                elif kind == "reported_state":
+                    self.state.hub.heartbeat(device_id)
+                    await asyncio.to_thread(devices.save_reported_state, device_id, message.reported_state, self.state)
+                elif kind == "ack":
+                    if not message.ack.ok:
+                        log.warning(
+                            "device_id=%s failed command %s: %s", device_id, message.ack.command_id, message.ack.error
+                        )
+                elif kind == "benchmark":
+                    log.info("device_id=%s sent a benchmark for variant=%s", device_id, message.benchmark.variant_id)
+                else:
+                    raise InvalidArgument("body", f"unexpected control message {kind or 'with no body'}")
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as error:
+            log.info("control stream of device_id=%s broke: %s", device_id, error.code().name)
+        except Exception as error:
+            failure.append(error)
+        session.close()
+
+    async def DownloadArtifact(
+        self, request: agent_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
+        try:
+            chunks = await asyncio.to_thread(catalog.open_download, request, self.state)
+        except Exception as error:
+            await abort_with(context, "AgentService.DownloadArtifact", error)
+            raise
+        iterator = iter(chunks)
+        while True:
+            chunk = await asyncio.to_thread(next, iterator, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    UploadMetrics = unary(metrics.upload_metrics)
+
+
+class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
+    def __init__(self, state: OrchestratorState) -> None:
+        self.state = state
+
+    ListDevices = unary(devices.list_devices)
+    GetDevice = unary(devices.get_device)
+    ListModels = unary(catalog.list_models)
+    GetModel = unary(catalog.get_model)
+    ListVariants = unary(catalog.list_variants)
+    Deploy = unary(deploy.deploy)
+    QueryMetrics = unary(metrics.query_metrics)
+
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[operator_pb2.UploadModelRequest], context: grpc.aio.ServicerContext
+    ) -> operator_pb2.Model:
+        try:
+            return await catalog.upload_model(request_iterator, self.state)
+        except Exception as error:
+            await abort_with(context, "OperatorService.UploadModel", error)
+            raise

@@ -1,0 +1,21 @@
+"""What every request handler of the orchestrator works with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from edgefleet.orchestrator.config import OrchestratorConfig
+from edgefleet.orchestrator.fleet import FleetHub
+from edgefleet.orchestrator.store.base import Store
+
+if TYPE_CHECKING:
+    from edgefleet.orchestrator.artifacts import ArtifactStore
+
+
+@dataclass
+class OrchestratorState:
+    config: OrchestratorConfig
+    store: Store
+    hub: FleetHub
+    artifacts: ArtifactStore
