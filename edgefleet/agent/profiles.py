@@ -77,7 +77,7 @@ class DeviceProfile:
         if self.cores is not None:
             if self.cores > probed.usable_cores:
                 logger.warning(
-                    "profile %s asks for %g cores but only %g are usable; using %g",
+                    "profile %s requests %g cores but only %g are usable; using %g",
                     self.name,
                     self.cores,
                     probed.usable_cores,
@@ -133,7 +133,7 @@ class DeviceProfile:
             requested = math.ceil(self.cores)
             if requested > len(usable):
                 logger.warning(
-                    "profile %s asks for %d CPUs but the process may use only %d",
+                    "profile %s requests %d CPUs but the process may use only %d",
                     self.name,
                     requested,
                     len(usable),
