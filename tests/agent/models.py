@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import warnings
@@ -97,6 +98,21 @@ def onnx_two_inputs(path: Path) -> Path:
     return path
 
 
+def onnx_failing_reshape(path: Path) -> Path:
+    """Write a model that loads but fails on every run: it reshapes x (batch, 4) to 5 elements."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "target_shape"], ["y"])],
+        "failing_reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+        [helper.make_tensor("target_shape", TensorProto.INT64, [1], [5])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 def linear_reference(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """Return relu(x @ W + b) computed with numpy for the linear models of a seed."""
     weight, bias = linear_weights(seed)
@@ -127,8 +143,10 @@ def tflite_linear(seed: int = 0) -> Path:
     path = cache_dir() / f"linear-fp32-s{seed}-v{BUILDER_VERSION}.tflite"
     if path.exists():
         return path
-    import litert_torch
     import torch
+
+    # Imported by name because litert-torch ships no type information.
+    litert_torch = importlib.import_module("litert_torch")
 
     def write(target: Path) -> None:
         exported = litert_torch.convert(_torch_linear(seed), (torch.zeros(1, 4),))
@@ -152,7 +170,10 @@ def tflite_linear_int8(seed: int = 0) -> Path:
     if path.exists():
         return path
     from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import quantizer, recipe
+
+    # Imported by name because ai-edge-quantizer ships no type information.
+    quantizer = importlib.import_module("ai_edge_quantizer.quantizer")
+    recipe = importlib.import_module("ai_edge_quantizer.recipe")
 
     source = tflite_linear(seed)
     input_name = Interpreter(model_path=str(source)).get_signature_list()["serving_default"]["inputs"][0]

@@ -21,7 +21,7 @@ class InvalidInputError(ValueError):
 
 
 class ModelLoadError(RuntimeError):
-    """Raised when a runtime cannot load or warm up a model file; the message has the runtime's error."""
+    """Raised when a runtime cannot load or warm up a model file; the message contains the runtime's error."""
 
 
 class ModelClosedError(RuntimeError):
@@ -118,8 +118,8 @@ class LoadedModel(abc.ABC):
     """A model loaded in a runtime, ready to run.
 
     Implementations set the attributes below in their constructor. providers lists the execution
-    providers or delegates actually in effect, requested_providers those asked for, and
-    fallback_reason says why a requested one is not in effect ("" when all are).
+    providers or delegates actually in effect, requested_providers the ones requested, and
+    fallback_reason gives the reason a requested one is not in effect ("" when all are).
     """
 
     path: Path
@@ -146,6 +146,11 @@ class LoadedModel(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the runtime's resources; later calls raise ModelClosedError."""
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool:
+        """Whether close() was called."""
 
 
 class Runner(abc.ABC):

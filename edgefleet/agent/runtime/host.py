@@ -55,7 +55,7 @@ class ServedModel:
 class _Entry:
     """A loaded model with the count of calls running on it.
 
-    The host's lock guards in_flight and retired. A retired entry is closed by whoever brings
+    The host's lock guards in_flight and retired. A retired entry is closed by the caller that brings
     in_flight to 0: the swap when no call is running, else the last call to finish.
     """
 

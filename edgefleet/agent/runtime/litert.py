@@ -195,6 +195,11 @@ class LiteRTModel(LoadedModel):
                 break
         self._slots.put(None)
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
 
 class LiteRTRunner(Runner):
     """Loads TFLite files into pools of LiteRT interpreters.

@@ -146,6 +146,11 @@ class OnnxModel(LoadedModel):
         """Drop the session; onnxruntime frees it when the last reference goes."""
         self._session = None
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._session is None
+
 
 class OnnxRunner(Runner):
     """Loads ONNX files into onnxruntime sessions tuned for one model per process slot.
