@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from edgefleet.common.hardware import RuntimeInfo
 
 logger = logging.getLogger(__name__)
@@ -71,6 +69,7 @@ def onnxruntime_provider_loads(provider: str) -> bool:
     onnxruntime falls back to the CPU with a warning or a logged error when a provider's libraries
     (CUDA, cuDNN, TensorRT) are missing, so only `session.get_providers()` shows whether it loaded.
     """
+    import numpy as np
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -135,6 +134,8 @@ def _import_litert() -> tuple[str, Any, Callable[..., Any]] | None:
 
 def _runs_tiny_model(interpreter_class: Any, delegates: Sequence[Any] = ()) -> bool:
     """Run TINY_TFLITE_MODEL with the given delegates and check that 1.5 + 1.5 gives 3."""
+    import numpy as np
+
     try:
         interpreter = interpreter_class(
             model_content=TINY_TFLITE_MODEL, experimental_delegates=list(delegates)
