@@ -21,7 +21,7 @@ from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.serde import hardware_to_proto
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Agent:
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending_batch: tuple[str, list[agent_pb2.MetricWindow]] | None = None
+        self._pending_batch: tuple[str, list[common_pb2.MetricWindow]] | None = None
 
     @property
     def device_id(self) -> str:
@@ -240,7 +240,10 @@ class Agent:
     async def _upload_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(min(self.config.metrics_window_s, 5.0))
-            await self._upload(channel, include_open=False)
+            try:
+                await self._upload(channel, include_open=False)
+            except Exception:
+                log.exception("metric upload failed for device_id=%s; retrying at the next interval", self.device_id)
 
     async def _final_upload(self, channel: grpc.aio.Channel) -> None:
         """Deliver the open windows at shutdown, within a short bound."""

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from edgefleet.common.sketch import LatencySketch
-from edgefleet.v1 import agent_pb2
+from edgefleet.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class MetricsRecorder:
         self.window_s = int(window_s)
         self._lock = threading.Lock()
         self._open: dict[tuple[str, str, str], _Window] = {}
-        self._closed: deque[agent_pb2.MetricWindow] = deque()
+        self._closed: deque[common_pb2.MetricWindow] = deque()
         self.dropped_windows = 0
 
     def record(self, model: str, version: str, variant_id: str, latency_ms: float, ok: bool = True) -> None:
@@ -56,7 +56,7 @@ class MetricsRecorder:
                 window.errors += 1
 
     def _close(self, key: tuple[str, str, str], window: _Window) -> None:
-        message = agent_pb2.MetricWindow(
+        message = common_pb2.MetricWindow(
             model_name=key[0],
             model_version=key[1],
             variant_id=key[2],
@@ -73,7 +73,7 @@ class MetricsRecorder:
                 log.warning("metric buffer full: dropped %d windows so far", self.dropped_windows)
         self._closed.append(message)
 
-    def drain(self, *, include_open: bool = False, limit: int = 1000) -> list[agent_pb2.MetricWindow]:
+    def drain(self, *, include_open: bool = False, limit: int = 1000) -> list[common_pb2.MetricWindow]:
         """Close finished windows (all windows with include_open) and return up to limit closed ones, oldest first."""
         now_start = int(time.time()) // self.window_s * self.window_s
         with self._lock:

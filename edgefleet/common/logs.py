@@ -45,3 +45,5 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"invalid log level {level!r}; allowed: debug, info, warning, error")
     root.setLevel(numeric)
+    # Alembic reports every migration plug-in at INFO; its warnings still show.
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))

@@ -13,7 +13,7 @@ from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.v1 import agent_pb2, operator_pb2
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def upload_metrics(
 
 
 def _window_from_proto(
-    device_id: str, hardware_class: str, message: agent_pb2.MetricWindow, index: int, received_at: datetime
+    device_id: str, hardware_class: str, message: common_pb2.MetricWindow, index: int, received_at: datetime
 ) -> MetricWindow:
     field = f"windows[{index}]"
     validation.check_name(message.model_name, f"{field}.model_name")
