@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -73,9 +74,7 @@ def _hosts(path: Path, model_format: str, threads: int) -> tuple[ModelHost, Mode
 
 def bench_onnxruntime(path: Path, threads: int, image: np.ndarray, warmup: int, runs: int) -> Row:
     """Compare ModelHost.infer with InferenceSession.run under the same session options."""
-    session = ort.InferenceSession(
-        str(path), OnnxRunner().session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(path), OnnxRunner().session_options(threads), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     plain, with_callback = _hosts(path, "onnx", threads)
     feeds = {input_name: image}
@@ -134,9 +133,8 @@ def main() -> None:
     nhwc = np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))
 
     print(f"EfficientNet-Lite0, {args.runs} interleaved runs per variant after {args.warmup} warm-up runs")
-    print(
-        f"host: {platform.machine()}, {platform.processor() or 'unknown CPU'}, python {platform.python_version()}"
-    )
+    cpu = platform.processor() or "unknown CPU"
+    print(f"host: {platform.machine()}, {cpu}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"onnxruntime {ort.__version__}; ratio = host p50 / bare p50, target <= {TARGET_RATIO}")
     header = (
         f"{'runtime':<12} {'threads':>7} {'bare p50 ms':>12} {'host p50 ms':>12} {'ratio':>7} "
