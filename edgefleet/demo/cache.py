@@ -90,9 +90,7 @@ def validate(path: Path, recipe: str, expected_sha256: str | None = None) -> Cac
         logger.warning("cached file %s does not match its recorded sha256; rebuilding it", path)
         return None
     if expected_sha256 is not None and digest != expected_sha256:
-        logger.warning(
-            "cached file %s has sha256 %s, expected %s; rebuilding it", path, digest, expected_sha256
-        )
+        logger.warning("cached file %s has sha256 %s, not %s; rebuilding it", path, digest, expected_sha256)
         return None
     return CachedFile(path=path, size=size, sha256=digest)
 
@@ -154,9 +152,7 @@ def ensure_file(
             return cached
         _remove_partials(path)
         logger.info("building %s", path)
-        descriptor, temp_name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX
-        )
+        descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_PARTIAL_SUFFIX)
         os.close(descriptor)
         temp_path = Path(temp_name)
         try:

