@@ -51,7 +51,11 @@ def main() -> int:
             committed = sorted(
                 p.relative_to(ROOT) for p in target.iterdir() if p.is_file() and p.suffix in {".py", ".pyi", ".typed"}
             )
-            stale = [str(p) for p in generated if not (ROOT / p).exists() or not filecmp.cmp(out_root / p, ROOT / p, shallow=False)]
+            stale = [
+                str(p)
+                for p in generated
+                if not (ROOT / p).exists() or not filecmp.cmp(out_root / p, ROOT / p, shallow=False)
+            ]
             extra = [str(p) for p in committed if p not in generated]
             if stale or extra:
                 print("generated code is out of date; run `make protos`:", *stale, *extra, file=sys.stderr)

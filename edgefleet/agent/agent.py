@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -140,10 +141,8 @@ class Agent:
                     error.details(),
                     delay,
                 )
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
 
     async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -248,9 +247,7 @@ class Agent:
     async def _final_upload(self, channel: grpc.aio.Channel) -> None:
         """Deliver the open windows at shutdown, within a short bound."""
         try:
-            await asyncio.wait_for(
-                self._upload(channel, include_open=True), timeout=self.config.shutdown_grace_s
-            )
+            await asyncio.wait_for(self._upload(channel, include_open=True), timeout=self.config.shutdown_grace_s)
         except TimeoutError:
             log.warning("metric windows not delivered before shutdown; they are lost")
 
@@ -268,15 +265,11 @@ class Agent:
             batch_id, windows = self._pending_batch
             try:
                 response = await stub.UploadMetrics(
-                    agent_pb2.UploadMetricsRequest(
-                        device_id=self.device_id, batch_id=batch_id, windows=windows
-                    ),
+                    agent_pb2.UploadMetricsRequest(device_id=self.device_id, batch_id=batch_id, windows=windows),
                     timeout=10,
                 )
             except grpc.aio.AioRpcError as error:
-                log.warning(
-                    "metric upload of batch %s failed (%s); retrying later", batch_id, error.code().name
-                )
+                log.warning("metric upload of batch %s failed (%s); retrying later", batch_id, error.code().name)
                 return
             log.debug(
                 "uploaded batch %s: %d windows (duplicate=%s)",

@@ -41,9 +41,7 @@ def load_identity(state_dir: Path) -> Identity:
             "register as a new device"
         ) from None
     if len(identity.instance_key) < 16:
-        raise IdentityError(
-            f"instance_key in {path} is too short; delete the file to register as a new device"
-        )
+        raise IdentityError(f"instance_key in {path} is too short; delete the file to register as a new device")
     return identity
 
 

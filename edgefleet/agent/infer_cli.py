@@ -25,7 +25,7 @@ def load_image(path: Path, height: int, width: int) -> np.ndarray:
         rgb = image.convert("RGB")
         scale = max(height / rgb.height, width / rgb.width)
         resized = rgb.resize(
-            (max(width, round(rgb.width * scale)), max(height, round(rgb.height * scale))), Image.BILINEAR
+            (max(width, round(rgb.width * scale)), max(height, round(rgb.height * scale))), Image.Resampling.BILINEAR
         )
         left = (resized.width - width) // 2
         top = (resized.height - height) // 2
@@ -58,9 +58,7 @@ def main(argv: list[str]) -> int:
         default=Path(os.environ.get("EDGEFLEET_SOCKET", "./edgefleet-agent/agent.sock")),
         help="the agent's local API socket (env EDGEFLEET_SOCKET)",
     )
-    parser.add_argument(
-        "--mean", type=float, default=127.0, help="pixel mean subtracted before scaling (0-255 scale)"
-    )
+    parser.add_argument("--mean", type=float, default=127.0, help="pixel mean subtracted before scaling (0-255 scale)")
     parser.add_argument("--std", type=float, default=128.0, help="pixel scale divided by after the mean")
     parser.add_argument("--labels", type=Path, help="text file with one class label per line")
     parser.add_argument("--top", type=int, default=3, help="how many classes to print per image")
@@ -70,8 +68,7 @@ def main(argv: list[str]) -> int:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         try:
             models = {
-                m.model_name: m
-                for m in stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
+                m.model_name: m for m in stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
             }
         except grpc.RpcError as error:
             print(
@@ -105,8 +102,7 @@ def main(argv: list[str]) -> int:
             scores = tensor_to_array(response.outputs[0]).reshape(-1)
             best = np.argsort(scores)[::-1][: args.top]
             ranked = ", ".join(
-                f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ")
-                for i in best
+                f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ") for i in best
             )
             print(f"{path}: {ranked}  [{response.variant_id}, {response.latency_ms:.2f} ms]")
     return EXIT_OK

@@ -29,9 +29,7 @@ def tensor_to_array(tensor: inference_pb2.Tensor) -> np.ndarray:
     try:
         dtype = np.dtype(tensor.dtype)
     except TypeError:
-        raise ValueError(
-            f"input {tensor.name!r} has unknown dtype {tensor.dtype!r}; use a numpy dtype name"
-        ) from None
+        raise ValueError(f"input {tensor.name!r} has unknown dtype {tensor.dtype!r}; use a numpy dtype name") from None
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise ValueError(f"input {tensor.name!r} has a negative dimension in shape {list(shape)}")
@@ -46,18 +44,14 @@ def tensor_to_array(tensor: inference_pb2.Tensor) -> np.ndarray:
 def array_to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:
     data = np.ascontiguousarray(array)
     little = data.astype(data.dtype.newbyteorder("<"), copy=False)
-    return inference_pb2.Tensor(
-        name=name, dtype=data.dtype.name, shape=list(data.shape), data=little.tobytes()
-    )
+    return inference_pb2.Tensor(name=name, dtype=data.dtype.name, shape=list(data.shape), data=little.tobytes())
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, host: ModelHost) -> None:
         self.host = host
 
-    def Infer(
-        self, request: inference_pb2.InferRequest, context: grpc.ServicerContext
-    ) -> inference_pb2.InferResponse:
+    def Infer(self, request: inference_pb2.InferRequest, context: grpc.ServicerContext) -> inference_pb2.InferResponse:
         try:
             feeds = {t.name: tensor_to_array(t) for t in request.inputs}
             result = self.host.infer(request.model_name, feeds)

@@ -23,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgefleet-agent",
         description="Run the edgefleet agent on a device. `edgefleet-agent infer --help` tries a deployed model.",
     )
-    parser.add_argument(
-        "--config", type=Path, help="TOML file with any of the settings below (env EDGEFLEET_CONFIG)"
-    )
+    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (env EDGEFLEET_CONFIG)")
     add_flags(parser, AgentConfig, HELP)
     return parser
 

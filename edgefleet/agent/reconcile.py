@@ -77,9 +77,7 @@ class Reconciler:
             desired = agent_pb2.DesiredState()
             desired.ParseFromString(bytes.fromhex(data["desired_state"]))
         except (OSError, ValueError, KeyError) as error:
-            log.warning(
-                "ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error
-            )
+            log.warning("ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error)
             return
         log.info(
             "restoring %d models of desired generation %d from local files",
@@ -210,9 +208,7 @@ class Reconciler:
         path = self.state_dir / DESIRED_FILE
         temp = path.with_suffix(".tmp")
         with temp.open("w") as handle:
-            json.dump(
-                {"generation": desired.generation, "desired_state": desired.SerializeToString().hex()}, handle
-            )
+            json.dump({"generation": desired.generation, "desired_state": desired.SerializeToString().hex()}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)

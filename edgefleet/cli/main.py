@@ -58,8 +58,8 @@ class Client:
             raise self.error(error) from None
 
     def error(self, error: grpc.RpcError) -> CliError:
-        code = error.code()  # type: ignore[attr-defined]
-        details = error.details()  # type: ignore[attr-defined]
+        code = error.code()
+        details = error.details()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return CliError(
                 f"cannot reach the orchestrator at {self.address} ({code.name.lower()}: {details}); "
@@ -90,7 +90,9 @@ def parse_time(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise CliError(f"invalid time {value!r}: use ISO 8601 (2026-12-04T10:00:00Z) or a duration (15m, 2h)", EXIT_USAGE) from None
+        raise CliError(
+            f"invalid time {value!r}: use ISO 8601 (2026-12-04T10:00:00Z) or a duration (15m, 2h)", EXIT_USAGE
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -118,12 +120,15 @@ def render_device(d: dict[str, Any]) -> str:
     lines = [
         f"device:        {d['device_id']} ({d['status']}, last seen {views.age(d['last_seen'])})",
         f"profile:       {d['profile'] or '-'}   class: {d['hardware_class']}",
-        f"cpu:           {d['cpu_model']} ({d['architecture']}), {d['usable_cores']:g} usable of {d['logical_cores']} cores",
+        f"cpu:           {d['cpu_model']} ({d['architecture']}), "
+        f"{d['usable_cores']:g} usable of {d['logical_cores']} cores",
         f"cpu features:  {', '.join(d['cpu_features']) or '-'}",
-        f"memory:        {views.human_bytes(d['memory_bytes'])} ({views.human_bytes(d['memory_available_bytes'])} available)",
+        f"memory:        {views.human_bytes(d['memory_bytes'])} "
+        f"({views.human_bytes(d['memory_available_bytes'])} available)",
         f"disk free:     {views.human_bytes(d['disk_free_bytes'])}",
-        f"accelerators:  {', '.join(a['kind'] + ' ' + a['vendor'] + ' ' + a['name'] for a in d['accelerators']) or 'none'}",
-        "runtimes:      " + ("; ".join(f"{r['name']} {r['version']} [{', '.join(r['providers'])}]" for r in d["runtimes"]) or "none"),
+        "accelerators:  " + (", ".join(f"{a['kind']} {a['vendor']} {a['name']}" for a in d["accelerators"]) or "none"),
+        "runtimes:      "
+        + ("; ".join(f"{r['name']} {r['version']} [{', '.join(r['providers'])}]" for r in d["runtimes"]) or "none"),
         f"os:            {d['os']} (kernel {d['kernel']})",
         f"labels:        {', '.join(f'{k}={v}' for k, v in sorted(d['labels'].items())) or '-'}",
         f"generations:   desired {d['desired_generation']}, reported {d['reported_generation']}",
@@ -134,8 +139,15 @@ def render_device(d: dict[str, Any]) -> str:
             views.table(
                 ("  MODEL", "VARIANT", "STATE", "RUNTIME", "PROVIDERS", "THREADS", "ERROR"),
                 [
-                    ("  " + m["model"], m["variant_id"], m["state"], m["runtime"] or "-", ",".join(m["providers"]) or "-",
-                     m["threads"] or "-", m["error"] or "")
+                    (
+                        "  " + m["model"],
+                        m["variant_id"],
+                        m["state"],
+                        m["runtime"] or "-",
+                        ",".join(m["providers"]) or "-",
+                        m["threads"] or "-",
+                        m["error"] or "",
+                    )
                     for m in d["models"]
                 ],
             )
@@ -150,7 +162,7 @@ def render_device(d: dict[str, Any]) -> str:
 
 def cmd_devices_list(client: Client, args: argparse.Namespace) -> None:
     labels = dict(pair.split("=", 1) for pair in args.label)
-    status = {"online": 1, "stale": 2, "offline": 3}.get(args.status or "", 0)
+    status: Any = {"online": 1, "stale": 2, "offline": 3}.get(args.status or "", 0)
     response = client.call("ListDevices", operator_pb2.ListDevicesRequest(status=status, label_selector=labels))
     emit([views.device_view(d) for d in response.devices], args.output, render_devices)
 
@@ -163,7 +175,9 @@ def cmd_devices_show(client: Client, args: argparse.Namespace) -> None:
 # Models
 
 
-def upload_requests(path: Path, header: operator_pb2.UploadModelHeader, progress: bool) -> Iterator[operator_pb2.UploadModelRequest]:
+def upload_requests(
+    path: Path, header: operator_pb2.UploadModelHeader, progress: bool
+) -> Iterator[operator_pb2.UploadModelRequest]:
     yield operator_pb2.UploadModelRequest(header=header)
     sent = 0
     started = time.monotonic()
@@ -174,7 +188,12 @@ def upload_requests(path: Path, header: operator_pb2.UploadModelHeader, progress
                 done = sent / max(header.size_bytes, 1)
                 bar = "#" * int(done * 30)
                 rate = sent / max(time.monotonic() - started, 1e-6) / 1e6
-                print(f"\rupload {path.name} [{bar:<30}] {done:6.1%} {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)
+                print(
+                    f"\rupload {path.name} [{bar:<30}] {done:6.1%} {rate:7.1f} MB/s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
             yield operator_pb2.UploadModelRequest(chunk=chunk)
     if progress:
         print(file=sys.stderr)
@@ -208,11 +227,22 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
 
 def render_models(models: list[dict[str, Any]]) -> str:
     rows = [
-        (m["name"], m["version"], m["format"], m["precision"], views.human_bytes(m["size_bytes"]),
-         f"{m['macs'] / 1e6:.1f}M", f"{m['parameters'] / 1e6:.2f}M", len(m["variants"]), m["created_at"])
+        (
+            m["name"],
+            m["version"],
+            m["format"],
+            m["precision"],
+            views.human_bytes(m["size_bytes"]),
+            f"{m['macs'] / 1e6:.1f}M",
+            f"{m['parameters'] / 1e6:.2f}M",
+            len(m["variants"]),
+            m["created_at"],
+        )
         for m in models
     ]
-    return views.table(("NAME", "VERSION", "FORMAT", "PRECISION", "SIZE", "MACS", "PARAMS", "VARIANTS", "CREATED"), rows)
+    return views.table(
+        ("NAME", "VERSION", "FORMAT", "PRECISION", "SIZE", "MACS", "PARAMS", "VARIANTS", "CREATED"), rows
+    )
 
 
 def render_model(m: dict[str, Any]) -> str:
@@ -220,7 +250,8 @@ def render_model(m: dict[str, Any]) -> str:
         f"model:      {m['name']}:{m['version']} ({m['format']}, opset {m['opset']}, {m['precision']})",
         f"digest:     {m['digest']}",
         f"size:       {views.human_bytes(m['size_bytes'])}   parameters: {m['parameters']:,}   layers: {m['layers']}",
-        f"cost:       {m['macs']:,} MACs per inference; peak activations about {views.human_bytes(m['peak_activation_bytes'])}",
+        f"cost:       {m['macs']:,} MACs per inference; "
+        f"peak activations about {views.human_bytes(m['peak_activation_bytes'])}",
         "inputs:     " + "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
         "outputs:    " + "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
         "variants:",
@@ -231,12 +262,23 @@ def render_model(m: dict[str, Any]) -> str:
 
 def render_variants(variants: list[dict[str, Any]]) -> str:
     rows = [
-        (v["variant_id"], v["format"], v["precision"], v["status"], views.human_bytes(v["size_bytes"]),
-         f"{v['macs'] / 1e6:.1f}M", "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
-         " ".join(f"{k}:{val:.2f}ms" for k, val in sorted(v["latency_ms"].items())) or "-", v["rejection_reason"])
+        (
+            v["variant_id"],
+            v["format"],
+            v["precision"],
+            v["status"],
+            views.human_bytes(v["size_bytes"]),
+            f"{v['macs'] / 1e6:.1f}M",
+            "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
+            " ".join(f"{k}:{val:.2f}ms" for k, val in sorted(v["latency_ms"].items())) or "-",
+            v["rejection_reason"],
+        )
         for v in variants
     ]
-    return views.table(("VARIANT", "FORMAT", "PRECISION", "STATUS", "SIZE", "MACS", "ACCURACY", "LATENCY P50", "REASON"), rows)
+    return views.table(
+        ("VARIANT", "FORMAT", "PRECISION", "STATUS", "SIZE", "MACS", "ACCURACY", "LATENCY P50", "REASON"),
+        rows,
+    )
 
 
 def cmd_models_list(client: Client, args: argparse.Namespace) -> None:
@@ -264,7 +306,11 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     response = client.call(
         "Deploy",
         operator_pb2.DeployRequest(
-            model_name=name, model_version=version, device_id=args.device, variant_id=args.variant or "", threads=args.threads
+            model_name=name,
+            model_version=version,
+            device_id=args.device,
+            variant_id=args.variant or "",
+            threads=args.threads,
         ),
     )
     assignment = response.assignment
@@ -305,7 +351,11 @@ def render_deploy(result: dict[str, Any]) -> str:
     line = f"{result['variant_id']} -> {result['device_id']} (desired generation {result['desired_generation']})"
     if state is None:
         return line + ": not reported yet"
-    detail = state["error"] if state["state"] == "failed" else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
+    detail = (
+        state["error"]
+        if state["state"] == "failed"
+        else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
+    )
     return f"{line}: {state['state']} {detail}".rstrip()
 
 
@@ -331,7 +381,18 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
     def render(data: list[dict[str, Any]]) -> str:
         return views.table(
             (*[k.upper() for k in keys], "INFERENCES", "ERRORS", "PER S", "P50 MS", "P95 MS", "P99 MS"),
-            [(*[r.get(k) for k in keys], r["inferences"], r["errors"], r["throughput_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"]) for r in data],
+            [
+                (
+                    *[r.get(k) for k in keys],
+                    r["inferences"],
+                    r["errors"],
+                    r["throughput_per_s"],
+                    r["p50_ms"],
+                    r["p95_ms"],
+                    r["p99_ms"],
+                )
+                for r in data
+            ],
         )
 
     emit(rows, args.output, render)
@@ -344,7 +405,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--orchestrator",
         default=os.environ.get("EDGEFLEET_ORCHESTRATOR", DEFAULT_ORCHESTRATOR),
@@ -372,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("path", type=Path)
     sub.add_argument("--name", required=True)
     sub.add_argument("--version", required=True)
-    sub.add_argument("--variant-kind", help="add the file as a variant of this kind (tflite-fp32, int8, ...) of an existing version")
+    sub.add_argument(
+        "--variant-kind",
+        help="add the file as a variant of this kind (tflite-fp32, int8, ...) of an existing version",
+    )
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_add)
@@ -406,7 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--hardware-class")
     sub.add_argument("--since", help="start: ISO 8601 time or a duration back from now (15m, 2h)")
     sub.add_argument("--until", help="end: ISO 8601 time or a duration back from now")
-    sub.add_argument("--group-by", default="device,model,variant", help="comma-separated: device, model, variant, hardware_class")
+    sub.add_argument(
+        "--group-by",
+        default="device,model,variant",
+        help="comma-separated: device, model, variant, hardware_class",
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_query)
 

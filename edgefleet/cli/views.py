@@ -60,7 +60,12 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
         "disk_free_bytes": hardware.disk_free_bytes,
         "cpu_features": list(hardware.cpu_features),
         "accelerators": [
-            {"kind": _name(a.kind, ("gpu", "npu", "dsp")), "vendor": a.vendor, "name": a.name, "device_path": a.device_path}
+            {
+                "kind": _name(a.kind, ("gpu", "npu", "dsp")),
+                "vendor": a.vendor,
+                "name": a.name,
+                "device_path": a.device_path,
+            }
             for a in hardware.accelerators
         ],
         "runtimes": [{"name": r.name, "version": r.version, "providers": list(r.providers)} for r in hardware.runtimes],
@@ -74,11 +79,20 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
         "reported_generation": device.reported_generation,
         "models": [model_status_view(m) for m in device.models],
         "desired": [
-            {"model": a.model_name, "version": a.model_version, "variant_id": a.variant_id, "digest": a.digest}
+            {
+                "model": a.model_name,
+                "version": a.model_version,
+                "variant_id": a.variant_id,
+                "digest": a.digest,
+            }
             for a in device.desired
         ],
         "identity_conflicts": [
-            {"instance_key_fingerprint": c.instance_key_fingerprint, "peer": c.peer, "seen_at": _time(c.seen_at)}
+            {
+                "instance_key_fingerprint": c.instance_key_fingerprint,
+                "peer": c.peer,
+                "seen_at": _time(c.seen_at),
+            }
             for c in device.identity_conflicts
         ],
         "profile_revisions": device.profile_revisions,

@@ -86,7 +86,9 @@ def add_flags(parser: argparse.ArgumentParser, config_type: type, help_texts: Ma
         kind = hints[field.name]
         help_text = f"{help_texts.get(field.name, '')} (env {env_name(field.name)})".strip()
         if kind is bool:
-            parser.add_argument(flag_name(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag_name(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(flag_name(field.name), default=None, metavar=field.name.upper(), help=help_text)
 

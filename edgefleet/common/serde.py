@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -23,12 +24,15 @@ def enum_to_name(value: int, names: tuple[str, ...], field: str) -> str:
     raise ValueError(f"{field} has unknown or unspecified value {value}; allowed: {allowed}")
 
 
-def name_to_enum(name: str, names: tuple[str, ...]) -> int:
-    """Map a domain name to its API enum value, 0 (UNSPECIFIED) when empty or unknown."""
+def name_to_enum(name: str, names: tuple[str, ...]) -> Any:
+    """Map a domain name to its API enum value, 0 (UNSPECIFIED) when empty or unknown.
+
+    The value is a plain int; Any matches the enum wrapper types of the generated stubs.
+    """
     return names.index(name) + 1 if name in names else 0
 
 
-def format_to_proto(name: str) -> int:
+def format_to_proto(name: str) -> Any:
     return name_to_enum(name, FORMATS)
 
 

@@ -64,7 +64,11 @@ class LocalFleet:
         log_file = log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            [sys.executable, "-m", *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         log_file.close()
         return Process(name=name, popen=popen, log_path=log_path)
@@ -77,11 +81,16 @@ class LocalFleet:
             "orchestrator",
             [
                 "edgefleet.orchestrator.main",
-                "--listen", "127.0.0.1:0",
-                "--data-dir", str(self.work_dir / "orchestrator"),
-                "--port-file", str(port_file),
-                "--heartbeat-interval-s", str(self.heartbeat_interval_s),
-                "--stale-after-s", str(self.heartbeat_interval_s * 3),
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(self.work_dir / "orchestrator"),
+                "--port-file",
+                str(port_file),
+                "--heartbeat-interval-s",
+                str(self.heartbeat_interval_s),
+                "--stale-after-s",
+                str(self.heartbeat_interval_s * 3),
                 *extra_args,
             ],
         )
@@ -104,11 +113,16 @@ class LocalFleet:
             f"agent-{name}",
             [
                 "edgefleet.agent.main",
-                "--orchestrator", self.address,
-                "--profile", profile,
-                "--state-dir", str(state_dir),
-                "--metrics-window-s", str(self.metrics_window_s),
-                "--labels", f"fleet=demo,name={name}",
+                "--orchestrator",
+                self.address,
+                "--profile",
+                profile,
+                "--state-dir",
+                str(state_dir),
+                "--metrics-window-s",
+                str(self.metrics_window_s),
+                "--labels",
+                f"fleet=demo,name={name}",
                 *extra_args,
             ],
         )

@@ -9,7 +9,6 @@ import signal
 import sys
 import tempfile
 import time
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,8 @@ def _run_inference(run: DeviceRun, duration_s: float) -> None:
 
 def _query(stub: operator_pb2_grpc.OperatorServiceStub, device_id: str) -> operator_pb2.MetricRow | None:
     response = stub.QueryMetrics(
-        operator_pb2.QueryMetricsRequest(device_id=device_id, model_name=MODEL_NAME, group_by=["device"]), timeout=10
+        operator_pb2.QueryMetricsRequest(device_id=device_id, model_name=MODEL_NAME, group_by=["device"]),
+        timeout=10,
     )
     return response.rows[0] if response.rows else None
 
@@ -171,10 +171,33 @@ def _print_report(report: dict[str, Any]) -> None:
     _say(f"Latency per device, from the orchestrator's merged sketches ({report['model']}):")
     _say(
         table(
-            ("DEVICE", "PROFILE", "FORMAT", "RUNTIME", "PROVIDERS", "THREADS", "INFERENCES", "PER S", "P50 MS", "P95 MS", "P99 MS"),
+            (
+                "DEVICE",
+                "PROFILE",
+                "FORMAT",
+                "RUNTIME",
+                "PROVIDERS",
+                "THREADS",
+                "INFERENCES",
+                "PER S",
+                "P50 MS",
+                "P95 MS",
+                "P99 MS",
+            ),
             [
-                (d["name"], d["profile"], d["format"], d["runtime"], ",".join(d["providers"]), d["threads"], d["inferences"],
-                 d["throughput_per_s"], d["p50_ms"], d["p95_ms"], d["p99_ms"])
+                (
+                    d["name"],
+                    d["profile"],
+                    d["format"],
+                    d["runtime"],
+                    ",".join(d["providers"]),
+                    d["threads"],
+                    d["inferences"],
+                    d["throughput_per_s"],
+                    d["p50_ms"],
+                    d["p95_ms"],
+                    d["p99_ms"],
+                )
                 for d in report["devices"]
             ],
         )
@@ -185,7 +208,15 @@ def _print_report(report: dict[str, Any]) -> None:
     photos = [p["image"] for p in report["devices"][0]["predictions"]]
     rows = []
     for index, photo in enumerate(photos):
-        rows.append((photo, *[f"{d['predictions'][index]['class_index']} {d['predictions'][index]['label']}" for d in report["devices"]]))
+        rows.append(
+            (
+                photo,
+                *[
+                    f"{d['predictions'][index]['class_index']} {d['predictions'][index]['label']}"
+                    for d in report["devices"]
+                ],
+            )
+        )
     _say(table(("PHOTO", *[n.upper() for n in names]), rows))
 
 
@@ -217,25 +248,33 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
             fleet.start_agent(name, profile)
         devices = fleet.wait_for_devices(len(DEVICES))
         by_name = {d.labels["name"]: d for d in devices}
-        _say(f"Orchestrator on {fleet.address}; {len(devices)} devices online: "
-             + ", ".join(f"{n} ({d.device_id})" for n, d in sorted(by_name.items())))
+        _say(
+            f"Orchestrator on {fleet.address}; {len(devices)} devices online: "
+            + ", ".join(f"{n} ({d.device_id})" for n, d in sorted(by_name.items()))
+        )
         with grpc.insecure_channel(fleet.address) as channel:
             stub = operator_pb2_grpc.OperatorServiceStub(channel)
             model = _upload(stub, onnx_path)
             _upload(stub, tflite_path, variant_kind="tflite-fp32")
-            _say(f"Added {MODEL_NAME}:{MODEL_VERSION}: {model.metadata.macs / 1e6:.0f}M MACs, "
-                 f"{model.metadata.parameters / 1e6:.2f}M parameters, ONNX {onnx_path.stat().st_size / 1e6:.1f} MB "
-                 f"and TFLite {tflite_path.stat().st_size / 1e6:.1f} MB")
+            _say(
+                f"Added {MODEL_NAME}:{MODEL_VERSION}: {model.metadata.macs / 1e6:.0f}M MACs, "
+                f"{model.metadata.parameters / 1e6:.2f}M parameters, ONNX {onnx_path.stat().st_size / 1e6:.1f} MB "
+                f"and TFLite {tflite_path.stat().st_size / 1e6:.1f} MB"
+            )
             runs = []
             for name, profile in DEVICES:
                 device = by_name[name]
                 response = stub.Deploy(
-                    operator_pb2.DeployRequest(model_name=MODEL_NAME, model_version=MODEL_VERSION, device_id=device.device_id),
+                    operator_pb2.DeployRequest(
+                        model_name=MODEL_NAME, model_version=MODEL_VERSION, device_id=device.device_id
+                    ),
                     timeout=30,
                 )
                 _wait_serving(stub, device.device_id, timeout_s=120)
                 _say(f"Deployed {response.assignment.variant_id} to {name}")
-                runs.append(DeviceRun(name=name, profile=profile, device_id=device.device_id, socket=fleet.socket_of(name)))
+                runs.append(
+                    DeviceRun(name=name, profile=profile, device_id=device.device_id, socket=fleet.socket_of(name))
+                )
             for run in runs:
                 _say(f"Classifying photos on {run.name} for {duration_s:g} s ...")
                 _run_inference(run, duration_s)

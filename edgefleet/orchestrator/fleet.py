@@ -68,7 +68,12 @@ class FleetHub:
         """Register a new stream for a device, closing an older stream of the same device."""
         previous = self.sessions.get(device_id)
         if previous is not None:
-            log.info("replacing control stream of device_id=%s (old peer %s, new peer %s)", device_id, previous.peer, peer)
+            log.info(
+                "replacing control stream of device_id=%s (old peer %s, new peer %s)",
+                device_id,
+                previous.peer,
+                peer,
+            )
             previous.close()
         now = datetime.now(UTC)
         session = StreamSession(device_id=device_id, peer=peer, opened_at=now)

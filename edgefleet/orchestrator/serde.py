@@ -88,7 +88,9 @@ def model_status_from_proto(device_id: str, message: agent_pb2.ModelStatus, inde
 
 def conflict_to_proto(conflict: IdentityConflict) -> operator_pb2.IdentityConflict:
     return operator_pb2.IdentityConflict(
-        instance_key_fingerprint=conflict.key_fingerprint, peer=conflict.peer, seen_at=timestamp(conflict.seen_at)
+        instance_key_fingerprint=conflict.key_fingerprint,
+        peer=conflict.peer,
+        seen_at=timestamp(conflict.seen_at),
     )
 
 

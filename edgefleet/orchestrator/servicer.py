@@ -135,10 +135,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "ack":
                     if not message.ack.ok:
                         log.warning(
-                            "device_id=%s failed command %s: %s", device_id, message.ack.command_id, message.ack.error
+                            "device_id=%s failed command %s: %s",
+                            device_id,
+                            message.ack.command_id,
+                            message.ack.error,
                         )
                 elif kind == "benchmark":
-                    log.info("device_id=%s sent a benchmark for variant=%s", device_id, message.benchmark.variant_id)
+                    log.info(
+                        "device_id=%s sent a benchmark for variant=%s",
+                        device_id,
+                        message.benchmark.variant_id,
+                    )
                 else:
                     raise InvalidArgument("body", f"unexpected control message {kind or 'with no body'}")
         except asyncio.CancelledError:
@@ -180,7 +187,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     QueryMetrics = unary(metrics.query_metrics)
 
     async def UploadModel(
-        self, request_iterator: AsyncIterator[operator_pb2.UploadModelRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[operator_pb2.UploadModelRequest],
+        context: grpc.aio.ServicerContext,
     ) -> operator_pb2.Model:
         try:
             return await catalog.upload_model(request_iterator, self.state)

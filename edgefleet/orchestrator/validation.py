@@ -33,7 +33,8 @@ def check_device_id(value: str, field: str = "device_id", *, required: bool = Tr
         return
     if not ID_PATTERN.match(value):
         raise InvalidArgument(
-            field, f"{_shown(value)} must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+            field,
+            f"{_shown(value)} must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit",
         )
 
 
@@ -42,7 +43,8 @@ def check_name(value: str, field: str) -> None:
         raise InvalidArgument(field, "missing")
     if not NAME_PATTERN.match(value):
         raise InvalidArgument(
-            field, f"{_shown(value)} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            field,
+            f"{_shown(value)} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
 
 
@@ -67,7 +69,8 @@ def check_instance_key(value: str) -> None:
         raise InvalidArgument("instance_key", "missing; the agent stores a random key beside its device id")
     if not MIN_INSTANCE_KEY <= len(value) <= MAX_INSTANCE_KEY:
         raise InvalidArgument(
-            "instance_key", f"is {len(value)} characters long; {MIN_INSTANCE_KEY} to {MAX_INSTANCE_KEY} are allowed"
+            "instance_key",
+            f"is {len(value)} characters long; {MIN_INSTANCE_KEY} to {MAX_INSTANCE_KEY} are allowed",
         )
 
 
@@ -92,11 +95,15 @@ def check_hardware(hardware: common_pb2.HardwareProfile, field: str = "hardware"
     for name in ("cpu_model", "architecture", "os", "kernel", "profile_name", "hardware_class"):
         check_text(getattr(hardware, name), f"{field}.{name}")
     if len(hardware.cpu_features) > MAX_FEATURES:
-        raise InvalidArgument(f"{field}.cpu_features", f"has {len(hardware.cpu_features)} entries; at most {MAX_FEATURES}")
+        raise InvalidArgument(
+            f"{field}.cpu_features", f"has {len(hardware.cpu_features)} entries; at most {MAX_FEATURES}"
+        )
     for i, feature in enumerate(hardware.cpu_features):
         check_text(feature, f"{field}.cpu_features[{i}]", 32)
     if len(hardware.accelerators) > MAX_ACCELERATORS:
-        raise InvalidArgument(f"{field}.accelerators", f"has {len(hardware.accelerators)} entries; at most {MAX_ACCELERATORS}")
+        raise InvalidArgument(
+            f"{field}.accelerators", f"has {len(hardware.accelerators)} entries; at most {MAX_ACCELERATORS}"
+        )
     for i, accelerator in enumerate(hardware.accelerators):
         kinds = common_pb2.AcceleratorKind.values()
         if accelerator.kind not in kinds or accelerator.kind == 0:
@@ -114,6 +121,9 @@ def check_hardware(hardware: common_pb2.HardwareProfile, field: str = "hardware"
         check_text(runtime.name, f"{field}.runtimes[{i}].name", 64)
         check_text(runtime.version, f"{field}.runtimes[{i}].version", 64)
         if len(runtime.providers) > MAX_PROVIDERS:
-            raise InvalidArgument(f"{field}.runtimes[{i}].providers", f"has {len(runtime.providers)} entries; at most {MAX_PROVIDERS}")
+            raise InvalidArgument(
+                f"{field}.runtimes[{i}].providers",
+                f"has {len(runtime.providers)} entries; at most {MAX_PROVIDERS}",
+            )
         for j, provider in enumerate(runtime.providers):
             check_text(provider, f"{field}.runtimes[{i}].providers[{j}]", 64)

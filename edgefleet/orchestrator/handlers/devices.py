@@ -109,7 +109,7 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
 
 
 def describe_device(device: Device, state: OrchestratorState) -> operator_pb2.Device:
-    generation, desired = state.store.get_desired_state(device.device_id)
+    _, desired = state.store.get_desired_state(device.device_id)
     return serde.device_to_proto(
         device,
         status=state.hub.status_of(device),
@@ -119,7 +119,9 @@ def describe_device(device: Device, state: OrchestratorState) -> operator_pb2.De
     )
 
 
-def list_devices(request: operator_pb2.ListDevicesRequest, state: OrchestratorState) -> operator_pb2.ListDevicesResponse:
+def list_devices(
+    request: operator_pb2.ListDevicesRequest, state: OrchestratorState
+) -> operator_pb2.ListDevicesResponse:
     wanted_status = ""
     if request.status:
         try:

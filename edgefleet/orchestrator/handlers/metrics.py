@@ -39,13 +39,19 @@ def upload_metrics(
     if device is None:
         raise NotFound(f"device {request.device_id!r} is not registered; register before uploading metrics")
     received_at = datetime.now(UTC)
-    windows = [_window_from_proto(device.device_id, device.hardware.hardware_class, w, i, received_at)
-               for i, w in enumerate(request.windows)]
+    windows = [
+        _window_from_proto(device.device_id, device.hardware.hardware_class, w, i, received_at)
+        for i, w in enumerate(request.windows)
+    ]
     stored = state.store.add_metric_batch(device.device_id, request.batch_id, windows)
-    skewed = [w for w in windows if abs(w.window_start - received_at) > CLOCK_SKEW_WARNING + timedelta(seconds=w.window_seconds)]
+    skewed = [
+        w
+        for w in windows
+        if abs(w.window_start - received_at) > CLOCK_SKEW_WARNING + timedelta(seconds=w.window_seconds)
+    ]
     if stored and skewed:
         log.warning(
-            "device_id=%s clock looks off by about %.0f s (batch %s); windows keep the device time and the receive time",
+            "device_id=%s clock looks off by about %.0f s (batch %s); stored with both device and receive times",
             device.device_id,
             (received_at - skewed[-1].window_start).total_seconds(),
             request.batch_id,
@@ -75,7 +81,8 @@ def _window_from_proto(
         raise InvalidArgument(f"{field}.latency", str(error)) from None
     if sketch.count > message.inference_count:
         raise InvalidArgument(
-            f"{field}.latency", f"holds {sketch.count} samples but inference_count is {message.inference_count}"
+            f"{field}.latency",
+            f"holds {sketch.count} samples but inference_count is {message.inference_count}",
         )
     return MetricWindow(
         device_id=device_id,
