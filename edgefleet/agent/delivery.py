@@ -122,9 +122,9 @@ class ModelStore:
       partial/<hex>.part          a download in progress; partial/<hex>.json records its verified offset
       tmp/                        temporary files, renamed into place once complete
 
-    A file reaches models/ only by a rename after its SHA-256 checked out, so models/ never holds a
+    A file reaches models/ only by a rename after its SHA-256 checked out, so models/ never contains a
     partial file. Construction removes leftovers: temporary files, .part files not written for
-    partial_max_age_s, partials of digests outside wanted_digests (when given) and model files that
+    partial_max_age_s, partials of digests outside desired_digests (when given) and model files that
     no state.json refers to. One agent process owns a root; threads may share one ModelStore.
     """
 
@@ -133,7 +133,7 @@ class ModelStore:
         root: Path | str,
         *,
         partial_max_age_s: float = DEFAULT_PARTIAL_MAX_AGE_S,
-        wanted_digests: Iterable[str] | None = None,
+        desired_digests: Iterable[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.models_dir = self.root / "models"
@@ -143,7 +143,7 @@ class ModelStore:
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._digest_locks: dict[str, threading.Lock] = {}
-        self._remove_leftovers(partial_max_age_s, wanted_digests)
+        self._remove_leftovers(partial_max_age_s, desired_digests)
 
     # Partial downloads.
 
@@ -203,16 +203,16 @@ class ModelStore:
         self.part_path(digest).unlink(missing_ok=True)
         self._sidecar_path(digest).unlink(missing_ok=True)
 
-    def discard_unwanted_partials(self, wanted_digests: Iterable[str]) -> int:
-        """Delete partial downloads whose digest is not in wanted_digests; return how many were deleted."""
-        wanted = {parse_digest(digest) for digest in wanted_digests}
+    def discard_partials_except(self, desired_digests: Iterable[str]) -> int:
+        """Delete partial downloads whose digest is not in desired_digests; return how many were deleted."""
+        keep = {parse_digest(digest) for digest in desired_digests}
         removed = 0
         for entry in list(self.partial_dir.iterdir()):
-            if entry.stem not in wanted:
+            if entry.stem not in keep:
                 entry.unlink(missing_ok=True)
                 removed += entry.suffix == ".part"
         if removed:
-            logger.info("removed %d partial downloads that are no longer wanted", removed)
+            logger.info("removed %d partial downloads that are not in the desired state", removed)
         return removed
 
     # Installed models.
@@ -247,9 +247,7 @@ class ModelStore:
         hex_digest = parse_digest(digest)
         extension = MODEL_EXTENSIONS.get(model_format)
         if extension is None:
-            raise ValueError(
-                f"unsupported model format {model_format!r}; expected one of {sorted(MODEL_EXTENSIONS)}"
-            )
+            raise ValueError(f"unsupported model format {model_format!r}; expected one of {sorted(MODEL_EXTENSIONS)}")
         with self._lock:
             directory = self.models_dir / name
             directory.mkdir(exist_ok=True)
@@ -376,15 +374,15 @@ class ModelStore:
 
     # Start-up cleanup.
 
-    def _remove_leftovers(self, partial_max_age_s: float, wanted_digests: Iterable[str] | None) -> None:
+    def _remove_leftovers(self, partial_max_age_s: float, desired_digests: Iterable[str] | None) -> None:
         for entry in self.tmp_dir.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
         self._remove_stale_partials(partial_max_age_s)
-        if wanted_digests is not None:
-            self.discard_unwanted_partials(wanted_digests)
+        if desired_digests is not None:
+            self.discard_partials_except(desired_digests)
         for directory in self.models_dir.iterdir():
             if not directory.is_dir() or not _MODEL_NAME.fullmatch(directory.name):
                 logger.warning("removing unexpected entry %s from the model store", directory)
@@ -696,9 +694,7 @@ class _Transfer:
         needed = self.total - self.offset
         free = shutil.disk_usage(self.store.partial_dir).free
         if needed > free:
-            raise OSError(
-                errno.ENOSPC, f"{needed} bytes needed, {free} bytes free", str(self.store.partial_dir)
-            )
+            raise OSError(errno.ENOSPC, f"{needed} bytes needed, {free} bytes free", str(self.store.partial_dir))
 
     def checkpoint(self) -> None:
         """Flush the .part file to disk, then record the verified offset."""

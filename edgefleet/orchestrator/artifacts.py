@@ -246,7 +246,7 @@ class UploadValidationError(UploadError):
 class UploadResult(Generic[T]):
     digest: str  # "sha256:<hex>" of the stored file.
     size_bytes: int
-    validation: T  # What the validation callback returned, for example the model's metadata.
+    validation: T  # Result of the validation callback, for example the model's metadata.
 
 
 class Upload(Generic[T]):
@@ -314,8 +314,8 @@ class Upload(Generic[T]):
         """Verify size and SHA-256, run the validation callback and store the file.
 
         Returns the stored digest, size and the callback's result. Raises InvalidUploadError for a
-        truncated upload or a SHA-256 mismatch and UploadValidationError when the callback raises;
-        in every failure the temp file is removed and nothing is stored.
+        truncated upload or a SHA-256 mismatch, and UploadValidationError when the callback raises.
+        After any failure the temp file is gone and nothing is stored.
         """
         if self._file is None:
             raise InvalidUploadError("cannot commit an upload that is already committed or aborted")
@@ -330,8 +330,7 @@ class Upload(Generic[T]):
             self.abort()
             if error.errno == errno.ENOSPC:
                 raise UploadTooLargeError(
-                    "the artifact store's disk is full while storing the upload; "
-                    "free space on the orchestrator"
+                    "the artifact store's disk is full while storing the upload; free space on the orchestrator"
                 ) from error
             raise
         except BaseException:
@@ -386,8 +385,8 @@ class Upload(Generic[T]):
 class UploadAssembler(Generic[T]):
     """Assembles uploads into an ArtifactStore under a size limit, after a validation callback accepts them.
 
-    validate receives the path of the complete temp file after its size and SHA-256 checked out; it
-    returns a value for the caller (such as the model's metadata) or raises to reject the file.
+    validate receives the path of the complete temp file once its size and SHA-256 are verified. It
+    returns a value for the caller, such as the model's metadata, or raises to reject the file.
     """
 
     def __init__(self, store: ArtifactStore, *, max_size_bytes: int, validate: Callable[[Path], T]) -> None:

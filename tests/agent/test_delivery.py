@@ -251,9 +251,7 @@ def test_digest_mismatch_not_installed(
     assert list(model_store.partial_dir.iterdir()) == []
 
 
-def test_unknown_digest_not_retried(
-    channel: grpc.Channel, servicer: ArtifactServicer, model_store: ModelStore
-) -> None:
+def test_unknown_digest_not_retried(channel: grpc.Channel, servicer: ArtifactServicer, model_store: ModelStore) -> None:
     with pytest.raises(DownloadFailedError, match="NOT_FOUND"):
         make_downloader(channel, model_store).install("resnet", digest_of(b"never uploaded"), "onnx")
 
@@ -298,8 +296,8 @@ def test_versions_keep_one_previous(channel: grpc.Channel, model_store: ModelSto
 def test_startup_removes_leftovers(tmp_path: Path) -> None:
     root = tmp_path / "device"
     first = ModelStore(root)
-    fresh, stale, unwanted = (digest_of(name.encode()) for name in ("fresh", "stale", "unwanted"))
-    for digest in (fresh, stale, unwanted):
+    fresh, stale, undesired = (digest_of(name.encode()) for name in ("fresh", "stale", "undesired"))
+    for digest in (fresh, stale, undesired):
         first.part_path(digest).write_bytes(b"x" * 100)
         first.write_partial(PartialDownload(digest, 1000, 100))
     old_time = time.time() - 3 * 3600
@@ -312,11 +310,11 @@ def test_startup_removes_leftovers(tmp_path: Path) -> None:
     unreferenced.parent.mkdir()
     unreferenced.write_bytes(b"renamed in, crashed before state.json")
 
-    second = ModelStore(root, partial_max_age_s=3600, wanted_digests=[fresh, stale])
+    second = ModelStore(root, partial_max_age_s=3600, desired_digests=[fresh, stale])
 
     assert second.read_partial(fresh) == PartialDownload(fresh, 1000, 100)
     assert not second.part_path(stale).exists()
-    assert not second.part_path(unwanted).exists()
+    assert not second.part_path(undesired).exists()
     assert not orphan.exists()
     assert list(second.tmp_dir.iterdir()) == []
     assert not unreferenced.exists()
@@ -449,9 +447,7 @@ def test_disk_full_keeps_installed_model(
             fill_disk(small_disk)
 
     with pytest.raises(DiskFullError):
-        make_downloader(channel, model_store).install(
-            "resnet", model_digest, "onnx", progress=fill_on_first_chunk
-        )
+        make_downloader(channel, model_store).install("resnet", model_digest, "onnx", progress=fill_on_first_chunk)
 
     current = model_store.current("resnet")
     assert current is not None and current.digest == old_digest
@@ -469,9 +465,7 @@ def test_disk_too_small_rejected_early(
     model_store = ModelStore(small_disk / "device")
 
     with pytest.raises(DiskFullError):
-        make_downloader(channel, model_store).install(
-            "resnet", model_digest, "onnx", expected_size=MODEL_SIZE
-        )
+        make_downloader(channel, model_store).install("resnet", model_digest, "onnx", expected_size=MODEL_SIZE)
 
     assert servicer.request_offsets == []
     assert not model_store.part_path(model_digest).exists()

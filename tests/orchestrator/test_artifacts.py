@@ -151,9 +151,7 @@ def test_upload_stores_file(assembler: UploadAssembler[int], artifact_store: Fil
     assert list(artifact_store.staging_dir().iterdir()) == []
 
 
-def test_upload_over_limit_declared(
-    assembler: UploadAssembler[int], artifact_store: FileArtifactStore
-) -> None:
+def test_upload_over_limit_declared(assembler: UploadAssembler[int], artifact_store: FileArtifactStore) -> None:
     with pytest.raises(UploadTooLargeError) as raised:
         assembler.begin(size_bytes=4 * MiB + 1)
 
@@ -161,9 +159,7 @@ def test_upload_over_limit_declared(
     assert stored_files(artifact_store.root) == []
 
 
-def test_upload_over_limit_received(
-    assembler: UploadAssembler[int], artifact_store: FileArtifactStore
-) -> None:
+def test_upload_over_limit_received(assembler: UploadAssembler[int], artifact_store: FileArtifactStore) -> None:
     upload = assembler.begin()  # Size not declared: the limit applies to the bytes as they arrive.
     upload.write(b"\0" * (4 * MiB))
 
@@ -173,9 +169,7 @@ def test_upload_over_limit_received(
     assert stored_files(artifact_store.root) == []
 
 
-def test_upload_more_than_declared(
-    assembler: UploadAssembler[int], artifact_store: FileArtifactStore
-) -> None:
+def test_upload_more_than_declared(assembler: UploadAssembler[int], artifact_store: FileArtifactStore) -> None:
     upload = assembler.begin(size_bytes=10)
 
     with pytest.raises(InvalidUploadError, match="declared size_bytes=10"):
@@ -225,9 +219,7 @@ def test_upload_validation_rejects(artifact_store: FileArtifactStore) -> None:
     assert stored_files(artifact_store.root) == []
 
 
-def test_upload_abandoned_removes_temp(
-    assembler: UploadAssembler[int], artifact_store: FileArtifactStore
-) -> None:
+def test_upload_abandoned_removes_temp(assembler: UploadAssembler[int], artifact_store: FileArtifactStore) -> None:
     with assembler.begin(size_bytes=100) as upload:
         upload.write(b"\2" * 50)
         assert upload.temp_path.exists()
@@ -267,9 +259,7 @@ def operator_stub(assembler: UploadAssembler[int]) -> Iterator[operator_pb2_grpc
         server.stop(grace=None)
 
 
-def upload_requests(
-    content: bytes, size_bytes: int, sha256: str = ""
-) -> Iterator[operator_pb2.UploadModelRequest]:
+def upload_requests(content: bytes, size_bytes: int, sha256: str = "") -> Iterator[operator_pb2.UploadModelRequest]:
     header = operator_pb2.UploadModelHeader(
         name="resnet", version="1", size_bytes=size_bytes, sha256=sha256, filename="resnet.onnx"
     )
@@ -342,9 +332,7 @@ def test_chunks_at_end_offset(artifact_store: FileArtifactStore, stored_artifact
 
     chunks = list(iter_chunks(artifact_store, digest, offset=len(content)))
 
-    assert [(chunk.offset, chunk.data, chunk.total_size) for chunk in chunks] == [
-        (len(content), b"", len(content))
-    ]
+    assert [(chunk.offset, chunk.data, chunk.total_size) for chunk in chunks] == [(len(content), b"", len(content))]
 
 
 @pytest.mark.parametrize("offset", [-1, 3 * MiB + 124])

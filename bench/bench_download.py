@@ -1,0 +1,190 @@
+"""Measure DownloadArtifact throughput over loopback gRPC per chunk size, and the bytes a resume re-sends."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import grpc
+
+from edgefleet.agent.delivery import Downloader, ModelStore
+from edgefleet.orchestrator.artifacts import FileArtifactStore
+from edgefleet.orchestrator.download import DEFAULT_CHUNK_SIZE, DownloadError, iter_chunks
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+
+KiB = 1024
+MiB = 1024 * 1024
+CHUNK_SIZES = (64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, 1 * MiB)
+TARGET_MB_PER_S = 1000.0
+
+
+class BenchServicer(agent_pb2_grpc.AgentServiceServicer):
+    """DownloadArtifact over iter_chunks; counts bytes served and can cut one stream with UNAVAILABLE."""
+
+    def __init__(self, artifacts: FileArtifactStore) -> None:
+        self.artifacts = artifacts
+        self.lock = threading.Lock()
+        self.bytes_served = 0
+        self.cut_at_offset: int | None = None
+
+    def DownloadArtifact(
+        self, request: agent_pb2.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.ArtifactChunk]:
+        try:
+            chunks = iter_chunks(self.artifacts, request.digest, request.offset, request.chunk_size)
+        except DownloadError as error:
+            context.abort(error.status_code, str(error))
+        for chunk in chunks:
+            if self.cut_at_offset is not None and chunk.offset >= self.cut_at_offset:
+                self.cut_at_offset = None
+                context.abort(grpc.StatusCode.UNAVAILABLE, "benchmark cut the stream")
+            with self.lock:
+                self.bytes_served += len(chunk.data)
+            yield chunk
+
+
+def start_server(servicer: BenchServicer) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def serve_in_child(root: str, connection: Connection) -> None:
+    """Run the orchestrator side in its own process, as in production, and send its address back."""
+    server, address = start_server(BenchServicer(FileArtifactStore(root)))
+    connection.send(address)
+    while connection.recv() == "cpu":
+        connection.send(time.process_time())
+    server.stop(grace=None)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wall_s: float
+    client_cpu_s: float  # CPU time of this process: gRPC threads, verification, writes.
+    server_cpu_s: float  # CPU time of the server process.
+
+
+def server_cpu_s(connection: Connection) -> float:
+    connection.send("cpu")
+    return float(connection.recv())
+
+
+def measure(run: Callable[[], None], connection: Connection) -> Measurement:
+    server_start = server_cpu_s(connection)
+    cpu_start = time.process_time()
+    start = time.perf_counter()
+    run()
+    wall = time.perf_counter() - start
+    return Measurement(wall, time.process_time() - cpu_start, server_cpu_s(connection) - server_start)
+
+
+def raw_stream(address: str, digest: str, chunk_size: int) -> None:
+    """Receive every chunk without verifying or storing it."""
+    with grpc.insecure_channel(address) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        request = agent_pb2.DownloadArtifactRequest(digest=digest, chunk_size=chunk_size)
+        for _chunk in stub.DownloadArtifact(request):
+            pass
+
+
+def full_download(address: str, digest: str, chunk_size: int, device_root: Path) -> None:
+    """Run Downloader.fetch: verify each chunk, write, fsync every 8 MiB and check the whole file."""
+    store = ModelStore(device_root)
+    store.discard_partial(digest)
+    with grpc.insecure_channel(address) as channel:
+        Downloader(channel, store, chunk_size=chunk_size).fetch(digest)
+    store.discard_partial(digest)
+
+
+def measure_resume(artifacts: FileArtifactStore, digest: str, size: int, device_root: Path) -> tuple[int, int]:
+    """Cut one stream at 85 % and return (bytes re-sent, chunk size) for the default chunk size."""
+    servicer = BenchServicer(artifacts)
+    servicer.cut_at_offset = int(size * 0.85)
+    server, address = start_server(servicer)
+    store = ModelStore(device_root)
+    store.discard_partial(digest)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            Downloader(channel, store, sleep=lambda seconds: None).fetch(digest)
+    finally:
+        server.stop(grace=None)
+        store.discard_partial(digest)
+    return servicer.bytes_served - size, DEFAULT_CHUNK_SIZE
+
+
+def median_of(measurements: list[Measurement]) -> Measurement:
+    """Return the run with the median wall time."""
+    return sorted(measurements, key=lambda measurement: measurement.wall_s)[len(measurements) // 2]
+
+
+def format_row(measurement: Measurement, size: int) -> str:
+    gigabytes = size / 1e9
+    return (
+        f"{size / measurement.wall_s / 1e6:>8.0f} {measurement.client_cpu_s / gigabytes:>10.2f} "
+        f"{measurement.server_cpu_s / gigabytes:>10.2f}"
+    )
+
+
+def main() -> None:
+    """Print throughput and CPU cost per chunk size, raw and through the Downloader, then the resume case."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-mb", type=int, default=100, help="artifact size in MB (10**6 bytes)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per chunk size; the median is printed")
+    args = parser.parse_args()
+    size = args.size_mb * 1000 * 1000
+
+    with tempfile.TemporaryDirectory(prefix="bench-download-") as temp:
+        temp_path = Path(temp)
+        source = temp_path / "artifact.bin"
+        source.write_bytes(os.urandom(size))
+        artifacts = FileArtifactStore(temp_path / "artifacts")
+        digest = artifacts.put_file(source, move=True)
+        device_root = temp_path / "device"
+
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        server_process = context.Process(target=serve_in_child, args=(str(artifacts.root), child_end))
+        server_process.start()
+        address = parent_end.recv()
+
+        print(f"bench_download: {args.size_mb} MB artifact, loopback gRPC {grpc.__version__},")
+        print(f"server in a separate process, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(f"target {TARGET_MB_PER_S:.0f} MB/s; median of {args.runs} runs; CPU in seconds per GB")
+        print(f"{'':>8} {'raw stream':^30} {'Downloader':^30}")
+        columns = f"{'MB/s':>8} {'client':>10} {'server':>10}"
+        print(f"{'chunk':>8} {columns} {columns}")
+        try:
+            for chunk_size in CHUNK_SIZES:
+                raw = median_of(
+                    [measure(partial(raw_stream, address, digest, chunk_size), parent_end) for _ in range(args.runs)]
+                )
+                full = median_of(
+                    [
+                        measure(partial(full_download, address, digest, chunk_size, device_root), parent_end)
+                        for _ in range(args.runs)
+                    ]
+                )
+                print(f"{chunk_size // KiB:>4} KiB {format_row(raw, size)} {format_row(full, size)}")
+        finally:
+            parent_end.send("stop")
+            server_process.join(timeout=10)
+
+        resent, chunk_size = measure_resume(artifacts, digest, size, device_root)
+        print(f"resume after a cut at 85 %: {resent} bytes re-sent (chunk size {chunk_size // KiB} KiB)")
+
+
+if __name__ == "__main__":
+    main()
