@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -357,3 +358,27 @@ def test_chunks_unknown_digest(artifact_store: FileArtifactStore) -> None:
 def test_chunks_malformed_digest(artifact_store: FileArtifactStore) -> None:
     with pytest.raises(InvalidDownloadError, match="invalid digest"):
         iter_chunks(artifact_store, "sha1:abc")
+
+
+def test_upload_disk_full(tmp_path: Path) -> None:
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]
+    try:
+        mounted = subprocess.run(command, capture_output=True, check=False).returncode == 0
+    except FileNotFoundError:
+        mounted = False
+    if not mounted:
+        pytest.skip("needs a tmpfs mount (root) to fill a disk")
+    try:
+        artifact_store = FileArtifactStore(mount_point / "artifacts")
+        upload = UploadAssembler(artifact_store, max_size_bytes=4 * MiB, validate=inspect_size).begin()
+
+        with pytest.raises(UploadTooLargeError, match="disk is full") as raised:
+            for _ in range(4):
+                upload.write(b"\3" * (512 * 1024))
+
+        assert raised.value.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stored_files(artifact_store.root) == []
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
