@@ -96,7 +96,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def add_variant(self, variant: Variant) -> Variant:
-        """Store a variant; raise NotFoundError for an unknown model version, AlreadyExistsError for a known id."""
+        """Store a variant.
+
+        Raises NotFoundError for an unknown model version and AlreadyExistsError for a known id.
+        """
 
     @abc.abstractmethod
     def get_variant(self, variant_id: str) -> Variant:

@@ -1,0 +1,126 @@
+"""Engine set-up for SQLite and PostgreSQL, and the Alembic upgrade that runs when a store opens."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+logger = logging.getLogger(__name__)
+
+# How long a SQLite connection waits for another writer before it fails with "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+# Connection execution option that marks a transaction as read-only, so SQLite begins it deferred.
+READ_ONLY_OPTION = "edgefleet_read_only"
+
+# Key of the PostgreSQL advisory lock that serializes schema upgrades of concurrently starting
+# orchestrators. The value is arbitrary but must stay the same in every edgefleet release.
+_MIGRATION_LOCK_KEY = int.from_bytes(b"edgeflt", "big")
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL and select psycopg 3 for PostgreSQL.
+
+    Accepts sqlite:///PATH and postgresql[+psycopg]://... Raises ValueError for other backends or
+    drivers, and for an in-memory SQLite database, which every pooled connection would see empty.
+    """
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ValueError(
+            f"invalid database URL {url!r} ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        ) from exc
+
+    backend = parsed.get_backend_name()
+    driver = parsed.get_driver_name()
+    if backend == "sqlite":
+        if driver != "pysqlite":
+            raise ValueError(f"unsupported SQLite driver {driver!r} in {url!r}; use sqlite:///PATH")
+        if parsed.database in (None, "", ":memory:") or (parsed.database or "").startswith("file::memory:"):
+            raise ValueError(f"in-memory SQLite database {url!r} is not supported; use sqlite:///PATH")
+        return parsed
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            return parsed.set(drivername="postgresql+psycopg")
+        if driver != "psycopg":
+            raise ValueError(
+                f"unsupported PostgreSQL driver {driver!r} in {parsed.render_as_string()!r}; "
+                "use postgresql+psycopg://"
+            )
+        return parsed
+    raise ValueError(
+        f"unsupported database backend {backend!r} in {parsed.render_as_string()!r}; "
+        "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+    )
+
+
+def create_store_engine(url: str | URL) -> Engine:
+    """Create an engine with the connection settings the store relies on; raise ValueError for a bad URL."""
+    parsed = normalize_url(url if isinstance(url, str) else url.render_as_string(hide_password=False))
+    if parsed.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(parsed)
+    return sa.create_engine(parsed, pool_pre_ping=True)
+
+
+def _create_sqlite_engine(url: URL) -> Engine:
+    database = Path(url.database or "")
+    database.parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    # pysqlite opens transactions itself with a deferred BEGIN. Two deferred transactions that both
+    # read and then write deadlock on the lock upgrade, and SQLite fails one at once with "database
+    # is locked" regardless of the busy timeout. So pysqlite's transaction handling is switched off
+    # and every transaction begins here instead: writers with BEGIN IMMEDIATE, which takes the write
+    # lock up front and waits up to the busy timeout for it. This is the recipe in the SQLAlchemy
+    # SQLite dialect documentation, "Serializable isolation / Savepoints / Transactional DDL".
+    @sa.event.listens_for(engine, "connect")
+    def _configure_connection(dbapi_connection: sqlite3.Connection, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # WAL lets readers run while one writer commits.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL cannot corrupt the database; a power loss may undo the last commits.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def alembic_config() -> Config:
+    """Return an Alembic configuration that points at the migrations shipped in this package."""
+    migrations = resources.files("edgefleet.orchestrator.store") / "migrations"
+    ini_path = Path(str(migrations / "alembic.ini"))
+    config = Config(str(ini_path))
+    config.set_main_option("script_location", str(ini_path.parent))
+    return config
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Apply every pending Alembic revision in one transaction; raise the driver's error on failure."""
+    config = alembic_config()
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Released at commit. SQLite needs no lock because BEGIN IMMEDIATE already serializes.
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    logger.debug("database schema of %s is at head", engine.url.render_as_string(hide_password=True))

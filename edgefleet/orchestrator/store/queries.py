@@ -1,0 +1,173 @@
+"""Statements of the SQL store that run inside a transaction the caller opened."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.orchestrator.domain import Device, IdentityConflict, ModelVersion, Variant
+from edgefleet.orchestrator.store import rows
+from edgefleet.orchestrator.store.base import NotFoundError
+from edgefleet.orchestrator.store.codec import hardware_from_dict, hardware_identity, hardware_to_dict
+from edgefleet.orchestrator.store.tables import (
+    assignments,
+    device_labels,
+    devices,
+    hardware_profiles,
+    identity_conflicts,
+    model_versions,
+    variants,
+)
+
+# Length of a device's hardware history, as a column of a select on devices.
+PROFILE_REVISIONS = (
+    sa.select(sa.func.count())
+    .where(hardware_profiles.c.device_id == devices.c.device_id)
+    .scalar_subquery()
+    .label("profile_revisions")
+)
+
+
+def register(
+    connection: Connection,
+    device_id: str,
+    instance_key_hash: str,
+    hardware: HardwareProfile,
+    labels: Mapping[str, str],
+    agent_version: str,
+    peer: str,
+    now: datetime,
+) -> IdentityConflict | None:
+    """Insert or update the device; return the recorded conflict instead when the key differs."""
+    current = sa.select(devices.c.instance_key_hash).where(devices.c.device_id == device_id)
+    stored_hash = connection.execute(current.with_for_update()).scalar()
+    new_values = {
+        "hardware": hardware_to_dict(hardware),
+        "hardware_class": hardware.hardware_class,
+        "agent_version": agent_version,
+        "last_seen": now,
+    }
+    if stored_hash is None:
+        inserted = insert_unless_exists(
+            connection,
+            devices,
+            {
+                "device_id": device_id,
+                "instance_key_hash": instance_key_hash,
+                "registered_at": now,
+                "connected": False,
+                "desired_generation": 0,
+                "reported_generation": 0,
+                **new_values,
+            },
+        )
+        if not inserted:
+            # Another transaction registered this id after the select above; lock its row.
+            stored_hash = connection.execute(current.with_for_update()).scalar_one()
+
+    if stored_hash is not None:
+        if stored_hash != instance_key_hash:
+            conflict = IdentityConflict(
+                device_id=device_id, key_fingerprint=instance_key_hash[:12], peer=peer, seen_at=now
+            )
+            connection.execute(
+                sa.insert(identity_conflicts).values(
+                    device_id=device_id, key_fingerprint=conflict.key_fingerprint, peer=peer, seen_at=now
+                )
+            )
+            return conflict
+        connection.execute(sa.update(devices).where(devices.c.device_id == device_id).values(new_values))
+
+    connection.execute(sa.delete(device_labels).where(device_labels.c.device_id == device_id))
+    if labels:
+        connection.execute(
+            sa.insert(device_labels),
+            [{"device_id": device_id, "key": key, "value": value} for key, value in labels.items()],
+        )
+
+    latest = connection.execute(
+        sa.select(hardware_profiles.c.profile)
+        .where(hardware_profiles.c.device_id == device_id)
+        .order_by(hardware_profiles.c.id.desc())
+        .limit(1)
+    ).scalar()
+    if latest is None or hardware_identity(hardware_from_dict(latest)) != hardware_identity(hardware):
+        connection.execute(
+            sa.insert(hardware_profiles).values(
+                device_id=device_id, recorded_at=now, profile=hardware_to_dict(hardware)
+            )
+        )
+    return None
+
+
+def load_device(connection: Connection, device_id: str) -> Device | None:
+    row = connection.execute(sa.select(devices, PROFILE_REVISIONS).where(devices.c.device_id == device_id)).first()
+    if row is None:
+        return None
+    labels = connection.execute(
+        sa.select(device_labels.c.key, device_labels.c.value).where(device_labels.c.device_id == device_id)
+    ).all()
+    return rows.device_from_row(row, {key: value for key, value in labels}, row.profile_revisions)
+
+
+def load_model_version(connection: Connection, name: str, version: str | None) -> ModelVersion:
+    query = sa.select(model_versions).where(model_versions.c.name == name)
+    if version is None:
+        query = query.order_by(model_versions.c.created_at.desc(), model_versions.c.id.desc()).limit(1)
+    else:
+        query = query.where(model_versions.c.version == version)
+    row = connection.execute(query).first()
+    if row is None:
+        requested = name if version is None else f"{name}:{version}"
+        raise NotFoundError(f"model {requested} not found; upload it first")
+    return rows.model_version_from_row(row)
+
+
+def load_variant(connection: Connection, variant_id: str) -> Variant:
+    row = connection.execute(sa.select(variants).where(variants.c.variant_id == variant_id)).first()
+    if row is None:
+        raise NotFoundError(f"variant {variant_id!r} not found")
+    return rows.variant_from_row(row)
+
+
+def bump_generation(connection: Connection, device_id: str) -> int:
+    generation = connection.execute(
+        sa.update(devices)
+        .where(devices.c.device_id == device_id)
+        .values(desired_generation=devices.c.desired_generation + 1)
+        .returning(devices.c.desired_generation)
+    ).scalar()
+    if generation is None:
+        raise NotFoundError(f"device {device_id!r} is not registered")
+    return int(generation)
+
+
+def insert_unless_exists(
+    connection: Connection, table: sa.Table, values: Mapping[str, Any], conflict_columns: Sequence[str] = ()
+) -> bool:
+    """Insert one row unless it violates the unique key on conflict_columns; return whether it did.
+
+    conflict_columns defaults to the primary key.
+    """
+    columns = list(conflict_columns) or [column.name for column in table.primary_key.columns]
+    statement: postgresql.Insert | sqlite.Insert
+    if connection.dialect.name == "postgresql":
+        statement = postgresql.insert(table).values(**values).on_conflict_do_nothing(index_elements=columns)
+    else:
+        statement = sqlite.insert(table).values(**values).on_conflict_do_nothing(index_elements=columns)
+    # rowcount is -1 on psycopg when SQLAlchemy adds RETURNING for an autoincrement key, so the
+    # returned row tells whether the insert happened: DO NOTHING returns none.
+    returned = connection.execute(statement.returning(*table.primary_key.columns)).first()
+    return returned is not None
+
+
+def delete_assignment(connection: Connection, device_id: str, model_name: str) -> None:
+    connection.execute(
+        sa.delete(assignments).where(assignments.c.device_id == device_id, assignments.c.model_name == model_name)
+    )

@@ -1,0 +1,405 @@
+"""The Store implementation on SQLAlchemy Core, shared by the SQLite and PostgreSQL backends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from edgefleet.common.hardware import HardwareProfile
+from edgefleet.orchestrator.domain import (
+    MODEL_STATES,
+    Assignment,
+    Device,
+    IdentityConflict,
+    MetricWindow,
+    ModelStatus,
+    ModelVersion,
+    Variant,
+)
+from edgefleet.orchestrator.store import queries, rows
+from edgefleet.orchestrator.store.base import (
+    AlreadyExistsError,
+    IdentityMismatchError,
+    NotFoundError,
+    Store,
+    StoreError,
+)
+from edgefleet.orchestrator.store.codec import hardware_from_dict
+from edgefleet.orchestrator.store.engine import READ_ONLY_OPTION
+from edgefleet.orchestrator.store.tables import (
+    UtcDateTime,
+    assignments,
+    device_labels,
+    devices,
+    hardware_profiles,
+    identity_conflicts,
+    metric_batches,
+    metric_windows,
+    model_statuses,
+    model_versions,
+    variants,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SqlStore(Store):
+    """A Store on a SQLAlchemy engine made by engine.create_store_engine, with the schema at head.
+
+    Every method runs in one transaction. Writes lock the device row they change first, so
+    concurrent writers on PostgreSQL serialize per device. SQLite serializes all writers.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        # SQLite admits one writer at a time. A waiting connection polls, sleeping up to 100 ms
+        # between tries (sqliteDefaultBusyCallback in SQLite's main.c), so this process queues its
+        # own writers on a lock instead. Other processes still wait through BEGIN IMMEDIATE.
+        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self._engine.begin() as connection:
+            yield connection
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as connection:
+            connection.execution_options(**{READ_ONLY_OPTION: True})
+            with connection.begin():
+                yield connection
+
+    # Devices
+
+    def register_device(
+        self,
+        *,
+        device_id: str,
+        instance_key_hash: str,
+        hardware: HardwareProfile,
+        labels: Mapping[str, str],
+        agent_version: str,
+        peer: str,
+        now: datetime,
+    ) -> Device:
+        if not device_id:
+            raise StoreError("device_id is empty; the agent must send its device id")
+        if not instance_key_hash:
+            raise StoreError(f"instance_key_hash of device {device_id!r} is empty")
+        rows.require_aware("now", now)
+
+        with self._write() as connection:
+            conflict = queries.register(
+                connection, device_id, instance_key_hash, hardware, labels, agent_version, peer, now
+            )
+            device = None if conflict else queries.load_device(connection, device_id)
+
+        if conflict is not None:
+            logger.warning(
+                "rejected registration of device %s from %s: instance key %s does not match the stored one",
+                device_id,
+                peer,
+                conflict.key_fingerprint,
+            )
+            raise IdentityMismatchError(
+                f"device {device_id!r} is registered with another instance key (presented key "
+                f"{conflict.key_fingerprint}); reinstall the agent's original key or remove the device"
+            )
+        assert device is not None
+        return device
+
+    def get_device(self, device_id: str) -> Device | None:
+        with self._read() as connection:
+            return queries.load_device(connection, device_id)
+
+    def list_devices(self) -> list[Device]:
+        with self._read() as connection:
+            device_rows = connection.execute(
+                sa.select(devices, queries.PROFILE_REVISIONS).order_by(devices.c.device_id)
+            ).all()
+            labels: dict[str, dict[str, str]] = {}
+            for device_id, key, value in connection.execute(sa.select(device_labels)):
+                labels.setdefault(device_id, {})[key] = value
+        return [rows.device_from_row(row, labels.get(row.device_id, {}), row.profile_revisions) for row in device_rows]
+
+    def hardware_history(self, device_id: str) -> list[tuple[datetime, HardwareProfile]]:
+        """Return the recorded hardware profiles of a device, oldest first; [] for an unknown device.
+
+        A profile that differs from the previous one only in codec.VOLATILE_HARDWARE_FIELDS is
+        not recorded.
+        """
+        with self._read() as connection:
+            result = connection.execute(
+                sa.select(hardware_profiles.c.recorded_at, hardware_profiles.c.profile)
+                .where(hardware_profiles.c.device_id == device_id)
+                .order_by(hardware_profiles.c.id)
+            ).all()
+        return [(recorded_at, hardware_from_dict(profile)) for recorded_at, profile in result]
+
+    def list_identity_conflicts(self, device_id: str | None = None) -> list[IdentityConflict]:
+        query = sa.select(identity_conflicts).order_by(identity_conflicts.c.seen_at, identity_conflicts.c.id)
+        if device_id is not None:
+            query = query.where(identity_conflicts.c.device_id == device_id)
+        with self._read() as connection:
+            return [rows.conflict_from_row(row) for row in connection.execute(query)]
+
+    def touch_devices(self, last_seen: Mapping[str, datetime]) -> None:
+        """Set last_seen for many devices in one transaction; unknown ids are ignored.
+
+        A value older than the stored one is skipped, so a late flush from another process never
+        moves last_seen backwards.
+        """
+        for device_id, seen in last_seen.items():
+            rows.require_aware(f"last_seen[{device_id!r}]", seen)
+        if not last_seen:
+            return
+        seen_param = sa.bindparam("seen", type_=UtcDateTime())
+        statement = (
+            sa.update(devices)
+            .where(devices.c.device_id == sa.bindparam("id"))
+            .where(sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < seen_param))
+            .values(last_seen=seen_param)
+        )
+        # Sorted ids make two concurrent touch batches lock rows in the same order, so on
+        # PostgreSQL they cannot deadlock each other.
+        parameters = [{"id": device_id, "seen": last_seen[device_id]} for device_id in sorted(last_seen)]
+        with self._write() as connection:
+            connection.execute(statement, parameters)
+
+    def set_connected(self, device_id: str, connected: bool, now: datetime) -> None:
+        """Record whether a control stream is open and advance last_seen to now; raise NotFoundError."""
+        rows.require_aware("now", now)
+        last_seen = sa.case(
+            (
+                sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < now),
+                sa.literal(now, UtcDateTime()),
+            ),
+            else_=devices.c.last_seen,
+        )
+        with self._write() as connection:
+            result = connection.execute(
+                sa.update(devices)
+                .where(devices.c.device_id == device_id)
+                .values(connected=connected, last_seen=last_seen)
+            )
+            if result.rowcount == 0:
+                raise NotFoundError(f"device {device_id!r} is not registered")
+
+    # Models and variants
+
+    def add_model_version(self, model: ModelVersion, source_variant: Variant) -> ModelVersion:
+        if (source_variant.model_name, source_variant.model_version) != (model.name, model.version):
+            raise StoreError(
+                f"source variant {source_variant.variant_id!r} belongs to {source_variant.model_name}:"
+                f"{source_variant.model_version}, not {model.name}:{model.version}"
+            )
+        values = rows.model_version_values(model)
+        variant_values = rows.variant_values(source_variant, created_at=model.created_at)
+        with self._write() as connection:
+            inserted = queries.insert_unless_exists(connection, model_versions, values, ("name", "version"))
+            stored = queries.load_model_version(connection, model.name, model.version)
+            if not inserted:
+                if stored.digest != model.digest:
+                    raise AlreadyExistsError(
+                        f"model {model.name}:{model.version} already exists with digest {stored.digest}, "
+                        f"not {model.digest}; upload the new file under another version"
+                    )
+                return stored
+            if not queries.insert_unless_exists(connection, variants, variant_values, ("variant_id",)):
+                raise AlreadyExistsError(f"variant {source_variant.variant_id!r} already exists")
+        logger.info("stored model %s:%s (%s)", model.name, model.version, model.digest)
+        return stored
+
+    def get_model_version(self, name: str, version: str | None = None) -> ModelVersion:
+        with self._read() as connection:
+            return queries.load_model_version(connection, name, version)
+
+    def list_model_versions(self, name: str | None = None) -> list[ModelVersion]:
+        """Return model versions ordered by name, then oldest first."""
+        query = sa.select(model_versions).order_by(
+            model_versions.c.name, model_versions.c.created_at, model_versions.c.id
+        )
+        if name is not None:
+            query = query.where(model_versions.c.name == name)
+        with self._read() as connection:
+            return [rows.model_version_from_row(row) for row in connection.execute(query)]
+
+    def add_variant(self, variant: Variant) -> Variant:
+        values = rows.variant_values(variant, created_at=datetime.now(UTC))
+        with self._write() as connection:
+            queries.load_model_version(connection, variant.model_name, variant.model_version)
+            if not queries.insert_unless_exists(connection, variants, values, ("variant_id",)):
+                raise AlreadyExistsError(f"variant {variant.variant_id!r} already exists; choose another id")
+            return queries.load_variant(connection, variant.variant_id)
+
+    def get_variant(self, variant_id: str) -> Variant:
+        with self._read() as connection:
+            return queries.load_variant(connection, variant_id)
+
+    def list_variants(self, model_name: str, model_version: str | None = None) -> list[Variant]:
+        """Return the variants of a model, or of one version of it, oldest first."""
+        query = (
+            sa.select(variants)
+            .where(variants.c.model_name == model_name)
+            .order_by(variants.c.created_at, variants.c.variant_id)
+        )
+        if model_version is not None:
+            query = query.where(variants.c.model_version == model_version)
+        with self._read() as connection:
+            return [rows.variant_from_row(row) for row in connection.execute(query)]
+
+    # Desired and reported state
+
+    def set_assignment(self, assignment: Assignment) -> int:
+        """Replace the device's assignment for assignment.model_name and return the new generation.
+
+        Raises NotFoundError for an unknown device or variant, and StoreError when the assignment's
+        model name, version or digest differ from the variant's.
+        """
+        with self._write() as connection:
+            generation = queries.bump_generation(connection, assignment.device_id)
+            variant = queries.load_variant(connection, assignment.variant_id)
+            variant_identity = (variant.model_name, variant.model_version, variant.digest)
+            assigned_identity = (assignment.model_name, assignment.model_version, assignment.digest)
+            if assigned_identity != variant_identity:
+                raise StoreError(
+                    f"assignment of variant {variant.variant_id!r} names model, version and digest "
+                    f"{assigned_identity}, but the variant has {variant_identity}; copy them from the variant"
+                )
+            queries.delete_assignment(connection, assignment.device_id, assignment.model_name)
+            connection.execute(sa.insert(assignments).values(rows.assignment_values(assignment)))
+        return generation
+
+    def remove_assignment(self, device_id: str, model_name: str) -> int:
+        """Remove a model from the device's desired state and return the new generation.
+
+        The generation advances even when the model was not assigned. Raises NotFoundError for an
+        unknown device.
+        """
+        with self._write() as connection:
+            generation = queries.bump_generation(connection, device_id)
+            queries.delete_assignment(connection, device_id, model_name)
+        return generation
+
+    def get_desired_state(self, device_id: str) -> tuple[int, list[Assignment]]:
+        with self._read() as connection:
+            generation = connection.execute(
+                sa.select(devices.c.desired_generation).where(devices.c.device_id == device_id)
+            ).scalar()
+            if generation is None:
+                raise NotFoundError(f"device {device_id!r} is not registered")
+            result = connection.execute(
+                sa.select(assignments).where(assignments.c.device_id == device_id).order_by(assignments.c.model_name)
+            )
+            return int(generation), [rows.assignment_from_row(row) for row in result]
+
+    def save_reported_state(
+        self, device_id: str, generation: int, statuses: Sequence[ModelStatus], now: datetime
+    ) -> None:
+        """Replace the device's reported model states and record the desired generation they report on.
+
+        Raises NotFoundError for an unknown device and StoreError for a status of another device or
+        with a state outside MODEL_STATES.
+        """
+        rows.require_aware("now", now)
+        for status in statuses:
+            if status.device_id != device_id:
+                raise StoreError(f"status of device {status.device_id!r} in a report of device {device_id!r}")
+            if status.state not in MODEL_STATES:
+                raise StoreError(f"invalid model state {status.state!r}; expected one of {MODEL_STATES}")
+        values = [rows.status_values(status, updated_at=now) for status in statuses]
+
+        with self._write() as connection:
+            result = connection.execute(
+                sa.update(devices).where(devices.c.device_id == device_id).values(reported_generation=generation)
+            )
+            if result.rowcount == 0:
+                raise NotFoundError(f"device {device_id!r} is not registered")
+            connection.execute(sa.delete(model_statuses).where(model_statuses.c.device_id == device_id))
+            if values:
+                connection.execute(sa.insert(model_statuses), values)
+
+    def get_reported_state(self, device_id: str) -> list[ModelStatus]:
+        """Return the last reported model states in report order; [] for an unknown device."""
+        with self._read() as connection:
+            result = connection.execute(
+                sa.select(model_statuses).where(model_statuses.c.device_id == device_id).order_by(model_statuses.c.id)
+            )
+            return [rows.status_from_row(row) for row in result]
+
+    # Metrics
+
+    def add_metric_batch(self, device_id: str, batch_id: str, windows: Sequence[MetricWindow]) -> bool:
+        """Store a batch of metric windows once; return False, storing nothing, for a known batch_id.
+
+        Raises NotFoundError for an unknown device and StoreError for an empty batch_id or a window
+        of another device.
+        """
+        if not batch_id:
+            raise StoreError(f"metric batch of device {device_id!r} has an empty batch_id")
+        for window in windows:
+            if window.device_id != device_id:
+                raise StoreError(f"window of device {window.device_id!r} in a batch of device {device_id!r}")
+        values = [rows.window_values(window, batch_id) for window in windows]
+
+        with self._write() as connection:
+            known = connection.execute(sa.select(devices.c.device_id).where(devices.c.device_id == device_id))
+            if known.first() is None:
+                raise NotFoundError(f"device {device_id!r} is not registered")
+            # On PostgreSQL a concurrent insert of the same key waits for the other transaction and
+            # then does nothing, so exactly one copy of a raced batch is stored.
+            batch = {"device_id": device_id, "batch_id": batch_id, "received_at": datetime.now(UTC)}
+            if not queries.insert_unless_exists(connection, metric_batches, batch, ("device_id", "batch_id")):
+                logger.debug("skipped duplicate metric batch %s of device %s", batch_id, device_id)
+                return False
+            if values:
+                connection.execute(sa.insert(metric_windows), values)
+        return True
+
+    def query_metric_windows(
+        self,
+        *,
+        device_id: str = "",
+        model_name: str = "",
+        variant_id: str = "",
+        hardware_class: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[MetricWindow]:
+        """Return windows matching every non-empty filter, with window_start in [start, end).
+
+        Results are ordered by window_start.
+        """
+        query = sa.select(metric_windows).order_by(metric_windows.c.window_start, metric_windows.c.id)
+        filters = {
+            metric_windows.c.device_id: device_id,
+            metric_windows.c.model_name: model_name,
+            metric_windows.c.variant_id: variant_id,
+            metric_windows.c.hardware_class: hardware_class,
+        }
+        for column, value in filters.items():
+            if value:
+                query = query.where(column == value)
+        if start is not None:
+            rows.require_aware("start", start)
+            query = query.where(metric_windows.c.window_start >= start)
+        if end is not None:
+            rows.require_aware("end", end)
+            query = query.where(metric_windows.c.window_start < end)
+        with self._read() as connection:
+            return [rows.window_from_row(row) for row in connection.execute(query)]
+
+    def close(self) -> None:
+        self._engine.dispose()
