@@ -31,6 +31,7 @@ class Row:
     bare_p50_ms: float
     host_p50_ms: float
     host_callback_p50_ms: float
+    overhead_p50_us: float  # ModelHost.infer wall time minus the runtime call it reports.
 
 
 def _p50(samples_ns: list[int]) -> float:
@@ -55,6 +56,19 @@ def _interleave(calls: dict[str, Callable[[], object]], warmup: int, runs: int) 
             call()
             samples[name].append(time.perf_counter_ns() - start)
     return {name: _p50(values) for name, values in samples.items()}
+
+
+def _host_overhead_us(host: ModelHost, feeds: dict[str, np.ndarray], runs: int) -> float:
+    """Return the p50 in microseconds of the time infer() spends outside the runtime call.
+
+    Unlike the p50 ratios, this figure does not depend on run-to-run noise of the runtime itself.
+    """
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        result = host.infer("model", feeds)
+        samples.append(time.perf_counter_ns() - start - result.latency_ms * 1e6)
+    return statistics.median(samples) / 1e3
 
 
 def _hosts(path: Path, model_format: str, threads: int) -> tuple[ModelHost, ModelHost]:
@@ -87,7 +101,8 @@ def bench_onnxruntime(path: Path, threads: int, image: np.ndarray, warmup: int, 
         warmup,
         runs,
     )
-    return Row("onnxruntime", threads, p50["bare"], p50["host"], p50["host_callback"])
+    overhead = _host_overhead_us(plain, feeds, runs)
+    return Row("onnxruntime", threads, p50["bare"], p50["host"], p50["host_callback"], overhead)
 
 
 def bench_litert(path: Path, threads: int, image: np.ndarray, warmup: int, runs: int) -> Row:
@@ -114,7 +129,8 @@ def bench_litert(path: Path, threads: int, image: np.ndarray, warmup: int, runs:
         warmup,
         runs,
     )
-    return Row("litert", threads, p50["bare"], p50["host"], p50["host_callback"])
+    overhead = _host_overhead_us(plain, feeds, runs)
+    return Row("litert", threads, p50["bare"], p50["host"], p50["host_callback"], overhead)
 
 
 def main() -> None:
@@ -138,7 +154,7 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}; ratio = host p50 / bare p50, target <= {TARGET_RATIO}")
     header = (
         f"{'runtime':<12} {'threads':>7} {'bare p50 ms':>12} {'host p50 ms':>12} {'ratio':>7} "
-        f"{'host+callback ms':>17} {'ratio':>7}"
+        f"{'host+callback ms':>17} {'ratio':>7} {'overhead us':>12} {'overhead %':>10}"
     )
     print(header)
     rows = []
@@ -150,7 +166,8 @@ def main() -> None:
         callback_ratio = row.host_callback_p50_ms / row.bare_p50_ms
         print(
             f"{row.runtime:<12} {row.threads:>7} {row.bare_p50_ms:>12.3f} {row.host_p50_ms:>12.3f} "
-            f"{ratio:>7.3f} {row.host_callback_p50_ms:>17.3f} {callback_ratio:>7.3f}"
+            f"{ratio:>7.3f} {row.host_callback_p50_ms:>17.3f} {callback_ratio:>7.3f} {row.overhead_p50_us:>12.1f} "
+            f"{100 * row.overhead_p50_us / 1000 / row.bare_p50_ms:>10.2f}"
         )
 
 
