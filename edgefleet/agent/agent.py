@@ -22,6 +22,7 @@ from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.serde import hardware_to_proto
+from edgefleet.common.systemd import Notifier
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Agent:
         )
         self.local_api = LocalApiServer(self.host, config.socket_path)
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
+        self.notifier = Notifier()
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending_batch: tuple[str, list[common_pb2.MetricWindow]] | None = None
@@ -105,20 +107,39 @@ class Agent:
         self.local_api.start()
         await asyncio.to_thread(self.reconciler.restore)
         if self.host.list():
-            self.ready.set()
+            self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
         channel = grpc.aio.insecure_channel(self.config.orchestrator, options=CHANNEL_OPTIONS)
-        uploader = asyncio.create_task(self._upload_loop(channel, stop))
+        background = [asyncio.create_task(self._upload_loop(channel, stop))]
+        if self.notifier.watchdog_interval_s is not None:
+            background.append(asyncio.create_task(self._watchdog_loop(self.notifier.watchdog_interval_s)))
         try:
             await self._connect_loop(channel, stop)
         finally:
-            uploader.cancel()
-            await asyncio.gather(uploader, return_exceptions=True)
+            self.notifier.stopping(f"stopping; device {self.device_id or '(unregistered)'}")
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._final_upload(channel)
             await channel.close()
             self._sync_channel.close()
             self.local_api.stop()
             self.host.close()
+            self.notifier.close()
             log.info("agent stopped device_id=%s", self.device_id)
+
+    def _mark_ready(self, status: str) -> None:
+        """Tell systemd the agent is ready (once) and publish a status line."""
+        if not self.ready.is_set():
+            self.ready.set()
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        # Pings come from the event loop, so a stuck loop stops them and systemd restarts the agent.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval_s)
 
     async def _connect_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         backoff = Backoff(cap_s=self.config.max_backoff_s)
@@ -134,6 +155,10 @@ class Agent:
                 if time.monotonic() - started > HEALTHY_SESSION_S:
                     backoff.reset()
                 delay = backoff.next_delay()
+                self.notifier.status(
+                    f"orchestrator {self.config.orchestrator} unreachable ({error.code().name}); "
+                    f"retrying in {delay:.0f} s; serving {len(self.host.list())} models"
+                )
                 log.warning(
                     "connection to orchestrator %s failed (%s: %s); retrying in %.1f s",
                     self.config.orchestrator,
@@ -162,7 +187,9 @@ class Agent:
             save_identity(self.config.state_dir, self.identity)
             self.downloader.device_id = response.device_id
         log.info("registered as device_id=%s with orchestrator %s", self.device_id, self.config.orchestrator)
-        self.ready.set()
+        self._mark_ready(
+            f"connected to {self.config.orchestrator} as {self.device_id}; serving {len(self.host.list())} models"
+        )
 
         self._outbox = asyncio.Queue()
         call = stub.Control()

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from edgefleet.common.systemd import Notifier
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
@@ -128,6 +129,11 @@ async def serve(config: OrchestratorConfig) -> None:
     A second SIGINT during shutdown exits at once.
     """
     running = await start_server(config)
+    notifier = Notifier()
+    notifier.ready(f"serving on port {running.port}")
+    watchdog = None
+    if notifier.watchdog_interval_s is not None:
+        watchdog = asyncio.create_task(_watchdog_forever(notifier, notifier.watchdog_interval_s, running.state.hub))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -144,4 +150,15 @@ async def serve(config: OrchestratorConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
+    notifier.stopping()
+    if watchdog is not None:
+        watchdog.cancel()
     await running.stop(config.shutdown_grace_s)
+    notifier.close()
+
+
+async def _watchdog_forever(notifier: Notifier, interval_s: float, hub: FleetHub) -> None:
+    while True:
+        notifier.watchdog()
+        notifier.status(f"{len(hub.sessions)} control streams open")
+        await asyncio.sleep(interval_s)
