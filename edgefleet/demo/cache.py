@@ -19,7 +19,7 @@ CACHE_ENV = "EDGEFLEET_CACHE"
 SIDECAR_SUFFIX = ".json"
 _PARTIAL_SUFFIX = ".partial"
 _CHUNK_BYTES = 1 << 20
-# mkstemp creates files readable by the owner only; cached models are shared with other users and containers.
+# mkstemp creates files readable by the owner only, but cached models are shared with other users.
 _FILE_MODE = 0o644
 
 
@@ -39,7 +39,7 @@ class CachedFile:
 def default_cache_dir() -> Path:
     """Return `$EDGEFLEET_CACHE`, else `<repo>/.cache/edgefleet` in a source checkout, else the user cache.
 
-    The user cache is `$XDG_CACHE_HOME/edgefleet` or `~/.cache/edgefleet`; it is used when the package is
+    The user cache is `$XDG_CACHE_HOME/edgefleet` or `~/.cache/edgefleet`. It is used when the package is
     installed outside a checkout, so that nothing is written into site-packages.
     """
     configured = os.environ.get(CACHE_ENV)
@@ -122,7 +122,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _remove_partials(path: Path) -> None:
-    # Leftovers of a builder that was killed; only called with the entry's lock held.
+    # Removes the leftovers of a killed builder. Callers hold the lock of the entry.
     for leftover in path.parent.glob(f".{path.name}.*{_PARTIAL_SUFFIX}"):
         leftover.unlink(missing_ok=True)
 

@@ -61,8 +61,8 @@ def _loader(function_name: str) -> Callable[[object], np.ndarray]:
     return load
 
 
-# Every colour photo bundled in the scikit-image wheel; its other colour images are synthetic (colorwheel,
-# logo) or are fetched from the network on first use (skin, lily), which the demo must not do.
+# Every colour photo bundled in the scikit-image wheel. Its other colour images are synthetic (colorwheel,
+# logo) or downloaded on first use (skin, lily), which the demo must not do.
 _PHOTOS: tuple[tuple[str, Callable[[object], np.ndarray], frozenset[int], str], ...] = (
     ("chelsea", _loader("chelsea"), frozenset(range(281, 286)), "Chelsea the cat, a tabby"),
     ("coffee", _loader("coffee"), frozenset({504, 967, 968}), "a cup of coffee on a saucer"),

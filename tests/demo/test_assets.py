@@ -336,7 +336,7 @@ def test_mediapipe_models_run(mediapipe_cache: Path) -> None:
 
 
 def test_face_detector_prefers_astronaut(mediapipe_cache: Path) -> None:
-    # BlazeFace takes RGB in [-1, 1]; only the astronaut portrait has a frontal face.
+    # BlazeFace takes RGB in [-1, 1]. Only the astronaut portrait shows a frontal face.
     interpreter = Interpreter(model_path=str(assets.mediapipe_tflite(mediapipe_cache, "face_detector")))
     interpreter.allocate_tensors()
     input_index = interpreter.get_input_details()[0]["index"]
