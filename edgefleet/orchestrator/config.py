@@ -17,6 +17,9 @@ HELP = {
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
     "shutdown_grace_s": "seconds that open calls get to finish on SIGTERM",
+    "metrics_listen": "HOST:PORT for Prometheus /metrics; empty disables it, port 0 picks a free port",
+    "metrics_port_file": "write the bound /metrics port to this file once serving",
+    "metrics_lookback_s": "seconds of latency windows that /metrics merges into quantiles",
 }
 
 
@@ -33,6 +36,9 @@ class OrchestratorConfig:
     log_level: str = "info"
     log_format: str = "text"
     shutdown_grace_s: float = 5.0
+    metrics_listen: str = ""
+    metrics_port_file: Path | None = None
+    metrics_lookback_s: float = 300.0
 
     @property
     def db_url(self) -> str:

@@ -67,6 +67,7 @@ class RunningServer:
             await asyncio.to_thread(self.state.hub.flush)
         except Exception:
             log.exception("final flush of last-seen times failed")
+        self.state.telemetry.close()
         self.state.store.close()
         log.info("orchestrator stopped")
 
@@ -92,6 +93,12 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     hub = FleetHub(store, stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s)
     hub.loop = asyncio.get_running_loop()
     state = OrchestratorState(config=config, store=store, hub=hub, artifacts=artifacts)
+    state.telemetry.attach(state, config.metrics_lookback_s)
+    if config.metrics_listen:
+        metrics_port = state.telemetry.serve(config.metrics_listen)
+        if config.metrics_port_file is not None:
+            config.metrics_port_file.write_text(f"{metrics_port}\n")
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_listen.rpartition(":")[0], metrics_port)
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state), server)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
 from edgefleet.orchestrator.store.base import Store
+from edgefleet.orchestrator.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.artifacts import ArtifactStore
@@ -19,3 +20,4 @@ class OrchestratorState:
     store: Store
     hub: FleetHub
     artifacts: ArtifactStore
+    telemetry: Telemetry = field(default_factory=Telemetry)

@@ -86,6 +86,7 @@ async def upload_model(
     try:
         upload = assembler.begin(size_bytes=header.size_bytes, sha256=header.sha256, suffix=suffix)
     except UploadError as error:
+        state.telemetry.uploads.labels("rejected").inc()
         raise upload_error(error) from None
     with upload:
         try:
@@ -95,7 +96,9 @@ async def upload_model(
                 await asyncio.to_thread(upload.write, request.chunk)
             result = await asyncio.to_thread(upload.commit)
         except UploadError as error:
+            state.telemetry.uploads.labels("rejected").inc()
             raise upload_error(error) from None
+    state.telemetry.uploads.labels("stored").inc()
 
     metadata = result.validation
     now = datetime.now(UTC)

@@ -52,6 +52,7 @@ def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer:
             now=datetime.now(UTC),
         )
     except IdentityMismatchError:
+        state.telemetry.rejected_registrations.labels("identity_conflict").inc()
         log.warning(
             "rejected registration of device_id=%s from %s: the id is registered with another instance key",
             device_id,
@@ -62,6 +63,7 @@ def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer:
             "if this is a re-imaged device, remove the old device or give this one a new id"
         ) from None
     state.hub.heartbeat(device.device_id)
+    state.telemetry.registrations.inc()
     log.info(
         "registered device_id=%s class=%s profile=%s from %s",
         device.device_id,

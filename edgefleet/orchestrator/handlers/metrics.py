@@ -44,6 +44,10 @@ def upload_metrics(
         for i, w in enumerate(request.windows)
     ]
     stored = state.store.add_metric_batch(device.device_id, request.batch_id, windows)
+    state.telemetry.metric_batches.labels("stored" if stored else "duplicate").inc()
+    if stored:
+        state.telemetry.metric_windows.inc(len(windows))
+        state.telemetry.inferences_reported.inc(sum(w.inference_count for w in windows))
     skewed = [
         w
         for w in windows

@@ -52,8 +52,7 @@ def normalize_url(url: str) -> URL:
             return parsed.set(drivername="postgresql+psycopg")
         if driver != "psycopg":
             raise ValueError(
-                f"unsupported PostgreSQL driver {driver!r} in {parsed.render_as_string()!r}; "
-                "use postgresql+psycopg://"
+                f"unsupported PostgreSQL driver {driver!r} in {parsed.render_as_string()!r}; use postgresql+psycopg://"
             )
         return parsed
     raise ValueError(
@@ -108,10 +107,8 @@ def _create_sqlite_engine(url: URL) -> Engine:
 def alembic_config() -> Config:
     """Return an Alembic configuration that points at the migrations shipped in this package."""
     migrations = resources.files("edgefleet.orchestrator.store") / "migrations"
-    ini_path = Path(str(migrations / "alembic.ini"))
-    config = Config(str(ini_path))
-    config.set_main_option("script_location", str(ini_path.parent))
-    return config
+    # The file sets script_location to its own directory.
+    return Config(str(migrations / "alembic.ini"))
 
 
 def upgrade_to_head(engine: Engine) -> None:

@@ -141,9 +141,7 @@ variants = sa.Table(
     # Not a foreign key: "" means no parent, as in the domain record.
     sa.Column("parent_variant_id", sa.String, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
-    sa.ForeignKeyConstraint(
-        ["model_name", "model_version"], ["model_versions.name", "model_versions.version"]
-    ),
+    sa.ForeignKeyConstraint(["model_name", "model_version"], ["model_versions.name", "model_versions.version"]),
     # Variants are listed per model version; the index also serves the foreign key.
     sa.Index(None, "model_name", "model_version", "created_at"),
 )

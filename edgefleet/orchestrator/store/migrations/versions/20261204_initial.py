@@ -105,9 +105,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_identity_conflicts")),
     )
-    op.create_index(
-        op.f("ix_identity_conflicts_device_id_seen_at"), "identity_conflicts", ["device_id", "seen_at"]
-    )
+    op.create_index(op.f("ix_identity_conflicts_device_id_seen_at"), "identity_conflicts", ["device_id", "seen_at"])
 
     op.create_table(
         "metric_batches",
@@ -145,20 +143,14 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_metric_windows")),
     )
-    op.create_index(
-        op.f("ix_metric_windows_device_id_window_start"), "metric_windows", ["device_id", "window_start"]
-    )
+    op.create_index(op.f("ix_metric_windows_device_id_window_start"), "metric_windows", ["device_id", "window_start"])
     op.create_index(
         op.f("ix_metric_windows_hardware_class_window_start"),
         "metric_windows",
         ["hardware_class", "window_start"],
     )
-    op.create_index(
-        op.f("ix_metric_windows_model_name_window_start"), "metric_windows", ["model_name", "window_start"]
-    )
-    op.create_index(
-        op.f("ix_metric_windows_variant_id_window_start"), "metric_windows", ["variant_id", "window_start"]
-    )
+    op.create_index(op.f("ix_metric_windows_model_name_window_start"), "metric_windows", ["model_name", "window_start"])
+    op.create_index(op.f("ix_metric_windows_variant_id_window_start"), "metric_windows", ["variant_id", "window_start"])
     op.create_index(op.f("ix_metric_windows_window_start"), "metric_windows", ["window_start"])
 
     op.create_table(

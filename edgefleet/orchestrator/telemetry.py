@@ -1,0 +1,138 @@
+"""Prometheus metrics of the orchestrator: fleet gauges, ingest counters and fleet latency quantiles."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as Tally
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edgefleet.common.sketch import LatencySketch
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from edgefleet.orchestrator.state import OrchestratorState
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+class Telemetry:
+    """Counters that handlers increment, plus a collector that reads fleet state at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.registrations = Counter(
+            "edgefleet_registrations", "Device registrations accepted", registry=self.registry
+        )
+        self.rejected_registrations = Counter(
+            "edgefleet_rejected_registrations", "Device registrations rejected", ["reason"], registry=self.registry
+        )
+        self.metric_batches = Counter(
+            "edgefleet_metric_batches", "Metric batches received from agents", ["result"], registry=self.registry
+        )
+        self.metric_windows = Counter(
+            "edgefleet_metric_windows", "Metric windows stored", registry=self.registry
+        )
+        self.inferences_reported = Counter(
+            "edgefleet_inferences_reported", "Inferences counted in stored metric windows", registry=self.registry
+        )
+        self.uploads = Counter("edgefleet_model_uploads", "Model uploads", ["result"], registry=self.registry)
+        self._server: WSGIServer | None = None
+
+    def attach(self, state: OrchestratorState, lookback_s: float) -> None:
+        """Register the collector that reads devices and latency windows from the store at each scrape."""
+        self.registry.register(FleetCollector(state, lookback_s))
+
+    def serve(self, address: str) -> int:
+        """Serve /metrics on HOST:PORT in a daemon thread; return the bound port."""
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"invalid metrics listen address {address!r}; expected HOST:PORT")
+        server, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class FleetCollector(Collector):
+    """Reads fleet state when Prometheus scrapes, so the figures are never older than the scrape."""
+
+    def __init__(self, state: OrchestratorState, lookback_s: float, now: Callable[[], datetime] | None = None) -> None:
+        self.state = state
+        self.lookback_s = lookback_s
+        self.now = now or (lambda: datetime.now(UTC))
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._devices()
+            yield from self._latency()
+        except Exception:
+            # A failed scrape must not take the exporter down; the error is in the log.
+            log.exception("collecting fleet metrics for /metrics failed")
+
+    def _devices(self) -> Iterator[Metric]:
+        devices = self.state.store.list_devices()
+        by_status: Tally[tuple[str, str]] = Tally()
+        for device in devices:
+            by_status[(self.state.hub.status_of(device), device.hardware.hardware_class)] += 1
+        gauge = GaugeMetricFamily(
+            "edgefleet_devices", "Devices by status and hardware class", labels=["status", "hardware_class"]
+        )
+        for (status, hardware_class), count in sorted(by_status.items()):
+            gauge.add_metric([status, hardware_class], count)
+        yield gauge
+        streams = GaugeMetricFamily("edgefleet_control_streams", "Control streams open on this orchestrator")
+        streams.add_metric([], len(self.state.hub.sessions))
+        yield streams
+
+    def _latency(self) -> Iterator[Metric]:
+        start = self.now() - timedelta(seconds=self.lookback_s)
+        windows = self.state.store.query_metric_windows(start=start)
+        sketches: dict[tuple[str, str], LatencySketch] = defaultdict(LatencySketch)
+        counts: Tally[tuple[str, str]] = Tally()
+        errors: Tally[tuple[str, str]] = Tally()
+        for window in windows:
+            key = (window.model_name, window.variant_id)
+            sketches[key].merge(LatencySketch.from_bytes(window.sketch))
+            counts[key] += window.inference_count
+            errors[key] += window.error_count
+        labels = ["model", "variant"]
+        latency = GaugeMetricFamily(
+            "edgefleet_inference_latency_ms",
+            f"Inference latency quantiles over the last {self.lookback_s:g} s, merged from device sketches",
+            labels=[*labels, "quantile"],
+        )
+        rate = GaugeMetricFamily(
+            "edgefleet_inferences_per_second",
+            f"Inferences per second over the last {self.lookback_s:g} s",
+            labels=labels,
+        )
+        error_rate = GaugeMetricFamily(
+            "edgefleet_inference_errors_per_second",
+            f"Failed inferences per second over the last {self.lookback_s:g} s",
+            labels=labels,
+        )
+        for key in sorted(sketches):
+            sketch = sketches[key]
+            if sketch.count:
+                for q in QUANTILES:
+                    latency.add_metric([*key, f"{q:g}"], sketch.quantile(q))
+            rate.add_metric(list(key), counts[key] / self.lookback_s)
+            error_rate.add_metric(list(key), errors[key] / self.lookback_s)
+        yield latency
+        yield rate
+        yield error_rate
