@@ -69,9 +69,7 @@ class PostgresCluster:
         return ["runuser", "-u", self._run_as, "--", *args]
 
     def _run(self, *args: str) -> None:
-        result = subprocess.run(
-            self._command(*args), capture_output=True, text=True, timeout=120, check=False
-        )
+        result = subprocess.run(self._command(*args), capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(args)} failed with exit code {result.returncode}:\n"
@@ -162,18 +160,14 @@ class PostgresCluster:
         """Create a database, copied from template, and return its URL."""
         with self._admin() as connection:
             connection.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(template)
-                )
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template))
             )
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
         """Drop a database, ending the sessions still connected to it."""
         with self._admin() as connection:
-            connection.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     def truncate_tables(self, database: str, keep: tuple[str, ...] = ("alembic_version",)) -> None:
         """Empty every table in the public schema of database except keep, and reset its sequences."""
@@ -182,9 +176,7 @@ class PostgresCluster:
         ) as connection:
             names = [
                 name
-                for (name,) in connection.execute(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-                )
+                for (name,) in connection.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
                 if name not in keep
             ]
             if names:

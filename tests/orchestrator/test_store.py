@@ -16,6 +16,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pg import find_postgres_bin
 
 from edgefleet.common.hardware import Accelerator, HardwareProfile, RuntimeInfo
 from edgefleet.common.models import ModelMetadata, TensorSpec
@@ -49,9 +50,7 @@ def _profile(**changes: Any) -> HardwareProfile:
         memory_available_bytes=6 << 30,
         disk_free_bytes=20 << 30,
         accelerators=(
-            Accelerator(
-                kind="npu", vendor="rockchip", name="rknpu", device_path="/dev/rknpu", memory_bytes=1 << 20
-            ),
+            Accelerator(kind="npu", vendor="rockchip", name="rknpu", device_path="/dev/rknpu", memory_bytes=1 << 20),
         ),
         runtimes=(
             RuntimeInfo(name="onnxruntime", version="1.32.0", providers=("CPUExecutionProvider",)),
@@ -68,11 +67,7 @@ def _profile(**changes: Any) -> HardwareProfile:
 def _metadata(precision: str = "fp32") -> ModelMetadata:
     return ModelMetadata(
         format="onnx",
-        inputs=(
-            TensorSpec(
-                name="image", dtype="float32", shape=(-1, 3, 224, 224), dim_names=("batch", "", "", "")
-            ),
-        ),
+        inputs=(TensorSpec(name="image", dtype="float32", shape=(-1, 3, 224, 224), dim_names=("batch", "", "", "")),),
         outputs=(TensorSpec(name="logits", dtype="int8", shape=(-1, 1000), scale=0.05, zero_point=-3),),
         opset=17,
         parameters=4_650_000,
@@ -84,9 +79,7 @@ def _metadata(precision: str = "fp32") -> ModelMetadata:
     )
 
 
-def _model(
-    version: str = "1", digest: str = "sha256:" + "1" * 64, created_at: datetime = NOW
-) -> ModelVersion:
+def _model(version: str = "1", digest: str = "sha256:" + "1" * 64, created_at: datetime = NOW) -> ModelVersion:
     return ModelVersion(
         name="effnet",
         version=version,
@@ -112,9 +105,7 @@ def _variant(variant_id: str = "effnet-1-source", version: str = "1", **changes:
     return dataclasses.replace(variant, **changes)
 
 
-def _register(
-    store: Store, device_id: str = "dev-1", key: str = KEY_A, now: datetime = NOW, **changes: Any
-) -> Any:
+def _register(store: Store, device_id: str = "dev-1", key: str = KEY_A, now: datetime = NOW, **changes: Any) -> Any:
     arguments: dict[str, Any] = {
         "device_id": device_id,
         "instance_key_hash": key,
@@ -233,6 +224,22 @@ def test_codec_canonical_key_order() -> None:
 def test_codec_identity_ignores_volatile() -> None:
     changed = _profile(memory_available_bytes=1, disk_free_bytes=2)
     assert codec.hardware_identity(changed) == codec.hardware_identity(_profile())
+
+
+# Test cluster helper
+
+
+def test_find_postgres_bin_newest(tmp_path: Path) -> None:
+    for version in ("9.6", "13", "15", "notaversion"):
+        bin_dir = tmp_path / version / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "initdb").touch()
+    (tmp_path / "16").mkdir()  # No initdb: a leftover directory, not an installation.
+    assert find_postgres_bin(tmp_path) == tmp_path / "15" / "bin"
+
+
+def test_find_postgres_bin_absent(tmp_path: Path) -> None:
+    assert find_postgres_bin(tmp_path / "missing") is None
 
 
 # Opening and migrations
@@ -431,6 +438,36 @@ def test_identity_conflicts_filter(store: Store) -> None:
     assert len(store.list_identity_conflicts()) == 3
 
 
+def test_register_race_same_key(store: Store) -> None:
+    barrier = threading.Barrier(8)
+
+    def register(index: int) -> None:
+        barrier.wait()
+        _register(store, "dev-raced", now=NOW + timedelta(seconds=index))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(register, range(8)))
+    assert len(store.list_devices()) == 1
+    assert len(store.hardware_history("dev-raced")) == 1
+
+
+def test_register_race_other_keys(store: Store) -> None:
+    barrier = threading.Barrier(8)
+
+    def register(index: int) -> bool:
+        barrier.wait()
+        try:
+            _register(store, "dev-raced", key=f"{index:02d}" * 32)
+        except IdentityMismatchError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(register, range(8)))
+    assert results.count(True) == 1
+    assert len(store.list_identity_conflicts("dev-raced")) == 7
+
+
 def test_register_invalid_stores_nothing(store: Store) -> None:
     with pytest.raises(ValueError, match="time zone"):
         _register(store, now=datetime(2026, 3, 1, 12, 0))
@@ -523,9 +560,7 @@ def test_add_model_version_idempotent(store: Store) -> None:
 def test_add_model_version_other_digest(store: Store) -> None:
     store.add_model_version(_model(), _variant())
     with pytest.raises(AlreadyExistsError, match="effnet:1"):
-        store.add_model_version(
-            _model(digest="sha256:" + "2" * 64), _variant("other", digest="sha256:" + "2" * 64)
-        )
+        store.add_model_version(_model(digest="sha256:" + "2" * 64), _variant("other", digest="sha256:" + "2" * 64))
     assert store.get_model_version("effnet", "1").digest == "sha256:" + "1" * 64
     assert [variant.variant_id for variant in store.list_variants("effnet")] == ["effnet-1-source"]
 
@@ -545,9 +580,7 @@ def test_add_model_version_duplicate_variant(store: Store) -> None:
 
 def test_model_version_latest_by_creation(store: Store) -> None:
     store.add_model_version(_model("2", created_at=NOW), _variant("v2", version="2"))
-    store.add_model_version(
-        _model("1.5", created_at=NOW + timedelta(hours=1)), _variant("v15", version="1.5")
-    )
+    store.add_model_version(_model("1.5", created_at=NOW + timedelta(hours=1)), _variant("v15", version="1.5"))
     assert store.get_model_version("effnet").version == "1.5"
 
 
@@ -744,9 +777,7 @@ def test_save_reported_state_unknown(store: Store) -> None:
         store.save_reported_state("ghost", 1, [], NOW)
 
 
-@pytest.mark.parametrize(
-    "status", [_status(state="exploded"), _status(device_id="dev-2")], ids=["state", "device"]
-)
+@pytest.mark.parametrize("status", [_status(state="exploded"), _status(device_id="dev-2")], ids=["state", "device"])
 def test_save_reported_state_invalid(store: Store, status: ModelStatus) -> None:
     _register(store)
     store.save_reported_state("dev-1", 1, [_status()], NOW)
