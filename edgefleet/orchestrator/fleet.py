@@ -129,15 +129,18 @@ class FleetHub:
         return len(pending)
 
     def status_of(self, device: Device, now: datetime | None = None) -> str:
-        """Derive online, stale or offline from the newest heartbeat and whether a stream is open."""
+        """Derive online, stale or offline from the newest heartbeat and whether a stream is open.
+
+        A device without an open stream is offline however recently it was seen, as DeviceStatus in
+        the API defines it.
+        """
         now = now or datetime.now(UTC)
         seen = self.last_seen.get(device.device_id) or device.last_seen
-        if seen is None:
+        if seen is None or device.device_id not in self.sessions:
             return "offline"
         age = (now - seen).total_seconds()
-        connected = device.device_id in self.sessions
-        if connected and age <= self.stale_after_s:
+        if age <= self.stale_after_s:
             return "online"
-        if age <= (self.offline_after_s if connected else self.stale_after_s):
+        if age <= self.offline_after_s:
             return "stale"
         return "offline"
