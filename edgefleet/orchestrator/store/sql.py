@@ -115,7 +115,8 @@ class SqlStore(Store):
             )
             raise IdentityMismatchError(
                 f"device {device_id!r} is registered with another instance key (presented key "
-                f"{conflict.key_fingerprint}); reinstall the agent's original key or remove the device"
+                f"{conflict.key_fingerprint}); restore the agent's original instance key or register "
+                "under a new device id"
             )
         assert device is not None
         return device
