@@ -398,6 +398,46 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
     emit(rows, args.output, render)
 
 
+def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
+    from edgefleet.cli.plot import plot_latency
+
+    filters = {
+        "device_id": args.device or "",
+        "model_name": args.model or "",
+        "variant_id": args.variant or "",
+        "hardware_class": args.hardware_class or "",
+    }
+    if not any(filters.values()):
+        raise CliError("name what to plot: --device, --model, --variant or --hardware-class", EXIT_USAGE)
+    bucket = parse_duration(args.bucket)
+    series_request = operator_pb2.QueryMetricsRequest(bucket_seconds=bucket)
+    overall_request = operator_pb2.QueryMetricsRequest(include_sketch=True)
+    for request in (series_request, overall_request):
+        for name, value in filters.items():
+            setattr(request, name, value)
+        request.start.FromDatetime(parse_time(args.since))
+    series = client.call("QueryMetrics", series_request).rows
+    overall = client.call("QueryMetrics", overall_request).rows
+    if not overall or not overall[0].inference_count:
+        raise CliError(f"no latency windows match {filters_text(filters)} since {args.since}", EXIT_NOT_FOUND)
+    path = plot_latency(list(series), overall[0], filters_text(filters), args.out)
+    print(f"wrote {path} ({overall[0].inference_count} inferences in {len(series)} buckets of {bucket} s)")
+
+
+def filters_text(filters: dict[str, str]) -> str:
+    return ", ".join(
+        f"{key.removesuffix('_id').removesuffix('_name')}={value}" for key, value in filters.items() if value
+    )
+
+
+def parse_duration(value: str) -> int:
+    """Parse 10s, 5m or 1h into whole seconds; raise CliError for anything else."""
+    match = re.fullmatch(r"(\d+)([smh]?)", value)
+    if not match or int(match.group(1)) == 0:
+        raise CliError(f"invalid duration {value!r}: use a positive number of seconds, or 10s, 5m, 1h", EXIT_USAGE)
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.demo.run import run_demo
 
@@ -479,6 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_query)
+
+    sub = metrics.add_parser("plot", help="write a PNG of latency over time and of its distribution")
+    sub.add_argument("--device")
+    sub.add_argument("--model")
+    sub.add_argument("--variant")
+    sub.add_argument("--hardware-class")
+    sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
+    sub.add_argument("--bucket", default="10s", help="time bucket of the series: 10s, 1m, 5m (default 10s)")
+    sub.add_argument("--out", type=Path, default=Path("latency.png"), help="PNG file to write (default latency.png)")
+    sub.set_defaults(handler=cmd_metrics_plot)
 
     sub = nouns.add_parser("demo", help="run the demo fleet on real models (orchestrator and three agents)")
     sub.add_argument("--report", type=Path, help="also write the figures as JSON to this file")

@@ -516,7 +516,7 @@ class UpdateRolloutRequest(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ..., action: _Optional[_Union[RolloutAction, str]] = ...) -> None: ...
 
 class QueryMetricsRequest(_message.Message):
-    __slots__ = ("device_id", "model_name", "variant_id", "hardware_class", "start", "end", "group_by")
+    __slots__ = ("device_id", "model_name", "variant_id", "hardware_class", "start", "end", "group_by", "bucket_seconds", "include_sketch")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -524,6 +524,8 @@ class QueryMetricsRequest(_message.Message):
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SKETCH_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model_name: str
     variant_id: str
@@ -531,10 +533,12 @@ class QueryMetricsRequest(_message.Message):
     start: _timestamp_pb2.Timestamp
     end: _timestamp_pb2.Timestamp
     group_by: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., variant_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ...) -> None: ...
+    bucket_seconds: int
+    include_sketch: bool
+    def __init__(self, device_id: _Optional[str] = ..., model_name: _Optional[str] = ..., variant_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ..., bucket_seconds: _Optional[int] = ..., include_sketch: _Optional[bool] = ...) -> None: ...
 
 class MetricRow(_message.Message):
-    __slots__ = ("group", "inference_count", "error_count", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "first_window", "last_window")
+    __slots__ = ("group", "inference_count", "error_count", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "first_window", "last_window", "latency")
     class GroupEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -552,6 +556,7 @@ class MetricRow(_message.Message):
     MEAN_MS_FIELD_NUMBER: _ClassVar[int]
     FIRST_WINDOW_FIELD_NUMBER: _ClassVar[int]
     LAST_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
     group: _containers.ScalarMap[str, str]
     inference_count: int
     error_count: int
@@ -562,7 +567,8 @@ class MetricRow(_message.Message):
     mean_ms: float
     first_window: _timestamp_pb2.Timestamp
     last_window: _timestamp_pb2.Timestamp
-    def __init__(self, group: _Optional[_Mapping[str, str]] = ..., inference_count: _Optional[int] = ..., error_count: _Optional[int] = ..., throughput_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ..., first_window: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_window: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    latency: _common_pb2.LatencySketch
+    def __init__(self, group: _Optional[_Mapping[str, str]] = ..., inference_count: _Optional[int] = ..., error_count: _Optional[int] = ..., throughput_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_ms: _Optional[float] = ..., first_window: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_window: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latency: _Optional[_Union[_common_pb2.LatencySketch, _Mapping]] = ...) -> None: ...
 
 class QueryMetricsResponse(_message.Message):
     __slots__ = ("rows",)

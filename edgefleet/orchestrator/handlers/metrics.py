@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 MAX_WINDOWS_PER_BATCH = 1000
 MAX_WINDOW_SECONDS = 3600
 GROUP_KEYS = ("device", "model", "variant", "hardware_class")
+MAX_BUCKETS = 10_000
 # A device clock this far from the orchestrator's is logged; queries use the device's window start.
 CLOCK_SKEW_WARNING = timedelta(minutes=5)
 
@@ -103,14 +104,18 @@ def _window_from_proto(
     )
 
 
-def _group_key(window: MetricWindow, keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _group_key(window: MetricWindow, keys: tuple[str, ...], bucket_seconds: int) -> tuple[tuple[str, str], ...]:
     values = {
         "device": window.device_id,
         "model": window.model_name,
         "variant": window.variant_id,
         "hardware_class": window.hardware_class,
     }
-    return tuple((key, values[key]) for key in keys)
+    key = tuple((name, values[name]) for name in keys)
+    if bucket_seconds:
+        start = int(window.window_start.timestamp()) // bucket_seconds * bucket_seconds
+        key += (("time", datetime.fromtimestamp(start, UTC).isoformat()),)
+    return key
 
 
 def query_metrics(
@@ -134,15 +139,21 @@ def query_metrics(
         start=start,
         end=end,
     )
+    if request.bucket_seconds > MAX_WINDOW_SECONDS * 24:
+        raise InvalidArgument("bucket_seconds", f"{request.bucket_seconds} is over {MAX_WINDOW_SECONDS * 24}")
     keys = tuple(dict.fromkeys(request.group_by))
     groups: dict[tuple[tuple[str, str], ...], list[MetricWindow]] = defaultdict(list)
     for window in windows:
-        groups[_group_key(window, keys)].append(window)
-    rows = [_row(dict(group), members) for group, members in sorted(groups.items())]
+        groups[_group_key(window, keys, request.bucket_seconds)].append(window)
+    if len(groups) > MAX_BUCKETS:
+        raise ResourceExhausted(
+            f"query would return {len(groups)} rows; at most {MAX_BUCKETS}: use larger buckets or a shorter range"
+        )
+    rows = [_row(dict(group), members, request.include_sketch) for group, members in sorted(groups.items())]
     return operator_pb2.QueryMetricsResponse(rows=rows)
 
 
-def _row(group: dict[str, str], windows: list[MetricWindow]) -> operator_pb2.MetricRow:
+def _row(group: dict[str, str], windows: list[MetricWindow], include_sketch: bool) -> operator_pb2.MetricRow:
     sketch = LatencySketch()
     for window in windows:
         sketch.merge(LatencySketch.from_bytes(window.sketch))
@@ -155,7 +166,7 @@ def _row(group: dict[str, str], windows: list[MetricWindow]) -> operator_pb2.Met
     inferences = sum(w.inference_count for w in windows)
     span = max(sum(busy_seconds.values()) / max(len(busy_seconds), 1), 1e-9)
     empty = sketch.count == 0
-    return operator_pb2.MetricRow(
+    row = operator_pb2.MetricRow(
         group=group,
         inference_count=inferences,
         error_count=sum(w.error_count for w in windows),
@@ -167,3 +178,6 @@ def _row(group: dict[str, str], windows: list[MetricWindow]) -> operator_pb2.Met
         first_window=timestamp(first),
         last_window=timestamp(last_end),
     )
+    if include_sketch:
+        row.latency.CopyFrom(sketch.to_proto())
+    return row
