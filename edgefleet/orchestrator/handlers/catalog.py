@@ -40,6 +40,9 @@ def variant_id_for(name: str, version: str, kind: str) -> str:
 def upload_error(error: UploadError) -> EdgefleetError:
     """Map an artifact-store upload error to the catalog's status codes."""
     if isinstance(error, UploadValidationError):
+        if isinstance(error.__cause__, EdgefleetError):
+            # The validation callback's own catalog checks, such as a version conflict, keep their code.
+            return error.__cause__
         # A file that is not a usable model is bad input from the caller.
         return InvalidArgument("file", str(error).removeprefix("uploaded file was rejected: "))
     return EdgefleetError(str(error), code=error.status_code)
