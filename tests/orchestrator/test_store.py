@@ -32,7 +32,7 @@ from edgefleet.orchestrator.store import (
 )
 from edgefleet.orchestrator.store.engine import alembic_config, create_store_engine
 from edgefleet.orchestrator.store.sql import SqlStore
-from edgefleet.orchestrator.store.tables import metadata as store_metadata
+from edgefleet.orchestrator.store.schema import metadata as store_metadata
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 KEY_A = "a1" * 32

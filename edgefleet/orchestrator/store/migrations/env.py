@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from edgefleet.orchestrator.store.engine import create_store_engine
-from edgefleet.orchestrator.store.tables import metadata
+from edgefleet.orchestrator.store.schema import metadata
 
 
 def _run(connection: Connection) -> None:

@@ -1,0 +1,23 @@
+"""Add compression jobs.
+
+Revision ID: 20261204_jobs
+Revises: 20261204_initial
+Create Date: 2026-12-04 20:40:00+00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+revision: str = "20261204_jobs"
+down_revision: str | Sequence[str] | None = "20261204_initial"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
