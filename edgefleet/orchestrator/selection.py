@@ -1,0 +1,218 @@
+"""Choose the variant of a model that each device runs, from predicted latency, memory and accuracy."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edgefleet.common.hardware import HardwareProfile, hardware_class_of
+from edgefleet.orchestrator.costmodel.features import FORMAT_RUNTIMES
+from edgefleet.orchestrator.costmodel.predictor import Prediction
+from edgefleet.orchestrator.domain import Device, Variant
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+# Reasons a candidate carries, as the first word of Candidate.reason.
+CHOSEN = "chosen"
+GATE_REJECTED = "rejected by the gate"
+NOT_RUNNABLE = "format not runnable"
+OVER_MEMORY = "memory over the device's memory"
+OVER_BUDGET = "predicted p95 over the budget"
+LESS_ACCURATE = "less accurate than the chosen one"
+SLOWER = "slower than the chosen one at equal accuracy"
+
+
+class Predictor(Protocol):
+    """Predicts a variant's latency and memory on a device, choosing the thread count when threads is None."""
+
+    def predict(self, hardware: HardwareProfile, variant: Variant, threads: int | None = None) -> Prediction: ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant as the selection saw it: its prediction and why it was chosen or excluded."""
+
+    variant: Variant
+    predicted_p50_ms: float  # NaN when the variant was excluded before prediction.
+    predicted_p95_ms: float
+    predicted_memory_bytes: int
+    threads: int
+    chosen: bool
+    reason: str
+    basis: str = ""  # The prediction's basis: "analytic", "calibrated" or "measured".
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The variant chosen for one device (None when no variant qualifies) and every candidate."""
+
+    chosen: Variant | None
+    threads: int  # Threads for the assignment; 0 when nothing was chosen.
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        """The chosen candidate's reason, or why nothing was chosen."""
+        for candidate in self.candidates:
+            if candidate.chosen:
+                return candidate.reason
+        if not self.candidates:
+            return "the model has no variants"
+        return "no variant qualifies: " + "; ".join(f"{c.variant.variant_id}: {c.reason}" for c in self.candidates)
+
+
+def runnable_formats(hardware: HardwareProfile) -> list[str]:
+    """Return the model formats the device's runtimes execute, in the order of its runtimes."""
+    runtimes = {name: fmt for fmt, name in FORMAT_RUNTIMES.items()}
+    return [runtimes[r.name] for r in hardware.runtimes if r.name in runtimes]
+
+
+def accuracy_rank(variant: Variant, variants: Sequence[Variant]) -> float:
+    """Return the accuracy a variant ranks by; -1 when it was not measured.
+
+    A source variant without a measured accuracy ranks as 1.0 when the other variants measure
+    top-1 agreement with the source, because the source agrees with itself on every sample.
+    """
+    if variant.accuracy is not None and not math.isnan(variant.accuracy):
+        return variant.accuracy
+    if variant.kind == "source" and any(v.accuracy_metric == "top1_agreement" for v in variants):
+        return 1.0
+    return -1.0
+
+
+def _describe_accuracy(value: float) -> str:
+    return "unmeasured" if value < 0 else f"{value:.4f}"
+
+
+def _excluded(variant: Variant, reason: str, prediction: Prediction | None = None) -> Candidate:
+    return Candidate(
+        variant=variant,
+        predicted_p50_ms=prediction.p50_ms if prediction else math.nan,
+        predicted_p95_ms=prediction.p95_ms if prediction else math.nan,
+        predicted_memory_bytes=prediction.memory_bytes if prediction else 0,
+        threads=prediction.threads if prediction else 0,
+        chosen=False,
+        reason=reason,
+        basis=prediction.basis if prediction else "",
+    )
+
+
+def select_for_hardware(
+    hardware: HardwareProfile,
+    variants: Sequence[Variant],
+    *,
+    budget_ms: float | None,
+    predictor: Predictor,
+) -> Selection:
+    """Select a variant for any device with this hardware profile; see select_variant for the rule."""
+    if budget_ms is not None and not (budget_ms > 0):
+        raise ValueError(f"budget_ms must be positive or None for no budget, got {budget_ms!r}")
+    formats = runnable_formats(hardware)
+    memory = hardware.memory_total_bytes
+    qualified: list[tuple[Variant, Prediction, float]] = []
+    excluded: dict[str, Candidate] = {}
+    for variant in variants:
+        if variant.status != "accepted":
+            detail = variant.rejection_reason or variant.status
+            excluded[variant.variant_id] = _excluded(variant, f"{GATE_REJECTED}: {detail}")
+            continue
+        if variant.format not in formats:
+            runs = ", ".join(formats) or "no format"
+            excluded[variant.variant_id] = _excluded(
+                variant, f"{NOT_RUNNABLE}: {variant.format}, but the device runs {runs}"
+            )
+            continue
+        prediction = predictor.predict(hardware, variant)
+        if memory > 0 and prediction.memory_bytes > memory:
+            excluded[variant.variant_id] = _excluded(
+                variant,
+                f"{OVER_MEMORY}: {prediction.memory_bytes / MIB:.0f} MiB predicted, "
+                f"{memory / MIB:.0f} MiB on the device",
+                prediction,
+            )
+            continue
+        if budget_ms is not None and prediction.p95_ms > budget_ms:
+            excluded[variant.variant_id] = _excluded(
+                variant, f"{OVER_BUDGET}: {prediction.p95_ms:.2f} ms > {budget_ms:g} ms", prediction
+            )
+            continue
+        qualified.append((variant, prediction, accuracy_rank(variant, variants)))
+
+    # Most accurate first; equal accuracy goes to the lower predicted p95, then to the lower id.
+    qualified.sort(key=lambda item: (-item[2], item[1].p95_ms, item[0].variant_id))
+    chosen: tuple[Variant, Prediction, float] | None = qualified[0] if qualified else None
+    candidates: dict[str, Candidate] = dict(excluded)
+    for rank, (variant, prediction, accuracy) in enumerate(qualified):
+        if rank == 0:
+            within = f"p95 {prediction.p95_ms:.2f} ms within {budget_ms:g} ms" if budget_ms else "no latency budget"
+            reason = f"{CHOSEN}: most accurate runnable variant (accuracy {_describe_accuracy(accuracy)}, {within})"
+        else:
+            assert chosen is not None
+            best = chosen[2]
+            if accuracy < best:
+                reason = f"{LESS_ACCURATE}: accuracy {_describe_accuracy(accuracy)} < {_describe_accuracy(best)}"
+            else:
+                reason = f"{SLOWER}: predicted p95 {prediction.p95_ms:.2f} ms >= {chosen[1].p95_ms:.2f} ms"
+        candidates[variant.variant_id] = Candidate(
+            variant=variant,
+            predicted_p50_ms=prediction.p50_ms,
+            predicted_p95_ms=prediction.p95_ms,
+            predicted_memory_bytes=prediction.memory_bytes,
+            threads=prediction.threads,
+            chosen=rank == 0,
+            reason=reason,
+            basis=prediction.basis,
+        )
+    ordered = [candidates[v.variant_id] for v in variants]
+    if chosen is None:
+        return Selection(chosen=None, threads=0, candidates=ordered)
+    return Selection(chosen=chosen[0], threads=chosen[1].threads, candidates=ordered)
+
+
+def select_variant(
+    device: Device,
+    variants: Sequence[Variant],
+    *,
+    budget_ms: float | None,
+    predictor: Predictor,
+) -> Selection:
+    """Choose the variant a device runs and the threads it runs it with.
+
+    The rule: among variants that the gate accepted, in a format one of the device's runtimes
+    executes, whose predicted memory fits the device's memory and whose predicted p95 meets
+    budget_ms, take the most accurate; equal accuracy goes to the lower predicted p95. With
+    budget_ms=None the most accurate runnable variant wins. Every variant appears in
+    Selection.candidates with its prediction and the reason it was chosen or excluded. When no
+    variant qualifies, Selection.chosen is None. Raises ValueError for a budget that is not positive.
+    """
+    return select_for_hardware(device.hardware, variants, budget_ms=budget_ms, predictor=predictor)
+
+
+def select_for_fleet(
+    devices: Iterable[Device],
+    variants: Sequence[Variant],
+    *,
+    budget_ms: float | None,
+    predictor: Predictor,
+) -> dict[str, Selection]:
+    """Run select_variant for many devices and return the selections by device id.
+
+    Devices of one hardware class share a selection, so the predictor runs once per class and variant.
+    Devices without a hardware class are grouped by the class derived from their profile.
+    """
+    by_class: dict[str, Selection] = {}
+    result: dict[str, Selection] = {}
+    for device in devices:
+        key = device.hardware.hardware_class or hardware_class_of(device.hardware)
+        selection = by_class.get(key)
+        if selection is None:
+            selection = select_for_hardware(device.hardware, variants, budget_ms=budget_ms, predictor=predictor)
+            by_class[key] = selection
+        result[device.device_id] = selection
+    log.debug("selected variants for %d devices in %d hardware classes", len(result), len(by_class))
+    return result
