@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
+from edgefleet.orchestrator.limits import OrchestratorLimits
 from edgefleet.orchestrator.store.base import Store
 from edgefleet.orchestrator.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.artifacts import ArtifactStore
+    from edgefleet.orchestrator.costmodel.store import BenchmarkStore
 
 
 @dataclass
@@ -21,3 +23,6 @@ class OrchestratorState:
     hub: FleetHub
     artifacts: ArtifactStore
     telemetry: Telemetry = field(default_factory=Telemetry)
+    limits: OrchestratorLimits = field(default_factory=OrchestratorLimits.defaults)
+    # On-device benchmark results; costmodel.store.benchmark_store() creates it on first use.
+    benchmarks: BenchmarkStore | None = None
