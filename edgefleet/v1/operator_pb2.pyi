@@ -85,7 +85,7 @@ class IdentityConflict(_message.Message):
     def __init__(self, instance_key_fingerprint: _Optional[str] = ..., peer: _Optional[str] = ..., seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions")
+    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class Device(_message.Message):
     REPORTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_CONFLICTS_FIELD_NUMBER: _ClassVar[int]
     PROFILE_REVISIONS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEWED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     status: _common_pb2.DeviceStatus
     hardware: _common_pb2.HardwareProfile
@@ -119,7 +121,9 @@ class Device(_message.Message):
     reported_generation: int
     identity_conflicts: _containers.RepeatedCompositeFieldContainer[IdentityConflict]
     profile_revisions: int
-    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ...) -> None: ...
+    clock_skew_seconds: float
+    clock_skewed: bool
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("status", "label_selector", "hardware_class")
