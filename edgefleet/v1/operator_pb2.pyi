@@ -370,7 +370,7 @@ class ExplainSelectionRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., device_id: _Optional[str] = ..., budget_ms: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("variant", "predicted_p50_ms", "predicted_p95_ms", "predicted_memory_bytes", "threads", "chosen", "reason")
+    __slots__ = ("variant", "predicted_p50_ms", "predicted_p95_ms", "predicted_memory_bytes", "threads", "chosen", "reason", "basis")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_P50_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_P95_MS_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +378,7 @@ class Candidate(_message.Message):
     THREADS_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
     variant: Variant
     predicted_p50_ms: float
     predicted_p95_ms: float
@@ -385,13 +386,20 @@ class Candidate(_message.Message):
     threads: int
     chosen: bool
     reason: str
-    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., predicted_memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., chosen: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    basis: str
+    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., predicted_memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., chosen: _Optional[bool] = ..., reason: _Optional[str] = ..., basis: _Optional[str] = ...) -> None: ...
 
 class ExplainSelectionResponse(_message.Message):
-    __slots__ = ("candidates",)
+    __slots__ = ("candidates", "hardware_class", "chosen_variant_id", "threads")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    hardware_class: str
+    chosen_variant_id: str
+    threads: int
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., hardware_class: _Optional[str] = ..., chosen_variant_id: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class WaveDevice(_message.Message):
     __slots__ = ("device_id", "variant_id", "hardware_class", "state", "samples", "p95_ms", "error_rate")
