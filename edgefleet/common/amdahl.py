@@ -66,7 +66,9 @@ def fit_parallel_fraction(speedups: Mapping[int, float]) -> float:
             high = b
         else:
             low = a
-    return min(1.0, max(0.0, (low + high) / 2.0))
+    refined = min(1.0, max(0.0, (low + high) / 2.0))
+    # The optimum of a series with speed-ups below 1 or above n lies on a bound of [0, 1].
+    return min((refined, 0.0, 1.0), key=error)
 
 
 def choose_threads(latency_by_threads: Mapping[int, float], *, share: float = DEFAULT_SHARE) -> ThreadChoice:

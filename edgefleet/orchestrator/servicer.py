@@ -16,7 +16,7 @@ from edgefleet.common.errors import EdgefleetError, InvalidArgument
 from edgefleet.common.serde import timestamp
 from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.fleet import StreamSession
-from edgefleet.orchestrator.handlers import catalog, deploy, devices, metrics
+from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -141,11 +141,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                             message.ack.error,
                         )
                 elif kind == "benchmark":
-                    log.info(
-                        "device_id=%s sent a benchmark for variant=%s",
-                        device_id,
-                        message.benchmark.variant_id,
-                    )
+                    try:
+                        await asyncio.to_thread(explain.save_benchmark_report, device_id, message.benchmark, self.state)
+                    except EdgefleetError as error:
+                        # A report about a deleted variant, say, is dropped without closing the stream.
+                        log.warning("dropped a benchmark report of device_id=%s: %s", device_id, error.message)
                 else:
                     raise InvalidArgument("body", f"unexpected control message {kind or 'with no body'}")
         except asyncio.CancelledError:
@@ -185,6 +185,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     ListVariants = unary(catalog.list_variants)
     Deploy = unary(deploy.deploy)
     QueryMetrics = unary(metrics.query_metrics)
+    ExplainSelection = unary(explain.explain_selection)
 
     async def UploadModel(
         self,
