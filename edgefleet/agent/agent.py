@@ -7,10 +7,12 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 
 from edgefleet import __version__
+from edgefleet.agent.benchmark import BenchmarkWorker
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.agent.identity import Identity, load_identity, save_identity
@@ -68,6 +70,8 @@ class Agent:
         self.store = ModelStore(config.state_dir / "models")
         self._sync_channel = grpc.insecure_channel(config.orchestrator, options=CHANNEL_OPTIONS)
         self.downloader = Downloader(self._sync_channel, self.store, device_id=self.identity.device_id)
+        # Benchmarks run on their own thread within the device's thread budget and report on the control stream.
+        self.benchmarks = BenchmarkWorker(self._send, max_threads=limits.threads)
         self.reconciler = Reconciler(
             host=self.host,
             store=self.store,
@@ -77,6 +81,7 @@ class Agent:
             default_threads=limits.threads,
             memory_budget_bytes=limits.memory_budget_bytes,
             report=self._queue_report,
+            on_serving=self._benchmark_installed,
         )
         self.local_api = LocalApiServer(self.host, config.socket_path)
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
@@ -101,6 +106,35 @@ class Agent:
         outbox = self._outbox
         self._loop.call_soon_threadsafe(outbox.put_nowait, message)
 
+    def _send(self, message: agent_pb2.AgentMessage) -> None:
+        """Send a message on the control stream from any thread; dropped while disconnected."""
+        if self._loop is None or self._outbox is None:
+            return
+        outbox = self._outbox
+        self._loop.call_soon_threadsafe(outbox.put_nowait, message)
+
+    def _benchmark_installed(self, variant_id: str, path: Path, model_format: str) -> None:
+        self.benchmarks.submit(variant_id, path, model_format)
+
+    def _run_benchmark(self, command_id: str, request: agent_pb2.RunBenchmark) -> None:
+        """Queue a RunBenchmark command on a served variant; the ack follows the report."""
+        served = [m for m in self.host.list() if m.variant_id == request.variant_id]
+        if not served:
+            installed = ", ".join(m.variant_id for m in self.host.list()) or "none"
+            error = f"variant {request.variant_id!r} is not served on this device (served: {installed})"
+            log.warning("cannot run benchmark %s: %s", command_id, error)
+            self._send(agent_pb2.AgentMessage(ack=agent_pb2.CommandAck(command_id=command_id, error=error)))
+            return
+        model = served[0]
+        self.benchmarks.submit(
+            model.variant_id,
+            model.path,
+            model.format,
+            max_threads=request.max_threads,
+            runs=request.runs,
+            command_id=command_id,
+        )
+
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until stop is set; raise FatalAgentError when the orchestrator rejects this device."""
         self._loop = asyncio.get_running_loop()
@@ -123,6 +157,7 @@ class Agent:
             await channel.close()
             self._sync_channel.close()
             self.local_api.stop()
+            await asyncio.to_thread(self.benchmarks.close)
             self.host.close()
             self.notifier.close()
             log.info("agent stopped device_id=%s", self.device_id)
@@ -260,6 +295,8 @@ class Agent:
                     await asyncio.to_thread(self.reconciler.apply, message.desired_state)
             elif kind == "heartbeat_ack":
                 continue
+            elif kind == "run_benchmark":
+                self._run_benchmark(message.command_id, message.run_benchmark)
             else:
                 log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
 

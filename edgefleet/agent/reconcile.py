@@ -29,6 +29,8 @@ MEMORY_PER_FILE_BYTE = 3
 MEMORY_FIXED_BYTES = 16 * 1024 * 1024
 
 ReportCallback = Callable[[agent_pb2.ReportedState], None]
+# Called with the variant id, file and format of a model that started serving after a download.
+ServingCallback = Callable[[str, Path, str], None]
 
 
 @dataclass
@@ -44,6 +46,9 @@ class Reconciler:
     memory_budget_bytes: int | None
     report: ReportCallback
     generation: int = 0
+    # Queues the on-device benchmark of a newly installed variant; it must return at once, because
+    # the benchmark runs off the inference and reconcile paths.
+    on_serving: ServingCallback | None = None
     statuses: dict[str, agent_pb2.ModelStatus] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
@@ -191,6 +196,8 @@ class Reconciler:
             ",".join(served.providers),
             served.threads,
         )
+        if not offline and self.on_serving is not None:
+            self.on_serving(assignment.variant_id, installed.path, model_format)
 
     def _serving_digest(self, name: str) -> str:
         current = self.store.current(name)
