@@ -85,7 +85,7 @@ class IdentityConflict(_message.Message):
     def __init__(self, instance_key_fingerprint: _Optional[str] = ..., peer: _Optional[str] = ..., seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed")
+    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed", "drift")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class Device(_message.Message):
     PROFILE_REVISIONS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_SKEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_SKEWED_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     status: _common_pb2.DeviceStatus
     hardware: _common_pb2.HardwareProfile
@@ -123,10 +124,25 @@ class Device(_message.Message):
     profile_revisions: int
     clock_skew_seconds: float
     clock_skewed: bool
-    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ...) -> None: ...
+    drift: _containers.RepeatedCompositeFieldContainer[Drift]
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ...) -> None: ...
+
+class Drift(_message.Message):
+    __slots__ = ("kind", "model_name", "desired_variant_id", "reported_variant_id", "detail")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    model_name: str
+    desired_variant_id: str
+    reported_variant_id: str
+    detail: str
+    def __init__(self, kind: _Optional[str] = ..., model_name: _Optional[str] = ..., desired_variant_id: _Optional[str] = ..., reported_variant_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
-    __slots__ = ("status", "label_selector", "hardware_class")
+    __slots__ = ("status", "label_selector", "hardware_class", "drift_only")
     class LabelSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,10 +153,12 @@ class ListDevicesRequest(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_ONLY_FIELD_NUMBER: _ClassVar[int]
     status: _common_pb2.DeviceStatus
     label_selector: _containers.ScalarMap[str, str]
     hardware_class: str
-    def __init__(self, status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., hardware_class: _Optional[str] = ...) -> None: ...
+    drift_only: bool
+    def __init__(self, status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., hardware_class: _Optional[str] = ..., drift_only: _Optional[bool] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)
@@ -402,7 +420,7 @@ class ExplainSelectionResponse(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., hardware_class: _Optional[str] = ..., chosen_variant_id: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class WaveDevice(_message.Message):
-    __slots__ = ("device_id", "variant_id", "hardware_class", "state", "samples", "p95_ms", "error_rate")
+    __slots__ = ("device_id", "variant_id", "hardware_class", "state", "samples", "p95_ms", "error_rate", "errors", "baseline_p95_ms", "verdict", "note", "late", "previous_variant_id", "threads", "restored")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +428,14 @@ class WaveDevice(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     P95_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     variant_id: str
     hardware_class: str
@@ -417,24 +443,38 @@ class WaveDevice(_message.Message):
     samples: int
     p95_ms: float
     error_rate: float
-    def __init__(self, device_id: _Optional[str] = ..., variant_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ModelState, str]] = ..., samples: _Optional[int] = ..., p95_ms: _Optional[float] = ..., error_rate: _Optional[float] = ...) -> None: ...
+    errors: int
+    baseline_p95_ms: float
+    verdict: str
+    note: str
+    late: bool
+    previous_variant_id: str
+    threads: int
+    restored: bool
+    def __init__(self, device_id: _Optional[str] = ..., variant_id: _Optional[str] = ..., hardware_class: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ModelState, str]] = ..., samples: _Optional[int] = ..., p95_ms: _Optional[float] = ..., error_rate: _Optional[float] = ..., errors: _Optional[int] = ..., baseline_p95_ms: _Optional[float] = ..., verdict: _Optional[str] = ..., note: _Optional[str] = ..., late: _Optional[bool] = ..., previous_variant_id: _Optional[str] = ..., threads: _Optional[int] = ..., restored: _Optional[bool] = ...) -> None: ...
 
 class Wave(_message.Message):
-    __slots__ = ("index", "percent", "devices", "decision", "reason")
+    __slots__ = ("index", "percent", "devices", "decision", "reason", "attempt", "started_at", "decided_at")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PERCENT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     index: int
     percent: int
     devices: _containers.RepeatedCompositeFieldContainer[WaveDevice]
     decision: WaveDecision
     reason: str
-    def __init__(self, index: _Optional[int] = ..., percent: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[WaveDevice, _Mapping]]] = ..., decision: _Optional[_Union[WaveDecision, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    attempt: int
+    started_at: _timestamp_pb2.Timestamp
+    decided_at: _timestamp_pb2.Timestamp
+    def __init__(self, index: _Optional[int] = ..., percent: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[WaveDevice, _Mapping]]] = ..., decision: _Optional[_Union[WaveDecision, str]] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("rollout_id", "model_name", "model_version", "target_labels", "target_hardware_class", "wave_percents", "budget_ms", "max_p95_regression_pct", "max_error_rate_pct", "state", "waves", "reason", "created_at", "updated_at")
+    __slots__ = ("rollout_id", "model_name", "model_version", "target_labels", "target_hardware_class", "wave_percents", "budget_ms", "max_p95_regression_pct", "max_error_rate_pct", "state", "waves", "reason", "created_at", "updated_at", "min_samples", "max_rollbacks", "sample_timeout_seconds", "rollbacks", "stuck", "superseded_by", "current_wave", "started_at")
     class TargetLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -456,6 +496,14 @@ class Rollout(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    STUCK_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_WAVE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
     model_name: str
     model_version: str
@@ -470,10 +518,18 @@ class Rollout(_message.Message):
     reason: str
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, rollout_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., target_labels: _Optional[_Mapping[str, str]] = ..., target_hardware_class: _Optional[str] = ..., wave_percents: _Optional[_Iterable[int]] = ..., budget_ms: _Optional[float] = ..., max_p95_regression_pct: _Optional[float] = ..., max_error_rate_pct: _Optional[float] = ..., state: _Optional[_Union[RolloutState, str]] = ..., waves: _Optional[_Iterable[_Union[Wave, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    min_samples: int
+    max_rollbacks: int
+    sample_timeout_seconds: float
+    rollbacks: int
+    stuck: bool
+    superseded_by: str
+    current_wave: int
+    started_at: _timestamp_pb2.Timestamp
+    def __init__(self, rollout_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., target_labels: _Optional[_Mapping[str, str]] = ..., target_hardware_class: _Optional[str] = ..., wave_percents: _Optional[_Iterable[int]] = ..., budget_ms: _Optional[float] = ..., max_p95_regression_pct: _Optional[float] = ..., max_error_rate_pct: _Optional[float] = ..., state: _Optional[_Union[RolloutState, str]] = ..., waves: _Optional[_Iterable[_Union[Wave, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., min_samples: _Optional[int] = ..., max_rollbacks: _Optional[int] = ..., sample_timeout_seconds: _Optional[float] = ..., rollbacks: _Optional[int] = ..., stuck: _Optional[bool] = ..., superseded_by: _Optional[str] = ..., current_wave: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateRolloutRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "target_labels", "target_hardware_class", "wave_percents", "budget_ms", "max_p95_regression_pct", "max_error_rate_pct", "min_samples")
+    __slots__ = ("model_name", "model_version", "target_labels", "target_hardware_class", "wave_percents", "budget_ms", "max_p95_regression_pct", "max_error_rate_pct", "min_samples", "max_rollbacks", "sample_timeout_seconds")
     class TargetLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -490,6 +546,8 @@ class CreateRolloutRequest(_message.Message):
     MAX_P95_REGRESSION_PCT_FIELD_NUMBER: _ClassVar[int]
     MAX_ERROR_RATE_PCT_FIELD_NUMBER: _ClassVar[int]
     MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     target_labels: _containers.ScalarMap[str, str]
@@ -499,7 +557,9 @@ class CreateRolloutRequest(_message.Message):
     max_p95_regression_pct: float
     max_error_rate_pct: float
     min_samples: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., target_labels: _Optional[_Mapping[str, str]] = ..., target_hardware_class: _Optional[str] = ..., wave_percents: _Optional[_Iterable[int]] = ..., budget_ms: _Optional[float] = ..., max_p95_regression_pct: _Optional[float] = ..., max_error_rate_pct: _Optional[float] = ..., min_samples: _Optional[int] = ...) -> None: ...
+    max_rollbacks: int
+    sample_timeout_seconds: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., target_labels: _Optional[_Mapping[str, str]] = ..., target_hardware_class: _Optional[str] = ..., wave_percents: _Optional[_Iterable[int]] = ..., budget_ms: _Optional[float] = ..., max_p95_regression_pct: _Optional[float] = ..., max_error_rate_pct: _Optional[float] = ..., min_samples: _Optional[int] = ..., max_rollbacks: _Optional[int] = ..., sample_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("rollout_id",)
@@ -508,10 +568,12 @@ class GetRolloutRequest(_message.Message):
     def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
 
 class ListRolloutsRequest(_message.Message):
-    __slots__ = ("model_name",)
+    __slots__ = ("model_name", "states")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
-    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+    states: _containers.RepeatedScalarFieldContainer[RolloutState]
+    def __init__(self, model_name: _Optional[str] = ..., states: _Optional[_Iterable[_Union[RolloutState, str]]] = ...) -> None: ...
 
 class ListRolloutsResponse(_message.Message):
     __slots__ = ("rollouts",)
