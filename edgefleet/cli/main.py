@@ -530,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", type=Path, default=Path("latency.png"), help="PNG file to write (default latency.png)")
     sub.set_defaults(handler=cmd_metrics_plot)
 
+    from edgefleet.cli import explain  # Imported here because it imports this module.
+
+    explain.add_parser(nouns)
+
     sub = nouns.add_parser("demo", help="run the demo fleet on real models (orchestrator and three agents)")
     sub.add_argument("--report", type=Path, help="also write the figures as JSON to this file")
     sub.add_argument("--duration", type=float, default=20.0, help="seconds of inference per device")
