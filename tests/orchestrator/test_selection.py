@@ -1,0 +1,246 @@
+"""Tests of variant selection: the accuracy, budget, memory and format rules and their reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from edgefleet.common.hardware import HardwareProfile, RuntimeInfo
+from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.orchestrator.costmodel.predictor import AnalyticPredictor, Prediction
+from edgefleet.orchestrator.domain import Device, Variant
+from edgefleet.orchestrator.selection import (
+    GATE_REJECTED,
+    LESS_ACCURATE,
+    NOT_RUNNABLE,
+    OVER_BUDGET,
+    OVER_MEMORY,
+    SLOWER,
+    select_for_fleet,
+    select_variant,
+)
+
+GIB = 1 << 30
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+class TablePredictor:
+    """Predicts from a table of p95 by variant id (p50 is 80% of it), counting its calls."""
+
+    def __init__(self, p95_ms: dict[str, float], memory: dict[str, int] | None = None, threads: int = 2) -> None:
+        self.p95_ms = p95_ms
+        self.memory = memory or {}
+        self.threads = threads
+        self.calls = 0
+
+    def predict(self, hardware: HardwareProfile, variant: Variant, threads: int | None = None) -> Prediction:
+        self.calls += 1
+        p95 = self.p95_ms[variant.variant_id]
+        return Prediction(
+            p50_ms=0.8 * p95,
+            p95_ms=p95,
+            memory_bytes=self.memory.get(variant.variant_id, 50 << 20),
+            threads=threads or self.threads,
+            parallel_fraction=0.5,
+            basis="analytic",
+        )
+
+
+def hardware(runtimes: tuple[str, ...] = ("onnxruntime", "litert"), **changes: Any) -> HardwareProfile:
+    profile = HardwareProfile(
+        cpu_model="Cortex-A76",
+        architecture="aarch64",
+        logical_cores=4,
+        usable_cores=4.0,
+        cpu_features=("asimd", "dotprod"),
+        memory_total_bytes=2 * GIB,
+        memory_available_bytes=GIB,
+        disk_free_bytes=10 * GIB,
+        runtimes=tuple(RuntimeInfo(name, "1.0") for name in runtimes),
+        hardware_class="rpi5-4c",
+    )
+    return dataclasses.replace(profile, **changes)
+
+
+def device(device_id: str = "dev-1", **changes: Any) -> Device:
+    return Device(
+        device_id=device_id,
+        instance_key_hash="0" * 64,
+        hardware=hardware(**changes),
+        labels={},
+        agent_version="0.1.0",
+        registered_at=NOW,
+        last_seen=NOW,
+        connected=True,
+        profile_revisions=1,
+        desired_generation=0,
+        reported_generation=0,
+    )
+
+
+def variant(variant_id: str, accuracy: float | None, fmt: str = "onnx", **changes: Any) -> Variant:
+    precision = changes.pop("precision", "fp32")
+    metadata = ModelMetadata(
+        format=fmt,
+        inputs=(TensorSpec("image", "float32", (1, 3, 224, 224)),),
+        outputs=(TensorSpec("logits", "float32", (1, 1000)),),
+        opset=17,
+        parameters=4_000_000,
+        macs=400_000_000,
+        peak_activation_bytes=3_000_000,
+        macs_by_op_type={"Conv": 400_000_000},
+        precision=precision,
+        layers=60,
+    )
+    base = Variant(
+        variant_id=variant_id,
+        model_name="effnet",
+        model_version="1",
+        kind="int8" if precision == "int8" else "source",
+        format=fmt,
+        precision=precision,
+        digest="sha256:" + "1" * 64,
+        size_bytes=16_000_000,
+        metadata=metadata,
+        accuracy=accuracy,
+        accuracy_metric="top1",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def reasons(selection: Any) -> dict[str, str]:
+    return {c.variant.variant_id: c.reason for c in selection.candidates}
+
+
+def test_select_most_accurate_within_budget() -> None:
+    variants = [variant("fp32", 0.80), variant("int8", 0.78, precision="int8"), variant("small", 0.70)]
+    predictor = TablePredictor({"fp32": 30.0, "int8": 12.0, "small": 5.0})
+
+    selection = select_variant(device(), variants, budget_ms=15.0, predictor=predictor)
+
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "int8"
+    assert selection.threads == 2
+    assert reasons(selection)["fp32"].startswith(OVER_BUDGET)
+    assert reasons(selection)["small"].startswith(LESS_ACCURATE)
+    assert reasons(selection)["int8"].startswith("chosen")
+
+
+def test_select_no_budget_most_accurate() -> None:
+    variants = [variant("fp32", 0.80), variant("small", 0.70)]
+    predictor = TablePredictor({"fp32": 300.0, "small": 5.0})
+    selection = select_variant(device(), variants, budget_ms=None, predictor=predictor)
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "fp32"
+
+
+def test_select_tie_goes_to_faster() -> None:
+    variants = [variant("a", 0.75), variant("b", 0.75)]
+    predictor = TablePredictor({"a": 9.0, "b": 6.0})
+    selection = select_variant(device(), variants, budget_ms=None, predictor=predictor)
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "b"
+    assert reasons(selection)["a"].startswith(SLOWER)
+
+
+def test_select_excludes_format() -> None:
+    variants = [variant("tfl", 0.80, fmt="tflite"), variant("onnx", 0.70)]
+    predictor = TablePredictor({"tfl": 5.0, "onnx": 5.0})
+    selection = select_variant(device(runtimes=("onnxruntime",)), variants, budget_ms=None, predictor=predictor)
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "onnx"
+    assert reasons(selection)["tfl"] == f"{NOT_RUNNABLE}: tflite, but the device runs onnx"
+    assert math.isnan(selection.candidates[0].predicted_p50_ms)
+
+
+def test_select_excludes_memory() -> None:
+    variants = [variant("big", 0.90), variant("fits", 0.70)]
+    predictor = TablePredictor({"big": 5.0, "fits": 5.0}, memory={"big": 3 * GIB, "fits": 100 << 20})
+    selection = select_variant(device(), variants, budget_ms=None, predictor=predictor)
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "fits"
+    assert reasons(selection)["big"] == f"{OVER_MEMORY}: 3072 MiB predicted, 2048 MiB on the device"
+    assert selection.candidates[0].predicted_memory_bytes == 3 * GIB
+
+
+def test_select_excludes_gate_rejected() -> None:
+    variants = [
+        variant("bad", 0.95, status="rejected", rejection_reason="top1 drop of 3 points"),
+        variant("ok", 0.70),
+    ]
+    selection = select_variant(device(), variants, budget_ms=None, predictor=TablePredictor({"ok": 5.0}))
+    assert reasons(selection)["bad"] == f"{GATE_REJECTED}: top1 drop of 3 points"
+
+
+def test_select_none_runnable() -> None:
+    variants = [variant("tfl", 0.80, fmt="tflite"), variant("pending", 0.80, status="pending")]
+    selection = select_variant(
+        device(runtimes=("onnxruntime",)), variants, budget_ms=None, predictor=TablePredictor({})
+    )
+    assert selection.chosen is None
+    assert selection.threads == 0
+    assert len(selection.candidates) == 2
+    assert not any(c.chosen for c in selection.candidates)
+    assert "no variant qualifies" in selection.reason
+
+
+def test_select_none_within_budget() -> None:
+    variants = [variant("a", 0.8), variant("b", 0.7)]
+    selection = select_variant(device(), variants, budget_ms=1.0, predictor=TablePredictor({"a": 5.0, "b": 3.0}))
+    assert selection.chosen is None
+    assert all(reason.startswith(OVER_BUDGET) for reason in reasons(selection).values())
+
+
+def test_select_unmeasured_ranks_last() -> None:
+    variants = [variant("unknown", None), variant("known", 0.5)]
+    selection = select_variant(
+        device(), variants, budget_ms=None, predictor=TablePredictor({"unknown": 1.0, "known": 9.0})
+    )
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "known"
+
+
+def test_select_source_agreement() -> None:
+    # Variants measured as agreement with the source: the unmeasured source agrees with itself fully.
+    variants = [
+        variant("source", None, kind="source", accuracy_metric=""),
+        variant("int8", 0.99, precision="int8", accuracy_metric="top1_agreement"),
+    ]
+    selection = select_variant(
+        device(), variants, budget_ms=None, predictor=TablePredictor({"source": 9.0, "int8": 3.0})
+    )
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "source"
+
+
+def test_select_rejects_budget() -> None:
+    with pytest.raises(ValueError, match="budget_ms must be positive"):
+        select_variant(device(), [], budget_ms=0.0, predictor=TablePredictor({}))
+
+
+def test_select_analytic_predictor() -> None:
+    variants = [variant("fp32", 0.80), variant("int8", 0.79, precision="int8")]
+    selection = select_variant(device(), variants, budget_ms=None, predictor=AnalyticPredictor())
+    chosen = [c for c in selection.candidates if c.chosen]
+    assert chosen[0].variant.variant_id == "fp32"
+    assert 1 <= selection.threads <= 4
+    assert chosen[0].basis == "analytic"
+    assert chosen[0].predicted_p95_ms >= chosen[0].predicted_p50_ms > 0
+
+
+def test_fleet_predicts_once_per_class() -> None:
+    variants = [variant(f"v{i}", 0.5 + i / 100) for i in range(5)]
+    predictor = TablePredictor({v.variant_id: 5.0 for v in variants})
+    devices = [device(f"a-{i}") for i in range(50)]
+    devices += [device(f"b-{i}", hardware_class="other-class") for i in range(50)]
+
+    selections = select_for_fleet(devices, variants, budget_ms=10.0, predictor=predictor)
+
+    assert len(selections) == 100
+    assert predictor.calls == 2 * len(variants)
+    assert selections["b-7"].chosen is not None
+    assert selections["b-7"].chosen.variant_id == "v4"
