@@ -150,8 +150,51 @@ class Store(abc.ABC):
         hardware_class: str = "",
         start: datetime | None = None,
         end: datetime | None = None,
+        received_start: datetime | None = None,
+        received_end: datetime | None = None,
     ) -> list[MetricWindow]:
-        """Return windows matching every non-empty filter, with window_start in [start, end)."""
+        """Return windows matching every non-empty filter, with window_start in [start, end).
+
+        When received_start or received_end is given, windows with received_at in [received_start,
+        received_end) match as well, so a caller can place windows of a device with a wrong clock
+        by their receive time.
+        """
+
+    @abc.abstractmethod
+    def downsample_metric_windows(self, *, received_before: datetime, bucket_seconds: int) -> tuple[int, int]:
+        """Merge the windows received before received_before into one window per bucket.
+
+        A bucket is one device, model version, variant and hardware class, and a bucket_seconds-long
+        span of window_start aligned to the Unix epoch. Buckets with one window are left alone. The
+        merged window starts at the bucket start, carries the summed counts and the merged sketch,
+        and its window_seconds is the summed window_seconds capped at bucket_seconds, so throughput
+        (inferences per window second) is kept. Returns (windows removed, windows written).
+        """
+
+    @abc.abstractmethod
+    def delete_metric_windows(self, *, received_before: datetime) -> int:
+        """Delete windows and batch ids received before received_before; return the windows deleted.
+
+        A batch resent after its id was deleted is stored again.
+        """
+
+    @abc.abstractmethod
+    def reclaim_space(self) -> None:
+        """Return the space of deleted rows to the file system where the backend needs a request for it."""
+
+    def fleet_states(self) -> FleetStates:
+        """Return the desired assignments, reported states and identity conflicts of every device.
+
+        One call for the whole fleet, so that listing thousands of devices does not cost three
+        queries per device. Backends should override this default, which loops over the devices.
+        """
+        states = FleetStates()
+        for device in self.list_devices():
+            states.desired[device.device_id] = self.get_desired_state(device.device_id)[1]
+            states.reported[device.device_id] = self.get_reported_state(device.device_id)
+        for conflict in self.list_identity_conflicts():
+            states.conflicts.setdefault(conflict.device_id, []).append(conflict)
+        return states
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator.domain import Device, IdentityConflict, ModelVersion, Variant
 from edgefleet.orchestrator.store import rows
 from edgefleet.orchestrator.store.base import NotFoundError
@@ -21,9 +24,17 @@ from edgefleet.orchestrator.store.tables import (
     devices,
     hardware_profiles,
     identity_conflicts,
+    metric_windows,
     model_versions,
     variants,
 )
+
+logger = logging.getLogger(__name__)
+
+# PRAGMA auto_vacuum value of INCREMENTAL (0 is NONE, 1 is FULL).
+SQLITE_AUTO_VACUUM_INCREMENTAL = 2
+# batch_id of windows written by downsample_device_windows.
+DOWNSAMPLED_BATCH_ID = "downsampled"
 
 # Length of a device's hardware history, as a column of a select on devices.
 PROFILE_REVISIONS = (
@@ -171,3 +182,76 @@ def delete_assignment(connection: Connection, device_id: str, model_name: str) -
     connection.execute(
         sa.delete(assignments).where(assignments.c.device_id == device_id, assignments.c.model_name == model_name)
     )
+
+
+def time_range(
+    column: sa.ColumnElement[datetime], label: str, start: datetime | None, end: datetime | None
+) -> sa.ColumnElement[bool]:
+    """Return the condition start <= column < end; a missing bound is open. Raises ValueError for naive bounds."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    if start is not None:
+        rows.require_aware(f"{label}start", start)
+        conditions.append(column >= start)
+    if end is not None:
+        rows.require_aware(f"{label}end", end)
+        conditions.append(column < end)
+    return sa.and_(sa.true(), *conditions)
+
+
+def downsample_device_windows(
+    connection: Connection, device_id: str, received_before: datetime, bucket_seconds: int
+) -> tuple[int, int]:
+    """Merge one device's windows received before received_before per bucket; return (removed, written)."""
+    old_rows = connection.execute(
+        sa.select(metric_windows)
+        .where(metric_windows.c.device_id == device_id, metric_windows.c.received_at < received_before)
+        .order_by(metric_windows.c.window_start, metric_windows.c.id)
+    ).all()
+    buckets: dict[tuple[str, str, str, str, int], list[sa.Row[Any]]] = defaultdict(list)
+    for row in old_rows:
+        start = int(row.window_start.timestamp()) // bucket_seconds * bucket_seconds
+        buckets[(row.model_name, row.model_version, row.variant_id, row.hardware_class, start)].append(row)
+
+    removed: list[int] = []
+    merged_rows: list[dict[str, Any]] = []
+    for (model_name, model_version, variant_id, hardware_class, start), members in buckets.items():
+        if len(members) < 2:
+            continue
+        try:
+            sketch = LatencySketch.from_bytes(members[0].sketch)
+            for member in members[1:]:
+                sketch.merge(LatencySketch.from_bytes(member.sketch))
+        except ValueError as error:
+            logger.warning(
+                "not downsampling %d windows of device %s, model %s:%s from %s: %s",
+                len(members),
+                device_id,
+                model_name,
+                model_version,
+                datetime.fromtimestamp(start, UTC).isoformat(),
+                error,
+            )
+            continue
+        removed.extend(member.id for member in members)
+        merged_rows.append(
+            {
+                "device_id": device_id,
+                "batch_id": DOWNSAMPLED_BATCH_ID,
+                "model_name": model_name,
+                "model_version": model_version,
+                "variant_id": variant_id,
+                "hardware_class": hardware_class,
+                "window_start": datetime.fromtimestamp(start, UTC),
+                "window_seconds": min(sum(m.window_seconds for m in members), bucket_seconds),
+                "received_at": max(m.received_at for m in members),
+                "inference_count": sum(m.inference_count for m in members),
+                "error_count": sum(m.error_count for m in members),
+                "sketch": sketch.to_bytes(),
+            }
+        )
+    # Chunks keep the statement under SQLite's limit on bound parameters.
+    for offset in range(0, len(removed), 500):
+        connection.execute(sa.delete(metric_windows).where(metric_windows.c.id.in_(removed[offset : offset + 500])))
+    if merged_rows:
+        connection.execute(sa.insert(metric_windows), merged_rows)
+    return len(removed), len(merged_rows)

@@ -378,10 +378,13 @@ class SqlStore(Store):
         hardware_class: str = "",
         start: datetime | None = None,
         end: datetime | None = None,
+        received_start: datetime | None = None,
+        received_end: datetime | None = None,
     ) -> list[MetricWindow]:
         """Return windows matching every non-empty filter, with window_start in [start, end).
 
-        Results are ordered by window_start.
+        With received_start or received_end, windows with received_at in [received_start,
+        received_end) match as well. Results are ordered by window_start.
         """
         query = sa.select(metric_windows).order_by(metric_windows.c.window_start, metric_windows.c.id)
         filters = {
@@ -393,14 +396,86 @@ class SqlStore(Store):
         for column, value in filters.items():
             if value:
                 query = query.where(column == value)
-        if start is not None:
-            rows.require_aware("start", start)
-            query = query.where(metric_windows.c.window_start >= start)
-        if end is not None:
-            rows.require_aware("end", end)
-            query = query.where(metric_windows.c.window_start < end)
+        by_start = queries.time_range(metric_windows.c.window_start, "", start, end)
+        if received_start is not None or received_end is not None:
+            by_receipt = queries.time_range(metric_windows.c.received_at, "received_", received_start, received_end)
+            query = query.where(sa.or_(by_start, by_receipt))
+        else:
+            query = query.where(by_start)
         with self._read() as connection:
             return [rows.window_from_row(row) for row in connection.execute(query)]
+
+    def downsample_metric_windows(self, *, received_before: datetime, bucket_seconds: int) -> tuple[int, int]:
+        """Merge old windows per bucket (see Store), one transaction per device; return (removed, written).
+
+        Raises ValueError for a naive received_before or bucket_seconds below 1. A bucket whose
+        sketches cannot be merged (different relative accuracies) is left alone with a warning.
+        """
+        rows.require_aware("received_before", received_before)
+        if bucket_seconds < 1:
+            raise ValueError(f"bucket_seconds must be at least 1, got {bucket_seconds}")
+        with self._read() as connection:
+            device_ids = list(
+                connection.execute(
+                    sa.select(metric_windows.c.device_id)
+                    .where(metric_windows.c.received_at < received_before)
+                    .distinct()
+                    .order_by(metric_windows.c.device_id)
+                ).scalars()
+            )
+        removed = written = 0
+        for device_id in device_ids:
+            with self._write() as connection:
+                device_removed, device_written = queries.downsample_device_windows(
+                    connection, device_id, received_before, bucket_seconds
+                )
+            removed += device_removed
+            written += device_written
+        return removed, written
+
+    def delete_metric_windows(self, *, received_before: datetime) -> int:
+        rows.require_aware("received_before", received_before)
+        with self._write() as connection:
+            deleted = connection.execute(
+                sa.delete(metric_windows).where(metric_windows.c.received_at < received_before)
+            ).rowcount
+            connection.execute(sa.delete(metric_batches).where(metric_batches.c.received_at < received_before))
+        return int(deleted)
+
+    def reclaim_space(self) -> None:
+        """Give the pages of deleted rows back to the file system (SQLite) or mark them reusable (PostgreSQL).
+
+        SQLite: a database created without auto_vacuum is converted once with PRAGMA
+        auto_vacuum=INCREMENTAL and a full VACUUM, which rewrites the file and blocks writers while
+        it runs; later calls run PRAGMA incremental_vacuum. The WAL is then checkpointed and
+        truncated, so the database file shrinks. PostgreSQL: VACUUM on the metric tables makes the
+        space of deleted rows reusable; the file keeps its size (autovacuum does the same in time).
+        """
+        if self._engine.dialect.name == "sqlite":
+            with self._write_lock:
+                raw = self._engine.raw_connection()
+                try:
+                    cursor = raw.cursor()
+                    # The pool's SQLite connections run in autocommit mode (engine.py), so VACUUM runs
+                    # outside a transaction as it must.
+                    mode = cursor.execute("PRAGMA auto_vacuum").fetchone()[0]
+                    if mode != queries.SQLITE_AUTO_VACUUM_INCREMENTAL:
+                        logger.info("converting the SQLite database to auto_vacuum=INCREMENTAL with a full VACUUM")
+                        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                        cursor.execute("VACUUM")
+                    else:
+                        # Each step of this pragma frees one page and pysqlite's execute() steps
+                        # once; executescript() runs it to the end.
+                        cursor.executescript("PRAGMA incremental_vacuum;")
+                    cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    cursor.close()
+                finally:
+                    raw.close()
+            return
+        with self._engine.connect() as connection:
+            autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
+            for table in (metric_windows, metric_batches):
+                autocommit.exec_driver_sql(f"VACUUM {table.name}")
 
     def close(self) -> None:
         self._engine.dispose()

@@ -1,0 +1,102 @@
+"""Metric retention: merge old metric windows into coarser ones, delete the oldest, reclaim the space."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from edgefleet.orchestrator.config import OrchestratorConfig
+from edgefleet.orchestrator.store.base import Store
+
+log = logging.getLogger(__name__)
+
+# The first run waits this long after start-up (or one interval, if shorter), so a restart loop
+# does not run retention again and again.
+FIRST_RUN_DELAY_S = 60.0
+MAX_BUCKET_SECONDS = 86400
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Ages are measured on the orchestrator's clock (receive time), so a device clock cannot defeat them."""
+
+    downsample_after_s: float = 86400.0
+    bucket_seconds: int = 300
+    delete_after_s: float = 30 * 86400.0
+
+    def __post_init__(self) -> None:
+        if self.downsample_after_s <= 0:
+            raise ValueError(f"metrics_downsample_after_s must be positive, got {self.downsample_after_s}")
+        if self.delete_after_s < self.downsample_after_s:
+            raise ValueError(
+                f"metrics_delete_after_s ({self.delete_after_s:g}) must be at least metrics_downsample_after_s "
+                f"({self.downsample_after_s:g})"
+            )
+        if not 1 <= self.bucket_seconds <= MAX_BUCKET_SECONDS:
+            raise ValueError(
+                f"metrics_downsample_window_s must be 1 to {MAX_BUCKET_SECONDS} seconds, got {self.bucket_seconds}"
+            )
+
+    @classmethod
+    def from_config(cls, config: OrchestratorConfig) -> RetentionPolicy:
+        """Build the policy from config; raise ValueError for inconsistent ages or window length."""
+        return cls(
+            downsample_after_s=config.metrics_downsample_after_s,
+            bucket_seconds=config.metrics_downsample_window_s,
+            delete_after_s=config.metrics_delete_after_s,
+        )
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    merged_windows: int  # Windows replaced by merged ones.
+    written_windows: int  # Merged windows written.
+    deleted_windows: int
+    duration_s: float
+
+
+def apply_retention(
+    store: Store, policy: RetentionPolicy, now: datetime | None = None, *, reclaim: bool = True
+) -> RetentionResult:
+    """Delete windows past delete_after_s, merge those past downsample_after_s, then reclaim the space.
+
+    Deleting first keeps the merge from working on rows that are about to go. Raises the store's
+    errors; a run that fails part-way leaves every transaction it committed in place, and the next
+    run continues from there, because both steps only touch rows that are still old enough.
+    """
+    started = time.monotonic()
+    now = now or datetime.now(UTC)
+    deleted = store.delete_metric_windows(received_before=now - timedelta(seconds=policy.delete_after_s))
+    merged, written = store.downsample_metric_windows(
+        received_before=now - timedelta(seconds=policy.downsample_after_s), bucket_seconds=policy.bucket_seconds
+    )
+    if reclaim and (deleted or merged):
+        store.reclaim_space()
+    result = RetentionResult(
+        merged_windows=merged,
+        written_windows=written,
+        deleted_windows=deleted,
+        duration_s=time.monotonic() - started,
+    )
+    log.info(
+        "metric retention: merged %d windows into %d, deleted %d, in %.1f s",
+        merged,
+        written,
+        deleted,
+        result.duration_s,
+    )
+    return result
+
+
+async def retention_forever(store: Store, policy: RetentionPolicy, interval_s: float) -> None:
+    """Run apply_retention every interval_s seconds in a worker thread until cancelled; log failures."""
+    await asyncio.sleep(min(FIRST_RUN_DELAY_S, interval_s))
+    while True:
+        try:
+            await asyncio.to_thread(apply_retention, store, policy)
+        except Exception:
+            log.exception("metric retention failed; retrying in %.0f s", interval_s)
+        await asyncio.sleep(interval_s)
