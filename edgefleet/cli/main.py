@@ -163,8 +163,15 @@ def render_device(d: dict[str, Any]) -> str:
 def cmd_devices_list(client: Client, args: argparse.Namespace) -> None:
     labels = dict(pair.split("=", 1) for pair in args.label)
     status: Any = {"online": 1, "stale": 2, "offline": 3}.get(args.status or "", 0)
-    response = client.call("ListDevices", operator_pb2.ListDevicesRequest(status=status, label_selector=labels))
-    emit([views.device_view(d) for d in response.devices], args.output, render_devices)
+    request = operator_pb2.ListDevicesRequest(status=status, label_selector=labels)
+    devices: list[dict[str, Any]] = []
+    while True:
+        response = client.call("ListDevices", request)
+        devices.extend(views.device_view(d) for d in response.devices)
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    emit(devices, args.output, render_devices)
 
 
 def cmd_devices_show(client: Client, args: argparse.Namespace) -> None:

@@ -20,6 +20,18 @@ HELP = {
     "metrics_listen": "HOST:PORT for Prometheus /metrics; empty disables it, port 0 picks a free port",
     "metrics_port_file": "write the bound /metrics port to this file once serving",
     "metrics_lookback_s": "seconds of latency windows that /metrics merges into quantiles",
+    "keepalive_time_s": "seconds without reads on a connection before the server pings the agent",
+    "keepalive_timeout_s": "seconds the server waits for a ping's answer before it drops the connection",
+    "keepalive_min_ping_interval_s": "shortest interval between client pings that the server accepts, in seconds",
+    "max_clock_skew_s": "device clock offset, in seconds, past which a device is flagged and its metric "
+    "windows are placed at their receive time",
+    "metric_uploads_per_s": "metric batches one device may upload per second on average",
+    "metric_upload_burst": "metric batches one device may upload at once before the rate limit applies",
+    "max_concurrent_downloads": "artifact downloads served at once; more are rejected with RESOURCE_EXHAUSTED",
+    "retention_interval_s": "seconds between metric retention runs; 0 disables retention",
+    "metrics_downsample_after_s": "age in seconds (receive time) after which metric windows are merged",
+    "metrics_downsample_window_s": "length in seconds of the merged metric windows",
+    "metrics_delete_after_s": "age in seconds (receive time) after which metric windows are deleted",
 }
 
 
@@ -39,6 +51,17 @@ class OrchestratorConfig:
     metrics_listen: str = ""
     metrics_port_file: Path | None = None
     metrics_lookback_s: float = 300.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    keepalive_min_ping_interval_s: float = 10.0
+    max_clock_skew_s: float = 60.0
+    metric_uploads_per_s: float = 10.0
+    metric_upload_burst: int = 50
+    max_concurrent_downloads: int = 64
+    retention_interval_s: float = 3600.0
+    metrics_downsample_after_s: float = 86400.0
+    metrics_downsample_window_s: int = 300
+    metrics_delete_after_s: float = 30 * 86400.0
 
     @property
     def db_url(self) -> str:

@@ -55,10 +55,16 @@ class FleetHub:
     instead of 500 writes a second.
     """
 
-    def __init__(self, store: Store, *, stale_after_s: float, offline_after_s: float) -> None:
+    def __init__(
+        self, store: Store, *, stale_after_s: float, offline_after_s: float, max_clock_skew_s: float = 60.0
+    ) -> None:
         self.store = store
         self.stale_after_s = stale_after_s
         self.offline_after_s = offline_after_s
+        self.max_clock_skew_s = max_clock_skew_s
+        # Device clock minus orchestrator clock at the last heartbeat, in seconds. Kept in memory
+        # only: it is measured again at the first heartbeat after a restart.
+        self.clock_skew_s: dict[str, float] = {}
         self.sessions: dict[str, StreamSession] = {}
         self.last_seen: dict[str, datetime] = {}
         self._pending: dict[str, datetime] = {}
@@ -92,6 +98,37 @@ class FleetHub:
         now = now or datetime.now(UTC)
         self.last_seen[device_id] = now
         self._pending[device_id] = now
+
+    def record_clock_skew(self, device_id: str, sent_at: datetime, now: datetime | None = None) -> float:
+        """Store and return a device's clock skew from a heartbeat's device-clock send time.
+
+        The value includes the one-way network delay, normally milliseconds. Logs a warning when the
+        skew crosses max_clock_skew_s and when it comes back within it.
+        """
+        now = now or datetime.now(UTC)
+        skew = (sent_at - now).total_seconds()
+        was_skewed = self.is_clock_skewed(device_id)
+        self.clock_skew_s[device_id] = skew
+        skewed = self.is_clock_skewed(device_id)
+        if skewed and not was_skewed:
+            log.warning(
+                "device_id=%s clock is off by %+.1f s (bound %.0f s); its metric windows are placed at their "
+                "receive time in queries until the clock is fixed",
+                device_id,
+                skew,
+                self.max_clock_skew_s,
+            )
+        elif was_skewed and not skewed:
+            log.info("device_id=%s clock is back within %.0f s (%+.1f s)", device_id, self.max_clock_skew_s, skew)
+        return skew
+
+    def is_clock_skewed(self, device_id: str) -> bool:
+        """Return whether the device's last measured skew exceeds max_clock_skew_s."""
+        return abs(self.clock_skew_s.get(device_id, 0.0)) > self.max_clock_skew_s
+
+    def skewed_devices(self) -> frozenset[str]:
+        """Return the ids of devices whose last measured skew exceeds max_clock_skew_s."""
+        return frozenset(d for d, skew in self.clock_skew_s.items() if abs(skew) > self.max_clock_skew_s)
 
     def push(self, device_id: str, message: agent_pb2.OrchestratorMessage) -> bool:
         """Send a message to a connected device; return False when it is not connected here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -12,6 +13,9 @@ from edgefleet.common.models import ModelMetadata
 logger = logging.getLogger(__name__)
 
 TFLITE_IDENTIFIER = b"TFL3"  # FlatBuffers file identifier of the TFLite schema, stored at bytes 4..8.
+# Largest element count of one tensor that a model may declare or infer: 2^31 - 1, 8 GiB as
+# float32, more than any edge device's memory. Larger shapes mark a broken or hostile file.
+MAX_TENSOR_ELEMENTS = 2**31 - 1
 
 Key = TypeVar("Key", bound=Hashable)
 
@@ -56,6 +60,19 @@ def inspect_model(data: bytes | Path) -> ModelMetadata:
         metadata.precision,
     )
     return metadata
+
+
+def check_tensor_elements(name: str, shape: Sequence[int], source: str) -> None:
+    """Raise ModelFileError naming the tensor when its shape has more than MAX_TENSOR_ELEMENTS elements.
+
+    Dynamic axes (-1 or 0) count as 1.
+    """
+    elements = math.prod(max(int(d), 1) for d in shape)
+    if elements > MAX_TENSOR_ELEMENTS:
+        raise ModelFileError(
+            f"model {source} tensor {name!r} has shape {tuple(int(d) for d in shape)}, which is {elements:.3g} "
+            f"elements; at most {MAX_TENSOR_ELEMENTS} elements per tensor are supported, so no device could run it"
+        )
 
 
 def is_tflite(content: bytes) -> bool:

@@ -16,6 +16,7 @@ from onnx import helper, shape_inference
 from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.modelinfo import (
     ModelFileError,
+    check_tensor_elements,
     estimate_peak_activation_bytes,
     not_a_model_error,
     propagate_constants,
@@ -73,8 +74,13 @@ def inspect_onnx(content: bytes, source: str) -> ModelMetadata:
     initializer_names.update(sparse.values.name for sparse in graph.sparse_initializer)
     inputs = tuple(_tensor_spec(value) for value in graph.input if value.name not in initializer_names)
     outputs = tuple(_tensor_spec(value) for value in graph.output)
+    for spec in (*inputs, *outputs):
+        check_tensor_elements(spec.name, spec.shape, source)
 
     tensors = _infer_static_shapes(model, initializer_names, source)
+    for name, info in tensors.items():
+        if info.shape is not None:
+            check_tensor_elements(name, info.shape, source)
     constants = _constants(graph)
     macs_by_op_type: dict[str, int] = {}
     for node in graph.node:

@@ -12,6 +12,7 @@ import numpy as np
 from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.modelinfo import (
     ModelFileError,
+    check_tensor_elements,
     estimate_peak_activation_bytes,
     propagate_constants,
 )
@@ -33,6 +34,9 @@ def inspect_tflite(content: bytes, source: str) -> ModelMetadata:
     """
     interpreter = _load_interpreter(content, source)
     tensor_details = {int(detail["index"]): detail for detail in interpreter.get_tensor_details()}
+    for detail in tensor_details.values():
+        signature = detail.get("shape_signature")
+        check_tensor_elements(str(detail["name"]), detail["shape"] if signature is None else signature, source)
     shapes = {index: _static_shape(detail) for index, detail in tensor_details.items()}
     input_details = interpreter.get_input_details()
     output_details = interpreter.get_output_details()

@@ -16,6 +16,8 @@ from edgefleet.common.systemd import Notifier
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
+from edgefleet.orchestrator.limits import OrchestratorLimits
+from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import open_store
@@ -30,21 +32,34 @@ SERVICE_NAMES = (
 # Last-seen times are written in one transaction per interval.
 FLUSH_INTERVAL_S = 2.0
 
-# Keepalive: the server pings an idle connection every 60 s and drops it when no answer comes in
-# 20 s, so a silently dropped agent link is noticed in about 80 s. It accepts client pings down to
-# every 10 s; agents ping every 30 s, so neither side sends pings the other rejects (a rejected
-# ping makes the peer close the connection with ENHANCE_YOUR_CALM).
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-    # One process holds thousands of idle control streams; each needs an HTTP/2 stream.
-    ("grpc.max_concurrent_streams", 100_000),
-]
+# Largest request and response message. An UploadMetrics batch of MAX_WINDOWS_PER_BATCH windows
+# with full sketches stays well below it; larger requests fail with RESOURCE_EXHAUSTED in gRPC itself.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
+    """Return the gRPC server options for config's keepalive settings.
+
+    Keepalive: by default the server pings a connection after 60 s without reads and drops it when
+    no answer comes in 20 s, so a silently dropped agent link is noticed in about 80 s. It accepts
+    client pings down to every 10 s; agents ping every 30 s (edgefleet.agent.agent.Keepalive), so
+    neither side sends pings the other rejects. A rejected ping makes the server close the
+    connection with GOAWAY ENHANCE_YOUR_CALM ("too_many_pings").
+    """
+    return [
+        ("grpc.keepalive_time_ms", round(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(config.keepalive_min_ping_interval_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # One process holds thousands of idle control streams; each needs an HTTP/2 stream.
+        ("grpc.max_concurrent_streams", 100_000),
+    ]
+
+
+SERVER_OPTIONS = server_options(OrchestratorConfig())
 
 
 @dataclass
@@ -54,6 +69,7 @@ class RunningServer:
     state: OrchestratorState
     health: health_aio.HealthServicer
     flusher: asyncio.Task[None]
+    retention: asyncio.Task[None] | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Flip health to NOT_SERVING, close streams, let calls finish for grace_s, then flush and close."""
@@ -63,6 +79,9 @@ class RunningServer:
         await self.server.stop(grace_s)
         self.flusher.cancel()
         await asyncio.gather(self.flusher, return_exceptions=True)
+        if self.retention is not None:
+            self.retention.cancel()
+            await asyncio.gather(self.retention, return_exceptions=True)
         try:
             await asyncio.to_thread(self.state.hub.flush)
         except Exception:
@@ -82,7 +101,12 @@ async def _flush_forever(hub: FleetHub) -> None:
 
 
 async def start_server(config: OrchestratorConfig) -> RunningServer:
-    """Open the store, bind the listen address and start serving; return the running server."""
+    """Open the store, bind the listen address and start serving; return the running server.
+
+    Raises ValueError for an invalid retention or limit setting and OSError when the address cannot be bound.
+    """
+    retention_policy = RetentionPolicy.from_config(config)
+    limits = OrchestratorLimits.from_config(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(open_store, config.db_url)
     for device in await asyncio.to_thread(store.list_devices):
@@ -90,9 +114,14 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
             # Left over from a process that died; no stream of that process survives it.
             await asyncio.to_thread(store.set_connected, device.device_id, False, device.registered_at)
     artifacts = FileArtifactStore(config.data_dir / "artifacts")
-    hub = FleetHub(store, stale_after_s=config.stale_after_s, offline_after_s=config.offline_after_s)
+    hub = FleetHub(
+        store,
+        stale_after_s=config.stale_after_s,
+        offline_after_s=config.offline_after_s,
+        max_clock_skew_s=config.max_clock_skew_s,
+    )
     hub.loop = asyncio.get_running_loop()
-    state = OrchestratorState(config=config, store=store, hub=hub, artifacts=artifacts)
+    state = OrchestratorState(config=config, store=store, hub=hub, artifacts=artifacts, limits=limits)
     state.telemetry.attach(state, config.metrics_lookback_s)
     if config.metrics_listen:
         metrics_port = state.telemetry.serve(config.metrics_listen)
@@ -100,7 +129,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
             config.metrics_port_file.write_text(f"{metrics_port}\n")
         log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_listen.rpartition(":")[0], metrics_port)
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options(config))
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state), server)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(state), server)
     health = health_aio.HealthServicer()
@@ -114,11 +143,14 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     flusher = asyncio.create_task(_flush_forever(hub))
+    retention = None
+    if config.retention_interval_s > 0:
+        retention = asyncio.create_task(retention_forever(store, retention_policy, config.retention_interval_s))
     if config.port_file is not None:
         config.port_file.write_text(f"{port}\n")
     host = config.listen.rsplit(":", 1)[0]
     log.info("orchestrator serving on %s:%d with database %s", host, port, _redact(config.db_url))
-    return RunningServer(server=server, port=port, state=state, health=health, flusher=flusher)
+    return RunningServer(server=server, port=port, state=state, health=health, flusher=flusher, retention=retention)
 
 
 def _redact(url: str) -> str:

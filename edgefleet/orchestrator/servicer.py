@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from edgefleet.common.errors import EdgefleetError, InvalidArgument
-from edgefleet.common.serde import timestamp
+from edgefleet.common.serde import from_timestamp, timestamp
 from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.fleet import StreamSession
 from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics
@@ -122,6 +122,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 kind = message.WhichOneof("body")
                 if kind == "heartbeat":
                     self.state.hub.heartbeat(device_id)
+                    sent_at = from_timestamp(message.heartbeat.sent_at)
+                    if sent_at is not None:
+                        self.state.hub.record_clock_skew(device_id, sent_at)
                     session.send(
                         agent_pb2.OrchestratorMessage(
                             heartbeat_ack=agent_pb2.HeartbeatAck(
@@ -159,17 +162,26 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def DownloadArtifact(
         self, request: agent_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
+        downloads = self.state.limits.downloads
         try:
-            chunks = await asyncio.to_thread(catalog.open_download, request, self.state)
+            downloads.acquire()
         except Exception as error:
             await abort_with(context, "AgentService.DownloadArtifact", error)
             raise
-        iterator = iter(chunks)
-        while True:
-            chunk = await asyncio.to_thread(next, iterator, None)
-            if chunk is None:
-                return
-            yield chunk
+        try:
+            try:
+                chunks = await asyncio.to_thread(catalog.open_download, request, self.state)
+            except Exception as error:
+                await abort_with(context, "AgentService.DownloadArtifact", error)
+                raise
+            iterator = iter(chunks)
+            while True:
+                chunk = await asyncio.to_thread(next, iterator, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            downloads.release()
 
     UploadMetrics = unary(metrics.upload_metrics)
 

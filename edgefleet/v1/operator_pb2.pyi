@@ -142,7 +142,7 @@ class Drift(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., model_name: _Optional[str] = ..., desired_variant_id: _Optional[str] = ..., reported_variant_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
-    __slots__ = ("status", "label_selector", "hardware_class", "drift_only")
+    __slots__ = ("status", "label_selector", "hardware_class", "drift_only", "page_size", "page_token")
     class LabelSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,17 +154,23 @@ class ListDevicesRequest(_message.Message):
     LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_CLASS_FIELD_NUMBER: _ClassVar[int]
     DRIFT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     status: _common_pb2.DeviceStatus
     label_selector: _containers.ScalarMap[str, str]
     hardware_class: str
     drift_only: bool
-    def __init__(self, status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., hardware_class: _Optional[str] = ..., drift_only: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., hardware_class: _Optional[str] = ..., drift_only: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
-    __slots__ = ("devices",)
+    __slots__ = ("devices", "next_page_token")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[Device]
-    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetDeviceRequest(_message.Message):
     __slots__ = ("device_id",)

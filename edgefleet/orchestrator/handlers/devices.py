@@ -14,10 +14,13 @@ from edgefleet.common.serde import DEVICE_STATUS_NAMES, enum_to_name, hardware_f
 from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.domain import Device
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.orchestrator.store.base import IdentityMismatchError
+from edgefleet.orchestrator.store.base import FleetStates, IdentityMismatchError
 from edgefleet.v1 import agent_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
+
+# Devices in one ListDevices page: about 2.5 MB of messages, under the 8 MiB message limit.
+MAX_PAGE_SIZE = 10_000
 
 
 def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer: str) -> agent_pb2.RegisterResponse:
@@ -110,15 +113,26 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
             )
 
 
-def describe_device(device: Device, state: OrchestratorState) -> operator_pb2.Device:
-    _, desired = state.store.get_desired_state(device.device_id)
-    return serde.device_to_proto(
+def describe_device(device: Device, state: OrchestratorState, fleet: FleetStates | None = None) -> operator_pb2.Device:
+    """Build a Device message; pass fleet (from Store.fleet_states) when describing many devices."""
+    if fleet is None:
+        desired = state.store.get_desired_state(device.device_id)[1]
+        reported = state.store.get_reported_state(device.device_id)
+        conflicts = state.store.list_identity_conflicts(device.device_id)
+    else:
+        desired = fleet.desired.get(device.device_id, [])
+        reported = fleet.reported.get(device.device_id, [])
+        conflicts = fleet.conflicts.get(device.device_id, [])
+    message = serde.device_to_proto(
         device,
         status=state.hub.status_of(device),
-        reported=state.store.get_reported_state(device.device_id),
+        reported=reported,
         desired=desired,
-        conflicts=state.store.list_identity_conflicts(device.device_id),
+        conflicts=conflicts,
     )
+    message.clock_skew_seconds = state.hub.clock_skew_s.get(device.device_id, 0.0)
+    message.clock_skewed = state.hub.is_clock_skewed(device.device_id)
+    return message
 
 
 def list_devices(
@@ -131,16 +145,29 @@ def list_devices(
         except ValueError as error:
             raise InvalidArgument("status", str(error)) from None
     validation.check_labels(request.label_selector, "label_selector")
-    devices = []
+    if request.page_size > MAX_PAGE_SIZE:
+        raise InvalidArgument("page_size", f"{request.page_size} is over the maximum of {MAX_PAGE_SIZE}")
+    # The page token is the last device id of the previous page: devices are listed in id order.
+    if request.page_token:
+        validation.check_device_id(request.page_token, "page_token")
+    page_size = request.page_size or MAX_PAGE_SIZE
+    devices: list[operator_pb2.Device] = []
+    fleet = state.store.fleet_states()
+    next_token = ""
     for device in sorted(state.store.list_devices(), key=lambda d: d.device_id):
+        if device.device_id <= request.page_token:
+            continue
+        if len(devices) == page_size:
+            next_token = devices[-1].device_id
+            break
         if wanted_status and state.hub.status_of(device) != wanted_status:
             continue
         if any(device.labels.get(k) != v for k, v in request.label_selector.items()):
             continue
         if request.hardware_class and device.hardware.hardware_class != request.hardware_class:
             continue
-        devices.append(describe_device(device, state))
-    return operator_pb2.ListDevicesResponse(devices=devices)
+        devices.append(describe_device(device, state, fleet))
+    return operator_pb2.ListDevicesResponse(devices=devices, next_page_token=next_token)
 
 
 def get_device(request: operator_pb2.GetDeviceRequest, state: OrchestratorState) -> operator_pb2.Device:

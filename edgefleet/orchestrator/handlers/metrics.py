@@ -21,7 +21,7 @@ MAX_WINDOWS_PER_BATCH = 1000
 MAX_WINDOW_SECONDS = 3600
 GROUP_KEYS = ("device", "model", "variant", "hardware_class")
 MAX_BUCKETS = 10_000
-# A device clock this far from the orchestrator's is logged; queries use the device's window start.
+# A device clock this far from the orchestrator's is logged with the upload.
 CLOCK_SKEW_WARNING = timedelta(minutes=5)
 
 
@@ -32,6 +32,7 @@ def upload_metrics(
     validation.check_device_id(request.device_id)
     if not request.batch_id or len(request.batch_id) > 64:
         raise InvalidArgument("batch_id", "must be 1-64 characters; the agent makes one per batch")
+    state.limits.metric_uploads.acquire(request.device_id, f"metric uploads of device {request.device_id!r}")
     if len(request.windows) > MAX_WINDOWS_PER_BATCH:
         raise ResourceExhausted(
             f"batch has {len(request.windows)} windows; at most {MAX_WINDOWS_PER_BATCH} per batch, split it"
@@ -104,7 +105,24 @@ def _window_from_proto(
     )
 
 
-def _group_key(window: MetricWindow, keys: tuple[str, ...], bucket_seconds: int) -> tuple[tuple[str, str], ...]:
+def placement_time(window: MetricWindow, skewed_devices: frozenset[str], max_clock_skew: timedelta) -> datetime:
+    """Return the time at which queries place a window: its start, or a receive-time estimate when that is implausible.
+
+    A window start is implausible when the device's clock is flagged as skewed (its last heartbeat
+    was more than max_clock_skew off the orchestrator's clock), or when the window starts more than
+    max_clock_skew after the orchestrator received it, which no correct clock produces. Such a
+    window is placed at received_at minus its length, the latest start it can have had. So a device
+    whose clock is an hour off still shows up in queries of the last minutes. Windows delivered late
+    from an agent's buffer keep their start, because a late delivery alone is plausible.
+    """
+    if window.device_id in skewed_devices or window.window_start > window.received_at + max_clock_skew:
+        return window.received_at - timedelta(seconds=window.window_seconds)
+    return window.window_start
+
+
+def _group_key(
+    window: MetricWindow, placed_at: datetime, keys: tuple[str, ...], bucket_seconds: int
+) -> tuple[tuple[str, str], ...]:
     values = {
         "device": window.device_id,
         "model": window.model_name,
@@ -113,7 +131,7 @@ def _group_key(window: MetricWindow, keys: tuple[str, ...], bucket_seconds: int)
     }
     key = tuple((name, values[name]) for name in keys)
     if bucket_seconds:
-        start = int(window.window_start.timestamp()) // bucket_seconds * bucket_seconds
+        start = int(placed_at.timestamp()) // bucket_seconds * bucket_seconds
         key += (("time", datetime.fromtimestamp(start, UTC).isoformat()),)
     return key
 
@@ -131,6 +149,10 @@ def query_metrics(
     end = from_timestamp(request.end)
     if start and end and start >= end:
         raise InvalidArgument("start", f"{start.isoformat()} must be before end {end.isoformat()}")
+    if request.bucket_seconds > MAX_WINDOW_SECONDS * 24:
+        raise InvalidArgument("bucket_seconds", f"{request.bucket_seconds} is over {MAX_WINDOW_SECONDS * 24}")
+    # Windows placed by receive time end at their receipt at the latest, so a receipt up to one
+    # window length after the range can still place a window inside it; placement_time filters exactly.
     windows = state.store.query_metric_windows(
         device_id=request.device_id,
         model_name=request.model_name,
@@ -138,13 +160,18 @@ def query_metrics(
         hardware_class=request.hardware_class,
         start=start,
         end=end,
+        received_start=start,
+        received_end=end + timedelta(seconds=MAX_WINDOW_SECONDS) if end else None,
     )
-    if request.bucket_seconds > MAX_WINDOW_SECONDS * 24:
-        raise InvalidArgument("bucket_seconds", f"{request.bucket_seconds} is over {MAX_WINDOW_SECONDS * 24}")
+    skewed = state.hub.skewed_devices()
+    max_skew = timedelta(seconds=state.config.max_clock_skew_s)
     keys = tuple(dict.fromkeys(request.group_by))
-    groups: dict[tuple[tuple[str, str], ...], list[MetricWindow]] = defaultdict(list)
+    groups: dict[tuple[tuple[str, str], ...], list[tuple[datetime, MetricWindow]]] = defaultdict(list)
     for window in windows:
-        groups[_group_key(window, keys, request.bucket_seconds)].append(window)
+        placed_at = placement_time(window, skewed, max_skew)
+        if (start is not None and placed_at < start) or (end is not None and placed_at >= end):
+            continue
+        groups[_group_key(window, placed_at, keys, request.bucket_seconds)].append((placed_at, window))
     if len(groups) > MAX_BUCKETS:
         raise ResourceExhausted(
             f"query would return {len(groups)} rows; at most {MAX_BUCKETS}: use larger buckets or a shorter range"
@@ -153,12 +180,15 @@ def query_metrics(
     return operator_pb2.QueryMetricsResponse(rows=rows)
 
 
-def _row(group: dict[str, str], windows: list[MetricWindow], include_sketch: bool) -> operator_pb2.MetricRow:
+def _row(
+    group: dict[str, str], placed: list[tuple[datetime, MetricWindow]], include_sketch: bool
+) -> operator_pb2.MetricRow:
+    windows = [window for _, window in placed]
     sketch = LatencySketch()
     for window in windows:
         sketch.merge(LatencySketch.from_bytes(window.sketch))
-    first = min(w.window_start for w in windows)
-    last_end = max(w.window_start + timedelta(seconds=w.window_seconds) for w in windows)
+    first = min(placed_at for placed_at, _ in placed)
+    last_end = max(placed_at + timedelta(seconds=w.window_seconds) for placed_at, w in placed)
     # Throughput per device: windows of several devices overlap in time, so their spans are summed.
     busy_seconds: dict[str, float] = defaultdict(float)
     for window in windows:

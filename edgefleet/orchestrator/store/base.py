@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from edgefleet.common.hardware import HardwareProfile
@@ -16,6 +17,15 @@ from edgefleet.orchestrator.domain import (
     ModelVersion,
     Variant,
 )
+
+
+@dataclass
+class FleetStates:
+    """Per-device desired and reported state of the whole fleet, keyed by device id."""
+
+    desired: dict[str, list[Assignment]] = field(default_factory=dict)
+    reported: dict[str, list[ModelStatus]] = field(default_factory=dict)
+    conflicts: dict[str, list[IdentityConflict]] = field(default_factory=dict)
 
 
 class StoreError(Exception):

@@ -25,6 +25,7 @@ from edgefleet.orchestrator.domain import (
 from edgefleet.orchestrator.store import queries, rows
 from edgefleet.orchestrator.store.base import (
     AlreadyExistsError,
+    FleetStates,
     IdentityMismatchError,
     NotFoundError,
     Store,
@@ -339,6 +340,24 @@ class SqlStore(Store):
                 sa.select(model_statuses).where(model_statuses.c.device_id == device_id).order_by(model_statuses.c.id)
             )
             return [rows.status_from_row(row) for row in result]
+
+    def fleet_states(self) -> FleetStates:
+        """Read every device's assignments, reported states and identity conflicts in three queries."""
+        states = FleetStates()
+        with self._read() as connection:
+            for row in connection.execute(
+                sa.select(assignments).order_by(assignments.c.device_id, assignments.c.model_name)
+            ):
+                assignment = rows.assignment_from_row(row)
+                states.desired.setdefault(assignment.device_id, []).append(assignment)
+            for row in connection.execute(sa.select(model_statuses).order_by(model_statuses.c.id)):
+                status = rows.status_from_row(row)
+                states.reported.setdefault(status.device_id, []).append(status)
+            query = sa.select(identity_conflicts).order_by(identity_conflicts.c.seen_at, identity_conflicts.c.id)
+            for row in connection.execute(query):
+                conflict = rows.conflict_from_row(row)
+                states.conflicts.setdefault(conflict.device_id, []).append(conflict)
+        return states
 
     # Metrics
 
