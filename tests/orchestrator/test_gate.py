@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from edgefleet.orchestrator.compress.quantize import quantize_static_qdq
 from edgefleet.orchestrator.compress.tflite import TfliteExportError, export_tflite
 
 SIZE = 32
-FAST = {"warmup": 1, "repeats": 3}
+FAST: dict[str, Any] = {"warmup": 1, "repeats": 3}
 
 
 def conv_net(seed: int = 0) -> torch.nn.Module:

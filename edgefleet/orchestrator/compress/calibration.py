@@ -192,7 +192,7 @@ def reader_from_npz(
 def list_images(folder: Path) -> list[Path]:
     """List the image files directly inside folder, sorted by name.
 
-    Raises CalibrationError when folder is missing or holds no file with an image suffix.
+    Raises CalibrationError when folder is missing or contains no file with an image suffix.
     """
     if not folder.is_dir():
         raise CalibrationError(f"calibration image folder {folder} not found or not a directory")
@@ -268,7 +268,7 @@ def reader_from_images(
 ) -> ArrayCalibrationReader:
     """Build a reader over a folder of images preprocessed with spec.
 
-    Raises CalibrationError when the folder holds no images or the preprocessed samples do not match
+    Raises CalibrationError when the folder contains no images or the preprocessed samples do not match
     the model input (for example a 224x224 spec for a 320x320 input).
     """
     samples = load_image_folder(folder, spec, limit=limit)

@@ -161,12 +161,12 @@ def evaluate_variant(
 ) -> GateResult:
     """Load, score and time a candidate variant against its source, and accept or reject it.
 
-    The candidate must load on every runtime in runtimes (an ONNX file cannot load on "litert" and a
-    TFLite file cannot load on "onnxruntime"); a load or run failure rejects it with the runtime's
-    error. Accuracy is top-1 against labels when given, else top-1 agreement with the source on
-    eval_inputs; a drop of more than max_accuracy_drop points (percent) rejects it. Latency is the p50
-    of repeats runs per thread count after warmup runs, with source and candidate interleaved in one
-    loop so both see the same machine state; a slower candidate is flagged, never rejected for speed.
+    The candidate must load on every runtime in runtimes. An ONNX file loads only on "onnxruntime" and
+    a TFLite file only on "litert". A load or run failure rejects the candidate with the runtime's error.
+    Accuracy is top-1 against labels when given, else top-1 agreement with the source on eval_inputs.
+    A drop of more than max_accuracy_drop percentage points rejects the candidate. Latency is the p50
+    of `repeats` runs per thread count after `warmup` runs, with source and candidate interleaved in
+    one loop so both see the same machine load. A slower candidate is flagged, never rejected for speed.
 
     Returns a GateResult. Raises GateError for invalid arguments and when the source itself does not load.
     """

@@ -103,8 +103,8 @@ def quantize_static_qdq(
         onnx.save(model, str(staged))
         if preprocess:
             staged = _preprocess(staged, Path(scratch) / "preprocessed.onnx")
-        options: dict[str, object] = {"ActivationSymmetric": activation_type == "int8"}
-        options.update(extra_options or {})
+        # onnxruntime's defaults (asymmetric activations, symmetric weights) apply unless overridden.
+        options: dict[str, object] = dict(extra_options or {})
         try:
             quantize_static(
                 str(staged),
@@ -153,7 +153,7 @@ def quantize_dynamic_int8(
 
     Meant for transformer and MLP models. A model whose MACs are mostly convolutions is rejected unless
     force is set, because onnxruntime's dynamic ConvInteger kernels make conv nets slower on CPUs and
-    lose accuracy; use quantize_static_qdq for those. metadata gives the MACs by operator type; without
+    lose accuracy. Use quantize_static_qdq for those. metadata gives the MACs by operator type; without
     it the weight elements consumed by Conv versus MatMul/Gemm decide.
 
     Returns output_path. Raises QuantizationError for a conv-dominated model without force, or when the

@@ -18,7 +18,7 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How calibration and evaluation images become model inputs; see calibration.PreprocessSpec."""
+    """Image preprocessing for calibration and evaluation inputs, with the fields of calibration.PreprocessSpec."""
 
     height: int = 224
     width: int = 224
@@ -35,7 +35,7 @@ class DataSource:
     """Samples for calibration or evaluation: a folder of images or an .npz with one array per input."""
 
     images: str = ""  # Folder of image files, preprocessed with `preprocess`.
-    npz: str = ""  # .npz file whose key `input_name` holds the samples, batch axis first.
+    npz: str = ""  # .npz file whose key `input_name` contains the samples, batch axis first.
     input_name: str = ""  # Model input to feed; empty picks the only one.
     labels: str = ""  # Optional .npy of integer class labels, one per sample, for top-1 accuracy.
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -86,7 +86,7 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Which compressions to run and how; a section left out of the input is None and not run."""
+    """A set of compression steps and their settings; a section left out of the input is None and not run."""
 
     quantize: QuantizeConfig | None = None
     prune: PruneConfig | None = None

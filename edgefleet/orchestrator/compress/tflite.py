@@ -35,9 +35,9 @@ def export_tflite(
     """Convert a PyTorch module to a TFLite model with the given weight and activation precision.
 
     The TFLite input keeps the module's layout and the shape of sample_input (batch axis first). fp32 is
-    the plain conversion; fp16 stores weights as float16 and computes in float32; int8 quantizes weights
-    (per channel) and activations, including the model input and output, with ranges calibrated on
-    calibration (samples with the batch axis first, required for int8).
+    the plain conversion. fp16 stores weights as float16 and computes in float32. int8 quantizes weights
+    per channel and all activations, including the model input and output. Its ranges come from
+    calibration (samples with the batch axis first), which int8 requires.
 
     Returns output_path. Raises TfliteExportError naming the missing package, the invalid precision or
     missing calibration data, or the converter's error.
