@@ -6,18 +6,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
 from edgefleet import __version__
 from edgefleet.agent.benchmark import BenchmarkWorker
+from edgefleet.agent.buffer import BufferLimits, MetricBuffer
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.agent.identity import Identity, load_identity, save_identity
 from edgefleet.agent.local_api import LocalApiServer
-from edgefleet.agent.metrics import MetricsRecorder, new_batch_id
+from edgefleet.agent.metrics import MetricsRecorder
 from edgefleet.agent.profiles import EnforcedLimits
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.runtime.host import ModelHost
@@ -25,19 +27,41 @@ from edgefleet.common.backoff import Backoff
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.serde import hardware_to_proto
 from edgefleet.common.systemd import Notifier
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Keepalive: ping every 30 s and give up on a silent link after 10 s more. The orchestrator
-# accepts pings every 10 s or slower, so it never rejects these.
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-]
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Client keepalive: ping after time_s without reads, give up on the link timeout_s after a ping.
+
+    The defaults ping every 30 s. The orchestrator accepts pings every 10 s or slower by default
+    (OrchestratorConfig.keepalive_min_ping_interval_s), so it never rejects these; a rejected ping
+    makes the server close the connection with GOAWAY too_many_pings. Keep time_s at or above the
+    server's minimum when changing either side.
+    """
+
+    time_s: float = 30.0
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.time_s <= 0 or self.timeout_s <= 0:
+            raise ValueError(f"keepalive time and timeout must be positive, got {self.time_s} s and {self.timeout_s} s")
+
+
+def channel_options(keepalive: Keepalive) -> list[tuple[str, int]]:
+    """Return the gRPC channel options of the agent's connections to the orchestrator."""
+    return [
+        ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options(Keepalive())
 # Errors that a reconnect cannot fix: the agent exits so that systemd does not restart it in a loop.
 FATAL_CODES = (
     grpc.StatusCode.ALREADY_EXISTS,
@@ -52,6 +76,40 @@ class FatalAgentError(Exception):
     """The orchestrator rejected this agent for a reason a retry cannot fix."""
 
 
+RetryCallback = Callable[[grpc.aio.AioRpcError, float], None]
+
+
+async def reconnect_forever(
+    session: Callable[[], Awaitable[None]],
+    backoff: Backoff,
+    stop: asyncio.Event,
+    *,
+    on_retry: RetryCallback | None = None,
+    describe: str = "device",
+) -> None:
+    """Run session() again and again until stop is set, sleeping backoff.next_delay() after each failure.
+
+    A session that fails with a gRPC error is retried after a delay drawn with full jitter, so a
+    fleet that lost the orchestrator at once spreads its reconnects across the backoff window. A
+    session that lasted HEALTHY_SESSION_S resets the backoff. on_retry(error, delay) is called
+    before each wait. Raises FatalAgentError for the FATAL_CODES, naming describe.
+    """
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await session()
+        except grpc.aio.AioRpcError as error:
+            if error.code() in FATAL_CODES:
+                raise FatalAgentError(f"orchestrator rejected {describe}: {error.details()}") from None
+            if time.monotonic() - started > HEALTHY_SESSION_S:
+                backoff.reset()
+            delay = backoff.next_delay()
+            if on_retry is not None:
+                on_retry(error, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
 class Agent:
     def __init__(
         self,
@@ -59,16 +117,23 @@ class Agent:
         hardware: HardwareProfile,
         limits: EnforcedLimits,
         allowed_runtimes: tuple[str, ...],
+        *,
+        keepalive: Keepalive | None = None,
+        buffer_limits: BufferLimits | None = None,
     ) -> None:
+        """Set up the agent's parts; keepalive and buffer_limits default to Keepalive() and BufferLimits()."""
         self.config = config
         self.hardware = hardware
         self.limits = limits
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity: Identity = load_identity(config.state_dir)
         self.recorder = MetricsRecorder(config.metrics_window_s)
+        # Windows wait here, on disk, until the orchestrator acknowledges them, across restarts too.
+        self.metric_buffer = MetricBuffer(config.state_dir / "metrics", buffer_limits)
+        self.channel_options = channel_options(keepalive or Keepalive())
         self.host = ModelHost(default_threads=limits.threads, on_latency=self._on_latency)
         self.store = ModelStore(config.state_dir / "models")
-        self._sync_channel = grpc.insecure_channel(config.orchestrator, options=CHANNEL_OPTIONS)
+        self._sync_channel = grpc.insecure_channel(config.orchestrator, options=self.channel_options)
         self.downloader = Downloader(self._sync_channel, self.store, device_id=self.identity.device_id)
         # Benchmarks run on their own thread within the device's thread budget and report on the control stream.
         self.benchmarks = BenchmarkWorker(self._send, max_threads=limits.threads)
@@ -88,7 +153,8 @@ class Agent:
         self.notifier = Notifier()
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending_batch: tuple[str, list[common_pb2.MetricWindow]] | None = None
+        self.connected = False  # A control stream is open.
+        self.sessions_opened = 0  # Control streams opened since start, reconnects included.
 
     @property
     def device_id(self) -> str:
@@ -142,7 +208,7 @@ class Agent:
         await asyncio.to_thread(self.reconciler.restore)
         if self.host.list():
             self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
-        channel = grpc.aio.insecure_channel(self.config.orchestrator, options=CHANNEL_OPTIONS)
+        channel = grpc.aio.insecure_channel(self.config.orchestrator, options=self.channel_options)
         background = [asyncio.create_task(self._upload_loop(channel, stop))]
         if self.notifier.watchdog_interval_s is not None:
             background.append(asyncio.create_task(self._watchdog_loop(self.notifier.watchdog_interval_s)))
@@ -177,32 +243,26 @@ class Agent:
             await asyncio.sleep(interval_s)
 
     async def _connect_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
-        backoff = Backoff(cap_s=self.config.max_backoff_s)
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self._session(channel, stop)
-            except grpc.aio.AioRpcError as error:
-                if error.code() in FATAL_CODES:
-                    raise FatalAgentError(
-                        f"orchestrator rejected device {self.device_id or '(new)'}: {error.details()}"
-                    ) from None
-                if time.monotonic() - started > HEALTHY_SESSION_S:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                self.notifier.status(
-                    f"orchestrator {self.config.orchestrator} unreachable ({error.code().name}); "
-                    f"retrying in {delay:.0f} s; serving {len(self.host.list())} models"
-                )
-                log.warning(
-                    "connection to orchestrator %s failed (%s: %s); retrying in %.1f s",
-                    self.config.orchestrator,
-                    error.code().name,
-                    error.details(),
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+        def on_retry(error: grpc.aio.AioRpcError, delay: float) -> None:
+            self.notifier.status(
+                f"orchestrator {self.config.orchestrator} unreachable ({error.code().name}); "
+                f"retrying in {delay:.0f} s; serving {len(self.host.list())} models"
+            )
+            log.warning(
+                "connection to orchestrator %s failed (%s: %s); retrying in %.1f s",
+                self.config.orchestrator,
+                error.code().name,
+                error.details(),
+                delay,
+            )
+
+        await reconnect_forever(
+            lambda: self._session(channel, stop),
+            Backoff(cap_s=self.config.max_backoff_s),
+            stop,
+            on_retry=on_retry,
+            describe=f"device {self.device_id or '(new)'}",
+        )
 
     async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
@@ -239,6 +299,8 @@ class Agent:
         )
         await call.write(agent_pb2.AgentMessage(reported_state=self.reconciler.reported_state()))
         interval = max(1, response.heartbeat_interval_seconds)
+        self.connected = True
+        self.sessions_opened += 1
         tasks = [
             asyncio.create_task(self._write_loop(call)),
             asyncio.create_task(self._heartbeat_loop(interval)),
@@ -263,6 +325,7 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             call.cancel()
             self._outbox = None
+            self.connected = False
 
     async def _write_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         assert self._outbox is not None
@@ -309,37 +372,70 @@ class Agent:
                 log.exception("metric upload failed for device_id=%s; retrying at the next interval", self.device_id)
 
     async def _final_upload(self, channel: grpc.aio.Channel) -> None:
-        """Deliver the open windows at shutdown, within a short bound."""
+        """Write the open windows to the disk buffer at shutdown and try to deliver them within a short bound."""
+        await asyncio.to_thread(self._spill, True)
         try:
             await asyncio.wait_for(self._upload(channel, include_open=True), timeout=self.config.shutdown_grace_s)
         except TimeoutError:
-            log.warning("metric windows not delivered before shutdown; they are lost")
+            log.warning(
+                "%d metric batches not delivered before shutdown; they stay on disk for the next start",
+                len(self.metric_buffer),
+            )
 
     async def _upload(self, channel: grpc.aio.Channel, *, include_open: bool) -> None:
-        """Send the pending batch (retried with the same id, so it is stored once) and then new windows."""
+        """Write finished windows to the disk buffer as new batches, then send the buffered batches oldest first.
+
+        A batch keeps the id it got on disk across retries and restarts, so the orchestrator stores it
+        once. Its file is deleted only after the orchestrator acknowledged it (stored now or before).
+        A batch the orchestrator rejects as INVALID_ARGUMENT is dropped with a warning, because
+        resending it cannot succeed; after any other error the remaining batches wait for the next round.
+        """
+        await asyncio.to_thread(self._spill, include_open)
         if not self.device_id:
             return
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         while True:
-            if self._pending_batch is None:
-                windows = self.recorder.drain(include_open=include_open)
-                if not windows:
-                    return
-                self._pending_batch = (new_batch_id(), windows)
-            batch_id, windows = self._pending_batch
+            batch = await asyncio.to_thread(self.metric_buffer.oldest)
+            if batch is None:
+                return
+            request = agent_pb2.UploadMetricsRequest(
+                device_id=self.device_id, batch_id=batch.batch_id, windows=batch.windows
+            )
             try:
-                response = await stub.UploadMetrics(
-                    agent_pb2.UploadMetricsRequest(device_id=self.device_id, batch_id=batch_id, windows=windows),
-                    timeout=10,
-                )
+                response = await stub.UploadMetrics(request, timeout=10)
             except grpc.aio.AioRpcError as error:
-                log.warning("metric upload of batch %s failed (%s); retrying later", batch_id, error.code().name)
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    await asyncio.to_thread(self.metric_buffer.drop, batch.batch_id, error.details() or "rejected")
+                    continue
+                log.warning(
+                    "metric upload of batch %s failed (%s); %d batches wait on disk for the next try",
+                    batch.batch_id,
+                    error.code().name,
+                    len(self.metric_buffer),
+                )
                 return
             log.debug(
                 "uploaded batch %s: %d windows (duplicate=%s)",
-                batch_id,
+                batch.batch_id,
                 response.accepted,
                 response.duplicate,
             )
-            self._pending_batch = None
-            include_open = False
+            await asyncio.to_thread(self.metric_buffer.remove, batch.batch_id)
+
+    def _spill(self, include_open: bool) -> None:
+        """Move the recorder's finished windows (all with include_open) into the disk buffer."""
+        while True:
+            windows = self.recorder.drain(include_open=include_open)
+            if not windows:
+                return
+            try:
+                self.metric_buffer.append(windows)
+            except OSError as error:
+                log.error(
+                    "cannot write %d metric windows (%d inferences) to the buffer %s: %s; they are lost",
+                    len(windows),
+                    sum(w.inference_count for w in windows),
+                    self.metric_buffer.directory,
+                    error,
+                )
+                return

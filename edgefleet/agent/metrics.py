@@ -1,11 +1,10 @@
-"""Latency recording into per-window sketches, and their delivery to the orchestrator in batches."""
+"""Latency recording into per-window sketches, which the agent then buffers and delivers in batches."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -14,7 +13,8 @@ from edgefleet.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-# Completed windows kept in memory while the orchestrator is unreachable; the oldest are dropped.
+# Completed windows kept in memory between two moves to the agent's disk buffer (edgefleet.agent.buffer);
+# the oldest are dropped past this bound.
 MAX_BUFFERED_WINDOWS = 10_000
 
 
@@ -84,7 +84,3 @@ class MetricsRecorder:
             count = min(limit, len(self._closed))
             windows = [self._closed.popleft() for _ in range(count)]
         return windows
-
-
-def new_batch_id() -> str:
-    return uuid.uuid4().hex
