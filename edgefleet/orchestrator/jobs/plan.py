@@ -1,0 +1,149 @@
+"""What a compression job makes from its recipe and source model, checked before the job is queued."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.orchestrator.compress.recipe import DataSource, Recipe, RecipeError, parse_recipe
+from edgefleet.orchestrator.jobs import sources
+
+logger = logging.getLogger(__name__)
+
+_RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
+
+
+class PlanError(ValueError):
+    """A recipe that this source model cannot run: the message names the recipe field and the fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class PlannedVariant:
+    """One variant the job will produce and gate."""
+
+    kind: str  # Variant kind: "int8" or "fp16".
+    format: str  # "onnx" or "tflite".
+    precision: str
+    method: str  # "onnx-static", "onnx-dynamic", "tflite-int8" or "tflite-fp16".
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A parsed recipe with the variants it produces and the data it reads."""
+
+    recipe: Recipe
+    variants: tuple[PlannedVariant, ...]
+    calibration: DataSource | None  # None when no variant needs calibration.
+    evaluation: DataSource
+    evaluation_field: str
+    runtimes: tuple[str, ...] | None  # None: each variant is gated on its own format's runtime.
+
+    def gate_runtimes(self, variant: PlannedVariant) -> tuple[str, ...]:
+        """Return the runtimes the gate loads variant on."""
+        return self.runtimes if self.runtimes is not None else (_RUNTIME_OF_FORMAT[variant.format],)
+
+
+def load_recipe_json(text: str) -> dict[str, Any]:
+    """Parse recipe JSON into a dict; raise PlanError naming the position of a syntax error."""
+    if not text.strip():
+        raise PlanError("recipe_json", 'empty; send a recipe such as {"quantize": {...}}')
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PlanError("recipe_json", f"not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise PlanError("recipe_json", f"must be a JSON object of sections, got {type(data).__name__}")
+    return data
+
+
+def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
+    """Validate a recipe dict against a source model and return what the job will do.
+
+    Raises RecipeError for an unknown key or an invalid value, and PlanError for a section the source
+    format cannot run (prune and distill need a PyTorch model; tflite precisions need a TFLite source),
+    a recipe that produces nothing, or a missing calibration or evaluation source.
+    """
+    recipe = parse_recipe(data)
+    source_format = metadata.format
+    for section in ("prune", "distill"):
+        if getattr(recipe, section) is not None:
+            raise PlanError(
+                section,
+                f"needs the model as PyTorch code, but the uploaded source is {source_format}; "
+                "run it with the compress library (edgefleet.orchestrator.compress) and upload the result",
+            )
+    planned: list[PlannedVariant] = []
+    if recipe.quantize is not None:
+        if source_format == "onnx":
+            method = "onnx-static" if recipe.quantize.method == "static" else "onnx-dynamic"
+            planned.append(PlannedVariant("int8", "onnx", "int8", method))
+        else:
+            if recipe.quantize.method != "static":
+                raise PlanError("quantize.method", f"{recipe.quantize.method!r} applies to ONNX only; use 'static'")
+            planned.append(PlannedVariant("int8", "tflite", "int8", "tflite-int8"))
+    if recipe.tflite is not None:
+        if source_format != "tflite":
+            raise PlanError(
+                "tflite",
+                "converting an ONNX model to TFLite is not supported; export TFLite from PyTorch "
+                "(compress.tflite.export_tflite) or upload a TFLite model",
+            )
+        for precision in recipe.tflite.precisions:
+            if precision == "fp16":
+                planned.append(PlannedVariant("fp16", "tflite", "fp16", "tflite-fp16"))
+            elif precision == "int8" and not any(p.method == "tflite-int8" for p in planned):
+                if recipe.quantize is None:
+                    raise PlanError("tflite.precisions", "int8 needs calibration data: add a [quantize] section")
+                planned.append(PlannedVariant("int8", "tflite", "int8", "tflite-int8"))
+    if not planned:
+        raise PlanError("recipe", "produces no variant: add a [quantize] section (or [tflite] for a TFLite source)")
+
+    inputs = metadata.inputs
+    calibration: DataSource | None = None
+    if any(p.method in ("onnx-static", "tflite-int8") for p in planned):
+        assert recipe.quantize is not None
+        calibration = recipe.quantize.calibration
+        _check(calibration, "quantize.calibration", inputs)
+    evaluation = recipe.gate.evaluation
+    evaluation_field = "gate.evaluation"
+    if sources.is_empty(evaluation):
+        if calibration is not None and sources.builtin_name(calibration):
+            # A built-in source has a held-out evaluation half.
+            evaluation, evaluation_field = calibration, "quantize.calibration"
+        else:
+            raise PlanError(
+                "gate.evaluation",
+                "no data given: the gate needs evaluation samples kept apart from calibration "
+                f"(a folder, an npz or {sources.BUILTIN_PREFIX}NAME)",
+            )
+    else:
+        _check(evaluation, "gate.evaluation", inputs)
+    gate = data.get("gate")
+    explicit_runtimes = isinstance(gate, dict) and "runtimes" in gate
+    plan = JobPlan(
+        recipe=recipe,
+        variants=tuple(planned),
+        calibration=calibration,
+        evaluation=evaluation,
+        evaluation_field=evaluation_field,
+        runtimes=recipe.gate.runtimes if explicit_runtimes else None,
+    )
+    logger.debug("planned %s", plan)
+    return plan
+
+
+def _check(source: DataSource, field: str, inputs: tuple[TensorSpec, ...]) -> None:
+    try:
+        sources.check_source(source, field, inputs)
+    except sources.SourceError as error:
+        raise PlanError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
+
+
+__all__ = ["JobPlan", "PlanError", "PlannedVariant", "RecipeError", "load_recipe_json", "plan_job"]

@@ -1,0 +1,288 @@
+"""The code that runs one compression job in a worker process: compress, gate, store the variants."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.orchestrator.artifacts import FileArtifactStore
+from edgefleet.orchestrator.compress.calibration import ArrayCalibrationReader, CalibrationError
+from edgefleet.orchestrator.compress.gate import GateError, GateResult, evaluate_variant
+from edgefleet.orchestrator.compress.quantize import QuantizationError, quantize_dynamic_int8, quantize_static_qdq
+from edgefleet.orchestrator.compress.recipe import RecipeError
+from edgefleet.orchestrator.domain import Variant
+from edgefleet.orchestrator.jobs import sources
+from edgefleet.orchestrator.jobs.plan import JobPlan, PlanError, PlannedVariant, load_recipe_json, plan_job
+from edgefleet.orchestrator.jobs.runner import EXIT_ABANDONED, WorkerArgs
+from edgefleet.orchestrator.jobs.store import RUNNING, Job, JobStore, open_job_store
+from edgefleet.orchestrator.modelinfo import ModelFileError, inspect_model
+from edgefleet.orchestrator.store.base import StoreError
+
+logger = logging.getLogger(__name__)
+
+# A worker whose orchestrator died exits within this many seconds.
+PARENT_CHECK_INTERVAL_S = 1.0
+# Progress writes during calibration are at least this far apart.
+PROGRESS_INTERVAL_S = 0.5
+# Temporary files of the artifact store younger than this are left alone by the worker's store handle.
+_ARTIFACT_TEMP_AGE_S = 7 * 86400.0
+# Expected failures: their message is the job's error as is.
+_JOB_ERRORS = (
+    sources.SourceError,
+    PlanError,
+    RecipeError,
+    CalibrationError,
+    QuantizationError,
+    GateError,
+    ModelFileError,
+    StoreError,
+)
+
+
+class JobAbandoned(Exception):
+    """The job left the running state under this attempt (cancelled or requeued); stop without writing."""
+
+
+class Progress:
+    """Writes a job's progress and stage to the job store; raises JobAbandoned when the job is not ours."""
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.attempt = attempt
+        self._last = 0.0
+
+    def report(self, progress: float, stage: str, *, throttle: bool = False) -> None:
+        now = time.monotonic()
+        if throttle and now - self._last < PROGRESS_INTERVAL_S:
+            return
+        self._last = now
+        logger.info("job %s: %.0f%% %s", self.job_id, progress * 100, stage)
+        if not self.store.report_progress(self.job_id, self.attempt, progress, stage, datetime.now(UTC)):
+            raise JobAbandoned(self.job_id)
+
+
+class _CountingReader(CalibrationDataReader):
+    """A calibration reader that reports each batch it hands to the calibrator."""
+
+    def __init__(self, inner: ArrayCalibrationReader, on_batch: Callable[[int, int], None]) -> None:
+        self.inner = inner
+        self.on_batch = on_batch
+        self.total = max(1, -(-len(inner) // inner.batch_size))
+        self.count = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = self.inner.get_next()
+        if batch is not None:
+            self.count += 1
+            self.on_batch(min(self.count, self.total), self.total)
+        return batch
+
+    def rewind(self) -> None:
+        self.count = 0
+        self.inner.rewind()
+
+
+def main(args: WorkerArgs) -> None:
+    """Run one job attempt in this process and exit: 0 when it finished (succeeded or failed), 3 when
+    it was abandoned, 1 on an unexpected error that could not be recorded."""
+    from edgefleet.common.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+    _watch_parent(args.parent_pid)
+    store = open_job_store(args.db_url)
+    try:
+        code = run_attempt(store, args)
+    finally:
+        store.close()
+    sys.exit(code)
+
+
+def run_attempt(store: JobStore, args: WorkerArgs) -> int:
+    """Run the job's attempt and record its outcome; return the process exit status."""
+    progress = Progress(store, args.job_id, args.attempt)
+    try:
+        job = store.get_job(args.job_id)
+        if job.state != RUNNING or job.attempt != args.attempt:
+            raise JobAbandoned(args.job_id)
+        variants = _run(job, args, progress)
+        progress.report(0.98, f"storing {len(variants)} variants")
+        if not store.finish(job.job_id, args.attempt, variants, datetime.now(UTC)):
+            raise JobAbandoned(args.job_id)
+        return 0
+    except JobAbandoned:
+        logger.info("job %s attempt %d was cancelled or requeued; worker exits", args.job_id, args.attempt)
+        return EXIT_ABANDONED
+    except _JOB_ERRORS as error:
+        message = str(error)
+    except Exception as error:  # Recorded on the job, so an operator sees it without the log.
+        logger.exception("job %s failed unexpectedly", args.job_id)
+        message = f"unexpected {type(error).__name__}: {error}"
+    logger.warning("job %s failed: %s", args.job_id, message)
+    store.fail(args.job_id, args.attempt, message, datetime.now(UTC))
+    return 0
+
+
+def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    artifacts = FileArtifactStore(args.artifacts_root, temp_max_age_s=_ARTIFACT_TEMP_AGE_S)
+
+    progress.report(0.02, "fetching the source model")
+    source = work / f"source.{job.source_format}"
+    with artifacts.open(job.source_digest) as stored, source.open("wb") as copy:
+        shutil.copyfileobj(stored, copy)
+    metadata = inspect_model(source)
+    plan = plan_job(load_recipe_json(job.recipe_json), metadata)
+    spec = _input_spec(plan, metadata)
+
+    calibration: np.ndarray | None = None
+    if plan.calibration is not None:
+        assert plan.recipe.quantize is not None
+        progress.report(0.05, f"loading calibration data from {sources.describe(plan.calibration)}")
+        calibration = sources.load_samples(
+            plan.calibration, "quantize.calibration", "calibration", spec, plan.recipe.quantize.calibration_size
+        ).inputs
+
+    candidates: list[tuple[PlannedVariant, Path]] = []
+    share = 0.55 / len(plan.variants)
+    for index, planned in enumerate(plan.variants):
+        start = 0.1 + index * share
+        candidates.append(
+            (planned, _produce(planned, plan, source, metadata, spec, calibration, work, progress, start, share))
+        )
+
+    progress.report(0.66, f"loading evaluation data from {sources.describe(plan.evaluation)}")
+    evaluation = sources.load_samples(plan.evaluation, plan.evaluation_field, "evaluation", spec)
+    gate = plan.recipe.gate
+    variants: list[Variant] = []
+    share = 0.3 / len(candidates)
+    for index, (planned, path) in enumerate(candidates):
+        threads = ", ".join(str(t) for t in gate.threads)
+        progress.report(
+            0.67 + index * share,
+            f"gating {planned.kind} {planned.format}: accuracy on "
+            f"{evaluation.inputs.shape[0]} samples, latency at {threads} threads",
+        )
+        result = evaluate_variant(
+            path,
+            source,
+            evaluation.inputs,
+            labels=evaluation.labels,
+            runtimes=plan.gate_runtimes(planned),
+            max_accuracy_drop=gate.max_accuracy_drop,
+            threads=gate.threads,
+            input_name=spec.name,
+        )
+        variants.append(_store_variant(job, planned, path, result, artifacts))
+    return variants
+
+
+def _input_spec(plan: JobPlan, metadata: ModelMetadata) -> TensorSpec:
+    source = plan.calibration if plan.calibration is not None else plan.evaluation
+    return sources.choose_input(metadata.inputs, source, "quantize.calibration")
+
+
+def _produce(
+    planned: PlannedVariant,
+    plan: JobPlan,
+    source: Path,
+    metadata: ModelMetadata,
+    spec: TensorSpec,
+    calibration: np.ndarray | None,
+    work: Path,
+    progress: Progress,
+    start: float,
+    share: float,
+) -> Path:
+    output = work / f"{planned.kind}.{planned.format}"
+    if planned.method == "onnx-dynamic":
+        progress.report(start, "quantizing weights to int8 (dynamic)")
+        return quantize_dynamic_int8(source, output, metadata=metadata)
+    if planned.method == "tflite-fp16":
+        from edgefleet.orchestrator.compress.tflite import quantize_tflite
+
+        progress.report(start, "converting weights to fp16")
+        return quantize_tflite(source, output, precision="fp16")
+    assert calibration is not None and plan.recipe.quantize is not None
+    if planned.method == "tflite-int8":
+        from edgefleet.orchestrator.compress.tflite import quantize_tflite
+
+        progress.report(start, f"quantizing to int8 with {calibration.shape[0]} calibration samples")
+        return quantize_tflite(source, output, precision="int8", calibration=calibration)
+    settings = plan.recipe.quantize
+    progress.report(start, "preparing the graph for int8 quantization")
+
+    def on_batch(done: int, total: int) -> None:
+        progress.report(
+            start + share * done / total, f"calibrating int8 ranges: batch {done}/{total}", throttle=done < total
+        )
+
+    reader = _CountingReader(ArrayCalibrationReader(spec, calibration), on_batch)
+    return quantize_static_qdq(
+        source,
+        output,
+        reader,
+        per_channel=settings.per_channel,
+        activation_type=settings.activation_type,
+        calibration_method=settings.calibration_method,
+        reduce_range=settings.reduce_range,
+        input_name=spec.name,
+    )
+
+
+def _store_variant(
+    job: Job, planned: PlannedVariant, path: Path, result: GateResult, artifacts: FileArtifactStore
+) -> Variant:
+    """Put the candidate file in the artifact store and describe it; nothing reaches the catalog yet."""
+    metadata = inspect_model(path)
+    digest = artifacts.put_file(path)
+    return Variant(
+        variant_id=variant_id_for(job, planned.kind),
+        model_name=job.model_name,
+        model_version=job.model_version,
+        kind=planned.kind,
+        format=planned.format,
+        precision=planned.precision,
+        digest=digest,
+        size_bytes=path.stat().st_size,
+        metadata=metadata,
+        status=result.status,
+        rejection_reason="" if result.accepted else result.reason,
+        accuracy=result.accuracy,
+        accuracy_metric=result.accuracy_metric,
+        latency_ms=dict(result.latency_p50_ms),
+        parent_variant_id=job.source_variant_id,
+    )
+
+
+def variant_id_for(job: Job, kind: str) -> str:
+    """Return the id of the variant of this kind that a job makes: NAME:VERSION:KIND-JOBID."""
+    return f"{job.model_name}:{job.model_version}:{kind}-{job.job_id}"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit this process when the orchestrator that started it is gone (killed with SIGKILL, say)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_INTERVAL_S)
+            if os.getppid() != parent_pid:
+                logger.warning("orchestrator process %d is gone; worker %d exits", parent_pid, os.getpid())
+                os._exit(EXIT_ABANDONED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

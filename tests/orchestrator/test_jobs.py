@@ -1,0 +1,651 @@
+"""Compression jobs: the job store, data sources, and real jobs run by a real orchestrator's worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.orchestrator.compress.recipe import DataSource
+from edgefleet.orchestrator.domain import ModelVersion, Variant
+from edgefleet.orchestrator.jobs import sources
+from edgefleet.orchestrator.jobs.store import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    SqlJobStore,
+    open_job_store,
+)
+from edgefleet.orchestrator.store import AlreadyExistsError, open_store
+from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from tests.servers import OrchestratorThread, agent_hardware, orchestrator_config, register, upload
+
+pytest_plugins = ["tests.servers"]
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_S = 120.0
+DEMO = {"images": "builtin:demo-photos"}
+
+
+def tiny_conv_onnx(seed: int = 0) -> bytes:
+    """Return a small image classifier: (N, 3, 224, 224) -> strided Conv -> ReLU -> pool -> Gemm -> (N, 10)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((8, 3, 4, 4)).astype(np.float32) * 0.3
+    fc = rng.standard_normal((10, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w"], ["conv"], strides=[4, 4]),
+            helper.make_node("Relu", ["conv"], ["relu"]),
+            helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+            helper.make_node("Flatten", ["pool"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [
+            helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel().tolist()),
+            helper.make_tensor("fc", TensorProto.FLOAT, fc.shape, fc.ravel().tolist()),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def create(server: OrchestratorThread, recipe: dict[str, Any], model: str = "tiny") -> operator_pb2.CompressionJob:
+    request = operator_pb2.CreateCompressionJobRequest(model_name=model, recipe_json=json.dumps(recipe))
+    return server.operator.CreateCompressionJob(request, timeout=30)
+
+
+def wait_job(
+    operator: operator_pb2_grpc.OperatorServiceStub,
+    job_id: str,
+    until: Callable[[operator_pb2.CompressionJob], bool] | None = None,
+    timeout_s: float = JOB_TIMEOUT_S,
+) -> operator_pb2.CompressionJob:
+    """Poll a job until until(job) holds (default: it finished); fail after timeout_s."""
+    done = until or (
+        lambda j: (
+            j.state
+            in (operator_pb2.JOB_STATE_SUCCEEDED, operator_pb2.JOB_STATE_FAILED, operator_pb2.JOB_STATE_CANCELLED)
+        )
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = operator.GetCompressionJob(operator_pb2.GetCompressionJobRequest(job_id=job_id), timeout=30)
+        if done(job):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} still {job.state} ({job.stage}) after {timeout_s:g} s")
+        time.sleep(0.2)
+
+
+def variants_of(server_operator: operator_pb2_grpc.OperatorServiceStub, model: str) -> list[operator_pb2.Variant]:
+    request = operator_pb2.ListVariantsRequest(model_name=model)
+    return list(server_operator.ListVariants(request, timeout=30).variants)
+
+
+def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def _fast_recipe(**gate: Any) -> dict[str, Any]:
+    return {"quantize": {"calibration": DEMO, "calibration_size": 4}, "gate": {"max_accuracy_drop": 100.0, **gate}}
+
+
+@dataclass(frozen=True)
+class TinyJobs:
+    """One orchestrator with the tiny classifier and the jobs that the module's tests inspect."""
+
+    server: OrchestratorThread
+    accepted: operator_pb2.CompressionJob
+    rejected: operator_pb2.CompressionJob
+    failed: operator_pb2.CompressionJob
+    cancelled: operator_pb2.CompressionJob  # Cancelled while queued behind the others.
+    variants_after_failure: tuple[str, ...]
+
+
+@pytest.fixture(scope="module")
+def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyJobs]:
+    """Run the module's jobs once on a real orchestrator on SQLite; each job runs in a worker process."""
+    tmp_path = tmp_path_factory.mktemp("jobs")
+    server = OrchestratorThread(orchestrator_config(tmp_path))
+    try:
+        upload(server, tiny_conv_onnx(), "tiny", "1")
+        np.savez(tmp_path / "eval.npz", input=np.zeros((6, 3, 224, 224), np.float32))
+        np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
+        evaluation = {"npz": str(tmp_path / "eval.npz"), "labels": str(tmp_path / "labels.npy")}
+        failed = create(server, {**_fast_recipe(), "gate": {"evaluation": evaluation}})
+        queued = create(server, _fast_recipe())
+        cancelled = server.operator.CancelCompressionJob(
+            operator_pb2.CancelCompressionJobRequest(job_id=queued.job_id), timeout=30
+        )
+        failed = wait_job(server.operator, failed.job_id)
+        kinds = tuple(v.kind for v in variants_of(server.operator, "tiny"))
+        accepted = create(server, _fast_recipe())
+        rejected = create(server, _fast_recipe(runtimes=["litert"]))
+        yield TinyJobs(
+            server,
+            wait_job(server.operator, accepted.job_id),
+            wait_job(server.operator, rejected.job_id),
+            failed,
+            cancelled,
+            kinds,
+        )
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tiny(tiny_jobs: TinyJobs) -> OrchestratorThread:
+    """The module's orchestrator, with tiny:1 uploaded."""
+    return tiny_jobs.server
+
+
+# The job store, on SQLite and PostgreSQL.
+
+
+def _metadata() -> ModelMetadata:
+    spec = TensorSpec("input", "float32", (1, 3, 224, 224))
+    return ModelMetadata("onnx", (spec,), (TensorSpec("logits", "float32", (1, 10)),), 17, 10, 100, 1000)
+
+
+def _job(job_id: str, created_at: datetime) -> Job:
+    return Job(job_id, "m", "1", "m:1:source", "sha256:" + "0" * 64, "onnx", "{}", created_at, created_at)
+
+
+def _variant(variant_id: str, status: str = "accepted") -> Variant:
+    return Variant(variant_id, "m", "1", "int8", "onnx", "int8", "sha256:" + "1" * 64, 10, _metadata(), status=status)
+
+
+@pytest.fixture
+def job_store(db_url: str) -> Iterator[SqlJobStore]:
+    store = open_store(db_url)
+    now = datetime.now(UTC)
+    store.add_model_version(
+        ModelVersion("m", "1", "sha256:" + "0" * 64, 10, _metadata(), now),
+        Variant("m:1:source", "m", "1", "source", "onnx", "fp32", "sha256:" + "0" * 64, 10, _metadata()),
+    )
+    store.close()
+    jobs = open_job_store(db_url)
+    yield jobs
+    jobs.close()
+
+
+def test_store_claim_oldest(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("b", now))
+    job_store.add_job(_job("a", now - timedelta(seconds=5)))
+    claimed = job_store.claim_next("host:1", now)
+    assert claimed is not None and (claimed.job_id, claimed.state, claimed.attempt) == ("a", RUNNING, 1)
+
+
+def test_store_claim_empty(job_store: SqlJobStore) -> None:
+    assert job_store.claim_next("host:1", datetime.now(UTC)) is None
+
+
+def test_store_finish_stores_variants(job_store: SqlJobStore, db_url: str) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next("host:1", now)
+    assert job_store.finish("a", 1, [_variant("m:1:int8-a"), _variant("m:1:fp16-a", "rejected")], now)
+    store = open_store(db_url)
+    try:
+        stored = {v.variant_id: v.status for v in store.list_variants("m")}
+    finally:
+        store.close()
+    assert stored == {"m:1:source": "accepted", "m:1:int8-a": "accepted", "m:1:fp16-a": "rejected"}
+
+
+def test_store_finish_sets_state(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next("host:1", now)
+    job_store.finish("a", 1, [_variant("m:1:int8-a")], now)
+    job = job_store.get_job("a")
+    assert (job.state, job.progress, job.variant_ids) == (SUCCEEDED, 1.0, ("m:1:int8-a",))
+
+
+def test_store_finish_after_cancel(job_store: SqlJobStore, db_url: str) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next("host:1", now)
+    job_store.cancel("a", now)
+    assert not job_store.finish("a", 1, [_variant("m:1:int8-a")], now)
+    store = open_store(db_url)
+    try:
+        assert [v.variant_id for v in store.list_variants("m")] == ["m:1:source"]
+    finally:
+        store.close()
+
+
+def test_store_finish_duplicate_rolls_back(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next("host:1", now)
+    with pytest.raises(AlreadyExistsError):
+        job_store.finish("a", 1, [_variant("m:1:int8-a"), _variant("m:1:source")], now)
+    assert job_store.get_job("a").state == RUNNING
+
+
+def test_store_requeue_fences_old_attempt(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next("host:1", now)
+    job_store.requeue("a", 1, "test", now)
+    job_store.claim_next("host:2", now)
+    assert not job_store.report_progress("a", 1, 0.5, "old attempt", now)
+
+
+def test_store_cancel_queued(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job, changed = job_store.cancel("a", now)
+    assert (job.state, changed) == (CANCELLED, True)
+
+
+def test_store_cancel_finished_unchanged(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next("host:1", now)
+    job_store.fail("a", 1, "broken", now)
+    _, changed = job_store.cancel("a", now)
+    assert not changed
+
+
+def test_store_list_filters(job_store: SqlJobStore) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.add_job(_job("b", now + timedelta(seconds=1)))
+    job_store.claim_next("host:1", now)
+    assert [j.job_id for j in job_store.list_jobs("m", [QUEUED])] == ["b"]
+
+
+# Data sources.
+
+
+def test_sources_suffixes_match_calibration() -> None:
+    from edgefleet.orchestrator.compress.calibration import IMAGE_SUFFIXES
+
+    assert sources.IMAGE_SUFFIXES == IMAGE_SUFFIXES
+
+
+def test_sources_demo_photos_disjoint() -> None:
+    from edgefleet.demo.images import demo_photos
+
+    calibration, evaluation = sources.split_demo_photos(demo_photos())
+    assert not {p.name for p in calibration} & {p.name for p in evaluation}
+
+
+def test_sources_digits_split() -> None:
+    spec = TensorSpec("input", "float32", (-1, 1, 8, 8))
+    calibration = sources.load_samples(DataSource(images="builtin:digits"), "c", "calibration", spec)
+    evaluation = sources.load_samples(DataSource(images="builtin:digits"), "e", "evaluation", spec)
+    assert (calibration.inputs.shape[0], evaluation.inputs.shape[0]) == (1347, 450)
+
+
+def test_sources_demo_photos_count() -> None:
+    spec = TensorSpec("input", "float32", (1, 3, 224, 224))
+    samples = sources.load_samples(DataSource(images="builtin:demo-photos"), "c", "calibration", spec, 6)
+    assert samples.inputs.shape == (6, 3, 224, 224)
+
+
+# Creating jobs: recipes and sources that are checked up front.
+
+
+@pytest.mark.parametrize(
+    ("recipe", "named"),
+    [
+        ({"quantize": {"calibration": DEMO, "colour": 1}}, "quantize.colour"),
+        ({"quantize": {"calibration": DEMO, "calibration_size": 0}}, "quantize.calibration_size"),
+        ({"gate": {"max_accuracy_drop": -1}, "quantize": {"calibration": DEMO}}, "gate.max_accuracy_drop"),
+        ({"quantise": {}}, "quantise"),
+        ({"quantize": {}}, "quantize.calibration"),
+        ({"prune": {}}, "prune"),
+        ({"quantize": {"calibration": {"images": "builtin:cats"}}}, "builtin:cats"),
+        ({"quantize": {"calibration": {"images": "/no/such/folder"}}}, "/no/such/folder"),
+        ({"quantize": {"calibration": {"images": "relative/folder"}}}, "relative/folder"),
+        ({"quantize": {"calibration": {"images": "builtin:digits"}}}, "builtin:digits"),
+        ({"quantize": {"calibration": DEMO, "gate": 1}}, "quantize.gate"),
+    ],
+    ids=[
+        "unknown-key",
+        "size-zero",
+        "negative-drop",
+        "unknown-section",
+        "no-calibration",
+        "prune-onnx",
+        "unknown-builtin",
+        "missing-folder",
+        "relative-folder",
+        "digits-rgb-model",
+        "misplaced-key",
+    ],
+)
+def test_create_rejects(tiny: OrchestratorThread, recipe: dict[str, Any], named: str) -> None:
+    error = rpc_error(lambda: create(tiny, recipe))
+    assert (error.code(), named in (error.details() or "")) == (grpc.StatusCode.INVALID_ARGUMENT, True)
+
+
+def test_create_empty_folder(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": {"images": str(tmp_path / "empty")}}}))
+    assert "holds no images" in (error.details() or "")
+
+
+def test_create_npz_wrong_shape(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    np.savez(tmp_path / "c.npz", input=np.zeros((4, 3, 32, 32), np.float32))
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": {"npz": str(tmp_path / "c.npz")}}}))
+    assert "axis 2 is 32" in (error.details() or "")
+
+
+def test_create_npz_wrong_dtype(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    np.savez(tmp_path / "c.npz", input=np.zeros((4, 3, 224, 224), np.float64))
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": {"npz": str(tmp_path / "c.npz")}}}))
+    assert "float64" in (error.details() or "")
+
+
+def test_create_preprocess_size(tiny: OrchestratorThread) -> None:
+    calibration = {"images": "builtin:demo-photos", "preprocess": {"height": 160}}
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": calibration}}))
+    assert "preprocess.height" in (error.details() or "")
+
+
+def test_create_unknown_model(tiny: OrchestratorThread) -> None:
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": DEMO}}, model="nope"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Jobs that run.
+
+
+def _variant_of(tiny_jobs: TinyJobs, job: operator_pb2.CompressionJob) -> operator_pb2.Variant:
+    return next(v for v in variants_of(tiny_jobs.server.operator, "tiny") if v.variant_id in job.variant_ids)
+
+
+def test_job_accepted(tiny_jobs: TinyJobs) -> None:
+    assert tiny_jobs.accepted.state == operator_pb2.JOB_STATE_SUCCEEDED, tiny_jobs.accepted.error
+
+
+def test_job_accepted_variant(tiny_jobs: TinyJobs) -> None:
+    variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
+    assert (variant.status, variant.kind, variant.format) == ("accepted", "int8", common_pb2.MODEL_FORMAT_ONNX)
+
+
+def test_job_variant_latency(tiny_jobs: TinyJobs) -> None:
+    assert sorted(_variant_of(tiny_jobs, tiny_jobs.accepted).latency_ms) == ["threads=1", "threads=2"]
+
+
+def test_job_variant_figures(tiny_jobs: TinyJobs) -> None:
+    variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
+    figures = (
+        variant.metadata.macs > 0,
+        variant.size_bytes > 0,
+        0.0 <= variant.accuracy <= 1.0,
+        variant.accuracy_metric,
+        variant.parent_variant_id,
+    )
+    assert figures == (True, True, True, "top1_agreement", "tiny:1:source")
+
+
+def test_job_rejected_stored(tiny_jobs: TinyJobs) -> None:
+    variant = _variant_of(tiny_jobs, tiny_jobs.rejected)
+    assert (variant.status, "cannot load on litert" in variant.rejection_reason) == ("rejected", True)
+
+
+def test_job_rejected_not_deployable(tiny_jobs: TinyJobs) -> None:
+    server = tiny_jobs.server
+    device_id, _ = register(server.agent)
+    request = operator_pb2.DeployRequest(
+        model_name="tiny", device_id=device_id, variant_id=tiny_jobs.rejected.variant_ids[0]
+    )
+    error = rpc_error(lambda: server.operator.Deploy(request, timeout=30))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_job_bad_labels_fails(tiny_jobs: TinyJobs) -> None:
+    failed = tiny_jobs.failed
+    assert (failed.state, "gate.evaluation.labels" in failed.error) == (operator_pb2.JOB_STATE_FAILED, True)
+
+
+def test_job_failed_stores_no_variant(tiny_jobs: TinyJobs) -> None:
+    assert tiny_jobs.variants_after_failure == ("source",)
+
+
+def test_cancel_queued(tiny_jobs: TinyJobs) -> None:
+    assert tiny_jobs.cancelled.state == operator_pb2.JOB_STATE_CANCELLED
+
+
+def test_cancel_finished(tiny_jobs: TinyJobs) -> None:
+    request = operator_pb2.CancelCompressionJobRequest(job_id=tiny_jobs.accepted.job_id)
+    error = rpc_error(lambda: tiny_jobs.server.operator.CancelCompressionJob(request, timeout=30))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_list_jobs(tiny_jobs: TinyJobs) -> None:
+    listed = tiny_jobs.server.operator.ListCompressionJobs(
+        operator_pb2.ListCompressionJobsRequest(model_name="tiny"), timeout=30
+    )
+    assert len(listed.jobs) == 4
+
+
+def test_get_unknown_job(tiny: OrchestratorThread) -> None:
+    request = operator_pb2.GetCompressionJobRequest(job_id="0123456789ab")
+    error = rpc_error(lambda: tiny.operator.GetCompressionJob(request, timeout=30))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_server_process_without_worker(tiny_jobs: TinyJobs) -> None:
+    # The jobs ran in worker processes; the runner never imports the worker module (and with it
+    # onnxruntime's quantizer) into the orchestrator process.
+    assert "edgefleet.orchestrator.jobs.worker" not in sys.modules
+
+
+def test_job_folder_and_npz(start_orchestrator: Callable[..., OrchestratorThread], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edgefleet.demo.images import demo_photos
+
+    server = start_orchestrator()
+    upload(server, tiny_conv_onnx(), "tiny", "1")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for photo in demo_photos()[:3]:
+        Image.fromarray(photo.image).save(folder / f"{photo.name}.png")
+    np.savez(tmp_path / "eval.npz", input=np.random.default_rng(0).standard_normal((6, 3, 224, 224), np.float32))
+    recipe = {
+        "quantize": {"calibration": {"images": str(folder)}},
+        "gate": {"evaluation": {"npz": str(tmp_path / "eval.npz")}, "max_accuracy_drop": 100.0},
+    }
+    job = wait_job(server.operator, create(server, recipe).job_id)
+    assert (job.state, job.error) == (operator_pb2.JOB_STATE_SUCCEEDED, "")
+
+
+def test_job_on_postgres(postgres_url: str, start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+
+    server = start_orchestrator(postgres_url)
+    upload(server, tiny_conv_onnx(seed=3), "tinypg", "1")
+    job = wait_job(server.operator, create(server, _fast_recipe(), model="tinypg").job_id)
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED
+
+
+# EfficientNet-Lite0: the real model, slow on 2 cores.
+
+
+def _efficientnet_recipe(size: int = 8) -> dict[str, Any]:
+    # EfficientNet-Lite takes (pixel - 127) / 128 (see edgefleet.demo.images).
+    preprocess = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}
+    return {
+        "quantize": {"calibration": {**DEMO, "preprocess": preprocess}, "calibration_size": size},
+        "gate": {"max_accuracy_drop": 10.0},
+    }
+
+
+def _upload_efficientnet(server: OrchestratorThread | operator_pb2_grpc.OperatorServiceStub) -> None:
+    from edgefleet.demo.assets import ensure_efficientnet_lite0_onnx
+    from tests.servers import upload_requests
+
+    stub = server.operator if isinstance(server, OrchestratorThread) else server
+    data = ensure_efficientnet_lite0_onnx().read_bytes()
+    stub.UploadModel(upload_requests(data, "effnet", "1"), timeout=120)
+
+
+@pytest.mark.slow
+def test_efficientnet_int8_deploys(
+    start_orchestrator: Callable[..., OrchestratorThread], start_agent: Callable[..., Any]
+) -> None:
+    server = start_orchestrator()
+    _upload_efficientnet(server)
+    job = wait_job(server.operator, create(server, _efficientnet_recipe(), model="effnet").job_id, timeout_s=300)
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    variant = next(v for v in variants_of(server.operator, "effnet") if v.variant_id in job.variant_ids)
+    assert variant.status == "accepted", variant.rejection_reason
+    agent = start_agent(server.address, "edge", hardware=agent_hardware(("onnxruntime",)))
+    deadline = time.monotonic() + 60
+    while not server.operator.ListDevices(operator_pb2.ListDevicesRequest(), timeout=30).devices:
+        assert time.monotonic() < deadline, "agent did not register"
+        time.sleep(0.2)
+    device_id = server.operator.ListDevices(operator_pb2.ListDevicesRequest(), timeout=30).devices[0].device_id
+    server.operator.Deploy(
+        operator_pb2.DeployRequest(model_name="effnet", device_id=device_id, variant_id=variant.variant_id), timeout=30
+    )
+    while True:
+        device = server.operator.GetDevice(operator_pb2.GetDeviceRequest(device_id=device_id), timeout=30)
+        states = {(m.variant_id, m.state) for m in device.models}
+        if (variant.variant_id, 5) in states or time.monotonic() > deadline + 60:  # 5: MODEL_STATE_SERVING.
+            break
+        time.sleep(0.3)
+    assert agent.running and (variant.variant_id, 5) in states
+
+
+@pytest.mark.slow
+def test_cancel_running(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+    server = start_orchestrator()
+    _upload_efficientnet(server)
+    job = create(server, _efficientnet_recipe(), model="effnet")
+    wait_job(server.operator, job.job_id, lambda j: j.state == operator_pb2.JOB_STATE_RUNNING and j.progress >= 0.05)
+    runner = server.state.job_runner
+    assert runner is not None
+    cancelled = server.operator.CancelCompressionJob(
+        operator_pb2.CancelCompressionJobRequest(job_id=job.job_id), timeout=60
+    )
+    time.sleep(1.0)  # A finish write of a worker that survived would land in this time.
+    outcome = (cancelled.state, runner.current_job_id, [v.kind for v in variants_of(server.operator, "effnet")])
+    assert outcome == (operator_pb2.JOB_STATE_CANCELLED, "", ["source"])
+
+
+def _start_orchestrator_process(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = data_dir / "port"
+    port_file.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.orchestrator.main",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "info",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text().strip():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"orchestrator did not start (exit status {process.poll()})")
+        time.sleep(0.1)
+    return process, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_requeues(tmp_path: Path) -> None:
+    data_dir = tmp_path / "orchestrator"
+    first, address = _start_orchestrator_process(data_dir)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = operator_pb2_grpc.OperatorServiceStub(channel)
+            _upload_efficientnet(stub)
+            request = operator_pb2.CreateCompressionJobRequest(
+                model_name="effnet", recipe_json=json.dumps(_efficientnet_recipe())
+            )
+            job_id = stub.CreateCompressionJob(request, timeout=30).job_id
+            wait_job(stub, job_id, lambda j: j.state == operator_pb2.JOB_STATE_RUNNING and j.progress >= 0.05)
+            maps = Path(f"/proc/{first.pid}/maps").read_text()
+            workers = _children(first.pid)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert "libtorch" not in maps, "torch loaded into the orchestrator process"
+    second, address = _start_orchestrator_process(data_dir)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = operator_pb2_grpc.OperatorServiceStub(channel)
+            job = wait_job(stub, job_id, timeout_s=300)
+            variants = {
+                v.variant_id: v.status
+                for v in stub.ListVariants(operator_pb2.ListVariantsRequest(model_name="effnet"), timeout=30).variants
+            }
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+    jobs = open_job_store(f"sqlite:///{(data_dir / 'edgefleet.db').resolve()}")
+    try:
+        attempt = jobs.get_job(job_id).attempt
+    finally:
+        jobs.close()
+    orphans = [pid for pid in workers if sources_process_alive(pid)]
+    assert (job.state, attempt, [variants[v] for v in job.variant_ids], orphans) == (
+        operator_pb2.JOB_STATE_SUCCEEDED,
+        2,
+        ["accepted"],
+        [],
+    )
+
+
+def sources_process_alive(pid: int) -> bool:
+    from edgefleet.orchestrator.jobs.runner import _process_exists
+
+    return _process_exists(pid)
