@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("model")
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_variants)
+    from edgefleet.cli import compress
+
+    compress.add_commands(models, nouns, output_flag)
 
     sub = nouns.add_parser("deploy", help="assign a model to a device")
     sub.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: latest version)")

@@ -16,6 +16,7 @@ from edgefleet.common.systemd import Notifier
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
+from edgefleet.orchestrator.jobs.runner import start_jobs
 from edgefleet.orchestrator.limits import OrchestratorLimits
 from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
@@ -77,6 +78,9 @@ class RunningServer:
         for session in list(self.state.hub.sessions.values()):
             session.close()
         await self.server.stop(grace_s)
+        if self.state.job_runner is not None:
+            # Ends a running worker and puts its job back in the queue for the next start.
+            await asyncio.to_thread(self.state.job_runner.stop)
         self.flusher.cancel()
         await asyncio.gather(self.flusher, return_exceptions=True)
         if self.retention is not None:
@@ -142,6 +146,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await asyncio.to_thread(start_jobs, state)
     flusher = asyncio.create_task(_flush_forever(hub))
     retention = None
     if config.retention_interval_s > 0:

@@ -17,6 +17,7 @@ from edgefleet.common.serde import from_timestamp, timestamp
 from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.fleet import StreamSession
 from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics
+from edgefleet.orchestrator.handlers import jobs as compression_jobs
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -196,6 +197,10 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     GetModel = unary(catalog.get_model)
     ListVariants = unary(catalog.list_variants)
     Deploy = unary(deploy.deploy)
+    CreateCompressionJob = unary(compression_jobs.create_compression_job)
+    GetCompressionJob = unary(compression_jobs.get_compression_job)
+    ListCompressionJobs = unary(compression_jobs.list_compression_jobs)
+    CancelCompressionJob = unary(compression_jobs.cancel_compression_job)
     QueryMetrics = unary(metrics.query_metrics)
     ExplainSelection = unary(explain.explain_selection)
 

@@ -14,6 +14,8 @@ from edgefleet.orchestrator.telemetry import Telemetry
 if TYPE_CHECKING:
     from edgefleet.orchestrator.artifacts import ArtifactStore
     from edgefleet.orchestrator.costmodel.store import BenchmarkStore
+    from edgefleet.orchestrator.jobs.runner import JobRunner
+    from edgefleet.orchestrator.jobs.store import JobStore
 
 
 @dataclass
@@ -26,3 +28,6 @@ class OrchestratorState:
     limits: OrchestratorLimits = field(default_factory=OrchestratorLimits.defaults)
     # On-device benchmark results; costmodel.store.benchmark_store() creates it on first use.
     benchmarks: BenchmarkStore | None = None
+    # Compression jobs and the runner of their worker processes; server.start_server sets both.
+    jobs: JobStore | None = None
+    job_runner: JobRunner | None = None

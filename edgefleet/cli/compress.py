@@ -1,0 +1,292 @@
+"""edgefleet models compress and edgefleet jobs: start compression jobs, follow, list and cancel them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgefleet.cli import views
+from edgefleet.cli.main import EXIT_FAILED, EXIT_USAGE, Client, CliError, emit, render_variants, split_model_ref
+from edgefleet.v1 import operator_pb2
+
+BUILTIN_SOURCES = ("demo-photos", "digits")
+JOB_STATES = ("unspecified", "queued", "running", "succeeded", "failed", "cancelled")
+POLL_INTERVAL_S = 0.5
+BAR_WIDTH = 30
+EXIT_INTERRUPTED = 130
+
+
+def job_view(job: operator_pb2.CompressionJob) -> dict[str, Any]:
+    """Return a job as a JSON-ready dict."""
+    try:
+        recipe: Any = json.loads(job.recipe_json) if job.recipe_json else {}
+    except json.JSONDecodeError:
+        recipe = job.recipe_json
+    return {
+        "job_id": job.job_id,
+        "model": job.model_name,
+        "version": job.model_version,
+        "state": JOB_STATES[job.state] if 0 <= job.state < len(JOB_STATES) else str(job.state),
+        "progress": round(job.progress, 4),
+        "stage": job.stage,
+        "error": job.error,
+        "variant_ids": list(job.variant_ids),
+        "created_at": job.created_at.ToDatetime().isoformat() + "Z" if job.HasField("created_at") else None,
+        "updated_at": job.updated_at.ToDatetime().isoformat() + "Z" if job.HasField("updated_at") else None,
+        "recipe": recipe,
+    }
+
+
+def source_section(value: str) -> dict[str, str]:
+    """Turn a --calibration/--evaluation value into a recipe data source section.
+
+    demo-photos and digits name the built-in sources; a value ending in .npz is an .npz file and anything
+    else a folder of images. Relative paths become absolute: they are read on the orchestrator host.
+    """
+    if value in BUILTIN_SOURCES:
+        return {"images": f"builtin:{value}"}
+    path = os.path.abspath(os.path.expanduser(value))
+    return {"npz": path} if value.lower().endswith(".npz") else {"images": path}
+
+
+def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """Read --recipe (TOML or JSON) and apply the shortcut flags on top; return the recipe dict.
+
+    Raises CliError for a missing or unreadable recipe file and for flags that need --int8.
+    """
+    recipe: dict[str, Any] = {}
+    if args.recipe is not None:
+        path: Path = args.recipe
+        if not path.is_file():
+            raise CliError(f"recipe file {path} not found", EXIT_USAGE)
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".toml":
+                recipe = tomllib.loads(text)
+            elif path.suffix.lower() == ".json":
+                recipe = json.loads(text)
+            else:
+                raise CliError(f"recipe file {path} must end in .toml or .json", EXIT_USAGE)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+            raise CliError(f"invalid recipe file {path}: {error}", EXIT_USAGE) from None
+        if not isinstance(recipe, dict):
+            raise CliError(f"recipe file {path} must hold a table of sections", EXIT_USAGE)
+    if args.int8 or args.calibration or args.calibration_size:
+        quantize = recipe.setdefault("quantize", {})
+        if not isinstance(quantize, dict):
+            raise CliError("the recipe's quantize entry must be a table", EXIT_USAGE)
+        if args.calibration:
+            quantize["calibration"] = source_section(args.calibration)
+        if args.calibration_size:
+            quantize["calibration_size"] = args.calibration_size
+    if args.evaluation is not None or args.max_accuracy_drop is not None:
+        gate = recipe.setdefault("gate", {})
+        if not isinstance(gate, dict):
+            raise CliError("the recipe's gate entry must be a table", EXIT_USAGE)
+        if args.evaluation is not None:
+            gate["evaluation"] = source_section(args.evaluation)
+        if args.max_accuracy_drop is not None:
+            gate["max_accuracy_drop"] = args.max_accuracy_drop
+    if not recipe:
+        raise CliError("nothing to do: pass --recipe FILE or --int8 --calibration SOURCE", EXIT_USAGE)
+    return recipe
+
+
+def render_job(job: dict[str, Any]) -> str:
+    lines = [
+        f"job:       {job['job_id']} ({job['state']}, {job['progress']:.0%})",
+        f"model:     {job['model']}:{job['version']}",
+        f"stage:     {job['stage'] or '-'}",
+        f"created:   {job['created_at']}   updated: {job['updated_at']}",
+        f"variants:  {', '.join(job['variant_ids']) or '-'}",
+    ]
+    if job["error"]:
+        lines.append(f"error:     {job['error']}")
+    lines.append("recipe:    " + json.dumps(job["recipe"], sort_keys=True))
+    return "\n".join(lines)
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            j["job_id"],
+            f"{j['model']}:{j['version']}",
+            j["state"],
+            f"{j['progress']:.0%}",
+            (j["error"] or j["stage"])[:60],
+            len(j["variant_ids"]),
+            j["created_at"],
+        )
+        for j in jobs
+    ]
+    return views.table(("JOB", "MODEL", "STATE", "PROGRESS", "STAGE", "VARIANTS", "CREATED"), rows)
+
+
+def render_result(result: dict[str, Any]) -> str:
+    job = result["job"]
+    lines = [f"job {job['job_id']} {job['state']}: {job['error'] or job['stage']}"]
+    if result["variants"]:
+        lines.append(render_variants(result["variants"]))
+    return "\n".join(lines)
+
+
+def _progress_line(job: operator_pb2.CompressionJob) -> str:
+    filled = int(job.progress * BAR_WIDTH)
+    return f"{job.job_id} [{'#' * filled:<{BAR_WIDTH}}] {job.progress:4.0%} {JOB_STATES[job.state]}: {job.stage}"
+
+
+def follow(client: Client, job_id: str, *, timeout_s: float, show: bool) -> operator_pb2.CompressionJob:
+    """Poll the job until it finishes and return it; draw a progress bar on stderr when show is set.
+
+    On a terminal the bar redraws in place; otherwise each new stage is printed on its own line.
+    Raises CliError after timeout_s (0 waits forever) and on Ctrl-C, which leaves the job running.
+    """
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    tty = sys.stderr.isatty()
+    last_stage = ""
+    drawn = 0  # Width of the bar line drawn last on a terminal.
+    try:
+        while True:
+            job = client.call("GetCompressionJob", operator_pb2.GetCompressionJobRequest(job_id=job_id))
+            if show:
+                line = _progress_line(job)[:160]
+                if tty:
+                    print("\r" + line.ljust(drawn), end="", file=sys.stderr, flush=True)
+                    drawn = len(line)
+                elif job.stage != last_stage:
+                    print(line, file=sys.stderr, flush=True)
+                last_stage = job.stage
+            if job.state in (
+                operator_pb2.JOB_STATE_SUCCEEDED,
+                operator_pb2.JOB_STATE_FAILED,
+                operator_pb2.JOB_STATE_CANCELLED,
+            ):
+                if show and tty:
+                    print(file=sys.stderr)
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(f"timed out after {timeout_s:g} s waiting for job {job_id}; it keeps running")
+            time.sleep(POLL_INTERVAL_S)
+    except KeyboardInterrupt:
+        if show and tty:
+            print(file=sys.stderr)
+        raise CliError(
+            f"detached from job {job_id}; it keeps running on the orchestrator. Follow it with "
+            f"edgefleet jobs wait {job_id} or stop it with edgefleet jobs cancel {job_id}",
+            EXIT_INTERRUPTED,
+        ) from None
+
+
+def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> None:
+    """Print the finished job with its variants; raise CliError when it did not produce an accepted one."""
+    variants: list[dict[str, Any]] = []
+    if job.variant_ids:
+        response = client.call(
+            "ListVariants", operator_pb2.ListVariantsRequest(model_name=job.model_name, model_version=job.model_version)
+        )
+        wanted = set(job.variant_ids)
+        variants = [views.variant_view(v) for v in response.variants if v.variant_id in wanted]
+    emit({"job": job_view(job), "variants": variants}, output, render_result)
+    if job.state != operator_pb2.JOB_STATE_SUCCEEDED:
+        raise CliError(f"job {job.job_id} {JOB_STATES[job.state]}: {job.error or job.stage}", EXIT_FAILED)
+    if not any(v["status"] == "accepted" for v in variants):
+        raise CliError(f"job {job.job_id} produced no accepted variant; see the reasons above", EXIT_FAILED)
+
+
+def cmd_models_compress(client: Client, args: argparse.Namespace) -> None:
+    name, version = split_model_ref(args.model)
+    recipe = build_recipe(args)
+    job = client.call(
+        "CreateCompressionJob",
+        operator_pb2.CreateCompressionJobRequest(
+            model_name=name, model_version=version, recipe_json=json.dumps(recipe, sort_keys=True)
+        ),
+    )
+    if args.no_wait:
+        emit(job_view(job), args.output, render_job)
+        return
+    print(f"started compression job {job.job_id} for {job.model_name}:{job.model_version}", file=sys.stderr)
+    finish(client, follow(client, job.job_id, timeout_s=args.wait_timeout, show=args.output != "json"), args.output)
+
+
+def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("ListCompressionJobs", operator_pb2.ListCompressionJobsRequest(model_name=args.model or ""))
+    emit([job_view(j) for j in response.jobs], args.output, render_jobs)
+
+
+def cmd_jobs_show(client: Client, args: argparse.Namespace) -> None:
+    job = client.call("GetCompressionJob", operator_pb2.GetCompressionJobRequest(job_id=args.job_id))
+    emit(job_view(job), args.output, render_job)
+
+
+def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> None:
+    # Ending a running worker may take the orchestrator's grace period.
+    job = client.call(
+        "CancelCompressionJob", operator_pb2.CancelCompressionJobRequest(job_id=args.job_id), timeout_s=60.0
+    )
+    emit(job_view(job), args.output, render_job)
+
+
+def cmd_jobs_wait(client: Client, args: argparse.Namespace) -> None:
+    finish(client, follow(client, args.job_id, timeout_s=args.wait_timeout, show=args.output != "json"), args.output)
+
+
+def add_commands(
+    models: argparse._SubParsersAction[argparse.ArgumentParser],
+    nouns: argparse._SubParsersAction[argparse.ArgumentParser],
+    output_flag: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Register `models compress` under models and the `jobs` noun under nouns."""
+    sub = models.add_parser(
+        "compress",
+        help="compress a model version on the orchestrator (int8) and gate the result",
+        description="Start a compression job and follow it until it finishes. Exit status 0 when it produced "
+        "an accepted variant, 1 otherwise, 130 when Ctrl-C detached (the job keeps running).",
+    )
+    sub.add_argument("model", help="NAME or NAME:VERSION (default: latest version)")
+    sub.add_argument("--recipe", type=Path, help="recipe file (.toml or .json); the flags below override it")
+    sub.add_argument("--int8", action="store_true", help="add static int8 quantization (a [quantize] section)")
+    sub.add_argument(
+        "--calibration",
+        metavar="SOURCE",
+        help="calibration data: demo-photos, digits, an image folder or an .npz file on the orchestrator host",
+    )
+    sub.add_argument("--calibration-size", type=int, metavar="N", help="at most N calibration samples")
+    sub.add_argument(
+        "--evaluation", metavar="SOURCE", help="gate evaluation data (default: the built-in source's held-out half)"
+    )
+    sub.add_argument(
+        "--max-accuracy-drop", type=float, metavar="POINTS", help="reject variants that lose more accuracy"
+    )
+    sub.add_argument("--no-wait", action="store_true", help="print the queued job and return at once")
+    sub.add_argument("--wait-timeout", type=float, default=0.0, help="seconds to follow the job; 0 waits until done")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_models_compress)
+
+    jobs = nouns.add_parser("jobs", help="list, follow and cancel compression jobs").add_subparsers(
+        dest="verb", required=True
+    )
+    sub = jobs.add_parser("list", help="list compression jobs, newest first")
+    sub.add_argument("--model", help="only jobs of this model name")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_jobs_list)
+    sub = jobs.add_parser("show", help="show one job")
+    sub.add_argument("job_id")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_jobs_show)
+    sub = jobs.add_parser("cancel", help="cancel a queued or running job; nothing it made is stored")
+    sub.add_argument("job_id")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_jobs_cancel)
+    sub = jobs.add_parser("wait", help="follow a job until it finishes and show its variants")
+    sub.add_argument("job_id")
+    sub.add_argument("--wait-timeout", type=float, default=0.0, help="seconds to wait; 0 waits until done")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_jobs_wait)
