@@ -445,6 +445,21 @@ def parse_duration(value: str) -> int:
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
+def cmd_health(client: Client, args: argparse.Namespace) -> None:
+    """Check the orchestrator's grpc.health.v1 status; exit 69 unless it is SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=client.timeout_s)
+    except grpc.RpcError as error:
+        raise client.error(error) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        raise CliError(f"orchestrator at {client.address} is {status}", EXIT_UNAVAILABLE)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.demo.run import run_demo
 
@@ -543,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     from edgefleet.cli import explain  # Imported here because it imports this module.
 
     explain.add_parser(nouns)
+
+    sub = nouns.add_parser("health", help="check that the orchestrator is serving (exit 0) or not (exit 69)")
+    sub.add_argument("--service", default="", help="a service name; empty checks the whole server")
+    sub.set_defaults(handler=cmd_health)
 
     sub = nouns.add_parser("demo", help="run the demo fleet on real models (orchestrator and three agents)")
     sub.add_argument("--report", type=Path, help="also write the figures as JSON to this file")

@@ -46,6 +46,12 @@ class Telemetry:
             "edgefleet_inferences_reported", "Inferences counted in stored metric windows", registry=self.registry
         )
         self.uploads = Counter("edgefleet_model_uploads", "Model uploads", ["result"], registry=self.registry)
+        # Export every known label value from the start, so dashboards and rate() see zeros, not gaps.
+        for result in ("stored", "duplicate"):
+            self.metric_batches.labels(result)
+        for result in ("stored", "rejected"):
+            self.uploads.labels(result)
+        self.rejected_registrations.labels("identity_conflict")
         self._server: WSGIServer | None = None
 
     def attach(self, state: OrchestratorState, lookback_s: float) -> None:
@@ -98,6 +104,11 @@ class FleetCollector(Collector):
         streams = GaugeMetricFamily("edgefleet_control_streams", "Control streams open on this orchestrator")
         streams.add_metric([], len(self.state.hub.sessions))
         yield streams
+        rollouts = GaugeMetricFamily("edgefleet_rollouts", "Rollouts by state", labels=["state"])
+        if self.state.rollouts is not None:
+            for state, count in sorted(Tally(r.state for r in self.state.rollouts.list_rollouts()).items()):
+                rollouts.add_metric([state], count)
+        yield rollouts
 
     def _latency(self) -> Iterator[Metric]:
         start = self.now() - timedelta(seconds=self.lookback_s)

@@ -1,0 +1,164 @@
+"""Checks on deploy/: the files parse, their references resolve, and the commands they run exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edgefleet.demo.processes import LocalFleet
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def load_yaml_documents(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.y*ml")), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses(path: Path) -> None:
+    assert load_yaml_documents(path), f"{path} holds no YAML document"
+
+
+def test_compose_references_resolve() -> None:
+    compose_dir = DEPLOY / "compose"
+    compose = load_yaml_documents(compose_dir / "compose.yaml")[0]
+    build = compose["services"]["orchestrator"]["build"]
+    context = (compose_dir / build["context"]).resolve()
+    assert (context / build["dockerfile"]).is_file()
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (compose_dir / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose["volumes"], f"{name} uses undeclared volume {source}"
+        for secret in service.get("secrets", []):
+            assert secret in compose["secrets"], f"{name} uses undeclared secret {secret}"
+        for dependency in service.get("depends_on", []):
+            assert dependency in compose["services"], f"{name} depends on unknown service {dependency}"
+    secrets_readme = (compose_dir / "secrets" / "README.md").read_text()
+    for secret in compose["secrets"].values():
+        assert Path(secret["file"]).name in secrets_readme, f"{secret['file']} is not documented"
+
+
+def test_compose_orchestrator_environment_names_real_settings() -> None:
+    compose = load_yaml_documents(DEPLOY / "compose" / "compose.yaml")[0]
+    from edgefleet.common.config import env_name
+    from edgefleet.orchestrator.config import OrchestratorConfig
+
+    known = {env_name(name) for name in OrchestratorConfig.__dataclass_fields__}
+    for name in compose["services"]["orchestrator"]["environment"]:
+        assert name in known or not name.startswith("EDGEFLEET_"), f"{name} is not an orchestrator setting"
+
+
+def test_prometheus_scrapes_the_compose_orchestrator() -> None:
+    config = load_yaml_documents(DEPLOY / "prometheus" / "prometheus.yml")[0]
+    targets = [t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert targets == ["orchestrator:9464"]
+
+
+def test_dockerfile_commands_and_sources_exist() -> None:
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (?!--from)(.+?) \S+$", dockerfile, flags=re.MULTILINE):
+        for item in source.split():
+            assert (ROOT / item).exists(), f"Dockerfile copies missing {item}"
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, flags=re.MULTILINE).group(1))
+    assert entrypoint[0] in SCRIPTS
+    healthcheck = json.loads(re.search(r"HEALTHCHECK .* CMD (\[.+\])$", dockerfile, flags=re.MULTILINE).group(1))
+    assert healthcheck[0] in SCRIPTS
+    extras = re.findall(r"'\.\[(\w+)\]'", dockerfile)
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras and all(extra in optional for extra in extras)
+
+
+def kubernetes_objects() -> dict[str, dict[str, Any]]:
+    kustomization = load_yaml_documents(DEPLOY / "kubernetes" / "kustomization.yaml")[0]
+    objects = {}
+    for resource in kustomization["resources"]:
+        for document in load_yaml_documents(DEPLOY / "kubernetes" / resource):
+            objects[document["kind"]] = document
+    return objects
+
+
+def test_kubernetes_references_resolve() -> None:
+    objects = kubernetes_objects()
+    deployment = objects["Deployment"]
+    template = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert objects["Service"]["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    container = template["spec"]["containers"][0]
+    port_names = {port["name"] for port in container["ports"]}
+    for port in objects["Service"]["spec"]["ports"]:
+        assert port["targetPort"] in port_names
+    secret_keys = set(objects["Secret"]["stringData"])
+    for variable in container["env"]:
+        reference = variable.get("valueFrom", {}).get("secretKeyRef")
+        if reference:
+            assert reference["name"] == objects["Secret"]["metadata"]["name"]
+            assert reference["key"] in secret_keys
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {objects["PersistentVolumeClaim"]["metadata"]["name"]}
+    mounted = {m["name"] for m in container["volumeMounts"]}
+    assert mounted == {v["name"] for v in template["spec"]["volumes"]}
+
+
+def test_kubernetes_arguments_are_orchestrator_flags() -> None:
+    container = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    from edgefleet.orchestrator.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*container["args"], "--help"])
+    assert exit_info.value.code == 0
+
+
+def grafana_metric_names() -> set[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "edgefleet-fleet.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    expressions += [v["query"]["query"] for v in dashboard["templating"]["list"]]
+    return {name for expr in expressions for name in re.findall(r"\b(edgefleet_[a-z_]+)\b", expr)}
+
+
+@pytest.fixture(scope="module")
+def scraped_metric_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    work = tmp_path_factory.mktemp("deploy")
+    fleet = LocalFleet(work)
+    port_file = work / "metrics.port"
+    fleet.start_orchestrator(extra_args=("--metrics-listen", "127.0.0.1:0", "--metrics-port-file", str(port_file)))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{int(port_file.read_text())}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        healthy = subprocess.run(
+            [sys.executable, "-m", "edgefleet.cli.main", "--orchestrator", fleet.address, "health"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert healthy.returncode == 0, healthy.stderr
+        assert healthy.stdout.strip() == "SERVING"
+        names = set()
+        for family in text_string_to_metric_families(text):
+            names.add(family.name)
+            names.update(sample.name for sample in family.samples)
+        yield names
+    finally:
+        fleet.stop()
+
+
+def test_grafana_dashboard_uses_exported_metrics(scraped_metric_names: set[str]) -> None:
+    missing = grafana_metric_names() - scraped_metric_names
+    assert not missing, f"the dashboard queries metrics the orchestrator does not export: {sorted(missing)}"
