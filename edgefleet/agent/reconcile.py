@@ -94,12 +94,12 @@ class Reconciler:
     def apply(self, desired: agent_pb2.DesiredState, *, offline: bool = False) -> None:
         """Install, swap or remove models until the host serves exactly the desired ones."""
         with self._lock:
-            wanted = {a.model_name: a for a in desired.models}
-            for name in [m.name for m in self.host.list() if m.name not in wanted]:
+            desired_names = {a.model_name for a in desired.models}
+            for name in [m.name for m in self.host.list() if m.name not in desired_names]:
                 self.host.remove(name)
                 log.info("removed model=%s: no longer in the desired state", name)
                 self.statuses.pop(name, None)
-            for name in [n for n in self.statuses if n not in wanted]:
+            for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
             for assignment in desired.models:
                 self._apply_one(assignment, offline=offline)
