@@ -22,6 +22,7 @@ from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import open_store
+from edgefleet.orchestrator.validation import MalformedRequestInterceptor
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
             config.metrics_port_file.write_text(f"{metrics_port}\n")
         log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_listen.rpartition(":")[0], metrics_port)
 
-    server = grpc.aio.server(options=server_options(config))
+    server = grpc.aio.server(options=server_options(config), interceptors=[MalformedRequestInterceptor()])
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state), server)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(state), server)
     health = health_aio.HealthServicer()

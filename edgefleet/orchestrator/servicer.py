@@ -74,6 +74,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
             return
+        except EdgefleetError as error:
+            await abort_with(context, "AgentService.Control", error)
+            raise
         try:
             if first.WhichOneof("body") != "hello":
                 raise InvalidArgument("body", "the first message on a control stream must be hello")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
 
 from edgefleet.common.errors import InvalidArgument
 from edgefleet.v1 import common_pb2
@@ -127,3 +133,98 @@ def check_hardware(hardware: common_pb2.HardwareProfile, field: str = "hardware"
             )
         for j, provider in enumerate(runtime.providers):
             check_text(provider, f"{field}.runtimes[{i}].providers[{j}]", 64)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Turns request messages that do not parse into INVALID_ARGUMENT instead of gRPC's UNKNOWN.
+
+    The generated handlers parse requests before any servicer code runs, and gRPC reports a parse
+    failure as UNKNOWN, which tells a client nothing it can fix. This interceptor wraps each
+    handler's request parser: a message that does not parse reaches the handler as a _Malformed
+    marker, and the call ends with INVALID_ARGUMENT naming the message type. In a request stream
+    the marker raises InvalidArgument from the iterator, which the servicers map to
+    INVALID_ARGUMENT like their other checks.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _tolerant_handler(handler)
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    message: str
+
+
+def _tolerant_parser(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return _Malformed(f"request message of {len(data)} bytes does not parse ({error}); send a valid message")
+
+    return parse_or_mark
+
+
+async def _tolerant_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise InvalidArgument("request", request.message)
+        yield request
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler.request_streaming:
+        behavior = handler.stream_stream if handler.response_streaming else handler.stream_unary
+    else:
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        return handler  # A synchronous handler; this server has none.
+    parser = _tolerant_parser(handler.request_deserializer)
+    serializer = handler.response_serializer
+
+    def accept(request: Any) -> Any:
+        if handler.request_streaming:
+            return _tolerant_stream(request)
+        if isinstance(request, _Malformed):
+            raise InvalidArgument("request", request.message)
+        return request
+
+    async def abort(error: InvalidArgument, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+    wrapped: Callable[..., Any]
+    if inspect.iscoroutinefunction(behavior):
+
+        async def wrap_coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                accepted = accept(request)
+            except InvalidArgument as error:
+                await abort(error, context)
+            return await behavior(accepted, context)
+
+        wrapped = wrap_coroutine
+    else:
+
+        async def wrap_generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                accepted = accept(request)
+            except InvalidArgument as error:
+                await abort(error, context)
+            async for response in behavior(accepted, context):
+                yield response
+
+        wrapped = wrap_generator
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(wrapped, parser, serializer)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(wrapped, parser, serializer)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(wrapped, parser, serializer)
+    return grpc.unary_unary_rpc_method_handler(wrapped, parser, serializer)
