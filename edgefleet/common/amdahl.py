@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 # The thread count chosen is the smallest one whose measured speed-up reaches this share of the best.
 DEFAULT_SHARE = 0.9
 
@@ -37,7 +39,8 @@ def fit_parallel_fraction(speedups: Mapping[int, float]) -> float:
     """Fit p of Amdahl's law to measured speed-ups by least squares; return p clipped to [0, 1].
 
     The squared error sum_n (s_n - 1 / ((1 - p) + p / n))^2 is minimised over p in [0, 1] by a
-    grid search refined with golden-section search, because the model is non-linear in p. Thread
+    grid search with steps of 0.005, refined around the best point to steps of 0.00005, because
+    the model is non-linear in p. Thread
     counts of 1 carry no information and are ignored; with no other count the fit returns 0.
     Raises ValueError for a thread count below 1 or a speed-up that is not a positive finite number.
     """
@@ -52,23 +55,17 @@ def fit_parallel_fraction(speedups: Mapping[int, float]) -> float:
     if not points:
         return 0.0
 
-    def error(p: float) -> float:
-        return sum((s - 1.0 / ((1.0 - p) + p / n)) ** 2 for n, s in points)
+    counts = np.array([n for n, _ in points], dtype=float)
+    measured = np.array([s for _, s in points])
 
-    grid = [i / 200 for i in range(201)]
-    best = min(grid, key=error)
-    low, high = max(0.0, best - 0.005), min(1.0, best + 0.005)
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    for _ in range(40):
-        a = high - ratio * (high - low)
-        b = low + ratio * (high - low)
-        if error(a) <= error(b):
-            high = b
-        else:
-            low = a
-    refined = min(1.0, max(0.0, (low + high) / 2.0))
-    # The optimum of a series with speed-ups below 1 or above n lies on a bound of [0, 1].
-    return min((refined, 0.0, 1.0), key=error)
+    def errors(candidates: np.ndarray) -> np.ndarray:
+        predicted = 1.0 / ((1.0 - candidates[:, None]) + candidates[:, None] / counts[None, :])
+        return np.asarray(((measured[None, :] - predicted) ** 2).sum(axis=1))
+
+    coarse = np.linspace(0.0, 1.0, 201)
+    best = float(coarse[int(np.argmin(errors(coarse)))])
+    fine = np.linspace(max(0.0, best - 0.005), min(1.0, best + 0.005), 201)
+    return float(fine[int(np.argmin(errors(fine)))])
 
 
 def choose_threads(latency_by_threads: Mapping[int, float], *, share: float = DEFAULT_SHARE) -> ThreadChoice:

@@ -35,6 +35,8 @@ RIDGE = {
     "class": 1.0,
     "class_precision": 1.0,
     "precision": 2.0,
+    "context_size": 1.0,
+    "size": 1.0,
 }
 # Weight of one measurement by source. Streamed fleet windows include queueing and other load on the
 # device, so they count less than a benchmark on an idle device.
@@ -80,10 +82,12 @@ class CalibratedPredictor:
     For every measurement the residual r = log(measured p50) - log(analytic p50) is explained as a
     sum of effects: the variant's own effect (its kernels run faster or slower than MACs suggest),
     an extra variant effect at more than one thread (how well it parallelises), the hardware
-    class x runtime x threads context, the hardware class x runtime, the hardware class x runtime x
-    precision (for example how much int8 gains on this CPU), and the runtime x precision x
-    int8-dot-product capability across classes. The effects are fitted by ridge regression, so
-    each one stays at 0 (the analytic prior) until measurements move it.
+    class x runtime x threads context, the same context per size bucket (MACs per layer, in powers
+    of 4: small layers gain less from threads), the hardware class x runtime, the hardware class x
+    runtime x precision (for example how much int8 gains on this CPU), the runtime x precision x
+    int8-dot-product capability across classes, and the runtime x precision x size bucket. The
+    effects are fitted by ridge regression, so each one stays at 0 (the analytic prior) until
+    measurements move it.
 
     A prediction for a variant on a hardware class at a thread count that was measured directly
     uses the measurement. Otherwise it is the analytic p50 times exp(sum of the effects that apply).
@@ -154,12 +158,16 @@ class CalibratedPredictor:
     def _effect_keys(
         self, variant: VariantFeatures, variant_id: str, device: DeviceFeatures, threads: int
     ) -> list[tuple[str, ...]]:
+        # Models with similar work per layer share how far they fall from the prior, at each thread count.
+        size = str(round(math.log(max(2.0, variant.macs / variant.layers), 4)))
         keys: list[tuple[str, ...]] = [
             ("variant", variant_id),
             ("context", device.hardware_class, variant.runtime, str(threads)),
             ("class", device.hardware_class, variant.runtime),
             ("class_precision", device.hardware_class, variant.runtime, variant.precision),
             ("precision", variant.runtime, variant.precision, str(device.int8_dot)),
+            ("context_size", device.hardware_class, variant.runtime, str(threads), size),
+            ("size", variant.runtime, variant.precision, size),
         ]
         if threads > 1:
             keys.append(("variant_threaded", variant_id))
