@@ -142,17 +142,22 @@ def _progress_line(job: operator_pb2.CompressionJob) -> str:
     return f"{job.job_id} [{'#' * filled:<{BAR_WIDTH}}] {job.progress:4.0%} {JOB_STATES[job.state]}: {job.stage}"
 
 
-def follow(client: Client, job_id: str, *, timeout_s: float, show: bool) -> operator_pb2.CompressionJob:
+def follow(
+    client: Client, job_id: str, *, timeout_s: float, show: bool, announce: str = ""
+) -> operator_pb2.CompressionJob:
     """Poll the job until it finishes and return it; draw a progress bar on stderr when show is set.
 
     On a terminal the bar redraws in place; otherwise each new stage is printed on its own line.
-    Raises CliError after timeout_s (0 waits forever) and on Ctrl-C, which leaves the job running.
+    announce, when given, is printed on stderr first. Raises CliError after timeout_s (0 waits forever)
+    and on Ctrl-C, which leaves the job running.
     """
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     tty = sys.stderr.isatty()
     last_stage = ""
     drawn = 0  # Width of the bar line drawn last on a terminal.
     try:
+        if announce:
+            print(announce, file=sys.stderr, flush=True)
         while True:
             job = client.call("GetCompressionJob", operator_pb2.GetCompressionJobRequest(job_id=job_id))
             if show:
@@ -212,8 +217,9 @@ def cmd_models_compress(client: Client, args: argparse.Namespace) -> None:
     if args.no_wait:
         emit(job_view(job), args.output, render_job)
         return
-    print(f"started compression job {job.job_id} for {job.model_name}:{job.model_version}", file=sys.stderr)
-    finish(client, follow(client, job.job_id, timeout_s=args.wait_timeout, show=args.output != "json"), args.output)
+    announce = f"started compression job {job.job_id} for {job.model_name}:{job.model_version}"
+    followed = follow(client, job.job_id, timeout_s=args.wait_timeout, show=args.output != "json", announce=announce)
+    finish(client, followed, args.output)
 
 
 def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from edgefleet.cli import views
+from edgefleet.cli import rollout, views
 from edgefleet.common.errors import EXIT_UNAVAILABLE
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 
@@ -110,10 +110,13 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
             ",".join(r["name"] for r in d["runtimes"]) or "-",
             ",".join(f"{m['model']}:{m['state']}" for m in d["models"]) or "-",
             views.age(d["last_seen"]),
+            ",".join(sorted({entry["kind"] for entry in d["drift"]})) or "-",
         )
         for d in devices
     ]
-    return views.table(("DEVICE", "STATUS", "PROFILE", "CORES", "MEMORY", "RUNTIMES", "MODELS", "LAST SEEN"), rows)
+    return views.table(
+        ("DEVICE", "STATUS", "PROFILE", "CORES", "MEMORY", "RUNTIMES", "MODELS", "LAST SEEN", "DRIFT"), rows
+    )
 
 
 def render_device(d: dict[str, Any]) -> str:
@@ -157,17 +160,19 @@ def render_device(d: dict[str, Any]) -> str:
             f"WARNING: another agent claimed this id from {conflict['peer']} at {conflict['seen_at']} "
             f"(key {conflict['instance_key_fingerprint']})"
         )
+    if d["drift"]:
+        lines.append(rollout.render_drift(d["drift"]))
     return "\n".join(lines)
 
 
 def cmd_devices_list(client: Client, args: argparse.Namespace) -> None:
     labels = dict(pair.split("=", 1) for pair in args.label)
     status: Any = {"online": 1, "stale": 2, "offline": 3}.get(args.status or "", 0)
-    request = operator_pb2.ListDevicesRequest(status=status, label_selector=labels)
+    request = operator_pb2.ListDevicesRequest(status=status, label_selector=labels, drift_only=args.drift)
     devices: list[dict[str, Any]] = []
     while True:
         response = client.call("ListDevices", request)
-        devices.extend(views.device_view(d) for d in response.devices)
+        devices.extend(device_view(d) for d in response.devices)
         if not response.next_page_token:
             break
         request.page_token = response.next_page_token
@@ -176,7 +181,12 @@ def cmd_devices_list(client: Client, args: argparse.Namespace) -> None:
 
 def cmd_devices_show(client: Client, args: argparse.Namespace) -> None:
     device = client.call("GetDevice", operator_pb2.GetDeviceRequest(device_id=args.device_id))
-    emit(views.device_view(device), args.output, render_device)
+    emit(device_view(device), args.output, render_device)
+
+
+def device_view(device: operator_pb2.Device) -> dict[str, Any]:
+    """Return the device's view with its drift between desired and reported state."""
+    return {**views.device_view(device), "drift": rollout.drift_view(device)}
 
 
 # Models
@@ -485,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = devices.add_parser("list", help="list devices")
     sub.add_argument("--status", choices=("online", "stale", "offline"), help="only devices in this status")
     sub.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="only devices with this label")
+    sub.add_argument(
+        "--drift", action="store_true", help="only devices whose reported state differs from the desired one"
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_devices_list)
     sub = devices.add_parser("show", help="show one device with its hardware and models")
@@ -519,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edgefleet.cli import compress
 
     compress.add_commands(models, nouns, output_flag)
+
+    rollout.add_commands(nouns, output_flag)
 
     sub = nouns.add_parser("deploy", help="assign a model to a device")
     sub.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: latest version)")

@@ -19,6 +19,7 @@ from edgefleet.orchestrator.fleet import FleetHub
 from edgefleet.orchestrator.jobs.runner import start_jobs
 from edgefleet.orchestrator.limits import OrchestratorLimits
 from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
+from edgefleet.orchestrator.rollouts.service import sql_rollout_store, start_rollouts
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import open_store
@@ -82,6 +83,8 @@ class RunningServer:
         if self.state.job_runner is not None:
             # Ends a running worker and puts its job back in the queue for the next start.
             await asyncio.to_thread(self.state.job_runner.stop)
+        if self.state.rollout_service is not None:
+            await self.state.rollout_service.stop()
         self.flusher.cancel()
         await asyncio.gather(self.flusher, return_exceptions=True)
         if self.retention is not None:
@@ -127,6 +130,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     )
     hub.loop = asyncio.get_running_loop()
     state = OrchestratorState(config=config, store=store, hub=hub, artifacts=artifacts, limits=limits)
+    state.rollouts = sql_rollout_store(store)
     state.telemetry.attach(state, config.metrics_lookback_s)
     if config.metrics_listen:
         metrics_port = state.telemetry.serve(config.metrics_listen)
@@ -149,6 +153,8 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await asyncio.to_thread(start_jobs, state)
     flusher = asyncio.create_task(_flush_forever(hub))
+    # Rollouts resume from the database: the engine continues every rollout where it was.
+    state.rollout_service = start_rollouts(state)
     retention = None
     if config.retention_interval_s > 0:
         retention = asyncio.create_task(retention_forever(store, retention_policy, config.retention_interval_s))

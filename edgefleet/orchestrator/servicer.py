@@ -16,7 +16,7 @@ from edgefleet.common.errors import EdgefleetError, InvalidArgument
 from edgefleet.common.serde import from_timestamp, timestamp
 from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.fleet import StreamSession
-from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics
+from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics, rollouts
 from edgefleet.orchestrator.handlers import jobs as compression_jobs
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -206,6 +206,10 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     CancelCompressionJob = unary(compression_jobs.cancel_compression_job)
     QueryMetrics = unary(metrics.query_metrics)
     ExplainSelection = unary(explain.explain_selection)
+    CreateRollout = unary(rollouts.create_rollout)
+    GetRollout = unary(rollouts.get_rollout)
+    ListRollouts = unary(rollouts.list_rollouts)
+    UpdateRollout = unary(rollouts.update_rollout)
 
     async def UploadModel(
         self,

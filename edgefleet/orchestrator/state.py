@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from edgefleet.orchestrator.costmodel.store import BenchmarkStore
     from edgefleet.orchestrator.jobs.runner import JobRunner
     from edgefleet.orchestrator.jobs.store import JobStore
+    from edgefleet.orchestrator.rollouts.service import RolloutService
+    from edgefleet.orchestrator.rollouts.store import RolloutStore
 
 
 @dataclass
@@ -28,6 +30,9 @@ class OrchestratorState:
     limits: OrchestratorLimits = field(default_factory=OrchestratorLimits.defaults)
     # On-device benchmark results; costmodel.store.benchmark_store() creates it on first use.
     benchmarks: BenchmarkStore | None = None
+    # Rollouts and the loop that advances them; server.start_server sets both.
+    rollouts: RolloutStore | None = None
+    rollout_service: RolloutService | None = None
     # Compression jobs and the runner of their worker processes; server.start_server sets both.
     jobs: JobStore | None = None
     job_runner: JobRunner | None = None

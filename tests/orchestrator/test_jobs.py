@@ -533,10 +533,10 @@ def test_efficientnet_int8_deploys(
     while True:
         device = server.operator.GetDevice(operator_pb2.GetDeviceRequest(device_id=device_id), timeout=30)
         states = {(m.variant_id, m.state) for m in device.models}
-        if (variant.variant_id, 5) in states or time.monotonic() > deadline + 60:  # 5: MODEL_STATE_SERVING.
+        if (variant.variant_id, common_pb2.MODEL_STATE_SERVING) in states or time.monotonic() > deadline + 60:
             break
         time.sleep(0.3)
-    assert agent.running and (variant.variant_id, 5) in states
+    assert agent.running and (variant.variant_id, common_pb2.MODEL_STATE_SERVING) in states
 
 
 @pytest.mark.slow

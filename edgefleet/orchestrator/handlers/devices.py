@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import secrets
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
 from edgefleet.common.errors import AlreadyExists, InvalidArgument, NotFound
@@ -13,6 +13,7 @@ from edgefleet.common.hardware import hardware_class_of
 from edgefleet.common.serde import DEVICE_STATUS_NAMES, enum_to_name, hardware_from_proto, timestamp
 from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.domain import Device
+from edgefleet.orchestrator.rollouts.reconcile import device_drift
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import FleetStates, IdentityMismatchError
 from edgefleet.v1 import agent_pb2, operator_pb2
@@ -132,6 +133,7 @@ def describe_device(device: Device, state: OrchestratorState, fleet: FleetStates
     )
     message.clock_skew_seconds = state.hub.clock_skew_s.get(device.device_id, 0.0)
     message.clock_skewed = state.hub.is_clock_skewed(device.device_id)
+    message.drift.extend(operator_pb2.Drift(**asdict(d)) for d in device_drift(device, desired, reported))
     return message
 
 
@@ -166,7 +168,10 @@ def list_devices(
             continue
         if request.hardware_class and device.hardware.hardware_class != request.hardware_class:
             continue
-        devices.append(describe_device(device, state, fleet))
+        described = describe_device(device, state, fleet)
+        if request.drift_only and not described.drift:
+            continue
+        devices.append(described)
     return operator_pb2.ListDevicesResponse(devices=devices, next_page_token=next_token)
 
 

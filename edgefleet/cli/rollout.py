@@ -1,0 +1,433 @@
+"""edgefleet rollout: create gated rollouts in waves, follow their progress and pause, resume, abort or roll back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.cli import views
+from edgefleet.v1 import operator_pb2
+
+if TYPE_CHECKING:
+    from edgefleet.cli.main import Client
+
+# Enum values are the list position + 1; 0 is UNSPECIFIED.
+ROLLOUT_STATES = (
+    "pending",
+    "running",
+    "paused",
+    "succeeded",
+    "rolling_back",
+    "rolled_back",
+    "aborted",
+    "superseded",
+)
+FINAL_STATES = frozenset({"succeeded", "rolled_back", "aborted", "superseded"})
+WAVE_DECISIONS = ("waiting", "proceed", "pause", "rollback")
+ACTIONS = ("pause", "resume", "abort", "rollback")
+MODEL_STATES = ("pending", "downloading", "verifying", "loading", "serving", "failed", "removed")
+# The selector key that matches the hardware class; every other key is a label.
+HARDWARE_CLASS_KEY = "hardware_class"
+PROGRESS_WIDTH = 20
+
+
+class UsageError(ValueError):
+    """A flag value is malformed; the commands turn it into the CLI's usage error (exit code 2)."""
+
+
+Command = Callable[["Client", argparse.Namespace], None]
+
+
+def _usage_errors(command: Command) -> Command:
+    """Wrap a command so that a UsageError leaves the CLI with exit code 2 and the message."""
+
+    def run(client: Client, args: argparse.Namespace) -> None:
+        # Imported here because edgefleet.cli.main imports this module.
+        from edgefleet.cli.main import EXIT_USAGE, CliError
+
+        try:
+            command(client, args)
+        except UsageError as error:
+            raise CliError(str(error), EXIT_USAGE) from None
+
+    return run
+
+
+def _name(value: int, names: tuple[str, ...]) -> str:
+    return names[value - 1] if 1 <= value <= len(names) else "unknown"
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
+
+
+# Views
+
+
+def wave_device_view(device: operator_pb2.WaveDevice) -> dict[str, Any]:
+    return {
+        "device_id": device.device_id,
+        "hardware_class": device.hardware_class,
+        "variant_id": device.variant_id,
+        "threads": device.threads,
+        "previous_variant_id": device.previous_variant_id,
+        "state": _name(device.state, MODEL_STATES) if device.state else "",
+        "samples": device.samples,
+        "errors": device.errors,
+        "error_rate": round(device.error_rate, 5),
+        "p95_ms": _number(device.p95_ms),
+        "baseline_p95_ms": _number(device.baseline_p95_ms),
+        "verdict": device.verdict,
+        "note": device.note,
+        "late": device.late,
+        "restored": device.restored,
+    }
+
+
+def wave_view(wave: operator_pb2.Wave) -> dict[str, Any]:
+    return {
+        "index": wave.index,
+        "percent": wave.percent,
+        "attempt": wave.attempt,
+        "decision": _name(wave.decision, WAVE_DECISIONS),
+        "reason": wave.reason,
+        "started_at": views._time(wave.started_at),
+        "decided_at": views._time(wave.decided_at),
+        "devices": [wave_device_view(d) for d in wave.devices],
+    }
+
+
+def target_text(labels: dict[str, str], hardware_class: str) -> str:
+    terms = [f"{key}={value}" for key, value in sorted(labels.items())]
+    if hardware_class:
+        terms.append(f"{HARDWARE_CLASS_KEY}={hardware_class}")
+    return ",".join(terms) or "all"
+
+
+def rollout_view(rollout: operator_pb2.Rollout) -> dict[str, Any]:
+    return {
+        "rollout_id": rollout.rollout_id,
+        "model": rollout.model_name,
+        "version": rollout.model_version,
+        "state": _name(rollout.state, ROLLOUT_STATES),
+        "reason": rollout.reason,
+        "stuck": rollout.stuck,
+        "target": target_text(dict(rollout.target_labels), rollout.target_hardware_class),
+        "target_labels": dict(rollout.target_labels),
+        "target_hardware_class": rollout.target_hardware_class,
+        "wave_percents": list(rollout.wave_percents),
+        "current_wave": rollout.current_wave,
+        "budget_ms": rollout.budget_ms,
+        "max_p95_regression_pct": rollout.max_p95_regression_pct,
+        "max_error_rate_pct": rollout.max_error_rate_pct,
+        "min_samples": rollout.min_samples,
+        "max_rollbacks": rollout.max_rollbacks,
+        "rollbacks": rollout.rollbacks,
+        "sample_timeout_s": rollout.sample_timeout_seconds,
+        "superseded_by": rollout.superseded_by,
+        "created_at": views._time(rollout.created_at),
+        "started_at": views._time(rollout.started_at),
+        "updated_at": views._time(rollout.updated_at),
+        "waves": [wave_view(w) for w in rollout.waves],
+    }
+
+
+def drift_view(device: operator_pb2.Device) -> list[dict[str, str]]:
+    """Return a device's drift entries as plain dicts."""
+    return [
+        {
+            "kind": d.kind,
+            "model": d.model_name,
+            "desired_variant_id": d.desired_variant_id,
+            "reported_variant_id": d.reported_variant_id,
+            "detail": d.detail,
+        }
+        for d in device.drift
+    ]
+
+
+def render_drift(drift: list[dict[str, str]]) -> str:
+    """Render drift entries as lines for `edgefleet devices show`; "" when there is none."""
+    lines = []
+    for entry in drift:
+        model = f" {entry['model']}" if entry["model"] else ""
+        lines.append(f"DRIFT: {entry['kind']}{model}: {entry['detail']}")
+    return "\n".join(lines)
+
+
+# Rendering
+
+
+def progress_bar(done: float, total: float, width: int = PROGRESS_WIDTH) -> str:
+    share = 1.0 if total <= 0 else min(max(done / total, 0.0), 1.0)
+    filled = round(share * width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _wave_progress(wave: dict[str, Any], min_samples: int) -> tuple[str, str]:
+    measured = [d for d in wave["devices"] if d["variant_id"] and not d["late"]]
+    if wave["decision"] != "waiting":
+        return progress_bar(1, 1), f"{len(measured)} devices"
+    samples = sum(min(d["samples"], min_samples) for d in measured)
+    total = len(measured) * min_samples
+    return progress_bar(samples, total), f"{samples}/{total} samples"
+
+
+def render_rollout(r: dict[str, Any]) -> str:
+    """Render one rollout with a progress line per wave and a row per device."""
+    waves_total = len(r["wave_percents"])
+    state = r["state"].upper() + (" (STUCK)" if r["stuck"] else "")
+    position = f"wave {r['current_wave'] + 1} of {waves_total}" if r["state"] in ("running", "paused") else ""
+    lines = [
+        f"rollout {r['rollout_id']}  {r['model']}:{r['version']}  {state}  {position}".rstrip(),
+        f"target:  {r['target']}   waves: {', '.join(f'{p}%' for p in r['wave_percents'])}",
+        f"gates:   p95 <= {r['budget_ms']:g} ms, regression <= {r['max_p95_regression_pct']:g}%, "
+        f"errors <= {r['max_error_rate_pct']:g}%, {r['min_samples']} samples per device, "
+        f"rollbacks {r['rollbacks']} of at most {r['max_rollbacks']}",
+        f"reason:  {r['reason']}",
+    ]
+    if r["superseded_by"]:
+        lines.append(f"superseded by {r['superseded_by']}")
+    for wave in r["waves"]:
+        bar, count = _wave_progress(wave, r["min_samples"])
+        attempt = f" attempt {wave['attempt'] + 1}" if wave["attempt"] else ""
+        lines.append("")
+        lines.append(
+            f"wave {wave['index'] + 1} ({wave['percent']}%){attempt}  {bar} {count}  "
+            f"{wave['decision'].upper()}: {wave['reason']}"
+        )
+        if wave["devices"]:
+            rows = [
+                (
+                    "  " + d["device_id"] + (" (late)" if d["late"] else ""),
+                    d["variant_id"] or "-",
+                    d["state"] or "-",
+                    d["samples"],
+                    d["p95_ms"],
+                    d["baseline_p95_ms"],
+                    f"{100 * d['error_rate']:.2f}%",
+                    (d["verdict"] or "waiting") + (", restored" if d["restored"] else ""),
+                    d["note"],
+                )
+                for d in wave["devices"]
+            ]
+            lines.append(
+                views.table(
+                    ("  DEVICE", "VARIANT", "STATE", "SAMPLES", "P95 MS", "BASE P95", "ERRORS", "VERDICT", "NOTE"),
+                    rows,
+                )
+            )
+    return "\n".join(lines)
+
+
+def render_rollouts(rollouts: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            r["rollout_id"],
+            f"{r['model']}:{r['version']}",
+            r["state"] + (" (stuck)" if r["stuck"] else ""),
+            f"{r['current_wave'] + 1}/{len(r['wave_percents'])}" if r["waves"] else "-",
+            r["target"],
+            f"{r['budget_ms']:g}",
+            r["created_at"],
+            r["reason"],
+        )
+        for r in rollouts
+    ]
+    return views.table(("ROLLOUT", "MODEL", "STATE", "WAVE", "TARGET", "BUDGET MS", "CREATED", "REASON"), rows)
+
+
+# Commands
+
+
+def parse_target(text: str) -> tuple[dict[str, str], str]:
+    """Parse "kind=camera,site=a,hardware_class=car-ecu-*" into labels and a hardware class pattern.
+
+    "" and "all" select every device. Raises UsageError for a term without "=" or a key given twice.
+    """
+    text = text.strip()
+    if text in ("", "all", "*"):
+        return {}, ""
+    labels: dict[str, str] = {}
+    hardware_class = ""
+    for term in text.split(","):
+        key, sep, value = term.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UsageError(f"invalid --target term {term!r}: expected KEY=VALUE, for example kind=camera")
+        if key == HARDWARE_CLASS_KEY:
+            if hardware_class:
+                raise UsageError(f"--target {text!r} names {HARDWARE_CLASS_KEY} twice; give one pattern")
+            hardware_class = value
+        elif key in labels:
+            raise UsageError(f"--target {text!r} names label {key!r} twice")
+        else:
+            labels[key] = value
+    return labels, hardware_class
+
+
+def parse_waves(text: str) -> list[int]:
+    """Parse "1,10,50,100" into cumulative wave percents; raise UsageError for anything else."""
+    try:
+        percents = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"invalid --waves {text!r}: expected rising percents such as 1,10,50,100") from None
+    if not percents:
+        raise UsageError("--waves is empty; give rising percents such as 1,10,50,100")
+    return percents
+
+
+@_usage_errors
+def cmd_create(client: Client, args: argparse.Namespace) -> None:
+    name, _, version = args.model.partition(":")
+    labels, hardware_class = parse_target(args.target)
+    if args.hardware_class:
+        if hardware_class:
+            raise UsageError("give the hardware class either in --target or with --hardware-class, not both")
+        hardware_class = args.hardware_class
+    request = operator_pb2.CreateRolloutRequest(
+        model_name=name,
+        model_version=version,
+        target_labels=labels,
+        target_hardware_class=hardware_class,
+        wave_percents=parse_waves(args.waves),
+        budget_ms=args.budget_ms,
+        max_p95_regression_pct=args.max_p95_regression,
+        max_error_rate_pct=args.max_error_rate,
+        min_samples=args.min_samples,
+        max_rollbacks=args.max_rollbacks,
+        sample_timeout_seconds=args.sample_timeout,
+    )
+    rollout = client.call("CreateRollout", request)
+    _show(client, rollout, args)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> None:
+    rollout = client.call("GetRollout", operator_pb2.GetRolloutRequest(rollout_id=args.rollout_id))
+    _show(client, rollout, args)
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> None:
+    # Plain ints: the enum values of RolloutState are the list position + 1.
+    states: list[Any] = [ROLLOUT_STATES.index(s) + 1 for s in args.state]
+    response = client.call("ListRollouts", operator_pb2.ListRolloutsRequest(model_name=args.model or "", states=states))
+    data = [rollout_view(r) for r in response.rollouts]
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(render_rollouts(data))
+
+
+def cmd_action(client: Client, args: argparse.Namespace) -> None:
+    action: Any = ACTIONS.index(args.verb) + 1
+    rollout = client.call(
+        "UpdateRollout",
+        operator_pb2.UpdateRolloutRequest(rollout_id=args.rollout_id, action=action),
+    )
+    _show(client, rollout, args)
+
+
+def _show(client: Client, rollout: operator_pb2.Rollout, args: argparse.Namespace) -> None:
+    """Print the rollout; with --watch, print it again on every change until it reaches a final state."""
+    view = rollout_view(rollout)
+    emit_one(view, args.output)
+    if not getattr(args, "watch", False):
+        return
+    interval = max(args.interval, 0.1)
+    while view["state"] not in FINAL_STATES:
+        time.sleep(interval)
+        latest = rollout_view(client.call("GetRollout", operator_pb2.GetRolloutRequest(rollout_id=view["rollout_id"])))
+        if latest != view:
+            view = latest
+            if args.output != "json":
+                print()
+            emit_one(view, args.output)
+
+
+def emit_one(view: dict[str, Any], output: str) -> None:
+    if output == "json":
+        print(json.dumps(view, indent=2), flush=True)
+    else:
+        print(render_rollout(view), flush=True)
+
+
+def add_commands(nouns: Any, output_flag: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register `edgefleet rollout ...` on the CLI's subparsers; output_flag adds --output to a command."""
+    rollout = nouns.add_parser("rollout", help="roll a model version out in gated waves")
+    verbs = rollout.add_subparsers(dest="verb", required=True)
+
+    sub = verbs.add_parser("create", help="start a rollout of a model version to a target in waves")
+    sub.add_argument("--model", required=True, help="NAME:VERSION (NAME alone takes the newest version)")
+    sub.add_argument(
+        "--target",
+        default="all",
+        help="devices: KEY=VALUE labels and hardware_class=PATTERN, comma-separated (default all)",
+    )
+    sub.add_argument("--hardware-class", help="only devices of this hardware class (an fnmatch pattern)")
+    sub.add_argument("--waves", default="1,10,50,100", help="cumulative percent of the target per wave")
+    sub.add_argument("--budget-ms", type=float, required=True, help="p95 latency budget per device, in ms")
+    sub.add_argument(
+        "--max-p95-regression",
+        type=float,
+        default=20.0,
+        metavar="PCT",
+        help="largest p95 increase over the previous version on the same hardware class, in percent; "
+        "a larger increase pauses the rollout (default 20)",
+    )
+    sub.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=1.0,
+        metavar="PCT",
+        help="largest share of failed inferences, in percent; more rolls the wave back (default 1)",
+    )
+    sub.add_argument("--min-samples", type=int, default=0, help="latency samples per device before a wave is judged")
+    sub.add_argument(
+        "--max-rollbacks",
+        type=int,
+        default=0,
+        help="wave rollbacks before the whole rollout is rolled back (default 1)",
+    )
+    sub.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds a wave may wait for samples before it is reported stuck (default 600)",
+    )
+    _watch_flags(sub)
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_create)
+
+    sub = verbs.add_parser("status", help="show a rollout with the progress of each wave")
+    sub.add_argument("rollout_id")
+    _watch_flags(sub)
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_status)
+
+    sub = verbs.add_parser("list", help="list rollouts, newest first")
+    sub.add_argument("--model", help="only rollouts of this model")
+    sub.add_argument("--state", action="append", default=[], choices=ROLLOUT_STATES, help="only these states")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_list)
+
+    helps = {
+        "pause": "stop advancing a rollout",
+        "resume": "continue a paused rollout; a wave paused on a p95 regression counts as passed",
+        "abort": "stop a rollout where it is, keeping the assignments it made (also a stuck one)",
+        "rollback": "give every device of the rollout its previous assignment back",
+    }
+    for verb in ACTIONS:
+        sub = verbs.add_parser(verb, help=helps[verb])
+        sub.add_argument("rollout_id")
+        output_flag(sub)
+        sub.set_defaults(handler=cmd_action)
+
+
+def _watch_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--watch", action="store_true", help="print the rollout again on each change until it ends")
+    sub.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")

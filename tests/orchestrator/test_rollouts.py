@@ -1,0 +1,296 @@
+"""Rollout and drift requests over gRPC and the `edgefleet rollout` CLI, against a real orchestrator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from edgefleet.cli.main import main as cli_main
+from edgefleet.common.serde import timestamp
+from edgefleet.common.sketch import LatencySketch
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+from tests.servers import OrchestratorThread, get_device, linear_onnx, register, upload, wait_until
+
+pytest_plugins = ["tests.servers"]
+
+MODEL = "classifier"
+RUNNING = operator_pb2.ROLLOUT_STATE_RUNNING
+SUCCEEDED = operator_pb2.ROLLOUT_STATE_SUCCEEDED
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def create_request(**fields: object) -> operator_pb2.CreateRolloutRequest:
+    values: dict[str, object] = {
+        "model_name": MODEL,
+        "model_version": "2",
+        "target_labels": {"kind": "camera"},
+        "wave_percents": [50, 100],
+        "budget_ms": 50.0,
+        "max_p95_regression_pct": 50.0,
+        "max_error_rate_pct": 1.0,
+        "min_samples": 20,
+    }
+    values.update(fields)
+    return operator_pb2.CreateRolloutRequest(**values)  # type: ignore[arg-type]
+
+
+def fleet(orchestrator: OrchestratorThread, cameras: int = 2) -> list[str]:
+    """Register cameras and upload versions 1 and 2 of the model; return the device ids."""
+    devices = [register(orchestrator.agent, labels={"kind": "camera"})[0] for _ in range(cameras)]
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    upload(orchestrator, linear_onnx(2), MODEL, "2")
+    return devices
+
+
+def get_rollout(orchestrator: OrchestratorThread, rollout_id: str) -> operator_pb2.Rollout:
+    return orchestrator.operator.GetRollout(operator_pb2.GetRolloutRequest(rollout_id=rollout_id), timeout=30)
+
+
+def report_latency(orchestrator: OrchestratorThread, device: operator_pb2.WaveDevice, latency_ms: float) -> None:
+    """Upload one window of 30 inferences of latency_ms for the device's wave variant."""
+    sketch = LatencySketch()
+    for _ in range(30):
+        sketch.add(latency_ms)
+    window = common_pb2.MetricWindow(
+        model_name=MODEL,
+        model_version="2",
+        variant_id=device.variant_id,
+        window_start=timestamp(datetime.now(UTC)),
+        window_seconds=1,
+        inference_count=30,
+        latency=sketch.to_proto(),
+    )
+    request = agent_pb2.UploadMetricsRequest(
+        device_id=device.device_id, batch_id=f"{device.device_id}-{datetime.now(UTC).timestamp()}", windows=[window]
+    )
+    orchestrator.agent.UploadMetrics(request, timeout=30)
+
+
+def serve_current_wave(orchestrator: OrchestratorThread, rollout_id: str, latency_ms: float) -> operator_pb2.Wave:
+    rollout = get_rollout(orchestrator, rollout_id)
+    wave = [w for w in rollout.waves if w.index == rollout.current_wave][-1]
+    for device in wave.devices:
+        report_latency(orchestrator, device, latency_ms)
+    return wave
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], orchestrator: OrchestratorThread, *args: str) -> tuple[int, str]:
+    code = cli_main(["--orchestrator", orchestrator.address, *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# Requests
+
+
+def test_create_pending(orchestrator: OrchestratorThread) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    assert rollout.rollout_id.startswith("ro-")
+    assert rollout.state == operator_pb2.ROLLOUT_STATE_PENDING
+    assert rollout.min_samples == 20
+
+
+def test_create_latest_version(orchestrator: OrchestratorThread) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(model_version=""), timeout=30)
+    assert rollout.model_version == "2"
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"wave_percents": [50, 40, 100]}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"wave_percents": [10, 50]}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"budget_ms": 0.0}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"max_error_rate_pct": 150.0}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"model_version": "9"}, grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_create_rejects(orchestrator: OrchestratorThread, fields: dict[str, object], code: grpc.StatusCode) -> None:
+    fleet(orchestrator, cameras=0)
+    error = rpc_error(lambda: orchestrator.operator.CreateRollout(create_request(**fields), timeout=30))
+    assert error.code() == code
+
+
+def test_get_unknown(orchestrator: OrchestratorThread) -> None:
+    error = rpc_error(lambda: get_rollout(orchestrator, "ro-missing"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_rollout_succeeds(orchestrator: OrchestratorThread) -> None:
+    devices = fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    running = wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).state == RUNNING, "wave 1")
+    first = serve_current_wave(orchestrator, rollout.rollout_id, 5.0)
+    wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).current_wave == 1, "wave 2")
+    serve_current_wave(orchestrator, rollout.rollout_id, 5.0)
+    done = wait_until(lambda: (r := get_rollout(orchestrator, rollout.rollout_id)).state == SUCCEEDED and r, "success")
+    assert running
+    assert len(first.devices) == 1
+    assert [w.decision for w in done.waves] == [operator_pb2.WAVE_DECISION_PROCEED] * 2
+    assert {a.model_version for d in devices for a in get_device(orchestrator, d).desired} == {"2"}
+
+
+def test_over_budget_rolls_back(orchestrator: OrchestratorThread) -> None:
+    devices = fleet(orchestrator, cameras=1)
+    rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)
+    wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).state == RUNNING, "wave 1")
+    serve_current_wave(orchestrator, rollout.rollout_id, 500.0)
+    done = wait_until(
+        lambda: (
+            (r := get_rollout(orchestrator, rollout.rollout_id)).state == operator_pb2.ROLLOUT_STATE_ROLLED_BACK and r
+        ),
+        "rollback",
+    )
+    assert done.waves[0].decision == operator_pb2.WAVE_DECISION_ROLLBACK
+    assert done.waves[0].devices[0].verdict == "over_budget"
+    assert list(get_device(orchestrator, devices[0]).desired) == []
+
+
+def test_update_actions(orchestrator: OrchestratorThread) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    update = orchestrator.operator.UpdateRollout
+    paused = update(
+        operator_pb2.UpdateRolloutRequest(rollout_id=rollout.rollout_id, action=operator_pb2.ROLLOUT_ACTION_PAUSE),
+        timeout=30,
+    )
+    error = rpc_error(
+        lambda: update(
+            operator_pb2.UpdateRolloutRequest(rollout_id=rollout.rollout_id, action=operator_pb2.ROLLOUT_ACTION_PAUSE),
+            timeout=30,
+        )
+    )
+    aborted = update(
+        operator_pb2.UpdateRolloutRequest(rollout_id=rollout.rollout_id, action=operator_pb2.ROLLOUT_ACTION_ABORT),
+        timeout=30,
+    )
+    assert paused.state == operator_pb2.ROLLOUT_STATE_PAUSED
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert aborted.state == operator_pb2.ROLLOUT_STATE_ABORTED
+
+
+def test_list_filters(orchestrator: OrchestratorThread) -> None:
+    fleet(orchestrator)
+    upload(orchestrator, linear_onnx(3), MODEL, "3")
+    old = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    new = orchestrator.operator.CreateRollout(create_request(model_version="3"), timeout=30)
+    superseded = orchestrator.operator.ListRollouts(
+        operator_pb2.ListRolloutsRequest(states=[operator_pb2.ROLLOUT_STATE_SUPERSEDED]), timeout=30
+    )
+    every = orchestrator.operator.ListRollouts(operator_pb2.ListRolloutsRequest(model_name=MODEL), timeout=30)
+    assert [r.rollout_id for r in superseded.rollouts] == [old.rollout_id]
+    assert superseded.rollouts[0].superseded_by == new.rollout_id
+    assert [r.rollout_id for r in every.rollouts] == [new.rollout_id, old.rollout_id]
+
+
+def test_drift_on_device(orchestrator: OrchestratorThread) -> None:
+    devices = fleet(orchestrator, cameras=2)
+    orchestrator.operator.Deploy(
+        operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=devices[0]), timeout=30
+    )
+    device = get_device(orchestrator, devices[0])
+    drifting = orchestrator.operator.ListDevices(operator_pb2.ListDevicesRequest(drift_only=True), timeout=30)
+    assert {d.kind for d in device.drift} == {"generation_lag", "missing"}
+    assert [d.device_id for d in drifting.devices] == [devices[0]]
+
+
+# CLI
+
+
+def test_cli_create_and_status(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet(orchestrator)
+    code, out = run_cli(
+        capsys,
+        orchestrator,
+        "rollout",
+        "create",
+        "--model",
+        f"{MODEL}:2",
+        "--target",
+        "kind=camera",
+        "--waves",
+        "50,100",
+        "--budget-ms",
+        "40",
+        "--max-p95-regression",
+        "20",
+        "--max-error-rate",
+        "1",
+        "--min-samples",
+        "20",
+        "-o",
+        "json",
+    )
+    created = json.loads(out)
+    wait_until(lambda: get_rollout(orchestrator, created["rollout_id"]).state == RUNNING, "wave 1")
+    status_code, status = run_cli(capsys, orchestrator, "rollout", "status", created["rollout_id"])
+    assert code == 0
+    assert created["state"] == "pending"
+    assert created["target"] == "kind=camera"
+    assert status_code == 0
+    assert "RUNNING" in status
+    assert "wave 1 (50%)" in status
+    assert "0/20 samples" in status
+
+
+def test_cli_actions(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).state == RUNNING, "wave 1")
+    states = []
+    for verb in ("pause", "resume", "abort", "rollback"):
+        code, out = run_cli(capsys, orchestrator, "rollout", verb, rollout.rollout_id, "-o", "json")
+        assert code == 0, out
+        states.append(json.loads(out)["state"])
+    assert states == ["paused", "running", "aborted", "rolling_back"]
+
+
+def test_cli_action_wrong_state(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    code, out = run_cli(capsys, orchestrator, "rollout", "resume", rollout.rollout_id)
+    assert code == 4
+    assert "cannot resume" in out
+
+
+def test_cli_list(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    code, out = run_cli(capsys, orchestrator, "rollout", "list", "--model", MODEL)
+    json_code, json_out = run_cli(capsys, orchestrator, "rollout", "list", "--state", "superseded", "-o", "json")
+    assert code == 0
+    assert rollout.rollout_id in out
+    assert json_code == 0
+    assert json.loads(json_out) == []
+
+
+def test_cli_bad_target(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(
+        capsys, orchestrator, "rollout", "create", "--model", f"{MODEL}:2", "--target", "camera", "--budget-ms", "5"
+    )
+    assert code == 2
+    assert "expected KEY=VALUE" in out
+
+
+def test_cli_devices_drift(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    devices = fleet(orchestrator)
+    orchestrator.operator.Deploy(
+        operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=devices[1]), timeout=30
+    )
+    show_code, shown = run_cli(capsys, orchestrator, "devices", "show", devices[1])
+    list_code, listed = run_cli(capsys, orchestrator, "devices", "list", "--drift", "-o", "json")
+    assert show_code == 0
+    assert "DRIFT: generation_lag" in shown
+    assert list_code == 0
+    assert [d["device_id"] for d in json.loads(listed)] == [devices[1]]

@@ -1,0 +1,169 @@
+"""edgefleet models compress and edgefleet jobs against a real orchestrator whose jobs run in worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet.cli.main import main
+from edgefleet.v1 import operator_pb2
+from tests.orchestrator.test_jobs import tiny_conv_onnx
+from tests.servers import OrchestratorThread, orchestrator_config, upload
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--int8", "--calibration", "demo-photos", "--calibration-size", "4", "--max-accuracy-drop", "100"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrchestratorThread]:
+    """A real orchestrator on SQLite with the tiny classifier uploaded as tiny:1."""
+    orchestrator = OrchestratorThread(orchestrator_config(tmp_path_factory.mktemp("cli")))
+    upload(orchestrator, tiny_conv_onnx(), "tiny", "1")
+    yield orchestrator
+    orchestrator.stop()
+
+
+def run_cli(server: OrchestratorThread, *args: str) -> int:
+    return main(["--orchestrator", server.address, *args])
+
+
+@pytest.fixture(scope="module")
+def compressed(server: OrchestratorThread) -> dict[str, Any]:
+    """The JSON result of one `models compress` run with the shortcut flags, and its exit status."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run_cli(server, "models", "compress", "tiny:1", *FAST, "--output", "json")
+    return {"code": code, **json.loads(out.getvalue())}
+
+
+def test_compress_exit(compressed: dict[str, Any]) -> None:
+    assert compressed["code"] == 0
+
+
+def test_compress_job_succeeded(compressed: dict[str, Any]) -> None:
+    assert compressed["job"]["state"] == "succeeded"
+
+
+def test_compress_variant_accepted(compressed: dict[str, Any]) -> None:
+    assert [(v["kind"], v["status"]) for v in compressed["variants"]] == [("int8", "accepted")]
+
+
+def test_compress_recipe_from_flags(compressed: dict[str, Any]) -> None:
+    recipe = compressed["job"]["recipe"]
+    assert (recipe["quantize"]["calibration"], recipe["gate"]["max_accuracy_drop"]) == (
+        {"images": "builtin:demo-photos"},
+        100.0,
+    )
+
+
+def test_variants_table(
+    server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    run_cli(server, "models", "variants", "tiny")
+    line = next(
+        x for x in capsys.readouterr().out.splitlines() if x.startswith(compressed["variants"][0]["variant_id"])
+    )
+    assert all(part in line for part in ("int8", "accepted", "threads=1:", "threads=2:"))
+
+
+def test_jobs_list_json(
+    server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    run_cli(server, "jobs", "list", "--output", "json")
+    listed = json.loads(capsys.readouterr().out)
+    assert compressed["job"]["job_id"] in [j["job_id"] for j in listed]
+
+
+def test_jobs_show(server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    run_cli(server, "jobs", "show", compressed["job"]["job_id"])
+    assert "succeeded" in capsys.readouterr().out
+
+
+def test_jobs_wait_finished(server: OrchestratorThread, compressed: dict[str, Any]) -> None:
+    assert run_cli(server, "jobs", "wait", compressed["job"]["job_id"], "--output", "json") == 0
+
+
+def test_jobs_cancel_finished(server: OrchestratorThread, compressed: dict[str, Any]) -> None:
+    assert run_cli(server, "jobs", "cancel", compressed["job"]["job_id"]) == 4
+
+
+def test_jobs_show_unknown(server: OrchestratorThread) -> None:
+    assert run_cli(server, "jobs", "show", "0123456789ab") == 3
+
+
+def test_recipe_unknown_key(server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[quantize]\nmethod = "static"\nbits = 4\n[quantize.calibration]\nimages = "builtin:digits"\n')
+    code = run_cli(server, "models", "compress", "tiny", "--recipe", str(recipe))
+    assert (code, "quantize.bits" in capsys.readouterr().err) == (2, True)
+
+
+def test_recipe_json_out_of_range(
+    server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"quantize": {"calibration_size": -3, "calibration": {"images": "builtin:digits"}}}))
+    code = run_cli(server, "models", "compress", "tiny", "--recipe", str(recipe))
+    assert (code, "quantize.calibration_size" in capsys.readouterr().err) == (2, True)
+
+
+def test_missing_folder(server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli(server, "models", "compress", "tiny", "--int8", "--calibration", str(tmp_path / "nope"))
+    assert (code, str(tmp_path / "nope") in capsys.readouterr().err) == (2, True)
+
+
+def test_nothing_to_do(server: OrchestratorThread) -> None:
+    assert run_cli(server, "models", "compress", "tiny") == 2
+
+
+def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
+    command = [
+        sys.executable,
+        "-c",
+        # The console script's entry point; `python -m edgefleet.cli.main` would load the module twice.
+        "import sys; from edgefleet.cli.main import main; sys.exit(main(sys.argv[1:]))",
+        "--orchestrator",
+        server.address,
+        "models",
+        "compress",
+        "tiny",
+        *FAST,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    first = process.stderr.readline()  # "started compression job ID for tiny:1"
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=30)
+    job_id = first.split()[3]
+    deadline = time.monotonic() + 120
+    while True:
+        job = server.operator.GetCompressionJob(operator_pb2.GetCompressionJobRequest(job_id=job_id), timeout=30)
+        if (
+            job.state in (operator_pb2.JOB_STATE_SUCCEEDED, operator_pb2.JOB_STATE_FAILED)
+            or time.monotonic() > deadline
+        ):
+            break
+        time.sleep(0.3)
+    assert (process.returncode, "detached" in rest, job.state) == (130, True, operator_pb2.JOB_STATE_SUCCEEDED)
