@@ -34,14 +34,42 @@ class RegisterRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., instance_key: _Optional[str] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., enrollment_token: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "heartbeat_interval_seconds", "server_time")
+    __slots__ = ("device_id", "heartbeat_interval_seconds", "server_time", "trusted_keys")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEYS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     heartbeat_interval_seconds: int
     server_time: _timestamp_pb2.Timestamp
-    def __init__(self, device_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    trusted_keys: TrustedKeys
+    def __init__(self, device_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trusted_keys: _Optional[_Union[TrustedKeys, _Mapping]] = ...) -> None: ...
+
+class SigningKey(_message.Message):
+    __slots__ = ("key_id", "public_key")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    public_key: bytes
+    def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class KeySignature(_message.Message):
+    __slots__ = ("key_id", "signature")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature: bytes
+    def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class TrustedKeys(_message.Message):
+    __slots__ = ("version", "keys", "signatures")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    keys: _containers.RepeatedCompositeFieldContainer[SigningKey]
+    signatures: _containers.RepeatedCompositeFieldContainer[KeySignature]
+    def __init__(self, version: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[SigningKey, _Mapping]]] = ..., signatures: _Optional[_Iterable[_Union[KeySignature, _Mapping]]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "reported_state", "ack", "benchmark")
@@ -144,7 +172,7 @@ class ThreadLatency(_message.Message):
     def __init__(self, threads: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., runs: _Optional[int] = ...) -> None: ...
 
 class ModelAssignment(_message.Message):
-    __slots__ = ("model_name", "model_version", "variant_id", "digest", "size_bytes", "format", "threads", "signature")
+    __slots__ = ("model_name", "model_version", "variant_id", "digest", "size_bytes", "format", "threads", "signature", "version_counter", "signing_key_id", "rollback")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +181,9 @@ class ModelAssignment(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     variant_id: str
@@ -161,15 +192,20 @@ class ModelAssignment(_message.Message):
     format: _common_pb2.ModelFormat
     threads: int
     signature: bytes
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., variant_id: _Optional[str] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., threads: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    version_counter: int
+    signing_key_id: str
+    rollback: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., variant_id: _Optional[str] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., threads: _Optional[int] = ..., signature: _Optional[bytes] = ..., version_counter: _Optional[int] = ..., signing_key_id: _Optional[str] = ..., rollback: _Optional[bool] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("generation", "models")
+    __slots__ = ("generation", "models", "trusted_keys")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEYS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     models: _containers.RepeatedCompositeFieldContainer[ModelAssignment]
-    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelAssignment, _Mapping]]] = ...) -> None: ...
+    trusted_keys: TrustedKeys
+    def __init__(self, generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelAssignment, _Mapping]]] = ..., trusted_keys: _Optional[_Union[TrustedKeys, _Mapping]] = ...) -> None: ...
 
 class RunBenchmark(_message.Message):
     __slots__ = ("variant_id", "max_threads", "runs")

@@ -119,6 +119,46 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.QueryMetricsRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.QueryMetricsResponse.FromString,
                 _registered_method=True)
+        self.CreateEnrollmentToken = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/CreateEnrollmentToken',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenResponse.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RevokeDevice',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
+        self.CreateApiToken = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/CreateApiToken',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateApiTokenRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.CreateApiTokenResponse.FromString,
+                _registered_method=True)
+        self.ListApiTokens = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListApiTokens',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListApiTokensRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListApiTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiToken = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RevokeApiToken',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeApiTokenRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ApiToken.FromString,
+                _registered_method=True)
+        self.ListSigningKeys = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListSigningKeys',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
+        self.RotateSigningKey = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RotateSigningKey',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
+        self.RetireSigningKey = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RetireSigningKey',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RetireSigningKeyRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -228,6 +268,55 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEnrollmentToken(self, request, context):
+        """Security administration; every call here needs the admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSigningKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSigningKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireSigningKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +404,46 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.QueryMetrics,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.QueryMetricsRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.QueryMetricsResponse.SerializeToString,
+            ),
+            'CreateEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollmentToken,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.SerializeToString,
+            ),
+            'CreateApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiToken,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.CreateApiTokenRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateApiTokenResponse.SerializeToString,
+            ),
+            'ListApiTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiTokens,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListApiTokensRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListApiTokensResponse.SerializeToString,
+            ),
+            'RevokeApiToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiToken,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeApiTokenRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ApiToken.SerializeToString,
+            ),
+            'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSigningKeys,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSigningKey,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'RetireSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireSigningKey,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RetireSigningKeyRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -776,6 +905,222 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/QueryMetrics',
             edgefleet_dot_v1_dot_operator__pb2.QueryMetricsRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.QueryMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/CreateEnrollmentToken',
+            edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RevokeDevice',
+            edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/CreateApiToken',
+            edgefleet_dot_v1_dot_operator__pb2.CreateApiTokenRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.CreateApiTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListApiTokens',
+            edgefleet_dot_v1_dot_operator__pb2.ListApiTokensRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListApiTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RevokeApiToken',
+            edgefleet_dot_v1_dot_operator__pb2.RevokeApiTokenRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ApiToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSigningKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListSigningKeys',
+            edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RotateSigningKey',
+            edgefleet_dot_v1_dot_operator__pb2.RotateSigningKeyRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RetireSigningKey',
+            edgefleet_dot_v1_dot_operator__pb2.RetireSigningKeyRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
