@@ -483,12 +483,21 @@ def _choose_widths(graph: _ChannelGraph, prunable: dict[int, int], round_to: int
     """Scale every prunable group by one width multiplier, rounded to multiples of round_to, and
     return the widest choice whose MACs are at most `target`, or None when none is."""
     steps = 1000
-    for step in range(steps - 1, -1, -1):
-        multiplier = step / steps
-        widths = {root: _round_width(channels, multiplier, round_to) for root, channels in prunable.items()}
-        if _estimate_macs(graph, widths) <= target:
-            return _fill_widths(graph, prunable, widths, round_to, target)
-    return None
+
+    def widths_at(step: int) -> dict[int, int]:
+        return {root: _round_width(channels, step / steps, round_to) for root, channels in prunable.items()}
+
+    # MACs never fall as the multiplier grows, so bisect for the largest step that fits.
+    if _estimate_macs(graph, widths_at(0)) > target:
+        return None
+    low, high = 0, steps - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _estimate_macs(graph, widths_at(middle)) <= target:
+            low = middle
+        else:
+            high = middle - 1
+    return _fill_widths(graph, prunable, widths_at(low), round_to, target)
 
 
 def _fill_widths(graph: _ChannelGraph, prunable: dict[int, int], widths: dict[int, int], round_to: int,
