@@ -1,4 +1,4 @@
-"""What a compression job makes from its recipe and source model, checked before the job is queued."""
+"""Job plans: the variants a recipe makes from a source model, checked before the job is queued."""
 
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def load_recipe_json(text: str) -> dict[str, Any]:
 def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     """Validate a recipe dict against a source model and return what the job will do.
 
-    Raises RecipeError for an unknown key or an invalid value, and PlanError for a section the source
-    format cannot run (prune and distill need a PyTorch model; tflite precisions need a TFLite source),
-    a recipe that produces nothing, or a missing calibration or evaluation source.
+    Raises RecipeError for an unknown key or an invalid value. Raises PlanError for a section that the
+    source format cannot run (prune and distill need a PyTorch model, tflite needs a TFLite source), for
+    a recipe that produces nothing, and for a missing or unusable calibration or evaluation source.
     """
     recipe = parse_recipe(data)
     source_format = metadata.format

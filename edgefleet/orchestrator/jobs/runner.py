@@ -1,7 +1,7 @@
 """Runs queued compression jobs one at a time, each in a fresh worker process, and supervises them.
 
 The worker process is started with the spawn method, so torch, onnxruntime's quantizer and the model
-data never load into the orchestrator process; the worker opens its own connection to the database and
+data never load into the orchestrator process. The worker opens its own connection to the database and
 writes progress there. The runner (a thread of the orchestrator) claims the oldest queued job, starts
 the worker, records a heartbeat on the job while the worker runs, terminates the worker when the job is
 cancelled (SIGTERM, then SIGKILL after terminate_grace_s) and records a failure when the worker dies
@@ -46,7 +46,7 @@ EXIT_ABANDONED = 3
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    """Where the runner's workers find the database and artifacts, and its timing."""
+    """Runner settings: the database and artifact locations that workers use, and the timing."""
 
     db_url: str
     artifacts_root: Path

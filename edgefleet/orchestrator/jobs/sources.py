@@ -1,8 +1,8 @@
 """Calibration and evaluation data of compression jobs: image folders, .npz files and built-in sources.
 
-A recipe names a source in a DataSource section: `images` is a folder of images on the orchestrator
-host (an absolute path), `npz` an .npz file whose array under the model input's name holds the samples,
-and `images = "builtin:NAME"` one of the built-in sources:
+A recipe names a source in a DataSource section. `images` is a folder of images on the orchestrator
+host (an absolute path). `npz` is an .npz file whose array under the model input's name contains the
+samples. `images = "builtin:NAME"` selects one of the built-in sources:
 
 - `builtin:demo-photos`: the colour photos bundled with scikit-image. Calibration uses every other
   photo and evaluation the rest, so no evaluation sample comes from a calibration photo; each photo
@@ -42,8 +42,8 @@ BUILTINS = (DEMO_PHOTOS, DIGITS)
 # The same suffixes as compress.calibration.IMAGE_SUFFIXES, which imports onnxruntime and so stays out of
 # the orchestrator process; a test keeps the two equal.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Evaluation crops per demo photo: 4 evaluation photos give 32 samples.
-DEMO_EVAL_CROPS = 8
+# Evaluation crops per demo photo: 4 evaluation photos give 64 samples.
+DEMO_EVAL_CROPS = 16
 DIGITS_TEST_SIZE = 0.25
 DIGITS_SPLIT_SEED = 0
 _DIGITS_PIXEL_MAX = 16.0
@@ -144,7 +144,7 @@ def list_images(folder: Path, field: str) -> list[Path]:
         raise SourceError(field, f"folder {str(folder)!r} not found on the orchestrator host or not a directory")
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise SourceError(field, f"folder {str(folder)!r} holds no images (suffixes {', '.join(IMAGE_SUFFIXES)})")
+        raise SourceError(field, f"folder {str(folder)!r} contains no images (suffixes {', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -203,7 +203,9 @@ def _check_npz(path: Path, spec: TensorSpec, field: str) -> None:
             names = archive.namelist()
             if member not in names:
                 keys = [n.removesuffix(".npy") for n in names]
-                raise SourceError(field, f"{str(path)!r} has no array {spec.name!r} (the model input); it holds {keys}")
+                raise SourceError(
+                    field, f"{str(path)!r} has no array {spec.name!r} (the model input); it contains {keys}"
+                )
             with archive.open(member) as handle:
                 version = np.lib.format.read_magic(handle)
                 if version == (1, 0):
@@ -228,7 +230,7 @@ def check_shape(shape: tuple[int, ...], dtype: str, spec: TensorSpec, field: str
         if axis > 0 and want > 0 and want != got:
             raise SourceError(field, f"samples have shape {shape}, expected {expected}: axis {axis} is {got}")
     if shape[0] == 0:
-        raise SourceError(field, f"the source holds no samples (shape {shape})")
+        raise SourceError(field, f"the source contains no samples (shape {shape})")
 
 
 # Loading, in the worker process.
@@ -275,7 +277,7 @@ def _load_labels(path: Path, field: str) -> np.ndarray:
     except (OSError, ValueError) as error:
         raise SourceError(field, f"cannot read {str(path)!r} as .npy: {error}") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise SourceError(field, f"{str(path)!r} holds {labels.dtype} {labels.shape}; expected a 1-D integer array")
+        raise SourceError(field, f"{str(path)!r} contains {labels.dtype} {labels.shape}; expected a 1-D integer array")
     return labels.astype(np.int64)
 
 
@@ -308,7 +310,7 @@ def _npz_samples(path: Path, spec: TensorSpec, field: str) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as archive:
             if spec.name not in archive.files:
-                raise SourceError(field, f"{str(path)!r} has no array {spec.name!r}; it holds {archive.files}")
+                raise SourceError(field, f"{str(path)!r} has no array {spec.name!r}; it contains {archive.files}")
             return np.asarray(archive[spec.name])
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise SourceError(field, f"cannot read {str(path)!r}: {error}") from None

@@ -32,7 +32,7 @@ _CLAIM_RETRIES = 5
 
 @dataclass(frozen=True)
 class Job:
-    """One compression job: what to compress and how, and where it stands."""
+    """One compression job: the source model, the recipe, and its state and progress."""
 
     job_id: str
     model_name: str
