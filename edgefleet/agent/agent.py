@@ -55,6 +55,10 @@ def channel_options(keepalive: Keepalive) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
+        # gRPC 1.85 closes a connection whose ping goes unanswered after grpc.http2.ping_timeout_ms
+        # (default 60 s); keepalive_timeout_ms alone left a blackholed link open in
+        # tests/faults/test_keepalive.py, so both carry the timeout.
+        ("grpc.http2.ping_timeout_ms", round(keepalive.timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),

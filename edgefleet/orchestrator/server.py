@@ -44,7 +44,8 @@ def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
     """Return the gRPC server options for config's keepalive settings.
 
     Keepalive: by default the server pings a connection after 60 s without reads and drops it when
-    no answer comes in 20 s, so a silently dropped agent link is noticed in about 80 s. It accepts
+    no answer comes in 20 s, so a silently dropped agent link is noticed in about 80 s
+    (tests/faults/test_keepalive.py checks the same rule with 1 s settings). It accepts
     client pings down to every 10 s; agents ping every 30 s (edgefleet.agent.agent.Keepalive), so
     neither side sends pings the other rejects. A rejected ping makes the server close the
     connection with GOAWAY ENHANCE_YOUR_CALM ("too_many_pings").
@@ -52,6 +53,9 @@ def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", round(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout_s * 1000)),
+        # gRPC 1.85 closes a connection whose ping goes unanswered only after
+        # grpc.http2.ping_timeout_ms (default 60 s), so it carries the keepalive timeout too.
+        ("grpc.http2.ping_timeout_ms", round(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", round(config.keepalive_min_ping_interval_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
