@@ -9,33 +9,32 @@ from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.domain import Assignment, Device, Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
 from edgefleet.orchestrator.handlers.devices import describe_device, suggest
+from edgefleet.orchestrator.handlers.explain import calibrated_predictor
+from edgefleet.orchestrator.selection import runnable_formats, select_variant
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import operator_pb2
 
 log = logging.getLogger(__name__)
 
-# The model format each runtime executes.
-RUNTIME_FORMATS = {"onnxruntime": "onnx", "litert": "tflite"}
 MAX_THREADS = 256
 
 
-def runnable_formats(device: Device) -> list[str]:
-    return [RUNTIME_FORMATS[r.name] for r in device.hardware.runtimes if r.name in RUNTIME_FORMATS]
+def choose_variant(device: Device, variants: list[Variant], state: OrchestratorState) -> tuple[Variant, int]:
+    """Choose the most accurate variant the device can run, and its thread count, with the cost model.
 
-
-def choose_variant(device: Device, variants: list[Variant]) -> Variant:
-    """Pick the source variant when the device can run it, else the first accepted variant it can run."""
-    formats = runnable_formats(device)
-    candidates = [v for v in variants if v.status == "accepted" and v.format in formats]
-    candidates.sort(key=lambda v: (v.kind != "source", v.precision != "fp32", v.variant_id))
-    if not candidates:
-        offered = ", ".join(f"{v.variant_id} ({v.format}, {v.status})" for v in variants) or "none"
+    Raises FailedPrecondition listing every variant and why it was excluded when none fits.
+    """
+    predictor = calibrated_predictor(state, variants, [device.hardware.hardware_class])
+    selection = select_variant(device, variants, budget_ms=None, predictor=predictor)
+    if selection.chosen is None:
+        reasons = "; ".join(f"{c.variant.variant_id}: {c.reason}" for c in selection.candidates) or "no variants"
         raise FailedPrecondition(
-            f"no accepted variant runs on device {device.device_id}, which runs {', '.join(formats) or 'no runtime'}; "
-            f"variants: {offered}. Add a variant in a format it can run (edgefleet models add --variant-kind)"
+            f"no variant runs on device {device.device_id} "
+            f"(runtimes: {', '.join(r.name for r in device.hardware.runtimes) or 'none'}): {reasons}. "
+            "Add a variant in a format it can run (edgefleet models add --variant-kind)"
         )
-    return candidates[0]
+    return selection.chosen, selection.threads
 
 
 def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> operator_pb2.DeployResponse:
@@ -59,13 +58,15 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
         variant = matching[0]
         if variant.status != "accepted":
             raise FailedPrecondition(f"variant {variant.variant_id} is {variant.status}: {variant.rejection_reason}")
-        if variant.format not in runnable_formats(device):
+        if variant.format not in runnable_formats(device.hardware):
             raise FailedPrecondition(
                 f"variant {variant.variant_id} is {variant.format} but device {device.device_id} runs "
-                f"{', '.join(runnable_formats(device)) or 'no runtime'}"
+                f"{', '.join(runnable_formats(device.hardware)) or 'no runtime'}"
             )
+        threads = request.threads
     else:
-        variant = choose_variant(device, variants)
+        variant, chosen_threads = choose_variant(device, variants, state)
+        threads = request.threads or chosen_threads
 
     assignment = Assignment(
         device_id=device.device_id,
@@ -75,7 +76,7 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
         digest=variant.digest,
         size_bytes=variant.size_bytes,
         format=variant.format,
-        threads=request.threads,
+        threads=threads,
     )
     try:
         generation = state.store.set_assignment(assignment)
