@@ -79,7 +79,10 @@ class RunningServer:
     retention: asyncio.Task[None] | None = None
 
     async def stop(self, grace_s: float) -> None:
-        """Flip health to NOT_SERVING, close streams, let calls finish for grace_s, then flush and close."""
+        """Flip health to NOT_SERVING, close streams, let calls finish for grace_s, then flush and close.
+
+        It shuts down the event loop's default executor, so it is the last thing to run on its loop.
+        """
         await self.health.enter_graceful_shutdown()
         for session in list(self.state.hub.sessions.values()):
             session.close()
@@ -98,9 +101,25 @@ class RunningServer:
             await asyncio.to_thread(self.state.hub.flush)
         except Exception:
             log.exception("final flush of last-seen times failed")
+        await _drain_worker_threads(grace_s)
         self.state.telemetry.close()
         self.state.store.close()
         log.info("orchestrator stopped")
+
+
+async def _drain_worker_threads(timeout_s: float) -> None:
+    """Wait for the event loop's worker threads, then shut down its default executor.
+
+    A call cancelled when the grace period runs out leaves its asyncio.to_thread worker running, and
+    a store closed under it leaks the worker's database connection. asyncio.run waits for these
+    threads at exit anyway; this waits before the store closes. A thread still running after
+    timeout_s is logged and left to finish on its own.
+    """
+    drained = asyncio.ensure_future(asyncio.get_running_loop().shutdown_default_executor())
+    try:
+        await asyncio.wait_for(asyncio.shield(drained), timeout=max(timeout_s, 1.0))
+    except TimeoutError:
+        log.warning("worker threads still running %.0f s after shutdown began; closing the store anyway", timeout_s)
 
 
 async def _flush_forever(hub: FleetHub) -> None:
