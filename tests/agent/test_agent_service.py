@@ -1,0 +1,243 @@
+"""The agent against a real orchestrator: registration, identity, model delivery, local inference, metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edgefleet.agent.agent import FatalAgentError
+from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
+from edgefleet.v1 import agent_pb2, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
+from tests.agent.models import linear_reference, tflite_linear
+from tests.servers import (
+    AgentThread,
+    OrchestratorThread,
+    agent_hardware,
+    get_device,
+    linear_onnx,
+    linear_weights,
+    new_instance_key,
+    register,
+    upload,
+    wait_until,
+)
+
+pytest_plugins = ["tests.servers"]
+
+StartAgent = Callable[..., AgentThread]
+StartOrchestrator = Callable[..., OrchestratorThread]
+INPUT = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
+
+
+def model_status(
+    orchestrator: OrchestratorThread, device_id: str, model: str = "linear"
+) -> agent_pb2.ModelStatus | None:
+    for status in get_device(orchestrator, device_id).models:
+        if status.model_name == model:
+            return status
+    return None
+
+
+def wait_state(
+    orchestrator: OrchestratorThread, device_id: str, state: int, variant_id: str = ""
+) -> agent_pb2.ModelStatus:
+    """Wait until the device reports the model in state (on variant_id when given) and return its status."""
+
+    def reached() -> agent_pb2.ModelStatus | None:
+        status = model_status(orchestrator, device_id)
+        if status is None or status.state != state or (variant_id and status.variant_id != variant_id):
+            return None
+        return status
+
+    return wait_until(reached, f"device {device_id} to report state {state} {variant_id}")
+
+
+def wait_online(orchestrator: OrchestratorThread, agent: AgentThread) -> str:
+    """Wait until the agent holds a control stream; return its device id."""
+
+    def online() -> str:
+        assert agent.running, f"agent ended: {agent.error!r}"
+        device_id = agent.agent.device_id
+        if device_id and get_device(orchestrator, device_id).status == common_pb2.DEVICE_STATUS_ONLINE:
+            return device_id
+        return ""
+
+    return wait_until(online, "the agent to come online")
+
+
+def deploy(orchestrator: OrchestratorThread, device_id: str, **fields: object) -> operator_pb2.DeployResponse:
+    request = operator_pb2.DeployRequest(model_name="linear", device_id=device_id, **fields)  # type: ignore[arg-type]
+    return orchestrator.operator.Deploy(request, timeout=30)
+
+
+def infer(socket: Path, model: str = "linear", data: np.ndarray = INPUT) -> inference_pb2.InferResponse:
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        spec = stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=30)
+        name = next(m for m in spec.models if m.model_name == model).inputs[0].name
+        request = inference_pb2.InferRequest(model_name=model, inputs=[array_to_tensor(name, data)])
+        return stub.Infer(request, timeout=30)
+
+
+def local_models(socket: Path) -> list[inference_pb2.LocalModel]:
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        return list(stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=30).models)
+
+
+def expected_linear(seed: int) -> np.ndarray:
+    weight, bias = linear_weights(seed)
+    return INPUT @ weight + bias
+
+
+def test_agent_registers(start_orchestrator: StartOrchestrator, start_agent: StartAgent, tmp_path: Path) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "cam")
+
+    device_id = wait_online(orchestrator, agent)
+
+    identity = json.loads((tmp_path / "cam" / "identity.json").read_text())
+    assert identity["device_id"] == device_id
+    assert (tmp_path / "cam" / "identity.json").stat().st_mode & 0o077 == 0
+    device = get_device(orchestrator, device_id)
+    assert device.labels["name"] == "cam"
+    assert device.hardware.usable_cores == 1.0
+    assert [r.name for r in device.hardware.runtimes] == ["onnxruntime", "litert"]
+
+
+def test_agent_serves_deployed(start_orchestrator: StartOrchestrator, start_agent: StartAgent, tmp_path: Path) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "ecu")
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(seed=0), "linear", "1")
+
+    response = deploy(orchestrator, device_id)
+    status = wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+    result = infer(agent.agent.config.socket_path)
+
+    assert response.assignment.variant_id == "linear:1:source"
+    assert status.runtime == "onnxruntime"
+    assert list(status.providers) == ["CPUExecutionProvider"]
+    assert status.threads == 1
+    assert get_device(orchestrator, device_id).reported_generation == response.device.desired_generation
+    assert result.variant_id == "linear:1:source"
+    assert result.model_version == "1"
+    np.testing.assert_allclose(tensor_to_array(result.outputs[0]), expected_linear(0), rtol=1e-5)
+
+
+def test_agent_uploads_metrics(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "ecu")
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(), "linear", "1")
+    deploy(orchestrator, device_id)
+    wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+
+    for _ in range(25):
+        infer(agent.agent.config.socket_path)
+    agent.stop()
+    rows = orchestrator.operator.QueryMetrics(
+        operator_pb2.QueryMetricsRequest(device_id=device_id, group_by=["variant"]), timeout=30
+    ).rows
+
+    assert agent.error is None
+    assert len(rows) == 1
+    assert rows[0].group["variant"] == "linear:1:source"
+    assert rows[0].inference_count == 25
+    assert rows[0].error_count == 0
+    assert rows[0].p50_ms > 0
+
+
+def test_agent_swaps_version(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "ecu")
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(seed=0), "linear", "1")
+    deploy(orchestrator, device_id)
+    wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING, "linear:1:source")
+    upload(orchestrator, linear_onnx(seed=1), "linear", "2")
+
+    deploy(orchestrator, device_id, model_version="2")
+    wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING, "linear:2:source")
+    result = infer(agent.agent.config.socket_path)
+
+    assert result.model_version == "2"
+    np.testing.assert_allclose(tensor_to_array(result.outputs[0]), expected_linear(1), rtol=1e-5)
+
+
+def test_agent_litert_only(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "camera", hardware=agent_hardware(runtimes=("litert",)))
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(), "linear", "1")
+
+    with pytest.raises(grpc.RpcError) as only_onnx:
+        deploy(orchestrator, device_id)
+    upload(orchestrator, tflite_linear().read_bytes(), "linear", "1", variant_kind="tflite-fp32", filename="m.tflite")
+    response = deploy(orchestrator, device_id)
+    status = wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+    result = infer(agent.agent.config.socket_path)
+
+    assert only_onnx.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert response.assignment.variant_id == "linear:1:tflite-fp32"
+    assert status.runtime == "litert"
+    np.testing.assert_allclose(tensor_to_array(result.outputs[0]), linear_reference(INPUT), rtol=1e-5, atol=1e-6)
+
+
+def test_agent_memory_budget(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "plc", memory_budget_bytes=1024 * 1024)
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(), "linear", "1")
+
+    deploy(orchestrator, device_id)
+    status = wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_FAILED)
+
+    assert "memory budget is 1 MiB" in status.error
+    assert local_models(agent.agent.config.socket_path) == []
+
+
+def test_agent_restart_offline(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "ecu")
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(), "linear", "1")
+    deploy(orchestrator, device_id)
+    wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+    agent.stop()
+    port = orchestrator.port
+    orchestrator.stop()
+
+    restarted = start_agent(orchestrator.address, "ecu")
+    wait_until(restarted.agent.config.socket_path.is_socket, "the local API socket")
+    wait_until(lambda: local_models(restarted.agent.config.socket_path), "the model to be served from local state")
+    result = infer(restarted.agent.config.socket_path)
+    returned = start_orchestrator(listen=f"127.0.0.1:{port}")
+    back_online = wait_online(returned, restarted)
+
+    assert restarted.agent.device_id == device_id
+    np.testing.assert_allclose(tensor_to_array(result.outputs[0]), expected_linear(0), rtol=1e-5)
+    assert back_online == device_id
+    assert wait_state(returned, device_id, common_pb2.MODEL_STATE_SERVING).variant_id == "linear:1:source"
+
+
+def test_agent_identity_conflict(
+    start_orchestrator: StartOrchestrator, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    orchestrator = start_orchestrator()
+    register(orchestrator.agent, "taken")
+    state_dir = tmp_path / "impostor"
+    state_dir.mkdir()
+    (state_dir / "identity.json").write_text(json.dumps({"device_id": "taken", "instance_key": new_instance_key()}))
+
+    agent = start_agent(orchestrator.address, "impostor")
+    error = agent.join()
+
+    assert isinstance(error, FatalAgentError)
+    assert "taken" in str(error)
+    assert len(get_device(orchestrator, "taken").identity_conflicts) == 1
