@@ -23,10 +23,12 @@ from edgefleet.agent.metrics import MetricsRecorder
 from edgefleet.agent.profiles import EnforcedLimits
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.verify import ArtifactVerifier, VerificationError
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.serde import hardware_to_proto
 from edgefleet.common.systemd import Notifier
+from edgefleet.common.tls import channel_credentials, device_id_from_file
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ FATAL_CODES = (
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.PERMISSION_DENIED,
+    # A missing or expired enrollment token, or a certificate the orchestrator does not accept.
+    grpc.StatusCode.UNAUTHENTICATED,
 )
 # A session that lasted this long counts as healthy, so the next reconnect starts from a short delay.
 HEALTHY_SESSION_S = 30.0
@@ -131,13 +135,23 @@ class Agent:
         self.limits = limits
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity: Identity = load_identity(config.state_dir)
+        self.credentials: grpc.ChannelCredentials | None = None
+        if not config.insecure:
+            # Raises CredentialsError (a ValueError) for missing or unreadable files.
+            self.credentials = channel_credentials(config.ca_cert, config.cert, config.key)
+            self._adopt_certificate_id(device_id_from_file(config.cert) if config.cert else "")
+        self.verifier = ArtifactVerifier(config.state_dir, self.identity.device_id)
         self.recorder = MetricsRecorder(config.metrics_window_s)
         # Windows wait here, on disk, until the orchestrator acknowledges them, across restarts too.
         self.metric_buffer = MetricBuffer(config.state_dir / "metrics", buffer_limits)
         self.channel_options = channel_options(keepalive or Keepalive())
         self.host = ModelHost(default_threads=limits.threads, on_latency=self._on_latency)
         self.store = ModelStore(config.state_dir / "models")
-        self._sync_channel = grpc.insecure_channel(config.orchestrator, options=self.channel_options)
+        self._sync_channel = (
+            grpc.insecure_channel(config.orchestrator, options=self.channel_options)
+            if self.credentials is None
+            else grpc.secure_channel(config.orchestrator, self.credentials, options=self.channel_options)
+        )
         self.downloader = Downloader(self._sync_channel, self.store, device_id=self.identity.device_id)
         # Benchmarks run on their own thread within the device's thread budget and report on the control stream.
         self.benchmarks = BenchmarkWorker(self._send, max_threads=limits.threads)
@@ -151,6 +165,7 @@ class Agent:
             memory_budget_bytes=limits.memory_budget_bytes,
             report=self._queue_report,
             on_serving=self._benchmark_installed,
+            verifier=self.verifier,
         )
         self.local_api = LocalApiServer(self.host, config.socket_path)
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
@@ -163,6 +178,19 @@ class Agent:
     @property
     def device_id(self) -> str:
         return self.identity.device_id
+
+    def _adopt_certificate_id(self, certificate_id: str) -> None:
+        """Take the device id from the client certificate; raise ValueError when the stored id differs."""
+        if not certificate_id or certificate_id == self.identity.device_id:
+            return
+        if self.identity.device_id:
+            raise ValueError(
+                f"the certificate {self.config.cert} is issued to device {certificate_id!r}, but the state directory "
+                f"{self.config.state_dir} belongs to device {self.identity.device_id!r}; use that device's "
+                "certificate or a new state directory"
+            )
+        self.identity = replace(self.identity, device_id=certificate_id)
+        save_identity(self.config.state_dir, self.identity)
 
     def _on_latency(self, name: str, variant_id: str, latency_ms: float, ok: bool) -> None:
         served = self.host.get(name)
@@ -212,7 +240,11 @@ class Agent:
         await asyncio.to_thread(self.reconciler.restore)
         if self.host.list():
             self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
-        channel = grpc.aio.insecure_channel(self.config.orchestrator, options=self.channel_options)
+        channel = (
+            grpc.aio.insecure_channel(self.config.orchestrator, options=self.channel_options)
+            if self.credentials is None
+            else grpc.aio.secure_channel(self.config.orchestrator, self.credentials, options=self.channel_options)
+        )
         background = [asyncio.create_task(self._upload_loop(channel, stop))]
         if self.notifier.watchdog_interval_s is not None:
             background.append(asyncio.create_task(self._watchdog_loop(self.notifier.watchdog_interval_s)))
@@ -285,6 +317,11 @@ class Agent:
             self.identity = replace(self.identity, device_id=response.device_id)
             save_identity(self.config.state_dir, self.identity)
             self.downloader.device_id = response.device_id
+        self.verifier.device_id = self.device_id
+        try:
+            await asyncio.to_thread(self.verifier.update_keys, response.trusted_keys, first_use=True)
+        except VerificationError as error:
+            log.error("ignoring the signing keys from the registration: %s", error)
         log.info("registered as device_id=%s with orchestrator %s", self.device_id, self.config.orchestrator)
         self._mark_ready(
             f"connected to {self.config.orchestrator} as {self.device_id}; serving {len(self.host.list())} models"
@@ -368,12 +405,31 @@ class Agent:
                 log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
 
     async def _upload_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(min(self.config.metrics_window_s, 5.0))
-            try:
-                await self._upload(channel, include_open=False)
-            except Exception:
-                log.exception("metric upload failed for device_id=%s; retrying at the next interval", self.device_id)
+        """Every interval, move finished windows to disk, and start sending unless a send is still running.
+
+        Writing to disk does not wait for the sending, so windows reach the disk buffer on time even
+        while an upload hangs on a dead link until its deadline.
+        """
+        sending: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(min(self.config.metrics_window_s, 5.0))
+                try:
+                    await asyncio.to_thread(self._spill, False)
+                except Exception:
+                    log.exception("moving metric windows to the disk buffer failed; retrying at the next interval")
+                if sending is None or sending.done():
+                    sending = asyncio.create_task(self._send_logged(channel))
+        finally:
+            if sending is not None:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+
+    async def _send_logged(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await self._upload(channel, include_open=False)
+        except Exception:
+            log.exception("metric upload failed for device_id=%s; retrying at the next interval", self.device_id)
 
     async def _final_upload(self, channel: grpc.aio.Channel) -> None:
         """Write the open windows to the disk buffer at shutdown and try to deliver them within a short bound."""
