@@ -132,6 +132,7 @@ def test_nothing_to_do(server: OrchestratorThread) -> None:
     assert run_cli(server, "models", "compress", "tiny") == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
     command = [
         sys.executable,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.compress.recipe import DataSource
 from edgefleet.orchestrator.domain import ModelVersion, Variant
 from edgefleet.orchestrator.jobs import sources
+from edgefleet.orchestrator.jobs.runner import JobRunner, RunnerConfig
 from edgefleet.orchestrator.jobs.store import (
     CANCELLED,
     QUEUED,
@@ -285,6 +287,34 @@ def test_store_list_filters(job_store: SqlJobStore) -> None:
     assert [j.job_id for j in job_store.list_jobs("m", [QUEUED])] == ["b"]
 
 
+def _runner(job_store: SqlJobStore, tmp_path: Path) -> JobRunner:
+    return JobRunner(job_store, RunnerConfig(db_url="", artifacts_root=tmp_path, work_root=tmp_path, lease_s=60.0))
+
+
+def test_recover_dead_owner(job_store: SqlJobStore, tmp_path: Path) -> None:
+    exited = subprocess.Popen(["true"])
+    exited.wait()  # Its pid now belongs to no process.
+    dead_pid = exited.pid
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next(f"{socket.gethostname()}:{dead_pid}:0", now)
+    assert _runner(job_store, tmp_path).recover() == ["a"]
+
+
+def test_recover_live_owner_kept(job_store: SqlJobStore, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next(f"{socket.gethostname()}:{os.getppid()}:0", now)
+    assert _runner(job_store, tmp_path).recover() == []
+
+
+def test_recover_stale_heartbeat(job_store: SqlJobStore, tmp_path: Path) -> None:
+    long_ago = datetime.now(UTC) - timedelta(minutes=5)
+    job_store.add_job(_job("a", long_ago))
+    job_store.claim_next("other-host:1:0", long_ago)
+    assert _runner(job_store, tmp_path).recover() == ["a"]
+
+
 # Data sources.
 
 
@@ -488,6 +518,7 @@ def test_job_folder_and_npz(start_orchestrator: Callable[..., OrchestratorThread
     assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
 
 
+@pytest.mark.slow
 def test_job_on_postgres(postgres_url: str, start_orchestrator: Callable[..., OrchestratorThread]) -> None:
 
     server = start_orchestrator(postgres_url)
@@ -582,7 +613,8 @@ def _start_orchestrator_process(data_dir: Path) -> tuple[subprocess.Popen[bytes]
             "info",
         ],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # Plaintext gRPC on loopback; set through the environment, which orchestrators without TLS support ignore.
+        env={**os.environ, "PYTHONPATH": str(REPO), "EDGEFLEET_INSECURE": "true"},
     )
     deadline = time.monotonic() + 60
     while not port_file.exists() or not port_file.read_text().strip():

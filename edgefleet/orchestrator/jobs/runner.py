@@ -9,8 +9,9 @@ without recording an outcome.
 
 Recovery: a job stays RUNNING in the database when its orchestrator dies (kill -9, power loss). A runner
 puts such a job back in the queue, to run again from the start under a new attempt, when its owner
-(HOST:PID) is on this host and that process no longer exists, or, for owners on other hosts, when its
-heartbeat is older than lease_s. This check runs at start-up and then every lease_s / 4 seconds. Writes
+(HOST:PID:TOKEN) is on this host and that process no longer exists, or when its heartbeat is older than
+lease_s (the only test for owners on other hosts). This check runs at start-up and then every
+lease_s / 4 seconds. Writes
 of the dead attempt's worker, if it still runs, are ignored, and it exits within a second of noticing
 that its orchestrator is gone. A graceful stop also requeues the running job.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -95,7 +97,8 @@ class JobRunner:
     def __init__(self, store: JobStore, config: RunnerConfig) -> None:
         self.store = store
         self.config = config
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # HOST:PID:TOKEN; the token tells apart runners of one process (tests start several orchestrators).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._context = multiprocessing.get_context("spawn")
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -163,14 +166,13 @@ class JobRunner:
         return requeued
 
     def _orphan_reason(self, job: Job, now: datetime) -> str:
-        host, _, pid_text = job.owner.rpartition(":")
+        host, pid_text = [*job.owner.split(":"), "", ""][:2]
         if host == socket.gethostname() and pid_text.isdigit():
             pid = int(pid_text)
-            if pid == os.getpid():
+            if job.owner == self.owner:
                 return "this orchestrator no longer runs it"
-            if not _process_exists(pid):
+            if pid != os.getpid() and not _process_exists(pid):
                 return f"orchestrator process {pid} that ran it is gone"
-            return ""
         stale_since = now - timedelta(seconds=self.config.lease_s)
         if job.heartbeat_at is None or job.heartbeat_at < stale_since:
             return f"no heartbeat from {job.owner or 'its owner'} for {self.config.lease_s:g} s"

@@ -49,7 +49,7 @@ class Job:
     error: str = ""
     variant_ids: tuple[str, ...] = field(default_factory=tuple)
     attempt: int = 0  # Incremented each time a runner starts the job.
-    owner: str = ""  # "HOST:PID" of the orchestrator running it; empty unless running.
+    owner: str = ""  # "HOST:PID:TOKEN" of the runner running it; empty unless running.
     started_at: datetime | None = None
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
