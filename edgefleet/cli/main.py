@@ -605,4 +605,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: the subcommand modules import
+    # edgefleet.cli.main, and their CliError must be the class this main() catches.
+    from edgefleet.cli.main import main as imported_main
+
+    sys.exit(imported_main())
