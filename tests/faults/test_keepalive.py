@@ -10,6 +10,7 @@ import pytest
 
 from edgefleet.agent.agent import Keepalive
 from edgefleet.agent.config import AgentConfig
+from edgefleet.orchestrator.fleet import StreamSession
 from tests.faults.processes import AgentRunner, wait_for
 from tests.faults.proxy import TcpProxy
 from tests.servers import OrchestratorThread, agent_hardware
@@ -95,7 +96,7 @@ def watch_sessions(runner: AgentRunner, orchestrator: OrchestratorThread, durati
     """Return how many streams the agent opened and how often the server's session changed in duration_s."""
     agent = runner.agent
     wait_for(lambda: agent.connected and agent.device_id in orchestrator.state.hub.sessions, "the first stream")
-    session = orchestrator.state.hub.sessions[agent.device_id]
+    session: StreamSession | None = orchestrator.state.hub.sessions[agent.device_id]
     changes = 0
     deadline = time.monotonic() + duration_s
     while time.monotonic() < deadline:
