@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -111,8 +112,13 @@ class OrchestratorThread:
 
 
 def orchestrator_config(tmp_path: Path, db_url: str = "", **overrides: Any) -> OrchestratorConfig:
-    """Return a configuration for a test orchestrator on 127.0.0.1 port 0 with its data under tmp_path."""
-    config = OrchestratorConfig(listen="127.0.0.1:0", db=db_url, data_dir=tmp_path / "orchestrator")
+    """Return a configuration for a test orchestrator on 127.0.0.1 port 0 with its data under tmp_path.
+
+    It serves plaintext (insecure) on one port unless overrides set TLS up; tests/security covers TLS.
+    """
+    config = OrchestratorConfig(
+        listen="127.0.0.1:0", db=db_url, data_dir=tmp_path / "orchestrator", insecure=True, operator_listen=""
+    )
     if "insecure" in {field.name for field in dataclasses.fields(OrchestratorConfig)}:
         # Plaintext gRPC without API tokens, as the tests' stubs use insecure channels.
         overrides = {"insecure": True, **overrides}
@@ -475,6 +481,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
             max_backoff_s=0.5,
             shutdown_grace_s=2.0,
             labels={"name": name},
+            insecure=True,
         )
         agent = AgentThread(replace(config, **overrides), hardware or agent_hardware(), memory_budget_bytes)
         started.append(agent)
@@ -483,3 +490,12 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
     yield start
     for agent in reversed(started):
         agent.stop()
+
+
+def cli_command(*args: str) -> list[str]:
+    """Return the command line that runs the operator CLI in a fresh interpreter with plaintext gRPC."""
+    from edgefleet.cli.main import build_parser
+
+    # Test orchestrators serve plaintext; a CLI with TLS support needs --insecure to call them.
+    plaintext = ["--insecure"] if "--insecure" in build_parser().format_help() else []
+    return [sys.executable, "-m", "edgefleet.cli.main", *plaintext, *args]

@@ -32,7 +32,7 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     socket: Path | None = None
     metrics_window_s: float = 10.0
-    insecure: bool = True
+    insecure: bool = False
     ca_cert: Path | None = None
     cert: Path | None = None
     key: Path | None = None

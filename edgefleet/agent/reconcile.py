@@ -14,6 +14,7 @@ from pathlib import Path
 from edgefleet.agent.delivery import DeliveryError, Downloader, ModelStore
 from edgefleet.agent.runtime.base import ModelLoadError
 from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.verify import ArtifactVerifier, VerificationError
 from edgefleet.common.serde import MODEL_STATE_NAMES, format_from_proto, name_to_enum
 from edgefleet.v1 import agent_pb2
 
@@ -49,6 +50,9 @@ class Reconciler:
     # Queues the on-device benchmark of a newly installed variant; it must return at once, because
     # the benchmark runs off the inference and reconcile paths.
     on_serving: ServingCallback | None = None
+    # Checks each assignment's signature and counter before anything is fetched; None installs
+    # unsigned assignments (tools and tests without an orchestrator).
+    verifier: ArtifactVerifier | None = None
     statuses: dict[str, agent_pb2.ModelStatus] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
@@ -94,6 +98,11 @@ class Reconciler:
     def apply(self, desired: agent_pb2.DesiredState, *, offline: bool = False) -> None:
         """Install, swap or remove models until the host serves exactly the desired ones."""
         with self._lock:
+            if self.verifier is not None and desired.HasField("trusted_keys"):
+                try:
+                    self.verifier.update_keys(desired.trusted_keys)
+                except VerificationError as error:
+                    log.error("ignoring the signing keys of desired generation %d: %s", desired.generation, error)
             desired_names = {a.model_name for a in desired.models}
             for name in [m.name for m in self.host.list() if m.name not in desired_names]:
                 self.host.remove(name)
@@ -116,7 +125,21 @@ class Reconciler:
             and served.variant_id == assignment.variant_id
             and self._serving_digest(name) == assignment.digest
         ):
+            if self.verifier is not None:
+                # Nothing changes on the device, but a valid newer counter raises the rollback floor.
+                try:
+                    self.verifier.check(assignment)
+                    self.verifier.accept(assignment)
+                except VerificationError as error:
+                    log.warning("model=%s keeps serving; the repeated assignment failed verification: %s", name, error)
             return
+        if self.verifier is not None:
+            try:
+                self.verifier.check(assignment)
+            except VerificationError as error:
+                log.error("model=%s variant=%s rejected: %s", name, assignment.variant_id, error)
+                self._set(assignment, "failed", error=str(error))
+                return
         try:
             model_format = format_from_proto(assignment.format)
         except ValueError as error:
@@ -180,6 +203,8 @@ class Reconciler:
                 self.store.activate(name, previous.digest)
             self._set(assignment, "failed", error=str(error))
             return
+        if self.verifier is not None:
+            self.verifier.accept(assignment)
         self._set(
             assignment,
             "serving",

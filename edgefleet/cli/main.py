@@ -1,6 +1,6 @@
 """edgefleet: the operator CLI for devices, models, deployments and metrics.
 
-Exit codes: 0 success, 1 the request failed, 2 invalid usage or arguments, 3 not found,
+Exit codes: 0 success, 1 the request failed, 2 invalid usage, arguments or API token, 3 not found,
 4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable.
 """
 
@@ -21,9 +21,12 @@ import grpc
 
 from edgefleet.cli import rollout, views
 from edgefleet.common.errors import EXIT_UNAVAILABLE
+from edgefleet.common.tls import CredentialsError, operator_channel
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 
-DEFAULT_ORCHESTRATOR = "127.0.0.1:50051"
+# The orchestrator's operator port (TLS with API tokens); with --insecure one plaintext port serves all.
+DEFAULT_ORCHESTRATOR = "127.0.0.1:50052"
+DEFAULT_INSECURE_ORCHESTRATOR = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
 STATUS_EXIT_CODES = {
@@ -33,6 +36,8 @@ STATUS_EXIT_CODES = {
     grpc.StatusCode.FAILED_PRECONDITION: EXIT_CONFLICT,
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_USAGE,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_USAGE,
 }
 
 
@@ -45,10 +50,25 @@ class CliError(Exception):
 class Client:
     """An OperatorService stub whose errors become CliError with the address in the message."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 30.0,
+        *,
+        token: str = "",
+        ca_cert: Path | None = None,
+        insecure: bool = False,
+    ) -> None:
+        """Open a TLS channel that trusts ca_cert and sends token with each call; plaintext with insecure.
+
+        Raises CliError when ca_cert is missing or unreadable.
+        """
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address)
+        try:
+            self.channel = operator_channel(address, token=token, ca_cert=ca_cert, insecure=insecure)
+        except CredentialsError as error:
+            raise CliError(f"{error} (set --ca-cert or EDGEFLEET_CA_CERT)", EXIT_USAGE) from None
         self.stub = operator_pb2_grpc.OperatorServiceStub(self.channel)
 
     def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
@@ -328,6 +348,7 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
             device_id=args.device,
             variant_id=args.variant or "",
             threads=args.threads,
+            rollback=args.rollback,
         ),
     )
     assignment = response.assignment
@@ -482,8 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--orchestrator",
-        default=os.environ.get("EDGEFLEET_ORCHESTRATOR", DEFAULT_ORCHESTRATOR),
-        help=f"orchestrator HOST:PORT (env EDGEFLEET_ORCHESTRATOR, default {DEFAULT_ORCHESTRATOR})",
+        default=os.environ.get("EDGEFLEET_ORCHESTRATOR"),
+        help="orchestrator operator HOST:PORT (env EDGEFLEET_ORCHESTRATOR, default "
+        f"{DEFAULT_ORCHESTRATOR}, or {DEFAULT_INSECURE_ORCHESTRATOR} with --insecure)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EDGEFLEET_TOKEN", ""),
+        help="API token (env EDGEFLEET_TOKEN); `edgefleet tokens create` makes one",
+    )
+    parser.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=os.environ.get("EDGEFLEET_CA_CERT") or None,
+        help="PEM file of the fleet CA that the orchestrator's certificate chains to (env EDGEFLEET_CA_CERT)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="talk plaintext to an orchestrator started with --insecure"
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each request")
     nouns = parser.add_subparsers(dest="noun", required=True)
@@ -504,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("device_id")
     output_flag(sub)
     sub.set_defaults(handler=cmd_devices_show)
+    from edgefleet.cli import pki, tokens
+
+    tokens.add_device_commands(devices, output_flag)
 
     models = nouns.add_parser("models", help="add and inspect models").add_subparsers(dest="verb", required=True)
     sub = models.add_parser("add", help="upload an ONNX or TFLite file")
@@ -541,6 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--variant", help="variant id; default: the source variant or one the device can run")
     sub.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 lets the agent choose")
     sub.add_argument("--wait", type=float, default=0.0, help="seconds to wait until the device serves or fails it")
+    sub.add_argument(
+        "--rollback",
+        action="store_true",
+        help="let the device accept this assignment although its signed counter is lower than the running one's",
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_deploy)
 
@@ -578,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--service", default="", help="a service name; empty checks the whole server")
     sub.set_defaults(handler=cmd_health)
 
+    pki.add_commands(nouns)
+    tokens.add_commands(nouns, output_flag)
+
     sub = nouns.add_parser("demo", help="run the demo fleet on real models (orchestrator and three agents)")
     sub.add_argument("--report", type=Path, help="also write the figures as JSON to this file")
     sub.add_argument("--duration", type=float, default=20.0, help="seconds of inference per device")
@@ -594,7 +641,12 @@ def main(argv: list[str] | None = None) -> int:
         for pair in getattr(args, "label", []):
             if "=" not in pair:
                 raise CliError(f"invalid --label {pair!r}: expected KEY=VALUE", EXIT_USAGE)
-        client = Client(args.orchestrator, args.timeout)
+        if getattr(args, "local_handler", None) is not None:
+            return int(args.local_handler(args))
+        if args.insecure:
+            print("edgefleet: warning: talking to the orchestrator without TLS (--insecure)", file=sys.stderr)
+        address = args.orchestrator or (DEFAULT_INSECURE_ORCHESTRATOR if args.insecure else DEFAULT_ORCHESTRATOR)
+        client = Client(address, args.timeout, token=args.token, ca_cert=args.ca_cert, insecure=args.insecure)
         args.handler(client, args)
     except CliError as error:
         print(f"edgefleet: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgefleet.common.tls import operator_channel
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 
@@ -46,18 +47,65 @@ class Process:
 
 @dataclass
 class LocalFleet:
-    """An orchestrator on an embedded SQLite file and any number of agents, all on loopback."""
+    """An orchestrator on an embedded SQLite file and any number of agents, all on loopback.
+
+    With secure (the default) it creates a fleet CA in WORK_DIR/pki, serves agents over mutual TLS,
+    gives each agent a certificate and an enrollment token, and makes operator calls over TLS with
+    the orchestrator's bootstrap admin token. Without it every process runs with --insecure.
+    """
 
     work_dir: Path
     heartbeat_interval_s: float = 2.0
     metrics_window_s: float = 2.0
+    secure: bool = True
     orchestrator: Process | None = None
     port: int = 0
+    operator_port: int = 0
+    admin_token: str = ""
     agents: dict[str, Process] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
+        """The agents' address (mutual TLS when secure)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def operator_address(self) -> str:
+        """The operators' address: server-only TLS when secure, else the one plaintext port."""
+        return f"127.0.0.1:{self.operator_port or self.port}"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.work_dir / "pki"
+
+    def operator_channel(self) -> grpc.Channel:
+        """Open a channel for OperatorService calls with the admin token; close it after use."""
+        return operator_channel(
+            self.operator_address,
+            token=self.admin_token,
+            ca_cert=self.pki_dir / "ca.pem",
+            insecure=not self.secure,
+        )
+
+    def _security_args(self) -> list[str]:
+        if not self.secure:
+            return ["--insecure"]
+        from edgefleet.orchestrator.security.pki import init_ca
+
+        if not (self.pki_dir / "ca.pem").exists():
+            init_ca(self.pki_dir, hosts=("127.0.0.1",))
+        return [
+            "--ca-cert",
+            str(self.pki_dir / "ca.pem"),
+            "--cert",
+            str(self.pki_dir / "server.pem"),
+            "--key",
+            str(self.pki_dir / "server.key"),
+            "--operator-listen",
+            "127.0.0.1:0",
+            "--operator-port-file",
+            str(self.work_dir / "operator.port"),
+        ]
 
     def _spawn(self, name: str, args: list[str]) -> Process:
         log_path = self.work_dir / f"{name}.log"
@@ -77,6 +125,8 @@ class LocalFleet:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.work_dir / "orchestrator.port"
         port_file.unlink(missing_ok=True)
+        (self.work_dir / "operator.port").unlink(missing_ok=True)
+        security_args = self._security_args()
         self.orchestrator = self._spawn(
             "orchestrator",
             [
@@ -91,6 +141,7 @@ class LocalFleet:
                 str(self.heartbeat_interval_s),
                 "--stale-after-s",
                 str(self.heartbeat_interval_s * 3),
+                *security_args,
                 *extra_args,
             ],
         )
@@ -102,13 +153,52 @@ class LocalFleet:
                 )
             time.sleep(0.05)
         self.port = int(port_file.read_text())
-        with grpc.insecure_channel(self.address) as channel:
+        if self.secure:
+            # The operator port is written after the agent port, in the same start-up step.
+            operator_port_file = self.work_dir / "operator.port"
+            while not operator_port_file.exists() or not operator_port_file.read_text().strip():
+                if time.monotonic() > deadline:
+                    raise FleetStartError(f"orchestrator wrote no operator port; see {self.orchestrator.log_path}")
+                time.sleep(0.05)
+            self.operator_port = int(operator_port_file.read_text())
+            token_file = self.work_dir / "orchestrator" / "admin.token"
+            if token_file.exists():
+                self.admin_token = token_file.read_text().strip()
+        with self.operator_channel() as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             raise FleetStartError(f"orchestrator health is {response.status}, not SERVING")
 
+    def enroll(self, device_id: str) -> list[str]:
+        """Issue a device certificate for device_id (once) and a fresh enrollment token; return the agent flags."""
+        if not self.secure:
+            return ["--insecure"]
+        from edgefleet.orchestrator.security.pki import issue_device_certificate
+
+        devices = self.pki_dir / "devices"
+        if not (devices / f"{device_id}.pem").exists():
+            issue_device_certificate(self.pki_dir, device_id)
+        with self.operator_channel() as channel:
+            token = (
+                operator_pb2_grpc.OperatorServiceStub(channel)
+                .CreateEnrollmentToken(operator_pb2.CreateEnrollmentTokenRequest(device_id=device_id), timeout=10)
+                .token
+            )
+        return [
+            "--ca-cert",
+            str(self.pki_dir / "ca.pem"),
+            "--cert",
+            str(devices / f"{device_id}.pem"),
+            "--key",
+            str(devices / f"{device_id}.key"),
+            "--enrollment-token",
+            token,
+        ]
+
     def start_agent(self, name: str, profile: str, *extra_args: str) -> Process:
+        """Start an agent; when secure its device id is name, bound in its certificate."""
         state_dir = self.work_dir / "agents" / name
+        security_args = self.enroll(name)
         agent = self._spawn(
             f"agent-{name}",
             [
@@ -123,6 +213,7 @@ class LocalFleet:
                 str(self.metrics_window_s),
                 "--labels",
                 f"fleet=demo,name={name}",
+                *security_args,
                 *extra_args,
             ],
         )
@@ -135,7 +226,7 @@ class LocalFleet:
     def wait_for_devices(self, count: int, timeout_s: float = 60.0) -> list[operator_pb2.Device]:
         """Wait until count devices are online; return them sorted by id."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        with self.operator_channel() as channel:
             stub = operator_pb2_grpc.OperatorServiceStub(channel)
             while True:
                 response = stub.ListDevices(

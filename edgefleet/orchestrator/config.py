@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HELP = {
-    "listen": "HOST:PORT to serve gRPC on; port 0 picks a free port",
+    "listen": "HOST:PORT for agents (mutual TLS) to call; port 0 picks a free port",
     "db": "SQLAlchemy URL; default sqlite:///DATA_DIR/edgefleet.db",
     "data_dir": "directory for the database file and the artifact store",
     "heartbeat_interval_s": "seconds between agent heartbeats",
@@ -32,6 +32,13 @@ HELP = {
     "metrics_downsample_after_s": "age in seconds (receive time) after which metric windows are merged",
     "metrics_downsample_window_s": "length in seconds of the merged metric windows",
     "metrics_delete_after_s": "age in seconds (receive time) after which metric windows are deleted",
+    "insecure": "serve plaintext gRPC without TLS or required API tokens (development and tests only)",
+    "ca_cert": "PEM file of the fleet CA that device certificates must chain to",
+    "cert": "PEM server certificate of the orchestrator (edgefleet pki init writes DIR/server.pem)",
+    "key": "PEM private key of the server certificate (DIR/server.key)",
+    "operator_listen": "HOST:PORT for operator calls over server-only TLS with API tokens; port 0 picks a free "
+    "port; ignored with --insecure, where operators use --listen",
+    "operator_port_file": "write the bound operator port to this file once serving",
 }
 
 
@@ -62,6 +69,12 @@ class OrchestratorConfig:
     metrics_downsample_after_s: float = 86400.0
     metrics_downsample_window_s: int = 300
     metrics_delete_after_s: float = 30 * 86400.0
+    insecure: bool = False
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    operator_listen: str = "127.0.0.1:50052"
+    operator_port_file: Path | None = None
 
     @property
     def db_url(self) -> str:

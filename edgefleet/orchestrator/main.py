@@ -12,6 +12,7 @@ from pathlib import Path
 from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from edgefleet.common.logs import configure_logging
+from edgefleet.common.tls import CredentialsError
 from edgefleet.orchestrator.config import HELP, OrchestratorConfig
 
 log = logging.getLogger("edgefleet.orchestrator")
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         asyncio.run(serve_config(config))
+    except CredentialsError as error:
+        log.error("cannot start: %s", error)
+        return EXIT_CONFIG
     except OSError as error:
         log.error("cannot start: %s", error)
         return EXIT_UNAVAILABLE

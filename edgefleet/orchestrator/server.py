@@ -20,6 +20,8 @@ from edgefleet.orchestrator.jobs.runner import start_jobs
 from edgefleet.orchestrator.limits import OrchestratorLimits
 from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.rollouts.service import sql_rollout_store, start_rollouts
+from edgefleet.orchestrator.security.auth import AuthInterceptor
+from edgefleet.orchestrator.security.serving import add_ports, open_security
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import open_store
@@ -77,6 +79,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     flusher: asyncio.Task[None]
     retention: asyncio.Task[None] | None = None
+    operator_port: int = 0  # The server-only TLS port for operators; 0 with --insecure, where port serves both.
 
     async def stop(self, grace_s: float) -> None:
         """Flip health to NOT_SERVING, close streams, let calls finish for grace_s, then flush and close.
@@ -161,16 +164,20 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
             config.metrics_port_file.write_text(f"{metrics_port}\n")
         log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_listen.rpartition(":")[0], metrics_port)
 
-    server = grpc.aio.server(options=server_options(config), interceptors=[MalformedRequestInterceptor()])
+    state.security = await asyncio.to_thread(open_security, store, config)
+    server = grpc.aio.server(
+        options=server_options(config), interceptors=[MalformedRequestInterceptor(), AuthInterceptor(state.security)]
+    )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state), server)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(state), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
+    try:
+        port, operator_port = add_ports(server, config)
+    except (OSError, ValueError):
         store.close()
-        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
+        raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -183,9 +190,21 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         retention = asyncio.create_task(retention_forever(store, retention_policy, config.retention_interval_s))
     if config.port_file is not None:
         config.port_file.write_text(f"{port}\n")
+    if config.operator_port_file is not None and operator_port:
+        config.operator_port_file.write_text(f"{operator_port}\n")
+    if operator_port:
+        log.info("operators call on port %d (TLS with API tokens); agents on port %d (mutual TLS)", operator_port, port)
     host = config.listen.rsplit(":", 1)[0]
     log.info("orchestrator serving on %s:%d with database %s", host, port, _redact(config.db_url))
-    return RunningServer(server=server, port=port, state=state, health=health, flusher=flusher, retention=retention)
+    return RunningServer(
+        server=server,
+        port=port,
+        state=state,
+        health=health,
+        flusher=flusher,
+        retention=retention,
+        operator_port=operator_port,
+    )
 
 
 def _redact(url: str) -> str:

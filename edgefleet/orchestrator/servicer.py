@@ -18,6 +18,7 @@ from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.fleet import StreamSession
 from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics, rollouts
 from edgefleet.orchestrator.handlers import jobs as compression_jobs
+from edgefleet.orchestrator.security import admin as security_admin
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -57,11 +58,23 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, state: OrchestratorState) -> None:
         self.state = state
 
+    async def _device_id(self, context: grpc.aio.ServicerContext, claimed: str) -> str:
+        """Return the device id of an agent call that passed the security checks; claimed without security."""
+        security = self.state.security
+        if security is None:
+            return claimed
+        identity = security.identify(context.auth_context(), claimed)
+        await asyncio.to_thread(security.check_device, identity)
+        return identity.device_id
+
     async def Register(
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RegisterResponse:
         try:
-            return await asyncio.to_thread(devices.register, request, self.state, context.peer())
+            identity = None
+            if self.state.security is not None:
+                identity = self.state.security.identify(context.auth_context(), request.device_id)
+            return await asyncio.to_thread(devices.register, request, self.state, context.peer(), identity)
         except Exception as error:
             await abort_with(context, "AgentService.Register", error)
             raise
@@ -81,6 +94,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if first.WhichOneof("body") != "hello":
                 raise InvalidArgument("body", "the first message on a control stream must be hello")
             hello = first.hello
+            await self._device_id(context, hello.device_id)
             device = await asyncio.to_thread(
                 devices.verify_identity, hello.device_id, hello.instance_key, self.state, peer
             )
@@ -104,6 +118,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 message = await session.queue.get()
                 if message is None:
                     break
+                if self.state.security is not None and message.WhichOneof("body") == "desired_state":
+                    message = await asyncio.to_thread(self.state.security.sign_message, device.device_id, message)
                 yield message
         finally:
             reader.cancel()
@@ -112,6 +128,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             log.info("control stream closed for device_id=%s", device.device_id)
         if failure:
             await abort_with(context, "AgentService.Control", failure[0])
+        security = self.state.security
+        if security is not None and await asyncio.to_thread(security.is_revoked, device.device_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device.device_id!r} was revoked")
 
     async def _read(
         self,
@@ -168,6 +187,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
         downloads = self.state.limits.downloads
         try:
+            await self._device_id(context, request.device_id)
             downloads.acquire()
         except Exception as error:
             await abort_with(context, "AgentService.DownloadArtifact", error)
@@ -187,7 +207,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         finally:
             downloads.release()
 
-    UploadMetrics = unary(metrics.upload_metrics)
+    async def UploadMetrics(
+        self, request: agent_pb2.UploadMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.UploadMetricsResponse:
+        try:
+            await self._device_id(context, request.device_id)
+            return await asyncio.to_thread(metrics.upload_metrics, request, self.state)
+        except Exception as error:
+            await abort_with(context, "AgentService.UploadMetrics", error)
+            raise
 
 
 class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
@@ -205,6 +233,14 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     ListCompressionJobs = unary(compression_jobs.list_compression_jobs)
     CancelCompressionJob = unary(compression_jobs.cancel_compression_job)
     QueryMetrics = unary(metrics.query_metrics)
+    CreateEnrollmentToken = unary(security_admin.create_enrollment_token)
+    RevokeDevice = unary(security_admin.revoke_device)
+    CreateApiToken = unary(security_admin.create_api_token)
+    ListApiTokens = unary(security_admin.list_api_tokens)
+    RevokeApiToken = unary(security_admin.revoke_api_token)
+    ListSigningKeys = unary(security_admin.list_signing_keys)
+    RotateSigningKey = unary(security_admin.rotate_signing_key)
+    RetireSigningKey = unary(security_admin.retire_signing_key)
     ExplainSelection = unary(explain.explain_selection)
     CreateRollout = unary(rollouts.create_rollout)
     GetRollout = unary(rollouts.get_rollout)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from edgefleet.orchestrator.jobs.store import JobStore
     from edgefleet.orchestrator.rollouts.service import RolloutService
     from edgefleet.orchestrator.rollouts.store import RolloutStore
+    from edgefleet.orchestrator.security.auth import Security
 
 
 @dataclass
@@ -36,3 +37,6 @@ class OrchestratorState:
     # Compression jobs and the runner of their worker processes; server.start_server sets both.
     jobs: JobStore | None = None
     job_runner: JobRunner | None = None
+    # Device and operator authentication and artifact signing; server.start_server sets it. None
+    # disables signing and every check, for handler tests without a server.
+    security: Security | None = None

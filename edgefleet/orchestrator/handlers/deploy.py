@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.orchestrator import serde, validation
@@ -78,6 +79,12 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
         format=variant.format,
         threads=threads,
     )
+    if state.security is not None:
+        # Only the assignment deployed with the flag carries it, so a later deploy ends the order.
+        if request.rollback:
+            state.security.store.set_rollback_order(device.device_id, model.name, variant.digest, datetime.now(UTC))
+        else:
+            state.security.store.clear_rollback_order(device.device_id, model.name)
     try:
         generation = state.store.set_assignment(assignment)
         generation, assignments = state.store.get_desired_state(device.device_id)

@@ -7,6 +7,7 @@ import logging
 import secrets
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from edgefleet.common.errors import AlreadyExists, InvalidArgument, NotFound
 from edgefleet.common.hardware import hardware_class_of
@@ -18,17 +19,28 @@ from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import FleetStates, IdentityMismatchError
 from edgefleet.v1 import agent_pb2, operator_pb2
 
+if TYPE_CHECKING:
+    from edgefleet.orchestrator.security.auth import DeviceIdentity
+
 log = logging.getLogger(__name__)
 
 # Devices in one ListDevices page: about 2.5 MB of messages, under the 8 MiB message limit.
 MAX_PAGE_SIZE = 10_000
 
 
-def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer: str) -> agent_pb2.RegisterResponse:
+def register(
+    request: agent_pb2.RegisterRequest,
+    state: OrchestratorState,
+    peer: str,
+    identity: DeviceIdentity | None = None,
+) -> agent_pb2.RegisterResponse:
     """Validate and store a registration; a new device without an id gets one.
 
+    identity is the caller from Security.identify: with TLS its certificate's device id is used, and
+    its enrollment is checked (consuming the request's enrollment token when one is needed).
     Raises InvalidArgument for a malformed request and AlreadyExists when the id is registered
     with another instance key. Nothing is stored in either case, apart from the conflict record.
+    Raises UNAUTHENTICATED or PERMISSION_DENIED errors from Security.admit.
     """
     validation.check_device_id(request.device_id, required=False)
     validation.check_instance_key(request.instance_key)
@@ -44,7 +56,9 @@ def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer:
     # The class is derived here so that every device is grouped by the same rule.
     hardware = replace(hardware, hardware_class=hardware_class_of(hardware))
 
-    device_id = request.device_id or f"dev-{secrets.token_hex(6)}"
+    if state.security is not None and identity is not None:
+        state.security.admit(identity, request.enrollment_token, datetime.now(UTC))
+    device_id = (identity.device_id if identity else "") or request.device_id or f"dev-{secrets.token_hex(6)}"
     try:
         device = state.store.register_device(
             device_id=device_id,
@@ -75,11 +89,14 @@ def register(request: agent_pb2.RegisterRequest, state: OrchestratorState, peer:
         hardware.profile_name or "-",
         peer,
     )
-    return agent_pb2.RegisterResponse(
+    response = agent_pb2.RegisterResponse(
         device_id=device.device_id,
         heartbeat_interval_seconds=max(1, round(state.config.heartbeat_interval_s)),
         server_time=timestamp(datetime.now(UTC)),
     )
+    if state.security is not None:
+        response.trusted_keys.CopyFrom(state.security.signer.key_set())
+    return response
 
 
 def verify_identity(device_id: str, instance_key: str, state: OrchestratorState, peer: str) -> Device:

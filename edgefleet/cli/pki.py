@@ -1,0 +1,69 @@
+"""edgefleet pki: create the fleet CA and issue server and device certificates."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgefleet.common.errors import EdgefleetError
+
+
+def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `pki init` and `pki issue`; they work on local files and need no orchestrator."""
+    pki = nouns.add_parser("pki", help="create the fleet CA and issue certificates (local files)")
+    verbs = pki.add_subparsers(dest="verb", required=True)
+
+    sub = verbs.add_parser("init", help="create a fleet CA and the orchestrator's server certificate in DIR")
+    sub.add_argument("--dir", type=Path, required=True, help="directory for ca.pem, ca.key, server.pem, server.key")
+    sub.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="IP address or DNS name the orchestrator is reached at; repeat for several "
+        "(default 127.0.0.1, ::1 and localhost)",
+    )
+    sub.add_argument("--days", type=int, default=3650, help="validity of the CA in days (default 3650)")
+    sub.set_defaults(local_handler=cmd_init)
+
+    sub = verbs.add_parser("issue", help="issue a device certificate that binds the device id")
+    sub.add_argument("--dir", type=Path, required=True, help="the CA directory of `pki init`")
+    sub.add_argument("--device-id", required=True, help="device id to bind in the certificate")
+    sub.add_argument("--out", type=Path, help="directory for ID.pem and ID.key (default DIR/devices)")
+    sub.add_argument("--days", type=int, default=397, help="validity in days (default 397)")
+    sub.set_defaults(local_handler=cmd_issue)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from edgefleet.orchestrator.security.pki import DEFAULT_HOSTS, SERVER_CERT, SERVER_KEY, PkiError, init_ca
+
+    hosts = tuple(args.host) or DEFAULT_HOSTS
+    try:
+        ca = init_ca(args.dir, hosts=hosts, days=args.days)
+    except PkiError as error:
+        return _fail(str(error))
+    print(f"created the fleet CA {ca.cert_path} (key {ca.key_path}, mode 0600)")
+    print(f"created the orchestrator certificate {args.dir / SERVER_CERT} for {', '.join(hosts)}")
+    print(
+        f"start the orchestrator with --ca-cert {ca.cert_path} --cert {args.dir / SERVER_CERT} "
+        f"--key {args.dir / SERVER_KEY}"
+    )
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    from edgefleet.orchestrator.security.pki import PkiError, issue_device_certificate
+
+    try:
+        issued = issue_device_certificate(args.dir, args.device_id, out_dir=args.out, days=args.days)
+    except (PkiError, EdgefleetError) as error:
+        return _fail(str(error))
+    print(f"issued {issued.cert_path} and {issued.key_path} (mode 0600) for device {args.device_id}")
+    print(f"valid until {issued.not_after:%Y-%m-%d}; copy both and the CA certificate to the device")
+    return 0
+
+
+def _fail(message: str) -> int:
+    import sys
+
+    print(f"edgefleet: {message}", file=sys.stderr)
+    return 1

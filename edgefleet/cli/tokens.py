@@ -1,0 +1,186 @@
+"""edgefleet enroll, tokens, keys and devices revoke: the admin commands of the orchestrator's security."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from edgefleet.cli import views
+from edgefleet.v1 import operator_pb2
+
+if TYPE_CHECKING:
+    from edgefleet.cli.main import Client
+
+OutputFlag = Callable[[argparse.ArgumentParser], None]
+ROLES = ("viewer", "operator", "admin")
+
+
+def parse_ttl(value: str) -> int:
+    """Parse a duration such as 30m, 24h or 7d into seconds; raise ArgumentTypeError for anything else."""
+    match = re.fullmatch(r"(\d+)([smhd])", value)
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {value!r}: use a positive number with s, m, h or d (24h)")
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def add_device_commands(devices: argparse._SubParsersAction[argparse.ArgumentParser], output_flag: OutputFlag) -> None:
+    sub = devices.add_parser("revoke", help="revoke a device: close its stream and refuse its next connection (admin)")
+    sub.add_argument("device_id")
+    sub.add_argument("--reason", default="", help="why, for the orchestrator's log")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_devices_revoke)
+
+
+def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], output_flag: OutputFlag) -> None:
+    enroll = nouns.add_parser("enroll", help="create enrollment tokens for devices (admin)")
+    verbs = enroll.add_subparsers(dest="verb", required=True)
+    sub = verbs.add_parser("create", help="create a single-use enrollment token for one device id")
+    sub.add_argument("--device-id", required=True)
+    sub.add_argument("--ttl", type=parse_ttl, default=24 * 3600, help="validity: 30m, 24h, 7d (default 24h)")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_enroll_create)
+
+    tokens = nouns.add_parser("tokens", help="create, list and revoke operator API tokens (admin)")
+    verbs = tokens.add_subparsers(dest="verb", required=True)
+    sub = verbs.add_parser("create", help="create an API token; its secret is printed once")
+    sub.add_argument("--name", required=True, help="who or what uses the token")
+    sub.add_argument("--role", required=True, choices=ROLES, help="viewer reads, operator deploys, admin manages")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_tokens_create)
+    sub = verbs.add_parser("list", help="list API tokens (never their secrets)")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_tokens_list)
+    sub = verbs.add_parser("revoke", help="revoke an API token by id")
+    sub.add_argument("token_id")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_tokens_revoke)
+
+    keys = nouns.add_parser("keys", help="list, rotate and retire artifact signing keys (admin)")
+    verbs = keys.add_subparsers(dest="verb", required=True)
+    sub = verbs.add_parser("list", help="list the signing keys; the active one signs new assignments")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_keys_list)
+    sub = verbs.add_parser("rotate", help="add a signing key and sign with it from now on")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_keys_rotate)
+    sub = verbs.add_parser("retire", help="remove an old key from the set that devices trust")
+    sub.add_argument("key_id")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_keys_retire)
+
+
+def _emit(data: Any, output: str, render: Callable[[Any], str]) -> None:
+    from edgefleet.cli.main import emit
+
+    emit(data, output, render)
+
+
+def cmd_devices_revoke(client: Client, args: argparse.Namespace) -> None:
+    response = client.call(
+        "RevokeDevice", operator_pb2.RevokeDeviceRequest(device_id=args.device_id, reason=args.reason)
+    )
+    result = {"device_id": response.device_id, "stream_closed": response.stream_closed}
+    _emit(
+        result,
+        args.output,
+        lambda r: f"revoked {r['device_id']}" + ("; closed its stream" if r["stream_closed"] else ""),
+    )
+
+
+def cmd_enroll_create(client: Client, args: argparse.Namespace) -> None:
+    response = client.call(
+        "CreateEnrollmentToken",
+        operator_pb2.CreateEnrollmentTokenRequest(device_id=args.device_id, ttl_seconds=args.ttl),
+    )
+    result = {
+        "device_id": response.device_id,
+        "token": response.token,
+        "expires_at": _time_text(response.expires_at),
+    }
+    _emit(
+        result,
+        args.output,
+        lambda r: (
+            f"{r['token']}\n(single use, for device {r['device_id']}, expires {r['expires_at']}; "
+            "pass it to the agent as --enrollment-token)"
+        ),
+    )
+
+
+def _time_text(value: Timestamp) -> str:
+    return value.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+
+
+def token_view(token: operator_pb2.ApiToken) -> dict[str, Any]:
+    return {
+        "token_id": token.token_id,
+        "name": token.name,
+        "role": token.role,
+        "created_at": _time_text(token.created_at),
+        "revoked_at": _time_text(token.revoked_at) if token.HasField("revoked_at") else None,
+    }
+
+
+def render_tokens(tokens: list[dict[str, Any]]) -> str:
+    rows = [(t["token_id"], t["name"], t["role"], t["created_at"], t["revoked_at"] or "-") for t in tokens]
+    return views.table(("TOKEN ID", "NAME", "ROLE", "CREATED", "REVOKED"), rows)
+
+
+def cmd_tokens_create(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("CreateApiToken", operator_pb2.CreateApiTokenRequest(name=args.name, role=args.role))
+    result = {**token_view(response.token), "secret": response.secret}
+    _emit(
+        result,
+        args.output,
+        lambda r: f"{r['secret']}\n(token {r['token_id']}, role {r['role']}; shown once, store it now)",
+    )
+
+
+def cmd_tokens_list(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("ListApiTokens", operator_pb2.ListApiTokensRequest())
+    _emit([token_view(t) for t in response.tokens], args.output, render_tokens)
+
+
+def cmd_tokens_revoke(client: Client, args: argparse.Namespace) -> None:
+    token = client.call("RevokeApiToken", operator_pb2.RevokeApiTokenRequest(token_id=args.token_id))
+    _emit(token_view(token), args.output, lambda t: f"revoked token {t['token_id']} ({t['name']})")
+
+
+def keys_view(response: operator_pb2.ListSigningKeysResponse) -> dict[str, Any]:
+    return {
+        "key_set_version": response.key_set_version,
+        "keys": [
+            {
+                "key_id": k.key_id,
+                "public_key": k.public_key.hex(),
+                "created_at": _time_text(k.created_at),
+                "active": k.active,
+            }
+            for k in response.keys
+        ],
+    }
+
+
+def render_keys(data: dict[str, Any]) -> str:
+    rows = [(k["key_id"], "yes" if k["active"] else "", k["created_at"], k["public_key"]) for k in data["keys"]]
+    return f"key set version {data['key_set_version']}\n" + views.table(
+        ("KEY ID", "ACTIVE", "CREATED", "PUBLIC KEY"), rows
+    )
+
+
+def cmd_keys_list(client: Client, args: argparse.Namespace) -> None:
+    _emit(keys_view(client.call("ListSigningKeys", operator_pb2.ListSigningKeysRequest())), args.output, render_keys)
+
+
+def cmd_keys_rotate(client: Client, args: argparse.Namespace) -> None:
+    _emit(keys_view(client.call("RotateSigningKey", operator_pb2.RotateSigningKeyRequest())), args.output, render_keys)
+
+
+def cmd_keys_retire(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("RetireSigningKey", operator_pb2.RetireSigningKeyRequest(key_id=args.key_id))
+    _emit(keys_view(response), args.output, render_keys)

@@ -1,0 +1,169 @@
+"""TLS credentials for gRPC and the device identity that a certificate carries."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+# A device certificate binds its device id in a URI subject alternative name of this form; the
+# subject common name carries the same id for tools that show only the subject.
+DEVICE_URI_PREFIX = "urn:edgefleet:device:"
+
+
+class CredentialsError(ValueError):
+    """A certificate or key file is missing or unreadable; the message names the file and the fix."""
+
+
+def read_pem(path: Path | None, what: str, flag: str) -> bytes:
+    """Return the bytes of a PEM file; raise CredentialsError naming flag when it is unset or unreadable."""
+    if path is None:
+        raise CredentialsError(
+            f"missing {what}: set {flag} (create the files with `edgefleet pki init` and `edgefleet pki issue`), "
+            "or pass --insecure to run without TLS"
+        )
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise CredentialsError(f"cannot read {what} {path} ({flag}): {error.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise CredentialsError(f"{what} {path} ({flag}) is not a PEM file")
+    return data
+
+
+def channel_credentials(
+    ca_cert: Path | None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """Return TLS channel credentials that trust ca_cert, with a client certificate when cert and key are set.
+
+    Raises CredentialsError for a missing or unreadable file, or when only one of cert and key is set.
+    """
+    root = read_pem(ca_cert, "CA certificate", "--ca-cert")
+    if (cert is None) != (key is None):
+        raise CredentialsError("set both --cert and --key for a client certificate, or neither")
+    if cert is None or key is None:
+        return grpc.ssl_channel_credentials(root_certificates=root)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root,
+        private_key=read_pem(key, "private key", "--key"),
+        certificate_chain=read_pem(cert, "certificate", "--cert"),
+    )
+
+
+def server_credentials(
+    ca_cert: Path | None, cert: Path | None, key: Path | None, *, require_client_auth: bool
+) -> grpc.ServerCredentials:
+    """Return server TLS credentials; with require_client_auth, clients must present a certificate of ca_cert.
+
+    Raises CredentialsError for a missing or unreadable file.
+    """
+    pair = (read_pem(key, "private key", "--key"), read_pem(cert, "certificate", "--cert"))
+    root = read_pem(ca_cert, "CA certificate", "--ca-cert") if require_client_auth else None
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=require_client_auth)
+
+
+def load_certificate(pem: bytes) -> x509.Certificate:
+    """Parse a PEM certificate; raise CredentialsError when it is not one."""
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as error:
+        raise CredentialsError(f"invalid PEM certificate: {error}") from None
+
+
+def certificate_fingerprint(pem: bytes) -> str:
+    """Return the SHA-256 hex digest of a PEM certificate's DER encoding."""
+    der = load_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def device_id_of(certificate: x509.Certificate) -> str:
+    """Return the device id bound in a device certificate, or an empty string when it binds none.
+
+    The URI subject alternative name urn:edgefleet:device:ID counts; the common name is not read,
+    because any certificate of the CA has one.
+    """
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ""
+    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(DEVICE_URI_PREFIX):
+            return uri[len(DEVICE_URI_PREFIX) :]
+    return ""
+
+
+def device_id_from_file(path: Path) -> str:
+    """Return the device id bound in the certificate file at path; raise CredentialsError if it binds none."""
+    certificate = load_certificate(read_pem(path, "certificate", "--cert"))
+    device_id = device_id_of(certificate)
+    if not device_id:
+        subject = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        shown = str(subject[0].value) if subject else certificate.subject.rfc4514_string()
+        raise CredentialsError(
+            f"certificate {path} ({shown}) is not a device certificate: it has no {DEVICE_URI_PREFIX}ID name; "
+            "issue one with `edgefleet pki issue --device-id ID`"
+        )
+    return device_id
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds "authorization: Bearer TOKEN" to the metadata of every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(
+        self,
+        method: str,
+        timeout: float | None,
+        metadata: list[tuple[str, str | bytes]],
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+    ) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+
+
+def operator_channel(
+    address: str, *, token: str = "", ca_cert: Path | None = None, insecure: bool = False
+) -> grpc.Channel:
+    """Open a channel to the orchestrator's operator port that sends token with every call.
+
+    With insecure it is plaintext; otherwise TLS that trusts ca_cert. Raises CredentialsError when
+    ca_cert is missing or unreadable.
+    """
+    channel = grpc.insecure_channel(address) if insecure else grpc.secure_channel(address, channel_credentials(ca_cert))
+    if not token:
+        return channel
+    return grpc.intercept_channel(channel, _BearerToken(token))

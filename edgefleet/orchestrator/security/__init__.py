@@ -1,0 +1,1 @@
+"""Transport security, enrollment, operator tokens and artifact signing of the orchestrator."""

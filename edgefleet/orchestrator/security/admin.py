@@ -1,0 +1,132 @@
+"""Handlers of the admin calls: enrollment tokens, device revocation, API tokens and signing keys."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from edgefleet.common.serde import timestamp
+from edgefleet.orchestrator import validation
+from edgefleet.orchestrator.security import tokens
+from edgefleet.orchestrator.security.auth import Security
+from edgefleet.orchestrator.security.store import ApiTokenRecord
+from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.orchestrator.store.base import NotFoundError
+from edgefleet.v1 import operator_pb2
+
+log = logging.getLogger(__name__)
+
+
+def security_of(state: OrchestratorState) -> Security:
+    """Return the state's Security; raise FailedPrecondition when the orchestrator runs without one."""
+    if state.security is None:
+        raise FailedPrecondition("security is not set up on this orchestrator; start it with edgefleet-orchestrator")
+    return state.security
+
+
+def create_enrollment_token(
+    request: operator_pb2.CreateEnrollmentTokenRequest, state: OrchestratorState
+) -> operator_pb2.CreateEnrollmentTokenResponse:
+    validation.check_device_id(request.device_id)
+    security = security_of(state)
+    ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else tokens.DEFAULT_ENROLLMENT_TTL
+    secret, expires_at = tokens.create_enrollment_token(security.store, request.device_id, ttl, datetime.now(UTC))
+    return operator_pb2.CreateEnrollmentTokenResponse(
+        token=secret, device_id=request.device_id, expires_at=timestamp(expires_at)
+    )
+
+
+def revoke_device(
+    request: operator_pb2.RevokeDeviceRequest, state: OrchestratorState
+) -> operator_pb2.RevokeDeviceResponse:
+    """Revoke a device and close its control stream on this process; the next connection is refused."""
+    validation.check_device_id(request.device_id)
+    validation.check_text(request.reason, "reason", 256)
+    security = security_of(state)
+    security.revoke(request.device_id, request.reason)
+    session = state.hub.sessions.get(request.device_id)
+    if session is not None and state.hub.loop is not None:
+        state.hub.loop.call_soon_threadsafe(session.close)
+    log.warning(
+        "revoked device_id=%s (%s)%s",
+        request.device_id,
+        request.reason or "no reason given",
+        "; closing its control stream" if session is not None else "",
+    )
+    return operator_pb2.RevokeDeviceResponse(device_id=request.device_id, stream_closed=session is not None)
+
+
+def token_to_proto(record: ApiTokenRecord) -> operator_pb2.ApiToken:
+    message = operator_pb2.ApiToken(
+        token_id=record.token_id, name=record.name, role=record.role, created_at=timestamp(record.created_at)
+    )
+    if record.revoked_at is not None:
+        message.revoked_at.CopyFrom(timestamp(record.revoked_at))
+    return message
+
+
+def create_api_token(
+    request: operator_pb2.CreateApiTokenRequest, state: OrchestratorState
+) -> operator_pb2.CreateApiTokenResponse:
+    record, secret = tokens.create_api_token(security_of(state).store, request.name, request.role, datetime.now(UTC))
+    return operator_pb2.CreateApiTokenResponse(token=token_to_proto(record), secret=secret)
+
+
+def list_api_tokens(
+    request: operator_pb2.ListApiTokensRequest, state: OrchestratorState
+) -> operator_pb2.ListApiTokensResponse:
+    return operator_pb2.ListApiTokensResponse(
+        tokens=[token_to_proto(r) for r in security_of(state).store.list_api_tokens()]
+    )
+
+
+def revoke_api_token(request: operator_pb2.RevokeApiTokenRequest, state: OrchestratorState) -> operator_pb2.ApiToken:
+    if not request.token_id:
+        raise InvalidArgument("token_id", "missing; list the tokens with `edgefleet tokens list`")
+    security = security_of(state)
+    try:
+        record = security.store.revoke_api_token(request.token_id, datetime.now(UTC))
+    except NotFoundError as error:
+        raise NotFound(str(error)) from None
+    security.forget()
+    log.warning("revoked API token %s (%s)", record.token_id, record.name)
+    return token_to_proto(record)
+
+
+def list_signing_keys(
+    request: operator_pb2.ListSigningKeysRequest | None, state: OrchestratorState
+) -> operator_pb2.ListSigningKeysResponse:
+    version, keys = security_of(state).signer.keys()
+    return operator_pb2.ListSigningKeysResponse(
+        keys=[
+            operator_pb2.SigningKeyInfo(
+                key_id=k.key_id,
+                public_key=k.public_key,
+                created_at=timestamp(k.created_at),
+                active=index == len(keys) - 1,
+            )
+            for index, k in enumerate(keys)
+        ],
+        key_set_version=version,
+    )
+
+
+def rotate_signing_key(
+    request: operator_pb2.RotateSigningKeyRequest, state: OrchestratorState
+) -> operator_pb2.ListSigningKeysResponse:
+    """Add a signing key; agents learn it from the next desired state, signed by the keys they trust."""
+    security_of(state).signer.rotate(datetime.now(UTC))
+    return list_signing_keys(None, state)
+
+
+def retire_signing_key(
+    request: operator_pb2.RetireSigningKeyRequest, state: OrchestratorState
+) -> operator_pb2.ListSigningKeysResponse:
+    if not request.key_id:
+        raise InvalidArgument("key_id", "missing; list the keys with `edgefleet keys list`")
+    try:
+        security_of(state).signer.retire(request.key_id, datetime.now(UTC))
+    except NotFoundError as error:
+        raise NotFound(str(error)) from None
+    return list_signing_keys(None, state)
