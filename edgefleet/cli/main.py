@@ -630,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--duration", type=float, default=20.0, help="seconds of inference per device")
     sub.add_argument("--work-dir", type=Path, help="directory for the demo's database and agents (default: a temp dir)")
     sub.set_defaults(handler=None)
+
+    from edgefleet.cli import completion
+
+    completion.add_parser(nouns)
     return parser
 
 
@@ -638,6 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.noun == "demo":
             return cmd_demo(args)
+        if args.noun == "completion":
+            from edgefleet.cli.completion import script
+
+            print(script(build_parser(), args.shell), end="")
+            return 0
         for pair in getattr(args, "label", []):
             if "=" not in pair:
                 raise CliError(f"invalid --label {pair!r}: expected KEY=VALUE", EXIT_USAGE)
