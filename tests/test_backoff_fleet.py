@@ -1,7 +1,7 @@
 """200 simulated agents lose a real orchestrator at once; their reconnects spread across the backoff window.
 
 Each simulated agent runs the agent's own reconnect loop (edgefleet.agent.agent.reconnect_forever)
-with the real Backoff, around a session that registers and holds a control stream like the agent's.
+with the real Backoff, around a session that registers and keeps a control stream open like the agent's.
 """
 
 from __future__ import annotations

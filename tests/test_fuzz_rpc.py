@@ -333,7 +333,7 @@ def test_concurrent_download_limit(limited: OrchestratorThread) -> None:
     limited.operator.Deploy(operator_pb2.DeployRequest(model_name="linear", device_id=device_id), timeout=30)
     request = agent_pb2.DownloadArtifactRequest(device_id=device_id, digest=model.digest, chunk_size=4096)
     first = limited.agent.DownloadArtifact(request, timeout=30)
-    next(first)  # The first download is open and holds the only slot.
+    next(first)  # The first download is open and takes the only slot.
 
     code, details = outcome(limited.agent.DownloadArtifact, request, timeout=30)
     first.cancel()

@@ -39,9 +39,9 @@ class Keepalive:
     """Client keepalive: ping after time_s without reads, give up on the link timeout_s after a ping.
 
     The defaults ping every 30 s. The orchestrator accepts pings every 10 s or slower by default
-    (OrchestratorConfig.keepalive_min_ping_interval_s), so it never rejects these; a rejected ping
-    makes the server close the connection with GOAWAY too_many_pings. Keep time_s at or above the
-    server's minimum when changing either side.
+    (OrchestratorConfig.keepalive_min_ping_interval_s), so it never rejects these. A rejected ping
+    makes the server close the connection with GOAWAY too_many_pings, so keep time_s at or above
+    the server's minimum when changing either side.
     """
 
     time_s: float = 30.0
@@ -57,8 +57,8 @@ def channel_options(keepalive: Keepalive) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
-        # gRPC 1.85 closes a connection whose ping goes unanswered after grpc.http2.ping_timeout_ms
-        # (default 60 s); keepalive_timeout_ms alone left a blackholed link open in
+        # gRPC 1.85 closes a connection whose ping goes unanswered after grpc.http2.ping_timeout_ms,
+        # 60 s by default. With keepalive_timeout_ms alone a blackholed link stayed open in
         # tests/faults/test_keepalive.py, so both carry the timeout.
         ("grpc.http2.ping_timeout_ms", round(keepalive.timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -405,7 +405,7 @@ class Agent:
                 log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
 
     async def _upload_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
-        """Every interval, move finished windows to disk, and start sending unless a send is still running.
+        """Move finished windows to disk every interval, and start sending unless a send is still running.
 
         Writing to disk does not wait for the sending, so windows reach the disk buffer on time even
         while an upload hangs on a dead link until its deadline.
@@ -448,7 +448,7 @@ class Agent:
         A batch keeps the id it got on disk across retries and restarts, so the orchestrator stores it
         once. Its file is deleted only after the orchestrator acknowledged it (stored now or before).
         A batch the orchestrator rejects as INVALID_ARGUMENT is dropped with a warning, because
-        resending it cannot succeed; after any other error the remaining batches wait for the next round.
+        resending it cannot succeed. After any other error the remaining batches wait for the next round.
         """
         await asyncio.to_thread(self._spill, include_open)
         if not self.device_id:

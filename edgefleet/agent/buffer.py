@@ -59,8 +59,8 @@ class _Entry:
 class MetricBuffer:
     """Metric batches on disk until the orchestrator acknowledges them, oldest first.
 
-    Each batch gets its id when it is written and keeps it across retries and agent restarts, so
-    the orchestrator, which stores a batch id once, stores every batch exactly once. A batch is
+    Each batch gets its id when it is written and keeps it across retries and agent restarts. The
+    orchestrator stores a batch id once, so a batch that is resent is not stored twice. A batch is
     written to a temporary file, fsynced and renamed into place, and the directory is fsynced, so
     after a crash a batch file is either complete or absent. Start-up removes temporary files and
     batch files that do not parse. When a new batch would pass max_bytes or max_batches, the oldest
@@ -99,7 +99,7 @@ class MetricBuffer:
             self._next_sequence = max(self._next_sequence, sequence + 1)
         if self._entries:
             log.info(
-                "metric buffer %s holds %d undelivered batches (%d bytes)",
+                "metric buffer %s contains %d undelivered batches (%d bytes)",
                 self.directory,
                 len(self._entries),
                 self.total_bytes,

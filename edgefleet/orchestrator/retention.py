@@ -64,8 +64,8 @@ def apply_retention(
     """Delete windows past delete_after_s, merge those past downsample_after_s, then reclaim the space.
 
     Deleting first keeps the merge from working on rows that are about to go. Raises the store's
-    errors; a run that fails part-way leaves every transaction it committed in place, and the next
-    run continues from there, because both steps only touch rows that are still old enough.
+    errors. A run that fails part-way keeps the transactions it committed, and the next run
+    continues from there, because both steps only touch rows that are still old enough.
     """
     started = time.monotonic()
     now = now or datetime.now(UTC)

@@ -139,7 +139,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Turns request messages that do not parse into INVALID_ARGUMENT instead of gRPC's UNKNOWN.
 
     The generated handlers parse requests before any servicer code runs, and gRPC reports a parse
-    failure as UNKNOWN, which tells a client nothing it can fix. This interceptor wraps each
+    failure as UNKNOWN, which gives a client nothing it can fix. This interceptor wraps each
     handler's request parser: a message that does not parse reaches the handler as a _Malformed
     marker, and the call ends with INVALID_ARGUMENT naming the message type. In a request stream
     the marker raises InvalidArgument from the iterator, which the servicers map to

@@ -109,7 +109,7 @@ def test_agent_killed_mid_swap(fleet: tuple[OrchestratorProcess, TcpProxy, Agent
     try:
         device_id = agent.device_id()
         upload(operator, swapped_in, "2")
-        # Kill at several points of the swap: download, verification, rename, load, state file.
+        # Kill at several delays after the deploy, to land at different points of the swap.
         for delay_s, old, new in ((0.05, "1", "2"), (0.25, "2", "1"), (0.6, "1", "2")):
             deploy(operator, device_id, new)
             time.sleep(delay_s)
@@ -231,7 +231,7 @@ def test_orchestrator_killed_with_batches_in_flight(tmp_path: Path) -> None:
         orchestrator.start()
         channel = grpc.insecure_channel(orchestrator.address)
         stub = agent_pb2_grpc.AgentServiceStub(channel)
-        # The agent keeps every unacknowledged batch and resends it with its id; resending the
+        # The agent keeps every unacknowledged batch and resends it with its id. Resending the
         # acknowledged ones as well shows that the orchestrator stores none of them twice.
         responses = {batch.batch_id: stub.UploadMetrics(batch, timeout=30) for batch in batches}
         _, operator = orchestrator.operator()

@@ -113,7 +113,8 @@ def test_keepalive_pings_accepted_for_a_minute(
     tmp_path: Path, start_orchestrator: Callable[..., OrchestratorThread]
 ) -> None:
     # Heartbeats every 30 s leave the link without data, so every ping counts against the server's
-    # minimum interval; two early pings (max_ping_strikes) would end the connection with too_many_pings.
+    # minimum interval. Two early pings (gRPC's default max_ping_strikes) would end the connection
+    # with too_many_pings.
     orchestrator = short_keepalive_orchestrator(start_orchestrator, heartbeat_interval_s=30.0)
     runner = start_agent(tmp_path, orchestrator.address, Keepalive(KEEPALIVE_S, KEEPALIVE_TIMEOUT_S))
     try:
