@@ -44,6 +44,7 @@ def start_agent(tmp_path: Path, address: str, keepalive: Keepalive) -> AgentRunn
         metrics_window_s=1.0,
         max_backoff_s=0.5,
         shutdown_grace_s=1.0,
+        insecure=True,
     )
     return AgentRunner(config, agent_hardware(), keepalive=keepalive)
 
