@@ -24,7 +24,8 @@ _batches = itertools.count()
 
 @pytest.fixture
 def local_fleet(tmp_path: Path) -> Iterator[LocalFleet]:
-    fleet = LocalFleet(tmp_path)
+    # Plaintext: the test registers devices and uploads metrics itself, without agent certificates.
+    fleet = LocalFleet(tmp_path, secure=False)
     yield fleet
     fleet.stop()
 

@@ -280,7 +280,14 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
                 _run_inference(run, duration_s)
             _wait_for_metrics(stub, runs, timeout_s=30)
             report = _report(runs, stub, fleet.address)
-        _print_report(report)
+            _print_report(report)
+            from edgefleet.demo.rollouts import DemoDevice, run_rollouts
+
+            demo_devices = {run.name: DemoDevice(run.name, run.device_id, run.socket) for run in runs}
+            report["rollouts"] = run_rollouts(stub, onnx_path, tflite_path, demo_devices, work, _say)
+        from edgefleet.demo.rollouts import print_rollouts
+
+        print_rollouts(report["rollouts"], _say)
         if report_path is not None:
             report_path.parent.mkdir(parents=True, exist_ok=True)
             report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -83,10 +83,11 @@ def serve_current_wave(orchestrator: OrchestratorThread, rollout_id: str, latenc
     return wave
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], orchestrator: OrchestratorThread, *args: str) -> tuple[int, str]:
-    code = cli_main(["--orchestrator", orchestrator.address, *args])
+def run_cli(capsys: pytest.CaptureFixture[str], orchestrator: OrchestratorThread, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process against the orchestrator; return the exit code, stdout and stderr."""
+    code = cli_main(["--orchestrator", orchestrator.address, "--insecure", *args])
     captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return code, captured.out, captured.err
 
 
 # Requests
@@ -210,7 +211,7 @@ def test_drift_on_device(orchestrator: OrchestratorThread) -> None:
 
 def test_cli_create_and_status(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
     fleet(orchestrator)
-    code, out = run_cli(
+    code, out, _ = run_cli(
         capsys,
         orchestrator,
         "rollout",
@@ -234,7 +235,7 @@ def test_cli_create_and_status(orchestrator: OrchestratorThread, capsys: pytest.
     )
     created = json.loads(out)
     wait_until(lambda: get_rollout(orchestrator, created["rollout_id"]).state == RUNNING, "wave 1")
-    status_code, status = run_cli(capsys, orchestrator, "rollout", "status", created["rollout_id"])
+    status_code, status, _ = run_cli(capsys, orchestrator, "rollout", "status", created["rollout_id"])
     assert code == 0
     assert created["state"] == "pending"
     assert created["target"] == "kind=camera"
@@ -250,8 +251,8 @@ def test_cli_actions(orchestrator: OrchestratorThread, capsys: pytest.CaptureFix
     wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).state == RUNNING, "wave 1")
     states = []
     for verb in ("pause", "resume", "abort", "rollback"):
-        code, out = run_cli(capsys, orchestrator, "rollout", verb, rollout.rollout_id, "-o", "json")
-        assert code == 0, out
+        code, out, err = run_cli(capsys, orchestrator, "rollout", verb, rollout.rollout_id, "-o", "json")
+        assert code == 0, err
         states.append(json.loads(out)["state"])
     assert states == ["paused", "running", "aborted", "rolling_back"]
 
@@ -259,16 +260,16 @@ def test_cli_actions(orchestrator: OrchestratorThread, capsys: pytest.CaptureFix
 def test_cli_action_wrong_state(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
     fleet(orchestrator)
     rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
-    code, out = run_cli(capsys, orchestrator, "rollout", "resume", rollout.rollout_id)
+    code, _, err = run_cli(capsys, orchestrator, "rollout", "resume", rollout.rollout_id)
     assert code == 4
-    assert "cannot resume" in out
+    assert "cannot resume" in err
 
 
 def test_cli_list(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
     fleet(orchestrator)
     rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
-    code, out = run_cli(capsys, orchestrator, "rollout", "list", "--model", MODEL)
-    json_code, json_out = run_cli(capsys, orchestrator, "rollout", "list", "--state", "superseded", "-o", "json")
+    code, out, _ = run_cli(capsys, orchestrator, "rollout", "list", "--model", MODEL)
+    json_code, json_out, _ = run_cli(capsys, orchestrator, "rollout", "list", "--state", "superseded", "-o", "json")
     assert code == 0
     assert rollout.rollout_id in out
     assert json_code == 0
@@ -276,11 +277,11 @@ def test_cli_list(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixtur
 
 
 def test_cli_bad_target(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_cli(
+    code, _, err = run_cli(
         capsys, orchestrator, "rollout", "create", "--model", f"{MODEL}:2", "--target", "camera", "--budget-ms", "5"
     )
     assert code == 2
-    assert "expected KEY=VALUE" in out
+    assert "expected KEY=VALUE" in err
 
 
 def test_cli_devices_drift(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,8 +289,8 @@ def test_cli_devices_drift(orchestrator: OrchestratorThread, capsys: pytest.Capt
     orchestrator.operator.Deploy(
         operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=devices[1]), timeout=30
     )
-    show_code, shown = run_cli(capsys, orchestrator, "devices", "show", devices[1])
-    list_code, listed = run_cli(capsys, orchestrator, "devices", "list", "--drift", "-o", "json")
+    show_code, shown, _ = run_cli(capsys, orchestrator, "devices", "show", devices[1])
+    list_code, listed, _ = run_cli(capsys, orchestrator, "devices", "list", "--drift", "-o", "json")
     assert show_code == 0
     assert "DRIFT: generation_lag" in shown
     assert list_code == 0

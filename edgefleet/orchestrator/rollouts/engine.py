@@ -37,8 +37,9 @@ LEASE_TTL_S = 10.0
 # A rollback waits this long for connected devices to report the restored generation before it ends.
 ROLLBACK_CONFIRM_TIMEOUT = timedelta(seconds=120)
 
-# Returns the predictor for the variants of one model version; called once per tick and rollout.
-PredictorFactory = Callable[[Sequence[Variant]], Predictor]
+# Returns the predictor for the variants of one model version on devices of the given hardware
+# classes; called each time a wave chooses variants.
+PredictorFactory = Callable[[Sequence[Variant], Sequence[str]], Predictor]
 # Sends a device its current desired state; returns whether its control stream is open in this process.
 Notify = Callable[[str], bool]
 
@@ -51,7 +52,7 @@ def new_rollout_id() -> str:
     return f"ro-{secrets.token_hex(5)}"
 
 
-def analytic_predictor_factory(variants: Sequence[Variant]) -> Predictor:
+def analytic_predictor_factory(variants: Sequence[Variant], hardware_classes: Sequence[str]) -> Predictor:
     """Return the cost model's analytic predictor, which needs no measurement."""
     from edgefleet.orchestrator.costmodel.predictor import AnalyticPredictor
 
@@ -296,7 +297,7 @@ class RolloutEngine:
         """Choose each device's variant with the cost model, leaving out excluded variants."""
         spec = rollout.spec
         variants = [v for v in self.store.list_variants(spec.model_name, spec.model_version) if v.status == "accepted"]
-        predictor = self.predictor_factory(variants)
+        predictor = self.predictor_factory(variants, sorted({d.hardware.hardware_class for d in devices}))
         chosen: list[WaveDevice] = []
         for device in devices:
             allowed = [v for v in variants if exclusions.allows(device, v)]

@@ -114,6 +114,14 @@ class WaveGates:
         if figures.samples < spec.min_samples or figures.p95_ms is None:
             return replace(judged, verdict=VERDICT_PENDING, note=f"{figures.samples} of {spec.min_samples} samples")
 
+        # The baseline is looked up before the gates so that the figures show it whatever the verdict.
+        previous = device.previous
+        baseline = None
+        if previous is not None and previous.model_version != spec.model_version:
+            baseline = self.baseline(rollout, device.hardware_class, previous.model_version, wave.started_at)
+            if baseline.samples >= spec.min_samples and baseline.p95_ms is not None:
+                judged = replace(judged, baseline_p95_ms=baseline.p95_ms)
+
         error_pct = 100.0 * figures.errors / figures.samples
         if error_pct > spec.max_error_rate_pct:
             return replace(
@@ -127,26 +135,23 @@ class WaveGates:
                 verdict=VERDICT_OVER_BUDGET,
                 note=f"p95 {figures.p95_ms:.2f} ms over the budget of {spec.budget_ms:g} ms",
             )
-
-        previous = device.previous
-        if previous is None or previous.model_version == spec.model_version:
+        if previous is None or baseline is None:
             return replace(judged, verdict=VERDICT_OK, note="within the budget; no previous version to compare")
-        baseline = self.baseline(rollout, device.hardware_class, previous.model_version, wave.started_at)
-        if baseline.p95_ms is None or baseline.samples < spec.min_samples:
+        if judged.baseline_p95_ms is None:
             return replace(
                 judged,
                 verdict=VERDICT_OK,
                 note=f"within the budget; version {previous.model_version} has {baseline.samples} samples on "
                 "this hardware class, too few to compare",
             )
-        judged = replace(judged, baseline_p95_ms=baseline.p95_ms)
-        regression_pct = 100.0 * (figures.p95_ms / baseline.p95_ms - 1.0) if baseline.p95_ms > 0 else 0.0
+        base_p95 = judged.baseline_p95_ms
+        regression_pct = 100.0 * (figures.p95_ms / base_p95 - 1.0) if base_p95 > 0 else 0.0
         if regression_pct > spec.max_p95_regression_pct:
             return replace(
                 judged,
                 verdict=VERDICT_REGRESSION,
                 note=f"p95 {figures.p95_ms:.2f} ms is {regression_pct:.1f}% over version "
-                f"{previous.model_version} ({baseline.p95_ms:.2f} ms); the limit is {spec.max_p95_regression_pct:g}%",
+                f"{previous.model_version} ({base_p95:.2f} ms); the limit is {spec.max_p95_regression_pct:g}%",
             )
         return replace(
             judged,

@@ -85,11 +85,12 @@ def start_rollouts(state: OrchestratorState) -> RolloutService:
     if state.rollouts is None:
         state.rollouts = sql_rollout_store(state.store)
 
-    def predictor(variants: Sequence[Variant]) -> Predictor:
+    def predictor(variants: Sequence[Variant], hardware_classes: Sequence[str]) -> Predictor:
+        # The same calibration as ExplainSelection, so that it explains the engine's choices.
         # Imported here: the calibrated predictor pulls in numpy and the benchmark store.
         from edgefleet.orchestrator.handlers.explain import calibrated_predictor
 
-        return calibrated_predictor(state, variants)
+        return calibrated_predictor(state, variants, hardware_classes)
 
     engine = RolloutEngine(
         state.store,
