@@ -21,6 +21,11 @@ HELP = {
     "shutdown_grace_s": "seconds that shutdown may take before the agent exits anyway",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
+    "keepalive_time_s": "seconds without traffic before the agent pings the orchestrator; keep it at or above "
+    "the orchestrator's keepalive_min_ping_interval_s",
+    "keepalive_timeout_s": "seconds an unanswered ping waits before the link counts as dead",
+    "metrics_buffer_max_bytes": "disk space for metric batches waiting for the orchestrator, in bytes",
+    "metrics_buffer_max_batches": "metric batches kept on disk at most; the oldest are dropped first",
 }
 
 
@@ -41,6 +46,10 @@ class AgentConfig:
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
     log_format: str = "text"
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    metrics_buffer_max_bytes: int = 64 * 1024 * 1024
+    metrics_buffer_max_batches: int = 10_000
 
     @property
     def socket_path(self) -> Path:

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: AgentConfig) -> int:
-    from edgefleet.agent.agent import Agent, FatalAgentError
+    from edgefleet.agent.agent import Agent, FatalAgentError, Keepalive
+    from edgefleet.agent.buffer import BufferLimits
     from edgefleet.agent.probe import probe_hardware
     from edgefleet.agent.profiles import DeviceProfile, ProfileError, load_profile
 
@@ -84,7 +85,14 @@ def run(config: AgentConfig) -> int:
     if config.insecure:
         log.warning("talking to the orchestrator without TLS (--insecure); use only on a trusted network")
     try:
-        agent = Agent(config, hardware, limits, allowed_runtimes)
+        agent = Agent(
+            config,
+            hardware,
+            limits,
+            allowed_runtimes,
+            keepalive=Keepalive(config.keepalive_time_s, config.keepalive_timeout_s),
+            buffer_limits=BufferLimits(config.metrics_buffer_max_bytes, config.metrics_buffer_max_batches),
+        )
     except ValueError as error:
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
