@@ -85,6 +85,9 @@ def _create_sqlite_engine(url: URL) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
+            # A new database gets incremental auto-vacuum, so retention can return space without a full
+            # VACUUM that blocks writers. The pragma changes nothing in a database that has tables.
+            cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
             # WAL lets readers run while one writer commits.
             cursor.execute("PRAGMA journal_mode=WAL")
             # In WAL mode NORMAL cannot corrupt the database; a power loss may undo the last commits.
