@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,17 +44,47 @@ CNN_IMAGE = 128
 # (usable cores, threads): a 1-core device and a 2-core device at 1 and 2 threads.
 PROFILES = ((1, 1), (2, 1), (2, 2))
 TOLERANCE = 0.10
+# Runs a benchmark measurement counts as, for the calibration weights (full weight from 20 runs).
+FULL_RUNS = 30
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
+    """One variant on one profile and, once measured, its latency figures."""
+
     variant: Variant
     path: Path
     cores: int
     threads: int
     hardware_class: str
-    p50_ms: float = math.nan
-    p95_ms: float = math.nan
+    round_medians_ms: tuple[float, ...] = ()  # The median of each interleaved round, in round order.
+    p95_ms: float = math.nan  # Over every timed run of every round.
+
+    @property
+    def p50_ms(self) -> float:
+        """The median of the per-round medians."""
+        return float(np.median(self.round_medians_ms)) if self.round_medians_ms else math.nan
+
+    @property
+    def spread(self) -> float:
+        """The range of the per-round medians relative to p50_ms."""
+        return (max(self.round_medians_ms) - min(self.round_medians_ms)) / self.p50_ms
+
+    @property
+    def noise(self) -> float:
+        """The relative difference between the medians of the even and of the odd rounds.
+
+        Each half is an honest measurement of the pair on its own, so this is the error of
+        predicting one measurement by the other: no predictor can be judged finer than it.
+        """
+        even = float(np.median(self.round_medians_ms[0::2]))
+        odd = float(np.median(self.round_medians_ms[1::2]))
+        return abs(even / odd - 1.0)
+
+    @property
+    def label(self) -> str:
+        """The variant and profile, as the report prints them."""
+        return f"{self.variant.variant_id} cores={self.cores} threads={self.threads}"
 
 
 @contextlib.contextmanager
@@ -83,7 +115,7 @@ class SmallCnn:
         return nn.Sequential(*layers).eval()
 
 
-def export_onnx(module: object, shape: tuple[int, ...], target: Path) -> Path:
+def export_onnx(module: Any, shape: tuple[int, ...], target: Path) -> Path:
     import torch
 
     if target.exists():
@@ -105,7 +137,7 @@ def export_onnx(module: object, shape: tuple[int, ...], target: Path) -> Path:
     return target
 
 
-def export_tflite(module: object, shape: tuple[int, ...], target: Path) -> Path:
+def export_tflite(module: Any, shape: tuple[int, ...], target: Path) -> Path:
     import torch
 
     if target.exists():
@@ -185,8 +217,12 @@ def class_profiles(machine: HardwareProfile) -> dict[int, HardwareProfile]:
     return profiles
 
 
-def load_sessions(pairs: list[Pair]) -> list[object]:
-    """Load one runtime session per pair, created while pinned to the pair's cores (threads inherit the mask)."""
+def load_sessions(pairs: list[Pair]) -> list[Any]:
+    """Load one runtime session per pair, created while pinned to the pair's cores.
+
+    The runtimes start their worker threads when the session is created, and a new thread inherits
+    the CPU affinity of the thread that creates it, so every worker of a pair stays on its cores.
+    """
     allowed = sorted(os.sched_getaffinity(0))
     sessions = []
     try:
@@ -199,47 +235,138 @@ def load_sessions(pairs: list[Pair]) -> list[object]:
     return sessions
 
 
-def measure_interleaved(pairs: list[Pair], runs: int, warmup: int, rounds: int) -> list[Pair]:
-    """Return the pairs with p50 and p95 over runs timed calls each, spread over interleaved rounds.
+def time_runs(session: Any, feed: dict[str, np.ndarray], count: int) -> list[float]:
+    """Return the wall time of count calls, in ms."""
+    timings = []
+    for _ in range(count):
+        start = time.perf_counter_ns()
+        session.run_checked(feed)
+        timings.append((time.perf_counter_ns() - start) / 1e6)
+    return timings
 
-    Every round runs every pair a few times, so load from other processes during the benchmark
-    spreads over all pairs instead of spoiling the few measured while it lasted.
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the interleaved measurement spends its runs."""
+
+    rounds: int  # Every round runs every pair once, in a shuffled order.
+    round_ms: float  # Timed milliseconds per pair and round; fast pairs get more runs to fill them.
+    min_runs: int  # Timed runs per pair and round, at least.
+    warmup: int  # Untimed runs before each pair's timed runs in every round, to refill its caches.
+    pause_s: float  # Sleep between pairs, so the previous pair's spinning worker threads park first.
+
+
+def measure_interleaved(pairs: list[Pair], schedule: Schedule) -> tuple[list[Pair], list[float]]:
+    """Measure every pair in interleaved rounds; return the measured pairs and the load average per round.
+
+    Round-robin over the pairs spreads load from other processes over every pair, instead of
+    spoiling the few that ran while it lasted. Each round's median is kept, so the spread over the
+    rounds shows how stable each figure is.
     """
     allowed = sorted(os.sched_getaffinity(0))
     sessions = load_sessions(pairs)
-    feeds = [
-        {spec.name: sample_input(spec, np.random.default_rng(0)) for spec in session.inputs}  # type: ignore[attr-defined]
-        for session in sessions
-    ]
-    timings: list[list[float]] = [[] for _ in pairs]
-    per_round = max(1, math.ceil(runs / rounds))
+    feeds = [{spec.name: sample_input(spec, np.random.default_rng(0)) for spec in s.inputs} for s in sessions]
+    runs: list[int] = []
     try:
-        for round_index in range(rounds):
-            for index, pair in enumerate(pairs):
-                os.sched_setaffinity(0, allowed[: pair.cores])
-                session = sessions[index]
-                if round_index == 0:
-                    for _ in range(warmup):
-                        session.run_checked(feeds[index])  # type: ignore[attr-defined]
-                for _ in range(per_round):
-                    start = time.perf_counter_ns()
-                    session.run_checked(feeds[index])  # type: ignore[attr-defined]
-                    timings[index].append((time.perf_counter_ns() - start) / 1e6)
+        # One untimed pass sizes the runs per round, so a pair of 0.2 ms gets as much time as one of 30 ms.
+        for index, pair in enumerate(pairs):
+            os.sched_setaffinity(0, allowed[: pair.cores])
+            probe = float(np.median(time_runs(sessions[index], feeds[index], schedule.warmup + 3)))
+            runs.append(max(schedule.min_runs, math.ceil(schedule.round_ms / probe)))
+        medians: list[list[float]] = [[] for _ in pairs]
+        timings: list[list[float]] = [[] for _ in pairs]
+        loads = []
+        order = np.random.default_rng(1)
+        for _ in range(schedule.rounds):
+            for index in order.permutation(len(pairs)):
+                os.sched_setaffinity(0, allowed[: pairs[index].cores])
+                time_runs(sessions[index], feeds[index], schedule.warmup)
+                timed = time_runs(sessions[index], feeds[index], runs[index])
+                medians[index].append(float(np.median(timed)))
+                timings[index].extend(timed)
+                time.sleep(schedule.pause_s)
+            loads.append(os.getloadavg()[0])
     finally:
         os.sched_setaffinity(0, allowed)
         for session in sessions:
-            session.close()  # type: ignore[attr-defined]
-    return [
-        dataclasses.replace(pair, p50_ms=float(np.percentile(t, 50)), p95_ms=float(np.percentile(t, 95)))
-        for pair, t in zip(pairs, timings, strict=True)
+            session.close()
+    measured = [
+        dataclasses.replace(pair, round_medians_ms=tuple(m), p95_ms=float(np.percentile(t, 95)))
+        for pair, m, t in zip(pairs, medians, timings, strict=True)
     ]
+    return measured, loads
+
+
+def save_measurements(pairs: list[Pair], loads: list[float], target: Path) -> None:
+    """Write the per-round medians of every pair and the load averages to a JSON file."""
+    records = [
+        {
+            "variant": p.variant.variant_id,
+            "cores": p.cores,
+            "threads": p.threads,
+            "round_medians_ms": list(p.round_medians_ms),
+            "p95_ms": p.p95_ms,
+        }
+        for p in pairs
+    ]
+    target.write_text(json.dumps({"machine": machine_line(), "loads": loads, "pairs": records}, indent=1))
+
+
+def load_measurements(pairs: list[Pair], source: Path) -> tuple[list[Pair], list[float]]:
+    """Fill the pairs from a file written by save_measurements; raise ValueError when a pair is missing."""
+    data = json.loads(source.read_text())
+    by_key = {(r["variant"], r["cores"], r["threads"]): r for r in data["pairs"]}
+    filled = []
+    for pair in pairs:
+        record = by_key.get((pair.variant.variant_id, pair.cores, pair.threads))
+        if record is None:
+            raise ValueError(f"{source} has no measurement of {pair.label}; measure again without --load")
+        filled.append(
+            dataclasses.replace(pair, round_medians_ms=tuple(record["round_medians_ms"]), p95_ms=record["p95_ms"])
+        )
+    return filled, list(data["loads"])
+
+
+def report_threads(pairs: list[Pair]) -> None:
+    """Print, per variant, the latency ratios between the profiles, and flag 2 threads slower than 1.
+
+    On an idle machine a 1-thread pair should measure the same on 1 and on 2 cores, and 2 threads
+    should be no slower than 1 beyond the noise.
+    """
+    by_variant: dict[str, dict[tuple[int, int], Pair]] = {}
+    for pair in pairs:
+        by_variant.setdefault(pair.variant.variant_id, {})[(pair.cores, pair.threads)] = pair
+    print("latency ratios between profiles (noise: the larger even/odd-round difference of the two pairs):")
+    print(f"  {'variant':22} {'1c1t/2c1t':>9} {'noise':>6} {'2c2t/2c1t':>9} {'noise':>6}")
+    slower = []
+    for variant_id, profiles in by_variant.items():
+        one, two, both = profiles.get((1, 1)), profiles.get((2, 1)), profiles.get((2, 2))
+        if one is None or two is None or both is None:
+            continue
+        cores_ratio = one.p50_ms / two.p50_ms
+        threads_ratio = both.p50_ms / two.p50_ms
+        threads_noise = max(both.noise, two.noise)
+        if threads_ratio > 1.0 + threads_noise:
+            slower.append(variant_id)
+        print(
+            f"  {variant_id:22} {cores_ratio:9.3f} {max(one.noise, two.noise):6.1%} "
+            f"{threads_ratio:9.3f} {threads_noise:6.1%}"
+        )
+    if slower:
+        print(f"  2 threads slower than 1 beyond the noise: {', '.join(slower)}")
+    else:
+        print("  no variant is slower at 2 threads than at 1 beyond the noise")
 
 
 def leave_one_out(pairs: list[Pair], profiles: dict[str, HardwareProfile]) -> list[tuple[Pair, float, float]]:
-    """Predict each pair from every other pair's measurement; return (pair, calibrated, analytic) p50s."""
+    """Predict each pair from every other pair's measurement; return (pair, calibrated, analytic) p50s.
+
+    The prediction of a variant on a profile uses the variant on the other profiles and the other
+    variants on every profile, never the pair's own measurement.
+    """
     variants = {p.variant.variant_id: p.variant for p in pairs}
     measurements = [
-        Measurement(p.variant.variant_id, p.hardware_class, p.threads, p.p50_ms, p.p95_ms, 30, "benchmark")
+        Measurement(p.variant.variant_id, p.hardware_class, p.threads, p.p50_ms, p.p95_ms, FULL_RUNS, "benchmark")
         for p in pairs
     ]
     prior = AnalyticPredictor()
@@ -254,17 +381,79 @@ def leave_one_out(pairs: list[Pair], profiles: dict[str, HardwareProfile]) -> li
     return predictions
 
 
+def share(flags: list[bool]) -> str:
+    return f"{sum(flags)}/{len(flags)} = {sum(flags) / len(flags):.1%}"
+
+
+def report_predictions(results: list[tuple[Pair, float, float]], worst: int) -> None:
+    """Print every pair's measurement and predictions, the shares within the tolerance and the worst cases."""
+    print(
+        f"{'variant':22} {'format':6} {'prec':4} {'MMACs':>7} {'cores':>5} {'thr':>3} {'measured':>9} "
+        f"{'spread':>7} {'noise':>6} {'loo pred':>9} {'error':>7} {'analytic':>9} {'error':>7}"
+    )
+    for pair, calibrated, analytic in results:
+        v = pair.variant
+        print(
+            f"{v.variant_id:22} {v.format:6} {v.precision:4} {v.metadata.macs / 1e6:7.1f} {pair.cores:5d} "
+            f"{pair.threads:3d} {pair.p50_ms:9.3f} {pair.spread:7.1%} {pair.noise:6.1%} {calibrated:9.3f} "
+            f"{calibrated / pair.p50_ms - 1:+7.1%} {analytic:9.3f} {analytic / pair.p50_ms - 1:+7.1%}"
+        )
+    errors = [abs(c / p.p50_ms - 1) for p, c, _ in results]
+    noisy = [p for p, _, _ in results if p.noise > TOLERANCE]
+    print()
+    print(f"noise floor: median even/odd-round difference {np.median([p.noise for p, _, _ in results]):.1%}, ", end="")
+    print(f"max {max(p.noise for p, _, _ in results):.1%}; {len(noisy)} pairs are noisier than +-{TOLERANCE:.0%}")
+    for pair in noisy:
+        print(f"  {pair.label}: even/odd rounds differ by {pair.noise:.1%} (spread {pair.spread:.1%})")
+    repeat = [p.noise <= TOLERANCE for p, _, _ in results]
+    print(f"re-measurement (even rounds vs odd rounds) within +-{TOLERANCE:.0%}: {share(repeat)}")
+    print(
+        f"leave-one-out calibrated within +-{TOLERANCE:.0%} of the measured p50: "
+        f"{share([e <= TOLERANCE for e in errors])} (target >= 95%)"
+    )
+    within_noise = [e <= max(TOLERANCE, p.noise) for e, (p, _, _) in zip(errors, results, strict=True)]
+    print(f"leave-one-out calibrated within max(+-{TOLERANCE:.0%}, the pair's noise): {share(within_noise)}")
+    prior = [abs(a / p.p50_ms - 1) <= TOLERANCE for p, _, a in results]
+    print(f"analytic prior alone within +-{TOLERANCE:.0%}: {share(prior)}")
+    print(f"leave-one-out errors: median {np.median(errors):.1%}, 95th percentile {np.percentile(errors, 95):.1%}")
+    print("worst leave-one-out cases:")
+    for pair, calibrated, _ in sorted(results, key=lambda item: -abs(item[1] / item[0].p50_ms - 1))[:worst]:
+        print(
+            f"  {pair.label}: measured {pair.p50_ms:.3f} ms (noise {pair.noise:.1%}), "
+            f"predicted {calibrated:.3f} ms ({calibrated / pair.p50_ms - 1:+.1%})"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=40, help="timed runs per pair (default 40)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed runs per pair (default 5)")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds the runs are spread over")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds over all pairs (default 12)")
+    parser.add_argument(
+        "--round-ms", type=float, default=60.0, help="timed ms per pair and round, at least (default 60)"
+    )
+    parser.add_argument("--min-runs", type=int, default=5, help="timed runs per pair and round, at least (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per pair and round (default 2)")
+    parser.add_argument("--pause-ms", type=float, default=2.0, help="sleep between pairs, in ms (default 2)")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="scheduling niceness of the benchmark process (default 0; negative values need root and "
+        "make other processes' load disturb the figures less)",
+    )
+    parser.add_argument("--save", type=Path, help="write the per-round measurements to this JSON file")
+    parser.add_argument("--load", type=Path, help="predict from measurements saved by --save instead of measuring")
+    parser.add_argument("--worst", type=int, default=8, help="worst leave-one-out cases to print (default 8)")
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache" / "bench-costmodel")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 to estimate the noise, got {args.rounds}")
     if len(os.sched_getaffinity(0)) < 2:
         print("this benchmark needs 2 usable cores to measure the 2-core profiles", file=sys.stderr)
         return 2
+    if args.nice:
+        # Set before any session exists, so every runtime worker thread inherits it.
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
 
     print(f"machine: {machine_line()}")
     started = time.monotonic()
@@ -280,45 +469,31 @@ def main(argv: list[str] | None = None) -> int:
         variant = as_variant(kind, path)
         for cores, threads in PROFILES:
             pairs.append(Pair(variant, path, cores, threads, by_cores[cores].hardware_class))
-    load_before = os.getloadavg()[0]
-    pairs = measure_interleaved(pairs, args.runs, args.warmup, args.rounds)
-    print(
-        f"measured {len(pairs)} variant x profile pairs ({args.runs} runs each in {args.rounds} interleaved rounds) "
-        f"in {time.monotonic() - started:.0f} s; 1-minute load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after, on {len(os.sched_getaffinity(0))} cores"
-    )
-
-    results = leave_one_out(pairs, profiles)
-    print()
-    print(
-        f"{'variant':22} {'format':6} {'prec':4} {'MMACs':>7} {'cores':>5} {'thr':>3} {'measured':>9} "
-        f"{'loo pred':>9} {'error':>7} {'analytic':>9} {'error':>7}"
-    )
-    for pair, calibrated, analytic in results:
-        v = pair.variant
+    if args.load:
+        pairs, loads = load_measurements(pairs, args.load)
+        print(f"loaded the measurements of {len(pairs)} pairs from {args.load}")
+    else:
+        schedule = Schedule(args.rounds, args.round_ms, args.min_runs, args.warmup, args.pause_ms / 1000.0)
+        load_before = os.getloadavg()
+        measuring = time.monotonic()
+        pairs, loads = measure_interleaved(pairs, schedule)
         print(
-            f"{v.variant_id:22} {v.format:6} {v.precision:4} {v.metadata.macs / 1e6:7.1f} {pair.cores:5d} "
-            f"{pair.threads:3d} {pair.p50_ms:9.3f} {calibrated:9.3f} {calibrated / pair.p50_ms - 1:+7.1%} "
-            f"{analytic:9.3f} {analytic / pair.p50_ms - 1:+7.1%}"
+            f"measured {len(pairs)} variant x profile pairs in {args.rounds} interleaved rounds "
+            f"(>= {args.round_ms:g} ms and >= {args.min_runs} runs per pair and round) in "
+            f"{time.monotonic() - measuring:.0f} s at niceness {os.getpriority(os.PRIO_PROCESS, 0)}"
         )
-    within = [abs(c / p.p50_ms - 1) <= TOLERANCE for p, c, _ in results]
-    within_prior = [abs(a / p.p50_ms - 1) <= TOLERANCE for p, _, a in results]
-    print()
-    print(
-        f"leave-one-out calibrated: {sum(within)}/{len(within)} = {sum(within) / len(within):.1%} of pairs "
-        f"within +-{TOLERANCE:.0%} of the measured p50 (target >= 95%)"
-    )
-    print(
-        f"analytic prior alone:     {sum(within_prior)}/{len(within_prior)} = "
-        f"{sum(within_prior) / len(within_prior):.1%} within +-{TOLERANCE:.0%}"
-    )
-    errors = sorted(results, key=lambda item: -abs(item[1] / item[0].p50_ms - 1))
-    print("worst leave-one-out cases:")
-    for pair, calibrated, _ in errors[:5]:
         print(
-            f"  {pair.variant.variant_id} cores={pair.cores} threads={pair.threads}: measured {pair.p50_ms:.3f} ms, "
-            f"predicted {calibrated:.3f} ms ({calibrated / pair.p50_ms - 1:+.1%})"
+            "load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before) + "; "
+            f"1-minute after each round: {', '.join(f'{x:.2f}' for x in loads)}; on "
+            f"{len(os.sched_getaffinity(0))} cores"
         )
+        if args.save:
+            save_measurements(pairs, loads, args.save)
+            print(f"saved the measurements to {args.save}")
+    print()
+    report_threads(pairs)
+    print()
+    report_predictions(leave_one_out(pairs, profiles), args.worst)
     return 0
 
 

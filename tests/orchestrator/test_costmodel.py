@@ -189,6 +189,82 @@ def test_calibration_learns_int8_slowdown() -> None:
     assert int8 > fp32
 
 
+# A synthetic table of latencies that is exactly multiplicative: a cost per variant times a speed per
+# hardware class, a runtime and a precision factor per class (int8 is slower than fp32 on "avx2" and
+# faster on "vnni") and a speed-up per class and thread count.
+TABLE_CLASSES = {
+    "avx2": profile("avx2", ("avx2", "fma")),
+    "vnni": profile("vnni", ("avx2", "avx512f", "avx512_vnni"), usable_cores=4.0, logical_cores=4),
+    "arm": profile("arm", ("neon", "dotprod"), architecture="aarch64", usable_cores=4.0, logical_cores=4),
+}
+TABLE_PROFILES = (("avx2", 1), ("avx2", 2), ("vnni", 1), ("vnni", 4), ("arm", 1), ("arm", 2))
+CLASS_SPEED = {"avx2": 1.0, "vnni": 0.55, "arm": 2.4}
+RUNTIME_SPEED = {("avx2", "onnx"): 1.0, ("avx2", "tflite"): 0.8, ("vnni", "onnx"): 1.0}
+RUNTIME_SPEED |= {("vnni", "tflite"): 1.3, ("arm", "onnx"): 1.4, ("arm", "tflite"): 1.0}
+INT8_FACTOR = {"avx2": 1.35, "vnni": 0.5, "arm": 0.8}
+THREAD_FACTOR = {("avx2", 2): 0.62, ("vnni", 4): 0.35, ("arm", 2): 0.7}
+
+
+def table_variants() -> list[Variant]:
+    variants = []
+    for i in range(12):
+        fmt = "tflite" if i % 3 == 2 else "onnx"
+        precision = "int8" if i % 3 == 1 else "fp32"
+        variants.append(
+            variant(f"t{i}", macs=(20 + 37 * i) * 1_000_000, precision=precision, fmt=fmt, layers=20 + 7 * i)
+        )
+    return variants
+
+
+def table_p50(v: Variant, hardware_class: str, threads: int) -> float:
+    # The variant's own cost departs from its MACs by up to +-40%, which the prior cannot know.
+    cost = v.metadata.macs / 20e6 * (0.6 + 0.8 * ((int(v.variant_id[1:]) * 7) % 11) / 10)
+    latency = cost * CLASS_SPEED[hardware_class] * RUNTIME_SPEED[(hardware_class, v.format)]
+    if v.precision == "int8":
+        latency *= INT8_FACTOR[hardware_class]
+    return latency * THREAD_FACTOR.get((hardware_class, threads), 1.0)
+
+
+def test_calibration_recovers_multiplicative_table() -> None:
+    variants = table_variants()
+    known = {v.variant_id: v for v in variants}
+    table = [
+        Measurement(v.variant_id, c, n, table_p50(v, c, n), 1.2 * table_p50(v, c, n), 50, "benchmark")
+        for v in variants
+        for c, n in TABLE_PROFILES
+    ]
+    errors = {}
+    for index, held_out in enumerate(table):
+        others = table[:index] + table[index + 1 :]
+        predictor = CalibratedPredictor(others, profiles=TABLE_CLASSES, variants=known)
+        predicted = predictor.predict(
+            TABLE_CLASSES[held_out.hardware_class], known[held_out.variant_id], held_out.threads
+        )
+        errors[(held_out.variant_id, held_out.hardware_class, held_out.threads)] = relative_error(
+            predicted.p50_ms, held_out.p50_ms
+        )
+    worst = max(errors, key=lambda key: errors[key])
+    assert errors[worst] <= 0.10, f"{worst} predicted {errors[worst]:.1%} off"
+
+
+def test_calibration_ignores_one_disturbed_measurement() -> None:
+    # One pair measured 3x too slow (another process ran during it) must not drag the other variants.
+    variants = table_variants()
+    known = {v.variant_id: v for v in variants}
+    table = [
+        Measurement(v.variant_id, c, n, table_p50(v, c, n), 1.2 * table_p50(v, c, n), 50, "benchmark")
+        for v in variants
+        for c, n in TABLE_PROFILES
+    ]
+    disturbed = [
+        dataclasses.replace(m, p50_ms=3 * m.p50_ms) if m.variant_id == "t0" and m.threads == 2 else m for m in table
+    ]
+    held_out = next(m for m in table if m.variant_id == "t3" and m.hardware_class == "avx2" and m.threads == 2)
+    predictor = CalibratedPredictor([m for m in disturbed if m != held_out], profiles=TABLE_CLASSES, variants=known)
+    predicted = predictor.predict(TABLE_CLASSES["avx2"], known["t3"], 2).p50_ms
+    assert relative_error(predicted, held_out.p50_ms) <= 0.10
+
+
 def test_measured_pair_uses_measurement() -> None:
     v = variant("v1")
     measurement = Measurement("v1", "x86-2c", 1, 7.5, 9.0, 50, "benchmark")
@@ -448,6 +524,7 @@ def test_explain_cli_json(orchestrator: OrchestratorThread, capsys: pytest.Captu
         [
             "--orchestrator",
             orchestrator.address,
+            "--insecure",
             "explain",
             "--model",
             "linear:1",
@@ -473,7 +550,9 @@ def test_explain_cli_table(orchestrator: OrchestratorThread, capsys: pytest.Capt
     model = upload(orchestrator, linear_onnx(seed=0), "linear", "1")
     capsys.readouterr()
 
-    code = cli_main(["--orchestrator", orchestrator.address, "explain", "--model", "linear", "--device", device_id])
+    code = cli_main(
+        ["--orchestrator", orchestrator.address, "--insecure", "explain", "--model", "linear", "--device", device_id]
+    )
 
     output = capsys.readouterr().out
     assert code == 0
@@ -483,6 +562,8 @@ def test_explain_cli_table(orchestrator: OrchestratorThread, capsys: pytest.Capt
 
 
 def test_explain_cli_not_found(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli_main(["--orchestrator", orchestrator.address, "explain", "--model", "linear", "--device", "nope"])
+    code = cli_main(
+        ["--orchestrator", orchestrator.address, "--insecure", "explain", "--model", "linear", "--device", "nope"]
+    )
     assert code == 3
     assert "not found" in capsys.readouterr().err

@@ -28,7 +28,10 @@ INT8_SPEEDUP_WITHOUT_DOT = 0.9
 # fp16 weights run as fp32 unless the CPU has native half-precision arithmetic.
 FP16_SPEEDUP_NATIVE = 1.5
 FP16_SPEEDUP_EMULATED = 0.9
-# Fixed cost of one call (binding, input copy) and of each operator (dispatch, memory traffic), in seconds.
+# Fixed cost of one call (binding, input copy) and of each operator (dispatch, memory traffic), in seconds
+# on a core of the REFERENCE_RATE. Other cores take them in proportion to their fp32 rate, so the prior
+# stays a per-variant cost times a per-device speed, which is the structure the calibration fits.
+REFERENCE_RATE = 16e9
 CALL_OVERHEAD_S = {"onnxruntime": 40e-6, "litert": 20e-6}
 LAYER_OVERHEAD_S = {"onnxruntime": 5e-6, "litert": 4e-6}
 # A layer of this many MACs splits across threads with half of its time parallel.
@@ -91,7 +94,8 @@ def estimate(variant: VariantFeatures, device: DeviceFeatures, threads: int) -> 
     rate = fp32_rate(device) * precision_speedup(variant.precision, device)
     other_macs = max(0, variant.macs - variant.dense_macs - variant.depthwise_macs)
     compute = (variant.dense_macs + other_macs) / rate + variant.depthwise_macs / (rate * DEPTHWISE_EFFICIENCY)
-    fixed = CALL_OVERHEAD_S[variant.runtime] + LAYER_OVERHEAD_S[variant.runtime] * variant.layers
+    overhead = CALL_OVERHEAD_S[variant.runtime] + LAYER_OVERHEAD_S[variant.runtime] * variant.layers
+    fixed = overhead * REFERENCE_RATE / fp32_rate(device)
     p = parallel_fraction(variant)
     effective = max(1.0, min(float(threads), device.usable_cores))
     return AnalyticEstimate(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefleet.common.amdahl import choose_threads
+from edgefleet.common.amdahl import amdahl_speedup, choose_threads
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.orchestrator.costmodel import analytic
 from edgefleet.orchestrator.costmodel.features import (
@@ -26,18 +26,34 @@ log = logging.getLogger(__name__)
 
 # Largest thread count searched when the predictor chooses threads.
 MAX_SEARCH_THREADS = 16
-# Ridge penalty of each residual effect, in units of one measurement: a larger value needs more
-# measurements before the effect moves away from 0 (the analytic prior).
+# Ridge penalty of each kind of effect, in units of one full-weight measurement: a larger value needs
+# more measurements before the effect moves away from 0 (the analytic prior). The variant's own
+# effect is nearly free, because the prior misjudges individual graphs by factors of 2 or more,
+# while the effects shared by many variants are held closer to 0 until several measurements agree.
 RIDGE = {
-    "variant": 0.5,
-    "variant_threaded": 2.0,
-    "context": 0.5,
-    "class": 1.0,
-    "class_precision": 1.0,
-    "precision": 2.0,
-    "context_size": 1.0,
+    "variant": 0.02,
+    "variant_threaded": 0.3,
+    "class": 0.3,
+    "class_precision": 0.3,
+    "precision": 1.0,
     "size": 1.0,
+    "threads": 0.3,
+    "threads_precision": 0.5,
+    "threads_grain": 0.5,
+    "threads_any": 1.0,
+    "threads_any_grain": 1.0,
+    "threads_prior": 0.02,
+    "threads_any_prior": 0.02,
 }
+# The size feature of a variant is log(MACs / SIZE_MACS): how its residual against the prior changes
+# with its size, for variants that were never measured.
+SIZE_MACS = 30e6
+# Iteratively reweighted least squares with Huber weights: a measurement whose residual is over
+# HUBER_K robust standard deviations counts less, so one disturbed measurement cannot drag the
+# effects it shares with other variants. The robust scale is at least MIN_SCALE (in log units).
+HUBER_K = 1.345
+MIN_SCALE = 0.03
+IRLS_ITERATIONS = 6
 # Weight of one measurement by source. Streamed fleet windows include queueing and other load on the
 # device, so they count less than a benchmark on an idle device.
 SOURCE_WEIGHTS = {"benchmark": 1.0, "gate": 1.0, "fleet": 0.5}
@@ -155,47 +171,72 @@ class CalibratedPredictor:
             entry[1] += weight
         return {key: math.exp(total / weight) for key, (total, weight) in sums.items() if weight > 0}
 
-    def _effect_keys(
+    def _effects_of(
         self, variant: VariantFeatures, variant_id: str, device: DeviceFeatures, threads: int
-    ) -> list[tuple[str, ...]]:
-        # Models with similar work per layer share how far they fall from the prior, at each thread count.
-        size = str(round(math.log(max(2.0, variant.macs / variant.layers), 4)))
-        keys: list[tuple[str, ...]] = [
-            ("variant", variant_id),
-            ("context", device.hardware_class, variant.runtime, str(threads)),
-            ("class", device.hardware_class, variant.runtime),
-            ("class_precision", device.hardware_class, variant.runtime, variant.precision),
-            ("precision", variant.runtime, variant.precision, str(device.int8_dot)),
-            ("context_size", device.hardware_class, variant.runtime, str(threads), size),
-            ("size", variant.runtime, variant.precision, size),
-        ]
+    ) -> dict[tuple[str, ...], float]:
+        """Return the effects that apply to a variant on a device at threads threads, with their feature values."""
+        size = math.log(max(1.0, variant.macs) / SIZE_MACS)
+        hardware_class, runtime, precision = device.hardware_class, variant.runtime, variant.precision
+        effects: dict[tuple[str, ...], float] = {
+            ("variant", variant_id): 1.0,
+            ("class", hardware_class, runtime): 1.0,
+            ("class_precision", hardware_class, runtime, precision): 1.0,
+            ("precision", runtime, precision, str(device.int8_dot)): 1.0,
+            ("size", runtime, precision): size,
+        }
         if threads > 1:
-            keys.append(("variant_threaded", variant_id))
-        return keys
+            count = str(threads)
+            # How far the prior's speed-up of this variant falls short of the best speed-up it gives any
+            # variant (log units, <= 0: small layers gain less). The coefficient scales that shortfall,
+            # so measurements can keep it (0), drop it (-1) or strengthen it.
+            effective = max(1.0, min(float(threads), device.usable_cores))
+            shortfall = math.log(
+                analytic.estimate(variant, device, 1).p50_s / analytic.estimate(variant, device, threads).p50_s
+            ) - math.log(amdahl_speedup(analytic.MAX_PARALLEL_FRACTION, effective))
+            effects.update(
+                {
+                    ("threads", hardware_class, runtime, count): 1.0,
+                    ("threads_precision", hardware_class, runtime, precision, count): 1.0,
+                    ("threads_prior", hardware_class, runtime): shortfall,
+                    ("threads_any_prior", runtime): shortfall,
+                    ("threads_any", runtime, count): 1.0,
+                    ("variant_threaded", variant_id): math.log2(threads),
+                }
+            )
+        return effects
 
     def _fit(self, measurements: list[Measurement]) -> dict[tuple[str, ...], float]:
+        """Fit the effects to the log residuals against the prior by robust ridge regression."""
         if not measurements:
             return {}
-        rows: list[list[tuple[str, ...]]] = []
+        rows: list[dict[tuple[str, ...], float]] = []
         targets: list[float] = []
         weights: list[float] = []
         for m in measurements:
             variant = self._variant(self._variants[m.variant_id])
             device = self._device(self._profiles[m.hardware_class])
             prior = analytic.estimate(variant, device, m.threads).p50_s * 1000.0
-            rows.append(self._effect_keys(variant, m.variant_id, device, m.threads))
+            rows.append(self._effects_of(variant, m.variant_id, device, m.threads))
             targets.append(math.log(m.p50_ms) - math.log(prior))
             weights.append(_weight(m))
         columns = sorted({key for row in rows for key in row})
         index = {key: i for i, key in enumerate(columns)}
         design = np.zeros((len(rows), len(columns)))
         for i, row in enumerate(rows):
-            for key in row:
-                design[i, index[key]] = 1.0
-        w = np.asarray(weights)
-        gram = design.T @ (design * w[:, None])
-        gram += np.diag([RIDGE[key[0]] for key in columns])
-        solution = np.linalg.solve(gram, design.T @ (w * np.asarray(targets)))
+            for key, value in row.items():
+                design[i, index[key]] = value
+        target = np.asarray(targets)
+        base = np.asarray(weights)
+        ridge = np.diag([RIDGE[key[0]] for key in columns])
+        robust = np.ones_like(base)
+        solution = np.zeros(len(columns))
+        for _ in range(IRLS_ITERATIONS):
+            w = base * robust
+            gram = design.T @ (design * w[:, None]) + ridge
+            solution = np.linalg.solve(gram, design.T @ (w * target))
+            residuals = np.abs(target - design @ solution)
+            scale = max(MIN_SCALE, 1.4826 * float(np.median(residuals)))
+            robust = np.minimum(1.0, HUBER_K * scale / np.maximum(residuals, 1e-12))
         return {key: float(value) for key, value in zip(columns, solution, strict=True)}
 
     def _fit_tail(self, measurements: list[Measurement]) -> dict[tuple[str, ...], float]:
@@ -219,9 +260,9 @@ class CalibratedPredictor:
             return direct, "measured"
         features = self._variant(variant)
         prior = analytic.estimate(features, device, threads).p50_s * 1000.0
-        keys = self._effect_keys(features, variant.variant_id, device, threads)
-        correction = sum(self._effects.get(key, 0.0) for key in keys)
-        basis = "calibrated" if any(key in self._effects for key in keys) else "analytic"
+        effects = self._effects_of(features, variant.variant_id, device, threads)
+        correction = sum(self._effects.get(key, 0.0) * value for key, value in effects.items())
+        basis = "calibrated" if any(key in self._effects for key in effects) else "analytic"
         return prior * math.exp(correction), basis
 
     def tail_ratio(self, hardware_class: str, runtime: str, threads: int) -> float:
