@@ -1,7 +1,8 @@
 """edgefleet: the operator CLI for devices, models, deployments and metrics.
 
-Exit codes: 0 success, 1 the request failed, 2 invalid usage, arguments or API token, 3 not found,
-4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable.
+Exit codes: 0 success, 1 the request failed, 2 invalid usage, arguments, API token or role, 3 not found,
+4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable or not serving,
+130 interrupted (Ctrl-C), 141 stdout closed early (a pipe into head).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DEFAULT_ORCHESTRATOR = "127.0.0.1:50052"
 DEFAULT_INSECURE_ORCHESTRATOR = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command killed by SIGPIPE.
 STATUS_EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
@@ -68,7 +70,7 @@ class Client:
         try:
             self.channel = operator_channel(address, token=token, ca_cert=ca_cert, insecure=insecure)
         except CredentialsError as error:
-            raise CliError(f"{error} (set --ca-cert or EDGEFLEET_CA_CERT)", EXIT_USAGE) from None
+            raise CliError(f"{error} (the CLI also reads EDGEFLEET_CA_CERT)", EXIT_USAGE) from None
         self.stub = operator_pb2_grpc.OperatorServiceStub(self.channel)
 
     def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
@@ -362,7 +364,15 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
         "variant_id": assignment.variant_id,
         "digest": assignment.digest,
         "desired_generation": device["desired_generation"],
-        "state": next((m for m in device["models"] if m["model"] == assignment.model_name), None),
+        # Only the assigned variant's status counts; an older variant may still be serving until the device applies it.
+        "state": next(
+            (
+                m
+                for m in device["models"]
+                if m["model"] == assignment.model_name and m["variant_id"] == assignment.variant_id
+            ),
+            None,
+        ),
     }
     emit(result, args.output, render_deploy)
     state = result["state"]
@@ -459,7 +469,20 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
     if not overall or not overall[0].inference_count:
         raise CliError(f"no latency windows match {filters_text(filters)} since {args.since}", EXIT_NOT_FOUND)
     path = plot_latency(list(series), overall[0], filters_text(filters), args.out)
-    print(f"wrote {path} ({overall[0].inference_count} inferences in {len(series)} buckets of {bucket} s)")
+    result = {
+        "path": str(path),
+        "inferences": overall[0].inference_count,
+        "buckets": len(series),
+        "bucket_seconds": bucket,
+    }
+    emit(result, args.output, render_plot)
+
+
+def render_plot(result: dict[str, Any]) -> str:
+    return (
+        f"wrote {result['path']} ({result['inferences']} inferences in {result['buckets']} buckets "
+        f"of {result['bucket_seconds']} s)"
+    )
 
 
 def filters_text(filters: dict[str, str]) -> str:
@@ -486,7 +509,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> None:
     except grpc.RpcError as error:
         raise client.error(error) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(status)
+    emit({"address": client.address, "service": args.service, "status": status}, args.output, lambda r: r["status"])
     if response.status != health_pb2.HealthCheckResponse.SERVING:
         raise CliError(f"orchestrator at {client.address} is {status}", EXIT_UNAVAILABLE)
 
@@ -612,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
     sub.add_argument("--bucket", default="10s", help="time bucket of the series: 10s, 1m, 5m (default 10s)")
     sub.add_argument("--out", type=Path, default=Path("latency.png"), help="PNG file to write (default latency.png)")
+    output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_plot)
 
     from edgefleet.cli import explain  # Imported here because it imports this module.
@@ -620,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = nouns.add_parser("health", help="check that the orchestrator is serving (exit 0) or not (exit 69)")
     sub.add_argument("--service", default="", help="a service name; empty checks the whole server")
+    output_flag(sub)
     sub.set_defaults(handler=cmd_health)
 
     pki.add_commands(nouns)
@@ -662,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
         return error.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout (head, less) went away; point stdout at /dev/null so the exit flush succeeds.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return 0
 
 
