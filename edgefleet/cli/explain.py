@@ -59,17 +59,19 @@ def render_explain(data: dict[str, Any]) -> str:
         lines.append(f"chosen: {data['chosen_variant_id']} with {data['threads']} threads")
     else:
         lines.append("chosen: none; no variant qualifies")
+    # The variant column is as wide as the longest id, so long ids keep the columns aligned.
+    width = max([len("VARIANT"), *(len(c["variant_id"]) for c in data["candidates"])])
     header = (
-        f"  {'':1} {'VARIANT':28} {'FORMAT':6} {'PREC':4} {'ACCURACY':>8} {'P50 MS':>8} {'P95 MS':>8} "
-        f"{'MEMORY':>10} {'THR':>3} {'BASIS':10}"
+        f"  {'':1} {'VARIANT':{width}} {'FORMAT':6} {'PREC':4} {'ACCURACY':>8} {'P50 MS':>8} {'P95 MS':>8} "
+        f"{'MEMORY':>10} {'THR':>3} BASIS"
     )
     lines += ["", header]
     for c in data["candidates"]:
         memory = views.human_bytes(c["predicted_memory_bytes"]) if c["predicted_memory_bytes"] else "-"
         lines.append(
-            f"  {'*' if c['chosen'] else ' ':1} {c['variant_id']:28} {c['format']:6} {c['precision']:4} "
+            f"  {'*' if c['chosen'] else ' ':1} {c['variant_id']:{width}} {c['format']:6} {c['precision']:4} "
             f"{_cell(c['accuracy'], 4):>8} {_cell(c['predicted_p50_ms']):>8} {_cell(c['predicted_p95_ms']):>8} "
-            f"{memory:>10} {c['threads'] or '-':>3} {c['basis'] or '-':10}"
+            f"{memory:>10} {c['threads'] or '-':>3} {c['basis'] or '-'}"
         )
         lines.append(f"      {c['reason']}")
     return "\n".join(lines)
