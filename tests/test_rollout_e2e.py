@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +34,20 @@ def get_rollout(address: str, rollout_id: str) -> operator_pb2.Rollout:
     with grpc.insecure_channel(address) as channel:
         stub = operator_pb2_grpc.OperatorServiceStub(channel)
         return stub.GetRollout(operator_pb2.GetRolloutRequest(rollout_id=rollout_id), timeout=10)
+
+
+def wait_rollout(
+    address: str, rollout_id: str, done: Callable[[operator_pb2.Rollout], bool], what: str, timeout_s: float
+) -> operator_pb2.Rollout:
+    """Poll the rollout until done(rollout) is true and return it; fail naming what after timeout_s."""
+    latest: list[operator_pb2.Rollout] = []
+
+    def check() -> bool:
+        latest[:] = [get_rollout(address, rollout_id)]
+        return done(latest[0])
+
+    wait_until(check, what, timeout_s)
+    return latest[0]
 
 
 def serve_wave(address: str, wave: operator_pb2.Wave, latency_ms: float) -> None:
@@ -81,12 +95,12 @@ def test_rollout_survives_sigkill(local_fleet: LocalFleet) -> None:
             ),
             timeout=10,
         )
-    first = wait_until(
-        lambda: (
-            (r := get_rollout(local_fleet.address, rollout.rollout_id)).state == operator_pb2.ROLLOUT_STATE_RUNNING
-            and r
-        ),
+    first = wait_rollout(
+        local_fleet.address,
+        rollout.rollout_id,
+        lambda r: r.state == operator_pb2.ROLLOUT_STATE_RUNNING,
         "wave 1 to start",
+        RESTART_TIMEOUT_S,
     )
     assert local_fleet.orchestrator is not None
     local_fleet.orchestrator.popen.kill()
@@ -95,17 +109,18 @@ def test_rollout_survives_sigkill(local_fleet: LocalFleet) -> None:
     local_fleet.start_orchestrator()
     restarted = get_rollout(local_fleet.address, rollout.rollout_id)
     serve_wave(local_fleet.address, restarted.waves[0], 5.0)
-    second = wait_until(
-        lambda: (r := get_rollout(local_fleet.address, rollout.rollout_id)).current_wave == 1 and r,
+    second = wait_rollout(
+        local_fleet.address,
+        rollout.rollout_id,
+        lambda r: r.current_wave == 1,
         "wave 2 to start after the restart",
         RESTART_TIMEOUT_S,
     )
     serve_wave(local_fleet.address, second.waves[-1], 5.0)
-    done = wait_until(
-        lambda: (
-            (r := get_rollout(local_fleet.address, rollout.rollout_id)).state == operator_pb2.ROLLOUT_STATE_SUCCEEDED
-            and r
-        ),
+    done = wait_rollout(
+        local_fleet.address,
+        rollout.rollout_id,
+        lambda r: r.state == operator_pb2.ROLLOUT_STATE_SUCCEEDED,
         "the rollout to succeed",
         RESTART_TIMEOUT_S,
     )

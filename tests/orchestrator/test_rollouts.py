@@ -55,6 +55,20 @@ def get_rollout(orchestrator: OrchestratorThread, rollout_id: str) -> operator_p
     return orchestrator.operator.GetRollout(operator_pb2.GetRolloutRequest(rollout_id=rollout_id), timeout=30)
 
 
+def wait_rollout(
+    orchestrator: OrchestratorThread, rollout_id: str, done: Callable[[operator_pb2.Rollout], bool], what: str
+) -> operator_pb2.Rollout:
+    """Poll the rollout until done(rollout) is true and return it; fail naming what after the step timeout."""
+    latest: list[operator_pb2.Rollout] = []
+
+    def check() -> bool:
+        latest[:] = [get_rollout(orchestrator, rollout_id)]
+        return done(latest[0])
+
+    wait_until(check, what)
+    return latest[0]
+
+
 def report_latency(orchestrator: OrchestratorThread, device: operator_pb2.WaveDevice, latency_ms: float) -> None:
     """Upload one window of 30 inferences of latency_ms for the device's wave variant."""
     sketch = LatencySketch()
@@ -135,7 +149,7 @@ def test_rollout_succeeds(orchestrator: OrchestratorThread) -> None:
     first = serve_current_wave(orchestrator, rollout.rollout_id, 5.0)
     wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).current_wave == 1, "wave 2")
     serve_current_wave(orchestrator, rollout.rollout_id, 5.0)
-    done = wait_until(lambda: (r := get_rollout(orchestrator, rollout.rollout_id)).state == SUCCEEDED and r, "success")
+    done = wait_rollout(orchestrator, rollout.rollout_id, lambda r: r.state == SUCCEEDED, "success")
     assert running
     assert len(first.devices) == 1
     assert [w.decision for w in done.waves] == [operator_pb2.WAVE_DECISION_PROCEED] * 2
@@ -147,11 +161,8 @@ def test_over_budget_rolls_back(orchestrator: OrchestratorThread) -> None:
     rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)
     wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).state == RUNNING, "wave 1")
     serve_current_wave(orchestrator, rollout.rollout_id, 500.0)
-    done = wait_until(
-        lambda: (
-            (r := get_rollout(orchestrator, rollout.rollout_id)).state == operator_pb2.ROLLOUT_STATE_ROLLED_BACK and r
-        ),
-        "rollback",
+    done = wait_rollout(
+        orchestrator, rollout.rollout_id, lambda r: r.state == operator_pb2.ROLLOUT_STATE_ROLLED_BACK, "rollback"
     )
     assert done.waves[0].decision == operator_pb2.WAVE_DECISION_ROLLBACK
     assert done.waves[0].devices[0].verdict == "over_budget"

@@ -46,7 +46,7 @@ DEFAULT_SAMPLE_TIMEOUT_S = 600.0
 
 @dataclass(frozen=True)
 class Target:
-    """Which devices a rollout covers: every label must match, and the hardware class pattern if set."""
+    """The devices a rollout covers: every label must match, and the hardware class pattern if set."""
 
     labels: Mapping[str, str] = field(default_factory=dict)
     hardware_class: str = ""  # An exact class or an fnmatch pattern such as "car-ecu-*"; "" matches all.
@@ -54,7 +54,7 @@ class Target:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    """What an operator asks for: a model version, a target, the wave sizes and the gates."""
+    """An operator's request: a model version, a target, the wave sizes and the gates."""
 
     model_name: str
     model_version: str
@@ -87,7 +87,7 @@ class Rollout:
 
 @dataclass(frozen=True)
 class PreviousAssignment:
-    """What a device ran of the rollout's model before the rollout changed it; rollback restores it."""
+    """The assignment of the rollout's model that a device had before the rollout; rollback restores it."""
 
     variant_id: str
     model_version: str

@@ -21,7 +21,7 @@ UNEXPECTED = "unexpected"  # The device reports a model that is not in its desir
 
 # A device's report may lag a push while it downloads and loads; re-push only after this long.
 LAG_GRACE = timedelta(seconds=30)
-# Least time between two re-pushes to the same device.
+# Minimum time between two re-pushes to the same device.
 REPUSH_INTERVAL = timedelta(seconds=60)
 
 
@@ -133,7 +133,7 @@ class Reconciler:
     def tick(self, connected: Collection[str]) -> list[str]:
         """Re-push the desired state to connected devices that lag longer than the grace period.
 
-        connected holds the ids of devices with a control stream open in this process. Returns the
+        connected contains the ids of devices with a control stream open in this process. Returns the
         ids of the devices pushed to.
         """
         now = self.clock()

@@ -99,7 +99,7 @@ def cumulative_count(percent: int, total: int) -> int:
 def plan_order(devices: Sequence[Device]) -> list[str]:
     """Order devices for the waves by taking one device of each hardware class in turn.
 
-    The first wave (the canary) therefore spreads across hardware classes: it holds one device of
+    The first wave (the canary) therefore spreads across hardware classes: it contains one device of
     each class as far as its size allows, and so does every later wave. Classes are visited in name
     order and devices in id order, so the plan is the same for the same fleet.
     """
