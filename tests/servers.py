@@ -1,13 +1,13 @@
 """Real orchestrators and agents for the service tests, run in background threads of the test process.
 
 Test modules load the fixtures with `pytest_plugins = ["tests.servers"]` after importing helpers from
-here, so pytest cannot rewrite this module's asserts; PYTEST_DONT_REWRITE says so and avoids its warning.
+here. Pytest cannot rewrite the asserts of a module imported that early, and the PYTEST_DONT_REWRITE
+marker in this docstring stops it from warning about that.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import queue
 import secrets
@@ -119,9 +119,6 @@ def orchestrator_config(tmp_path: Path, db_url: str = "", **overrides: Any) -> O
     config = OrchestratorConfig(
         listen="127.0.0.1:0", db=db_url, data_dir=tmp_path / "orchestrator", insecure=True, operator_listen=""
     )
-    if "insecure" in {field.name for field in dataclasses.fields(OrchestratorConfig)}:
-        # Plaintext gRPC without API tokens, as the tests' stubs use insecure channels.
-        overrides = {"insecure": True, **overrides}
     return replace(config, **overrides)
 
 
@@ -494,8 +491,4 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
 
 def cli_command(*args: str) -> list[str]:
     """Return the command line that runs the operator CLI in a fresh interpreter with plaintext gRPC."""
-    from edgefleet.cli.main import build_parser
-
-    # Test orchestrators serve plaintext; a CLI with TLS support needs --insecure to call them.
-    plaintext = ["--insecure"] if "--insecure" in build_parser().format_help() else []
-    return [sys.executable, "-m", "edgefleet.cli.main", *plaintext, *args]
+    return [sys.executable, "-m", "edgefleet.cli.main", "--insecure", *args]

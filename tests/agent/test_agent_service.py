@@ -58,7 +58,7 @@ def wait_state(
 
 
 def wait_online(orchestrator: OrchestratorThread, agent: AgentThread) -> str:
-    """Wait until the agent holds a control stream; return its device id."""
+    """Wait until the agent has an open control stream; return its device id."""
 
     def online() -> str:
         assert agent.running, f"agent ended: {agent.error!r}"

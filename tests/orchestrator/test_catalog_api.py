@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ from tests.servers import (
 
 pytest_plugins = ["tests.servers"]
 
-# EfficientNet-Lite0 at 224x224: about 4.65 million parameters and 0.39 billion multiply-accumulates.
+# EfficientNet-Lite0 at 224x224: about 4.6 million parameters and 0.39 billion multiply-accumulates.
 EFFICIENTNET_PARAMETERS = (4_500_000, 4_800_000)
 EFFICIENTNET_MACS = (350_000_000, 420_000_000)
 
@@ -289,3 +290,29 @@ def test_download_unknown_device(orchestrator: OrchestratorThread) -> None:
     error = rpc_error(lambda: download(orchestrator, "nobody", model.digest))
 
     assert code_of(error) == grpc.StatusCode.NOT_FOUND
+
+
+def test_upload_concurrent_conflict(orchestrator: OrchestratorThread) -> None:
+    """Two different files raced under one name and version: one is stored, the other gets ALREADY_EXISTS."""
+    files = [linear_onnx(seed=0), linear_onnx(seed=1)] * 3
+
+    def upload_one(data: bytes) -> grpc.StatusCode:
+        try:
+            upload(orchestrator, data, "linear", "1")
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    with ThreadPoolExecutor(max_workers=len(files)) as pool:
+        codes = list(pool.map(upload_one, files))
+
+    models = list_models(orchestrator)
+    stored_digest = models[0].digest
+    winners = [data for data, code in zip(files, codes, strict=True) if code == grpc.StatusCode.OK]
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS}
+    assert len(models) == 1
+    assert {"sha256:" + hashlib.sha256(data).hexdigest() for data in winners} == {stored_digest}
+    # NOTE: a losing upload whose validation ran before the winner was stored leaves its artifact in
+    # the store, unreferenced, because the artifact store has no garbage collection yet.
+    assert stored_digest.removeprefix("sha256:") in [p.name for p in stored_artifacts(orchestrator)]
+    assert [p for p in stored_artifacts(orchestrator) if p.parent.name == "tmp"] == []

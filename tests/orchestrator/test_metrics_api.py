@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ from tests.servers import OrchestratorThread, hardware_message, register
 
 pytest_plugins = ["tests.servers"]
 
-# Window starts are whole minutes in the recent past, so they are well inside any retention.
+# Window starts are whole minutes an hour ago, well inside the default retention.
 BASE = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
 
 
@@ -286,3 +287,28 @@ def test_upload_bad_batch_id(orchestrator: OrchestratorThread) -> None:
 
     assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert long.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_batch_id_per_device(orchestrator: OrchestratorThread) -> None:
+    first, _ = register(orchestrator.agent)
+    second, _ = register(orchestrator.agent)
+    send(orchestrator, first, "batch-1", [make_window([5.0])])
+
+    response = send(orchestrator, second, "batch-1", [make_window([5.0, 6.0])])
+
+    assert response.duplicate is False
+    assert {r.group["device"]: r.inference_count for r in query(orchestrator, group_by=["device"])} == {
+        first: 1,
+        second: 2,
+    }
+
+
+def test_duplicate_batch_concurrent(orchestrator: OrchestratorThread) -> None:
+    device_id, _ = register(orchestrator.agent)
+    windows = [make_window(latencies(seed=5, count=50))]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: send(orchestrator, device_id, "batch-1", windows), range(8)))
+
+    assert [r.duplicate for r in responses].count(False) == 1
+    assert query(orchestrator)[0].inference_count == 50

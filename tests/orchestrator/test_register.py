@@ -236,3 +236,18 @@ def test_list_filters(orchestrator: OrchestratorThread) -> None:
     assert [d.device_id for d in by_label.devices] == ["plc-1"]
     assert [d.device_id for d in by_class.devices] == ["plc-1"]
     assert [d.device_id for d in online.devices] == []
+
+
+def test_register_concurrent_retry(orchestrator: OrchestratorThread) -> None:
+    """One agent retrying its first registration in parallel: every call succeeds with the same id."""
+    key = new_instance_key()
+
+    def register_once(_: int) -> str:
+        device_id, _key = register(orchestrator.agent, "retrying", key)
+        return device_id
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        device_ids = list(pool.map(register_once, range(8)))
+
+    assert device_ids == ["retrying"] * 8
+    assert get_device(orchestrator, "retrying").profile_revisions == 1

@@ -1,0 +1,237 @@
+"""The operator CLI run as a subprocess against a real orchestrator."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgefleet.common.errors import EXIT_UNAVAILABLE
+from tests.servers import OrchestratorThread, cli_command, hardware_message, linear_onnx, register
+
+pytest_plugins = ["tests.servers"]
+
+StartOrchestrator = Callable[..., OrchestratorThread]
+DEVICE_KEYS = {"device_id", "status", "usable_cores", "memory_bytes", "cpu_features", "runtimes"}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m edgefleet.cli.main ARGS` and return the finished process with text output."""
+    environment = {key: value for key, value in os.environ.items() if key != "EDGEFLEET_ORCHESTRATOR"}
+    environment.update(env or {})
+    return subprocess.run(
+        cli_command(*args),
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+        check=False,
+    )
+
+
+def closed_port() -> int:
+    """Return a loopback port that nothing listens on (it was free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def fleet(start_orchestrator: StartOrchestrator) -> OrchestratorThread:
+    """Return an orchestrator with two registered devices, camera-01 and plc-01."""
+    orchestrator = start_orchestrator()
+    register(
+        orchestrator.agent,
+        "camera-01",
+        hardware=hardware_message(
+            usable_cores=1.0,
+            memory_total_bytes=512 * 1024**2,
+            memory_available_bytes=0,
+            cpu_features=["avx2"],
+        ),
+        labels={"kind": "camera"},
+    )
+    register(orchestrator.agent, "plc-01", labels={"kind": "plc"})
+    return orchestrator
+
+
+def test_devices_list_json(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "list", "--output", "json")
+
+    assert result.returncode == 0, result.stderr
+    devices = json.loads(result.stdout)
+    assert isinstance(devices, list)
+    assert [d["device_id"] for d in devices] == ["camera-01", "plc-01"]
+    assert all(set(d) >= DEVICE_KEYS for d in devices)
+    camera = devices[0]
+    assert camera["status"] == "offline"
+    assert camera["usable_cores"] == 1.0
+    assert camera["memory_bytes"] == 512 * 1024**2
+    assert camera["cpu_features"] == ["avx2"]
+    assert [r["name"] for r in camera["runtimes"]] == ["onnxruntime", "litert"]
+
+
+def test_devices_list_label(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "list", "--label", "kind=plc", "-o", "json")
+
+    assert result.returncode == 0, result.stderr
+    assert [d["device_id"] for d in json.loads(result.stdout)] == ["plc-01"]
+
+
+def test_devices_list_table(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "list")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["DEVICE", "STATUS", "PROFILE"]
+    assert [line.split()[0] for line in lines[1:]] == ["camera-01", "plc-01"]
+
+
+def test_devices_show_json(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "show", "plc-01", "-o", "json")
+
+    assert result.returncode == 0, result.stderr
+    device = json.loads(result.stdout)
+    assert device["device_id"] == "plc-01"
+    assert device["labels"] == {"kind": "plc"}
+
+
+def test_env_orchestrator(fleet: OrchestratorThread) -> None:
+    result = run_cli("devices", "list", "-o", "json", env={"EDGEFLEET_ORCHESTRATOR": fleet.address})
+
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 2
+
+
+def test_flag_overrides_env(fleet: OrchestratorThread) -> None:
+    unreachable = f"127.0.0.1:{closed_port()}"
+
+    result = run_cli(
+        "--orchestrator", fleet.address, "devices", "list", "-o", "json", env={"EDGEFLEET_ORCHESTRATOR": unreachable}
+    )
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_unreachable(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{closed_port()}"
+
+    result = run_cli("--orchestrator", address, "--timeout", "3", "devices", "list")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert address in result.stderr
+    assert "cannot reach the orchestrator" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_device(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "show", "camera-1")
+
+    assert result.returncode == 3
+    assert "camera-1" in result.stderr
+    assert "did you mean camera-01" in result.stderr
+
+
+def test_invalid_device_id(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "show", "../etc")
+
+    assert result.returncode == 2
+    assert "device_id" in result.stderr
+
+
+def test_invalid_label_flag(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "devices", "list", "--label", "kind")
+
+    assert result.returncode == 2
+    assert "KEY=VALUE" in result.stderr
+
+
+def test_models_add_and_deploy(fleet: OrchestratorThread, tmp_path: Path) -> None:
+    model_path = tmp_path / "linear.onnx"
+    model_path.write_bytes(linear_onnx())
+
+    added = run_cli(
+        "--orchestrator",
+        fleet.address,
+        "models",
+        "add",
+        str(model_path),
+        "--name",
+        "linear",
+        "--version",
+        "1",
+        "-o",
+        "json",
+    )
+    again = run_cli(
+        "--orchestrator",
+        fleet.address,
+        "models",
+        "add",
+        str(model_path),
+        "--name",
+        "linear",
+        "--version",
+        "1",
+        "-o",
+        "json",
+    )
+    listed = run_cli("--orchestrator", fleet.address, "models", "list", "-o", "json")
+    deployed = run_cli(
+        "--orchestrator", fleet.address, "deploy", "--model", "linear", "--device", "plc-01", "-o", "json"
+    )
+
+    assert added.returncode == 0, added.stderr
+    model = json.loads(added.stdout)
+    assert model["name"] == "linear"
+    assert model["macs"] == 12
+    assert [v["variant_id"] for v in model["variants"]] == ["linear:1:source"]
+    assert again.returncode == 0, again.stderr
+    assert [m["name"] for m in json.loads(listed.stdout)] == ["linear"]
+    assert deployed.returncode == 0, deployed.stderr
+    result = json.loads(deployed.stdout)
+    assert result["variant_id"] == "linear:1:source"
+    assert result["desired_generation"] >= 1
+
+
+def test_models_add_conflict(fleet: OrchestratorThread, tmp_path: Path) -> None:
+    first = tmp_path / "first.onnx"
+    first.write_bytes(linear_onnx(seed=0))
+    second = tmp_path / "second.onnx"
+    second.write_bytes(linear_onnx(seed=1))
+    run_cli("--orchestrator", fleet.address, "models", "add", str(first), "--name", "linear", "--version", "1")
+
+    result = run_cli(
+        "--orchestrator", fleet.address, "models", "add", str(second), "--name", "linear", "--version", "1"
+    )
+
+    assert result.returncode == 4
+    assert "already exists" in result.stderr
+
+
+def test_models_add_missing_file(fleet: OrchestratorThread, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.onnx"
+
+    result = run_cli("--orchestrator", fleet.address, "models", "add", str(missing), "--name", "x", "--version", "1")
+
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+
+
+def test_metrics_query_empty(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "metrics", "query", "--since", "1h", "-o", "json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_metrics_query_bad_time(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "metrics", "query", "--since", "yesterday")
+
+    assert result.returncode == 2
+    assert "yesterday" in result.stderr
