@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from edgefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from edgefleet.common.serde import from_timestamp, timestamp
-from edgefleet.common.sketch import LatencySketch
+from edgefleet.common.sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
 from edgefleet.orchestrator.state import OrchestratorState
@@ -85,6 +85,13 @@ def _window_from_proto(
         sketch = LatencySketch.from_proto(message.latency)
     except ValueError as error:
         raise InvalidArgument(f"{field}.latency", str(error)) from None
+    if sketch.relative_accuracy != DEFAULT_RELATIVE_ACCURACY:
+        # Queries, rollout gates and downsampling merge windows, and sketches merge only at one accuracy.
+        raise InvalidArgument(
+            f"{field}.latency.relative_accuracy",
+            f"{sketch.relative_accuracy:g} differs from the orchestrator's {DEFAULT_RELATIVE_ACCURACY:g}; "
+            "build the sketch with the default accuracy",
+        )
     if sketch.count > message.inference_count:
         raise InvalidArgument(
             f"{field}.latency",
