@@ -206,6 +206,13 @@ def _min_above_max(window: common_pb2.MetricWindow) -> None:
     window.latency.min_ms = window.latency.max_ms + 1
 
 
+def _other_accuracy(window: common_pb2.MetricWindow) -> None:
+    sketch = LatencySketch(relative_accuracy=0.02)
+    for value in (5.0, 6.0, 7.0):
+        sketch.add(value)
+    window.latency.CopyFrom(sketch.to_proto())
+
+
 def _no_start(window: common_pb2.MetricWindow) -> None:
     window.ClearField("window_start")
 
@@ -220,6 +227,7 @@ INVALID_WINDOWS = [
     pytest.param(_count_mismatch, "windows[1].latency", id="sketch-count-mismatch"),
     pytest.param(_sketch_above_inferences, "windows[1].latency", id="sketch-above-inferences"),
     pytest.param(_min_above_max, "windows[1].latency", id="sketch-min-above-max"),
+    pytest.param(_other_accuracy, "windows[1].latency.relative_accuracy", id="sketch-other-accuracy"),
     pytest.param(_no_start, "windows[1].window_start", id="no-start"),
     pytest.param(_no_model, "windows[1].model_name", id="no-model"),
 ]
