@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from edgefleet.agent.agent import FatalAgentError
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
+from edgefleet.common.errors import EXIT_CONFIG, EXIT_USAGE
 from edgefleet.v1 import agent_pb2, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
 from tests.agent.models import linear_reference, tflite_linear
 from tests.servers import (
@@ -241,3 +244,43 @@ def test_agent_identity_conflict(
     assert isinstance(error, FatalAgentError)
     assert "taken" in str(error)
     assert len(get_device(orchestrator, "taken").identity_conflicts) == 1
+
+
+def run_agent_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m edgefleet.agent.main ARGS` to completion and return it with text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet.agent.main", "--insecure", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_process_identity_conflict(start_orchestrator: StartOrchestrator, tmp_path: Path) -> None:
+    """An agent whose id belongs to another agent exits with EXIT_USAGE, so systemd does not restart it."""
+    orchestrator = start_orchestrator()
+    register(orchestrator.agent, "taken")
+    (tmp_path / "identity.json").write_text(json.dumps({"device_id": "taken", "instance_key": new_instance_key()}))
+
+    result = run_agent_process("--orchestrator", orchestrator.address, "--state-dir", str(tmp_path))
+
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "taken" in result.stderr
+
+
+def test_process_bad_identity(tmp_path: Path) -> None:
+    (tmp_path / "identity.json").write_text("{not json")
+
+    result = run_agent_process("--orchestrator", "127.0.0.1:1", "--state-dir", str(tmp_path))
+
+    assert result.returncode == EXIT_CONFIG
+    assert str(tmp_path / "identity.json") in result.stderr
+
+
+def test_process_unknown_profile(tmp_path: Path) -> None:
+    result = run_agent_process("--profile", "toaster", "--state-dir", str(tmp_path))
+
+    assert result.returncode == EXIT_CONFIG
+    assert "toaster" in result.stderr
+    assert "camera" in result.stderr

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tests.servers import (
     register,
     stored_artifacts,
     upload,
+    upload_requests,
+    wait_until,
 )
 
 pytest_plugins = ["tests.servers"]
@@ -316,3 +319,26 @@ def test_upload_concurrent_conflict(orchestrator: OrchestratorThread) -> None:
     # the store, unreferenced, because the artifact store has no garbage collection yet.
     assert stored_digest.removeprefix("sha256:") in [p.name for p in stored_artifacts(orchestrator)]
     assert [p for p in stored_artifacts(orchestrator) if p.parent.name == "tmp"] == []
+
+
+def test_upload_cancelled(orchestrator: OrchestratorThread) -> None:
+    """A client that cancels an upload halfway leaves no temporary file and no model."""
+    data = linear_onnx() * 4
+    sent = threading.Event()
+    release = threading.Event()
+
+    def requests() -> Iterator[operator_pb2.UploadModelRequest]:
+        stream = upload_requests(data, "linear", "1", chunk_bytes=64, sha256="")
+        yield next(stream)
+        yield next(stream)
+        sent.set()
+        release.wait(30)
+
+    future = orchestrator.operator.UploadModel.future(requests(), timeout=60)
+    sent.wait(30)
+    wait_until(lambda: stored_artifacts(orchestrator), "the upload's temporary file")
+    future.cancel()
+    release.set()
+
+    wait_until(lambda: stored_artifacts(orchestrator) == [], "the temporary file to be removed")
+    assert list_models(orchestrator) == []

@@ -251,3 +251,31 @@ def test_register_concurrent_retry(orchestrator: OrchestratorThread) -> None:
 
     assert device_ids == ["retrying"] * 8
     assert get_device(orchestrator, "retrying").profile_revisions == 1
+
+
+def test_list_pages(orchestrator: OrchestratorThread) -> None:
+    for index in range(5):
+        register(orchestrator.agent, f"dev-{index}", labels={"parity": "even" if index % 2 == 0 else "odd"})
+
+    pages = []
+    request = operator_pb2.ListDevicesRequest(page_size=2)
+    while True:
+        response = orchestrator.operator.ListDevices(request, timeout=30)
+        pages.append([d.device_id for d in response.devices])
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    even = orchestrator.operator.ListDevices(
+        operator_pb2.ListDevicesRequest(page_size=2, label_selector={"parity": "even"}), timeout=30
+    )
+    even_rest = orchestrator.operator.ListDevices(
+        operator_pb2.ListDevicesRequest(
+            page_size=2, label_selector={"parity": "even"}, page_token=even.next_page_token
+        ),
+        timeout=30,
+    )
+
+    assert pages == [["dev-0", "dev-1"], ["dev-2", "dev-3"], ["dev-4"]]
+    assert [d.device_id for d in even.devices] == ["dev-0", "dev-2"]
+    assert [d.device_id for d in even_rest.devices] == ["dev-4"]
+    assert even_rest.next_page_token == ""
