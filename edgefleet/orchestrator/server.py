@@ -175,6 +175,10 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
     try:
         port, operator_port = add_ports(server, config)
+    except RuntimeError as error:
+        # grpcio raises RuntimeError, not OSError, for an address that is in use or invalid.
+        store.close()
+        raise OSError(f"cannot listen: {error} (--listen {config.listen}); the address is in use or invalid") from None
     except (OSError, ValueError):
         store.close()
         raise
