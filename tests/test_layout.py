@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import pkgutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -121,3 +123,15 @@ def test_reflection_services(start_orchestrator: Callable[..., OrchestratorThrea
     assert services >= EDGEFLEET_SERVICES
     assert "grpc.health.v1.Health" in services
     assert len(files[0].file_descriptor_response.file_descriptor_proto) >= 1
+
+
+def test_listen_port_in_use(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        with pytest.raises(OSError, match="the address is in use") as caught:
+            start_orchestrator(listen=address)
+
+    assert address in str(caught.value)
