@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Threads serving local calls; each call holds one while the runtime runs.
 WORKERS = 4
+# sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
 
 
 def tensor_to_array(tensor: inference_pb2.Tensor) -> np.ndarray:
@@ -95,8 +97,15 @@ class LocalApiServer:
     """Serves InferenceService and grpc.health.v1 on a Unix socket that only the agent's user can open."""
 
     def __init__(self, host: ModelHost, socket_path: Path) -> None:
+        """Prepare the server; raise ValueError when the socket path is too long for a Unix socket."""
         self.host = host
         self.socket_path = socket_path.absolute()  # gRPC needs unix:///absolute/path.
+        length = len(os.fsencode(self.socket_path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"local API socket path {self.socket_path} is {length} bytes long, but a Unix socket path "
+                f"has at most {MAX_SOCKET_PATH_BYTES}; set --socket or --state-dir to a shorter path"
+            )
         self._server: grpc.Server | None = None
 
     def start(self) -> None:
