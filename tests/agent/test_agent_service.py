@@ -284,3 +284,12 @@ def test_process_unknown_profile(tmp_path: Path) -> None:
     assert result.returncode == EXIT_CONFIG
     assert "toaster" in result.stderr
     assert "camera" in result.stderr
+
+
+def test_process_long_socket_path(tmp_path: Path) -> None:
+    state_dir = tmp_path / ("s" * 110)
+
+    result = run_agent_process("--orchestrator", "127.0.0.1:1", "--state-dir", str(state_dir))
+
+    assert result.returncode == EXIT_CONFIG
+    assert "at most 107" in result.stderr
