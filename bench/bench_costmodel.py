@@ -254,6 +254,7 @@ class Schedule:
     min_runs: int  # Timed runs per pair and round, at least.
     warmup: int  # Untimed runs before each pair's timed runs in every round, to refill its caches.
     pause_s: float  # Sleep between pairs, so the previous pair's spinning worker threads park first.
+    rest: float = 0.0  # Also sleep this many times the time the pair just ran, to leave CPU to others.
 
 
 def measure_interleaved(pairs: list[Pair], schedule: Schedule) -> tuple[list[Pair], list[float]]:
@@ -280,11 +281,12 @@ def measure_interleaved(pairs: list[Pair], schedule: Schedule) -> tuple[list[Pai
         for _ in range(schedule.rounds):
             for index in order.permutation(len(pairs)):
                 os.sched_setaffinity(0, allowed[: pairs[index].cores])
+                busy = time.monotonic()
                 time_runs(sessions[index], feeds[index], schedule.warmup)
                 timed = time_runs(sessions[index], feeds[index], runs[index])
                 medians[index].append(float(np.median(timed)))
                 timings[index].extend(timed)
-                time.sleep(schedule.pause_s)
+                time.sleep(schedule.pause_s + schedule.rest * (time.monotonic() - busy))
             loads.append(os.getloadavg()[0])
     finally:
         os.sched_setaffinity(0, allowed)
@@ -440,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         help="scheduling niceness of the benchmark process (default 0; negative values need root and "
         "make other processes' load disturb the figures less)",
     )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="measure under SCHED_FIFO (needs root or CAP_SYS_NICE), so other processes cannot preempt a "
+        "timed run; the benchmark then sleeps as long as each pair ran, leaving other processes half the CPU",
+    )
     parser.add_argument("--save", type=Path, help="write the per-round measurements to this JSON file")
     parser.add_argument("--load", type=Path, help="predict from measurements saved by --save instead of measuring")
     parser.add_argument("--worst", type=int, default=8, help="worst leave-one-out cases to print (default 8)")
@@ -451,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(os.sched_getaffinity(0)) < 2:
         print("this benchmark needs 2 usable cores to measure the 2-core profiles", file=sys.stderr)
         return 2
+    # Set before any session exists, so every runtime worker thread inherits it.
     if args.nice:
-        # Set before any session exists, so every runtime worker thread inherits it.
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
 
     print(f"machine: {machine_line()}")
@@ -473,14 +481,22 @@ def main(argv: list[str] | None = None) -> int:
         pairs, loads = load_measurements(pairs, args.load)
         print(f"loaded the measurements of {len(pairs)} pairs from {args.load}")
     else:
-        schedule = Schedule(args.rounds, args.round_ms, args.min_runs, args.warmup, args.pause_ms / 1000.0)
+        rest = 1.0 if args.realtime else 0.0
+        schedule = Schedule(args.rounds, args.round_ms, args.min_runs, args.warmup, args.pause_ms / 1000.0, rest)
         load_before = os.getloadavg()
         measuring = time.monotonic()
-        pairs, loads = measure_interleaved(pairs, schedule)
+        if args.realtime:
+            # measure_interleaved creates the sessions, so their worker threads inherit the policy.
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO)))
+        try:
+            pairs, loads = measure_interleaved(pairs, schedule)
+        finally:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         print(
             f"measured {len(pairs)} variant x profile pairs in {args.rounds} interleaved rounds "
             f"(>= {args.round_ms:g} ms and >= {args.min_runs} runs per pair and round) in "
             f"{time.monotonic() - measuring:.0f} s at niceness {os.getpriority(os.PRIO_PROCESS, 0)}"
+            + (", under SCHED_FIFO" if args.realtime else "")
         )
         print(
             "load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before) + "; "

@@ -34,9 +34,11 @@ FP16_SPEEDUP_EMULATED = 0.9
 REFERENCE_RATE = 16e9
 CALL_OVERHEAD_S = {"onnxruntime": 40e-6, "litert": 20e-6}
 LAYER_OVERHEAD_S = {"onnxruntime": 5e-6, "litert": 4e-6}
-# A layer of this many MACs splits across threads with half of its time parallel.
-HALF_PARALLEL_LAYER_MACS = 200_000
-MAX_PARALLEL_FRACTION = 0.95
+# Threads: the latency at n threads is the 1-thread latency t1 times (1 - P) + P / n (Amdahl's law)
+# plus SYNC_PER_LAYER_S per layer for handing work to the other threads and waiting for them, on a
+# core of the REFERENCE_RATE. So small layers gain little from threads, and tiny models lose.
+PARALLEL_FRACTION = 0.95
+SYNC_PER_LAYER_S = 4e-6
 # Tail of the latency distribution on an otherwise idle device.
 P95_OVER_P50 = 1.10
 # Memory: the runtime's own footprint, copies of the weights (onnxruntime keeps the file's
@@ -51,9 +53,10 @@ class AnalyticEstimate:
     """The analytic latency of one variant on one device at one thread count."""
 
     p50_s: float
-    fixed_s: float  # Call and per-layer overhead, which does not shrink with threads.
+    single_s: float  # The p50 at 1 thread: fixed_s + compute_s.
+    fixed_s: float  # Call and per-layer overhead at 1 thread.
     compute_s: float  # Single-thread kernel time.
-    parallel_fraction: float  # Of the kernel time.
+    thread_ratio: float  # p50_s / single_s.
 
 
 def fp32_rate(device: DeviceFeatures) -> float:
@@ -78,16 +81,32 @@ def precision_speedup(precision: str, device: DeviceFeatures) -> float:
     return 1.0
 
 
-def parallel_fraction(variant: VariantFeatures) -> float:
-    """Return the prior parallel fraction of the kernel time: larger layers split better across threads."""
-    per_layer = variant.macs / max(1, variant.layers)
-    return MAX_PARALLEL_FRACTION * per_layer / (per_layer + HALF_PARALLEL_LAYER_MACS)
+def sync_per_layer_s(device: DeviceFeatures) -> float:
+    """Return the prior cost of one layer's hand-over to other threads on the device, in seconds."""
+    return SYNC_PER_LAYER_S * REFERENCE_RATE / fp32_rate(device)
+
+
+def effective_threads(threads: int, device: DeviceFeatures) -> float:
+    """Return the threads that run in parallel: threads beyond the usable cores add no speed."""
+    return max(1.0, min(float(threads), device.usable_cores))
+
+
+def thread_ratio(layers: int, single_s: float, threads: int, device: DeviceFeatures) -> float:
+    """Return the prior ratio of the p50 at threads threads to the p50 single_s at 1 thread.
+
+    The ratio is 1 at one effective thread, else Amdahl's (1 - P) + P / n plus the per-layer
+    synchronisation cost relative to single_s.
+    """
+    effective = effective_threads(threads, device)
+    if effective <= 1.0:
+        return 1.0
+    return 1.0 / amdahl_speedup(PARALLEL_FRACTION, effective) + layers * sync_per_layer_s(device) / single_s
 
 
 def estimate(variant: VariantFeatures, device: DeviceFeatures, threads: int) -> AnalyticEstimate:
     """Return the analytic p50 of variant on device with threads intra-op threads.
 
-    Threads beyond the usable cores add no speed. Raises ValueError for threads below 1.
+    Raises ValueError for threads below 1.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
@@ -96,14 +115,9 @@ def estimate(variant: VariantFeatures, device: DeviceFeatures, threads: int) -> 
     compute = (variant.dense_macs + other_macs) / rate + variant.depthwise_macs / (rate * DEPTHWISE_EFFICIENCY)
     overhead = CALL_OVERHEAD_S[variant.runtime] + LAYER_OVERHEAD_S[variant.runtime] * variant.layers
     fixed = overhead * REFERENCE_RATE / fp32_rate(device)
-    p = parallel_fraction(variant)
-    effective = max(1.0, min(float(threads), device.usable_cores))
-    return AnalyticEstimate(
-        p50_s=fixed + compute / amdahl_speedup(p, effective),
-        fixed_s=fixed,
-        compute_s=compute,
-        parallel_fraction=p,
-    )
+    single = fixed + compute
+    ratio = thread_ratio(variant.layers, single, threads, device)
+    return AnalyticEstimate(p50_s=single * ratio, single_s=single, fixed_s=fixed, compute_s=compute, thread_ratio=ratio)
 
 
 def memory_bytes(variant: VariantFeatures) -> int:

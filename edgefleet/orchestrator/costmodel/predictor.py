@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefleet.common.amdahl import amdahl_speedup, choose_threads
+from edgefleet.common.amdahl import choose_threads
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.orchestrator.costmodel import analytic
 from edgefleet.orchestrator.costmodel.features import (
@@ -28,32 +28,41 @@ log = logging.getLogger(__name__)
 MAX_SEARCH_THREADS = 16
 # Ridge penalty of each kind of effect, in units of one full-weight measurement: a larger value needs
 # more measurements before the effect moves away from 0 (the analytic prior). The variant's own
-# effect is nearly free, because the prior misjudges individual graphs by factors of 2 or more,
+# effects are nearly free, because the prior misjudges individual graphs by factors of 2 or more,
 # while the effects shared by many variants are held closer to 0 until several measurements agree.
 RIDGE = {
+    # Log-latency effects at 1 thread, and the variant's own deviation from the thread model.
     "variant": 0.02,
-    "variant_threaded": 0.3,
+    "variant_threaded": 0.05,
     "class": 0.3,
     "class_precision": 0.3,
     "precision": 1.0,
     "size": 1.0,
-    "threads": 0.3,
-    "threads_precision": 0.5,
-    "threads_grain": 0.5,
-    "threads_any": 1.0,
-    "threads_any_grain": 1.0,
-    "threads_prior": 0.02,
-    "threads_any_prior": 0.02,
+    # Corrections to the prior thread ratio (a + s * layers / t1) by runtime, class and precision.
+    "thread_runtime": 1.0,
+    "thread_runtime_sync": 1.0,
+    "thread_class": 1.0,
+    "thread_class_sync": 1.0,
+    "thread_precision": 2.0,
+    "thread_precision_sync": 2.0,
 }
 # The size feature of a variant is log(MACs / SIZE_MACS): how its residual against the prior changes
 # with its size, for variants that were never measured.
 SIZE_MACS = 30e6
+# The synchronisation feature is layers / t1 in layers per ms, divided by this, so its coefficient
+# (SYNC_SCALE times the cost per layer in ms) is of the order of 1.
+SYNC_SCALE = 100.0
+# Predicted thread ratios are kept in this range, so an extrapolated fit cannot turn negative.
+MIN_THREAD_RATIO = 0.02
+MAX_THREAD_RATIO = 10.0
 # Iteratively reweighted least squares with Huber weights: a measurement whose residual is over
 # HUBER_K robust standard deviations counts less, so one disturbed measurement cannot drag the
-# effects it shares with other variants. The robust scale is at least MIN_SCALE (in log units).
+# effects it shares with other variants. The robust scale is at least MIN_SCALE (log units).
 HUBER_K = 1.345
 MIN_SCALE = 0.03
 IRLS_ITERATIONS = 6
+# Rounds of the alternating fit of the 1-thread effects and the thread model, which depend on each other.
+ALTERNATING_ROUNDS = 4
 # Weight of one measurement by source. Streamed fleet windows include queueing and other load on the
 # device, so they count less than a benchmark on an idle device.
 SOURCE_WEIGHTS = {"benchmark": 1.0, "gate": 1.0, "fleet": 0.5}
@@ -92,23 +101,60 @@ def _weight(measurement: Measurement) -> float:
     return SOURCE_WEIGHTS.get(measurement.source, 0.5) * min(1.0, runs / FULL_WEIGHT_RUNS)
 
 
-class CalibratedPredictor:
-    """The analytic prior corrected by a log-linear model of the measured residuals.
+def _robust_ridge(
+    rows: list[dict[tuple[str, ...], float]], targets: list[float], weights: list[float]
+) -> dict[tuple[str, ...], float]:
+    """Fit targets ~ sum(coefficient * value) over each row's effects; return the coefficients by effect.
 
-    For every measurement the residual r = log(measured p50) - log(analytic p50) is explained as a
-    sum of effects: the variant's own effect (its kernels run faster or slower than MACs suggest),
-    an extra variant effect at more than one thread (how well it parallelises), the hardware
-    class x runtime x threads context, the same context per size bucket (MACs per layer, in powers
-    of 4: small layers gain less from threads), the hardware class x runtime, the hardware class x
-    runtime x precision (for example how much int8 gains on this CPU), the runtime x precision x
-    int8-dot-product capability across classes, and the runtime x precision x size bucket. The
-    effects are fitted by ridge regression, so each one stays at 0 (the analytic prior) until
-    measurements move it.
+    Ridge regression with the penalty RIDGE[kind] per effect, reweighted with Huber weights over
+    IRLS_ITERATIONS rounds.
+    """
+    columns = sorted({key for row in rows for key in row})
+    index = {key: i for i, key in enumerate(columns)}
+    design = np.zeros((len(rows), len(columns)))
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            design[i, index[key]] = value
+    target = np.asarray(targets)
+    base = np.asarray(weights)
+    ridge = np.diag([RIDGE[key[0]] for key in columns])
+    robust = np.ones_like(base)
+    solution = np.zeros(len(columns))
+    for _ in range(IRLS_ITERATIONS):
+        w = base * robust
+        solution = np.linalg.solve(design.T @ (design * w[:, None]) + ridge, design.T @ (w * target))
+        residuals = np.abs(target - design @ solution)
+        scale = max(MIN_SCALE, 1.4826 * float(np.median(residuals)))
+        robust = np.minimum(1.0, HUBER_K * scale / np.maximum(residuals, 1e-12))
+    return {key: float(value) for key, value in zip(columns, solution, strict=True)}
+
+
+class CalibratedPredictor:
+    """The analytic prior corrected by a factor model of the measured latencies.
+
+    The latency of variant v on hardware class h at n threads is modelled as
+
+        log t(v, h, n) = log prior_1(v, h) + sum of 1-thread effects + log ratio(v, h, n) + u_v * log2(n)
+
+    The 1-thread effects are additive in log space, so the latency is a per-variant cost times a
+    per-class speed: the variant's own effect (its kernels run faster or slower than MACs suggest),
+    hardware class x runtime, hardware class x runtime x precision (what int8 gains or loses on this
+    CPU), runtime x precision x int8-dot-product capability across classes, and a slope in log MACs
+    by runtime and precision (for variants that were never measured). No effect assumes int8 is
+    faster: the precision effects start at the prior's factor and are learned.
+
+    The thread ratio t(n) / t(1) = a + s * layers / t(1) is Amdahl's law plus a synchronisation
+    cost per layer (analytic.thread_ratio), with a and s corrected by runtime x threads, hardware
+    class x runtime x threads and class x runtime x precision x threads. u_v is the variant's own
+    deviation from the thread model, learned from its multi-thread measurements on any class.
+
+    Effects are fitted by ridge regression (RIDGE), so each stays at 0 (the prior) until
+    measurements move it, with Huber reweighting against disturbed measurements. The 1-thread
+    effects and the thread model are fitted in turn, because the ratio depends on t(1).
 
     A prediction for a variant on a hardware class at a thread count that was measured directly
-    uses the measurement. Otherwise it is the analytic p50 times exp(sum of the effects that apply).
-    The p95 is the p50 times the median p95/p50 ratio measured in the same context, or of all
-    measurements, or analytic.P95_OVER_P50.
+    uses the measurement. The p95 is the p50 times the median p95/p50 ratio measured in the same
+    context, or of all measurements, or analytic.P95_OVER_P50.
 
     profiles maps a hardware class to one profile of that class, and variants maps a variant id to
     the variant; measurements of a class or variant missing from them are skipped.
@@ -171,73 +217,93 @@ class CalibratedPredictor:
             entry[1] += weight
         return {key: math.exp(total / weight) for key, (total, weight) in sums.items() if weight > 0}
 
-    def _effects_of(
+    def _single_effects(
         self, variant: VariantFeatures, variant_id: str, device: DeviceFeatures, threads: int
     ) -> dict[tuple[str, ...], float]:
-        """Return the effects that apply to a variant on a device at threads threads, with their feature values."""
-        size = math.log(max(1.0, variant.macs) / SIZE_MACS)
+        """Return the log-latency effects of a variant on a device, with their feature values."""
         hardware_class, runtime, precision = device.hardware_class, variant.runtime, variant.precision
         effects: dict[tuple[str, ...], float] = {
             ("variant", variant_id): 1.0,
             ("class", hardware_class, runtime): 1.0,
             ("class_precision", hardware_class, runtime, precision): 1.0,
             ("precision", runtime, precision, str(device.int8_dot)): 1.0,
-            ("size", runtime, precision): size,
+            ("size", runtime, precision): math.log(max(1.0, variant.macs) / SIZE_MACS),
         }
         if threads > 1:
-            count = str(threads)
-            # How far the prior's speed-up of this variant falls short of the best speed-up it gives any
-            # variant (log units, <= 0: small layers gain less). The coefficient scales that shortfall,
-            # so measurements can keep it (0), drop it (-1) or strengthen it.
-            effective = max(1.0, min(float(threads), device.usable_cores))
-            shortfall = math.log(
-                analytic.estimate(variant, device, 1).p50_s / analytic.estimate(variant, device, threads).p50_s
-            ) - math.log(amdahl_speedup(analytic.MAX_PARALLEL_FRACTION, effective))
-            effects.update(
-                {
-                    ("threads", hardware_class, runtime, count): 1.0,
-                    ("threads_precision", hardware_class, runtime, precision, count): 1.0,
-                    ("threads_prior", hardware_class, runtime): shortfall,
-                    ("threads_any_prior", runtime): shortfall,
-                    ("threads_any", runtime, count): 1.0,
-                    ("variant_threaded", variant_id): math.log2(threads),
-                }
-            )
+            effects[("variant_threaded", variant_id)] = math.log2(threads)
         return effects
 
+    @staticmethod
+    def _thread_effects(
+        variant: VariantFeatures, device: DeviceFeatures, threads: int, single_ms: float
+    ) -> dict[tuple[str, ...], float]:
+        """Return the corrections of the thread ratio that apply, with their feature values."""
+        count = str(threads)
+        sync = variant.layers / single_ms / SYNC_SCALE
+        hardware_class, runtime, precision = device.hardware_class, variant.runtime, variant.precision
+        return {
+            ("thread_runtime", runtime, count): 1.0,
+            ("thread_runtime_sync", runtime): sync,
+            ("thread_class", hardware_class, runtime, count): 1.0,
+            ("thread_class_sync", hardware_class, runtime, count): sync,
+            ("thread_precision", hardware_class, runtime, precision, count): 1.0,
+            ("thread_precision_sync", hardware_class, runtime, precision, count): sync,
+        }
+
+    def _thread_ratio(self, variant: VariantFeatures, device: DeviceFeatures, threads: int, single_ms: float) -> float:
+        """Return the predicted t(threads) / t(1) for a variant whose 1-thread p50 is single_ms."""
+        if threads <= 1:
+            return 1.0
+        ratio = analytic.thread_ratio(variant.layers, single_ms / 1000.0, threads, device)
+        for key, value in self._thread_effects(variant, device, threads, single_ms).items():
+            ratio += self._effects.get(key, 0.0) * value
+        return min(MAX_THREAD_RATIO, max(MIN_THREAD_RATIO, ratio))
+
+    def _log_single(self, variant: VariantFeatures, variant_id: str, device: DeviceFeatures) -> float:
+        """Return the predicted log 1-thread p50 in ms from the 1-thread effects."""
+        prior = analytic.estimate(variant, device, 1).single_s * 1000.0
+        effects = self._single_effects(variant, variant_id, device, 1)
+        return math.log(prior) + sum(self._effects.get(key, 0.0) * value for key, value in effects.items())
+
     def _fit(self, measurements: list[Measurement]) -> dict[tuple[str, ...], float]:
-        """Fit the effects to the log residuals against the prior by robust ridge regression."""
+        """Fit the 1-thread effects and the thread model in turn; return every effect's coefficient."""
+        self._effects = {}
         if not measurements:
             return {}
-        rows: list[dict[tuple[str, ...], float]] = []
-        targets: list[float] = []
-        weights: list[float] = []
+        cases = []
         for m in measurements:
             variant = self._variant(self._variants[m.variant_id])
             device = self._device(self._profiles[m.hardware_class])
-            prior = analytic.estimate(variant, device, m.threads).p50_s * 1000.0
-            rows.append(self._effects_of(variant, m.variant_id, device, m.threads))
-            targets.append(math.log(m.p50_ms) - math.log(prior))
-            weights.append(_weight(m))
-        columns = sorted({key for row in rows for key in row})
-        index = {key: i for i, key in enumerate(columns)}
-        design = np.zeros((len(rows), len(columns)))
-        for i, row in enumerate(rows):
-            for key, value in row.items():
-                design[i, index[key]] = value
-        target = np.asarray(targets)
-        base = np.asarray(weights)
-        ridge = np.diag([RIDGE[key[0]] for key in columns])
-        robust = np.ones_like(base)
-        solution = np.zeros(len(columns))
-        for _ in range(IRLS_ITERATIONS):
-            w = base * robust
-            gram = design.T @ (design * w[:, None]) + ridge
-            solution = np.linalg.solve(gram, design.T @ (w * target))
-            residuals = np.abs(target - design @ solution)
-            scale = max(MIN_SCALE, 1.4826 * float(np.median(residuals)))
-            robust = np.minimum(1.0, HUBER_K * scale / np.maximum(residuals, 1e-12))
-        return {key: float(value) for key, value in zip(columns, solution, strict=True)}
+            cases.append((m, variant, device, self._single_effects(variant, m.variant_id, device, m.threads)))
+        threaded = [case for case in cases if case[0].threads > 1]
+        weights = [_weight(m) for m, _, _, _ in cases]
+        for _ in range(ALTERNATING_ROUNDS):
+            # The 1-thread effects, with the current thread model's ratio as an offset.
+            targets = []
+            for m, variant, device, _ in cases:
+                single = math.exp(self._log_single(variant, m.variant_id, device))
+                offset = math.log(analytic.estimate(variant, device, 1).single_s * 1000.0)
+                offset += math.log(self._thread_ratio(variant, device, m.threads, single))
+                targets.append(math.log(m.p50_ms) - offset)
+            thread_effects = {key: value for key, value in self._effects.items() if key[0].startswith("thread_")}
+            self._effects = _robust_ridge([row for _, _, _, row in cases], targets, weights) | thread_effects
+            if not threaded:
+                break
+            # The thread model: measured t(n) over the predicted t(1), less the prior ratio. Residuals are
+            # relative (weights 1 / ratio^2), so that they match the log-space fit of the other effects.
+            rows, residuals, thread_weights = [], [], []
+            for m, variant, device, _ in threaded:
+                single = math.exp(self._log_single(variant, m.variant_id, device))
+                ratio = m.p50_ms / single
+                prior = analytic.thread_ratio(variant.layers, single / 1000.0, m.threads, device)
+                row = self._thread_effects(variant, device, m.threads, single)
+                rows.append({key: value / ratio for key, value in row.items()})
+                residuals.append((ratio - prior) / ratio)
+                thread_weights.append(_weight(m))
+            fitted = _robust_ridge(rows, residuals, thread_weights)
+            self._effects = {key: value for key, value in self._effects.items() if not key[0].startswith("thread_")}
+            self._effects |= fitted
+        return self._effects
 
     def _fit_tail(self, measurements: list[Measurement]) -> dict[tuple[str, ...], float]:
         ratios: dict[tuple[str, ...], list[float]] = defaultdict(list)
@@ -259,11 +325,12 @@ class CalibratedPredictor:
         if direct is not None:
             return direct, "measured"
         features = self._variant(variant)
-        prior = analytic.estimate(features, device, threads).p50_s * 1000.0
-        effects = self._effects_of(features, variant.variant_id, device, threads)
-        correction = sum(self._effects.get(key, 0.0) * value for key, value in effects.items())
-        basis = "calibrated" if any(key in self._effects for key in effects) else "analytic"
-        return prior * math.exp(correction), basis
+        log_single = self._log_single(features, variant.variant_id, device)
+        ratio = self._thread_ratio(features, device, threads, math.exp(log_single))
+        threaded = self._effects.get(("variant_threaded", variant.variant_id), 0.0) * math.log2(max(1, threads))
+        keys = self._single_effects(features, variant.variant_id, device, threads)
+        basis = "calibrated" if any(key in self._effects for key in keys) else "analytic"
+        return math.exp(log_single + threaded) * ratio, basis
 
     def tail_ratio(self, hardware_class: str, runtime: str, threads: int) -> float:
         """Return the p95/p50 ratio measured in this context, or across all measurements, or the prior."""
