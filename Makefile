@@ -29,6 +29,7 @@ check: $(STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python scripts/gen_api_docs.py
 
 demo: install
 	$(BIN)/edgefleet demo --report demo-out/report.json

@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return EXIT_UNAVAILABLE
-    except Exception:
+    except Exception as error:
+        if type(error).__name__ == "OperationalError":
+            # SQLAlchemy's OperationalError: the database is unreachable, missing or refused the login.
+            from edgefleet.orchestrator.server import redact_url
+
+            log.error("cannot open the database %s: %s", redact_url(config.db_url), str(error).splitlines()[0])
+            return EXIT_UNAVAILABLE
         log.exception("orchestrator failed")
         return EXIT_FAILURE
     return EXIT_OK

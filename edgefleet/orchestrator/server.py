@@ -199,7 +199,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     if operator_port:
         log.info("operators call on port %d (TLS with API tokens); agents on port %d (mutual TLS)", operator_port, port)
     host = config.listen.rsplit(":", 1)[0]
-    log.info("orchestrator serving on %s:%d with database %s", host, port, _redact(config.db_url))
+    log.info("orchestrator serving on %s:%d with database %s", host, port, redact_url(config.db_url))
     return RunningServer(
         server=server,
         port=port,
@@ -211,7 +211,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     )
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide a password in a database URL before logging it."""
     scheme, sep, rest = url.partition("://")
     if "@" in rest and ":" in rest.split("@", 1)[0]:
