@@ -26,6 +26,7 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/gen_api_docs.py --check
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
