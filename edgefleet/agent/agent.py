@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from edgefleet.agent.benchmark import BenchmarkWorker
 from edgefleet.agent.buffer import BufferLimits, MetricBuffer
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.delivery import Downloader, ModelStore
-from edgefleet.agent.identity import Identity, load_identity, save_identity
+from edgefleet.agent.identity import Identity, load_identity, lock_state_dir, save_identity
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.metrics import MetricsRecorder
 from edgefleet.agent.profiles import EnforcedLimits
@@ -134,6 +135,8 @@ class Agent:
         self.hardware = hardware
         self.limits = limits
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        # Held until run() returns; raises IdentityError (a ValueError) while another agent runs here.
+        self._state_lock = lock_state_dir(config.state_dir)
         self.identity: Identity = load_identity(config.state_dir)
         self.credentials: grpc.ChannelCredentials | None = None
         if not config.insecure:
@@ -262,6 +265,7 @@ class Agent:
             await asyncio.to_thread(self.benchmarks.close)
             self.host.close()
             self.notifier.close()
+            os.close(self._state_lock)
             log.info("agent stopped device_id=%s", self.device_id)
 
     def _mark_ready(self, status: str) -> None:

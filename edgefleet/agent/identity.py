@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+LOCK_FILE = "agent.lock"
 
 
 class IdentityError(ValueError):
@@ -56,3 +58,23 @@ def save_identity(state_dir: Path, identity: Identity) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take an exclusive lock on the state directory and return the lock's file descriptor.
+
+    Two agents on one state directory would share an identity and take each other's control stream
+    and local socket. The lock is released when the descriptor is closed or the process ends. Raises
+    IdentityError when another agent, in this process or another, holds the lock.
+    """
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IdentityError(
+            f"another agent is running with the state directory {state_dir} (it holds {path}); "
+            "stop that agent or give this one another --state-dir"
+        ) from None
+    return fd
