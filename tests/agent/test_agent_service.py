@@ -293,3 +293,30 @@ def test_process_long_socket_path(tmp_path: Path) -> None:
 
     assert result.returncode == EXIT_CONFIG
     assert "at most 107" in result.stderr
+
+
+def test_process_state_dir_in_use(
+    start_orchestrator: StartOrchestrator, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    """A second agent on a running agent's state directory exits instead of taking its identity and socket."""
+    orchestrator = start_orchestrator()
+    running = start_agent(orchestrator.address, "ecu")
+    wait_online(orchestrator, running)
+
+    result = run_agent_process("--orchestrator", orchestrator.address, "--state-dir", str(tmp_path / "ecu"))
+
+    assert result.returncode == EXIT_CONFIG
+    assert "another agent is running" in result.stderr
+    assert running.running
+    assert running.agent.config.socket_path.is_socket()
+
+
+def test_agent_lock_released(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    first = start_agent(orchestrator.address, "ecu")
+    device_id = wait_online(orchestrator, first)
+    first.stop()
+
+    second = start_agent(orchestrator.address, "ecu")
+
+    assert wait_online(orchestrator, second) == device_id
