@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
-from edgefleet.orchestrator.jobs.store import RUNNING, Job, JobStore
+from edgefleet.orchestrator.jobs.store import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobStore
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.state import OrchestratorState
@@ -232,8 +232,12 @@ class JobRunner:
         if time.monotonic() - running.last_heartbeat >= self.config.heartbeat_interval_s:
             running.last_heartbeat = time.monotonic()
             if not self.store.heartbeat(job.job_id, job.attempt, datetime.now(UTC)):
+                state = self.store.get_job(job.job_id).state
+                if state in (SUCCEEDED, FAILED):
+                    # The worker recorded its own result and is exiting; the next step reaps it.
+                    return
                 # Cancelled (possibly through another orchestrator) or requeued: the worker's work is void.
-                self._end_running("cancelled")
+                self._end_running("cancelled" if state == CANCELLED else "requeued")
 
     def _end_running(self, reason: str) -> None:
         running = self._running
