@@ -159,7 +159,7 @@ def measure_agents(fleet: LocalFleet, inferences: int, settle_s: float) -> list[
     registered = {name: agent_memory(fleet, name) for name in names.values()}
     print(f"{len(devices)} agents registered; uploading and deploying {MODEL_NAME}", flush=True)
 
-    with grpc.insecure_channel(fleet.address) as channel:
+    with fleet.operator_channel() as channel:
         stub = operator_pb2_grpc.OperatorServiceStub(channel)
         upload(stub, onnx_path)
         upload(stub, tflite_path, variant_kind="tflite-fp32")

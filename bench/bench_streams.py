@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_open_files_limit()
     workers: list[Worker] = []
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as temp, sigterm_as_interrupt():
-        fleet = LocalFleet(Path(temp), heartbeat_interval_s=heartbeat_s)
+        fleet = LocalFleet(Path(temp), heartbeat_interval_s=heartbeat_s, secure=False)
         try:
             fleet.start_orchestrator()
             assert fleet.orchestrator is not None

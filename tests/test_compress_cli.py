@@ -33,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrchestratorThr
 
 
 def run_cli(server: OrchestratorThread, *args: str) -> int:
-    return main(["--orchestrator", server.address, *args])
+    return main(["--orchestrator", server.address, "--insecure", *args])
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,7 @@ def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
         "import sys; from edgefleet.cli.main import main; sys.exit(main(sys.argv[1:]))",
         "--orchestrator",
         server.address,
+        "--insecure",
         "models",
         "compress",
         "tiny",
@@ -156,6 +157,8 @@ def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
     )
     assert process.stderr is not None
     first = process.stderr.readline()  # "started compression job ID for tiny:1"
+    while first.startswith("edgefleet: warning:"):  # --insecure warns first.
+        first = process.stderr.readline()
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=30)
 

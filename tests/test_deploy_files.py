@@ -136,14 +136,14 @@ def scraped_metric_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     from prometheus_client.parser import text_string_to_metric_families
 
     work = tmp_path_factory.mktemp("deploy")
-    fleet = LocalFleet(work)
+    fleet = LocalFleet(work, secure=False)
     port_file = work / "metrics.port"
     fleet.start_orchestrator(extra_args=("--metrics-listen", "127.0.0.1:0", "--metrics-port-file", str(port_file)))
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{int(port_file.read_text())}/metrics", timeout=10) as reply:
             text = reply.read().decode()
         healthy = subprocess.run(
-            [sys.executable, "-m", "edgefleet.cli.main", "--orchestrator", fleet.address, "health"],
+            [sys.executable, "-m", "edgefleet.cli.main", "--insecure", "--orchestrator", fleet.address, "health"],
             capture_output=True,
             text=True,
             timeout=30,

@@ -18,7 +18,7 @@ COUNTERS_FILE = "counters.json"
 
 
 class VerificationError(Exception):
-    """An assignment or key set failed verification; the message says why and what to do."""
+    """An assignment or key set failed verification; the message gives the reason and the fix."""
 
 
 def _write_json(path: Path, value: object) -> None:

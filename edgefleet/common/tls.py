@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-# A device certificate binds its device id in a URI subject alternative name of this form; the
-# subject common name carries the same id for tools that show only the subject.
+# A device certificate binds its device id in a URI subject alternative name of this form. The
+# subject common name repeats the id for tools that show only the subject.
 DEVICE_URI_PREFIX = "urn:edgefleet:device:"
 
 

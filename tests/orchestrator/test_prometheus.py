@@ -35,7 +35,8 @@ HARDWARE = HardwareProfile(
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFleet, int]]:
     work: Path = tmp_path_factory.mktemp("prometheus")
-    fleet = LocalFleet(work)
+    # Plaintext: the test registers devices with made-up ids, which mutual TLS would reject.
+    fleet = LocalFleet(work, secure=False)
     port_file = work / "metrics.port"
     fleet.start_orchestrator(extra_args=("--metrics-listen", "127.0.0.1:0", "--metrics-port-file", str(port_file)))
     try:

@@ -1,7 +1,7 @@
 """A fleet CA, TLS orchestrators and TLS channels for the security tests.
 
 Test modules load the fixtures with pytest_plugins after importing helpers from here, so pytest
-cannot rewrite this module's asserts; PYTEST_DONT_REWRITE says so and avoids its warning.
+cannot rewrite this module's asserts; PYTEST_DONT_REWRITE marks that and avoids its warning.
 """
 
 from __future__ import annotations

@@ -84,9 +84,7 @@ def test_tokens_viewer_reads_only(start_secure: StartSecure) -> None:
     deployed = call_code(
         lambda: viewer.Deploy(operator_pb2.DeployRequest(model_name="m", device_id="d"), timeout=STEP_TIMEOUT_S)
     )
-    uploaded = call_code(
-        lambda: viewer.UploadModel(iter([operator_pb2.UploadModelRequest()]), timeout=STEP_TIMEOUT_S)
-    )
+    uploaded = call_code(lambda: viewer.UploadModel(iter([operator_pb2.UploadModelRequest()]), timeout=STEP_TIMEOUT_S))
 
     assert listed == grpc.StatusCode.OK
     assert deployed == grpc.StatusCode.PERMISSION_DENIED
@@ -114,9 +112,7 @@ def test_tokens_operator_not_admin(start_secure: StartSecure) -> None:
 def test_tokens_revoked_rejected(start_secure: StartSecure) -> None:
     orchestrator = start_secure()
     admin = orchestrator.operator()
-    created = admin.CreateApiToken(
-        operator_pb2.CreateApiTokenRequest(name="ci", role="viewer"), timeout=STEP_TIMEOUT_S
-    )
+    created = admin.CreateApiToken(operator_pb2.CreateApiTokenRequest(name="ci", role="viewer"), timeout=STEP_TIMEOUT_S)
     viewer = orchestrator.operator(created.secret)
     viewer.ListDevices(operator_pb2.ListDevicesRequest(), timeout=STEP_TIMEOUT_S)
 

@@ -1,4 +1,4 @@
-"""Who may call what: device identity from client certificates, and operator roles from API tokens."""
+"""Access control: device identity from client certificates, and operator roles from API tokens."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ ROLE_BY_METHOD: dict[str, str] = {
     "RotateSigningKey": ADMIN,
     "RetireSigningKey": ADMIN,
 }
-# Results of token and device lookups are reused for this long, so a revocation made by another
-# orchestrator process applies here within it; the process that revokes applies it at once.
+# Results of token and device lookups are reused for this long. So a revocation made by another
+# orchestrator process applies here within it, and the process that revokes applies it at once.
 CACHE_S = 5.0
 
 
@@ -88,7 +88,7 @@ class Security:
     """The orchestrator's authentication and authorization rules, over one SecurityStore and Signer.
 
     With tls off (the --insecure mode) devices are trusted by the id they claim, and an operator call
-    without a token acts as admin; a call that presents a token is still checked.
+    without a token acts as admin. A call that presents a token is still checked.
     """
 
     def __init__(self, store: SecurityStore, *, tls: bool, cache_s: float = CACHE_S) -> None:
@@ -297,8 +297,8 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, error: EdgefleetError) ->
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks the API token and role of every OperatorService call before its handler runs.
 
-    AgentService calls are checked in the servicer, which needs the request's device id and the TLS
-    peer; the health and reflection services are open to every client.
+    AgentService calls are checked in the servicer, because that needs the request's device id and
+    the TLS peer. The health and reflection services are open to every client.
     """
 
     def __init__(self, security: Security) -> None:

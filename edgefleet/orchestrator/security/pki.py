@@ -25,7 +25,7 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 DEVICES_DIR = "devices"
 DEFAULT_HOSTS = ("127.0.0.1", "::1", "localhost")
 CA_DAYS = 3650
-CERT_DAYS = 397  # The longest leaf validity that public CAs issue; a fleet CA may choose more.
+CERT_DAYS = 397  # The maximum leaf validity that public CAs issue (397 days); a fleet CA may choose more.
 # Backdating covers device clocks that run a little behind the CA's.
 BACKDATE = timedelta(minutes=5)
 
@@ -78,11 +78,11 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
 def init_ca(directory: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = CA_DAYS) -> IssuedCertificate:
     """Create a fleet CA in directory and the orchestrator's server certificate for hosts; return the CA.
 
-    Raises PkiError when directory already holds a CA, so that an existing fleet keeps its trust root.
+    Raises PkiError when directory already contains a CA, so that an existing fleet keeps its trust root.
     """
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / CA_KEY).exists() or (directory / CA_CERT).exists():
-        raise PkiError(f"{directory} already holds a CA ({CA_CERT}); use another --dir or delete the old CA first")
+        raise PkiError(f"{directory} already contains a CA ({CA_CERT}); use another --dir or delete the old CA first")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     subject = _name("edgefleet fleet CA", "fleet CA")

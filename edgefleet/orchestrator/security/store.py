@@ -51,7 +51,7 @@ class SigningKeyRecord:
 
 
 class EnrollmentRejected(Exception):
-    """An enrollment token is unknown, expired, used or made for another device; reason says which."""
+    """An enrollment token is unknown, expired, used or made for another device; reason names which."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -1,0 +1,93 @@
+"""The pki, tokens and enroll commands of the operator CLI."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgefleet.cli.main import main
+from edgefleet.common.tls import device_id_from_file
+from tests.security.helpers import SecureOrchestrator
+
+pytest_plugins = ["tests.servers", "tests.security.helpers"]
+
+StartSecure = Callable[..., SecureOrchestrator]
+
+
+def test_pki_init_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = tmp_path / "pki"
+
+    initialized = main(["pki", "init", "--dir", str(directory), "--host", "127.0.0.1"])
+    issued = main(["pki", "issue", "--dir", str(directory), "--device-id", "cam-7"])
+    again = main(["pki", "init", "--dir", str(directory)])
+
+    assert initialized == 0
+    assert issued == 0
+    assert again == 1
+    assert "already contains a CA" in capsys.readouterr().err
+    assert stat.S_IMODE(os.stat(directory / "ca.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(directory / "devices" / "cam-7.key").st_mode) == 0o600
+    assert device_id_from_file(directory / "devices" / "cam-7.pem") == "cam-7"
+
+
+def test_pki_issue_bad_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["pki", "init", "--dir", str(tmp_path)])
+
+    code = main(["pki", "issue", "--dir", str(tmp_path), "--device-id", "../etc"])
+
+    assert code == 1
+    assert "--device-id" in capsys.readouterr().err
+
+
+def cli(orchestrator: SecureOrchestrator, *args: str, token: str | None = None) -> int:
+    return main(
+        [
+            "--orchestrator",
+            orchestrator.operator_address,
+            "--ca-cert",
+            str(orchestrator.pki.ca),
+            "--token",
+            orchestrator.admin_token if token is None else token,
+            *args,
+        ]
+    )
+
+
+def test_cli_tokens_and_enroll(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+
+    created = cli(orchestrator, "tokens", "create", "--role", "viewer", "--name", "dash")
+    secret = capsys.readouterr().out.splitlines()[0]
+    viewer_enroll = cli(orchestrator, "enroll", "create", "--device-id", "cam-1", token=secret)
+    viewer_error = capsys.readouterr().err
+    enrolled = cli(orchestrator, "enroll", "create", "--device-id", "cam-1", "--ttl", "30m")
+    token = capsys.readouterr().out.splitlines()[0]
+
+    assert created == 0
+    assert secret.startswith("efa_")
+    assert viewer_enroll == 2
+    assert "needs the admin role" in viewer_error
+    assert enrolled == 0
+    assert token.startswith("efe_")
+
+
+def test_cli_needs_token(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+
+    code = cli(orchestrator, "devices", "list", token="")
+
+    assert code == 2
+    assert "missing API token" in capsys.readouterr().err
+
+
+def test_cli_needs_ca(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+
+    code = main(["--orchestrator", orchestrator.operator_address, "devices", "list"])
+
+    assert code == 2
+    assert "--ca-cert" in capsys.readouterr().err

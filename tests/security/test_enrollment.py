@@ -1,0 +1,167 @@
+"""Enrollment tokens bind a device id to its certificate once; revocation closes and refuses a device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+
+from edgefleet.orchestrator.security.store import EnrollmentRejected, SqlSecurityStore
+from edgefleet.orchestrator.security.tokens import hash_secret
+from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
+from edgefleet.v1 import agent_pb2, operator_pb2
+from tests.security.helpers import SecureOrchestrator
+from tests.servers import STEP_TIMEOUT_S, ControlStream, register_request
+
+pytest_plugins = ["tests.servers", "tests.security.helpers"]
+
+StartSecure = Callable[..., SecureOrchestrator]
+
+
+def register(orchestrator: SecureOrchestrator, device_id: str, token: str, instance_key: str = "") -> str:
+    """Register device_id with its own certificate and token; return the instance key."""
+    request = register_request(device_id, instance_key)
+    request.enrollment_token = token
+    orchestrator.agent(device_id).Register(request, timeout=STEP_TIMEOUT_S)
+    return request.instance_key
+
+
+def register_error(orchestrator: SecureOrchestrator, device_id: str, token: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        register(orchestrator, device_id, token)
+    return raised.value
+
+
+def test_enroll_needs_token(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+
+    error = register_error(orchestrator, "cam-1", "")
+
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "edgefleet enroll create --device-id cam-1" in (error.details() or "")
+
+
+def test_enroll_token_single_use(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    token = orchestrator.enrollment_token("cam-1")
+    register(orchestrator, "cam-1", token)
+    rogue_key = orchestrator.pki.directory / "devices" / "cam-1.pem"
+    rogue_key.unlink()
+    rogue_key.with_suffix(".key").unlink()
+
+    # A second certificate for the same id cannot reuse the token.
+    error = register_error(orchestrator, "cam-1", token)
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "already used" in (error.details() or "")
+
+
+def test_enroll_reregister_without_token(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    key = register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+
+    register(orchestrator, "cam-1", "", instance_key=key)
+
+
+def test_enroll_token_other_device(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    token = orchestrator.enrollment_token("cam-2")
+
+    error = register_error(orchestrator, "cam-1", token)
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "created for device 'cam-2'" in (error.details() or "")
+
+
+def test_enroll_token_expired(db_url: str) -> None:
+    engine = create_store_engine(db_url)
+    upgrade_to_head(engine)
+    store = SqlSecurityStore(engine, owns_engine=True)
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    store.add_enrollment_token(hash_secret("efe_old"), "cam-1", created, created + timedelta(hours=1))
+
+    with pytest.raises(EnrollmentRejected) as rejected:
+        store.enroll(hash_secret("efe_old"), "cam-1", "f" * 64, created + timedelta(hours=2))
+    store.close()
+
+    assert rejected.value.reason == "expired"
+
+
+def test_enroll_token_bad_ttl(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+
+    with pytest.raises(grpc.RpcError) as raised:
+        orchestrator.enrollment_token("cam-1", ttl_seconds=90 * 86400)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_enroll_store_single_use(db_url: str) -> None:
+    engine = create_store_engine(db_url)
+    upgrade_to_head(engine)
+    store = SqlSecurityStore(engine, owns_engine=True)
+    now = datetime.now(UTC)
+    store.add_enrollment_token(hash_secret("efe_a"), "cam-1", now, now + timedelta(hours=1))
+    store.enroll(hash_secret("efe_a"), "cam-1", "a" * 64, now)
+
+    with pytest.raises(EnrollmentRejected) as rejected:
+        store.enroll(hash_secret("efe_a"), "cam-1", "b" * 64, now)
+    bound = store.credential_of("cam-1")
+    store.close()
+
+    assert rejected.value.reason == "used"
+    assert bound == "a" * 64
+
+
+def open_control(orchestrator: SecureOrchestrator, device_id: str, instance_key: str) -> ControlStream:
+    stream = ControlStream(orchestrator.agent(device_id))
+    stream.hello(device_id, instance_key)
+    stream.heartbeat(1)
+    stream.receive_kind("heartbeat_ack")
+    return stream
+
+
+def test_revoke_closes_and_refuses(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    key = register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    stream = open_control(orchestrator, "cam-1", key)
+
+    response = orchestrator.operator().RevokeDevice(
+        operator_pb2.RevokeDeviceRequest(device_id="cam-1", reason="stolen"), timeout=STEP_TIMEOUT_S
+    )
+    end = stream.wait_end()
+    stream.close()
+    error = register_error(orchestrator, "cam-1", "")
+    second = ControlStream(orchestrator.agent("cam-1"))
+    second.hello("cam-1", key)
+    second_end = second.wait_end()
+    second.close()
+
+    assert response.stream_closed
+    assert end.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "revoked" in (error.details() or "")
+    assert second_end.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_revoke_refuses_uploads(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    orchestrator.operator().RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        orchestrator.agent("cam-1").UploadMetrics(
+            agent_pb2.UploadMetricsRequest(device_id="cam-1", batch_id="b1"), timeout=STEP_TIMEOUT_S
+        )
+
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_revoke_then_reenroll(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    key = register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    orchestrator.operator().RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"), instance_key=key)
