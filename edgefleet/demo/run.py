@@ -252,7 +252,8 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
             f"Orchestrator on {fleet.address}; {len(devices)} devices online: "
             + ", ".join(f"{n} ({d.device_id})" for n, d in sorted(by_name.items()))
         )
-        with grpc.insecure_channel(fleet.address) as channel:
+        _say(f"Agents enrolled over mutual TLS with certificates of the fleet CA in {fleet.pki_dir}")
+        with fleet.operator_channel() as channel:
             stub = operator_pb2_grpc.OperatorServiceStub(channel)
             model = _upload(stub, onnx_path)
             _upload(stub, tflite_path, variant_kind="tflite-fp32")
