@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
+from edgefleet.common.errors import FailedPrecondition
 from edgefleet.orchestrator.security.signing import Signer
 from edgefleet.orchestrator.security.store import SqlSecurityStore
 from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
@@ -158,7 +159,7 @@ def test_rotation_needs_trusted_signer(signer: Signer, tmp_path: Path) -> None:
 def test_rotation_keeps_active_key(signer: Signer) -> None:
     active = signer.keys()[1][-1].key_id
 
-    with pytest.raises(Exception, match="rotate to a new key"):
+    with pytest.raises(FailedPrecondition, match="rotate to a new key"):
         signer.retire(active, datetime.now(UTC))
 
 
