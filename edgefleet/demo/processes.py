@@ -154,20 +154,25 @@ class LocalFleet:
             time.sleep(0.05)
         self.port = int(port_file.read_text())
         if self.secure:
-            # The operator port is written after the agent port, in the same start-up step.
-            operator_port_file = self.work_dir / "operator.port"
-            while not operator_port_file.exists() or not operator_port_file.read_text().strip():
-                if time.monotonic() > deadline:
-                    raise FleetStartError(f"orchestrator wrote no operator port; see {self.orchestrator.log_path}")
-                time.sleep(0.05)
-            self.operator_port = int(operator_port_file.read_text())
-            token_file = self.work_dir / "orchestrator" / "admin.token"
-            if token_file.exists():
-                self.admin_token = token_file.read_text().strip()
+            self._read_operator_access(deadline)
         with self.operator_channel() as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             raise FleetStartError(f"orchestrator health is {response.status}, not SERVING")
+
+    def _read_operator_access(self, deadline: float) -> None:
+        """Read the operator port and the bootstrap admin token that a secure orchestrator wrote at start."""
+        assert self.orchestrator is not None
+        # The operator port is written after the agent port, in the same start-up step.
+        operator_port_file = self.work_dir / "operator.port"
+        while not operator_port_file.exists() or not operator_port_file.read_text().strip():
+            if time.monotonic() > deadline:
+                raise FleetStartError(f"orchestrator wrote no operator port; see {self.orchestrator.log_path}")
+            time.sleep(0.05)
+        self.operator_port = int(operator_port_file.read_text())
+        token_file = self.work_dir / "orchestrator" / "admin.token"
+        if token_file.exists():
+            self.admin_token = token_file.read_text().strip()
 
     def enroll(self, device_id: str) -> list[str]:
         """Issue a device certificate for device_id (once) and a fresh enrollment token; return the agent flags."""
