@@ -34,9 +34,9 @@ FP16_SPEEDUP_EMULATED = 0.9
 REFERENCE_RATE = 16e9
 CALL_OVERHEAD_S = {"onnxruntime": 40e-6, "litert": 20e-6}
 LAYER_OVERHEAD_S = {"onnxruntime": 5e-6, "litert": 4e-6}
-# Threads: the latency at n threads is the 1-thread latency t1 times (1 - P) + P / n (Amdahl's law)
-# plus SYNC_PER_LAYER_S per layer for handing work to the other threads and waiting for them, on a
-# core of the REFERENCE_RATE. So small layers gain little from threads, and tiny models lose.
+# Threads: the latency at n threads is the 1-thread latency t1 times (1 - P) + P / n (Amdahl's law).
+# Each layer adds SYNC_PER_LAYER_S (on a core of the REFERENCE_RATE) for handing work to the other
+# threads and waiting for them. So small layers gain little from threads, and tiny models lose.
 PARALLEL_FRACTION = 0.95
 SYNC_PER_LAYER_S = 4e-6
 # Tail of the latency distribution on an otherwise idle device.

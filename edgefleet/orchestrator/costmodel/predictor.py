@@ -137,8 +137,8 @@ class CalibratedPredictor:
         log t(v, h, n) = log prior_1(v, h) + sum of 1-thread effects + log ratio(v, h, n) + u_v * log2(n)
 
     The 1-thread effects are additive in log space, so the latency is a per-variant cost times a
-    per-class speed: the variant's own effect (its kernels run faster or slower than MACs suggest),
-    hardware class x runtime, hardware class x runtime x precision (what int8 gains or loses on this
+    per-class speed. They are the variant's own effect (its kernels run faster or slower than MACs
+    suggest), hardware class x runtime, hardware class x runtime x precision (what int8 gains or loses on this
     CPU), runtime x precision x int8-dot-product capability across classes, and a slope in log MACs
     by runtime and precision (for variants that were never measured). No effect assumes int8 is
     faster: the precision effects start at the prior's factor and are learned.
