@@ -107,7 +107,17 @@ def test_kubernetes_references_resolve() -> None:
         if reference:
             assert reference["name"] == objects["Secret"]["metadata"]["name"]
             assert reference["key"] in secret_keys
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    for volume in template["spec"]["volumes"]:
+        for item in volume.get("secret", {}).get("items", []):
+            assert item["key"] in secret_keys, f"volume {volume['name']} mounts missing secret key {item['key']}"
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[0] in SCRIPTS, f"{probe} runs {command[0]}, which the package does not install"
+        ca_file = command[command.index("--ca-cert") + 1]
+        assert any(ca_file.startswith(m["mountPath"]) for m in container["volumeMounts"]), f"{ca_file} is not mounted"
+    claims = {
+        v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"] if "persistentVolumeClaim" in v
+    }
     assert claims == {objects["PersistentVolumeClaim"]["metadata"]["name"]}
     mounted = {m["name"] for m in container["volumeMounts"]}
     assert mounted == {v["name"] for v in template["spec"]["volumes"]}
@@ -120,6 +130,34 @@ def test_kubernetes_arguments_are_orchestrator_flags() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*container["args"], "--help"])
     assert exit_info.value.code == 0
+    from edgefleet.common.config import env_name
+    from edgefleet.orchestrator.config import OrchestratorConfig
+
+    known = {env_name(name) for name in OrchestratorConfig.__dataclass_fields__}
+    for variable in container["env"]:
+        assert variable["name"] in known, f"{variable['name']} is not an orchestrator setting"
+
+
+def test_dockerfile_environment_names_real_settings() -> None:
+    from edgefleet.common.config import env_name
+    from edgefleet.orchestrator.config import OrchestratorConfig
+
+    known = {env_name(name) for name in OrchestratorConfig.__dataclass_fields__}
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    names = set(re.findall(r"\b(EDGEFLEET_[A-Z_]+)=", dockerfile))
+    assert names, "the Dockerfile sets no EDGEFLEET_ variables"
+    assert names <= known, f"not orchestrator settings: {sorted(names - known)}"
+
+
+def test_config_examples_load() -> None:
+    from edgefleet.agent.config import AgentConfig
+    from edgefleet.common.config import load_config
+    from edgefleet.orchestrator.config import OrchestratorConfig
+
+    agent = load_config(AgentConfig, file=DEPLOY / "config" / "agent.toml", environ={})
+    orchestrator = load_config(OrchestratorConfig, file=DEPLOY / "config" / "orchestrator.toml", environ={})
+    assert agent.cert is not None
+    assert orchestrator.operator_listen
 
 
 def grafana_metric_names() -> set[str]:
