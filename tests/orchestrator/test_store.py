@@ -31,8 +31,8 @@ from edgefleet.orchestrator.store import (
     open_store,
 )
 from edgefleet.orchestrator.store.engine import alembic_config, create_store_engine
-from edgefleet.orchestrator.store.sql import SqlStore
 from edgefleet.orchestrator.store.schema import metadata as store_metadata
+from edgefleet.orchestrator.store.sql import SqlStore
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 KEY_A = "a1" * 32
