@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from edgefleet.common.models import ModelMetadata
@@ -24,10 +24,12 @@ from edgefleet.orchestrator.compress.calibration import (
 )
 from edgefleet.orchestrator.compress.quantize import (
     QuantizationError,
+    correct_bias,
     default_opset,
     quantize_dynamic_int8,
     quantize_static_qdq,
     recommend_quantization,
+    requantized_exclusions,
 )
 
 SIZE = 32
@@ -49,8 +51,14 @@ def export_conv_net(path: Path, *, opset: int = 17, seed: int = 0) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=opset,
-            input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}},
+            model,
+            (torch.zeros(1, 3, SIZE, SIZE),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}},
         )
     return path
 
@@ -95,7 +103,8 @@ def test_static_qdq_per_channel_weights(quantized: Path) -> None:
     conv_weight_scales = [
         initializers[node.input[1]]
         for node in model.graph.node
-        if node.op_type == "DequantizeLinear" and node.input[1] in initializers
+        if node.op_type == "DequantizeLinear"
+        and node.input[1] in initializers
         and any(a.name == "axis" for a in node.attribute)
     ]
     assert conv_weight_scales
@@ -116,12 +125,13 @@ def test_static_qdq_upgrades_opset11(tmp_path: Path) -> None:
 
 def test_static_qdq_int8_activations(conv_net: Path, tmp_path: Path) -> None:
     output = quantize_static_qdq(
-        conv_net, tmp_path / "act-int8.onnx", samples(16, seed=5), activation_type="int8",
+        conv_net,
+        tmp_path / "act-int8.onnx",
+        samples(16, seed=5),
+        activation_type="int8",
         calibration_method="percentile",
     )
-    zero_points = [
-        init for init in onnx.load(str(output)).graph.initializer if init.data_type == TensorProto.INT8
-    ]
+    zero_points = [init for init in onnx.load(str(output)).graph.initializer if init.data_type == TensorProto.INT8]
     assert zero_points
     assert run(output, samples(2, seed=6)).shape == (2, 10)
 
@@ -197,9 +207,7 @@ def test_preprocess_nhwc_bgr(tmp_path: Path) -> None:
     pixels = np.zeros((10, 10, 3), dtype=np.uint8)
     pixels[..., 0] = 255  # Pure red.
     Image.fromarray(pixels).save(tmp_path / "red.png")
-    spec = PreprocessSpec(
-        height=8, width=8, mean=(0, 0, 0), std=(1, 1, 1), layout="NHWC", channel_order="BGR"
-    )
+    spec = PreprocessSpec(height=8, width=8, mean=(0, 0, 0), std=(1, 1, 1), layout="NHWC", channel_order="BGR")
     loaded = load_image_folder(tmp_path, spec)
     assert loaded.shape == (1, 8, 8, 3)
     assert float(loaded[0, 0, 0, 2]) == pytest.approx(1.0)
@@ -221,7 +229,8 @@ def test_calibration_npz_missing_key(conv_net: Path, tmp_path: Path) -> None:
 
 def save_graph(path: Path, nodes: list[onnx.NodeProto], domains: dict[str, int]) -> Path:
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
     )
@@ -267,7 +276,8 @@ def test_dynamic_matmul_model(tmp_path: Path) -> None:
     )
     node = helper.make_node("MatMul", ["input", "weight"], ["output"])
     graph = helper.make_graph(
-        [node], "mlp",
+        [node],
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
         initializer=[weight],
@@ -281,8 +291,14 @@ def test_dynamic_matmul_model(tmp_path: Path) -> None:
 
 def metadata(macs_by_op_type: dict[str, int]) -> ModelMetadata:
     return ModelMetadata(
-        format="onnx", inputs=(), outputs=(), opset=17, parameters=0, macs=sum(macs_by_op_type.values()),
-        peak_activation_bytes=0, macs_by_op_type=macs_by_op_type,
+        format="onnx",
+        inputs=(),
+        outputs=(),
+        opset=17,
+        parameters=0,
+        macs=sum(macs_by_op_type.values()),
+        peak_activation_bytes=0,
+        macs_by_op_type=macs_by_op_type,
     )
 
 
@@ -296,3 +312,108 @@ def test_recommend_matmul_dynamic() -> None:
 
 def test_recommend_unknown_static() -> None:
     assert recommend_quantization(metadata({})) == "static"
+
+
+def linear_model(path: Path, op_type: str, *, with_bias: bool = True) -> Path:
+    """Save a one-node Conv (3x3, 4 -> 6 channels) or Gemm (transB, 4 -> 6) model with outlier weights.
+
+    One large weight per output channel makes the int8 step coarse, so rounding shifts the output mean.
+    """
+    rng = np.random.default_rng(11)
+    shape = [6, 4, 3, 3] if op_type == "Conv" else [6, 4]
+    weight = rng.standard_normal(shape).astype(np.float32) * 0.1
+    weight.reshape(6, -1)[:, 0] = 3.0
+    initializers = [numpy_helper.from_array(weight, "weight")]
+    inputs = ["input", "weight"]
+    if with_bias:
+        initializers.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "bias"))
+        inputs.append("bias")
+    if op_type == "Conv":
+        node = helper.make_node("Conv", inputs, ["output"], name="linear", pads=[1, 1, 1, 1])
+        input_shape, output_shape = [None, 4, 8, 8], [None, 6, 8, 8]
+    else:
+        node = helper.make_node("Gemm", inputs, ["output"], name="linear", transB=1)
+        input_shape, output_shape = [None, 4], [None, 6]
+    graph = helper.make_graph(
+        [node],
+        "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, output_shape)],
+        initializer=initializers,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def positive_samples(op_type: str, count: int = 64) -> np.ndarray:
+    shape = (count, 4, 8, 8) if op_type == "Conv" else (count, 4)
+    return np.random.default_rng(12).uniform(0.0, 1.0, shape).astype(np.float32)
+
+
+def dequantized_weight(quantized: Path) -> np.ndarray:
+    """Read the int8 weight of the one-node model back as float32, the way DequantizeLinear computes it."""
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(quantized)).graph.initializer}
+    values = initializers["weight_quantized"].astype(np.float32)
+    scale = initializers["weight_scale"].astype(np.float32)
+    return values * scale.reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def channel_means(path: Path, inputs: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    model = onnx.load(str(path))
+    for index, init in enumerate(model.graph.initializer):
+        replacement = weight if init.name == "weight" else bias
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(replacement, init.name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    output = np.asarray(session.run(None, {"input": inputs})[0])
+    return output.mean(axis=(0, 2, 3)) if output.ndim == 4 else output.mean(axis=0)
+
+
+@pytest.mark.parametrize("op_type", ["Conv", "Gemm"])
+def test_correct_bias_cancels_mean_error(op_type: str, tmp_path: Path) -> None:
+    source = linear_model(tmp_path / "linear.onnx", op_type)
+    inputs = positive_samples(op_type)
+    quantized = quantize_static_qdq(source, tmp_path / "linear.int8.onnx", inputs)
+    corrected = correct_bias(onnx.load(str(source)), [{"input": inputs}])
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(source)).graph.initializer}
+    corrected_bias = {i.name: numpy_helper.to_array(i) for i in corrected.graph.initializer}["bias"]
+    weight_int8 = dequantized_weight(quantized)
+
+    reference = channel_means(source, inputs, initializers["weight"], initializers["bias"])
+    uncorrected = channel_means(source, inputs, weight_int8, initializers["bias"])
+    fixed = channel_means(source, inputs, weight_int8, corrected_bias)
+    assert float(np.abs(uncorrected - reference).max()) > 1e-3
+    assert float(np.abs(fixed - reference).max()) < 1e-4
+
+
+def test_correct_bias_adds_missing_bias(tmp_path: Path) -> None:
+    source = linear_model(tmp_path / "nobias.onnx", "Conv", with_bias=False)
+    corrected = correct_bias(onnx.load(str(source)), [{"input": positive_samples("Conv", 8)}])
+    node = corrected.graph.node[0]
+    assert len(node.input) == 3
+    assert node.input[2] in {i.name for i in corrected.graph.initializer}
+
+
+def test_correct_bias_skips_excluded(tmp_path: Path) -> None:
+    source = onnx.load(str(linear_model(tmp_path / "linear.onnx", "Conv")))
+    corrected = correct_bias(source, [{"input": positive_samples("Conv", 8)}], nodes_to_exclude=("linear",))
+    assert corrected.graph.initializer == source.graph.initializer
+
+
+def test_static_qdq_bias_correction_reader(conv_net: Path, tmp_path: Path) -> None:
+    reader = reader_from_array(conv_net, samples(32, seed=1), batch_size=4)
+    output = quantize_static_qdq(conv_net, tmp_path / "corrected.onnx", reader, bias_correction=True)
+    inputs = samples(64, seed=2)
+    agreement = float(np.mean(run(conv_net, inputs).argmax(axis=1) == run(output, inputs).argmax(axis=1)))
+    assert agreement >= 0.9
+
+
+def test_requantized_exclusions_middle_conv(conv_net: Path, tmp_path: Path) -> None:
+    convs = tuple(n.name for n in onnx.load(str(conv_net)).graph.node if n.op_type == "Conv")
+    output = quantize_static_qdq(conv_net, tmp_path / "middle.onnx", samples(8, seed=1), nodes_to_exclude=convs[1:2])
+    assert requantized_exclusions(onnx.load(str(output)), convs[1:2]) == [convs[1]]
+
+
+def test_requantized_exclusions_leading_conv(conv_net: Path, tmp_path: Path) -> None:
+    convs = tuple(n.name for n in onnx.load(str(conv_net)).graph.node if n.op_type == "Conv")
+    output = quantize_static_qdq(conv_net, tmp_path / "leading.onnx", samples(8, seed=1), nodes_to_exclude=convs[:1])
+    assert requantized_exclusions(onnx.load(str(output)), convs[:1]) == []

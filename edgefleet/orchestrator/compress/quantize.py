@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx import version_converter
+from onnx import TensorProto, helper, numpy_helper, version_converter
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -20,6 +20,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.quantization.quant_utils import quantize_data
 from onnxruntime.quantization.registry import QDQRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -64,6 +65,7 @@ def quantize_static_qdq(
     input_name: str | None = None,
     calibration_batch_size: int = 1,
     extra_options: dict[str, object] | None = None,
+    bias_correction: bool = False,
 ) -> Path:
     """Quantize an fp32 ONNX model to int8 weights and activations in the QDQ format.
 
@@ -71,7 +73,9 @@ def quantize_static_qdq(
     ranges measured by running calibration (a reader, or an array with the batch axis first) through
     the model. A model below opset 13 is upgraded for per-channel weights. Unless preprocess is False,
     `quant_pre_process` (symbolic shape inference and graph optimization) runs first; when it fails the
-    original graph is quantized and a warning is logged.
+    original graph is quantized and a warning is logged. With bias_correction, the biases of the Conv and
+    Gemm nodes to be quantized are first corrected for the mean output error of their int8 weights on the
+    calibration data (see correct_bias); this needs one extra fp32 pass over the calibration data.
 
     Returns output_path. Raises QuantizationError when the model does not load in onnxruntime, contains
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
@@ -96,6 +100,11 @@ def quantize_static_qdq(
         )
     else:
         reader = calibration
+    batches: list[dict[str, np.ndarray]] = []
+    if bias_correction:
+        # Both the correction and onnxruntime's calibrator read the data, and a reader may not rewind.
+        batches = _read_batches(reader)
+        reader = _BatchListReader(batches)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as scratch:
@@ -103,6 +112,13 @@ def quantize_static_qdq(
         onnx.save(model, str(staged))
         if preprocess:
             staged = _preprocess(staged, Path(scratch) / "preprocessed.onnx")
+        if bias_correction:
+            corrected = correct_bias(
+                onnx.load(str(staged)), batches, per_channel=per_channel, reduce_range=reduce_range,
+                op_types=op_types_to_quantize, nodes_to_exclude=nodes_to_exclude,
+            )
+            staged = Path(scratch) / "bias_corrected.onnx"
+            onnx.save(corrected, str(staged))
         # onnxruntime's defaults (asymmetric activations, symmetric weights) apply unless overridden.
         options: dict[str, object] = dict(extra_options or {})
         try:
@@ -133,12 +149,78 @@ def quantize_static_qdq(
             f"op_types_to_quantize={op_types_to_quantize} matched none of {sorted(counts)}"
         )
     _check_loads(output_path, "the quantized model")
+    requantized = requantized_exclusions(quantized, nodes_to_exclude)
+    if requantized:
+        logger.warning(
+            "excluded nodes %s sit between DequantizeLinear and QuantizeLinear, so onnxruntime's "
+            "WeightBiasQuantization optimization turns their fp32 weights into per-tensor int8 when a session "
+            "loads %s; also exclude the nodes that produce their input, back to the graph input",
+            requantized, output_path,
+        )
     logger.info(
-        "quantized %s to %s: %d QuantizeLinear, %d DequantizeLinear, per_channel=%s, activations=%s",
+        "quantized %s to %s: %d QuantizeLinear, %d DequantizeLinear, per_channel=%s, activations=%s, "
+        "bias_correction=%s",
         model_path, output_path, counts["QuantizeLinear"], counts["DequantizeLinear"], per_channel,
-        activation_type,
+        activation_type, bias_correction,
     )
     return output_path
+
+
+def correct_bias(
+    model: onnx.ModelProto,
+    batches: list[dict[str, np.ndarray]],
+    *,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    op_types: tuple[str, ...] | None = None,
+    nodes_to_exclude: tuple[str, ...] = (),
+) -> onnx.ModelProto:
+    """Return a copy of model whose Conv and Gemm biases cancel the mean error of int8 weights.
+
+    For each Conv and Gemm node with a float32 weight initializer (skipping nodes_to_exclude and op types
+    outside op_types when given), the weight is rounded the way onnxruntime's QDQ quantizer rounds it
+    (symmetric int8, per output channel when per_channel, 7-bit when reduce_range) and the node is run on
+    the calibration batches with the rounding error `W_int8 - W` as its weight. The mean of that output
+    over the batch and spatial axes, per output channel, is subtracted from the bias (a zero bias is added
+    where there is none). Inputs are the fp32 model's activations, so errors from upstream activation
+    quantization are not corrected. Without batches the model is returned unchanged.
+
+    Raises QuantizationError when onnxruntime cannot run the model on the batches.
+    """
+    corrected = onnx.ModelProto()
+    corrected.CopyFrom(model)
+    if not batches:
+        return corrected
+    targets = _bias_correction_targets(corrected, op_types, nodes_to_exclude)
+    if not targets:
+        logger.info("bias correction found no Conv or Gemm node with a float32 weight initializer")
+        return corrected
+    errors = _mean_weight_errors(corrected, targets, batches, per_channel, reduce_range)
+
+    initializers = {init.name: init for init in corrected.graph.initializer}
+    uses = Counter(name for node in corrected.graph.node for name in node.input)
+    for node, error in zip(targets, errors, strict=True):
+        # Gemm adds beta * C, so C moves by error / beta.
+        beta = _attribute(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+        bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        bias = numpy_helper.to_array(initializers[bias_name]) if bias_name else np.zeros_like(error)
+        new_bias = (bias.astype(np.float64) - error / beta).astype(np.float32)
+        if bias_name and uses[bias_name] == 1:
+            initializers[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
+            continue
+        # A bias shared with another node, or a missing one, gets its own initializer.
+        new_name = f"{node.name or node.output[0]}_corrected_bias"
+        corrected.graph.initializer.append(numpy_helper.from_array(new_bias, new_name))
+        if len(node.input) > 2:
+            node.input[2] = new_name
+        else:
+            node.input.append(new_name)
+    shifts = [float(np.abs(error).max()) for error in errors]
+    logger.info(
+        "bias correction adjusted %d nodes on %d calibration batches (largest shift %.4g)",
+        len(targets), len(batches), max(shifts),
+    )
+    return corrected
 
 
 def quantize_dynamic_int8(
@@ -214,6 +296,170 @@ def default_opset(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     return 1
+
+
+def requantized_exclusions(model: onnx.ModelProto, nodes_to_exclude: tuple[str, ...]) -> list[str]:
+    """Return the excluded Conv/ConvTranspose/Gemm nodes that onnxruntime re-quantizes when it loads model.
+
+    onnxruntime's WeightBiasQuantization graph optimization (present in 1.32) quantizes the float weight of
+    such a node to symmetric per-tensor int8 when its input comes from DequantizeLinear and its output
+    reaches QuantizeLinear through at most Relu or Clip nodes. A per-tensor weight can be far worse than the
+    per-channel weight the quantizer would have written, so the exclusion backfires.
+    """
+    producers = {output: node for node in model.graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    float_initializers = {
+        init.name for init in model.graph.initializer if init.data_type == TensorProto.FLOAT
+    }
+    found = []
+    for node in model.graph.node:
+        if node.name not in nodes_to_exclude or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        producer = producers.get(node.input[0])
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        if len(node.input) < 2 or node.input[1] not in float_initializers:
+            continue
+        current = node
+        while len(current.output) == 1 and len(consumers.get(current.output[0], [])) == 1:
+            current = consumers[current.output[0]][0]
+            if current.op_type == "QuantizeLinear":
+                found.append(node.name)
+                break
+            if current.op_type not in ("Relu", "Clip"):
+                break
+    return found
+
+
+class _BatchListReader(CalibrationDataReader):
+    """Replay batches that were already read from another reader."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._batches = batches
+        self._index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._index >= len(self._batches):
+            return None
+        self._index += 1
+        return self._batches[self._index - 1]
+
+    def rewind(self) -> None:
+        self._index = 0
+
+
+def _read_batches(reader: CalibrationDataReader) -> list[dict[str, np.ndarray]]:
+    batches = []
+    while (batch := reader.get_next()) is not None:
+        batches.append(batch)
+    return batches
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: float) -> float:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return float(helper.get_attribute_value(attribute))
+    return default
+
+
+def _bias_correction_targets(
+    model: onnx.ModelProto, op_types: tuple[str, ...] | None, nodes_to_exclude: tuple[str, ...]
+) -> list[onnx.NodeProto]:
+    floats = {
+        init.name for init in model.graph.initializer if init.data_type == TensorProto.FLOAT
+    }
+    targets = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or node.name in nodes_to_exclude:
+            continue
+        if op_types is not None and node.op_type not in op_types:
+            continue
+        if len(node.input) < 2 or node.input[1] not in floats:
+            continue
+        bias = node.input[2] if len(node.input) > 2 else ""
+        if bias and bias not in floats:
+            continue
+        if node.op_type == "Gemm" and (_attribute(node, "transA", 0) or _attribute(node, "beta", 1.0) == 0):
+            continue
+        targets.append(node)
+    return targets
+
+
+def _weight_rounding_error(weight: np.ndarray, axis: int | None, reduce_range: bool) -> np.ndarray:
+    """Return W_int8 - W for onnxruntime's symmetric int8 weight quantization, per channel along axis."""
+    def error(values: np.ndarray) -> np.ndarray:
+        _zero_point, scale, quantized = quantize_data(values, TensorProto.INT8, True, reduce_range)
+        return quantized.astype(np.float32) * np.float32(scale) - values
+
+    if axis is None:
+        return error(weight)
+    moved = np.moveaxis(weight, axis, 0)
+    return np.moveaxis(np.stack([error(channel) for channel in moved]), 0, axis)
+
+
+def _mean_weight_errors(
+    model: onnx.ModelProto,
+    targets: list[onnx.NodeProto],
+    batches: list[dict[str, np.ndarray]],
+    per_channel: bool,
+    reduce_range: bool,
+) -> list[np.ndarray]:
+    """Run each target node's weight rounding error on its fp32 input; return the mean per output channel."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    del augmented.graph.output[:]
+    initializers = {init.name: init for init in model.graph.initializer}
+    opset = default_opset(model)
+    outputs = []
+    for index, node in enumerate(targets):
+        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        if node.op_type == "Gemm":
+            output_axis = 0 if _attribute(node, "transB", 0) else 1
+            reduce_axes = [0]
+        else:
+            output_axis = 0
+            reduce_axes = [0, *range(2, weight.ndim)]
+        error = _weight_rounding_error(weight, output_axis if per_channel else None, reduce_range)
+        prefix = f"edgefleet_bias_correction_{index}"
+        augmented.graph.initializer.append(numpy_helper.from_array(error, f"{prefix}_weight"))
+        error_node = helper.make_node(
+            node.op_type, [node.input[0], f"{prefix}_weight"], [f"{prefix}_output"], name=f"{prefix}_node",
+            domain=node.domain,
+        )
+        error_node.attribute.extend(a for a in node.attribute if a.name != "beta")
+        augmented.graph.node.append(error_node)
+        if opset >= 18:
+            axes_name = f"{prefix}_axes"
+            augmented.graph.initializer.append(numpy_helper.from_array(np.asarray(reduce_axes, np.int64), axes_name))
+            mean_node = helper.make_node(
+                "ReduceMean", [f"{prefix}_output", axes_name], [f"{prefix}_mean"], keepdims=0
+            )
+        else:
+            mean_node = helper.make_node(
+                "ReduceMean", [f"{prefix}_output"], [f"{prefix}_mean"], axes=reduce_axes, keepdims=0
+            )
+        augmented.graph.node.append(mean_node)
+        augmented.graph.output.append(
+            helper.make_tensor_value_info(f"{prefix}_mean", TensorProto.FLOAT, None)
+        )
+        outputs.append(f"{prefix}_mean")
+
+    try:
+        session = ort.InferenceSession(augmented.SerializeToString(), providers=["CPUExecutionProvider"])
+        sums = [np.zeros(0, dtype=np.float64) for _ in outputs]
+        count = 0
+        for batch in batches:
+            size = int(next(iter(batch.values())).shape[0])
+            for position, value in enumerate(session.run(outputs, batch)):
+                weighted = np.asarray(value, dtype=np.float64) * size
+                sums[position] = weighted if sums[position].size == 0 else sums[position] + weighted
+            count += size
+    except Exception as error:  # onnxruntime raises several private exception types.
+        raise QuantizationError(f"bias correction failed to run the model on the calibration data: {error}") from error
+    return [total / count for total in sums]
 
 
 def _load_checked(model_path: Path) -> onnx.ModelProto:
