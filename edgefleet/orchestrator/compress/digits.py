@@ -39,13 +39,13 @@ class DigitsConfig:
     seed: int = 0
     batch_size: int = 64
     lr: float = 3e-3
-    teacher_epochs: int = 30
+    teacher_epochs: int = 15
     prune_ratio: float = 0.5  # Fraction of the teacher's MACs to remove.
     round_to: int = 16
-    finetune_epochs: int = 20
+    finetune_epochs: int = 10
     student_family: str = "inverted_residual"
     student_mac_fraction: float = 0.25  # Student MAC budget as a fraction of the teacher's MACs.
-    student_epochs: int = 40
+    student_epochs: int = 30
     temperature: float = 4.0
     alpha: float = 0.7
     calibration_samples: int = 256
