@@ -110,9 +110,14 @@ class Reconciler:
                 self.statuses.pop(name, None)
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
+            # Reports sent while the models are applied already answer this generation.
+            self.generation = desired.generation
             for assignment in desired.models:
                 self._apply_one(assignment, offline=offline)
-            self.generation = desired.generation
+            if offline and any(self.host.get(a.model_name) is None for a in desired.models):
+                # A model is missing on disk: claim no generation, so the orchestrator sends the desired
+                # state again on connect and the missing model is downloaded.
+                self.generation = 0
             if not offline:
                 self._save(desired)
             self.report(self.reported_state())
