@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,66 @@ def _print_report(report: dict[str, Any]) -> None:
     _say(table(("PHOTO", *[n.upper() for n in names]), rows))
 
 
+def _compare_prometheus(stub: operator_pb2_grpc.OperatorServiceStub, port: int) -> dict[str, Any]:
+    """Scrape the orchestrator's /metrics and compare its latency quantiles with QueryMetrics.
+
+    /metrics merges the windows of its lookback (300 s by default) and the query asks for the same
+    range, so both merge the same stored sketches and should agree within the sketch's 1% error.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    scraped: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "edgefleet_inference_latency_ms":
+            for sample in family.samples:
+                scraped[(sample.labels["variant"], sample.labels["quantile"])] = sample.value
+    request = operator_pb2.QueryMetricsRequest(model_name=MODEL_NAME, group_by=["variant"])
+    request.start.FromDatetime(datetime.now(UTC) - timedelta(seconds=300))
+    rows = []
+    for row in stub.QueryMetrics(request, timeout=10).rows:
+        variant = row.group["variant"]
+        for quantile, queried in (("0.5", row.p50_ms), ("0.95", row.p95_ms), ("0.99", row.p99_ms)):
+            value = scraped.get((variant, quantile))
+            difference = None if value is None else abs(value - queried) / queried
+            rows.append(
+                {
+                    "variant": variant,
+                    "quantile": quantile,
+                    "scraped_ms": value,
+                    "query_ms": round(queried, 3),
+                    "relative_difference": None if difference is None else round(difference, 5),
+                }
+            )
+    return {"url": url, "rows": rows}
+
+
+def _print_prometheus(comparison: dict[str, Any]) -> None:
+    from edgefleet.cli.views import table
+
+    _say("")
+    _say(f"Prometheus {comparison['url']} against edgefleet metrics query (same windows, same sketches):")
+    _say(
+        table(
+            ("VARIANT", "QUANTILE", "/METRICS MS", "QUERY MS", "DIFFERENCE"),
+            [
+                (
+                    r["variant"],
+                    r["quantile"],
+                    "-" if r["scraped_ms"] is None else f"{r['scraped_ms']:.3f}",
+                    f"{r['query_ms']:.3f}",
+                    "missing" if r["relative_difference"] is None else f"{r['relative_difference']:.2%}",
+                )
+                for r in comparison["rows"]
+            ],
+        )
+    )
+
+
 def _ensure_models() -> tuple[Path, Path]:
     from edgefleet.demo.assets import ensure_efficientnet_lite0_onnx, ensure_efficientnet_lite0_tflite
 
@@ -243,7 +304,10 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
         _say("Preparing the pretrained EfficientNet-Lite0 (ONNX and TFLite) from the local cache...")
         onnx_path, tflite_path = _ensure_models()
         _say(f"Starting the orchestrator on embedded SQLite in {work} ...")
-        fleet.start_orchestrator()
+        metrics_port_file = work / "metrics.port"
+        fleet.start_orchestrator(
+            extra_args=("--metrics-listen", "127.0.0.1:0", "--metrics-port-file", str(metrics_port_file))
+        )
         for name, profile in DEVICES:
             fleet.start_agent(name, profile)
         devices = fleet.wait_for_devices(len(DEVICES))
@@ -282,6 +346,8 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
             _wait_for_metrics(stub, runs, timeout_s=30)
             report = _report(runs, stub, fleet.address)
             _print_report(report)
+            report["prometheus"] = _compare_prometheus(stub, int(metrics_port_file.read_text()))
+            _print_prometheus(report["prometheus"])
             from edgefleet.demo.rollouts import DemoDevice, run_rollouts
 
             demo_devices = {run.name: DemoDevice(run.name, run.device_id, run.socket) for run in runs}
