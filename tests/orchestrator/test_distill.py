@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgefleet.orchestrator.compress.digits import DigitsConfig, format_table, load_digits_split, run_digits
+from edgefleet.orchestrator.compress.digits import (
+    DigitsConfig,
+    DigitsResult,
+    format_table,
+    load_digits_split,
+    run_digits,
+)
 from edgefleet.orchestrator.compress.distill import (
+    TrainingHistory,
     distill,
     distillation_loss,
     evaluate_accuracy,
@@ -78,21 +85,22 @@ def teacher(digits_subset: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def distilled(teacher: nn.Module, digits_subset: tuple[torch.Tensor, torch.Tensor]) -> tuple[nn.Module, object]:
+def distilled(teacher: nn.Module,
+              digits_subset: tuple[torch.Tensor, torch.Tensor]) -> tuple[nn.Module, TrainingHistory]:
     torch.manual_seed(1)
     student = tiny_cnn()
     history = distill(teacher, student, digits_subset, temperature=4.0, alpha=0.7, epochs=5, lr=1e-2, seed=0)
     return student, history
 
 
-def test_distill_loss_decreases(distilled: tuple[nn.Module, object]) -> None:
+def test_distill_loss_decreases(distilled: tuple[nn.Module, TrainingHistory]) -> None:
     _, history = distilled
-    losses = history.epoch_losses  # type: ignore[attr-defined]
+    losses = history.epoch_losses
     assert losses[-1] < losses[0]
 
 
 def test_distill_student_learns(
-    distilled: tuple[nn.Module, object], digits_subset: tuple[torch.Tensor, torch.Tensor]
+    distilled: tuple[nn.Module, TrainingHistory], digits_subset: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     student, _ = distilled
     # Chance is 0.1 on ten balanced classes.
@@ -180,7 +188,7 @@ def test_student_rejects_unknown_family() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DigitsResult]:
     config = DigitsConfig(
         teacher_epochs=1, finetune_epochs=1, student_epochs=1, latency_repeats=2, threads=(1,), calibration_samples=16
     )
@@ -201,7 +209,7 @@ VARIANTS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_digits_variant_onnx_runs(digits_run: tuple[Path, object], variant: str) -> None:
+def test_digits_variant_onnx_runs(digits_run: tuple[Path, DigitsResult], variant: str) -> None:
     output, _ = digits_run
     session = ort.InferenceSession(str(output / f"{variant}.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": np.zeros((5, *DIGITS_SHAPE), dtype=np.float32)})[0]
@@ -209,9 +217,9 @@ def test_digits_variant_onnx_runs(digits_run: tuple[Path, object], variant: str)
 
 
 @pytest.mark.slow
-def test_digits_rows_gated(digits_run: tuple[Path, object]) -> None:
+def test_digits_rows_gated(digits_run: tuple[Path, DigitsResult]) -> None:
     _, result = digits_run
-    variants = [row.variant for row in result.rows]  # type: ignore[attr-defined]
+    variants = [row.variant for row in result.rows]
     assert variants == [
         "teacher-int8",
         "pruned",
@@ -223,14 +231,14 @@ def test_digits_rows_gated(digits_run: tuple[Path, object]) -> None:
 
 
 @pytest.mark.slow
-def test_digits_json_written(digits_run: tuple[Path, object]) -> None:
+def test_digits_json_written(digits_run: tuple[Path, DigitsResult]) -> None:
     output, _ = digits_run
     written = json.loads((output / "digits_results.json").read_text())
     assert len(written["rows"]) == 6
 
 
 @pytest.mark.slow
-def test_digits_table_lists_variants(digits_run: tuple[Path, object]) -> None:
+def test_digits_table_lists_variants(digits_run: tuple[Path, DigitsResult]) -> None:
     _, result = digits_run
-    table = format_table(result)  # type: ignore[arg-type]
+    table = format_table(result)
     assert table.count("\n") == 1 + 1 + 6  # Header, separator, teacher, six variants.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgefleet.orchestrator.compress.prune import count_macs, count_parameters, prune_model
+from edgefleet.orchestrator.compress.prune import PruneReport, count_macs, count_parameters, prune_model
 
 ROUND_TO = 8
 
@@ -85,52 +85,50 @@ def net() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def pruned_half(net: nn.Module) -> tuple[nn.Module, object]:
+def pruned_half(net: nn.Module) -> tuple[nn.Module, PruneReport]:
     return prune_model(net, 0.5, round_to=ROUND_TO, example_input=example())
 
 
-def test_prune_output_shape(net: nn.Module, pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_output_shape(net: nn.Module, pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert pruned(example()).shape == net(example()).shape
 
 
-def test_prune_parameters_drop(net: nn.Module, pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_parameters_drop(net: nn.Module, pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert count_parameters(pruned) < count_parameters(net)
 
 
-def test_prune_macs_reach_ratio(net: nn.Module, pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_macs_reach_ratio(net: nn.Module, pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert count_macs(pruned, example()) <= 0.5 * count_macs(net, example())
 
 
-def test_prune_report_matches_counts(net: nn.Module, pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_report_matches_counts(net: nn.Module, pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, report = pruned_half
-    assert (report.macs_before, report.macs_after) == (
-        count_macs(net, example()),  # type: ignore[attr-defined]
-        count_macs(pruned, example()),
-    )
+    assert report.macs_before == count_macs(net, example())
+    assert report.macs_after == count_macs(pruned, example())
 
 
-def test_prune_widths_rounded(pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_widths_rounded(pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     widths = {name: module.out_channels for name, module in pruned.named_modules() if isinstance(module, nn.Conv2d)}
     assert all(width % ROUND_TO == 0 for width in widths.values()), widths
 
 
-def test_prune_residual_shares_mask(pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_residual_shares_mask(pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert isinstance(pruned.conv2, nn.Conv2d) and isinstance(pruned.res2, nn.Conv2d)
     assert pruned.conv2.out_channels == pruned.res2.out_channels
 
 
-def test_prune_residual_actually_pruned(pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_residual_actually_pruned(pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert isinstance(pruned.conv2, nn.Conv2d)
     assert pruned.conv2.out_channels < 64
 
 
-def test_prune_depthwise_follows_producer(pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_depthwise_follows_producer(pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     depthwise = pruned.depthwise
     assert isinstance(depthwise, nn.Conv2d) and isinstance(pruned.conv2, nn.Conv2d)
@@ -138,19 +136,19 @@ def test_prune_depthwise_follows_producer(pruned_half: tuple[nn.Module, object])
     assert (depthwise.in_channels, depthwise.out_channels, depthwise.groups) == (channels, channels, channels)
 
 
-def test_prune_flatten_into_linear(pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_flatten_into_linear(pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert isinstance(pruned.fc, nn.Linear) and isinstance(pruned.pointwise, nn.Conv2d)
     assert pruned.fc.in_features == pruned.pointwise.out_channels * 4 * 4
 
 
-def test_prune_keeps_output_classes(pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_keeps_output_classes(pruned_half: tuple[nn.Module, PruneReport]) -> None:
     pruned, _ = pruned_half
     assert isinstance(pruned.fc, nn.Linear)
     assert pruned.fc.out_features == 10
 
 
-def test_prune_leaves_input_model(net: nn.Module, pruned_half: tuple[nn.Module, object]) -> None:
+def test_prune_leaves_input_model(net: nn.Module, pruned_half: tuple[nn.Module, PruneReport]) -> None:
     assert isinstance(net.conv2, nn.Conv2d)
     assert net.conv2.out_channels == 64
 
@@ -190,7 +188,7 @@ def test_prune_dead_channels_exact(criterion: str) -> None:
         assert torch.allclose(pruned(inputs), model(inputs), atol=1e-5)
 
 
-def test_prune_onnx_runs(pruned_half: tuple[nn.Module, object], tmp_path: Path) -> None:
+def test_prune_onnx_runs(pruned_half: tuple[nn.Module, PruneReport], tmp_path: Path) -> None:
     pruned, _ = pruned_half
     path = tmp_path / "pruned.onnx"
     with warnings.catch_warnings():

@@ -44,7 +44,7 @@ class DigitsConfig:
     round_to: int = 16
     finetune_epochs: int = 10
     student_family: str = "inverted_residual"
-    student_mac_fraction: float = 0.25  # Student MAC budget as a fraction of the teacher's MACs.
+    student_mac_fraction: float = 0.125  # Student MAC budget as a fraction of the teacher's MACs.
     student_epochs: int = 30
     temperature: float = 4.0
     alpha: float = 0.7
