@@ -128,7 +128,11 @@ def test_status_offline_when_closed(orchestrator: OrchestratorThread, open_strea
         lambda: status_of(orchestrator, device_id) == common_pb2.DEVICE_STATUS_OFFLINE,
         "status offline after the stream closed",
     )
-    assert orchestrator.state.store.get_device(device_id).connected is False  # type: ignore[union-attr]
+    # The store learns of the closed stream just after the hub does, from a worker thread.
+    wait_until(
+        lambda: orchestrator.state.store.get_device(device_id).connected is False,  # type: ignore[union-attr]
+        "device stored as disconnected",
+    )
 
 
 def test_missed_deploy_on_reconnect(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
