@@ -224,7 +224,7 @@ def _print_report(report: dict[str, Any]) -> None:
 def _compare_prometheus(stub: operator_pb2_grpc.OperatorServiceStub, port: int) -> dict[str, Any]:
     """Scrape the orchestrator's /metrics and compare its latency quantiles with QueryMetrics.
 
-    /metrics merges the windows of its lookback (300 s by default) and the query asks for the same
+    /metrics merges the windows of its lookback (300 s by default) and the query requests the same
     range, so both merge the same stored sketches and should agree within the sketch's 1% error.
     """
     import urllib.request

@@ -121,6 +121,7 @@ class FleetCollector(Collector):
             sketches[key].merge(LatencySketch.from_bytes(window.sketch))
             counts[key] += window.inference_count
             errors[key] += window.error_count
+
         labels = ["model", "variant"]
         latency = GaugeMetricFamily(
             "edgefleet_inference_latency_ms",
@@ -137,6 +138,7 @@ class FleetCollector(Collector):
             f"Failed inferences per second over the last {self.lookback_s:g} s",
             labels=labels,
         )
+
         for key in sorted(sketches):
             sketch = sketches[key]
             if sketch.count:
