@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from edgefleet.orchestrator.store.base import NotFoundError, StoreError
-from edgefleet.orchestrator.store.engine import READ_ONLY_OPTION
+from edgefleet.orchestrator.store.engine import SqlTransactions
 from edgefleet.orchestrator.store.tables import devices, variants
 from edgefleet.orchestrator.store.tables_costmodel import benchmark_results
 
@@ -72,28 +71,8 @@ def _check(result: BenchmarkResult) -> None:
         raise StoreError(f"measured_at {result.measured_at.isoformat()} is naive; pass a timezone-aware time")
 
 
-class SqlBenchmarkStore(BenchmarkStore):
+class SqlBenchmarkStore(SqlTransactions, BenchmarkStore):
     """A BenchmarkStore on the SQL store's engine (SqlStore.engine), with the schema at head."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        # As in SqlStore: writers of this process queue on a lock; the engine begins them with
-        # BEGIN IMMEDIATE on SQLite, so writers of other processes wait for the database lock.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._write_lock, self._engine.begin() as connection:
-            yield connection
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
-            connection.execution_options(**{READ_ONLY_OPTION: True})
-            with connection.begin():
-                yield connection
 
     def add_results(self, results: Sequence[BenchmarkResult]) -> int:
         for result in results:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.store import queries, rows
 from edgefleet.orchestrator.store.base import AlreadyExistsError, NotFoundError, StoreError
-from edgefleet.orchestrator.store.engine import READ_ONLY_OPTION
+from edgefleet.orchestrator.store.engine import SqlTransactions
 from edgefleet.orchestrator.store.tables import variants
 from edgefleet.orchestrator.store.tables_jobs import compression_jobs
 
@@ -166,7 +164,7 @@ def job_from_row(row: Row[Any]) -> Job:
     )
 
 
-class SqlJobStore(JobStore):
+class SqlJobStore(SqlTransactions, JobStore):
     """A JobStore on the SQL store's engine (SqlStore.engine or engine.create_store_engine), schema at head.
 
     close() disposes the engine only when owns_engine is set, so a store built on a shared engine
@@ -174,29 +172,8 @@ class SqlJobStore(JobStore):
     """
 
     def __init__(self, engine: Engine, *, owns_engine: bool = False) -> None:
-        self._engine = engine
+        super().__init__(engine)
         self._owns_engine = owns_engine
-        # As in SqlStore: this process queues its own SQLite writers instead of polling the file lock.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
-
-    @property
-    def engine(self) -> Engine:
-        return self._engine
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        # The engine's begin hook starts SQLite write transactions with BEGIN IMMEDIATE.
-        with self._write_lock, self._engine.begin() as connection:
-            yield connection
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
-            connection.execution_options(**{READ_ONLY_OPTION: True})
-            with connection.begin():
-                yield connection
 
     def add_job(self, job: Job) -> Job:
         if job.state not in JOB_STATES:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
-import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Row
 
 from edgefleet.orchestrator.domain import Assignment
 from edgefleet.orchestrator.rollouts.domain import (
@@ -28,7 +26,7 @@ from edgefleet.orchestrator.rollouts.domain import (
 )
 from edgefleet.orchestrator.store import queries, rows
 from edgefleet.orchestrator.store.base import AlreadyExistsError, NotFoundError, StoreError
-from edgefleet.orchestrator.store.engine import READ_ONLY_OPTION
+from edgefleet.orchestrator.store.engine import SqlTransactions
 from edgefleet.orchestrator.store.tables import assignments, devices
 from edgefleet.orchestrator.store.tables_rollouts import (
     rollout_engine_lease,
@@ -125,28 +123,8 @@ class RolloutStore(abc.ABC):
         """Give up the named lease if holder has it."""
 
 
-class SqlRolloutStore(RolloutStore):
+class SqlRolloutStore(SqlTransactions, RolloutStore):
     """A RolloutStore on the engine of a SqlStore whose schema is at head (SqlStore.engine)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        # Writers in this process queue on a lock instead of polling SQLite's busy handler; see SqlStore.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        # The engine's "begin" hook starts SQLite write transactions with BEGIN IMMEDIATE.
-        with self._write_lock, self._engine.begin() as connection:
-            yield connection
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
-            connection.execution_options(**{READ_ONLY_OPTION: True})
-            with connection.begin():
-                yield connection
 
     # Rollouts
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from edgefleet.orchestrator.store.base import NotFoundError
-from edgefleet.orchestrator.store.engine import READ_ONLY_OPTION
+from edgefleet.orchestrator.store.engine import SqlTransactions
 from edgefleet.orchestrator.store.tables_security import (
     api_tokens,
     device_credentials,
@@ -127,32 +125,15 @@ class SecurityStore(abc.ABC):
     def close(self) -> None: ...
 
 
-class SqlSecurityStore(SecurityStore):
+class SqlSecurityStore(SqlTransactions, SecurityStore):
     """A SecurityStore on the SQL store's engine (SqlStore.engine), with the schema at head.
 
     close() disposes the engine only when owns_engine is set, so a store on a shared engine leaves it to its owner.
     """
 
     def __init__(self, engine: Engine, *, owns_engine: bool = False) -> None:
-        self._engine = engine
+        super().__init__(engine)
         self._owns_engine = owns_engine
-        # As in SqlStore: this process queues its own SQLite writers instead of polling the file lock.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        # The engine's begin hook starts SQLite write transactions with BEGIN IMMEDIATE.
-        with self._write_lock, self._engine.begin() as connection:
-            yield connection
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
-            connection.execution_options(**{READ_ONLY_OPTION: True})
-            with connection.begin():
-                yield connection
 
     def _upsert(self, connection: Connection, table: sa.Table, values: dict[str, Any], keys: list[str]) -> None:
         dialect = postgresql if connection.dialect.name == "postgresql" else sqlite

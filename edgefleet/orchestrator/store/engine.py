@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -124,3 +128,46 @@ def upgrade_to_head(engine: Engine) -> None:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     logger.debug("database schema of %s is at head", engine.url.render_as_string(hide_password=True))
+
+
+# One writer lock per SQLite engine, shared by every store built on it.
+_WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(engine: Engine) -> threading.Lock | contextlib.nullcontext[None]:
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault(engine, threading.Lock())
+
+
+class SqlTransactions:
+    """Read and write transactions on a store engine, for the SQL store classes to inherit.
+
+    SQLite admits one writer at a time, and a waiting connection polls, sleeping up to 100 ms
+    between tries (sqliteDefaultBusyCallback in SQLite's main.c). So every store on one engine
+    queues this process's writers on one shared lock instead; writers of other processes still
+    wait through BEGIN IMMEDIATE, which the engine's begin hook issues.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._write_lock = _writer_lock(engine)
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self._engine.begin() as connection:
+            yield connection
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as connection:
+            connection.execution_options(**{READ_ONLY_OPTION: True})
+            with connection.begin():
+                yield connection
+

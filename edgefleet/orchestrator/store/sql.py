@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
 
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.orchestrator.domain import (
@@ -32,7 +29,7 @@ from edgefleet.orchestrator.store.base import (
     StoreError,
 )
 from edgefleet.orchestrator.store.codec import hardware_from_dict
-from edgefleet.orchestrator.store.engine import READ_ONLY_OPTION
+from edgefleet.orchestrator.store.engine import SqlTransactions
 from edgefleet.orchestrator.store.tables import (
     UtcDateTime,
     assignments,
@@ -50,37 +47,12 @@ from edgefleet.orchestrator.store.tables import (
 logger = logging.getLogger(__name__)
 
 
-class SqlStore(Store):
+class SqlStore(SqlTransactions, Store):
     """A Store on a SQLAlchemy engine made by engine.create_store_engine, with the schema at head.
 
     Every method runs in one transaction. Writes lock the device row they change first, so
     concurrent writers on PostgreSQL serialize per device. SQLite serializes all writers.
     """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        # SQLite admits one writer at a time. A waiting connection polls, sleeping up to 100 ms
-        # between tries (sqliteDefaultBusyCallback in SQLite's main.c), so this process queues its
-        # own writers on a lock instead. Other processes still wait through BEGIN IMMEDIATE.
-        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        )
-
-    @property
-    def engine(self) -> Engine:
-        return self._engine
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._write_lock, self._engine.begin() as connection:
-            yield connection
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
-            connection.execution_options(**{READ_ONLY_OPTION: True})
-            with connection.begin():
-                yield connection
 
     # Devices
 
