@@ -13,6 +13,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from edgefleet.common.files import fsync_directory
 from edgefleet.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class MetricBuffer:
             except OSError:
                 temp.unlink(missing_ok=True)
                 raise
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
             self._entries.append(_Entry(sequence, batch_id, path, len(data)))
             self._enforce_limits()
         return batch_id
@@ -229,11 +230,3 @@ class MetricBuffer:
             log.warning("discarding metric batch file %s: its content has batch id %r", path, request.batch_id)
             return None
         return request
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import grpc
 
+from edgefleet.common.files import fsync_directory
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -82,14 +83,6 @@ def parse_digest(digest: str) -> str:
     if not _HEX_DIGEST.fullmatch(hex_digest):
         raise ValueError(f"invalid digest {digest!r}: expected 'sha256:' followed by 64 hex digits")
     return hex_digest
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_disk_full(error: OSError) -> bool:
@@ -287,7 +280,7 @@ class ModelStore:
             with source.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.rename(source, target)
-            _fsync_directory(target.parent)
+            fsync_directory(target.parent)
         except OSError as error:
             if _is_disk_full(error):
                 raise DiskFullError(
@@ -370,7 +363,7 @@ class ModelStore:
         finally:
             temp.unlink(missing_ok=True)
         if sync_dir:
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
 
     # Start-up cleanup.
 

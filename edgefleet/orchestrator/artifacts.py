@@ -20,6 +20,7 @@ from typing import BinaryIO, Generic, TypeVar
 
 import grpc
 
+from edgefleet.common.files import fsync_directory
 from edgefleet.v1 import operator_pb2
 
 logger = logging.getLogger(__name__)
@@ -52,15 +53,6 @@ def parse_digest(digest: str) -> str:
 def format_digest(hex_digest: str) -> str:
     """Return the "sha256:<hex>" form of a hex SHA-256 digest."""
     return DIGEST_PREFIX + hex_digest.lower()
-
-
-def fsync_directory(path: Path) -> None:
-    """Flush a directory's entries to disk, so that a rename or unlink inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ArtifactStore(abc.ABC):
@@ -431,7 +423,7 @@ class UploadAssembler(Generic[T]):
         if first is None or first.WhichOneof("body") != "header":
             raise InvalidUploadError("upload stream must start with a header message before any chunk")
         header = first.header
-        suffix = Path(header.filename).suffix if _is_plain_suffix(Path(header.filename).suffix) else ""
+        suffix = temp_suffix(header.filename)
         with self.begin(size_bytes=header.size_bytes, sha256=header.sha256, suffix=suffix) as upload:
             for request in iterator:
                 if request.WhichOneof("body") != "chunk":
@@ -440,5 +432,7 @@ class UploadAssembler(Generic[T]):
             return header, upload.commit()
 
 
-def _is_plain_suffix(suffix: str) -> bool:
-    return bool(re.fullmatch(r"\.[A-Za-z0-9]{1,16}", suffix))
+def temp_suffix(filename: str) -> str:
+    """Return the file name's extension (".onnx") for a temp file, or "" unless it is 1-16 letters and digits."""
+    suffix = Path(filename).suffix
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,16}", suffix) else ""

@@ -19,7 +19,13 @@ from edgefleet.common.errors import (
 from edgefleet.common.models import ModelMetadata
 from edgefleet.common.serde import format_from_proto
 from edgefleet.orchestrator import serde, validation
-from edgefleet.orchestrator.artifacts import UploadAssembler, UploadError, UploadValidationError, sha256_file
+from edgefleet.orchestrator.artifacts import (
+    UploadAssembler,
+    UploadError,
+    UploadValidationError,
+    sha256_file,
+    temp_suffix,
+)
 from edgefleet.orchestrator.domain import ModelVersion, Variant
 from edgefleet.orchestrator.download import DownloadError, iter_chunks
 from edgefleet.orchestrator.handlers.devices import suggest
@@ -85,7 +91,7 @@ async def upload_model(
         return metadata
 
     assembler = UploadAssembler(state.artifacts, max_size_bytes=state.config.max_upload_bytes, validate=validate)
-    suffix = Path(header.filename).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,16}", Path(header.filename).suffix) else ""
+    suffix = temp_suffix(header.filename)
     try:
         upload = assembler.begin(size_bytes=header.size_bytes, sha256=header.sha256, suffix=suffix)
     except UploadError as error:
