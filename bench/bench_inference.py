@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from ai_edge_litert.interpreter import Interpreter
+from common import interleaved_samples
 
 from edgefleet.agent.runtime import ModelHost
 from edgefleet.agent.runtime.litert import LiteRTRunner
@@ -39,23 +40,8 @@ def _p50(samples_ns: list[int]) -> float:
 
 
 def _interleave(calls: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
-    """Time each call runs times, alternating between them and rotating the order every round.
-
-    Returns the p50 in milliseconds of each call.
-    """
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    samples: dict[str, list[int]] = {name: [] for name in names}
-    for round_index in range(runs):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            call = calls[name]
-            start = time.perf_counter_ns()
-            call()
-            samples[name].append(time.perf_counter_ns() - start)
-    return {name: _p50(values) for name, values in samples.items()}
+    """Time the calls interleaved (see common.interleaved_samples); return each p50 in milliseconds."""
+    return {name: _p50(values) for name, values in interleaved_samples(calls, warmup, runs).items()}
 
 
 def _host_overhead_us(host: ModelHost, feeds: dict[str, np.ndarray], runs: int) -> float:

@@ -13,12 +13,12 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
+from common import interleaved_samples
 
 from edgefleet.agent.local_api import LocalApiServer, array_to_tensor
 from edgefleet.agent.runtime import ModelHost
@@ -46,19 +46,8 @@ def tiny_onnx(path: Path) -> Path:
 
 
 def interleaved_p50(calls: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
-    """Time each call runs times in rotating order; return each p50 in microseconds."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    samples: dict[str, list[int]] = {name: [] for name in names}
-    for round_index in range(runs):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter_ns()
-            calls[name]()
-            samples[name].append(time.perf_counter_ns() - start)
-    return {name: statistics.median(values) / 1e3 for name, values in samples.items()}
+    """Time the calls interleaved (see common.interleaved_samples); return each p50 in microseconds."""
+    return {name: statistics.median(values) / 1e3 for name, values in interleaved_samples(calls, warmup, runs).items()}
 
 
 def measure(

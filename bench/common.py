@@ -7,7 +7,8 @@ import os
 import platform
 import resource
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
 
@@ -79,3 +80,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def interleaved_samples(calls: Mapping[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, list[int]]:
+    """Time each call runs times, rotating their order every round so drift hits all calls alike.
+
+    Returns each call's durations in nanoseconds, after warmup untimed rounds.
+    """
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    for round_index in range(runs):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            call = calls[name]
+            start = time.perf_counter_ns()
+            call()
+            samples[name].append(time.perf_counter_ns() - start)
+    return samples
