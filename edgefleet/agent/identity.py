@@ -74,7 +74,7 @@ def lock_state_dir(state_dir: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise IdentityError(
-            f"another agent is running with the state directory {state_dir} (it holds {path}); "
+            f"another agent is running with the state directory {state_dir} (it has locked {path}); "
             "stop that agent or give this one another --state-dir"
         ) from None
     return fd

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Largest tensor payload accepted or returned: a batch of camera frames fits, a runaway client does not.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Threads serving local calls; each call holds one while the runtime runs.
+# Threads serving local calls. Each call occupies one while the runtime runs.
 WORKERS = 4
 # sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107

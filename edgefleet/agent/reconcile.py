@@ -110,7 +110,7 @@ class Reconciler:
                 self.statuses.pop(name, None)
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
-            # Reports sent while the models are applied already answer this generation.
+            # Reports sent while the models are applied already report on this generation.
             self.generation = desired.generation
             for assignment in desired.models:
                 self._apply_one(assignment, offline=offline)

@@ -46,7 +46,7 @@ def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
     """Return the gRPC server options for config's keepalive settings.
 
     Keepalive: by default the server pings a connection after 60 s without reads and drops it when
-    no answer comes in 20 s, so a silently dropped agent link is noticed in about 80 s
+    no ping acknowledgement arrives within 20 s, so a silently dropped agent link is noticed in about 80 s
     (tests/faults/test_keepalive.py checks the same rule with 1 s settings). It accepts
     client pings down to every 10 s; agents ping every 30 s (edgefleet.agent.agent.Keepalive), so
     neither side sends pings the other rejects. A rejected ping makes the server close the
@@ -63,7 +63,7 @@ def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        # One process holds thousands of idle control streams; each needs an HTTP/2 stream.
+        # One process serves thousands of idle control streams, and each is an HTTP/2 stream.
         ("grpc.max_concurrent_streams", 100_000),
     ]
 

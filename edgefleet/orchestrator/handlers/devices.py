@@ -157,10 +157,10 @@ def describe_device(device: Device, state: OrchestratorState, fleet: FleetStates
 def list_devices(
     request: operator_pb2.ListDevicesRequest, state: OrchestratorState
 ) -> operator_pb2.ListDevicesResponse:
-    wanted_status = ""
+    requested_status = ""
     if request.status:
         try:
-            wanted_status = enum_to_name(request.status, DEVICE_STATUS_NAMES, "status")
+            requested_status = enum_to_name(request.status, DEVICE_STATUS_NAMES, "status")
         except ValueError as error:
             raise InvalidArgument("status", str(error)) from None
     validation.check_labels(request.label_selector, "label_selector")
@@ -179,7 +179,7 @@ def list_devices(
         if len(devices) == page_size:
             next_token = devices[-1].device_id
             break
-        if wanted_status and state.hub.status_of(device) != wanted_status:
+        if requested_status and state.hub.status_of(device) != requested_status:
             continue
         if any(device.labels.get(k) != v for k, v in request.label_selector.items()):
             continue
