@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from edgefleet.agent.config import HELP, AgentConfig
 from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
 
 log = logging.getLogger("edgefleet.agent")
@@ -111,21 +111,8 @@ async def _serve(agent: object, grace_s: float) -> None:
     from edgefleet.agent.agent import Agent
 
     assert isinstance(agent, Agent)
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1 and signum == signal.SIGINT:
-            log.warning("second interrupt: exiting at once")
-            os._exit(130)
-        log.info("received %s; stopping within %.0f s", signal.Signals(signum).name, grace_s)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    install_stop_signals(stop, process="agent", grace_s=grace_s)
     task = asyncio.create_task(agent.run(stop))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)

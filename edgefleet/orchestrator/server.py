@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 
 import grpc
@@ -12,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.systemd import Notifier
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.config import OrchestratorConfig
@@ -231,21 +231,8 @@ async def serve(config: OrchestratorConfig) -> None:
     watchdog = None
     if notifier.watchdog_interval_s is not None:
         watchdog = asyncio.create_task(_watchdog_forever(notifier, notifier.watchdog_interval_s, running.state.hub))
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1 and signum == signal.SIGINT:
-            log.warning("second interrupt: exiting without waiting for open calls")
-            raise SystemExit(130)
-        log.info("received %s; shutting down within %.0f s", signal.Signals(signum).name, config.shutdown_grace_s)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
     await stop.wait()
     notifier.stopping()
     if watchdog is not None:
