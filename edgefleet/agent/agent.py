@@ -24,6 +24,7 @@ from edgefleet.agent.metrics import MetricsRecorder
 from edgefleet.agent.profiles import EnforcedLimits
 from edgefleet.agent.reconcile import Reconciler
 from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.tensor_socket import TensorSocketServer
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.hardware import HardwareProfile
@@ -171,6 +172,7 @@ class Agent:
             verifier=self.verifier,
         )
         self.local_api = LocalApiServer(self.host, config.socket_path)
+        self.tensor_socket = TensorSocketServer(self.host, config.tensor_socket_path)
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
         self.notifier = Notifier()
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
@@ -240,6 +242,7 @@ class Agent:
         """Serve until stop is set; raise FatalAgentError when the orchestrator rejects this device."""
         self._loop = asyncio.get_running_loop()
         self.local_api.start()
+        self.tensor_socket.start()
         await asyncio.to_thread(self.reconciler.restore)
         if self.host.list():
             self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
@@ -262,6 +265,7 @@ class Agent:
             await channel.close()
             self._sync_channel.close()
             self.local_api.stop()
+            await asyncio.to_thread(self.tensor_socket.stop)
             await asyncio.to_thread(self.benchmarks.close)
             self.host.close()
             self.notifier.close()

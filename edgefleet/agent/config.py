@@ -11,6 +11,7 @@ HELP = {
     "state_dir": "directory for the device identity, models and buffers",
     "labels": "extra device labels as KEY=VALUE,KEY=VALUE",
     "socket": "Unix socket of the local inference API; default STATE_DIR/agent.sock",
+    "tensor_socket": "Unix socket of the framed tensor protocol; default SOCKET with .tensor.sock in place of .sock",
     "metrics_window_s": "seconds of latency samples per metric window",
     "insecure": "talk to the orchestrator without TLS (development and demos only)",
     "ca_cert": "PEM file of the fleet CA, for mutual TLS",
@@ -36,6 +37,7 @@ class AgentConfig:
     state_dir: Path = Path("./edgefleet-agent")
     labels: dict[str, str] = field(default_factory=dict)
     socket: Path | None = None
+    tensor_socket: Path | None = None
     metrics_window_s: float = 10.0
     insecure: bool = False
     ca_cert: Path | None = None
@@ -54,3 +56,9 @@ class AgentConfig:
     @property
     def socket_path(self) -> Path:
         return self.socket or self.state_dir / "agent.sock"
+
+    @property
+    def tensor_socket_path(self) -> Path:
+        if self.tensor_socket is not None:
+            return self.tensor_socket
+        return self.socket_path.with_name(self.socket_path.name.removesuffix(".sock") + ".tensor.sock")

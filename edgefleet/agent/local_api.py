@@ -13,6 +13,7 @@ import numpy as np
 
 from edgefleet.agent.runtime.base import InvalidInputError
 from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
+from edgefleet.agent.tensor_socket import MAX_SOCKET_PATH_BYTES, decode_array
 from edgefleet.common.serde import MODEL_STATE_NAMES, name_to_enum, tensor_to_proto
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
@@ -22,25 +23,11 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Threads serving local calls. Each call occupies one while the runtime runs.
 WORKERS = 4
-# sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
 
 
 def tensor_to_array(tensor: inference_pb2.Tensor) -> np.ndarray:
     """Decode a Tensor message; raise ValueError naming the tensor when dtype, shape and data disagree."""
-    try:
-        dtype = np.dtype(tensor.dtype)
-    except TypeError:
-        raise ValueError(f"input {tensor.name!r} has unknown dtype {tensor.dtype!r}; use a numpy dtype name") from None
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise ValueError(f"input {tensor.name!r} has a negative dimension in shape {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if expected != len(tensor.data):
-        raise ValueError(
-            f"input {tensor.name!r}: shape {list(shape)} of {dtype.name} needs {expected} bytes, got {len(tensor.data)}"
-        )
-    return np.frombuffer(tensor.data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return decode_array(tensor.name, tensor.dtype, tensor.shape, tensor.data)
 
 
 def array_to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:
@@ -94,7 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 class LocalApiServer:
-    """Serves InferenceService and grpc.health.v1 on a Unix socket that only the agent's user can open."""
+    """Serves InferenceService and grpc.health.v1 on a Unix socket that the agent's user and group can open."""
 
     def __init__(self, host: ModelHost, socket_path: Path) -> None:
         """Prepare the server; raise ValueError when the socket path is too long for a Unix socket."""
@@ -124,7 +111,7 @@ class LocalApiServer:
         health_servicer = health.HealthServicer()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        old_umask = os.umask(0o077)
+        old_umask = os.umask(0o117)  # Socket mode 0660.
         try:
             server.add_insecure_port(f"unix://{self.socket_path}")
             server.start()

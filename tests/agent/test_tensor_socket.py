@@ -1,0 +1,256 @@
+"""The tensor socket against a real ModelHost on real onnxruntime models: framing, errors, concurrency."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.runtime import ModelHost
+from edgefleet.agent.tensor_socket import (
+    MAGIC,
+    TensorSocketClient,
+    TensorSocketError,
+    TensorSocketServer,
+    read_frame,
+    write_frame,
+)
+from tests.agent.models import linear_reference, onnx_linear, onnx_two_inputs
+
+BATCH = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[ModelHost]:
+    with ModelHost(default_threads=1) as model_host:
+        model_host.install("linear", "1", "linear:1:source", onnx_linear(tmp_path / "linear.onnx"), "onnx")
+        model_host.install("pair", "1", "pair:1:source", onnx_two_inputs(tmp_path / "pair.onnx"), "onnx")
+        yield model_host
+
+
+@pytest.fixture
+def server(host: ModelHost, tmp_path: Path) -> Iterator[TensorSocketServer]:
+    tensor_server = TensorSocketServer(host, tmp_path / "agent.tensor.sock")
+    tensor_server.start()
+    yield tensor_server
+    tensor_server.stop()
+
+
+@pytest.fixture
+def client(server: TensorSocketServer) -> Iterator[TensorSocketClient]:
+    with TensorSocketClient(server.socket_path, timeout_s=10) as tensor_client:
+        yield tensor_client
+
+
+def raw_connection(server: TensorSocketServer) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(server.socket_path))
+    return sock
+
+
+def test_infer_matches_reference(client: TensorSocketClient) -> None:
+    reply = client.infer("linear", {"x": BATCH})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(BATCH), rtol=1e-5)
+
+
+def test_infer_reports_variant(client: TensorSocketClient) -> None:
+    reply = client.infer("linear", {"x": BATCH})
+
+    assert (reply.model_name, reply.model_version, reply.variant_id) == ("linear", "1", "linear:1:source")
+
+
+def test_infer_latency(client: TensorSocketClient) -> None:
+    assert client.infer("linear", {"x": BATCH}).latency_ms > 0
+
+
+def test_infer_two_inputs(client: TensorSocketClient) -> None:
+    ids = np.array([[1, 2], [3, 4]], dtype=np.int64)
+    reply = client.infer("pair", {"ids": ids, "offset": np.array([0.5], dtype=np.float32)})
+
+    np.testing.assert_allclose(reply.outputs["total"], [3.5, 7.5])
+
+
+def test_infer_converts_float64(client: TensorSocketClient) -> None:
+    reply = client.infer("linear", {"x": BATCH.astype(np.float64)})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(BATCH), rtol=1e-5)
+
+
+def test_unknown_model(client: TensorSocketClient) -> None:
+    with pytest.raises(TensorSocketError, match="'missing' is not installed") as caught:
+        client.infer("missing", {"x": BATCH})
+
+    assert caught.value.code == "NOT_FOUND"
+
+
+def test_wrong_shape(client: TensorSocketClient) -> None:
+    with pytest.raises(TensorSocketError, match="x") as caught:
+        client.infer("linear", {"x": np.zeros((2, 5), np.float32)})
+
+    assert caught.value.code == "INVALID_ARGUMENT"
+
+
+def test_connection_survives_error(client: TensorSocketClient) -> None:
+    with pytest.raises(TensorSocketError):
+        client.infer("missing", {"x": BATCH})
+
+    assert client.infer("linear", {"x": BATCH}).outputs["y"].shape == (2, 3)
+
+
+def test_models(client: TensorSocketClient) -> None:
+    models = {m["model_name"]: m for m in client.models()}
+
+    assert models["linear"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]
+    assert models["linear"]["runtime"] == "onnxruntime"
+
+
+def test_payload_size_mismatch(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        header = {"op": "infer", "model": "linear", "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4]}]}
+        write_frame(sock, header, [np.zeros(3, np.uint8)])
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["code"] == "INVALID_ARGUMENT"
+    assert frame[0]["message"] == "the inputs (x [2, 4] float32) take 32 bytes, but the payload has 3"
+
+
+def test_unknown_dtype(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        write_frame(
+            sock, {"op": "infer", "model": "linear", "inputs": [{"name": "x", "dtype": "float7", "shape": [1]}]}
+        )
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert "unknown dtype 'float7'" in frame[0]["message"]
+
+
+def test_unknown_op(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        write_frame(sock, {"op": "train"})
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["message"] == "unknown op 'train'; use 'infer' or 'models'"
+
+
+def test_bad_magic_closes(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        frame = read_frame(sock)
+        try:
+            after = sock.recv(1)
+        except ConnectionResetError:  # The server closed with the rest of the request unread.
+            after = b""
+
+    assert frame is not None
+    assert "not b'EFT1'" in frame[0]["message"]
+    assert after == b""
+
+
+def test_oversized_payload_refused(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        sock.sendall(struct.pack("<4sIQ", MAGIC, 2, 1 << 40) + b"{}")
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert "exceeds the limit" in frame[0]["message"]
+
+
+def test_header_not_object(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        sock.sendall(struct.pack("<4sIQ", MAGIC, 2, 0) + b"[]")
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["message"] == "frame header is a JSON list, not an object"
+
+
+def test_concurrent_equal_sequential(server: TensorSocketServer) -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(4)]
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(index: int) -> None:
+        with TensorSocketClient(server.socket_path, timeout_s=10) as own:
+            results[index] = [own.infer("linear", {"x": batches[index]}).outputs["y"] for _ in range(50)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    for index, outputs in results.items():
+        for output in outputs:
+            np.testing.assert_allclose(output, linear_reference(batches[index]), rtol=1e-5)
+
+
+def test_client_reconnects(host: ModelHost, tmp_path: Path) -> None:
+    path = tmp_path / "agent.tensor.sock"
+    first = TensorSocketServer(host, path)
+    first.start()
+    with TensorSocketClient(path, timeout_s=10) as tensor_client:
+        tensor_client.infer("linear", {"x": BATCH})
+        first.stop()
+        second = TensorSocketServer(host, path)
+        second.start()
+        try:
+            reply = tensor_client.infer("linear", {"x": BATCH})
+        finally:
+            second.stop()
+
+    assert reply.variant_id == "linear:1:source"
+
+
+def test_connection_limit(host: ModelHost, tmp_path: Path) -> None:
+    limited = TensorSocketServer(host, tmp_path / "agent.tensor.sock", max_connections=1)
+    limited.start()
+    try:
+        with TensorSocketClient(limited.socket_path, timeout_s=10) as first:
+            first.infer("linear", {"x": BATCH})
+            with (
+                TensorSocketClient(limited.socket_path, timeout_s=10) as second,
+                pytest.raises(TensorSocketError) as caught,
+            ):
+                second.infer("linear", {"x": BATCH})
+    finally:
+        limited.stop()
+
+    assert caught.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_socket_mode(server: TensorSocketServer) -> None:
+    assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o660
+
+
+def test_stop_removes_socket(server: TensorSocketServer) -> None:
+    server.stop()
+
+    assert not server.socket_path.exists()
+
+
+def test_no_agent(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionError, match="is edgefleet-agent running"):
+        TensorSocketClient(tmp_path / "none.sock")
+
+
+def test_long_path(host: ModelHost, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--tensor-socket"):
+        TensorSocketServer(host, tmp_path / ("d" * 120) / "agent.tensor.sock")
+
+
+def test_default_path(tmp_path: Path) -> None:
+    config = AgentConfig(state_dir=tmp_path, socket=tmp_path / "run" / "agent.sock")
+
+    assert config.tensor_socket_path == tmp_path / "run" / "agent.tensor.sock"
