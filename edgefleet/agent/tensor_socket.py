@@ -2,42 +2,31 @@
 
 The gRPC local API costs a few hundred microseconds per call in Python, more than a small model's
 inference. This protocol carries the same Infer call as raw tensor bytes behind a short JSON header,
-one connection per application thread, and adds tens of microseconds.
-
-Every message, request or response, is one frame (integers little-endian):
-
-    magic     4 bytes   b"EFT1"
-    header    u32       length of the JSON header in bytes
-    payload   u64       length of the payload in bytes
-    JSON header (UTF-8), then the payload: the tensors' bytes, in header order, C order, little-endian
-
-Requests: {"op": "infer", "model": NAME, "inputs": [{"name", "dtype", "shape"}...]} with the inputs in
-the payload, or {"op": "models"}. Responses: {"ok": true, "model_name", "model_version", "variant_id",
-"latency_ms", "outputs": [{"name", "dtype", "shape"}...]} with the outputs in the payload, or
-{"ok": true, "models": [...]}, or {"ok": false, "code": CODE, "message": TEXT} where CODE is one of
-INVALID_ARGUMENT, NOT_FOUND, INTERNAL, RESOURCE_EXHAUSTED. dtype is a numpy dtype name (float32,
-uint8, ...). A frame that breaks the framing gets an error response, and the server closes the connection.
-"""
+with large tensors in memory shared with the agent. docs/tensor-socket.md specifies the frames for
+clients in other languages; TensorSocketClient is the Python client."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
+import mmap
 import os
 import socket
 import struct
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -50,6 +39,10 @@ MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_CONNECTIONS = 64
 # sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
+# Inputs of at least this many bytes go through shared memory when the client uses it: below it, the
+# socket copy costs less than the region's bookkeeping.
+SHARED_MEMORY_MIN_BYTES = 16 * 1024
+SHARED_MEMORY_MIN_REGION = 1024 * 1024
 # Parsed request headers kept per connection; an application uses one or a few.
 MAX_PLANS_PER_CONNECTION = 16
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED")
@@ -60,7 +53,7 @@ class ProtocolError(ValueError):
 
 
 class TensorSocketError(RuntimeError):
-    """An error response from the agent: code is one of ERROR_CODES, message says what to fix."""
+    """An error response from the agent: code is one of ERROR_CODES, and message names the fix."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -122,6 +115,7 @@ class FrameReader:
         self._buffer = bytearray(buffer_bytes)
         self._start = 0  # Unconsumed bytes are self._buffer[self._start:self._end].
         self._end = 0
+        self._fds: list[int] | None = None  # Collects passed file descriptors during read_with_fds.
 
     def _fill(self, size: int) -> bool:
         """Buffer at least size unconsumed bytes; return False on a clean close before any of them."""
@@ -135,7 +129,13 @@ class FrameReader:
             self._start, self._end = 0, len(pending)
         view = memoryview(self._buffer)
         while self._end - self._start < size:
-            count = self.sock.recv_into(view[self._end :])
+            if self._fds is None:
+                count = self.sock.recv_into(view[self._end :])
+            else:
+                data, fds, _, _ = socket.recv_fds(self.sock, len(self._buffer) - self._end, 4)
+                self._fds.extend(fds)
+                count = len(data)
+                view[self._end : self._end + count] = data
             if count == 0:
                 if self._end == self._start:
                     return False
@@ -153,6 +153,15 @@ class FrameReader:
         """
         frame = self.read_raw()
         return None if frame is None else (parse_header(frame[0]), frame[1])
+
+    def read_with_fds(self) -> tuple[tuple[dict[str, Any], bytearray] | None, list[int]]:
+        """Read one frame like read, and return with it the file descriptors passed along with it."""
+        self._fds = []
+        try:
+            frame = self.read()
+        finally:
+            fds, self._fds = self._fds, None
+        return frame, fds
 
     def read_raw(self) -> tuple[bytes, bytearray] | None:
         """Read one frame like read, but return its header as the undecoded JSON bytes."""
@@ -241,6 +250,7 @@ class InferPlan:
     model: str
     inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]  # name, dtype, shape, start, end
     payload_bytes: int
+    shared: bool = False  # The inputs lie in the connection's shared memory region, not in the payload.
 
     @classmethod
     def parse(cls, request: Mapping[str, Any]) -> InferPlan:
@@ -265,9 +275,12 @@ class InferPlan:
             size = math.prod(shape) * dtype.itemsize
             inputs.append((name, dtype, tuple(shape), offset, offset + size))
             offset += size
-        return cls(model=model, inputs=tuple(inputs), payload_bytes=offset)
+        shared = request.get("shm", False)
+        if not isinstance(shared, bool):
+            raise ValueError(f"'shm' must be true or false, got {shared!r}")
+        return cls(model=model, inputs=tuple(inputs), payload_bytes=offset, shared=shared)
 
-    def feeds(self, payload: bytearray) -> dict[str, np.ndarray]:
+    def feeds(self, payload: bytearray | memoryview) -> dict[str, np.ndarray]:
         """Return the inputs as arrays over payload; raise ValueError when its size does not match."""
         if len(payload) != self.payload_bytes:
             shapes = ", ".join(f"{name} {list(shape)} {dtype.name}" for name, dtype, shape, _, _ in self.inputs)
@@ -304,7 +317,7 @@ class TensorSocketServer:
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._reply_prefixes: dict[tuple[str, str, tuple[tuple[str, str, tuple[int, ...]], ...]], bytes] = {}
+        self._reply_prefixes: dict[tuple[object, ...], bytes] = {}
 
     def start(self) -> None:
         from edgefleet.agent.runtime.host import ModelNotFoundError
@@ -379,6 +392,7 @@ class TensorSocketServer:
     def _serve(self, conn: socket.socket) -> None:
         reader = FrameReader(conn)
         plans: dict[bytes, InferPlan] = {}  # By the raw header of the requests on this connection.
+        region: mmap.mmap | None = None  # The connection's shared memory, once the client asked for it.
         try:
             while not self._stopping.is_set():
                 try:
@@ -389,7 +403,11 @@ class TensorSocketServer:
                     plan = plans.get(raw_header)
                     if plan is None:
                         request = parse_header(raw_header)
-                        if request.get("op") != "infer":
+                        op = request.get("op")
+                        if op == "shm":
+                            region = self._share_region(conn, request, region)
+                            continue
+                        if op != "infer":
                             write_frame(conn, *self._handle_other(request))
                             continue
                         try:
@@ -401,15 +419,36 @@ class TensorSocketServer:
                             plans.clear()
                         plans[raw_header] = plan
                 except ProtocolError as error:
+                    log.warning("tensor socket: closing a connection after an invalid frame: %s", error)
                     write_frame(conn, _error("INVALID_ARGUMENT", str(error)))
                     return
-                write_frame(conn, *self._infer(plan, payload))
+                write_frame(conn, *self._infer(plan, payload, region))
         except OSError:
-            pass  # The client went away; nothing to answer.
+            pass  # The client disconnected, so no reply can reach it.
         finally:
             with self._lock:
                 self._connections.pop(conn, None)
             conn.close()
+
+    def _share_region(self, conn: socket.socket, request: dict[str, Any], region: mmap.mmap | None) -> mmap.mmap | None:
+        """Reply to an shm request with a new sealed memfd of the requested size; return the region to use."""
+        size = request.get("bytes")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_PAYLOAD_BYTES:
+            message = f"'bytes' must be an integer from 1 to {MAX_PAYLOAD_BYTES}, got {size!r}"
+            log.warning("tensor socket: invalid shm request: %s", message)
+            write_frame(conn, _error("INVALID_ARGUMENT", message))
+            return region
+        fd = os.memfd_create("edgefleet-tensors", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            # Sealed so that neither side can shrink the file under the other's mapping (SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            shared = mmap.mmap(fd, size)
+            header = encode_header({"ok": True, "bytes": size})
+            socket.send_fds(conn, [_PREFIX.pack(MAGIC, len(header), 0) + header], [fd])
+        finally:
+            os.close(fd)
+        return shared
 
     def _handle_other(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
         op = request.get("op")
@@ -417,9 +456,20 @@ class TensorSocketServer:
             return {"ok": True, "models": [_model_entry(m) for m in self.host.list()]}, []
         return _error("INVALID_ARGUMENT", f"unknown op {op!r}; use 'infer' or 'models'"), []
 
-    def _infer(self, plan: InferPlan, payload: bytearray) -> tuple[dict[str, Any] | bytes, list[np.ndarray]]:
+    def _infer(
+        self, plan: InferPlan, payload: bytearray, region: mmap.mmap | None
+    ) -> tuple[dict[str, Any] | bytes, list[np.ndarray]]:
         try:
-            result = self.host.infer(plan.model, plan.feeds(payload))
+            if plan.shared:
+                if region is None or len(region) < plan.payload_bytes or payload:
+                    raise ValueError(
+                        f"inputs in shared memory need {plan.payload_bytes} bytes of a region set up with op 'shm' "
+                        f"(this connection has {len(region) if region else 0}) and an empty payload ({len(payload)})"
+                    )
+                feeds = plan.feeds(memoryview(region)[: plan.payload_bytes])
+            else:
+                feeds = plan.feeds(payload)
+            result = self.host.infer(plan.model, feeds)
         except ValueError as error:  # InvalidInputError is a ValueError as well.
             return _error("INVALID_ARGUMENT", str(error)), []
         except self._not_found as error:
@@ -427,10 +477,19 @@ class TensorSocketServer:
         except Exception as error:
             log.exception("tensor socket inference on model=%s failed", plan.model)
             return _error("INTERNAL", f"inference failed: {error}"), []
+        finally:
+            feeds = {}  # Release the views of the region before the next request reuses it.
         values = result.outputs
+        buffers = [array_bytes(v) for v in values.values()]
+        in_region = plan.shared and region is not None and sum(b.nbytes for b in buffers) <= len(region)
         # Only the latency changes between replies of one model version and output layout, so the rest
         # of the header is encoded once: JSON text up to the latency value, which closes the object.
-        key = (result.variant_id, result.model_version, tuple((n, v.dtype.str, v.shape) for n, v in values.items()))
+        key = (
+            result.variant_id,
+            result.model_version,
+            in_region,
+            tuple((n, v.dtype.str, v.shape) for n, v in values.items()),
+        )
         prefix = self._reply_prefixes.get(key)
         if prefix is None:
             outputs = [{"name": n, "dtype": v.dtype.name, "shape": list(v.shape)} for n, v in values.items()]
@@ -439,6 +498,7 @@ class TensorSocketServer:
                 "model_name": result.model_name,
                 "model_version": result.model_version,
                 "variant_id": result.variant_id,
+                "shm": in_region,
                 "outputs": outputs,
             }
             prefix = encode_header(fixed)[:-1] + b',"latency_ms":'
@@ -446,7 +506,14 @@ class TensorSocketServer:
                 self._reply_prefixes.clear()
             self._reply_prefixes[key] = prefix
         header = prefix + repr(float(result.latency_ms)).encode() + b"}"
-        return header, [array_bytes(v) for v in values.values()]
+        if in_region:
+            assert region is not None
+            offset = 0
+            for data in buffers:
+                region[offset : offset + data.nbytes] = data.data
+                offset += data.nbytes
+            return header, []
+        return header, buffers
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -469,23 +536,46 @@ def _model_entry(model: Any) -> dict[str, Any]:
     }
 
 
+class _Connection:
+    """One socket to the agent with its frame reader and, once set up, its shared memory region."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = FrameReader(sock)
+        self.region: mmap.mmap | None = None
+
+    def close(self) -> None:
+        if self.region is not None:
+            with contextlib.suppress(BufferError):  # An array still viewing it keeps it mapped until freed.
+                self.region.close()
+            self.region = None
+        self.sock.close()
+
+
 class TensorSocketClient:
     """A connection to an agent's tensor socket. Calls from several threads are serialised on it.
 
     Use one client per application thread for parallel calls. A call that finds the connection broken
     (the agent restarted) reconnects and retries once, which is safe because inference has no side effects.
+    With shared_memory, inputs of SHARED_MEMORY_MIN_BYTES or more travel through a memory region that
+    the agent shares with this connection. The client copies them there once and the runtime reads them
+    in place. The outputs come back the same way, so large tensors cross no socket.
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str], timeout_s: float | None = 30.0) -> None:
+    def __init__(
+        self, socket_path: str | os.PathLike[str], timeout_s: float | None = 30.0, shared_memory: bool = True
+    ) -> None:
         """Connect; raise ConnectionError naming the path when no agent listens there."""
         self.socket_path = Path(socket_path)
         self.timeout_s = timeout_s
+        self.shared_memory = shared_memory
         self._lock = threading.Lock()
-        self._reader: FrameReader | None = None
-        self._headers: dict[tuple[str, tuple[tuple[str, str, tuple[int, ...]], ...]], bytes] = {}
+        self._connection: _Connection | None = None
+        self._headers: dict[tuple[object, ...], bytes] = {}
+        self._output_bytes = 0  # The largest inline output payload so far, to size the next region.
         self._connect()
 
-    def _connect(self) -> FrameReader:
+    def _connect(self) -> _Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if self.timeout_s is not None:
             # Kernel timeouts keep the socket blocking: Python's own timeout would poll() before each call.
@@ -501,14 +591,14 @@ class TensorSocketClient:
                 f"cannot connect to the tensor socket {self.socket_path}: {error.strerror or error}; "
                 "is edgefleet-agent running, and may this user open the socket?"
             ) from error
-        self._reader = FrameReader(sock)
-        return self._reader
+        self._connection = _Connection(sock)
+        return self._connection
 
     def close(self) -> None:
         with self._lock:
-            if self._reader is not None:
-                self._reader.sock.close()
-                self._reader = None
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
     def __enter__(self) -> TensorSocketClient:
         return self
@@ -516,60 +606,92 @@ class TensorSocketClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(
-        self, header: Mapping[str, Any] | bytes, buffers: Sequence[np.ndarray]
-    ) -> tuple[dict[str, Any], bytearray]:
+    def _run(self, work: Callable[[_Connection], _T]) -> _T:
+        """Run one exchange on the connection, reconnecting and retrying once when it broke."""
         with self._lock:
-            for attempt in (1, 2):
-                reader = self._reader or self._connect()
+            attempt = 1
+            while True:
+                connection = self._connection or self._connect()
                 try:
-                    frame = _exchange(reader, header, buffers)
+                    return work(connection)
                 except ConnectionError as error:
-                    reader.sock.close()
-                    self._reader = None
+                    connection.close()
+                    self._connection = None
                     if attempt == 2:
                         raise ConnectionError(f"tensor socket {self.socket_path}: {error}") from error
-                    continue
+                    attempt += 1
                 except (OSError, ProtocolError) as error:
-                    reader.sock.close()  # A timeout or a garbled reply leaves the stream out of step.
-                    self._reader = None
+                    connection.close()  # A timeout or a garbled reply leaves the stream out of step.
+                    self._connection = None
                     if isinstance(error, BlockingIOError):  # SO_RCVTIMEO or SO_SNDTIMEO ran out.
                         raise TimeoutError(
-                            f"the agent did not answer on {self.socket_path} within {self.timeout_s} s"
+                            f"the agent did not respond on {self.socket_path} within {self.timeout_s} s; "
+                            "is it overloaded?"
                         ) from error
                     raise
-                break
-        reply, payload = frame
-        if not reply.get("ok"):
-            raise TensorSocketError(str(reply.get("code", "INTERNAL")), str(reply.get("message", "")))
-        return reply, payload
+
+    def _region(self, connection: _Connection, need: int) -> mmap.mmap:
+        """Return the connection's shared region, asking the agent for a larger one when it is under need bytes."""
+        if connection.region is not None and len(connection.region) >= need:
+            return connection.region
+        size = min(MAX_PAYLOAD_BYTES, max(SHARED_MEMORY_MIN_REGION, 1 << (need - 1).bit_length()))
+        write_frame(connection.sock, {"op": "shm", "bytes": size})
+        frame, fds = connection.reader.read_with_fds()
+        try:
+            if frame is None:
+                raise ConnectionError("the agent closed the connection")
+            _check(frame)
+            if len(fds) != 1:
+                raise ProtocolError(f"the shm reply carried {len(fds)} file descriptors, not 1")
+            region = mmap.mmap(fds[0], size)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if connection.region is not None:
+            with contextlib.suppress(BufferError):
+                connection.region.close()
+        connection.region = region
+        return region
 
     def infer(self, model: str, feeds: Mapping[str, np.ndarray]) -> TensorReply:
         """Run model on feeds (input name to array) in the agent and return its outputs.
 
         Raises TensorSocketError with code NOT_FOUND for a model that is not installed, INVALID_ARGUMENT
         for inputs that do not match it, INTERNAL when the runtime fails; ConnectionError when the agent
-        cannot be reached.
+        cannot be reached and TimeoutError when it does not respond within timeout_s.
         """
         arrays = {name: np.asarray(value) for name, value in feeds.items()}
+        buffers = [array_bytes(a) for a in arrays.values()]
+        input_bytes = sum(b.nbytes for b in buffers)
+        shared = self.shared_memory and SHARED_MEMORY_MIN_BYTES <= input_bytes <= MAX_PAYLOAD_BYTES
         # The same model and input layout gives the same header: encode it once.
-        key = (model, tuple((name, a.dtype.str, a.shape) for name, a in arrays.items()))
+        key = (model, shared, tuple((name, a.dtype.str, a.shape) for name, a in arrays.items()))
         header = self._headers.get(key)
         if header is None:
             inputs = [{"name": name, "dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()]
-            header = encode_header({"op": "infer", "model": model, "inputs": inputs})
+            header = encode_header({"op": "infer", "model": model, "inputs": inputs, "shm": shared})
             if len(self._headers) >= MAX_PLANS_PER_CONNECTION:
                 self._headers.clear()
             self._headers[key] = header
-        reply, payload = self._call(header, [array_bytes(a) for a in arrays.values()])
-        view = memoryview(payload)
-        outputs: dict[str, np.ndarray] = {}
-        offset = 0
-        for entry in reply["outputs"]:
-            dtype = np.dtype(entry["dtype"]).newbyteorder("<")
-            size = math.prod(entry["shape"]) * dtype.itemsize
-            outputs[entry["name"]] = np.frombuffer(view[offset : offset + size], dtype=dtype).reshape(entry["shape"])
-            offset += size
+
+        def inline(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            reply, payload = _check(_exchange(connection.reader, header, buffers))
+            self._output_bytes = max(self._output_bytes, len(payload))
+            return reply, _outputs(reply, payload, copy=False)
+
+        def through_region(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            region = self._region(connection, max(input_bytes, self._output_bytes))
+            offset = 0
+            for data in buffers:
+                region[offset : offset + data.nbytes] = data.data
+                offset += data.nbytes
+            reply, payload = _check(_exchange(connection.reader, header, ()))
+            if reply.get("shm"):  # Copied out: the next call reuses the region.
+                return reply, _outputs(reply, region, copy=True)
+            self._output_bytes = max(self._output_bytes, len(payload))  # Too large for the region this time.
+            return reply, _outputs(reply, payload, copy=False)
+
+        reply, outputs = self._run(through_region if shared else inline)
         return TensorReply(
             outputs=outputs,
             latency_ms=float(reply["latency_ms"]),
@@ -580,8 +702,29 @@ class TensorSocketClient:
 
     def models(self) -> list[dict[str, Any]]:
         """Return the models the agent serves, with runtime, providers, threads, inputs and outputs."""
-        reply, _ = self._call({"op": "models"}, ())
+        reply, _ = self._run(lambda connection: _check(_exchange(connection.reader, {"op": "models"}, ())))
         return list(reply["models"])
+
+
+def _check(frame: tuple[dict[str, Any], bytearray]) -> tuple[dict[str, Any], bytearray]:
+    """Return a reply frame; raise TensorSocketError when it is an error response."""
+    reply = frame[0]
+    if not reply.get("ok"):
+        raise TensorSocketError(str(reply.get("code", "INTERNAL")), str(reply.get("message", "")))
+    return frame
+
+
+def _outputs(reply: Mapping[str, Any], data: bytearray | mmap.mmap, copy: bool) -> dict[str, np.ndarray]:
+    """Cut the reply's outputs out of data, copying them when data is reused afterwards."""
+    outputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry in reply["outputs"]:
+        dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+        count = math.prod(entry["shape"])
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(entry["shape"])
+        outputs[entry["name"]] = array.copy() if copy else array
+        offset += count * dtype.itemsize
+    return outputs
 
 
 def _exchange(
@@ -591,8 +734,8 @@ def _exchange(
     try:
         write_frame(reader.sock, header, buffers)
     except ConnectionError:
-        # The agent may have answered and closed before reading the request, as it does at its
-        # connection limit: that answer is still in the receive queue.
+        # At its connection limit the agent sends an error and closes before reading the request.
+        # That error is still in the receive queue.
         frame = reader.read()
         if frame is None or frame[0].get("ok", True):
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import stat
 import struct
@@ -16,6 +18,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.runtime import ModelHost
 from edgefleet.agent.tensor_socket import (
     MAGIC,
+    FrameReader,
     TensorSocketClient,
     TensorSocketError,
     TensorSocketServer,
@@ -254,3 +257,74 @@ def test_default_path(tmp_path: Path) -> None:
     config = AgentConfig(state_dir=tmp_path, socket=tmp_path / "run" / "agent.sock")
 
     assert config.tensor_socket_path == tmp_path / "run" / "agent.tensor.sock"
+
+
+def test_shared_memory_matches_reference(client: TensorSocketClient) -> None:
+    batch = np.random.default_rng(1).standard_normal((2048, 4)).astype(np.float32)  # 32 KiB: shared memory
+
+    reply = client.infer("linear", {"x": batch})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(batch), rtol=1e-5)
+
+
+def test_shared_memory_outputs_are_copies(client: TensorSocketClient) -> None:
+    first_batch = np.full((2048, 4), 1.0, np.float32)
+    first = client.infer("linear", {"x": first_batch}).outputs["y"]
+    client.infer("linear", {"x": np.full((2048, 4), -5.0, np.float32)})
+
+    np.testing.assert_allclose(first, linear_reference(first_batch), rtol=1e-5)
+
+
+def test_shared_memory_region_grows(client: TensorSocketClient) -> None:
+    client.infer("linear", {"x": np.zeros((2048, 4), np.float32)})
+    batch = np.random.default_rng(2).standard_normal((200_000, 4)).astype(np.float32)  # 3.2 MB
+
+    reply = client.infer("linear", {"x": batch})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(batch), rtol=1e-5)
+
+
+def test_inline_client_matches(server: TensorSocketServer) -> None:
+    batch = np.random.default_rng(3).standard_normal((2048, 4)).astype(np.float32)
+    with TensorSocketClient(server.socket_path, shared_memory=False) as inline:
+        reply = inline.infer("linear", {"x": batch})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(batch), rtol=1e-5)
+
+
+def test_shared_infer_without_region(server: TensorSocketServer) -> None:
+    header = {
+        "op": "infer",
+        "model": "linear",
+        "shm": True,
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4]}],
+    }
+    with raw_connection(server) as sock:
+        write_frame(sock, header)
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert "region set up with op 'shm'" in frame[0]["message"]
+
+
+def test_shared_region_size_checked(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        write_frame(sock, {"op": "shm", "bytes": 0})
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["message"].startswith("'bytes' must be an integer from 1 to")
+
+
+def test_shared_region_sealed(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        write_frame(sock, {"op": "shm", "bytes": 4096})
+        frame, fds = FrameReader(sock).read_with_fds()
+    try:
+        seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+    assert frame is not None
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
