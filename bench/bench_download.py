@@ -1,4 +1,10 @@
-"""Measure DownloadArtifact throughput over loopback gRPC per chunk size, and the bytes a resume re-sends."""
+"""Measure DownloadArtifact throughput over loopback gRPC per chunk size, and the bytes a resume re-sends.
+
+The first table serves the artifact from a bare gRPC servicer over the orchestrator's chunk iterator,
+to find the transport's cost per chunk size. The second downloads a real 100 MB ONNX model from a real
+orchestrator process (embedded SQLite, plaintext loopback), after registering a device and deploying
+the model to it, at the default chunk size: the path an agent takes.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +23,13 @@ from pathlib import Path
 
 import grpc
 
+from edgefleet.agent.agent import CHANNEL_OPTIONS
 from edgefleet.agent.delivery import Downloader, ModelStore
+from edgefleet.demo.processes import LocalFleet
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.download import DEFAULT_CHUNK_SIZE, DownloadError, iter_chunks
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from edgefleet.orchestrator.server import SERVER_OPTIONS
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -54,7 +63,7 @@ class BenchServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 def start_server(servicer: BenchServicer) -> tuple[grpc.Server, str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -82,30 +91,38 @@ def server_cpu_s(connection: Connection) -> float:
     return float(connection.recv())
 
 
-def measure(run: Callable[[], None], connection: Connection) -> Measurement:
-    server_start = server_cpu_s(connection)
+def process_cpu_s(pid: int) -> float:
+    """Return the user and system CPU seconds of a process."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(run: Callable[[], None], server_cpu: Callable[[], float]) -> Measurement:
+    server_start = server_cpu()
     cpu_start = time.process_time()
     start = time.perf_counter()
     run()
     wall = time.perf_counter() - start
-    return Measurement(wall, time.process_time() - cpu_start, server_cpu_s(connection) - server_start)
+    return Measurement(wall, time.process_time() - cpu_start, server_cpu() - server_start)
 
 
-def raw_stream(address: str, digest: str, chunk_size: int) -> None:
+def raw_stream(address: str, digest: str, chunk_size: int, device_id: str = "") -> None:
     """Receive every chunk without verifying or storing it."""
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
-        request = agent_pb2.DownloadArtifactRequest(digest=digest, chunk_size=chunk_size)
+        request = agent_pb2.DownloadArtifactRequest(digest=digest, chunk_size=chunk_size, device_id=device_id)
         for _chunk in stub.DownloadArtifact(request):
             pass
 
 
-def full_download(address: str, digest: str, chunk_size: int, device_root: Path) -> None:
+def full_download(address: str, digest: str, chunk_size: int, device_root: Path, device_id: str = "") -> None:
     """Run Downloader.fetch: verify each chunk, write, fsync every 8 MiB and check the whole file."""
     store = ModelStore(device_root)
     store.discard_partial(digest)
-    with grpc.insecure_channel(address) as channel:
-        Downloader(channel, store, chunk_size=chunk_size).fetch(digest)
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        Downloader(channel, store, chunk_size=chunk_size, device_id=device_id).fetch(digest)
     store.discard_partial(digest)
 
 
@@ -123,6 +140,59 @@ def measure_resume(artifacts: FileArtifactStore, digest: str, size: int, device_
         server.stop(grace=None)
         store.discard_partial(digest)
     return servicer.bytes_served - size, DEFAULT_CHUNK_SIZE
+
+
+def onnx_of_size(path: Path, size: int) -> Path:
+    """Write a valid ONNX model (one MatMul) whose float32 weight takes about size bytes."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    side = int((size / 4) ** 0.5)
+    weight = np.random.default_rng(0).standard_normal((side, side), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, side])],
+        [numpy_helper.from_array(weight, "weight")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def deployed_artifact(fleet: LocalFleet, model_path: Path) -> tuple[str, str]:
+    """Register a device with the fleet's orchestrator, upload and deploy model_path; return (device id, digest)."""
+    import hashlib
+    import secrets
+
+    from edgefleet.agent.probe import probe_hardware
+    from edgefleet.cli.main import upload_requests
+    from edgefleet.common.serde import hardware_to_proto
+
+    with grpc.insecure_channel(fleet.address) as channel:
+        registration = agent_pb2_grpc.AgentServiceStub(channel).Register(
+            agent_pb2.RegisterRequest(
+                instance_key=secrets.token_hex(16),
+                hardware=hardware_to_proto(probe_hardware(store_dir=fleet.work_dir)),
+                agent_version="bench",
+            ),
+            timeout=60,
+        )
+    with fleet.operator_channel() as channel:
+        operator = operator_pb2_grpc.OperatorServiceStub(channel)
+        header = operator_pb2.UploadModelHeader(
+            name="large",
+            version="1",
+            size_bytes=model_path.stat().st_size,
+            sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
+            filename=model_path.name,
+        )
+        operator.UploadModel(upload_requests(model_path, header, progress=False), timeout=600)
+        response = operator.Deploy(
+            operator_pb2.DeployRequest(model_name="large", device_id=registration.device_id), timeout=60
+        )
+    return registration.device_id, response.assignment.digest
 
 
 def median_of(measurements: list[Measurement]) -> Measurement:
@@ -143,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=100, help="artifact size in MB (10**6 bytes)")
     parser.add_argument("--runs", type=int, default=3, help="runs per chunk size; the median is printed")
+    parser.add_argument("--skip-orchestrator", action="store_true", help="skip the real-orchestrator table")
     args = parser.parse_args()
     size = args.size_mb * 1000 * 1000
 
@@ -168,12 +239,13 @@ def main() -> None:
         print(f"{'chunk':>8} {columns} {columns}")
         try:
             for chunk_size in CHUNK_SIZES:
+                server_cpu = partial(server_cpu_s, parent_end)
                 raw = median_of(
-                    [measure(partial(raw_stream, address, digest, chunk_size), parent_end) for _ in range(args.runs)]
+                    [measure(partial(raw_stream, address, digest, chunk_size), server_cpu) for _ in range(args.runs)]
                 )
                 full = median_of(
                     [
-                        measure(partial(full_download, address, digest, chunk_size, device_root), parent_end)
+                        measure(partial(full_download, address, digest, chunk_size, device_root), server_cpu)
                         for _ in range(args.runs)
                     ]
                 )
@@ -184,6 +256,40 @@ def main() -> None:
 
         resent, chunk_size = measure_resume(artifacts, digest, size, device_root)
         print(f"resume after a cut at 85 %: {resent} bytes re-sent (chunk size {chunk_size // KiB} KiB)")
+        if not args.skip_orchestrator:
+            through_orchestrator(temp_path, size, args.runs)
+
+
+def through_orchestrator(temp_path: Path, size: int, runs: int) -> None:
+    """Print raw and Downloader figures for a real model downloaded from a real orchestrator process."""
+    fleet = LocalFleet(temp_path / "fleet", secure=False)
+    fleet.start_orchestrator()
+    assert fleet.orchestrator is not None
+    try:
+        model_path = onnx_of_size(temp_path / "large.onnx", size)
+        model_size = model_path.stat().st_size
+        device_id, digest = deployed_artifact(fleet, model_path)
+        model_path.unlink()
+        server_cpu = partial(process_cpu_s, fleet.orchestrator.popen.pid)
+        device_root = temp_path / "fleet-device"
+        # The first download computes and caches the chunk digests, as the first device of a rollout does.
+        first = measure(partial(raw_stream, fleet.address, digest, 0, device_id), server_cpu)
+        raw = median_of(
+            [measure(partial(raw_stream, fleet.address, digest, 0, device_id), server_cpu) for _ in range(runs)]
+        )
+        full = median_of(
+            [
+                measure(partial(full_download, fleet.address, digest, 0, device_root, device_id), server_cpu)
+                for _ in range(runs)
+            ]
+        )
+    finally:
+        fleet.stop()
+    print(f"real orchestrator process, {model_size / 1e6:.0f} MB ONNX model, default chunk size:")
+    print(f"{'':>14} {'MB/s':>8} {'client':>10} {'server':>10}")
+    print(f"{'first stream':>14} {format_row(first, model_size)}")
+    print(f"{'raw stream':>14} {format_row(raw, model_size)}")
+    print(f"{'Downloader':>14} {format_row(full, model_size)}")
 
 
 if __name__ == "__main__":

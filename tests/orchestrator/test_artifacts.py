@@ -27,6 +27,7 @@ from edgefleet.orchestrator.artifacts import (
 from edgefleet.orchestrator.download import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    ChunkDigestCache,
     DownloadNotFoundError,
     InvalidDownloadError,
     iter_chunks,
@@ -316,6 +317,32 @@ def test_chunks_reassemble(artifact_store: FileArtifactStore, stored_artifact: t
     assert all(chunk.chunk_sha256 == sha256_hex(chunk.data) for chunk in chunks)
     assert all(chunk.total_size == len(content) for chunk in chunks)
     assert [chunk.offset for chunk in chunks] == list(range(1000, len(content), 256 * 1024))
+
+
+def test_chunk_digests_cached(artifact_store: FileArtifactStore, stored_artifact: tuple[str, bytes]) -> None:
+    digest, content = stored_artifact
+    cache = ChunkDigestCache()
+    first = [chunk.chunk_sha256 for chunk in iter_chunks(artifact_store, digest, cache=cache)]
+
+    again = [chunk.chunk_sha256 for chunk in iter_chunks(artifact_store, digest, cache=cache)]
+
+    assert len(cache) == len(first) == 13
+    assert again == first
+    assert cache.get(digest, DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE) == sha256_hex(
+        content[DEFAULT_CHUNK_SIZE : 2 * DEFAULT_CHUNK_SIZE]
+    )
+
+
+def test_chunk_digest_cache_bounded() -> None:
+    cache = ChunkDigestCache(max_entries=2)
+    cache.put("sha256:a", 4, 0, "first")
+    cache.put("sha256:a", 4, 4, "second")
+    cache.get("sha256:a", 4, 0)
+    cache.put("sha256:a", 4, 8, "third")
+
+    assert cache.get("sha256:a", 4, 4) is None
+    assert cache.get("sha256:a", 4, 0) == "first"
+    assert cache.get("sha256:a", 4, 8) == "third"
 
 
 def test_chunk_size_capped(artifact_store: FileArtifactStore, stored_artifact: tuple[str, bytes]) -> None:
