@@ -14,6 +14,7 @@ import pytest
 
 from edgefleet.agent.agent import FatalAgentError
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
+from edgefleet.agent.tensor_socket import TensorSocketClient
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_USAGE
 from edgefleet.v1 import agent_pb2, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
 from tests.agent.models import linear_reference, tflite_linear
@@ -131,6 +132,21 @@ def test_agent_serves_deployed(start_orchestrator: StartOrchestrator, start_agen
     assert result.variant_id == "linear:1:source"
     assert result.model_version == "1"
     np.testing.assert_allclose(tensor_to_array(result.outputs[0]), expected_linear(0), rtol=1e-5)
+
+
+def test_agent_serves_tensor_socket(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "ecu")
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(seed=0), "linear", "1")
+    deploy(orchestrator, device_id)
+    wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+
+    with TensorSocketClient(agent.agent.config.tensor_socket_path, timeout_s=30) as client:
+        reply = client.infer("linear", {"x": INPUT})
+
+    assert reply.variant_id == "linear:1:source"
+    np.testing.assert_allclose(reply.outputs["y"], expected_linear(0), rtol=1e-5)
 
 
 def test_agent_uploads_metrics(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
