@@ -438,7 +438,13 @@ class TensorSocketServer:
             log.warning("tensor socket: invalid shm request: %s", message)
             write_frame(conn, _error("INVALID_ARGUMENT", message))
             return region
-        fd = os.memfd_create("edgefleet-tensors", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fd = os.memfd_create("edgefleet-tensors", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as error:
+            log.warning("tensor socket: cannot create a shared memory region of %d bytes: %s", size, error)
+            message = f"the agent cannot create a shared memory region of {size} bytes: {error}; send tensors inline"
+            write_frame(conn, _error("RESOURCE_EXHAUSTED", message))
+            return region
         try:
             os.ftruncate(fd, size)
             # Sealed so that neither side can shrink the file under the other's mapping (SIGBUS).
