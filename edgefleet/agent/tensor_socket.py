@@ -659,6 +659,18 @@ class TensorSocketClient:
         connection.region = region
         return region
 
+    def _header(self, model: str, arrays: Mapping[str, np.ndarray], shared: bool) -> bytes:
+        """Return the encoded infer header; the same model and input layout give the same bytes, encoded once."""
+        key = (model, shared, tuple((name, a.dtype.str, a.shape) for name, a in arrays.items()))
+        header = self._headers.get(key)
+        if header is None:
+            inputs = [{"name": name, "dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()]
+            header = encode_header({"op": "infer", "model": model, "inputs": inputs, "shm": shared})
+            if len(self._headers) >= MAX_PLANS_PER_CONNECTION:
+                self._headers.clear()
+            self._headers[key] = header
+        return header
+
     def infer(self, model: str, feeds: Mapping[str, np.ndarray]) -> TensorReply:
         """Run model on feeds (input name to array) in the agent and return its outputs.
 
@@ -670,28 +682,27 @@ class TensorSocketClient:
         buffers = [array_bytes(a) for a in arrays.values()]
         input_bytes = sum(b.nbytes for b in buffers)
         shared = self.shared_memory and SHARED_MEMORY_MIN_BYTES <= input_bytes <= MAX_PAYLOAD_BYTES
-        # The same model and input layout gives the same header: encode it once.
-        key = (model, shared, tuple((name, a.dtype.str, a.shape) for name, a in arrays.items()))
-        header = self._headers.get(key)
-        if header is None:
-            inputs = [{"name": name, "dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()]
-            header = encode_header({"op": "infer", "model": model, "inputs": inputs, "shm": shared})
-            if len(self._headers) >= MAX_PLANS_PER_CONNECTION:
-                self._headers.clear()
-            self._headers[key] = header
 
         def inline(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            header = self._header(model, arrays, shared=False)
             reply, payload = _check(_exchange(connection.reader, header, buffers))
             self._output_bytes = max(self._output_bytes, len(payload))
             return reply, _outputs(reply, payload, copy=False)
 
         def through_region(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            region = self._region(connection, max(input_bytes, self._output_bytes))
+            try:
+                region = self._region(connection, max(input_bytes, self._output_bytes))
+            except TensorSocketError as error:
+                if error.code != "RESOURCE_EXHAUSTED":
+                    raise
+                log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
+                self.shared_memory = False
+                return inline(connection)
             offset = 0
             for data in buffers:
                 region[offset : offset + data.nbytes] = data.data
                 offset += data.nbytes
-            reply, payload = _check(_exchange(connection.reader, header, ()))
+            reply, payload = _check(_exchange(connection.reader, self._header(model, arrays, shared=True), ()))
             if reply.get("shm"):  # Copied out: the next call reuses the region.
                 return reply, _outputs(reply, region, copy=True)
             self._output_bytes = max(self._output_bytes, len(payload))  # Too large for the region this time.

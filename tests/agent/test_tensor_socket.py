@@ -328,3 +328,43 @@ def test_shared_region_sealed(server: TensorSocketServer) -> None:
 
     assert frame is not None
     assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+
+
+def test_shared_memory_fallback(tmp_path: Path) -> None:
+    """An agent that cannot create a region gets the tensors inline from then on."""
+    path = tmp_path / "agent.tensor.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    requests: list[dict[str, object]] = []
+
+    def agent_without_memfd() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            reader = FrameReader(conn)
+            while (frame := reader.read()) is not None:
+                requests.append(frame[0])
+                if frame[0]["op"] == "shm":
+                    write_frame(conn, {"ok": False, "code": "RESOURCE_EXHAUSTED", "message": "no memfd"})
+                    continue
+                output = np.frombuffer(frame[1], np.float32)[:3].copy()
+                reply = {"ok": True, "model_name": "linear", "model_version": "1", "variant_id": "v", "latency_ms": 1.0}
+                write_frame(
+                    conn,
+                    {**reply, "outputs": [{"name": "y", "dtype": "float32", "shape": [3]}]},
+                    [output.view(np.uint8)],
+                )
+
+    thread = threading.Thread(target=agent_without_memfd, daemon=True)
+    thread.start()
+    batch = np.arange(2048 * 4, dtype=np.float32).reshape(2048, 4)
+    with TensorSocketClient(path, timeout_s=10) as fallback:
+        reply = fallback.infer("linear", {"x": batch})
+        shared_after = fallback.shared_memory
+    thread.join(10)
+    listener.close()
+
+    np.testing.assert_array_equal(reply.outputs["y"], [0.0, 1.0, 2.0])
+    assert [r["op"] for r in requests] == ["shm", "infer"]
+    assert requests[1]["shm"] is False
+    assert shared_after is False
