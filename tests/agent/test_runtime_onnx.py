@@ -49,6 +49,11 @@ def test_session_options_values() -> None:
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
+def test_session_options_spin_duration() -> None:
+    options = OnnxRunner().session_options(2)
+    assert options.get_session_config_entry("session.intra_op.spin_duration_us") == "50"
+
+
 def test_session_options_zero_threads() -> None:
     with pytest.raises(ValueError, match="threads must be at least 1"):
         OnnxRunner().session_options(0)

@@ -41,6 +41,9 @@ PROVIDER_PREFERENCE = (
     "CPUExecutionProvider",
 )
 CPU_PROVIDER = "CPUExecutionProvider"
+# Microseconds an idle intra-op worker spins before it blocks (onnxruntime 1.32 session config key
+# session.intra_op.spin_duration_us). With the default, a worker kept spinning for tens of ms after a call (measured).
+INTRA_OP_SPIN_DURATION_US = 50
 
 # ONNX tensor element types, as onnxruntime's NodeArg.type spells them, and their numpy dtype names.
 _ONNX_DTYPES = {
@@ -171,11 +174,17 @@ class OnnxRunner(Runner):
         return tuple(provider for provider in PROVIDER_PREFERENCE if provider in available)
 
     def session_options(self, threads: int) -> ort.SessionOptions:
-        """Return session options with threads intra-op threads, one inter-op thread and all optimisations."""
+        """Return session options with threads intra-op threads, one inter-op thread and all optimisations.
+
+        Raises ValueError for threads below 1.
+        """
         check_threads(threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Bounded spinning: a worker that spins for tens of ms after each call takes a core from the device's
+        # own work and from the next call of another loaded model (docs/benchmarks.md, cost model section).
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(INTRA_OP_SPIN_DURATION_US))
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return options
