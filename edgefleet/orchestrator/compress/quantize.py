@@ -6,6 +6,7 @@ import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -27,11 +28,15 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from edgefleet.common.models import ModelMetadata
 from edgefleet.orchestrator.compress.calibration import ArrayCalibrationReader, model_input_spec
 
+if TYPE_CHECKING:
+    from edgefleet.orchestrator.compress.adaround import AdaRoundConfig
+
 logger = logging.getLogger(__name__)
 
 # Per-channel QuantizeLinear/DequantizeLinear (the axis attribute) exists from ONNX opset 13.
 PER_CHANNEL_MIN_OPSET = 13
 ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -66,6 +71,8 @@ def quantize_static_qdq(
     calibration_batch_size: int = 1,
     extra_options: dict[str, object] | None = None,
     bias_correction: bool = False,
+    weight_rounding: str = "nearest",
+    adaround_config: AdaRoundConfig | None = None,
 ) -> Path:
     """Quantize an fp32 ONNX model to int8 weights and activations in the QDQ format.
 
@@ -77,6 +84,12 @@ def quantize_static_qdq(
     Gemm nodes to be quantized are first corrected for the mean output error of their int8 weights on the
     calibration data (see correct_bias); this needs one extra fp32 pass over the calibration data.
 
+    weight_rounding "nearest" leaves the rounding to onnxruntime. "adaround" first learns the rounding of
+    each Conv weight on the calibration data, layer by layer (see adaround.adaround_weights; it needs
+    torch and takes one fp32 pass per Conv node). With bias_correction the Conv biases are then corrected
+    inside that pass, against inputs from the already rounded layers, and correct_bias handles the Gemm
+    nodes. adaround_config tunes the optimisation.
+
     Returns output_path. Raises QuantizationError when the model does not load in onnxruntime, contains
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
     per-channel weights; raises CalibrationError when the calibration array does not match the input.
@@ -84,6 +97,10 @@ def quantize_static_qdq(
     if activation_type not in ACTIVATION_TYPES:
         raise QuantizationError(
             f"invalid activation_type {activation_type!r}: expected one of {ACTIVATION_TYPES}"
+        )
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise QuantizationError(
+            f"invalid weight_rounding {weight_rounding!r}: expected one of {WEIGHT_ROUNDINGS}"
         )
     if calibration_method not in CALIBRATION_METHODS:
         raise QuantizationError(
@@ -101,7 +118,7 @@ def quantize_static_qdq(
     else:
         reader = calibration
     batches: list[dict[str, np.ndarray]] = []
-    if bias_correction:
+    if bias_correction or weight_rounding == "adaround":
         # Both the correction and onnxruntime's calibrator read the data, and a reader may not rewind.
         batches = _read_batches(reader)
         reader = _BatchListReader(batches)
@@ -112,10 +129,18 @@ def quantize_static_qdq(
         onnx.save(model, str(staged))
         if preprocess:
             staged = _preprocess(staged, Path(scratch) / "preprocessed.onnx")
+        rounded_nodes: tuple[str, ...] = ()
+        if weight_rounding == "adaround" and (op_types_to_quantize is None or "Conv" in op_types_to_quantize):
+            rounded_nodes = _adaround(
+                staged, Path(scratch) / "adarounded.onnx", batches, per_channel=per_channel,
+                reduce_range=reduce_range, nodes_to_exclude=nodes_to_exclude, correct_biases=bias_correction,
+                config=adaround_config,
+            )
+            staged = Path(scratch) / "adarounded.onnx"
         if bias_correction:
             corrected = correct_bias(
                 onnx.load(str(staged)), batches, per_channel=per_channel, reduce_range=reduce_range,
-                op_types=op_types_to_quantize, nodes_to_exclude=nodes_to_exclude,
+                op_types=op_types_to_quantize, nodes_to_exclude=(*nodes_to_exclude, *rounded_nodes),
             )
             staged = Path(scratch) / "bias_corrected.onnx"
             onnx.save(corrected, str(staged))
@@ -159,11 +184,37 @@ def quantize_static_qdq(
         )
     logger.info(
         "quantized %s to %s: %d QuantizeLinear, %d DequantizeLinear, per_channel=%s, activations=%s, "
-        "bias_correction=%s",
+        "bias_correction=%s, weight_rounding=%s",
         model_path, output_path, counts["QuantizeLinear"], counts["DequantizeLinear"], per_channel,
-        activation_type, bias_correction,
+        activation_type, bias_correction, weight_rounding,
     )
     return output_path
+
+
+def _adaround(
+    source: Path,
+    output: Path,
+    batches: list[dict[str, np.ndarray]],
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    nodes_to_exclude: tuple[str, ...],
+    correct_biases: bool,
+    config: AdaRoundConfig | None,
+) -> tuple[str, ...]:
+    """Save source with AdaRound-rounded Conv weights to output; return the names of the rounded nodes."""
+    # Imported here because torch is only needed for this option.
+    from edgefleet.orchestrator.compress.adaround import adaround_weights
+
+    try:
+        result = adaround_weights(
+            onnx.load(str(source)), batches, per_channel=per_channel, reduce_range=reduce_range,
+            nodes_to_exclude=nodes_to_exclude, correct_biases=correct_biases, config=config,
+        )
+    except Exception as error:  # onnxruntime raises several private exception types.
+        raise QuantizationError(f"AdaRound failed to run the model on the calibration data: {error}") from error
+    onnx.save(result.model, str(output))
+    return result.rounded_nodes
 
 
 def correct_bias(
