@@ -33,6 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per model and thread count")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts")
     parser.add_argument("--eval-crops", type=int, default=16, help="crops per evaluation photo")
+    parser.add_argument(
+        "--weight-rounding",
+        choices=("nearest", "adaround"),
+        default="nearest",
+        help="int8 weight rounding: onnxruntime's nearest, or AdaRound learned on the calibration crops (minutes)",
+    )
     args = parser.parse_args(argv)
 
     source = ensure_efficientnet_lite0_onnx()
@@ -48,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(scratch) / "int8.onnx",
             calibration,
             bias_correction=True,
+            weight_rounding=args.weight_rounding,
             nodes_to_exclude=leading_conv_nodes(source, 2),
         )
         result = evaluate_variant(

@@ -282,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-bias-correction", action="store_true", help="skip the bias correction for the int8 weight rounding error"
     )
     parser.add_argument(
+        "--weight-rounding",
+        choices=("nearest", "adaround"),
+        default="nearest",
+        help="int8 weight rounding: onnxruntime's nearest, or AdaRound learned on the calibration crops (minutes)",
+    )
+    parser.add_argument(
         "--fp32-leading-convs",
         type=int,
         default=2,
@@ -317,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reduce_range=args.reduce_range,
             preprocess=not args.no_preprocess,
             bias_correction=not args.no_bias_correction,
+            weight_rounding=args.weight_rounding,
             nodes_to_exclude=fp32_nodes,
         )
         result = evaluate_variant(
