@@ -14,6 +14,7 @@ import numpy as np
 from edgefleet.agent.runtime.base import InvalidInputError
 from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
 from edgefleet.agent.tensor_socket import MAX_SOCKET_PATH_BYTES, decode_array
+from edgefleet.common.files import claim_socket_path
 from edgefleet.common.serde import MODEL_STATE_NAMES, name_to_enum, tensor_to_proto
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
@@ -99,7 +100,7 @@ class LocalApiServer:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)  # A socket left by a killed agent blocks the bind.
+        claim_socket_path(self.socket_path, "--socket")
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="local-api"),
             options=[

@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from edgefleet.common.files import claim_socket_path
+
 log = logging.getLogger(__name__)
+# numpy dtype kinds with a fixed byte layout: bool, signed and unsigned integers, floats, complex.
+_NUMERIC_KINDS = "biufc"
 _T = TypeVar("_T")
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -39,6 +44,12 @@ MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_CONNECTIONS = 64
 # sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
+# First step of a payload buffer's growth; each later step doubles it.
+_PAYLOAD_GROWTH_BYTES = 1024 * 1024
+# A server connection closes after this long without a complete request, and a reply that the client
+# does not read within SEND_TIMEOUT_S ends its connection. Clients reconnect by themselves.
+IDLE_TIMEOUT_S = 300.0
+SEND_TIMEOUT_S = 30.0
 # Inputs of at least this many bytes go through shared memory when the client uses it: below it, the
 # socket copy costs less than the region's bookkeeping.
 SHARED_MEMORY_MIN_BYTES = 16 * 1024
@@ -79,8 +90,15 @@ def _parse_dtype(name: str, dtype_name: object) -> np.dtype[Any]:
         dtype = np.dtype(dtype_name)
     except TypeError:
         raise ValueError(f"input {name!r} has unknown dtype {dtype_name!r}; use a numpy dtype name") from None
-    if dtype.hasobject:
-        raise ValueError(f"input {name!r} has dtype {dtype_name!r}, which has no byte layout; use a numeric dtype")
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(
+            f"input {name!r} has dtype {dtype_name!r}; tensors travel as bool, integer, float or complex numbers"
+        )
+    if dtype.byteorder == ">":
+        raise ValueError(
+            f"input {name!r} has big-endian dtype {dtype_name!r}, but tensor data is little-endian; "
+            f"name the dtype without a byte order, such as {dtype.newbyteorder('=').name!r}"
+        )
     return dtype
 
 
@@ -181,20 +199,23 @@ class FrameReader:
         self._start += _PREFIX.size
         header = bytes(self._buffer[self._start : self._start + header_size])
         self._start += header_size
-        # The payload gets its own buffer: arrays returned to the caller point into it.
-        payload = bytearray(payload_size)
+        # The payload gets its own buffer, because arrays returned to the caller point into it. It grows
+        # as data arrives, so a peer that announces 64 MiB and sends nothing does not cost 64 MiB.
         buffered = min(payload_size, self._end - self._start)
-        payload[:buffered] = self._buffer[self._start : self._start + buffered]
+        payload = bytearray(self._buffer[self._start : self._start + buffered])
         self._start += buffered
-        view = memoryview(payload)
         received = buffered
         while received < payload_size:
-            count = self.sock.recv_into(view[received:])
-            if count == 0:
-                raise ConnectionError(
-                    f"the peer closed the connection after {received} of {payload_size} payload bytes"
-                )
-            received += count
+            payload.extend(bytes(min(payload_size - received, max(received, _PAYLOAD_GROWTH_BYTES))))
+            view = memoryview(payload)
+            while received < len(payload):
+                count = self.sock.recv_into(view[received:])
+                if count == 0:
+                    raise ConnectionError(
+                        f"the peer closed the connection after {received} of {payload_size} payload bytes"
+                    )
+                received += count
+            view.release()
         if self._start == self._end:
             self._start = self._end = 0
         return header, payload
@@ -204,8 +225,8 @@ def parse_header(data: bytes) -> dict[str, Any]:
     """Decode a frame header; raise ProtocolError when it is not a UTF-8 JSON object."""
     try:
         header = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ProtocolError(f"frame header is not UTF-8 JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # Also UnicodeDecodeError, and integers over 4300 digits.
+        raise ProtocolError(f"frame header is not valid UTF-8 JSON: {error}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"frame header is a JSON {type(header).__name__}, not an object")
     return header
@@ -260,17 +281,22 @@ class InferPlan:
             raise ValueError(f"'model' must name an installed model, got {model!r}")
         entries = request.get("inputs")
         if not isinstance(entries, list):
-            raise ValueError(f"'inputs' must be a list of {{name, dtype, shape}} objects, got {entries!r}")
-        inputs = []
+            raise ValueError(f"'inputs' must be a list of {{name, dtype, shape}} objects, got {_clip(repr(entries))}")
+        inputs: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] = []
         offset = 0
         for entry in entries:
             if not isinstance(entry, dict) or not {"name", "dtype", "shape"} <= entry.keys():
-                raise ValueError(f"input entry {entry!r} needs 'name', 'dtype' and 'shape'")
+                raise ValueError(f"input entry {_clip(repr(entry))} needs 'name', 'dtype' and 'shape'")
             name, shape = str(entry["name"]), entry["shape"]
+            if any(name == earlier[0] for earlier in inputs):
+                raise ValueError(f"input {name!r} appears twice in 'inputs'; send each input once")
             if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-                raise ValueError(f"input {name!r} has shape {shape!r}; use a list of integers")
-            if any(d < 0 for d in shape):
-                raise ValueError(f"input {name!r} has a negative dimension in shape {shape}")
+                raise ValueError(f"input {name!r} has shape {_clip(repr(shape))}; use a list of integers")
+            if any(d < 0 or d > MAX_PAYLOAD_BYTES for d in shape):
+                raise ValueError(
+                    f"input {name!r} has shape {_clip(repr(shape))}; each dimension must be from 0 to "
+                    f"{MAX_PAYLOAD_BYTES}"
+                )
             dtype = _parse_dtype(name, entry["dtype"]).newbyteorder("<")
             size = math.prod(shape) * dtype.itemsize
             inputs.append((name, dtype, tuple(shape), offset, offset + size))
@@ -283,7 +309,7 @@ class InferPlan:
     def feeds(self, payload: bytearray | memoryview) -> dict[str, np.ndarray]:
         """Return the inputs as arrays over payload; raise ValueError when its size does not match."""
         if len(payload) != self.payload_bytes:
-            shapes = ", ".join(f"{name} {list(shape)} {dtype.name}" for name, dtype, shape, _, _ in self.inputs)
+            shapes = _clip(", ".join(f"{name} {list(shape)} {dtype.name}" for name, dtype, shape, _, _ in self.inputs))
             raise ValueError(
                 f"the inputs ({shapes}) take {self.payload_bytes} bytes, but the payload has {len(payload)}"
             )
@@ -301,7 +327,13 @@ class TensorSocketServer:
     with mode 0660, so the agent's user and group can connect.
     """
 
-    def __init__(self, host: Any, socket_path: Path, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        host: Any,
+        socket_path: Path,
+        max_connections: int = MAX_CONNECTIONS,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
         """Prepare the server; raise ValueError when the socket path is too long for a Unix socket."""
         self.host = host
         self.socket_path = socket_path.absolute()
@@ -312,11 +344,13 @@ class TensorSocketServer:
                 f"most {MAX_SOCKET_PATH_BYTES}; set --tensor-socket or --state-dir to a shorter path"
             )
         self.max_connections = max_connections
+        self.max_payload_bytes = max_payload_bytes  # Per request and per reply; also the largest shared region.
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._socket_inode = 0
         self._reply_prefixes: dict[tuple[object, ...], bytes] = {}
 
     def start(self) -> None:
@@ -324,13 +358,14 @@ class TensorSocketServer:
 
         self._not_found = ModelNotFoundError
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        self.socket_path.unlink(missing_ok=True)  # A socket left by a killed agent blocks the bind.
+        claim_socket_path(self.socket_path, "--tensor-socket")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)
         try:
             listener.bind(str(self.socket_path))
         finally:
             os.umask(old_umask)
+        self._socket_inode = self.socket_path.stat().st_ino
         listener.listen(self.max_connections)
         self._listener = listener
         self._stopping.clear()
@@ -354,9 +389,17 @@ class TensorSocketServer:
         for conn in connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)  # Wakes a thread waiting for the next request.
-        for thread in connections.values():
-            thread.join(grace_s)
-        self.socket_path.unlink(missing_ok=True)
+        deadline = time.monotonic() + grace_s
+        for conn, thread in connections.items():
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():  # Blocked sending a reply that the client does not read.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                thread.join(0.5)
+        # Remove the socket only if it is still ours: another server may have claimed the path since.
+        with contextlib.suppress(OSError):
+            if self.socket_path.stat().st_ino == self._socket_inode:
+                self.socket_path.unlink()
 
     @property
     def connection_count(self) -> int:
@@ -390,7 +433,8 @@ class TensorSocketServer:
                 pass
 
     def _serve(self, conn: socket.socket) -> None:
-        reader = FrameReader(conn)
+        set_timeouts(conn, receive_s=IDLE_TIMEOUT_S, send_s=SEND_TIMEOUT_S)
+        reader = FrameReader(conn, self.max_payload_bytes)
         plans: dict[bytes, InferPlan] = {}  # By the raw header of the requests on this connection.
         region: mmap.mmap | None = None  # The connection's shared memory, once the client asked for it.
         try:
@@ -433,8 +477,8 @@ class TensorSocketServer:
     def _share_region(self, conn: socket.socket, request: dict[str, Any], region: mmap.mmap | None) -> mmap.mmap | None:
         """Reply to an shm request with a new sealed memfd of the requested size; return the region to use."""
         size = request.get("bytes")
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_PAYLOAD_BYTES:
-            message = f"'bytes' must be an integer from 1 to {MAX_PAYLOAD_BYTES}, got {size!r}"
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self.max_payload_bytes:
+            message = f"'bytes' must be an integer from 1 to {self.max_payload_bytes}, got {size!r}"
             log.warning("tensor socket: invalid shm request: %s", message)
             write_frame(conn, _error("INVALID_ARGUMENT", message))
             return region
@@ -487,10 +531,19 @@ class TensorSocketServer:
             feeds = {}  # Release the views of the region before the next request reuses it.
         values = result.outputs
         buffers = [array_bytes(v) for v in values.values()]
-        in_region = plan.shared and region is not None and sum(b.nbytes for b in buffers) <= len(region)
+        output_bytes = sum(b.nbytes for b in buffers)
+        in_region = plan.shared and region is not None and output_bytes <= len(region)
+        if not in_region and output_bytes > self.max_payload_bytes:
+            message = (
+                f"the outputs of model {plan.model!r} take {output_bytes} bytes, over the reply limit of "
+                f"{self.max_payload_bytes}; send fewer rows per call"
+            )
+            log.warning("tensor socket: %s", message)
+            return _error("RESOURCE_EXHAUSTED", message), []
         # Only the latency changes between replies of one model version and output layout, so the rest
         # of the header is encoded once: JSON text up to the latency value, which closes the object.
         key = (
+            result.model_name,
             result.variant_id,
             result.model_version,
             in_region,
@@ -520,6 +573,22 @@ class TensorSocketServer:
                 offset += data.nbytes
             return header, []
         return header, buffers
+
+
+def set_timeouts(sock: socket.socket, receive_s: float, send_s: float) -> None:
+    """Bound each receive and send on sock; one that runs out raises BlockingIOError.
+
+    Kernel timeouts keep the socket blocking, where Python's own timeout would poll() before each call.
+    """
+    for option, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
+        whole = int(seconds)
+        micros = max(int((seconds - whole) * 1e6), 0 if whole else 1)  # 0 would mean no timeout at all.
+        sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", whole, micros))
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Shorten text for an error message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -571,7 +640,12 @@ class TensorSocketClient:
     def __init__(
         self, socket_path: str | os.PathLike[str], timeout_s: float | None = 30.0, shared_memory: bool = True
     ) -> None:
-        """Connect; raise ConnectionError naming the path when no agent listens there."""
+        """Connect; raise ConnectionError naming the path when no agent listens there.
+
+        timeout_s bounds each wait for the agent (None waits forever); raises ValueError when it is 0 or less.
+        """
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be above 0 or None to wait forever, got {timeout_s!r}")
         self.socket_path = Path(socket_path)
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
@@ -584,11 +658,7 @@ class TensorSocketClient:
     def _connect(self) -> _Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if self.timeout_s is not None:
-            # Kernel timeouts keep the socket blocking: Python's own timeout would poll() before each call.
-            seconds = int(self.timeout_s)
-            timeval = struct.pack("ll", seconds, int((self.timeout_s - seconds) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            set_timeouts(sock, receive_s=self.timeout_s, send_s=self.timeout_s)
         try:
             sock.connect(str(self.socket_path))
         except OSError as error:
@@ -676,9 +746,16 @@ class TensorSocketClient:
 
         Raises TensorSocketError with code NOT_FOUND for a model that is not installed, INVALID_ARGUMENT
         for inputs that do not match it, INTERNAL when the runtime fails; ConnectionError when the agent
-        cannot be reached and TimeoutError when it does not respond within timeout_s.
+        cannot be reached and TimeoutError when it does not respond within timeout_s. Raises ValueError,
+        before sending, for an input of a dtype with no fixed byte layout (strings, objects).
         """
         arrays = {name: np.asarray(value) for name, value in feeds.items()}
+        for name, array in arrays.items():
+            if array.dtype.kind not in _NUMERIC_KINDS:
+                raise ValueError(
+                    f"input {name!r} has dtype {array.dtype}; the tensor socket carries bool, integer, float "
+                    "and complex tensors only"
+                )
         buffers = [array_bytes(a) for a in arrays.values()]
         input_bytes = sum(b.nbytes for b in buffers)
         shared = self.shared_memory and SHARED_MEMORY_MIN_BYTES <= input_bytes <= MAX_PAYLOAD_BYTES

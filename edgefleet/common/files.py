@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -13,3 +14,24 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def claim_socket_path(path: Path, option: str) -> None:
+    """Prepare path for binding a Unix socket: remove a socket that no process serves any more.
+
+    Raises ValueError naming option when path is a socket that another process still accepts on, or a
+    file that is not a socket, so that a second agent or a mistyped path never takes over a file.
+    """
+    if not os.path.lexists(path):
+        return
+    if not path.is_socket():
+        raise ValueError(f"{path} exists and is not a socket; remove it or set {option} to another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # Left behind by a process that was killed.
+        return
+    finally:
+        probe.close()
+    raise ValueError(f"another process serves the socket {path}; stop it or set {option} to another path")

@@ -368,3 +368,121 @@ def test_shared_memory_fallback(tmp_path: Path) -> None:
     assert [r["op"] for r in requests] == ["shm", "infer"]
     assert requests[1]["shm"] is False
     assert shared_after is False
+
+
+def onnx_widen(path: Path) -> Path:
+    """Write y = x @ ones((4, 64)): each 16-byte input row gives a 256-byte output row."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "ones"], ["y"])],
+        "widen",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+        [numpy_helper.from_array(np.ones((4, 64), np.float32), "ones")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_outputs_over_limit(host: ModelHost, tmp_path: Path) -> None:
+    host.install("widen", "1", "widen:1:source", onnx_widen(tmp_path / "widen.onnx"), "onnx")
+    small = TensorSocketServer(host, tmp_path / "small.sock", max_payload_bytes=1024)
+    small.start()
+    try:
+        with TensorSocketClient(small.socket_path, timeout_s=10, shared_memory=False) as tensor_client:
+            with pytest.raises(TensorSocketError, match="take 2048 bytes, over the reply limit of 1024") as caught:
+                tensor_client.infer("widen", {"x": np.ones((8, 4), np.float32)})
+            after = tensor_client.infer("widen", {"x": np.ones((2, 4), np.float32)})
+    finally:
+        small.stop()
+
+    assert caught.value.code == "RESOURCE_EXHAUSTED"
+    assert after.outputs["y"].shape == (2, 64)
+
+
+def test_duplicate_input_names(server: TensorSocketServer) -> None:
+    entry = {"name": "x", "dtype": "float32", "shape": [1, 4]}
+    with raw_connection(server) as sock:
+        write_frame(sock, {"op": "infer", "model": "linear", "inputs": [entry, entry]}, [np.zeros(32, np.uint8)])
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["message"] == "input 'x' appears twice in 'inputs'; send each input once"
+
+
+def test_big_endian_dtype_name(server: TensorSocketServer) -> None:
+    entry = {"name": "x", "dtype": ">f4", "shape": [1, 4]}
+    with raw_connection(server) as sock:
+        write_frame(sock, {"op": "infer", "model": "linear", "inputs": [entry]}, [np.zeros(16, np.uint8)])
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert "big-endian dtype '>f4'" in frame[0]["message"]
+
+
+def test_deeply_nested_header(server: TensorSocketServer) -> None:
+    header = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with raw_connection(server) as sock:
+        sock.sendall(struct.pack("<4sIQ", MAGIC, len(header), 0) + header)
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["message"].startswith("frame header is not valid UTF-8 JSON")
+
+
+def test_reply_names_requested_model(host: ModelHost, client: TensorSocketClient, tmp_path: Path) -> None:
+    host.install("alias", "1", "linear:1:source", onnx_linear(tmp_path / "alias.onnx"), "onnx")
+    client.infer("linear", {"x": BATCH})
+
+    assert client.infer("alias", {"x": BATCH}).model_name == "alias"
+
+
+def test_string_input_rejected(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match="input 'x' has dtype <U1"):
+        client.infer("linear", {"x": np.array([["a"] * 4])})
+
+
+def test_zero_timeout_rejected(server: TensorSocketServer) -> None:
+    with pytest.raises(ValueError, match="timeout_s must be above 0"):
+        TensorSocketClient(server.socket_path, timeout_s=0)
+
+
+def test_payload_cut_short(tmp_path: Path) -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(struct.pack("<4sIQ", MAGIC, 2, 10 * 1024 * 1024) + b"{}" + bytes(100))
+        left.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionError, match="after 100 of 10485760 payload bytes"):
+            FrameReader(right).read()
+
+
+def test_claim_refuses_file(host: ModelHost, tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("keep")
+
+    with pytest.raises(ValueError, match="exists and is not a socket"):
+        TensorSocketServer(host, path).start()
+    assert path.read_text() == "keep"
+
+
+def test_claim_refuses_live_socket(host: ModelHost, server: TensorSocketServer) -> None:
+    with pytest.raises(ValueError, match="another process serves the socket"):
+        TensorSocketServer(host, server.socket_path).start()
+
+
+def test_claim_replaces_stale_socket(host: ModelHost, tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # The path stays behind, as after a killed agent.
+    replacement = TensorSocketServer(host, path)
+    replacement.start()
+    try:
+        with TensorSocketClient(path, timeout_s=10) as tensor_client:
+            reply = tensor_client.infer("linear", {"x": BATCH})
+    finally:
+        replacement.stop()
+
+    assert reply.variant_id == "linear:1:source"
