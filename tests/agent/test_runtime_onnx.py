@@ -54,6 +54,17 @@ def test_session_options_spin_duration() -> None:
     assert options.get_session_config_entry("session.intra_op.spin_duration_us") == "50"
 
 
+def test_session_options_default_spin() -> None:
+    options = OnnxRunner().session_options(2, spin_duration_us=None)
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        options.get_session_config_entry("session.intra_op.spin_duration_us")
+
+
+def test_session_options_negative_spin() -> None:
+    with pytest.raises(ValueError, match="spin_duration_us must be at least 0, got -1"):
+        OnnxRunner().session_options(2, spin_duration_us=-1)
+
+
 def test_session_options_zero_threads() -> None:
     with pytest.raises(ValueError, match="threads must be at least 1"):
         OnnxRunner().session_options(0)

@@ -173,18 +173,24 @@ class OnnxRunner(Runner):
         available = set(self._provider_discovery())
         return tuple(provider for provider in PROVIDER_PREFERENCE if provider in available)
 
-    def session_options(self, threads: int) -> ort.SessionOptions:
+    def session_options(
+        self, threads: int, *, spin_duration_us: int | None = INTRA_OP_SPIN_DURATION_US
+    ) -> ort.SessionOptions:
         """Return session options with threads intra-op threads, one inter-op thread and all optimisations.
 
-        Raises ValueError for threads below 1.
+        spin_duration_us bounds how long an idle intra-op worker spins before it blocks; None keeps
+        onnxruntime's default. Raises ValueError for threads below 1 or a negative spin_duration_us.
         """
         check_threads(threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Bounded spinning: a worker that spins for tens of ms after each call takes a core from the device's
-        # own work and from the next call of another loaded model (docs/benchmarks.md, cost model section).
-        options.add_session_config_entry("session.intra_op.spin_duration_us", str(INTRA_OP_SPIN_DURATION_US))
+        if spin_duration_us is not None:
+            if spin_duration_us < 0:
+                raise ValueError(f"spin_duration_us must be at least 0, got {spin_duration_us}")
+            # Bounded spinning: a worker that spins for tens of ms after each call takes a core from the
+            # device's own work and from the next call of another loaded model (docs/benchmarks.md, cost model).
+            options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_duration_us))
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return options
