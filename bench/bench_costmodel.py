@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 # Run from a checkout without `pip install -e .`: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,7 +27,7 @@ from bench.common import machine_line
 from edgefleet.agent.benchmark import sample_input
 from edgefleet.agent.probe import probe_hardware
 from edgefleet.agent.runtime.litert import LiteRTRunner
-from edgefleet.agent.runtime.onnx import OnnxRunner
+from edgefleet.agent.runtime.onnx import INTRA_OP_SPIN_DURATION_US, OnnxRunner
 from edgefleet.common.hardware import HardwareProfile, hardware_class_of
 from edgefleet.orchestrator.costmodel.predictor import AnalyticPredictor, CalibratedPredictor, Measurement
 from edgefleet.orchestrator.domain import Variant
@@ -218,7 +219,21 @@ def class_profiles(machine: HardwareProfile) -> dict[int, HardwareProfile]:
     return profiles
 
 
-def load_sessions(pairs: list[Pair]) -> list[Any]:
+class SpinOnnxRunner(OnnxRunner):
+    """The agent's onnxruntime runner with another bound on intra-op spinning (None: onnxruntime's default)."""
+
+    def __init__(self, spin_duration_us: int | None) -> None:
+        super().__init__()
+        self.spin_duration_us = spin_duration_us
+
+    def session_options(
+        self, threads: int, *, spin_duration_us: int | None = INTRA_OP_SPIN_DURATION_US
+    ) -> ort.SessionOptions:
+        """Return the agent's session options with this runner's spin bound in place of spin_duration_us."""
+        return super().session_options(threads, spin_duration_us=self.spin_duration_us)
+
+
+def load_sessions(pairs: list[Pair], onnx_runner: OnnxRunner) -> list[Any]:
     """Load one runtime session per pair, created while pinned to the pair's cores.
 
     The runtimes start their worker threads when the session is created, and a new thread inherits
@@ -229,7 +244,7 @@ def load_sessions(pairs: list[Pair]) -> list[Any]:
     try:
         for pair in pairs:
             os.sched_setaffinity(0, allowed[: pair.cores])
-            runner = OnnxRunner() if pair.variant.format == "onnx" else LiteRTRunner()
+            runner = onnx_runner if pair.variant.format == "onnx" else LiteRTRunner()
             sessions.append(runner.load(pair.path, threads=pair.threads))
     finally:
         os.sched_setaffinity(0, allowed)
@@ -258,19 +273,21 @@ class Schedule:
     rest: float = 0.0  # Also sleep this many times the time the pair just ran, to leave CPU to others.
 
 
-def measure_interleaved(pairs: list[Pair], schedule: Schedule) -> tuple[list[Pair], list[float]]:
+def measure_interleaved(
+    pairs: list[Pair], schedule: Schedule, onnx_runner: OnnxRunner
+) -> tuple[list[Pair], list[float]]:
     """Measure every pair in interleaved rounds; return the measured pairs and the load average per round.
 
     Round-robin over the pairs spreads load from other processes over every pair, instead of
     spoiling the few that ran while it lasted. Each round's median is kept, so the spread over the
     rounds shows how stable each figure is. Every pair has two sessions, one for the even and one
-    for the odd rounds, because the 2-thread latency of a small model can differ by a factor of 2
-    between two sessions of the same file. The even/odd noise then includes that difference.
-    NOTE: the cause is not established; whether the worker thread still spins when the next layer's
-    work arrives is a likely one.
+    for the odd rounds, so the even/odd noise includes any difference between two sessions of the same
+    file. With onnxruntime's default spinning (--onnx-spin-us -1), the workers of the other sessions kept
+    spinning for tens of ms after their pair ran, so two sessions of one file differed by up to a factor
+    of 2 at 2 threads.
     """
     allowed = sorted(os.sched_getaffinity(0))
-    sessions = (load_sessions(pairs), load_sessions(pairs))
+    sessions = (load_sessions(pairs, onnx_runner), load_sessions(pairs, onnx_runner))
     feeds = [{spec.name: sample_input(spec, np.random.default_rng(0)) for spec in s.inputs} for s in sessions[0]]
     runs: list[int] = []
     medians: list[list[float]] = [[] for _ in pairs]
@@ -498,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
         help="measure under SCHED_FIFO (needs root or CAP_SYS_NICE), so other processes cannot preempt a "
         "timed run; the benchmark then sleeps as long as each pair ran, leaving other processes half the CPU",
     )
+    parser.add_argument(
+        "--onnx-spin-us",
+        type=int,
+        default=INTRA_OP_SPIN_DURATION_US,
+        help="microseconds an idle onnxruntime intra-op worker spins before it blocks (default "
+        f"{INTRA_OP_SPIN_DURATION_US}, the agent's setting; -1 keeps onnxruntime's default spinning)",
+    )
     parser.add_argument("--save", type=Path, help="write the per-round measurements to this JSON file")
     parser.add_argument("--load", type=Path, help="predict from measurements saved by --save instead of measuring")
     parser.add_argument(
@@ -509,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.rounds < 2:
         parser.error(f"--rounds must be at least 2 to estimate the noise, got {args.rounds}")
+    if args.onnx_spin_us < -1:
+        parser.error(f"--onnx-spin-us must be -1 (onnxruntime's default) or at least 0, got {args.onnx_spin_us}")
     if len(os.sched_getaffinity(0)) < 2:
         print("this benchmark needs 2 usable cores to measure the 2-core profiles", file=sys.stderr)
         return 2
@@ -542,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             # measure_interleaved creates the sessions, so their worker threads inherit the policy.
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO)))
         try:
-            pairs, loads = measure_interleaved(pairs, schedule)
+            onnx_runner = SpinOnnxRunner(None if args.onnx_spin_us == -1 else args.onnx_spin_us)
+            pairs, loads = measure_interleaved(pairs, schedule, onnx_runner)
         finally:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         print(
@@ -551,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{time.monotonic() - measuring:.0f} s at niceness {os.getpriority(os.PRIO_PROCESS, 0)}"
             + (", under SCHED_FIFO" if args.realtime else "")
         )
+        spin = "onnxruntime's default" if args.onnx_spin_us == -1 else f"{args.onnx_spin_us} us"
+        print(f"onnxruntime intra-op spinning: {spin}")
         print(
             "load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before) + "; "
             f"1-minute after each round: {', '.join(f'{x:.2f}' for x in loads)}; on "
