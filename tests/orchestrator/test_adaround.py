@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgefleet.orchestrator.compress.adaround import AdaRoundConfig, adaround_weights
+from edgefleet.orchestrator.compress.adaround import AdaRoundConfig, activation_quantization_params, adaround_weights
 from edgefleet.orchestrator.compress.quantize import QuantizationError, quantize_static_qdq
 
 SIZE = 12
@@ -182,11 +182,13 @@ def test_static_qdq_adaround_grid(source: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(dequantized, weight, err_msg=name)
 
 
-def test_static_qdq_adaround_option(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("quantized_inputs", [False, True])
+def test_static_qdq_adaround_option(source: Path, tmp_path: Path, quantized_inputs: bool) -> None:
     calibration = samples(32, seed=1)
     plain = quantize_static_qdq(source, tmp_path / "nearest.onnx", calibration)
+    config = AdaRoundConfig(iterations=150, max_samples=32, positions_per_sample=48, quantized_inputs=quantized_inputs)
     learned = quantize_static_qdq(
-        source, tmp_path / "adaround.onnx", calibration, weight_rounding="adaround", adaround_config=FAST
+        source, tmp_path / "adaround.onnx", calibration, weight_rounding="adaround", adaround_config=config
     )
     inputs = samples(32, seed=2)
     reference = run(source, inputs)
@@ -197,3 +199,28 @@ def test_static_qdq_adaround_option(source: Path, tmp_path: Path) -> None:
 def test_static_qdq_invalid_rounding(source: Path, tmp_path: Path) -> None:
     with pytest.raises(QuantizationError, match="invalid weight_rounding 'stochastic'"):
         quantize_static_qdq(source, tmp_path / "out.onnx", samples(4, seed=1), weight_rounding="stochastic")
+
+
+def test_activation_params_from_qdq(source: Path, tmp_path: Path) -> None:
+    output = quantize_static_qdq(source, tmp_path / "nearest.onnx", samples(8, seed=1))
+    params = activation_quantization_params(onnx.load(str(output)))
+    assert "input" in params
+    assert "first_clipped" in params
+    assert "first_weight" not in params
+
+
+def test_adaround_quantized_inputs_grid(source: Path, tmp_path: Path) -> None:
+    calibration = samples(16, seed=1)
+    output = quantize_static_qdq(source, tmp_path / "nearest.onnx", calibration)
+    result = adaround_weights(
+        onnx.load(str(source)),
+        [{"input": calibration}],
+        config=FAST,
+        activation_quantization=activation_quantization_params(onnx.load(str(output))),
+    )
+    for name, weight in weights(result.model).items():
+        if not name.endswith("_weight"):
+            continue
+        scale = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1).reshape(-1, 1, 1, 1) / 127
+        steps = weight / scale
+        assert np.abs(steps - np.round(steps)).max() < 1e-4, name

@@ -17,8 +17,8 @@ from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType, quanti
 
 logger = logging.getLogger(__name__)
 
-# Stretch of the rectified sigmoid h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1), from Nagel et al.
-# 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization", section 3.3.
+# Stretch of the rectified sigmoid h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1), as in Nagel et al.
+# 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization".
 ZETA = 1.1
 GAMMA = -0.1
 
@@ -45,6 +45,10 @@ class AdaRoundConfig:
     beta_end: float = 2.0
     warmup: float = 0.2  # Fraction of the iterations without the regularizer.
     seed: int = 0
+    # Read by quantize_static_qdq only: quantize the activations in the runs that produce each layer's
+    # input, with the ranges of a first quantization with nearest rounding. It measured no gain on
+    # EfficientNet-Lite0 (docs/compression.md), so it is off by default.
+    quantized_inputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,18 +85,21 @@ def adaround_weights(
     nodes_to_exclude: tuple[str, ...] = (),
     correct_biases: bool = True,
     config: AdaRoundConfig | None = None,
+    activation_quantization: dict[str, tuple[onnx.TensorProto, onnx.TensorProto]] | None = None,
 ) -> AdaRoundResult:
     """Choose the int8 rounding of each 2-D Conv weight to minimise the layer's output error.
 
     Conv nodes with float32 weight initializers are processed in graph order (skipping nodes_to_exclude).
     For each, the input comes from the model with the already processed layers rounded. The target is the
     fp32 model's output of that layer, passed through the Relu or Clip that follows it. AdaRound then
-    learns per weight whether to round down or up. The int8 grid is onnxruntime's symmetric one
-    (per output channel when per_channel, 7-bit when reduce_range), and each channel's largest weight
-    keeps its value, so onnxruntime's quantizer picks the same scale and rounds the returned fp32
-    weights to exactly the chosen integers. With correct_biases, each bias then absorbs the mean output
-    error per channel, which also covers errors from the layers before it. Activations stay fp32 in these
-    runs, so activation quantization errors are not compensated.
+    learns per weight whether to round down or up. The int8 grid is onnxruntime's symmetric one, per
+    output channel when per_channel and 7-bit when reduce_range. Each channel's largest weight keeps its
+    value, so onnxruntime's quantizer picks the same scale and rounds the returned fp32 weights to exactly
+    the chosen integers. With correct_biases, each bias then absorbs the mean output
+    error per channel, which also covers errors from the layers before it. activation_quantization maps
+    activation tensors to their scale and zero point initializers (see activation_quantization_params);
+    those tensors are then quantized and dequantized in the runs that produce each layer's input, so the
+    rounding also sees the activation errors of the int8 model. Without it, activations stay fp32.
 
     Returns the model copy and per-layer figures. Raises ValueError when batches is empty. onnxruntime's
     exceptions propagate when the model does not run on the batches.
@@ -116,7 +123,7 @@ def adaround_weights(
     ratios: dict[str, float] = {}
     for layer, (positions, target) in zip(layers, targets, strict=True):
         layer_started = time.monotonic()
-        inputs = _layer_input_rows(rounded, layer, samples, positions)
+        inputs = _layer_input_rows(rounded, layer, samples, positions, activation_quantization or {})
         rows = _limit_rows(inputs, target, settings, rng)
         inputs_seconds = time.monotonic() - layer_started
         weight, scale = _grid(layer.weight, per_channel, reduce_range)
@@ -256,12 +263,23 @@ def _reference_rows(
 
 
 def _layer_input_rows(
-    model: onnx.ModelProto, layer: _ConvLayer, samples: list[dict[str, np.ndarray]], positions: list[np.ndarray]
+    model: onnx.ModelProto,
+    layer: _ConvLayer,
+    samples: list[dict[str, np.ndarray]],
+    positions: list[np.ndarray],
+    activation_quantization: dict[str, tuple[onnx.TensorProto, onnx.TensorProto]],
 ) -> np.ndarray:
     """Run the model up to the layer's input and return the input patch at each sampled output position."""
     name = layer.node.input[0]
     graph_inputs = {value.name for value in model.graph.input}
-    session = None if name in graph_inputs else _session(_prefix(model, name))
+    if activation_quantization:
+        simulated = _with_fake_quantization(model, activation_quantization)
+        name = _dequantized_name(name) if name in activation_quantization else name
+        session = _session(_prefix(simulated, name), optimize=False)
+    elif name in graph_inputs:
+        session = None
+    else:
+        session = _session(_prefix(model, name))
     kernel = layer.weight.shape[2:]
     top, left, bottom, right = layer.pads
     patches = []
@@ -415,15 +433,15 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 def _prefix(model: onnx.ModelProto, tensor: str) -> bytes:
     """Return the serialized subgraph that computes tensor, with tensor as its only output."""
     producers = {output: node for node in model.graph.node for output in node.output}
-    kept: set[int] = set()
+    required: set[int] = set()
     pending = [tensor]
     while pending:
         node = producers.get(pending.pop())
-        if node is None or id(node) in kept:
+        if node is None or id(node) in required:
             continue
-        kept.add(id(node))
+        required.add(id(node))
         pending.extend(name for name in node.input if name)
-    nodes = [node for node in model.graph.node if id(node) in kept]
+    nodes = [node for node in model.graph.node if id(node) in required]
     used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(
         nodes,
@@ -436,5 +454,67 @@ def _prefix(model: onnx.ModelProto, tensor: str) -> bytes:
     return prefix.SerializeToString()
 
 
-def _session(model: bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+def _session(model: bytes, *, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:
+        # Graph optimizations would fuse the fake quantization into int8 kernels and re-quantize fp32
+        # weights that sit between DequantizeLinear and QuantizeLinear.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def activation_quantization_params(qdq_model: onnx.ModelProto) -> dict[str, tuple[onnx.TensorProto, onnx.TensorProto]]:
+    """Return the scale and zero point initializers of each activation that a QDQ model quantizes.
+
+    Reads the QuantizeLinear nodes whose input is not an initializer, as onnxruntime's quantize_static
+    writes them. Nodes whose scale or zero point is not an initializer are skipped.
+    """
+    initializers = {init.name: init for init in qdq_model.graph.initializer}
+    params = {}
+    for node in qdq_model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in initializers or len(node.input) < 3:
+            continue
+        if node.input[1] in initializers and node.input[2] in initializers:
+            params[node.input[0]] = (initializers[node.input[1]], initializers[node.input[2]])
+    return params
+
+
+def _dequantized_name(tensor: str) -> str:
+    return f"{tensor}_adaround_dequantized"
+
+
+def _with_fake_quantization(
+    model: onnx.ModelProto, params: dict[str, tuple[onnx.TensorProto, onnx.TensorProto]]
+) -> onnx.ModelProto:
+    """Return a copy of model in which each tensor in params passes through QuantizeLinear and DequantizeLinear."""
+    simulated = onnx.ModelProto()
+    simulated.CopyFrom(model)
+    graph = simulated.graph
+    produced = {value.name for value in graph.input} | {output for node in graph.node for output in node.output}
+    present = {name: value for name, value in params.items() if name in produced}
+    for name, (scale, zero_point) in present.items():
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(scale), f"{name}_adaround_scale"))
+        graph.initializer.append(
+            numpy_helper.from_array(numpy_helper.to_array(zero_point), f"{name}_adaround_zero_point")
+        )
+
+    def fake_quantize(name: str) -> list[onnx.NodeProto]:
+        quantized = f"{name}_adaround_quantized"
+        arguments = [f"{name}_adaround_scale", f"{name}_adaround_zero_point"]
+        return [
+            helper.make_node("QuantizeLinear", [name, *arguments], [quantized]),
+            helper.make_node("DequantizeLinear", [quantized, *arguments], [_dequantized_name(name)]),
+        ]
+
+    nodes = [node for value in graph.input if value.name in present for node in fake_quantize(value.name)]
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name in present:
+                node.input[position] = _dequantized_name(name)
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        nodes.append(copied)
+        nodes.extend(n for output in node.output if output in present for n in fake_quantize(output))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return simulated

@@ -85,10 +85,11 @@ def quantize_static_qdq(
     calibration data (see correct_bias); this needs one extra fp32 pass over the calibration data.
 
     weight_rounding "nearest" leaves the rounding to onnxruntime. "adaround" first learns the rounding of
-    each Conv weight on the calibration data, layer by layer (see adaround.adaround_weights; it needs
-    torch and takes one fp32 pass per Conv node). With bias_correction the Conv biases are then corrected
-    inside that pass, against inputs from the already rounded layers, and correct_bias handles the Gemm
-    nodes. adaround_config tunes the optimisation.
+    each Conv weight on the calibration data, layer by layer (see adaround.adaround_weights). It needs
+    torch and runs the model once per Conv node. With adaround_config.quantized_inputs, a first
+    quantization with nearest rounding supplies the activation ranges, so each layer's input also carries
+    the activation quantization error. With bias_correction the Conv biases are corrected in the same
+    pass, against inputs from the already rounded layers, and correct_bias handles the Gemm nodes.
 
     Returns output_path. Raises QuantizationError when the model does not load in onnxruntime, contains
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
@@ -129,12 +130,30 @@ def quantize_static_qdq(
         onnx.save(model, str(staged))
         if preprocess:
             staged = _preprocess(staged, Path(scratch) / "preprocessed.onnx")
+        # onnxruntime's defaults (asymmetric activations, symmetric weights) apply unless overridden.
+        options: dict[str, object] = dict(extra_options or {})
+
+        def quantize(source: Path, destination: Path, data: CalibrationDataReader) -> None:
+            _quantize_static(
+                source, destination, data, model_path, per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=activation_type, calibration_method=calibration_method,
+                op_types_to_quantize=op_types_to_quantize, nodes_to_exclude=nodes_to_exclude, options=options,
+            )
+
         rounded_nodes: tuple[str, ...] = ()
         if weight_rounding == "adaround" and (op_types_to_quantize is None or "Conv" in op_types_to_quantize):
+            from edgefleet.orchestrator.compress.adaround import AdaRoundConfig, activation_quantization_params
+
+            settings = adaround_config or AdaRoundConfig()
+            activations = None
+            if settings.quantized_inputs:
+                # A first quantization with nearest rounding gives the activation ranges to simulate.
+                quantize(staged, Path(scratch) / "nearest.onnx", _BatchListReader(batches))
+                activations = activation_quantization_params(onnx.load(str(Path(scratch) / "nearest.onnx")))
             rounded_nodes = _adaround(
                 staged, Path(scratch) / "adarounded.onnx", batches, per_channel=per_channel,
                 reduce_range=reduce_range, nodes_to_exclude=nodes_to_exclude, correct_biases=bias_correction,
-                config=adaround_config,
+                config=settings, activations=activations,
             )
             staged = Path(scratch) / "adarounded.onnx"
         if bias_correction:
@@ -144,27 +163,7 @@ def quantize_static_qdq(
             )
             staged = Path(scratch) / "bias_corrected.onnx"
             onnx.save(corrected, str(staged))
-        # onnxruntime's defaults (asymmetric activations, symmetric weights) apply unless overridden.
-        options: dict[str, object] = dict(extra_options or {})
-        try:
-            quantize_static(
-                str(staged),
-                str(output_path),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
-                per_channel=per_channel,
-                reduce_range=reduce_range,
-                activation_type=_QUANT_TYPES[activation_type],
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=list(nodes_to_exclude) or None,
-                calibrate_method=CALIBRATION_METHODS[calibration_method],
-                extra_options=options,
-            )
-        except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as error:
-            raise QuantizationError(
-                f"onnxruntime static quantization of {model_path} failed: {error}"
-            ) from error
+        quantize(staged, output_path, reader)
 
     quantized = onnx.load(str(output_path))
     counts = Counter(node.op_type for node in quantized.graph.node)
@@ -191,6 +190,39 @@ def quantize_static_qdq(
     return output_path
 
 
+def _quantize_static(
+    source: Path,
+    destination: Path,
+    reader: CalibrationDataReader,
+    model_path: Path,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    activation_type: str,
+    calibration_method: str,
+    op_types_to_quantize: tuple[str, ...] | None,
+    nodes_to_exclude: tuple[str, ...],
+    options: dict[str, object],
+) -> None:
+    try:
+        quantize_static(
+            str(source),
+            str(destination),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=_QUANT_TYPES[activation_type],
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(nodes_to_exclude) or None,
+            calibrate_method=CALIBRATION_METHODS[calibration_method],
+            extra_options=options,
+        )
+    except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as error:
+        raise QuantizationError(f"onnxruntime static quantization of {model_path} failed: {error}") from error
+
+
 def _adaround(
     source: Path,
     output: Path,
@@ -200,7 +232,8 @@ def _adaround(
     reduce_range: bool,
     nodes_to_exclude: tuple[str, ...],
     correct_biases: bool,
-    config: AdaRoundConfig | None,
+    config: AdaRoundConfig,
+    activations: dict[str, tuple[onnx.TensorProto, onnx.TensorProto]] | None,
 ) -> tuple[str, ...]:
     """Save source with AdaRound-rounded Conv weights to output; return the names of the rounded nodes."""
     # Imported here because torch is only needed for this option.
@@ -210,6 +243,7 @@ def _adaround(
         result = adaround_weights(
             onnx.load(str(source)), batches, per_channel=per_channel, reduce_range=reduce_range,
             nodes_to_exclude=nodes_to_exclude, correct_biases=correct_biases, config=config,
+            activation_quantization=activations,
         )
     except Exception as error:  # onnxruntime raises several private exception types.
         raise QuantizationError(f"AdaRound failed to run the model on the calibration data: {error}") from error
