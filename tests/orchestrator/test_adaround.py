@@ -166,15 +166,18 @@ def test_adaround_empty_batches(source: Path) -> None:
         adaround_weights(onnx.load(str(source)), [])
 
 
-def test_static_qdq_adaround_grid(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_static_qdq_adaround_grid(source: Path, tmp_path: Path, per_channel: bool) -> None:
     """onnxruntime's quantizer keeps each learned integer: int8 weight times scale equals the fp32 weight."""
     calibration = samples(16, seed=1)
     rounded = adaround_weights(
-        onnx.load(str(source)), [{"input": calibration}], correct_biases=False, config=FAST
+        onnx.load(str(source)), [{"input": calibration}], per_channel=per_channel, correct_biases=False, config=FAST
     ).model
     rounded_path = tmp_path / "rounded.onnx"
     onnx.save(rounded, str(rounded_path))
-    output = quantize_static_qdq(rounded_path, tmp_path / "rounded.int8.onnx", calibration, preprocess=False)
+    output = quantize_static_qdq(
+        rounded_path, tmp_path / "rounded.int8.onnx", calibration, per_channel=per_channel, preprocess=False
+    )
     expected = weights(rounded)
     for name, (integers, scale) in quantized_conv_weights(output).items():
         weight = expected[f"{name}_weight"]
