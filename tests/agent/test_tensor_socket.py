@@ -486,3 +486,17 @@ def test_claim_replaces_stale_socket(host: ModelHost, tmp_path: Path) -> None:
         replacement.stop()
 
     assert reply.variant_id == "linear:1:source"
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.05])
+def test_spinning_reader(delay_s: float) -> None:
+    """A frame that comes during the poll and one that comes after it, when the reader blocks, both arrive."""
+    left, right = socket.socketpair()
+    with left, right:
+        sender = threading.Timer(delay_s, write_frame, args=(left, {"op": "models"}))
+        sender.start()
+        frame = FrameReader(right, spin_s=0.001).read()
+        sender.join()
+
+    assert frame is not None
+    assert frame[0] == {"op": "models"}
