@@ -27,7 +27,7 @@ from edgefleet.agent.agent import CHANNEL_OPTIONS
 from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.demo.processes import LocalFleet
 from edgefleet.orchestrator.artifacts import FileArtifactStore
-from edgefleet.orchestrator.download import DEFAULT_CHUNK_SIZE, DownloadError, iter_chunks
+from edgefleet.orchestrator.download import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, DownloadError, iter_chunks
 from edgefleet.orchestrator.server import SERVER_OPTIONS
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -265,6 +265,7 @@ def through_orchestrator(temp_path: Path, size: int, runs: int) -> None:
     fleet = LocalFleet(temp_path / "fleet", secure=False)
     fleet.start_orchestrator()
     assert fleet.orchestrator is not None
+    rows: list[tuple[str, Measurement]] = []
     try:
         model_path = onnx_of_size(temp_path / "large.onnx", size)
         model_size = model_path.stat().st_size
@@ -272,24 +273,26 @@ def through_orchestrator(temp_path: Path, size: int, runs: int) -> None:
         model_path.unlink()
         server_cpu = partial(process_cpu_s, fleet.orchestrator.popen.pid)
         device_root = temp_path / "fleet-device"
-        # The first download computes and caches the chunk digests, as the first device of a rollout does.
-        first = measure(partial(raw_stream, fleet.address, digest, 0, device_id), server_cpu)
-        raw = median_of(
-            [measure(partial(raw_stream, fleet.address, digest, 0, device_id), server_cpu) for _ in range(runs)]
-        )
-        full = median_of(
-            [
-                measure(partial(full_download, fleet.address, digest, 0, device_root, device_id), server_cpu)
-                for _ in range(runs)
-            ]
-        )
+        for chunk_size in (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE):
+            stream = partial(raw_stream, fleet.address, digest, chunk_size, device_id)
+            download = partial(full_download, fleet.address, digest, chunk_size, device_root, device_id)
+            # The first stream computes and caches the chunk digests, as the first device of a rollout does.
+            rows.append((f"{chunk_size // KiB} KiB, first stream", measure(stream, server_cpu)))
+            rows.append(
+                (f"{chunk_size // KiB} KiB, raw stream", median_of([measure(stream, server_cpu) for _ in range(runs)]))
+            )
+            rows.append(
+                (
+                    f"{chunk_size // KiB} KiB, Downloader",
+                    median_of([measure(download, server_cpu) for _ in range(runs)]),
+                )
+            )
     finally:
         fleet.stop()
-    print(f"real orchestrator process, {model_size / 1e6:.0f} MB ONNX model, default chunk size:")
-    print(f"{'':>14} {'MB/s':>8} {'client':>10} {'server':>10}")
-    print(f"{'first stream':>14} {format_row(first, model_size)}")
-    print(f"{'raw stream':>14} {format_row(raw, model_size)}")
-    print(f"{'Downloader':>14} {format_row(full, model_size)}")
+    print(f"real orchestrator process, {model_size / 1e6:.0f} MB ONNX model:")
+    print(f"{'':>26} {'MB/s':>8} {'client':>10} {'server':>10}")
+    for label, measurement in rows:
+        print(f"{label:>26} {format_row(measurement, model_size)}")
 
 
 if __name__ == "__main__":
