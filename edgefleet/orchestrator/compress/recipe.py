@@ -49,6 +49,10 @@ class QuantizeConfig:
     calibration_method: str = "minmax"  # "minmax", "entropy", "percentile" or "distribution".
     calibration_size: int = 128  # Maximum calibration samples taken from `calibration`.
     reduce_range: bool = False
+    # Shift each Conv and Gemm bias by the mean output error of its int8 weights on the calibration data:
+    # on EfficientNet-Lite0 it raised top-1 agreement with fp32 from 0.83 to 0.91 (docs/compression.md).
+    bias_correction: bool = True
+    weight_rounding: str = "nearest"  # "nearest", or "adaround" (learned rounding, minutes on a CPU).
     calibration: DataSource = field(default_factory=DataSource)
 
 
@@ -100,6 +104,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "quantize.method": ("static", "dynamic"),
     "quantize.activation_type": ("uint8", "int8"),
     "quantize.calibration_method": ("minmax", "entropy", "percentile", "distribution"),
+    "quantize.weight_rounding": ("nearest", "adaround"),
     "prune.round_to": (8, 16),
     "distill.student_family": ("inverted_residual", "fire"),
     "preprocess.layout": ("NCHW", "NHWC"),

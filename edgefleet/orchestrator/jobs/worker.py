@@ -242,6 +242,8 @@ def _produce(
         calibration_method=settings.calibration_method,
         reduce_range=settings.reduce_range,
         input_name=spec.name,
+        bias_correction=settings.bias_correction,
+        weight_rounding=settings.weight_rounding,
     )
 
 
