@@ -3,9 +3,9 @@
 A child process plays the agent: it loads the models into a ModelHost and serves them with the
 agent's LocalApiServer (gRPC) and TensorSocketServer (the framed tensor protocol), as the agent does on
 a device. This process plays the application: it loads the same models into its own ModelHost and
-times ModelHost.infer against each socket API side by side, interleaved, on the same model and input:
-once against the tensor socket call and once against the gRPC Infer call, so that neither API's cache
-footprint slows the other. The difference of the p50s is what each socket API adds (target: at most
+times ModelHost.infer against each socket API side by side, interleaved, on the same model and input.
+It measures the tensor socket call and the gRPC Infer call in separate passes, so that neither API's
+cache footprint slows the other. The difference of the p50s is what each socket API adds (target: at most
 150 us). A tiny model shows the fixed cost alone; EfficientNet-Lite0 shows it against a real inference.
 """
 
@@ -52,7 +52,7 @@ def tiny_onnx(path: Path) -> Path:
 
 
 def serve(directory: Path, models: list[tuple[str, Path]]) -> None:
-    """The agent side: serve models on both sockets in directory until stdin closes."""
+    """Serve models on both sockets in directory until stdin closes, as the agent does."""
     with ModelHost(default_threads=1) as host:
         for name, path in models:
             host.install(name, "1", f"{name}:1:source", path, "onnx", threads=1)

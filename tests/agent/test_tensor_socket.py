@@ -327,7 +327,8 @@ def test_shared_region_sealed(server: TensorSocketServer) -> None:
             os.close(fd)
 
     assert frame is not None
-    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    assert seals & fcntl.F_SEAL_SHRINK
+    assert seals & fcntl.F_SEAL_GROW
 
 
 def test_shared_memory_fallback(tmp_path: Path) -> None:
