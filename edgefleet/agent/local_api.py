@@ -13,8 +13,8 @@ import numpy as np
 
 from edgefleet.agent.runtime.base import InvalidInputError
 from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
-from edgefleet.agent.tensor_socket import MAX_SOCKET_PATH_BYTES, decode_array
-from edgefleet.common.files import claim_socket_path
+from edgefleet.agent.tensor_socket import decode_array
+from edgefleet.common.files import check_socket_path, claim_socket_path
 from edgefleet.common.serde import MODEL_STATE_NAMES, name_to_enum, tensor_to_proto
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
@@ -88,12 +88,7 @@ class LocalApiServer:
         """Prepare the server; raise ValueError when the socket path is too long for a Unix socket."""
         self.host = host
         self.socket_path = socket_path.absolute()  # gRPC needs unix:///absolute/path.
-        length = len(os.fsencode(self.socket_path))
-        if length > MAX_SOCKET_PATH_BYTES:
-            raise ValueError(
-                f"local API socket path {self.socket_path} is {length} bytes long, but a Unix socket path "
-                f"has at most {MAX_SOCKET_PATH_BYTES}; set --socket or --state-dir to a shorter path"
-            )
+        check_socket_path(self.socket_path, "local API socket", "--socket")
         self._server: grpc.Server | None = None
 
     def start(self) -> None:

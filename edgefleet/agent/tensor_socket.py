@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from edgefleet.common.files import claim_socket_path
+from edgefleet.common.files import check_socket_path, claim_socket_path
 
 log = logging.getLogger(__name__)
 # numpy dtype kinds with a fixed byte layout: bool, signed and unsigned integers, floats, complex.
@@ -42,8 +42,6 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 # Connections served at once; each has its own thread. Further ones get RESOURCE_EXHAUSTED.
 MAX_CONNECTIONS = 64
-# sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
 # Both ends poll this long for the next frame before blocking, when more than one CPU is usable: on
 # this 2-core VM a 100 us poll cut the tiny model's round trip from about 155 us to 50 us
 # (bench/bench_local_api.py), because a blocked thread's CPU goes idle and waking it is slow. Each
@@ -361,12 +359,7 @@ class TensorSocketServer:
         """Prepare the server; raise ValueError when the socket path is too long for a Unix socket."""
         self.host = host
         self.socket_path = socket_path.absolute()
-        length = len(os.fsencode(self.socket_path))
-        if length > MAX_SOCKET_PATH_BYTES:
-            raise ValueError(
-                f"tensor socket path {self.socket_path} is {length} bytes long, but a Unix socket path has at "
-                f"most {MAX_SOCKET_PATH_BYTES}; set --tensor-socket or --state-dir to a shorter path"
-            )
+        check_socket_path(self.socket_path, "tensor socket", "--tensor-socket")
         self.max_connections = max_connections
         self.max_payload_bytes = max_payload_bytes  # Per request and per reply; also the largest shared region.
         self._listener: socket.socket | None = None
@@ -375,12 +368,13 @@ class TensorSocketServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._socket_inode = 0
-        self._reply_prefixes: dict[tuple[object, ...], bytes] = {}
-
-    def start(self) -> None:
+        # Imported here so that applications importing the client do not load the runtimes.
         from edgefleet.agent.runtime.host import ModelNotFoundError
 
         self._not_found = ModelNotFoundError
+        self._reply_prefixes: dict[tuple[object, ...], bytes] = {}
+
+    def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         claim_socket_path(self.socket_path, "--tensor-socket")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -444,17 +438,16 @@ class TensorSocketServer:
                     thread = threading.Thread(target=self._serve, args=(conn,), name="tensor-conn", daemon=True)
                     self._connections[conn] = thread
             if full:
-                self._refuse(conn)
+                self._reject(conn)
             else:
                 thread.start()
 
-    def _refuse(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                message = f"the agent serves at most {self.max_connections} tensor socket connections; reuse one"
-                write_frame(conn, {"ok": False, "code": "RESOURCE_EXHAUSTED", "message": message})
-            except OSError:
-                pass
+    def _reject(self, conn: socket.socket) -> None:
+        """Reply RESOURCE_EXHAUSTED to a connection over max_connections and close it."""
+        message = f"the agent serves at most {self.max_connections} tensor socket connections; reuse one"
+        log.warning("tensor socket: rejected a connection: %s", message)
+        with conn, contextlib.suppress(OSError):
+            write_frame(conn, _error("RESOURCE_EXHAUSTED", message))
 
     def _serve(self, conn: socket.socket) -> None:
         set_timeouts(conn, receive_s=IDLE_TIMEOUT_S, send_s=SEND_TIMEOUT_S)
@@ -591,12 +584,17 @@ class TensorSocketServer:
         header = prefix + repr(float(result.latency_ms)).encode() + b"}"
         if in_region:
             assert region is not None
-            offset = 0
-            for data in buffers:
-                region[offset : offset + data.nbytes] = data.data
-                offset += data.nbytes
+            _pack(region, buffers)
             return header, []
         return header, buffers
+
+
+def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray]) -> None:
+    """Copy the flat uint8 buffers one after another to the start of region."""
+    offset = 0
+    for data in buffers:
+        region[offset : offset + data.nbytes] = data.data
+        offset += data.nbytes
 
 
 def _spin_s() -> float:
@@ -647,11 +645,15 @@ class _Connection:
         self.reader = FrameReader(sock, spin_s=_spin_s())
         self.region: mmap.mmap | None = None
 
-    def close(self) -> None:
+    def replace_region(self, region: mmap.mmap | None) -> None:
+        """Unmap the current shared region, if any, and use region from now on."""
         if self.region is not None:
             with contextlib.suppress(BufferError):  # An array still viewing it keeps it mapped until freed.
                 self.region.close()
-            self.region = None
+        self.region = region
+
+    def close(self) -> None:
+        self.replace_region(None)
         self.sock.close()
 
 
@@ -751,10 +753,7 @@ class TensorSocketClient:
         finally:
             for fd in fds:
                 os.close(fd)
-        if connection.region is not None:
-            with contextlib.suppress(BufferError):
-                connection.region.close()
-        connection.region = region
+        connection.replace_region(region)
         return region
 
     def _header(self, model: str, arrays: Mapping[str, np.ndarray], shared: bool) -> bytes:
@@ -803,10 +802,7 @@ class TensorSocketClient:
                 log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
                 self.shared_memory = False
                 return inline(connection)
-            offset = 0
-            for data in buffers:
-                region[offset : offset + data.nbytes] = data.data
-                offset += data.nbytes
+            _pack(region, buffers)
             reply, payload = _check(_exchange(connection.reader, self._header(model, arrays, shared=True), ()))
             if reply.get("shm"):  # Copied out: the next call reuses the region.
                 return reply, _outputs(reply, region, copy=True)

@@ -16,6 +16,20 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+# sun_path of struct sockaddr_un is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def check_socket_path(path: Path, what: str, option: str) -> None:
+    """Raise ValueError naming what and option when path is too long to bind as a Unix socket."""
+    length = len(os.fsencode(path))
+    if length > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(
+            f"{what} path {path} is {length} bytes long, but a Unix socket path has at most "
+            f"{MAX_SOCKET_PATH_BYTES}; set {option} or --state-dir to a shorter path"
+        )
+
+
 def claim_socket_path(path: Path, option: str) -> None:
     """Prepare path for binding a Unix socket: remove a socket that no process serves any more.
 

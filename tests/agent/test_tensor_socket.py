@@ -161,7 +161,7 @@ def test_bad_magic_closes(server: TensorSocketServer) -> None:
     assert after == b""
 
 
-def test_oversized_payload_refused(server: TensorSocketServer) -> None:
+def test_oversized_payload_rejected(server: TensorSocketServer) -> None:
     with raw_connection(server) as sock:
         sock.sendall(struct.pack("<4sIQ", MAGIC, 2, 1 << 40) + b"{}")
         frame = read_frame(sock)
@@ -459,7 +459,7 @@ def test_payload_cut_short(tmp_path: Path) -> None:
             FrameReader(right).read()
 
 
-def test_claim_refuses_file(host: ModelHost, tmp_path: Path) -> None:
+def test_claim_rejects_file(host: ModelHost, tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("keep")
 
@@ -468,7 +468,7 @@ def test_claim_refuses_file(host: ModelHost, tmp_path: Path) -> None:
     assert path.read_text() == "keep"
 
 
-def test_claim_refuses_live_socket(host: ModelHost, server: TensorSocketServer) -> None:
+def test_claim_rejects_live_socket(host: ModelHost, server: TensorSocketServer) -> None:
     with pytest.raises(ValueError, match="another process serves the socket"):
         TensorSocketServer(host, server.socket_path).start()
 
