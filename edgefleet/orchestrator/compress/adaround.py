@@ -15,6 +15,8 @@ import torch.nn.functional as functional
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType, quantize_data
 
+from edgefleet.orchestrator.compress.quantize import set_initializer_input
+
 logger = logging.getLogger(__name__)
 
 # Stretch of the rectified sigmoid h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1), as in Nagel et al.
@@ -402,22 +404,9 @@ def _write_layer(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarra
     initializers = {init.name: init for init in model.graph.initializer}
     uses = Counter(name for n in model.graph.node for name in n.input)
     target = next(n for n in model.graph.node if n.name == node.name and n.output[0] == node.output[0])
-    updates = [(1, weight, "weight")]
-    has_bias = len(target.input) > 2 and bool(target.input[2])
-    if has_bias or np.any(bias != 0):
-        updates.append((2, bias, "bias"))
-    for position, value, kind in updates:
-        name = target.input[position] if len(target.input) > position else ""
-        if name and uses[name] == 1:
-            initializers[name].CopyFrom(numpy_helper.from_array(value, name))
-            continue
-        # A shared or missing initializer gets a new one, so other nodes keep their values.
-        new_name = f"{target.name or target.output[0]}_adaround_{kind}"
-        model.graph.initializer.append(numpy_helper.from_array(value, new_name))
-        if len(target.input) > position:
-            target.input[position] = new_name
-        else:
-            target.input.append(new_name)
+    set_initializer_input(model, target, 1, weight, "adaround_weight", initializers, uses)
+    if (len(target.input) > 2 and target.input[2]) or np.any(bias != 0):
+        set_initializer_input(model, target, 2, bias, "adaround_bias", initializers, uses)
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:

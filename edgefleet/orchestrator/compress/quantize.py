@@ -290,16 +290,7 @@ def correct_bias(
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
         bias = numpy_helper.to_array(initializers[bias_name]) if bias_name else np.zeros_like(error)
         new_bias = (bias.astype(np.float64) - error / beta).astype(np.float32)
-        if bias_name and uses[bias_name] == 1:
-            initializers[bias_name].CopyFrom(numpy_helper.from_array(new_bias, bias_name))
-            continue
-        # A bias shared with another node, or a missing one, gets its own initializer.
-        new_name = f"{node.name or node.output[0]}_corrected_bias"
-        corrected.graph.initializer.append(numpy_helper.from_array(new_bias, new_name))
-        if len(node.input) > 2:
-            node.input[2] = new_name
-        else:
-            node.input.append(new_name)
+        set_initializer_input(corrected, node, 2, new_bias, "corrected_bias", initializers, uses)
     shifts = [float(np.abs(error).max()) for error in errors]
     logger.info(
         "bias correction adjusted %d nodes on %d calibration batches (largest shift %.4g)",
@@ -441,6 +432,33 @@ def _read_batches(reader: CalibrationDataReader) -> list[dict[str, np.ndarray]]:
     while (batch := reader.get_next()) is not None:
         batches.append(batch)
     return batches
+
+
+def set_initializer_input(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    position: int,
+    value: np.ndarray,
+    suffix: str,
+    initializers: dict[str, onnx.TensorProto],
+    uses: Counter[str],
+) -> None:
+    """Give node's input at position the value of value, in place when no other node reads that initializer.
+
+    A shared or missing initializer gets a new one, named after the node and suffix, so that other nodes
+    keep their values. initializers maps the model's initializer names to them; uses counts the node
+    inputs of each name.
+    """
+    name = node.input[position] if len(node.input) > position else ""
+    if name and uses[name] == 1:
+        initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+        return
+    new_name = f"{node.name or node.output[0]}_{suffix}"
+    model.graph.initializer.append(numpy_helper.from_array(value, new_name))
+    if len(node.input) > position:
+        node.input[position] = new_name
+    else:
+        node.input.append(new_name)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: float) -> float:
