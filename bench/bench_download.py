@@ -26,7 +26,7 @@ import grpc
 from edgefleet.agent.agent import CHANNEL_OPTIONS
 from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.demo.processes import LocalFleet
-from edgefleet.orchestrator.artifacts import FileArtifactStore
+from edgefleet.orchestrator.artifacts import FileArtifactStore, sha256_file
 from edgefleet.orchestrator.download import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, DownloadError, iter_chunks
 from edgefleet.orchestrator.server import SERVER_OPTIONS
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -163,7 +163,6 @@ def onnx_of_size(path: Path, size: int) -> Path:
 
 def deployed_artifact(fleet: LocalFleet, model_path: Path) -> tuple[str, str]:
     """Register a device with the fleet's orchestrator, upload and deploy model_path; return (device id, digest)."""
-    import hashlib
     import secrets
 
     from edgefleet.agent.probe import probe_hardware
@@ -185,7 +184,7 @@ def deployed_artifact(fleet: LocalFleet, model_path: Path) -> tuple[str, str]:
             name="large",
             version="1",
             size_bytes=model_path.stat().st_size,
-            sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
+            sha256=sha256_file(model_path),
             filename=model_path.name,
         )
         operator.UploadModel(upload_requests(model_path, header, progress=False), timeout=600)

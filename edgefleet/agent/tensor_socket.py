@@ -22,11 +22,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from edgefleet.common.files import check_socket_path, claim_socket_path
+
+if TYPE_CHECKING:
+    from edgefleet.agent.runtime.host import InferenceResult
 
 log = logging.getLogger(__name__)
 # numpy dtype kinds with a fixed byte layout: bool, signed and unsigned integers, floats, complex.
@@ -42,10 +45,10 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 # Connections served at once; each has its own thread. Further ones get RESOURCE_EXHAUSTED.
 MAX_CONNECTIONS = 64
-# Both ends poll this long for the next frame before blocking, when more than one CPU is usable: on
-# this 2-core VM a 100 us poll cut the tiny model's round trip from about 155 us to 50 us
-# (bench/bench_local_api.py), because a blocked thread's CPU goes idle and waking it is slow. Each
-# call costs at most this much CPU per side. With one CPU the poll would only delay the peer.
+# Both ends poll this long for the next frame before blocking, when more than one CPU is usable. A
+# blocked thread's CPU goes idle and waking it is slow: on a 2-core VM a 100 us poll cut the tiny
+# model's round trip from about 155 us to 50 us (bench/bench_local_api.py). Each call costs at most this
+# much CPU per side. With one CPU the poll would only delay the peer.
 SPIN_S = 100e-6
 # First step of a payload buffer's growth; each later step doubles it.
 _PAYLOAD_GROWTH_BYTES = 1024 * 1024
@@ -207,6 +210,7 @@ class FrameReader:
         """Read one frame like read, but return its header as the undecoded JSON bytes."""
         if not self._fill(_PREFIX.size):
             return None
+
         magic, header_size, payload_size = _PREFIX.unpack_from(self._buffer, self._start)
         if magic != MAGIC:
             raise ProtocolError(f"frame starts with {magic!r}, not {MAGIC!r}; is the client speaking this protocol?")
@@ -216,11 +220,13 @@ class FrameReader:
             raise ProtocolError(
                 f"frame payload of {payload_size} bytes exceeds the limit of {self.max_payload}; send smaller batches"
             )
+
         if not self._fill(_PREFIX.size + header_size):
             raise ConnectionError("the peer closed the connection inside a frame header")
         self._start += _PREFIX.size
         header = bytes(self._buffer[self._start : self._start + header_size])
         self._start += header_size
+
         # The payload gets its own buffer, because arrays returned to the caller point into it. It grows
         # as data arrives, so a peer that announces 64 MiB and sends nothing does not cost 64 MiB.
         buffered = min(payload_size, self._end - self._start)
@@ -238,6 +244,7 @@ class FrameReader:
                     )
                 received += count
             view.release()
+
         if self._start == self._end:
             self._start = self._end = 0
         return header, payload
@@ -546,8 +553,8 @@ class TensorSocketServer:
             return _error("INTERNAL", f"inference failed: {error}"), []
         finally:
             feeds = {}  # Release the views of the region before the next request reuses it.
-        values = result.outputs
-        buffers = [array_bytes(v) for v in values.values()]
+
+        buffers = [array_bytes(value) for value in result.outputs.values()]
         output_bytes = sum(b.nbytes for b in buffers)
         in_region = plan.shared and region is not None and output_bytes <= len(region)
         if not in_region and output_bytes > self.max_payload_bytes:
@@ -557,18 +564,32 @@ class TensorSocketServer:
             )
             log.warning("tensor socket: %s", message)
             return _error("RESOURCE_EXHAUSTED", message), []
-        # Only the latency changes between replies of one model version and output layout, so the rest
-        # of the header is encoded once: JSON text up to the latency value, which closes the object.
+        header = self._reply_header(result, in_region)
+        if in_region:
+            assert region is not None
+            _pack(region, buffers)
+            return header, []
+        return header, buffers
+
+    def _reply_header(self, result: InferenceResult, in_region: bool) -> bytes:
+        """Return the encoded header of a successful infer reply for result.
+
+        Only the latency changes between replies of one model version and output layout, so the rest of
+        the header is encoded once: JSON text up to the latency value, which closes the object.
+        """
+        values = result.outputs
         key = (
             result.model_name,
             result.variant_id,
             result.model_version,
             in_region,
-            tuple((n, v.dtype.str, v.shape) for n, v in values.items()),
+            tuple((name, value.dtype.str, value.shape) for name, value in values.items()),
         )
         prefix = self._reply_prefixes.get(key)
         if prefix is None:
-            outputs = [{"name": n, "dtype": v.dtype.name, "shape": list(v.shape)} for n, v in values.items()]
+            outputs = [
+                {"name": name, "dtype": value.dtype.name, "shape": list(value.shape)} for name, value in values.items()
+            ]
             fixed = {
                 "ok": True,
                 "model_name": result.model_name,
@@ -581,12 +602,7 @@ class TensorSocketServer:
             if len(self._reply_prefixes) >= MAX_PLANS_PER_CONNECTION * self.max_connections:
                 self._reply_prefixes.clear()
             self._reply_prefixes[key] = prefix
-        header = prefix + repr(float(result.latency_ms)).encode() + b"}"
-        if in_region:
-            assert region is not None
-            _pack(region, buffers)
-            return header, []
-        return header, buffers
+        return prefix + repr(float(result.latency_ms)).encode() + b"}"
 
 
 def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray]) -> None:
@@ -772,9 +788,9 @@ class TensorSocketClient:
         """Run model on feeds (input name to array) in the agent and return its outputs.
 
         Raises TensorSocketError with code NOT_FOUND for a model that is not installed, INVALID_ARGUMENT
-        for inputs that do not match it, INTERNAL when the runtime fails; ConnectionError when the agent
-        cannot be reached and TimeoutError when it does not respond within timeout_s. Raises ValueError,
-        before sending, for an input of a dtype with no fixed byte layout (strings, objects).
+        for inputs that do not match it and INTERNAL when the runtime fails. Raises ConnectionError when
+        the agent cannot be reached and TimeoutError when it does not respond within timeout_s. Raises
+        ValueError, before sending, for an input of a dtype with no fixed byte layout (strings, objects).
         """
         arrays = {name: np.asarray(value) for name, value in feeds.items()}
         for name, array in arrays.items():
