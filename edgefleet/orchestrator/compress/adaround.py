@@ -99,9 +99,10 @@ def adaround_weights(
     value, so onnxruntime's quantizer picks the same scale and rounds the returned fp32 weights to exactly
     the chosen integers. With correct_biases, each bias then absorbs the mean output
     error per channel, which also covers errors from the layers before it. activation_quantization maps
-    activation tensors to their scale and zero point initializers (see activation_quantization_params);
-    those tensors are then quantized and dequantized in the runs that produce each layer's input, so the
-    rounding also sees the activation errors of the int8 model. Without it, activations stay fp32.
+    activation tensors to their scale and zero point initializers (see activation_quantization_params).
+    Those tensors are then quantized and dequantized in the runs that produce each layer's input, so the
+    learned rounding also accounts for the activation errors of the int8 model. Without it, activations
+    stay fp32.
 
     Returns the model copy and per-layer figures. Raises ValueError when batches is empty. onnxruntime's
     exceptions propagate when the model does not run on the batches.
