@@ -134,13 +134,21 @@ def test_agent_serves_deployed(start_orchestrator: StartOrchestrator, start_agen
     np.testing.assert_allclose(tensor_to_array(result.outputs[0]), expected_linear(0), rtol=1e-5)
 
 
-def test_agent_serves_tensor_socket(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+def serving_linear(
+    start_orchestrator: StartOrchestrator, start_agent: StartAgent
+) -> tuple[OrchestratorThread, AgentThread, str]:
+    """Start an orchestrator and an agent that serves linear:1 (seed 0); return them and the device id."""
     orchestrator = start_orchestrator()
     agent = start_agent(orchestrator.address, "ecu")
     device_id = wait_online(orchestrator, agent)
     upload(orchestrator, linear_onnx(seed=0), "linear", "1")
     deploy(orchestrator, device_id)
     wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+    return orchestrator, agent, device_id
+
+
+def test_agent_serves_tensor_socket(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    _, agent, _ = serving_linear(start_orchestrator, start_agent)
 
     with TensorSocketClient(agent.agent.config.tensor_socket_path, timeout_s=30) as client:
         reply = client.infer("linear", {"x": INPUT})
@@ -150,12 +158,7 @@ def test_agent_serves_tensor_socket(start_orchestrator: StartOrchestrator, start
 
 
 def test_agent_uploads_metrics(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
-    orchestrator = start_orchestrator()
-    agent = start_agent(orchestrator.address, "ecu")
-    device_id = wait_online(orchestrator, agent)
-    upload(orchestrator, linear_onnx(), "linear", "1")
-    deploy(orchestrator, device_id)
-    wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_SERVING)
+    orchestrator, agent, device_id = serving_linear(start_orchestrator, start_agent)
 
     for _ in range(25):
         infer(agent.agent.config.socket_path)
