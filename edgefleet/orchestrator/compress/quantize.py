@@ -30,6 +30,7 @@ from edgefleet.orchestrator.compress.calibration import ArrayCalibrationReader, 
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.compress.adaround import AdaRoundConfig
+    from edgefleet.orchestrator.compress.qat import FineTuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def quantize_static_qdq(
     bias_correction: bool = False,
     weight_rounding: str = "nearest",
     adaround_config: AdaRoundConfig | None = None,
+    fine_tune: FineTuneConfig | None = None,
+    fine_tune_inputs: np.ndarray | None = None,
 ) -> Path:
     """Quantize an fp32 ONNX model to int8 weights and activations in the QDQ format.
 
@@ -90,6 +93,11 @@ def quantize_static_qdq(
     quantization with nearest rounding supplies the activation ranges, so each layer's input also carries
     the activation quantization error. With bias_correction the Conv biases are corrected in the same
     pass, against inputs from the already rounded layers, and correct_bias handles the Gemm nodes.
+
+    With fine_tune, the int8 weights and biases of the quantized model are then trained to reproduce the
+    fp32 model's outputs on fine_tune_inputs (an array with the batch axis first; the calibration data
+    when None), with the calibrated scales kept (see qat.fine_tune_qdq). This needs torch. The result is
+    kept only when it lowers the output error on held-out samples.
 
     Returns output_path. Raises QuantizationError when the model does not load in onnxruntime, contains
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
@@ -119,7 +127,7 @@ def quantize_static_qdq(
     else:
         reader = calibration
     batches: list[dict[str, np.ndarray]] = []
-    if bias_correction or weight_rounding == "adaround":
+    if bias_correction or weight_rounding == "adaround" or (fine_tune is not None and fine_tune_inputs is None):
         # Both the correction and onnxruntime's calibrator read the data, and a reader may not rewind.
         batches = _read_batches(reader)
         reader = _BatchListReader(batches)
@@ -164,6 +172,14 @@ def quantize_static_qdq(
             staged = Path(scratch) / "bias_corrected.onnx"
             onnx.save(corrected, str(staged))
         quantize(staged, output_path, reader)
+    if fine_tune is not None:
+        if fine_tune_inputs is not None:
+            samples = {model_input_spec(model_path, input_name).name: fine_tune_inputs}
+        elif batches:
+            samples = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+        else:
+            raise QuantizationError(f"fine-tuning {model_path} needs samples: the calibration reader returned none")
+        _fine_tune(output_path, model, samples, fine_tune)
 
     quantized = onnx.load(str(output_path))
     counts = Counter(node.op_type for node in quantized.graph.node)
@@ -183,9 +199,9 @@ def quantize_static_qdq(
         )
     logger.info(
         "quantized %s to %s: %d QuantizeLinear, %d DequantizeLinear, per_channel=%s, activations=%s, "
-        "bias_correction=%s, weight_rounding=%s",
+        "bias_correction=%s, weight_rounding=%s, fine_tune_steps=%d",
         model_path, output_path, counts["QuantizeLinear"], counts["DequantizeLinear"], per_channel,
-        activation_type, bias_correction, weight_rounding,
+        activation_type, bias_correction, weight_rounding, fine_tune.steps if fine_tune else 0,
     )
     return output_path
 
@@ -249,6 +265,21 @@ def _adaround(
         raise QuantizationError(f"AdaRound failed to run the model on the calibration data: {error}") from error
     onnx.save(result.model, str(output))
     return result.rounded_nodes
+
+
+def _fine_tune(
+    path: Path, source: onnx.ModelProto, samples: dict[str, np.ndarray], config: FineTuneConfig
+) -> None:
+    """Replace the QDQ model at path with its fine-tuned version when fine-tuning lowered the held-out error."""
+    # Imported here because torch is only needed for this option.
+    from edgefleet.orchestrator.compress.qat import fine_tune_qdq
+
+    try:
+        result = fine_tune_qdq(onnx.load(str(path)), source, samples, config)
+    except ValueError as error:
+        raise QuantizationError(f"fine-tuning {path} failed: {error}") from error
+    if result.kept:
+        onnx.save(result.model, str(path))
 
 
 def correct_bias(

@@ -1,0 +1,503 @@
+"""Quantization-aware fine-tuning of an int8 QDQ ONNX model: distillation from its fp32 source."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as functional
+from onnx import helper, numpy_helper
+
+from edgefleet.orchestrator.compress.quantize import QuantizationError
+
+logger = logging.getLogger(__name__)
+
+# Integer range of each zero-point type. int8 weights stay within +-127, the symmetric range that
+# onnxruntime's quantizer writes them in.
+_INTEGER_RANGES = {
+    np.dtype(np.uint8): (0, 255),
+    np.dtype(np.int8): (-128, 127),
+    np.dtype(np.uint16): (0, 65535),
+    np.dtype(np.int16): (-32768, 32767),
+    np.dtype(np.int32): (-(2**31), 2**31 - 1),
+}
+_WEIGHT_RANGE = (-127, 127)
+_TRAINABLE_CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Settings of quantization-aware fine-tuning.
+
+    Learning rates are per Adam step, in the units of each tensor: int8 weights in steps of their
+    scale, int32 biases in steps of theirs (input scale x weight scale), and the weights of nodes
+    kept in fp32 in their own units. A random holdout_fraction of the samples is not trained on: the
+    error on them, measured with onnxruntime before and after, decides whether the result is kept.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    weight_learning_rate: float = 0.005
+    bias_learning_rate: float = 10.0
+    float_learning_rate: float = 1e-5
+    holdout_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps = {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size = {self.batch_size}: must be at least 1")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction = {self.holdout_fraction}: must be in (0, 1), exclusive")
+
+
+@dataclass(frozen=True)
+class FineTuneResult:
+    """The fine-tuned model, or the input model when fine-tuning did not lower the held-out error.
+
+    The errors are the mean squared output error against the fp32 source divided by the mean square
+    of the source's outputs (1 / SQNR), on the held-out samples, as onnxruntime runs the int8 model.
+    """
+
+    model: onnx.ModelProto
+    kept: bool
+    holdout_error_before: float
+    holdout_error_after: float
+    trained_tensors: int
+    seconds: float
+
+
+class _RoundThrough(torch.autograd.Function):
+    """Rounding whose gradient is passed through unchanged (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
+        return torch.round(values)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _round(values: torch.Tensor) -> torch.Tensor:
+    result: torch.Tensor = _RoundThrough.apply(values)
+    return result
+
+
+class QdqModule(torch.nn.Module):
+    """A QDQ ONNX graph run in torch, with QuantizeLinear simulated by rounding and clamping.
+
+    The int8 and int32 initializers that DequantizeLinear turns into Conv, Gemm or MatMul weights and
+    biases are trainable, in units of their scale; so are the fp32 weights of such nodes kept in fp32.
+    Axis 0 of every input is the batch axis, also where a Reshape names a fixed batch size. Raises
+    QuantizationError for an operator or attribute it does not simulate.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        self.graph = model.graph
+        self.constants: dict[str, torch.Tensor] = {}
+        self.integer_params: dict[str, tuple[str, tuple[int, int]]] = {}  # initializer -> parameter, range
+        self.float_params: dict[str, str] = {}
+        arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        self._arrays = arrays
+        trainable = _trainable_initializers(model.graph, arrays)
+        for index, (name, array) in enumerate(arrays.items()):
+            if name in trainable:
+                key = f"p{index}"
+                self.register_parameter(key, torch.nn.Parameter(torch.from_numpy(array.astype(np.float32))))
+                if array.dtype == np.float32:
+                    self.float_params[name] = key
+                else:
+                    limits = _WEIGHT_RANGE if array.dtype == np.int8 else _INTEGER_RANGES[array.dtype]
+                    self.integer_params[name] = (key, limits)
+            else:
+                self.constants[name] = torch.from_numpy(np.array(array))
+        for node in model.graph.node:
+            if node.op_type not in _OPS:
+                raise QuantizationError(
+                    f"fine-tuning cannot simulate operator {node.op_type} (node {node.name!r}): "
+                    f"supported operators are {sorted(_OPS)}; quantize without fine-tuning"
+                )
+        self.input_names = [i.name for i in model.graph.input if i.name not in arrays]
+        self.output_names = [o.name for o in model.graph.output]
+
+    def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        values: dict[str, Any] = dict(feeds)
+        for node in self.graph.node:
+            inputs = [self._value(values, name) if name else None for name in node.input]
+            outputs = _OPS[node.op_type](node, inputs, self._integer_limits(node))
+            for name, value in zip(node.output, outputs, strict=False):
+                values[name] = value
+        return [values[name] for name in self.output_names]
+
+    def _value(self, values: dict[str, Any], name: str) -> Any:
+        if name in values:
+            return values[name]
+        if name in self.float_params:
+            return getattr(self, self.float_params[name])
+        if name in self.integer_params:
+            key, (low, high) = self.integer_params[name]
+            return torch.clamp(_round(getattr(self, key)), low, high)
+        return self.constants[name]
+
+    def _integer_limits(self, node: onnx.NodeProto) -> tuple[int, int] | None:
+        if node.op_type != "QuantizeLinear":
+            return None
+        zero_point = self._arrays.get(node.input[2]) if len(node.input) > 2 else None
+        if zero_point is None:
+            return _INTEGER_RANGES[np.dtype(np.uint8)]  # ONNX's default output type.
+        return _INTEGER_RANGES[zero_point.dtype]
+
+    def integer_tensors(self) -> dict[str, np.ndarray]:
+        """Return the trained integer initializers, rounded and clamped, in their ONNX dtypes."""
+        result = {}
+        for name, (key, (low, high)) in self.integer_params.items():
+            values = torch.clamp(torch.round(getattr(self, key).detach()), low, high).numpy()
+            result[name] = values.astype(self._arrays[name].dtype)
+        return result
+
+    def float_tensors(self) -> dict[str, np.ndarray]:
+        """Return the trained fp32 initializers."""
+        return {name: getattr(self, key).detach().numpy().copy() for name, key in self.float_params.items()}
+
+
+def fine_tune_qdq(
+    qdq_model: onnx.ModelProto,
+    source_model: onnx.ModelProto,
+    inputs: Mapping[str, np.ndarray],
+    config: FineTuneConfig | None = None,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> FineTuneResult:
+    """Fine-tune the weights and biases of an int8 QDQ model to reproduce its fp32 source's outputs.
+
+    inputs maps each model input to samples with the batch axis first. The loss is the output error
+    relative to the source's output power, plus the KL divergence of the softmax for 2-D (logit)
+    outputs, with rounding passed through by the straight-through estimator. Activation and weight
+    scales stay as calibrated, so the result has the same graph and quantization parameters, only
+    other integers. progress(step, steps, loss) is called every 10 steps.
+
+    Returns the fine-tuned model when it lowers the held-out error, else the input model. Raises
+    QuantizationError for an operator it cannot simulate or a model onnxruntime cannot run, and
+    ValueError when inputs are missing or have fewer samples than two batches.
+    """
+    settings = config or FineTuneConfig()
+    started = time.monotonic()
+    module = QdqModule(qdq_model)
+    missing = sorted(set(module.input_names) - set(inputs))
+    if missing:
+        raise ValueError(f"no samples for model inputs {missing}: pass one array per input in inputs")
+    count = min(len(inputs[name]) for name in module.input_names)
+    holdout = max(1, round(count * settings.holdout_fraction))
+    train_count = count - holdout
+    if train_count < 2 * settings.batch_size:
+        raise ValueError(
+            f"{count} samples are too few to fine-tune with batch_size {settings.batch_size}: "
+            f"need at least {2 * settings.batch_size + holdout}, {holdout} of them held out"
+        )
+    # A random hold-out: samples often come grouped by source image, and a tail would hold out whole images.
+    order = np.random.default_rng(settings.seed).permutation(count)
+    train_rows, holdout_rows = np.sort(order[holdout:]), np.sort(order[:holdout])
+    feeds = {name: np.ascontiguousarray(inputs[name][:count], dtype=np.float32) for name in module.input_names}
+    targets = _run_onnxruntime(source_model, feeds)
+    held_out = {name: array[holdout_rows] for name, array in feeds.items()}
+    held_out_targets = [t[holdout_rows] for t in targets]
+    before = _relative_error(_run_onnxruntime(qdq_model, held_out), held_out_targets)
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    train_feeds = {name: torch.from_numpy(array[train_rows]) for name, array in feeds.items()}
+    train_targets = [torch.from_numpy(t[train_rows]) for t in targets]
+    power = [float(torch.mean(t**2)) or 1.0 for t in train_targets]
+    groups = [
+        {
+            "params": [
+                getattr(module, key) for key, limits in module.integer_params.values() if limits == _WEIGHT_RANGE
+            ],
+            "lr": settings.weight_learning_rate,
+        },
+        {
+            "params": [
+                getattr(module, key) for key, limits in module.integer_params.values() if limits != _WEIGHT_RANGE
+            ],
+            "lr": settings.bias_learning_rate,
+        },
+        {"params": [getattr(module, key) for key in module.float_params.values()], "lr": settings.float_learning_rate},
+    ]
+    optimizer = torch.optim.Adam([group for group in groups if group["params"]])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
+    module.train()
+    for step in range(settings.steps):
+        batch = torch.randperm(train_count, generator=generator)[: settings.batch_size]
+        outputs = module({name: array[batch] for name, array in train_feeds.items()})
+        loss = _distillation_loss(outputs, [t[batch] for t in train_targets], power)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if progress is not None and (step % 10 == 9 or step == settings.steps - 1):
+            progress(step + 1, settings.steps, float(loss.detach()))
+
+    tuned = _with_initializers(qdq_model, {**module.integer_tensors(), **module.float_tensors()})
+    after = _relative_error(_run_onnxruntime(tuned, held_out), held_out_targets)
+    kept = after < before
+    seconds = time.monotonic() - started
+    logger.info(
+        "fine-tuned %d tensors for %d steps in %.0f s: held-out error %.3g -> %.3g (SQNR %.1f -> %.1f dB)%s",
+        len(module.integer_params) + len(module.float_params),
+        settings.steps,
+        seconds,
+        before,
+        after,
+        _decibels(before),
+        _decibels(after),
+        "" if kept else "; not kept, the input model is returned",
+    )
+    return FineTuneResult(
+        model=tuned if kept else qdq_model,
+        kept=kept,
+        holdout_error_before=before,
+        holdout_error_after=after,
+        trained_tensors=len(module.integer_params) + len(module.float_params),
+        seconds=seconds,
+    )
+
+
+def _trainable_initializers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray]) -> set[str]:
+    """Initializers that are, directly or through a DequantizeLinear, the weight or bias of Conv/Gemm/MatMul."""
+    producers = {output: node for node in graph.node for output in node.output}
+    trainable = set()
+    for node in graph.node:
+        if node.op_type not in _TRAINABLE_CONSUMERS:
+            continue
+        for name in node.input[1:3]:
+            producer = producers.get(name)
+            if name in arrays and arrays[name].dtype == np.float32:
+                trainable.add(name)
+            elif producer is not None and producer.op_type == "DequantizeLinear":
+                stored = producer.input[0]
+                if stored in arrays and arrays[stored].dtype in (np.int8, np.int32):
+                    trainable.add(stored)
+    return trainable
+
+
+def _distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], power: list[float]) -> torch.Tensor:
+    loss = torch.zeros(())
+    for output, target, scale in zip(outputs, targets, power, strict=True):
+        loss = loss + functional.mse_loss(output, target) / scale
+        if output.dim() == 2:
+            loss = loss + functional.kl_div(
+                functional.log_softmax(output, dim=1),
+                functional.log_softmax(target, dim=1),
+                log_target=True,
+                reduction="batchmean",
+            )
+    return loss
+
+
+def _run_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run the samples one at a time (a graph may fix its batch size at 1); return each output stacked."""
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        count = len(next(iter(feeds.values())))
+        runs = [session.run(None, {name: array[i : i + 1] for name, array in feeds.items()}) for i in range(count)]
+    except Exception as error:  # onnxruntime raises several private exception types.
+        raise QuantizationError(f"onnxruntime could not run the model during fine-tuning: {error}") from error
+    return [np.concatenate([np.asarray(run[k]) for run in runs]) for k in range(len(runs[0]))]
+
+
+def _relative_error(outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
+    error = sum(float(np.mean((o.astype(np.float64) - t) ** 2)) for o, t in zip(outputs, targets, strict=True))
+    power = sum(float(np.mean(t.astype(np.float64) ** 2)) for t in targets)
+    return error / power if power else error
+
+
+def _decibels(relative_error: float) -> float:
+    return float("inf") if relative_error <= 0 else -10.0 * float(np.log10(relative_error))
+
+
+def _with_initializers(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for initializer in result.graph.initializer:
+        if initializer.name in tensors:
+            initializer.CopyFrom(numpy_helper.from_array(tensors[initializer.name], initializer.name))
+    return result
+
+
+# Operators: each takes the node, its input values (None for an omitted optional input) and, for
+# QuantizeLinear, the integer range; it returns the output values.
+_Op = Callable[[onnx.NodeProto, list[Any], "tuple[int, int] | None"], list[torch.Tensor]]
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _per_axis(parameter: torch.Tensor, node: onnx.NodeProto, rank: int) -> torch.Tensor:
+    """Shape a per-axis scale or zero point to broadcast along the node's axis of a rank-dimensional tensor."""
+    if parameter.dim() == 0 or parameter.numel() == 1:
+        return parameter.reshape(())
+    axis = _attribute(node, "axis", 1) % rank
+    shape = [1] * rank
+    shape[axis] = -1
+    return parameter.reshape(shape)
+
+
+def _quantize(node: onnx.NodeProto, inputs: list[Any], limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values = inputs[0]
+    scale = _per_axis(inputs[1].float(), node, values.dim())
+    zero_point = _per_axis(inputs[2].float(), node, values.dim()) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    assert limits is not None
+    return [torch.clamp(_round(values / scale) + zero_point, limits[0], limits[1])]
+
+
+def _dequantize(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values = inputs[0].float()
+    scale = _per_axis(inputs[1].float(), node, values.dim())
+    zero_point = _per_axis(inputs[2].float(), node, values.dim()) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    return [(values - zero_point) * scale]
+
+
+def _explicit_pads(node: onnx.NodeProto, spatial: int) -> list[int]:
+    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+    if auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        raise QuantizationError(
+            f"fine-tuning cannot simulate auto_pad={auto_pad!r} of node {node.name!r}: export with explicit pads"
+        )
+    return list(_attribute(node, "pads", [0] * (2 * spatial)))
+
+
+def _padded(values: torch.Tensor, pads: list[int], spatial: int, fill: float = 0.0) -> torch.Tensor:
+    """Apply ONNX pads [begin_1, ..., begin_n, end_1, ..., end_n] to the last spatial axes."""
+    if not any(pads):
+        return values
+    torch_pads: list[int] = []
+    for axis in reversed(range(spatial)):
+        torch_pads += [pads[axis], pads[axis + spatial]]
+    return functional.pad(values, torch_pads, value=fill)
+
+
+def _conv(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    spatial = weight.dim() - 2
+    if spatial not in (1, 2):
+        raise QuantizationError(f"fine-tuning simulates 1-D and 2-D Conv only; node {node.name!r} is {spatial}-D")
+    values = _padded(values, _explicit_pads(node, spatial), spatial)
+    convolve = functional.conv2d if spatial == 2 else functional.conv1d
+    output = convolve(
+        values,
+        weight,
+        bias,
+        stride=tuple(_attribute(node, "strides", [1] * spatial)),
+        dilation=tuple(_attribute(node, "dilations", [1] * spatial)),
+        groups=_attribute(node, "group", 1),
+    )
+    return [output]
+
+
+def _gemm(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    a, b = inputs[0], inputs[1]
+    if _attribute(node, "transA", 0):
+        a = a.t()
+    if _attribute(node, "transB", 0):
+        b = b.t()
+    output = _attribute(node, "alpha", 1.0) * (a @ b)
+    if len(inputs) > 2 and inputs[2] is not None:
+        output = output + _attribute(node, "beta", 1.0) * inputs[2]
+    return [output]
+
+
+def _pool(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values = inputs[0]
+    kernel = list(_attribute(node, "kernel_shape", []))
+    spatial = len(kernel)
+    if spatial != 2 or _attribute(node, "ceil_mode", 0) or any(d != 1 for d in _attribute(node, "dilations", [1, 1])):
+        raise QuantizationError(
+            f"fine-tuning simulates 2-D pooling without ceil_mode or dilation only; node {node.name!r} differs"
+        )
+    strides = tuple(_attribute(node, "strides", [1, 1]))
+    pads = _explicit_pads(node, spatial)
+    if node.op_type == "MaxPool":
+        return [functional.max_pool2d(_padded(values, pads, spatial, float("-inf")), kernel, strides)]
+    if _attribute(node, "count_include_pad", 0) or not any(pads):
+        return [functional.avg_pool2d(_padded(values, pads, spatial), kernel, strides)]
+    ones = _padded(torch.ones_like(values[:1, :1]), pads, spatial)
+    total = functional.avg_pool2d(_padded(values, pads, spatial), kernel, strides)
+    return [total / functional.avg_pool2d(ones, kernel, strides)]
+
+
+def _reduce_mean(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    axes = inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else _attribute(node, "axes", None)
+    keep = bool(_attribute(node, "keepdims", 1))
+    if axes is None:
+        return [inputs[0].mean().reshape([1] * inputs[0].dim() if keep else [])]
+    return [inputs[0].mean(dim=tuple(axes), keepdim=keep)]
+
+
+def _reshape(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values = inputs[0]
+    shape = [int(v) for v in inputs[1].tolist()]
+    shape = [values.shape[i] if v == 0 and not _attribute(node, "allowzero", 0) else v for i, v in enumerate(shape)]
+    if shape and shape[0] != -1:
+        shape[0] = values.shape[0]  # Axis 0 is the batch axis, also when the graph fixes it at 1.
+    return [values.reshape(shape)]
+
+
+def _flatten(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values = inputs[0]
+    axis = _attribute(node, "axis", 1) % (values.dim() + 1)
+    return [values.reshape(int(np.prod(values.shape[:axis])), -1)]
+
+
+def _clip(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    return [torch.clamp(inputs[0], None if low is None else float(low), None if high is None else float(high))]
+
+
+def _unary(function: Callable[[torch.Tensor], torch.Tensor]) -> _Op:
+    return lambda node, inputs, limits: [function(inputs[0])]
+
+
+def _binary(function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> _Op:
+    return lambda node, inputs, limits: [function(inputs[0], inputs[1])]
+
+
+_OPS: dict[str, _Op] = {
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _binary(torch.matmul),
+    "Add": _binary(torch.add),
+    "Sub": _binary(torch.sub),
+    "Mul": _binary(torch.mul),
+    "Div": _binary(torch.div),
+    "Relu": _unary(torch.relu),
+    "Sigmoid": _unary(torch.sigmoid),
+    "Tanh": _unary(torch.tanh),
+    "HardSwish": _unary(functional.hardswish),
+    "Identity": _unary(lambda values: values),
+    "Clip": _clip,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": _unary(lambda values: values.mean(dim=tuple(range(2, values.dim())), keepdim=True)),
+    "ReduceMean": _reduce_mean,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Concat": lambda node, inputs, limits: [torch.cat(inputs, dim=_attribute(node, "axis", 0))],
+    "Softmax": lambda node, inputs, limits: [torch.softmax(inputs[0], dim=_attribute(node, "axis", -1))],
+}

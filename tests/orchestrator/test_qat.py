@@ -1,0 +1,181 @@
+"""Tests for quantization-aware fine-tuning of int8 QDQ models, on a CNN trained on the real digits data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgefleet.orchestrator.compress.digits import DigitsConfig, DigitsTeacher, export_onnx, load_digits_split
+from edgefleet.orchestrator.compress.distill import train_classifier
+from edgefleet.orchestrator.compress.qat import FineTuneConfig, QdqModule, fine_tune_qdq
+from edgefleet.orchestrator.compress.quantize import QuantizationError, quantize_static_qdq
+
+# Weights start on the grid and move at most steps x learning rate grid steps: 0.02 lets them cross.
+FAST = FineTuneConfig(steps=80, batch_size=32, weight_learning_rate=0.02)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    (train_x, _), (test_x, _) = load_digits_split(DigitsConfig())
+    return train_x.numpy(), test_x.numpy()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A narrow digits CNN (residual block, depthwise conv, max pool, Linear) trained for two epochs."""
+    torch.manual_seed(0)
+    config = DigitsConfig()
+    train, _ = load_digits_split(config)
+    model = DigitsTeacher((16, 32, 48))
+    train_classifier(model, train, epochs=2, lr=3e-3)
+    return export_onnx(model, tmp_path_factory.mktemp("qat") / "digits.onnx", train[0][:1])
+
+
+@pytest.fixture(scope="module")
+def quantized(source: Path, digits: tuple[np.ndarray, np.ndarray]) -> Path:
+    """Per-tensor int8 weights without bias correction: coarse enough that fine-tuning has work to do."""
+    calibration = digits[0][:128]
+    return quantize_static_qdq(source, source.with_name("digits.int8.onnx"), calibration, per_channel=False)
+
+
+@pytest.fixture(scope="module")
+def tuned(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> tuple[onnx.ModelProto, object]:
+    result = fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": digits[0]}, FAST)
+    return result.model, result
+
+
+def run(model: onnx.ModelProto | Path, inputs: np.ndarray, *, optimize: bool = True) -> np.ndarray:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"input": inputs})[0])
+
+
+def relative_error(reference: np.ndarray, values: np.ndarray) -> float:
+    return float(np.mean((reference - values) ** 2) / np.mean(reference**2))
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def test_module_matches_onnxruntime(quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    inputs = digits[1][:64]
+    with torch.no_grad():
+        simulated = QdqModule(onnx.load(str(quantized)))({"input": torch.from_numpy(inputs)})[0].numpy()
+    assert relative_error(run(quantized, inputs, optimize=False), simulated) < 1e-4
+
+
+def test_module_trains_weights_and_biases(quantized: Path) -> None:
+    module = QdqModule(onnx.load(str(quantized)))
+    arrays = initializers(onnx.load(str(quantized)))
+    dtypes = {str(arrays[name].dtype) for name in module.integer_params}
+    assert dtypes == {"int8", "int32"}
+
+
+def test_fine_tune_lowers_heldout_error(tuned: tuple[onnx.ModelProto, object]) -> None:
+    _, result = tuned
+    assert result.holdout_error_after < result.holdout_error_before  # type: ignore[attr-defined]
+
+
+def test_fine_tune_kept(tuned: tuple[onnx.ModelProto, object]) -> None:
+    _, result = tuned
+    assert result.kept  # type: ignore[attr-defined]
+
+
+def test_fine_tune_lowers_test_error(
+    source: Path, quantized: Path, tuned: tuple[onnx.ModelProto, object], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The test split was seen neither in calibration nor in fine-tuning."""
+    reference = run(source, digits[1])
+    assert relative_error(reference, run(tuned[0], digits[1])) < relative_error(reference, run(quantized, digits[1]))
+
+
+def test_fine_tune_keeps_graph(quantized: Path, tuned: tuple[onnx.ModelProto, object]) -> None:
+    before = onnx.load(str(quantized))
+    assert [n.op_type for n in tuned[0].graph.node] == [n.op_type for n in before.graph.node]
+
+
+def test_fine_tune_keeps_scales(quantized: Path, tuned: tuple[onnx.ModelProto, object]) -> None:
+    before = initializers(onnx.load(str(quantized)))
+    after = initializers(tuned[0])
+    floats = [name for name, array in before.items() if array.dtype == np.float32]
+    assert all(np.array_equal(before[name], after[name]) for name in floats)
+
+
+def test_fine_tune_weights_on_grid(tuned: tuple[onnx.ModelProto, object]) -> None:
+    weights = [array for array in initializers(tuned[0]).values() if array.dtype == np.int8]
+    assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 127 for w in weights)
+
+
+def test_fine_tune_changes_weights(quantized: Path, tuned: tuple[onnx.ModelProto, object]) -> None:
+    before = initializers(onnx.load(str(quantized)))
+    after = initializers(tuned[0])
+    assert any(not np.array_equal(before[name], after[name]) for name in before if before[name].dtype == np.int8)
+
+
+def test_fine_tune_not_kept(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """A learning rate of 50 grid steps per update wrecks the weights; the input model comes back."""
+    qdq = onnx.load(str(quantized))
+    wild = FineTuneConfig(steps=5, batch_size=32, weight_learning_rate=50.0)
+    result = fine_tune_qdq(qdq, onnx.load(str(source)), {"input": digits[0][:256]}, wild)
+    assert (result.kept, result.model) == (False, qdq)
+
+
+def test_fine_tune_too_few_samples(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(ValueError, match="too few to fine-tune"):
+        fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": digits[0][:40]}, FAST)
+
+
+def test_fine_tune_missing_input(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(ValueError, match=r"no samples for model inputs \['input'\]"):
+        fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"image": digits[0]}, FAST)
+
+
+def test_unsupported_operator() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Erf", ["input"], ["output"], name="erf")],
+        "erf",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])],
+    )
+    with pytest.raises(QuantizationError, match="cannot simulate operator Erf \\(node 'erf'\\)"):
+        QdqModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("steps", 0, "steps = 0"), ("batch_size", 0, "batch_size = 0"), ("holdout_fraction", 1.0, "holdout_fraction")],
+)
+def test_config_ranges(field: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FineTuneConfig(**{field: value})
+
+
+def test_static_qdq_fine_tune_option(source: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """quantize_static_qdq fine-tunes on the calibration data when no other samples are given."""
+    plain = quantize_static_qdq(source, tmp_path / "plain.onnx", digits[0][:128], per_channel=False)
+    tuned = quantize_static_qdq(
+        source, tmp_path / "tuned.onnx", digits[0][:128], per_channel=False, fine_tune=FineTuneConfig(steps=40)
+    )
+    reference = run(source, digits[1])
+    assert relative_error(reference, run(tuned, digits[1])) < relative_error(reference, run(plain, digits[1]))
+
+
+def test_static_qdq_fine_tune_inputs(source: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    with pytest.raises(QuantizationError, match="too few to fine-tune"):
+        quantize_static_qdq(
+            source,
+            tmp_path / "tuned.onnx",
+            digits[0][:128],
+            fine_tune=FineTuneConfig(steps=10),
+            fine_tune_inputs=digits[0][:20],
+        )
