@@ -692,3 +692,14 @@ def process_alive(pid: int) -> bool:
     from edgefleet.orchestrator.jobs.runner import _process_exists
 
     return _process_exists(pid)
+
+
+def test_job_fine_tune_needs_samples(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+    """quantize.fine_tune_steps reaches the worker: 4 calibration samples cannot fill a fine-tuning batch."""
+    server = start_orchestrator()
+    upload(server, tiny_conv_onnx(), "tiny", "1")
+    recipe = _fast_recipe()
+    recipe["quantize"]["fine_tune_steps"] = 10
+    job = wait_job(server.operator, create(server, recipe).job_id)
+    assert job.state == operator_pb2.JOB_STATE_FAILED
+    assert "4 samples are too few to fine-tune" in job.error

@@ -44,6 +44,7 @@ def test_recipe_full_dict() -> None:
     assert recipe.quantize.activation_type == "int8"
     assert recipe.quantize.bias_correction is True
     assert recipe.quantize.weight_rounding == "nearest"
+    assert recipe.quantize.fine_tune_steps == 0
     assert recipe.quantize.calibration.preprocess.mean == (127.0, 127.0, 127.0)
     assert recipe.quantize.calibration.preprocess.layout == "NHWC"
     assert recipe.prune == PruneConfig(ratio=0.5, round_to=16)
@@ -64,6 +65,7 @@ def test_recipe_full_dict() -> None:
         ({"quantize": {"method": "fast"}}, ("quantize.method", "'fast'", "'static'")),
         ({"quantize": {"per_channel": 1}}, ("quantize.per_channel", "1", "true or false")),
         ({"quantize": {"calibration_size": 0}}, ("quantize.calibration_size", "0", "> 0")),
+        ({"quantize": {"fine_tune_steps": -1}}, ("quantize.fine_tune_steps", "-1", ">= 0")),
         ({"quantize": {"weight_rounding": "stochastic"}}, ("quantize.weight_rounding", "'stochastic'", "'adaround'")),
         ({"quantize": {"bias_correction": "yes"}}, ("quantize.bias_correction", "'yes'", "true or false")),
         ({"quantize": {"calibration": {"images": "a", "npz": "b.npz"}}}, ("quantize.calibration.npz",)),

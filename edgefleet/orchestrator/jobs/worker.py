@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -28,6 +29,9 @@ from edgefleet.orchestrator.jobs.runner import EXIT_ABANDONED, WorkerArgs
 from edgefleet.orchestrator.jobs.store import RUNNING, Job, JobStore, open_job_store
 from edgefleet.orchestrator.modelinfo import ModelFileError, inspect_model
 from edgefleet.orchestrator.store.base import StoreError
+
+if TYPE_CHECKING:
+    from edgefleet.orchestrator.compress.qat import FineTuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +248,17 @@ def _produce(
         input_name=spec.name,
         bias_correction=settings.bias_correction,
         weight_rounding=settings.weight_rounding,
+        fine_tune=_fine_tune_config(settings.fine_tune_steps),
     )
+
+
+def _fine_tune_config(steps: int) -> FineTuneConfig | None:
+    if steps == 0:
+        return None
+    # Imported here because torch is only needed for this option.
+    from edgefleet.orchestrator.compress.qat import FineTuneConfig
+
+    return FineTuneConfig(steps=steps)
 
 
 def _store_variant(
