@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.orchestrator.compress.digits import DigitsConfig, DigitsTeacher, export_onnx, load_digits_split
 from edgefleet.orchestrator.compress.distill import train_classifier
-from edgefleet.orchestrator.compress.qat import FineTuneConfig, QdqModule, fine_tune_qdq
+from edgefleet.orchestrator.compress.qat import FineTuneConfig, FineTuneResult, QdqModule, fine_tune_qdq
 from edgefleet.orchestrator.compress.quantize import QuantizationError, quantize_static_qdq
 
 # Weights start on the grid and move at most steps x learning rate grid steps: 0.02 lets them cross.
@@ -45,9 +46,8 @@ def quantized(source: Path, digits: tuple[np.ndarray, np.ndarray]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tuned(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> tuple[onnx.ModelProto, object]:
-    result = fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": digits[0]}, FAST)
-    return result.model, result
+def tuned(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> FineTuneResult:
+    return fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": digits[0]}, FAST)
 
 
 def run(model: onnx.ModelProto | Path, inputs: np.ndarray, *, optimize: bool = True) -> np.ndarray:
@@ -81,44 +81,42 @@ def test_module_trains_weights_and_biases(quantized: Path) -> None:
     assert dtypes == {"int8", "int32"}
 
 
-def test_fine_tune_lowers_heldout_error(tuned: tuple[onnx.ModelProto, object]) -> None:
-    _, result = tuned
-    assert result.holdout_error_after < result.holdout_error_before  # type: ignore[attr-defined]
+def test_fine_tune_lowers_heldout_error(tuned: FineTuneResult) -> None:
+    assert tuned.holdout_error_after < tuned.holdout_error_before
 
 
-def test_fine_tune_kept(tuned: tuple[onnx.ModelProto, object]) -> None:
-    _, result = tuned
-    assert result.kept  # type: ignore[attr-defined]
+def test_fine_tune_kept(tuned: FineTuneResult) -> None:
+    assert tuned.kept
 
 
 def test_fine_tune_lowers_test_error(
-    source: Path, quantized: Path, tuned: tuple[onnx.ModelProto, object], digits: tuple[np.ndarray, np.ndarray]
+    source: Path, quantized: Path, tuned: FineTuneResult, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """The test split was seen neither in calibration nor in fine-tuning."""
     reference = run(source, digits[1])
-    assert relative_error(reference, run(tuned[0], digits[1])) < relative_error(reference, run(quantized, digits[1]))
+    assert relative_error(reference, run(tuned.model, digits[1])) < relative_error(reference, run(quantized, digits[1]))
 
 
-def test_fine_tune_keeps_graph(quantized: Path, tuned: tuple[onnx.ModelProto, object]) -> None:
+def test_fine_tune_keeps_graph(quantized: Path, tuned: FineTuneResult) -> None:
     before = onnx.load(str(quantized))
-    assert [n.op_type for n in tuned[0].graph.node] == [n.op_type for n in before.graph.node]
+    assert [n.op_type for n in tuned.model.graph.node] == [n.op_type for n in before.graph.node]
 
 
-def test_fine_tune_keeps_scales(quantized: Path, tuned: tuple[onnx.ModelProto, object]) -> None:
+def test_fine_tune_keeps_scales(quantized: Path, tuned: FineTuneResult) -> None:
     before = initializers(onnx.load(str(quantized)))
-    after = initializers(tuned[0])
+    after = initializers(tuned.model)
     floats = [name for name, array in before.items() if array.dtype == np.float32]
     assert all(np.array_equal(before[name], after[name]) for name in floats)
 
 
-def test_fine_tune_weights_on_grid(tuned: tuple[onnx.ModelProto, object]) -> None:
-    weights = [array for array in initializers(tuned[0]).values() if array.dtype == np.int8]
+def test_fine_tune_weights_on_grid(tuned: FineTuneResult) -> None:
+    weights = [array for array in initializers(tuned.model).values() if array.dtype == np.int8]
     assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 127 for w in weights)
 
 
-def test_fine_tune_changes_weights(quantized: Path, tuned: tuple[onnx.ModelProto, object]) -> None:
+def test_fine_tune_changes_weights(quantized: Path, tuned: FineTuneResult) -> None:
     before = initializers(onnx.load(str(quantized)))
-    after = initializers(tuned[0])
+    after = initializers(tuned.model)
     assert any(not np.array_equal(before[name], after[name]) for name in before if before[name].dtype == np.int8)
 
 
@@ -156,8 +154,9 @@ def test_unsupported_operator() -> None:
     [("steps", 0, "steps = 0"), ("batch_size", 0, "batch_size = 0"), ("holdout_fraction", 1.0, "holdout_fraction")],
 )
 def test_config_ranges(field: str, value: float, message: str) -> None:
+    settings: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=message):
-        FineTuneConfig(**{field: value})
+        FineTuneConfig(**settings)
 
 
 def test_static_qdq_fine_tune_option(source: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:

@@ -36,9 +36,9 @@ _TRAINABLE_CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
 class FineTuneConfig:
     """Settings of quantization-aware fine-tuning.
 
-    Learning rates are per Adam step, in the units of each tensor: int8 weights in steps of their
-    scale, int32 biases in steps of theirs (input scale x weight scale), and the weights of nodes
-    kept in fp32 in their own units. A random holdout_fraction of the samples is not trained on: the
+    Learning rates are per Adam step, in the units of each tensor. int8 weights move in steps of their
+    scale and int32 biases in steps of theirs (input scale x weight scale). The weights of nodes kept
+    in fp32 move in their own units. A random holdout_fraction of the samples is not trained on: the
     error on them, measured with onnxruntime before and after, decides whether the result is kept.
     """
 
