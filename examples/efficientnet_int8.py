@@ -22,6 +22,7 @@ from edgefleet.demo.assets import ensure_efficientnet_lite0_onnx
 from edgefleet.demo.images import Photo, demo_photos, preprocess
 from edgefleet.orchestrator.compress.calibration import model_input_spec
 from edgefleet.orchestrator.compress.gate import GateResult, evaluate_variant
+from edgefleet.orchestrator.compress.qat import FineTuneConfig
 from edgefleet.orchestrator.compress.quantize import quantize_static_qdq
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="int8 weight rounding: onnxruntime's nearest, or AdaRound learned on the calibration crops (minutes)",
     )
     parser.add_argument(
+        "--fine-tune-steps",
+        type=int,
+        default=0,
+        help="quantization-aware fine-tuning steps against the fp32 outputs after quantizing (0: none; minutes)",
+    )
+    parser.add_argument("--fine-tune-crops", type=int, default=100, help="crops per calibration photo to fine-tune on")
+    parser.add_argument(
         "--fp32-leading-convs",
         type=int,
         default=2,
@@ -308,6 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibration, _ = build_inputs(source, calibration_sources, args.calibration_crops, seed=1, jitter=args.jitter)
     eval_inputs, eval_names = build_inputs(source, eval_sources, args.eval_crops, seed=2)
 
+    fine_tune = FineTuneConfig(steps=args.fine_tune_steps) if args.fine_tune_steps > 0 else None
+    fine_tune_inputs = None
+    if fine_tune is not None:
+        # Other crops of the calibration photos, never of the evaluation photos.
+        fine_tune_inputs, _ = build_inputs(
+            source, calibration_sources, args.fine_tune_crops, seed=11, jitter=args.jitter
+        )
     fp32_nodes = leading_conv_nodes(source, args.fp32_leading_convs) if args.fp32_leading_convs else ()
     logger.info("nodes kept in fp32: %s", list(fp32_nodes))
 
@@ -325,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bias_correction=not args.no_bias_correction,
             weight_rounding=args.weight_rounding,
             nodes_to_exclude=fp32_nodes,
+            fine_tune=fine_tune,
+            fine_tune_inputs=fine_tune_inputs,
         )
         result = evaluate_variant(
             candidate,
@@ -338,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         source_logits = predict(source, eval_inputs)
         candidate_logits = predict(candidate, eval_inputs)
+        # The int8 model's own stability: every input value moved by one float32 ulp, up or down at random.
+        signs = np.random.default_rng(4).choice(np.asarray([-1.0, 1.0], np.float32), eval_inputs.shape)
+        nudged_logits = predict(candidate, eval_inputs * (1 + signs * np.float32(2.0**-23)))
 
     # The fp32 model's own top-1 stability: the same crops with Gaussian noise far below one grey level.
     noise = np.random.default_rng(3).normal(0.0, NOISE_GREY_LEVELS / 128.0, eval_inputs.shape)
@@ -345,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     figures = agreement_figures(source_logits, candidate_logits, eval_names, imagenet)
     noisy_figures = agreement_figures(source_logits, noisy_logits, eval_names, imagenet)
+    nudged_figures = agreement_figures(candidate_logits, nudged_logits, eval_names, imagenet)
     ratios = {
         "size_ratio": result.source_size_bytes / result.size_bytes,
         "speedup_threads_1": result.speedup["threads=1"],
@@ -358,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"fp32 with noise sigma {NOISE_GREY_LEVELS} grey level vs fp32: top-1 agreement "
         f"{noisy_figures['overall']:.4f} (ImageNet-class photos {noisy_figures['imagenet_class_photos']:.4f}), "
         f"logit SQNR {logit_sqnr_db(source_logits, noisy_logits):.1f} dB"
+    )
+    print(
+        f"int8 with inputs moved by one float32 ulp vs int8: top-1 agreement {nudged_figures['overall']:.4f}, "
+        f"logit SQNR {logit_sqnr_db(candidate_logits, nudged_logits):.1f} dB"
     )
     print(f"gate: {result.status} ({result.reason})")
     report = {
@@ -375,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sigma_grey_levels": NOISE_GREY_LEVELS,
             "agreement": noisy_figures,
             "logit_sqnr_db": logit_sqnr_db(source_logits, noisy_logits),
+        },
+        "int8_ulp_reference": {
+            "agreement": nudged_figures,
+            "logit_sqnr_db": logit_sqnr_db(candidate_logits, nudged_logits),
         },
         "ratios": ratios,
         "targets": TARGETS,
