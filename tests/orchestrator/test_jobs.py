@@ -703,3 +703,19 @@ def test_job_fine_tune_needs_samples(start_orchestrator: Callable[..., Orchestra
     job = wait_job(server.operator, create(server, recipe).job_id)
     assert job.state == operator_pb2.JOB_STATE_FAILED
     assert "4 samples are too few to fine-tune" in job.error
+
+
+def test_job_fine_tuned_variant(start_orchestrator: Callable[..., OrchestratorThread], tmp_path: Path) -> None:
+    server = start_orchestrator()
+    upload(server, tiny_conv_onnx(), "tiny", "1")
+    samples = np.random.default_rng(0).uniform(-1.0, 1.0, (54, 3, 224, 224)).astype(np.float32)
+    np.savez(tmp_path / "calibration.npz", input=samples[:48])
+    np.savez(tmp_path / "evaluation.npz", input=samples[48:])
+    calibration = {"npz": str(tmp_path / "calibration.npz")}
+    recipe = {
+        "quantize": {"calibration": calibration, "calibration_size": 48, "fine_tune_steps": 10},
+        "gate": {"evaluation": {"npz": str(tmp_path / "evaluation.npz")}, "max_accuracy_drop": 100.0},
+    }
+    job = wait_job(server.operator, create(server, recipe).job_id)
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert len(job.variant_ids) == 1

@@ -178,3 +178,34 @@ def test_static_qdq_fine_tune_inputs(source: Path, digits: tuple[np.ndarray, np.
             fine_tune=FineTuneConfig(steps=10),
             fine_tune_inputs=digits[0][:20],
         )
+
+
+def test_static_qdq_fine_tune_progress(source: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    steps: list[tuple[int, int]] = []
+    quantize_static_qdq(
+        source,
+        tmp_path / "tuned.onnx",
+        digits[0][:128],
+        fine_tune=FineTuneConfig(steps=25),
+        fine_tune_progress=lambda step, total, loss: steps.append((step, total)),
+    )
+    assert steps == [(10, 25), (20, 25), (25, 25)]
+
+
+def test_static_qdq_fine_tune_stopped(source: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """An exception from the progress callback (a cancelled job) stops fine-tuning and reaches the caller."""
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(step: int, total: int, loss: float) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        quantize_static_qdq(
+            source,
+            tmp_path / "tuned.onnx",
+            digits[0][:128],
+            fine_tune=FineTuneConfig(steps=25),
+            fine_tune_progress=cancel,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,7 @@ def quantize_static_qdq(
     adaround_config: AdaRoundConfig | None = None,
     fine_tune: FineTuneConfig | None = None,
     fine_tune_inputs: np.ndarray | None = None,
+    fine_tune_progress: Callable[[int, int, float], None] | None = None,
 ) -> Path:
     """Quantize an fp32 ONNX model to int8 weights and activations in the QDQ format.
 
@@ -97,7 +99,8 @@ def quantize_static_qdq(
     With fine_tune, the int8 weights and biases of the quantized model are then trained to reproduce the
     fp32 model's outputs on fine_tune_inputs (an array with the batch axis first; the calibration data
     when None), with the calibrated scales kept (see qat.fine_tune_qdq). This needs torch. The result is
-    kept only when it lowers the output error on held-out samples.
+    kept only when it lowers the output error on held-out samples. fine_tune_progress(step, steps, loss)
+    is called every 10 steps, and an exception it raises stops the fine-tuning.
 
     Returns output_path. Raises QuantizationError when the model does not load in onnxruntime, contains
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
@@ -179,7 +182,7 @@ def quantize_static_qdq(
             samples = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
         else:
             raise QuantizationError(f"fine-tuning {model_path} needs samples: the calibration reader returned none")
-        _fine_tune(output_path, model, samples, fine_tune)
+        _fine_tune(output_path, model, samples, fine_tune, fine_tune_progress)
 
     quantized = onnx.load(str(output_path))
     counts = Counter(node.op_type for node in quantized.graph.node)
@@ -268,14 +271,18 @@ def _adaround(
 
 
 def _fine_tune(
-    path: Path, source: onnx.ModelProto, samples: dict[str, np.ndarray], config: FineTuneConfig
+    path: Path,
+    source: onnx.ModelProto,
+    samples: dict[str, np.ndarray],
+    config: FineTuneConfig,
+    progress: Callable[[int, int, float], None] | None,
 ) -> None:
     """Replace the QDQ model at path with its fine-tuned version when fine-tuning lowered the held-out error."""
     # Imported here because torch is only needed for this option.
     from edgefleet.orchestrator.compress.qat import fine_tune_qdq
 
     try:
-        result = fine_tune_qdq(onnx.load(str(path)), source, samples, config)
+        result = fine_tune_qdq(onnx.load(str(path)), source, samples, config, progress=progress)
     except ValueError as error:
         raise QuantizationError(f"fine-tuning {path} failed: {error}") from error
     if result.kept:

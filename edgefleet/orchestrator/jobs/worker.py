@@ -230,10 +230,21 @@ def _produce(
         return quantize_tflite(source, output, precision="int8", calibration=calibration)
     settings = plan.recipe.quantize
     progress.report(start, "preparing the graph for int8 quantization")
+    # Fine-tuning takes minutes, so it gets the second half of this variant's share of the progress.
+    calibration_share = share / 2 if settings.fine_tune_steps else share
 
     def on_batch(done: int, total: int) -> None:
         progress.report(
-            start + share * done / total, f"calibrating int8 ranges: batch {done}/{total}", throttle=done < total
+            start + calibration_share * done / total,
+            f"calibrating int8 ranges: batch {done}/{total}",
+            throttle=done < total,
+        )
+
+    def on_step(step: int, steps: int, loss: float) -> None:
+        progress.report(
+            start + calibration_share + (share - calibration_share) * step / steps,
+            f"fine-tuning int8 weights: step {step}/{steps}, loss {loss:.4g}",
+            throttle=step < steps,
         )
 
     reader = _CountingReader(ArrayCalibrationReader(spec, calibration), on_batch)
@@ -249,6 +260,7 @@ def _produce(
         bias_correction=settings.bias_correction,
         weight_rounding=settings.weight_rounding,
         fine_tune=_fine_tune_config(settings.fine_tune_steps),
+        fine_tune_progress=on_step,
     )
 
 
