@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 DIGEST_PREFIX = "sha256:"
 MODEL_EXTENSIONS = {"onnx": ".onnx", "tflite": ".tflite"}
-# A crash loses at most this much downloaded data: the .part file is fsynced and its verified
-# offset recorded every time this many bytes have arrived, and at the end.
+# Each time this many bytes have arrived, a background thread fsyncs the .part file and records its
+# verified offset while the download goes on. The next one starts only after the previous one is done,
+# and the last one runs at the end. So a crash loses the bytes since the last completed record: about
+# this much, more only where the storage writes slower than the network delivers.
 DEFAULT_FSYNC_INTERVAL_BYTES = 8 * 1024 * 1024
 DEFAULT_PARTIAL_MAX_AGE_S = 7 * 24 * 3600.0
 STATE_FILE = "state.json"
@@ -441,7 +443,7 @@ class Downloader:
     Uses the synchronous gRPC API; run it in a worker thread. Every chunk's SHA-256 is checked and
     a corrupt chunk is fetched again. A broken stream resumes from the last verified offset after a
     capped exponential backoff with full jitter, and a restarted agent resumes from the offset last
-    recorded on disk (at most fsync_interval_bytes behind).
+    recorded on disk (see DEFAULT_FSYNC_INTERVAL_BYTES).
     """
 
     def __init__(
@@ -547,8 +549,37 @@ class Downloader:
         )
 
 
+class _BackgroundSync:
+    """One fsync of the .part file and the record of its verified offset, run in a thread of its own."""
+
+    def __init__(self, fd: int, store: ModelStore, state: PartialDownload) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fd, store, state), name="edgefleet-fsync", daemon=True)
+        self.thread.start()
+
+    def _run(self, fd: int, store: ModelStore, state: PartialDownload) -> None:
+        try:
+            os.fsync(fd)
+            store.write_partial(state)
+        except BaseException as error:  # Raised again in the download thread by wait().
+            self.error = error
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self) -> None:
+        """Wait for the sync to end; raise its error, if any."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class _Transfer:
-    """The state of one fetch: the open .part file, the verified offset and the running SHA-256."""
+    """The state of one fetch: the open .part file, the verified offset and the running SHA-256.
+
+    The file descriptor stays open while a background sync uses it: every path that closes the
+    handle or syncs it in the download thread first waits for that sync.
+    """
 
     def __init__(
         self,
@@ -572,6 +603,7 @@ class _Transfer:
         self.hash = hashlib.sha256()
         self.unsynced_bytes = 0
         self.refetches: dict[int, int] = {}
+        self.sync: _BackgroundSync | None = None
 
     def hash_existing_prefix(self) -> None:
         """Feed the already verified bytes of a resumed .part file into the running SHA-256."""
@@ -679,7 +711,7 @@ class _Transfer:
         self.offset += len(chunk.data)
         self.unsynced_bytes += len(chunk.data)
         if self.unsynced_bytes >= self.downloader.fsync_interval_bytes:
-            self.checkpoint()
+            self.checkpoint_in_background()
         if self.progress is not None:
             self.progress(self.offset, self.total)
 
@@ -689,8 +721,29 @@ class _Transfer:
         if needed > free:
             raise OSError(errno.ENOSPC, f"{needed} bytes needed, {free} bytes free", str(self.store.partial_dir))
 
+    def checkpoint_in_background(self) -> None:
+        """Start fsyncing the .part file and recording the verified offset, unless a sync still runs.
+
+        Raises the error of the previous background sync.
+        """
+        if self.sync is not None:
+            if not self.sync.done():
+                return  # The next chunk tries again.
+            self.wait_for_sync()
+        self.handle.flush()
+        self.unsynced_bytes = 0
+        state = PartialDownload(self.digest, self.total, self.offset)
+        self.sync = _BackgroundSync(self.handle.fileno(), self.store, state)
+
+    def wait_for_sync(self) -> None:
+        """Wait for the background sync, if one was started; raise its error."""
+        sync, self.sync = self.sync, None
+        if sync is not None:
+            sync.wait()
+
     def checkpoint(self) -> None:
         """Flush the .part file to disk, then record the verified offset."""
+        self.wait_for_sync()
         if self.handle.closed:
             return
         self.handle.flush()
@@ -706,6 +759,10 @@ class _Transfer:
         return self.hash.hexdigest()
 
     def close_quietly(self) -> None:
+        try:
+            self.wait_for_sync()
+        except Exception as error:  # The error being handled by the caller matters more.
+            logger.debug("syncing %s failed: %s", self.store.part_path(self.digest), error)
         try:
             self.handle.close()
         except OSError as error:

@@ -471,6 +471,48 @@ def test_disk_too_small_rejected_early(
     assert not model_store.part_path(model_digest).exists()
 
 
+def test_offset_recorded_during_download(
+    channel: grpc.Channel, servicer: ArtifactServicer, model_store: ModelStore, model_digest: str
+) -> None:
+    """Background syncs record verified offsets while chunks keep arriving."""
+    servicer.slow_from_offset = 6 * MiB
+    servicer.slow_delay_s = 0.02
+    recorded: list[int] = []
+
+    def watch(done: int, total: int) -> None:
+        partial = model_store.read_partial(model_digest)
+        recorded.append(partial.verified_offset if partial is not None else 0)
+
+    make_downloader(channel, model_store, fsync_interval_bytes=MiB).fetch(model_digest, progress=watch)
+
+    assert max(recorded) >= 4 * MiB
+    assert all(offset % CHUNK == 0 for offset in recorded)
+
+
+def test_background_fsync_error_raised(
+    channel: grpc.Channel, model_store: ModelStore, model_digest: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing fsync (EIO, faked: this machine has no failing disk) stops the download with its error."""
+    real_fsync = os.fsync
+    part_syncs = []
+
+    def failing_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
+            part_syncs.append(fd)
+            if len(part_syncs) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr("edgefleet.agent.delivery.os.fsync", failing_fsync)
+    with pytest.raises(OSError) as caught:
+        make_downloader(channel, model_store, fsync_interval_bytes=MiB).fetch(model_digest)
+
+    assert caught.value.errno == errno.EIO
+    partial = model_store.read_partial(model_digest)
+    assert partial is not None
+    assert partial.verified_offset == MiB  # The first sync's record; the failed one recorded nothing.
+
+
 def test_agent_imports_no_orchestrator() -> None:
     code = (
         "import sys, edgefleet.agent.delivery; "
