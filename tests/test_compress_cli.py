@@ -128,6 +128,15 @@ def test_missing_folder(server: OrchestratorThread, tmp_path: Path, capsys: pyte
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
+def test_compress_fine_tune_steps(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    """The flag reaches the job's recipe, and 4 calibration samples are too few to fine-tune on."""
+    code = run_cli(server, "models", "compress", "tiny:1", *FAST, "--fine-tune-steps", "10", "--output", "json")
+    result = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert result["job"]["recipe"]["quantize"]["fine_tune_steps"] == 10
+    assert "4 samples are too few to fine-tune" in result["job"]["error"]
+
+
 def test_nothing_to_do(server: OrchestratorThread) -> None:
     assert run_cli(server, "models", "compress", "tiny") == 2
 

@@ -78,7 +78,7 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"invalid recipe file {path}: {error}", EXIT_USAGE) from None
         if not isinstance(recipe, dict):
             raise CliError(f"recipe file {path} must hold a table of sections", EXIT_USAGE)
-    if args.int8 or args.calibration or args.calibration_size:
+    if args.int8 or args.calibration or args.calibration_size or args.fine_tune_steps is not None:
         quantize = recipe.setdefault("quantize", {})
         if not isinstance(quantize, dict):
             raise CliError("the recipe's quantize entry must be a table", EXIT_USAGE)
@@ -86,6 +86,8 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
             quantize["calibration"] = source_section(args.calibration)
         if args.calibration_size:
             quantize["calibration_size"] = args.calibration_size
+        if args.fine_tune_steps is not None:
+            quantize["fine_tune_steps"] = args.fine_tune_steps
     if args.evaluation is not None or args.max_accuracy_drop is not None:
         gate = recipe.setdefault("gate", {})
         if not isinstance(gate, dict):
@@ -265,6 +267,12 @@ def add_commands(
         help="calibration data: demo-photos, digits, an image folder or an .npz file on the orchestrator host",
     )
     sub.add_argument("--calibration-size", type=int, metavar="N", help="at most N calibration samples")
+    sub.add_argument(
+        "--fine-tune-steps",
+        type=int,
+        metavar="N",
+        help="after quantizing, train the int8 weights for N steps to match the fp32 outputs (0: off; minutes)",
+    )
     sub.add_argument(
         "--evaluation", metavar="SOURCE", help="gate evaluation data (default: the built-in source's held-out half)"
     )
