@@ -7,6 +7,7 @@ clients in other languages; TensorSocketClient is the Python client."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from edgefleet.common.files import check_socket_path, claim_socket_path
 
@@ -50,6 +52,11 @@ MAX_CONNECTIONS = 64
 # model's round trip from about 155 us to 50 us (bench/bench_local_api.py). Each call costs at most this
 # much CPU per side. With one CPU the poll would only delay the peer.
 SPIN_S = 100e-6
+# Hybrid polling of replies (TensorSocketClient(hybrid_poll=True)): the client wakes this long before the
+# shortest recent round trip, to cover sleep overshoot (timer slack is 50 us by default) and wake-up time,
+# and polls at most HYBRID_POLL_MAX_SPIN_S per call before it blocks.
+HYBRID_POLL_LEAD_S = 200e-6
+HYBRID_POLL_MAX_SPIN_S = 1e-3
 # First step of a payload buffer's growth; each later step doubles it.
 _PAYLOAD_GROWTH_BYTES = 1024 * 1024
 # A server connection closes after this long without a complete request, and a reply that the client
@@ -60,6 +67,8 @@ SEND_TIMEOUT_S = 30.0
 # socket copy costs less than the region's bookkeeping.
 SHARED_MEMORY_MIN_BYTES = 16 * 1024
 SHARED_MEMORY_MIN_REGION = 1024 * 1024
+# The client asks for the outputs at the first multiple of this after its inputs in the shared region.
+_OUTPUT_ALIGNMENT = 64
 # Parsed request headers kept per connection; an application uses one or a few.
 MAX_PLANS_PER_CONNECTION = 16
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED")
@@ -161,7 +170,7 @@ class FrameReader:
         view = memoryview(self._buffer)
         while self._end - self._start < size:
             if self._fds is None:
-                count = self._poll(view[self._end :]) if self.spin_s and self._end == self._start else -1
+                count = self._poll(view[self._end :], self.spin_s) if self.spin_s and self._end == self._start else -1
                 if count < 0:
                     count = self.sock.recv_into(view[self._end :])
             else:
@@ -178,15 +187,29 @@ class FrameReader:
             self._end += count
         return True
 
-    def _poll(self, view: memoryview) -> int:
+    def _poll(self, view: memoryview, spin_s: float) -> int:
         """Receive into view without blocking for up to spin_s; return the byte count, or -1 if none came."""
-        deadline = time.perf_counter() + self.spin_s
+        deadline = time.perf_counter() + spin_s
         while True:
             try:
                 return self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if time.perf_counter() >= deadline:
                     return -1
+
+    def poll_frame(self, spin_s: float) -> bool:
+        """Poll up to spin_s for the start of the next frame without blocking, and buffer what arrives.
+
+        Returns True when bytes of the next frame are buffered or the peer closed, False when none came in time.
+        """
+        if self._end > self._start:
+            return True
+        self._start = self._end = 0
+        count = self._poll(memoryview(self._buffer), spin_s)
+        if count < 0:
+            return False
+        self._end = count
+        return True
 
     def read(self) -> tuple[dict[str, Any], bytearray] | None:
         """Read one frame; return (header, payload), or None when the peer closed between frames.
@@ -301,6 +324,7 @@ class InferPlan:
     inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int, int], ...]  # name, dtype, shape, start, end
     payload_bytes: int
     shared: bool = False  # The inputs lie in the connection's shared memory region, not in the payload.
+    output_offset: int = 0  # Byte offset of the outputs in the shared region, above the client's inputs.
 
     @classmethod
     def parse(cls, request: Mapping[str, Any]) -> InferPlan:
@@ -333,7 +357,10 @@ class InferPlan:
         shared = request.get("shm", False)
         if not isinstance(shared, bool):
             raise ValueError(f"'shm' must be true or false, got {shared!r}")
-        return cls(model=model, inputs=tuple(inputs), payload_bytes=offset, shared=shared)
+        output_offset = request.get("output_offset", 0)
+        if isinstance(output_offset, bool) or not isinstance(output_offset, int) or output_offset < 0:
+            raise ValueError(f"'output_offset' must be a byte offset of 0 or more, got {_clip(repr(output_offset))}")
+        return cls(model=model, inputs=tuple(inputs), payload_bytes=offset, shared=shared, output_offset=output_offset)
 
     def feeds(self, payload: bytearray | memoryview) -> dict[str, np.ndarray]:
         """Return the inputs as arrays over payload; raise ValueError when its size does not match."""
@@ -556,7 +583,7 @@ class TensorSocketServer:
 
         buffers = [array_bytes(value) for value in result.outputs.values()]
         output_bytes = sum(b.nbytes for b in buffers)
-        in_region = plan.shared and region is not None and output_bytes <= len(region)
+        in_region = plan.shared and region is not None and plan.output_offset + output_bytes <= len(region)
         if not in_region and output_bytes > self.max_payload_bytes:
             message = (
                 f"the outputs of model {plan.model!r} take {output_bytes} bytes, over the reply limit of "
@@ -564,15 +591,18 @@ class TensorSocketServer:
             )
             log.warning("tensor socket: %s", message)
             return _error("RESOURCE_EXHAUSTED", message), []
-        header = self._reply_header(result, in_region)
-        if in_region:
+        output_offset = plan.output_offset if in_region else None
+        header = self._reply_header(result, output_offset)
+        if output_offset is not None:
             assert region is not None
-            _pack(region, buffers)
+            _pack(region, buffers, output_offset)
             return header, []
         return header, buffers
 
-    def _reply_header(self, result: InferenceResult, in_region: bool) -> bytes:
+    def _reply_header(self, result: InferenceResult, output_offset: int | None) -> bytes:
         """Return the encoded header of a successful infer reply for result.
+
+        output_offset is where the outputs lie in the shared region, or None when they travel in the payload.
 
         Only the latency changes between replies of one model version and output layout, so the rest of
         the header is encoded once: JSON text up to the latency value, which closes the object.
@@ -582,7 +612,7 @@ class TensorSocketServer:
             result.model_name,
             result.variant_id,
             result.model_version,
-            in_region,
+            output_offset,
             tuple((name, value.dtype.str, value.shape) for name, value in values.items()),
         )
         prefix = self._reply_prefixes.get(key)
@@ -590,14 +620,16 @@ class TensorSocketServer:
             outputs = [
                 {"name": name, "dtype": value.dtype.name, "shape": list(value.shape)} for name, value in values.items()
             ]
-            fixed = {
+            fixed: dict[str, Any] = {
                 "ok": True,
                 "model_name": result.model_name,
                 "model_version": result.model_version,
                 "variant_id": result.variant_id,
-                "shm": in_region,
+                "shm": output_offset is not None,
                 "outputs": outputs,
             }
+            if output_offset is not None:
+                fixed["output_offset"] = output_offset
             prefix = encode_header(fixed)[:-1] + b',"latency_ms":'
             if len(self._reply_prefixes) >= MAX_PLANS_PER_CONNECTION * self.max_connections:
                 self._reply_prefixes.clear()
@@ -605,9 +637,8 @@ class TensorSocketServer:
         return prefix + repr(float(result.latency_ms)).encode() + b"}"
 
 
-def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray]) -> None:
-    """Copy the flat uint8 buffers one after another to the start of region."""
-    offset = 0
+def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray], offset: int = 0) -> None:
+    """Copy the flat uint8 buffers one after another into region, the first at offset."""
     for data in buffers:
         region[offset : offset + data.nbytes] = data.data
         offset += data.nbytes
@@ -660,17 +691,65 @@ class _Connection:
         self.sock = sock
         self.reader = FrameReader(sock, spin_s=_spin_s())
         self.region: mmap.mmap | None = None
+        # The region as flat bytes, and the address of its first byte, to spot arrays that already lie in it.
+        self.region_bytes: np.ndarray | None = None
+        self.region_address = 0
 
     def replace_region(self, region: mmap.mmap | None) -> None:
         """Unmap the current shared region, if any, and use region from now on."""
+        self.region_bytes = None
+        self.region_address = 0
         if self.region is not None:
-            with contextlib.suppress(BufferError):  # An array still viewing it keeps it mapped until freed.
+            # Arrays from input_arrays, or a caller's views of them, keep the old region mapped until they are
+            # freed: mmap.close() raises BufferError while any buffer export is alive.
+            with contextlib.suppress(BufferError):
                 self.region.close()
         self.region = region
+        if region is not None:
+            self.region_bytes = np.frombuffer(region, np.uint8)
+            self.region_address = _address(self.region_bytes)
 
     def close(self) -> None:
         self.replace_region(None)
         self.sock.close()
+
+
+class _ReplyPoller:
+    """Hybrid polling for infer replies, as Linux's block layer does for fast devices.
+
+    After a request it sleeps until HYBRID_POLL_LEAD_S before the shortest of the last ROUND_TRIP_WINDOW
+    round trips of the same request header, then polls the socket without blocking. When no reply comes
+    within HYBRID_POLL_MAX_SPIN_S of polling, it blocks in recv as usual.
+    """
+
+    ROUND_TRIP_WINDOW = 16
+
+    def __init__(self) -> None:
+        self._round_trips: dict[bytes, collections.deque[float]] = {}
+
+    def read(self, reader: FrameReader, header: bytes) -> tuple[dict[str, Any], bytearray] | None:
+        """Wait for the reply to the request with header just sent, and read it like FrameReader.read."""
+        sent_at = time.perf_counter()
+        round_trips = self._round_trips.get(header)
+        if round_trips is None:
+            round_trips = self._round_trips[header] = collections.deque(maxlen=self.ROUND_TRIP_WINDOW)
+            if len(self._round_trips) > MAX_PLANS_PER_CONNECTION:
+                self._round_trips = {header: round_trips}
+        if round_trips:
+            wake_at = sent_at + min(round_trips) - HYBRID_POLL_LEAD_S
+            sleep_s = wake_at - time.perf_counter()
+            if sleep_s > 0:
+                time.sleep(sleep_s)
+        # The reader polls spin_s itself before it blocks, so the two polls together stay in the bound.
+        arrived = reader.poll_frame(HYBRID_POLL_MAX_SPIN_S - reader.spin_s)
+        arrived_at = time.perf_counter()
+        frame = reader.read()
+        if not arrived:
+            arrived_at = time.perf_counter()
+        # A reply that was already there when the poll began arrived earlier than arrived_at. Recording
+        # arrived_at still lowers the minimum, because the sleep ends HYBRID_POLL_LEAD_S before it.
+        round_trips.append(arrived_at - sent_at)
+        return frame
 
 
 class TensorSocketClient:
@@ -680,25 +759,39 @@ class TensorSocketClient:
     (the agent restarted) reconnects and retries once, which is safe because inference has no side effects.
     With shared_memory, inputs of SHARED_MEMORY_MIN_BYTES or more travel through a memory region that
     the agent shares with this connection. The client copies them there once and the runtime reads them
-    in place. The outputs come back the same way, so large tensors cross no socket.
+    in place; input_arrays hands out arrays in the region, so that the application writes its inputs
+    there itself and infer copies nothing. The outputs come back the same way, so large tensors cross no
+    socket. With hybrid_poll, the client sleeps through most of each inference and then polls for the
+    reply (see _ReplyPoller), which costs CPU time while the agent computes.
     """
 
     def __init__(
-        self, socket_path: str | os.PathLike[str], timeout_s: float | None = 30.0, shared_memory: bool = True
+        self,
+        socket_path: str | os.PathLike[str],
+        timeout_s: float | None = 30.0,
+        shared_memory: bool = True,
+        hybrid_poll: bool = False,
     ) -> None:
         """Connect; raise ConnectionError naming the path when no agent listens there.
 
         timeout_s bounds each wait for the agent (None waits forever); raises ValueError when it is 0 or less.
+        hybrid_poll has no effect with one usable CPU, where polling would take the agent's CPU.
         """
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be above 0 or None to wait forever, got {timeout_s!r}")
         self.socket_path = Path(socket_path)
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
+        self.hybrid_poll = hybrid_poll
+        # Input bytes that infer copied into the shared region: 0 while every input comes from input_arrays.
+        self.copied_input_bytes = 0
+        self._poller = _ReplyPoller() if hybrid_poll and _spin_s() > 0 else None
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
         self._headers: dict[tuple[object, ...], bytes] = {}
-        self._output_bytes = 0  # The largest inline output payload so far, to size the next region.
+        self._output_bytes = 0  # The largest output payload so far, to size the next region.
+        self._listed_output_bytes: dict[str, int] = {}  # By model, from the model list when its shapes are fixed.
+        self._warned_overwritten = False
         self._connect()
 
     def _connect(self) -> _Connection:
@@ -769,6 +862,8 @@ class TensorSocketClient:
         finally:
             for fd in fds:
                 os.close(fd)
+        if connection.region is not None:
+            log.debug("tensor socket: shared region grows to %d bytes; earlier input arrays get copied", size)
         connection.replace_region(region)
         return region
 
@@ -778,19 +873,121 @@ class TensorSocketClient:
         header = self._headers.get(key)
         if header is None:
             inputs = [{"name": name, "dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()]
-            header = encode_header({"op": "infer", "model": model, "inputs": inputs, "shm": shared})
+            request: dict[str, Any] = {"op": "infer", "model": model, "inputs": inputs, "shm": shared}
+            if shared:
+                request["output_offset"] = _output_offset(sum(a.nbytes for a in arrays.values()))
+            header = encode_header(request)
             if len(self._headers) >= MAX_PLANS_PER_CONNECTION:
                 self._headers.clear()
             self._headers[key] = header
         return header
 
+    def input_arrays(
+        self,
+        model: str,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        dtypes: Mapping[str, npt.DTypeLike] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Allocate model's inputs in the connection's shared region, so that infer sends them without a copy.
+
+        Names, dtypes and shapes come from the agent's model list. shapes sets the shape of an input with a
+        dynamic axis (-1) or replaces the listed one. With dtypes the caller describes the inputs instead.
+        Its keys are the input names in order, shapes gives every shape, and the model list is not read.
+        The arrays are uninitialised like np.empty, packed from the start of the region, and the region
+        holds one set: a later call returns arrays over the same memory. Pass the returned dict (or its
+        arrays in the same order) to infer. The arrays stay valid memory for as long as they live, also
+        after close, a reconnect or a larger region, but from then on infer copies them: call
+        input_arrays again. Without shared memory (shared_memory=False, or an agent that cannot share
+        it) the arrays are ordinary ones, which infer copies.
+
+        Raises ValueError for a shape or dtype that is missing or invalid, TensorSocketError with code
+        NOT_FOUND when the agent serves no such model, and ConnectionError or TimeoutError as infer does.
+        """
+        specs = self._input_specs(model, shapes, dtypes)
+        input_bytes = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
+        if not self.shared_memory or input_bytes > MAX_PAYLOAD_BYTES:
+            return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
+        need = _output_offset(input_bytes) + max(self._output_bytes, self._listed_output_bytes.get(model, 0))
+
+        def allocate(connection: _Connection) -> dict[str, np.ndarray] | None:
+            try:
+                self._region(connection, need)
+            except TensorSocketError as error:
+                if error.code != "RESOURCE_EXHAUSTED":
+                    raise
+                log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
+                self.shared_memory = False
+                return None
+            region_bytes = connection.region_bytes
+            assert region_bytes is not None
+            arrays: dict[str, np.ndarray] = {}
+            offset = 0
+            for name, shape, dtype in specs:
+                size = math.prod(shape) * dtype.itemsize
+                arrays[name] = region_bytes[offset : offset + size].view(dtype).reshape(shape)
+                offset += size
+            return arrays
+
+        arrays = self._run(allocate)
+        if arrays is None:
+            return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
+        return arrays
+
+    def _input_specs(
+        self,
+        model: str,
+        shapes: Mapping[str, Sequence[int]] | None,
+        dtypes: Mapping[str, npt.DTypeLike] | None,
+    ) -> list[tuple[str, tuple[int, ...], np.dtype[Any]]]:
+        """Return (name, shape, dtype) of each input of model, from the caller or the agent's model list."""
+        shapes = dict(shapes or {})
+        listed: list[tuple[str, Sequence[int], npt.DTypeLike]]
+        if dtypes is not None:
+            missing = [name for name in dtypes if name not in shapes]
+            if missing:
+                raise ValueError(f"inputs {missing} have a dtype but no shape; pass shapes for every input in dtypes")
+            listed = [(name, shapes[name], dtype) for name, dtype in dtypes.items()]
+        else:
+            entries = {entry["model_name"]: entry for entry in self.models()}
+            entry = entries.get(model)
+            if entry is None:
+                raise TensorSocketError("NOT_FOUND", f"model {model!r} is not installed; installed: {sorted(entries)}")
+            listed = [(t["name"], shapes.get(t["name"], t["shape"]), t["dtype"]) for t in entry["inputs"]]
+            self._listed_output_bytes[model] = _static_bytes(entry["outputs"])
+        unknown = sorted(set(shapes) - {name for name, _, _ in listed})
+        if unknown:
+            raise ValueError(
+                f"shapes names {unknown}, which are not inputs of model {model!r}; "
+                f"its inputs are {[name for name, _, _ in listed]}"
+            )
+
+        specs: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
+        for name, shape, dtype_like in listed:
+            dims = tuple(shape)
+            if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims):
+                raise ValueError(f"input {name!r} has shape {list(dims)}; use a list of integers")
+            if any(d < 0 for d in dims):
+                raise ValueError(
+                    f"input {name!r} of model {model!r} has the dynamic shape {list(dims)} (-1 is any size); "
+                    f"pass shapes={{{name!r}: [...]}} with the size of each axis"
+                )
+            dtype = np.dtype(dtype_like)
+            if dtype.kind not in _NUMERIC_KINDS or dtype.byteorder == ">":
+                raise ValueError(
+                    f"input {name!r} has dtype {dtype.str}; the tensor socket carries little-endian bool, "
+                    "integer, float and complex tensors only"
+                )
+            specs.append((name, tuple(int(d) for d in dims), dtype))
+        return specs
+
     def infer(self, model: str, feeds: Mapping[str, np.ndarray]) -> TensorReply:
         """Run model on feeds (input name to array) in the agent and return its outputs.
 
-        Raises TensorSocketError with code NOT_FOUND for a model that is not installed, INVALID_ARGUMENT
-        for inputs that do not match it and INTERNAL when the runtime fails. Raises ConnectionError when
-        the agent cannot be reached and TimeoutError when it does not respond within timeout_s. Raises
-        ValueError, before sending, for an input of a dtype with no fixed byte layout (strings, objects).
+        Feeds that lie where input_arrays put them are not copied. Raises TensorSocketError with code
+        NOT_FOUND for a model that is not installed, INVALID_ARGUMENT for inputs that do not match it and
+        INTERNAL when the runtime fails. Raises ConnectionError when the agent cannot be reached and
+        TimeoutError when it does not respond within timeout_s. Raises ValueError, before sending, for an
+        input of a dtype with no fixed byte layout (strings, objects).
         """
         arrays = {name: np.asarray(value) for name, value in feeds.items()}
         for name, array in arrays.items():
@@ -801,29 +998,38 @@ class TensorSocketClient:
                 )
         buffers = [array_bytes(a) for a in arrays.values()]
         input_bytes = sum(b.nbytes for b in buffers)
+        # Small inputs go through the socket even when they lie in the region: sending them costs less.
         shared = self.shared_memory and SHARED_MEMORY_MIN_BYTES <= input_bytes <= MAX_PAYLOAD_BYTES
 
         def inline(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             header = self._header(model, arrays, shared=False)
-            reply, payload = _check(_exchange(connection.reader, header, buffers))
+            reply, payload = _check(_exchange(connection.reader, header, buffers, self._poller))
             self._output_bytes = max(self._output_bytes, len(payload))
             return reply, _outputs(reply, payload, copy=False)
 
         def through_region(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             try:
-                region = self._region(connection, max(input_bytes, self._output_bytes))
+                region = self._region(connection, _output_offset(input_bytes) + self._output_bytes)
             except TensorSocketError as error:
                 if error.code != "RESOURCE_EXHAUSTED":
                     raise
                 log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
                 self.shared_memory = False
                 return inline(connection)
-            _pack(region, buffers)
-            reply, payload = _check(_exchange(connection.reader, self._header(model, arrays, shared=True), ()))
-            if reply.get("shm"):  # Copied out: the next call reuses the region.
-                return reply, _outputs(reply, region, copy=True)
-            self._output_bytes = max(self._output_bytes, len(payload))  # Too large for the region this time.
-            return reply, _outputs(reply, payload, copy=False)
+            copied = _place(connection, buffers)
+            self.copied_input_bytes += copied
+            header = self._header(model, arrays, shared=True)
+            reply, payload = _check(_exchange(connection.reader, header, (), self._poller))
+            if not reply.get("shm"):  # The outputs did not fit in the region this time.
+                self._output_bytes = max(self._output_bytes, len(payload))
+                return reply, _outputs(reply, payload, copy=False)
+            output_offset = reply.get("output_offset")
+            if output_offset is None and copied < input_bytes:
+                self._warn_overwritten()
+            # Copied out, because the next call reuses the region.
+            outputs = _outputs(reply, region, copy=True, offset=output_offset or 0)
+            self._output_bytes = max(self._output_bytes, sum(a.nbytes for a in outputs.values()))
+            return reply, outputs
 
         reply, outputs = self._run(through_region if shared else inline)
         return TensorReply(
@@ -834,10 +1040,66 @@ class TensorSocketClient:
             variant_id=str(reply["variant_id"]),
         )
 
+    def _warn_overwritten(self) -> None:
+        if not self._warned_overwritten:
+            self._warned_overwritten = True
+            log.warning(
+                "tensor socket: the agent on %s ignores 'output_offset' and wrote the outputs over the start of "
+                "the inputs in shared memory; refill the arrays from input_arrays before each call, or update "
+                "the agent",
+                self.socket_path,
+            )
+
     def models(self) -> list[dict[str, Any]]:
         """Return the models the agent serves, with runtime, providers, threads, inputs and outputs."""
         reply, _ = self._run(lambda connection: _check(_exchange(connection.reader, {"op": "models"}, ())))
         return list(reply["models"])
+
+
+def _address(array: np.ndarray) -> int:
+    """Return the address of the array's first byte."""
+    return int(array.__array_interface__["data"][0])
+
+
+def _output_offset(input_bytes: int) -> int:
+    """Return where the outputs go in the shared region: after the inputs, aligned for any dtype."""
+    return -(-input_bytes // _OUTPUT_ALIGNMENT) * _OUTPUT_ALIGNMENT
+
+
+def _static_bytes(tensors: Sequence[Mapping[str, Any]]) -> int:
+    """Return the bytes of tensors listed by the models op, or 0 when a shape has a dynamic axis."""
+    total = 0
+    for tensor in tensors:
+        if any(d < 0 for d in tensor["shape"]):
+            return 0
+        total += math.prod(tensor["shape"]) * np.dtype(tensor["dtype"]).itemsize
+    return total
+
+
+def _place(connection: _Connection, buffers: Sequence[np.ndarray]) -> int:
+    """Pack the flat uint8 buffers from the start of the region, skipping those already in place.
+
+    Returns the bytes copied. A buffer elsewhere in the region is copied out first, so that writing
+    another buffer's place cannot change it before it is moved.
+    """
+    region_bytes = connection.region_bytes
+    assert region_bytes is not None
+    start = connection.region_address
+    end = start + region_bytes.nbytes
+    moves: list[tuple[int, np.ndarray]] = []
+    offset = 0
+    for buffer in buffers:
+        size = buffer.nbytes
+        if size:
+            address = _address(buffer)
+            if address != start + offset:
+                if address < end and address + size > start:
+                    buffer = buffer.copy()
+                moves.append((offset, buffer))
+        offset += size
+    for offset, buffer in moves:
+        region_bytes[offset : offset + buffer.nbytes] = buffer
+    return sum(buffer.nbytes for _, buffer in moves)
 
 
 def _check(frame: tuple[dict[str, Any], bytearray]) -> tuple[dict[str, Any], bytearray]:
@@ -848,10 +1110,11 @@ def _check(frame: tuple[dict[str, Any], bytearray]) -> tuple[dict[str, Any], byt
     return frame
 
 
-def _outputs(reply: Mapping[str, Any], data: bytearray | mmap.mmap, copy: bool) -> dict[str, np.ndarray]:
-    """Cut the reply's outputs out of data, copying them when data is reused afterwards."""
+def _outputs(
+    reply: Mapping[str, Any], data: bytearray | mmap.mmap, copy: bool, offset: int = 0
+) -> dict[str, np.ndarray]:
+    """Cut the reply's outputs out of data from offset on, copying them when data is reused afterwards."""
     outputs: dict[str, np.ndarray] = {}
-    offset = 0
     for entry in reply["outputs"]:
         dtype = np.dtype(entry["dtype"]).newbyteorder("<")
         count = math.prod(entry["shape"])
@@ -862,7 +1125,10 @@ def _outputs(reply: Mapping[str, Any], data: bytearray | mmap.mmap, copy: bool) 
 
 
 def _exchange(
-    reader: FrameReader, header: Mapping[str, Any] | bytes, buffers: Sequence[np.ndarray]
+    reader: FrameReader,
+    header: Mapping[str, Any] | bytes,
+    buffers: Sequence[np.ndarray],
+    poller: _ReplyPoller | None = None,
 ) -> tuple[dict[str, Any], bytearray]:
     """Send one request frame and read its reply; raise ConnectionError when the connection broke."""
     try:
@@ -874,7 +1140,7 @@ def _exchange(
         if frame is None or frame[0].get("ok", True):
             raise
         return frame
-    frame = reader.read()
+    frame = poller.read(reader, header) if poller is not None and isinstance(header, bytes) else reader.read()
     if frame is None:
         raise ConnectionError("the agent closed the connection")
     return frame

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
+import mmap
 import os
 import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from edgefleet.agent.config import AgentConfig
@@ -501,3 +506,357 @@ def test_spinning_reader(delay_s: float) -> None:
 
     assert frame is not None
     assert frame[0] == {"op": "models"}
+
+
+LARGE = np.random.default_rng(4).standard_normal((2048, 4)).astype(np.float32)  # 32 KiB: shared memory
+
+
+def test_input_arrays_from_model_list(client: TensorSocketClient) -> None:
+    arrays = client.input_arrays("pair", shapes={"ids": [3, 2]})
+
+    assert list(arrays) == ["ids", "offset"]
+    assert (arrays["ids"].shape, arrays["ids"].dtype) == ((3, 2), np.dtype(np.int64))
+    assert (arrays["offset"].shape, arrays["offset"].dtype) == ((1,), np.dtype(np.float32))
+
+
+def test_input_arrays_infer(client: TensorSocketClient) -> None:
+    arrays = client.input_arrays("linear", shapes={"x": LARGE.shape})
+    arrays["x"][...] = LARGE
+
+    reply = client.infer("linear", arrays)
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+    assert client.copied_input_bytes == 0
+
+
+def test_input_arrays_small_input(client: TensorSocketClient) -> None:
+    """Inputs under the shared memory threshold travel in the payload, also when they come from input_arrays."""
+    arrays = client.input_arrays("linear", shapes={"x": BATCH.shape})
+    arrays["x"][...] = BATCH
+
+    reply = client.infer("linear", arrays)
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(BATCH), rtol=1e-5)
+
+
+def test_input_arrays_read_live(client: TensorSocketClient) -> None:
+    """infer reads the arrays' memory at call time, so writes between calls reach the model."""
+    arrays = client.input_arrays("linear", shapes={"x": LARGE.shape})
+    arrays["x"][...] = 0.0
+    client.infer("linear", arrays)
+    arrays["x"][...] = LARGE
+
+    reply = client.infer("linear", arrays)
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+
+
+def test_input_arrays_kept_by_infer(client: TensorSocketClient) -> None:
+    """The outputs go after the inputs in the region, so the inputs survive the call."""
+    arrays = client.input_arrays("linear", shapes={"x": LARGE.shape})
+    arrays["x"][...] = LARGE
+
+    client.infer("linear", arrays)
+
+    np.testing.assert_array_equal(arrays["x"], LARGE)
+
+
+def test_input_arrays_two_inputs(client: TensorSocketClient) -> None:
+    arrays = client.input_arrays("pair", shapes={"ids": [4096, 2]})  # 64 KiB of int64
+    arrays["ids"][...] = np.arange(8192).reshape(4096, 2)
+    arrays["offset"][...] = 0.5
+
+    reply = client.infer("pair", arrays)
+
+    np.testing.assert_allclose(reply.outputs["total"], np.arange(8192).reshape(4096, 2).sum(axis=1) + 0.5)
+    assert client.copied_input_bytes == 0
+
+
+def test_input_arrays_reordered(client: TensorSocketClient) -> None:
+    """Feeds from input_arrays in another order are not where the header puts them, so infer moves them."""
+    arrays = client.input_arrays("pair", shapes={"ids": [4096, 2]})
+    ids = np.arange(8192).reshape(4096, 2)
+    arrays["ids"][...] = ids
+    arrays["offset"][...] = 0.5
+
+    reply = client.infer("pair", {"offset": arrays["offset"], "ids": arrays["ids"]})
+
+    np.testing.assert_allclose(reply.outputs["total"], ids.sum(axis=1) + 0.5)
+    assert client.copied_input_bytes == ids.nbytes + 4
+
+
+def test_input_arrays_overlapping_view(client: TensorSocketClient) -> None:
+    """A feed that overlaps its own place in the region, one row further on, arrives unchanged."""
+    arrays = client.input_arrays("linear", shapes={"x": [4096, 4]})
+    arrays["x"][...] = np.arange(4096 * 4, dtype=np.float32).reshape(4096, 4) / 4096
+    shifted = arrays["x"][1:]
+    expected = linear_reference(shifted.copy())
+
+    reply = client.infer("linear", {"x": shifted})
+
+    np.testing.assert_allclose(reply.outputs["y"], expected, rtol=1e-5)
+
+
+def test_input_arrays_ordinary_feeds_copied(client: TensorSocketClient) -> None:
+    client.infer("linear", {"x": LARGE})
+
+    assert client.copied_input_bytes == LARGE.nbytes
+
+
+def test_input_arrays_caller_dtypes(client: TensorSocketClient) -> None:
+    arrays = client.input_arrays(
+        "pair", shapes={"ids": [2, 2], "offset": [1]}, dtypes={"ids": np.int64, "offset": "float32"}
+    )
+    arrays["ids"][...] = [[1, 2], [3, 4]]
+    arrays["offset"][...] = 0.5
+
+    reply = client.infer("pair", arrays)
+
+    np.testing.assert_allclose(reply.outputs["total"], [3.5, 7.5])
+    assert client.copied_input_bytes == 0
+
+
+def test_input_arrays_dynamic_shape(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"dynamic shape \[-1, 4\].*pass shapes=\{'x': \[...\]\}"):
+        client.input_arrays("linear")
+
+
+def test_input_arrays_unknown_model(client: TensorSocketClient) -> None:
+    with pytest.raises(TensorSocketError, match="'missing' is not installed") as caught:
+        client.input_arrays("missing")
+
+    assert caught.value.code == "NOT_FOUND"
+
+
+def test_input_arrays_unknown_shape_name(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"shapes names \['z'\], which are not inputs of model 'linear'"):
+        client.input_arrays("linear", shapes={"x": [1, 4], "z": [1]})
+
+
+def test_input_arrays_dtype_without_shape(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"inputs \['offset'\] have a dtype but no shape"):
+        client.input_arrays("pair", shapes={"ids": [1, 2]}, dtypes={"ids": np.int64, "offset": np.float32})
+
+
+@pytest.mark.parametrize("dtype", [">f4", "U4", object])
+def test_input_arrays_bad_dtype(client: TensorSocketClient, dtype: npt.DTypeLike) -> None:
+    with pytest.raises(ValueError, match="little-endian bool, integer, float and complex tensors only"):
+        client.input_arrays("linear", shapes={"x": [1, 4]}, dtypes={"x": dtype})
+
+
+def test_input_arrays_without_shared_memory(server: TensorSocketServer) -> None:
+    with TensorSocketClient(server.socket_path, timeout_s=10, shared_memory=False) as inline:
+        arrays = inline.input_arrays("linear", shapes={"x": LARGE.shape})
+        arrays["x"][...] = LARGE
+        reply = inline.infer("linear", arrays)
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+    assert arrays["x"].flags.owndata
+
+
+def test_input_arrays_after_growth(client: TensorSocketClient) -> None:
+    """Arrays of a region that a larger one replaced stay valid, and infer copies them into the new one."""
+    arrays = client.input_arrays("linear", shapes={"x": LARGE.shape})
+    arrays["x"][...] = LARGE
+    client.infer("linear", {"x": np.zeros((200_000, 4), np.float32)})  # 3.2 MB: a larger region
+
+    reply = client.infer("linear", arrays)
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+    assert client.copied_input_bytes == 200_000 * 16 + LARGE.nbytes
+
+
+def test_input_arrays_after_close(server: TensorSocketServer) -> None:
+    """Closing the client leaves the region mapped while its arrays live, so they neither crash nor change."""
+    tensor_client = TensorSocketClient(server.socket_path, timeout_s=10)
+    arrays = tensor_client.input_arrays("linear", shapes={"x": LARGE.shape})
+    arrays["x"][...] = LARGE
+    view = arrays["x"][10:20]
+    tensor_client.close()
+    del arrays
+    view[0, 0] = 42.0
+
+    assert view[0, 0] == 42.0
+    np.testing.assert_array_equal(view[1:], LARGE[11:20])
+
+
+def test_input_arrays_after_reconnect(host: ModelHost, tmp_path: Path) -> None:
+    path = tmp_path / "agent.tensor.sock"
+    first = TensorSocketServer(host, path)
+    first.start()
+    with TensorSocketClient(path, timeout_s=10) as tensor_client:
+        arrays = tensor_client.input_arrays("linear", shapes={"x": LARGE.shape})
+        arrays["x"][...] = LARGE
+        tensor_client.infer("linear", arrays)
+        first.stop()
+        second = TensorSocketServer(host, path)
+        second.start()
+        try:
+            reply = tensor_client.infer("linear", arrays)
+        finally:
+            second.stop()
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+    assert tensor_client.copied_input_bytes == LARGE.nbytes
+
+
+def shared_region(sock: socket.socket, size: int) -> mmap.mmap:
+    """Ask the agent on sock for a shared region of size bytes and map it."""
+    write_frame(sock, {"op": "shm", "bytes": size})
+    frame, fds = FrameReader(sock).read_with_fds()
+    try:
+        assert frame is not None and frame[0]["ok"], frame
+        return mmap.mmap(fds[0], size)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def shared_infer_header(output_offset: object) -> dict[str, object]:
+    entry = {"name": "x", "dtype": "float32", "shape": [2, 4]}
+    return {"op": "infer", "model": "linear", "shm": True, "inputs": [entry], "output_offset": output_offset}
+
+
+def test_output_offset_used(server: TensorSocketServer) -> None:
+    with raw_connection(server) as sock:
+        region = shared_region(sock, 4096)
+        region[:32] = BATCH.tobytes()
+        write_frame(sock, shared_infer_header(1024))
+        frame = read_frame(sock)
+        outputs = np.frombuffer(region, np.float32, count=6, offset=1024).reshape(2, 3).copy()
+        inputs = np.frombuffer(region, np.float32, count=8).reshape(2, 4).copy()
+        region.close()
+
+    assert frame is not None
+    assert (frame[0]["shm"], frame[0]["output_offset"]) == (True, 1024)
+    np.testing.assert_allclose(outputs, linear_reference(BATCH), rtol=1e-5)
+    np.testing.assert_array_equal(inputs, BATCH)
+
+
+def test_output_offset_past_region(server: TensorSocketServer) -> None:
+    """Outputs that do not fit in the region after output_offset come in the payload."""
+    with raw_connection(server) as sock:
+        region = shared_region(sock, 4096)
+        region[:32] = BATCH.tobytes()
+        write_frame(sock, shared_infer_header(4090))
+        frame = read_frame(sock)
+        region.close()
+
+    assert frame is not None
+    assert frame[0]["shm"] is False
+    assert "output_offset" not in frame[0]
+    np.testing.assert_allclose(np.frombuffer(frame[1], np.float32).reshape(2, 3), linear_reference(BATCH), rtol=1e-5)
+
+
+@pytest.mark.parametrize("output_offset", [-1, True, "8"])
+def test_output_offset_invalid(server: TensorSocketServer, output_offset: object) -> None:
+    with raw_connection(server) as sock:
+        region = shared_region(sock, 4096)
+        write_frame(sock, shared_infer_header(output_offset))
+        frame = read_frame(sock)
+        region.close()
+
+    assert frame is not None
+    assert frame[0]["code"] == "INVALID_ARGUMENT"
+    assert frame[0]["message"].startswith("'output_offset' must be a byte offset of 0 or more, got")
+
+
+def test_agent_without_output_offset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An agent without output_offset writes the outputs at the start of the region; the client reads them there."""
+    path = tmp_path / "agent.tensor.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def older_agent() -> None:
+        conn, _ = listener.accept()
+        region: mmap.mmap | None = None
+        with conn:
+            reader = FrameReader(conn)
+            while (frame := reader.read()) is not None:
+                if frame[0]["op"] == "shm":
+                    fd = os.memfd_create("test-region")
+                    os.ftruncate(fd, frame[0]["bytes"])
+                    region = mmap.mmap(fd, frame[0]["bytes"])
+                    header = json.dumps({"ok": True, "bytes": frame[0]["bytes"]}).encode()
+                    socket.send_fds(conn, [struct.pack("<4sIQ", MAGIC, len(header), 0) + header], [fd])
+                    os.close(fd)
+                    continue
+                assert region is not None
+                total = np.frombuffer(region, np.float32, count=2048 * 4).sum(dtype=np.float32)
+                region[:4] = np.float32(total).tobytes()
+                reply = {"ok": True, "model_name": "sum", "model_version": "1", "variant_id": "v", "latency_ms": 1.0}
+                write_frame(conn, {**reply, "shm": True, "outputs": [{"name": "y", "dtype": "float32", "shape": [1]}]})
+
+    thread = threading.Thread(target=older_agent, daemon=True)
+    thread.start()
+    with (
+        caplog.at_level(logging.WARNING, logger="edgefleet.agent.tensor_socket"),
+        TensorSocketClient(path, timeout_s=10) as older,
+    ):
+        arrays = older.input_arrays("sum", shapes={"x": [2048, 4]}, dtypes={"x": np.float32})
+        arrays["x"][...] = 1.0
+        reply = older.infer("sum", arrays)
+        del arrays
+    thread.join(10)
+    listener.close()
+
+    assert reply.outputs["y"][0] == 8192.0
+    assert any("ignores 'output_offset'" in record.getMessage() for record in caplog.records)
+
+
+def test_poll_frame_none() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        assert FrameReader(right).poll_frame(0.001) is False
+
+
+def test_poll_frame_buffers() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        write_frame(left, {"op": "models"})
+        reader = FrameReader(right)
+        arrived = reader.poll_frame(0.1)
+        left.close()
+        frame = reader.read()
+
+    assert arrived is True
+    assert frame is not None
+    assert frame[0] == {"op": "models"}
+
+
+def test_hybrid_poll_matches(server: TensorSocketServer) -> None:
+    with TensorSocketClient(server.socket_path, timeout_s=10, hybrid_poll=True) as polling:
+        replies = [polling.infer("linear", {"x": LARGE}) for _ in range(20)]
+
+    for reply in replies:
+        np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+
+
+def test_hybrid_poll_slow_reply(tmp_path: Path) -> None:
+    """A reply later than the poll bound, after earlier fast ones, still arrives through the blocking read."""
+    path = tmp_path / "agent.tensor.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    delays = [0.0, 0.0, 0.0, 0.05]
+
+    def agent() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            reader = FrameReader(conn)
+            for delay in delays:
+                if reader.read() is None:
+                    return
+                time.sleep(delay)
+                reply = {"ok": True, "model_name": "m", "model_version": "1", "variant_id": "v", "latency_ms": delay}
+                write_frame(conn, {**reply, "outputs": []})
+
+    thread = threading.Thread(target=agent, daemon=True)
+    thread.start()
+    with TensorSocketClient(path, timeout_s=10, shared_memory=False, hybrid_poll=True) as polling:
+        latencies = [polling.infer("m", {"x": BATCH}).latency_ms for _ in delays]
+    thread.join(10)
+    listener.close()
+
+    assert latencies == delays
