@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.helper import make_node, make_tensor_value_info
 
 from edgefleet.orchestrator.compress.digits import DigitsConfig, DigitsTeacher, export_onnx, load_digits_split
 from edgefleet.orchestrator.compress.distill import train_classifier
@@ -65,6 +67,69 @@ def relative_error(reference: np.ndarray, values: np.ndarray) -> float:
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def qdq_gemm(weight_type: Any = np.int8, *, inputs: int = 1) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """A QDQ Gemm from 8 to 4 features (uint8 activation, weight_type weights, int32 bias) and its fp32 source.
+
+    With inputs=2 the Gemm reads the sum of inputs x0 and x1; otherwise its input is x.
+    """
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((4, 8)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    names = ["x0", "x1"] if inputs == 2 else ["x"]
+    graph_inputs = [make_tensor_value_info(name, TensorProto.FLOAT, ["N", 8]) for name in names]
+    graph_output = [make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    summed = [make_node("Add", names, ["x"])] if inputs == 2 else []
+    source = helper.make_graph(
+        [*summed, make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)],
+        "source",
+        graph_inputs,
+        graph_output,
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    info = ml_dtypes.iinfo(weight_type)
+    low, high = int(info.min), int(info.max)
+    weight_scale = np.float32(np.abs(weight).max() / high)
+    weight_zero = (low + high + 1) // 2 if low == 0 else 0
+    quantized_weight = (np.round(weight / weight_scale) + weight_zero).clip(low, high).astype(weight_type)
+    input_scale = np.float32(6.0 / 255)
+    nodes = [
+        *summed,
+        make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
+        make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
+        make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"]),
+        make_node("DequantizeLinear", ["b_q", "b_scale"], ["b_dq"]),
+        make_node("Gemm", ["x_dq", "w_dq", "b_dq"], ["y"], transB=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(input_scale, "x_scale"),
+        numpy_helper.from_array(np.uint8(128), "x_zero"),
+        numpy_helper.from_array(quantized_weight, "w_q"),
+        numpy_helper.from_array(weight_scale, "w_scale"),
+        numpy_helper.from_array(np.array(weight_zero).astype(weight_type), "w_zero"),
+        numpy_helper.from_array(np.round(bias / (input_scale * weight_scale)).astype(np.int32), "b_q"),
+        numpy_helper.from_array(np.float32(input_scale * weight_scale), "b_scale"),
+    ]
+    qdq = helper.make_graph(nodes, "qdq", graph_inputs, graph_output, initializers)
+    opset = [helper.make_opsetid("", 21)]
+    return helper.make_model(qdq, opset_imports=opset), helper.make_model(source, opset_imports=opset)
+
+
+def simulate(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        outputs = QdqModule(model)({name: torch.from_numpy(array) for name, array in feeds.items()})
+    return [output.numpy() for output in outputs]
+
+
+def run_per_sample(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run onnxruntime without graph optimizations one sample at a time, as fine-tuning measures targets."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    count = len(next(iter(feeds.values())))
+    runs = [session.run(None, {name: array[i : i + 1] for name, array in feeds.items()}) for i in range(count)]
+    return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
 
 
 def test_module_matches_onnxruntime(quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
@@ -209,3 +274,49 @@ def test_static_qdq_fine_tune_stopped(source: Path, digits: tuple[np.ndarray, np
             fine_tune=FineTuneConfig(steps=25),
             fine_tune_progress=cancel,
         )
+
+
+def test_fine_tune_nonfinite_samples(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    samples = digits[0][:256].copy()
+    samples[3, 0, 2, 2] = np.nan
+    samples[7, 0, 1, 1] = np.inf
+    with pytest.raises(ValueError, match="'input' contain 2 NaN or infinite values"):
+        fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": samples}, FAST)
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (256, 1, 8, 9)])
+def test_fine_tune_sample_shape(
+    source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...]
+) -> None:
+    samples = np.zeros(shape, np.float32)
+    with pytest.raises(ValueError, match=r"expected \(N, 1, 8, 8\)"):
+        fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": samples}, FAST)
+
+
+def test_fine_tune_sample_counts() -> None:
+    qdq, fp32 = qdq_gemm(inputs=2)
+    samples = {"x0": np.zeros((100, 8), np.float32), "x1": np.zeros((90, 8), np.float32)}
+    with pytest.raises(ValueError, match="different sample counts"):
+        fine_tune_qdq(qdq, fp32, samples, FAST)
+
+
+def test_fine_tune_source_mismatch(quantized: Path) -> None:
+    _, other = qdq_gemm()
+    with pytest.raises(ValueError, match="does not match the QDQ model"):
+        fine_tune_qdq(onnx.load(str(quantized)), other, {"input": np.zeros((256, 1, 8, 8), np.float32)}, FAST)
+
+
+def test_fine_tune_nothing_to_train() -> None:
+    graph = helper.make_graph(
+        [
+            make_node("QuantizeLinear", ["x", "scale"], ["x_q"]),
+            make_node("DequantizeLinear", ["x_q", "scale"], ["y"]),
+        ],
+        "qdq",
+        [make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.float32(0.1), "scale")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(QuantizationError, match="no Conv, Gemm or MatMul weight"):
+        fine_tune_qdq(model, model, {"x": np.zeros((100, 4), np.float32)}, FAST)

@@ -187,16 +187,22 @@ def fine_tune_qdq(
     other integers. progress(step, steps, loss) is called every 10 steps.
 
     Returns the fine-tuned model when it lowers the held-out error, else the input model. Raises
-    QuantizationError for an operator it cannot simulate or a model onnxruntime cannot run, and
-    ValueError when inputs are missing or have fewer samples than two batches.
+    QuantizationError for an operator it cannot simulate, a model with nothing to train, a non-float32
+    model input or a model onnxruntime cannot run. Raises ValueError when source_model has other inputs
+    or outputs, or when samples are missing, non-finite, of the wrong shape, of unequal counts or fewer
+    than two batches.
     """
     settings = config or FineTuneConfig()
     started = time.monotonic()
     module = QdqModule(qdq_model)
-    missing = sorted(set(module.input_names) - set(inputs))
-    if missing:
-        raise ValueError(f"no samples for model inputs {missing}: pass one array per input in inputs")
-    count = min(len(inputs[name]) for name in module.input_names)
+    if not module.integer_params and not module.float_params:
+        raise QuantizationError(
+            "the QDQ model has no Conv, Gemm or MatMul weight or bias initializer to fine-tune; "
+            "quantize without fine-tuning"
+        )
+    _check_source(source_model, module)
+    samples = _checked_samples(qdq_model.graph, module.input_names, inputs)
+    count = len(next(iter(samples.values())))
     holdout = max(1, round(count * settings.holdout_fraction))
     train_count = count - holdout
     if train_count < 2 * settings.batch_size:
@@ -207,7 +213,7 @@ def fine_tune_qdq(
     # A random hold-out: samples often come grouped by source image, and a tail would hold out whole images.
     order = np.random.default_rng(settings.seed).permutation(count)
     train_rows, holdout_rows = np.sort(order[holdout:]), np.sort(order[:holdout])
-    feeds = {name: np.ascontiguousarray(inputs[name][:count], dtype=np.float32) for name in module.input_names}
+    feeds = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in samples.items()}
     targets = _run_onnxruntime(source_model, feeds)
     held_out = {name: array[holdout_rows] for name, array in feeds.items()}
     held_out_targets = [t[holdout_rows] for t in targets]
@@ -269,6 +275,61 @@ def fine_tune_qdq(
         trained_tensors=len(module.integer_params) + len(module.float_params),
         seconds=seconds,
     )
+
+
+def _check_source(source_model: onnx.ModelProto, module: QdqModule) -> None:
+    """Raise ValueError unless the fp32 source has the QDQ model's inputs and as many outputs."""
+    initializers = {init.name for init in source_model.graph.initializer}
+    source_inputs = [i.name for i in source_model.graph.input if i.name not in initializers]
+    source_outputs = [o.name for o in source_model.graph.output]
+    if sorted(source_inputs) != sorted(module.input_names) or len(source_outputs) != len(module.output_names):
+        raise ValueError(
+            f"source_model (inputs {source_inputs}, outputs {source_outputs}) does not match the QDQ model "
+            f"(inputs {module.input_names}, outputs {module.output_names}): pass the fp32 model it was quantized from"
+        )
+
+
+def _checked_samples(
+    graph: onnx.GraphProto, input_names: list[str], inputs: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """Return the samples of each model input as arrays; raise ValueError or QuantizationError for bad ones.
+
+    Every input needs finite numbers, the same sample count and the model's rank and fixed sizes after axis 0.
+    """
+    missing = sorted(set(input_names) - set(inputs))
+    if missing:
+        raise ValueError(f"no samples for model inputs {missing}: pass one array per input in inputs")
+    declared = {value.name: value.type.tensor_type for value in graph.input}
+    samples: dict[str, np.ndarray] = {}
+    for name in input_names:
+        tensor_type = declared[name]
+        if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            type_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+            raise QuantizationError(
+                f"model input {name!r} is {type_name}: fine-tuning feeds float32 samples only; "
+                "quantize without fine-tuning"
+            )
+        array = np.asarray(inputs[name])
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"samples for input {name!r} have dtype {array.dtype}: pass a numeric array")
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        expected = ["N", *(d if d is not None else "?" for d in dims[1:])]
+        sizes_match = all(d is None or d == size for d, size in zip(dims[1:], array.shape[1:], strict=False))
+        if tensor_type.HasField("shape") and (array.ndim != len(dims) or not sizes_match):
+            raise ValueError(
+                f"samples for input {name!r} have shape {array.shape}, expected ({', '.join(map(str, expected))}) "
+                "with the samples along axis 0"
+            )
+        non_finite = int(np.count_nonzero(~np.isfinite(array)))
+        if non_finite:
+            raise ValueError(
+                f"samples for input {name!r} contain {non_finite} NaN or infinite values: remove or replace them"
+            )
+        samples[name] = array
+    counts = {name: len(array) for name, array in samples.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"the inputs have different sample counts {counts}: pass the same number for each input")
+    return samples
 
 
 def _trainable_initializers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray]) -> set[str]:
