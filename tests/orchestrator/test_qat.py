@@ -103,13 +103,13 @@ def qdq_gemm(weight_type: Any = np.int8, *, inputs: int = 1) -> tuple[onnx.Model
         make_node("Gemm", ["x_dq", "w_dq", "b_dq"], ["y"], transB=1),
     ]
     initializers = [
-        numpy_helper.from_array(input_scale, "x_scale"),
-        numpy_helper.from_array(np.uint8(128), "x_zero"),
+        numpy_helper.from_array(np.array(input_scale), "x_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "x_zero"),
         numpy_helper.from_array(quantized_weight, "w_q"),
-        numpy_helper.from_array(weight_scale, "w_scale"),
+        numpy_helper.from_array(np.array(weight_scale), "w_scale"),
         numpy_helper.from_array(np.array(weight_zero).astype(weight_type), "w_zero"),
         numpy_helper.from_array(np.round(bias / (input_scale * weight_scale)).astype(np.int32), "b_q"),
-        numpy_helper.from_array(np.float32(input_scale * weight_scale), "b_scale"),
+        numpy_helper.from_array(np.array(input_scale * weight_scale, np.float32), "b_scale"),
     ]
     qdq = helper.make_graph(nodes, "qdq", graph_inputs, graph_output, initializers)
     opset = [helper.make_opsetid("", 21)]
@@ -315,8 +315,37 @@ def test_fine_tune_nothing_to_train() -> None:
         "qdq",
         [make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(np.float32(0.1), "scale")],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "scale")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(QuantizationError, match="no Conv, Gemm or MatMul weight"):
         fine_tune_qdq(model, model, {"x": np.zeros((100, 4), np.float32)}, FAST)
+
+
+def test_quantize_output_dtype() -> None:
+    """Without a zero point, QuantizeLinear's output_dtype attribute (opset 21) sets the integer range."""
+    graph = helper.make_graph(
+        [
+            make_node("QuantizeLinear", ["x", "scale"], ["x_q"], output_dtype=TensorProto.INT8),
+            make_node("DequantizeLinear", ["x_q", "scale"], ["y"]),
+        ],
+        "qdq",
+        [make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(np.array(0.05, np.float32), "scale")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    feeds = {"x": np.random.default_rng(0).normal(0.0, 5.0, (8, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(simulate(model, feeds)[0], run_per_sample(model, feeds)[0])
+
+
+@pytest.mark.parametrize("weight_type", [ml_dtypes.int4, np.uint8, np.int16], ids=["int4", "uint8", "int16"])
+def test_fine_tune_weight_types(weight_type: Any) -> None:
+    qdq, fp32 = qdq_gemm(weight_type)
+    samples = {"x": np.random.default_rng(1).uniform(-3.0, 3.0, (100, 8)).astype(np.float32)}
+    result = fine_tune_qdq(qdq, fp32, samples, FineTuneConfig(steps=40, batch_size=16, weight_learning_rate=0.05))
+    assert relative_error(run_per_sample(qdq, samples)[0], simulate(qdq, samples)[0]) < 1e-10
+    assert "w_q" in QdqModule(qdq).integer_params
+    assert result.trained_tensors == 2
+    assert np.isfinite(result.holdout_error_after)  # onnxruntime ran the weights written back.
+    assert initializers(result.model)["w_q"].dtype == np.dtype(weight_type)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,16 +20,6 @@ from edgefleet.orchestrator.compress.quantize import QuantizationError
 
 logger = logging.getLogger(__name__)
 
-# Integer range of each zero-point type. int8 weights stay within +-127, the symmetric range that
-# onnxruntime's quantizer writes them in.
-_INTEGER_RANGES = {
-    np.dtype(np.uint8): (0, 255),
-    np.dtype(np.int8): (-128, 127),
-    np.dtype(np.uint16): (0, 65535),
-    np.dtype(np.int16): (-32768, 32767),
-    np.dtype(np.int32): (-(2**31), 2**31 - 1),
-}
-_WEIGHT_RANGE = (-127, 127)
 _TRAINABLE_CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
@@ -36,10 +27,11 @@ _TRAINABLE_CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
 class FineTuneConfig:
     """Settings of quantization-aware fine-tuning.
 
-    Learning rates are per Adam step, in the units of each tensor. int8 weights move in steps of their
-    scale and int32 biases in steps of theirs (input scale x weight scale). The weights of nodes kept
-    in fp32 move in their own units. A random holdout_fraction of the samples is not trained on: the
-    error on them, measured with onnxruntime before and after, decides whether the result is kept.
+    Learning rates are per Adam step, in the units of each tensor. Integer weights (int8, and also
+    4- and 16-bit or unsigned ones) move in steps of their scale and int32 biases in steps of theirs
+    (input scale x weight scale). The weights of nodes kept in fp32 move in their own units. A random
+    holdout_fraction of the samples is not trained on: the error on them, measured with onnxruntime
+    before and after, decides whether the result is kept.
     """
 
     steps: int = 300
@@ -95,8 +87,9 @@ def _round(values: torch.Tensor) -> torch.Tensor:
 class QdqModule(torch.nn.Module):
     """A QDQ ONNX graph run in torch, with QuantizeLinear simulated by rounding and clamping.
 
-    The int8 and int32 initializers that DequantizeLinear turns into Conv, Gemm or MatMul weights and
-    biases are trainable, in units of their scale; so are the fp32 weights of such nodes kept in fp32.
+    The integer initializers that DequantizeLinear turns into Conv, Gemm or MatMul weights and biases are
+    trainable, in units of their scale; so are the fp32 weights of such nodes kept in fp32. Signed weights
+    stay within the symmetric range (+-127 for int8) that onnxruntime's quantizer writes them in.
     Axis 0 of every input is the batch axis, also where a Reshape names a fixed batch size. Raises
     QuantizationError for an operator or attribute it does not simulate.
     """
@@ -109,32 +102,35 @@ class QdqModule(torch.nn.Module):
         self.float_params: dict[str, str] = {}
         arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self._arrays = arrays
-        trainable = _trainable_initializers(model.graph, arrays)
+        weights, biases = _trainable_initializers(model.graph, arrays)
+        self.bias_names = {name for name in biases if arrays[name].dtype != np.float32}
         for index, (name, array) in enumerate(arrays.items()):
-            if name in trainable:
+            if name in weights or name in biases:
                 key = f"p{index}"
                 self.register_parameter(key, torch.nn.Parameter(torch.from_numpy(array.astype(np.float32))))
                 if array.dtype == np.float32:
                     self.float_params[name] = key
                 else:
-                    limits = _WEIGHT_RANGE if array.dtype == np.int8 else _INTEGER_RANGES[array.dtype]
+                    limits = _integer_range(array.dtype) if name in biases else _weight_range(array.dtype)
+                    assert limits is not None  # _trainable_initializers keeps integer dtypes only.
                     self.integer_params[name] = (key, limits)
             else:
-                self.constants[name] = torch.from_numpy(np.array(array))
+                self.constants[name] = _constant(name, array)
         for node in model.graph.node:
             if node.op_type not in _OPS:
                 raise QuantizationError(
                     f"fine-tuning cannot simulate operator {node.op_type} (node {node.name!r}): "
                     f"supported operators are {sorted(_OPS)}; quantize without fine-tuning"
                 )
+        self._node_limits = [self._integer_limits(node) for node in model.graph.node]
         self.input_names = [i.name for i in model.graph.input if i.name not in arrays]
         self.output_names = [o.name for o in model.graph.output]
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         values: dict[str, Any] = dict(feeds)
-        for node in self.graph.node:
+        for node, limits in zip(self.graph.node, self._node_limits, strict=True):
             inputs = [self._value(values, name) if name else None for name in node.input]
-            outputs = _OPS[node.op_type](node, inputs, self._integer_limits(node))
+            outputs = _OPS[node.op_type](node, inputs, limits)
             for name, value in zip(node.output, outputs, strict=False):
                 values[name] = value
         return [values[name] for name in self.output_names]
@@ -150,12 +146,27 @@ class QdqModule(torch.nn.Module):
         return self.constants[name]
 
     def _integer_limits(self, node: onnx.NodeProto) -> tuple[int, int] | None:
+        """Return the integer range a QuantizeLinear node clamps to, None for other nodes."""
         if node.op_type != "QuantizeLinear":
             return None
-        zero_point = self._arrays.get(node.input[2]) if len(node.input) > 2 else None
-        if zero_point is None:
-            return _INTEGER_RANGES[np.dtype(np.uint8)]  # ONNX's default output type.
-        return _INTEGER_RANGES[zero_point.dtype]
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        if zero_point and zero_point not in self._arrays:
+            raise QuantizationError(
+                f"the zero point {zero_point!r} of QuantizeLinear node {node.name!r} is computed in the graph: "
+                "fine-tuning needs it as an initializer; quantize without fine-tuning"
+            )
+        if zero_point:
+            dtype = self._arrays[zero_point].dtype
+        else:
+            # Without a zero point the output type is the output_dtype attribute (opset 21), by default uint8.
+            dtype = helper.tensor_dtype_to_np_dtype(_attribute(node, "output_dtype", onnx.TensorProto.UINT8))
+        limits = _integer_range(dtype)
+        if limits is None:
+            raise QuantizationError(
+                f"QuantizeLinear node {node.name!r} outputs {dtype}: fine-tuning simulates integer outputs only; "
+                "quantize without fine-tuning"
+            )
+        return limits
 
     def integer_tensors(self) -> dict[str, np.ndarray]:
         """Return the trained integer initializers, rounded and clamped, in their ONNX dtypes."""
@@ -226,13 +237,15 @@ def fine_tune_qdq(
     groups = [
         {
             "params": [
-                getattr(module, key) for key, limits in module.integer_params.values() if limits == _WEIGHT_RANGE
+                getattr(module, key)
+                for name, (key, _) in module.integer_params.items()
+                if name not in module.bias_names
             ],
             "lr": settings.weight_learning_rate,
         },
         {
             "params": [
-                getattr(module, key) for key, limits in module.integer_params.values() if limits != _WEIGHT_RANGE
+                getattr(module, key) for name, (key, _) in module.integer_params.items() if name in module.bias_names
             ],
             "lr": settings.bias_learning_rate,
         },
@@ -332,22 +345,57 @@ def _checked_samples(
     return samples
 
 
-def _trainable_initializers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray]) -> set[str]:
-    """Initializers that are, directly or through a DequantizeLinear, the weight or bias of Conv/Gemm/MatMul."""
+def _trainable_initializers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray]) -> tuple[set[str], set[str]]:
+    """Return the initializers that are, directly or through a DequantizeLinear, Conv/Gemm/MatMul weights and biases.
+
+    Only fp32 and integer initializers count. A bias is input 2 of Conv (B) or Gemm (C).
+    """
     producers = {output: node for node in graph.node for output in node.output}
-    trainable = set()
+    weights: set[str] = set()
+    biases: set[str] = set()
     for node in graph.node:
         if node.op_type not in _TRAINABLE_CONSUMERS:
             continue
-        for name in node.input[1:3]:
+        for position, name in enumerate(node.input[1:3], start=1):
+            found = biases if position == 2 else weights
             producer = producers.get(name)
             if name in arrays and arrays[name].dtype == np.float32:
-                trainable.add(name)
+                found.add(name)
             elif producer is not None and producer.op_type == "DequantizeLinear":
                 stored = producer.input[0]
-                if stored in arrays and arrays[stored].dtype in (np.int8, np.int32):
-                    trainable.add(stored)
-    return trainable
+                if stored in arrays and _integer_range(arrays[stored].dtype) is not None:
+                    found.add(stored)
+    return weights, biases
+
+
+def _integer_range(dtype: np.dtype[Any]) -> tuple[int, int] | None:
+    """Return the (min, max) of an integer dtype, 4-bit ml_dtypes included, or None for other dtypes."""
+    try:
+        info = ml_dtypes.iinfo(dtype)
+    except ValueError:
+        return None
+    return int(info.min), int(info.max)
+
+
+def _weight_range(dtype: np.dtype[Any]) -> tuple[int, int] | None:
+    """Return the range of a weight dtype: symmetric for signed types (+-127 for int8), full for unsigned ones."""
+    limits = _integer_range(dtype)
+    if limits is None or limits[0] == 0:
+        return limits
+    return -limits[1], limits[1]
+
+
+def _constant(name: str, array: np.ndarray) -> torch.Tensor:
+    """Return an initializer as a tensor; 4-bit integers (ml_dtypes, which torch lacks) become int8."""
+    if array.dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        array = array.astype(np.int8)
+    try:
+        return torch.from_numpy(np.array(array))
+    except TypeError as error:
+        raise QuantizationError(
+            f"fine-tuning cannot hold initializer {name!r} of dtype {array.dtype} in torch: "
+            "quantize without fine-tuning"
+        ) from error
 
 
 def _distillation_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], power: list[float]) -> torch.Tensor:
