@@ -349,3 +349,81 @@ def test_fine_tune_weight_types(weight_type: Any) -> None:
     assert result.trained_tensors == 2
     assert np.isfinite(result.holdout_error_after)  # onnxruntime ran the weights written back.
     assert initializers(result.model)["w_q"].dtype == np.dtype(weight_type)
+
+
+def graph_model(
+    nodes: list[onnx.NodeProto], shape: list[Any], opset: int, constants: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """A model from input x of shape to output y, with constants as initializers."""
+    graph = helper.make_graph(
+        nodes,
+        "graph",
+        [make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(array, name) for name, array in (constants or {}).items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def operator_cases() -> dict[str, onnx.ModelProto]:
+    rng = np.random.default_rng(2)
+    weight = {"w_q": rng.integers(-127, 128, (8, 4)).astype(np.int8)}
+    return {
+        "softmax_opset11": graph_model([make_node("Softmax", ["x"], ["y"])], ["N", 3, 4], 11),
+        "clip_opset10": graph_model([make_node("Clip", ["x"], ["y"], min=-0.5, max=0.5)], ["N", 3, 4], 10),
+        "flatten_negative": graph_model([make_node("Flatten", ["x"], ["y"], axis=-1)], ["N", 3, 4], 17),
+        "reduce_mean_noop": graph_model(
+            [make_node("ReduceMean", ["x", "axes"], ["y"], noop_with_empty_axes=1)],
+            ["N", 3, 4],
+            18,
+            {"axes": np.zeros(0, np.int64)},
+        ),
+        "hard_sigmoid": graph_model([make_node("HardSigmoid", ["x"], ["y"], alpha=0.3)], ["N", 3, 4], 17),
+        "reshape_batch_1": graph_model(
+            [
+                make_node("Reshape", ["x", "rows"], ["rows_x"]),
+                make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"]),
+                make_node("MatMul", ["rows_x", "w"], ["rows_y"]),
+                make_node("Reshape", ["rows_y", "shape"], ["y"]),
+            ],
+            [1, 5, 8],
+            17,
+            {
+                **weight,
+                "w_scale": np.array(0.01, np.float32),
+                "rows": np.array([5, 8], np.int64),
+                "shape": np.array([1, 5, 4], np.int64),
+            },
+        ),
+        "blocked_weights": graph_model(
+            [
+                make_node("Reshape", ["x", "rows"], ["rows_x"]),
+                make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=0, block_size=4),
+                make_node("MatMul", ["rows_x", "w"], ["y"]),
+            ],
+            ["N", 5, 8],
+            21,
+            {**weight, "w_scale": rng.uniform(0.005, 0.02, (2, 4)).astype(np.float32), "rows": np.array([0, -1, 8])},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(operator_cases()))
+def test_module_operator_cases(case: str) -> None:
+    model = operator_cases()[case]
+    shape = [4, *(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])]
+    feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    assert relative_error(run_per_sample(model, feeds)[0], simulate(model, feeds)[0]) < 1e-10
+
+
+def test_module_batch_axis_mean() -> None:
+    model = graph_model([make_node("ReduceMean", ["x"], ["y"])], ["N", 4], 17)
+    with pytest.raises(QuantizationError, match="averages over the batch axis 0"):
+        simulate(model, {"x": np.zeros((2, 4), np.float32)})
+
+
+def test_module_custom_domain() -> None:
+    model = graph_model([make_node("Relu", ["x"], ["y"], domain="example.custom")], ["N", 4], 17)
+    model.opset_import.append(helper.make_opsetid("example.custom", 1))
+    with pytest.raises(QuantizationError, match=r"example\.custom::Relu"):
+        QdqModule(model)

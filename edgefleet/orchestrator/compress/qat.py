@@ -117,20 +117,29 @@ class QdqModule(torch.nn.Module):
             else:
                 self.constants[name] = _constant(name, array)
         for node in model.graph.node:
+            quantization_op = node.op_type in ("QuantizeLinear", "DequantizeLinear")
+            if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and quantization_op):
+                raise QuantizationError(
+                    f"fine-tuning cannot simulate operator {node.domain}::{node.op_type} (node {node.name!r}) "
+                    "from a custom domain; quantize without fine-tuning"
+                )
             if node.op_type not in _OPS:
                 raise QuantizationError(
                     f"fine-tuning cannot simulate operator {node.op_type} (node {node.name!r}): "
                     f"supported operators are {sorted(_OPS)}; quantize without fine-tuning"
                 )
         self._node_limits = [self._integer_limits(node) for node in model.graph.node]
+        # Softmax before opset 13 flattens its input to 2-D at axis (default 1).
+        legacy = {"Softmax": _softmax_coerced} if _default_opset(model) < 13 else {}
+        self._node_ops = [legacy.get(node.op_type, _OPS[node.op_type]) for node in model.graph.node]
         self.input_names = [i.name for i in model.graph.input if i.name not in arrays]
         self.output_names = [o.name for o in model.graph.output]
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         values: dict[str, Any] = dict(feeds)
-        for node, limits in zip(self.graph.node, self._node_limits, strict=True):
+        for node, operator, limits in zip(self.graph.node, self._node_ops, self._node_limits, strict=True):
             inputs = [self._value(values, name) if name else None for name in node.input]
-            outputs = _OPS[node.op_type](node, inputs, limits)
+            outputs = operator(node, inputs, limits)
             for name, value in zip(node.output, outputs, strict=False):
                 values[name] = value
         return [values[name] for name in self.output_names]
@@ -454,11 +463,23 @@ def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _per_axis(parameter: torch.Tensor, node: onnx.NodeProto, rank: int) -> torch.Tensor:
-    """Shape a per-axis scale or zero point to broadcast along the node's axis of a rank-dimensional tensor."""
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return 1
+
+
+def _per_axis(parameter: torch.Tensor, node: onnx.NodeProto, values: torch.Tensor) -> torch.Tensor:
+    """Shape a per-axis or blocked scale or zero point to broadcast along the node's axis of values."""
     if parameter.dim() == 0 or parameter.numel() == 1:
         return parameter.reshape(())
+    rank = values.dim()
     axis = _attribute(node, "axis", 1) % rank
+    block_size = _attribute(node, "block_size", 0)
+    if block_size:
+        # Blocked quantization (opset 21): the parameter has values' rank, one entry per block_size along axis.
+        return parameter.repeat_interleave(block_size, dim=axis).narrow(axis, 0, values.shape[axis])
     shape = [1] * rank
     shape[axis] = -1
     return parameter.reshape(shape)
@@ -466,16 +487,16 @@ def _per_axis(parameter: torch.Tensor, node: onnx.NodeProto, rank: int) -> torch
 
 def _quantize(node: onnx.NodeProto, inputs: list[Any], limits: tuple[int, int] | None) -> list[torch.Tensor]:
     values = inputs[0]
-    scale = _per_axis(inputs[1].float(), node, values.dim())
-    zero_point = _per_axis(inputs[2].float(), node, values.dim()) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    scale = _per_axis(inputs[1].float(), node, values)
+    zero_point = _per_axis(inputs[2].float(), node, values) if len(inputs) > 2 and inputs[2] is not None else 0.0
     assert limits is not None
     return [torch.clamp(_round(values / scale) + zero_point, limits[0], limits[1])]
 
 
 def _dequantize(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     values = inputs[0].float()
-    scale = _per_axis(inputs[1].float(), node, values.dim())
-    zero_point = _per_axis(inputs[2].float(), node, values.dim()) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    scale = _per_axis(inputs[1].float(), node, values)
+    zero_point = _per_axis(inputs[2].float(), node, values) if len(inputs) > 2 and inputs[2] is not None else 0.0
     return [(values - zero_point) * scale]
 
 
@@ -551,30 +572,64 @@ def _pool(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | No
 def _reduce_mean(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     axes = inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else _attribute(node, "axes", None)
     keep = bool(_attribute(node, "keepdims", 1))
-    if axes is None:
-        return [inputs[0].mean().reshape([1] * inputs[0].dim() if keep else [])]
+    if not axes and _attribute(node, "noop_with_empty_axes", 0):
+        return [inputs[0]]
+    rank = inputs[0].dim()
+    if not axes or 0 in [axis % rank for axis in axes]:
+        raise QuantizationError(
+            f"ReduceMean node {node.name!r} averages over the batch axis 0 (axes {axes}): fine-tuning treats "
+            "samples independently; quantize without fine-tuning"
+        )
     return [inputs[0].mean(dim=tuple(axes), keepdim=keep)]
 
 
 def _reshape(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     values = inputs[0]
-    shape = [int(v) for v in inputs[1].tolist()]
-    shape = [values.shape[i] if v == 0 and not _attribute(node, "allowzero", 0) else v for i, v in enumerate(shape)]
-    if shape and shape[0] != -1:
-        shape[0] = values.shape[0]  # Axis 0 is the batch axis, also when the graph fixes it at 1.
+    target = [int(v) for v in inputs[1].tolist()]
+    shape = [values.shape[i] if v == 0 and not _attribute(node, "allowzero", 0) else v for i, v in enumerate(target)]
+    if not shape or target[0] <= 0:
+        return [values.reshape(shape)]
+    # A fixed leading size holds one sample, as onnxruntime runs the graph one sample at a time: the stacked
+    # samples multiply it. With a -1 elsewhere, the leading size is the batch (a graph fixed at batch 1).
+    per_sample = int(np.prod(shape))
+    if -1 in shape:
+        shape[0] = values.shape[0]
+    elif per_sample and values.numel() % per_sample == 0:
+        shape[0] *= values.numel() // per_sample
+    else:
+        raise QuantizationError(
+            f"Reshape node {node.name!r} cannot reshape {tuple(values.shape)} to {target} sample by sample; "
+            "quantize without fine-tuning"
+        )
     return [values.reshape(shape)]
 
 
 def _flatten(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     values = inputs[0]
-    axis = _attribute(node, "axis", 1) % (values.dim() + 1)
+    axis = _attribute(node, "axis", 1)
+    axis = axis + values.dim() if axis < 0 else axis  # Flatten's axis may equal the rank.
     return [values.reshape(int(np.prod(values.shape[:axis])), -1)]
 
 
 def _clip(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
-    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
-    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    # Before opset 11 the bounds are the min and max attributes.
+    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else _attribute(node, "min", None)
+    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else _attribute(node, "max", None)
+    if low is None and high is None:
+        return [inputs[0]]
     return [torch.clamp(inputs[0], None if low is None else float(low), None if high is None else float(high))]
+
+
+def _softmax_coerced(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    values = inputs[0]
+    axis = _attribute(node, "axis", 1) % values.dim()
+    coerced = values.reshape(int(np.prod(values.shape[:axis])), -1)
+    return [torch.softmax(coerced, dim=1).reshape(values.shape)]
+
+
+def _hard_sigmoid(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    alpha, beta = _attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)
+    return [torch.clamp(alpha * inputs[0] + beta, 0.0, 1.0)]
 
 
 def _unary(function: Callable[[torch.Tensor], torch.Tensor]) -> _Op:
@@ -599,6 +654,7 @@ _OPS: dict[str, _Op] = {
     "Sigmoid": _unary(torch.sigmoid),
     "Tanh": _unary(torch.tanh),
     "HardSwish": _unary(functional.hardswish),
+    "HardSigmoid": _hard_sigmoid,
     "Identity": _unary(lambda values: values),
     "Clip": _clip,
     "MaxPool": _pool,
