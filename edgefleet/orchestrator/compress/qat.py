@@ -88,9 +88,10 @@ class QdqModule(torch.nn.Module):
     """A QDQ ONNX graph run in torch, with QuantizeLinear simulated by rounding and clamping.
 
     The integer initializers that DequantizeLinear turns into Conv, Gemm or MatMul weights and biases are
-    trainable, in units of their scale; so are the fp32 weights of such nodes kept in fp32. Signed weights
+    trainable, in units of their scale, and so are the fp32 weights of such nodes kept in fp32. Signed weights
     stay within the symmetric range (+-127 for int8) that onnxruntime's quantizer writes them in.
-    Axis 0 of every input is the batch axis, also where a Reshape names a fixed batch size. Raises
+    A batch along axis 0 gives the outputs of onnxruntime run on each sample alone, stacked along axis 0,
+    also for a graph that fixes its batch size at 1. Raises
     QuantizationError for an operator or attribute it does not simulate.
     """
 
@@ -589,8 +590,8 @@ def _reshape(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] |
     shape = [values.shape[i] if v == 0 and not _attribute(node, "allowzero", 0) else v for i, v in enumerate(target)]
     if not shape or target[0] <= 0:
         return [values.reshape(shape)]
-    # A fixed leading size holds one sample, as onnxruntime runs the graph one sample at a time: the stacked
-    # samples multiply it. With a -1 elsewhere, the leading size is the batch (a graph fixed at batch 1).
+    # A fixed leading size is one sample's size, because onnxruntime runs the graph one sample at a time, so
+    # the stacked samples multiply it. With a -1 elsewhere, the leading size is the batch of a graph fixed at 1.
     per_sample = int(np.prod(shape))
     if -1 in shape:
         shape[0] = values.shape[0]
