@@ -16,7 +16,8 @@ from onnx.helper import make_node, make_tensor_value_info
 
 from edgefleet.orchestrator.compress.digits import DigitsConfig, DigitsTeacher, export_onnx, load_digits_split
 from edgefleet.orchestrator.compress.distill import train_classifier
-from edgefleet.orchestrator.compress.qat import FineTuneConfig, FineTuneResult, QdqModule, fine_tune_qdq
+from edgefleet.orchestrator.compress.qat import FineTuneConfig, FineTuneResult, fine_tune_qdq
+from edgefleet.orchestrator.compress.qdq_graph import QdqModule
 from edgefleet.orchestrator.compress.quantize import QuantizationError, quantize_static_qdq
 
 # Weights start on the grid and move at most steps x learning rate grid steps: 0.02 lets them cross.
@@ -427,3 +428,15 @@ def test_module_custom_domain() -> None:
     model.opset_import.append(helper.make_opsetid("example.custom", 1))
     with pytest.raises(QuantizationError, match=r"example\.custom::Relu"):
         QdqModule(model)
+
+
+def test_module_keeps_reduced_range(source: Path, digits: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """7-bit weights (reduce_range, +-64) stay 7-bit however far training pushes them."""
+    reduced = quantize_static_qdq(source, tmp_path / "reduced.onnx", digits[0][:128], reduce_range=True)
+    module = QdqModule(onnx.load(str(reduced)))
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.mul_(1000.0)
+    weights = [array for array in module.integer_tensors().values() if array.dtype == np.int8]
+    assert weights
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
