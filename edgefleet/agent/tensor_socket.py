@@ -719,13 +719,18 @@ class _ReplyPoller:
 
     After a request it sleeps until HYBRID_POLL_LEAD_S before the shortest of the last ROUND_TRIP_WINDOW
     round trips of the same request header, then polls the socket without blocking. When no reply comes
-    within HYBRID_POLL_MAX_SPIN_S of polling, it blocks in recv as usual.
+    within HYBRID_POLL_MAX_SPIN_S of polling, it blocks in recv as usual. A miss usually means that other
+    processes slow the inference, and polling would take CPU time from it, so the next calls skip the
+    sleep and the poll: 1 call after the first miss in a row, doubling up to MAX_SKIPPED_CALLS.
     """
 
     ROUND_TRIP_WINDOW = 16
+    MAX_SKIPPED_CALLS = 64
 
     def __init__(self) -> None:
         self._round_trips: dict[bytes, collections.deque[float]] = {}
+        self._skip_calls = 0  # Calls left that read the reply without hybrid polling.
+        self._backoff_calls = 0  # Calls to skip after the next miss.
 
     def read(self, reader: FrameReader, header: bytes) -> tuple[dict[str, Any], bytearray] | None:
         """Wait for the reply to the request with header just sent, and read it like FrameReader.read."""
@@ -735,6 +740,11 @@ class _ReplyPoller:
             round_trips = self._round_trips[header] = collections.deque(maxlen=self.ROUND_TRIP_WINDOW)
             if len(self._round_trips) > MAX_PLANS_PER_CONNECTION:
                 self._round_trips = {header: round_trips}
+        if self._skip_calls:
+            self._skip_calls -= 1
+            frame = reader.read()
+            round_trips.append(time.perf_counter() - sent_at)
+            return frame
         if round_trips:
             wake_at = sent_at + min(round_trips) - HYBRID_POLL_LEAD_S
             sleep_s = wake_at - time.perf_counter()
@@ -744,8 +754,12 @@ class _ReplyPoller:
         arrived = reader.poll_frame(HYBRID_POLL_MAX_SPIN_S - reader.spin_s)
         arrived_at = time.perf_counter()
         frame = reader.read()
-        if not arrived:
+        if arrived:
+            self._backoff_calls = 0
+        else:
             arrived_at = time.perf_counter()
+            self._backoff_calls = min(max(1, 2 * self._backoff_calls), self.MAX_SKIPPED_CALLS)
+            self._skip_calls = self._backoff_calls
         # A reply that was already there when the poll began arrived earlier than arrived_at. Recording
         # arrived_at still lowers the minimum, because the sleep ends HYBRID_POLL_LEAD_S before it.
         round_trips.append(arrived_at - sent_at)
