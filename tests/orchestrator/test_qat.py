@@ -440,3 +440,26 @@ def test_module_keeps_reduced_range(source: Path, digits: tuple[np.ndarray, np.n
     weights = [array for array in module.integer_tensors().values() if array.dtype == np.int8]
     assert weights
     assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
+
+
+@pytest.mark.parametrize(
+    ("op_type", "attributes", "inputs"),
+    [
+        ("Concat", {"axis": 0}, ["input", "input"]),
+        ("Softmax", {"axis": 0}, ["input"]),
+        ("Flatten", {"axis": 0}, ["input"]),
+        ("Gemm", {"transA": 1}, ["input", "weight"]),
+    ],
+)
+def test_module_rejects_batch_axis(op_type: str, attributes: dict[str, Any], inputs: list[str]) -> None:
+    """Operators along axis 0 mix the samples that the simulation stacks there."""
+    graph = helper.make_graph(
+        [helper.make_node(op_type, inputs, ["output"], name="mixer", **attributes)],
+        "mixer",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.ones((2, 4), np.float32), "weight")],
+    )
+    module = QdqModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    with pytest.raises(QuantizationError, match=f"along axis 0, so it cannot simulate {op_type} node 'mixer'"):
+        module({"input": torch.ones(2, 4)})

@@ -291,7 +291,10 @@ def _conv(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | No
 def _gemm(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     a, b = inputs[0], inputs[1]
     if _attribute(node, "transA", 0):
-        a = a.t()
+        raise QuantizationError(
+            f"fine-tuning stacks samples along axis 0, so it cannot simulate Gemm node {node.name!r} with "
+            "transA=1, which reads them along axis 1; quantize without fine-tuning"
+        )
     if _attribute(node, "transB", 0):
         b = b.t()
     output = _attribute(node, "alpha", 1.0) * (a @ b)
@@ -358,6 +361,7 @@ def _flatten(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] |
     values = inputs[0]
     axis = _attribute(node, "axis", 1)
     axis = axis + values.dim() if axis < 0 else axis  # Flatten's axis may equal the rank.
+    _reject_batch_axis(node, axis, values.dim() + 1)
     return [values.reshape(int(np.prod(values.shape[:axis])), -1)]
 
 
@@ -373,6 +377,7 @@ def _clip(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | No
 def _softmax_coerced(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     values = inputs[0]
     axis = _attribute(node, "axis", 1) % values.dim()
+    _reject_batch_axis(node, axis, values.dim())
     coerced = values.reshape(int(np.prod(values.shape[:axis])), -1)
     return [torch.softmax(coerced, dim=1).reshape(values.shape)]
 
@@ -380,6 +385,27 @@ def _softmax_coerced(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int
 def _hard_sigmoid(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
     alpha, beta = _attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)
     return [torch.clamp(alpha * inputs[0] + beta, 0.0, 1.0)]
+
+
+def _reject_batch_axis(node: onnx.NodeProto, axis: int, rank: int) -> None:
+    """Raise QuantizationError when a node works along axis 0, where the simulation stacks the samples."""
+    if axis % rank == 0:
+        raise QuantizationError(
+            f"fine-tuning stacks samples along axis 0, so it cannot simulate {node.op_type} node {node.name!r}, "
+            "which works along that axis; quantize without fine-tuning"
+        )
+
+
+def _concat(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    axis = _attribute(node, "axis", 0)
+    _reject_batch_axis(node, axis, inputs[0].dim())
+    return [torch.cat(inputs, dim=axis)]
+
+
+def _softmax(node: onnx.NodeProto, inputs: list[Any], _limits: tuple[int, int] | None) -> list[torch.Tensor]:
+    axis = _attribute(node, "axis", -1)
+    _reject_batch_axis(node, axis, inputs[0].dim())
+    return [torch.softmax(inputs[0], dim=axis)]
 
 
 def _unary(function: Callable[[torch.Tensor], torch.Tensor]) -> _Op:
@@ -413,6 +439,6 @@ _OPS: dict[str, _Op] = {
     "ReduceMean": _reduce_mean,
     "Flatten": _flatten,
     "Reshape": _reshape,
-    "Concat": lambda node, inputs, limits: [torch.cat(inputs, dim=_attribute(node, "axis", 0))],
-    "Softmax": lambda node, inputs, limits: [torch.softmax(inputs[0], dim=_attribute(node, "axis", -1))],
+    "Concat": _concat,
+    "Softmax": _softmax,
 }
