@@ -720,8 +720,9 @@ class _ReplyPoller:
     After a request it sleeps until HYBRID_POLL_LEAD_S before the shortest of the last ROUND_TRIP_WINDOW
     round trips of the same request header, then polls the socket without blocking. When no reply comes
     within HYBRID_POLL_MAX_SPIN_S of polling, it blocks in recv as usual. A miss usually means that other
-    processes slow the inference, and polling would take CPU time from it, so the next calls skip the
-    sleep and the poll: 1 call after the first miss in a row, doubling up to MAX_SKIPPED_CALLS.
+    processes slow the inference, and polling would take CPU time from it. So the next calls skip the
+    sleep and the poll: 1 call after the first miss in a row, then twice as many after each further
+    miss, up to MAX_SKIPPED_CALLS.
     """
 
     ROUND_TRIP_WINDOW = 16
@@ -745,6 +746,7 @@ class _ReplyPoller:
             frame = reader.read()
             round_trips.append(time.perf_counter() - sent_at)
             return frame
+
         if round_trips:
             wake_at = sent_at + min(round_trips) - HYBRID_POLL_LEAD_S
             sleep_s = wake_at - time.perf_counter()
@@ -753,6 +755,7 @@ class _ReplyPoller:
         # The reader polls spin_s itself before it blocks, so the two polls together stay in the bound.
         arrived = reader.poll_frame(HYBRID_POLL_MAX_SPIN_S - reader.spin_s)
         arrived_at = time.perf_counter()
+
         frame = reader.read()
         if arrived:
             self._backoff_calls = 0
@@ -907,8 +910,8 @@ class TensorSocketClient:
         Names, dtypes and shapes come from the agent's model list. shapes sets the shape of an input with a
         dynamic axis (-1) or replaces the listed one. With dtypes the caller describes the inputs instead.
         Its keys are the input names in order, shapes gives every shape, and the model list is not read.
-        The arrays are uninitialised like np.empty, packed from the start of the region, and the region
-        holds one set: a later call returns arrays over the same memory. Pass the returned dict (or its
+        The arrays are uninitialised like np.empty and packed from the start of the region. The region
+        has room for one set, so a later call returns arrays over the same memory. Pass the returned dict (or its
         arrays in the same order) to infer. The arrays stay valid memory for as long as they live, also
         after close, a reconnect or a larger region, but from then on infer copies them: call
         input_arrays again. Without shared memory (shared_memory=False, or an agent that cannot share
