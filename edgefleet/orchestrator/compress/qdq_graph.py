@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as functional
 from onnx import helper, numpy_helper
 
-from edgefleet.orchestrator.compress.quantize import QuantizationError
+from edgefleet.orchestrator.compress.quantize import QuantizationError, default_opset
 
 _TRAINABLE_CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -81,7 +81,7 @@ class QdqModule(torch.nn.Module):
                 )
         self._node_limits = [self._integer_limits(node) for node in model.graph.node]
         # Softmax before opset 13 flattens its input to 2-D at axis (default 1).
-        legacy = {"Softmax": _softmax_coerced} if _default_opset(model) < 13 else {}
+        legacy = {"Softmax": _softmax_coerced} if default_opset(model) < 13 else {}
         self._node_ops = [legacy.get(node.op_type, _OPS[node.op_type]) for node in model.graph.node]
         self.input_names = [i.name for i in model.graph.input if i.name not in arrays]
         self.output_names = [o.name for o in model.graph.output]
@@ -211,13 +211,6 @@ def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
         if attribute.name == name:
             return helper.get_attribute_value(attribute)
     return default
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return 1
 
 
 def _per_axis(parameter: torch.Tensor, node: onnx.NodeProto, values: torch.Tensor) -> torch.Tensor:
