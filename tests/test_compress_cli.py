@@ -155,6 +155,11 @@ def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
         "compress",
         "tiny",
         *FAST,
+        # Fine-tuning keeps the job running for seconds, so Ctrl-C lands while it runs, also under load.
+        "--calibration-size",
+        "40",
+        "--fine-tune-steps",
+        "200",
     ]
     process = subprocess.Popen(
         command,
