@@ -47,10 +47,13 @@ class QdqModule(torch.nn.Module):
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
+        _check_operators(model.graph)
         self.graph = model.graph
+
         self.constants: dict[str, torch.Tensor] = {}
         self.integer_params: dict[str, tuple[str, tuple[int, int]]] = {}  # initializer -> parameter, range
         self.float_params: dict[str, str] = {}
+
         arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         self._arrays = arrays
         weights, biases = _trainable_initializers(model.graph, arrays)
@@ -67,22 +70,12 @@ class QdqModule(torch.nn.Module):
                     self.integer_params[name] = (key, limits)
             else:
                 self.constants[name] = _constant(name, array)
-        for node in model.graph.node:
-            quantization_op = node.op_type in ("QuantizeLinear", "DequantizeLinear")
-            if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and quantization_op):
-                raise QuantizationError(
-                    f"fine-tuning cannot simulate operator {node.domain}::{node.op_type} (node {node.name!r}) "
-                    "from a custom domain; quantize without fine-tuning"
-                )
-            if node.op_type not in _OPS:
-                raise QuantizationError(
-                    f"fine-tuning cannot simulate operator {node.op_type} (node {node.name!r}): "
-                    f"supported operators are {sorted(_OPS)}; quantize without fine-tuning"
-                )
+
         self._node_limits = [self._integer_limits(node) for node in model.graph.node]
         # Softmax before opset 13 flattens its input to 2-D at axis (default 1).
         legacy = {"Softmax": _softmax_coerced} if default_opset(model) < 13 else {}
         self._node_ops = [legacy.get(node.op_type, _OPS[node.op_type]) for node in model.graph.node]
+
         self.input_names = [i.name for i in model.graph.input if i.name not in arrays]
         self.output_names = [o.name for o in model.graph.output]
 
@@ -139,6 +132,22 @@ class QdqModule(torch.nn.Module):
     def float_tensors(self) -> dict[str, np.ndarray]:
         """Return the trained fp32 initializers."""
         return {name: getattr(self, key).detach().numpy().copy() for name, key in self.float_params.items()}
+
+
+def _check_operators(graph: onnx.GraphProto) -> None:
+    """Raise QuantizationError for a node from a custom domain or an operator the simulation lacks."""
+    for node in graph.node:
+        quantization_op = node.op_type in ("QuantizeLinear", "DequantizeLinear")
+        if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and quantization_op):
+            raise QuantizationError(
+                f"fine-tuning cannot simulate operator {node.domain}::{node.op_type} (node {node.name!r}) "
+                "from a custom domain; quantize without fine-tuning"
+            )
+        if node.op_type not in _OPS:
+            raise QuantizationError(
+                f"fine-tuning cannot simulate operator {node.op_type} (node {node.name!r}): "
+                f"supported operators are {sorted(_OPS)}; quantize without fine-tuning"
+            )
 
 
 def _trainable_initializers(graph: onnx.GraphProto, arrays: dict[str, np.ndarray]) -> tuple[set[str], set[str]]:
