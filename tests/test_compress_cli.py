@@ -147,7 +147,9 @@ def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
         sys.executable,
         "-c",
         # The console script's entry point; `python -m edgefleet.cli.main` would load the module twice.
-        "import sys; from edgefleet.cli.main import main; sys.exit(main(sys.argv[1:]))",
+        # Python keeps SIGINT ignored when it starts ignored (under `make test &`), so set the handler.
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from edgefleet.cli.main import main; sys.exit(main(sys.argv[1:]))",
         "--orchestrator",
         server.address,
         "--insecure",
