@@ -37,7 +37,8 @@ from common import interleaved_samples
 
 from edgefleet.agent.local_api import LocalApiServer, array_to_tensor, wait_for_socket
 from edgefleet.agent.runtime import ModelHost
-from edgefleet.agent.tensor_socket import TensorSocketClient, TensorSocketServer
+from edgefleet.agent.tensor_socket import TensorSocketServer
+from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
 TARGET_OVERHEAD_US = 150.0

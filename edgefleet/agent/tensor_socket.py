@@ -3,11 +3,10 @@
 The gRPC local API costs a few hundred microseconds per call in Python, more than a small model's
 inference. This protocol carries the same Infer call as raw tensor bytes behind a short JSON header,
 with large tensors in memory shared with the agent. docs/tensor-socket.md specifies the frames for
-clients in other languages; TensorSocketClient is the Python client."""
+clients in other languages; tensor_socket_client.TensorSocketClient is the Python client."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import json
@@ -20,13 +19,12 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from edgefleet.common.files import check_socket_path, claim_socket_path
 
@@ -35,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 # numpy dtype kinds with a fixed byte layout: bool, signed and unsigned integers, floats, complex.
-_NUMERIC_KINDS = "biufc"
+NUMERIC_KINDS = "biufc"
 _T = TypeVar("_T")
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -52,11 +50,6 @@ MAX_CONNECTIONS = 64
 # model's round trip from about 155 us to 50 us (bench/bench_local_api.py). Each call costs at most this
 # much CPU per side. With one CPU the poll would only delay the peer.
 SPIN_S = 100e-6
-# Hybrid polling of replies (TensorSocketClient(hybrid_poll=True)): the client wakes this long before the
-# shortest recent round trip, to cover sleep overshoot (timer slack is 50 us by default) and wake-up time,
-# and polls at most HYBRID_POLL_MAX_SPIN_S per call before it blocks.
-HYBRID_POLL_LEAD_S = 200e-6
-HYBRID_POLL_MAX_SPIN_S = 1e-3
 # First step of a payload buffer's growth; each later step doubles it.
 _PAYLOAD_GROWTH_BYTES = 1024 * 1024
 # A server connection closes after this long without a complete request, and a reply that the client
@@ -67,8 +60,6 @@ SEND_TIMEOUT_S = 30.0
 # socket copy costs less than the region's bookkeeping.
 SHARED_MEMORY_MIN_BYTES = 16 * 1024
 SHARED_MEMORY_MIN_REGION = 1024 * 1024
-# The client asks for the outputs at the first multiple of this after its inputs in the shared region.
-_OUTPUT_ALIGNMENT = 64
 # Parsed request headers kept per connection; an application uses one or a few.
 MAX_PLANS_PER_CONNECTION = 16
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED")
@@ -105,7 +96,7 @@ def _parse_dtype(name: str, dtype_name: object) -> np.dtype[Any]:
         dtype = np.dtype(dtype_name)
     except TypeError:
         raise ValueError(f"input {name!r} has unknown dtype {dtype_name!r}; use a numpy dtype name") from None
-    if dtype.kind not in _NUMERIC_KINDS:
+    if dtype.kind not in NUMERIC_KINDS:
         raise ValueError(
             f"input {name!r} has dtype {dtype_name!r}; tensors travel as bool, integer, float or complex numbers"
         )
@@ -485,7 +476,7 @@ class TensorSocketServer:
 
     def _serve(self, conn: socket.socket) -> None:
         set_timeouts(conn, receive_s=IDLE_TIMEOUT_S, send_s=SEND_TIMEOUT_S)
-        reader = FrameReader(conn, self.max_payload_bytes, spin_s=_spin_s())
+        reader = FrameReader(conn, self.max_payload_bytes, spin_s=default_spin_s())
         plans: dict[bytes, InferPlan] = {}  # By the raw header of the requests on this connection.
         region: mmap.mmap | None = None  # The connection's shared memory, once the client asked for it.
         try:
@@ -644,7 +635,8 @@ def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray], offset: int = 0) -> 
         offset += data.nbytes
 
 
-def _spin_s() -> float:
+def default_spin_s() -> float:
+    """Return SPIN_S, or 0 with one usable CPU, where polling would only delay the peer."""
     return SPIN_S if len(os.sched_getaffinity(0)) > 1 else 0.0
 
 
@@ -682,482 +674,3 @@ def _model_entry(model: Any) -> dict[str, Any]:
         "inputs": tensors(model.inputs),
         "outputs": tensors(model.outputs),
     }
-
-
-class _Connection:
-    """One socket to the agent with its frame reader and, once set up, its shared memory region."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader = FrameReader(sock, spin_s=_spin_s())
-        self.region: mmap.mmap | None = None
-        # The region as flat bytes, and the address of its first byte, to spot arrays that already lie in it.
-        self.region_bytes: np.ndarray | None = None
-        self.region_address = 0
-
-    def replace_region(self, region: mmap.mmap | None) -> None:
-        """Unmap the current shared region, if any, and use region from now on."""
-        self.region_bytes = None
-        self.region_address = 0
-        if self.region is not None:
-            # Arrays from input_arrays, or a caller's views of them, keep the old region mapped until they are
-            # freed: mmap.close() raises BufferError while any buffer export is alive.
-            with contextlib.suppress(BufferError):
-                self.region.close()
-        self.region = region
-        if region is not None:
-            self.region_bytes = np.frombuffer(region, np.uint8)
-            self.region_address = _address(self.region_bytes)
-
-    def close(self) -> None:
-        self.replace_region(None)
-        self.sock.close()
-
-
-class _ReplyPoller:
-    """Hybrid polling for infer replies, as Linux's block layer does for fast devices.
-
-    After a request it sleeps until HYBRID_POLL_LEAD_S before the shortest of the last ROUND_TRIP_WINDOW
-    round trips of the same request header, then polls the socket without blocking. When no reply comes
-    within HYBRID_POLL_MAX_SPIN_S of polling, it blocks in recv as usual. A miss usually means that other
-    processes slow the inference, and polling would take CPU time from it. So the next calls skip the
-    sleep and the poll: 1 call after the first miss in a row, then twice as many after each further
-    miss, up to MAX_SKIPPED_CALLS.
-    """
-
-    ROUND_TRIP_WINDOW = 16
-    MAX_SKIPPED_CALLS = 64
-
-    def __init__(self) -> None:
-        self._round_trips: dict[bytes, collections.deque[float]] = {}
-        self._skip_calls = 0  # Calls left that read the reply without hybrid polling.
-        self._backoff_calls = 0  # Calls to skip after the next miss.
-
-    def read(self, reader: FrameReader, header: bytes) -> tuple[dict[str, Any], bytearray] | None:
-        """Wait for the reply to the request with header just sent, and read it like FrameReader.read."""
-        sent_at = time.perf_counter()
-        round_trips = self._round_trips.get(header)
-        if round_trips is None:
-            round_trips = self._round_trips[header] = collections.deque(maxlen=self.ROUND_TRIP_WINDOW)
-            if len(self._round_trips) > MAX_PLANS_PER_CONNECTION:
-                self._round_trips = {header: round_trips}
-        if self._skip_calls:
-            self._skip_calls -= 1
-            frame = reader.read()
-            round_trips.append(time.perf_counter() - sent_at)
-            return frame
-
-        if round_trips:
-            wake_at = sent_at + min(round_trips) - HYBRID_POLL_LEAD_S
-            sleep_s = wake_at - time.perf_counter()
-            if sleep_s > 0:
-                time.sleep(sleep_s)
-        # The reader polls spin_s itself before it blocks, so the two polls together stay in the bound.
-        arrived = reader.poll_frame(HYBRID_POLL_MAX_SPIN_S - reader.spin_s)
-        arrived_at = time.perf_counter()
-
-        frame = reader.read()
-        if arrived:
-            self._backoff_calls = 0
-        else:
-            arrived_at = time.perf_counter()
-            self._backoff_calls = min(max(1, 2 * self._backoff_calls), self.MAX_SKIPPED_CALLS)
-            self._skip_calls = self._backoff_calls
-        # A reply that was already there when the poll began arrived earlier than arrived_at. Recording
-        # arrived_at still lowers the minimum, because the sleep ends HYBRID_POLL_LEAD_S before it.
-        round_trips.append(arrived_at - sent_at)
-        return frame
-
-
-class TensorSocketClient:
-    """A connection to an agent's tensor socket. Calls from several threads are serialised on it.
-
-    Use one client per application thread for parallel calls. A call that finds the connection broken
-    (the agent restarted) reconnects and retries once, which is safe because inference has no side effects.
-    With shared_memory, inputs of SHARED_MEMORY_MIN_BYTES or more travel through a memory region that
-    the agent shares with this connection. The client copies them there once and the runtime reads them
-    in place; input_arrays hands out arrays in the region, so that the application writes its inputs
-    there itself and infer copies nothing. The outputs come back the same way, so large tensors cross no
-    socket. With hybrid_poll, the client sleeps through most of each inference and then polls for the
-    reply (see _ReplyPoller), which costs CPU time while the agent computes.
-    """
-
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str],
-        timeout_s: float | None = 30.0,
-        shared_memory: bool = True,
-        hybrid_poll: bool = False,
-    ) -> None:
-        """Connect; raise ConnectionError naming the path when no agent listens there.
-
-        timeout_s bounds each wait for the agent (None waits forever); raises ValueError when it is 0 or less.
-        hybrid_poll has no effect with one usable CPU, where polling would take the agent's CPU.
-        """
-        if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be above 0 or None to wait forever, got {timeout_s!r}")
-        self.socket_path = Path(socket_path)
-        self.timeout_s = timeout_s
-        self.shared_memory = shared_memory
-        self.hybrid_poll = hybrid_poll
-        # Input bytes that infer copied into the shared region: 0 while every input comes from input_arrays.
-        self.copied_input_bytes = 0
-        self._poller = _ReplyPoller() if hybrid_poll and _spin_s() > 0 else None
-        self._lock = threading.Lock()
-        self._connection: _Connection | None = None
-        self._headers: dict[tuple[object, ...], bytes] = {}
-        self._output_bytes = 0  # The largest output payload so far, to size the next region.
-        self._listed_output_bytes: dict[str, int] = {}  # By model, from the model list when its shapes are fixed.
-        self._warned_overwritten = False
-        self._connect()
-
-    def _connect(self) -> _Connection:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.timeout_s is not None:
-            set_timeouts(sock, receive_s=self.timeout_s, send_s=self.timeout_s)
-        try:
-            sock.connect(str(self.socket_path))
-        except OSError as error:
-            sock.close()
-            raise ConnectionError(
-                f"cannot connect to the tensor socket {self.socket_path}: {error.strerror or error}; "
-                "is edgefleet-agent running, and may this user open the socket?"
-            ) from error
-        self._connection = _Connection(sock)
-        return self._connection
-
-    def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-    def __enter__(self) -> TensorSocketClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _run(self, work: Callable[[_Connection], _T]) -> _T:
-        """Run one exchange on the connection, reconnecting and retrying once when it broke."""
-        with self._lock:
-            attempt = 1
-            while True:
-                connection = self._connection or self._connect()
-                try:
-                    return work(connection)
-                except ConnectionError as error:
-                    connection.close()
-                    self._connection = None
-                    if attempt == 2:
-                        raise ConnectionError(f"tensor socket {self.socket_path}: {error}") from error
-                    attempt += 1
-                except (OSError, ProtocolError) as error:
-                    connection.close()  # A timeout or a garbled reply leaves the stream out of step.
-                    self._connection = None
-                    if isinstance(error, BlockingIOError):  # SO_RCVTIMEO or SO_SNDTIMEO ran out.
-                        raise TimeoutError(
-                            f"the agent did not respond on {self.socket_path} within {self.timeout_s} s; "
-                            "is it overloaded?"
-                        ) from error
-                    raise
-
-    def _region(self, connection: _Connection, need: int) -> mmap.mmap:
-        """Return the connection's shared region, asking the agent for a larger one when it is under need bytes."""
-        if connection.region is not None and len(connection.region) >= need:
-            return connection.region
-        size = min(MAX_PAYLOAD_BYTES, max(SHARED_MEMORY_MIN_REGION, 1 << (need - 1).bit_length()))
-        write_frame(connection.sock, {"op": "shm", "bytes": size})
-        frame, fds = connection.reader.read_with_fds()
-        try:
-            if frame is None:
-                raise ConnectionError("the agent closed the connection")
-            _check(frame)
-            if len(fds) != 1:
-                raise ProtocolError(f"the shm reply carried {len(fds)} file descriptors, not 1")
-            region = mmap.mmap(fds[0], size)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        if connection.region is not None:
-            log.debug("tensor socket: shared region grows to %d bytes; earlier input arrays get copied", size)
-        connection.replace_region(region)
-        return region
-
-    def _header(self, model: str, arrays: Mapping[str, np.ndarray], shared: bool) -> bytes:
-        """Return the encoded infer header; the same model and input layout give the same bytes, encoded once."""
-        key = (model, shared, tuple((name, a.dtype.str, a.shape) for name, a in arrays.items()))
-        header = self._headers.get(key)
-        if header is None:
-            inputs = [{"name": name, "dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()]
-            request: dict[str, Any] = {"op": "infer", "model": model, "inputs": inputs, "shm": shared}
-            if shared:
-                request["output_offset"] = _output_offset(sum(a.nbytes for a in arrays.values()))
-            header = encode_header(request)
-            if len(self._headers) >= MAX_PLANS_PER_CONNECTION:
-                self._headers.clear()
-            self._headers[key] = header
-        return header
-
-    def input_arrays(
-        self,
-        model: str,
-        shapes: Mapping[str, Sequence[int]] | None = None,
-        dtypes: Mapping[str, npt.DTypeLike] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Allocate model's inputs in the connection's shared region, so that infer sends them without a copy.
-
-        Names, dtypes and shapes come from the agent's model list. shapes sets the shape of an input with a
-        dynamic axis (-1) or replaces the listed one. With dtypes the caller describes the inputs instead.
-        Its keys are the input names in order, shapes gives every shape, and the model list is not read.
-        The arrays are uninitialised like np.empty and packed from the start of the region. The region
-        has room for one set, so a later call returns arrays over the same memory. Pass the returned dict (or its
-        arrays in the same order) to infer. The arrays stay valid memory for as long as they live, also
-        after close, a reconnect or a larger region, but from then on infer copies them: call
-        input_arrays again. Without shared memory (shared_memory=False, or an agent that cannot share
-        it) the arrays are ordinary ones, which infer copies.
-
-        Raises ValueError for a shape or dtype that is missing or invalid, TensorSocketError with code
-        NOT_FOUND when the agent serves no such model, and ConnectionError or TimeoutError as infer does.
-        """
-        specs = self._input_specs(model, shapes, dtypes)
-        input_bytes = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
-        if not self.shared_memory or input_bytes > MAX_PAYLOAD_BYTES:
-            return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
-        need = _output_offset(input_bytes) + max(self._output_bytes, self._listed_output_bytes.get(model, 0))
-
-        def allocate(connection: _Connection) -> dict[str, np.ndarray] | None:
-            try:
-                self._region(connection, need)
-            except TensorSocketError as error:
-                if error.code != "RESOURCE_EXHAUSTED":
-                    raise
-                log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
-                self.shared_memory = False
-                return None
-            region_bytes = connection.region_bytes
-            assert region_bytes is not None
-            arrays: dict[str, np.ndarray] = {}
-            offset = 0
-            for name, shape, dtype in specs:
-                size = math.prod(shape) * dtype.itemsize
-                arrays[name] = region_bytes[offset : offset + size].view(dtype).reshape(shape)
-                offset += size
-            return arrays
-
-        arrays = self._run(allocate)
-        if arrays is None:
-            return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
-        return arrays
-
-    def _input_specs(
-        self,
-        model: str,
-        shapes: Mapping[str, Sequence[int]] | None,
-        dtypes: Mapping[str, npt.DTypeLike] | None,
-    ) -> list[tuple[str, tuple[int, ...], np.dtype[Any]]]:
-        """Return (name, shape, dtype) of each input of model, from the caller or the agent's model list."""
-        shapes = dict(shapes or {})
-        listed: list[tuple[str, Sequence[int], npt.DTypeLike]]
-        if dtypes is not None:
-            missing = [name for name in dtypes if name not in shapes]
-            if missing:
-                raise ValueError(f"inputs {missing} have a dtype but no shape; pass shapes for every input in dtypes")
-            listed = [(name, shapes[name], dtype) for name, dtype in dtypes.items()]
-        else:
-            entries = {entry["model_name"]: entry for entry in self.models()}
-            entry = entries.get(model)
-            if entry is None:
-                raise TensorSocketError("NOT_FOUND", f"model {model!r} is not installed; installed: {sorted(entries)}")
-            listed = [(t["name"], shapes.get(t["name"], t["shape"]), t["dtype"]) for t in entry["inputs"]]
-            self._listed_output_bytes[model] = _static_bytes(entry["outputs"])
-        unknown = sorted(set(shapes) - {name for name, _, _ in listed})
-        if unknown:
-            raise ValueError(
-                f"shapes names {unknown}, which are not inputs of model {model!r}; "
-                f"its inputs are {[name for name, _, _ in listed]}"
-            )
-
-        specs: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
-        for name, shape, dtype_like in listed:
-            dims = tuple(shape)
-            if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims):
-                raise ValueError(f"input {name!r} has shape {list(dims)}; use a list of integers")
-            if any(d < 0 for d in dims):
-                raise ValueError(
-                    f"input {name!r} of model {model!r} has the dynamic shape {list(dims)} (-1 is any size); "
-                    f"pass shapes={{{name!r}: [...]}} with the size of each axis"
-                )
-            dtype = np.dtype(dtype_like)
-            if dtype.kind not in _NUMERIC_KINDS or dtype.byteorder == ">":
-                raise ValueError(
-                    f"input {name!r} has dtype {dtype.str}; the tensor socket carries little-endian bool, "
-                    "integer, float and complex tensors only"
-                )
-            specs.append((name, tuple(int(d) for d in dims), dtype))
-        return specs
-
-    def infer(self, model: str, feeds: Mapping[str, np.ndarray]) -> TensorReply:
-        """Run model on feeds (input name to array) in the agent and return its outputs.
-
-        Feeds that lie where input_arrays put them are not copied. Raises TensorSocketError with code
-        NOT_FOUND for a model that is not installed, INVALID_ARGUMENT for inputs that do not match it and
-        INTERNAL when the runtime fails. Raises ConnectionError when the agent cannot be reached and
-        TimeoutError when it does not respond within timeout_s. Raises ValueError, before sending, for an
-        input of a dtype with no fixed byte layout (strings, objects).
-        """
-        arrays = {name: np.asarray(value) for name, value in feeds.items()}
-        for name, array in arrays.items():
-            if array.dtype.kind not in _NUMERIC_KINDS:
-                raise ValueError(
-                    f"input {name!r} has dtype {array.dtype}; the tensor socket carries bool, integer, float "
-                    "and complex tensors only"
-                )
-        buffers = [array_bytes(a) for a in arrays.values()]
-        input_bytes = sum(b.nbytes for b in buffers)
-        # Small inputs go through the socket even when they lie in the region: sending them costs less.
-        shared = self.shared_memory and SHARED_MEMORY_MIN_BYTES <= input_bytes <= MAX_PAYLOAD_BYTES
-
-        def inline(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            header = self._header(model, arrays, shared=False)
-            reply, payload = _check(_exchange(connection.reader, header, buffers, self._poller))
-            self._output_bytes = max(self._output_bytes, len(payload))
-            return reply, _outputs(reply, payload, copy=False)
-
-        def through_region(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            try:
-                region = self._region(connection, _output_offset(input_bytes) + self._output_bytes)
-            except TensorSocketError as error:
-                if error.code != "RESOURCE_EXHAUSTED":
-                    raise
-                log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
-                self.shared_memory = False
-                return inline(connection)
-            copied = _place(connection, buffers)
-            self.copied_input_bytes += copied
-            header = self._header(model, arrays, shared=True)
-            reply, payload = _check(_exchange(connection.reader, header, (), self._poller))
-            if not reply.get("shm"):  # The outputs did not fit in the region this time.
-                self._output_bytes = max(self._output_bytes, len(payload))
-                return reply, _outputs(reply, payload, copy=False)
-            output_offset = reply.get("output_offset")
-            if output_offset is None and copied < input_bytes:
-                self._warn_overwritten()
-            # Copied out, because the next call reuses the region.
-            outputs = _outputs(reply, region, copy=True, offset=output_offset or 0)
-            self._output_bytes = max(self._output_bytes, sum(a.nbytes for a in outputs.values()))
-            return reply, outputs
-
-        reply, outputs = self._run(through_region if shared else inline)
-        return TensorReply(
-            outputs=outputs,
-            latency_ms=float(reply["latency_ms"]),
-            model_name=str(reply["model_name"]),
-            model_version=str(reply["model_version"]),
-            variant_id=str(reply["variant_id"]),
-        )
-
-    def _warn_overwritten(self) -> None:
-        if not self._warned_overwritten:
-            self._warned_overwritten = True
-            log.warning(
-                "tensor socket: the agent on %s ignores 'output_offset' and wrote the outputs over the start of "
-                "the inputs in shared memory; refill the arrays from input_arrays before each call, or update "
-                "the agent",
-                self.socket_path,
-            )
-
-    def models(self) -> list[dict[str, Any]]:
-        """Return the models the agent serves, with runtime, providers, threads, inputs and outputs."""
-        reply, _ = self._run(lambda connection: _check(_exchange(connection.reader, {"op": "models"}, ())))
-        return list(reply["models"])
-
-
-def _address(array: np.ndarray) -> int:
-    """Return the address of the array's first byte."""
-    return int(array.__array_interface__["data"][0])
-
-
-def _output_offset(input_bytes: int) -> int:
-    """Return where the outputs go in the shared region: after the inputs, aligned for any dtype."""
-    return -(-input_bytes // _OUTPUT_ALIGNMENT) * _OUTPUT_ALIGNMENT
-
-
-def _static_bytes(tensors: Sequence[Mapping[str, Any]]) -> int:
-    """Return the bytes of tensors listed by the models op, or 0 when a shape has a dynamic axis."""
-    total = 0
-    for tensor in tensors:
-        if any(d < 0 for d in tensor["shape"]):
-            return 0
-        total += math.prod(tensor["shape"]) * np.dtype(tensor["dtype"]).itemsize
-    return total
-
-
-def _place(connection: _Connection, buffers: Sequence[np.ndarray]) -> int:
-    """Pack the flat uint8 buffers from the start of the region, skipping those already in place.
-
-    Returns the bytes copied. A buffer elsewhere in the region is copied out first, so that writing
-    another buffer's place cannot change it before it is moved.
-    """
-    region_bytes = connection.region_bytes
-    assert region_bytes is not None
-    start = connection.region_address
-    end = start + region_bytes.nbytes
-    moves: list[tuple[int, np.ndarray]] = []
-    offset = 0
-    for buffer in buffers:
-        size = buffer.nbytes
-        if size:
-            address = _address(buffer)
-            if address != start + offset:
-                if address < end and address + size > start:
-                    buffer = buffer.copy()
-                moves.append((offset, buffer))
-        offset += size
-    for offset, buffer in moves:
-        region_bytes[offset : offset + buffer.nbytes] = buffer
-    return sum(buffer.nbytes for _, buffer in moves)
-
-
-def _check(frame: tuple[dict[str, Any], bytearray]) -> tuple[dict[str, Any], bytearray]:
-    """Return a reply frame; raise TensorSocketError when it is an error response."""
-    reply = frame[0]
-    if not reply.get("ok"):
-        raise TensorSocketError(str(reply.get("code", "INTERNAL")), str(reply.get("message", "")))
-    return frame
-
-
-def _outputs(
-    reply: Mapping[str, Any], data: bytearray | mmap.mmap, copy: bool, offset: int = 0
-) -> dict[str, np.ndarray]:
-    """Cut the reply's outputs out of data from offset on, copying them when data is reused afterwards."""
-    outputs: dict[str, np.ndarray] = {}
-    for entry in reply["outputs"]:
-        dtype = np.dtype(entry["dtype"]).newbyteorder("<")
-        count = math.prod(entry["shape"])
-        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(entry["shape"])
-        outputs[entry["name"]] = array.copy() if copy else array
-        offset += count * dtype.itemsize
-    return outputs
-
-
-def _exchange(
-    reader: FrameReader,
-    header: Mapping[str, Any] | bytes,
-    buffers: Sequence[np.ndarray],
-    poller: _ReplyPoller | None = None,
-) -> tuple[dict[str, Any], bytearray]:
-    """Send one request frame and read its reply; raise ConnectionError when the connection broke."""
-    try:
-        write_frame(reader.sock, header, buffers)
-    except ConnectionError:
-        # At its connection limit the agent sends an error and closes before reading the request.
-        # That error is still in the receive queue.
-        frame = reader.read()
-        if frame is None or frame[0].get("ok", True):
-            raise
-        return frame
-    frame = poller.read(reader, header) if poller is not None and isinstance(header, bytes) else reader.read()
-    if frame is None:
-        raise ConnectionError("the agent closed the connection")
-    return frame

@@ -14,7 +14,7 @@ import pytest
 
 from edgefleet.agent.agent import FatalAgentError
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
-from edgefleet.agent.tensor_socket import TensorSocketClient
+from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_USAGE
 from edgefleet.v1 import agent_pb2, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
 from tests.agent.models import linear_reference, tflite_linear

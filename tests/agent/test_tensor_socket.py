@@ -24,12 +24,12 @@ from edgefleet.agent.runtime import ModelHost
 from edgefleet.agent.tensor_socket import (
     MAGIC,
     FrameReader,
-    TensorSocketClient,
     TensorSocketError,
     TensorSocketServer,
     read_frame,
     write_frame,
 )
+from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from tests.agent.models import linear_reference, onnx_linear, onnx_two_inputs
 
 BATCH = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
