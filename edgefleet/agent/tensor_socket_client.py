@@ -139,8 +139,8 @@ class TensorSocketClient:
     (the agent restarted) reconnects and retries once, which is safe because inference has no side effects.
     With shared_memory, inputs of SHARED_MEMORY_MIN_BYTES or more travel through a memory region that
     the agent shares with this connection. The client copies them there once and the runtime reads them
-    in place; input_arrays hands out arrays in the region, so that the application writes its inputs
-    there itself and infer copies nothing. The outputs come back the same way, so large tensors cross no
+    in place. Arrays from input_arrays already lie in the region, so an application that writes its inputs
+    into them makes infer copy nothing. The outputs come back the same way, so large tensors cross no
     socket. With hybrid_poll, the client sleeps through most of each inference and then polls for the
     reply (see _ReplyPoller), which costs CPU time while the agent computes.
     """
@@ -247,6 +247,20 @@ class TensorSocketClient:
         connection.replace_region(region)
         return region
 
+    def _shared_region(self, connection: _Connection, need: int) -> mmap.mmap | None:
+        """Return the region as _region does, or None when the agent rejects the request for shared memory.
+
+        A RESOURCE_EXHAUSTED rejection turns shared memory off for this client, so later calls send inline.
+        """
+        try:
+            return self._region(connection, need)
+        except TensorSocketError as error:
+            if error.code != "RESOURCE_EXHAUSTED":
+                raise
+            log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
+            self.shared_memory = False
+            return None
+
     def _header(self, model: str, arrays: Mapping[str, np.ndarray], shared: bool) -> bytes:
         """Return the encoded infer header; the same model and input layout give the same bytes, encoded once."""
         key = (model, shared, tuple((name, a.dtype.str, a.shape) for name, a in arrays.items()))
@@ -285,18 +299,10 @@ class TensorSocketClient:
         """
         specs = self._input_specs(model, shapes, dtypes)
         input_bytes = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
-        if not self.shared_memory or input_bytes > MAX_PAYLOAD_BYTES:
-            return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
         need = _output_offset(input_bytes) + max(self._output_bytes, self._listed_output_bytes.get(model, 0))
 
         def allocate(connection: _Connection) -> dict[str, np.ndarray] | None:
-            try:
-                self._region(connection, need)
-            except TensorSocketError as error:
-                if error.code != "RESOURCE_EXHAUSTED":
-                    raise
-                log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
-                self.shared_memory = False
+            if self._shared_region(connection, need) is None:
                 return None
             region_bytes = connection.region_bytes
             assert region_bytes is not None
@@ -308,7 +314,9 @@ class TensorSocketClient:
                 offset += size
             return arrays
 
-        arrays = self._run(allocate)
+        arrays = None
+        if self.shared_memory and input_bytes <= MAX_PAYLOAD_BYTES:
+            arrays = self._run(allocate)
         if arrays is None:
             return {name: np.empty(shape, dtype) for name, shape, dtype in specs}
         return arrays
@@ -388,13 +396,8 @@ class TensorSocketClient:
             return reply, _outputs(reply, payload, copy=False)
 
         def through_region(connection: _Connection) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-            try:
-                region = self._region(connection, _output_offset(input_bytes) + self._output_bytes)
-            except TensorSocketError as error:
-                if error.code != "RESOURCE_EXHAUSTED":
-                    raise
-                log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
-                self.shared_memory = False
+            region = self._shared_region(connection, _output_offset(input_bytes) + self._output_bytes)
+            if region is None:
                 return inline(connection)
             copied = _place(connection, buffers)
             self.copied_input_bytes += copied
