@@ -118,24 +118,7 @@ def fine_tune_qdq(
     train_feeds = {name: torch.from_numpy(array[train_rows]) for name, array in feeds.items()}
     train_targets = [torch.from_numpy(t[train_rows]) for t in targets]
     power = [float(torch.mean(t**2)) or 1.0 for t in train_targets]
-    groups = [
-        {
-            "params": [
-                getattr(module, key)
-                for name, (key, _) in module.integer_params.items()
-                if name not in module.bias_names
-            ],
-            "lr": settings.weight_learning_rate,
-        },
-        {
-            "params": [
-                getattr(module, key) for name, (key, _) in module.integer_params.items() if name in module.bias_names
-            ],
-            "lr": settings.bias_learning_rate,
-        },
-        {"params": [getattr(module, key) for key in module.float_params.values()], "lr": settings.float_learning_rate},
-    ]
-    optimizer = torch.optim.Adam([group for group in groups if group["params"]])
+    optimizer = _optimizer(module, settings)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
     module.train()
     for step in range(settings.steps):
@@ -153,9 +136,10 @@ def fine_tune_qdq(
     after = _relative_error(_run_onnxruntime(tuned, held_out), held_out_targets)
     kept = after < before
     seconds = time.monotonic() - started
+    trained_tensors = len(module.integer_params) + len(module.float_params)
     logger.info(
         "fine-tuned %d tensors for %d steps in %.0f s: held-out error %.3g -> %.3g (SQNR %.1f -> %.1f dB)%s",
-        len(module.integer_params) + len(module.float_params),
+        trained_tensors,
         settings.steps,
         seconds,
         before,
@@ -169,9 +153,24 @@ def fine_tune_qdq(
         kept=kept,
         holdout_error_before=before,
         holdout_error_after=after,
-        trained_tensors=len(module.integer_params) + len(module.float_params),
+        trained_tensors=trained_tensors,
         seconds=seconds,
     )
+
+
+def _optimizer(module: QdqModule, settings: FineTuneConfig) -> torch.optim.Adam:
+    """Return Adam over the module's integer weights, integer biases and fp32 tensors, each at its learning rate."""
+    weights: list[torch.nn.Parameter] = []
+    biases: list[torch.nn.Parameter] = []
+    for name, (key, _) in module.integer_params.items():
+        (biases if name in module.bias_names else weights).append(getattr(module, key))
+    floats = [getattr(module, key) for key in module.float_params.values()]
+    groups = [
+        {"params": weights, "lr": settings.weight_learning_rate},
+        {"params": biases, "lr": settings.bias_learning_rate},
+        {"params": floats, "lr": settings.float_learning_rate},
+    ]
+    return torch.optim.Adam([group for group in groups if group["params"]])
 
 
 def _check_source(source_model: onnx.ModelProto, module: QdqModule) -> None:
