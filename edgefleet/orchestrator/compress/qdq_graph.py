@@ -39,7 +39,7 @@ class QdqModule(torch.nn.Module):
 
     The integer initializers that DequantizeLinear turns into Conv, Gemm or MatMul weights and biases are
     trainable, in units of their scale, and so are the fp32 weights of such nodes kept in fp32. Signed weights
-    stay within the symmetric range (+-127 for int8) that onnxruntime's quantizer writes them in.
+    stay within the largest magnitude the quantizer wrote (+-127 for int8, +-64 with reduce_range).
     A batch along axis 0 gives the outputs of onnxruntime run on each sample alone, stacked along axis 0,
     also for a graph that fixes its batch size at 1. Raises
     QuantizationError for an operator or attribute it does not simulate.
@@ -94,9 +94,13 @@ class QdqModule(torch.nn.Module):
         if name in self.float_params:
             return getattr(self, self.float_params[name])
         if name in self.integer_params:
-            key, (low, high) = self.integer_params[name]
-            return torch.clamp(_round(getattr(self, key)), low, high)
+            return self._integer_value(name)
         return self.constants[name]
+
+    def _integer_value(self, name: str) -> torch.Tensor:
+        """Return a trainable integer initializer rounded (gradient passed through) and clamped to its range."""
+        key, (low, high) = self.integer_params[name]
+        return torch.clamp(_round(getattr(self, key)), low, high)
 
     def _integer_limits(self, node: onnx.NodeProto) -> tuple[int, int] | None:
         """Return the integer range a QuantizeLinear node clamps to, None for other nodes."""
@@ -123,11 +127,10 @@ class QdqModule(torch.nn.Module):
 
     def integer_tensors(self) -> dict[str, np.ndarray]:
         """Return the trained integer initializers, rounded and clamped, in their ONNX dtypes."""
-        result = {}
-        for name, (key, (low, high)) in self.integer_params.items():
-            values = torch.clamp(torch.round(getattr(self, key).detach()), low, high).numpy()
-            result[name] = values.astype(self._arrays[name].dtype)
-        return result
+        with torch.no_grad():
+            return {
+                name: self._integer_value(name).numpy().astype(self._arrays[name].dtype) for name in self.integer_params
+            }
 
     def float_tensors(self) -> dict[str, np.ndarray]:
         """Return the trained fp32 initializers."""
@@ -187,7 +190,8 @@ def _weight_range(weight: np.ndarray) -> tuple[int, int] | None:
 
     A signed weight stays within +-max|q| of its values, so a 7-bit reduce_range weight (+-64) stays
     7-bit. onnxruntime maps each tensor's or channel's largest magnitude to the end of the range
-    (+-127 for int8), so otherwise the bound is the dtype's symmetric range.
+    (+-127 for int8), so this bound restricts nothing there. An all-zero weight gets the dtype's
+    symmetric range.
     """
     limits = _integer_range(weight.dtype)
     if limits is None or limits[0] == 0:
