@@ -297,9 +297,13 @@ class ControlStream:
             self.end = item
         return item
 
+    def half_close(self) -> None:
+        """End the request side, as an agent that stops sending does; replies may still come."""
+        self._requests.put(None)
+
     def close(self) -> None:
         """Half-close the request side and cancel the call."""
-        self._requests.put(None)
+        self.half_close()
         self.call.cancel()
         self._reader.join(STEP_TIMEOUT_S)
 

@@ -53,6 +53,24 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, error: Base
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the orchestrator log")
 
 
+def _store_disconnect(state: OrchestratorState, device_id: str) -> None:
+    try:
+        state.store.set_connected(device_id, False, datetime.now(UTC))
+    except Exception:
+        log.exception("recording that device_id=%s disconnected failed; the store shows it connected", device_id)
+
+
+async def _record_disconnect(state: OrchestratorState, device_id: str) -> None:
+    """Store that a device's stream closed, even when the call is cancelled while the write waits.
+
+    A cancelled await on run_in_executor also cancels the job if no worker thread has taken it yet,
+    and the agent's cancel often arrives just after its half-close started this write. Shielding
+    keeps the job queued, so the device is not left stored as connected.
+    """
+    loop = asyncio.get_running_loop()
+    await asyncio.shield(loop.run_in_executor(None, _store_disconnect, state, device_id))
+
+
 def unary(
     handler: Callable[[Any, OrchestratorState], Response],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]:
@@ -139,7 +157,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         finally:
             reader.cancel()
             if hub.release(session):
-                await asyncio.to_thread(self.state.store.set_connected, device.device_id, False, datetime.now(UTC))
+                await _record_disconnect(self.state, device.device_id)
             log.info("control stream closed for device_id=%s", device.device_id)
         if failure:
             await abort_with(context, "AgentService.Control", failure[0])

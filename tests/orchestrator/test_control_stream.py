@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -129,6 +131,39 @@ def test_status_offline_when_closed(orchestrator: OrchestratorThread, open_strea
         "status offline after the stream closed",
     )
     # The store learns of the closed stream just after the hub does, from a worker thread.
+    wait_until(
+        lambda: orchestrator.state.store.get_device(device_id).connected is False,  # type: ignore[union-attr]
+        "device stored as disconnected",
+    )
+
+
+async def _occupy_default_executor(release: threading.Event, jobs: int = 40) -> None:
+    """Queue more blocking jobs than the loop's default executor has threads (at most 32)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(jobs):
+        loop.run_in_executor(None, release.wait)
+
+
+def test_disconnect_recorded_when_cancel_follows_close(
+    orchestrator: OrchestratorThread, open_stream: OpenStream
+) -> None:
+    # The agent half-closes its stream and the call is cancelled while the disconnect write is still
+    # queued for a worker thread: the cancellation must not drop that write.
+    device_id, key = register(orchestrator.agent)
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    stream.heartbeat(1)
+    stream.receive_kind("heartbeat_ack")
+    release = threading.Event()
+    try:
+        orchestrator.run(_occupy_default_executor(release))
+        stream.half_close()
+        wait_until(lambda: device_id not in orchestrator.state.hub.sessions, "the hub to forget the stream")
+        stream.call.cancel()
+        stream.wait_end()
+    finally:
+        release.set()
+
     wait_until(
         lambda: orchestrator.state.store.get_device(device_id).connected is False,  # type: ignore[union-attr]
         "device stored as disconnected",
