@@ -89,7 +89,10 @@ class Fleet:
         self.rollouts = rollouts
         self.clock = Clock()
         self.pushed: list[str] = []
-        self.engine = RolloutEngine(store, rollouts, notify=self._notify, clock=self.clock)
+        self.revoked: set[str] = set()
+        self.engine = RolloutEngine(
+            store, rollouts, notify=self._notify, clock=self.clock, excluded_devices=lambda: frozenset(self.revoked)
+        )
         self._batches = itertools.count()
 
     def _notify(self, device_id: str) -> bool:
@@ -262,6 +265,47 @@ def test_canary_spreads_classes(two_classes: Fleet) -> None:
     assert stepped.state == "running"
     assert {d.hardware_class for d in wave.devices} == {"alpha-class", "beta-class"}
     assert len(wave.devices) == 2
+
+
+def test_canary_prefers_connected(two_classes: Fleet) -> None:
+    two_classes.store.set_connected("cam-a1", True, two_classes.clock())
+    rollout = two_classes.create(wave_percents=(25, 100))
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    assert [d.device_id for d in wave.devices] == ["cam-a1"]
+
+
+def test_revoked_device_left_out(two_classes: Fleet) -> None:
+    two_classes.revoked.add("cam-a0")
+    rollout = two_classes.create(wave_percents=(100,))
+    stepped = two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    assert "cam-a0" not in stepped.plan
+    assert sorted(d.device_id for d in wave.devices) == ["cam-a1", "cam-b0", "cam-b1"]
+
+
+def test_device_revoked_after_plan_left_out(two_classes: Fleet) -> None:
+    rollout = two_classes.create()
+    two_classes.step(rollout.rollout_id)
+    first = two_classes.current_wave(rollout.rollout_id)
+    second_wave = [d for d in two_classes.rollouts.get_rollout(rollout.rollout_id).plan[2:]]
+    two_classes.revoked.add(second_wave[0])
+    two_classes.serve_wave(two_classes.rollouts.get_rollout(rollout.rollout_id), 5.0)
+    for device in first.devices:
+        two_classes.report(device.device_id, device.variant_id, "serving")
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    assert wave.index == 1
+    assert [d.device_id for d in wave.devices] == second_wave[1:]
+
+
+def test_revoked_late_device_not_admitted(two_classes: Fleet) -> None:
+    rollout = two_classes.create()
+    two_classes.step(rollout.rollout_id)
+    two_classes.device("cam-late", profile("alpha"))
+    two_classes.revoked.add("cam-late")
+    stepped = two_classes.step(rollout.rollout_id)
+    assert "cam-late" not in stepped.plan
 
 
 def test_wave_assigns_with_previous(two_classes: Fleet) -> None:

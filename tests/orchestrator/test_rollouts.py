@@ -156,6 +156,14 @@ def test_rollout_succeeds(orchestrator: OrchestratorThread) -> None:
     assert {a.model_version for d in devices for a in get_device(orchestrator, d).desired} == {"2"}
 
 
+def test_revoked_device_not_in_rollout(orchestrator: OrchestratorThread) -> None:
+    revoked, kept = fleet(orchestrator)
+    orchestrator.operator.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id=revoked, reason="lost"), timeout=30)
+    rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)
+    running = wait_rollout(orchestrator, rollout.rollout_id, lambda r: r.state == RUNNING, "wave 1")
+    assert [d.device_id for w in running.waves for d in w.devices] == [kept]
+
+
 def test_over_budget_rolls_back(orchestrator: OrchestratorThread) -> None:
     devices = fleet(orchestrator, cameras=1)
     rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)

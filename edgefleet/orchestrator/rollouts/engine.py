@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -175,13 +175,16 @@ class RolloutEngine:
         predictor_factory: PredictorFactory = analytic_predictor_factory,
         holder: str = "",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        excluded_devices: Callable[[], Collection[str]] = frozenset,
     ) -> None:
+        """excluded_devices returns the ids of devices no rollout may assign to (the revoked ones)."""
         self.store = store
         self.rollouts = rollouts
         self.notify: Notify = notify or (lambda device_id: False)
         self.predictor_factory = predictor_factory
         self.holder = holder or f"engine-{secrets.token_hex(4)}"
         self.clock = clock
+        self.excluded_devices = excluded_devices
 
     def tick(self) -> int:
         """Advance every rollout that needs work by one step; return how many were looked at.
@@ -224,7 +227,7 @@ class RolloutEngine:
             # Started before a crash that happened before the state was written; continue it.
             self.rollouts.save_rollout(replace(rollout, state="running"), self.clock())
             return
-        devices = targets.select(rollout.spec.target, self.store.list_devices())
+        devices = self._targeted(rollout)
         if not devices:
             reason = f"waiting for a device that matches the target {targets.format_selector(rollout.spec.target)}"
             if rollout.reason != reason:
@@ -239,6 +242,12 @@ class RolloutEngine:
             len(rollout.spec.wave_percents),
         )
         self._start_wave(started, 0, 0)
+
+    def _targeted(self, rollout: Rollout) -> list[Device]:
+        """Return the devices that match the rollout's target and are not excluded, sorted by id."""
+        excluded = self.excluded_devices()
+        devices = targets.select(rollout.spec.target, self.store.list_devices())
+        return [d for d in devices if d.device_id not in excluded]
 
     def _wave_members(self, rollout: Rollout, index: int) -> list[str]:
         percents = rollout.spec.wave_percents
@@ -259,7 +268,12 @@ class RolloutEngine:
         else:
             members = self._wave_members(rollout, index)
         devices = {d.device_id: d for d in self.store.list_devices()}
-        current = [devices[m] for m in members if m in devices and targets.matches(spec.target, devices[m])]
+        excluded = self.excluded_devices()
+        current = [
+            devices[m]
+            for m in members
+            if m in devices and m not in excluded and targets.matches(spec.target, devices[m])
+        ]
         wave_devices = self._choose(rollout, current, exclusions_of(waves))
         assigned = sum(1 for d in wave_devices if d.variant_id)
         wave = Wave(
@@ -517,8 +531,7 @@ class RolloutEngine:
         """
         in_waves = {d.device_id for w in waves for d in w.devices}
         known = in_waves if rollout.state == "succeeded" else in_waves | set(rollout.plan)
-        devices = targets.select(rollout.spec.target, self.store.list_devices())
-        joined = [d for d in devices if d.device_id not in known]
+        joined = [d for d in self._targeted(rollout) if d.device_id not in known]
         if not joined:
             return rollout
         passed = [w for w in waves if w.decision == "proceed"]

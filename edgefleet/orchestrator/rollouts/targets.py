@@ -100,11 +100,12 @@ def plan_order(devices: Sequence[Device]) -> list[str]:
     """Order devices for the waves by taking one device of each hardware class in turn.
 
     The first wave (the canary) therefore spreads across hardware classes: it contains one device of
-    each class as far as its size allows, and so does every later wave. Classes are visited in name
-    order and devices in id order, so the plan is the same for the same fleet.
+    each class as far as its size allows, and so does every later wave. Within a class, connected
+    devices come first, so an early wave does not wait on a device that is offline. Classes are
+    visited in name order and devices in id order, so the plan is the same for the same fleet state.
     """
     by_class: dict[str, list[str]] = defaultdict(list)
-    for device in sorted(devices, key=lambda d: d.device_id):
+    for device in sorted(devices, key=lambda d: (not d.connected, d.device_id)):
         by_class[device.hardware.hardware_class].append(device.device_id)
     queues = [by_class[name] for name in sorted(by_class)]
     order: list[str] = []

@@ -83,6 +83,10 @@ class SecurityStore(abc.ABC):
     def is_revoked(self, device_id: str) -> bool: ...
 
     @abc.abstractmethod
+    def revoked_device_ids(self) -> frozenset[str]:
+        """Return the ids of every revoked device."""
+
+    @abc.abstractmethod
     def add_api_token(self, record: ApiTokenRecord, token_hash: str) -> None:
         """Store an API token by the hash of its secret."""
 
@@ -210,6 +214,10 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
                 sa.select(revoked_devices.c.device_id).where(revoked_devices.c.device_id == device_id)
             ).first()
         return row is not None
+
+    def revoked_device_ids(self) -> frozenset[str]:
+        with self._read() as connection:
+            return frozenset(connection.execute(sa.select(revoked_devices.c.device_id)).scalars())
 
     # API tokens
 
