@@ -40,3 +40,7 @@ class OrchestratorState:
     # Device and operator authentication and artifact signing; server.start_server sets it. None
     # disables signing and every check, for handler tests without a server.
     security: Security | None = None
+
+    def revoked_device_ids(self) -> frozenset[str]:
+        """Return the ids of the revoked devices; none without security."""
+        return self.security.store.revoked_device_ids() if self.security is not None else frozenset()

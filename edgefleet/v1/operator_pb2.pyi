@@ -85,7 +85,7 @@ class IdentityConflict(_message.Message):
     def __init__(self, instance_key_fingerprint: _Optional[str] = ..., peer: _Optional[str] = ..., seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed", "drift")
+    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed", "drift", "revoked")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class Device(_message.Message):
     CLOCK_SKEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_SKEWED_FIELD_NUMBER: _ClassVar[int]
     DRIFT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     status: _common_pb2.DeviceStatus
     hardware: _common_pb2.HardwareProfile
@@ -125,7 +126,8 @@ class Device(_message.Message):
     clock_skew_seconds: float
     clock_skewed: bool
     drift: _containers.RepeatedCompositeFieldContainer[Drift]
-    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ...) -> None: ...
+    revoked: bool
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ..., revoked: _Optional[bool] = ...) -> None: ...
 
 class Drift(_message.Message):
     __slots__ = ("kind", "model_name", "desired_variant_id", "reported_variant_id", "detail")

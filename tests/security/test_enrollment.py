@@ -146,6 +146,19 @@ def test_revoke_closes_and_refuses(start_secure: StartSecure) -> None:
     assert second_end.code == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_revoked_shown_on_device(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    register(orchestrator, "cam-2", orchestrator.enrollment_token("cam-2"))
+    orchestrator.operator().RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    listed = orchestrator.operator().ListDevices(operator_pb2.ListDevicesRequest(), timeout=STEP_TIMEOUT_S)
+    shown = orchestrator.operator().GetDevice(operator_pb2.GetDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    assert {d.device_id: d.revoked for d in listed.devices} == {"cam-1": True, "cam-2": False}
+    assert shown.revoked
+
+
 def test_revoke_refuses_uploads(start_secure: StartSecure) -> None:
     orchestrator = start_secure()
     register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))

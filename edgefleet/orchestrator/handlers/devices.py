@@ -131,8 +131,13 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
             )
 
 
-def describe_device(device: Device, state: OrchestratorState, fleet: FleetStates | None = None) -> operator_pb2.Device:
-    """Build a Device message; pass fleet (from Store.fleet_states) when describing many devices."""
+def describe_device(
+    device: Device,
+    state: OrchestratorState,
+    fleet: FleetStates | None = None,
+    revoked: frozenset[str] | None = None,
+) -> operator_pb2.Device:
+    """Build a Device message; pass fleet (from Store.fleet_states) and revoked when describing many devices."""
     if fleet is None:
         desired = state.store.get_desired_state(device.device_id)[1]
         reported = state.store.get_reported_state(device.device_id)
@@ -151,6 +156,7 @@ def describe_device(device: Device, state: OrchestratorState, fleet: FleetStates
     message.clock_skew_seconds = state.hub.clock_skew_s.get(device.device_id, 0.0)
     message.clock_skewed = state.hub.is_clock_skewed(device.device_id)
     message.drift.extend(operator_pb2.Drift(**asdict(d)) for d in device_drift(device, desired, reported))
+    message.revoked = device.device_id in (revoked if revoked is not None else state.revoked_device_ids())
     return message
 
 
@@ -172,6 +178,7 @@ def list_devices(
     page_size = request.page_size or MAX_PAGE_SIZE
     devices: list[operator_pb2.Device] = []
     fleet = state.store.fleet_states()
+    revoked = state.revoked_device_ids()
     next_token = ""
     for device in sorted(state.store.list_devices(), key=lambda d: d.device_id):
         if device.device_id <= request.page_token:
@@ -185,7 +192,7 @@ def list_devices(
             continue
         if request.hardware_class and device.hardware.hardware_class != request.hardware_class:
             continue
-        described = describe_device(device, state, fleet)
+        described = describe_device(device, state, fleet, revoked)
         if request.drift_only and not described.drift:
             continue
         devices.append(described)

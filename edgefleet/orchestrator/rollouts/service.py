@@ -92,15 +92,12 @@ def start_rollouts(state: OrchestratorState) -> RolloutService:
 
         return calibrated_predictor(state, variants, hardware_classes)
 
-    def revoked() -> frozenset[str]:
-        return state.security.store.revoked_device_ids() if state.security is not None else frozenset()
-
     engine = RolloutEngine(
         state.store,
         state.rollouts,
         notify=lambda device_id: push_desired_state(state, device_id),
         predictor_factory=predictor,
-        excluded_devices=revoked,
+        excluded_devices=state.revoked_device_ids,
     )
     reconciler = Reconciler(state.store, lambda device_id: push_desired_state(state, device_id))
     service = RolloutService(engine=engine, reconciler=reconciler, state=state)
