@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,35 @@ class IdentityError(ValueError):
 class Identity:
     device_id: str  # Empty until the orchestrator assigns one at the first registration.
     instance_key: str  # Random secret; a second agent claiming this device id lacks it.
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state directory if it is missing and check that this process can create files in it.
+
+    Raises IdentityError naming the directory and the fix when the path or one of its parents is not a
+    directory, or when the directory cannot be created or written.
+    """
+    fix = "set --state-dir to a directory that the agent's user can write"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise IdentityError(f"the state directory {state_dir} exists but is not a directory; {fix}") from None
+    except NotADirectoryError:
+        raise IdentityError(
+            f"cannot create the state directory {state_dir}: one of its parents is a file, not a directory; {fix}"
+        ) from None
+    except OSError as error:
+        raise IdentityError(f"cannot create the state directory {state_dir}: {error.strerror}; {fix}") from None
+    # Root passes the permission checks of os.access(), so try a real write. TemporaryFile leaves no
+    # file behind, even when the process is killed, because it unlinks the file right away.
+    try:
+        with tempfile.TemporaryFile(dir=state_dir):
+            pass
+    except OSError as error:
+        raise IdentityError(
+            f"cannot write in the state directory {state_dir} as uid {os.geteuid()}: {error.strerror}; "
+            f"make the directory writable for that user (chown or chmod), or {fix}"
+        ) from None
 
 
 def load_identity(state_dir: Path) -> Identity:
@@ -65,10 +95,17 @@ def lock_state_dir(state_dir: Path) -> int:
 
     Two agents on one state directory would share an identity and take each other's control stream
     and local socket. The lock is released when the descriptor is closed or the process ends. Raises
-    IdentityError when another agent, in this process or another, holds the lock.
+    IdentityError when another agent, in this process or another, holds the lock, or when the lock file
+    cannot be opened.
     """
     path = state_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise IdentityError(
+            f"cannot open the lock file {path}: {error.strerror}; it must be a file that the agent's user "
+            f"(uid {os.geteuid()}) can write, so remove it or fix its owner, or pass another --state-dir"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -9,11 +9,17 @@ import os
 import sys
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from edgefleet.agent.config import HELP, AgentConfig
+from edgefleet.agent.identity import IdentityError, prepare_state_dir
 from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
+from edgefleet.common.tls import CredentialsError, read_pem
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -33,6 +39,50 @@ def load_agent_config(flags: argparse.Namespace) -> AgentConfig:
     if config_file is None and os.environ.get("EDGEFLEET_CONFIG"):
         config_file = Path(os.environ["EDGEFLEET_CONFIG"])
     return load_config(AgentConfig, flags=flags, file=config_file)
+
+
+def check_tls_files(config: AgentConfig) -> None:
+    """Check that the CA certificate, the device certificate and its key parse, and that the key matches.
+
+    gRPC reads these files only at the first handshake, and a key that does not match its certificate
+    then fails every handshake, which the agent would retry for ever. Does nothing with --insecure or
+    without --cert and --key. Raises CredentialsError naming the files and the fix.
+    """
+    if config.insecure or config.cert is None or config.key is None:
+        return
+    if config.ca_cert is not None:
+        ca_pem = read_pem(config.ca_cert, "CA certificate", "--ca-cert")
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError as error:
+            raise CredentialsError(
+                f"CA certificate {config.ca_cert} (--ca-cert) is not a valid PEM certificate: {error}"
+            ) from None
+    certificate_pem = read_pem(config.cert, "certificate", "--cert")
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError as error:
+        raise CredentialsError(f"certificate {config.cert} (--cert) is not a valid PEM certificate: {error}") from None
+    key_pem = read_pem(config.key, "private key", "--key")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise CredentialsError(
+            f"private key {config.key} (--key) is encrypted; the agent needs an unencrypted PEM key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise CredentialsError(f"private key {config.key} (--key) is not a valid PEM private key: {error}") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        certificate_public_key = certificate.public_key().public_bytes(*spki)
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise CredentialsError(f"certificate {config.cert} (--cert) has an unsupported public key: {error}") from None
+    if key.public_key().public_bytes(*spki) != certificate_public_key:
+        raise CredentialsError(
+            f"private key {config.key} (--key) does not match certificate {config.cert} (--cert): their public "
+            "keys differ; pass the key that was issued with this certificate (`edgefleet pki issue` writes "
+            "ID.pem and ID.key together)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +114,12 @@ def run(config: AgentConfig) -> int:
     except ProfileError as error:
         log.error("%s", error)
         return EXIT_CONFIG
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_tls_files(config)
+        prepare_state_dir(config.state_dir)
+    except (CredentialsError, IdentityError) as error:
+        log.error("cannot start: %s", error)
+        return EXIT_CONFIG
     limits = profile.enforce()
     hardware = profile.apply(probe_hardware(store_dir=config.state_dir))
     labels = {**profile.labels, **config.labels}

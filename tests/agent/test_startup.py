@@ -1,0 +1,172 @@
+"""Start-up checks of edgefleet-agent: state directory and TLS files, run as the real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.main import check_tls_files
+from edgefleet.cli.main import main as edgefleet_cli
+from edgefleet.common.errors import EXIT_CONFIG
+
+# Nothing listens on port 1 of loopback, and every check here runs before the first connection.
+UNUSED_ADDRESS = "127.0.0.1:1"
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m edgefleet.agent.main ARGS` to completion and return it with text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgefleet.agent.main", "--orchestrator", UNUSED_ADDRESS, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_state_dir_is_file(tmp_path: Path) -> None:
+    state_file = tmp_path / "state"
+    state_file.write_text("")
+
+    result = run_agent("--insecure", "--profile", "camera", "--state-dir", str(state_file))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"the state directory {state_file} exists but is not a directory" in result.stderr
+    assert "--state-dir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_state_dir_below_file(tmp_path: Path) -> None:
+    """A state directory below a regular file cannot be created, even by root."""
+    (tmp_path / "file").write_text("")
+    state_dir = tmp_path / "file" / "state"
+
+    result = run_agent("--insecure", "--state-dir", str(state_dir))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"cannot create the state directory {state_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a directory of mode 0500, so it cannot be read-only")
+def test_state_dir_read_only(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o500)
+
+    result = run_agent("--insecure", "--state-dir", str(state_dir))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"cannot write in the state directory {state_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lock_file_unusable(tmp_path: Path) -> None:
+    """A lock path that cannot be opened for writing (here a directory) stops the agent with its path."""
+    (tmp_path / "agent.lock").mkdir()
+
+    result = run_agent("--insecure", "--state-dir", str(tmp_path))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"cannot open the lock file {tmp_path / 'agent.lock'}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Create a fleet CA and the device certificates cam-1 and cam-2 with `edgefleet pki`."""
+    folder = tmp_path_factory.mktemp("pki")
+    assert edgefleet_cli(["pki", "init", "--dir", str(folder), "--host", "127.0.0.1"]) == 0
+    for device_id in ("cam-1", "cam-2"):
+        assert edgefleet_cli(["pki", "issue", "--dir", str(folder), "--device-id", device_id]) == 0
+    return folder
+
+
+def tls_flags(pki: Path, cert: Path, key: Path) -> list[str]:
+    return ["--ca-cert", str(pki / "ca.pem"), "--cert", str(cert), "--key", str(key)]
+
+
+def test_key_of_other_certificate(pki: Path, tmp_path: Path) -> None:
+    cert = pki / "devices" / "cam-1.pem"
+    key = pki / "devices" / "cam-2.key"
+
+    result = run_agent("--state-dir", str(tmp_path), *tls_flags(pki, cert, key))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"private key {key} (--key) does not match certificate {cert} (--cert)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_key_mismatch_leaves_state_dir(pki: Path, tmp_path: Path) -> None:
+    """The TLS check runs before the state directory is created, so a failed start leaves nothing behind."""
+    state_dir = tmp_path / "state"
+
+    run_agent("--state-dir", str(state_dir), *tls_flags(pki, pki / "devices" / "cam-1.pem", pki / "server.key"))
+
+    assert not state_dir.exists()
+
+
+def test_key_invalid(pki: Path, tmp_path: Path) -> None:
+    key = tmp_path / "broken.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+
+    result = run_agent("--state-dir", str(tmp_path), *tls_flags(pki, pki / "devices" / "cam-1.pem", key))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"private key {key} (--key) is not a valid PEM private key" in result.stderr
+
+
+def test_cert_invalid(pki: Path, tmp_path: Path) -> None:
+    cert = tmp_path / "broken.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+
+    result = run_agent("--state-dir", str(tmp_path), *tls_flags(pki, cert, pki / "devices" / "cam-1.key"))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"certificate {cert} (--cert) is not a valid PEM certificate" in result.stderr
+
+
+def test_ca_cert_invalid(pki: Path, tmp_path: Path) -> None:
+    ca_cert = tmp_path / "ca.pem"
+    ca_cert.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    flags = ["--ca-cert", str(ca_cert), "--cert", str(pki / "devices" / "cam-1.pem")]
+
+    result = run_agent("--state-dir", str(tmp_path), *flags, "--key", str(pki / "devices" / "cam-1.key"))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"CA certificate {ca_cert} (--ca-cert) is not a valid PEM certificate" in result.stderr
+
+
+def test_key_encrypted(pki: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    plain = serialization.load_pem_private_key((pki / "devices" / "cam-1.key").read_bytes(), password=None)
+    key = tmp_path / "encrypted.key"
+    key.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    config = AgentConfig(ca_cert=pki / "ca.pem", cert=pki / "devices" / "cam-1.pem", key=key)
+
+    with pytest.raises(ValueError, match="is encrypted"):
+        check_tls_files(config)
+
+
+def test_matching_pair_passes(pki: Path) -> None:
+    config = AgentConfig(ca_cert=pki / "ca.pem", cert=pki / "devices" / "cam-1.pem", key=pki / "devices" / "cam-1.key")
+
+    check_tls_files(config)
+
+
+def test_insecure_skips_tls_check(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    config = AgentConfig(insecure=True, cert=missing, key=missing)
+
+    check_tls_files(config)
