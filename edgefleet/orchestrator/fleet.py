@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -17,6 +18,12 @@ log = logging.getLogger(__name__)
 # and re-syncs from the desired state when it reconnects, so nothing is lost by the bound.
 MAX_QUEUED_COMMANDS = 64
 
+# A device whose stream is taken over this many times within the window is most likely run by two
+# agents with one identity (a copied state directory or a cloned disk image): each one's reconnect
+# closes the other's stream. A single reconnect after a broken connection takes over once.
+TAKEOVER_WINDOW_S = 60.0
+TAKEOVERS_FOR_DUPLICATE = 3
+
 
 @dataclass(eq=False)
 class StreamSession:
@@ -25,6 +32,7 @@ class StreamSession:
     device_id: str
     peer: str
     opened_at: datetime
+    replaced_by: str = ""  # The peer whose newer stream of the same device closed this one.
     queue: asyncio.Queue[agent_pb2.OrchestratorMessage | None] = field(
         default_factory=lambda: asyncio.Queue(MAX_QUEUED_COMMANDS)
     )
@@ -68,6 +76,8 @@ class FleetHub:
         self.sessions: dict[str, StreamSession] = {}
         self.last_seen: dict[str, datetime] = {}
         self._pending: dict[str, datetime] = {}
+        self._takeovers: dict[str, deque[datetime]] = {}
+        self._duplicate_reported: dict[str, datetime] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # Set by the server once its loop runs.
 
     def open(self, device_id: str, peer: str) -> StreamSession:
@@ -80,12 +90,29 @@ class FleetHub:
                 previous.peer,
                 peer,
             )
+            previous.replaced_by = peer
             previous.close()
         now = datetime.now(UTC)
+        if previous is not None:
+            takeovers = self._takeovers.setdefault(device_id, deque(maxlen=TAKEOVERS_FOR_DUPLICATE))
+            takeovers.append(now)
         session = StreamSession(device_id=device_id, peer=peer, opened_at=now)
         self.sessions[device_id] = session
         self.heartbeat(device_id, now)
         return session
+
+    def duplicate_suspected(self, device_id: str, now: datetime | None = None) -> bool:
+        """Return True when the device's stream was taken over TAKEOVERS_FOR_DUPLICATE times within
+        TAKEOVER_WINDOW_S, at most once per window, so that the caller reports it once."""
+        now = now or datetime.now(UTC)
+        recent = [at for at in self._takeovers.get(device_id, ()) if (now - at).total_seconds() <= TAKEOVER_WINDOW_S]
+        if len(recent) < TAKEOVERS_FOR_DUPLICATE:
+            return False
+        reported = self._duplicate_reported.get(device_id)
+        if reported is not None and (now - reported).total_seconds() <= TAKEOVER_WINDOW_S:
+            return False
+        self._duplicate_reported[device_id] = now
+        return True
 
     def release(self, session: StreamSession) -> bool:
         """Forget a stream that ended; return False if a newer stream of the device replaced it."""

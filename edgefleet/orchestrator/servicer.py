@@ -15,7 +15,8 @@ import grpc
 from edgefleet.common.errors import EdgefleetError, InvalidArgument
 from edgefleet.common.serde import from_timestamp, timestamp
 from edgefleet.orchestrator import serde
-from edgefleet.orchestrator.fleet import StreamSession
+from edgefleet.orchestrator.domain import IdentityConflict
+from edgefleet.orchestrator.fleet import TAKEOVER_WINDOW_S, TAKEOVERS_FOR_DUPLICATE, StreamSession
 from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics, rollouts
 from edgefleet.orchestrator.handlers import jobs as compression_jobs
 from edgefleet.orchestrator.security import admin as security_admin
@@ -69,6 +70,25 @@ async def _record_disconnect(state: OrchestratorState, device_id: str) -> None:
     """
     loop = asyncio.get_running_loop()
     await asyncio.shield(loop.run_in_executor(None, _store_disconnect, state, device_id))
+
+
+async def _report_duplicate(state: OrchestratorState, device_id: str, instance_key: str, peer: str) -> None:
+    """Warn that two agents seem to share one identity and record it as an identity conflict."""
+    log.warning(
+        "the control stream of device_id=%s was taken over %d times within %.0f s, now from %s: two agents "
+        "probably share this device's identity (a copied state directory or cloned disk image)",
+        device_id,
+        TAKEOVERS_FOR_DUPLICATE,
+        TAKEOVER_WINDOW_S,
+        peer,
+    )
+    conflict = IdentityConflict(
+        device_id=device_id, key_fingerprint=serde.key_hash(instance_key)[:12], peer=peer, seen_at=datetime.now(UTC)
+    )
+    try:
+        await asyncio.to_thread(state.store.record_identity_conflict, conflict)
+    except Exception:
+        log.exception("recording the identity conflict of device_id=%s failed", device_id)
 
 
 def unary(
@@ -140,6 +160,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         session = hub.open(device.device_id, peer)
         await asyncio.to_thread(self.state.store.set_connected, device.device_id, True, datetime.now(UTC))
         log.info("control stream opened for device_id=%s from %s", device.device_id, peer)
+        if hub.duplicate_suspected(device.device_id):
+            await _report_duplicate(self.state, device.device_id, hello.instance_key, peer)
         # A device that missed commands while offline is brought up to date at once.
         if hello.desired_generation != generation:
             session.send(serde.desired_state_message(generation, assignments))
@@ -161,6 +183,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             log.info("control stream closed for device_id=%s", device.device_id)
         if failure:
             await abort_with(context, "AgentService.Control", failure[0])
+        if session.replaced_by:
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                f"a newer control stream of device {device.device_id!r} from {session.replaced_by} replaced this one; "
+                "this is normal after a reconnect, but if it repeats, another agent uses this device's identity "
+                "(a copied state directory or cloned disk image): give each device its own state directory",
+            )
         security = self.state.security
         if security is not None and await asyncio.to_thread(security.is_revoked, device.device_id):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device.device_id!r} was revoked")

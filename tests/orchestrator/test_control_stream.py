@@ -230,10 +230,40 @@ def test_second_stream_replaces_first(orchestrator: OrchestratorThread, open_str
     second.heartbeat(2)
     ack = second.receive_kind("heartbeat_ack")
 
-    assert first_end.code == grpc.StatusCode.OK
+    assert first_end.code == grpc.StatusCode.ABORTED
+    assert "replaced this one" in first_end.details
     assert ack.heartbeat_ack.sequence == 2
     assert status_of(orchestrator, device_id) == common_pb2.DEVICE_STATUS_ONLINE
     assert orchestrator.state.store.get_device(device_id).connected is True  # type: ignore[union-attr]
+
+
+def test_repeated_takeovers_recorded_as_conflict(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
+    # Two agents started from one copied state directory keep closing each other's stream.
+    device_id, key = register(orchestrator.agent)
+    streams = []
+    for sequence in range(1, 6):
+        stream = open_stream(orchestrator.agent)
+        stream.hello(device_id, key)
+        stream.heartbeat(sequence)
+        stream.receive_kind("heartbeat_ack")
+        streams.append(stream)
+
+    conflicts = wait_until(lambda: get_device(orchestrator, device_id).identity_conflicts, "an identity conflict")
+
+    assert len(conflicts) == 1
+    assert conflicts[0].instance_key_fingerprint
+    assert all(s.wait_end().code == grpc.StatusCode.ABORTED for s in streams[:-1])
+
+
+def test_single_takeover_not_a_conflict(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
+    device_id, key = register(orchestrator.agent)
+    for sequence in (1, 2):
+        stream = open_stream(orchestrator.agent)
+        stream.hello(device_id, key)
+        stream.heartbeat(sequence)
+        stream.receive_kind("heartbeat_ack")
+
+    assert not get_device(orchestrator, device_id).identity_conflicts
 
 
 def test_reported_state_stored(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:

@@ -20,7 +20,14 @@ from pg import find_postgres_bin
 
 from edgefleet.common.hardware import Accelerator, HardwareProfile, RuntimeInfo
 from edgefleet.common.models import ModelMetadata, TensorSpec
-from edgefleet.orchestrator.domain import Assignment, MetricWindow, ModelStatus, ModelVersion, Variant
+from edgefleet.orchestrator.domain import (
+    Assignment,
+    IdentityConflict,
+    MetricWindow,
+    ModelStatus,
+    ModelVersion,
+    Variant,
+)
 from edgefleet.orchestrator.store import (
     AlreadyExistsError,
     IdentityMismatchError,
@@ -425,6 +432,18 @@ def test_register_identity_conflict(store: Store) -> None:
     assert conflicts[0].seen_at == NOW + timedelta(hours=1)
     assert store.get_device("dev-1") == original
     assert len(store.hardware_history("dev-1")) == 1
+
+
+def test_record_identity_conflict(store: Store) -> None:
+    _register(store)
+    conflict = IdentityConflict("dev-1", KEY_A[:12], "ipv4:10.0.0.9:1234", NOW + timedelta(minutes=5))
+    store.record_identity_conflict(conflict)
+    assert store.list_identity_conflicts("dev-1") == [conflict]
+
+
+def test_record_identity_conflict_unknown(store: Store) -> None:
+    with pytest.raises(NotFoundError, match="nope"):
+        store.record_identity_conflict(IdentityConflict("nope", KEY_A[:12], "ipv4:10.0.0.9:1234", NOW))
 
 
 def test_identity_conflicts_filter(store: Store) -> None:

@@ -81,6 +81,10 @@ class Store(abc.ABC):
     def list_identity_conflicts(self, device_id: str | None = None) -> list[IdentityConflict]: ...
 
     @abc.abstractmethod
+    def record_identity_conflict(self, conflict: IdentityConflict) -> None:
+        """Store a conflict found after registration; raise NotFoundError for an unknown device."""
+
+    @abc.abstractmethod
     def touch_devices(self, last_seen: Mapping[str, datetime]) -> None:
         """Set last_seen for many devices in one transaction; unknown ids are ignored."""
 

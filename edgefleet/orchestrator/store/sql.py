@@ -129,6 +129,23 @@ class SqlStore(SqlTransactions, Store):
         with self._read() as connection:
             return [rows.conflict_from_row(row) for row in connection.execute(query)]
 
+    def record_identity_conflict(self, conflict: IdentityConflict) -> None:
+        rows.require_aware("seen_at", conflict.seen_at)
+        with self._write() as connection:
+            known = connection.execute(
+                sa.select(devices.c.device_id).where(devices.c.device_id == conflict.device_id)
+            ).first()
+            if known is None:
+                raise NotFoundError(f"device {conflict.device_id!r} is not registered")
+            connection.execute(
+                sa.insert(identity_conflicts).values(
+                    device_id=conflict.device_id,
+                    key_fingerprint=conflict.key_fingerprint,
+                    peer=conflict.peer,
+                    seen_at=conflict.seen_at,
+                )
+            )
+
     def touch_devices(self, last_seen: Mapping[str, datetime]) -> None:
         """Set last_seen for many devices in one transaction; unknown ids are ignored.
 
