@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+_CHATTY_LIBRARIES = ("alembic", "onnx_ir", "onnxscript", "jax", "torchao")
+
 # LogRecord attributes that are not extra fields passed by the caller.
 _STANDARD_ATTRIBUTES = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -45,5 +47,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"invalid log level {level!r}; allowed: debug, info, warning, error")
     root.setLevel(numeric)
-    # Alembic reports every migration plug-in at INFO; its warnings still show.
-    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
+    # These libraries report routine steps at INFO (each Alembic plug-in, each ONNX graph rewrite of the
+    # PyTorch exporter, JAX's probing for TPUs during TFLite export); their warnings still show.
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,52 @@
+"""configure_logging: formats, levels and the libraries it quiets."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from edgefleet.common.logs import configure_logging
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quieted = {name: logging.getLogger(name).level for name in ("onnx_ir", "jax", "alembic")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, previous in quieted.items():
+        logging.getLogger(name).setLevel(previous)
+
+
+def test_library_info_hidden(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info")
+    logging.getLogger("onnx_ir.passes.common").info("replaced an initializer")
+    logging.getLogger("jax._src.xla_bridge").warning("no TPU")
+    logging.getLogger("edgefleet.demo").info("demo step")
+    err = capsys.readouterr().err
+    assert "replaced an initializer" not in err
+    assert "no TPU" in err
+    assert "demo step" in err
+
+
+def test_debug_keeps_libraries_quiet_at_info(restore_logging: None) -> None:
+    configure_logging("debug")
+    assert logging.getLogger("onnx_ir").level == logging.WARNING
+
+
+def test_json_lines(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    logging.getLogger("edgefleet.test").info("hello %s", "there", extra={"device_id": "cam-1"})
+    event = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert (event["message"], event["device_id"], event["level"]) == ("hello there", "cam-1", "info")
+
+
+@pytest.mark.parametrize(("level", "fmt", "named"), [("loud", "text", "loud"), ("info", "xml", "xml")])
+def test_invalid_settings(restore_logging: None, level: str, fmt: str, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        configure_logging(level, fmt)
