@@ -24,11 +24,12 @@ class ModelFileError(ValueError):
     """The bytes are not a usable model: not a model file, truncated, unsupported opset or invalid graph."""
 
 
-def inspect_model(data: bytes | Path) -> ModelMetadata:
+def inspect_model(data: bytes | Path, source: str = "") -> ModelMetadata:
     """Detect the format of a model from its content and read its interface and estimated cost.
 
     A file whose bytes 4..8 are "TFL3" is read as TFLite, anything else as ONNX. Dynamic axes
-    count as 1 in the MAC and memory estimates.
+    count as 1 in the MAC and memory estimates. Error messages name the model by source; without
+    it they use the path, or the byte count for bytes.
 
     Raises ModelFileError when the content is not an ONNX or TFLite model, is truncated, uses an
     ONNX opset that the installed onnxruntime does not support, or fails onnx.checker; OSError when
@@ -36,10 +37,10 @@ def inspect_model(data: bytes | Path) -> ModelMetadata:
     """
     if isinstance(data, Path):
         content = data.read_bytes()
-        source = str(data)
+        source = source or str(data)
     else:
         content = bytes(data)
-        source = f"<{len(content)} bytes>"
+        source = source or f"<{len(content)} bytes>"
     if not content:
         raise ModelFileError(f"model {source} is empty; upload an .onnx or .tflite file")
 
@@ -135,9 +136,7 @@ def estimate_peak_activation_bytes(
     return peak
 
 
-def propagate_constants(
-    steps: Sequence[tuple[Sequence[Key], Sequence[Key]]], constants: Collection[Key]
-) -> set[Key]:
+def propagate_constants(steps: Sequence[tuple[Sequence[Key], Sequence[Key]]], constants: Collection[Key]) -> set[Key]:
     """Return constants plus the outputs of every step whose inputs are all constant.
 
     The outputs of a step with no inputs (an ONNX Constant node) are constant too. This treats

@@ -37,10 +37,55 @@ from edgefleet.v1 import agent_pb2, operator_pb2
 log = logging.getLogger(__name__)
 
 VARIANT_KIND_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+# The variant kinds an upload may add, by the file format that each kind contains. "source" is the
+# uploaded version itself. Compression jobs name their own variants ("int8-JOBID") without this check.
+UPLOAD_VARIANT_KINDS: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx-fp32", "fp16", "int8", "pruned", "distilled"),
+    "tflite": ("tflite-fp32", "tflite-fp16", "tflite-int8"),
+}
+FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite"}
+# Maximum length of a client file name that upload errors show as sent; longer or unprintable names are
+# shown quoted and cut.
+MAX_SHOWN_FILENAME_CHARS = 255
 
 
 def variant_id_for(name: str, version: str, kind: str) -> str:
     return f"{name}:{version}:{kind}"
+
+
+def check_variant_kind(kind: str, file_format: str | None, source: str) -> None:
+    """Raise InvalidArgument unless kind is an upload variant kind, and one for file_format when it is given.
+
+    source names the file in the message; file_format is "onnx" or "tflite", or None before the file is read.
+    """
+    if not VARIANT_KIND_PATTERN.match(kind):
+        raise InvalidArgument("header.variant_kind", f"{kind!r} must be 1-32 characters of a-z, 0-9 and '-'")
+    if kind == "source":
+        raise InvalidArgument("header.variant_kind", "'source' is reserved for the uploaded version itself")
+    kind_format = next((f for f, kinds in UPLOAD_VARIANT_KINDS.items() if kind in kinds), None)
+    if kind_format is None:
+        allowed = " or ".join(
+            f"{', '.join(kinds)} for {FORMAT_NAMES[f]} files" for f, kinds in UPLOAD_VARIANT_KINDS.items()
+        )
+        raise InvalidArgument("header.variant_kind", f"{kind!r} is not a known variant kind; use {allowed}")
+    if file_format is not None and file_format != kind_format:
+        shown_format = FORMAT_NAMES.get(file_format, file_format)
+        allowed = ", ".join(UPLOAD_VARIANT_KINDS.get(file_format, ())) or "none"
+        raise InvalidArgument(
+            "header.variant_kind",
+            f"{kind!r} is a kind for {FORMAT_NAMES[kind_format]} files, but {source} is {shown_format}; "
+            f"the kinds for {shown_format} files are {allowed}",
+        )
+
+
+def upload_source(header: operator_pb2.UploadModelHeader) -> str:
+    """Return the name that upload errors give the file: the client's file name, or the model reference."""
+    filename = header.filename
+    if not filename:
+        return f"<upload of {header.name}:{header.version}>"
+    if filename.isprintable() and len(filename) <= MAX_SHOWN_FILENAME_CHARS:
+        return filename
+    return repr(filename[:MAX_SHOWN_FILENAME_CHARS])
 
 
 def upload_error(error: UploadError) -> EdgefleetError:
@@ -70,23 +115,22 @@ async def upload_model(
     validation.check_name(header.name, "header.name")
     validation.check_name(header.version, "header.version")
     kind = header.variant_kind
-    if kind and not VARIANT_KIND_PATTERN.match(kind):
-        raise InvalidArgument("header.variant_kind", f"{kind!r} must be 1-32 characters of a-z, 0-9 and '-'")
-    if kind == "source":
-        raise InvalidArgument("header.variant_kind", "'source' is reserved for the uploaded version itself")
+    source = upload_source(header)
+    declared_format = _declared_format(header)
     if kind:
+        check_variant_kind(kind, declared_format, source)
         await asyncio.to_thread(_existing_version, header.name, header.version, state)
 
     def validate(path: Path) -> ModelMetadata:
         try:
-            metadata = inspect_model(path)
+            metadata = inspect_model(path, source)
         except ModelFileError as error:
             raise ValueError(str(error)) from None
-        if header.format and format_from_proto(header.format) != metadata.format:
-            raise ValueError(
-                f"header.format is {format_from_proto(header.format)} but the file is a {metadata.format} model"
-            )
-        if not kind:
+        if declared_format is not None and declared_format != metadata.format:
+            raise ValueError(f"header.format is {declared_format} but {source} is a {metadata.format} model")
+        if kind:
+            check_variant_kind(kind, metadata.format, source)
+        else:
             _check_version_conflict(header.name, header.version, "sha256:" + sha256_file(path), state)
         return metadata
 
@@ -124,6 +168,16 @@ async def upload_model(
         created_at=now,
     )
     return await asyncio.to_thread(_store_upload, header, variant, state, now)
+
+
+def _declared_format(header: operator_pb2.UploadModelHeader) -> str | None:
+    """Return the header's format ("onnx" or "tflite"), or None when it is unset; raise InvalidArgument if unknown."""
+    if not header.format:
+        return None
+    try:
+        return format_from_proto(header.format)
+    except ValueError as error:
+        raise InvalidArgument("header.format", str(error)) from None
 
 
 def _existing_version(name: str, version: str, state: OrchestratorState) -> ModelVersion:
