@@ -44,8 +44,8 @@ def prepare_state_dir(state_dir: Path) -> None:
         ) from None
     except OSError as error:
         raise IdentityError(f"cannot create the state directory {state_dir}: {error.strerror}; {fix}") from None
-    # Root passes the permission checks of os.access(), so try a real write. TemporaryFile leaves no
-    # file behind, even when the process is killed, because it unlinks the file right away.
+    # Try a real write, because a check of the mode bits is wrong for root and ignores ACLs. The file
+    # has no name (O_TMPFILE) or is unlinked at once, so a killed process leaves nothing behind.
     try:
         with tempfile.TemporaryFile(dir=state_dir):
             pass

@@ -68,7 +68,8 @@ def check_tls_files(config: AgentConfig) -> None:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
         raise CredentialsError(
-            f"private key {config.key} (--key) is encrypted; the agent needs an unencrypted PEM key"
+            f"private key {config.key} (--key) is encrypted, but the agent needs an unencrypted PEM key; "
+            f"write one with `openssl pkey -in {config.key} -out KEY` and pass it to --key"
         ) from None
     except (ValueError, UnsupportedAlgorithm) as error:
         raise CredentialsError(f"private key {config.key} (--key) is not a valid PEM private key: {error}") from None

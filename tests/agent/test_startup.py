@@ -13,6 +13,7 @@ from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.main import check_tls_files
 from edgefleet.cli.main import main as edgefleet_cli
 from edgefleet.common.errors import EXIT_CONFIG
+from edgefleet.common.tls import CredentialsError
 
 # Nothing listens on port 1 of loopback, and every check here runs before the first connection.
 UNUSED_ADDRESS = "127.0.0.1:1"
@@ -155,7 +156,7 @@ def test_key_encrypted(pki: Path, tmp_path: Path) -> None:
     )
     config = AgentConfig(ca_cert=pki / "ca.pem", cert=pki / "devices" / "cam-1.pem", key=key)
 
-    with pytest.raises(ValueError, match="is encrypted"):
+    with pytest.raises(CredentialsError, match="is encrypted"):
         check_tls_files(config)
 
 
