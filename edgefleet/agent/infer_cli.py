@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
+from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
+
+PROG = "edgefleet-agent infer"
+# The socket of an agent started by deploy/systemd/edgefleet-agent.service (RuntimeDirectory=edgefleet-agent).
+SYSTEMD_SOCKET = Path("/run/edgefleet-agent/agent.sock")
+LABELS_FORMAT = "--labels takes a UTF-8 text file with one class label per line, in class index order"
+
+
+class UsageError(ValueError):
+    """A flag value, a file that a flag names or the model's input that the command cannot use.
+
+    The message names the value and the fix.
+    """
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The image size in pixels and the channel axis that a model's first input takes."""
+
+    height: int
+    width: int
+    channels_first: bool  # NCHW when true, NHWC otherwise.
 
 
 def load_image(path: Path, height: int, width: int) -> np.ndarray:
@@ -32,77 +57,256 @@ def load_image(path: Path, height: int, width: int) -> np.ndarray:
         return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
 
-def to_input(pixels: np.ndarray, spec: inference_pb2.LocalModel, mean: float, std: float) -> np.ndarray:
-    """Normalise HxWx3 pixels and lay them out as the model's first input expects (NCHW or NHWC)."""
-    shape = list(spec.inputs[0].shape)
-    data = (pixels.astype(np.float32) - mean) / std
-    if len(shape) == 4 and shape[1] == 3:
+def to_input(pixels: np.ndarray, image: ImageInput, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Normalise HxWx3 pixels per channel and return a batch of one in the model's layout (NCHW or NHWC).
+
+    mean and std hold one value for all channels or one per RGB channel.
+    """
+    data = (pixels.astype(np.float32) - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    if image.channels_first:
         data = data.transpose(2, 0, 1)
     return data[np.newaxis]
 
 
-def input_size(spec: inference_pb2.LocalModel) -> tuple[int, int]:
-    shape = list(spec.inputs[0].shape)
-    if len(shape) != 4:
-        raise SystemExit(f"model {spec.model_name} takes input shape {shape}, not an image batch")
-    return (shape[2], shape[3]) if shape[1] == 3 else (shape[1], shape[2])
+def image_input(spec: inference_pb2.LocalModel, size: tuple[int, int] | None) -> ImageInput:
+    """Return the image size and layout that the model's first input takes.
+
+    size (height, width) from --size fills dynamic axes, and must equal fixed ones. Raises UsageError
+    when the input is not a batch of 3-channel images, when it has a dynamic height or width and size is
+    None, or when size differs from the model's fixed size.
+    """
+    tensor = spec.inputs[0]
+    shape = list(tensor.shape)
+    if len(shape) == 4 and shape[1] == 3:
+        channels_first, dims = True, (shape[2], shape[3])
+    elif len(shape) == 4 and shape[3] == 3:
+        channels_first, dims = False, (shape[1], shape[2])
+    else:
+        raise UsageError(
+            f"model {spec.model_name} takes input {tensor.name} of shape {shape}, not a batch of RGB images "
+            "([N, 3, H, W] or [N, H, W, 3]); call it through the local API with your own tensors"
+        )
+
+    shown = "x".join("?" if d < 0 else str(d) for d in dims)
+    if size is None:
+        if min(dims) < 0:
+            raise UsageError(
+                f"model {spec.model_name} has a dynamic image height or width (input {tensor.name} of shape "
+                f"{shape}); pass the size with --size HEIGHTxWIDTH, for example --size 224x224"
+            )
+        return ImageInput(dims[0], dims[1], channels_first)
+    for fixed, requested in zip(dims, size, strict=True):
+        if fixed >= 0 and fixed != requested:
+            raise UsageError(
+                f"--size {size[0]}x{size[1]} does not fit model {spec.model_name}, which takes {shown} images "
+                f"(input {tensor.name} of shape {shape}); drop --size or pass one that matches"
+            )
+    return ImageInput(size[0], size[1], channels_first)
+
+
+def parse_top(text: str) -> int:
+    """Parse --top, a whole number of at least 1, or raise argparse.ArgumentTypeError."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number of at least 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: expected a whole number of at least 1")
+    return value
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse --size, HEIGHTxWIDTH or one number for a square, or raise argparse.ArgumentTypeError."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected HEIGHTxWIDTH in pixels, such as 224x224, or one number such as 224"
+        )
+    return (values[0], values[-1])
+
+
+def parse_mean(text: str) -> tuple[float, ...]:
+    """Parse --mean: one finite number, or three for the R, G and B channels, comma-separated."""
+    return _parse_channel_values(text, positive=False)
+
+
+def parse_std(text: str) -> tuple[float, ...]:
+    """Parse --std: one number above 0, or three for the R, G and B channels, comma-separated."""
+    return _parse_channel_values(text, positive=True)
+
+
+def _parse_channel_values(text: str, *, positive: bool) -> tuple[float, ...]:
+    kind = "number above 0" if positive else "finite number"
+    expected = f"expected one {kind}, or three comma-separated ones for the R, G and B channels"
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {expected}") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: got {len(values)} values; {expected}")
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {expected}")
+    return values
+
+
+def read_labels(path: Path) -> list[str]:
+    """Read a labels file of UTF-8 text with one class label per line, or raise UsageError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"labels file {path} not found; {LABELS_FORMAT}") from None
+    except OSError as error:
+        raise UsageError(f"cannot read labels file {path}: {error.strerror}; {LABELS_FORMAT}") from None
+    try:
+        text = data.decode("utf-8-sig")  # Drops the byte order mark that some editors write.
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"labels file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            f"{LABELS_FORMAT}"
+        ) from None
+    if "\0" in text:
+        raise UsageError(f"labels file {path} contains NUL bytes, so it is not a text file; {LABELS_FORMAT}")
+    return text.splitlines()
+
+
+def agent_socket(socket: Path | None, state_dir: Path | None, config_file: Path | None) -> Path:
+    """Return the local API socket that an agent with these settings serves, as edgefleet-agent resolves it.
+
+    Each of socket and state_dir comes from its flag, else from EDGEFLEET_SOCKET or EDGEFLEET_STATE_DIR,
+    else from the TOML file (config_file, else EDGEFLEET_CONFIG). A socket set anywhere wins over
+    STATE_DIR/agent.sock, and with neither set the result is ./edgefleet-agent/agent.sock, the agent's
+    default. Raises ConfigError for an unreadable config file or an invalid setting.
+    """
+    if config_file is None and os.environ.get("EDGEFLEET_CONFIG"):
+        config_file = Path(os.environ["EDGEFLEET_CONFIG"])
+    flags = argparse.Namespace(socket=socket, state_dir=state_dir)
+    return load_config(AgentConfig, flags=flags, file=config_file).socket_path
+
+
+def _default_socket_help() -> str:
+    """Describe the default socket for --help, with the path that the current environment gives."""
+    try:
+        # argparse %-formats help texts, so a % in the path is doubled.
+        resolved = str(agent_socket(None, None, None).absolute()).replace("%", "%%")
+    except ConfigError:
+        resolved = "unknown, because the agent settings in the environment are invalid"
+    return (
+        "the agent's local API socket (env EDGEFLEET_SOCKET); default STATE_DIR/agent.sock, the socket that an agent "
+        f"with the same --config and --state-dir serves, here {resolved}; an agent run by the systemd unit "
+        f"serves {SYSTEMD_SOCKET}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser.add_argument("--model", required=True, help="name of a model the agent serves")
+    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--socket", type=Path, metavar="PATH", help=_default_socket_help())
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="the agent's state directory, for the default socket (env EDGEFLEET_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the agent's TOML file, for the default socket (env EDGEFLEET_CONFIG)",
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        metavar="HEIGHTxWIDTH",
+        help="image size HEIGHTxWIDTH in pixels, for models with a dynamic height or width (default: the model's)",
+    )
+    parser.add_argument(
+        "--mean",
+        type=parse_mean,
+        default=(127.0,),
+        help="pixel mean subtracted first, on the 0-255 scale: one value, or R,G,B (default 127)",
+    )
+    parser.add_argument(
+        "--std",
+        type=parse_std,
+        default=(128.0,),
+        help="divisor applied after the mean, above 0: one value, or R,G,B (default 128)",
+    )
+    parser.add_argument("--labels", type=Path, metavar="FILE", help="UTF-8 text file with one class label per line")
+    parser.add_argument(
+        "--top", type=parse_top, default=3, metavar="N", help="how many classes to print per image (default 3)"
+    )
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="edgefleet-agent infer", description=__doc__)
-    parser.add_argument("--model", required=True, help="name of a model the agent serves")
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=Path(os.environ.get("EDGEFLEET_SOCKET", "./edgefleet-agent/agent.sock")),
-        help="the agent's local API socket (env EDGEFLEET_SOCKET)",
-    )
-    parser.add_argument("--mean", type=float, default=127.0, help="pixel mean subtracted before scaling (0-255 scale)")
-    parser.add_argument("--std", type=float, default=128.0, help="pixel scale divided by after the mean")
-    parser.add_argument("--labels", type=Path, help="text file with one class label per line")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to print per image")
-    args = parser.parse_args(argv)
-    labels = args.labels.read_text().splitlines() if args.labels else []
-    with grpc.insecure_channel(f"unix://{args.socket.absolute()}") as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    """Run the command with argv, the arguments after "infer", and return the exit code.
+
+    Exits 2 for invalid flags, files and model inputs, 69 when no agent serves the socket, and 1 when
+    an image cannot be read or the inference fails.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        labels = read_labels(args.labels) if args.labels else []
+        socket = agent_socket(args.socket, args.state_dir, args.config)
+    except (UsageError, ConfigError) as error:
+        return _fail(str(error), EXIT_USAGE)
+    if not socket.exists():
+        hint = f"; an agent run by the systemd unit serves {SYSTEMD_SOCKET}" if SYSTEMD_SOCKET.exists() else ""
+        return _fail(
+            f"no agent socket at {socket.absolute()}; start edgefleet-agent, or pass the --socket (or --state-dir) "
+            f"of a running agent{hint}",
+            EXIT_UNAVAILABLE,
+        )
+    with grpc.insecure_channel(f"unix://{socket.absolute()}") as channel:
+        return _infer_images(inference_pb2_grpc.InferenceServiceStub(channel), args, socket, labels)
+
+
+def _infer_images(
+    stub: inference_pb2_grpc.InferenceServiceStub, args: argparse.Namespace, socket: Path, labels: list[str]
+) -> int:
+    try:
+        listed = stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
+    except grpc.RpcError as error:
+        return _fail(
+            f"cannot reach the agent at {socket}: {error.details()}; is edgefleet-agent running?", EXIT_UNAVAILABLE
+        )
+    models = {m.model_name: m for m in listed}
+    spec = models.get(args.model)
+    if spec is None:
+        served = ", ".join(sorted(models)) or "none"
+        return _fail(f"model {args.model!r} is not served here; served: {served}", EXIT_USAGE)
+    try:
+        image = image_input(spec, args.size)
+    except UsageError as error:
+        return _fail(str(error), EXIT_USAGE)
+
+    for path in args.images:
         try:
-            models = {
-                m.model_name: m for m in stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
-            }
+            pixels = load_image(path, image.height, image.width)
+        except OSError as error:
+            return _fail(f"{path}: cannot read image: {error}", EXIT_FAILURE)
+        request = inference_pb2.InferRequest(
+            model_name=args.model,
+            inputs=[array_to_tensor(spec.inputs[0].name, to_input(pixels, image, args.mean, args.std))],
+        )
+        try:
+            response = stub.Infer(request, timeout=30)
         except grpc.RpcError as error:
-            print(
-                f"cannot reach the agent at {args.socket}: {error.details()}; is edgefleet-agent running?",
-                file=sys.stderr,
-            )
-            return EXIT_UNAVAILABLE
-        spec = models.get(args.model)
-        if spec is None:
-            print(
-                f"model {args.model!r} is not served here; served: {', '.join(sorted(models)) or 'none'}",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        height, width = input_size(spec)
-        for path in args.images:
-            try:
-                pixels = load_image(path, height, width)
-            except OSError as error:
-                print(f"{path}: cannot read image: {error}", file=sys.stderr)
-                return EXIT_FAILURE
-            request = inference_pb2.InferRequest(
-                model_name=args.model,
-                inputs=[array_to_tensor(spec.inputs[0].name, to_input(pixels, spec, args.mean, args.std))],
-            )
-            try:
-                response = stub.Infer(request, timeout=30)
-            except grpc.RpcError as error:
-                print(f"{path}: inference failed: {error.details()}", file=sys.stderr)
-                return EXIT_FAILURE
-            scores = tensor_to_array(response.outputs[0]).reshape(-1)
-            best = np.argsort(scores)[::-1][: args.top]
-            ranked = ", ".join(
-                f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ") for i in best
-            )
-            print(f"{path}: {ranked}  [{response.variant_id}, {response.latency_ms:.2f} ms]")
+            return _fail(f"{path}: inference failed: {error.details()}", EXIT_FAILURE)
+        scores = tensor_to_array(response.outputs[0]).reshape(-1)
+        best = np.argsort(scores)[::-1][: args.top]
+        ranked = ", ".join(
+            f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ") for i in best
+        )
+        print(f"{path}: {ranked}  [{response.variant_id}, {response.latency_ms:.2f} ms]")
     return EXIT_OK

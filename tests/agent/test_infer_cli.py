@@ -1,0 +1,319 @@
+"""edgefleet-agent infer against a real local API server with real onnxruntime models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from edgefleet.agent.local_api import LocalApiServer
+from edgefleet.agent.main import main
+from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.common.errors import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+CLASSES = 5
+# The RGB colour of the test image. A uniform image keeps its colour through the resize and the crop.
+COLOUR = (200, 40, 90)
+WEIGHT = np.random.default_rng(7).standard_normal((3, CLASSES)).astype(np.float32)
+
+
+def write_classifier(path: Path, shape: list[int | str], channels_first: bool = True) -> Path:
+    """Write logits = mean over the pixels of each channel @ WEIGHT, for images of the given input shape."""
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "ReduceMean", ["image"], ["channels"], axes=[2, 3] if channels_first else [1, 2], keepdims=0
+            ),
+            helper.make_node("MatMul", ["channels", "weight"], ["logits"]),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [shape[0], CLASSES])],
+        [helper.make_tensor("weight", TensorProto.FLOAT, WEIGHT.shape, WEIGHT.ravel().tolist())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_vector_model(path: Path) -> Path:
+    """Write y = relu(x) with x float32 of shape (1, 4): a model that takes no image."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "vector",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def expected_ranking(mean: tuple[float, ...], std: tuple[float, ...]) -> list[int]:
+    """Return the class indices of the test image, best first, as the classifier ranks them."""
+    channels = (np.asarray(COLOUR, dtype=np.float32) - np.asarray(mean)) / np.asarray(std)
+    logits = channels.astype(np.float32) @ WEIGHT
+    return [int(i) for i in np.argsort(logits)[::-1]]
+
+
+def printed_classes(line: str) -> list[int]:
+    """Return the class indices of one output line "PATH: I LABEL (SCORE), ...  [VARIANT, MS]"."""
+    ranked = line.split(": ", 1)[1].rsplit("  [", 1)[0]
+    return [int(entry.split(" ", 1)[0]) for entry in ranked.split(", ")]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove the agent settings of the environment, which change the default socket."""
+    for name in ("EDGEFLEET_SOCKET", "EDGEFLEET_STATE_DIR", "EDGEFLEET_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelHost]:
+    folder = tmp_path_factory.mktemp("models")
+    with ModelHost(default_threads=1) as model_host:
+        models = {
+            "fixed": write_classifier(folder / "fixed.onnx", [1, 3, 8, 8]),
+            "dyn": write_classifier(folder / "dyn.onnx", [1, 3, "height", "width"]),
+            "nhwc": write_classifier(folder / "nhwc.onnx", [1, 8, 8, 3], channels_first=False),
+            "vector": write_vector_model(folder / "vector.onnx"),
+        }
+        for name, path in models.items():
+            model_host.install(name, "1", f"{name}:1:source", path, "onnx")
+        yield model_host
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Return ./edgefleet-agent in a fresh working directory: the agent's default state directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "edgefleet-agent"
+
+
+@pytest.fixture
+def socket(host: ModelHost, state_dir: Path) -> Iterator[Path]:
+    """Serve the test models on STATE_DIR/agent.sock, where an agent with default settings serves them."""
+    server = LocalApiServer(host, state_dir / "agent.sock")
+    server.start()
+    yield server.socket_path
+    server.stop(grace_s=0)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (20, 16), COLOUR).save(path)
+    return path
+
+
+def infer(*args: str) -> int:
+    return main(["infer", *args])
+
+
+def test_fixed_model_ranks(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "fixed", "--top", str(CLASSES), str(image))
+
+    assert code == EXIT_OK
+    assert printed_classes(capsys.readouterr().out) == expected_ranking((127.0,), (128.0,))
+
+
+def test_channel_mean_std(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mean, std = (250.0, 10.0, 30.0), (2.0, 40.0, 8.0)
+    args = ["--mean", "250,10,30", "--std", "2,40,8", "--top", str(CLASSES)]
+
+    code = infer("--socket", str(socket), "--model", "fixed", *args, str(image))
+
+    assert code == EXIT_OK
+    assert printed_classes(capsys.readouterr().out) == expected_ranking(mean, std)
+
+
+def test_nhwc_model(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "nhwc", "--top", str(CLASSES), str(image))
+
+    assert code == EXIT_OK
+    assert printed_classes(capsys.readouterr().out) == expected_ranking((127.0,), (128.0,))
+
+
+def test_top_limits_classes(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "fixed", "--top", "2", str(image))
+
+    assert code == EXIT_OK
+    assert len(printed_classes(capsys.readouterr().out)) == 2
+
+
+def test_labels_printed(socket: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {i}\n" for i in range(CLASSES)), encoding="utf-8-sig")
+    best = expected_ranking((127.0,), (128.0,))[0]
+
+    code = infer("--socket", str(socket), "--model", "fixed", "--labels", str(labels), "--top", "1", str(image))
+
+    assert code == EXIT_OK
+    assert f": {best} class {best} (" in capsys.readouterr().out
+
+
+def test_labels_missing(socket: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = tmp_path / "nope.txt"
+
+    code = infer("--socket", str(socket), "--model", "fixed", "--labels", str(labels), str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert f"labels file {labels} not found" in error
+    assert "UTF-8 text file with one class label per line" in error
+    assert error.count("\n") == 1
+
+
+def test_labels_png(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "fixed", "--labels", str(image), str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert f"labels file {image} is not UTF-8 text" in error
+    assert "one class label per line" in error
+
+
+def test_labels_png_process(image: Path) -> None:
+    """The installed entry point reports a binary labels file in one line, before it looks for the agent."""
+    command = [sys.executable, "-m", "edgefleet.agent.main", "infer", "--model", "fixed", "--labels", str(image)]
+
+    result = subprocess.run([*command, str(image)], capture_output=True, text=True, timeout=60, check=False)
+
+    assert result.returncode == EXIT_USAGE
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_dynamic_needs_size(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "dyn", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "dynamic image height or width" in error
+    assert "--size HEIGHTxWIDTH" in error
+
+
+def test_dynamic_with_size(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "dyn", "--size", "12x16", "--top", str(CLASSES), str(image))
+
+    assert code == EXIT_OK
+    assert printed_classes(capsys.readouterr().out) == expected_ranking((127.0,), (128.0,))
+
+
+def test_size_mismatch(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "fixed", "--size", "224", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "--size 224x224 does not fit model fixed, which takes 8x8 images" in error
+
+
+def test_model_without_image(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "vector", str(image))
+
+    assert code == EXIT_USAGE
+    assert "not a batch of RGB images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--top", "-1"),
+        ("--top", "0"),
+        ("--top", "three"),
+        ("--std", "0"),
+        ("--std", "-2"),
+        ("--std", "nan"),
+        ("--std", "1,2"),
+        ("--mean", "1,2,3,4"),
+        ("--mean", "inf"),
+        ("--size", "0x10"),
+        ("--size", "big"),
+    ],
+)
+def test_invalid_flag(flag: str, value: str, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        infer("--model", "fixed", flag, value, str(image))
+
+    error = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USAGE
+    assert f"argument {flag}" in error
+    assert repr(value) in error or f" {value}:" in error
+
+
+def test_default_socket(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --socket the command finds the socket of an agent started with default settings."""
+    code = infer("--model", "fixed", str(image))
+
+    assert code == EXIT_OK, capsys.readouterr().err
+
+
+def test_state_dir_env_socket(
+    socket: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """EDGEFLEET_STATE_DIR moves the default socket for the command as it does for the agent."""
+    monkeypatch.chdir(tmp_path / "edgefleet-agent")
+    monkeypatch.setenv("EDGEFLEET_STATE_DIR", str(tmp_path / "edgefleet-agent"))
+
+    code = infer("--model", "fixed", str(image))
+
+    assert code == EXIT_OK, capsys.readouterr().err
+
+
+def test_config_file_socket(
+    socket: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "edgefleet-agent"}"\n')
+    monkeypatch.chdir(tmp_path / "edgefleet-agent")
+
+    code = infer("--config", str(config), "--model", "fixed", str(image))
+
+    assert code == EXIT_OK, capsys.readouterr().err
+
+
+def test_socket_missing(state_dir: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--model", "fixed", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_UNAVAILABLE
+    assert f"no agent socket at {state_dir / 'agent.sock'}" in error
+    assert "--socket" in error
+
+
+def test_help_shows_default(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        infer("--help")
+
+    # argparse may wrap a long path after a hyphen, so the lines are joined without spaces.
+    help_text = "".join(line.strip() for line in capsys.readouterr().out.splitlines())
+    assert str(state_dir / "agent.sock") in help_text
+
+
+def test_config_file_invalid(state_dir: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("state_dir = \n")
+
+    code = infer("--config", str(config), "--model", "fixed", str(image))
+
+    assert code == EXIT_USAGE
+    assert str(config) in capsys.readouterr().err
+
+
+def test_unknown_model(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = infer("--socket", str(socket), "--model", "nope", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "served: dyn, fixed, nhwc, vector" in error
