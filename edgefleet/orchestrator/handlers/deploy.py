@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -38,6 +39,30 @@ def choose_variant(device: Device, variants: list[Variant], state: OrchestratorS
     return selection.chosen, selection.threads
 
 
+def thread_budget(device: Device) -> int:
+    """Return the maximum intra-op threads worth running on a device: its usable cores rounded down, at least 1."""
+    return max(1, math.floor(device.hardware.usable_cores))
+
+
+def capped_threads(request: operator_pb2.DeployRequest, device: Device) -> int:
+    """Return the request's thread count lowered to the device's thread budget; 0 stays 0 (choose automatically).
+
+    Threads beyond the usable cores only compete for them, so the cost model never chooses more either.
+    The reply's assignment carries the lowered count, and the caller compares it with its request.
+    """
+    budget = thread_budget(device)
+    if request.threads <= budget:
+        return request.threads
+    log.info(
+        "lowered threads from %d to %d for device_id=%s: it has %g usable cores",
+        request.threads,
+        budget,
+        device.device_id,
+        device.hardware.usable_cores,
+    )
+    return budget
+
+
 def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> operator_pb2.DeployResponse:
     """Set one model in a device's desired state and push the new state to the agent if it is connected."""
     validation.check_device_id(request.device_id)
@@ -64,10 +89,10 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
                 f"variant {variant.variant_id} is {variant.format} but device {device.device_id} runs "
                 f"{', '.join(runnable_formats(device.hardware)) or 'no runtime'}"
             )
-        threads = request.threads
+        threads = capped_threads(request, device)
     else:
         variant, chosen_threads = choose_variant(device, variants, state)
-        threads = request.threads or chosen_threads
+        threads = capped_threads(request, device) or chosen_threads
 
     assignment = Assignment(
         device_id=device.device_id,
