@@ -33,6 +33,12 @@ MODEL_STATES = ("pending", "downloading", "verifying", "loading", "serving", "fa
 # The selector key that matches the hardware class; every other key is a label.
 HARDWARE_CLASS_KEY = "hardware_class"
 PROGRESS_WIDTH = 20
+# The orchestrator's upper limits for rollout create (edgefleet/orchestrator/handlers/rollouts.py), so that
+# the CLI can name the allowed range. The request sends 0 for an omitted flag, which the orchestrator
+# reads as its default, so the CLI rejects an explicit 0 instead of sending it.
+MAX_MIN_SAMPLES = 10_000_000
+MAX_ROLLBACKS = 100
+MAX_SAMPLE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class UsageError(ValueError):
@@ -40,6 +46,40 @@ class UsageError(ValueError):
 
 
 Command = Callable[["Client", argparse.Namespace], None]
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """Return an argparse type that parses a whole number from low to high."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {value!r}: give a whole number from {low} to {high}"
+            ) from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is outside the allowed range {low} to {high}")
+        return number
+
+    return parse
+
+
+def seconds_in_range(high: float) -> Callable[[str], float]:
+    """Return an argparse type that parses a number of seconds above 0 and at most high."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not (0 < seconds <= high):
+            raise argparse.ArgumentTypeError(
+                f"invalid value {value!r}: give a number of seconds above 0 and at most {high:g}"
+            )
+        return seconds
+
+    return parse
 
 
 def _usage_errors(command: Command) -> Command:
@@ -298,9 +338,10 @@ def cmd_create(client: Client, args: argparse.Namespace) -> None:
         budget_ms=args.budget_ms,
         max_p95_regression_pct=args.max_p95_regression,
         max_error_rate_pct=args.max_error_rate,
-        min_samples=args.min_samples,
-        max_rollbacks=args.max_rollbacks,
-        sample_timeout_seconds=args.sample_timeout,
+        # An omitted flag is None and goes out as 0, which the orchestrator replaces with its default.
+        min_samples=args.min_samples or 0,
+        max_rollbacks=args.max_rollbacks or 0,
+        sample_timeout_seconds=args.sample_timeout or 0.0,
     )
     rollout = client.call("CreateRollout", request)
     _show(client, rollout, args)
@@ -385,19 +426,23 @@ def add_commands(nouns: Any, output_flag: Callable[[argparse.ArgumentParser], No
         metavar="PCT",
         help="largest share of failed inferences, in percent; more rolls the wave back (default 1)",
     )
-    sub.add_argument("--min-samples", type=int, default=0, help="latency samples per device before a wave is judged")
+    sub.add_argument(
+        "--min-samples",
+        type=int_in_range(1, MAX_MIN_SAMPLES),
+        help=f"latency samples each device reports before a wave is judged, 1 to {MAX_MIN_SAMPLES} (default 100)",
+    )
     sub.add_argument(
         "--max-rollbacks",
-        type=int,
-        default=0,
-        help="wave rollbacks before the whole rollout is rolled back (default 1)",
+        type=int_in_range(1, MAX_ROLLBACKS),
+        help="wave rollbacks at which the whole rollout is rolled back; 1 rolls it back at the first, "
+        f"up to {MAX_ROLLBACKS} (default 1)",
     )
     sub.add_argument(
         "--sample-timeout",
-        type=float,
-        default=0.0,
+        type=seconds_in_range(MAX_SAMPLE_TIMEOUT_S),
         metavar="SECONDS",
-        help="seconds a wave may wait for samples before it is reported stuck (default 600)",
+        help="seconds a wave may wait for samples before it is reported stuck, above 0 and at most "
+        f"{MAX_SAMPLE_TIMEOUT_S:g} (default 600)",
     )
     _watch_flags(sub)
     output_flag(sub)
