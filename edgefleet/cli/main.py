@@ -1,16 +1,19 @@
 """edgefleet: the operator CLI for devices, models, deployments and metrics.
 
-Exit codes: 0 success, 1 the request failed, 2 invalid usage, arguments, API token or role, 3 not found,
-4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable or not serving,
-130 interrupted (Ctrl-C), 141 stdout closed early (a pipe into head).
+Exit codes: 0 success, 1 the request failed, 2 invalid usage, arguments, API token, role or TLS
+settings (a CA or host name that does not match the orchestrator's certificate), 3 not found,
+4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable or not
+serving, 130 interrupted (Ctrl-C), 141 stdout closed early (a pipe into head).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +25,19 @@ import grpc
 
 from edgefleet.cli import rollout, views
 from edgefleet.common.errors import EXIT_UNAVAILABLE
-from edgefleet.common.tls import CredentialsError, operator_channel
-from edgefleet.v1 import operator_pb2, operator_pb2_grpc
+from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
+from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
 # The orchestrator's operator port (TLS with API tokens); with --insecure one plaintext port serves all.
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50052"
 DEFAULT_INSECURE_ORCHESTRATOR = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+TFLITE_IDENTIFIER = b"TFL3"  # FlatBuffers file identifier of a TFLite model, at bytes 4..8.
+# gRPC's status details when the server certificate does not name the host dialled (grpcio 1.85).
+HOSTNAME_MISMATCH_TEXT = "Hostname Verification Check failed"
+# OpenSSL's reason when the certificate chain does not verify against the trusted CA.
+VERIFY_FAILED_TEXT = "CERTIFICATE_VERIFY_FAILED"
+CERTIFICATE_FETCH_TIMEOUT_S = 5.0
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command killed by SIGPIPE.
 STATUS_EXIT_CODES = {
@@ -82,6 +91,16 @@ class Client:
     def error(self, error: grpc.RpcError) -> CliError:
         code = error.code()
         details = error.details()
+        if code == grpc.StatusCode.UNAVAILABLE and HOSTNAME_MISMATCH_TEXT in details:
+            return CliError(self.hostname_mismatch_message(), EXIT_USAGE)
+        if code == grpc.StatusCode.UNAVAILABLE and VERIFY_FAILED_TEXT in details:
+            reason = details.rpartition(VERIFY_FAILED_TEXT + ":")[2].removesuffix(": OK").strip() or "failed"
+            return CliError(
+                f"the TLS certificate of the orchestrator at {self.address} did not verify ({reason}); "
+                "pass the fleet CA that issued it with --ca-cert or EDGEFLEET_CA_CERT, "
+                "and check that the certificate has not expired",
+                EXIT_USAGE,
+            )
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return CliError(
                 f"cannot reach the orchestrator at {self.address} ({code.name.lower()}: {details}); "
@@ -89,6 +108,72 @@ class Client:
                 EXIT_UNAVAILABLE,
             )
         return CliError(f"{code.name.lower().replace('_', ' ')}: {details}", STATUS_EXIT_CODES.get(code, EXIT_FAILED))
+
+    def hostname_mismatch_message(self) -> str:
+        """Return the error for a server certificate that does not name the host in the address."""
+        host, port = split_host_port(self.address)
+        names = certificate_names(host, port, min(self.timeout_s, CERTIFICATE_FETCH_TIMEOUT_S))
+        named = f"; it names {', '.join(names)}" if names else ""
+        example = f" such as {join_host_port(names[0], port)}" if names else ""
+        return (
+            f"the orchestrator's TLS certificate does not name {host}, the host in {self.address}{named}. "
+            f"Connect with --orchestrator to an address the certificate names{example}, or create a certificate "
+            f"for this host with `edgefleet pki init --dir NEW_DIR --host {host}` (a new fleet CA)"
+        )
+
+
+def split_host_port(address: str) -> tuple[str, int | None]:
+    """Split HOST:PORT or [IPV6]:PORT; the port is None when it is missing or not a number."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port:
+        return address.strip("[]"), None
+    return host.strip("[]"), int(port) if port.isdigit() else None
+
+
+def join_host_port(host: str, port: int | None) -> str:
+    """Return HOST:PORT, with brackets around an IPv6 host."""
+    bracketed = f"[{host}]" if ":" in host else host
+    return bracketed if port is None else f"{bracketed}:{port}"
+
+
+def certificate_names(host: str, port: int | None, timeout_s: float) -> list[str]:
+    """Return the DNS names and IP addresses in the server certificate at host:port; [] when it cannot be read.
+
+    The certificate is fetched without verification: the names only go into an error message.
+    """
+    if port is None:
+        return []
+    from cryptography import x509
+
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=timeout_s)
+        certificate = load_certificate(pem.encode())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []
+    return [*names.get_values_for_type(x509.DNSName), *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
+
+
+def positive_seconds(value: str) -> float:
+    """Parse an argparse value as a finite number of seconds above 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds above 0") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds above 0")
+    return seconds
+
+
+def non_negative_int(value: str) -> int:
+    """Parse an argparse value as an integer of 0 or more."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number of 0 or more") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number of 0 or more")
+    return number
 
 
 def emit(data: Any, output: str, render: Callable[[Any], str]) -> None:
@@ -238,19 +323,43 @@ def upload_requests(
         print(file=sys.stderr)
 
 
+def declared_format(path: Path, head: bytes) -> Any:
+    """Return the format an upload header declares for a file that starts with head, or 0 (unspecified).
+
+    A declared format lets the orchestrator reject a --variant-kind of the other format before the file
+    is sent. TFLite is detected from the content with the orchestrator's rule; ONNX has no such marker,
+    so only an .onnx name declares it, and other files are left to the orchestrator's detection.
+    """
+    if head[4:8] == TFLITE_IDENTIFIER:
+        return common_pb2.MODEL_FORMAT_TFLITE
+    if path.suffix.lower() == ".onnx":
+        return common_pb2.MODEL_FORMAT_ONNX
+    return common_pb2.MODEL_FORMAT_UNSPECIFIED
+
+
 def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
     import hashlib
 
     path: Path = args.path
-    if not path.is_file():
+    if path.is_dir():
+        raise CliError(f"{path} is a directory; give the path of an .onnx or .tflite model file", EXIT_USAGE)
+    if not path.exists():
         raise CliError(f"model file {path} not found", EXIT_USAGE)
+    if not path.is_file():
+        raise CliError(f"{path} is not a regular file; give the path of an .onnx or .tflite model file", EXIT_USAGE)
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            digest.update(head)
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError as error:
+        raise CliError(f"cannot read model file {path}: {error.strerror or error}", EXIT_USAGE) from None
     header = operator_pb2.UploadModelHeader(
         name=args.name,
         version=args.version,
+        format=declared_format(path, head),
         size_bytes=path.stat().st_size,
         sha256=digest.hexdigest(),
         filename=path.name,
@@ -363,6 +472,9 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
         "version": assignment.model_version,
         "variant_id": assignment.variant_id,
         "digest": assignment.digest,
+        "threads": assignment.threads,
+        "requested_threads": args.threads,
+        "notice": threads_notice(args.threads, assignment.threads, device),
         "desired_generation": device["desired_generation"],
         # Only the assigned variant's status counts; an older variant may still be serving until the device applies it.
         "state": next(
@@ -378,6 +490,16 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     state = result["state"]
     if state is not None and state["state"] == "failed":
         raise CliError(f"device {args.device} failed to run {assignment.variant_id}: {state['error']}")
+
+
+def threads_notice(requested: int, assigned: int, device: dict[str, Any]) -> str:
+    """Return why the orchestrator lowered the requested thread count, or "" when it kept it."""
+    if not requested or assigned >= requested:
+        return ""
+    return (
+        f"requested {requested} threads, lowered to {assigned}: device {device['device_id']} has "
+        f"{device['usable_cores']:g} usable cores, and threads beyond them add no speed"
+    )
 
 
 def wait_for_state(client: Client, device_id: str, model: str, variant_id: str, timeout_s: float) -> dict[str, Any]:
@@ -398,13 +520,17 @@ def render_deploy(result: dict[str, Any]) -> str:
     state = result["state"]
     line = f"{result['variant_id']} -> {result['device_id']} (desired generation {result['desired_generation']})"
     if state is None:
-        return line + ": not reported yet"
-    detail = (
-        state["error"]
-        if state["state"] == "failed"
-        else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
-    )
-    return f"{line}: {state['state']} {detail}".rstrip()
+        line += ": not reported yet"
+    else:
+        detail = (
+            state["error"]
+            if state["state"] == "failed"
+            else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
+        )
+        line = f"{line}: {state['state']} {detail}".rstrip()
+    if result["notice"]:
+        line += f"\nnote: {result['notice']}"
+    return line
 
 
 # Metrics
@@ -544,7 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--insecure", action="store_true", help="talk plaintext to an orchestrator started with --insecure"
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each request")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each request, above 0 (default 30)"
+    )
     nouns = parser.add_subparsers(dest="noun", required=True)
 
     def output_flag(sub: argparse.ArgumentParser) -> None:
@@ -601,7 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: latest version)")
     sub.add_argument("--device", required=True, help="device id")
     sub.add_argument("--variant", help="variant id; default: the source variant or one the device can run")
-    sub.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 lets the agent choose")
+    sub.add_argument(
+        "--threads",
+        type=non_negative_int,
+        default=0,
+        help="intra-op threads, at most the device's usable cores (a larger value is lowered to them); "
+        "0 (default) lets the orchestrator or the agent choose",
+    )
     sub.add_argument("--wait", type=float, default=0.0, help="seconds to wait until the device serves or fails it")
     sub.add_argument(
         "--rollback",

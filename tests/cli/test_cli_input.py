@@ -1,0 +1,205 @@
+"""Input checks of the operator CLI, run in-process against a real plaintext orchestrator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgefleet.cli import rollout
+from edgefleet.cli.main import EXIT_USAGE, main
+from edgefleet.orchestrator.handlers import rollouts as rollout_handlers
+from edgefleet.orchestrator.rollouts.domain import DEFAULT_MIN_SAMPLES
+from tests.agent.models import tflite_linear
+from tests.servers import OrchestratorThread, hardware_message, linear_onnx, register
+
+pytest_plugins = ["tests.servers"]
+
+Capture = pytest.CaptureFixture[str]
+
+
+def cli(orchestrator: OrchestratorThread, *args: str) -> int:
+    return main(["--insecure", "--orchestrator", orchestrator.address, *args])
+
+
+def usage_error(capsys: Capture, argv: list[str]) -> str:
+    """Run the CLI with argv, which argparse must reject, and return its stderr."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == EXIT_USAGE
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def fleet(orchestrator: OrchestratorThread, tmp_path: Path, capsys: Capture) -> OrchestratorThread:
+    """Return an orchestrator with linear:1 and device edge-01 of 2 usable cores."""
+    model = tmp_path / "linear.onnx"
+    model.write_bytes(linear_onnx())
+    assert cli(orchestrator, "models", "add", str(model), "--name", "linear", "--version", "1") == 0
+    register(orchestrator.agent, "edge-01", hardware=hardware_message(usable_cores=2.0))
+    capsys.readouterr()
+    return orchestrator
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_timeout_invalid(capsys: Capture, value: str) -> None:
+    error = usage_error(capsys, ["--timeout", value, "devices", "list"])
+
+    assert f"argument --timeout: invalid value {value!r}" in error
+    assert "above 0" in error
+    assert "cannot reach" not in error
+
+
+def test_timeout_fraction(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "--timeout", "0.5", "devices", "list", "-o", "json")
+
+    assert code == 0
+    assert [d["device_id"] for d in json.loads(capsys.readouterr().out)] == ["edge-01"]
+
+
+def test_models_add_directory(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
+    code = cli(fleet, "models", "add", str(tmp_path), "--name", "linear", "--version", "2")
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert f"{tmp_path} is a directory" in error
+    assert "model file" in error
+    assert "not found" not in error
+
+
+def test_models_add_not_model(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
+    photo = tmp_path / "cat.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+
+    code = cli(fleet, "models", "add", str(photo), "--name", "photo", "--version", "1")
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "model cat.jpg is not a model file" in error
+    assert "upload-" not in error
+
+
+def test_models_add_wrong_kind(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
+    model = tmp_path / "variant.onnx"
+    model.write_bytes(linear_onnx(seed=1))
+
+    code = cli(
+        fleet, "models", "add", str(model), "--name", "linear", "--version", "1", "--variant-kind", "tflite-fp32"
+    )
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "'tflite-fp32' is a kind for TFLite files" in error
+    assert "variant.onnx is ONNX" in error
+
+
+def test_models_add_unknown_kind(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
+    model = tmp_path / "variant.onnx"
+    model.write_bytes(linear_onnx(seed=1))
+
+    code = cli(fleet, "models", "add", str(model), "--name", "linear", "--version", "1", "--variant-kind", "bogus")
+
+    assert code == EXIT_USAGE
+    assert "'bogus' is not a known variant kind" in capsys.readouterr().err
+
+
+def test_models_add_tflite_kind(fleet: OrchestratorThread, capsys: Capture) -> None:
+    path = str(tflite_linear())
+
+    code = cli(
+        fleet,
+        "models",
+        "add",
+        path,
+        "--name",
+        "linear",
+        "--version",
+        "1",
+        "--variant-kind",
+        "tflite-fp32",
+        "-o",
+        "json",
+    )
+
+    assert code == 0, capsys.readouterr().err
+    variants = json.loads(capsys.readouterr().out)["variants"]
+    assert sorted(v["variant_id"] for v in variants) == ["linear:1:source", "linear:1:tflite-fp32"]
+
+
+def test_deploy_threads_notice(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "deploy", "--model", "linear", "--device", "edge-01", "--threads", "64", "-o", "json")
+
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads"] == 2
+    assert result["requested_threads"] == 64
+    assert "requested 64 threads, lowered to 2" in result["notice"]
+    assert "2 usable cores" in result["notice"]
+
+
+def test_deploy_threads_notice_table(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "deploy", "--model", "linear", "--device", "edge-01", "--threads", "64")
+
+    assert code == 0
+    assert "note: requested 64 threads, lowered to 2" in capsys.readouterr().out
+
+
+def test_deploy_threads_no_notice(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "deploy", "--model", "linear", "--device", "edge-01", "--threads", "2", "-o", "json")
+
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads"] == 2
+    assert result["notice"] == ""
+
+
+def test_deploy_threads_negative(capsys: Capture) -> None:
+    error = usage_error(capsys, ["deploy", "--model", "linear", "--device", "edge-01", "--threads", "-1"])
+
+    assert "argument --threads: invalid value '-1'" in error
+
+
+ROLLOUT = ["rollout", "create", "--model", "linear:1", "--budget-ms", "100"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--min-samples", "0", "1 to 10000000"),
+        ("--min-samples", "-5", "1 to 10000000"),
+        ("--max-rollbacks", "0", "1 to 100"),
+        ("--sample-timeout", "0", "above 0 and at most 604800"),
+    ],
+)
+def test_rollout_create_zero(capsys: Capture, flag: str, value: str, allowed: str) -> None:
+    error = usage_error(capsys, [*ROLLOUT, flag, value])
+
+    assert f"argument {flag}" in error
+    assert allowed in error
+
+
+def test_rollout_create_flags(fleet: OrchestratorThread, capsys: Capture) -> None:
+    flags = ["--min-samples", "1", "--max-rollbacks", "3", "--sample-timeout", "30", "--max-error-rate", "0"]
+
+    code = cli(fleet, *ROLLOUT, *flags, "-o", "json")
+
+    assert code == 0
+    created = json.loads(capsys.readouterr().out)
+    assert created["min_samples"] == 1
+    assert created["max_rollbacks"] == 3
+    assert created["sample_timeout_s"] == 30
+    assert created["max_error_rate_pct"] == 0
+
+
+def test_rollout_create_defaults(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, *ROLLOUT, "-o", "json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["min_samples"] == DEFAULT_MIN_SAMPLES
+
+
+def test_rollout_limits_match() -> None:
+    assert rollout.MAX_MIN_SAMPLES == rollout_handlers.MAX_MIN_SAMPLES
+    assert rollout.MAX_ROLLBACKS == rollout_handlers.MAX_ROLLBACKS
+    assert rollout.MAX_SAMPLE_TIMEOUT_S == rollout_handlers.MAX_SAMPLE_TIMEOUT_S
