@@ -210,7 +210,7 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
     rows = [
         (
             d["device_id"],
-            d["status"],
+            "revoked" if d["revoked"] else d["status"],
             d["profile"] or "-",
             f"{d['usable_cores']:g}",
             views.human_bytes(d["memory_bytes"]),
@@ -228,7 +228,8 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
 
 def render_device(d: dict[str, Any]) -> str:
     lines = [
-        f"device:        {d['device_id']} ({d['status']}, last seen {views.age(d['last_seen'])})",
+        f"device:        {d['device_id']} ({d['status']}{', revoked' if d['revoked'] else ''}, "
+        f"last seen {views.age(d['last_seen'])})",
         f"profile:       {d['profile'] or '-'}   class: {d['hardware_class']}",
         f"cpu:           {d['cpu_model']} ({d['architecture']}), "
         f"{d['usable_cores']:g} usable of {d['logical_cores']} cores",

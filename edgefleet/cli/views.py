@@ -49,6 +49,7 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
     return {
         "device_id": device.device_id,
         "status": _name(device.status, DEVICE_STATUS_NAMES),
+        "revoked": device.revoked,
         "profile": hardware.profile_name,
         "hardware_class": hardware.hardware_class,
         "architecture": hardware.architecture,

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
+from edgefleet.cli.main import main as cli_main
 from edgefleet.orchestrator.security.store import EnrollmentRejected, SqlSecurityStore
 from edgefleet.orchestrator.security.tokens import hash_secret
 from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
@@ -157,6 +158,29 @@ def test_revoked_shown_on_device(start_secure: StartSecure) -> None:
 
     assert {d.device_id: d.revoked for d in listed.devices} == {"cam-1": True, "cam-2": False}
     assert shown.revoked
+
+
+def test_cli_lists_revoked(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    connection = [
+        "--orchestrator",
+        orchestrator.operator_address,
+        "--ca-cert",
+        str(orchestrator.pki.ca),
+        "--token",
+        orchestrator.admin_token,
+    ]
+    revoked = cli_main([*connection, "devices", "revoke", "cam-1", "--reason", "lost"])
+    capsys.readouterr()
+    listed = cli_main([*connection, "devices", "list"])
+    table = capsys.readouterr().out
+    shown = cli_main([*connection, "devices", "show", "cam-1"])
+    detail = capsys.readouterr().out
+
+    assert (revoked, listed, shown) == (0, 0, 0)
+    assert table.splitlines()[1].split()[:2] == ["cam-1", "revoked"]
+    assert "(offline, revoked," in detail
 
 
 def test_revoke_refuses_uploads(start_secure: StartSecure) -> None:
