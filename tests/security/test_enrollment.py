@@ -14,7 +14,7 @@ from edgefleet.orchestrator.security.tokens import hash_secret
 from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
 from edgefleet.v1 import agent_pb2, operator_pb2
 from tests.security.helpers import SecureOrchestrator
-from tests.servers import STEP_TIMEOUT_S, ControlStream, register_request
+from tests.servers import STEP_TIMEOUT_S, ControlStream, linear_onnx, register_request, upload_requests
 
 pytest_plugins = ["tests.servers", "tests.security.helpers"]
 
@@ -181,6 +181,20 @@ def test_cli_lists_revoked(start_secure: StartSecure, capsys: pytest.CaptureFixt
     assert (revoked, listed, shown) == (0, 0, 0)
     assert table.splitlines()[1].split()[:2] == ["cam-1", "revoked"]
     assert "(offline, revoked," in detail
+
+
+def test_deploy_to_revoked_refused(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    operator = orchestrator.operator()
+    operator.UploadModel(upload_requests(linear_onnx(), "linear", "1"), timeout=120)
+    operator.RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        operator.Deploy(operator_pb2.DeployRequest(model_name="linear", device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "revoked" in (raised.value.details() or "")
 
 
 def test_revoke_refuses_uploads(start_secure: StartSecure) -> None:

@@ -72,6 +72,11 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
     if device is None:
         known = [d.device_id for d in state.store.list_devices()]
         raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
+    if device.device_id in state.revoked_device_ids():
+        raise FailedPrecondition(
+            f"device {device.device_id!r} is revoked, so it cannot fetch models; enroll it again first "
+            "(edgefleet enroll create)"
+        )
     model = get_model(operator_pb2.GetModelRequest(name=request.model_name, version=request.model_version), state)
     variants = state.store.list_variants(model.name, model.version)
     if request.variant_id:
