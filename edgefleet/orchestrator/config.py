@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from edgefleet.common.config import ConfigError, flag_name
 
 HELP = {
     "listen": "HOST:PORT for agents (mutual TLS) to call; port 0 picks a free port",
@@ -76,6 +79,144 @@ class OrchestratorConfig:
     operator_listen: str = "127.0.0.1:50052"
     operator_port_file: Path | None = None
 
+    def __post_init__(self) -> None:
+        """Check the listen addresses and the numeric settings, and raise ConfigError naming the flag and the range."""
+        listen = parse_listen_address(self.listen, "listen")
+        if self.operator_listen:
+            operator_listen = parse_listen_address(self.operator_listen, "operator_listen")
+            if not self.insecure and operator_listen == listen and listen.port != 0:
+                raise ConfigError(
+                    f"invalid --operator-listen {self.operator_listen!r}: it is the same address as --listen; "
+                    "operators and agents need separate ports"
+                )
+        if self.metrics_listen:
+            # The Prometheus server listens on all interfaces for an empty host (":9464").
+            parse_listen_address(self.metrics_listen, "metrics_listen", allow_empty_host=True)
+        for field in fields(self):
+            allowed = RANGES.get(field.name)
+            if allowed is not None:
+                allowed.check(field.name, getattr(self, field.name))
+        _check_at_least(self, "offline_after_s", "stale_after_s", "a device turns stale before it turns offline")
+        _check_at_least(
+            self,
+            "metrics_delete_after_s",
+            "metrics_downsample_after_s",
+            "metric windows are merged before they are deleted",
+        )
+
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'edgefleet.db').resolve()}"
+
+
+MAX_PORT = 65535
+
+# gRPC takes keepalive durations in milliseconds as a C int, so whole seconds up to (2**31 - 1) ms.
+MAX_GRPC_DURATION_S = (2**31 - 1) // 1000
+
+# Agents receive the heartbeat interval as a uint32 number of seconds (RegisterResponse).
+MAX_HEARTBEAT_INTERVAL_S = 2**32 - 1
+
+# The same limit as retention.MAX_BUCKET_SECONDS: merged metric windows are at most one day long.
+MAX_METRICS_WINDOW_S = 86400
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A HOST:PORT listen address. The host is "" for all interfaces and keeps the brackets of an IPv6 address."""
+
+    host: str
+    port: int
+
+
+def parse_listen_address(value: str, name: str, *, allow_empty_host: bool = False) -> ListenAddress:
+    """Parse HOST:PORT ([IPv6]:PORT for IPv6) with a port from 0 to 65535.
+
+    name is the configuration field ("listen"); the errors name its flag. Returns the parsed address.
+    Raises ConfigError for another form, a missing host (unless allow_empty_host) or a port out of range.
+    """
+    flag = flag_name(name)
+    example = "127.0.0.1:50051 or [::1]:50051"
+    host, separator, port_text = value.rpartition(":")
+    if not separator or not port_text.isdigit() or (not host and not allow_empty_host):
+        raise ConfigError(f"invalid {flag} {value!r}: expected HOST:PORT, such as {example}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"invalid {flag} {value!r}: put an IPv6 address in brackets, such as [::1]:50051")
+    port = int(port_text)
+    if port > MAX_PORT:
+        raise ConfigError(
+            f"invalid {flag} {value!r}: port {port} is out of range; use a port from 0 to {MAX_PORT} "
+            "(0 picks a free port)"
+        )
+    return ListenAddress(host=host, port=port)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: above or at minimum, and at most maximum when it is set."""
+
+    minimum: float
+    unit: str
+    exclusive_minimum: bool = False
+    maximum: float | None = None
+
+    def check(self, name: str, value: float) -> None:
+        """Raise ConfigError naming the flag of field name, the value and the range when value is outside it."""
+        below = value <= self.minimum if self.exclusive_minimum else value < self.minimum
+        above = self.maximum is not None and value > self.maximum
+        if math.isfinite(value) and not below and not above:
+            return
+        raise ConfigError(f"invalid {flag_name(name)} {_number(value)}: must be {self.describe()}")
+
+    def describe(self) -> str:
+        """Return the range in words, such as "greater than 0 seconds" or "from 1 to 86400 seconds"."""
+        if self.exclusive_minimum:
+            text = f"greater than {_number(self.minimum)}"
+            if self.maximum is not None:
+                text += f" and at most {_number(self.maximum)}"
+        elif self.maximum is not None:
+            text = f"from {_number(self.minimum)} to {_number(self.maximum)}"
+        else:
+            text = f"at least {_number(self.minimum)}"
+        return f"{text} {self.unit}".rstrip()
+
+
+RANGES = {
+    "heartbeat_interval_s": Range(0, "seconds", exclusive_minimum=True, maximum=MAX_HEARTBEAT_INTERVAL_S),
+    "stale_after_s": Range(0, "seconds", exclusive_minimum=True),
+    "offline_after_s": Range(0, "seconds", exclusive_minimum=True),
+    "max_upload_bytes": Range(1, "bytes"),
+    "shutdown_grace_s": Range(0, "seconds"),
+    "metrics_lookback_s": Range(0, "seconds", exclusive_minimum=True),
+    # Sent to gRPC in whole milliseconds, so the smallest value is 1 ms.
+    "keepalive_time_s": Range(0.001, "seconds", maximum=MAX_GRPC_DURATION_S),
+    "keepalive_timeout_s": Range(0.001, "seconds", maximum=MAX_GRPC_DURATION_S),
+    "keepalive_min_ping_interval_s": Range(0, "seconds", maximum=MAX_GRPC_DURATION_S),
+    "max_clock_skew_s": Range(0, "seconds"),
+    "metric_uploads_per_s": Range(0, "batches per second", exclusive_minimum=True),
+    "metric_upload_burst": Range(1, "batches"),
+    "max_concurrent_downloads": Range(1, "downloads"),
+    "retention_interval_s": Range(0, "seconds (0 disables retention)"),
+    "metrics_downsample_after_s": Range(0, "seconds", exclusive_minimum=True),
+    "metrics_downsample_window_s": Range(1, "seconds", maximum=MAX_METRICS_WINDOW_S),
+    "metrics_delete_after_s": Range(0, "seconds", exclusive_minimum=True),
+}
+
+
+def _check_at_least(config: OrchestratorConfig, name: str, lower_name: str, reason: str) -> None:
+    value = getattr(config, name)
+    lower = getattr(config, lower_name)
+    if value < lower:
+        raise ConfigError(
+            f"invalid {flag_name(name)} {_number(value)}: must be at least {flag_name(lower_name)} "
+            f"({_number(lower)} seconds), so that {reason}"
+        )
+
+
+def _number(value: float) -> str:
+    """Format value as the user would write it: 30 for 30.0, 0.5, 4294967295, nan."""
+    if isinstance(value, int):
+        return str(value)
+    if value.is_integer():
+        return str(int(value))
+    return f"{value:g}"
