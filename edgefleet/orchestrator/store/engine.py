@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import sqlite3
 import threading
 import weakref
@@ -17,6 +19,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from edgefleet.common.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # How long a SQLite connection waits for another writer before it fails with "database is locked".
@@ -24,6 +28,24 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 
 # Connection execution option that marks a transaction as read-only, so SQLite begins it deferred.
 READ_ONLY_OPTION = "edgefleet_read_only"
+
+# Every SQLite database file starts with these 16 bytes ("The Database Header", sqlite.org/fileformat.html).
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+# Primary SQLite result codes (sqlite.org/rescode.html) of errors that a restart cannot fix: the file
+# is not a database, cannot be opened, is read-only or corrupt, or access to it is denied.
+_SQLITE_CONFIG_ERRORS = frozenset(
+    {
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_PERM,
+    }
+)
+
+# The fix that every SQLite configuration error names.
+_SQLITE_FIX = "point --db or --data-dir elsewhere"
 
 # Key of the PostgreSQL advisory lock that serializes schema upgrades of concurrently starting
 # orchestrators. The value is arbitrary but must stay the same in every edgefleet release.
@@ -33,40 +55,46 @@ _MIGRATION_LOCK_KEY = int.from_bytes(b"edgeflt", "big")
 def normalize_url(url: str) -> URL:
     """Parse a database URL and select psycopg 3 for PostgreSQL.
 
-    Accepts sqlite:///PATH and postgresql[+psycopg]://... Raises ValueError for other backends or
-    drivers, and for an in-memory SQLite database, which every pooled connection would see empty.
+    Accepts sqlite:///PATH and postgresql[+psycopg]://... Raises ConfigError (a ValueError) for other
+    backends or drivers, and for an in-memory SQLite database, which every pooled connection would see empty.
     """
     try:
         parsed = make_url(url)
     except sa.exc.ArgumentError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"invalid database URL {url!r} ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         ) from exc
 
+    # get_driver_name() imports the dialect, which fails with NoSuchModuleError for an unknown backend,
+    # so the backend is checked first.
     backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"unsupported database backend {backend!r} in {parsed.render_as_string()!r}; "
+            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        )
     driver = parsed.get_driver_name()
     if backend == "sqlite":
         if driver != "pysqlite":
-            raise ValueError(f"unsupported SQLite driver {driver!r} in {url!r}; use sqlite:///PATH")
+            raise ConfigError(f"unsupported SQLite driver {driver!r} in {url!r}; use sqlite:///PATH")
         if parsed.database in (None, "", ":memory:") or (parsed.database or "").startswith("file::memory:"):
-            raise ValueError(f"in-memory SQLite database {url!r} is not supported; use sqlite:///PATH")
+            raise ConfigError(f"in-memory SQLite database {url!r} is not supported; use sqlite:///PATH")
         return parsed
-    if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            return parsed.set(drivername="postgresql+psycopg")
-        if driver != "psycopg":
-            raise ValueError(
-                f"unsupported PostgreSQL driver {driver!r} in {parsed.render_as_string()!r}; use postgresql+psycopg://"
-            )
-        return parsed
-    raise ValueError(
-        f"unsupported database backend {backend!r} in {parsed.render_as_string()!r}; "
-        "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
-    )
+    if parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    if driver != "psycopg":
+        raise ConfigError(
+            f"unsupported PostgreSQL driver {driver!r} in {parsed.render_as_string()!r}; use postgresql+psycopg://"
+        )
+    return parsed
 
 
 def create_store_engine(url: str | URL) -> Engine:
-    """Create an engine with the connection settings the store relies on; raise ValueError for a bad URL."""
+    """Create an engine with the connection settings the store relies on.
+
+    Raises ConfigError (a ValueError) for a bad URL, and for a SQLite path whose directory cannot be
+    created or written or whose file is not a SQLite database.
+    """
     parsed = normalize_url(url if isinstance(url, str) else url.render_as_string(hide_password=False))
     if parsed.get_backend_name() == "sqlite":
         return _create_sqlite_engine(parsed)
@@ -75,7 +103,7 @@ def create_store_engine(url: str | URL) -> Engine:
 
 def _create_sqlite_engine(url: URL) -> Engine:
     database = Path(url.database or "")
-    database.parent.mkdir(parents=True, exist_ok=True)
+    check_sqlite_path(database)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     # pysqlite opens transactions itself with a deferred BEGIN. Two deferred transactions that both
@@ -111,6 +139,72 @@ def _create_sqlite_engine(url: URL) -> Engine:
     return engine
 
 
+def check_sqlite_path(database: Path) -> None:
+    """Create the directory of a SQLite database file and check that SQLite can use the file.
+
+    Raises ConfigError naming the path and the fix when the directory cannot be created or is not
+    writable, or when the file is a directory, unreadable or not a SQLite database. The directory must
+    be writable because WAL mode writes DATABASE-wal and DATABASE-shm next to the file. An empty file
+    is a new database to SQLite.
+    """
+    directory = database.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"cannot create the directory {directory} of the SQLite database {database}: {directory} or one "
+            f"of its parents is a file, not a directory; move the file or {_SQLITE_FIX}"
+        ) from None
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise ConfigError(
+            f"cannot create the directory {directory} of the SQLite database {database} ({error.strerror}); "
+            f"make its parent writable by this user (uid {os.getuid()}) or {_SQLITE_FIX}"
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"the directory {directory} of the SQLite database {database} is not writable by this user (uid "
+            f"{os.getuid()}); SQLite creates its journal files there, so make it writable or {_SQLITE_FIX}"
+        )
+    if database.is_dir():
+        raise ConfigError(f"the SQLite database {database} is a directory, not a file; {_SQLITE_FIX}")
+    try:
+        with database.open("rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except PermissionError as error:
+        raise ConfigError(
+            f"cannot read the SQLite database {database} ({error.strerror}); make it readable by this user (uid "
+            f"{os.getuid()}) or {_SQLITE_FIX}"
+        ) from None
+    if header and header != SQLITE_HEADER:
+        raise ConfigError(f"{database} is not a SQLite database; {_SQLITE_FIX} or restore the file from a backup")
+    if not os.access(database, os.R_OK | os.W_OK):
+        raise ConfigError(
+            f"the SQLite database {database} is not writable by this user (uid {os.getuid()}); make it writable "
+            f"or {_SQLITE_FIX}"
+        )
+
+
+def sqlite_config_error(engine: Engine, error: sa.exc.DBAPIError) -> ConfigError | None:
+    """Return a ConfigError naming the file and the fix when error is a SQLite error that a restart cannot fix.
+
+    Returns None for other errors and other databases, such as "database is locked" or an unreachable
+    PostgreSQL server, which may pass.
+    """
+    if engine.dialect.name != "sqlite" or not isinstance(error.orig, sqlite3.Error):
+        return None
+    # sqlite_errorcode is the extended result code, and its low byte is the primary code.
+    if getattr(error.orig, "sqlite_errorcode", -1) & 0xFF not in _SQLITE_CONFIG_ERRORS:
+        return None
+    return ConfigError(
+        f"cannot use the SQLite database {engine.url.database}: {error.orig}; check its permissions, "
+        f"{_SQLITE_FIX} or restore the file from a backup"
+    )
+
+
 def alembic_config() -> Config:
     """Return an Alembic configuration that points at the migrations shipped in this package."""
     migrations = resources.files("edgefleet.orchestrator.store") / "migrations"
@@ -119,14 +213,24 @@ def alembic_config() -> Config:
 
 
 def upgrade_to_head(engine: Engine) -> None:
-    """Apply every pending Alembic revision in one transaction; raise the driver's error on failure."""
+    """Apply every pending Alembic revision in one transaction.
+
+    Raises ConfigError naming the file when a SQLite database is not a database, cannot be opened, is
+    read-only or corrupt, and the driver's error for other failures.
+    """
     config = alembic_config()
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            # Released at commit. SQLite needs no lock because BEGIN IMMEDIATE already serializes.
-            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Released at commit. SQLite needs no lock because BEGIN IMMEDIATE already serializes.
+                connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except sa.exc.DBAPIError as error:
+        config_error = sqlite_config_error(engine, error)
+        if config_error is None:
+            raise
+        raise config_error from error
     logger.debug("database schema of %s is at head", engine.url.render_as_string(hide_password=True))
 
 
@@ -170,4 +274,3 @@ class SqlTransactions:
             connection.execution_options(**{READ_ONLY_OPTION: True})
             with connection.begin():
                 yield connection
-
