@@ -71,6 +71,9 @@ def server_options(config: OrchestratorConfig) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", 100_000),
         # Largest HTTP/2 DATA frame a client may send, so that an upload chunk travels in one frame.
         ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_SIZE),
+        # gRPC sets SO_REUSEPORT by default, so a second orchestrator could bind a port in use and the
+        # kernel would split the connections between both. Without it, binding a used port fails.
+        ("grpc.so_reuseport", 0),
     ]
 
 

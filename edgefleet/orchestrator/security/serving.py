@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from datetime import UTC, datetime
 
 import grpc
 from sqlalchemy.engine import Engine
 
+from edgefleet.common.config import flag_name
 from edgefleet.common.tls import server_credentials
-from edgefleet.orchestrator.config import OrchestratorConfig
+from edgefleet.orchestrator.config import OrchestratorConfig, parse_listen_address
 from edgefleet.orchestrator.security.auth import Security
 from edgefleet.orchestrator.security.store import SqlSecurityStore
 from edgefleet.orchestrator.security.tokens import ensure_bootstrap_token
@@ -46,22 +49,70 @@ def add_ports(server: grpc.aio.Server, config: OrchestratorConfig) -> tuple[int,
 
     The agent port requires client certificates of the fleet CA (mutual TLS). The operator port uses
     server-only TLS, because operators authenticate with API tokens. With config.insecure one plaintext
-    port serves both. Raises CredentialsError for missing TLS files and OSError when an address
-    cannot be bound.
+    port serves both. Raises CredentialsError for missing TLS files and OSError naming the address
+    when it cannot be bound, such as a port already in use by another process.
     """
     if config.insecure:
-        port = server.add_insecure_port(config.listen)
-        if port == 0:
-            raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
-        return port, 0
+        return bind_port(server, config.listen, "listen", None), 0
     agent_credentials = server_credentials(config.ca_cert, config.cert, config.key, require_client_auth=True)
-    port = server.add_secure_port(config.listen, agent_credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
-    operator_port = 0
+    operator_credentials = None
     if config.operator_listen:
         operator_credentials = server_credentials(config.ca_cert, config.cert, config.key, require_client_auth=False)
-        operator_port = server.add_secure_port(config.operator_listen, operator_credentials)
-        if operator_port == 0:
-            raise OSError(f"cannot listen on {config.operator_listen}: the address is in use or invalid")
+    port = bind_port(server, config.listen, "listen", agent_credentials)
+    operator_port = 0
+    if operator_credentials is not None:
+        operator_port = bind_port(server, config.operator_listen, "operator_listen", operator_credentials)
     return port, operator_port
+
+
+def bind_port(server: grpc.aio.Server, address: str, name: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind address (HOST:PORT of config field name) with credentials, or plaintext without; return the port.
+
+    The server must be created with the option ("grpc.so_reuseport", 0), or a port that another
+    process listens on with SO_REUSEPORT binds again. Raises OSError naming the address and the flag.
+    """
+    check_address_free(address, name)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        # grpcio raises RuntimeError ("Failed to bind to address ...") and logs the reason to stderr.
+        raise OSError(f"cannot listen on {address}: {error}; check {flag_name(name)}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: gRPC could not bind it; check {flag_name(name)}")
+    return port
+
+
+def check_address_free(address: str, name: str) -> None:
+    """Bind a probe socket to each address that HOST resolves to, so that a used port fails with a clear reason.
+
+    gRPC's own bind failure gives no reason in its exception. The probe sets SO_REUSEADDR as gRPC
+    does, so connections of an earlier process in TIME_WAIT do not count as use. Port 0 needs no probe.
+    Raises OSError naming the address when a port is in use, or when no resolved address can be bound.
+    """
+    listen = parse_listen_address(address, name)
+    if listen.port == 0:
+        return
+    flag = flag_name(name)
+    host = listen.host.removeprefix("[").removesuffix("]")
+    try:
+        resolved = socket.getaddrinfo(host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise OSError(f"cannot listen on {address}: cannot resolve {host!r} ({error.strerror}); check {flag}") from None
+    failures: list[OSError] = []
+    for family, kind, protocol, _, socket_address in resolved:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(socket_address)
+            except OSError as error:
+                failures.append(error)
+    if any(error.errno == errno.EADDRINUSE for error in failures):
+        raise OSError(
+            f"cannot listen on {address}: the address is already in use by another process; stop that process "
+            f"or choose another port with {flag}"
+        )
+    if failures and len(failures) == len(resolved):
+        raise OSError(f"cannot listen on {address}: {failures[0].strerror}; check {flag}")
