@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import sys
@@ -29,14 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config_file is None and os.environ.get("EDGEFLEET_CONFIG"):
             config_file = Path(os.environ["EDGEFLEET_CONFIG"])
+        # Validates the listen addresses and the numeric settings (OrchestratorConfig.__post_init__).
         config = load_config(OrchestratorConfig, flags=flags, file=config_file)
+        check_database_url(config.db_url)
         configure_logging(config.log_level, config.log_format)
     except (ConfigError, ValueError) as error:
         print(f"edgefleet-orchestrator: {error}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        prepare_data_dir(config.data_dir)
         asyncio.run(serve_config(config))
-    except CredentialsError as error:
+    except (ConfigError, CredentialsError) as error:
+        # A restart cannot fix these: an unusable data directory or SQLite file, or missing TLS files.
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
     except OSError as error:
@@ -52,6 +57,40 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("orchestrator failed")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def check_database_url(url: str) -> None:
+    """Check that url names a supported database; raise ConfigError naming the URL and the supported forms."""
+    from edgefleet.orchestrator.store.engine import normalize_url
+
+    normalize_url(url)
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create data_dir when it is missing.
+
+    Raises ConfigError naming the directory and the fix when it or a parent is a file, or when this
+    user cannot create or write it. Other OSErrors, such as a full disk, pass through.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"invalid --data-dir {data_dir}: it or one of its parents is a file, not a directory; move the file "
+            "or point --data-dir at a directory"
+        ) from None
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise ConfigError(
+            f"cannot create --data-dir {data_dir} ({error.strerror}); create it writable by this user "
+            f"(uid {os.getuid()}) or point --data-dir elsewhere"
+        ) from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--data-dir {data_dir} is not writable by this user (uid {os.getuid()}); make it writable, because "
+            "it holds the database, the artifacts and admin.token, or point --data-dir elsewhere"
+        )
 
 
 async def serve_config(config: OrchestratorConfig) -> None:

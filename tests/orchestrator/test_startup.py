@@ -1,0 +1,290 @@
+"""Start-up errors of edgefleet-orchestrator: exit code 78 for configuration errors, 69 for a port in use."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
+from edgefleet.orchestrator.config import OrchestratorConfig
+from edgefleet.orchestrator.server import server_options
+from edgefleet.orchestrator.store.engine import SQLITE_HEADER
+from tests.security.helpers import make_pki
+from tests.servers import STEP_TIMEOUT_S, OrchestratorThread, orchestrator_config
+
+pytest_plugins = ["tests.servers"]
+
+
+def run_orchestrator(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run edgefleet-orchestrator (plaintext, port 0, data_dir) with args until it exits; return the result."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.orchestrator.main",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT_S,
+        check=False,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Return the last stderr line, where start-up errors go."""
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def running_port(tmp_path: Path) -> Iterator[int]:
+    """Start a real orchestrator process on a free port; yield its port, then stop it with SIGTERM."""
+    port_file = tmp_path / "first.port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgefleet.orchestrator.main",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warning",
+            "--data-dir",
+            str(tmp_path / "first"),
+            "--port-file",
+            str(port_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not port_file.exists() or not port_file.read_text().strip():
+            if process.poll() is not None:
+                pytest.fail(f"the first orchestrator exited with code {process.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the first orchestrator wrote no port file within {STEP_TIMEOUT_S:g} s")
+            time.sleep(0.05)
+        yield int(port_file.read_text())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(STEP_TIMEOUT_S)
+
+
+def test_startup_port_in_use(tmp_path: Path, running_port: int) -> None:
+    result = run_orchestrator(tmp_path / "second", "--listen", f"127.0.0.1:{running_port}")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert f"cannot listen on 127.0.0.1:{running_port}" in error_line(result)
+    assert "already in use by another process" in error_line(result)
+
+
+def test_startup_port_in_use_by_name(tmp_path: Path, running_port: int) -> None:
+    # localhost resolves to 127.0.0.1 (and ::1), so the port is in use on one of its addresses.
+    result = run_orchestrator(tmp_path / "second", "--listen", f"localhost:{running_port}")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert "already in use by another process" in error_line(result)
+
+
+def test_startup_operator_port_in_use(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls: dict[str, Any] = {
+        "insecure": False,
+        "ca_cert": pki.ca,
+        "cert": pki.directory / "server.pem",
+        "key": pki.directory / "server.key",
+    }
+    first = OrchestratorThread(orchestrator_config(tmp_path / "first", operator_listen="127.0.0.1:0", **tls))
+    try:
+        assert first._running is not None
+        operator_address = f"127.0.0.1:{first._running.operator_port}"
+        with pytest.raises(OSError) as raised:
+            OrchestratorThread(orchestrator_config(tmp_path / "second", operator_listen=operator_address, **tls))
+    finally:
+        first.stop()
+
+    assert f"cannot listen on {operator_address}" in str(raised.value)
+    assert "already in use by another process" in str(raised.value)
+    assert "--operator-listen" in str(raised.value)
+
+
+def test_server_options_disable_reuseport() -> None:
+    """Check that server_options stop gRPC from binding a port whose listener set SO_REUSEPORT, as gRPC does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        async def bound_port(options: list[tuple[str, int]]) -> int:
+            server = grpc.aio.server(options=options)
+            try:
+                return server.add_insecure_port(address)
+            except RuntimeError:
+                return 0
+            finally:
+                await server.stop(None)
+
+        shared_port = asyncio.run(bound_port([]))
+        rejected_port = asyncio.run(bound_port(server_options(OrchestratorConfig())))
+
+    # The default shows that the listener alone does not stop a second bind.
+    assert shared_port != 0
+    assert rejected_port == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--listen", "127.0.0.1:99999"),
+        ("--operator-listen", "127.0.0.1:99999"),
+    ],
+)
+def test_startup_port_out_of_range(tmp_path: Path, flag: str, value: str) -> None:
+    result = run_orchestrator(tmp_path / "data", flag, value)
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"invalid {flag} '{value}'" in error_line(result)
+    assert "use a port from 0 to 65535" in error_line(result)
+
+
+def test_startup_listen_without_port(tmp_path: Path) -> None:
+    result = run_orchestrator(tmp_path / "data", "--listen", "127.0.0.1")
+
+    assert result.returncode == EXIT_CONFIG
+    assert "invalid --listen '127.0.0.1': expected HOST:PORT" in error_line(result)
+
+
+def test_startup_negative_stale_after(tmp_path: Path) -> None:
+    result = run_orchestrator(tmp_path / "data", "--stale-after-s", "-5")
+
+    assert result.returncode == EXIT_CONFIG
+    assert "invalid --stale-after-s -5: must be greater than 0 seconds" in error_line(result)
+
+
+def test_startup_database_not_sqlite(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "edgefleet.db").write_text("notes, not a database\n")
+
+    result = run_orchestrator(data_dir, "--log-format", "text")
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"{data_dir.resolve() / 'edgefleet.db'} is not a SQLite database" in error_line(result)
+    assert "point --db or --data-dir elsewhere or restore the file" in error_line(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_startup_database_corrupt(tmp_path: Path) -> None:
+    # A valid header passes the file check, so SQLite itself rejects the file when it opens it.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "edgefleet.db").write_bytes(SQLITE_HEADER + b"\xff" * 512)
+
+    result = run_orchestrator(data_dir)
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"cannot use the SQLite database {data_dir.resolve() / 'edgefleet.db'}" in error_line(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_startup_database_is_directory(tmp_path: Path) -> None:
+    database = tmp_path / "data" / "edgefleet.db"
+    database.mkdir(parents=True)
+
+    result = run_orchestrator(tmp_path / "data")
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"{database.resolve()} is a directory, not a file" in error_line(result)
+
+
+@pytest.mark.parametrize("url", ["bogus://x", "mysql+pymysql://user@localhost/db", "sqlite://"])
+def test_startup_unsupported_database_url(tmp_path: Path, url: str) -> None:
+    result = run_orchestrator(tmp_path / "data", "--db", url)
+
+    assert result.returncode == EXIT_CONFIG
+    assert repr(url) in error_line(result)
+    assert "sqlite:///PATH" in error_line(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_startup_data_dir_is_file(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("")
+
+    result = run_orchestrator(data_dir)
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"invalid --data-dir {data_dir}: it or one of its parents is a file" in error_line(result)
+
+
+def test_startup_database_parent_is_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+
+    result = run_orchestrator(tmp_path / "data", "--db", f"sqlite:///{blocker}/edgefleet.db")
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"cannot create the directory {blocker} of the SQLite database" in error_line(result)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory, so the check cannot fail")
+def test_startup_data_dir_read_only(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o555)
+    try:
+        result = run_orchestrator(data_dir)
+    finally:
+        data_dir.chmod(0o755)
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"--data-dir {data_dir} is not writable" in error_line(result)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory, so the check cannot fail")
+def test_startup_database_dir_read_only(tmp_path: Path) -> None:
+    database_dir = tmp_path / "db"
+    database_dir.mkdir()
+    database_dir.chmod(0o555)
+    try:
+        result = run_orchestrator(tmp_path / "data", "--db", f"sqlite:///{database_dir}/edgefleet.db")
+    finally:
+        database_dir.chmod(0o755)
+
+    assert result.returncode == EXIT_CONFIG
+    assert f"the directory {database_dir} of the SQLite database" in error_line(result)
+    assert "is not writable" in error_line(result)
+
+
+def test_startup_postgres_unreachable(tmp_path: Path) -> None:
+    # A loopback port that nothing listens on: the server is down, which a restart may fix.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    result = run_orchestrator(tmp_path / "data", "--db", f"postgresql+psycopg://edgefleet@127.0.0.1:{port}/edgefleet")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert "cannot open the database" in error_line(result)
