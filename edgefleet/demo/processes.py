@@ -141,6 +141,9 @@ class LocalFleet:
                 str(self.heartbeat_interval_s),
                 "--stale-after-s",
                 str(self.heartbeat_interval_s * 3),
+                # The orchestrator requires offline >= stale; 120 s is its default.
+                "--offline-after-s",
+                str(max(120.0, self.heartbeat_interval_s * 12)),
                 *security_args,
                 *extra_args,
             ],
