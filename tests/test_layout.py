@@ -131,7 +131,7 @@ def test_listen_port_in_use(start_orchestrator: Callable[..., OrchestratorThread
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
 
-        with pytest.raises(OSError, match="the address is in use") as caught:
+        with pytest.raises(OSError, match="the address is already in use") as caught:
             start_orchestrator(listen=address)
 
     assert address in str(caught.value)
