@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from edgefleet.common.paths import writable_directory_problem
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +34,12 @@ def prepare_state_dir(state_dir: Path) -> None:
     Raises IdentityError naming the directory and the fix when the path or one of its parents is not a
     directory, or when the directory cannot be created or written.
     """
-    fix = "set --state-dir to a directory that the agent's user can write"
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise IdentityError(f"the state directory {state_dir} exists but is not a directory; {fix}") from None
-    except NotADirectoryError:
+    problem = writable_directory_problem(state_dir)
+    if problem is not None:
         raise IdentityError(
-            f"cannot create the state directory {state_dir}: one of its parents is a file, not a directory; {fix}"
-        ) from None
-    except OSError as error:
-        raise IdentityError(f"cannot create the state directory {state_dir}: {error.strerror}; {fix}") from None
-    # Try a real write, because a check of the mode bits is wrong for root and ignores ACLs. The file
-    # has no name (O_TMPFILE) or is unlinked at once, so a killed process leaves nothing behind.
-    try:
-        with tempfile.TemporaryFile(dir=state_dir):
-            pass
-    except OSError as error:
-        raise IdentityError(
-            f"cannot write in the state directory {state_dir} as uid {os.geteuid()}: {error.strerror}; "
-            f"make the directory writable for that user (chown or chmod), or {fix}"
-        ) from None
+            f"the state directory {state_dir} {problem}; set --state-dir to a directory that the agent's user "
+            "can write, or make this one writable for that user (chown or chmod)"
+        )
 
 
 def load_identity(state_dir: Path) -> Identity:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import os
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from edgefleet.common.logs import configure_logging
+from edgefleet.common.paths import writable_directory_problem
 from edgefleet.common.tls import CredentialsError
 from edgefleet.orchestrator.config import HELP, OrchestratorConfig
 
@@ -67,29 +67,16 @@ def check_database_url(url: str) -> None:
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """Create data_dir when it is missing.
+    """Create data_dir when it is missing and check that this user can write in it.
 
     Raises ConfigError naming the directory and the fix when it or a parent is a file, or when this
     user cannot create or write it. Other OSErrors, such as a full disk, pass through.
     """
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
+    problem = writable_directory_problem(data_dir)
+    if problem is not None:
         raise ConfigError(
-            f"invalid --data-dir {data_dir}: it or one of its parents is a file, not a directory; move the file "
-            "or point --data-dir at a directory"
-        ) from None
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise ConfigError(
-            f"cannot create --data-dir {data_dir} ({error.strerror}); create it writable by this user "
-            f"(uid {os.getuid()}) or point --data-dir elsewhere"
-        ) from None
-    if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"--data-dir {data_dir} is not writable by this user (uid {os.getuid()}); make it writable, because "
-            "it holds the database, the artifacts and admin.token, or point --data-dir elsewhere"
+            f"invalid --data-dir {data_dir}: it {problem}; it holds the database, the artifacts and admin.token, "
+            "so point --data-dir at a directory this user can write, or make this one writable"
         )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from edgefleet.agent.main import check_tls_files
 from edgefleet.cli.main import main as edgefleet_cli
 from edgefleet.common.errors import EXIT_CONFIG
 from edgefleet.common.tls import CredentialsError
+from tests.readonly import on_read_only_mount, read_only_mounts_work
 
 # Nothing listens on port 1 of loopback, and every check here runs before the first connection.
 UNUSED_ADDRESS = "127.0.0.1:1"
@@ -50,19 +50,25 @@ def test_state_dir_below_file(tmp_path: Path) -> None:
     result = run_agent("--insecure", "--state-dir", str(state_dir))
 
     assert result.returncode == EXIT_CONFIG, result.stderr
-    assert f"cannot create the state directory {state_dir}" in result.stderr
+    assert f"the state directory {state_dir} cannot be created: one of its parents is a file" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a directory of mode 0500, so it cannot be read-only")
+@pytest.mark.skipif(bool(read_only_mounts_work()), reason=read_only_mounts_work() or "runs")
 def test_state_dir_read_only(tmp_path: Path) -> None:
+    """A state directory on a read-only file system, which root cannot write either."""
     state_dir = tmp_path / "state"
-    state_dir.mkdir(mode=0o500)
+    state_dir.mkdir()
+    command = [sys.executable, "-m", "edgefleet.agent.main", "--orchestrator", UNUSED_ADDRESS]
+    command += ["--insecure", "--state-dir", str(state_dir)]
 
-    result = run_agent("--insecure", "--state-dir", str(state_dir))
+    result = subprocess.run(
+        on_read_only_mount(state_dir, command), capture_output=True, text=True, timeout=120, check=False
+    )
 
     assert result.returncode == EXIT_CONFIG, result.stderr
-    assert f"cannot write in the state directory {state_dir}" in result.stderr
+    assert f"the state directory {state_dir} is not writable by uid" in result.stderr
+    assert "Read-only file system" in result.stderr
     assert "Traceback" not in result.stderr
 
 

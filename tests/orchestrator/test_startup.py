@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -20,28 +19,22 @@ from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.server import server_options
 from edgefleet.orchestrator.store.engine import SQLITE_HEADER
+from tests.readonly import on_read_only_mount, read_only_mounts_work
 from tests.security.helpers import make_pki
 from tests.servers import STEP_TIMEOUT_S, OrchestratorThread, orchestrator_config
 
 pytest_plugins = ["tests.servers"]
 
 
-def run_orchestrator(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run edgefleet-orchestrator (plaintext, port 0, data_dir) with args until it exits; return the result."""
+def run_orchestrator(data_dir: Path, *args: str, read_only: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run edgefleet-orchestrator (plaintext, port 0, data_dir) with args until it exits; return the result.
+
+    With read_only, the process sees that directory as an empty read-only file system.
+    """
+    command = [sys.executable, "-m", "edgefleet.orchestrator.main", "--insecure", "--listen", "127.0.0.1:0"]
+    command += ["--log-level", "warning", "--data-dir", str(data_dir), *args]
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgefleet.orchestrator.main",
-            "--insecure",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warning",
-            "--data-dir",
-            str(data_dir),
-            *args,
-        ],
+        command if read_only is None else on_read_only_mount(read_only, command),
         capture_output=True,
         text=True,
         timeout=STEP_TIMEOUT_S,
@@ -236,7 +229,7 @@ def test_startup_data_dir_is_file(tmp_path: Path) -> None:
     result = run_orchestrator(data_dir)
 
     assert result.returncode == EXIT_CONFIG
-    assert f"invalid --data-dir {data_dir}: it or one of its parents is a file" in error_line(result)
+    assert f"invalid --data-dir {data_dir}: it exists but is not a directory" in error_line(result)
 
 
 def test_startup_database_parent_is_file(tmp_path: Path) -> None:
@@ -246,36 +239,35 @@ def test_startup_database_parent_is_file(tmp_path: Path) -> None:
     result = run_orchestrator(tmp_path / "data", "--db", f"sqlite:///{blocker}/edgefleet.db")
 
     assert result.returncode == EXIT_CONFIG
-    assert f"cannot create the directory {blocker} of the SQLite database" in error_line(result)
+    assert f"the directory {blocker} of the SQLite database" in error_line(result)
+    assert "exists but is not a directory" in error_line(result)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory, so the check cannot fail")
+@pytest.mark.skipif(bool(read_only_mounts_work()), reason=read_only_mounts_work() or "runs")
 def test_startup_data_dir_read_only(tmp_path: Path) -> None:
+    """A data directory on a read-only file system, which root cannot write either."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    data_dir.chmod(0o555)
-    try:
-        result = run_orchestrator(data_dir)
-    finally:
-        data_dir.chmod(0o755)
+
+    result = run_orchestrator(data_dir, read_only=data_dir)
 
     assert result.returncode == EXIT_CONFIG
-    assert f"--data-dir {data_dir} is not writable" in error_line(result)
+    assert f"invalid --data-dir {data_dir}: it is not writable by uid" in error_line(result)
+    assert "Read-only file system" in error_line(result)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory, so the check cannot fail")
+@pytest.mark.skipif(bool(read_only_mounts_work()), reason=read_only_mounts_work() or "runs")
 def test_startup_database_dir_read_only(tmp_path: Path) -> None:
     database_dir = tmp_path / "db"
     database_dir.mkdir()
-    database_dir.chmod(0o555)
-    try:
-        result = run_orchestrator(tmp_path / "data", "--db", f"sqlite:///{database_dir}/edgefleet.db")
-    finally:
-        database_dir.chmod(0o755)
+
+    result = run_orchestrator(
+        tmp_path / "data", "--db", f"sqlite:///{database_dir}/edgefleet.db", read_only=database_dir
+    )
 
     assert result.returncode == EXIT_CONFIG
     assert f"the directory {database_dir} of the SQLite database" in error_line(result)
-    assert "is not writable" in error_line(result)
+    assert "is not writable by uid" in error_line(result)
 
 
 def test_startup_postgres_unreachable(tmp_path: Path) -> None:

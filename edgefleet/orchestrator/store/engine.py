@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sqlite3
@@ -20,6 +19,7 @@ from alembic.config import Config
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from edgefleet.common.config import ConfigError
+from edgefleet.common.paths import writable_directory_problem
 
 logger = logging.getLogger(__name__)
 
@@ -148,24 +148,11 @@ def check_sqlite_path(database: Path) -> None:
     is a new database to SQLite.
     """
     directory = database.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
+    problem = writable_directory_problem(directory)
+    if problem is not None:
         raise ConfigError(
-            f"cannot create the directory {directory} of the SQLite database {database}: {directory} or one "
-            f"of its parents is a file, not a directory; move the file or {_SQLITE_FIX}"
-        ) from None
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise ConfigError(
-            f"cannot create the directory {directory} of the SQLite database {database} ({error.strerror}); "
-            f"make its parent writable by this user (uid {os.getuid()}) or {_SQLITE_FIX}"
-        ) from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"the directory {directory} of the SQLite database {database} is not writable by this user (uid "
-            f"{os.getuid()}); SQLite creates its journal files there, so make it writable or {_SQLITE_FIX}"
+            f"the directory {directory} of the SQLite database {database} {problem}; SQLite creates its journal "
+            f"files there, so make it writable or {_SQLITE_FIX}"
         )
     if database.is_dir():
         raise ConfigError(f"the SQLite database {database} is a directory, not a file; {_SQLITE_FIX}")
