@@ -14,6 +14,7 @@ import numpy as np
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
+from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
@@ -102,17 +103,6 @@ def image_input(spec: inference_pb2.LocalModel, size: tuple[int, int] | None) ->
                 f"(input {tensor.name} of shape {shape}); drop --size or pass one that matches"
             )
     return ImageInput(size[0], size[1], channels_first)
-
-
-def parse_top(text: str) -> int:
-    """Parse --top, a whole number of at least 1, or raise argparse.ArgumentTypeError."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number of at least 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {value}: expected a whole number of at least 1")
-    return value
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -238,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--labels", type=Path, metavar="FILE", help="UTF-8 text file with one class label per line")
     parser.add_argument(
-        "--top", type=parse_top, default=3, metavar="N", help="how many classes to print per image (default 3)"
+        "--top",
+        type=argtypes.whole_number(1),
+        default=3,
+        metavar="N",
+        help="how many classes to print per image (default 3)",
     )
     return parser
 

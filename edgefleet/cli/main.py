@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import ssl
@@ -24,6 +23,7 @@ from typing import Any
 import grpc
 
 from edgefleet.cli import rollout, views
+from edgefleet.common import argtypes
 from edgefleet.common.errors import EXIT_UNAVAILABLE
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
@@ -152,28 +152,6 @@ def certificate_names(host: str, port: int | None, timeout_s: float) -> list[str
     except (OSError, ValueError, x509.ExtensionNotFound):
         return []
     return [*names.get_values_for_type(x509.DNSName), *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
-
-
-def positive_seconds(value: str) -> float:
-    """Parse an argparse value as a finite number of seconds above 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds above 0") from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds above 0")
-    return seconds
-
-
-def non_negative_int(value: str) -> int:
-    """Parse an argparse value as an integer of 0 or more."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number of 0 or more") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number of 0 or more")
-    return number
 
 
 def emit(data: Any, output: str, render: Callable[[Any], str]) -> None:
@@ -672,7 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="talk plaintext to an orchestrator started with --insecure"
     )
     parser.add_argument(
-        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each request, above 0 (default 30)"
+        "--timeout",
+        type=argtypes.seconds(),
+        default=30.0,
+        help="seconds to wait for each request, above 0 (default 30)",
     )
     nouns = parser.add_subparsers(dest="noun", required=True)
 
@@ -732,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--variant", help="variant id; default: the source variant or one the device can run")
     sub.add_argument(
         "--threads",
-        type=non_negative_int,
+        type=argtypes.whole_number(0),
         default=0,
         help="intra-op threads, at most the device's usable cores (a larger value is lowered to them); "
         "0 (default) lets the orchestrator or the agent choose",

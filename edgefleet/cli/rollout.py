@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.cli import views
+from edgefleet.common import argtypes
 from edgefleet.v1 import operator_pb2
 
 if TYPE_CHECKING:
@@ -46,40 +47,6 @@ class UsageError(ValueError):
 
 
 Command = Callable[["Client", argparse.Namespace], None]
-
-
-def int_in_range(low: int, high: int) -> Callable[[str], int]:
-    """Return an argparse type that parses a whole number from low to high."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {value!r}: give a whole number from {low} to {high}"
-            ) from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"{number} is outside the allowed range {low} to {high}")
-        return number
-
-    return parse
-
-
-def seconds_in_range(high: float) -> Callable[[str], float]:
-    """Return an argparse type that parses a number of seconds above 0 and at most high."""
-
-    def parse(value: str) -> float:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if not (0 < seconds <= high):
-            raise argparse.ArgumentTypeError(
-                f"invalid value {value!r}: give a number of seconds above 0 and at most {high:g}"
-            )
-        return seconds
-
-    return parse
 
 
 def _usage_errors(command: Command) -> Command:
@@ -428,18 +395,18 @@ def add_commands(nouns: Any, output_flag: Callable[[argparse.ArgumentParser], No
     )
     sub.add_argument(
         "--min-samples",
-        type=int_in_range(1, MAX_MIN_SAMPLES),
+        type=argtypes.whole_number(1, MAX_MIN_SAMPLES),
         help=f"latency samples each device reports before a wave is judged, 1 to {MAX_MIN_SAMPLES} (default 100)",
     )
     sub.add_argument(
         "--max-rollbacks",
-        type=int_in_range(1, MAX_ROLLBACKS),
+        type=argtypes.whole_number(1, MAX_ROLLBACKS),
         help="wave rollbacks at which the whole rollout is rolled back; 1 rolls it back at the first, "
         f"up to {MAX_ROLLBACKS} (default 1)",
     )
     sub.add_argument(
         "--sample-timeout",
-        type=seconds_in_range(MAX_SAMPLE_TIMEOUT_S),
+        type=argtypes.seconds(MAX_SAMPLE_TIMEOUT_S),
         metavar="SECONDS",
         help="seconds a wave may wait for samples before it is reported stuck, above 0 and at most "
         f"{MAX_SAMPLE_TIMEOUT_S:g} (default 600)",
