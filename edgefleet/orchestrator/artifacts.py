@@ -80,6 +80,13 @@ class ArtifactStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def delete(self, digest: str) -> bool:
+        """Remove the artifact and return whether it was stored. Raises ValueError for a malformed digest.
+
+        The caller checks first that nothing references the digest any more.
+        """
+
+    @abc.abstractmethod
     def staging_dir(self) -> Path:
         """Return a local directory for temporary files of uploads in progress.
 
@@ -128,6 +135,16 @@ class FileArtifactStore(ArtifactStore):
 
     def staging_dir(self) -> Path:
         return self._tmp
+
+    def delete(self, digest: str) -> bool:
+        path = self.path_of(digest)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_directory(path.parent)
+        logger.info("removed artifact %s from %s", digest, self.root)
+        return True
 
     def put_file(self, path: Path, *, digest: str | None = None, move: bool = False) -> str:
         source = Path(path)

@@ -44,6 +44,20 @@ class IdentityMismatchError(StoreError):
     """A registration presented a known device id with another instance key."""
 
 
+class DeleteBlockedError(StoreError):
+    """A deletion was rejected because devices, rollouts or compression jobs still use what it would delete."""
+
+
+@dataclass(frozen=True)
+class DeletedModel:
+    """The result of Store.delete_model."""
+
+    variant_ids: tuple[str, ...]
+    # Digests of the deleted rows that no remaining model version or variant references, so their
+    # artifact files can be removed.
+    unreferenced_digests: tuple[str, ...]
+
+
 class Store(abc.ABC):
     """Durable fleet state. Methods are synchronous and thread-safe; each one is one transaction."""
 
@@ -121,6 +135,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_variants(self, model_name: str, model_version: str | None = None) -> list[Variant]: ...
+
+    @abc.abstractmethod
+    def delete_model(self, name: str, version: str, variant_id: str = "") -> DeletedModel:
+        """Delete one variant of a model version, or the version with all its variants when variant_id is empty.
+
+        Deletes the rows in one transaction, and the on-device benchmark results of the variants go with
+        them. Metric windows and rollout history hold the ids as strings and stay. Raises
+        NotFoundError for an unknown version, or a variant_id that is not a variant of it. Raises
+        DeleteBlockedError, deleting nothing, when variant_id is the source variant, when a device's
+        desired state contains a deleted variant, when an active rollout of the version (or one that
+        would restore a deleted variant on rollback) exists, or when a queued or running compression
+        job reads a deleted variant or would add variants to the deleted version.
+        """
 
     # Desired and reported state
 

@@ -28,6 +28,8 @@ from edgefleet.orchestrator.store.tables import (
     model_versions,
     variants,
 )
+from edgefleet.orchestrator.store.tables_jobs import compression_jobs
+from edgefleet.orchestrator.store.tables_rollouts import rollout_wave_devices, rollouts
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +184,84 @@ def delete_assignment(connection: Connection, device_id: str, model_name: str) -
     connection.execute(
         sa.delete(assignments).where(assignments.c.device_id == device_id, assignments.c.model_name == model_name)
     )
+
+
+def lock_model_version(connection: Connection, name: str, version: str) -> ModelVersion:
+    """Load a model version and lock its row until the transaction ends; raise NotFoundError."""
+    row = connection.execute(
+        sa.select(model_versions)
+        .where(model_versions.c.name == name, model_versions.c.version == version)
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise NotFoundError(f"model {name}:{version} not found")
+    return rows.model_version_from_row(row)
+
+
+def assigned_devices(connection: Connection, variant_ids: Sequence[str]) -> list[str]:
+    """Return the ids of the devices whose desired state contains one of variant_ids, sorted."""
+    result = connection.execute(
+        sa.select(assignments.c.device_id)
+        .where(assignments.c.variant_id.in_(variant_ids))
+        .distinct()
+        .order_by(assignments.c.device_id)
+    )
+    return list(result.scalars())
+
+
+def rollouts_of_version(connection: Connection, name: str, version: str, states: Sequence[str]) -> list[str]:
+    """Return the ids of the rollouts of name:version in one of states, oldest first."""
+    result = connection.execute(
+        sa.select(rollouts.c.rollout_id)
+        .where(rollouts.c.model_name == name, rollouts.c.model_version == version, rollouts.c.state.in_(states))
+        .order_by(rollouts.c.created_at, rollouts.c.rollout_id)
+    )
+    return list(result.scalars())
+
+
+def rollouts_restoring(connection: Connection, variant_ids: Sequence[str], states: Sequence[str]) -> list[str]:
+    """Return the ids of the rollouts in one of states that restore one of variant_ids when a wave rolls back."""
+    result = connection.execute(
+        sa.select(rollouts.c.rollout_id)
+        .join(rollout_wave_devices, rollout_wave_devices.c.rollout_id == rollouts.c.rollout_id)
+        .where(rollout_wave_devices.c.prev_variant_id.in_(variant_ids), rollouts.c.state.in_(states))
+        .distinct()
+        .order_by(rollouts.c.rollout_id)
+    )
+    return list(result.scalars())
+
+
+def jobs_using(
+    connection: Connection,
+    name: str,
+    version: str,
+    variant_ids: Sequence[str],
+    whole_version: bool,
+    states: Sequence[str],
+) -> list[str]:
+    """Return the ids, oldest first, of the jobs in states that read one of variant_ids or, with whole_version,
+    belong to name:version."""
+    uses: sa.ColumnElement[bool] = compression_jobs.c.source_variant_id.in_(variant_ids)
+    if whole_version:
+        uses = sa.or_(uses, sa.and_(compression_jobs.c.model_name == name, compression_jobs.c.model_version == version))
+    result = connection.execute(
+        sa.select(compression_jobs.c.job_id)
+        .where(uses, compression_jobs.c.state.in_(states))
+        .order_by(compression_jobs.c.created_at, compression_jobs.c.job_id)
+    )
+    return list(result.scalars())
+
+
+def unreferenced_digests(connection: Connection, digests: Sequence[str]) -> list[str]:
+    """Return the digests, sorted, that no model version or variant row references."""
+    candidates = set(digests)
+    referenced = set(
+        connection.execute(sa.select(variants.c.digest).where(variants.c.digest.in_(candidates))).scalars()
+    )
+    referenced.update(
+        connection.execute(sa.select(model_versions.c.digest).where(model_versions.c.digest.in_(candidates))).scalars()
+    )
+    return sorted(candidates - referenced)
 
 
 def time_range(

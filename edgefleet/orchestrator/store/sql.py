@@ -19,9 +19,13 @@ from edgefleet.orchestrator.domain import (
     ModelVersion,
     Variant,
 )
+from edgefleet.orchestrator.jobs.store import QUEUED, RUNNING
+from edgefleet.orchestrator.rollouts.domain import ACTIVE_STATES
 from edgefleet.orchestrator.store import queries, rows
 from edgefleet.orchestrator.store.base import (
     AlreadyExistsError,
+    DeleteBlockedError,
+    DeletedModel,
     FleetStates,
     IdentityMismatchError,
     NotFoundError,
@@ -45,6 +49,11 @@ from edgefleet.orchestrator.store.tables import (
 )
 
 logger = logging.getLogger(__name__)
+
+# How many devices a rejected deletion names; the message gives the total as well.
+MAX_NAMED_DEVICES = 5
+# Compression job states in which a job still reads its source variant and adds variants to its version.
+ACTIVE_JOB_STATES = (QUEUED, RUNNING)
 
 
 class SqlStore(SqlTransactions, Store):
@@ -250,6 +259,43 @@ class SqlStore(SqlTransactions, Store):
             query = query.where(variants.c.model_version == model_version)
         with self._read() as connection:
             return [rows.variant_from_row(row) for row in connection.execute(query)]
+
+    def delete_model(self, name: str, version: str, variant_id: str = "") -> DeletedModel:
+        with self._write() as connection:
+            # The lock makes concurrent deletions of one version on PostgreSQL wait for each other.
+            model = queries.lock_model_version(connection, name, version)
+            if variant_id:
+                variant = queries.load_variant(connection, variant_id)
+                if (variant.model_name, variant.model_version) != (name, version):
+                    raise NotFoundError(f"variant {variant_id!r} of {name}:{version} not found")
+                if variant.kind == "source":
+                    raise DeleteBlockedError(
+                        f"variant {variant_id} is the source variant of {name}:{version} and cannot be deleted "
+                        f"alone; delete the version {name}:{version} instead"
+                    )
+                targets = [variant]
+            else:
+                targets = [
+                    rows.variant_from_row(row)
+                    for row in connection.execute(
+                        sa.select(variants).where(variants.c.model_name == name, variants.c.model_version == version)
+                    )
+                ]
+            variant_ids = sorted(v.variant_id for v in targets)
+            blockers = _delete_blockers(connection, name, version, variant_ids, whole_version=not variant_id)
+            if blockers:
+                target = f"variant {variant_id}" if variant_id else f"model {name}:{version}"
+                raise DeleteBlockedError(f"cannot delete {target}: " + "; ".join(blockers))
+
+            connection.execute(sa.delete(variants).where(variants.c.variant_id.in_(variant_ids)))
+            digests = {v.digest for v in targets}
+            if not variant_id:
+                connection.execute(
+                    sa.delete(model_versions).where(model_versions.c.name == name, model_versions.c.version == version)
+                )
+                digests.add(model.digest)
+            unreferenced = queries.unreferenced_digests(connection, sorted(digests))
+        return DeletedModel(variant_ids=tuple(variant_ids), unreferenced_digests=tuple(unreferenced))
 
     # Desired and reported state
 
@@ -487,3 +533,44 @@ class SqlStore(SqlTransactions, Store):
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def _delete_blockers(
+    connection: sa.Connection, name: str, version: str, variant_ids: list[str], *, whole_version: bool
+) -> list[str]:
+    """Return what keeps the variants (and with whole_version the version) from being deleted, with the fix."""
+    # NOTE: on PostgreSQL a rollout or compression job created while this transaction runs is not seen,
+    # because creating one does not lock the model version row. A concurrent assignment fails on its foreign key.
+    blockers: list[str] = []
+    active = sorted(ACTIVE_STATES)
+
+    rollout_ids = queries.rollouts_of_version(connection, name, version, active)
+    if rollout_ids:
+        blockers.append(
+            f"rollout {', '.join(rollout_ids)} of {name}:{version} is active; abort it first "
+            f"(edgefleet rollout abort {rollout_ids[0]})"
+        )
+    restoring = [r for r in queries.rollouts_restoring(connection, variant_ids, active) if r not in rollout_ids]
+    if restoring:
+        blockers.append(
+            f"active rollout {', '.join(restoring)} restores these variants when it rolls back; wait for it to "
+            f"finish or abort it first (edgefleet rollout abort {restoring[0]})"
+        )
+
+    job_ids = queries.jobs_using(connection, name, version, variant_ids, whole_version, ACTIVE_JOB_STATES)
+    if job_ids:
+        blockers.append(
+            f"compression job {', '.join(job_ids)} of {name}:{version} is queued or running; cancel it first "
+            f"(edgefleet jobs cancel {job_ids[0]})"
+        )
+
+    device_ids = queries.assigned_devices(connection, variant_ids)
+    if device_ids:
+        named = ", ".join(device_ids[:MAX_NAMED_DEVICES])
+        more = len(device_ids) - MAX_NAMED_DEVICES
+        listed = f"{named} and {more} more" if more > 0 else named
+        devices_text = "1 device has" if len(device_ids) == 1 else f"{len(device_ids)} devices have"
+        blockers.append(
+            f"{devices_text} it in their desired state ({listed}); deploy another variant or version to them first"
+        )
+    return blockers
