@@ -425,6 +425,30 @@ def cmd_models_variants(client: Client, args: argparse.Namespace) -> None:
     emit([views.variant_view(v) for v in response.variants], args.output, render_variants)
 
 
+def cmd_models_delete(client: Client, args: argparse.Namespace) -> None:
+    name, version = split_model_ref(args.model)
+    if not version:
+        raise CliError(
+            f"invalid model {args.model!r}: name the version to delete as NAME:VERSION; "
+            f"`edgefleet models list --name {name}` lists them",
+            EXIT_USAGE,
+        )
+    request = operator_pb2.DeleteModelRequest(name=name, version=version, variant_id=args.variant or "")
+    response = client.call("DeleteModel", request)
+    result = {
+        "model": f"{name}:{version}",
+        "deleted_variant_ids": list(response.deleted_variant_ids),
+        "removed_digests": list(response.removed_digests),
+    }
+    emit(result, args.output, render_deleted)
+
+
+def render_deleted(result: dict[str, Any]) -> str:
+    rows = [("variant", variant_id) for variant_id in result["deleted_variant_ids"]]
+    rows += [("artifact", digest) for digest in result["removed_digests"]]
+    return f"deleted from {result['model']}:\n" + views.table(("TYPE", "ID"), rows)
+
+
 # Deployments
 
 
@@ -701,6 +725,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("model")
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_variants)
+    sub = models.add_parser(
+        "delete", help="delete a model version with its variants (NAME:VERSION), or one variant with --variant"
+    )
+    sub.add_argument("model", metavar="NAME:VERSION")
+    sub.add_argument(
+        "--variant", metavar="VARIANT_ID", help="delete only this variant; the source variant goes with the version"
+    )
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_models_delete)
     from edgefleet.cli import compress
 
     compress.add_commands(models, nouns, output_flag)

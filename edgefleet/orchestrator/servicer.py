@@ -292,6 +292,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     ListModels = unary(catalog.list_models)
     GetModel = unary(catalog.get_model)
     ListVariants = unary(catalog.list_variants)
+    DeleteModel = unary(catalog.delete_model)
     Deploy = unary(deploy.deploy)
     CreateCompressionJob = unary(compression_jobs.create_compression_job)
     GetCompressionJob = unary(compression_jobs.get_compression_job)

@@ -773,3 +773,21 @@ class RetireSigningKeyRequest(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("name", "version", "variant_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    variant_id: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant_id: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("deleted_variant_ids", "removed_digests")
+    DELETED_VARIANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    deleted_variant_ids: _containers.RepeatedScalarFieldContainer[str]
+    removed_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted_variant_ids: _Optional[_Iterable[str]] = ..., removed_digests: _Optional[_Iterable[str]] = ...) -> None: ...

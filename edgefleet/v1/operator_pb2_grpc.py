@@ -159,6 +159,11 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.RetireSigningKeyRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/DeleteModel',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -317,6 +322,13 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteModel(self, request, context):
+        """Delete one variant of a model version, or the version with all its variants; needs the operator role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +456,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.RetireSigningKey,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RetireSigningKeyRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1121,6 +1138,33 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/RetireSigningKey',
             edgefleet_dot_v1_dot_operator__pb2.RetireSigningKeyRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.ListSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/DeleteModel',
+            edgefleet_dot_v1_dot_operator__pb2.DeleteModelRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,7 @@ from edgefleet.orchestrator.download import DownloadError, iter_chunks
 from edgefleet.orchestrator.handlers.devices import suggest
 from edgefleet.orchestrator.modelinfo import ModelFileError, inspect_model
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.orchestrator.store.base import AlreadyExistsError, NotFoundError
+from edgefleet.orchestrator.store.base import AlreadyExistsError, DeleteBlockedError, NotFoundError
 from edgefleet.v1 import agent_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,62 @@ def list_variants(
 ) -> operator_pb2.ListVariantsResponse:
     model = get_model(operator_pb2.GetModelRequest(name=request.model_name, version=request.model_version), state)
     return operator_pb2.ListVariantsResponse(variants=list(model.variants))
+
+
+def delete_model(
+    request: operator_pb2.DeleteModelRequest, state: OrchestratorState
+) -> operator_pb2.DeleteModelResponse:
+    """Delete one variant of a model version, or the version with all its variants, and unused artifact files.
+
+    Raises InvalidArgument for a malformed name, an empty version or an oversized variant_id; NotFound,
+    with the closest known names, for an unknown version or variant; FailedPrecondition, naming what
+    blocks the deletion and the fix, when Store.delete_model rejects it. Nothing changes on any error.
+    """
+    validation.check_name(request.name, "name")
+    if not request.version:
+        raise InvalidArgument(
+            "version",
+            f"missing; name the version to delete explicitly ({request.name}:VERSION), "
+            f"list them with `edgefleet models list --name {request.name}`",
+        )
+    validation.check_name(request.version, "version")
+    validation.check_text(request.variant_id, "variant_id")
+    model = _existing_version(request.name, request.version, state)
+    if request.variant_id:
+        known = [v.variant_id for v in state.store.list_variants(model.name, model.version)]
+        if request.variant_id not in known:
+            raise NotFound(
+                f"variant {request.variant_id!r} of {model.name}:{model.version} not found"
+                f"{suggest(request.variant_id, known)}"
+            )
+
+    try:
+        deleted = state.store.delete_model(model.name, model.version, request.variant_id)
+    except DeleteBlockedError as error:
+        raise FailedPrecondition(str(error)) from None
+    except NotFoundError as error:
+        # Another request deleted it after the checks above.
+        raise NotFound(f"{error}; it was deleted meanwhile") from None
+    log.warning(
+        "deleted %s model=%s:%s variants=%s",
+        "variant" if request.variant_id else "version",
+        model.name,
+        model.version,
+        ",".join(deleted.variant_ids),
+    )
+
+    # NOTE: a concurrent upload of the same content can store its file before the deletion commits and
+    # its row after the file is removed below. That row then has no file, but the window is short.
+    removed: list[str] = []
+    for digest in deleted.unreferenced_digests:
+        try:
+            if state.artifacts.delete(digest):
+                removed.append(digest)
+        except OSError as error:
+            log.error("removing the unreferenced artifact %s failed; remove the file by hand: %s", digest, error)
+    if removed:
+        log.warning("removed artifacts %s of model=%s:%s", ",".join(removed), model.name, model.version)
+    return operator_pb2.DeleteModelResponse(deleted_variant_ids=deleted.variant_ids, removed_digests=removed)
 
 
 def open_download(

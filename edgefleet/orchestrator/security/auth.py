@@ -40,6 +40,7 @@ ROLE_BY_METHOD: dict[str, str] = {
     "ListRollouts": VIEWER,
     "QueryMetrics": VIEWER,
     "UploadModel": OPERATOR,
+    "DeleteModel": OPERATOR,
     "CreateCompressionJob": OPERATOR,
     "CancelCompressionJob": OPERATOR,
     "Deploy": OPERATOR,
