@@ -32,7 +32,7 @@ def read_only_mounts_work() -> str:
 
 
 def on_read_only_mount(directory: Path, command: list[str]) -> list[str]:
-    """Return command wrapped so that it sees directory as an empty read-only file system.
+    """Return command wrapped so that directory is an empty read-only file system for it.
 
     The mount lives in a private mount namespace that ends with the command, so nothing is left
     behind. directory must exist.

@@ -47,7 +47,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"invalid log level {level!r}; allowed: debug, info, warning, error")
     root.setLevel(numeric)
-    # These libraries report routine steps at INFO (each Alembic plug-in, each ONNX graph rewrite of the
-    # PyTorch exporter, JAX's probing for TPUs during TFLite export); their warnings still show.
+    # These libraries log routine steps at INFO: each Alembic plug-in, each ONNX graph rewrite of the
+    # PyTorch exporter, JAX's search for TPUs during TFLite export. Their warnings still show.
     for name in _CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
