@@ -125,6 +125,28 @@ def test_tokens_revoked_rejected(start_secure: StartSecure) -> None:
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_last_admin_token_kept(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    tokens = admin.ListApiTokens(operator_pb2.ListApiTokensRequest(), timeout=STEP_TIMEOUT_S).tokens
+    bootstrap = tokens[0].token_id
+
+    with pytest.raises(grpc.RpcError) as refused:
+        admin.RevokeApiToken(operator_pb2.RevokeApiTokenRequest(token_id=bootstrap), timeout=STEP_TIMEOUT_S)
+    second = admin.CreateApiToken(
+        operator_pb2.CreateApiTokenRequest(name="alice", role="admin"), timeout=STEP_TIMEOUT_S
+    )
+    revoked = admin.RevokeApiToken(operator_pb2.RevokeApiTokenRequest(token_id=bootstrap), timeout=STEP_TIMEOUT_S)
+    alice = orchestrator.operator(second.secret)
+    with pytest.raises(grpc.RpcError) as self_revoke:
+        alice.RevokeApiToken(operator_pb2.RevokeApiTokenRequest(token_id=second.token.token_id), timeout=STEP_TIMEOUT_S)
+
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "only active admin token" in (refused.value.details() or "")
+    assert revoked.HasField("revoked_at")
+    assert self_revoke.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_tokens_list_hides_secrets(start_secure: StartSecure) -> None:
     orchestrator = start_secure()
     secret = create_token(orchestrator, "viewer")

@@ -7,7 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from edgefleet.orchestrator.security.store import ApiTokenRecord, EnrollmentRejected, SqlSecurityStore
+from edgefleet.orchestrator.security.store import (
+    ApiTokenRecord,
+    EnrollmentRejected,
+    LastAdminTokenError,
+    SqlSecurityStore,
+)
 from edgefleet.orchestrator.security.tokens import hash_secret
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
@@ -60,6 +65,19 @@ def test_store_api_tokens(store: SqlSecurityStore) -> None:
     assert again.revoked_at == NOW + timedelta(minutes=1)
     with pytest.raises(NotFoundError):
         store.revoke_api_token("nope", NOW)
+
+
+def test_store_keeps_last_admin(store: SqlSecurityStore) -> None:
+    store.add_api_token(ApiTokenRecord("a1", "root", "admin", NOW), hash_secret("efa_a1_x"))
+    store.add_api_token(ApiTokenRecord("v1", "ci", "viewer", NOW), hash_secret("efa_v1_x"))
+    store.add_api_token(ApiTokenRecord("a2", "alice", "admin", NOW), hash_secret("efa_a2_x"))
+
+    store.revoke_api_token("a1", NOW)
+    with pytest.raises(LastAdminTokenError, match="a2"):
+        store.revoke_api_token("a2", NOW)
+    store.revoke_api_token("v1", NOW)
+
+    assert [t.token_id for t in store.list_api_tokens() if t.revoked_at is None] == ["a2"]
 
 
 def test_store_rollback_orders(store: SqlSecurityStore) -> None:

@@ -10,7 +10,7 @@ from edgefleet.common.serde import timestamp
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.security import tokens
 from edgefleet.orchestrator.security.auth import Security
-from edgefleet.orchestrator.security.store import ApiTokenRecord
+from edgefleet.orchestrator.security.store import ApiTokenRecord, LastAdminTokenError
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import operator_pb2
@@ -89,6 +89,8 @@ def revoke_api_token(request: operator_pb2.RevokeApiTokenRequest, state: Orchest
         record = security.store.revoke_api_token(request.token_id, datetime.now(UTC))
     except NotFoundError as error:
         raise NotFound(str(error)) from None
+    except LastAdminTokenError as error:
+        raise FailedPrecondition(str(error)) from None
     security.forget()
     log.warning("revoked API token %s (%s)", record.token_id, record.name)
     return token_to_proto(record)

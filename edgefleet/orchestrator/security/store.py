@@ -48,6 +48,10 @@ class SigningKeyRecord:
     retired_at: datetime | None = None
 
 
+class LastAdminTokenError(Exception):
+    """Revoking the token would leave no active admin token, so nobody could manage the fleet any more."""
+
+
 class EnrollmentRejected(Exception):
     """An enrollment token is unknown, expired, used or made for another device; reason names which."""
 
@@ -100,7 +104,11 @@ class SecurityStore(abc.ABC):
 
     @abc.abstractmethod
     def revoke_api_token(self, token_id: str, now: datetime) -> ApiTokenRecord:
-        """Revoke a token (again revoking one keeps the first time); raise NotFoundError for an unknown id."""
+        """Revoke a token (again revoking one keeps the first time).
+
+        Raises NotFoundError for an unknown id and LastAdminTokenError, changing nothing, for the only
+        active admin token.
+        """
 
     @abc.abstractmethod
     def add_signing_key(self, record: SigningKeyRecord) -> int:
@@ -246,6 +254,21 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
 
     def revoke_api_token(self, token_id: str, now: datetime) -> ApiTokenRecord:
         with self._write() as connection:
+            # Locking every active admin row makes two concurrent revokes of the last two admins take turns.
+            active_admins = (
+                connection.execute(
+                    sa.select(api_tokens.c.token_id)
+                    .where(api_tokens.c.role == "admin", api_tokens.c.revoked_at.is_(None))
+                    .with_for_update()
+                )
+                .scalars()
+                .all()
+            )
+            if active_admins == [token_id]:
+                raise LastAdminTokenError(
+                    f"API token {token_id} is the only active admin token; create another admin token first "
+                    "(edgefleet tokens create --role admin), or nobody could manage tokens, devices and keys"
+                )
             connection.execute(
                 api_tokens.update()
                 .where(api_tokens.c.token_id == token_id, api_tokens.c.revoked_at.is_(None))
