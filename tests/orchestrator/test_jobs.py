@@ -401,6 +401,15 @@ def test_create_npz_wrong_dtype(tiny: OrchestratorThread, tmp_path: Path) -> Non
     assert "float64" in (error.details() or "")
 
 
+def test_create_npz_nan(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    samples = np.zeros((4, 3, 224, 224), np.float32)
+    samples[2, 0, 5, 5] = np.nan
+    np.savez(tmp_path / "c.npz", input=samples)
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": {"npz": str(tmp_path / "c.npz")}}}))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite values in 1 of 4 samples (the first is sample 2)" in (error.details() or "")
+
+
 def test_create_preprocess_size(tiny: OrchestratorThread) -> None:
     calibration = {"images": "builtin:demo-photos", "preprocess": {"height": 160}}
     error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": calibration}}))

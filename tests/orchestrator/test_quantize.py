@@ -159,6 +159,13 @@ def test_calibration_wrong_dtype(conv_net: Path) -> None:
         reader_from_array(conv_net, np.zeros((2, 3, SIZE, SIZE), dtype=np.float64))
 
 
+def test_calibration_not_finite(conv_net: Path) -> None:
+    data = np.zeros((3, 3, SIZE, SIZE), dtype=np.float32)
+    data[1, 2, 0, 0] = np.inf
+    with pytest.raises(CalibrationError, match="NaN or infinite values in 1 of 3 samples"):
+        reader_from_array(conv_net, data)
+
+
 def test_calibration_reader_batches(conv_net: Path) -> None:
     reader = reader_from_array(conv_net, samples(5, seed=0), batch_size=2)
     shapes = []

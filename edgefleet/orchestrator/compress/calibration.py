@@ -61,9 +61,7 @@ class PreprocessSpec:
         if self.layout not in LAYOUTS:
             raise CalibrationError(f"invalid layout {self.layout!r}: expected one of {LAYOUTS}")
         if self.channel_order not in CHANNEL_ORDERS:
-            raise CalibrationError(
-                f"invalid channel_order {self.channel_order!r}: expected one of {CHANNEL_ORDERS}"
-            )
+            raise CalibrationError(f"invalid channel_order {self.channel_order!r}: expected one of {CHANNEL_ORDERS}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise CalibrationError(f"mean {self.mean} and std {self.std} must have 3 values each")
         if any(s == 0 for s in self.std):
@@ -92,16 +90,16 @@ def model_input_spec(model_path: Path, input_name: str | None = None) -> TensorS
         chosen = matches[0]
     tensor_type = chosen.type.tensor_type
     dtype = _ONNX_TO_NUMPY.get(tensor_type.elem_type, f"onnx-type-{tensor_type.elem_type}")
-    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
-                  for d in tensor_type.shape.dim)
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor_type.shape.dim)
     dim_names = tuple(d.dim_param if d.HasField("dim_param") else "" for d in tensor_type.shape.dim)
     return TensorSpec(name=chosen.name, dtype=dtype, shape=shape, dim_names=dim_names)
 
 
 def check_samples(samples: np.ndarray, spec: TensorSpec) -> None:
-    """Check that samples (batch axis first) match the input's rank, fixed axes and dtype.
+    """Check that samples (batch axis first) match the input's rank, fixed axes and dtype, and are finite.
 
-    Raises CalibrationError naming the expected and received shape or dtype.
+    Raises CalibrationError naming the expected and received shape or dtype, or the samples with NaN or
+    infinite values.
     """
     expected = "(" + ", ".join("N" if d < 0 else str(d) for d in spec.shape) + ")"
     if samples.dtype != np.dtype(spec.dtype):
@@ -124,6 +122,14 @@ def check_samples(samples: np.ndarray, spec: TensorSpec) -> None:
             )
     if samples.shape[0] == 0:
         raise CalibrationError(f"calibration data for input {spec.name!r} is empty: shape {samples.shape}")
+    if samples.dtype.kind in "fc":
+        finite = np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise CalibrationError(
+                f"calibration data for input {spec.name!r} has NaN or infinite values in {bad.size} of "
+                f"{samples.shape[0]} samples (the first is sample {bad[0]}); fix or drop those samples"
+            )
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
@@ -151,7 +157,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
 
     def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, self.samples.shape[0], self.batch_size):
-            yield {self.spec.name: self.samples[start:start + self.batch_size]}
+            yield {self.spec.name: self.samples[start : start + self.batch_size]}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """Return the next batch as {input name: array}, or None when all samples were returned."""

@@ -217,6 +217,18 @@ def _check_npz(path: Path, spec: TensorSpec, field: str) -> None:
             raise
         raise SourceError(field, f"{str(path)!r} is not a readable .npz file: {error}") from None
     check_shape(tuple(shape), str(np.dtype(dtype)), spec, field)
+    if np.dtype(dtype).kind in "fc":
+        # Reads the samples once more, so that a NaN fails the request instead of the job's calibration.
+        with np.load(path, allow_pickle=False) as archive:
+            samples = archive[spec.name]
+        finite = np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise SourceError(
+                field,
+                f"{str(path)!r} has NaN or infinite values in {bad.size} of {samples.shape[0]} samples "
+                f"(the first is sample {bad[0]}); fix or drop those samples",
+            )
 
 
 def check_shape(shape: tuple[int, ...], dtype: str, spec: TensorSpec, field: str) -> None:
