@@ -131,7 +131,8 @@ def test_infer_invalid_input(recorder: RecordingRunner, seed_paths: dict[int, Pa
     host.install("linear", "1", "v", seed_paths[0], "onnx")
     with pytest.raises(InvalidInputError, match="'x'"):
         host.infer("linear", {"x": np.zeros((1, 4), dtype=np.int8)})
-    assert calls == []
+    # Reported as a failed call, so that the error rate shows inputs the served variant rejects.
+    assert [(name, variant, ok) for name, variant, _, ok in calls] == [("linear", "v", False)]
 
 
 def test_on_latency_called(recorder: RecordingRunner, seed_paths: dict[int, Path]) -> None:
