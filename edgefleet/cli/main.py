@@ -166,19 +166,59 @@ def split_model_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+# The range of times that metric queries accept; the orchestrator's handlers/metrics.py checks the same.
+MIN_QUERY_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_QUERY_TIME = datetime(9999, 1, 1, tzinfo=UTC)
+TIME_FORMS = (
+    "use ISO 8601 (2026-12-04T10:00:00Z) or a duration back from now (30s, 15m, 2h, 1d), "
+    f"for a time from {MIN_QUERY_TIME:%Y-%m-%d} to {MAX_QUERY_TIME:%Y-%m-%d}"
+)
+
+
 def parse_time(value: str) -> datetime:
-    """Parse an ISO 8601 time or a duration back from now such as 15m, 2h, 30s, 1d."""
+    """Parse an ISO 8601 time or a duration back from now such as 15m, 2h, 30s, 1d into an aware datetime.
+
+    A time without a zone is UTC. Raises CliError (usage) for other text and for a time outside
+    MIN_QUERY_TIME to MAX_QUERY_TIME.
+    """
+    invalid = CliError(f"invalid time {value!r}: {TIME_FORMS}", EXIT_USAGE)
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
-    if match:
-        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return datetime.now(UTC) - timedelta(seconds=seconds)
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if match:
+            seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+            parsed = datetime.now(UTC) - timedelta(seconds=seconds)
+        else:
+            parsed = datetime.fromisoformat(value)
+    except (ValueError, OverflowError):
+        # OverflowError: a duration reaching back before year 1 (99999999d).
+        raise invalid from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    if not MIN_QUERY_TIME <= parsed <= MAX_QUERY_TIME:
+        raise invalid
+    return parsed
+
+
+def metric_filters(args: argparse.Namespace) -> dict[str, str]:
+    """Return the QueryMetricsRequest filter fields from --device, --model, --variant and --hardware-class.
+
+    Raises CliError (usage) for --model NAME:VERSION, because the query filters by model name only.
+    """
+    model = args.model or ""
+    if ":" in model:
+        name, _, version = model.partition(":")
         raise CliError(
-            f"invalid time {value!r}: use ISO 8601 (2026-12-04T10:00:00Z) or a duration (15m, 2h)", EXIT_USAGE
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            f"invalid --model {model!r}: metrics filter by model name only, so pass --model {name} and "
+            f"filter one version with --variant {name}:{version}:KIND (`edgefleet models variants {model}` "
+            "lists the variant ids), or group rows by version with --group-by variant",
+            EXIT_USAGE,
+        )
+    return {
+        "device_id": args.device or "",
+        "model_name": model,
+        "variant_id": args.variant or "",
+        "hardware_class": args.hardware_class or "",
+    }
 
 
 # Devices
@@ -540,13 +580,9 @@ def render_deploy(result: dict[str, Any]) -> str:
 
 
 def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
-    request = operator_pb2.QueryMetricsRequest(
-        device_id=args.device or "",
-        model_name=args.model or "",
-        variant_id=args.variant or "",
-        hardware_class=args.hardware_class or "",
-        group_by=[g for g in args.group_by.split(",") if g],
-    )
+    request = operator_pb2.QueryMetricsRequest(group_by=[g for g in args.group_by.split(",") if g])
+    for name, value in metric_filters(args).items():
+        setattr(request, name, value)
     if args.since:
         request.start.FromDatetime(parse_time(args.since))
     if args.until:
@@ -578,12 +614,7 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
 def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
     from edgefleet.cli.plot import plot_latency
 
-    filters = {
-        "device_id": args.device or "",
-        "model_name": args.model or "",
-        "variant_id": args.variant or "",
-        "hardware_class": args.hardware_class or "",
-    }
+    filters = metric_filters(args)
     if not any(filters.values()):
         raise CliError("name what to plot: --device, --model, --variant or --hardware-class", EXIT_USAGE)
     bucket = parse_duration(args.bucket)
@@ -647,6 +678,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.demo.run import run_demo
 
     return run_demo(report_path=args.report, duration_s=args.duration, work_dir=args.work_dir)
+
+
+def metric_filter_flags(sub: argparse.ArgumentParser) -> None:
+    """Add the --device, --model, --variant and --hardware-class filters of the metrics commands."""
+    sub.add_argument("--device", metavar="DEVICE_ID", help="only windows of this device")
+    sub.add_argument(
+        "--model",
+        metavar="NAME",
+        help="only windows of this model name, all versions (filter a version with --variant)",
+    )
+    sub.add_argument("--variant", metavar="VARIANT_ID", help="only windows of this variant (NAME:VERSION:KIND)")
+    sub.add_argument(
+        "--hardware-class", metavar="CLASS", help="only windows of devices in this hardware class (see devices show)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -762,10 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     metrics = nouns.add_parser("metrics", help="query latency metrics").add_subparsers(dest="verb", required=True)
     sub = metrics.add_parser("query", help="count, throughput and p50/p95/p99 latency from merged sketches")
-    sub.add_argument("--device")
-    sub.add_argument("--model")
-    sub.add_argument("--variant")
-    sub.add_argument("--hardware-class")
+    metric_filter_flags(sub)
     sub.add_argument("--since", help="start: ISO 8601 time or a duration back from now (15m, 2h)")
     sub.add_argument("--until", help="end: ISO 8601 time or a duration back from now")
     sub.add_argument(
@@ -777,10 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=cmd_metrics_query)
 
     sub = metrics.add_parser("plot", help="write a PNG of latency over time and of its distribution")
-    sub.add_argument("--device")
-    sub.add_argument("--model")
-    sub.add_argument("--variant")
-    sub.add_argument("--hardware-class")
+    metric_filter_flags(sub)
     sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
     sub.add_argument("--bucket", default="10s", help="time bucket of the series: 10s, 1m, 5m (default 10s)")
     sub.add_argument("--out", type=Path, default=Path("latency.png"), help="PNG file to write (default latency.png)")

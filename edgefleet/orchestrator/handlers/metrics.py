@@ -7,12 +7,16 @@ import math
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from edgefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from edgefleet.common.serde import from_timestamp, timestamp
 from edgefleet.common.sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
+from edgefleet.orchestrator.handlers.devices import suggest
 from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
@@ -23,6 +27,10 @@ GROUP_KEYS = ("device", "model", "variant", "hardware_class")
 MAX_BUCKETS = 10_000
 # A device clock this far from the orchestrator's is logged with the upload.
 CLOCK_SKEW_WARNING = timedelta(minutes=5)
+# Query times must lie in this range. The upper bound leaves room below datetime.max for the
+# window lengths and buckets that queries add to a time. The CLI's parse_time checks the same range.
+MIN_QUERY_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_QUERY_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def upload_metrics(
@@ -146,14 +154,25 @@ def _group_key(
 def query_metrics(
     request: operator_pb2.QueryMetricsRequest, state: OrchestratorState
 ) -> operator_pb2.QueryMetricsResponse:
-    """Merge the stored sketches of the matching windows into one row per group."""
+    """Merge the stored sketches of the matching windows into one row per group.
+
+    Raises InvalidArgument for a bad filter, group key, bucket or time (outside MIN_QUERY_TIME to
+    MAX_QUERY_TIME), and NotFound for a device, model or variant that has neither an entry in the
+    store nor matching windows.
+    """
     for key in request.group_by:
         if key not in GROUP_KEYS:
             raise InvalidArgument("group_by", f"unknown key {key!r}; allowed: {', '.join(GROUP_KEYS)}")
     if request.device_id:
         validation.check_device_id(request.device_id)
-    start = from_timestamp(request.start)
-    end = from_timestamp(request.end)
+    if ":" in request.model_name:
+        raise InvalidArgument(
+            "model_name",
+            f"{request.model_name!r} must be a model name without a version; "
+            "filter one version by variant_id (NAME:VERSION:KIND) or group by variant",
+        )
+    start = _query_time(request.start, "start")
+    end = _query_time(request.end, "end")
     if start and end and start >= end:
         raise InvalidArgument("start", f"{start.isoformat()} must be before end {end.isoformat()}")
     if request.bucket_seconds > MAX_WINDOW_SECONDS * 24:
@@ -170,6 +189,8 @@ def query_metrics(
         received_start=start,
         received_end=end + timedelta(seconds=MAX_WINDOW_SECONDS) if end else None,
     )
+    if not windows:
+        _check_filters_exist(request, state)
     skewed = state.hub.skewed_devices()
     max_skew = timedelta(seconds=state.config.max_clock_skew_s)
     keys = tuple(dict.fromkeys(request.group_by))
@@ -185,6 +206,39 @@ def query_metrics(
         )
     rows = [_row(dict(group), members, request.include_sketch) for group, members in sorted(groups.items())]
     return operator_pb2.QueryMetricsResponse(rows=rows)
+
+
+def _query_time(message: Timestamp, field: str) -> datetime | None:
+    """Return the time in a query field, or None when it is unset; raise InvalidArgument when out of range."""
+    allowed = f"give a time from {MIN_QUERY_TIME.isoformat()} to {MAX_QUERY_TIME.isoformat()}"
+    try:
+        value = from_timestamp(message)
+    except ValueError:
+        # An invalid Timestamp (seconds beyond year 9999 or nanos out of range) does not convert.
+        raise InvalidArgument(field, f"seconds={message.seconds} nanos={message.nanos} is invalid; {allowed}") from None
+    if value is not None and not MIN_QUERY_TIME <= value <= MAX_QUERY_TIME:
+        raise InvalidArgument(field, f"{value.isoformat()} is out of range; {allowed}")
+    return value
+
+
+def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: OrchestratorState) -> None:
+    """Raise NotFound, with the closest known names, for a filtered device, model or variant that does not exist.
+
+    Only called when no window matched, so windows of a deleted device or model can still be queried.
+    """
+    store = state.store
+    if request.device_id and store.get_device(request.device_id) is None:
+        known = [d.device_id for d in store.list_devices()]
+        raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
+    model_names = sorted({m.name for m in store.list_model_versions()})
+    if request.model_name and request.model_name not in model_names:
+        raise NotFound(f"model {request.model_name!r} not found{suggest(request.model_name, model_names)}")
+    if request.variant_id:
+        try:
+            store.get_variant(request.variant_id)
+        except NotFoundError:
+            known = [v.variant_id for name in model_names for v in store.list_variants(name)]
+            raise NotFound(f"variant {request.variant_id!r} not found{suggest(request.variant_id, known)}") from None
 
 
 def _row(

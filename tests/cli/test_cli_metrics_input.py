@@ -1,0 +1,171 @@
+"""Input checks of `edgefleet metrics query` and `metrics plot`, run in-process against a real orchestrator."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from edgefleet.cli.main import EXIT_NOT_FOUND, EXIT_USAGE, main, parse_time
+from edgefleet.common.serde import timestamp
+from edgefleet.common.sketch import LatencySketch
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+from tests.servers import OrchestratorThread, linear_onnx, register, upload
+
+pytest_plugins = ["tests.servers"]
+
+Capture = pytest.CaptureFixture[str]
+
+
+def cli(orchestrator: OrchestratorThread, *args: str) -> int:
+    return main(["--insecure", "--orchestrator", orchestrator.address, *args])
+
+
+@pytest.fixture
+def fleet(orchestrator: OrchestratorThread, capsys: Capture) -> OrchestratorThread:
+    """Return an orchestrator with model linear:1, device edge-01 and one metric window of linear:1 from it."""
+    upload(orchestrator, linear_onnx(), "linear", "1")
+    variant_id = (
+        orchestrator.operator.ListVariants(
+            operator_pb2.ListVariantsRequest(model_name="linear", model_version="1"), timeout=30
+        )
+        .variants[0]
+        .variant_id
+    )
+    register(orchestrator.agent, "edge-01")
+    sketch = LatencySketch()
+    for _ in range(10):
+        sketch.add(2.0)
+    window = common_pb2.MetricWindow(
+        model_name="linear",
+        model_version="1",
+        variant_id=variant_id,
+        window_start=timestamp(datetime.now(UTC) - timedelta(seconds=30)),
+        window_seconds=10,
+        inference_count=10,
+        latency=sketch.to_proto(),
+    )
+    request = agent_pb2.UploadMetricsRequest(device_id="edge-01", batch_id="batch-1", windows=[window])
+    orchestrator.agent.UploadMetrics(request, timeout=30)
+    capsys.readouterr()
+    return orchestrator
+
+
+def query_error(fleet: OrchestratorThread, capsys: Capture, *args: str) -> tuple[int, str]:
+    """Run `metrics query` with args and return its exit status and stderr."""
+    code = cli(fleet, "metrics", "query", *args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["99999999d", "1" + "0" * 400 + "s", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"])
+def test_parse_time_out_of_range(fleet: OrchestratorThread, capsys: Capture, value: str) -> None:
+    for flag in ("--since", "--until"):
+        code, error = query_error(fleet, capsys, flag, value)
+
+        assert code == EXIT_USAGE
+        assert f"invalid time {value!r}" in error
+        assert "ISO 8601" in error
+        assert "1970-01-01 to 9999-01-01" in error
+
+
+def test_plot_since_out_of_range(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "plot", "--model", "linear", "--since", "99999999d")
+
+    assert code == EXIT_USAGE
+    assert "invalid time '99999999d'" in capsys.readouterr().err
+
+
+def test_parse_time_naive_is_utc() -> None:
+    assert parse_time("2026-12-04T10:00:00") == datetime(2026, 12, 4, 10, tzinfo=UTC)
+
+
+def test_until_far_future(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "query", "--until", "9998-12-31T23:59:59Z", "-o", "json")
+
+    assert code == 0
+    assert [row["inferences"] for row in json.loads(capsys.readouterr().out)] == [10]
+
+
+@pytest.mark.parametrize(
+    ("field", "seconds"),
+    [("end", 253402300799), ("end", 253402300799 * 4), ("start", -86400), ("start", -62135596800 - 1)],
+)
+def test_query_time_out_of_range(fleet: OrchestratorThread, field: str, seconds: int) -> None:
+    request = operator_pb2.QueryMetricsRequest()
+    getattr(request, field).CopyFrom(Timestamp(seconds=seconds))
+
+    with pytest.raises(grpc.RpcError) as caught:
+        fleet.operator.QueryMetrics(request, timeout=30)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"invalid {field}:")
+    assert "9999-01-01" in caught.value.details()
+
+
+def test_model_with_version(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code, error = query_error(fleet, capsys, "--model", "linear:1")
+
+    assert code == EXIT_USAGE
+    assert "invalid --model 'linear:1'" in error
+    assert "--model linear" in error
+    assert "--variant linear:1:KIND" in error
+
+
+def test_model_name_rpc_with_version(fleet: OrchestratorThread) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        fleet.operator.QueryMetrics(operator_pb2.QueryMetricsRequest(model_name="linear:1"), timeout=30)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "variant_id" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "noun", "suggestion"),
+    [
+        ("--device", "edge-02", "device", "edge-01"),
+        ("--model", "lineer", "model", "linear"),
+        ("--variant", "linear:2:onnx", "variant", "linear:1:"),
+    ],
+)
+def test_query_unknown(
+    fleet: OrchestratorThread, capsys: Capture, flag: str, value: str, noun: str, suggestion: str
+) -> None:
+    code, error = query_error(fleet, capsys, flag, value)
+
+    assert code == EXIT_NOT_FOUND
+    assert f"{noun} {value!r} not found" in error
+    assert f"did you mean {suggestion}" in error
+
+
+def test_plot_unknown_model(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "plot", "--model", "nosuch")
+
+    assert code == EXIT_NOT_FOUND
+    assert "model 'nosuch' not found" in capsys.readouterr().err
+
+
+def test_query_known_empty(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "query", "--model", "linear", "--until", "2020-01-01T00:00:00Z", "-o", "json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_query_known_model(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "query", "--model", "linear", "--device", "edge-01", "-o", "json")
+
+    assert code == 0
+    assert [row["inferences"] for row in json.loads(capsys.readouterr().out)] == [10]
+
+
+def test_query_filter_help(capsys: Capture) -> None:
+    with pytest.raises(SystemExit):
+        main(["metrics", "query", "--help"])
+
+    help_text = capsys.readouterr().out
+    assert "only windows of this model name" in help_text
+    assert "only windows of this variant (NAME:VERSION:KIND)" in help_text
+    assert "hardware class" in help_text
