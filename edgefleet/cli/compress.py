@@ -13,12 +13,26 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.cli import views
-from edgefleet.cli.main import EXIT_FAILED, EXIT_USAGE, Client, CliError, emit, render_variants, split_model_ref
+from edgefleet.cli.main import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Client,
+    CliError,
+    emit,
+    render_variants,
+    split_model_ref,
+)
+from edgefleet.common import argtypes
 from edgefleet.v1 import operator_pb2
 
 BUILTIN_SOURCES = ("demo-photos", "digits")
 JOB_STATES = ("unspecified", "queued", "running", "succeeded", "failed", "cancelled")
 POLL_INTERVAL_S = 0.5
+# While following a job, an unreachable orchestrator (a restart) is retried this long before exit 69.
+# Jobs resume after an orchestrator restart, so a short outage should not end the wait.
+UNAVAILABLE_RETRY_S = 60.0
+MAX_RETRY_INTERVAL_S = 5.0
 BAR_WIDTH = 30
 EXIT_INTERRUPTED = 130
 
@@ -59,7 +73,8 @@ def source_section(value: str) -> dict[str, str]:
 def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """Read --recipe (TOML or JSON) and apply the shortcut flags on top; return the recipe dict.
 
-    Raises CliError for a missing or unreadable recipe file and for flags that need --int8.
+    Raises CliError for a missing or unreadable recipe file, and for int8 flags (--calibration,
+    --calibration-size, --fine-tune-steps) given without --int8 or a quantize section in the recipe.
     """
     recipe: dict[str, Any] = {}
     if args.recipe is not None:
@@ -78,13 +93,28 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"invalid recipe file {path}: {error}", EXIT_USAGE) from None
         if not isinstance(recipe, dict):
             raise CliError(f"recipe file {path} must hold a table of sections", EXIT_USAGE)
-    if args.int8 or args.calibration or args.calibration_size or args.fine_tune_steps is not None:
+    int8_flags = [
+        flag
+        for flag, value in (
+            ("--calibration", args.calibration),
+            ("--calibration-size", args.calibration_size),
+            ("--fine-tune-steps", args.fine_tune_steps),
+        )
+        if value is not None
+    ]
+    if int8_flags and not args.int8 and "quantize" not in recipe:
+        raise CliError(
+            f"{', '.join(int8_flags)} only apply to int8 quantization: add --int8 "
+            "(or a [quantize] section to the --recipe file)",
+            EXIT_USAGE,
+        )
+    if args.int8 or int8_flags:
         quantize = recipe.setdefault("quantize", {})
         if not isinstance(quantize, dict):
             raise CliError("the recipe's quantize entry must be a table", EXIT_USAGE)
-        if args.calibration:
+        if args.calibration is not None:
             quantize["calibration"] = source_section(args.calibration)
-        if args.calibration_size:
+        if args.calibration_size is not None:
             quantize["calibration_size"] = args.calibration_size
         if args.fine_tune_steps is not None:
             quantize["fine_tune_steps"] = args.fine_tune_steps
@@ -150,8 +180,9 @@ def follow(
     """Poll the job until it finishes and return it; draw a progress bar on stderr when show is set.
 
     On a terminal the bar redraws in place; otherwise each new stage is printed on its own line.
-    announce, when given, is printed on stderr first. Raises CliError after timeout_s (0 waits forever)
-    and on Ctrl-C, which leaves the job running.
+    announce, when given, is printed on stderr first. An unreachable orchestrator is retried with
+    backoff for up to UNAVAILABLE_RETRY_S. Raises CliError after timeout_s (0 waits forever), when
+    the orchestrator stays unreachable (exit 69), and on Ctrl-C, which leaves the job running.
     """
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     tty = sys.stderr.isatty()
@@ -161,7 +192,7 @@ def follow(
         if announce:
             print(announce, file=sys.stderr, flush=True)
         while True:
-            job = client.call("GetCompressionJob", operator_pb2.GetCompressionJobRequest(job_id=job_id))
+            job = _get_job_retrying(client, job_id)
             if show:
                 line = _progress_line(job)[:160]
                 if tty:
@@ -189,6 +220,36 @@ def follow(
             f"edgefleet jobs wait {job_id} or stop it with edgefleet jobs cancel {job_id}",
             EXIT_INTERRUPTED,
         ) from None
+
+
+def _get_job_retrying(client: Client, job_id: str) -> operator_pb2.CompressionJob:
+    """Get the job; retry while the orchestrator is unreachable, for up to UNAVAILABLE_RETRY_S.
+
+    Prints once on stderr that it retries. Raises the last CliError when the orchestrator stays
+    unreachable, and any other CliError at once.
+    """
+    request = operator_pb2.GetCompressionJobRequest(job_id=job_id)
+    give_up_at: float | None = None
+    interval = POLL_INTERVAL_S
+    while True:
+        try:
+            return client.call("GetCompressionJob", request)
+        except CliError as error:
+            if error.code != EXIT_UNAVAILABLE:
+                raise
+            now = time.monotonic()
+            if give_up_at is None:
+                give_up_at = now + UNAVAILABLE_RETRY_S
+                print(
+                    f"edgefleet: {error}; retrying for up to {UNAVAILABLE_RETRY_S:g} s "
+                    f"(job {job_id} keeps running if the orchestrator restarts)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if now >= give_up_at:
+                raise
+            time.sleep(min(interval, give_up_at - now))
+            interval = min(interval * 2, MAX_RETRY_INTERVAL_S)
 
 
 def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> None:
@@ -264,14 +325,21 @@ def add_commands(
     sub.add_argument(
         "--calibration",
         metavar="SOURCE",
-        help="calibration data: demo-photos, digits, an image folder or an .npz file on the orchestrator host",
+        help="calibration data: demo-photos, digits, an image folder or an .npz file on the orchestrator host "
+        "(needs --int8)",
     )
-    sub.add_argument("--calibration-size", type=int, metavar="N", help="at most N calibration samples")
+    sub.add_argument(
+        "--calibration-size",
+        type=argtypes.whole_number(1),
+        metavar="N",
+        help="at most N calibration samples, at least 1 (needs --int8)",
+    )
     sub.add_argument(
         "--fine-tune-steps",
-        type=int,
+        type=argtypes.whole_number(0),
         metavar="N",
-        help="after quantizing, train the int8 weights for N steps to match the fp32 outputs (0: off; minutes)",
+        help="after quantizing, train the int8 weights for N steps to match the fp32 outputs "
+        "(0: off; minutes; needs --int8)",
     )
     sub.add_argument(
         "--evaluation", metavar="SOURCE", help="gate evaluation data (default: the built-in source's held-out half)"
