@@ -123,6 +123,19 @@ def test_kubernetes_references_resolve() -> None:
     assert mounted == {v["name"] for v in template["spec"]["volumes"]}
 
 
+def test_kubernetes_runs_image_user() -> None:
+    # runAsNonRoot can only verify a numeric USER, and the pod must run as the uid that owns the data.
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, flags=re.MULTILINE)
+    created = re.search(r"useradd --system --uid (\d+)", dockerfile)
+    deployment = load_yaml_documents(DEPLOY / "kubernetes" / "deployment.yaml")[0]
+    context = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert user is not None, "the Dockerfile's USER is not numeric uid:gid"
+    assert created is not None and created.group(1) == user.group(1)
+    assert (context["runAsUser"], context["runAsGroup"]) == (int(user.group(1)), int(user.group(2)))
+    assert context["runAsNonRoot"] is True
+
+
 def test_kubernetes_arguments_are_orchestrator_flags() -> None:
     container = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     from edgefleet.orchestrator.main import main
