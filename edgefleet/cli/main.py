@@ -25,6 +25,7 @@ import grpc
 from edgefleet.cli import rollout, views
 from edgefleet.common import argtypes
 from edgefleet.common.errors import EXIT_UNAVAILABLE
+from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 
@@ -166,9 +167,6 @@ def split_model_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
-# The range of times that metric queries accept; the orchestrator's handlers/metrics.py checks the same.
-MIN_QUERY_TIME = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_QUERY_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 TIME_FORMS = (
     "use ISO 8601 (2026-12-04T10:00:00Z) or a duration back from now (30s, 15m, 2h, 1d), "
     f"for a time from {MIN_QUERY_TIME:%Y-%m-%d} to {MAX_QUERY_TIME:%Y-%m-%d}"

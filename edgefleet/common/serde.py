@@ -16,6 +16,12 @@ MODEL_STATE_NAMES = ("pending", "downloading", "verifying", "loading", "serving"
 DEVICE_STATUS_NAMES = ("online", "stale", "offline")
 
 
+# Times that metric queries accept. The upper bound leaves room below datetime.max for the window
+# lengths and buckets that queries add to a time.
+MIN_QUERY_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_QUERY_TIME = datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def enum_to_name(value: int, names: tuple[str, ...], field: str) -> str:
     """Map an API enum value to its domain name; raise ValueError for UNSPECIFIED or unknown values."""
     if 1 <= value <= len(names):

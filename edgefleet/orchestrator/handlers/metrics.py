@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from edgefleet.common.serde import from_timestamp, timestamp
+from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME, from_timestamp, timestamp
 from edgefleet.common.sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
@@ -27,10 +27,6 @@ GROUP_KEYS = ("device", "model", "variant", "hardware_class")
 MAX_BUCKETS = 10_000
 # A device clock this far from the orchestrator's is logged with the upload.
 CLOCK_SKEW_WARNING = timedelta(minutes=5)
-# Query times must lie in this range. The upper bound leaves room below datetime.max for the
-# window lengths and buckets that queries add to a time. The CLI's parse_time checks the same range.
-MIN_QUERY_TIME = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_QUERY_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def upload_metrics(
