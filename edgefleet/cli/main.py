@@ -25,6 +25,7 @@ import grpc
 from edgefleet.cli import rollout, views
 from edgefleet.common import argtypes
 from edgefleet.common.errors import EXIT_UNAVAILABLE
+from edgefleet.common.models import is_tflite
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
@@ -33,7 +34,6 @@ from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50052"
 DEFAULT_INSECURE_ORCHESTRATOR = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
-TFLITE_IDENTIFIER = b"TFL3"  # FlatBuffers file identifier of a TFLite model, at bytes 4..8.
 # gRPC's status details when the server certificate does not name the host dialled (grpcio 1.85).
 HOSTNAME_MISMATCH_TEXT = "Hostname Verification Check failed"
 # OpenSSL's reason when the certificate chain does not verify against the trusted CA.
@@ -347,7 +347,7 @@ def declared_format(path: Path, head: bytes) -> Any:
     is sent. TFLite is detected from the content with the orchestrator's rule; ONNX has no such marker,
     so only an .onnx name declares it, and other files are left to the orchestrator's detection.
     """
-    if head[4:8] == TFLITE_IDENTIFIER:
+    if is_tflite(head):
         return common_pb2.MODEL_FORMAT_TFLITE
     if path.suffix.lower() == ".onnx":
         return common_pb2.MODEL_FORMAT_ONNX

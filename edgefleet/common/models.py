@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 FORMATS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "fp16", "int8")
+TFLITE_IDENTIFIER = b"TFL3"  # FlatBuffers file identifier of the TFLite schema, stored at bytes 4..8.
+
+
+def is_tflite(content: bytes) -> bool:
+    """Return whether content (the whole file or its first 8 bytes) carries the TFLite identifier."""
+    return len(content) >= 8 and content[4:8] == TFLITE_IDENTIFIER
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ from collections.abc import Collection, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from edgefleet.common.models import ModelMetadata
+from edgefleet.common.models import TFLITE_IDENTIFIER, ModelMetadata, is_tflite
 
 logger = logging.getLogger(__name__)
 
-TFLITE_IDENTIFIER = b"TFL3"  # FlatBuffers file identifier of the TFLite schema, stored at bytes 4..8.
 # Largest element count of one tensor that a model may declare or infer: 2^31 - 1, 8 GiB as
 # float32, more than any edge device's memory. Larger shapes mark a broken or hostile file.
 MAX_TENSOR_ELEMENTS = 2**31 - 1
@@ -74,11 +73,6 @@ def check_tensor_elements(name: str, shape: Sequence[int], source: str) -> None:
             f"model {source} tensor {name!r} has shape {tuple(int(d) for d in shape)}, which is {elements:.3g} "
             f"elements; at most {MAX_TENSOR_ELEMENTS} elements per tensor are supported, so no device could run it"
         )
-
-
-def is_tflite(content: bytes) -> bool:
-    """Return whether content carries the TFLite FlatBuffers identifier at bytes 4..8."""
-    return len(content) >= 8 and content[4:8] == TFLITE_IDENTIFIER
 
 
 def not_a_model_error(source: str) -> ModelFileError:
