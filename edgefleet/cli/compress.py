@@ -24,6 +24,7 @@ from edgefleet.cli.main import (
     split_model_ref,
 )
 from edgefleet.common import argtypes
+from edgefleet.common.backoff import Backoff
 from edgefleet.v1 import operator_pb2
 
 BUILTIN_SOURCES = ("demo-photos", "digits")
@@ -230,7 +231,7 @@ def _get_job_retrying(client: Client, job_id: str) -> operator_pb2.CompressionJo
     """
     request = operator_pb2.GetCompressionJobRequest(job_id=job_id)
     give_up_at: float | None = None
-    interval = POLL_INTERVAL_S
+    backoff = Backoff(base_s=POLL_INTERVAL_S, cap_s=MAX_RETRY_INTERVAL_S)
     while True:
         try:
             return client.call("GetCompressionJob", request)
@@ -248,8 +249,7 @@ def _get_job_retrying(client: Client, job_id: str) -> operator_pb2.CompressionJo
                 )
             if now >= give_up_at:
                 raise
-            time.sleep(min(interval, give_up_at - now))
-            interval = min(interval * 2, MAX_RETRY_INTERVAL_S)
+            time.sleep(min(backoff.next_delay(), give_up_at - now))
 
 
 def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> None:
