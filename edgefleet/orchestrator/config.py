@@ -117,7 +117,7 @@ MAX_GRPC_DURATION_S = (2**31 - 1) // 1000
 # Agents receive the heartbeat interval as a uint32 number of seconds (RegisterResponse).
 MAX_HEARTBEAT_INTERVAL_S = 2**32 - 1
 
-# The same limit as retention.MAX_BUCKET_SECONDS: merged metric windows are at most one day long.
+# Merged metric windows are at most one day long (retention checks the same bound).
 MAX_METRICS_WINDOW_S = 86400
 
 

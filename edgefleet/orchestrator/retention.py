@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from edgefleet.orchestrator.config import OrchestratorConfig
+from edgefleet.orchestrator.config import MAX_METRICS_WINDOW_S, OrchestratorConfig
 from edgefleet.orchestrator.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 # The first run waits this long after start-up (or one interval, if shorter), so a restart loop
 # does not run retention again and again.
 FIRST_RUN_DELAY_S = 60.0
-MAX_BUCKET_SECONDS = 86400
 
 
 @dataclass(frozen=True)
@@ -35,9 +34,9 @@ class RetentionPolicy:
                 f"metrics_delete_after_s ({self.delete_after_s:g}) must be at least metrics_downsample_after_s "
                 f"({self.downsample_after_s:g})"
             )
-        if not 1 <= self.bucket_seconds <= MAX_BUCKET_SECONDS:
+        if not 1 <= self.bucket_seconds <= MAX_METRICS_WINDOW_S:
             raise ValueError(
-                f"metrics_downsample_window_s must be 1 to {MAX_BUCKET_SECONDS} seconds, got {self.bucket_seconds}"
+                f"metrics_downsample_window_s must be 1 to {MAX_METRICS_WINDOW_S} seconds, got {self.bucket_seconds}"
             )
 
     @classmethod
