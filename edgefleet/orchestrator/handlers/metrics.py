@@ -226,6 +226,8 @@ def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: Orche
     if request.device_id and store.get_device(request.device_id) is None:
         known = [d.device_id for d in store.list_devices()]
         raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
+    if not (request.model_name or request.variant_id):
+        return
     model_names = sorted({m.name for m in store.list_model_versions()})
     if request.model_name and request.model_name not in model_names:
         raise NotFound(f"model {request.model_name!r} not found{suggest(request.model_name, model_names)}")
