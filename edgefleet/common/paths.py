@@ -14,9 +14,9 @@ def writable_directory_problem(path: Path) -> str | None:
     """Create path and its parents when missing, then create and remove a file in it.
 
     Returns None when this process can write there, else what is wrong as a phrase that follows the
-    path in a message ("exists but is not a directory", ...). Only a real write gives the right answer
-    for root, ACLs and read-only mounts. The file has no name or is unlinked at once, so a killed
-    process leaves nothing behind. Errors other than a file in the way, a missing permission or
+    path in a message ("exists but is not a directory", ...). Only a real write is correct for root,
+    ACLs and read-only mounts. The file has no name or is unlinked at once, so a killed process
+    leaves nothing behind. Errors other than a file in the way, a missing permission or
     a read-only file system (a full disk, an I/O error) are raised, since they are not about the path.
     """
     try:

@@ -75,7 +75,7 @@ def prepare_data_dir(data_dir: Path) -> None:
     problem = writable_directory_problem(data_dir)
     if problem is not None:
         raise ConfigError(
-            f"invalid --data-dir {data_dir}: it {problem}; it holds the database, the artifacts and admin.token, "
+            f"invalid --data-dir {data_dir}: it {problem}; it contains the database, the artifacts and admin.token, "
             "so point --data-dir at a directory this user can write, or make this one writable"
         )
 

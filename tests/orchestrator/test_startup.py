@@ -29,7 +29,7 @@ pytest_plugins = ["tests.servers"]
 def run_orchestrator(data_dir: Path, *args: str, read_only: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run edgefleet-orchestrator (plaintext, port 0, data_dir) with args until it exits; return the result.
 
-    With read_only, the process sees that directory as an empty read-only file system.
+    With read_only, that directory is an empty read-only file system for the process.
     """
     command = [sys.executable, "-m", "edgefleet.orchestrator.main", "--insecure", "--listen", "127.0.0.1:0"]
     command += ["--log-level", "warning", "--data-dir", str(data_dir), *args]

@@ -49,7 +49,7 @@ class SigningKeyRecord:
 
 
 class LastAdminTokenError(Exception):
-    """Revoking the token would leave no active admin token, so nobody could manage the fleet any more."""
+    """Revoking the token would leave no active admin token, and no API call can create one again."""
 
 
 class EnrollmentRejected(Exception):
@@ -267,7 +267,7 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
             if active_admins == [token_id]:
                 raise LastAdminTokenError(
                     f"API token {token_id} is the only active admin token; create another admin token first "
-                    "(edgefleet tokens create --role admin), or nobody could manage tokens, devices and keys"
+                    "(edgefleet tokens create --role admin), because none can be created once the last is revoked"
                 )
             connection.execute(
                 api_tokens.update()

@@ -142,11 +142,12 @@ class Store(abc.ABC):
 
         Deletes the rows in one transaction, and the on-device benchmark results of the variants go with
         them. Metric windows and rollout history hold the ids as strings and stay. Raises
-        NotFoundError for an unknown version, or a variant_id that is not a variant of it. Raises
-        DeleteBlockedError, deleting nothing, when variant_id is the source variant, when a device's
-        desired state contains a deleted variant, when an active rollout of the version (or one that
-        would restore a deleted variant on rollback) exists, or when a queued or running compression
-        job reads a deleted variant or would add variants to the deleted version.
+        NotFoundError for an unknown version, or a variant_id that is not a variant of it.
+
+        Raises DeleteBlockedError, deleting nothing, in four cases: variant_id is the source variant; a
+        device's desired state contains a deleted variant; an active rollout of the version exists, or
+        one that would restore a deleted variant on rollback; a queued or running compression job reads
+        a deleted variant or would add variants to the deleted version.
         """
 
     # Desired and reported state
