@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -84,8 +85,13 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"cannot store a value of type {type(value).__name__} as JSON: {value!r}")
 
 
+_SCALAR_TYPES = (str, int, float, bool)
+
+
 def _from_json(annotation: Any, data: Any, where: str) -> Any:
     """Convert data to the type annotation describes; where names the field for error messages."""
+    if annotation in _SCALAR_TYPES:  # Most fields: checked first, before the slower typing introspection.
+        return _scalar_from_json(annotation, data, where)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
 
@@ -113,18 +119,30 @@ def _from_json(annotation: Any, data: Any, where: str) -> Any:
     return _scalar_from_json(annotation, data, where)
 
 
+@functools.cache
+def _init_fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """Return (name, resolved type, required) for each init field of the dataclass cls.
+
+    Cached per class, because typing.get_type_hints compiles every string annotation again on each
+    call: without the cache, decoding the hardware profiles took most of a device listing's time.
+    """
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+        if f.init
+    )
+
+
 def _dataclass_from_json(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected an object, got {data!r}")
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.name in data:
-            kwargs[f.name] = _from_json(hints[f.name], data[f.name], f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{where}: required field {f.name!r} is missing")
+    for name, annotation, required in _init_fields(cls):
+        if name in data:
+            kwargs[name] = _from_json(annotation, data[name], f"{where}.{name}")
+        elif required:
+            raise ValueError(f"{where}: required field {name!r} is missing")
     return cls(**kwargs)
 
 
