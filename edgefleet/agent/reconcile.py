@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from edgefleet.agent.delivery import DeliveryError, Downloader, ModelStore
 from edgefleet.agent.runtime.base import ModelLoadError
-from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.runtime.host import ModelHost, ServedModel
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
 from edgefleet.common.serde import MODEL_STATE_NAMES, format_from_proto, name_to_enum
 from edgefleet.v1 import agent_pb2
@@ -54,6 +55,9 @@ class Reconciler:
     # unsigned assignments (tools and tests without an orchestrator).
     verifier: ArtifactVerifier | None = None
     statuses: dict[str, agent_pb2.ModelStatus] = field(default_factory=dict)
+    # The assignment each served model runs, saved with the desired state. When a restart meets a
+    # desired variant that fails to load, the agent serves this one again, as it did before the restart.
+    serving: dict[str, agent_pb2.ModelAssignment] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
 
@@ -85,9 +89,13 @@ class Reconciler:
             data = json.loads(path.read_text())
             desired = agent_pb2.DesiredState()
             desired.ParseFromString(bytes.fromhex(data["desired_state"]))
-        except (OSError, ValueError, KeyError) as error:
+            serving = {}
+            for name, encoded in data.get("serving", {}).items():  # Absent in files of older agents.
+                serving[name] = agent_pb2.ModelAssignment.FromString(bytes.fromhex(encoded))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
             log.warning("ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error)
             return
+        self.serving = serving
         log.info(
             "restoring %d models of desired generation %d from local files",
             len(desired.models),
@@ -108,6 +116,8 @@ class Reconciler:
                 self.host.remove(name)
                 log.info("removed model=%s: no longer in the desired state", name)
                 self.statuses.pop(name, None)
+            for name in [n for n in self.serving if n not in desired_names]:
+                self.serving.pop(name)
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
             # Reports sent while the models are applied already report on this generation.
@@ -137,6 +147,7 @@ class Reconciler:
                     self.verifier.accept(assignment)
                 except VerificationError as error:
                     log.warning("model=%s keeps serving; the repeated assignment failed verification: %s", name, error)
+            self.serving[name] = assignment
             return
         if self.verifier is not None:
             try:
@@ -206,8 +217,13 @@ class Reconciler:
             if previous is not None and previous.digest != assignment.digest:
                 # Keep the version on disk that the host still serves.
                 self.store.activate(name, previous.digest)
-            self._set(assignment, "failed", error=str(error))
+            message = str(error)
+            still_served = self.host.get(name) or self._serve_again(name, assignment)
+            if still_served is not None:
+                message += f"; version {still_served.version} (variant {still_served.variant_id}) keeps serving"
+            self._set(assignment, "failed", error=message)
             return
+        self.serving[name] = assignment
         if self.verifier is not None:
             self.verifier.accept(assignment)
         self._set(
@@ -229,6 +245,42 @@ class Reconciler:
         if not offline and self.on_serving is not None:
             self.on_serving(assignment.variant_id, installed.path, model_format)
 
+    def _serve_again(self, name: str, failed: agent_pb2.ModelAssignment) -> ServedModel | None:
+        """Serve the assignment that ran before a restart when the desired one failed; return it, or None.
+
+        After a restart the host serves nothing yet, so without this a model whose new variant fails
+        to load would stop serving, although its former version is still on disk.
+        """
+        assignment = self.serving.get(name)
+        if assignment is None or assignment.digest == failed.digest:
+            return None
+        installed = self.store.find(name, assignment.digest)
+        if installed is None:
+            log.warning("model=%s: variant %s, which served before, is no longer on disk", name, assignment.variant_id)
+            return None
+        try:
+            served = self.host.install(
+                name,
+                assignment.model_version,
+                assignment.variant_id,
+                installed.path,
+                format_from_proto(assignment.format),
+                assignment.threads or self.default_threads,
+            )
+        except (ModelLoadError, OSError, ValueError) as error:
+            log.error(
+                "model=%s: variant %s, which served before, failed as well: %s", name, assignment.variant_id, error
+            )
+            return None
+        self.store.activate(name, assignment.digest)
+        log.warning(
+            "model=%s serves variant %s again from local files, because variant %s failed",
+            name,
+            assignment.variant_id,
+            failed.variant_id,
+        )
+        return served
+
     def _serving_digest(self, name: str) -> str:
         current = self.store.current(name)
         return current.digest if current is not None else ""
@@ -242,10 +294,34 @@ class Reconciler:
         self._set(assignment, "downloading", bytes_downloaded=done)
 
     def _save(self, desired: agent_pb2.DesiredState) -> None:
+        """Write the desired state for restore(); log a failure, such as a full disk, instead of raising.
+
+        The models already serve, so a failed write must not stop the agent. The previous file stays
+        in place, and after a restart the orchestrator sends the current desired state again.
+        """
         path = self.state_dir / DESIRED_FILE
         temp = path.with_suffix(".tmp")
-        with temp.open("w") as handle:
-            json.dump({"generation": desired.generation, "desired_state": desired.SerializeToString().hex()}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        try:
+            with temp.open("w") as handle:
+                json.dump(
+                    {
+                        "generation": desired.generation,
+                        "desired_state": desired.SerializeToString().hex(),
+                        "serving": {name: a.SerializeToString().hex() for name, a in sorted(self.serving.items())},
+                    },
+                    handle,
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            log.error(
+                "cannot save desired generation %d to %s: %s; the models keep serving, but a restart before the "
+                "next successful save restores the generation saved before; free space in %s",
+                desired.generation,
+                path,
+                error,
+                self.state_dir,
+            )

@@ -1,0 +1,156 @@
+"""Tests of the agent's Reconciler with a real ModelHost, ModelStore and a gRPC artifact server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from edgefleet.agent.delivery import Downloader, ModelStore
+from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
+from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.common.serde import format_to_proto
+from edgefleet.orchestrator.artifacts import FileArtifactStore
+from edgefleet.orchestrator.download import DownloadError, iter_chunks
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from tests.agent.models import onnx_failing_reshape, onnx_linear
+
+
+class ArtifactServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, artifacts: FileArtifactStore) -> None:
+        self.artifacts = artifacts
+
+    def DownloadArtifact(
+        self, request: agent_pb2.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.ArtifactChunk]:
+        try:
+            chunks = iter_chunks(self.artifacts, request.digest, request.offset, request.chunk_size)
+        except DownloadError as error:
+            context.abort(error.status_code, str(error))
+        yield from chunks
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> FileArtifactStore:
+    return FileArtifactStore(tmp_path / "orchestrator-artifacts")
+
+
+@pytest.fixture
+def channel(artifacts: FileArtifactStore) -> Iterator[grpc.Channel]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(ArtifactServicer(artifacts), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def assignment(artifacts: FileArtifactStore, model_file: Path, version: str) -> agent_pb2.ModelAssignment:
+    digest = artifacts.put_file(model_file)
+    return agent_pb2.ModelAssignment(
+        model_name="linear",
+        model_version=version,
+        variant_id=f"linear:{version}:source",
+        digest=digest,
+        size_bytes=model_file.stat().st_size,
+        format=format_to_proto("onnx"),
+    )
+
+
+def make_reconciler(state_dir: Path, channel: grpc.Channel, host: ModelHost) -> Reconciler:
+    store = ModelStore(state_dir / "models")
+    return Reconciler(
+        host=host,
+        store=store,
+        downloader=Downloader(channel, store, device_id="device-1"),
+        state_dir=state_dir,
+        allowed_runtimes=("onnxruntime",),
+        default_threads=1,
+        memory_budget_bytes=None,
+        report=lambda reported: None,
+    )
+
+
+def test_restart_serves_version_that_served(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
+) -> None:
+    good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    bad = assignment(artifacts, onnx_failing_reshape(tmp_path / "bad.onnx"), "2")
+    state_dir = tmp_path / "device"
+    feeds = {"x": np.ones((1, 4), np.float32)}
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(state_dir, channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[bad]))
+        assert host.infer("linear", feeds).model_version == "1"
+        assert "version 1 (variant linear:1:source) keeps serving" in reconciler.statuses["linear"].error
+
+    # The agent restarts: a new host and reconciler restore the saved desired state from disk.
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(state_dir, channel, host)
+        reconciler.restore()
+        assert host.infer("linear", feeds).model_version == "1"
+        status = reconciler.statuses["linear"]
+        assert status.variant_id == "linear:2:source"
+        assert "version 1 (variant linear:1:source) keeps serving" in status.error
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path | None]:
+    """Mount a 4 MiB tmpfs and yield its path, or yield None where mounting is not permitted."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, check=False
+        )
+        mounted = result.returncode == 0
+    except FileNotFoundError:
+        mounted = False
+    if not mounted:
+        yield None
+        return
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_unwritable_desired_state_keeps_serving(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel, small_disk: Path | None
+) -> None:
+    # On a real tmpfs the disk fills up; without mount rights a directory in the way of the
+    # temporary file makes the write fail instead.
+    state_dir = (small_disk or tmp_path) / "device"
+    good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(state_dir, channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
+        if small_disk is not None:
+            with (small_disk / "filler").open("wb") as filler, pytest.raises(OSError):
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        else:
+            (state_dir / "desired.tmp").mkdir()
+
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[good]))
+
+        assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+        assert reconciler.statuses["linear"].error == ""
+        saved = json.loads((state_dir / DESIRED_FILE).read_text())
+        assert saved["generation"] == 1
+        if small_disk is not None:
+            assert not (state_dir / "desired.tmp").exists()
