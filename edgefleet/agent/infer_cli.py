@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +42,35 @@ class ImageInput:
     channels_first: bool  # NCHW when true, NHWC otherwise.
 
 
+# Pillow modes of 16-bit grayscale images. Pillow opens 16-bit grayscale PNG files as "I;16" or, in
+# older releases, as the 32-bit mode "I" with values up to 65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_image(path: Path, height: int, width: int) -> np.ndarray:
-    """Read an image as HxWx3 uint8, resized (shorter side) and centre-cropped to height x width."""
+    """Read an image as HxWx3 uint8, resized (shorter side) and centre-cropped to height x width.
+
+    16-bit grayscale is scaled to 8 bits. Raises OSError for a file that Pillow cannot read, and for
+    an image of more pixels than Pillow reads safely (Image.MAX_IMAGE_PIXELS times 2).
+    """
     try:
         from PIL import Image
     except ImportError:
         raise SystemExit("edgefleet-agent infer needs Pillow to read images: pip install pillow") from None
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
+    try:
+        with warnings.catch_warnings():
+            # The user named the file, so an image over Pillow's warning threshold is read without a warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise OSError(f"{error.args[0] if error.args else error} Scale the image down first") from None
+    with image:
+        if image.mode in SIXTEEN_BIT_MODES:
+            # convert("RGB") clips 16-bit values at 255, which turns most pixels white.
+            scaled = np.asarray(image).astype(np.float32) / 257.0
+            rgb = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
+        else:
+            rgb = image.convert("RGB")
         scale = max(height / rgb.height, width / rgb.width)
         resized = rgb.resize(
             (max(width, round(rgb.width * scale)), max(height, round(rgb.height * scale))), Image.Resampling.BILINEAR

@@ -16,7 +16,7 @@ from PIL import Image
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.main import main
 from edgefleet.agent.runtime.host import ModelHost
-from edgefleet.common.errors import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 
 CLASSES = 5
 # The RGB colour of the test image. A uniform image keeps its colour through the resize and the crop.
@@ -193,6 +193,38 @@ def test_labels_png_process(image: Path) -> None:
     assert result.returncode == EXIT_USAGE
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_sixteen_bit_grayscale(socket: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    level = 100
+    eight_bit = tmp_path / "gray8.png"
+    sixteen_bit = tmp_path / "gray16.png"
+    Image.new("L", (20, 16), level).save(eight_bit)
+    Image.fromarray(np.full((16, 20), level * 257, dtype=np.uint16)).save(sixteen_bit)
+
+    code = infer("--socket", str(socket), "--model", "fixed", "--top", str(CLASSES), str(eight_bit), str(sixteen_bit))
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == EXIT_OK
+    with Image.open(sixteen_bit) as opened:
+        assert opened.mode.startswith("I")
+    scores = [line.split(": ", 1)[1].rsplit("  [", 1)[0] for line in lines]
+    assert scores[1] == scores[0]
+
+
+def test_image_over_pixel_limit(
+    socket: Path, image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Pillow refuses images of more than twice MAX_IMAGE_PIXELS; a low limit replaces a huge image.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+
+    code = infer("--socket", str(socket), "--model", "fixed", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_FAILURE
+    assert f"{image}: cannot read image: " in error
+    assert "Scale the image down first" in error
+    assert error.count("\n") == 1
 
 
 def test_dynamic_needs_size(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
