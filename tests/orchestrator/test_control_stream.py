@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 
@@ -303,6 +304,45 @@ def test_reported_state_stored(orchestrator: OrchestratorThread, open_stream: Op
     assert reported.threads == 2
     assert reported.digest == model.digest
     assert [a.variant_id for a in device.desired] == ["linear:1:source"]
+
+
+def test_failed_model_logged_once(
+    orchestrator: OrchestratorThread, open_stream: OpenStream, caplog: pytest.LogCaptureFixture
+) -> None:
+    device_id, key = register(orchestrator.agent)
+    model = upload(orchestrator, linear_onnx(), "linear", "1")
+    generation = deploy(orchestrator, device_id).device.desired_generation
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key, generation=generation)
+
+    def report(error: str) -> None:
+        status = agent_pb2.ModelStatus(
+            model_name="linear",
+            model_version="1",
+            variant_id="linear:1:source",
+            digest=model.digest,
+            state=common_pb2.MODEL_STATE_FAILED,
+            error=error,
+        )
+        stream.send(
+            agent_pb2.AgentMessage(
+                reported_state=agent_pb2.ReportedState(desired_generation=generation, models=[status])
+            )
+        )
+
+    with caplog.at_level(logging.WARNING, logger="edgefleet.orchestrator.handlers.devices"):
+        for _ in range(3):
+            report("runtime failed to load the model")
+        report("runtime failed again, differently")
+        wait_until(
+            lambda: [m for m in get_device(orchestrator, device_id).models if "differently" in m.error],
+            "the last report to be stored",
+        )
+
+    logged = [r.getMessage() for r in caplog.records if f"device_id={device_id} reports model=linear" in r.getMessage()]
+    assert len(logged) == 2
+    assert logged[0].endswith("failed: runtime failed to load the model")
+    assert logged[1].endswith("failed: runtime failed again, differently")
 
 
 def test_reported_state_invalid(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:

@@ -119,9 +119,14 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
         statuses = [serde.model_status_from_proto(device_id, m, i) for i, m in enumerate(message.models)]
     except ValueError as error:
         raise InvalidArgument("reported_state", str(error)) from None
+    # Agents send their whole state on every change, so a failure stays in each report until it is
+    # fixed. Only a failure that is new or changed is logged, once.
+    logged_before = {
+        (s.model_name, s.variant_id, s.error) for s in state.store.get_reported_state(device_id) if s.state == "failed"
+    }
     state.store.save_reported_state(device_id, message.desired_generation, statuses, datetime.now(UTC))
     for status in statuses:
-        if status.state == "failed":
+        if status.state == "failed" and (status.model_name, status.variant_id, status.error) not in logged_before:
             log.warning(
                 "device_id=%s reports model=%s variant=%s failed: %s",
                 device_id,
