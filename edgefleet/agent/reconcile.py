@@ -182,7 +182,8 @@ class Reconciler:
                     assignment,
                     "failed",
                     error=f"model needs about {needed >> 20} MiB, {in_use >> 20} MiB are in use and the device's "
-                    f"memory budget is {self.memory_budget_bytes >> 20} MiB",
+                    f"memory budget is {self.memory_budget_bytes >> 20} MiB; remove a model from this device or "
+                    "deploy a smaller variant (edgefleet models compress --int8)",
                 )
                 return
 

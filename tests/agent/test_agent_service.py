@@ -206,9 +206,26 @@ def test_agent_litert_only(start_orchestrator: StartOrchestrator, start_agent: S
     result = infer(agent.agent.config.socket_path)
 
     assert only_onnx.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Add a variant in a format it can run" in (only_onnx.value.details() or "")
     assert response.assignment.variant_id == "linear:1:tflite-fp32"
     assert status.runtime == "litert"
     np.testing.assert_allclose(tensor_to_array(result.outputs[0]), linear_reference(INPUT), rtol=1e-5, atol=1e-6)
+
+
+def test_deploy_over_memory_hint(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    orchestrator = start_orchestrator()
+    agent = start_agent(orchestrator.address, "plc", hardware=agent_hardware(memory_bytes=1024 * 1024))
+    device_id = wait_online(orchestrator, agent)
+    upload(orchestrator, linear_onnx(), "linear", "1")
+
+    with pytest.raises(grpc.RpcError) as over_memory:
+        deploy(orchestrator, device_id)
+
+    details = over_memory.value.details() or ""
+    assert over_memory.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "memory over the device's memory" in details
+    assert "Add a smaller variant (edgefleet models compress --int8)" in details
+    assert "--variant-kind" not in details
 
 
 def test_agent_memory_budget(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
@@ -221,6 +238,7 @@ def test_agent_memory_budget(start_orchestrator: StartOrchestrator, start_agent:
     status = wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_FAILED)
 
     assert "memory budget is 1 MiB" in status.error
+    assert "deploy a smaller variant" in status.error
     assert local_models(agent.agent.config.socket_path) == []
 
 

@@ -12,7 +12,7 @@ from edgefleet.orchestrator.domain import Assignment, Device, Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
 from edgefleet.orchestrator.handlers.devices import describe_device, suggest
 from edgefleet.orchestrator.handlers.explain import calibrated_predictor
-from edgefleet.orchestrator.selection import runnable_formats, select_variant
+from edgefleet.orchestrator.selection import NOT_RUNNABLE, OVER_MEMORY, runnable_formats, select_variant
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import operator_pb2
@@ -31,10 +31,15 @@ def choose_variant(device: Device, variants: list[Variant], state: OrchestratorS
     selection = select_variant(device, variants, budget_ms=None, predictor=predictor)
     if selection.chosen is None:
         reasons = "; ".join(f"{c.variant.variant_id}: {c.reason}" for c in selection.candidates) or "no variants"
+        hints = []
+        if any(c.reason.startswith(OVER_MEMORY) for c in selection.candidates):
+            hints.append("a smaller variant (edgefleet models compress --int8)")
+        if not hints or any(c.reason.startswith(NOT_RUNNABLE) for c in selection.candidates):
+            hints.append("a variant in a format it can run (edgefleet models add --variant-kind)")
         raise FailedPrecondition(
             f"no variant runs on device {device.device_id} "
             f"(runtimes: {', '.join(r.name for r in device.hardware.runtimes) or 'none'}): {reasons}. "
-            "Add a variant in a format it can run (edgefleet models add --variant-kind)"
+            f"Add {' or '.join(hints)}"
         )
     return selection.chosen, selection.threads
 
