@@ -6,6 +6,22 @@ from dataclasses import dataclass, field
 
 FORMATS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "fp16", "int8")
+# numpy dtype names of the tensors that agents serve and the local APIs carry. Strings, sequences and
+# maps have no fixed byte layout, so a model with such an input or output cannot be served.
+SERVED_DTYPES = (
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+)
 TFLITE_IDENTIFIER = b"TFL3"  # FlatBuffers file identifier of the TFLite schema, stored at bytes 4..8.
 
 

@@ -13,7 +13,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from onnx import helper, shape_inference
 
-from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.common.models import SERVED_DTYPES, ModelMetadata, TensorSpec
 from edgefleet.orchestrator.modelinfo import (
     ModelFileError,
     check_tensor_elements,
@@ -74,6 +74,9 @@ def inspect_onnx(content: bytes, source: str) -> ModelMetadata:
     initializer_names.update(sparse.values.name for sparse in graph.sparse_initializer)
     inputs = tuple(_tensor_spec(value) for value in graph.input if value.name not in initializer_names)
     outputs = tuple(_tensor_spec(value) for value in graph.output)
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            _check_served_dtype(kind, spec, source)
     for spec in (*inputs, *outputs):
         check_tensor_elements(spec.name, spec.shape, source)
 
@@ -218,6 +221,29 @@ def _check_opset_supported(opset: int, source: str) -> None:
             f"{onnxruntime.__version__} supports; re-export it with an opset in that range "
             "(torch.onnx.export(..., opset_version=N))"
         )
+
+
+# Names of the ONNX value types other than a tensor, as TypeProto's "value" oneof spells them.
+_VALUE_KINDS = {
+    "sequence_type": "a sequence",
+    "map_type": "a map",
+    "optional_type": "an optional value",
+    "sparse_tensor_type": "a sparse tensor",
+}
+
+
+def _check_served_dtype(kind: str, spec: TensorSpec, source: str) -> None:
+    """Raise ModelFileError for an input or output that agents cannot serve: not a tensor, or a string tensor."""
+    if spec.dtype in SERVED_DTYPES:
+        return
+    if spec.dtype in _VALUE_KINDS:
+        found = f"is {_VALUE_KINDS[spec.dtype]}, not a tensor"
+    else:
+        found = f"has dtype {'string' if spec.dtype == 'object' else spec.dtype}"
+    raise ModelFileError(
+        f"ONNX model {source}: {kind} {spec.name!r} {found}; agents serve only tensors of "
+        f"{', '.join(SERVED_DTYPES)}. Re-export the model so that every input and output is such a tensor"
+    )
 
 
 def _dtype_name(elem_type: int) -> str:

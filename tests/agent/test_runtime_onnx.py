@@ -233,3 +233,11 @@ def test_concurrent_equals_sequential(linear_path: Path) -> None:
         i for i, (a, b) in enumerate(zip(sequential, concurrent, strict=True)) if not np.array_equal(a, b)
     ]
     assert mismatches == []
+
+
+def test_dtypes_match_catalog_check() -> None:
+    """The catalog rejects models with other tensor types, so the two lists must agree."""
+    from edgefleet.agent.runtime.onnx import _ONNX_DTYPES
+    from edgefleet.common.models import SERVED_DTYPES
+
+    assert sorted(_ONNX_DTYPES.values()) == sorted(SERVED_DTYPES)

@@ -236,6 +236,51 @@ def _large_onnx() -> bytes:
     )
 
 
+def test_string_input_rejected() -> None:
+    text = helper.make_tensor_value_info("text", TensorProto.STRING, [1])
+    data = _model_bytes([helper.make_node("Identity", ["text"], ["copy"])], [text], [_float_tensor("copy", [1])])
+
+    with pytest.raises(ModelFileError, match="input 'text' has dtype string; agents serve only tensors of float16"):
+        inspect_model(data)
+
+
+def test_sequence_output_rejected() -> None:
+    parts = helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, None)
+    node = helper.make_node("SplitToSequence", ["x"], ["parts"], axis=0)
+    data = _model_bytes([node], [_float_tensor("x", [4, 2])], [parts])
+
+    with pytest.raises(ModelFileError, match="output 'parts' is a sequence, not a tensor; agents serve only"):
+        inspect_model(data)
+
+
+def test_map_output_rejected() -> None:
+    probabilities = helper.make_value_info(
+        "probabilities",
+        helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+        ),
+    )
+    node = helper.make_node("ZipMap", ["x"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])
+    graph = helper.make_graph([node], "test", [_float_tensor("x", [1, 3])], [probabilities])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+
+    with pytest.raises(ModelFileError, match="output 'probabilities' is a sequence, not a tensor"):
+        inspect_model(model.SerializeToString())
+
+
+def test_int64_and_bool_accepted() -> None:
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])
+    mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n"])
+    inverted = helper.make_tensor_value_info("inverted", TensorProto.BOOL, ["n"])
+    nodes = [helper.make_node("Not", ["mask"], ["inverted"]), helper.make_node("Identity", ["ids"], ["copy"])]
+    copy = helper.make_tensor_value_info("copy", TensorProto.INT64, ["n"])
+
+    metadata = inspect_model(_model_bytes(nodes, [ids, mask], [inverted, copy]))
+
+    assert [spec.dtype for spec in metadata.inputs] == ["int64", "bool"]
+    assert [spec.dtype for spec in metadata.outputs] == ["bool", "int64"]
+
+
 def test_random_bytes_rejected() -> None:
     data = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     with pytest.raises(ModelFileError, match="is not a model file"):
