@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,27 @@ def _write_json(path: Path, value: object) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def _save_json(path: Path, value: object, what: str) -> None:
+    """Write path like _write_json, but log a failure, such as a full disk, instead of raising.
+
+    The caller has already updated its state in memory, and the agent keeps using it. Only a restart
+    before the next successful save goes back to the file's older content.
+    """
+    try:
+        _write_json(path, value)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            path.with_suffix(".tmp").unlink(missing_ok=True)
+        log.error(
+            "cannot save %s to %s: %s; the agent keeps using it, but a restart before the next successful save "
+            "reads the version saved before; free space in %s",
+            what,
+            path,
+            error,
+            path.parent,
+        )
 
 
 class ArtifactVerifier:
@@ -102,9 +124,10 @@ class ArtifactVerifier:
                 )
             self.keys = offered
             self.key_version = key_set.version
-            _write_json(
+            _save_json(
                 self.state_dir / KEYS_FILE,
                 {"version": self.key_version, "keys": {k: v.hex() for k, v in offered.items()}},
+                f"trusted key set version {self.key_version}",
             )
         log.info("trusting signing keys %s (key set version %d)", ", ".join(sorted(offered)), key_set.version)
         return True
@@ -143,4 +166,8 @@ class ArtifactVerifier:
             ):
                 return
             self.counters[assignment.model_name] = assignment.version_counter
-            _write_json(self.state_dir / COUNTERS_FILE, self.counters)
+            _save_json(
+                self.state_dir / COUNTERS_FILE,
+                self.counters,
+                f"anti-rollback counter {assignment.version_counter} of model {assignment.model_name}",
+            )

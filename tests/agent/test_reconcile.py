@@ -15,6 +15,7 @@ import pytest
 from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
 from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.verify import ArtifactVerifier
 from edgefleet.common.serde import format_to_proto
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.download import DownloadError, iter_chunks
@@ -127,6 +128,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path | None]:
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
+def fill_disk(directory: Path) -> None:
+    """Write zeros into directory/filler until the file system is full."""
+    with (directory / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError, match="No space left"):
+        while True:
+            filler.write(b"\0" * 65536)
+
+
 def test_unwritable_desired_state_keeps_serving(
     tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel, small_disk: Path | None
 ) -> None:
@@ -139,10 +147,7 @@ def test_unwritable_desired_state_keeps_serving(
         reconciler = make_reconciler(state_dir, channel, host)
         reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
         if small_disk is not None:
-            with (small_disk / "filler").open("wb") as filler, pytest.raises(OSError):
-                while True:
-                    filler.write(b"\0" * 65536)
-                    filler.flush()
+            fill_disk(small_disk)
         else:
             (state_dir / "desired.tmp").mkdir()
 
@@ -154,3 +159,22 @@ def test_unwritable_desired_state_keeps_serving(
         assert saved["generation"] == 1
         if small_disk is not None:
             assert not (state_dir / "desired.tmp").exists()
+
+
+def test_unwritable_counters_kept_in_memory(tmp_path: Path, small_disk: Path | None) -> None:
+    # A new generation re-signs a served assignment with a higher counter, which the verifier saves
+    # from the reconcile thread, so a failed save must not raise there.
+    state_dir = small_disk or tmp_path
+    verifier = ArtifactVerifier(state_dir, "device-1")
+    served = agent_pb2.ModelAssignment(model_name="linear", version_counter=1)
+    verifier.accept(served)
+    if small_disk is not None:
+        fill_disk(small_disk)
+    else:
+        (state_dir / "counters.tmp").mkdir()
+
+    served.version_counter = 2
+    verifier.accept(served)
+
+    assert verifier.counters == {"linear": 2}
+    assert json.loads((state_dir / "counters.json").read_text()) == {"linear": 1}
