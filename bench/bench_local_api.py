@@ -13,19 +13,28 @@ about 100 us from run to run with the inference time, so each row also gives the
 time outside its runtime call (the reply's latency_ms), less the same for ModelHost.infer: that
 difference leaves the inference's own jitter out. Each row ends with the CPUs that other processes
 used during its pass: a row with more than about 0.05 measured a shared machine.
+
+A last row per model, `bare socket`, is the floor of any Unix-socket API on this machine. A third
+process runs its own onnxruntime session in a loop: it blocks in recv for a 1-byte request, runs the
+model on an input it already holds and sends back the 8-byte run time. It has no framing, no input
+transfer and no Python beyond those three calls, so what it adds is two thread wake-ups and the system
+calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +101,70 @@ def serve(directory: Path, models: list[tuple[str, Path]]) -> None:
             grpc_server.stop()
 
 
+def serve_bare(socket_path: Path, model: Path) -> None:
+    """Run model once per 1-byte request on socket_path and reply with the run time in nanoseconds."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    spec = session.get_inputs()[0]
+    feeds = {spec.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in spec.shape], np.float32)}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen(1)
+    connection, _ = listener.accept()
+    with listener, connection:
+        while connection.recv(1):
+            start = time.perf_counter_ns()
+            session.run(None, feeds)
+            connection.sendall(struct.pack("<q", time.perf_counter_ns() - start))
+
+
+@dataclass(frozen=True)
+class BareReply:
+    latency_ms: float
+
+
+class BareSocketClient:
+    """The application side of serve_bare: one request byte out, the run time back."""
+
+    def __init__(self, socket_path: Path, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(socket_path))
+
+    def __call__(self) -> BareReply:
+        self.sock.sendall(b"r")
+        reply = self.sock.recv(8, socket.MSG_WAITALL)
+        return BareReply(latency_ms=struct.unpack("<q", reply)[0] / 1e6)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def bare_server(directory: Path, name: str, model: Path) -> Iterator[BareSocketClient]:
+    """Start serve_bare for model in a child process and yield a connected client."""
+    socket_path = directory / f"{name}.bare.sock"
+    command = [sys.executable, __file__, "--serve-bare", str(socket_path), str(model)]
+    child = subprocess.Popen(command)
+    try:
+        if not wait_for_socket(socket_path, timeout_s=120):
+            raise SystemExit(f"the bare socket server for {name} did not start within 120 s")
+        client = BareSocketClient(socket_path, child.pid)
+        try:
+            yield client
+        finally:
+            client.close()
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 class OutsideRun:
     """Records, for a call that returns a reply with latency_ms, its time outside the runtime call."""
 
@@ -133,6 +206,7 @@ def measure(
     path: Path,
     runs: int,
     agent_pid: int,
+    directory: Path,
 ) -> None:
     """Time ModelHost.infer against each socket API and client mode on one model and print a row for each."""
     served = host.install(name, "1", f"{name}:1:source", path, "onnx", threads=1)
@@ -156,21 +230,36 @@ def measure(
         "grpc": lambda: stub.Infer(request, timeout=30),
     }
     # One pass per API, so that no API's cache footprint slows another.
-    pids = [os.getpid(), agent_pid]
     for api, call in apis.items():
-        in_process = OutsideRun(lambda: host.infer(name, feeds))
-        over_api = OutsideRun(call)
-        start, everyone_before, ours_before = time.monotonic(), *busy_cpu_s(pids)
-        result = interleaved_p50({"in-process": in_process, "api": over_api}, warmup, runs)
-        everyone_after, ours_after = busy_cpu_s(pids)
-        other_cpus = ((everyone_after - everyone_before) - (ours_after - ours_before)) / (time.monotonic() - start)
-        added = result["api"] - result["in-process"]
-        added_outside = over_api.p50_us(warmup) - in_process.p50_us(warmup)
-        verdict = "met" if added <= TARGET_OVERHEAD_US else "missed"
-        print(
-            f"{name:<20} {api:<14} {result['in-process']:>18.1f} {result['api']:>11.1f} {added:>9.1f}  "
-            f"{verdict:<7} {added_outside:>16.1f} {max(other_cpus, 0.0):>10.2f}"
-        )
+        measure_pass(host, name, feeds, api, call, [os.getpid(), agent_pid], warmup, runs)
+    with bare_server(directory, name, path) as bare:
+        measure_pass(host, name, feeds, "bare socket", bare, [os.getpid(), bare.server_pid], warmup, runs)
+
+
+def measure_pass(
+    host: ModelHost,
+    name: str,
+    feeds: dict[str, np.ndarray],
+    api: str,
+    call: Callable[[], Any],
+    pids: list[int],
+    warmup: int,
+    runs: int,
+) -> None:
+    """Time ModelHost.infer and call interleaved and print their row; pids are the processes taking part."""
+    in_process = OutsideRun(lambda: host.infer(name, feeds))
+    over_api = OutsideRun(call)
+    start, everyone_before, ours_before = time.monotonic(), *busy_cpu_s(pids)
+    result = interleaved_p50({"in-process": in_process, "api": over_api}, warmup, runs)
+    everyone_after, ours_after = busy_cpu_s(pids)
+    other_cpus = ((everyone_after - everyone_before) - (ours_after - ours_before)) / (time.monotonic() - start)
+    added = result["api"] - result["in-process"]
+    added_outside = over_api.p50_us(warmup) - in_process.p50_us(warmup)
+    verdict = "met" if added <= TARGET_OVERHEAD_US else "missed"
+    print(
+        f"{name:<20} {api:<14} {result['in-process']:>18.1f} {result['api']:>11.1f} {added:>9.1f}  "
+        f"{verdict:<7} {added_outside:>16.1f} {max(other_cpus, 0.0):>10.2f}"
+    )
 
 
 def main() -> int:
@@ -180,7 +269,11 @@ def main() -> int:
     parser.add_argument("--skip-real", action="store_true", help="measure the tiny model only")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # Internal: run as the agent side.
     parser.add_argument("--model", nargs=2, action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", nargs=2, type=Path, help=argparse.SUPPRESS)  # Internal: the floor's server.
     args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(*args.serve_bare)
+        return 0
     if args.serve:
         serve(args.serve, [(name, Path(path)) for name, path in args.model])
         return 0
@@ -216,7 +309,7 @@ def main() -> int:
                 f"<= {TARGET_OVERHEAD_US:.0f} US {'ADDED OUTSIDE US':>16} {'OTHER CPUS':>10}"
             )
             for name, path, runs in models:
-                measure(host, tensor_clients, stub, name, path, runs, agent.pid)
+                measure(host, tensor_clients, stub, name, path, runs, agent.pid, directory)
             tensor_clients.close()
             channel.close()
         finally:

@@ -148,8 +148,13 @@ class FrameReader:
         self._end = 0
         self._fds: list[int] | None = None  # Collects passed file descriptors during read_with_fds.
 
-    def _fill(self, size: int) -> bool:
-        """Buffer at least size unconsumed bytes; return False on a clean close before any of them."""
+    def _fill(self, size: int, spin_s: float | None = None) -> bool:
+        """Buffer at least size unconsumed bytes; return False on a clean close before any of them.
+
+        spin_s replaces self.spin_s for this call.
+        """
+        if spin_s is None:
+            spin_s = self.spin_s
         if self._end - self._start >= size:
             return True
         if self._start + size > len(self._buffer):  # Move what is left to the front, growing if needed.
@@ -161,7 +166,7 @@ class FrameReader:
         view = memoryview(self._buffer)
         while self._end - self._start < size:
             if self._fds is None:
-                count = self._poll(view[self._end :], self.spin_s) if self.spin_s and self._end == self._start else -1
+                count = self._poll(view[self._end :], spin_s) if spin_s and self._end == self._start else -1
                 if count < 0:
                     count = self.sock.recv_into(view[self._end :])
             else:
@@ -220,9 +225,12 @@ class FrameReader:
             fds, self._fds = self._fds, None
         return frame, fds
 
-    def read_raw(self) -> tuple[bytes, bytearray] | None:
-        """Read one frame like read, but return its header as the undecoded JSON bytes."""
-        if not self._fill(_PREFIX.size):
+    def read_raw(self, spin_s: float | None = None) -> tuple[bytes, bytearray] | None:
+        """Read one frame like read, but return its header as the undecoded JSON bytes.
+
+        spin_s replaces self.spin_s as the time to poll for the frame before blocking.
+        """
+        if not self._fill(_PREFIX.size, spin_s):
             return None
 
         magic, header_size, payload_size = _PREFIX.unpack_from(self._buffer, self._start)
@@ -285,6 +293,11 @@ def encode_header(header: Mapping[str, Any]) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode()
 
 
+def encode_frame(header: bytes, payload_size: int = 0) -> bytes:
+    """Return the frame prefix and the encoded header, which payload_size payload bytes must follow."""
+    return _PREFIX.pack(MAGIC, len(header), payload_size) + header
+
+
 def write_frame(sock: socket.socket, header: Mapping[str, Any] | bytes, buffers: Sequence[np.ndarray] = ()) -> None:
     """Send header (a mapping, or encode_header's bytes) and the flat uint8 buffers as one frame.
 
@@ -292,7 +305,7 @@ def write_frame(sock: socket.socket, header: Mapping[str, Any] | bytes, buffers:
     """
     encoded = header if isinstance(header, bytes) else encode_header(header)
     payload_size = sum(b.nbytes for b in buffers)
-    pending: list[memoryview] = [memoryview(_PREFIX.pack(MAGIC, len(encoded), payload_size) + encoded)]
+    pending: list[memoryview] = [memoryview(encode_frame(encoded, payload_size))]
     pending.extend(b.data for b in buffers if b.nbytes)
     while pending:
         sent = sock.sendmsg(pending)

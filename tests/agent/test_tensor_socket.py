@@ -860,3 +860,95 @@ def test_hybrid_poll_slow_reply(tmp_path: Path) -> None:
     listener.close()
 
     assert latencies == delays
+
+
+def zero_copy_inputs(client: TensorSocketClient, data: np.ndarray = LARGE) -> dict[str, np.ndarray]:
+    arrays = client.input_arrays("linear", shapes={"x": data.shape})
+    arrays["x"][...] = data
+    return arrays
+
+
+def prepared_calls(client: TensorSocketClient) -> int:
+    assert client._connection is not None
+    return len(client._connection.prepared)
+
+
+def test_repeated_call_prepared(client: TensorSocketClient) -> None:
+    """A repeated zero-copy call takes the prepared path and still reads the inputs written between calls."""
+    arrays = zero_copy_inputs(client)
+    first = client.infer("linear", arrays)
+    arrays["x"][...] = LARGE[::-1]
+
+    second = client.infer("linear", arrays)
+
+    assert prepared_calls(client) == 1
+    np.testing.assert_allclose(first.outputs["y"], linear_reference(LARGE), rtol=1e-5)
+    np.testing.assert_allclose(second.outputs["y"], linear_reference(LARGE[::-1]), rtol=1e-5)
+    assert second.latency_ms > 0
+    assert (second.model_name, second.model_version, second.variant_id) == ("linear", "1", "linear:1:source")
+    assert client.copied_input_bytes == 0
+
+
+def test_prepared_outputs_are_copies(client: TensorSocketClient) -> None:
+    arrays = zero_copy_inputs(client)
+    client.infer("linear", arrays)
+    earlier = client.infer("linear", arrays).outputs["y"]
+    arrays["x"][...] = 0.0
+
+    client.infer("linear", arrays)
+
+    np.testing.assert_allclose(earlier, linear_reference(LARGE), rtol=1e-5)
+
+
+def test_prepared_after_hot_swap(host: ModelHost, client: TensorSocketClient, tmp_path: Path) -> None:
+    """A new model version changes the reply header, so the prepared call reads it in full and prepares again."""
+    arrays = zero_copy_inputs(client)
+    client.infer("linear", arrays)
+    client.infer("linear", arrays)
+    host.install("linear", "2", "linear:2:source", onnx_linear(tmp_path / "linear2.onnx", seed=7), "onnx")
+
+    swapped = client.infer("linear", arrays)
+    again = client.infer("linear", arrays)
+
+    assert (swapped.model_version, again.model_version) == ("2", "2")
+    np.testing.assert_allclose(swapped.outputs["y"], linear_reference(LARGE, seed=7), rtol=1e-5)
+    np.testing.assert_allclose(again.outputs["y"], linear_reference(LARGE, seed=7), rtol=1e-5)
+    assert prepared_calls(client) == 1
+
+
+def test_prepared_model_removed(host: ModelHost, client: TensorSocketClient, tmp_path: Path) -> None:
+    arrays = zero_copy_inputs(client)
+    client.infer("linear", arrays)
+    host.remove("linear")
+
+    with pytest.raises(TensorSocketError) as error:
+        client.infer("linear", arrays)
+
+    assert error.value.code == "NOT_FOUND"
+    assert prepared_calls(client) == 0
+    host.install("linear", "3", "linear:3:source", onnx_linear(tmp_path / "linear3.onnx"), "onnx")
+    assert client.infer("linear", arrays).model_version == "3"
+
+
+def test_prepared_skips_other_arrays(client: TensorSocketClient) -> None:
+    """An array outside the region with the same shape is copied in, not mistaken for the prepared input."""
+    arrays = zero_copy_inputs(client)
+    client.infer("linear", arrays)
+    client.infer("linear", arrays)
+    other = LARGE[::-1].copy()
+
+    reply = client.infer("linear", {"x": other})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(other), rtol=1e-5)
+    assert client.copied_input_bytes == LARGE.nbytes
+
+
+def test_prepared_view_of_other_shape(client: TensorSocketClient) -> None:
+    """A view at the same address with fewer rows is another call, and the agent receives only those rows."""
+    arrays = zero_copy_inputs(client)
+    client.infer("linear", arrays)
+
+    reply = client.infer("linear", {"x": arrays["x"][:1024]})
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE[:1024]), rtol=1e-5)
+    assert reply.outputs["y"].shape == (1024, 3)
