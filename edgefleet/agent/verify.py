@@ -32,7 +32,7 @@ def _write_json(path: Path, value: object) -> None:
     os.replace(temporary, path)
 
 
-def _save_json(path: Path, value: object, what: str) -> None:
+def _save_json(path: Path, value: object, description: str) -> None:
     """Write path like _write_json, but log a failure, such as a full disk, instead of raising.
 
     The caller has already updated its state in memory, and the agent keeps using it. Only a restart
@@ -46,7 +46,7 @@ def _save_json(path: Path, value: object, what: str) -> None:
         log.error(
             "cannot save %s to %s: %s; the agent keeps using it, but a restart before the next successful save "
             "reads the version saved before; free space in %s",
-            what,
+            description,
             path,
             error,
             path.parent,
