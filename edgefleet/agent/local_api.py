@@ -43,6 +43,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def Infer(self, request: inference_pb2.InferRequest, context: grpc.ServicerContext) -> inference_pb2.InferResponse:
         try:
+            names = [t.name for t in request.inputs]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                # A dict of feeds would keep only the last tensor of each name and run on it silently.
+                raise ValueError(f"input names {repeated} appear more than once; send each input once")
             feeds = {t.name: tensor_to_array(t) for t in request.inputs}
             result = self.host.infer(request.model_name, feeds)
         except (ValueError, InvalidInputError) as error:
