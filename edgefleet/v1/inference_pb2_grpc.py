@@ -50,13 +50,18 @@ class InferenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Infer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Run the model served under model_name once. Errors: NOT_FOUND for a model that is not served,
+        INVALID_ARGUMENT for inputs whose names, dtypes, shapes or data lengths do not match the model
+        (names must be unique), INTERNAL when the runtime fails. Requests and replies are at most 64 MiB;
+        a client sets grpc.max_receive_message_length to receive a reply over gRPC's 4 MiB default.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListLocalModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """List the models served now, with the inputs and outputs each expects.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
