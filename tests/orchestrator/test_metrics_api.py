@@ -13,6 +13,7 @@ import pytest
 
 from edgefleet.common.serde import timestamp
 from edgefleet.common.sketch import LatencySketch
+from edgefleet.orchestrator.handlers import metrics as metrics_handlers
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 from tests.servers import OrchestratorThread, hardware_message, register
 
@@ -279,6 +280,19 @@ def test_upload_1000_windows(orchestrator: OrchestratorThread) -> None:
 
     assert response.accepted == 1000
     assert query(orchestrator)[0].inference_count == 1000
+
+
+def test_query_too_many_rows(orchestrator: OrchestratorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_handlers, "MAX_BUCKETS", 100)
+    device_id, _ = register(orchestrator.agent)
+    windows = [make_window([5.0], start=BASE + timedelta(seconds=10 * i)) for i in range(101)]
+    send(orchestrator, device_id, "batch-1", windows)
+
+    error = rpc_error(lambda: query(orchestrator, bucket_seconds=10))
+
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than 100 rows" in error.details()
+    assert len(query(orchestrator, bucket_seconds=20)) == 51
 
 
 def test_upload_unknown_device(orchestrator: OrchestratorThread) -> None:

@@ -36,6 +36,7 @@ from edgefleet.orchestrator.store import (
     StoreError,
     codec,
     open_store,
+    sql,
 )
 from edgefleet.orchestrator.store.engine import alembic_config, create_store_engine
 from edgefleet.orchestrator.store.schema import metadata as store_metadata
@@ -898,6 +899,18 @@ def test_query_metric_filters(store: Store, filters: dict[str, Any], expected: l
     store.add_metric_batch("dev-2", "b2", [tagged["b0"]])
     by_window = {window: tag for tag, window in tagged.items()}
     assert [by_window[w] for w in store.query_metric_windows(**filters)] == expected
+    assert [by_window[w] for w in store.iter_metric_windows(**filters)] == expected
+
+
+def test_iter_metric_windows_batches(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows read in several batches come back complete and in window_start order."""
+    monkeypatch.setattr(sql, "METRIC_WINDOW_BATCH_ROWS", 3)
+    _register(store)
+    windows = [_window(minute=m) for m in range(10)]
+    store.add_metric_batch("dev-1", "b1", windows[::-1])
+
+    assert list(store.iter_metric_windows()) == windows
+    assert list(store.iter_metric_windows(start=windows[4].window_start)) == windows[4:]
 
 
 def test_query_metric_time_range(store: Store) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -200,6 +200,24 @@ class Store(abc.ABC):
         When received_start or received_end is given, windows with received_at in [received_start,
         received_end) match as well, so a caller can place windows of a device with a wrong clock
         by their receive time.
+        """
+
+    @abc.abstractmethod
+    def iter_metric_windows(
+        self,
+        *,
+        device_id: str = "",
+        model_name: str = "",
+        variant_id: str = "",
+        hardware_class: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        received_start: datetime | None = None,
+        received_end: datetime | None = None,
+    ) -> Generator[MetricWindow, None, None]:
+        """Yield what query_metric_windows returns, reading it in batches, so memory does not grow with the range.
+
+        The read transaction stays open until the iterator is exhausted or closed.
         """
 
     @abc.abstractmethod

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # How many devices a rejected deletion names; the message gives the total as well.
 MAX_NAMED_DEVICES = 5
+# Rows that iter_metric_windows fetches at a time: about 1 MiB of sketches and columns.
+METRIC_WINDOW_BATCH_ROWS = 2000
 # Compression job states in which a job still reads its source variant and adds variants to its version.
 ACTIVE_JOB_STATES = (QUEUED, RUNNING)
 
@@ -440,24 +443,35 @@ class SqlStore(SqlTransactions, Store):
         With received_start or received_end, windows with received_at in [received_start,
         received_end) match as well. Results are ordered by window_start.
         """
-        query = sa.select(metric_windows).order_by(metric_windows.c.window_start, metric_windows.c.id)
-        filters = {
-            metric_windows.c.device_id: device_id,
-            metric_windows.c.model_name: model_name,
-            metric_windows.c.variant_id: variant_id,
-            metric_windows.c.hardware_class: hardware_class,
-        }
-        for column, value in filters.items():
-            if value:
-                query = query.where(column == value)
-        by_start = queries.time_range(metric_windows.c.window_start, "", start, end)
-        if received_start is not None or received_end is not None:
-            by_receipt = queries.time_range(metric_windows.c.received_at, "received_", received_start, received_end)
-            query = query.where(sa.or_(by_start, by_receipt))
-        else:
-            query = query.where(by_start)
+        query = _metric_windows_query(
+            device_id, model_name, variant_id, hardware_class, start, end, received_start, received_end
+        )
         with self._read() as connection:
             return [rows.window_from_row(row) for row in connection.execute(query)]
+
+    def iter_metric_windows(
+        self,
+        *,
+        device_id: str = "",
+        model_name: str = "",
+        variant_id: str = "",
+        hardware_class: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        received_start: datetime | None = None,
+        received_end: datetime | None = None,
+    ) -> Generator[MetricWindow, None, None]:
+        query = _metric_windows_query(
+            device_id, model_name, variant_id, hardware_class, start, end, received_start, received_end
+        )
+        with self._read() as connection:
+            # yield_per fetches in batches, through a server-side cursor on PostgreSQL.
+            result = connection.execution_options(yield_per=METRIC_WINDOW_BATCH_ROWS).execute(query)
+            try:
+                for row in result:
+                    yield rows.window_from_row(row)
+            finally:
+                result.close()  # A caller that stops early leaves the cursor open otherwise.
 
     def downsample_metric_windows(self, *, received_before: datetime, bucket_seconds: int) -> tuple[int, int]:
         """Merge old windows per bucket (see Store), one transaction per device; return (removed, written).
@@ -574,3 +588,31 @@ def _delete_blockers(
             f"{devices_text} it in their desired state ({listed}); deploy another variant or version to them first"
         )
     return blockers
+
+
+def _metric_windows_query(
+    device_id: str,
+    model_name: str,
+    variant_id: str,
+    hardware_class: str,
+    start: datetime | None,
+    end: datetime | None,
+    received_start: datetime | None,
+    received_end: datetime | None,
+) -> sa.Select[Any]:
+    """Build the select of query_metric_windows and iter_metric_windows, ordered by window_start."""
+    query = sa.select(metric_windows).order_by(metric_windows.c.window_start, metric_windows.c.id)
+    filters = {
+        metric_windows.c.device_id: device_id,
+        metric_windows.c.model_name: model_name,
+        metric_windows.c.variant_id: variant_id,
+        metric_windows.c.hardware_class: hardware_class,
+    }
+    for column, value in filters.items():
+        if value:
+            query = query.where(column == value)
+    by_start = queries.time_range(metric_windows.c.window_start, "", start, end)
+    if received_start is not None or received_end is not None:
+        by_receipt = queries.time_range(metric_windows.c.received_at, "received_", received_start, received_end)
+        return query.where(sa.or_(by_start, by_receipt))
+    return query.where(by_start)
