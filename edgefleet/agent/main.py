@@ -45,19 +45,25 @@ def check_tls_files(config: AgentConfig) -> None:
     """Check that the CA certificate, the device certificate and its key parse, and that the key matches.
 
     gRPC reads these files only at the first handshake, and a key that does not match its certificate
-    then fails every handshake, which the agent would retry for ever. Does nothing with --insecure or
-    without --cert and --key. Raises CredentialsError naming the files and the fix.
+    then fails every handshake, which the agent would retry for ever. The orchestrator's agent port
+    requires a client certificate, so without --insecure a missing --cert or --key is an error too.
+    Does nothing with --insecure. Raises CredentialsError naming the files and the fix.
     """
-    if config.insecure or config.cert is None or config.key is None:
+    if config.insecure:
         return
-    if config.ca_cert is not None:
-        ca_pem = read_pem(config.ca_cert, "CA certificate", "--ca-cert")
-        try:
-            x509.load_pem_x509_certificates(ca_pem)
-        except ValueError as error:
-            raise CredentialsError(
-                f"CA certificate {config.ca_cert} (--ca-cert) is not a valid PEM certificate: {error}"
-            ) from None
+    ca_pem = read_pem(config.ca_cert, "CA certificate", "--ca-cert")
+    if config.cert is None or config.key is None:
+        missing = " and ".join(flag for flag, path in (("--cert", config.cert), ("--key", config.key)) if path is None)
+        raise CredentialsError(
+            f"missing device certificate: set {missing} (`edgefleet pki issue --device-id ID` writes ID.pem and "
+            "ID.key), or pass --insecure to run without TLS"
+        )
+    try:
+        x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as error:
+        raise CredentialsError(
+            f"CA certificate {config.ca_cert} (--ca-cert) is not a valid PEM certificate: {error}"
+        ) from None
     certificate_pem = read_pem(config.cert, "certificate", "--cert")
     try:
         certificate = x509.load_pem_x509_certificate(certificate_pem)

@@ -172,6 +172,24 @@ def test_matching_pair_passes(pki: Path) -> None:
     check_tls_files(config)
 
 
+@pytest.mark.parametrize(
+    ("flags", "missing"),
+    [((), "--cert and --key"), (("--cert",), "--key"), (("--key",), "--cert")],
+)
+def test_device_certificate_missing(pki: Path, tmp_path: Path, flags: tuple[str, ...], missing: str) -> None:
+    """An agent with only the CA would fail every mutual-TLS handshake and retry for ever."""
+    files = {"--cert": pki / "devices" / "cam-1.pem", "--key": pki / "devices" / "cam-1.key"}
+    args = ["--ca-cert", str(pki / "ca.pem")]
+    for flag in flags:
+        args += [flag, str(files[flag])]
+
+    result = run_agent("--state-dir", str(tmp_path / "state"), *args)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"missing device certificate: set {missing}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_insecure_skips_tls_check(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pem"
     config = AgentConfig(insecure=True, cert=missing, key=missing)
