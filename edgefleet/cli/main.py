@@ -24,7 +24,7 @@ import grpc
 
 from edgefleet.cli import rollout, views
 from edgefleet.common import argtypes
-from edgefleet.common.errors import EXIT_UNAVAILABLE
+from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
 from edgefleet.common.models import is_tflite
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
@@ -102,6 +102,8 @@ class Client:
                 "and check that the certificate has not expired",
                 EXIT_USAGE,
             )
+        if code == grpc.StatusCode.UNAVAILABLE and details.startswith(DATABASE_UNAVAILABLE_TEXT):
+            return CliError(f"the orchestrator at {self.address} answered, but {details}", EXIT_UNAVAILABLE)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return CliError(
                 f"cannot reach the orchestrator at {self.address} ({code.name.lower()}: {details}); "

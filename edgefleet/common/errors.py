@@ -48,6 +48,11 @@ class Unavailable(EdgefleetError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+# Start of the message of every call that failed because the orchestrator lost its database, so the
+# CLI can tell it from an orchestrator it cannot reach.
+DATABASE_UNAVAILABLE_TEXT = "the orchestrator's database is unavailable"
+
+
 # Process exit codes. systemd's RestartPreventExitStatus= lists the ones where a restart cannot help.
 EXIT_OK = 0
 EXIT_FAILURE = 1  # Unexpected error; a restart may help.

@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", error)
         return EXIT_UNAVAILABLE
     except Exception as error:
-        if type(error).__name__ == "OperationalError":
+        if type(error).__name__ in ("OperationalError", "DatabaseUnavailable"):
             # SQLAlchemy's OperationalError: the database is unreachable, missing or refused the login.
+            # DatabaseUnavailable: the server went away after the schema upgrade, while the start-up read it.
             from edgefleet.orchestrator.server import redact_url
 
-            log.error("cannot open the database %s: %s", redact_url(config.db_url), str(error).splitlines()[0])
+            cause = error.__cause__ if type(error).__name__ == "DatabaseUnavailable" else error
+            log.error("cannot open the database %s: %s", redact_url(config.db_url), str(cause).splitlines()[0])
             return EXIT_UNAVAILABLE
         log.exception("orchestrator failed")
         return EXIT_FAILURE

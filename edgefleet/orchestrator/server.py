@@ -18,6 +18,7 @@ from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
 from edgefleet.orchestrator.jobs.runner import start_jobs
 from edgefleet.orchestrator.limits import OrchestratorLimits
+from edgefleet.orchestrator.outage import RetryLog
 from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.rollouts.service import sql_rollout_store, start_rollouts
 from edgefleet.orchestrator.security.auth import AuthInterceptor
@@ -135,12 +136,14 @@ async def _drain_worker_threads(timeout_s: float) -> None:
 
 
 async def _flush_forever(hub: FleetHub) -> None:
+    retry_log = RetryLog(log, "writing last-seen times")
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         try:
             await asyncio.to_thread(hub.flush)
-        except Exception:
-            log.exception("writing last-seen times failed; retrying in %.0f s", FLUSH_INTERVAL_S)
+            retry_log.succeeded()
+        except Exception as error:
+            retry_log.failed(error, FLUSH_INTERVAL_S)
 
 
 async def start_server(config: OrchestratorConfig) -> RunningServer:

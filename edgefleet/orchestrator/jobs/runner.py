@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import Engine
 
 from edgefleet.orchestrator.jobs.store import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobStore
+from edgefleet.orchestrator.outage import RetryLog
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.state import OrchestratorState
@@ -102,6 +103,7 @@ class JobRunner:
         self._context = multiprocessing.get_context("spawn")
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._retry_log = RetryLog(logger, "job runner step")
         self._changed = threading.Condition()
         self._running: _Running | None = None
         self._cancel_requests: set[str] = set()
@@ -187,8 +189,9 @@ class JobRunner:
                     self._end_running("stopping")
                     return
                 self._step()
-            except Exception:
-                logger.exception("job runner step failed; retrying in %.1f s", self.config.poll_interval_s)
+                self._retry_log.succeeded()
+            except Exception as error:
+                self._retry_log.failed(error, self.config.poll_interval_s)
             self._wake.wait(self.config.poll_interval_s)
             self._wake.clear()
 

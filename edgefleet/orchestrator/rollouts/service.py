@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.domain import Variant
+from edgefleet.orchestrator.outage import RetryLog
 from edgefleet.orchestrator.rollouts.engine import LEASE_NAME, TICK_S, RolloutEngine
 from edgefleet.orchestrator.rollouts.reconcile import Reconciler
 from edgefleet.orchestrator.rollouts.store import RolloutStore, SqlRolloutStore
@@ -46,6 +47,8 @@ class RolloutService:
     interval_s: float = TICK_S
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    _tick_log: RetryLog = field(default_factory=lambda: RetryLog(log, "rollout engine tick"))
+    _reconcile_log: RetryLog = field(default_factory=lambda: RetryLog(log, "reconciling desired state"))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="rollouts")
@@ -55,13 +58,15 @@ class RolloutService:
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self.engine.tick)
-            except Exception:
-                log.exception("rollout engine tick failed; retrying in %.1f s", self.interval_s)
+                self._tick_log.succeeded()
+            except Exception as error:
+                self._tick_log.failed(error, self.interval_s)
             try:
                 # Every process re-pushes to its own streams, whichever process holds the engine lease.
                 await asyncio.to_thread(self.reconciler.tick, list(self.state.hub.sessions))
-            except Exception:
-                log.exception("reconciling desired state failed; retrying in %.1f s", self.interval_s)
+                self._reconcile_log.succeeded()
+            except Exception as error:
+                self._reconcile_log.failed(error, self.interval_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
 

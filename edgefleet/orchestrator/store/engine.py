@@ -19,6 +19,7 @@ from alembic.config import Config
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from edgefleet.common.config import ConfigError
+from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, Unavailable
 from edgefleet.common.paths import writable_directory_problem
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,48 @@ _SQLITE_FIX = "point --db or --data-dir elsewhere"
 # Key of the PostgreSQL advisory lock that serializes schema upgrades of concurrently starting
 # orchestrators. The value is arbitrary but must stay the same in every edgefleet release.
 _MIGRATION_LOCK_KEY = int.from_bytes(b"edgeflt", "big")
+
+
+# SQLSTATE classes of PostgreSQL errors that mean the server is unreachable or went away: 08
+# "Connection Exception" and 57P "Operator Intervention" (shutdown, crash, not accepting connections yet),
+# from Appendix A "PostgreSQL Error Codes" of the PostgreSQL 15 manual.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P")
+
+
+class DatabaseUnavailable(Unavailable):
+    """The PostgreSQL server of the store cannot be reached or dropped the connection; a retry may succeed."""
+
+
+def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnavailable | None:
+    """Return a DatabaseUnavailable for a PostgreSQL error that a lost server caused, else None.
+
+    psycopg raises its OperationalError without a SQLSTATE when it cannot connect at all. SQLite errors
+    are left alone, because its OperationalError also covers errors that a retry cannot fix.
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    lost = isinstance(error, sa.exc.OperationalError) and (
+        sqlstate is None or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+    )
+    if not (lost or error.connection_invalidated):
+        return None
+    reason = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+    return DatabaseUnavailable(
+        f"{DATABASE_UNAVAILABLE_TEXT} ({reason}); the orchestrator reconnects by itself, so retry in a few seconds"
+    )
+
+
+@contextlib.contextmanager
+def database_errors(engine: Engine) -> Iterator[None]:
+    """Raise DatabaseUnavailable in place of the driver's error when the PostgreSQL server is lost."""
+    try:
+        yield
+    except sa.exc.DBAPIError as error:
+        unavailable = unavailable_error(engine, error)
+        if unavailable is None:
+            raise
+        raise unavailable from error
 
 
 def normalize_url(url: str) -> URL:
@@ -239,7 +282,8 @@ class SqlTransactions:
     SQLite admits one writer at a time, and a waiting connection polls, sleeping up to 100 ms
     between tries (sqliteDefaultBusyCallback in SQLite's main.c). So every store on one engine
     queues this process's writers on one shared lock instead; writers of other processes still
-    wait through BEGIN IMMEDIATE, which the engine's begin hook issues.
+    wait through BEGIN IMMEDIATE, which the engine's begin hook issues. Both transaction kinds raise
+    DatabaseUnavailable when the PostgreSQL server cannot be reached or drops the connection.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -252,12 +296,12 @@ class SqlTransactions:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self._write_lock, self._engine.begin() as connection:
+        with database_errors(self._engine), self._write_lock, self._engine.begin() as connection:
             yield connection
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as connection:
+        with database_errors(self._engine), self._engine.connect() as connection:
             connection.execution_options(**{READ_ONLY_OPTION: True})
             with connection.begin():
                 yield connection

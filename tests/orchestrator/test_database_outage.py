@@ -1,0 +1,70 @@
+"""An orchestrator on PostgreSQL whose database goes away answers UNAVAILABLE and recovers by itself."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edgefleet.cli.main import main as edgefleet_cli
+from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
+from edgefleet.v1 import operator_pb2, operator_pb2_grpc
+from tests.faults.processes import OrchestratorProcess, wait_for
+from tests.faults.proxy import TcpProxy
+from tests.pg import PostgresCluster
+
+# Longer than the job runner's, the rollout engine's and the last-seen flush's retry intervals, so
+# each background loop fails several times during the outage.
+OUTAGE_S = 5.0
+
+
+def list_devices_error(address: str) -> grpc.RpcError | None:
+    """Call ListDevices; return its error, or None when it succeeds."""
+    with grpc.insecure_channel(address) as channel:
+        stub = operator_pb2_grpc.OperatorServiceStub(channel)
+        try:
+            stub.ListDevices(operator_pb2.ListDevicesRequest(), timeout=10)
+        except grpc.RpcError as error:
+            return error
+    return None
+
+
+def test_database_outage_unavailable_then_recovers(
+    postgres_cluster: PostgresCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    postgres_cluster.create_database("outage")
+    proxy = TcpProxy(postgres_cluster.port)
+    url = f"postgresql+psycopg://{postgres_cluster.superuser}@{proxy.address}/outage"
+    orchestrator = OrchestratorProcess(tmp_path, "--db", url)
+    try:
+        orchestrator.start()
+        assert list_devices_error(orchestrator.address) is None
+
+        proxy.drop()
+        error = list_devices_error(orchestrator.address)
+        assert error is not None
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert error.details().startswith(DATABASE_UNAVAILABLE_TEXT), error.details()
+
+        capsys.readouterr()
+        exit_code = edgefleet_cli(["--insecure", "--orchestrator", orchestrator.address, "devices", "list"])
+        assert exit_code == EXIT_UNAVAILABLE
+        assert f"the orchestrator at {orchestrator.address} answered, but {DATABASE_UNAVAILABLE_TEXT}" in (
+            capsys.readouterr().err
+        )
+
+        time.sleep(OUTAGE_S)
+        outage_log = orchestrator.log_tail(400)
+        assert "Traceback" not in outage_log
+        assert f"job runner step failed: {DATABASE_UNAVAILABLE_TEXT}" in outage_log
+        assert outage_log.count("job runner step failed") == 1
+
+        proxy.pass_traffic()
+        wait_for(lambda: list_devices_error(orchestrator.address) is None, "ListDevices to succeed again")
+        wait_for(lambda: "job runner step works again" in orchestrator.log_tail(400), "the recovery log line")
+    finally:
+        orchestrator.stop()
+        proxy.close()
+        postgres_cluster.drop_database("outage")
