@@ -88,13 +88,24 @@ def create_enrollment_token(
 def ensure_bootstrap_token(store: SecurityStore, data_dir: Path, now: datetime) -> Path | None:
     """Create an admin token when the store has no API token at all, and write it to DATA_DIR/admin.token.
 
-    The file is created with mode 0600 and replaced only by a new bootstrap token. Returns its path,
-    or None when tokens exist already.
+    The file is created with mode 0600. An admin.token left there belongs to another database, or to
+    this one before it was emptied, so it is renamed to admin.token.replaced-TIME rather than
+    overwritten: it may be the only admin token of that other database. Returns the path of the new
+    file, or None when tokens exist already.
     """
     if store.list_api_tokens():
         return None
     _, secret = create_api_token(store, BOOTSTRAP_TOKEN_NAME, ADMIN, now)
     path = data_dir / BOOTSTRAP_TOKEN_FILE
+    if path.exists():
+        kept = path.with_name(f"{BOOTSTRAP_TOKEN_FILE}.replaced-{now.strftime('%Y%m%dT%H%M%S%fZ')}")
+        os.replace(path, kept)
+        log.warning(
+            "%s held a token that this database does not know (the data directory was used with another "
+            "database, or this one was emptied); moved it to %s, where it still works against its own database",
+            path,
+            kept,
+        )
     temporary = path.with_suffix(".tmp")
     temporary.unlink(missing_ok=True)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
