@@ -222,6 +222,40 @@ def test_startup_unsupported_database_url(tmp_path: Path, url: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "shown", "problem"),
+    [
+        (
+            "postgresql+psycopg://edgefleet@127.0.0.1:5432/",
+            "postgresql+psycopg://edgefleet@127.0.0.1:5432/",
+            "names no database",
+        ),
+        ("postgresql://edgefleet@127.0.0.1", "postgresql://edgefleet@127.0.0.1", "names no database"),
+        (
+            "postgresql+psycopg://edgefleet:secret@127.0.0.1:5432x/edgefleet",
+            "edgefleet:***@",
+            "the port is not a number",
+        ),
+        (
+            "postgresql+psycopg://edgefleet:secret@127.0.0.1:99999/edgefleet",
+            "edgefleet:***@",
+            "the port is not a number",
+        ),
+        ("postgresql+psycopg://edgefleet@127.0.0.1:0/edgefleet", "127.0.0.1:0/", "the port is not a number"),
+    ],
+)
+def test_startup_postgresql_url_invalid(tmp_path: Path, url: str, shown: str, problem: str) -> None:
+    """A typo in the URL stops the start with a configuration error, before anything connects."""
+    result = run_orchestrator(tmp_path / "data", "--db", url)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert shown in error_line(result)
+    assert problem in error_line(result)
+    assert "secret" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "admin.token").exists()
+
+
 def test_startup_data_dir_is_file(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.write_text("")

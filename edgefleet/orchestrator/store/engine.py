@@ -107,6 +107,14 @@ def normalize_url(url: str) -> URL:
         raise ConfigError(
             f"invalid database URL {url!r} ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         ) from exc
+    except ValueError as exc:
+        # make_url converts the port with int(); the message must not show a password.
+        from edgefleet.orchestrator.server import redact_url
+
+        raise ConfigError(
+            f"invalid database URL {redact_url(url)!r}: the port is not a number from 1 to 65535; PostgreSQL "
+            "listens on 5432 unless its port setting says otherwise"
+        ) from exc
 
     # get_driver_name() imports the dialect, which fails with NoSuchModuleError for an unknown backend,
     # so the backend is checked first.
@@ -123,13 +131,35 @@ def normalize_url(url: str) -> URL:
         if parsed.database in (None, "", ":memory:") or (parsed.database or "").startswith("file::memory:"):
             raise ConfigError(f"in-memory SQLite database {url!r} is not supported; use sqlite:///PATH")
         return parsed
-    if parsed.drivername == "postgresql":
-        return parsed.set(drivername="postgresql+psycopg")
-    if driver != "psycopg":
+    if parsed.drivername != "postgresql" and driver != "psycopg":
         raise ConfigError(
             f"unsupported PostgreSQL driver {driver!r} in {parsed.render_as_string()!r}; use postgresql+psycopg://"
         )
-    return parsed
+    _check_postgresql_url(parsed)
+    return parsed.set(drivername="postgresql+psycopg")
+
+
+def _check_postgresql_url(parsed: URL) -> None:
+    """Raise ConfigError for a PostgreSQL URL without a database name or with an invalid port.
+
+    Without a name libpq connects to the database named like the user, usually the "postgres"
+    maintenance database, and the orchestrator would create its tables there.
+    """
+    shown = parsed.render_as_string()
+    if not parsed.database and "dbname" not in parsed.query:
+        raise ConfigError(
+            f"invalid database URL {shown!r}: it names no database; add it after the host, as in "
+            "postgresql+psycopg://USER@HOST:PORT/edgefleet"
+        )
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(
+            f"invalid database URL {shown!r}: the port is not a number from 1 to 65535; PostgreSQL listens on "
+            "5432 unless its port setting says otherwise"
+        )
 
 
 def create_store_engine(url: str | URL) -> Engine:
