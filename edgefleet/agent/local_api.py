@@ -15,6 +15,7 @@ from edgefleet.agent.runtime.base import InvalidInputError
 from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
 from edgefleet.agent.tensor_socket import decode_array
 from edgefleet.common.files import check_socket_path, claim_socket_path
+from edgefleet.common.logs import RepeatedErrors
 from edgefleet.common.serde import MODEL_STATE_NAMES, name_to_enum, tensor_to_proto
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
@@ -40,6 +41,7 @@ def array_to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, host: ModelHost) -> None:
         self.host = host
+        self._failures = RepeatedErrors(log)  # A model that fails on every call logs one traceback.
 
     def Infer(self, request: inference_pb2.InferRequest, context: grpc.ServicerContext) -> inference_pb2.InferResponse:
         try:
@@ -55,7 +57,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except ModelNotFoundError as error:
             context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except Exception as error:
-            log.exception("local inference on model=%s failed", request.model_name)
+            self._failures.exception(request.model_name, "local inference on model=%s failed", request.model_name)
             context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
         return inference_pb2.InferResponse(
             model_name=result.model_name,

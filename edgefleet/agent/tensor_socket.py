@@ -20,13 +20,14 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from edgefleet.common.files import check_socket_path, claim_socket_path
+from edgefleet.common.logs import RepeatedErrors
 
 if TYPE_CHECKING:
     from edgefleet.agent.runtime.host import InferenceResult
@@ -43,8 +44,10 @@ _PREFIX = struct.Struct("<4sIQ")
 MAX_HEADER_BYTES = 1024 * 1024
 # Largest payload accepted or returned, the same limit as the gRPC local API.
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
-# Connections served at once; each has its own thread. Further ones get RESOURCE_EXHAUSTED.
+# Connections served at once; each has its own thread. At the limit a new connection replaces the
+# one idle longest, if that one has been idle for EVICT_IDLE_AFTER_S; otherwise it gets RESOURCE_EXHAUSTED.
 MAX_CONNECTIONS = 64
+EVICT_IDLE_AFTER_S = 10.0
 # Both ends poll this long for the next frame before blocking, when more than one CPU is usable. A
 # blocked thread's CPU goes idle and waking it is slow: on a 2-core VM a 100 us poll cut the tiny
 # model's round trip from about 155 us to 50 us (bench/bench_local_api.py). Each call costs at most this
@@ -52,8 +55,8 @@ MAX_CONNECTIONS = 64
 SPIN_S = 100e-6
 # First step of a payload buffer's growth; each later step doubles it.
 _PAYLOAD_GROWTH_BYTES = 1024 * 1024
-# A server connection closes after this long without a complete request, and a reply that the client
-# does not read within SEND_TIMEOUT_S ends its connection. Clients reconnect by themselves.
+# A server connection closes after this long without a complete request, and a reply send that makes
+# no progress for SEND_TIMEOUT_S ends its connection. Clients reconnect by themselves.
 IDLE_TIMEOUT_S = 300.0
 SEND_TIMEOUT_S = 30.0
 # Inputs of at least this many bytes go through shared memory when the client uses it: below it, the
@@ -380,6 +383,14 @@ class InferPlan:
         }
 
 
+@dataclass
+class _ServedConnection:
+    """A connection's serving thread, and since when it has waited for a request (None while it serves one)."""
+
+    thread: threading.Thread
+    idle_since: float | None = field(default_factory=time.monotonic)
+
+
 class TensorSocketServer:
     """Serves a ModelHost over the tensor socket protocol, one thread per connection.
 
@@ -402,7 +413,7 @@ class TensorSocketServer:
         self.max_payload_bytes = max_payload_bytes  # Per request and per reply; also the largest shared region.
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: dict[socket.socket, _ServedConnection] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._socket_inode = 0
@@ -411,6 +422,8 @@ class TensorSocketServer:
 
         self._not_found = ModelNotFoundError
         self._reply_prefixes: dict[tuple[object, ...], bytes] = {}
+        self._failures = RepeatedErrors(log)  # A model that fails on every call logs one traceback.
+        self._rejected_connections = 0
 
     def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,12 +459,12 @@ class TensorSocketServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)  # Wakes a thread waiting for the next request.
         deadline = time.monotonic() + grace_s
-        for conn, thread in connections.items():
-            thread.join(max(deadline - time.monotonic(), 0.0))
-            if thread.is_alive():  # Blocked sending a reply that the client does not read.
+        for conn, served in connections.items():
+            served.thread.join(max(deadline - time.monotonic(), 0.0))
+            if served.thread.is_alive():  # Blocked sending a reply that the client does not read.
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                thread.join(0.5)
+                served.thread.join(0.5)
         # Remove the socket only if it is still ours: another server may have claimed the path since.
         with contextlib.suppress(OSError):
             if self.socket_path.stat().st_ino == self._socket_inode:
@@ -470,20 +483,53 @@ class TensorSocketServer:
                 conn, _ = listener.accept()
             except OSError:
                 return  # The listener was closed by stop().
+            evicted: tuple[socket.socket, float] | None = None
             with self._lock:
+                if len(self._connections) >= self.max_connections:
+                    evicted = self._evict_idle()
                 full = len(self._connections) >= self.max_connections
                 if not full:
-                    thread = threading.Thread(target=self._serve, args=(conn,), name="tensor-conn", daemon=True)
-                    self._connections[conn] = thread
+                    served = _ServedConnection(
+                        threading.Thread(target=self._serve, args=(conn,), name="tensor-conn", daemon=True)
+                    )
+                    self._connections[conn] = served
+            if evicted is not None:
+                victim, idle_s = evicted
+                log.info("tensor socket: closed a connection idle for %.0f s to admit a new one", idle_s)
+                with contextlib.suppress(OSError):
+                    victim.shutdown(socket.SHUT_RDWR)  # Its thread reads end of file and ends.
             if full:
                 self._reject(conn)
             else:
-                thread.start()
+                served.thread.start()
+
+    def _evict_idle(self) -> tuple[socket.socket, float] | None:
+        """Drop the connection idle longest, if for EVICT_IDLE_AFTER_S or more; return it and its idle time.
+
+        Call with self._lock held. The caller shuts the returned socket down.
+        """
+        now = time.monotonic()
+        idle = [
+            (served.idle_since, conn) for conn, served in self._connections.items() if served.idle_since is not None
+        ]
+        if not idle:
+            return None
+        idle_since, conn = min(idle, key=lambda entry: entry[0])
+        if now - idle_since < EVICT_IDLE_AFTER_S:
+            return None
+        del self._connections[conn]
+        return conn, now - idle_since
 
     def _reject(self, conn: socket.socket) -> None:
         """Reply RESOURCE_EXHAUSTED to a connection over max_connections and close it."""
-        message = f"the agent serves at most {self.max_connections} tensor socket connections; reuse one"
-        log.warning("tensor socket: rejected a connection: %s", message)
+        message = (
+            f"the agent serves at most {self.max_connections} tensor socket connections, and none has been idle "
+            f"for {EVICT_IDLE_AFTER_S:.0f} s; reuse a connection"
+        )
+        self._rejected_connections += 1
+        # Log the first rejection and then every 100th, so that a client retrying in a loop does not flood the log.
+        if self._rejected_connections % 100 == 1:
+            log.warning("tensor socket: rejected a connection (%d so far): %s", self._rejected_connections, message)
         with conn, contextlib.suppress(OSError):
             write_frame(conn, _error("RESOURCE_EXHAUSTED", message))
 
@@ -492,12 +538,16 @@ class TensorSocketServer:
         reader = FrameReader(conn, self.max_payload_bytes, spin_s=default_spin_s())
         plans: dict[bytes, InferPlan] = {}  # By the raw header of the requests on this connection.
         region: mmap.mmap | None = None  # The connection's shared memory, once the client asked for it.
+        with self._lock:
+            served = self._connections.get(conn)
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and served is not None:
                 try:
+                    served.idle_since = time.monotonic()
                     frame = reader.read_raw()
                     if frame is None:
                         return
+                    served.idle_since = None
                     raw_header, payload = frame
                     plan = plans.get(raw_header)
                     if plan is None:
@@ -580,7 +630,7 @@ class TensorSocketServer:
         except self._not_found as error:
             return _error("NOT_FOUND", str(error)), []
         except Exception as error:
-            log.exception("tensor socket inference on model=%s failed", plan.model)
+            self._failures.exception(plan.model, "tensor socket inference on model=%s failed", plan.model)
             return _error("INTERNAL", f"inference failed: {error}"), []
         finally:
             feeds = {}  # Release the views of the region before the next request reuses it.

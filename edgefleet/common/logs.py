@@ -1,10 +1,11 @@
-"""Logging set-up for entry points only: one event a line, as text or JSON for journald."""
+"""Logging set-up for entry points (one event a line, as text or JSON for journald), and a limit for repeated errors."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -51,3 +52,26 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     # PyTorch exporter, JAX's search for TPUs during TFLite export. Their warnings still show.
     for name in _CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+class RepeatedErrors:
+    """Logs an error that repeats per key (a model name, say) without flooding the log.
+
+    The first occurrence of a key is logged with its traceback, then one line every `every` occurrences
+    with the count so far. Safe to call from several threads.
+    """
+
+    def __init__(self, logger: logging.Logger, every: int = 1000) -> None:
+        self._logger = logger
+        self._every = every
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def exception(self, key: str, message: str, *args: object) -> None:
+        """Log message % args for key from an except block, as described in the class."""
+        with self._lock:
+            count = self._counts[key] = self._counts.get(key, 0) + 1
+        if count == 1:
+            self._logger.exception(message, *args)
+        elif count % self._every == 0:
+            self._logger.error(message + " (%d times so far, logged every %d)", *args, count, self._every)

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from edgefleet.agent import tensor_socket
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.runtime import ModelHost
 from edgefleet.agent.tensor_socket import (
@@ -236,6 +237,83 @@ def test_connection_limit(host: ModelHost, tmp_path: Path) -> None:
         limited.stop()
 
     assert caught.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_connection_limit_evicts_idle(
+    host: ModelHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the limit, a connection idle for EVICT_IDLE_AFTER_S makes room for a new one."""
+    monkeypatch.setattr(tensor_socket, "EVICT_IDLE_AFTER_S", 0.2)
+    limited = TensorSocketServer(host, tmp_path / "agent.tensor.sock", max_connections=1)
+    limited.start()
+    try:
+        with raw_connection(limited) as idle:
+            time.sleep(0.4)
+            with caplog.at_level(logging.INFO), TensorSocketClient(limited.socket_path, timeout_s=10) as newcomer:
+                reply = newcomer.infer("linear", {"x": BATCH})
+            closed = idle.recv(1)
+    finally:
+        limited.stop()
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(BATCH), rtol=1e-5)
+    assert closed == b""
+    assert "closed a connection idle for 0 s to admit a new one" in caplog.text
+
+
+def test_rejections_logged_sparsely(host: ModelHost, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limited = TensorSocketServer(host, tmp_path / "agent.tensor.sock", max_connections=1)
+    limited.start()
+    try:
+        with TensorSocketClient(limited.socket_path, timeout_s=10) as first:
+            first.infer("linear", {"x": BATCH})
+            for _ in range(5):
+                with (
+                    TensorSocketClient(limited.socket_path, timeout_s=10) as rejected,
+                    pytest.raises(TensorSocketError),
+                ):
+                    rejected.infer("linear", {"x": BATCH})
+    finally:
+        limited.stop()
+
+    rejections = [r for r in caplog.records if "rejected a connection" in r.getMessage()]
+    assert len(rejections) == 1
+    assert "(1 so far)" in rejections[0].getMessage()
+
+
+def onnx_one_row(path: Path) -> Path:
+    """Write a model that reshapes x (batch, 4) to (4,): it warms up on one row and fails on more."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "row_shape"], ["y"])],
+        "one_row",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array([4], np.int64), "row_shape")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_failing_model_logged_once(host: ModelHost, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    host.install("failing", "1", "failing:1:source", onnx_one_row(tmp_path / "one_row.onnx"), "onnx")
+    server = TensorSocketServer(host, tmp_path / "agent.tensor.sock")
+    server.start()
+    try:
+        with TensorSocketClient(server.socket_path, timeout_s=10) as client:
+            codes = []
+            for _ in range(3):
+                with pytest.raises(TensorSocketError) as caught:
+                    client.infer("failing", {"x": BATCH})
+                codes.append(caught.value.code)
+    finally:
+        server.stop()
+
+    failures = [r for r in caplog.records if "inference on model=failing failed" in r.getMessage()]
+    assert codes == ["INTERNAL"] * 3
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
 
 
 def test_socket_mode(server: TensorSocketServer) -> None:

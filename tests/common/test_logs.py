@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgefleet.common.logs import configure_logging
+from edgefleet.common.logs import RepeatedErrors, configure_logging
 
 
 @pytest.fixture
@@ -50,3 +50,23 @@ def test_json_lines(restore_logging: None, capsys: pytest.CaptureFixture[str]) -
 def test_invalid_settings(restore_logging: None, level: str, fmt: str, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         configure_logging(level, fmt)
+
+
+def test_repeated_errors_logged_sparsely(caplog: pytest.LogCaptureFixture) -> None:
+    errors = RepeatedErrors(logging.getLogger("test.repeated"), every=3)
+
+    for key in ["a"] * 7 + ["b"]:
+        try:
+            raise RuntimeError(f"broken {key}")
+        except RuntimeError:
+            errors.exception(key, "model=%s failed", key)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "model=a failed",
+        "model=a failed (3 times so far, logged every 3)",
+        "model=a failed (6 times so far, logged every 3)",
+        "model=b failed",
+    ]
+    assert caplog.records[0].exc_info is not None
+    assert caplog.records[1].exc_info is None
