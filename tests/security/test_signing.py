@@ -232,6 +232,28 @@ def test_agent_rotation_without_reenrollment(start_secure: StartSecure, start_ag
     assert agent.running
 
 
+def test_rotation_reaches_connected_agent(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    """Rotating and then retiring at once, as docs/security.md lists the steps, keeps an online agent."""
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    for version, seed in (("1", 0), ("2", 1)):
+        admin.UploadModel(upload_requests(linear_onnx(seed), "linear", version), timeout=120)
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_until(lambda: agent.agent.connected, "the agent to connect")
+    deploy_and_wait(orchestrator, "ecu-1", "1", common_pb2.MODEL_STATE_SERVING)
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+
+    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    new_key = next(k.key_id for k in rotated.keys if k.active)
+    wait_until(lambda: new_key in agent.agent.verifier.keys or None, "the agent to learn the new key")
+    admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
+    second = deploy_and_wait(orchestrator, "ecu-1", "2", common_pb2.MODEL_STATE_SERVING)
+
+    assert second.variant_id == "linear:2:source"
+    assert set(agent.agent.verifier.keys) == {new_key}
+    assert served_version(agent) == "2"
+
+
 def test_agent_rejects_replay_and_tamper(start_secure: StartSecure, start_agent: StartAgent) -> None:
     orchestrator = start_secure()
     admin = orchestrator.operator()

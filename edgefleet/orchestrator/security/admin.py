@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.common.serde import timestamp
-from edgefleet.orchestrator import validation
+from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.security import tokens
 from edgefleet.orchestrator.security.auth import Security
 from edgefleet.orchestrator.security.store import ApiTokenRecord, LastAdminTokenError
@@ -117,8 +117,18 @@ def list_signing_keys(
 def rotate_signing_key(
     request: operator_pb2.RotateSigningKeyRequest, state: OrchestratorState
 ) -> operator_pb2.ListSigningKeysResponse:
-    """Add a signing key; agents learn it from the next desired state, signed by the keys they trust."""
-    security_of(state).signer.rotate(datetime.now(UTC))
+    """Add a signing key and send the new key set to the devices connected to this process.
+
+    Agents adopt a key set only from a desired state signed by a key they trust. Without the push, an
+    online device would learn the new key only with its next deploy, and retiring the old key before
+    then would leave it trusting no key at all.
+    """
+    key = security_of(state).signer.rotate(datetime.now(UTC))
+    sent = 0
+    for device_id in list(state.hub.sessions):
+        generation, assignments = state.store.get_desired_state(device_id)
+        sent += state.hub.push_threadsafe(device_id, serde.desired_state_message(generation, assignments))
+    log.info("rotated to signing key %s; sent the new key set to %d connected devices", key.key_id, sent)
     return list_signing_keys(None, state)
 
 
