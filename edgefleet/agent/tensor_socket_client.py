@@ -190,7 +190,7 @@ class TensorSocketClient:
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
         self._headers: dict[tuple[object, ...], bytes] = {}
-        self._round_trips: dict[bytes, float] = {}  # The last round trip in seconds, by infer request header.
+        self._run_times: dict[bytes, float] = {}  # The last reply's latency_ms in seconds, by infer request header.
         self._output_bytes = 0  # The largest output payload so far, to size the next region.
         self._listed_output_bytes: dict[str, int] = {}  # By model, from the model list when its shapes are fixed.
         self._warned_overwritten = False
@@ -421,6 +421,7 @@ class TensorSocketClient:
             header = self._header(model, arrays, shared=False)
             raw_reply, payload = self._request(connection, header, buffers)
             reply, payload = _check((parse_header(raw_reply), payload))
+            self._record_run_time(header, float(reply["latency_ms"]))
             self._output_bytes = max(self._output_bytes, len(payload))
             return reply, _outputs(reply, payload, copy=False)
 
@@ -434,6 +435,7 @@ class TensorSocketClient:
             raw_reply, payload = self._request(connection, header)
             reply = parse_header(raw_reply)
             _check((reply, payload))
+            self._record_run_time(header, float(reply["latency_ms"]))
             if not reply.get("shm"):  # The outputs did not fit in the region this time.
                 self._output_bytes = max(self._output_bytes, len(payload))
                 return reply, _outputs(reply, payload, copy=False)
@@ -468,23 +470,25 @@ class TensorSocketClient:
     def _read_reply(self, reader: FrameReader, header: bytes) -> tuple[bytes, bytearray]:
         """Read the reply to the infer request with header just sent; raise ConnectionError when the agent closed.
 
-        The reader polls before it blocks only while replies to this request come back within its poll.
-        After a longer round trip the poll cannot catch the reply. With a 10 ms inference on a 2-CPU VM,
-        polling anyway added 40 to 130 us to the call.
+        The reader polls before it blocks only while the model's last run for this request took less
+        than the poll, so that the reply can arrive within it. For a longer run the poll cannot catch
+        the reply. With a 10 ms inference on a 2-CPU VM, polling anyway added 40 to 130 us to the call.
         """
         if self._poller is not None:
             frame = self._poller.read_raw(reader, header)
         else:
-            last_round_trip_s = self._round_trips.get(header)
-            polls = last_round_trip_s is None or last_round_trip_s <= reader.spin_s
-            sent_at = time.perf_counter()
+            run_time_s = self._run_times.get(header)
+            polls = run_time_s is None or run_time_s < reader.spin_s
             frame = reader.read_raw(spin_s=None if polls else 0.0)
-            if len(self._round_trips) >= MAX_PLANS_PER_CONNECTION:
-                self._round_trips.clear()
-            self._round_trips[header] = time.perf_counter() - sent_at
         if frame is None:
             raise ConnectionError("the agent closed the connection")
         return frame
+
+    def _record_run_time(self, header: bytes, latency_ms: float) -> None:
+        """Remember how long the model ran for a request with header, for _read_reply."""
+        if len(self._run_times) >= MAX_PLANS_PER_CONNECTION and header not in self._run_times:
+            self._run_times.clear()
+        self._run_times[header] = latency_ms / 1e3
 
     def _infer_prepared(self, connection: _Connection, key: tuple[object, ...]) -> TensorReply | None:
         """Repeat a prepared call with few steps; return None when there is none or the reply differs.
@@ -502,6 +506,7 @@ class TensorSocketClient:
             del connection.prepared[key]
             reply = parse_header(raw_reply)
             _check((reply, payload))
+            self._record_run_time(prepared.header, float(reply["latency_ms"]))
             if not reply.get("shm"):  # The outputs grew past the region.
                 self._output_bytes = max(self._output_bytes, len(payload))
                 return _tensor_reply(reply, _outputs(reply, payload, copy=False))
@@ -510,6 +515,7 @@ class TensorSocketClient:
             if output_offset is not None:
                 _prepare(connection, key, prepared.header, raw_reply, reply)
             return _tensor_reply(reply, outputs)
+        self._record_run_time(prepared.header, latency_ms)
         region = connection.region
         outputs = {
             name: np.frombuffer(region, dtype, count, offset).reshape(shape).copy()

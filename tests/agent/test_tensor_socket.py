@@ -1030,3 +1030,26 @@ def test_prepared_view_of_other_shape(client: TensorSocketClient) -> None:
 
     np.testing.assert_allclose(reply.outputs["y"], linear_reference(LARGE[:1024]), rtol=1e-5)
     assert reply.outputs["y"].shape == (1024, 3)
+
+
+@pytest.mark.parametrize(("spin_s", "expected"), [(10.0, [None, None]), (1e-9, [None, 0.0])])
+def test_reply_poll_follows_run_time(
+    client: TensorSocketClient, monkeypatch: pytest.MonkeyPatch, spin_s: float, expected: list[float | None]
+) -> None:
+    """The client polls for a reply only while the model's last run was shorter than the poll."""
+    assert client._connection is not None
+    reader = client._connection.reader
+    reader.spin_s = spin_s
+    polls: list[float | None] = []
+    read_raw = reader.read_raw
+
+    def recording_read_raw(spin_s: float | None = None) -> tuple[bytes, bytearray] | None:
+        polls.append(spin_s)
+        return read_raw(spin_s)
+
+    monkeypatch.setattr(reader, "read_raw", recording_read_raw)
+
+    for _ in range(2):
+        client.infer("linear", {"x": BATCH})
+
+    assert polls == expected
