@@ -216,3 +216,29 @@ def test_revoke_then_reenroll(start_secure: StartSecure) -> None:
     orchestrator.operator().RevokeDevice(operator_pb2.RevokeDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
 
     register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"), instance_key=key)
+
+
+def test_reimaged_device_rebinds_with_token(start_secure: StartSecure) -> None:
+    """A device that lost its instance key registers again with a new token, and the old agent is shut out."""
+    orchestrator = start_secure()
+    old_key = register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+
+    conflict = register_error(orchestrator, "cam-1", "")
+    token = orchestrator.enrollment_token("cam-1")
+    new_key = register(orchestrator, "cam-1", token)
+    stream = open_control(orchestrator, "cam-1", new_key)
+    stream.close()
+    # The new agent may keep the used token in its configuration; only another instance key needs a new one.
+    register(orchestrator, "cam-1", token, instance_key=new_key)
+    with pytest.raises(grpc.RpcError) as replayed:
+        register(orchestrator, "cam-1", token, instance_key=old_key)
+    old_agent = ControlStream(orchestrator.agent("cam-1"))
+    old_agent.hello("cam-1", old_key)
+    old_end = old_agent.wait_end()
+    old_agent.close()
+
+    assert conflict.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "start it once with a new enrollment token" in (conflict.details() or "")
+    assert new_key != old_key
+    assert replayed.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert old_end.code == grpc.StatusCode.ALREADY_EXISTS

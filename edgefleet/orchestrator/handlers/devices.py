@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import secrets
 from dataclasses import asdict, replace
@@ -57,18 +58,34 @@ def register(
     hardware = replace(hardware, hardware_class=hardware_class_of(hardware))
 
     if state.security is not None and identity is not None:
-        state.security.admit(identity, request.enrollment_token, datetime.now(UTC))
-    device_id = (identity.device_id if identity else "") or request.device_id or f"dev-{secrets.token_hex(6)}"
-    try:
-        device = state.store.register_device(
-            device_id=device_id,
-            instance_key_hash=serde.key_hash(request.instance_key),
-            hardware=hardware,
-            labels=dict(request.labels),
-            agent_version=request.agent_version,
-            peer=peer,
-            now=datetime.now(UTC),
+        state.security.admit(
+            identity, request.enrollment_token, datetime.now(UTC), serde.key_hash(request.instance_key)
         )
+    device_id = (identity.device_id if identity else "") or request.device_id or f"dev-{secrets.token_hex(6)}"
+    store_device = functools.partial(
+        state.store.register_device,
+        device_id=device_id,
+        instance_key_hash=serde.key_hash(request.instance_key),
+        hardware=hardware,
+        labels=dict(request.labels),
+        agent_version=request.agent_version,
+        peer=peer,
+    )
+    try:
+        try:
+            device = store_device(now=datetime.now(UTC))
+        except IdentityMismatchError:
+            # A device re-imaged with its enrolled certificate has a new instance key; a new token lets it in.
+            rebound = (
+                state.security is not None
+                and identity is not None
+                and state.security.rebind(
+                    identity, request.enrollment_token, datetime.now(UTC), serde.key_hash(request.instance_key)
+                )
+            )
+            if not rebound:
+                raise
+            device = store_device(now=datetime.now(UTC))
     except IdentityMismatchError:
         state.telemetry.rejected_registrations.labels("identity_conflict").inc()
         log.warning(
@@ -76,9 +93,15 @@ def register(
             device_id,
             peer,
         )
+        if state.security is not None and state.security.tls:
+            fix = (
+                "if this is a re-imaged or replaced device, start it once with a new enrollment token "
+                f"(`edgefleet enroll create --device-id {device_id}`), which rebinds the id to it"
+            )
+        else:
+            fix = "give this agent another device id, or restore the state directory of the agent that registered it"
         raise AlreadyExists(
-            f"device id {device_id!r} is already registered by another agent (different instance key); "
-            "if this is a re-imaged device, remove the old device or give this one a new id"
+            f"device id {device_id!r} is already registered by another agent (different instance key); {fix}"
         ) from None
     state.hub.heartbeat(device.device_id)
     state.telemetry.registrations.inc()

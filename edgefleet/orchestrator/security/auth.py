@@ -227,10 +227,14 @@ class Security:
                 "enroll it again with a new token (`edgefleet enroll create`)"
             )
 
-    def admit(self, identity: DeviceIdentity, enrollment_token: str, now: datetime) -> None:
+    def admit(
+        self, identity: DeviceIdentity, enrollment_token: str, now: datetime, instance_key_hash: str = ""
+    ) -> None:
         """Admit a registration: consume its enrollment token when one is needed, else check the device.
 
-        A device that registers with the certificate it enrolled with needs no token. Raises
+        A device that registers with the certificate it enrolled with needs no token. A consumed token
+        also binds the id to the registering agent's instance_key_hash, so a re-imaged device can
+        register again. Raises
         UNAUTHENTICATED for a missing, unknown or expired token and PERMISSION_DENIED for a used one,
         one made for another device, a revoked device or another certificate.
         """
@@ -248,7 +252,9 @@ class Security:
                 f"--device-id {identity.device_id}` and start the agent with --enrollment-token"
             )
         try:
-            self.store.enroll(hash_secret(enrollment_token), identity.device_id, identity.fingerprint, now)
+            rebound = self.store.enroll(
+                hash_secret(enrollment_token), identity.device_id, identity.fingerprint, now, instance_key_hash
+            )
         except EnrollmentRejected as rejection:
             log.warning("rejected the enrollment of device_id=%s: %s", identity.device_id, rejection)
             if rejection.reason in ("unknown", "expired"):
@@ -256,6 +262,38 @@ class Security:
             raise permission_denied(str(rejection)) from None
         self.forget(identity.device_id)
         log.info("enrolled device_id=%s with certificate %s", identity.device_id, identity.fingerprint[:16])
+        if rebound:
+            log.warning(
+                "device_id=%s now belongs to a new agent instance (key %s) by its enrollment token; the agent "
+                "that registered it before is rejected from now on",
+                identity.device_id,
+                instance_key_hash[:12],
+            )
+
+    def rebind(self, identity: DeviceIdentity, enrollment_token: str, now: datetime, instance_key_hash: str) -> bool:
+        """Consume an enrollment token to give an enrolled device id to a new agent instance key.
+
+        For a registration whose certificate is enrolled already but whose instance key differs, as
+        after a device was re-imaged with its old certificate. Returns False, changing nothing, when
+        there is no token or the store rejects it.
+        """
+        if not self.tls or not identity.device_id or not enrollment_token:
+            return False
+        try:
+            self.store.enroll(
+                hash_secret(enrollment_token), identity.device_id, identity.fingerprint, now, instance_key_hash
+            )
+        except EnrollmentRejected as rejection:
+            log.warning("rejected the new instance key of device_id=%s: %s", identity.device_id, rejection)
+            return False
+        self.forget(identity.device_id)
+        log.warning(
+            "device_id=%s now belongs to a new agent instance (key %s) by its enrollment token; the agent "
+            "that registered it before is rejected from now on",
+            identity.device_id,
+            instance_key_hash[:12],
+        )
+        return True
 
     def revoke(self, device_id: str, reason: str) -> None:
         self.store.revoke_device(device_id, reason, datetime.now(UTC))

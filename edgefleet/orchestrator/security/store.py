@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.orchestrator.store.engine import SqlTransactions
+from edgefleet.orchestrator.store.tables import devices
 from edgefleet.orchestrator.store.tables_security import (
     api_tokens,
     device_credentials,
@@ -68,11 +69,16 @@ class SecurityStore(abc.ABC):
         """Store a new enrollment token by its hash."""
 
     @abc.abstractmethod
-    def enroll(self, token_hash: str, device_id: str, fingerprint: str, now: datetime) -> None:
+    def enroll(
+        self, token_hash: str, device_id: str, fingerprint: str, now: datetime, instance_key_hash: str = ""
+    ) -> bool:
         """Consume an enrollment token and bind device_id to a certificate fingerprint, in one transaction.
 
-        Also clears a revocation of device_id. Raises EnrollmentRejected, changing nothing, when the
-        token is unknown, expired, used or made for another device.
+        Also clears a revocation of device_id and, when instance_key_hash is set, binds a registered
+        device_id to that agent instance key: the token is an admin's consent to a re-imaged or
+        replaced device taking over the id. Returns whether a different instance key was replaced.
+        Raises EnrollmentRejected, changing nothing, when the token is unknown, expired, used or made
+        for another device.
         """
 
     @abc.abstractmethod
@@ -168,7 +174,9 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
                 )
             )
 
-    def enroll(self, token_hash: str, device_id: str, fingerprint: str, now: datetime) -> None:
+    def enroll(
+        self, token_hash: str, device_id: str, fingerprint: str, now: datetime, instance_key_hash: str = ""
+    ) -> bool:
         with self._write() as connection:
             # One conditional UPDATE consumes the token, so two registrations racing for it cannot both win.
             consumed = connection.execute(
@@ -193,6 +201,14 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
                 ["device_id"],
             )
             connection.execute(revoked_devices.delete().where(revoked_devices.c.device_id == device_id))
+            if not instance_key_hash:
+                return False
+            rebound = connection.execute(
+                devices.update()
+                .where(devices.c.device_id == device_id, devices.c.instance_key_hash != instance_key_hash)
+                .values(instance_key_hash=instance_key_hash)
+            ).rowcount
+            return rebound == 1
 
     def credential_of(self, device_id: str) -> str | None:
         with self._read() as connection:
