@@ -384,6 +384,15 @@ class InferPlan:
 
 
 @dataclass
+class _PreparedReply:
+    """A shared-memory request that the host has prepared, with the layout and header of its reply."""
+
+    inference: Any  # The host's PreparedInference.
+    layout: tuple[tuple[np.dtype[Any], tuple[int, ...]], ...]  # dtype and shape of each output, in order.
+    reply_prefix: bytes  # The reply header up to the latency value.
+
+
+@dataclass
 class _ServedConnection:
     """A connection's serving thread, and since when it has waited for a request (None while it serves one)."""
 
@@ -538,6 +547,7 @@ class TensorSocketServer:
         reader = FrameReader(conn, self.max_payload_bytes, spin_s=default_spin_s())
         plans: dict[bytes, InferPlan] = {}  # By the raw header of the requests on this connection.
         region: mmap.mmap | None = None  # The connection's shared memory, once the client asked for it.
+        prepared: dict[bytes, _PreparedReply] = {}  # Repeatable requests on region, by raw header.
         with self._lock:
             served = self._connections.get(conn)
         try:
@@ -549,12 +559,20 @@ class TensorSocketServer:
                         return
                     served.idle_since = None
                     raw_header, payload = frame
+                    fast = prepared.get(raw_header)
+                    if fast is not None and region is not None and not payload:
+                        reply = self._infer_prepared(plans[raw_header], fast, region)
+                        if reply is not None:
+                            write_frame(conn, *reply)
+                            continue
+                        del prepared[raw_header]  # Another model version serves now.
                     plan = plans.get(raw_header)
                     if plan is None:
                         request = parse_header(raw_header)
                         op = request.get("op")
                         if op == "shm":
                             region = self._share_region(conn, request, region)
+                            prepared.clear()
                             continue
                         if op != "infer":
                             write_frame(conn, *self._handle_other(request))
@@ -566,12 +584,13 @@ class TensorSocketServer:
                             continue
                         if len(plans) >= MAX_PLANS_PER_CONNECTION:
                             plans.clear()
+                            prepared.clear()
                         plans[raw_header] = plan
                 except ProtocolError as error:
                     log.warning("tensor socket: closing a connection after an invalid frame: %s", error)
                     write_frame(conn, _error("INVALID_ARGUMENT", str(error)))
                     return
-                write_frame(conn, *self._infer(plan, payload, region))
+                write_frame(conn, *self._infer(plan, payload, region, prepared, raw_header))
         except OSError:
             pass  # The client disconnected, so no reply can reach it.
         finally:
@@ -612,8 +631,18 @@ class TensorSocketServer:
         return _error("INVALID_ARGUMENT", f"unknown op {op!r}; use 'infer' or 'models'"), []
 
     def _infer(
-        self, plan: InferPlan, payload: bytearray, region: mmap.mmap | None
+        self,
+        plan: InferPlan,
+        payload: bytearray,
+        region: mmap.mmap | None,
+        prepared: dict[bytes, _PreparedReply] | None = None,
+        raw_header: bytes = b"",
     ) -> tuple[dict[str, Any] | bytes, list[np.ndarray]]:
+        """Run one infer request and return the reply header and payload buffers.
+
+        With prepared, a request whose inputs and outputs lie in region is recorded under raw_header,
+        so that _infer_prepared can repeat it.
+        """
         try:
             if plan.shared:
                 if region is None or len(region) < plan.payload_bytes or payload:
@@ -625,6 +654,10 @@ class TensorSocketServer:
             else:
                 feeds = plan.feeds(payload)
             result = self.host.infer(plan.model, feeds)
+            reply = self._reply(plan, result, region)
+            if prepared is not None and plan.shared and isinstance(reply[0], bytes) and not reply[1]:
+                self._prepare(plan, feeds, result, prepared, raw_header)
+            return reply
         except ValueError as error:  # InvalidInputError is a ValueError as well.
             return _error("INVALID_ARGUMENT", str(error)), []
         except self._not_found as error:
@@ -635,6 +668,63 @@ class TensorSocketServer:
         finally:
             feeds = {}  # Release the views of the region before the next request reuses it.
 
+    def _prepare(
+        self,
+        plan: InferPlan,
+        feeds: dict[str, np.ndarray],
+        result: InferenceResult,
+        prepared: dict[bytes, _PreparedReply],
+        raw_header: bytes,
+    ) -> None:
+        """Record a shared-memory request that got its outputs in the region, for _infer_prepared."""
+        prepare = getattr(self.host, "prepare", None)
+        if prepare is None:
+            return
+        try:
+            inference = prepare(plan.model, feeds)
+        except (ValueError, LookupError):  # The model changed since the call; the next request prepares again.
+            return
+        if inference is None:
+            return
+        layout = tuple((value.dtype, value.shape) for value in result.outputs.values())
+        if len(prepared) >= MAX_PLANS_PER_CONNECTION:
+            prepared.clear()
+        prepared[raw_header] = _PreparedReply(inference, layout, self._reply_prefix(result, plan.output_offset))
+
+    def _infer_prepared(
+        self, plan: InferPlan, fast: _PreparedReply, region: mmap.mmap
+    ) -> tuple[dict[str, Any] | bytes, list[np.ndarray]] | None:
+        """Repeat a recorded request on the region's current inputs; return None when the model changed.
+
+        Skips decoding the inputs and checking them again, and reuses the reply header while the outputs
+        keep their dtypes and shapes.
+        """
+        try:
+            result = self.host.infer_prepared(fast.inference)
+        except ValueError as error:
+            return _error("INVALID_ARGUMENT", str(error)), []
+        except Exception as error:
+            self._failures.exception(plan.model, "tensor socket inference on model=%s failed", plan.model)
+            return _error("INTERNAL", f"inference failed: {error}"), []
+        if result is None:
+            return None
+        outputs = result.outputs.values()
+        if len(outputs) != len(fast.layout) or any(
+            value.dtype != dtype or value.shape != shape
+            for value, (dtype, shape) in zip(outputs, fast.layout, strict=True)
+        ):
+            reply = self._reply(plan, result, region)
+            if isinstance(reply[0], bytes) and not reply[1]:  # The new outputs fit in the region: keep them.
+                fast.layout = tuple((value.dtype, value.shape) for value in outputs)
+                fast.reply_prefix = self._reply_prefix(result, plan.output_offset)
+            return reply
+        _pack(region, [array_bytes(value) for value in outputs], plan.output_offset)
+        return fast.reply_prefix + repr(float(result.latency_ms)).encode() + b"}", []
+
+    def _reply(
+        self, plan: InferPlan, result: InferenceResult, region: mmap.mmap | None
+    ) -> tuple[dict[str, Any] | bytes, list[np.ndarray]]:
+        """Return the reply to plan's request for result, with the outputs in region when they fit there."""
         buffers = [array_bytes(value) for value in result.outputs.values()]
         output_bytes = sum(b.nbytes for b in buffers)
         in_region = plan.shared and region is not None and plan.output_offset + output_bytes <= len(region)
@@ -657,9 +747,14 @@ class TensorSocketServer:
         """Return the encoded header of a successful infer reply for result.
 
         output_offset is where the outputs lie in the shared region, or None when they travel in the payload.
+        """
+        return self._reply_prefix(result, output_offset) + repr(float(result.latency_ms)).encode() + b"}"
+
+    def _reply_prefix(self, result: InferenceResult, output_offset: int | None) -> bytes:
+        """Return the reply header for result up to the latency value, which ends it.
 
         Only the latency changes between replies of one model version and output layout, so the rest of
-        the header is encoded once: JSON text up to the latency value, which closes the object.
+        the header is encoded once.
         """
         values = result.outputs
         key = (
@@ -688,7 +783,7 @@ class TensorSocketServer:
             if len(self._reply_prefixes) >= MAX_PLANS_PER_CONNECTION * self.max_connections:
                 self._reply_prefixes.clear()
             self._reply_prefixes[key] = prefix
-        return prefix + repr(float(result.latency_ms)).encode() + b"}"
+        return prefix
 
 
 def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray], offset: int = 0) -> None:

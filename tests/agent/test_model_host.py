@@ -45,9 +45,7 @@ class RecordingRunner(Runner):
     def available_providers(self) -> tuple[str, ...]:
         return self._runner.available_providers()
 
-    def load(
-        self, path: Path | str, *, threads: int, allowed_providers: Sequence[str] | None = None
-    ) -> LoadedModel:
+    def load(self, path: Path | str, *, threads: int, allowed_providers: Sequence[str] | None = None) -> LoadedModel:
         model = self._runner.load(path, threads=threads, allowed_providers=allowed_providers)
         self.loaded.append(model)
         return model
@@ -287,3 +285,41 @@ def test_default_runners(seed_paths: dict[int, Path]) -> None:
     host = ModelHost()
     assert host.install("linear", "1", "v", seed_paths[0], "onnx").runtime == "onnxruntime"
     assert host.install("int8", "1", "v", tflite_linear_int8(), "tflite").runtime == "litert"
+
+
+def test_prepared_reads_current_values(recorder: RecordingRunner, seed_paths: dict[int, Path]) -> None:
+    calls: list[tuple[str, str, float, bool]] = []
+    host = ModelHost(runners={"onnx": recorder}, on_latency=lambda *args: calls.append(args))
+    host.install("linear", "1", "variant-a", seed_paths[0], "onnx")
+    inputs = _x(3)
+    prepared = host.prepare("linear", {"x": inputs})
+    assert prepared is not None
+    inputs[...] = inputs[::-1]
+
+    result = host.infer_prepared(prepared)
+
+    assert result is not None
+    np.testing.assert_allclose(result.outputs["y"], linear_reference(inputs, 0), rtol=1e-5, atol=1e-6)
+    assert (result.model_version, result.variant_id) == ("1", "variant-a")
+    assert calls == [("linear", "variant-a", result.latency_ms, True)]
+
+
+def test_prepared_after_swap(host: ModelHost, seed_paths: dict[int, Path]) -> None:
+    host.install("linear", "1", "variant-a", seed_paths[0], "onnx")
+    prepared = host.prepare("linear", {"x": _x()})
+    assert prepared is not None
+    host.install("linear", "2", "variant-b", seed_paths[1], "onnx")
+
+    assert host.infer_prepared(prepared) is None
+    assert host.infer("linear", {"x": _x()}).model_version == "2"
+
+
+def test_prepare_rejects_conversion(host: ModelHost, seed_paths: dict[int, Path]) -> None:
+    """float64 inputs are converted to a copy, which would not see later writes: no prepared call."""
+    host.install("linear", "1", "variant-a", seed_paths[0], "onnx")
+
+    assert host.prepare("linear", {"x": _x().astype(np.float64)}) is None
+    with pytest.raises(InvalidInputError):
+        host.prepare("linear", {"x": _x()[:, :3]})
+    with pytest.raises(ModelNotFoundError):
+        host.prepare("other", {"x": _x()})

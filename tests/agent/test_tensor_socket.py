@@ -1053,3 +1053,34 @@ def test_reply_poll_follows_run_time(
         client.infer("linear", {"x": BATCH})
 
     assert polls == expected
+
+
+def onnx_nonzero(path: Path) -> Path:
+    """Write y = NonZero(x) for x float32 (batch, 4): the output shape follows the values."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["y"])],
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "count"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_prepared_output_shape_changes(host: ModelHost, client: TensorSocketClient, tmp_path: Path) -> None:
+    """A repeated request whose outputs change shape gets a full reply with the new shape."""
+    host.install("nonzero", "1", "nonzero:1:source", onnx_nonzero(tmp_path / "nonzero.onnx"), "onnx")
+    arrays = client.input_arrays("nonzero", shapes={"x": LARGE.shape})
+    arrays["x"][...] = 0.0
+    shapes = []
+    for count in (3, 3, 5, 5):
+        arrays["x"][:count, 0] = 1.0
+        reply = client.infer("nonzero", arrays)
+        shapes.append(reply.outputs["y"].shape)
+        np.testing.assert_array_equal(reply.outputs["y"], np.stack(np.nonzero(arrays["x"])))
+
+    assert shapes == [(2, 3), (2, 3), (2, 5), (2, 5)]
+    assert client.copied_input_bytes == 0

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -66,6 +67,15 @@ class _Entry:
         self.retired = False
 
 
+@dataclass(frozen=True)
+class PreparedInference:
+    """Feeds checked once against one served model version, from ModelHost.prepare."""
+
+    name: str
+    entry: _Entry
+    feeds: dict[str, np.ndarray]
+
+
 def _default_runners() -> dict[str, Runner]:
     from edgefleet.agent.runtime.litert import LiteRTRunner
     from edgefleet.agent.runtime.onnx import OnnxRunner
@@ -117,20 +127,14 @@ class ModelHost:
         """
         runner = self._runners.get(format)
         if runner is None:
-            raise ValueError(
-                f"unknown model format {format!r}; use one of {sorted(self._runners) or FORMATS}"
-            )
+            raise ValueError(f"unknown model format {format!r}; use one of {sorted(self._runners) or FORMATS}")
         path = Path(path)
-        model = runner.load(
-            path, threads=threads or self._default_threads, allowed_providers=allowed_providers
-        )
+        model = runner.load(path, threads=threads or self._default_threads, allowed_providers=allowed_providers)
         try:
             model.run_checked({spec.name: zeros_for(spec) for spec in model.inputs})
         except Exception as error:  # Any runtime failure during warm-up rejects the new version.
             model.close()
-            raise ModelLoadError(
-                f"warm-up of {name} version {version} from {path} failed: {error}"
-            ) from error
+            raise ModelLoadError(f"warm-up of {name} version {version} from {path} failed: {error}") from error
 
         info = ServedModel(
             name=name,
@@ -162,9 +166,7 @@ class ModelHost:
             if close_old:
                 old.model.close()
         else:
-            logger.info(
-                "model %s: serving version %s (variant %s) on %s", name, version, variant_id, model.providers
-            )
+            logger.info("model %s: serving version %s (variant %s) on %s", name, version, variant_id, model.providers)
         return info
 
     @staticmethod
@@ -181,9 +183,7 @@ class ModelHost:
         with self._lock:
             entry = self._entries.pop(name, None)
             if entry is None:
-                raise ModelNotFoundError(
-                    f"model {name!r} is not installed; installed: {sorted(self._entries)}"
-                )
+                raise ModelNotFoundError(f"model {name!r} is not installed; installed: {sorted(self._entries)}")
             close_now = self._retire(entry)
         if close_now:
             entry.model.close()
@@ -211,20 +211,52 @@ class ModelHost:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                raise ModelNotFoundError(
-                    f"model {name!r} is not installed; installed: {sorted(self._entries)}"
-                )
+                raise ModelNotFoundError(f"model {name!r} is not installed; installed: {sorted(self._entries)}")
             entry.in_flight += 1
+        return self._run(name, entry, feeds, checked=False)
+
+    def prepare(self, name: str, feeds: Mapping[str, np.ndarray]) -> PreparedInference | None:
+        """Check feeds once for the model served under name, for repeated calls on the same arrays.
+
+        Returns None when the feeds need a conversion (a copy would not see later writes to the
+        arrays). Raises ModelNotFoundError and InvalidInputError as infer does, without counting a call.
+        """
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"model {name!r} is not installed; installed: {sorted(self._entries)}")
+        checked = check_feeds(entry.model.inputs, feeds)
+        if any(checked[key] is not value for key, value in feeds.items()):
+            return None
+        return PreparedInference(name, entry, checked)
+
+    def infer_prepared(self, prepared: PreparedInference) -> InferenceResult | None:
+        """Run a prepared call on the current contents of its arrays, as infer would.
+
+        Returns None, running nothing, when another version replaced the model since prepare.
+        """
+        with self._lock:
+            entry = self._entries.get(prepared.name)
+            if entry is not prepared.entry:
+                return None
+            entry.in_flight += 1
+        return self._run(prepared.name, entry, prepared.feeds, checked=True)
+
+    def _run(self, name: str, entry: _Entry, feeds: Mapping[str, np.ndarray], *, checked: bool) -> InferenceResult:
+        """Run entry's model for a call that already counts in entry.in_flight, and release it."""
         ok = False
         latency_ms = 0.0
         try:
             start = time.perf_counter_ns()
             try:
-                # Inputs the model rejects count as failed calls: after a rollout moves a device to a variant
-                # with other input names or shapes, its error rate is what shows that applications broke.
-                checked = check_feeds(entry.model.inputs, feeds)
-                start = time.perf_counter_ns()
-                outputs = entry.model.run_checked(checked)
+                if checked:
+                    run_feeds = cast(dict[str, np.ndarray], feeds)
+                else:
+                    # Inputs the model rejects count as failed calls: after a rollout moves a device to a variant
+                    # with other input names or shapes, its error rate is what shows that applications broke.
+                    run_feeds = check_feeds(entry.model.inputs, feeds)
+                    start = time.perf_counter_ns()
+                outputs = entry.model.run_checked(run_feeds)
                 ok = True
             finally:
                 latency_ms = (time.perf_counter_ns() - start) / 1e6
@@ -252,9 +284,7 @@ class ModelHost:
             self._callback_failures += 1
             # Log the first failure and then every 1000th, to keep a broken callback from flooding the log.
             if self._callback_failures % 1000 == 1:
-                logger.exception(
-                    "on_latency callback failed for model %s (%d failures)", name, self._callback_failures
-                )
+                logger.exception("on_latency callback failed for model %s (%d failures)", name, self._callback_failures)
 
     def close(self) -> None:
         """Remove every model; each is closed once its running calls finish."""
