@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import logging
 import secrets
 from dataclasses import asdict, replace
@@ -57,35 +56,25 @@ def register(
     # The class is derived here so that every device is grouped by the same rule.
     hardware = replace(hardware, hardware_class=hardware_class_of(hardware))
 
+    instance_key_hash = serde.key_hash(request.instance_key)
     if state.security is not None and identity is not None:
-        state.security.admit(
-            identity, request.enrollment_token, datetime.now(UTC), serde.key_hash(request.instance_key)
-        )
+        state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
     device_id = (identity.device_id if identity else "") or request.device_id or f"dev-{secrets.token_hex(6)}"
-    store_device = functools.partial(
-        state.store.register_device,
-        device_id=device_id,
-        instance_key_hash=serde.key_hash(request.instance_key),
-        hardware=hardware,
-        labels=dict(request.labels),
-        agent_version=request.agent_version,
-        peer=peer,
-    )
+    registered = state.store.get_device(device_id)
+    rekeyed = registered is not None and registered.instance_key_hash != instance_key_hash
+    if rekeyed and state.security is not None and identity is not None:
+        # A device re-imaged with its enrolled certificate has a new instance key; a new token lets it in.
+        state.security.rebind(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
     try:
-        try:
-            device = store_device(now=datetime.now(UTC))
-        except IdentityMismatchError:
-            # A device re-imaged with its enrolled certificate has a new instance key; a new token lets it in.
-            rebound = (
-                state.security is not None
-                and identity is not None
-                and state.security.rebind(
-                    identity, request.enrollment_token, datetime.now(UTC), serde.key_hash(request.instance_key)
-                )
-            )
-            if not rebound:
-                raise
-            device = store_device(now=datetime.now(UTC))
+        device = state.store.register_device(
+            device_id=device_id,
+            instance_key_hash=instance_key_hash,
+            hardware=hardware,
+            labels=dict(request.labels),
+            agent_version=request.agent_version,
+            peer=peer,
+            now=datetime.now(UTC),
+        )
     except IdentityMismatchError:
         state.telemetry.rejected_registrations.labels("identity_conflict").inc()
         log.warning(
