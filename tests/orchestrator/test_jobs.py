@@ -315,6 +315,47 @@ def test_recover_stale_heartbeat(job_store: SqlJobStore, tmp_path: Path) -> None
     assert _runner(job_store, tmp_path).recover() == ["a"]
 
 
+def _old_work_dir(root: Path, name: str) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "int8.onnx").write_bytes(b"half-written")
+    past = time.time() - 60
+    os.utime(folder, (past, past))
+    return folder
+
+
+def test_recover_removes_dead_attempt_dir(job_store: SqlJobStore, tmp_path: Path) -> None:
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next(f"{socket.gethostname()}:{exited.pid}:0", now)
+    work_root = tmp_path / "jobs"
+    work_root.mkdir()
+    dead = _old_work_dir(work_root, "a-1")
+    unrelated = _old_work_dir(work_root, "not a work dir")
+
+    _runner(job_store, work_root).recover()
+
+    assert not dead.exists()
+    assert unrelated.exists()
+
+
+def test_recover_keeps_running_attempt_dir(job_store: SqlJobStore, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    job_store.add_job(_job("a", now))
+    job_store.claim_next(f"{socket.gethostname()}:{os.getppid()}:0", now)
+    work_root = tmp_path / "jobs"
+    work_root.mkdir()
+    running = _old_work_dir(work_root, "a-1")
+    earlier_attempt = _old_work_dir(work_root, "a-0")
+
+    _runner(job_store, work_root).recover()
+
+    assert running.exists()
+    assert not earlier_attempt.exists()
+
+
 # Data sources.
 
 
@@ -695,6 +736,7 @@ def test_restart_after_sigkill_requeues(tmp_path: Path) -> None:
     assert attempt == 2
     assert [variants[v] for v in job.variant_ids] == ["accepted"]
     assert orphans == []
+    assert list((data_dir / "jobs").iterdir()) == [], "a work directory of attempt 1 or 2 was left behind"
 
 
 def process_alive(pid: int) -> bool:

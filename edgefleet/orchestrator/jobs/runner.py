@@ -11,7 +11,7 @@ Recovery: a job stays RUNNING in the database when its orchestrator dies (kill -
 puts such a job back in the queue, to run again from the start under a new attempt, when its owner
 (HOST:PID:TOKEN) is on this host and that process no longer exists, or when its heartbeat is older than
 lease_s (the only test for owners on other hosts). This check runs at start-up and then every
-lease_s / 4 seconds. Writes
+lease_s / 4 seconds, and also removes the work directories of attempts that no longer run. Writes
 of the dead attempt's worker, if it still runs, are ignored, and it exits within a second of noticing
 that its orchestrator is gone. A graceful stop also requeues the running job.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # Exit status of a worker whose job was cancelled or requeued while it ran.
 EXIT_ABANDONED = 3
+# Work directories are named JOBID-ATTEMPT. Other entries under work_root are never removed.
+_WORK_DIR_NAME = re.compile(r"[0-9A-Za-z]+-[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,35 @@ class JobRunner:
             if reason and self.store.requeue(job.job_id, job.attempt, reason, now):
                 logger.warning("requeued job %s (attempt %d): %s", job.job_id, job.attempt, reason)
                 requeued.append(job.job_id)
+        self._remove_stale_work_dirs()
         self._next_recovery = time.monotonic() + self.config.lease_s / 4
         return requeued
+
+    def _remove_stale_work_dirs(self) -> None:
+        """Remove the work directories of attempts that no longer run, such as those of a killed orchestrator.
+
+        A directory is kept while its job runs under that attempt, because another replica sharing the
+        data directory may run it. A directory changed after the listing is kept too, because a replica
+        may have just claimed its job.
+        """
+        work_root = self.config.work_root
+        if not work_root.is_dir():
+            return
+        listed_at = time.time()
+        running = {f"{job.job_id}-{job.attempt}" for job in self.store.list_jobs(states=[RUNNING])}
+        current = self._running
+        if current is not None:
+            running.add(current.work_dir.name)
+        for entry in work_root.iterdir():
+            if entry.name in running or not _WORK_DIR_NAME.fullmatch(entry.name) or not entry.is_dir():
+                continue
+            try:
+                if entry.stat().st_mtime >= listed_at - 1.0:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            logger.info("removed work directory %s of a compression job attempt that no longer runs", entry)
 
     def _orphan_reason(self, job: Job, now: datetime) -> str:
         host, pid_text = [*job.owner.split(":"), "", ""][:2]
