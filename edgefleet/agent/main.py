@@ -19,7 +19,7 @@ from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
-from edgefleet.common.tls import CredentialsError, read_pem
+from edgefleet.common.tls import CredentialsError, read_pem, warn_if_others_can_access
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -70,6 +70,7 @@ def check_tls_files(config: AgentConfig) -> None:
     except ValueError as error:
         raise CredentialsError(f"certificate {config.cert} (--cert) is not a valid PEM certificate: {error}") from None
     key_pem = read_pem(config.key, "private key", "--key")
+    warn_if_others_can_access(config.key, "--key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:

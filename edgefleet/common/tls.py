@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
 
 # A device certificate binds its device id in a URI subject alternative name of this form. The
 # subject common name repeats the id for tools that show only the subject.
@@ -55,6 +59,26 @@ def channel_credentials(
     )
 
 
+def warn_if_others_can_access(path: Path, flag: str) -> None:
+    """Log a warning when users outside a private key's owner and group can read or write its file.
+
+    Group access stays allowed, because a key owned by root with the service's group and mode 0640 is
+    the usual way to hand it to a service user.
+    """
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return  # Reading the key reports a missing or unreadable file with its fix.
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        log.warning(
+            "private key %s (%s) has mode %04o, so every user on this host can read or change it; run `chmod o-rwx %s`",
+            path,
+            flag,
+            stat.S_IMODE(mode),
+            path,
+        )
+
+
 def server_credentials(
     ca_cert: Path | None, cert: Path | None, key: Path | None, *, require_client_auth: bool
 ) -> grpc.ServerCredentials:
@@ -63,6 +87,8 @@ def server_credentials(
     Raises CredentialsError for a missing or unreadable file.
     """
     pair = (read_pem(key, "private key", "--key"), read_pem(cert, "certificate", "--cert"))
+    if key is not None:
+        warn_if_others_can_access(key, "--key")
     root = read_pem(ca_cert, "CA certificate", "--ca-cert") if require_client_auth else None
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=require_client_auth)
 

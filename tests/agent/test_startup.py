@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +190,22 @@ def test_device_certificate_missing(pki: Path, tmp_path: Path, flags: tuple[str,
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert f"missing device certificate: set {missing}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o640, False), (0o644, True), (0o602, True)])
+def test_key_readable_by_others_warns(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    key = tmp_path / "cam-1.key"
+    shutil.copyfile(pki / "devices" / "cam-1.key", key)
+    key.chmod(mode)
+    config = AgentConfig(ca_cert=pki / "ca.pem", cert=pki / "devices" / "cam-1.pem", key=key)
+
+    with caplog.at_level(logging.WARNING):
+        check_tls_files(config)
+
+    assert (f"private key {key} (--key) has mode {mode:04o}" in caplog.text) is warned
+    assert (f"chmod o-rwx {key}" in caplog.text) is warned
 
 
 def test_insecure_skips_tls_check(tmp_path: Path) -> None:
