@@ -46,8 +46,8 @@ JOB_TIMEOUT_S = 120.0
 DEMO = {"images": "builtin:demo-photos"}
 
 
-def tiny_conv_onnx(seed: int = 0) -> bytes:
-    """Return a small image classifier: (N, 3, 224, 224) -> strided Conv -> ReLU -> pool -> Gemm -> (N, 10)."""
+def tiny_conv_onnx(seed: int = 0, size: int = 224) -> bytes:
+    """Return a small image classifier: (N, 3, size, size) -> strided Conv -> ReLU -> pool -> Gemm -> (N, 10)."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((8, 3, 4, 4)).astype(np.float32) * 0.3
     fc = rng.standard_normal((10, 8)).astype(np.float32)
@@ -60,7 +60,7 @@ def tiny_conv_onnx(seed: int = 0) -> bytes:
             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         [
             helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel().tolist()),
@@ -566,6 +566,30 @@ def test_job_folder_and_npz(start_orchestrator: Callable[..., OrchestratorThread
     }
     job = wait_job(server.operator, create(server, recipe).job_id)
     assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+
+
+def test_job_folder_takes_input_size(start_orchestrator: Callable[..., OrchestratorThread], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edgefleet.demo.images import demo_photos
+
+    server = start_orchestrator()
+    upload(server, tiny_conv_onnx(size=32), "tiny32", "1")
+    photos = demo_photos()
+    for name, chosen in (("calibration", photos[:2]), ("evaluation", photos[2:4])):
+        (tmp_path / name).mkdir()
+        for photo in chosen:
+            Image.fromarray(photo.image).save(tmp_path / name / f"{photo.name}.png")
+    # No preprocess section: the images are resized to the model's 32x32 input, not the 224x224 default.
+    recipe = {
+        "quantize": {"calibration": {"images": str(tmp_path / "calibration")}},
+        "gate": {"evaluation": {"images": str(tmp_path / "evaluation")}, "max_accuracy_drop": 100.0},
+    }
+
+    job = wait_job(server.operator, create(server, recipe, model="tiny32").job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert json.loads(job.recipe_json) == recipe
 
 
 @pytest.mark.slow

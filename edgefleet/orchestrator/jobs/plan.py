@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.common.models import ModelMetadata, TensorSpec
-from edgefleet.orchestrator.compress.recipe import DataSource, Recipe, RecipeError, parse_recipe
+from edgefleet.orchestrator.compress.recipe import DataSource, PreprocessConfig, Recipe, RecipeError, parse_recipe
 from edgefleet.orchestrator.jobs import sources
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     source format cannot run (prune and distill need a PyTorch model, tflite needs a TFLite source), for
     a recipe that produces nothing, and for a missing or unusable calibration or evaluation source.
     """
-    recipe = parse_recipe(data)
+    recipe = parse_recipe(_with_input_image_size(data, metadata.inputs))
     source_format = metadata.format
     for section in ("prune", "distill"):
         if getattr(recipe, section) is not None:
@@ -137,6 +138,44 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     )
     logger.debug("planned %s", plan)
     return plan
+
+
+def _with_input_image_size(data: dict[str, Any], inputs: tuple[TensorSpec, ...]) -> dict[str, Any]:
+    """Return a copy of data whose image sources take a preprocess height or width left out from the model input.
+
+    Without this, every image source would default to 224x224, and the shortcut flags of `edgefleet
+    models compress`, which cannot set a size, could not calibrate a model with any other input size.
+    Sections of the wrong type are copied unchanged, for parse_recipe to reject.
+    """
+    filled = copy.deepcopy(data)
+    for section_name, source_name in (("quantize", "calibration"), ("gate", "evaluation")):
+        section = filled.get(section_name)
+        source = section.get(source_name) if isinstance(section, dict) else None
+        if not isinstance(source, dict) or not isinstance(source.get("images"), str) or not source["images"]:
+            continue
+        preprocess = source.setdefault("preprocess", {})
+        if not isinstance(preprocess, dict):
+            continue
+        size = _image_size(inputs, source, preprocess)
+        if size is None:
+            continue
+        for key, value in zip(("height", "width"), size, strict=True):
+            if value > 0:
+                preprocess.setdefault(key, value)
+    return filled
+
+
+def _image_size(
+    inputs: tuple[TensorSpec, ...], source: dict[str, Any], preprocess: dict[str, Any]
+) -> tuple[int, int] | None:
+    """Return (height, width) of the rank-4 model input that source feeds, or None when there is none."""
+    name = source.get("input_name") or ""
+    candidates = [spec for spec in inputs if spec.name == name] if name else list(inputs)
+    if len(candidates) != 1 or len(candidates[0].shape) != 4:
+        return None
+    shape = candidates[0].shape
+    layout = preprocess.get("layout", PreprocessConfig().layout)
+    return (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
 
 
 def _check(source: DataSource, field: str, inputs: tuple[TensorSpec, ...]) -> None:
