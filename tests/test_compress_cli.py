@@ -137,6 +137,33 @@ def test_compress_fine_tune_steps(server: OrchestratorThread, capsys: pytest.Cap
     assert "4 samples are too few to fine-tune" in result["job"]["error"]
 
 
+def test_recipe_relative_paths(
+    server: OrchestratorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Data paths in a recipe file are relative to the file's folder, not to the working directory."""
+    from PIL import Image
+
+    from edgefleet.demo.images import demo_photos
+
+    folder = tmp_path / "recipes"
+    for name, photo in (("photos", demo_photos()[0]), ("photos-eval", demo_photos()[1])):
+        (folder / name).mkdir(parents=True)
+        Image.fromarray(photo.image).save(folder / name / f"{photo.name}.png")
+    recipe = folder / "recipe.toml"
+    recipe.write_text(
+        '[quantize]\ncalibration_size = 1\n[quantize.calibration]\nimages = "photos/"\n'
+        '[gate]\nmax_accuracy_drop = 100.0\n[gate.evaluation]\nimages = "photos-eval"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+
+    code = run_cli(server, "models", "compress", "tiny:1", "--recipe", str(recipe), "--output", "json")
+
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0, result["job"]["error"]
+    assert result["job"]["recipe"]["quantize"]["calibration"]["images"] == str(folder / "photos")
+    assert result["job"]["recipe"]["gate"]["evaluation"]["images"] == str(folder / "photos-eval")
+
+
 def test_nothing_to_do(server: OrchestratorThread) -> None:
     assert run_cli(server, "models", "compress", "tiny") == 2
 

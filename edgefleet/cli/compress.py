@@ -71,6 +71,23 @@ def source_section(value: str) -> dict[str, str]:
     return {"npz": path} if value.lower().endswith(".npz") else {"images": path}
 
 
+def resolve_recipe_paths(recipe: dict[str, Any], folder: Path) -> None:
+    """Make the relative data paths of a recipe file absolute, relative to folder (the file's folder).
+
+    The orchestrator reads images, npz and labels only by absolute path. Built-in sources and values
+    of the wrong type stay as they are, for the orchestrator to check.
+    """
+    for section_name, source_name in (("quantize", "calibration"), ("gate", "evaluation")):
+        section = recipe.get(section_name)
+        source = section.get(source_name) if isinstance(section, dict) else None
+        if not isinstance(source, dict):
+            continue
+        for key in ("images", "npz", "labels"):
+            value = source.get(key)
+            if isinstance(value, str) and value and not value.startswith("builtin:"):
+                source[key] = os.path.abspath(folder / os.path.expanduser(value))
+
+
 def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """Read --recipe (TOML or JSON) and apply the shortcut flags on top; return the recipe dict.
 
@@ -94,6 +111,7 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(f"invalid recipe file {path}: {error}", EXIT_USAGE) from None
         if not isinstance(recipe, dict):
             raise CliError(f"recipe file {path} must hold a table of sections", EXIT_USAGE)
+        resolve_recipe_paths(recipe, path.parent)
     int8_flags = [
         flag
         for flag, value in (
@@ -105,8 +123,8 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if int8_flags and not args.int8 and "quantize" not in recipe:
         raise CliError(
-            f"{', '.join(int8_flags)} only apply to int8 quantization: add --int8 "
-            "(or a [quantize] section to the --recipe file)",
+            f"{', '.join(int8_flags)} given without --int8: the int8 flags apply only to int8 quantization; "
+            "add --int8 (or a [quantize] section to the --recipe file)",
             EXIT_USAGE,
         )
     if args.int8 or int8_flags:
