@@ -275,6 +275,21 @@ def test_canary_prefers_connected(two_classes: Fleet) -> None:
     assert [d.device_id for d in wave.devices] == ["cam-a1"]
 
 
+def test_canary_skips_unrunnable_devices(fleet: Fleet) -> None:
+    """A device that no variant suits goes to the last wave, so the canary measures a device that runs it."""
+    fleet.device("cam-a0", profile("alpha", runtimes=("litert",)))
+    fleet.device("cam-b0", profile("beta", runtimes=("onnxruntime",)))
+    fleet.model("2")
+    rollout = fleet.create(wave_percents=(50, 100))
+
+    fleet.step(rollout.rollout_id)
+    canary = fleet.current_wave(rollout.rollout_id)
+
+    assert [d.device_id for d in canary.devices] == ["cam-b0"]
+    assert canary.devices[0].variant_id == f"{MODEL}-2-source"
+    assert canary.decision == "waiting"
+
+
 def test_revoked_device_left_out(two_classes: Fleet) -> None:
     two_classes.revoked.add("cam-a0")
     rollout = two_classes.create(wave_percents=(100,))

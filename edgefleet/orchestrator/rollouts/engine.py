@@ -233,7 +233,13 @@ class RolloutEngine:
             if rollout.reason != reason:
                 self.rollouts.save_rollout(replace(rollout, reason=reason), self.clock())
             return
-        plan = tuple(targets.plan_order(devices))
+        # Devices that no variant of the version suits would be skipped in their wave. Planned first,
+        # they would fill the canary and let the next wave go out with nothing measured, so they go last.
+        runnable = {d.device_id for d in self._choose(rollout, devices, exclusions_of(())) if d.variant_id}
+        plan = (
+            *targets.plan_order([d for d in devices if d.device_id in runnable]),
+            *targets.plan_order([d for d in devices if d.device_id not in runnable]),
+        )
         started = replace(rollout, plan=plan, started_at=self.clock())
         log.info(
             "rollout_id=%s starting on %d devices in %d waves",
