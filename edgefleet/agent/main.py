@@ -9,17 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-
 from edgefleet.agent.config import HELP, AgentConfig
 from edgefleet.agent.identity import IdentityError, prepare_state_dir
 from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
-from edgefleet.common.tls import CredentialsError, read_pem, warn_if_others_can_access
+from edgefleet.common.tls import CredentialsError, check_key_pair, read_pem
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -51,46 +47,14 @@ def check_tls_files(config: AgentConfig) -> None:
     """
     if config.insecure:
         return
-    ca_pem = read_pem(config.ca_cert, "CA certificate", "--ca-cert")
+    read_pem(config.ca_cert, "CA certificate", "--ca-cert")
     if config.cert is None or config.key is None:
         missing = " and ".join(flag for flag, path in (("--cert", config.cert), ("--key", config.key)) if path is None)
         raise CredentialsError(
             f"missing device certificate: set {missing} (`edgefleet pki issue --device-id ID` writes ID.pem and "
             "ID.key), or pass --insecure to run without TLS"
         )
-    try:
-        x509.load_pem_x509_certificates(ca_pem)
-    except ValueError as error:
-        raise CredentialsError(
-            f"CA certificate {config.ca_cert} (--ca-cert) is not a valid PEM certificate: {error}"
-        ) from None
-    certificate_pem = read_pem(config.cert, "certificate", "--cert")
-    try:
-        certificate = x509.load_pem_x509_certificate(certificate_pem)
-    except ValueError as error:
-        raise CredentialsError(f"certificate {config.cert} (--cert) is not a valid PEM certificate: {error}") from None
-    key_pem = read_pem(config.key, "private key", "--key")
-    warn_if_others_can_access(config.key, "--key")
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError:
-        raise CredentialsError(
-            f"private key {config.key} (--key) is encrypted, but the agent needs an unencrypted PEM key; "
-            f"write one with `openssl pkey -in {config.key} -out KEY` and pass it to --key"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm) as error:
-        raise CredentialsError(f"private key {config.key} (--key) is not a valid PEM private key: {error}") from None
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    try:
-        certificate_public_key = certificate.public_key().public_bytes(*spki)
-    except (ValueError, UnsupportedAlgorithm) as error:
-        raise CredentialsError(f"certificate {config.cert} (--cert) has an unsupported public key: {error}") from None
-    if key.public_key().public_bytes(*spki) != certificate_public_key:
-        raise CredentialsError(
-            f"private key {config.key} (--key) does not match certificate {config.cert} (--cert): their public "
-            "keys differ; pass the key that was issued with this certificate (`edgefleet pki issue` writes "
-            "ID.pem and ID.key together)"
-        )
+    check_key_pair(config.ca_cert, config.cert, config.key, "the agent")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -79,16 +80,60 @@ def warn_if_others_can_access(path: Path, flag: str) -> None:
         )
 
 
+def check_key_pair(ca_cert: Path | None, cert: Path, key: Path, program: str) -> None:
+    """Check that the CA certificate, the certificate and its key parse, and that the key matches.
+
+    gRPC reads these files only when it binds a port or makes the first handshake, and then reports
+    a bad file as a failed bind or a failed handshake that names no file. program names the daemon
+    in the message for an encrypted key. Raises CredentialsError naming the file and the fix.
+    """
+    if ca_cert is not None:
+        try:
+            x509.load_pem_x509_certificates(read_pem(ca_cert, "CA certificate", "--ca-cert"))
+        except ValueError as error:
+            raise CredentialsError(
+                f"CA certificate {ca_cert} (--ca-cert) is not a valid PEM certificate: {error}"
+            ) from None
+    try:
+        certificate = x509.load_pem_x509_certificate(read_pem(cert, "certificate", "--cert"))
+    except ValueError as error:
+        raise CredentialsError(f"certificate {cert} (--cert) is not a valid PEM certificate: {error}") from None
+    key_pem = read_pem(key, "private key", "--key")
+    warn_if_others_can_access(key, "--key")
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise CredentialsError(
+            f"private key {key} (--key) is encrypted, but {program} needs an unencrypted PEM key; "
+            f"write one with `openssl pkey -in {key} -out KEY` and pass it to --key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise CredentialsError(f"private key {key} (--key) is not a valid PEM private key: {error}") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        certificate_public_key = certificate.public_key().public_bytes(*spki)
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise CredentialsError(f"certificate {cert} (--cert) has an unsupported public key: {error}") from None
+    if private_key.public_key().public_bytes(*spki) != certificate_public_key:
+        raise CredentialsError(
+            f"private key {key} (--key) does not match certificate {cert} (--cert): their public "
+            "keys differ; pass the key that was issued with this certificate (`edgefleet pki init` writes "
+            "server.pem and server.key, `edgefleet pki issue` writes ID.pem and ID.key together)"
+        )
+
+
 def server_credentials(
     ca_cert: Path | None, cert: Path | None, key: Path | None, *, require_client_auth: bool
 ) -> grpc.ServerCredentials:
     """Return server TLS credentials; with require_client_auth, clients must present a certificate of ca_cert.
 
-    Raises CredentialsError for a missing or unreadable file.
+    Raises CredentialsError for a missing or unreadable file and, with require_client_auth, for files that do
+    not parse or a key that does not match the certificate.
     """
     pair = (read_pem(key, "private key", "--key"), read_pem(cert, "certificate", "--cert"))
-    if key is not None:
-        warn_if_others_can_access(key, "--key")
+    if require_client_auth and key is not None and cert is not None:
+        # Checked once per start: the orchestrator builds its agent port's credentials first.
+        check_key_pair(ca_cert, cert, key, "the orchestrator")
     root = read_pem(ca_cert, "CA certificate", "--ca-cert") if require_client_auth else None
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=require_client_auth)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -120,6 +121,54 @@ def test_startup_operator_port_in_use(tmp_path: Path) -> None:
     assert f"cannot listen on {operator_address}" in str(raised.value)
     assert "already in use by another process" in str(raised.value)
     assert "--operator-listen" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("ca_cert", "cert", "key", "problem"),
+    [
+        ("ca.pem", "server.pem", "ca.key", "private key {d}/ca.key (--key) does not match certificate"),
+        ("ca.pem", "server.key", "server.pem", "certificate {d}/server.key (--cert) is not a valid PEM certificate"),
+        ("server.key", "server.pem", "server.key", "CA certificate {d}/server.key (--ca-cert) is not a valid PEM"),
+    ],
+)
+def test_startup_tls_files_swapped(tmp_path: Path, ca_cert: str, cert: str, key: str, problem: str) -> None:
+    """Swapped TLS files stop the start as a configuration error, not as an address that cannot be bound."""
+    pki = make_pki(tmp_path / "pki")
+    files = pki.directory
+
+    result = run_orchestrator(
+        tmp_path / "data",
+        "--no-insecure",
+        "--operator-listen",
+        "127.0.0.1:0",
+        "--ca-cert",
+        str(files / ca_cert),
+        "--cert",
+        str(files / cert),
+        "--key",
+        str(files / key),
+    )
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert problem.format(d=files) in error_line(result)
+    assert "cannot listen" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_startup_key_readable_by_others_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pki = make_pki(tmp_path / "pki")
+    key = pki.directory / "server.key"
+    key.chmod(0o644)
+    config = orchestrator_config(
+        tmp_path / "data", insecure=False, ca_cert=pki.ca, cert=pki.directory / "server.pem", key=key
+    )
+
+    with caplog.at_level(logging.WARNING, logger="edgefleet.common.tls"):
+        OrchestratorThread(config).stop()
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edgefleet.common.tls"]
+    assert len(warnings) == 1
+    assert f"private key {key} (--key) has mode 0644" in warnings[0]
 
 
 def test_server_options_disable_reuseport() -> None:
