@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.common.errors import EXIT_UNAVAILABLE
-from tests.servers import OrchestratorThread, cli_command, hardware_message, linear_onnx, register
+from tests.servers import OrchestratorThread, cli_command, hardware_message, linear_onnx, register, upload
 
 pytest_plugins = ["tests.servers"]
 
@@ -90,6 +90,19 @@ def test_devices_list_table(fleet: OrchestratorThread) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["DEVICE", "STATUS", "PROFILE"]
     assert [line.split()[0] for line in lines[1:]] == ["camera-01", "plc-01"]
+
+
+def test_models_list_small_counts(fleet: OrchestratorThread) -> None:
+    upload(fleet, linear_onnx(), "linear", "1")
+
+    listed = run_cli("--orchestrator", fleet.address, "--insecure", "models", "list")
+    variants = run_cli("--orchestrator", fleet.address, "--insecure", "models", "variants", "linear:1")
+
+    assert listed.returncode == 0, listed.stderr
+    assert variants.returncode == 0, variants.stderr
+    # linear_onnx has 12 MACs (a 1x4 by 4x3 MatMul) and 15 parameters, which once printed as 0.0M and 0.00M.
+    assert listed.stdout.splitlines()[1].split()[6:8] == ["12", "15"]  # SIZE is two words, "254 B".
+    assert variants.stdout.splitlines()[1].split()[6] == "12"
 
 
 def test_devices_show_json(fleet: OrchestratorThread) -> None:

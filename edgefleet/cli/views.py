@@ -175,6 +175,15 @@ def human_bytes(value: int) -> str:
     return f"{value} B"
 
 
+def human_count(value: int, millions_digits: int = 1) -> str:
+    """Format a MAC or parameter count: 385.2M from a million on, 17.0K from a thousand, else the number."""
+    if value >= 1_000_000:
+        return f"{value / 1e6:.{millions_digits}f}M"
+    if value >= 1_000:
+        return f"{value / 1e3:.1f}K"
+    return str(value)
+
+
 def age(iso: str | None, now: datetime | None = None) -> str:
     if iso is None:
         return "never"
