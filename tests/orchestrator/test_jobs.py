@@ -592,6 +592,24 @@ def test_job_folder_takes_input_size(start_orchestrator: Callable[..., Orchestra
     assert json.loads(job.recipe_json) == recipe
 
 
+def test_job_error_names_model(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("MyOp", ["input"], ["output"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 224, 224])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    server = start_orchestrator()
+    upload(server, model.SerializeToString(), "custom", "1")
+
+    job = wait_job(server.operator, create(server, _fast_recipe(), model="custom").job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_FAILED
+    assert "model custom:1 contains operators from custom domains" in job.error
+    assert "source.onnx" not in job.error
+
+
 @pytest.mark.slow
 def test_job_on_postgres(postgres_url: str, start_orchestrator: Callable[..., OrchestratorThread]) -> None:
 

@@ -119,6 +119,7 @@ def main(args: WorkerArgs) -> None:
 def run_attempt(store: JobStore, args: WorkerArgs) -> int:
     """Run the job's attempt and record its outcome; return the process exit status."""
     progress = Progress(store, args.job_id, args.attempt)
+    job: Job | None = None
     try:
         job = store.get_job(args.job_id)
         if job.state != RUNNING or job.attempt != args.attempt:
@@ -136,6 +137,10 @@ def run_attempt(store: JobStore, args: WorkerArgs) -> int:
     except Exception as error:  # Recorded on the job, so an operator sees it without the log.
         logger.exception("job %s failed unexpectedly", args.job_id)
         message = f"unexpected {type(error).__name__}: {error}"
+    if job is not None:
+        # The work directory is removed when the worker exits, so name the model in place of its copy there.
+        source = Path(args.work_dir) / f"source.{job.source_format}"
+        message = message.replace(str(source), f"model {job.model_name}:{job.model_version}")
     logger.warning("job %s failed: %s", args.job_id, message)
     store.fail(args.job_id, args.attempt, message, datetime.now(UTC))
     return 0
