@@ -97,6 +97,8 @@ def test_enroll_token_bad_ttl(start_secure: StartSecure) -> None:
         orchestrator.enrollment_token("cam-1", ttl_seconds=90 * 86400)
 
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "7776000 s (90 days) is out of range" in raised.value.details()
+    assert "at most 30 days (--ttl 30d)" in raised.value.details()
 
 
 def test_enroll_store_single_use(db_url: str) -> None:

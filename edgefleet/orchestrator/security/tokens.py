@@ -76,7 +76,8 @@ def create_enrollment_token(
     if ttl <= timedelta(0) or ttl > MAX_ENROLLMENT_TTL:
         raise InvalidArgument(
             "ttl",
-            f"{ttl.total_seconds():g} s is out of range; use more than 0 and at most {MAX_ENROLLMENT_TTL.days} days",
+            f"{int(ttl.total_seconds())} s ({ttl.total_seconds() / 86400:.4g} days) is out of range; "
+            f"use more than 0 and at most {MAX_ENROLLMENT_TTL.days} days (--ttl {MAX_ENROLLMENT_TTL.days}d)",
         )
     secret = ENROLLMENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
     expires_at = now + ttl
