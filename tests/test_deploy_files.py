@@ -213,3 +213,15 @@ def scraped_metric_names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
 def test_grafana_dashboard_uses_exported_metrics(scraped_metric_names: set[str]) -> None:
     missing = grafana_metric_names() - scraped_metric_names
     assert not missing, f"the dashboard queries metrics the orchestrator does not export: {sorted(missing)}"
+
+
+def test_kubernetes_readiness_follows_database() -> None:
+    """Readiness checks a service, which follows the database; liveness checks the whole server."""
+    from edgefleet.orchestrator.server import SERVICE_NAMES
+
+    container = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    readiness = container["readinessProbe"]["exec"]["command"]
+    liveness = container["livenessProbe"]["exec"]["command"]
+    assert readiness[-2] == "--service"
+    assert readiness[-1] in SERVICE_NAMES
+    assert "--service" not in liveness

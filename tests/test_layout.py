@@ -110,6 +110,19 @@ def test_health_unknown_service(start_orchestrator: Callable[..., OrchestratorTh
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def test_health_cli_unknown_service(
+    start_orchestrator: Callable[..., OrchestratorThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgefleet.cli.main import main as edgefleet_cli
+
+    orchestrator = start_orchestrator()
+
+    exit_code = edgefleet_cli(["--insecure", "--orchestrator", orchestrator.address, "health", "--service", "nope"])
+
+    assert exit_code == 3
+    assert "has no service 'nope'; use edgefleet.v1.OperatorService" in capsys.readouterr().err
+
+
 def test_reflection_services(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
     orchestrator = start_orchestrator()
     stub = reflection_pb2_grpc.ServerReflectionStub(orchestrator.channel)

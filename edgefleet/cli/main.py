@@ -667,6 +667,12 @@ def cmd_health(client: Client, args: argparse.Namespace) -> None:
     try:
         response = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=client.timeout_s)
     except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:  # grpc.health.v1 sends no details for an unknown service.
+            raise CliError(
+                f"the orchestrator at {client.address} has no service {args.service!r}; use "
+                "edgefleet.v1.OperatorService, edgefleet.v1.AgentService, or no --service for the whole server",
+                EXIT_NOT_FOUND,
+            ) from None
         raise client.error(error) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     emit({"address": client.address, "service": args.service, "status": status}, args.output, lambda r: r["status"])

@@ -25,7 +25,8 @@ from edgefleet.orchestrator.security.auth import AuthInterceptor
 from edgefleet.orchestrator.security.serving import add_ports, open_security
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.orchestrator.store import open_store
+from edgefleet.orchestrator.store import Store, open_store
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 from edgefleet.orchestrator.validation import MalformedRequestInterceptor
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -37,6 +38,8 @@ SERVICE_NAMES = (
 )
 # Last-seen times are written in one transaction per interval.
 FLUSH_INTERVAL_S = 2.0
+# How often the readiness of the gRPC services follows the database.
+DATABASE_CHECK_INTERVAL_S = 5.0
 
 # Largest request and response message. An UploadMetrics batch of MAX_WINDOWS_PER_BATCH windows
 # with full sketches stays well below it; larger requests fail with RESOURCE_EXHAUSTED in gRPC itself.
@@ -88,6 +91,7 @@ class RunningServer:
     state: OrchestratorState
     health: health_aio.HealthServicer
     flusher: asyncio.Task[None]
+    database_watch: asyncio.Task[None] | None = None
     retention: asyncio.Task[None] | None = None
     operator_port: int = 0  # The server-only TLS port for operators; 0 with --insecure, where port serves both.
 
@@ -96,6 +100,9 @@ class RunningServer:
 
         It shuts down the event loop's default executor, so it is the last thing to run on its loop.
         """
+        if self.database_watch is not None:
+            self.database_watch.cancel()
+            await asyncio.gather(self.database_watch, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         for session in list(self.state.hub.sessions.values()):
             session.close()
@@ -144,6 +151,31 @@ async def _flush_forever(hub: FleetHub) -> None:
             retry_log.succeeded()
         except Exception as error:
             retry_log.failed(error, FLUSH_INTERVAL_S)
+
+
+async def _watch_database(store: Store, health: health_aio.HealthServicer, interval_s: float) -> None:
+    """Report the services NOT_SERVING while the database is unreachable, and SERVING once it responds again.
+
+    The overall status (service "") stays SERVING, so a liveness probe does not restart an orchestrator
+    that waits for its database, while a readiness probe on a service name takes it out of rotation.
+    """
+    ready = True
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(store.ping)
+        except DatabaseUnavailable as error:
+            if ready:
+                ready = False
+                log.warning("reporting the gRPC services NOT_SERVING until the database responds: %s", error.message)
+                for name in SERVICE_NAMES:
+                    await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            continue
+        if not ready:
+            ready = True
+            log.info("the database responds again; reporting the gRPC services SERVING")
+            for name in SERVICE_NAMES:
+                await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def start_server(config: OrchestratorConfig) -> RunningServer:
@@ -199,6 +231,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await asyncio.to_thread(start_jobs, state)
     flusher = asyncio.create_task(_flush_forever(hub))
+    database_watch = asyncio.create_task(_watch_database(store, health, DATABASE_CHECK_INTERVAL_S))
     # Rollouts resume from the database: the engine continues every rollout where it was.
     state.rollout_service = start_rollouts(state)
     retention = None
@@ -218,6 +251,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         state=state,
         health=health,
         flusher=flusher,
+        database_watch=database_watch,
         retention=retention,
         operator_port=operator_port,
     )

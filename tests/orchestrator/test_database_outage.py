@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet.cli.main import main as edgefleet_cli
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
@@ -31,6 +32,13 @@ def list_devices_error(address: str) -> grpc.RpcError | None:
     return None
 
 
+def health_status(address: str, service: str) -> str:
+    """Return the grpc.health.v1 status name of service."""
+    with grpc.insecure_channel(address) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
 def test_database_outage_unavailable_then_recovers(
     postgres_cluster: PostgresCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -41,6 +49,8 @@ def test_database_outage_unavailable_then_recovers(
     try:
         orchestrator.start()
         assert list_devices_error(orchestrator.address) is None
+
+        assert health_status(orchestrator.address, "edgefleet.v1.OperatorService") == "SERVING"
 
         proxy.drop()
         error = list_devices_error(orchestrator.address)
@@ -55,6 +65,13 @@ def test_database_outage_unavailable_then_recovers(
             capsys.readouterr().err
         )
 
+        wait_for(
+            lambda: health_status(orchestrator.address, "edgefleet.v1.OperatorService") == "NOT_SERVING",
+            "readiness to follow the database",
+        )
+        assert health_status(orchestrator.address, "edgefleet.v1.AgentService") == "NOT_SERVING"
+        assert health_status(orchestrator.address, "") == "SERVING"  # Liveness: no restart during the outage.
+
         time.sleep(OUTAGE_S)
         outage_log = orchestrator.log_tail(400)
         assert "Traceback" not in outage_log
@@ -64,6 +81,10 @@ def test_database_outage_unavailable_then_recovers(
         proxy.pass_traffic()
         wait_for(lambda: list_devices_error(orchestrator.address) is None, "ListDevices to succeed again")
         wait_for(lambda: "job runner step works again" in orchestrator.log_tail(400), "the recovery log line")
+        wait_for(
+            lambda: health_status(orchestrator.address, "edgefleet.v1.OperatorService") == "SERVING",
+            "readiness to return",
+        )
     finally:
         orchestrator.stop()
         proxy.close()

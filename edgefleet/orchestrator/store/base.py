@@ -258,3 +258,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Run a trivial query; raise DatabaseUnavailable when the database server cannot be reached."""

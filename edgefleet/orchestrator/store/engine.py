@@ -324,6 +324,11 @@ class SqlTransactions:
     def engine(self) -> Engine:
         return self._engine
 
+    def ping(self) -> None:
+        """Run a trivial query; raise DatabaseUnavailable when the PostgreSQL server cannot be reached."""
+        with self._read() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
         with database_errors(self._engine), self._write_lock, self._engine.begin() as connection:
