@@ -147,6 +147,14 @@ def test_gate_labels_mismatch(source: Path, int8: Path) -> None:
         evaluate_variant(int8, source, samples(4, seed=2), labels=np.zeros(3), max_accuracy_drop=1)
 
 
+@pytest.mark.parametrize("wrong", [10, -1])
+def test_gate_labels_out_of_range(source: Path, int8: Path, wrong: int) -> None:
+    labels = np.array([0, 1, wrong, 2])
+
+    with pytest.raises(GateError, match=f"class {wrong} at sample 2 .1 of 4 out of range.*from 0 to 9"):
+        evaluate_variant(int8, source, samples(4, seed=2), labels=labels, max_accuracy_drop=1)
+
+
 @pytest.fixture(scope="module")
 def tflite_fp32(module: torch.nn.Module, source: Path) -> Path:
     return export_tflite(module, samples(1, seed=0), source.with_name("fp32.tflite"))

@@ -145,6 +145,22 @@ def model_format(path: Path) -> str:
     return found
 
 
+def _check_label_range(labels: np.ndarray, classes: int) -> None:
+    """Raise GateError when a label is no class index of an output with `classes` scores per sample.
+
+    An out-of-range label matches neither model's top-1, so it lowers both scores alike and hides a drop:
+    with every label out of range, both score 0 and any candidate passes.
+    """
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
+    if outside.size:
+        index = int(outside[0])
+        raise GateError(
+            f"labels contain class {labels[index]} at sample {index} ({outside.size} of {labels.shape[0]} out of "
+            f"range), but the source model outputs {classes} scores per sample: labels must be class indices "
+            f"from 0 to {classes - 1}"
+        )
+
+
 def evaluate_variant(
     candidate: Path,
     source: Path,
@@ -224,6 +240,8 @@ def evaluate_variant(
         )
     candidate_top1 = candidate_out.reshape(candidate_out.shape[0], -1).argmax(axis=1)
     source_top1 = source_out.reshape(source_out.shape[0], -1).argmax(axis=1)
+    if labels is not None:
+        _check_label_range(labels, source_out.reshape(source_out.shape[0], -1).shape[1])
     if labels is not None:
         metric = "top1"
         accuracy = float(np.mean(candidate_top1 == labels))
