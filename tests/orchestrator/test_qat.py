@@ -199,6 +199,18 @@ def test_fine_tune_too_few_samples(source: Path, quantized: Path, digits: tuple[
         fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"input": digits[0][:40]}, FAST)
 
 
+def test_fine_tune_stated_minimum(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """The minimum that the error names is enough: 36 samples with batch_size 16 and a tenth held out."""
+    settings = FineTuneConfig(steps=1, batch_size=16)
+    qdq, fp32 = onnx.load(str(quantized)), onnx.load(str(source))
+
+    with pytest.raises(ValueError, match=r"16 samples are too few .* need at least 36, 4 of them held out"):
+        fine_tune_qdq(qdq, fp32, {"input": digits[0][:16]}, settings)
+    with pytest.raises(ValueError, match=r"35 samples are too few .* need at least 36"):
+        fine_tune_qdq(qdq, fp32, {"input": digits[0][:35]}, settings)
+    fine_tune_qdq(qdq, fp32, {"input": digits[0][:36]}, settings)
+
+
 def test_fine_tune_missing_input(source: Path, quantized: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
     with pytest.raises(ValueError, match=r"no samples for model inputs \['input'\]"):
         fine_tune_qdq(onnx.load(str(quantized)), onnx.load(str(source)), {"image": digits[0]}, FAST)

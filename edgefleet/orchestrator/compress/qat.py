@@ -65,6 +65,11 @@ class FineTuneResult:
     seconds: float
 
 
+def _holdout_count(count: int, fraction: float) -> int:
+    """Return how many of count samples are held out to check the fine-tuned model: at least 1."""
+    return max(1, round(count * fraction))
+
+
 def fine_tune_qdq(
     qdq_model: onnx.ModelProto,
     source_model: onnx.ModelProto,
@@ -98,12 +103,15 @@ def fine_tune_qdq(
     _check_source(source_model, module)
     samples = _checked_samples(qdq_model.graph, module.input_names, inputs)
     count = len(next(iter(samples.values())))
-    holdout = max(1, round(count * settings.holdout_fraction))
+    holdout = _holdout_count(count, settings.holdout_fraction)
     train_count = count - holdout
     if train_count < 2 * settings.batch_size:
+        needed = 2 * settings.batch_size + 1
+        while needed - _holdout_count(needed, settings.holdout_fraction) < 2 * settings.batch_size:
+            needed += 1
         raise ValueError(
-            f"{count} samples are too few to fine-tune with batch_size {settings.batch_size}: "
-            f"need at least {2 * settings.batch_size + holdout}, {holdout} of them held out"
+            f"{count} samples are too few to fine-tune with batch_size {settings.batch_size}: need at least "
+            f"{needed}, {_holdout_count(needed, settings.holdout_fraction)} of them held out"
         )
     # A random hold-out: samples often come grouped by source image, and a tail would hold out whole images.
     order = np.random.default_rng(settings.seed).permutation(count)
