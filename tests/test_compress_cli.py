@@ -135,6 +135,7 @@ def test_compress_fine_tune_steps(server: OrchestratorThread, capsys: pytest.Cap
     assert code == 1
     assert result["job"]["recipe"]["quantize"]["fine_tune_steps"] == 10
     assert "4 samples are too few to fine-tune" in result["job"]["error"]
+    assert "fine-tuning the int8 onnx variant of model tiny:1 failed" in result["job"]["error"]
 
 
 def test_recipe_relative_paths(

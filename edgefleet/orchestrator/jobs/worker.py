@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -138,12 +139,24 @@ def run_attempt(store: JobStore, args: WorkerArgs) -> int:
         logger.exception("job %s failed unexpectedly", args.job_id)
         message = f"unexpected {type(error).__name__}: {error}"
     if job is not None:
-        # The work directory is removed when the worker exits, so name the model in place of its copy there.
-        source = Path(args.work_dir) / f"source.{job.source_format}"
-        message = message.replace(str(source), f"model {job.model_name}:{job.model_version}")
+        message = _name_work_files(message, job, Path(args.work_dir))
     logger.warning("job %s failed: %s", args.job_id, message)
     store.fail(args.job_id, args.attempt, message, datetime.now(UTC))
     return 0
+
+
+def _name_work_files(message: str, job: Job, work: Path) -> str:
+    """Replace the paths of files in the work directory, which is removed when the worker exits, with names.
+
+    The source copy becomes "model NAME:VERSION" and a variant file KIND.FORMAT "the KIND FORMAT variant".
+    """
+    model = f"model {job.model_name}:{job.model_version}"
+
+    def name(match: re.Match[str]) -> str:
+        stem, _, suffix = match.group(1).partition(".")
+        return model if stem == "source" else f"the {stem} {suffix} variant of {model}"
+
+    return re.sub(re.escape(str(work)) + r"/([\w-]+\.\w+)", name, message)
 
 
 def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
