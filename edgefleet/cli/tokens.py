@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,13 +37,21 @@ def add_device_commands(devices: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], output_flag: OutputFlag) -> None:
-    enroll = nouns.add_parser("enroll", help="create enrollment tokens for devices (admin)")
+    enroll = nouns.add_parser("enroll", help="create, list and revoke enrollment tokens for devices (admin)")
     verbs = enroll.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("create", help="create a single-use enrollment token for one device id")
     sub.add_argument("--device-id", required=True)
     sub.add_argument("--ttl", type=parse_ttl, default=24 * 3600, help="validity: 30m, 24h, 7d (default 24h)")
     output_flag(sub)
     sub.set_defaults(handler=cmd_enroll_create)
+    sub = verbs.add_parser("list", help="list enrollment tokens with their state (never their secrets)")
+    sub.add_argument("--device-id", default="", help="only the tokens of this device")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_enroll_list)
+    sub = verbs.add_parser("revoke", help="delete an unused enrollment token by id, so that nobody enrolls with it")
+    sub.add_argument("token_id")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_enroll_revoke)
 
     tokens = nouns.add_parser("tokens", help="create, list and revoke operator API tokens (admin)")
     verbs = tokens.add_subparsers(dest="verb", required=True)
@@ -100,15 +108,54 @@ def cmd_enroll_create(client: Client, args: argparse.Namespace) -> None:
     result = {
         "device_id": response.device_id,
         "token": response.token,
+        "token_id": response.token_id,
         "expires_at": _time_text(response.expires_at),
     }
     _emit(
         result,
         args.output,
         lambda r: (
-            f"{r['token']}\n(single use, for device {r['device_id']}, expires {r['expires_at']}; "
-            "pass it to the agent as --enrollment-token)"
+            f"{r['token']}\n(token {r['token_id']}, single use, for device {r['device_id']}, expires "
+            f"{r['expires_at']}; pass it to the agent as --enrollment-token)"
         ),
+    )
+
+
+def enrollment_token_view(token: operator_pb2.EnrollmentToken, now: datetime) -> dict[str, Any]:
+    used = token.HasField("used_at")
+    if used:
+        state = "used"
+    elif token.expires_at.ToDatetime(tzinfo=UTC) <= now:
+        state = "expired"
+    else:
+        state = "unused"
+    return {
+        "token_id": token.token_id,
+        "device_id": token.device_id,
+        "state": state,
+        "created_at": _time_text(token.created_at),
+        "expires_at": _time_text(token.expires_at),
+        "used_at": _time_text(token.used_at) if used else None,
+    }
+
+
+def render_enrollment_tokens(tokens: list[dict[str, Any]]) -> str:
+    rows = [(t["token_id"], t["device_id"], t["state"], t["created_at"], t["expires_at"]) for t in tokens]
+    return views.table(("TOKEN ID", "DEVICE", "STATE", "CREATED", "EXPIRES"), rows)
+
+
+def cmd_enroll_list(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("ListEnrollmentTokens", operator_pb2.ListEnrollmentTokensRequest(device_id=args.device_id))
+    now = datetime.now(UTC)
+    _emit([enrollment_token_view(t, now) for t in response.tokens], args.output, render_enrollment_tokens)
+
+
+def cmd_enroll_revoke(client: Client, args: argparse.Namespace) -> None:
+    token = client.call("RevokeEnrollmentToken", operator_pb2.RevokeEnrollmentTokenRequest(token_id=args.token_id))
+    _emit(
+        enrollment_token_view(token, datetime.now(UTC)),
+        args.output,
+        lambda t: f"revoked enrollment token {t['token_id']} of device {t['device_id']}",
     )
 
 

@@ -300,6 +300,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     CancelCompressionJob = unary(compression_jobs.cancel_compression_job)
     QueryMetrics = unary(metrics.query_metrics)
     CreateEnrollmentToken = unary(security_admin.create_enrollment_token)
+    ListEnrollmentTokens = unary(security_admin.list_enrollment_tokens)
+    RevokeEnrollmentToken = unary(security_admin.revoke_enrollment_token)
     RevokeDevice = unary(security_admin.revoke_device)
     CreateApiToken = unary(security_admin.create_api_token)
     ListApiTokens = unary(security_admin.list_api_tokens)

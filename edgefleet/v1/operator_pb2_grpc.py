@@ -124,6 +124,16 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenResponse.FromString,
                 _registered_method=True)
+        self.ListEnrollmentTokens = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/ListEnrollmentTokens',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.ListEnrollmentTokensRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListEnrollmentTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollmentToken = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RevokeEnrollmentToken',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeEnrollmentTokenRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.EnrollmentToken.FromString,
+                _registered_method=True)
         self.RevokeDevice = channel.unary_unary(
                 '/edgefleet.v1.OperatorService/RevokeDevice',
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.RevokeDeviceRequest.SerializeToString,
@@ -280,6 +290,21 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEnrollmentTokens(self, request, context):
+        """Enrollment tokens, newest first, with their state. The secrets are never returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollmentToken(self, request, context):
+        """Delete an unused enrollment token, so that nobody can enroll with it. A used token cannot be
+        revoked: revoke the device instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RevokeDevice(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -421,6 +446,16 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.CreateEnrollmentToken,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenResponse.SerializeToString,
+            ),
+            'ListEnrollmentTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollmentTokens,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.ListEnrollmentTokensRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.ListEnrollmentTokensResponse.SerializeToString,
+            ),
+            'RevokeEnrollmentToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollmentToken,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RevokeEnrollmentTokenRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.EnrollmentToken.SerializeToString,
             ),
             'RevokeDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeDevice,
@@ -949,6 +984,60 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/CreateEnrollmentToken',
             edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.CreateEnrollmentTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollmentTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/ListEnrollmentTokens',
+            edgefleet_dot_v1_dot_operator__pb2.ListEnrollmentTokensRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.ListEnrollmentTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollmentToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RevokeEnrollmentToken',
+            edgefleet_dot_v1_dot_operator__pb2.RevokeEnrollmentTokenRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.EnrollmentToken.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,32 @@ def test_cli_tokens_and_enroll(start_secure: StartSecure, capsys: pytest.Capture
     assert token.startswith("efe_")
 
 
+def test_cli_enroll_list_and_revoke(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+    cli(orchestrator, "enroll", "create", "--device-id", "cam-1")
+    created = capsys.readouterr().out.splitlines()
+    token_id = created[1].split()[1].rstrip(",")
+
+    listed = cli(orchestrator, "enroll", "list", "--device-id", "cam-1")
+    listing = capsys.readouterr().out
+    revoked = cli(orchestrator, "enroll", "revoke", token_id)
+    revoke_output = capsys.readouterr().out
+    again = cli(orchestrator, "enroll", "revoke", token_id)
+    again_error = capsys.readouterr().err
+    malformed = cli(orchestrator, "enroll", "revoke", "not-an-id")
+    malformed_error = capsys.readouterr().err
+
+    assert created[1].startswith(f"(token {token_id}, single use, for device cam-1")
+    assert listed == 0
+    assert f"{token_id}  cam-1   unused" in listing
+    assert revoked == 0
+    assert revoke_output.strip() == f"revoked enrollment token {token_id} of device cam-1"
+    assert again == 3
+    assert f"enrollment token {token_id!r} not found" in again_error
+    assert malformed == 2
+    assert "'not-an-id' is not an enrollment token id (12 hex digits)" in malformed_error
+
+
 def test_cli_needs_token(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
     orchestrator = start_secure()
 

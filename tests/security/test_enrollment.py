@@ -11,6 +11,7 @@ import pytest
 from edgefleet.cli.main import main as cli_main
 from edgefleet.orchestrator.security.store import EnrollmentRejected, SqlSecurityStore
 from edgefleet.orchestrator.security.tokens import hash_secret
+from edgefleet.orchestrator.store.base import NotFoundError, StoreError
 from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
 from edgefleet.v1 import agent_pb2, operator_pb2
 from tests.security.helpers import SecureOrchestrator
@@ -116,6 +117,42 @@ def test_enroll_store_single_use(db_url: str) -> None:
 
     assert rejected.value.reason == "used"
     assert bound == "a" * 64
+
+
+def test_enroll_store_list_and_revoke(db_url: str) -> None:
+    engine = create_store_engine(db_url)
+    upgrade_to_head(engine)
+    store = SqlSecurityStore(engine, owns_engine=True)
+    now = datetime.now(UTC)
+    for index, (secret, device_id) in enumerate([("efe_a", "cam-1"), ("efe_b", "cam-2"), ("efe_c", "cam-2")]):
+        created_at = now + timedelta(seconds=index)
+        store.add_enrollment_token(hash_secret(secret), device_id, created_at, now + timedelta(hours=1))
+    store.enroll(hash_secret("efe_b"), "cam-2", "b" * 64, now)
+    unused_id = hash_secret("efe_c")[:12]
+    used_id = hash_secret("efe_b")[:12]
+
+    listed = store.list_enrollment_tokens()
+    of_cam_2 = store.list_enrollment_tokens("cam-2")
+    revoked = store.revoke_enrollment_token(unused_id)
+    with pytest.raises(StoreError, match="was used by device 'cam-2'"):
+        store.revoke_enrollment_token(used_id)
+    with pytest.raises(NotFoundError):
+        store.revoke_enrollment_token(unused_id)
+    remaining = [token.token_id for token in store.list_enrollment_tokens()]
+    with pytest.raises(EnrollmentRejected) as rejected:
+        store.enroll(hash_secret("efe_c"), "cam-2", "c" * 64, now)
+    store.close()
+
+    assert [(t.token_id, t.device_id) for t in listed] == [
+        (unused_id, "cam-2"),
+        (used_id, "cam-2"),
+        (hash_secret("efe_a")[:12], "cam-1"),
+    ]
+    assert [t.token_id for t in of_cam_2] == [unused_id, used_id]
+    assert of_cam_2[1].used_at is not None
+    assert (revoked.token_id, revoked.device_id, revoked.used_at) == (unused_id, "cam-2", None)
+    assert remaining == [used_id, hash_secret("efe_a")[:12]]
+    assert rejected.value.reason == "unknown"
 
 
 def open_control(orchestrator: SecureOrchestrator, device_id: str, instance_key: str) -> ControlStream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -10,9 +11,14 @@ from edgefleet.common.serde import timestamp
 from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.security import tokens
 from edgefleet.orchestrator.security.auth import Security
-from edgefleet.orchestrator.security.store import ApiTokenRecord, LastAdminTokenError
+from edgefleet.orchestrator.security.store import (
+    ENROLLMENT_TOKEN_ID_LENGTH,
+    ApiTokenRecord,
+    EnrollmentTokenRecord,
+    LastAdminTokenError,
+)
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.orchestrator.store.base import NotFoundError
+from edgefleet.orchestrator.store.base import NotFoundError, StoreError
 from edgefleet.v1 import operator_pb2
 
 log = logging.getLogger(__name__)
@@ -33,8 +39,53 @@ def create_enrollment_token(
     ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else tokens.DEFAULT_ENROLLMENT_TTL
     secret, expires_at = tokens.create_enrollment_token(security.store, request.device_id, ttl, datetime.now(UTC))
     return operator_pb2.CreateEnrollmentTokenResponse(
-        token=secret, device_id=request.device_id, expires_at=timestamp(expires_at)
+        token=secret,
+        device_id=request.device_id,
+        expires_at=timestamp(expires_at),
+        token_id=tokens.hash_secret(secret)[:ENROLLMENT_TOKEN_ID_LENGTH],
     )
+
+
+def enrollment_token_to_proto(record: EnrollmentTokenRecord) -> operator_pb2.EnrollmentToken:
+    message = operator_pb2.EnrollmentToken(
+        token_id=record.token_id,
+        device_id=record.device_id,
+        created_at=timestamp(record.created_at),
+        expires_at=timestamp(record.expires_at),
+    )
+    if record.used_at is not None:
+        message.used_at.CopyFrom(timestamp(record.used_at))
+    return message
+
+
+def list_enrollment_tokens(
+    request: operator_pb2.ListEnrollmentTokensRequest, state: OrchestratorState
+) -> operator_pb2.ListEnrollmentTokensResponse:
+    if request.device_id:
+        validation.check_device_id(request.device_id)
+    records = security_of(state).store.list_enrollment_tokens(request.device_id)
+    return operator_pb2.ListEnrollmentTokensResponse(tokens=[enrollment_token_to_proto(r) for r in records])
+
+
+def revoke_enrollment_token(
+    request: operator_pb2.RevokeEnrollmentTokenRequest, state: OrchestratorState
+) -> operator_pb2.EnrollmentToken:
+    """Delete an unused enrollment token; raise NotFound or FailedPrecondition naming the fix."""
+    token_id = request.token_id.lower()
+    if not re.fullmatch(f"[0-9a-f]{{{ENROLLMENT_TOKEN_ID_LENGTH}}}", token_id):
+        raise InvalidArgument(
+            "token_id",
+            f"{request.token_id!r} is not an enrollment token id ({ENROLLMENT_TOKEN_ID_LENGTH} hex digits); "
+            "list them with `edgefleet enroll list`",
+        )
+    try:
+        record = security_of(state).store.revoke_enrollment_token(token_id)
+    except NotFoundError as error:
+        raise NotFound(str(error)) from None
+    except StoreError as error:
+        raise FailedPrecondition(str(error)) from None
+    log.warning("revoked the unused enrollment token %s of device_id=%s", record.token_id, record.device_id)
+    return enrollment_token_to_proto(record)
 
 
 def revoke_device(

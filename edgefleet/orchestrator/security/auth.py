@@ -47,6 +47,8 @@ ROLE_BY_METHOD: dict[str, str] = {
     "CreateRollout": OPERATOR,
     "UpdateRollout": OPERATOR,
     "CreateEnrollmentToken": ADMIN,
+    "ListEnrollmentTokens": ADMIN,
+    "RevokeEnrollmentToken": ADMIN,
     "RevokeDevice": ADMIN,
     "CreateApiToken": ADMIN,
     "ListApiTokens": ADMIN,

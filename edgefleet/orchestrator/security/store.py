@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from edgefleet.orchestrator.store.base import NotFoundError
+from edgefleet.orchestrator.store.base import NotFoundError, StoreError
 from edgefleet.orchestrator.store.engine import SqlTransactions
 from edgefleet.orchestrator.store.tables import devices
 from edgefleet.orchestrator.store.tables_security import (
@@ -38,6 +38,20 @@ class ApiTokenRecord:
     role: str  # "viewer", "operator" or "admin".
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class EnrollmentTokenRecord:
+    token_id: str  # The first ENROLLMENT_TOKEN_ID_LENGTH hex digits of the secret's hash.
+    device_id: str
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None = None
+
+
+# Hex digits of an enrollment token's hash that name it. 48 bits: two of a fleet's tokens share an id
+# with a chance of about n^2 / 2^49, and revoke_enrollment_token rejects an id that matches two.
+ENROLLMENT_TOKEN_ID_LENGTH = 12
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,17 @@ class SecurityStore(abc.ABC):
     @abc.abstractmethod
     def add_enrollment_token(self, token_hash: str, device_id: str, created_at: datetime, expires_at: datetime) -> None:
         """Store a new enrollment token by its hash."""
+
+    @abc.abstractmethod
+    def list_enrollment_tokens(self, device_id: str = "") -> list[EnrollmentTokenRecord]:
+        """Return the enrollment tokens, of device_id only when it is set, newest first."""
+
+    @abc.abstractmethod
+    def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenRecord:
+        """Delete the unused enrollment token named token_id and return it.
+
+        Raises NotFoundError for an unknown id and StoreError for a used token or an id of two tokens.
+        """
 
     @abc.abstractmethod
     def enroll(
@@ -173,6 +198,36 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
                     used_fingerprint="",
                 )
             )
+
+    def list_enrollment_tokens(self, device_id: str = "") -> list[EnrollmentTokenRecord]:
+        query = sa.select(enrollment_tokens).order_by(
+            enrollment_tokens.c.created_at.desc(), enrollment_tokens.c.token_hash
+        )
+        if device_id:
+            query = query.where(enrollment_tokens.c.device_id == device_id)
+        with self._read() as connection:
+            return [_enrollment_token_from_row(row) for row in connection.execute(query)]
+
+    def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenRecord:
+        with self._write() as connection:
+            rows = connection.execute(
+                sa.select(enrollment_tokens).where(enrollment_tokens.c.token_hash.startswith(token_id, autoescape=True))
+            ).all()
+            if not rows:
+                raise NotFoundError(f"enrollment token {token_id!r} not found; list them with `edgefleet enroll list`")
+            if len(rows) > 1:
+                raise StoreError(
+                    f"enrollment token id {token_id!r} names {len(rows)} tokens; revoke their devices instead"
+                )
+            record = _enrollment_token_from_row(rows[0])
+            if record.used_at is not None:
+                raise StoreError(
+                    f"enrollment token {token_id} was used by device {record.device_id!r} at "
+                    f"{record.used_at:%Y-%m-%dT%H:%M:%SZ}; revoke the device instead "
+                    f"(edgefleet devices revoke {record.device_id})"
+                )
+            connection.execute(enrollment_tokens.delete().where(enrollment_tokens.c.token_hash == rows[0].token_hash))
+        return record
 
     def enroll(
         self, token_hash: str, device_id: str, fingerprint: str, now: datetime, instance_key_hash: str = ""
@@ -389,6 +444,16 @@ class SqlSecurityStore(SqlTransactions, SecurityStore):
 def _token_from_row(row: Any) -> ApiTokenRecord:
     return ApiTokenRecord(
         token_id=row.token_id, name=row.name, role=row.role, created_at=row.created_at, revoked_at=row.revoked_at
+    )
+
+
+def _enrollment_token_from_row(row: Any) -> EnrollmentTokenRecord:
+    return EnrollmentTokenRecord(
+        token_id=row.token_hash[:ENROLLMENT_TOKEN_ID_LENGTH],
+        device_id=row.device_id,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        used_at=row.used_at,
     )
 
 
