@@ -120,7 +120,8 @@ class ArtifactVerifier:
             ):
                 raise VerificationError(
                     f"key set version {key_set.version} is not signed by a key this device trusts "
-                    f"({', '.join(sorted(self.keys)) or 'none'}); re-enroll the device if its keys were all retired"
+                    f"({', '.join(sorted(self.keys)) or 'none'}); if its keys were all retired, stop the agent, delete "
+                    f"{self.state_dir / KEYS_FILE} and start it with a new enrollment token"
                 )
             self.keys = offered
             self.key_version = key_set.version

@@ -77,6 +77,7 @@ class Client:
         """
         self.address = address
         self.timeout_s = timeout_s
+        self.insecure = insecure
         try:
             self.channel = operator_channel(address, token=token, ca_cert=ca_cert, insecure=insecure)
         except CredentialsError as error:
@@ -105,9 +106,17 @@ class Client:
         if code == grpc.StatusCode.UNAVAILABLE and details.startswith(DATABASE_UNAVAILABLE_TEXT):
             return CliError(f"the orchestrator at {self.address} answered, but {details}", EXIT_UNAVAILABLE)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # The agents' port requires a client certificate, which the CLI does not have, so the server
+            # ends the handshake and gRPC reports a closed socket.
+            agents_port = ""
+            if "Socket closed" in details and not self.insecure:
+                agents_port = (
+                    " If that is the agents' port (mutual TLS), use the operator port "
+                    "(--operator-listen, 50052 by default)."
+                )
             return CliError(
                 f"cannot reach the orchestrator at {self.address} ({code.name.lower()}: {details}); "
-                "is it running? Set --orchestrator or EDGEFLEET_ORCHESTRATOR",
+                f"is it running? Set --orchestrator or EDGEFLEET_ORCHESTRATOR.{agents_port}",
                 EXIT_UNAVAILABLE,
             )
         return CliError(f"{code.name.lower().replace('_', ' ')}: {details}", STATUS_EXIT_CODES.get(code, EXIT_FAILED))

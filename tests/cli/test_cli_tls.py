@@ -48,6 +48,30 @@ def test_tls_unknown_ca(start_secure: StartSecure, tmp_path: Path, capsys: Captu
     assert "is it running" not in error
 
 
+def test_tls_agents_port(start_secure: StartSecure, capsys: Capture) -> None:
+    """The agents' port closes the handshake of a client without a certificate; the error names the fix."""
+    orchestrator = start_secure()
+
+    code = main(
+        [
+            "--orchestrator",
+            orchestrator.agent_address,
+            "--ca-cert",
+            str(orchestrator.pki.ca),
+            "--token",
+            orchestrator.admin_token,
+            "--timeout",
+            "5",
+            "devices",
+            "list",
+        ]
+    )
+
+    error = capsys.readouterr().err
+    assert code == 69
+    assert "use the operator port (--operator-listen, 50052 by default)" in error
+
+
 def test_tls_matching_host(start_secure: StartSecure, capsys: Capture) -> None:
     orchestrator = start_secure()
 
