@@ -100,7 +100,7 @@ def run(config: AgentConfig) -> int:
     config = AgentConfig(**{**config.__dict__, "labels": labels})
     allowed_runtimes = tuple(r.name for r in hardware.runtimes)
     log.info(
-        "starting agent %s: profile=%s cores=%g threads=%d memory=%d MiB runtimes=%s class=%s",
+        "starting agent with state dir %s: profile=%s cores=%g threads=%d memory=%d MiB runtimes=%s class=%s",
         config.state_dir,
         profile.name or "-",
         hardware.usable_cores,
