@@ -691,6 +691,7 @@ class _Transfer:
             call.cancel()
 
     def _accept(self, chunk: agent_pb2.ArtifactChunk) -> None:
+        data = chunk.data  # Each read of a bytes field copies it out of the message.
         if chunk.offset != self.offset:
             raise _CorruptChunk(f"chunk has offset {chunk.offset}, expected {self.offset}")
         if self.total_known and chunk.total_size != self.total:
@@ -698,18 +699,18 @@ class _Transfer:
                 f"orchestrator reports {chunk.total_size} bytes for {self.digest}, expected {self.total}; "
                 "check the assignment's size"
             )
-        if self.offset + len(chunk.data) > chunk.total_size:
+        if self.offset + len(data) > chunk.total_size:
             raise _CorruptChunk(f"chunk at byte {chunk.offset} runs past the total size {chunk.total_size}")
-        if hashlib.sha256(chunk.data).hexdigest() != chunk.chunk_sha256:
+        if hashlib.sha256(data).hexdigest() != chunk.chunk_sha256:
             raise _CorruptChunk(f"chunk at byte {chunk.offset} does not match its SHA-256")
         if not self.total_known:
             self.total = chunk.total_size
             self.total_known = True
             self._check_free_space()
-        self.handle.write(chunk.data)
-        self.hash.update(chunk.data)
-        self.offset += len(chunk.data)
-        self.unsynced_bytes += len(chunk.data)
+        self.handle.write(data)
+        self.hash.update(data)
+        self.offset += len(data)
+        self.unsynced_bytes += len(data)
         if self.unsynced_bytes >= self.downloader.fsync_interval_bytes:
             self.checkpoint_in_background()
         if self.progress is not None:
