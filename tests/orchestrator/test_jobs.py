@@ -403,6 +403,7 @@ def test_sources_demo_photos_count() -> None:
         ({"quantize": {"calibration": {"images": "relative/folder"}}}, "relative/folder"),
         ({"quantize": {"calibration": {"images": "builtin:digits"}}}, "builtin:digits"),
         ({"quantize": {"calibration": DEMO, "gate": 1}}, "quantize.gate"),
+        ({"quantize": {"method": "dynamic"}, "gate": {"evaluation": DEMO}}, "'dynamic' does not suit this model"),
     ],
     ids=[
         "unknown-key",
@@ -416,6 +417,7 @@ def test_sources_demo_photos_count() -> None:
         "relative-folder",
         "digits-rgb-model",
         "misplaced-key",
+        "dynamic-conv-net",
     ],
 )
 def test_create_rejects(tiny: OrchestratorThread, recipe: dict[str, Any], named: str) -> None:

@@ -383,6 +383,11 @@ def recommend_quantization(metadata: ModelMetadata) -> str:
     return _recommend(metadata, None)[0]
 
 
+def quantization_recommendation(metadata: ModelMetadata) -> tuple[str, str]:
+    """Return recommend_quantization's result and its reason ("100% of the Conv+MatMul MACs are in convolutions")."""
+    return _recommend(metadata, None)
+
+
 def ensure_opset(model: onnx.ModelProto, minimum: int, source: Path | str = "model") -> onnx.ModelProto:
     """Return model converted to the default-domain opset minimum when it is older; otherwise model.
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.orchestrator.compress.quantize import quantization_recommendation
 from edgefleet.orchestrator.compress.recipe import DataSource, PreprocessConfig, Recipe, RecipeError, parse_recipe
 from edgefleet.orchestrator.jobs import sources
 
@@ -84,6 +85,8 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     if recipe.quantize is not None:
         if source_format == "onnx":
             method = "onnx-static" if recipe.quantize.method == "static" else "onnx-dynamic"
+            if method == "onnx-dynamic" and metadata.macs_by_op_type:
+                _check_dynamic_suits(metadata)
             planned.append(PlannedVariant("int8", "onnx", "int8", method))
         else:
             if recipe.quantize.method != "static":
@@ -138,6 +141,17 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     )
     logger.debug("planned %s", plan)
     return plan
+
+
+def _check_dynamic_suits(metadata: ModelMetadata) -> None:
+    """Raise PlanError when the MACs show a model that quantize_dynamic_int8 would reject in the worker."""
+    recommendation, reason = quantization_recommendation(metadata)
+    if recommendation != "dynamic":
+        raise PlanError(
+            "quantize.method",
+            f"'dynamic' does not suit this model: {reason}, and onnxruntime's dynamic int8 kernels make such "
+            'models slower or less accurate on CPUs; set method = "static" and give calibration data',
+        )
 
 
 def _with_input_image_size(data: dict[str, Any], inputs: tuple[TensorSpec, ...]) -> dict[str, Any]:
