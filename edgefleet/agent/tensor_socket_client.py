@@ -399,7 +399,9 @@ class TensorSocketClient:
         TimeoutError when it does not respond within timeout_s. Raises ValueError, before sending, for an
         input of a dtype with no fixed byte layout (strings, objects).
         """
-        key = _prepared_key(model, feeds) if self.shared_memory else None
+        connection = self._connection
+        # Only calls with inputs in the region get prepared, so a client without any pays nothing here.
+        key = _prepared_key(model, feeds) if connection is not None and connection.prepared else None
         if key is not None:
             done = self._run(lambda connection: self._infer_prepared(connection, key))
             if done is not None:
@@ -445,8 +447,10 @@ class TensorSocketClient:
             # Copied out, because the next call reuses the region.
             outputs = _outputs(reply, region, copy=True, offset=output_offset or 0)
             self._output_bytes = max(self._output_bytes, sum(a.nbytes for a in outputs.values()))
-            if key is not None and copied == 0 and output_offset is not None:
-                _prepare(connection, key, header, raw_reply, reply)
+            if copied == 0 and output_offset is not None:
+                call_key = key if key is not None else _prepared_key(model, feeds)
+                if call_key is not None:
+                    _prepare(connection, call_key, header, raw_reply, reply)
             return reply, outputs
 
         reply, outputs = self._run(through_region if shared else inline)
