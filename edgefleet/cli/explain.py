@@ -56,7 +56,8 @@ def render_explain(data: dict[str, Any]) -> str:
     budget = f"{data['budget_ms']:g} ms" if data["budget_ms"] else "none"
     lines = [f"device {data['device_id']} (hardware class {data['hardware_class']}), latency budget {budget}"]
     if data["chosen_variant_id"]:
-        lines.append(f"chosen: {data['chosen_variant_id']} with {data['threads']} threads")
+        threads = "1 thread" if data["threads"] == 1 else f"{data['threads']} threads"
+        lines.append(f"chosen: {data['chosen_variant_id']} with {threads}")
     else:
         lines.append("chosen: none; no variant qualifies")
     # The variant column is as wide as the longest id, so long ids keep the columns aligned.

@@ -446,7 +446,7 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
             views.human_bytes(v["size_bytes"]),
             views.human_count(v["macs"]),
             "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
-            " ".join(f"{k}:{val:.2f}ms" for k, val in sorted(v["latency_ms"].items())) or "-",
+            " ".join(f"{k}:{val:.3g}ms" for k, val in sorted(v["latency_ms"].items())) or "-",
             v["rejection_reason"],
         )
         for v in variants

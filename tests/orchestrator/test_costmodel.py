@@ -556,7 +556,8 @@ def test_explain_cli_table(orchestrator: OrchestratorThread, capsys: pytest.Capt
 
     output = capsys.readouterr().out
     assert code == 0
-    assert f"chosen: {model.variants[0].variant_id}" in output
+    assert f"chosen: {model.variants[0].variant_id} with " in output
+    assert " with 1 threads" not in output
     assert "P95 MS" in output
     assert "most accurate runnable variant" in output
 

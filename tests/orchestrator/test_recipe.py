@@ -78,7 +78,8 @@ def test_recipe_full_dict() -> None:
         ({"tflite": {"precisions": ["int4"]}}, ("tflite.precisions", "int4", "fp16")),
         ({"gate": {"max_accuracy_drop": -1}}, ("gate.max_accuracy_drop", "-1", ">= 0")),
         ({"gate": {"runtimes": ["tensorrt"]}}, ("gate.runtimes", "tensorrt", "litert")),
-        ({"gate": {"threads": [0]}}, ("gate.threads", "positive")),
+        ({"gate": {"threads": [0]}}, ("gate.threads", "from 1 to 64")),
+        ({"gate": {"threads": [1, 65]}}, ("gate.threads", "from 1 to 64")),
     ],
 )
 def test_recipe_invalid(data: dict[str, object], fragments: tuple[str, ...]) -> None:

@@ -101,6 +101,10 @@ class Recipe:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
+# The gate times each variant at these thread counts on the orchestrator; more threads than a
+# fleet's largest devices measure nothing the selection uses.
+MAX_GATE_THREADS = 64
+
 # Allowed values per "section.key"; ranges are checked in _check_ranges.
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "quantize.method": ("static", "dynamic"),
@@ -257,7 +261,12 @@ def _check_ranges(section: Any, where: str) -> None:
     elif isinstance(section, GateConfig):
         _require(section.max_accuracy_drop >= 0, f"{where}.max_accuracy_drop", section.max_accuracy_drop,
                  ">= 0 percentage points")
-        _require(all(t > 0 for t in section.threads), f"{where}.threads", section.threads, "positive")
+        _require(
+            all(0 < t <= MAX_GATE_THREADS for t in section.threads),
+            f"{where}.threads",
+            section.threads,
+            f"from 1 to {MAX_GATE_THREADS}",
+        )
     elif isinstance(section, PreprocessConfig):
         _require(section.height > 0, f"{where}.height", section.height, "> 0")
         _require(section.width > 0, f"{where}.width", section.width, "> 0")

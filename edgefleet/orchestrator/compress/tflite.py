@@ -27,7 +27,7 @@ class TfliteExportError(RuntimeError):
 def export_tflite(
     module: torch.nn.Module,
     sample_input: np.ndarray,
-    output_path: Path,
+    output_path: Path | str,
     *,
     precision: str = "fp32",
     calibration: np.ndarray | None = None,
@@ -42,6 +42,7 @@ def export_tflite(
     Returns output_path. Raises TfliteExportError naming the missing package, the invalid precision or
     missing calibration data, or the converter's error.
     """
+    output_path = Path(output_path)
     if precision not in TFLITE_PRECISIONS:
         raise TfliteExportError(f"invalid precision {precision!r}: expected one of {TFLITE_PRECISIONS}")
     if precision == "int8" and (calibration is None or calibration.shape[0] == 0):
