@@ -196,7 +196,8 @@ def choose_budget(
         budget = max(lower, 0.95 * source)
         say(
             f"  budget {budget:.1f} ms: every device has a variant within it, but the fp32 source on {name} "
-            f"({source:.1f} ms) does not, so the cost model picks a faster variant there"
+            f"({source:.1f} ms) does not, so the cost model picks a faster variant there unless the latencies "
+            "measured during the rollout lower that prediction"
         )
         return round(budget, 1)
     budget = 2.0 * floor
