@@ -212,6 +212,18 @@ def test_models_add_and_deploy(fleet: OrchestratorThread, tmp_path: Path) -> Non
     assert result["desired_generation"] >= 1
 
 
+def test_deploy_wait_times_out(fleet: OrchestratorThread) -> None:
+    """A device without an agent never reports, so --wait runs out with its own exit code."""
+    upload(fleet, linear_onnx(), "linear", "1")
+
+    deployed = run_cli(
+        "--orchestrator", fleet.address, "deploy", "--model", "linear", "--device", "plc-01", "--wait", "1"
+    )
+
+    assert deployed.returncode == 75, deployed.stderr
+    assert "timed out after 1 s waiting for linear:1:source on plc-01 (state: not reported yet)" in deployed.stderr
+
+
 def test_models_add_conflict(fleet: OrchestratorThread, tmp_path: Path) -> None:
     first = tmp_path / "first.onnx"
     first.write_bytes(linear_onnx(seed=0))

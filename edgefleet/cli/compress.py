@@ -15,6 +15,7 @@ from typing import Any
 from edgefleet.cli import views
 from edgefleet.cli.main import (
     EXIT_FAILED,
+    EXIT_TIMEOUT,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     Client,
@@ -229,7 +230,9 @@ def follow(
                     print(file=sys.stderr)
                 return job
             if deadline is not None and time.monotonic() > deadline:
-                raise CliError(f"timed out after {timeout_s:g} s waiting for job {job_id}; it keeps running")
+                raise CliError(
+                    f"timed out after {timeout_s:g} s waiting for job {job_id}; it keeps running", EXIT_TIMEOUT
+                )
             time.sleep(POLL_INTERVAL_S)
     except KeyboardInterrupt:
         if show and tty:

@@ -3,7 +3,8 @@
 Exit codes: 0 success, 1 the request failed, 2 invalid usage, arguments, API token, role or TLS
 settings (a CA or host name that does not match the orchestrator's certificate), 3 not found,
 4 conflict (already exists or a failed precondition), 69 the orchestrator is unreachable or not
-serving, 130 interrupted (Ctrl-C), 141 stdout closed early (a pipe into head).
+serving, 75 a --wait or --wait-timeout ran out before the device or job finished, 130 interrupted
+(Ctrl-C), 141 stdout closed early (a pipe into head).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ VERIFY_FAILED_TEXT = "CERTIFICATE_VERIFY_FAILED"
 CERTIFICATE_FETCH_TIMEOUT_S = 5.0
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT = 1, 2, 3, 4
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command killed by SIGPIPE.
+EXIT_TIMEOUT = 75  # EX_TEMPFAIL in sysexits.h: the work goes on, and waiting again may succeed.
 STATUS_EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
@@ -564,7 +566,10 @@ def wait_for_state(client: Client, device_id: str, model: str, variant_id: str, 
             return device
         if time.monotonic() > deadline:
             shown = status["state"] if status else "not reported yet"
-            raise CliError(f"timed out after {timeout_s:g} s waiting for {variant_id} on {device_id} (state: {shown})")
+            raise CliError(
+                f"timed out after {timeout_s:g} s waiting for {variant_id} on {device_id} (state: {shown})",
+                EXIT_TIMEOUT,
+            )
         time.sleep(0.5)
 
 
