@@ -511,6 +511,33 @@ def test_job_rejected_not_deployable(tiny_jobs: TinyJobs) -> None:
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        (np.zeros(4, np.float32), "contains float32 (4,); expected a 1-D integer array"),
+        (np.zeros((4, 2), np.int64), "contains int64 (4, 2); expected a 1-D integer array"),
+        (None, "as .npy"),
+    ],
+    ids=["float", "2-d", "not-npy"],
+)
+def test_create_rejects_labels(
+    tiny: OrchestratorThread, tmp_path: Path, labels: np.ndarray | None, expected: str
+) -> None:
+    """Labels of the wrong kind are rejected when the job is created, not when it runs."""
+    path = tmp_path / "labels.npy"
+    if labels is None:
+        path.write_text("0,1,2,3\n")
+    else:
+        np.save(path, labels)
+    recipe = {"quantize": {"calibration": DEMO}, "gate": {"evaluation": {**DEMO, "labels": str(path)}}}
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gate.evaluation.labels" in (error.details() or "")
+    assert expected in (error.details() or "")
+
+
 def test_job_bad_labels_fails(tiny_jobs: TinyJobs) -> None:
     failed = tiny_jobs.failed
     assert failed.state == operator_pb2.JOB_STATE_FAILED

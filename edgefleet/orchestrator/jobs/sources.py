@@ -135,6 +135,7 @@ def check_source(source: DataSource, field: str, inputs: Sequence[TensorSpec]) -
         path = _absolute(source.labels, f"{field}.labels")
         if not path.is_file():
             raise SourceError(f"{field}.labels", f"{source.labels!r} not found on the orchestrator host")
+        _check_labels(path, f"{field}.labels")
     return spec
 
 
@@ -281,6 +282,16 @@ def load_samples(source: DataSource, field: str, role: str, spec: TensorSpec, li
     check_shape(tuple(inputs.shape), str(inputs.dtype), spec, field)
     logger.info("loaded %d %s samples from %s", inputs.shape[0], role, describe(source))
     return Samples(inputs=np.ascontiguousarray(inputs), labels=labels, description=describe(source))
+
+
+def _check_labels(path: Path, field: str) -> None:
+    """Check from the .npy header alone that path holds a 1-D integer array; raise SourceError if not."""
+    try:
+        labels = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SourceError(field, f"cannot read {str(path)!r} as .npy: {error}") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise SourceError(field, f"{str(path)!r} contains {labels.dtype} {labels.shape}; expected a 1-D integer array")
 
 
 def _load_labels(path: Path, field: str) -> np.ndarray:
