@@ -25,6 +25,8 @@ def candidate_view(candidate: operator_pb2.Candidate) -> dict[str, Any]:
         "precision": variant["precision"],
         "accuracy": variant["accuracy"],
         "accuracy_metric": variant["accuracy_metric"],
+        # What the selection ranks by, which for the source is 1.0 when the others measure agreement with it.
+        "ranked_accuracy": candidate.ranked_accuracy if candidate.ranked_accuracy >= 0 else None,
         "predicted_p50_ms": _number(candidate.predicted_p50_ms),
         "predicted_p95_ms": _number(candidate.predicted_p95_ms),
         "predicted_memory_bytes": candidate.predicted_memory_bytes,
@@ -71,7 +73,7 @@ def render_explain(data: dict[str, Any]) -> str:
         memory = views.human_bytes(c["predicted_memory_bytes"]) if c["predicted_memory_bytes"] else "-"
         lines.append(
             f"  {'*' if c['chosen'] else ' ':1} {c['variant_id']:{width}} {c['format']:6} {c['precision']:4} "
-            f"{_cell(c['accuracy'], 4):>8} {_cell(c['predicted_p50_ms']):>8} {_cell(c['predicted_p95_ms']):>8} "
+            f"{_cell(c['ranked_accuracy'], 4):>8} {_cell(c['predicted_p50_ms']):>8} {_cell(c['predicted_p95_ms']):>8} "
             f"{memory:>10} {c['threads'] or '-':>3} {c['basis'] or '-'}"
         )
         lines.append(f"      {c['reason']}")

@@ -398,7 +398,7 @@ class ExplainSelectionRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., device_id: _Optional[str] = ..., budget_ms: _Optional[float] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("variant", "predicted_p50_ms", "predicted_p95_ms", "predicted_memory_bytes", "threads", "chosen", "reason", "basis")
+    __slots__ = ("variant", "predicted_p50_ms", "predicted_p95_ms", "predicted_memory_bytes", "threads", "chosen", "reason", "basis", "ranked_accuracy")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_P50_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_P95_MS_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +407,7 @@ class Candidate(_message.Message):
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BASIS_FIELD_NUMBER: _ClassVar[int]
+    RANKED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     variant: Variant
     predicted_p50_ms: float
     predicted_p95_ms: float
@@ -415,7 +416,8 @@ class Candidate(_message.Message):
     chosen: bool
     reason: str
     basis: str
-    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., predicted_memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., chosen: _Optional[bool] = ..., reason: _Optional[str] = ..., basis: _Optional[str] = ...) -> None: ...
+    ranked_accuracy: float
+    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., predicted_p50_ms: _Optional[float] = ..., predicted_p95_ms: _Optional[float] = ..., predicted_memory_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., chosen: _Optional[bool] = ..., reason: _Optional[str] = ..., basis: _Optional[str] = ..., ranked_accuracy: _Optional[float] = ...) -> None: ...
 
 class ExplainSelectionResponse(_message.Message):
     __slots__ = ("candidates", "hardware_class", "chosen_variant_id", "threads")

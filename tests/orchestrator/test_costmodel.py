@@ -451,6 +451,35 @@ def test_explain_grpc(orchestrator: OrchestratorThread) -> None:
     assert response.hardware_class
 
 
+def test_explain_ranked_accuracy(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    """The source ranks as 1.0 against an int8 variant measured as agreement with it, as the reason says."""
+    device_id, _ = onnx_only_device(orchestrator)
+    upload(orchestrator, linear_onnx(seed=0), "linear", "1")
+    source = orchestrator.state.store.get_variant("linear:1:source")
+    orchestrator.state.store.add_variant(
+        dataclasses.replace(
+            source,
+            variant_id="linear:1:int8",
+            kind="int8",
+            precision="int8",
+            accuracy=0.95,
+            accuracy_metric="top1_agreement",
+        )
+    )
+    capsys.readouterr()
+
+    ranked = {c.variant.variant_id: c.ranked_accuracy for c in explain(orchestrator, device_id).candidates}
+    code = cli_main(
+        ["--orchestrator", orchestrator.address, "--insecure", "explain", "--model", "linear", "--device", device_id]
+    )
+    table = capsys.readouterr().out
+
+    assert ranked == {"linear:1:source": 1.0, "linear:1:int8": pytest.approx(0.95)}
+    assert code == 0
+    source_row = next(line for line in table.splitlines() if "linear:1:source " in line and " onnx " in line)
+    assert " 1.0000 " in source_row
+
+
 def test_explain_budget_excludes(orchestrator: OrchestratorThread) -> None:
     device_id, _ = onnx_only_device(orchestrator)
     upload(orchestrator, linear_onnx(seed=0), "linear", "1")

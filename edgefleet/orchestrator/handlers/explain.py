@@ -15,7 +15,7 @@ from edgefleet.orchestrator.costmodel.store import BenchmarkResult, benchmark_st
 from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
 from edgefleet.orchestrator.handlers.devices import suggest
-from edgefleet.orchestrator.selection import Candidate, select_variant
+from edgefleet.orchestrator.selection import Candidate, accuracy_rank, select_variant
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import agent_pb2, operator_pb2
@@ -94,7 +94,8 @@ def save_benchmark_report(device_id: str, report: agent_pb2.BenchmarkReport, sta
     return stored
 
 
-def candidate_to_proto(candidate: Candidate) -> operator_pb2.Candidate:
+def candidate_to_proto(candidate: Candidate, variants: Sequence[Variant]) -> operator_pb2.Candidate:
+    """Convert a candidate; variants are all of the version's variants, which its ranked accuracy depends on."""
     return operator_pb2.Candidate(
         variant=serde.variant_to_proto(candidate.variant),
         predicted_p50_ms=candidate.predicted_p50_ms,
@@ -104,6 +105,7 @@ def candidate_to_proto(candidate: Candidate) -> operator_pb2.Candidate:
         chosen=candidate.chosen,
         reason=candidate.reason,
         basis=candidate.basis,
+        ranked_accuracy=accuracy_rank(candidate.variant, variants),
     )
 
 
@@ -135,7 +137,7 @@ def explain_selection(
         selection.chosen.variant_id if selection.chosen else "no variant qualifies",
     )
     return operator_pb2.ExplainSelectionResponse(
-        candidates=[candidate_to_proto(c) for c in selection.candidates],
+        candidates=[candidate_to_proto(c, [d.variant for d in selection.candidates]) for c in selection.candidates],
         hardware_class=device.hardware.hardware_class,
         chosen_variant_id=selection.chosen.variant_id if selection.chosen else "",
         threads=selection.threads,
