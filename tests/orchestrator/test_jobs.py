@@ -841,3 +841,28 @@ def test_job_fine_tuned_variant(start_orchestrator: Callable[..., OrchestratorTh
     job = wait_job(server.operator, create(server, recipe).job_id)
     assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
     assert len(job.variant_ids) == 1
+
+
+def test_plan_tflite_kinds_match_uploads() -> None:
+    """Job-made TFLite variants take the kinds that uploads of TFLite variants take."""
+    from edgefleet.common.models import ModelMetadata
+    from edgefleet.orchestrator.handlers.catalog import UPLOAD_VARIANT_KINDS
+    from edgefleet.orchestrator.jobs.plan import plan_job
+
+    spec = TensorSpec("input", "float32", (1, 224, 224, 3))
+    metadata = ModelMetadata(
+        format="tflite",
+        inputs=(spec,),
+        outputs=(TensorSpec("logits", "float32", (1, 1000)),),
+        opset=3,
+        parameters=1000,
+        macs=1000,
+        peak_activation_bytes=1000,
+    )
+    calibration = {**DEMO, "preprocess": {"layout": "NHWC"}}
+    recipe = {"quantize": {"calibration": calibration}, "tflite": {"precisions": ["fp16", "int8"]}}
+
+    plan = plan_job(recipe, metadata)
+
+    assert sorted(v.kind for v in plan.variants) == ["tflite-fp16", "tflite-int8"]
+    assert all(v.kind in UPLOAD_VARIANT_KINDS["tflite"] for v in plan.variants)

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 VARIANT_KIND_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 # The variant kinds an upload may add, by the file format that each kind contains. "source" is the
-# uploaded version itself. Compression jobs name their own variants ("int8-JOBID") without this check.
+# uploaded version itself. Compression jobs name their own variants ("int8-JOBID", "tflite-fp16-JOBID")
+# with the same kinds, without this check.
 UPLOAD_VARIANT_KINDS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx-fp32", "fp16", "int8", "pruned", "distilled"),
     "tflite": ("tflite-fp32", "tflite-fp16", "tflite-int8"),

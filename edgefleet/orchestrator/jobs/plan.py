@@ -30,7 +30,7 @@ class PlanError(ValueError):
 class PlannedVariant:
     """One variant the job will produce and gate."""
 
-    kind: str  # Variant kind: "int8" or "fp16".
+    kind: str  # Variant kind: "int8" for ONNX; "tflite-int8" or "tflite-fp16", as uploads name them.
     format: str  # "onnx" or "tflite".
     precision: str
     method: str  # "onnx-static", "onnx-dynamic", "tflite-int8" or "tflite-fp16".
@@ -91,7 +91,7 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
         else:
             if recipe.quantize.method != "static":
                 raise PlanError("quantize.method", f"{recipe.quantize.method!r} applies to ONNX only; use 'static'")
-            planned.append(PlannedVariant("int8", "tflite", "int8", "tflite-int8"))
+            planned.append(PlannedVariant("tflite-int8", "tflite", "int8", "tflite-int8"))
     if recipe.tflite is not None:
         if source_format != "tflite":
             raise PlanError(
@@ -101,11 +101,11 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
             )
         for precision in recipe.tflite.precisions:
             if precision == "fp16":
-                planned.append(PlannedVariant("fp16", "tflite", "fp16", "tflite-fp16"))
+                planned.append(PlannedVariant("tflite-fp16", "tflite", "fp16", "tflite-fp16"))
             elif precision == "int8" and not any(p.method == "tflite-int8" for p in planned):
                 if recipe.quantize is None:
                     raise PlanError("tflite.precisions", "int8 needs calibration data: add a [quantize] section")
-                planned.append(PlannedVariant("int8", "tflite", "int8", "tflite-int8"))
+                planned.append(PlannedVariant("tflite-int8", "tflite", "int8", "tflite-int8"))
     if not planned:
         raise PlanError("recipe", "produces no variant: add a [quantize] section (or [tflite] for a TFLite source)")
 

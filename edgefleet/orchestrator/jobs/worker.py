@@ -145,6 +145,11 @@ def run_attempt(store: JobStore, args: WorkerArgs) -> int:
     return 0
 
 
+def variant_label(kind: str, format: str) -> str:
+    """Name a variant by kind and format for messages: "int8 onnx", but "tflite-int8" alone."""
+    return kind if kind.startswith(f"{format}-") else f"{kind} {format}"
+
+
 def _name_work_files(message: str, job: Job, work: Path) -> str:
     """Replace the paths of files in the work directory, which is removed when the worker exits, with names.
 
@@ -154,7 +159,7 @@ def _name_work_files(message: str, job: Job, work: Path) -> str:
 
     def name(match: re.Match[str]) -> str:
         stem, _, suffix = match.group(1).partition(".")
-        return model if stem == "source" else f"the {stem} {suffix} variant of {model}"
+        return model if stem == "source" else f"the {variant_label(stem, suffix)} variant of {model}"
 
     return re.sub(re.escape(str(work)) + r"/([\w-]+\.\w+)", name, message)
 
@@ -197,7 +202,7 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
         threads = ", ".join(str(t) for t in gate.threads)
         progress.report(
             0.67 + index * share,
-            f"gating {planned.kind} {planned.format}: accuracy on "
+            f"gating {variant_label(planned.kind, planned.format)}: accuracy on "
             f"{evaluation.inputs.shape[0]} samples, latency at {threads} threads",
         )
         result = evaluate_variant(
