@@ -686,6 +686,11 @@ class TensorSocketServer:
             return
         if inference is None:
             return
+        served = inference.entry.info
+        if (served.version, served.variant_id) != (result.model_version, result.variant_id):
+            # Another version replaced the model after the call: the reply header of result would name
+            # the old version for the new one's outputs. The next request prepares again.
+            return
         layout = tuple((value.dtype, value.shape) for value in result.outputs.values())
         if len(prepared) >= MAX_PLANS_PER_CONNECTION:
             prepared.clear()

@@ -12,7 +12,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import pytest
 from edgefleet.agent import tensor_socket
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.runtime import ModelHost
+from edgefleet.agent.runtime.host import PreparedInference
 from edgefleet.agent.tensor_socket import (
     MAGIC,
     FrameReader,
@@ -1084,3 +1085,42 @@ def test_prepared_output_shape_changes(host: ModelHost, client: TensorSocketClie
 
     assert shapes == [(2, 3), (2, 3), (2, 5), (2, 5)]
     assert client.copied_input_bytes == 0
+
+
+class SwapDuringPrepare(ModelHost):
+    """A ModelHost that installs another version of a model between a call and its prepare."""
+
+    def __init__(self, swap: Callable[[], object]) -> None:
+        super().__init__(default_threads=1)
+        self.swap: Callable[[], object] | None = swap
+
+    def prepare(self, name: str, feeds: Mapping[str, np.ndarray]) -> PreparedInference | None:
+        swap, self.swap = self.swap, None
+        if swap is not None:
+            swap()
+        return super().prepare(name, feeds)
+
+
+def test_prepared_swap_before_prepare(tmp_path: Path) -> None:
+    """A version installed between a call and its prepare is named in the replies that it computes."""
+    new_model = onnx_linear(tmp_path / "linear2.onnx", seed=7)
+
+    def install_version_2() -> None:
+        swapping.install("linear", "2", "linear:2:source", new_model, "onnx")
+
+    swapping = SwapDuringPrepare(install_version_2)
+    swapping.install("linear", "1", "linear:1:source", onnx_linear(tmp_path / "linear.onnx"), "onnx")
+    swapping_server = TensorSocketServer(swapping, tmp_path / "agent.tensor.sock")
+    swapping_server.start()
+    try:
+        with TensorSocketClient(swapping_server.socket_path, timeout_s=10) as swapped_client:
+            arrays = zero_copy_inputs(swapped_client)
+            first = swapped_client.infer("linear", arrays)
+            second = swapped_client.infer("linear", arrays)
+    finally:
+        swapping_server.stop()
+        swapping.close()
+
+    assert first.model_version == "1"
+    np.testing.assert_allclose(second.outputs["y"], linear_reference(LARGE, seed=7), rtol=1e-5)
+    assert (second.model_version, second.variant_id) == ("2", "linear:2:source")
