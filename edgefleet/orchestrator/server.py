@@ -158,8 +158,11 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer, inter
 
     The overall status (service "") stays SERVING, so a liveness probe does not restart an orchestrator
     that waits for its database, while a readiness probe on a service name takes it out of rotation.
+    Any other failure of the check (such as a pool timeout under load) is logged, keeps the current
+    status and does not end the watch.
     """
     ready = True
+    retry_log = RetryLog(log, "checking the database for the health status")
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -170,6 +173,9 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer, inter
                 log.warning("reporting the gRPC services NOT_SERVING until the database responds: %s", error.message)
                 for name in SERVICE_NAMES:
                     await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            continue
+        except Exception as error:
+            retry_log.failed(error, interval_s)
             continue
         if not ready:
             ready = True

@@ -89,3 +89,45 @@ def test_database_outage_unavailable_then_recovers(
         orchestrator.stop()
         proxy.close()
         postgres_cluster.drop_database("outage")
+
+
+
+def test_database_watch_survives_pool_timeout(tmp_path: Path) -> None:
+    """A ping that waits in vain for a pooled connection is logged, and the watch goes on."""
+    import asyncio
+    import contextlib
+
+    from grpc_health.v1 import health
+
+    from edgefleet.orchestrator.server import SERVICE_NAMES, _watch_database
+    from edgefleet.orchestrator.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'edgefleet.db'}")
+    pool = store.engine.pool
+    pool._timeout = 0.05  # type: ignore[attr-defined]  # QueuePool's 30 s default would slow the test.
+    servicer = health.aio.HealthServicer()
+
+    async def scenario() -> tuple[bool, str]:
+        for name in SERVICE_NAMES:
+            await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        watch = asyncio.create_task(_watch_database(store, servicer, 0.02))
+        try:
+            with contextlib.ExitStack() as held:
+                # Every connection of the pool and its overflow is busy, as under a burst of slow calls.
+                for _ in range(pool.size() + pool._max_overflow):  # type: ignore[attr-defined]
+                    held.enter_context(store.engine.connect())
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)
+            response = await servicer.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAMES[0]), None)
+            return not watch.done(), health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    try:
+        watching, status = asyncio.run(scenario())
+    finally:
+        store.close()
+
+    assert watching
+    assert status == "SERVING"
