@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from concurrent import futures
 from pathlib import Path
 
@@ -45,8 +46,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def Infer(self, request: inference_pb2.InferRequest, context: grpc.ServicerContext) -> inference_pb2.InferResponse:
         try:
-            names = [t.name for t in request.inputs]
-            repeated = sorted({name for name in names if names.count(name) > 1})
+            repeated = sorted(name for name, count in Counter(t.name for t in request.inputs).items() if count > 1)
             if repeated:
                 # A dict of feeds would keep only the last tensor of each name and run on it silently.
                 raise ValueError(f"input names {repeated} appear more than once; send each input once")

@@ -43,3 +43,15 @@ def test_duplicate_input_rejected(stub: inference_pb2_grpc.InferenceServiceStub)
 
     assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input names ['x'] appear more than once" in (rejected.value.details() or "")
+
+
+def test_many_inputs_rejected_quickly(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    """The repeated-name check takes linear time: 60,000 inputs are rejected within the deadline."""
+    inputs = [inference_pb2.Tensor(name=f"x{index}") for index in range(60_000)]
+    inputs.append(inference_pb2.Tensor(name="x0"))
+
+    with pytest.raises(grpc.RpcError) as rejected:
+        stub.Infer(inference_pb2.InferRequest(model_name="linear", inputs=inputs), timeout=10)
+
+    assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rejected.value.details()
+    assert "input names ['x0'] appear more than once" in (rejected.value.details() or "")
