@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from edgefleet.agent.delivery import DeliveryError, Downloader, ModelStore
 from edgefleet.agent.runtime.base import ModelLoadError
 from edgefleet.agent.runtime.host import ModelHost, ServedModel
@@ -92,7 +94,7 @@ class Reconciler:
             serving = {}
             for name, encoded in data.get("serving", {}).items():  # Absent in files of older agents.
                 serving[name] = agent_pb2.ModelAssignment.FromString(bytes.fromhex(encoded))
-        except (OSError, ValueError, KeyError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, AttributeError, DecodeError) as error:
             log.warning("ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error)
             return
         self.serving = serving

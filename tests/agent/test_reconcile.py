@@ -107,6 +107,31 @@ def test_restart_serves_version_that_served(
         assert "version 1 (variant linear:1:source) keeps serving" in status.error
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"generation": 3, "desired_state": "0a05ffff"}',  # Hex of bytes that are not a DesiredState.
+        '{"generation": 3, "desired_state": "", "serving": {"linear": "ff"}}',
+        "not json",
+    ],
+    ids=["corrupt-desired", "corrupt-serving", "not-json"],
+)
+def test_restore_ignores_corrupt_file(
+    tmp_path: Path, channel: grpc.Channel, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged desired state file is skipped with a warning; the orchestrator sends the state again."""
+    state_dir = tmp_path / "device"
+    state_dir.mkdir()
+    (state_dir / DESIRED_FILE).write_text(content)
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(state_dir, channel, host)
+        reconciler.restore()
+
+        assert list(host.list()) == []
+    assert "ignoring unreadable" in caplog.text
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path | None]:
     """Mount a 4 MiB tmpfs and yield its path, or yield None where mounting is not permitted."""
