@@ -435,26 +435,48 @@ class TensorSocketClient:
             self.copied_input_bytes += copied
             header = self._header(model, arrays, shared=True)
             raw_reply, payload = self._request(connection, header)
-            reply = parse_header(raw_reply)
-            _check((reply, payload))
-            self._record_run_time(header, float(reply["latency_ms"]))
-            if not reply.get("shm"):  # The outputs did not fit in the region this time.
-                self._output_bytes = max(self._output_bytes, len(payload))
-                return reply, _outputs(reply, payload, copy=False)
-            output_offset = reply.get("output_offset")
-            if output_offset is None and copied < input_bytes:
-                self._warn_overwritten()
-            # Copied out, because the next call reuses the region.
-            outputs = _outputs(reply, region, copy=True, offset=output_offset or 0)
-            self._output_bytes = max(self._output_bytes, sum(a.nbytes for a in outputs.values()))
-            if copied == 0 and output_offset is not None:
+            call_key = None
+            if not copied:  # Only a call whose inputs all lay in place can be repeated without copying.
                 call_key = key if key is not None else _prepared_key(model, feeds)
-                if call_key is not None:
-                    _prepare(connection, call_key, header, raw_reply, reply)
-            return reply, outputs
+            return self._region_reply(
+                connection, header, raw_reply, payload, call_key, overwritten=copied < input_bytes
+            )
 
         reply, outputs = self._run(through_region if shared else inline)
         return _tensor_reply(reply, outputs)
+
+    def _region_reply(
+        self,
+        connection: _Connection,
+        header: bytes,
+        raw_reply: bytes,
+        payload: bytearray,
+        key: tuple[object, ...] | None,
+        *,
+        overwritten: bool,
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Read the reply to a request whose inputs lie in the region; raise TensorSocketError for an error.
+
+        With key, a reply whose outputs lie in the region at output_offset is recorded for _infer_prepared.
+        overwritten says whether some inputs were copied in, which an agent ignoring output_offset overwrites.
+        """
+        region = connection.region
+        assert region is not None
+        reply = parse_header(raw_reply)
+        _check((reply, payload))
+        self._record_run_time(header, float(reply["latency_ms"]))
+        if not reply.get("shm"):  # The outputs did not fit in the region this time.
+            self._output_bytes = max(self._output_bytes, len(payload))
+            return reply, _outputs(reply, payload, copy=False)
+        output_offset = reply.get("output_offset")
+        if output_offset is None and overwritten:
+            self._warn_overwritten()
+        # Copied out, because the next call reuses the region.
+        outputs = _outputs(reply, region, copy=True, offset=output_offset or 0)
+        self._output_bytes = max(self._output_bytes, sum(a.nbytes for a in outputs.values()))
+        if key is not None and output_offset is not None:
+            _prepare(connection, key, header, raw_reply, reply)
+        return reply, outputs
 
     def _request(
         self, connection: _Connection, header: bytes, buffers: Sequence[np.ndarray] = ()
@@ -508,16 +530,7 @@ class TensorSocketClient:
         latency_ms = _latency_after(raw_reply, prepared.reply_prefix)
         if latency_ms is None or payload:
             del connection.prepared[key]
-            reply = parse_header(raw_reply)
-            _check((reply, payload))
-            self._record_run_time(prepared.header, float(reply["latency_ms"]))
-            if not reply.get("shm"):  # The outputs grew past the region.
-                self._output_bytes = max(self._output_bytes, len(payload))
-                return _tensor_reply(reply, _outputs(reply, payload, copy=False))
-            output_offset = reply.get("output_offset")
-            outputs = _outputs(reply, connection.region, copy=True, offset=output_offset or 0)
-            if output_offset is not None:
-                _prepare(connection, key, prepared.header, raw_reply, reply)
+            reply, outputs = self._region_reply(connection, prepared.header, raw_reply, payload, key, overwritten=False)
             return _tensor_reply(reply, outputs)
         self._record_run_time(prepared.header, latency_ms)
         region = connection.region
