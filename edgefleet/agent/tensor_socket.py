@@ -655,18 +655,25 @@ class TensorSocketServer:
                 feeds = plan.feeds(payload)
             result = self.host.infer(plan.model, feeds)
             reply = self._reply(plan, result, region)
-            if prepared is not None and plan.shared and isinstance(reply[0], bytes) and not reply[1]:
+            if prepared is not None and plan.shared and _outputs_in_region(reply):
                 self._prepare(plan, feeds, result, prepared, raw_header)
             return reply
-        except ValueError as error:  # InvalidInputError is a ValueError as well.
-            return _error("INVALID_ARGUMENT", str(error)), []
-        except self._not_found as error:
-            return _error("NOT_FOUND", str(error)), []
         except Exception as error:
-            self._failures.exception(plan.model, "tensor socket inference on model=%s failed", plan.model)
-            return _error("INTERNAL", f"inference failed: {error}"), []
+            return self._error_reply(plan.model, error)
         finally:
             feeds = {}  # Release the views of the region before the next request reuses it.
+
+    def _error_reply(self, model: str, error: Exception) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """Return the reply to an infer request that raised error; call it from the except block.
+
+        A runtime failure is logged with its traceback, the first time per model and then sparsely.
+        """
+        if isinstance(error, ValueError):  # InvalidInputError is a ValueError as well.
+            return _error("INVALID_ARGUMENT", str(error)), []
+        if isinstance(error, self._not_found):
+            return _error("NOT_FOUND", str(error)), []
+        self._failures.exception(model, "tensor socket inference on model=%s failed", model)
+        return _error("INTERNAL", f"inference failed: {error}"), []
 
     def _prepare(
         self,
@@ -706,11 +713,8 @@ class TensorSocketServer:
         """
         try:
             result = self.host.infer_prepared(fast.inference)
-        except ValueError as error:
-            return _error("INVALID_ARGUMENT", str(error)), []
         except Exception as error:
-            self._failures.exception(plan.model, "tensor socket inference on model=%s failed", plan.model)
-            return _error("INTERNAL", f"inference failed: {error}"), []
+            return self._error_reply(plan.model, error)
         if result is None:
             return None
         outputs = result.outputs.values()
@@ -719,7 +723,7 @@ class TensorSocketServer:
             for value, (dtype, shape) in zip(outputs, fast.layout, strict=True)
         ):
             reply = self._reply(plan, result, region)
-            if isinstance(reply[0], bytes) and not reply[1]:  # The new outputs fit in the region: keep them.
+            if _outputs_in_region(reply):  # The new outputs fit in the region: keep them.
                 fast.layout = tuple((value.dtype, value.shape) for value in outputs)
                 fast.reply_prefix = self._reply_prefix(result, plan.output_offset)
             return reply
@@ -789,6 +793,12 @@ class TensorSocketServer:
                 self._reply_prefixes.clear()
             self._reply_prefixes[key] = prefix
         return prefix
+
+
+def _outputs_in_region(reply: tuple[dict[str, Any] | bytes, list[np.ndarray]]) -> bool:
+    """Return whether reply is a success whose outputs the agent wrote into the shared region."""
+    header, buffers = reply
+    return isinstance(header, bytes) and not buffers
 
 
 def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray], offset: int = 0) -> None:
