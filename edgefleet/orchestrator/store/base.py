@@ -182,7 +182,6 @@ class Store(abc.ABC):
     def add_metric_batch(self, device_id: str, batch_id: str, windows: Sequence[MetricWindow]) -> bool:
         """Store a batch of metric windows once; return False, storing nothing, for a known batch_id."""
 
-    @abc.abstractmethod
     def query_metric_windows(
         self,
         *,
@@ -195,12 +194,24 @@ class Store(abc.ABC):
         received_start: datetime | None = None,
         received_end: datetime | None = None,
     ) -> list[MetricWindow]:
-        """Return windows matching every non-empty filter, with window_start in [start, end).
+        """Return windows matching every non-empty filter, with window_start in [start, end), by window_start.
 
         When received_start or received_end is given, windows with received_at in [received_start,
         received_end) match as well, so a caller can place windows of a device with a wrong clock
         by their receive time.
         """
+        return list(
+            self.iter_metric_windows(
+                device_id=device_id,
+                model_name=model_name,
+                variant_id=variant_id,
+                hardware_class=hardware_class,
+                start=start,
+                end=end,
+                received_start=received_start,
+                received_end=received_end,
+            )
+        )
 
     @abc.abstractmethod
     def iter_metric_windows(

@@ -426,29 +426,6 @@ class SqlStore(SqlTransactions, Store):
                 connection.execute(sa.insert(metric_windows), values)
         return True
 
-    def query_metric_windows(
-        self,
-        *,
-        device_id: str = "",
-        model_name: str = "",
-        variant_id: str = "",
-        hardware_class: str = "",
-        start: datetime | None = None,
-        end: datetime | None = None,
-        received_start: datetime | None = None,
-        received_end: datetime | None = None,
-    ) -> list[MetricWindow]:
-        """Return windows matching every non-empty filter, with window_start in [start, end).
-
-        With received_start or received_end, windows with received_at in [received_start,
-        received_end) match as well. Results are ordered by window_start.
-        """
-        query = _metric_windows_query(
-            device_id, model_name, variant_id, hardware_class, start, end, received_start, received_end
-        )
-        with self._read() as connection:
-            return [rows.window_from_row(row) for row in connection.execute(query)]
-
     def iter_metric_windows(
         self,
         *,
