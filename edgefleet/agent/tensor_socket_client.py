@@ -458,7 +458,7 @@ class TensorSocketClient:
         """Read the reply to a request whose inputs lie in the region; raise TensorSocketError for an error.
 
         With key, a reply whose outputs lie in the region at output_offset is recorded for _infer_prepared.
-        overwritten says whether some inputs were copied in, which an agent ignoring output_offset overwrites.
+        overwritten is whether some inputs were copied in, which an agent that ignores output_offset overwrites.
         """
         region = connection.region
         assert region is not None

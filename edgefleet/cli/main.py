@@ -106,7 +106,7 @@ class Client:
                 EXIT_USAGE,
             )
         if code == grpc.StatusCode.UNAVAILABLE and details.startswith(DATABASE_UNAVAILABLE_TEXT):
-            return CliError(f"the orchestrator at {self.address} answered, but {details}", EXIT_UNAVAILABLE)
+            return CliError(f"the orchestrator at {self.address} responded, but {details}", EXIT_UNAVAILABLE)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             # The agents' port requires a client certificate, which the CLI does not have, so the server
             # ends the handshake and gRPC reports a closed socket.

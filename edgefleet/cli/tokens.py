@@ -48,7 +48,7 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     sub.add_argument("--device-id", default="", help="only the tokens of this device")
     output_flag(sub)
     sub.set_defaults(handler=cmd_enroll_list)
-    sub = verbs.add_parser("revoke", help="delete an unused enrollment token by id, so that nobody enrolls with it")
+    sub = verbs.add_parser("revoke", help="delete an unused enrollment token by id, so that no device enrolls with it")
     sub.add_argument("token_id")
     output_flag(sub)
     sub.set_defaults(handler=cmd_enroll_revoke)

@@ -452,7 +452,7 @@ def test_explain_grpc(orchestrator: OrchestratorThread) -> None:
 
 
 def test_explain_ranked_accuracy(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    """The source ranks as 1.0 against an int8 variant measured as agreement with it, as the reason says."""
+    """The source ranks as 1.0 against an int8 variant measured as agreement with it, matching its reason line."""
     device_id, _ = onnx_only_device(orchestrator)
     upload(orchestrator, linear_onnx(seed=0), "linear", "1")
     source = orchestrator.state.store.get_variant("linear:1:source")

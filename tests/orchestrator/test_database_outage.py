@@ -1,4 +1,4 @@
-"""An orchestrator on PostgreSQL whose database goes away answers UNAVAILABLE and recovers by itself."""
+"""An orchestrator on PostgreSQL whose database goes away returns UNAVAILABLE and recovers by itself."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_database_outage_unavailable_then_recovers(
         capsys.readouterr()
         exit_code = edgefleet_cli(["--insecure", "--orchestrator", orchestrator.address, "devices", "list"])
         assert exit_code == EXIT_UNAVAILABLE
-        assert f"the orchestrator at {orchestrator.address} answered, but {DATABASE_UNAVAILABLE_TEXT}" in (
+        assert f"the orchestrator at {orchestrator.address} responded, but {DATABASE_UNAVAILABLE_TEXT}" in (
             capsys.readouterr().err
         )
 
@@ -89,7 +89,6 @@ def test_database_outage_unavailable_then_recovers(
         orchestrator.stop()
         proxy.close()
         postgres_cluster.drop_database("outage")
-
 
 
 def test_database_watch_survives_pool_timeout(tmp_path: Path) -> None:

@@ -285,7 +285,7 @@ def load_samples(source: DataSource, field: str, role: str, spec: TensorSpec, li
 
 
 def _check_labels(path: Path, field: str) -> None:
-    """Check from the .npy header alone that path holds a 1-D integer array; raise SourceError if not."""
+    """Check from the .npy header alone that path contains a 1-D integer array; raise SourceError if not."""
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
