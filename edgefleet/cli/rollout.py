@@ -178,7 +178,8 @@ def progress_bar(done: float, total: float, width: int = PROGRESS_WIDTH) -> str:
 def _wave_progress(wave: dict[str, Any], min_samples: int) -> tuple[str, str]:
     measured = [d for d in wave["devices"] if d["variant_id"] and not d["late"]]
     if wave["decision"] != "waiting":
-        return progress_bar(1, 1), f"{len(measured)} devices"
+        devices = "1 device" if len(measured) == 1 else f"{len(measured)} devices"
+        return progress_bar(1, 1), devices
     samples = sum(min(d["samples"], min_samples) for d in measured)
     total = len(measured) * min_samples
     return progress_bar(samples, total), f"{samples}/{total} samples"

@@ -182,7 +182,11 @@ class WaveGates:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in regressed)
             return replace(wave, devices=devices, decision="pause", reason=reason, decided_at=self._now())
         skipped = sum(1 for d in devices if d.verdict == VERDICT_SKIPPED)
-        reason = f"{len(measured)} devices within the gates"
+        reason = f"{_devices(len(measured))} within the gates"
         if skipped:
-            reason += f"; {skipped} devices skipped because no variant qualified"
+            reason += f"; {_devices(skipped)} skipped because no variant qualified"
         return replace(wave, devices=devices, decision="proceed", reason=reason, decided_at=self._now())
+
+
+def _devices(count: int) -> str:
+    return "1 device" if count == 1 else f"{count} devices"
