@@ -135,10 +135,11 @@ def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyJobs]:
     server = OrchestratorThread(orchestrator_config(tmp_path))
     try:
         upload(server, tiny_conv_onnx(), "tiny", "1")
-        np.savez(tmp_path / "eval.npz", input=np.zeros((6, 3, 224, 224), np.float32))
-        np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
-        evaluation = {"npz": str(tmp_path / "eval.npz"), "labels": str(tmp_path / "labels.npy")}
-        failed = create(server, {**_fast_recipe(), "gate": {"evaluation": evaluation}})
+        # The request checks only that the folder contains image files; the worker fails to decode this one.
+        undecodable = tmp_path / "undecodable"
+        undecodable.mkdir()
+        (undecodable / "broken.png").write_bytes(b"not a PNG image")
+        failed = create(server, {**_fast_recipe(), "gate": {"evaluation": {"images": str(undecodable)}}})
         queued = create(server, _fast_recipe())
         cancelled = server.operator.CancelCompressionJob(
             operator_pb2.CancelCompressionJobRequest(job_id=queued.job_id), timeout=30
@@ -538,10 +539,58 @@ def test_create_rejects_labels(
     assert expected in (error.details() or "")
 
 
-def test_job_bad_labels_fails(tiny_jobs: TinyJobs) -> None:
+def test_create_rejects_short_labels_npz(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    """Fewer labels than .npz samples are found from the two headers when the job is created."""
+    np.savez(tmp_path / "eval.npz", input=np.zeros((6, 3, 224, 224), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
+    evaluation = {"npz": str(tmp_path / "eval.npz"), "labels": str(tmp_path / "labels.npy")}
+    jobs_before = len(tiny.operator.ListCompressionJobs(operator_pb2.ListCompressionJobsRequest(), timeout=30).jobs)
+
+    error = rpc_error(lambda: create(tiny, {**_fast_recipe(), "gate": {"evaluation": evaluation}}))
+
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gate.evaluation.labels" in details
+    assert f"'{tmp_path / 'labels.npy'}' has 2 labels for the 6 samples of '{tmp_path / 'eval.npz'}'" in details
+    jobs_after = tiny.operator.ListCompressionJobs(operator_pb2.ListCompressionJobsRequest(), timeout=30).jobs
+    assert len(jobs_after) == jobs_before
+
+
+def test_create_rejects_short_labels_folder(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    """Fewer labels than images in an evaluation folder are rejected when the job is created."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"photo{index}.png").write_bytes(b"never decoded by the request")
+    np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
+    evaluation = {"images": str(folder), "labels": str(tmp_path / "labels.npy")}
+
+    error = rpc_error(lambda: create(tiny, {**_fast_recipe(), "gate": {"evaluation": evaluation}}))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"has 2 labels for the 3 samples of '{folder}'" in (error.details() or "")
+
+
+def test_check_source_labels_limit(tmp_path: Path) -> None:
+    """A calibration folder read up to a limit needs labels only for the images it reads."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(5):
+        (folder / f"photo{index}.png").write_bytes(b"")
+    np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
+    source = DataSource(images=str(folder), labels=str(tmp_path / "labels.npy"))
+    spec = TensorSpec("input", "float32", (-1, 3, 224, 224))
+
+    assert sources.check_source(source, "quantize.calibration", [spec], limit=3) == spec
+    with pytest.raises(sources.SourceError, match="has 3 labels for the 5 samples"):
+        sources.check_source(source, "quantize.calibration", [spec])
+
+
+def test_job_undecodable_image_fails(tiny_jobs: TinyJobs) -> None:
     failed = tiny_jobs.failed
     assert failed.state == operator_pb2.JOB_STATE_FAILED
-    assert "gate.evaluation.labels" in failed.error
+    assert "gate.evaluation.images" in failed.error
+    assert "broken.png" in failed.error
 
 
 def test_job_failed_stores_no_variant(tiny_jobs: TinyJobs) -> None:

@@ -114,7 +114,7 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     if any(p.method in ("onnx-static", "tflite-int8") for p in planned):
         assert recipe.quantize is not None
         calibration = recipe.quantize.calibration
-        _check(calibration, "quantize.calibration", inputs)
+        _check(calibration, "quantize.calibration", inputs, recipe.quantize.calibration_size)
     evaluation = recipe.gate.evaluation
     evaluation_field = "gate.evaluation"
     if sources.is_empty(evaluation):
@@ -192,9 +192,9 @@ def _image_size(
     return (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
 
 
-def _check(source: DataSource, field: str, inputs: tuple[TensorSpec, ...]) -> None:
+def _check(source: DataSource, field: str, inputs: tuple[TensorSpec, ...], limit: int | None = None) -> None:
     try:
-        sources.check_source(source, field, inputs)
+        sources.check_source(source, field, inputs, limit)
     except sources.SourceError as error:
         raise PlanError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
 

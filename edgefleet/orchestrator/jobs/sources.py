@@ -102,14 +102,17 @@ def choose_input(inputs: Sequence[TensorSpec], source: DataSource, field: str) -
     return inputs[0]
 
 
-def check_source(source: DataSource, field: str, inputs: Sequence[TensorSpec]) -> TensorSpec:
+def check_source(source: DataSource, field: str, inputs: Sequence[TensorSpec], limit: int | None = None) -> TensorSpec:
     """Check, without loading the data, that source exists and fits the model input; return that input.
 
     field is the recipe path of the section ("quantize.calibration"). Folders must exist and hold
     images, .npz files must hold an array under the input's name with its dtype and fixed axes, and
-    image sources must preprocess to the input's shape. Raises SourceError naming the field and value.
+    image sources must preprocess to the input's shape. A labels file must hold a 1-D integer array
+    with at least one label per sample that load_samples would load with the same limit. Raises
+    SourceError naming the field and value.
     """
     spec = choose_input(inputs, source, field)
+    sample_count: int | None = None  # Unknown for the built-in sources until they are loaded.
     if is_empty(source):
         raise SourceError(
             field, f"no data given: set images (a folder, or {BUILTIN_PREFIX}NAME with NAME in {list(BUILTINS)}) or npz"
@@ -127,15 +130,24 @@ def check_source(source: DataSource, field: str, inputs: Sequence[TensorSpec]) -
             _check_image_input(spec, source.preprocess, field)
     elif source.images:
         folder = _absolute(source.images, f"{field}.images")
-        list_images(folder, f"{field}.images")
+        sample_count = len(list_images(folder, f"{field}.images"))
         _check_image_input(spec, source.preprocess, field)
     else:
-        _check_npz(_absolute(source.npz, f"{field}.npz"), spec, f"{field}.npz")
+        sample_count = _check_npz(_absolute(source.npz, f"{field}.npz"), spec, f"{field}.npz")
     if source.labels:
         path = _absolute(source.labels, f"{field}.labels")
         if not path.is_file():
             raise SourceError(f"{field}.labels", f"{source.labels!r} not found on the orchestrator host")
-        _check_labels(path, f"{field}.labels")
+        label_count = _check_labels(path, f"{field}.labels")
+        if sample_count is not None and source.images and limit is not None:
+            # load_samples reads at most limit images of a folder, but every sample of an .npz file.
+            sample_count = min(sample_count, limit)
+        if sample_count is not None and label_count < sample_count:
+            raise SourceError(
+                f"{field}.labels",
+                f"{source.labels!r} has {label_count} labels for the {sample_count} samples of "
+                f"{describe(source)!r}; give one label per sample, in the order of the samples",
+            )
     return spec
 
 
@@ -195,7 +207,8 @@ def _check_digits_input(spec: TensorSpec, field: str) -> None:
         )
 
 
-def _check_npz(path: Path, spec: TensorSpec, field: str) -> None:
+def _check_npz(path: Path, spec: TensorSpec, field: str) -> int:
+    """Check the .npz array of the model input from its header (and its values for NaN); return its sample count."""
     if not path.is_file():
         raise SourceError(field, f"{str(path)!r} not found on the orchestrator host")
     member = f"{spec.name}.npy"
@@ -230,6 +243,7 @@ def _check_npz(path: Path, spec: TensorSpec, field: str) -> None:
                 f"{str(path)!r} has NaN or infinite values in {bad.size} of {samples.shape[0]} samples "
                 f"(the first is sample {bad[0]}); fix or drop those samples",
             )
+    return int(shape[0])
 
 
 def check_shape(shape: tuple[int, ...], dtype: str, spec: TensorSpec, field: str) -> None:
@@ -284,14 +298,18 @@ def load_samples(source: DataSource, field: str, role: str, spec: TensorSpec, li
     return Samples(inputs=np.ascontiguousarray(inputs), labels=labels, description=describe(source))
 
 
-def _check_labels(path: Path, field: str) -> None:
-    """Check from the .npy header alone that path contains a 1-D integer array; raise SourceError if not."""
+def _check_labels(path: Path, field: str) -> int:
+    """Check from the .npy header alone that path contains a 1-D integer array; return its length.
+
+    Raises SourceError when the file is not .npy or the array has another dtype or rank.
+    """
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
         raise SourceError(field, f"cannot read {str(path)!r} as .npy: {error}") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise SourceError(field, f"{str(path)!r} contains {labels.dtype} {labels.shape}; expected a 1-D integer array")
+    return int(labels.shape[0])
 
 
 def _load_labels(path: Path, field: str) -> np.ndarray:
