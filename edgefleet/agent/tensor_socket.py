@@ -45,7 +45,9 @@ MAX_HEADER_BYTES = 1024 * 1024
 # Largest payload accepted or returned, the same limit as the gRPC local API.
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 # Connections served at once; each has its own thread. At the limit a new connection replaces the
-# one idle longest, if that one has been idle for EVICT_IDLE_AFTER_S; otherwise it gets RESOURCE_EXHAUSTED.
+# one idle longest, if that one has been idle for EVICT_IDLE_AFTER_S; otherwise it gets RESOURCE_EXHAUSTED
+# with CONNECTION_LIMIT as its reason. An evicted connection still gets the replies to the requests
+# that reached the agent before the eviction.
 MAX_CONNECTIONS = 64
 EVICT_IDLE_AFTER_S = 10.0
 # Both ends poll this long for the next frame before blocking, when more than one CPU is usable. A
@@ -66,6 +68,8 @@ SHARED_MEMORY_MIN_REGION = 1024 * 1024
 # Parsed request headers kept per connection; an application uses one or a few.
 MAX_PLANS_PER_CONNECTION = 16
 ERROR_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL", "RESOURCE_EXHAUSTED")
+# The reason of the error that a connection over the limit gets as its only frame, before the agent closes it.
+CONNECTION_LIMIT = "CONNECTION_LIMIT"
 
 
 class ProtocolError(ValueError):
@@ -73,12 +77,16 @@ class ProtocolError(ValueError):
 
 
 class TensorSocketError(RuntimeError):
-    """An error response from the agent: code is one of ERROR_CODES, and message names the fix."""
+    """An error response from the agent: code is one of ERROR_CODES, and message names the fix.
 
-    def __init__(self, code: str, message: str) -> None:
+    reason is CONNECTION_LIMIT when the agent rejected the connection, and empty otherwise.
+    """
+
+    def __init__(self, code: str, message: str, reason: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,10 @@ class FrameReader:
             except BlockingIOError:
                 if time.perf_counter() >= deadline:
                     return -1
+
+    def wait_frame(self) -> bool:
+        """Block until bytes of the next frame are buffered; return False when the peer closed first."""
+        return self._fill(1)
 
     def poll_frame(self, spin_s: float) -> bool:
         """Poll up to spin_s for the start of the next frame without blocking, and buffer what arrives.
@@ -503,19 +515,18 @@ class TensorSocketServer:
                     )
                     self._connections[conn] = served
             if evicted is not None:
-                victim, idle_s = evicted
-                log.info("tensor socket: closed a connection idle for %.0f s to admit a new one", idle_s)
-                with contextlib.suppress(OSError):
-                    victim.shutdown(socket.SHUT_RDWR)  # Its thread reads end of file and ends.
+                log.info("tensor socket: closed a connection idle for %.0f s to admit a new one", evicted[1])
             if full:
                 self._reject(conn)
             else:
                 served.thread.start()
 
     def _evict_idle(self) -> tuple[socket.socket, float] | None:
-        """Drop the connection idle longest, if for EVICT_IDLE_AFTER_S or more; return it and its idle time.
+        """Evict the connection idle longest, if for EVICT_IDLE_AFTER_S or more; return it and its idle time.
 
-        Call with self._lock held. The caller shuts the returned socket down.
+        Call with self._lock held. The connection is shut down for reading only, while _serve cannot mark
+        it busy: the client's later sends fail at once and make it reconnect. Its thread still replies
+        to the requests already queued on it, then reads end of file and ends.
         """
         now = time.monotonic()
         idle = [
@@ -527,6 +538,8 @@ class TensorSocketServer:
         if now - idle_since < EVICT_IDLE_AFTER_S:
             return None
         del self._connections[conn]
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RD)
         return conn, now - idle_since
 
     def _reject(self, conn: socket.socket) -> None:
@@ -540,7 +553,7 @@ class TensorSocketServer:
         if self._rejected_connections % 100 == 1:
             log.warning("tensor socket: rejected a connection (%d so far): %s", self._rejected_connections, message)
         with conn, contextlib.suppress(OSError):
-            write_frame(conn, _error("RESOURCE_EXHAUSTED", message))
+            write_frame(conn, {**_error("RESOURCE_EXHAUSTED", message), "reason": CONNECTION_LIMIT})
 
     def _serve(self, conn: socket.socket) -> None:
         set_timeouts(conn, receive_s=IDLE_TIMEOUT_S, send_s=SEND_TIMEOUT_S)
@@ -554,10 +567,14 @@ class TensorSocketServer:
             while not self._stopping.is_set() and served is not None:
                 try:
                     served.idle_since = time.monotonic()
+                    if not reader.wait_frame():
+                        return
+                    # Busy from the first byte, so that no eviction cuts off a request being received.
+                    with self._lock:
+                        served.idle_since = None
                     frame = reader.read_raw()
                     if frame is None:
                         return
-                    served.idle_since = None
                     raw_header, payload = frame
                     fast = prepared.get(raw_header)
                     if fast is not None and region is not None and not payload:

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgefleet.agent.tensor_socket import (
+    CONNECTION_LIMIT,
     MAX_PAYLOAD_BYTES,
     MAX_PLANS_PER_CONNECTION,
     NUMERIC_KINDS,
@@ -237,6 +238,11 @@ class TensorSocketClient:
                     if attempt == 2:
                         raise ConnectionError(f"tensor socket {self.socket_path}: {error}") from error
                     attempt += 1
+                except TensorSocketError as error:
+                    if error.reason == CONNECTION_LIMIT:  # The agent has closed this connection.
+                        connection.close()
+                        self._connection = None
+                    raise
                 except (OSError, ProtocolError) as error:
                     connection.close()  # A timeout or a garbled reply leaves the stream out of step.
                     self._connection = None
@@ -252,7 +258,11 @@ class TensorSocketClient:
         if connection.region is not None and len(connection.region) >= need:
             return connection.region
         size = min(MAX_PAYLOAD_BYTES, max(SHARED_MEMORY_MIN_REGION, 1 << (need - 1).bit_length()))
-        write_frame(connection.sock, {"op": "shm", "bytes": size})
+        try:
+            write_frame(connection.sock, {"op": "shm", "bytes": size})
+        except ConnectionError:
+            _raise_pending_error(connection.reader)
+            raise
         frame, fds = connection.reader.read_with_fds()
         try:
             if frame is None:
@@ -272,12 +282,13 @@ class TensorSocketClient:
     def _shared_region(self, connection: _Connection, need: int) -> mmap.mmap | None:
         """Return the region as _region does, or None when the agent rejects the request for shared memory.
 
-        A RESOURCE_EXHAUSTED rejection turns shared memory off for this client, so later calls send inline.
+        A RESOURCE_EXHAUSTED rejection of the region turns shared memory off for this client, so later calls
+        send inline. A rejection of the connection at the agent's connection limit is raised instead.
         """
         try:
             return self._region(connection, need)
         except TensorSocketError as error:
-            if error.code != "RESOURCE_EXHAUSTED":
+            if error.code != "RESOURCE_EXHAUSTED" or error.reason == CONNECTION_LIMIT:
                 raise
             log.warning("tensor socket: sending tensors inline from now on: %s", error.message)
             self.shared_memory = False
@@ -613,8 +624,22 @@ def _check(frame: tuple[dict[str, Any], bytearray]) -> tuple[dict[str, Any], byt
     """Return a reply frame; raise TensorSocketError when it is an error response."""
     reply = frame[0]
     if not reply.get("ok"):
-        raise TensorSocketError(str(reply.get("code", "INTERNAL")), str(reply.get("message", "")))
+        raise TensorSocketError(
+            str(reply.get("code", "INTERNAL")), str(reply.get("message", "")), str(reply.get("reason", ""))
+        )
     return frame
+
+
+def _raise_pending_error(reader: FrameReader) -> None:
+    """Raise the error frame that the agent sent before closing the connection, if one is queued.
+
+    Call it after a send failed with ConnectionError: at its connection limit the agent sends an error
+    and closes before reading the request. Returns when no error frame is queued.
+    """
+    with contextlib.suppress(OSError, ProtocolError):
+        frame = reader.read()
+        if frame is not None and not frame[0].get("ok", True):
+            _check(frame)
 
 
 def _outputs(
