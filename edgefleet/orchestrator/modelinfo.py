@@ -31,8 +31,8 @@ def inspect_model(data: bytes | Path, source: str = "") -> ModelMetadata:
     it they use the path, or the byte count for bytes.
 
     Raises ModelFileError when the content is not an ONNX or TFLite model, is truncated, uses an
-    ONNX opset that the installed onnxruntime does not support, or fails onnx.checker; OSError when
-    a path cannot be read.
+    ONNX opset or operator domain that the installed onnxruntime does not support, or fails
+    onnx.checker; OSError when a path cannot be read.
     """
     if isinstance(data, Path):
         content = data.read_bytes()

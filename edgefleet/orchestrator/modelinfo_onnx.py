@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -64,6 +64,7 @@ def inspect_onnx(content: bytes, source: str) -> ModelMetadata:
     model = _parse_model(content, source)
     opset = _default_opset(model, source)
     _check_opset_supported(opset, source)
+    _check_operator_domains(model, source)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
@@ -123,6 +124,56 @@ def supported_opset_range() -> tuple[int, int]:
         if schema.domain in _DEFAULT_DOMAINS
     )
     return ORT_MIN_OPSET, min(newest, onnx.defs.onnx_opset_version())
+
+
+@functools.cache
+def runtime_operator_domains() -> frozenset[str]:
+    """Return the operator domains that the installed onnxruntime registers schemas for, with "ai.onnx".
+
+    onnxruntime 1.32 registers "" (ai.onnx), ai.onnx.ml, com.microsoft, com.microsoft.nchwc and
+    com.ms.internal.nhwc; other builds may register more or fewer.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state
+
+    return frozenset(
+        {*_DEFAULT_DOMAINS, *(schema.domain for schema in onnxruntime_pybind11_state.get_all_operator_schema())}
+    )
+
+
+def _check_operator_domains(model: onnx.ModelProto, source: str) -> None:
+    """Raise ModelFileError naming the first node whose operator domain onnxruntime does not register.
+
+    Nodes that call one of the model's own functions are allowed, because onnxruntime inlines them.
+    Subgraphs (If, Loop, Scan bodies) and function bodies are checked too.
+    """
+    known = runtime_operator_domains()
+    local_functions = {(function.domain, function.name) for function in model.functions}
+    graphs: list[tuple[str, Sequence[onnx.NodeProto]]] = [("the main graph", model.graph.node)]
+    graphs.extend((f"function {function.domain}:{function.name}", function.node) for function in model.functions)
+    while graphs:
+        where, nodes = graphs.pop()
+        for node in nodes:
+            if node.domain not in known and (node.domain, node.op_type) not in local_functions:
+                import onnxruntime
+
+                shown_known = ", ".join(sorted({domain or "ai.onnx" for domain in known}))
+                raise ModelFileError(
+                    f"ONNX model {source}: node {_node_name(node)} (op_type {node.op_type}, in {where}) uses "
+                    f"operator domain {node.domain!r}, which onnxruntime {onnxruntime.__version__} does not "
+                    f"provide, so devices cannot load the model (known domains: {shown_known}); replace the "
+                    "custom operator with standard ONNX operators and upload again"
+                )
+            for attribute in node.attribute:
+                subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+                for subgraph in subgraphs:
+                    graphs.append((f"subgraph {attribute.name} of node {_node_name(node)}", subgraph.node))
+
+
+def _node_name(node: onnx.NodeProto) -> str:
+    """Return a node's name quoted, or for an unnamed node its first output."""
+    if node.name:
+        return repr(node.name)
+    return f"with output {node.output[0]!r}" if node.output else "(unnamed)"
 
 
 def _parse_model(content: bytes, source: str) -> onnx.ModelProto:

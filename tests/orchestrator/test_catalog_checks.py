@@ -8,6 +8,7 @@ from collections.abc import Callable
 import grpc
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from edgefleet.orchestrator.handlers.catalog import UPLOAD_VARIANT_KINDS
 from edgefleet.v1 import common_pb2, operator_pb2
@@ -115,6 +116,27 @@ def test_every_kind_accepted(catalog: OrchestratorThread) -> None:
 
     expected = sorted(["source", *UPLOAD_VARIANT_KINDS["onnx"], *UPLOAD_VARIANT_KINDS["tflite"]])
     assert variant_kinds(catalog) == expected
+
+
+def test_custom_domain_rejected_stores_nothing(orchestrator: OrchestratorThread) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["y"], name="mystery_1", domain="com.example.custom")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example.custom", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    before = stored_artifacts(orchestrator)
+
+    error = rpc_error(lambda: upload(orchestrator, model.SerializeToString(), "custom", "1", filename="custom.onnx"))
+
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model custom.onnx: node 'mystery_1'" in details
+    assert "operator domain 'com.example.custom'" in details
+    assert stored_artifacts(orchestrator) == before
+    assert not orchestrator.operator.ListModels(operator_pb2.ListModelsRequest(), timeout=30).models
 
 
 def test_error_names_not_a_model(orchestrator: OrchestratorThread) -> None:

@@ -672,19 +672,19 @@ def test_job_folder_takes_input_size(start_orchestrator: Callable[..., Orchestra
 
 def test_job_error_names_model(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
     graph = helper.make_graph(
-        [helper.make_node("MyOp", ["input"], ["output"], domain="com.example")],
-        "custom",
+        [helper.make_node("Relu", ["input"], ["output"])],
+        "relu",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 224, 224])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     server = start_orchestrator()
-    upload(server, model.SerializeToString(), "custom", "1")
+    upload(server, model.SerializeToString(), "relu", "1")
 
-    job = wait_job(server.operator, create(server, _fast_recipe(), model="custom").job_id)
+    job = wait_job(server.operator, create(server, _fast_recipe(), model="relu").job_id)
 
     assert job.state == operator_pb2.JOB_STATE_FAILED
-    assert "model custom:1 contains operators from custom domains" in job.error
+    assert "static quantization of model relu:1 inserted no QuantizeLinear" in job.error
     assert "source.onnx" not in job.error
 
 

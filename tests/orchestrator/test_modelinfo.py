@@ -268,6 +268,64 @@ def test_map_output_rejected() -> None:
         inspect_model(model.SerializeToString())
 
 
+def _domain_model(nodes: list[onnx.NodeProto], domains: dict[str, int], functions: Sequence[Any] = ()) -> bytes:
+    """Return a model from x float32[1, 4] to y float32[1, 4] that imports the given operator domains."""
+    graph = helper.make_graph(nodes, "domains", [_float_tensor("x", [1, 4])], [_float_tensor("y", [1, 4])])
+    opsets = [helper.make_opsetid(domain, version) for domain, version in domains.items()]
+    model = helper.make_model(graph, opset_imports=opsets, functions=list(functions))
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_custom_domain_rejected() -> None:
+    node = helper.make_node("Mystery", ["x"], ["y"], name="mystery_1", domain="com.example.custom")
+    content = _domain_model([node], {"": 17, "com.example.custom": 1})
+
+    with pytest.raises(ModelFileError) as caught:
+        inspect_model(content, "custom.onnx")
+
+    message = str(caught.value)
+    assert "ONNX model custom.onnx: node 'mystery_1' (op_type Mystery, in the main graph)" in message
+    assert "uses operator domain 'com.example.custom'" in message
+    assert "com.microsoft" in message
+
+
+def test_custom_domain_in_subgraph_rejected() -> None:
+    inner = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["z"], domain="com.example")], "then", [], [_float_tensor("z", [1, 4])]
+    )
+    otherwise = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["w"])], "else", [], [_float_tensor("w", [1, 4])]
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Cast", ["total"], ["flag"], to=TensorProto.BOOL),
+        helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=inner, else_branch=otherwise),
+    ]
+
+    with pytest.raises(
+        ModelFileError, match=r"node with output 'z' \(op_type Mystery, in subgraph then_branch of node 'branch'\)"
+    ):
+        inspect_model(_domain_model(nodes, {"": 17, "com.example": 1}))
+
+
+def test_runtime_domains_accepted() -> None:
+    """Operators of the domains onnxruntime ships, and calls of the model's own functions, load on devices."""
+    gelu = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
+    double = helper.make_function(
+        "local.functions",
+        "Double",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
+    call = helper.make_node("Double", ["x"], ["y"], domain="local.functions")
+
+    assert inspect_model(_domain_model([gelu], {"": 17, "com.microsoft": 1})).layers == 1
+    assert inspect_model(_domain_model([call], {"": 17, "local.functions": 1}, [double])).layers == 1
+
+
 def test_int64_and_bool_accepted() -> None:
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])
     mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n"])
