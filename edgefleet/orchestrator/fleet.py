@@ -36,13 +36,33 @@ class StreamSession:
     queue: asyncio.Queue[agent_pb2.OrchestratorMessage | None] = field(
         default_factory=lambda: asyncio.Queue(MAX_QUEUED_COMMANDS)
     )
+    desired_generation: int = 0  # The generation of the newest desired state queued on this stream.
 
     def send(self, message: agent_pb2.OrchestratorMessage) -> bool:
-        """Queue a message without waiting; return False when the queue is full."""
+        """Queue a message without waiting; return False when the queue is full.
+
+        A desired state older than one queued before is skipped, and True returned. Handlers read the
+        desired state in worker threads and queue it later, so a push that read it before a concurrent
+        deploy can arrive after that deploy's push. The agent would apply the older state over the newer
+        one. The same generation is queued again, because a key rotation resends it with the new key set,
+        which the stream attaches when it sends the message.
+        """
+        if message.WhichOneof("body") == "desired_state":
+            generation = message.desired_state.generation
+            if generation < self.desired_generation:
+                log.info(
+                    "skipped desired state generation %d for device_id=%s: generation %d is queued already",
+                    generation,
+                    self.device_id,
+                    self.desired_generation,
+                )
+                return True
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             return False
+        if message.WhichOneof("body") == "desired_state":
+            self.desired_generation = message.desired_state.generation
         return True
 
     def close(self) -> None:
