@@ -142,14 +142,28 @@ class Reconciler:
             and served.variant_id == assignment.variant_id
             and self._serving_digest(name) == assignment.digest
         ):
+            verified = True
             if self.verifier is not None:
                 # Nothing changes on the device, but a valid newer counter raises the rollback floor.
                 try:
                     self.verifier.check(assignment)
                     self.verifier.accept(assignment)
                 except VerificationError as error:
+                    verified = False
                     log.warning("model=%s keeps serving; the repeated assignment failed verification: %s", name, error)
             self.serving[name] = assignment
+            status = self.statuses.get(name)
+            serving_state = name_to_enum("serving", MODEL_STATE_NAMES)
+            if verified and (status is None or status.state != serving_state or status.digest != assignment.digest):
+                # The status may still report an earlier assignment that failed while this one kept serving.
+                self._set(
+                    assignment,
+                    "serving",
+                    runtime=served.runtime,
+                    providers=list(served.providers),
+                    threads=served.threads,
+                    bytes_downloaded=assignment.size_bytes,
+                )
             return
         if self.verifier is not None:
             try:

@@ -20,6 +20,7 @@ from edgefleet.common.serde import format_to_proto
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.download import DownloadError, iter_chunks
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from edgefleet.v1.common_pb2 import MODEL_STATE_FAILED, MODEL_STATE_SERVING
 from tests.agent.models import onnx_failing_reshape, onnx_linear
 
 
@@ -203,3 +204,29 @@ def test_unwritable_counters_kept_in_memory(tmp_path: Path, small_disk: Path | N
 
     assert verifier.counters == {"linear": 2}
     assert json.loads((state_dir / "counters.json").read_text()) == {"linear": 1}
+
+
+def test_redeploy_clears_failed_status(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
+) -> None:
+    """Deploying the version that kept serving after a failed deploy replaces the failure in the report."""
+    good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    bad = assignment(artifacts, onnx_failing_reshape(tmp_path / "bad.onnx"), "2")
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[bad]))
+        failed = agent_pb2.ModelStatus()
+        failed.CopyFrom(reconciler.statuses["linear"])
+        reconciler.apply(agent_pb2.DesiredState(generation=3, models=[good]))
+        status = reconciler.statuses["linear"]
+        served = host.get("linear")
+
+    assert failed.state == MODEL_STATE_FAILED
+    assert served is not None
+    assert served.version == "1"
+    assert status.variant_id == "linear:1:source"
+    assert status.state == MODEL_STATE_SERVING
+    assert status.error == ""
+    assert status.runtime == "onnxruntime"
