@@ -175,3 +175,28 @@ def test_evicted_client_meets_limit(limited: TensorSocketServer, monkeypatch: py
     assert shared_after_rejection is True
     np.testing.assert_allclose(again.outputs["y"], linear_reference(LARGE), rtol=1e-5)
     assert evicted.copied_input_bytes == copied_before + LARGE.nbytes  # The inputs went through shared memory.
+
+
+def test_evicted_prepared_client_meets_limit(limited: TensorSocketServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that repeats a prepared zero-copy call gets RESOURCE_EXHAUSTED when its reconnect meets the limit."""
+    monkeypatch.setattr(tensor_socket, "EVICT_IDLE_AFTER_S", 600.0)
+    with TensorSocketClient(limited.socket_path, timeout_s=WAIT_S) as evicted:
+        inputs = evicted.input_arrays("linear", {"x": LARGE.shape})
+        inputs["x"][...] = LARGE
+        evicted.infer("linear", inputs)
+        evicted.infer("linear", inputs)  # Repeated with the inputs in place: prepared from now on.
+        prepared_calls = len(evicted._connection.prepared) if evicted._connection is not None else 0
+        make_evictable(limited)
+        with TensorSocketClient(limited.socket_path, timeout_s=WAIT_S) as newcomer:
+            newcomer.infer("linear", {"x": BATCH})
+            with pytest.raises(TensorSocketError) as caught:
+                evicted.infer("linear", inputs)
+        wait_until(lambda: limited.connection_count == 0, "the newcomer's connection closes")
+        inputs = evicted.input_arrays("linear", {"x": LARGE.shape})
+        inputs["x"][...] = LARGE
+        again = evicted.infer("linear", inputs)
+
+    assert prepared_calls == 1
+    assert caught.value.code == "RESOURCE_EXHAUSTED"
+    assert caught.value.reason == tensor_socket.CONNECTION_LIMIT
+    np.testing.assert_allclose(again.outputs["y"], linear_reference(LARGE), rtol=1e-5)
