@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,8 +15,16 @@ from edgefleet.cli.main import main as cli_main
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.domain import MetricWindow
-from edgefleet.v1 import operator_pb2
-from tests.servers import OrchestratorThread, linear_onnx, register, upload
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+from tests.servers import (
+    ControlStream,
+    OrchestratorThread,
+    get_device,
+    linear_onnx,
+    register,
+    upload,
+    wait_until,
+)
 
 pytest_plugins = ["tests.servers"]
 
@@ -167,6 +176,102 @@ def test_delete_assigned_version(catalog: OrchestratorThread) -> None:
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "(edge-01)" in (error.details() or "")
     assert variant_ids(catalog) == [FP32, SOURCE]
+
+
+def report(orchestrator: OrchestratorThread, stream: ControlStream, device_id: str, states: dict[str, int]) -> None:
+    """Send a reported state of variant id to MODEL_STATE_* over the control stream and wait until it is stored."""
+    generation = get_device(orchestrator, device_id).desired_generation
+    statuses = []
+    for variant_id, state in states.items():
+        name, version, _ = variant_id.split(":")
+        status = agent_pb2.ModelStatus(
+            model_name=name,
+            model_version=version,
+            variant_id=variant_id,
+            digest=digest_of(orchestrator, variant_id),
+            state=state,
+            error="out of memory" if state == common_pb2.MODEL_STATE_FAILED else "",
+            runtime="onnxruntime",
+        )
+        status.updated_at.GetCurrentTime()
+        statuses.append(status)
+    message = agent_pb2.ReportedState(desired_generation=generation, models=statuses)
+    stream.send(agent_pb2.AgentMessage(reported_state=message))
+
+    def stored() -> bool:
+        reported = {s.variant_id: s.state for s in get_device(orchestrator, device_id).models}
+        return reported == states
+
+    wait_until(stored, f"the reported state of {device_id}")
+
+
+def test_delete_version_still_served(catalog: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
+    """A device whose deploy of version 2 failed still serves version 1, which must then stay."""
+    upload(catalog, linear_onnx(2), "linear", "2")
+    device_id, key = register(catalog.agent, "edge-01")
+    deploy(catalog, device_id, SOURCE)
+    deploy(catalog, device_id, "linear:2:source", version="2")
+    stream = open_stream(catalog.agent)
+    stream.hello(device_id, key, generation=get_device(catalog, device_id).desired_generation)
+    report(
+        catalog,
+        stream,
+        device_id,
+        {SOURCE: common_pb2.MODEL_STATE_SERVING, "linear:2:source": common_pb2.MODEL_STATE_FAILED},
+    )
+    digests = {digest_of(catalog, SOURCE), digest_of(catalog, FP32)}
+
+    error = rejection(catalog)
+    details = error.details() or ""
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"1 device reports serving or loading it: edge-01 (serving {SOURCE})" in details
+    assert "edgefleet deploy --model linear:VERSION --device edge-01" in details
+    assert "edgefleet devices remove edge-01" in details
+    assert variant_ids(catalog) == [FP32, SOURCE]
+    assert all(artifact_exists(catalog, d) for d in digests)
+
+    report(catalog, stream, device_id, {"linear:2:source": common_pb2.MODEL_STATE_SERVING})
+    assert sorted(delete(catalog).deleted_variant_ids) == [FP32, SOURCE]
+
+
+def test_delete_variant_still_loading(catalog: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
+    device_ids = [f"edge-{i:02d}" for i in range(7)]
+    for device_id in device_ids:
+        _, key = register(catalog.agent, device_id)
+        deploy(catalog, device_id, SOURCE)
+        stream = open_stream(catalog.agent)
+        stream.hello(device_id, key, generation=get_device(catalog, device_id).desired_generation)
+        # The devices still report the variant that they ran before their desired state changed.
+        report(catalog, stream, device_id, {FP32: common_pb2.MODEL_STATE_LOADING})
+
+    error = rejection(catalog, variant_id=FP32)
+    details = error.details() or ""
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "7 devices report serving or loading it" in details
+    assert f"edge-04 (loading {FP32}) and 2 more" in details
+    assert "edge-05" not in details
+    assert variant_ids(catalog) == [FP32, SOURCE]
+    assert artifact_exists(catalog, digest_of(catalog, FP32))
+
+
+def test_delete_ignores_failed_report(catalog: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
+    upload(catalog, linear_onnx(2), "linear", "2")
+    device_id, key = register(catalog.agent, "edge-01")
+    deploy(catalog, device_id, "linear:2:source", version="2")
+    stream = open_stream(catalog.agent)
+    stream.hello(device_id, key, generation=get_device(catalog, device_id).desired_generation)
+    report(
+        catalog,
+        stream,
+        device_id,
+        {FP32: common_pb2.MODEL_STATE_FAILED, "linear:2:source": common_pb2.MODEL_STATE_SERVING},
+    )
+
+    response = delete(catalog)
+
+    assert sorted(response.deleted_variant_ids) == [FP32, SOURCE]
 
 
 def test_delete_active_rollout(catalog: OrchestratorThread) -> None:

@@ -144,8 +144,9 @@ class Store(abc.ABC):
         them. Metric windows and rollout history hold the ids as strings and stay. Raises
         NotFoundError for an unknown version, or a variant_id that is not a variant of it.
 
-        Raises DeleteBlockedError, deleting nothing, in four cases: variant_id is the source variant; a
-        device's desired state contains a deleted variant; an active rollout of the version exists, or
+        Raises DeleteBlockedError, deleting nothing, in five cases: variant_id is the source variant; a
+        device's desired state contains a deleted variant; a device reports serving or loading a deleted
+        variant (with the whole version, any variant of it); an active rollout of the version exists, or
         one that would restore a deleted variant on rollback; a queued or running compression job reads
         a deleted variant or would add variants to the deleted version.
         """

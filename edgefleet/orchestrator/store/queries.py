@@ -25,6 +25,7 @@ from edgefleet.orchestrator.store.tables import (
     hardware_profiles,
     identity_conflicts,
     metric_windows,
+    model_statuses,
     model_versions,
     variants,
 )
@@ -229,6 +230,28 @@ def rollouts_restoring(connection: Connection, variant_ids: Sequence[str], state
         .order_by(rollouts.c.rollout_id)
     )
     return list(result.scalars())
+
+
+def devices_running(
+    connection: Connection, name: str, version: str, variant_ids: Sequence[str], whole_version: bool
+) -> list[tuple[str, str, str]]:
+    """Return (device_id, state, variant_id) of the devices that report serving or loading a deleted variant.
+
+    With whole_version, a report of any variant of name:version counts, also one whose variant id the
+    catalog no longer has.
+    """
+    matches: sa.ColumnElement[bool] = model_statuses.c.variant_id.in_(variant_ids)
+    if whole_version:
+        matches = sa.or_(
+            matches, sa.and_(model_statuses.c.model_name == name, model_statuses.c.model_version == version)
+        )
+    result = connection.execute(
+        sa.select(model_statuses.c.device_id, model_statuses.c.state, model_statuses.c.variant_id)
+        .where(matches, model_statuses.c.state.in_(("serving", "loading")))
+        .distinct()
+        .order_by(model_statuses.c.device_id, model_statuses.c.variant_id)
+    )
+    return [(row.device_id, row.state, row.variant_id) for row in result]
 
 
 def jobs_using(

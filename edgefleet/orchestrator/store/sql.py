@@ -555,6 +555,21 @@ def _delete_blockers(
             f"(edgefleet jobs cancel {job_ids[0]})"
         )
 
+    running: dict[str, list[str]] = {}
+    for device_id, state, variant_id in queries.devices_running(connection, name, version, variant_ids, whole_version):
+        running.setdefault(device_id, []).append(f"{state} {variant_id}")
+    if running:
+        running_ids = sorted(running)
+        named = ", ".join(f"{d} ({', '.join(running[d])})" for d in running_ids[:MAX_NAMED_DEVICES])
+        more = len(running_ids) - MAX_NAMED_DEVICES
+        listed = f"{named} and {more} more" if more > 0 else named
+        devices_text = "1 device reports" if len(running_ids) == 1 else f"{len(running_ids)} devices report"
+        blockers.append(
+            f"{devices_text} serving or loading it: {listed}; deploy another version to them "
+            f"(edgefleet deploy --model {name}:VERSION --device {running_ids[0]}), or remove a device that is "
+            f"gone for good (edgefleet devices remove {running_ids[0]})"
+        )
+
     device_ids = queries.assigned_devices(connection, variant_ids)
     if device_ids:
         named = ", ".join(device_ids[:MAX_NAMED_DEVICES])
