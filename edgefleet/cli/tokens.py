@@ -1,4 +1,4 @@
-"""edgefleet enroll, tokens, keys and devices revoke: the admin commands of the orchestrator's security."""
+"""edgefleet enroll, tokens, keys, devices revoke and devices remove: the admin commands of the orchestrator."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def add_device_commands(devices: argparse._SubParsersAction[argparse.ArgumentPar
     sub.add_argument("--reason", default="", help="why, for the orchestrator's log")
     output_flag(sub)
     sub.set_defaults(handler=cmd_devices_revoke)
+    sub = devices.add_parser(
+        "remove",
+        help="remove a device that is gone for good: its record, state and credentials; its metrics stay (admin)",
+    )
+    sub.add_argument("device_id")
+    sub.add_argument("--force", action="store_true", help="remove it although a rollout in progress includes it")
+    output_flag(sub)
+    sub.set_defaults(handler=cmd_devices_remove)
 
 
 def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], output_flag: OutputFlag) -> None:
@@ -98,6 +106,26 @@ def cmd_devices_revoke(client: Client, args: argparse.Namespace) -> None:
         args.output,
         lambda r: f"revoked {r['device_id']}" + ("; closed its stream" if r["stream_closed"] else ""),
     )
+
+
+def cmd_devices_remove(client: Client, args: argparse.Namespace) -> None:
+    response = client.call("RemoveDevice", operator_pb2.RemoveDeviceRequest(device_id=args.device_id, force=args.force))
+    result = {
+        "device_id": response.device_id,
+        "removed_at": _time_text(response.removed_at),
+        "stream_closed": response.stream_closed,
+        "rollout_ids": list(response.rollout_ids),
+    }
+    _emit(result, args.output, _render_removal)
+
+
+def _render_removal(result: dict[str, Any]) -> str:
+    text = f"removed {result['device_id']}"
+    if result["stream_closed"]:
+        text += "; closed its stream"
+    if result["rollout_ids"]:
+        text += f"; rollouts {', '.join(result['rollout_ids'])} go on without it"
+    return text
 
 
 def cmd_enroll_create(client: Client, args: argparse.Namespace) -> None:

@@ -193,6 +193,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         security = self.state.security
         if security is not None and await asyncio.to_thread(security.is_revoked, device.device_id):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device.device_id!r} was revoked")
+        removed = await asyncio.to_thread(self.state.store.get_removed_device, device.device_id)
+        if removed is not None:
+            await abort_with(context, "AgentService.Control", devices.removed_error(removed, self.state))
 
     async def _read(
         self,
@@ -289,6 +292,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     ListDevices = unary(devices.list_devices)
     GetDevice = unary(devices.get_device)
+    RemoveDevice = unary(devices.remove_device)
     ListModels = unary(catalog.list_models)
     GetModel = unary(catalog.get_model)
     ListVariants = unary(catalog.list_variants)

@@ -827,3 +827,23 @@ class DeleteModelResponse(_message.Message):
     deleted_variant_ids: _containers.RepeatedScalarFieldContainer[str]
     removed_digests: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, deleted_variant_ids: _Optional[_Iterable[str]] = ..., removed_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RemoveDeviceRequest(_message.Message):
+    __slots__ = ("device_id", "force")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    force: bool
+    def __init__(self, device_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class RemoveDeviceResponse(_message.Message):
+    __slots__ = ("device_id", "stream_closed", "rollout_ids", "removed_at")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    stream_closed: bool
+    rollout_ids: _containers.RepeatedScalarFieldContainer[str]
+    removed_at: _timestamp_pb2.Timestamp
+    def __init__(self, device_id: _Optional[str] = ..., stream_closed: _Optional[bool] = ..., rollout_ids: _Optional[_Iterable[str]] = ..., removed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -174,6 +174,11 @@ class OperatorServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.RemoveDevice = channel.unary_unary(
+                '/edgefleet.v1.OperatorService/RemoveDevice',
+                request_serializer=edgefleet_dot_v1_dot_operator__pb2.RemoveDeviceRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_operator__pb2.RemoveDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -354,6 +359,18 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveDevice(self, request, context):
+        """Remove a device that is gone for good: its record, labels, hardware history, desired and reported
+        state, enrollment credential and unused enrollment tokens. Its metric windows stay queryable by
+        device id. A connected device is disconnected, and its agent cannot register again with the old
+        credentials: it needs a new enrollment token (with TLS) or a new state directory (without).
+        Rejected with FAILED_PRECONDITION while a rollout that includes the device is in progress, unless
+        force is set. Needs the admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -496,6 +513,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_operator__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'RemoveDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDevice,
+                    request_deserializer=edgefleet_dot_v1_dot_operator__pb2.RemoveDeviceRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_operator__pb2.RemoveDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1254,6 +1276,33 @@ class OperatorService:
             '/edgefleet.v1.OperatorService/DeleteModel',
             edgefleet_dot_v1_dot_operator__pb2.DeleteModelRequest.SerializeToString,
             edgefleet_dot_v1_dot_operator__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.OperatorService/RemoveDevice',
+            edgefleet_dot_v1_dot_operator__pb2.RemoveDeviceRequest.SerializeToString,
+            edgefleet_dot_v1_dot_operator__pb2.RemoveDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -343,6 +343,36 @@ def test_migration_downgrade_upgrade(empty_db_url: str) -> None:
         store.close()
 
 
+def test_migration_keeps_windows_of_removed(empty_db_url: str) -> None:
+    """Windows stored before the metric tables lost their device foreign key survive the removal of the device."""
+    store = open_store(empty_db_url)
+    try:
+        _register(store)
+        store.add_metric_batch("dev-1", "batch-1", [_window()])
+    finally:
+        store.close()
+    engine = create_store_engine(empty_db_url)
+    config = alembic_config()
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "20261204_received_at")
+    finally:
+        engine.dispose()
+
+    store = open_store(empty_db_url)
+    try:
+        store.remove_device("dev-1", NOW)
+        windows = store.query_metric_windows(device_id="dev-1")
+        removed = store.get_removed_device("dev-1")
+    finally:
+        store.close()
+
+    assert [w.device_id for w in windows] == ["dev-1"]
+    assert removed is not None
+    assert removed.instance_key_hash == KEY_A
+
+
 def test_open_store_twice(db_url: str) -> None:
     first = open_store(db_url)
     _register(first)

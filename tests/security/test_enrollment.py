@@ -284,3 +284,34 @@ def test_reimaged_device_rebinds_with_token(start_secure: StartSecure) -> None:
     conflicts = orchestrator.server.state.store.list_identity_conflicts("cam-1")
     assert len(conflicts) == 2
     assert old_end.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_removed_device_needs_new_token(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    used_token = orchestrator.enrollment_token("cam-1")
+    key = register(orchestrator, "cam-1", used_token)
+    stream = open_control(orchestrator, "cam-1", key)
+
+    response = orchestrator.operator().RemoveDevice(
+        operator_pb2.RemoveDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S
+    )
+    end = stream.wait_end()
+    stream.close()
+    without_token = register_error(orchestrator, "cam-1", "")
+    with pytest.raises(grpc.RpcError) as with_used_token:
+        register(orchestrator, "cam-1", used_token, instance_key=key)
+
+    assert response.stream_closed
+    for code, details in ((end.code, end.details), (without_token.code(), without_token.details() or "")):
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "device 'cam-1' was removed from the fleet at " in details
+        assert "edgefleet enroll create --device-id cam-1" in details
+    assert with_used_token.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "already used" in (with_used_token.value.details() or "")
+    store = orchestrator.server.state.store
+    assert store.get_device("cam-1") is None
+
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"), instance_key=key)
+
+    assert store.get_device("cam-1") is not None
+    assert store.get_removed_device("cam-1") is None

@@ -9,14 +9,22 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from edgefleet.common.errors import AlreadyExists, InvalidArgument, NotFound
+import grpc
+
+from edgefleet.common.errors import AlreadyExists, EdgefleetError, FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.common.hardware import hardware_class_of
 from edgefleet.common.serde import DEVICE_STATUS_NAMES, enum_to_name, hardware_from_proto, timestamp
 from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.domain import Device
 from edgefleet.orchestrator.rollouts.reconcile import device_drift
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.orchestrator.store.base import FleetStates, IdentityMismatchError
+from edgefleet.orchestrator.store.base import (
+    DeleteBlockedError,
+    FleetStates,
+    IdentityMismatchError,
+    NotFoundError,
+    RemovedDevice,
+)
 from edgefleet.v1 import agent_pb2, operator_pb2
 
 if TYPE_CHECKING:
@@ -57,9 +65,12 @@ def register(
     hardware = replace(hardware, hardware_class=hardware_class_of(hardware))
 
     instance_key_hash = serde.key_hash(request.instance_key)
+    claimed_id = (identity.device_id if identity else "") or request.device_id
+    if claimed_id:
+        _check_not_removed(claimed_id, instance_key_hash, request.enrollment_token, state, peer)
     if state.security is not None and identity is not None:
         state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
-    device_id = (identity.device_id if identity else "") or request.device_id or f"dev-{secrets.token_hex(6)}"
+    device_id = claimed_id or f"dev-{secrets.token_hex(6)}"
     registered = state.store.get_device(device_id)
     rekeyed = registered is not None and registered.instance_key_hash != instance_key_hash
     if rekeyed and state.security is not None and identity is not None:
@@ -111,12 +122,64 @@ def register(
     return response
 
 
+def _uses_tls(state: OrchestratorState) -> bool:
+    return state.security is not None and state.security.tls
+
+
+def removed_error(removed: RemovedDevice, state: OrchestratorState) -> EdgefleetError:
+    """Return the PERMISSION_DENIED error that an agent of a removed device gets, naming how to add it back.
+
+    The agent treats PERMISSION_DENIED as fatal, so it exits instead of reconnecting in a loop.
+    """
+    if _uses_tls(state):
+        fix = (
+            "to add it back, create an enrollment token with "
+            f"`edgefleet enroll create --device-id {removed.device_id}` and start the agent with --enrollment-token"
+        )
+    else:
+        fix = (
+            "to add this machine back as a new device, delete identity.json in the agent's state directory "
+            "(--state-dir) and start the agent again"
+        )
+    return EdgefleetError(
+        f"device {removed.device_id!r} was removed from the fleet at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}; {fix}",
+        code=grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+
+def _check_not_removed(
+    device_id: str, instance_key_hash: str, enrollment_token: str, state: OrchestratorState, peer: str
+) -> None:
+    """Reject a registration that presents a removed device's credentials.
+
+    With TLS only a new enrollment token readmits the id, because the removal deleted its credential.
+    Without TLS the instance key is the only credential, so an agent with another key may take the id.
+    """
+    removed = state.store.get_removed_device(device_id)
+    if removed is None:
+        return
+    readmitted = bool(enrollment_token) if _uses_tls(state) else removed.instance_key_hash != instance_key_hash
+    if readmitted:
+        log.info("device_id=%s was removed at %s and registers again from %s", device_id, removed.removed_at, peer)
+        return
+    log.warning("rejected registration of the removed device_id=%s from %s", device_id, peer)
+    raise removed_error(removed, state)
+
+
+def reject_if_removed(device_id: str, state: OrchestratorState) -> None:
+    """Raise removed_error when an operator removed device_id; for calls of agents that found no device."""
+    removed = state.store.get_removed_device(device_id)
+    if removed is not None:
+        raise removed_error(removed, state)
+
+
 def verify_identity(device_id: str, instance_key: str, state: OrchestratorState, peer: str) -> Device:
     """Check that a control stream comes from the agent that registered device_id."""
     validation.check_device_id(device_id, "hello.device_id")
     validation.check_instance_key(instance_key)
     device = state.store.get_device(device_id)
     if device is None:
+        reject_if_removed(device_id, state)
         raise NotFound(f"device {device_id!r} is not registered; call Register before opening the control stream")
     if device.instance_key_hash != serde.key_hash(instance_key):
         log.warning("rejected control stream of device_id=%s from %s: instance key mismatch", device_id, peer)
@@ -229,3 +292,44 @@ def suggest(value: str, known: list[str]) -> str:
     """Return '; did you mean ...?' for the closest known names, or an empty string."""
     close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
     return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def remove_device(
+    request: operator_pb2.RemoveDeviceRequest, state: OrchestratorState
+) -> operator_pb2.RemoveDeviceResponse:
+    """Remove a device from the fleet and close its control stream on this process.
+
+    Raises NotFound for an unknown device and FailedPrecondition, removing nothing, when a rollout in
+    progress includes it and force is not set.
+    """
+    validation.check_device_id(request.device_id)
+    device_id = request.device_id
+    try:
+        removal = state.store.remove_device(device_id, datetime.now(UTC), force=request.force)
+    except NotFoundError:
+        removed = state.store.get_removed_device(device_id)
+        if removed is not None:
+            raise NotFound(
+                f"device {device_id!r} was already removed at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}"
+            ) from None
+        known = [d.device_id for d in state.store.list_devices()]
+        raise NotFound(f"device {device_id!r} not found{suggest(device_id, known)}") from None
+    except DeleteBlockedError as error:
+        raise FailedPrecondition(str(error)) from None
+    if state.security is not None:
+        state.security.forget(device_id)
+    session = state.hub.sessions.get(device_id)
+    if session is not None and state.hub.loop is not None:
+        state.hub.loop.call_soon_threadsafe(session.close)
+    log.warning(
+        "removed device_id=%s%s%s",
+        device_id,
+        f"; rollouts {', '.join(removal.rollout_ids)} in progress go on without it" if removal.rollout_ids else "",
+        "; closing its control stream" if session is not None else "",
+    )
+    return operator_pb2.RemoveDeviceResponse(
+        device_id=device_id,
+        stream_closed=session is not None,
+        rollout_ids=removal.rollout_ids,
+        removed_at=timestamp(removal.removed.removed_at),
+    )

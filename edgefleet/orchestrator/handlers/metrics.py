@@ -15,7 +15,7 @@ from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME, from_timestam
 from edgefleet.common.sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
-from edgefleet.orchestrator.handlers.devices import suggest
+from edgefleet.orchestrator.handlers.devices import reject_if_removed, suggest
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
@@ -44,6 +44,7 @@ def upload_metrics(
         )
     device = state.store.get_device(request.device_id)
     if device is None:
+        reject_if_removed(request.device_id, state)
         raise NotFound(f"device {request.device_id!r} is not registered; register before uploading metrics")
     received_at = datetime.now(UTC)
     windows = [
@@ -232,10 +233,12 @@ def _query_time(message: Timestamp, field: str) -> datetime | None:
 def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: OrchestratorState) -> None:
     """Raise NotFound, with the closest known names, for a filtered device, model or variant that does not exist.
 
-    Only called when no window matched, so windows of a deleted device or model can still be queried.
+    Only called when no window matched, so windows of a deleted device or model can still be queried. A
+    removed device is known, so a time range without its windows returns no rows.
     """
     store = state.store
-    if request.device_id and store.get_device(request.device_id) is None:
+    device_id = request.device_id
+    if device_id and store.get_device(device_id) is None and store.get_removed_device(device_id) is None:
         known = [d.device_id for d in store.list_devices()]
         raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
     if not (request.model_name or request.variant_id):

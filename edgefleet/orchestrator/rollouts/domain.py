@@ -37,7 +37,9 @@ VERDICT_FAILED = "failed"  # The device reported FAILED for the wave's variant.
 VERDICT_OVER_BUDGET = "over_budget"
 VERDICT_ERROR_RATE = "error_rate"
 VERDICT_REGRESSION = "regression"
-VERDICT_SKIPPED = "skipped"  # No variant was assigned: none fits or every candidate was excluded.
+# No variant was assigned (none fits, or every candidate was excluded), or the device was removed before it
+# reported enough samples.
+VERDICT_SKIPPED = "skipped"
 
 DEFAULT_MIN_SAMPLES = 100
 DEFAULT_MAX_ROLLBACKS = 1

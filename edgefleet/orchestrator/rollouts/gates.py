@@ -112,6 +112,13 @@ class WaveGates:
         figures = self.device_figures(rollout, wave, device)
         judged = replace(device, state=state, samples=figures.samples, errors=figures.errors, p95_ms=figures.p95_ms)
         if figures.samples < spec.min_samples or figures.p95_ms is None:
+            if self._store.get_device(device.device_id) is None:
+                # An operator removed the device with --force; waiting for its samples would stall the wave.
+                return replace(
+                    judged,
+                    verdict=VERDICT_SKIPPED,
+                    note=f"removed from the fleet with {figures.samples} of {spec.min_samples} samples",
+                )
             return replace(judged, verdict=VERDICT_PENDING, note=f"{figures.samples} of {spec.min_samples} samples")
 
         # The baseline is looked up before the gates so that the figures show it whatever the verdict.
@@ -167,7 +174,8 @@ class WaveGates:
         the previous version more than allowed, and proceeds otherwise.
         """
         devices = tuple(self.judge(rollout, wave, device) for device in wave.devices)
-        measured = [d for d in devices if d.variant_id and not d.late]
+        measured = [d for d in devices if d.variant_id and not d.late and d.verdict != VERDICT_SKIPPED]
+        removed = sum(1 for d in devices if d.variant_id and not d.late and d.verdict == VERDICT_SKIPPED)
         bad = [d for d in measured if d.verdict in ROLLBACK_VERDICTS]
         if bad:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in bad)
@@ -181,10 +189,12 @@ class WaveGates:
         if regressed:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in regressed)
             return replace(wave, devices=devices, decision="pause", reason=reason, decided_at=self._now())
-        skipped = sum(1 for d in devices if d.verdict == VERDICT_SKIPPED)
+        skipped = sum(1 for d in devices if d.verdict == VERDICT_SKIPPED and not d.variant_id)
         reason = f"{_devices(len(measured))} within the gates"
         if skipped:
             reason += f"; {_devices(skipped)} skipped because no variant qualified"
+        if removed:
+            reason += f"; {_devices(removed)} removed from the fleet before reporting enough samples"
         return replace(wave, devices=devices, decision="proceed", reason=reason, decided_at=self._now())
 
 

@@ -50,6 +50,7 @@ ROLE_BY_METHOD: dict[str, str] = {
     "ListEnrollmentTokens": ADMIN,
     "RevokeEnrollmentToken": ADMIN,
     "RevokeDevice": ADMIN,
+    "RemoveDevice": ADMIN,
     "CreateApiToken": ADMIN,
     "ListApiTokens": ADMIN,
     "RevokeApiToken": ADMIN,

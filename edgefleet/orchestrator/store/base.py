@@ -49,6 +49,24 @@ class DeleteBlockedError(StoreError):
 
 
 @dataclass(frozen=True)
+class RemovedDevice:
+    """A device an operator removed from the fleet, kept so that its agent cannot register again unnoticed."""
+
+    device_id: str
+    instance_key_hash: str
+    removed_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceRemoval:
+    """The result of Store.remove_device."""
+
+    removed: RemovedDevice
+    # Active rollouts that included the device; only a forced removal leaves any.
+    rollout_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DeletedModel:
     """The result of Store.delete_model."""
 
@@ -104,6 +122,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def set_connected(self, device_id: str, connected: bool, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    def remove_device(self, device_id: str, now: datetime, *, force: bool = False) -> DeviceRemoval:
+        """Delete a device with its labels, hardware history, desired and reported state in one transaction.
+
+        Also deletes its enrollment credential, revocation, unused enrollment tokens and rollback orders,
+        and records it as a RemovedDevice. Its metric windows and the rollout history stay. Raises
+        NotFoundError for an unknown device, and DeleteBlockedError, deleting nothing, when an active
+        rollout includes the device, unless force is set.
+        """
+
+    @abc.abstractmethod
+    def get_removed_device(self, device_id: str) -> RemovedDevice | None:
+        """Return the record of a removed device, or None for an id that was never removed or registered again."""
 
     # Models and variants
 

@@ -232,6 +232,21 @@ def rollouts_restoring(connection: Connection, variant_ids: Sequence[str], state
     return list(result.scalars())
 
 
+def rollouts_including(connection: Connection, device_id: str, states: Sequence[str]) -> list[str]:
+    """Return the ids of the rollouts in one of states whose plan or waves include device_id, sorted."""
+    in_waves = connection.execute(
+        sa.select(rollout_wave_devices.c.rollout_id)
+        .join(rollouts, rollout_wave_devices.c.rollout_id == rollouts.c.rollout_id)
+        .where(rollout_wave_devices.c.device_id == device_id, rollouts.c.state.in_(states))
+        .distinct()
+    ).scalars()
+    # The plan is a JSON list, which SQLite and PostgreSQL search differently; the active rollouts are few.
+    planned = connection.execute(
+        sa.select(rollouts.c.rollout_id, rollouts.c.plan).where(rollouts.c.state.in_(states))
+    ).all()
+    return sorted({*in_waves, *(row.rollout_id for row in planned if device_id in (row.plan or ()))})
+
+
 def devices_running(
     connection: Connection, name: str, version: str, variant_ids: Sequence[str], whole_version: bool
 ) -> list[tuple[str, str, str]]:

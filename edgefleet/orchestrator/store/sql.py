@@ -27,9 +27,11 @@ from edgefleet.orchestrator.store.base import (
     AlreadyExistsError,
     DeleteBlockedError,
     DeletedModel,
+    DeviceRemoval,
     FleetStates,
     IdentityMismatchError,
     NotFoundError,
+    RemovedDevice,
     Store,
     StoreError,
 )
@@ -46,7 +48,14 @@ from edgefleet.orchestrator.store.tables import (
     metric_windows,
     model_statuses,
     model_versions,
+    removed_devices,
     variants,
+)
+from edgefleet.orchestrator.store.tables_security import (
+    device_credentials,
+    enrollment_tokens,
+    revoked_devices,
+    rollback_orders,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,9 @@ class SqlStore(SqlTransactions, Store):
                 connection, device_id, instance_key_hash, hardware, labels, agent_version, peer, now
             )
             device = None if conflict else queries.load_device(connection, device_id)
+            if device is not None:
+                # The caller admitted this registration, so a removed device is a fleet member again.
+                connection.execute(sa.delete(removed_devices).where(removed_devices.c.device_id == device_id))
 
         if conflict is not None:
             logger.warning(
@@ -199,6 +211,49 @@ class SqlStore(SqlTransactions, Store):
             )
             if result.rowcount == 0:
                 raise NotFoundError(f"device {device_id!r} is not registered")
+
+    def remove_device(self, device_id: str, now: datetime, *, force: bool = False) -> DeviceRemoval:
+        rows.require_aware("now", now)
+        with self._write() as connection:
+            instance_key_hash = connection.execute(
+                sa.select(devices.c.instance_key_hash).where(devices.c.device_id == device_id).with_for_update()
+            ).scalar()
+            if instance_key_hash is None:
+                raise NotFoundError(f"device {device_id!r} not found")
+            rollout_ids = queries.rollouts_including(connection, device_id, sorted(ACTIVE_STATES))
+            if rollout_ids and not force:
+                raise DeleteBlockedError(
+                    f"cannot remove device {device_id}: rollout {', '.join(rollout_ids)} includes it and is in "
+                    f"progress; wait for it to finish, abort it (edgefleet rollout abort {rollout_ids[0]}), "
+                    f"or remove the device anyway with --force"
+                )
+            # The foreign keys delete the labels, hardware history, identity conflicts, assignments,
+            # reported states and benchmark results with the device row. The metric tables have none.
+            connection.execute(sa.delete(devices).where(devices.c.device_id == device_id))
+            for table in (device_credentials, revoked_devices, rollback_orders):
+                connection.execute(sa.delete(table).where(table.c.device_id == device_id))
+            connection.execute(
+                sa.delete(enrollment_tokens).where(
+                    enrollment_tokens.c.device_id == device_id, enrollment_tokens.c.used_at.is_(None)
+                )
+            )
+            removed = RemovedDevice(device_id=device_id, instance_key_hash=instance_key_hash, removed_at=now)
+            connection.execute(sa.delete(removed_devices).where(removed_devices.c.device_id == device_id))
+            connection.execute(
+                sa.insert(removed_devices).values(
+                    device_id=device_id, instance_key_hash=instance_key_hash, removed_at=now
+                )
+            )
+        return DeviceRemoval(removed=removed, rollout_ids=tuple(rollout_ids))
+
+    def get_removed_device(self, device_id: str) -> RemovedDevice | None:
+        with self._read() as connection:
+            row = connection.execute(sa.select(removed_devices).where(removed_devices.c.device_id == device_id)).first()
+        if row is None:
+            return None
+        return RemovedDevice(
+            device_id=row.device_id, instance_key_hash=row.instance_key_hash, removed_at=row.removed_at
+        )
 
     # Models and variants
 

@@ -184,10 +184,12 @@ model_statuses = sa.Table(
     sa.Index(None, "device_id", "id"),
 )
 
+# The metric tables hold device ids without a foreign key, so the windows of a removed device stay
+# queryable by its id.
 metric_batches = sa.Table(
     "metric_batches",
     metadata,
-    sa.Column("device_id", sa.String, _device_fk(), primary_key=True),
+    sa.Column("device_id", sa.String, primary_key=True),
     # The primary key makes a resent batch a no-op, also when two copies arrive at once.
     sa.Column("batch_id", sa.String, primary_key=True),
     sa.Column("received_at", UtcDateTime, nullable=False),
@@ -197,7 +199,7 @@ metric_windows = sa.Table(
     "metric_windows",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
-    sa.Column("device_id", sa.String, _device_fk(), nullable=False),
+    sa.Column("device_id", sa.String, nullable=False),
     sa.Column("batch_id", sa.String, nullable=False),
     sa.Column("model_name", sa.String, nullable=False),
     sa.Column("model_version", sa.String, nullable=False),
@@ -218,4 +220,14 @@ metric_windows = sa.Table(
     sa.Index(None, "window_start"),
     # Retention selects windows by receive time, and so do queries for devices with skewed clocks.
     sa.Index(None, "received_at"),
+)
+
+# Devices an operator removed, so that an agent with a removed device's credentials cannot rejoin the
+# fleet. With TLS a new enrollment token readmits the id. Without TLS an agent with another instance key may take it.
+removed_devices = sa.Table(
+    "removed_devices",
+    metadata,
+    sa.Column("device_id", sa.String, primary_key=True),
+    sa.Column("instance_key_hash", sa.String, nullable=False),
+    sa.Column("removed_at", UtcDateTime, nullable=False),
 )

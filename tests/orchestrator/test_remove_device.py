@@ -1,0 +1,348 @@
+"""RemoveDevice over gRPC, `edgefleet devices remove` and what a removed device's agent gets afterwards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+
+from edgefleet.agent.agent import FatalAgentError
+from edgefleet.agent.identity import IDENTITY_FILE
+from edgefleet.cli.main import main as cli_main
+from edgefleet.common.serde import timestamp
+from edgefleet.common.sketch import LatencySketch
+from edgefleet.orchestrator.domain import ModelStatus
+from edgefleet.orchestrator.store.tables_security import device_credentials, enrollment_tokens, rollback_orders
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+from tests.servers import (
+    AgentThread,
+    ControlStream,
+    OrchestratorThread,
+    linear_onnx,
+    register,
+    upload,
+    wait_until,
+)
+
+pytest_plugins = ["tests.servers"]
+
+MODEL = "classifier"
+
+
+def remove(orchestrator: OrchestratorThread, device_id: str, force: bool = False) -> operator_pb2.RemoveDeviceResponse:
+    request = operator_pb2.RemoveDeviceRequest(device_id=device_id, force=force)
+    return orchestrator.operator.RemoveDevice(request, timeout=30)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def listed_ids(orchestrator: OrchestratorThread) -> list[str]:
+    response = orchestrator.operator.ListDevices(operator_pb2.ListDevicesRequest(), timeout=30)
+    return [d.device_id for d in response.devices]
+
+
+def upload_window(orchestrator: OrchestratorThread, device_id: str, variant_id: str, version: str = "1") -> None:
+    """Upload one window of 30 inferences at 5 ms for the device through the real UploadMetrics call."""
+    sketch = LatencySketch()
+    for _ in range(30):
+        sketch.add(5.0)
+    window = common_pb2.MetricWindow(
+        model_name=MODEL,
+        model_version=version,
+        variant_id=variant_id,
+        window_start=timestamp(datetime.now(UTC)),
+        window_seconds=1,
+        inference_count=30,
+        latency=sketch.to_proto(),
+    )
+    request = agent_pb2.UploadMetricsRequest(
+        device_id=device_id, batch_id=f"{device_id}-{datetime.now(UTC).timestamp()}", windows=[window]
+    )
+    orchestrator.agent.UploadMetrics(request, timeout=30)
+
+
+def query_count(orchestrator: OrchestratorThread, device_id: str) -> int:
+    request = operator_pb2.QueryMetricsRequest(device_id=device_id)
+    rows = orchestrator.operator.QueryMetrics(request, timeout=30).rows
+    return sum(row.inference_count for row in rows)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], orchestrator: OrchestratorThread, *args: str) -> tuple[int, str, str]:
+    code = cli_main(["--orchestrator", orchestrator.address, "--insecure", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# What removal deletes and keeps
+
+
+def test_remove_deletes_state_keeps_metrics(orchestrator: OrchestratorThread) -> None:
+    store = orchestrator.state.store
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    device_id, _ = register(orchestrator.agent, "edge-01", labels={"site": "a"})
+    other_id, _ = register(orchestrator.agent, "edge-02")
+    deploy = operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=device_id)
+    orchestrator.operator.Deploy(deploy, timeout=30)
+    status = ModelStatus(
+        device_id=device_id,
+        model_name=MODEL,
+        model_version="1",
+        variant_id=f"{MODEL}:1:source",
+        digest="sha256:x",
+        state="serving",
+    )
+    store.save_reported_state(device_id, 1, [status], datetime.now(UTC))
+    upload_window(orchestrator, device_id, f"{MODEL}:1:source")
+    now = datetime.now(UTC)
+    with store.engine.begin() as connection:  # type: ignore[attr-defined]
+        connection.execute(
+            device_credentials.insert().values(device_id=device_id, cert_fingerprint="f" * 64, enrolled_at=now)
+        )
+        connection.execute(
+            enrollment_tokens.insert().values(
+                token_hash="h" * 64,
+                device_id=device_id,
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+                used_at=None,
+                used_fingerprint="",
+            )
+        )
+        connection.execute(
+            rollback_orders.insert().values(device_id=device_id, model_name=MODEL, digest="sha256:x", ordered_at=now)
+        )
+
+    response = remove(orchestrator, device_id)
+
+    assert response.device_id == device_id
+    assert not response.stream_closed
+    assert list(response.rollout_ids) == []
+    assert store.get_device(device_id) is None
+    assert listed_ids(orchestrator) == [other_id]
+    assert store.get_reported_state(device_id) == []
+    assert device_id not in store.fleet_states().desired
+    assert store.hardware_history(device_id) == []
+    removed = store.get_removed_device(device_id)
+    assert removed is not None
+    assert removed.removed_at == response.removed_at.ToDatetime(tzinfo=UTC)
+    with store.engine.connect() as connection:  # type: ignore[attr-defined]
+        for table in (device_credentials, enrollment_tokens, rollback_orders):
+            assert connection.execute(table.select().where(table.c.device_id == device_id)).all() == []
+    assert query_count(orchestrator, device_id) == 30
+    assert query_count(orchestrator, other_id) == 0
+
+
+def test_remove_metrics_query_empty_range(orchestrator: OrchestratorThread) -> None:
+    device_id, _ = register(orchestrator.agent, "edge-01")
+    remove(orchestrator, device_id)
+
+    request = operator_pb2.QueryMetricsRequest(device_id=device_id)
+    request.start.FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
+    request.end.FromDatetime(datetime(2026, 1, 2, tzinfo=UTC))
+
+    assert list(orchestrator.operator.QueryMetrics(request, timeout=30).rows) == []
+
+
+def test_remove_unknown_device(orchestrator: OrchestratorThread) -> None:
+    register(orchestrator.agent, "edge-01")
+
+    error = rpc_error(lambda: remove(orchestrator, "edge-1"))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == "device 'edge-1' not found; did you mean edge-01?"
+
+
+def test_remove_twice(orchestrator: OrchestratorThread) -> None:
+    device_id, _ = register(orchestrator.agent, "edge-01")
+    remove(orchestrator, device_id)
+
+    error = rpc_error(lambda: remove(orchestrator, device_id))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "'edge-01' was already removed at " in (error.details() or "")
+
+
+# Connected and returning agents
+
+
+def test_remove_closes_control_stream(
+    orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream]
+) -> None:
+    device_id, key = register(orchestrator.agent, "edge-01")
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    stream.heartbeat(1)
+    stream.receive_kind("heartbeat_ack")
+
+    response = remove(orchestrator, device_id)
+    end = stream.wait_end()
+
+    assert response.stream_closed
+    assert end.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "device 'edge-01' was removed from the fleet at " in end.details
+    assert "delete identity.json in the agent's state directory" in end.details
+
+
+def test_removed_device_rejected(orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
+    device_id, key = register(orchestrator.agent, "edge-01")
+    remove(orchestrator, device_id)
+
+    registration = rpc_error(lambda: register(orchestrator.agent, device_id, key))
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    hello = stream.wait_end()
+    upload = rpc_error(lambda: upload_window(orchestrator, device_id, f"{MODEL}:1:source"))
+
+    for code, details in (
+        (registration.code(), registration.details() or ""),
+        (hello.code, hello.details),
+        (upload.code(), upload.details() or ""),
+    ):
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "device 'edge-01' was removed from the fleet" in details
+    assert orchestrator.state.store.get_device(device_id) is None
+
+
+def test_removed_id_new_instance_key(orchestrator: OrchestratorThread) -> None:
+    """Without TLS the instance key is the credential: an agent with a new key may take the id again."""
+    device_id, _ = register(orchestrator.agent, "edge-01")
+    remove(orchestrator, device_id)
+
+    register(orchestrator.agent, device_id)
+
+    assert listed_ids(orchestrator) == [device_id]
+    assert orchestrator.state.store.get_removed_device(device_id) is None
+
+
+@pytest.mark.slow
+def test_removed_agent_exits(orchestrator: OrchestratorThread, start_agent: Callable[..., AgentThread]) -> None:
+    agent = start_agent(orchestrator.address, "edge")
+    device_id = wait_until(lambda: agent.agent.device_id, "the agent to register")
+    wait_until(lambda: device_id in orchestrator.state.hub.sessions, "the agent's control stream")
+
+    remove(orchestrator, device_id)
+    error = agent.join()
+
+    assert isinstance(error, FatalAgentError)
+    assert f"device {device_id!r} was removed from the fleet" in str(error)
+
+    restarted = start_agent(orchestrator.address, "edge")
+    error = restarted.join()
+
+    assert isinstance(error, FatalAgentError)
+    assert "delete identity.json" in str(error)
+
+    (agent.agent.config.state_dir / IDENTITY_FILE).unlink()
+    fresh = start_agent(orchestrator.address, "edge")
+    new_id = wait_until(lambda: fresh.agent.device_id, "the agent to register as a new device")
+
+    assert new_id != device_id
+    assert listed_ids(orchestrator) == [new_id]
+
+
+# Rollouts
+
+
+def start_rollout(orchestrator: OrchestratorThread) -> tuple[operator_pb2.Rollout, str, str]:
+    """Start a two-wave rollout on two cameras; return it once wave 1 waits, with its device and the other one."""
+    cameras = [register(orchestrator.agent, f"cam-{i}", labels={"kind": "camera"})[0] for i in range(2)]
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    request = operator_pb2.CreateRolloutRequest(
+        model_name=MODEL,
+        model_version="1",
+        target_labels={"kind": "camera"},
+        wave_percents=[50, 100],
+        budget_ms=50.0,
+        max_error_rate_pct=1.0,
+        min_samples=20,
+    )
+    created = orchestrator.operator.CreateRollout(request, timeout=30)
+
+    def first_wave() -> operator_pb2.Rollout | None:
+        rollout = orchestrator.operator.GetRollout(
+            operator_pb2.GetRolloutRequest(rollout_id=created.rollout_id), timeout=30
+        )
+        return rollout if rollout.waves and rollout.waves[0].devices else None
+
+    rollout = wait_until(first_wave, "wave 1 to start")
+    canary = rollout.waves[0].devices[0].device_id
+    later = next(c for c in cameras if c != canary)
+    return rollout, canary, later
+
+
+def test_remove_rejected_during_rollout(orchestrator: OrchestratorThread) -> None:
+    rollout, canary, later = start_rollout(orchestrator)
+
+    for device_id in (canary, later):
+        error = rpc_error(lambda device_id=device_id: remove(orchestrator, device_id))  # type: ignore[misc]
+        details = error.details() or ""
+
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"rollout {rollout.rollout_id} includes it and is in progress" in details
+        assert f"edgefleet rollout abort {rollout.rollout_id}" in details
+        assert "--force" in details
+        assert orchestrator.state.store.get_device(device_id) is not None
+
+
+def test_remove_force_during_rollout(orchestrator: OrchestratorThread) -> None:
+    rollout, canary, later = start_rollout(orchestrator)
+
+    response = remove(orchestrator, canary, force=True)
+
+    assert list(response.rollout_ids) == [rollout.rollout_id]
+    assert orchestrator.state.store.get_device(canary) is None
+
+    def second_wave() -> operator_pb2.Rollout | None:
+        current = orchestrator.operator.GetRollout(
+            operator_pb2.GetRolloutRequest(rollout_id=rollout.rollout_id), timeout=30
+        )
+        return current if current.current_wave == 1 and len(current.waves) == 2 else None
+
+    moved = wait_until(second_wave, "the rollout to go on to wave 2 without the removed canary")
+    first = moved.waves[0]
+
+    assert first.decision == operator_pb2.WAVE_DECISION_PROCEED
+    assert "1 device removed from the fleet before reporting enough samples" in first.reason
+    assert first.devices[0].verdict == "skipped"
+    assert [d.device_id for d in moved.waves[1].devices] == [later]
+
+
+# CLI
+
+
+def test_cli_remove(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    register(orchestrator.agent, "edge-01")
+    register(orchestrator.agent, "edge-02")
+
+    table = run_cli(capsys, orchestrator, "devices", "remove", "edge-01")
+    as_json = run_cli(capsys, orchestrator, "devices", "remove", "edge-02", "--output", "json")
+    missing = run_cli(capsys, orchestrator, "devices", "remove", "edge-03")
+
+    assert table[0] == 0
+    assert table[1].strip() == "removed edge-01"
+    assert as_json[0] == 0
+    result = json.loads(as_json[1])
+    assert result["device_id"] == "edge-02"
+    assert result["rollout_ids"] == []
+    assert result["stream_closed"] is False
+    assert missing[0] != 0
+    assert "device 'edge-03' not found" in missing[2]
+
+
+def test_cli_remove_during_rollout(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    rollout, canary, _ = start_rollout(orchestrator)
+
+    rejected = run_cli(capsys, orchestrator, "devices", "remove", canary)
+    forced = run_cli(capsys, orchestrator, "devices", "remove", canary, "--force")
+
+    assert rejected[0] != 0
+    assert rollout.rollout_id in rejected[2]
+    assert forced[0] == 0
+    assert forced[1].strip() == f"removed {canary}; rollouts {rollout.rollout_id} go on without it"
