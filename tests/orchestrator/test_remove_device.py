@@ -150,6 +150,24 @@ def test_remove_metrics_query_empty_range(orchestrator: OrchestratorThread) -> N
     assert list(orchestrator.operator.QueryMetrics(request, timeout=30).rows) == []
 
 
+def test_removed_device_not_found(orchestrator: OrchestratorThread) -> None:
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    device_id, _ = register(orchestrator.agent, "edge-01")
+    remove(orchestrator, device_id)
+
+    shown = rpc_error(
+        lambda: orchestrator.operator.GetDevice(operator_pb2.GetDeviceRequest(device_id=device_id), timeout=30)
+    )
+    deploy = operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=device_id)
+    deployed = rpc_error(lambda: orchestrator.operator.Deploy(deploy, timeout=30))
+
+    for error in (shown, deployed):
+        details = error.details() or ""
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert "device 'edge-01' was removed from the fleet at " in details
+        assert "edgefleet metrics query --device edge-01" in details
+
+
 def test_remove_unknown_device(orchestrator: OrchestratorThread) -> None:
     register(orchestrator.agent, "edge-01")
 

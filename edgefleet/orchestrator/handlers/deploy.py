@@ -10,7 +10,7 @@ from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.domain import Assignment, Device, Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
-from edgefleet.orchestrator.handlers.devices import describe_device, suggest
+from edgefleet.orchestrator.handlers.devices import describe_device, device_not_found, suggest
 from edgefleet.orchestrator.handlers.explain import calibrated_predictor
 from edgefleet.orchestrator.selection import NOT_RUNNABLE, OVER_MEMORY, runnable_formats, select_variant
 from edgefleet.orchestrator.state import OrchestratorState
@@ -75,8 +75,7 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
         raise InvalidArgument("threads", f"{request.threads} is over the maximum of {MAX_THREADS}; use 0 for automatic")
     device = state.store.get_device(request.device_id)
     if device is None:
-        known = [d.device_id for d in state.store.list_devices()]
-        raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
+        raise device_not_found(request.device_id, state)
     if device.device_id in state.revoked_device_ids():
         raise FailedPrecondition(
             f"device {device.device_id!r} is revoked, so it cannot fetch models; enroll it again first "

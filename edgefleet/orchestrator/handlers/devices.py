@@ -283,9 +283,20 @@ def get_device(request: operator_pb2.GetDeviceRequest, state: OrchestratorState)
     validation.check_device_id(request.device_id)
     device = state.store.get_device(request.device_id)
     if device is None:
-        known = [d.device_id for d in state.store.list_devices()]
-        raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known)}")
+        raise device_not_found(request.device_id, state)
     return describe_device(device, state)
+
+
+def device_not_found(device_id: str, state: OrchestratorState) -> NotFound:
+    """Return the NotFound error for a device id that is not registered: removed, or with the closest known ids."""
+    removed = state.store.get_removed_device(device_id)
+    if removed is not None:
+        return NotFound(
+            f"device {device_id!r} was removed from the fleet at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}; "
+            f"its metrics stay queryable with `edgefleet metrics query --device {device_id}`"
+        )
+    known = [d.device_id for d in state.store.list_devices()]
+    return NotFound(f"device {device_id!r} not found{suggest(device_id, known)}")
 
 
 def suggest(value: str, known: list[str]) -> str:
