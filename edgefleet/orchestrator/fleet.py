@@ -199,17 +199,26 @@ class FleetHub:
         return True
 
     def flush(self) -> int:
-        """Write pending last-seen times in one transaction; return how many were written."""
+        """Write pending last-seen times in one transaction; return how many were written.
+
+        Closes the streams of devices that are no longer registered, because an operator removed them
+        through another orchestrator process. The stream then ends with the removal error.
+        """
         if not self._pending:
             return 0
         pending, self._pending = self._pending, {}
         try:
-            self.store.touch_devices(pending)
+            unknown = self.store.touch_devices(pending)
         except Exception:
             # Keep the newest times for the next flush instead of losing them.
             for device_id, seen in pending.items():
                 self._pending.setdefault(device_id, seen)
             raise
+        for device_id in sorted(unknown):
+            session = self.sessions.get(device_id)
+            if session is not None and self.loop is not None:
+                log.warning("closing the control stream of device_id=%s: the device is no longer registered", device_id)
+                self.loop.call_soon_threadsafe(session.close)
         return len(pending)
 
     def status_of(self, device: Device, now: datetime | None = None) -> str:

@@ -551,9 +551,10 @@ def test_touch_devices(store: Store) -> None:
     _register(store, "dev-1")
     _register(store, "dev-2")
     later = NOW + timedelta(minutes=5)
-    store.touch_devices({"dev-1": later, "dev-2": later, "ghost": later})
+    unknown = store.touch_devices({"dev-1": later, "dev-2": later, "ghost": later})
     assert [device.last_seen for device in store.list_devices()] == [later, later]
     assert store.get_device("ghost") is None
+    assert unknown == {"ghost"}
 
 
 def test_touch_devices_never_backwards(store: Store) -> None:
@@ -565,7 +566,7 @@ def test_touch_devices_never_backwards(store: Store) -> None:
 
 
 def test_touch_devices_empty(store: Store) -> None:
-    store.touch_devices({})
+    assert store.touch_devices({}) == frozenset()
     assert store.list_devices() == []
 
 

@@ -117,8 +117,8 @@ class Store(abc.ABC):
         """Store a conflict found after registration; raise NotFoundError for an unknown device."""
 
     @abc.abstractmethod
-    def touch_devices(self, last_seen: Mapping[str, datetime]) -> None:
-        """Set last_seen for many devices in one transaction; unknown ids are ignored."""
+    def touch_devices(self, last_seen: Mapping[str, datetime]) -> frozenset[str]:
+        """Set last_seen for many devices in one transaction and return the ids that are not registered."""
 
     @abc.abstractmethod
     def set_connected(self, device_id: str, connected: bool, now: datetime) -> None: ...

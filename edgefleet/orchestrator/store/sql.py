@@ -170,16 +170,17 @@ class SqlStore(SqlTransactions, Store):
                 )
             )
 
-    def touch_devices(self, last_seen: Mapping[str, datetime]) -> None:
-        """Set last_seen for many devices in one transaction; unknown ids are ignored.
+    def touch_devices(self, last_seen: Mapping[str, datetime]) -> frozenset[str]:
+        """Set last_seen for many devices in one transaction and return the ids that are not registered.
 
         A value older than the stored one is skipped, so a late flush from another process never
-        moves last_seen backwards.
+        moves last_seen backwards. Unknown ids are otherwise ignored: a device removed while its stream
+        is open on another orchestrator process is one.
         """
         for device_id, seen in last_seen.items():
             rows.require_aware(f"last_seen[{device_id!r}]", seen)
         if not last_seen:
-            return
+            return frozenset()
         seen_param = sa.bindparam("seen", type_=UtcDateTime())
         statement = (
             sa.update(devices)
@@ -192,6 +193,10 @@ class SqlStore(SqlTransactions, Store):
         parameters = [{"id": device_id, "seen": last_seen[device_id]} for device_id in sorted(last_seen)]
         with self._write() as connection:
             connection.execute(statement, parameters)
+            known = connection.execute(
+                sa.select(devices.c.device_id).where(devices.c.device_id.in_(list(last_seen)))
+            ).scalars()
+            return frozenset(last_seen) - frozenset(known)
 
     def set_connected(self, device_id: str, connected: bool, now: datetime) -> None:
         """Record whether a control stream is open and advance last_seen to now; raise NotFoundError."""
