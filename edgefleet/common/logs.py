@@ -57,8 +57,9 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
 class RepeatedErrors:
     """Logs an error that repeats per key (a model name, say) without flooding the log.
 
-    The first occurrence of a key is logged with its traceback, then one line every `every` occurrences
-    with the count so far. Safe to call from several threads.
+    The first occurrence of a key is logged in full, then one line every `every` occurrences with the
+    count so far. Keys are kept for the object's lifetime, so use keys from a bounded set. Safe to call
+    from several threads.
     """
 
     def __init__(self, logger: logging.Logger, every: int = 1000) -> None:
@@ -68,10 +69,22 @@ class RepeatedErrors:
         self._lock = threading.Lock()
 
     def exception(self, key: str, message: str, *args: object) -> None:
-        """Log message % args for key from an except block, as described in the class."""
-        with self._lock:
-            count = self._counts[key] = self._counts.get(key, 0) + 1
+        """Log message % args for key from an except block: at error level, the first time with the traceback."""
+        count = self._count(key)
         if count == 1:
             self._logger.exception(message, *args)
         elif count % self._every == 0:
             self._logger.error(message + " (%d times so far, logged every %d)", *args, count, self._every)
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        """Log message % args for key at warning level, as described in the class, without a traceback."""
+        count = self._count(key)
+        if count == 1:
+            self._logger.warning(message, *args)
+        elif count % self._every == 0:
+            self._logger.warning(message + " (%d times so far, logged every %d)", *args, count, self._every)
+
+    def _count(self, key: str) -> int:
+        with self._lock:
+            count = self._counts[key] = self._counts.get(key, 0) + 1
+        return count

@@ -70,3 +70,18 @@ def test_repeated_errors_logged_sparsely(caplog: pytest.LogCaptureFixture) -> No
     ]
     assert caplog.records[0].exc_info is not None
     assert caplog.records[1].exc_info is None
+
+
+def test_repeated_warnings_logged_sparsely(caplog: pytest.LogCaptureFixture) -> None:
+    repeated = RepeatedErrors(logging.getLogger("test.repeated"), every=2)
+
+    for key in ["a", "a", "b", "a"]:
+        repeated.warning(key, "device_id=%s rejected", key)
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "device_id=a rejected",
+        "device_id=a rejected (2 times so far, logged every 2)",
+        "device_id=b rejected",
+    ]
+    assert {record.levelno for record in caplog.records} == {logging.WARNING}
+    assert all(record.exc_info is None for record in caplog.records)

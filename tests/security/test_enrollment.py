@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -43,6 +44,24 @@ def test_enroll_needs_token(start_secure: StartSecure) -> None:
 
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "edgefleet enroll create --device-id cam-1" in (error.details() or "")
+
+
+def test_enroll_without_token_logged_once(start_secure: StartSecure, caplog: pytest.LogCaptureFixture) -> None:
+    """An unenrolled device that retries without a token gets one warning with its id and address."""
+    orchestrator = start_secure()
+    caplog.set_level(logging.WARNING, logger="edgefleet.orchestrator.security.auth")
+
+    for _ in range(3):
+        register_error(orchestrator, "cam-1", "")
+    register_error(orchestrator, "cam-2", "")
+
+    rejections = [record for record in caplog.records if "rejected the registration" in record.getMessage()]
+    assert [record.levelno for record in rejections] == [logging.WARNING, logging.WARNING]
+    first, second = (record.getMessage() for record in rejections)
+    assert "device_id=cam-1 from ipv4:127.0.0.1:" in first
+    assert "the device is not enrolled and it presented no enrollment token" in first
+    assert "edgefleet enroll create --device-id cam-1" in first
+    assert "device_id=cam-2 from ipv4:127.0.0.1:" in second
 
 
 def test_enroll_token_single_use(start_secure: StartSecure) -> None:

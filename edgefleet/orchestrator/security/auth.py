@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.logs import RepeatedErrors
 from edgefleet.common.tls import CredentialsError, certificate_fingerprint, device_id_of, load_certificate
 from edgefleet.orchestrator.security.signing import Signer
 from edgefleet.orchestrator.security.store import ApiTokenRecord, EnrollmentRejected, SecurityStore
@@ -103,6 +104,9 @@ class Security:
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[float, ApiTokenRecord | None]] = {}
         self._devices: dict[str, tuple[float, bool, str | None]] = {}
+        # A supervisor may restart a rejected agent again and again, so each device and reason is logged
+        # once (then every 1000th time). Device ids come from certificates of the fleet's CA, which bounds the keys.
+        self._unadmitted = RepeatedErrors(log)
 
     def forget(self, device_id: str = "") -> None:
         """Drop cached lookups: of one device, or of every device and token."""
@@ -231,7 +235,12 @@ class Security:
             )
 
     def admit(
-        self, identity: DeviceIdentity, enrollment_token: str, now: datetime, instance_key_hash: str = ""
+        self,
+        identity: DeviceIdentity,
+        enrollment_token: str,
+        now: datetime,
+        instance_key_hash: str = "",
+        peer: str = "",
     ) -> None:
         """Admit a registration: consume its enrollment token when one is needed, else check the device.
 
@@ -239,7 +248,8 @@ class Security:
         also binds the id to the registering agent's instance_key_hash, so a re-imaged device can
         register again. Raises
         UNAUTHENTICATED for a missing, unknown or expired token and PERMISSION_DENIED for a used one,
-        one made for another device, a revoked device or another certificate.
+        one made for another device, a revoked device or another certificate. A rejection without a
+        token is logged once per device and reason, with peer (the caller's address).
         """
         if not self.tls or not identity.device_id:
             self.check_device(identity)
@@ -248,6 +258,21 @@ class Security:
         if enrolled == identity.fingerprint and not revoked:
             return
         if not enrollment_token:
+            if revoked:
+                reason = "the device is revoked"
+            elif enrolled is not None:
+                reason = "its certificate is not the one the device enrolled with"
+            else:
+                reason = "the device is not enrolled"
+            self._unadmitted.warning(
+                f"{identity.device_id}\n{reason}",
+                "rejected the registration of device_id=%s from %s: %s and it presented no enrollment token; "
+                "create one with `edgefleet enroll create --device-id %s`",
+                identity.device_id,
+                peer or "an unknown peer",
+                reason,
+                identity.device_id,
+            )
             if revoked or enrolled is not None:
                 self.check_device(identity)
             raise unauthenticated(
