@@ -69,7 +69,7 @@ def register(
     if claimed_id:
         _check_not_removed(claimed_id, instance_key_hash, request.enrollment_token, state, peer)
     if state.security is not None and identity is not None:
-        state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash, peer)
+        state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
     device_id = claimed_id or f"dev-{secrets.token_hex(6)}"
     registered = state.store.get_device(device_id)
     rekeyed = registered is not None and registered.instance_key_hash != instance_key_hash
@@ -155,6 +155,8 @@ def _check_not_removed(
     With TLS only a new enrollment token readmits the id, because the removal deleted its credential.
     Without TLS the instance key is the only credential, so an agent with another key may take the id.
     """
+    # NOTE: a removal that commits between this check and Store.register_device is undone by the
+    # registration, which recreates the device. Removing it again fixes that.
     removed = state.store.get_removed_device(device_id)
     if removed is None:
         return
