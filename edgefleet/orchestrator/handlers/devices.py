@@ -69,7 +69,7 @@ def register(
     if claimed_id:
         _check_not_removed(claimed_id, instance_key_hash, request.enrollment_token, state, peer)
     if state.security is not None and identity is not None:
-        state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
+        state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash, peer)
     device_id = claimed_id or f"dev-{secrets.token_hex(6)}"
     registered = state.store.get_device(device_id)
     rekeyed = registered is not None and registered.instance_key_hash != instance_key_hash
