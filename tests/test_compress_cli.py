@@ -165,6 +165,78 @@ def test_recipe_relative_paths(
     assert result["job"]["recipe"]["gate"]["evaluation"]["images"] == str(folder / "photos-eval")
 
 
+def test_add_pruned_gated(server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`models add --evaluation` uploads a pruned variant and gates it in a job before it can be deployed."""
+    model = tmp_path / "pruned.onnx"
+    model.write_bytes(tiny_conv_onnx(seed=4))
+    flags = ["--name", "tiny", "--version", "1", "--variant-kind", "pruned", "--quiet"]
+    gate = ["--evaluation", "demo-photos", "--max-accuracy-drop", "100", "--output", "json"]
+
+    code = run_cli(server, "models", "add", str(model), *flags, *gate)
+
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0, result["job"]["error"]
+    assert result["job"]["recipe"]["gate"]["variant"] == "tiny:1:pruned"
+    assert [(v["variant_id"], v["status"]) for v in result["variants"]] == [("tiny:1:pruned", "accepted")]
+    assert result["variants"][0]["accuracy"] is not None
+
+
+def test_add_distilled_pending(server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "distilled.onnx"
+    model.write_bytes(tiny_conv_onnx(seed=5))
+
+    code = run_cli(
+        server,
+        "models",
+        "add",
+        str(model),
+        "--name",
+        "tiny",
+        "--version",
+        "1",
+        "--variant-kind",
+        "distilled",
+        "--quiet",
+        "--output",
+        "json",
+    )
+
+    variants = {v["variant_id"]: v for v in json.loads(capsys.readouterr().out)["variants"]}
+    assert code == 0
+    assert variants["tiny:1:distilled"]["status"] == "pending"
+    assert "--gate tiny:1:distilled" in variants["tiny:1:distilled"]["rejection_reason"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--variant-kind", "int8", "--evaluation", "demo-photos"], "not to int8"),
+        (["--evaluation", "demo-photos"], "not to a new version"),
+        (["--variant-kind", "pruned", "--max-accuracy-drop", "2"], "--max-accuracy-drop given without --evaluation"),
+    ],
+    ids=["int8", "new-version", "no-evaluation"],
+)
+def test_add_gate_flags_invalid(
+    server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    model = tmp_path / "variant.onnx"
+    model.write_bytes(tiny_conv_onnx(seed=6))
+
+    code = run_cli(server, "models", "add", str(model), "--name", "tiny", "--version", "9", *flags)
+
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    versions = [m.version for m in server.operator.ListModels(operator_pb2.ListModelsRequest(), timeout=30).models]
+    assert "9" not in versions
+
+
+def test_gated_kinds_match() -> None:
+    from edgefleet.cli.main import GATED_UPLOAD_KINDS as CLI_KINDS
+    from edgefleet.orchestrator.handlers.catalog import GATED_UPLOAD_KINDS
+
+    assert CLI_KINDS == GATED_UPLOAD_KINDS
+
+
 def test_nothing_to_do(server: OrchestratorThread) -> None:
     assert run_cli(server, "models", "compress", "tiny") == 2
 

@@ -138,7 +138,7 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
             quantize["calibration_size"] = args.calibration_size
         if args.fine_tune_steps is not None:
             quantize["fine_tune_steps"] = args.fine_tune_steps
-    if args.evaluation is not None or args.max_accuracy_drop is not None:
+    if args.evaluation is not None or args.max_accuracy_drop is not None or args.gate is not None:
         gate = recipe.setdefault("gate", {})
         if not isinstance(gate, dict):
             raise CliError("the recipe's gate entry must be a table", EXIT_USAGE)
@@ -146,9 +146,22 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
             gate["evaluation"] = source_section(args.evaluation)
         if args.max_accuracy_drop is not None:
             gate["max_accuracy_drop"] = args.max_accuracy_drop
+        if args.gate is not None:
+            gate["variant"] = args.gate
     if not recipe:
-        raise CliError("nothing to do: pass --recipe FILE or --int8 --calibration SOURCE", EXIT_USAGE)
+        raise CliError(
+            "nothing to do: pass --recipe FILE, --int8 --calibration SOURCE, or --gate VARIANT_ID --evaluation SOURCE",
+            EXIT_USAGE,
+        )
     return recipe
+
+
+def gate_recipe(variant_id: str, evaluation: str, max_accuracy_drop: float | None) -> dict[str, Any]:
+    """Return the recipe of a job that gates the uploaded variant variant_id on the evaluation source."""
+    gate: dict[str, Any] = {"variant": variant_id, "evaluation": source_section(evaluation)}
+    if max_accuracy_drop is not None:
+        gate["max_accuracy_drop"] = max_accuracy_drop
+    return {"gate": gate}
 
 
 def render_job(job: dict[str, Any]) -> str:
@@ -292,18 +305,25 @@ def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> Non
 def cmd_models_compress(client: Client, args: argparse.Namespace) -> None:
     name, version = split_model_ref(args.model)
     recipe = build_recipe(args)
+    run_job(client, name, version, recipe, no_wait=args.no_wait, wait_timeout=args.wait_timeout, output=args.output)
+
+
+def run_job(
+    client: Client, name: str, version: str, recipe: dict[str, Any], *, no_wait: bool, wait_timeout: float, output: str
+) -> None:
+    """Start a compression job with recipe and, unless no_wait, follow it and print its variants."""
     job = client.call(
         "CreateCompressionJob",
         operator_pb2.CreateCompressionJobRequest(
             model_name=name, model_version=version, recipe_json=json.dumps(recipe, sort_keys=True)
         ),
     )
-    if args.no_wait:
-        emit(job_view(job), args.output, render_job)
+    if no_wait:
+        emit(job_view(job), output, render_job)
         return
     announce = f"started compression job {job.job_id} for {job.model_name}:{job.model_version}"
-    followed = follow(client, job.job_id, timeout_s=args.wait_timeout, show=args.output != "json", announce=announce)
-    finish(client, followed, args.output)
+    followed = follow(client, job.job_id, timeout_s=wait_timeout, show=output != "json", announce=announce)
+    finish(client, followed, output)
 
 
 def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:
@@ -367,6 +387,12 @@ def add_commands(
     )
     sub.add_argument(
         "--max-accuracy-drop", type=float, metavar="POINTS", help="reject variants that lose more accuracy"
+    )
+    sub.add_argument(
+        "--gate",
+        metavar="VARIANT_ID",
+        help="gate this uploaded pruned or distilled variant (status pending) instead of making one "
+        "(needs --evaluation)",
     )
     sub.add_argument("--no-wait", action="store_true", help="print the queued job and return at once")
     sub.add_argument("--wait-timeout", type=float, default=0.0, help="seconds to follow the job; 0 waits until done")

@@ -353,6 +353,11 @@ def upload_requests(
         print(file=sys.stderr)
 
 
+# The upload kinds that the orchestrator stores as pending until a gate job measures them; the same as
+# edgefleet.orchestrator.handlers.catalog.GATED_UPLOAD_KINDS, which a test keeps equal.
+GATED_UPLOAD_KINDS = ("pruned", "distilled")
+
+
 def declared_format(path: Path, head: bytes) -> Any:
     """Return the format an upload header declares for a file that starts with head, or 0 (unspecified).
 
@@ -370,6 +375,7 @@ def declared_format(path: Path, head: bytes) -> Any:
 def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
     import hashlib
 
+    check_gate_flags(args)
     path: Path = args.path
     if path.is_dir():
         raise CliError(f"{path} is a directory; give the path of an .onnx or .tflite model file", EXIT_USAGE)
@@ -400,7 +406,42 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
         model = client.stub.UploadModel(upload_requests(path, header, show_progress), timeout=600)
     except grpc.RpcError as error:
         raise client.error(error) from None
-    emit(views.model_view(model), args.output, render_model)
+    if args.evaluation is None:
+        emit(views.model_view(model), args.output, render_model)
+        return
+    from edgefleet.cli import compress
+
+    variant_id = f"{args.name}:{args.version}:{args.variant_kind}"
+    if not args.quiet:
+        print(f"stored {variant_id} as pending; the gate measures it next", file=sys.stderr)
+    recipe = compress.gate_recipe(variant_id, args.evaluation, args.max_accuracy_drop)
+    wait_timeout = args.wait_timeout or 0.0
+    compress.run_job(
+        client, args.name, args.version, recipe, no_wait=args.no_wait, wait_timeout=wait_timeout, output=args.output
+    )
+
+
+def check_gate_flags(args: argparse.Namespace) -> None:
+    """Raise CliError when the gate flags of `models add` are given for a kind that the gate does not measure."""
+    gate_flags = [
+        flag
+        for flag, given in (
+            ("--max-accuracy-drop", args.max_accuracy_drop is not None),
+            ("--no-wait", args.no_wait),
+            ("--wait-timeout", args.wait_timeout is not None),
+        )
+        if given
+    ]
+    if args.evaluation is None:
+        if gate_flags:
+            raise CliError(f"{', '.join(gate_flags)} given without --evaluation; they apply to the gate", EXIT_USAGE)
+        return
+    if args.variant_kind not in GATED_UPLOAD_KINDS:
+        raise CliError(
+            f"--evaluation applies to uploaded variants that the gate measures (--variant-kind "
+            f"{' or '.join(GATED_UPLOAD_KINDS)}), not to {args.variant_kind or 'a new version'}",
+            EXIT_USAGE,
+        )
 
 
 def render_models(models: list[dict[str, Any]]) -> str:
@@ -775,6 +816,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant-kind",
         help="add the file as a variant of this kind (tflite-fp32, int8, ...) of an existing version",
     )
+    sub.add_argument(
+        "--evaluation",
+        metavar="SOURCE",
+        help="for --variant-kind pruned or distilled: gate the variant on this data (demo-photos, digits, an image "
+        "folder or an .npz file on the orchestrator host); without it the variant stays pending, never deployed",
+    )
+    sub.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="reject the variant when it loses more accuracy than this (default 1; needs --evaluation)",
+    )
+    sub.add_argument("--no-wait", action="store_true", help="print the queued gate job and return at once")
+    sub.add_argument("--wait-timeout", type=float, help="seconds to follow the gate job; 0 or unset waits until done")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_add)

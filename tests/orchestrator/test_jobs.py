@@ -512,6 +512,125 @@ def test_job_rejected_not_deployable(tiny_jobs: TinyJobs) -> None:
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+# Uploaded pruned and distilled variants wait for a gate job.
+
+
+@dataclass(frozen=True)
+class GatedUploads:
+    """An orchestrator with tiny:1, its pruned and distilled uploads, and an evaluation set for them."""
+
+    server: OrchestratorThread
+    evaluation: dict[str, str]  # An npz source labelled with the source model's own predictions.
+    device_id: str
+
+
+@pytest.fixture
+def gated_uploads(start_orchestrator: Callable[..., OrchestratorThread], tmp_path: Path) -> GatedUploads:
+    import onnxruntime
+
+    server = start_orchestrator()
+    upload(server, tiny_conv_onnx(), "tiny", "1")
+    upload(server, tiny_conv_onnx(seed=0), "tiny", "1", variant_kind="pruned")
+    upload(server, tiny_conv_onnx(seed=3), "tiny", "1", variant_kind="distilled")
+    samples = np.random.default_rng(5).standard_normal((16, 3, 224, 224)).astype(np.float32)
+    session = onnxruntime.InferenceSession(tiny_conv_onnx(), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {"input": samples})[0].argmax(axis=1).astype(np.int64)
+    np.savez(tmp_path / "eval.npz", input=samples)
+    np.save(tmp_path / "labels.npy", labels)
+    device_id, _ = register(server.agent)
+    evaluation = {"npz": str(tmp_path / "eval.npz"), "labels": str(tmp_path / "labels.npy")}
+    return GatedUploads(server, evaluation, device_id)
+
+
+def variant_by_id(server: OrchestratorThread, variant_id: str) -> operator_pb2.Variant:
+    return next(v for v in variants_of(server.operator, "tiny") if v.variant_id == variant_id)
+
+
+def deploy_request(uploads: GatedUploads, variant_id: str) -> operator_pb2.DeployRequest:
+    return operator_pb2.DeployRequest(
+        model_name="tiny", model_version="1", device_id=uploads.device_id, variant_id=variant_id
+    )
+
+
+def test_upload_pruned_pending(gated_uploads: GatedUploads) -> None:
+    server = gated_uploads.server
+
+    pruned = variant_by_id(server, "tiny:1:pruned")
+    error = rpc_error(lambda: server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:pruned"), timeout=30))
+
+    assert pruned.status == "pending"
+    assert "accuracy is unmeasured" in pruned.rejection_reason
+    assert "edgefleet models compress tiny:1 --gate tiny:1:pruned --evaluation SOURCE" in pruned.rejection_reason
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "variant tiny:1:pruned is pending" in (error.details() or "")
+
+
+def test_gate_job_accepts_upload(gated_uploads: GatedUploads) -> None:
+    server = gated_uploads.server
+    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation}}
+
+    job = wait_job(server.operator, create(server, recipe).job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert list(job.variant_ids) == ["tiny:1:pruned"]
+    pruned = variant_by_id(server, "tiny:1:pruned")
+    assert pruned.status == "accepted"
+    assert pruned.accuracy == 1.0
+    assert pruned.accuracy_metric == "top1"
+    assert sorted(pruned.latency_ms) == ["threads=1", "threads=2"]
+    assert pruned.parent_variant_id == "tiny:1:source"
+    assert [v.kind for v in variants_of(server.operator, "tiny")].count("pruned") == 1
+    server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:pruned"), timeout=30)
+
+
+def test_gate_job_rejects_upload(gated_uploads: GatedUploads) -> None:
+    server = gated_uploads.server
+    recipe = {"gate": {"variant": "tiny:1:distilled", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 0}}
+
+    job = wait_job(server.operator, create(server, recipe).job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    distilled = variant_by_id(server, "tiny:1:distilled")
+    assert distilled.status == "rejected"
+    assert distilled.accuracy < 1.0
+    assert "exceeds max_accuracy_drop 0" in distilled.rejection_reason
+    error = rpc_error(lambda: server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:distilled"), timeout=30))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    ("gate", "extra", "code", "expected"),
+    [
+        ({"variant": "tiny:1:prund"}, {}, grpc.StatusCode.INVALID_ARGUMENT, "did you mean tiny:1:pruned"),
+        ({"variant": "tiny:1:source"}, {}, grpc.StatusCode.FAILED_PRECONDITION, "is accepted already"),
+        (
+            {"variant": "tiny:1:pruned"},
+            {"quantize": {"calibration": DEMO}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "remove the [quantize] section",
+        ),
+        (
+            {"variant": "tiny:1:pruned", "evaluation": {}},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "gate.evaluation: no data given",
+        ),
+    ],
+    ids=["unknown", "not-pending", "with-quantize", "no-evaluation"],
+)
+def test_gate_job_create_rejected(
+    gated_uploads: GatedUploads, gate: dict[str, Any], extra: dict[str, Any], code: grpc.StatusCode, expected: str
+) -> None:
+    server = gated_uploads.server
+    recipe = {**extra, "gate": {"evaluation": gated_uploads.evaluation, **gate}}
+
+    error = rpc_error(lambda: create(server, recipe))
+
+    assert error.code() == code
+    assert expected in (error.details() or "")
+    assert variant_by_id(server, "tiny:1:pruned").status == "pending"
+
+
 @pytest.mark.parametrize(
     ("labels", "expected"),
     [

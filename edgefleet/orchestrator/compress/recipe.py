@@ -88,6 +88,9 @@ class GateConfig:
     evaluation: DataSource = field(default_factory=DataSource)
     runtimes: tuple[str, ...] = ("onnxruntime",)  # Any of "onnxruntime", "litert".
     threads: tuple[int, ...] = (1, 2)
+    # Id of an uploaded variant of the job's model version that waits for the gate ("pending"). When set,
+    # the job gates that variant instead of making one, so the recipe may have no section but [gate].
+    variant: str = ""
 
 
 @dataclass(frozen=True)

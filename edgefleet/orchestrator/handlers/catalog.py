@@ -45,6 +45,10 @@ UPLOAD_VARIANT_KINDS: dict[str, tuple[str, ...]] = {
     "tflite": ("tflite-fp32", "tflite-fp16", "tflite-int8"),
 }
 FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite"}
+# Upload kinds whose accuracy can differ from the source's by any amount: they are stored as "pending" and
+# stay undeployable until a gate job (`edgefleet models compress --gate VARIANT_ID`) measures them.
+# NOTE: uploaded int8, fp16 and TFLite variants are conversions of the source and are accepted unmeasured.
+GATED_UPLOAD_KINDS = ("pruned", "distilled")
 # Maximum length of a client file name that upload errors show as sent; longer or unprintable names are
 # shown quoted and cut.
 MAX_SHOWN_FILENAME_CHARS = 255
@@ -156,8 +160,10 @@ async def upload_model(
 
     metadata = result.validation
     now = datetime.now(UTC)
+    variant_id = variant_id_for(header.name, header.version, kind or "source")
+    gated = kind in GATED_UPLOAD_KINDS
     variant = Variant(
-        variant_id=variant_id_for(header.name, header.version, kind or "source"),
+        variant_id=variant_id,
         model_name=header.name,
         model_version=header.version,
         kind=kind or "source",
@@ -166,9 +172,19 @@ async def upload_model(
         digest=result.digest,
         size_bytes=result.size_bytes,
         metadata=metadata,
+        status="pending" if gated else "accepted",
+        rejection_reason=pending_reason(header.name, header.version, variant_id) if gated else "",
         created_at=now,
     )
     return await asyncio.to_thread(_store_upload, header, variant, state, now)
+
+
+def pending_reason(name: str, version: str, variant_id: str) -> str:
+    """Return the status reason of an uploaded variant that waits for the gate, with the command that gates it."""
+    return (
+        "not gated yet, so its accuracy is unmeasured and it cannot be deployed; gate it with "
+        f"`edgefleet models compress {name}:{version} --gate {variant_id} --evaluation SOURCE`"
+    )
 
 
 def _declared_format(header: operator_pb2.UploadModelHeader) -> str | None:
@@ -221,13 +237,14 @@ def _store_upload(
     except AlreadyExistsError as error:
         raise AlreadyExists(f"{error}; upload it under a new version or another variant kind") from None
     log.info(
-        "stored model=%s:%s variant=%s format=%s size=%d macs=%d",
+        "stored model=%s:%s variant=%s format=%s size=%d macs=%d status=%s",
         header.name,
         header.version,
         variant.variant_id,
         variant.format,
         variant.size_bytes,
         variant.metadata.macs,
+        variant.status,
     )
     return serde.model_to_proto(model, state.store.list_variants(model.name, model.version))
 

@@ -6,12 +6,15 @@ import json
 import logging
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.common.serde import timestamp
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.compress.recipe import RecipeError
+from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
+from edgefleet.orchestrator.handlers.devices import suggest
 from edgefleet.orchestrator.jobs.plan import PlanError, load_recipe_json, plan_job
 from edgefleet.orchestrator.jobs.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from edgefleet.orchestrator.state import OrchestratorState
@@ -70,7 +73,7 @@ def create_compression_job(
         raise FailedPrecondition(f"model {model.name}:{model.version} has no source variant to compress")
     try:
         data = load_recipe_json(request.recipe_json)
-        plan_job(data, source.metadata)
+        plan_job(data, source.metadata, _gated_variant(data, model.name, model.version, state))
     except RecipeError as error:
         raise InvalidArgument("recipe", str(error)) from None
     except PlanError as error:
@@ -92,6 +95,32 @@ def create_compression_job(
         state.job_runner.wake()
     log.info("queued compression job %s for %s:%s", stored.job_id, model.name, model.version)
     return job_to_proto(stored)
+
+
+def _gated_variant(data: dict[str, Any], name: str, version: str, state: OrchestratorState) -> Variant | None:
+    """Return the uploaded variant that the recipe's gate.variant names, or None when it names none.
+
+    Raises InvalidArgument when the variant is unknown or of another model version, and
+    FailedPrecondition when it does not wait for the gate (it is accepted or rejected already).
+    """
+    gate = data.get("gate")
+    variant_id = gate.get("variant") if isinstance(gate, dict) else None
+    if not isinstance(variant_id, str) or not variant_id:
+        return None  # parse_recipe rejects a value of the wrong type.
+    known = [v.variant_id for v in state.store.list_variants(name, version)]
+    if variant_id not in known:
+        raise InvalidArgument(
+            "recipe gate.variant",
+            f"{variant_id!r} is not a variant of {name}:{version}; list them with "
+            f"`edgefleet models variants {name}:{version}`{suggest(variant_id, known)}",
+        )
+    variant = state.store.get_variant(variant_id)
+    if variant.status != "pending":
+        raise FailedPrecondition(
+            f"variant {variant_id} is {variant.status} already; a gate job measures only uploaded variants "
+            "that wait for the gate (status pending). Upload the file as another kind or version to gate it again"
+        )
+    return variant
 
 
 def _get(job_id: str, jobs: JobStore) -> Job:

@@ -11,6 +11,7 @@ from typing import Any
 from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.compress.quantize import quantization_recommendation
 from edgefleet.orchestrator.compress.recipe import DataSource, PreprocessConfig, Recipe, RecipeError, parse_recipe
+from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.jobs import sources
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class PlannedVariant:
     kind: str  # Variant kind: "int8" for ONNX; "tflite-int8" or "tflite-fp16", as uploads name them.
     format: str  # "onnx" or "tflite".
     precision: str
-    method: str  # "onnx-static", "onnx-dynamic", "tflite-int8" or "tflite-fp16".
+    method: str  # "onnx-static", "onnx-dynamic", "tflite-int8", "tflite-fp16", or "uploaded" (gate only).
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,18 @@ def load_recipe_json(text: str) -> dict[str, Any]:
     return data
 
 
-def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
+def plan_job(data: dict[str, Any], metadata: ModelMetadata, gated: Variant | None = None) -> JobPlan:
     """Validate a recipe dict against a source model and return what the job will do.
 
-    Raises RecipeError for an unknown key or an invalid value. Raises PlanError for a section that the
-    source format cannot run (prune and distill need a PyTorch model, tflite needs a TFLite source), for
-    a recipe that produces nothing, and for a missing or unusable calibration or evaluation source.
+    gated is the uploaded variant that gate.variant names, looked up by the caller; the plan then only
+    gates it. Raises RecipeError for an unknown key or an invalid value. Raises PlanError for a section
+    that the source format cannot run (prune and distill need a PyTorch model, tflite needs a TFLite
+    source), for a recipe that produces nothing or both gates a variant and makes one, for a gate.variant
+    that gated does not match, and for a missing or unusable calibration or evaluation source.
     """
     recipe = parse_recipe(_with_input_image_size(data, metadata.inputs))
+    if recipe.gate.variant:
+        return _plan_gate_only(data, recipe, metadata, gated)
     source_format = metadata.format
     for section in ("prune", "distill"):
         if getattr(recipe, section) is not None:
@@ -107,9 +112,33 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
                     raise PlanError("tflite.precisions", "int8 needs calibration data: add a [quantize] section")
                 planned.append(PlannedVariant("tflite-int8", "tflite", "int8", "tflite-int8"))
     if not planned:
-        raise PlanError("recipe", "produces no variant: add a [quantize] section (or [tflite] for a TFLite source)")
+        raise PlanError(
+            "recipe",
+            "produces no variant: add a [quantize] section (or [tflite] for a TFLite source), "
+            "or set gate.variant to gate an uploaded variant",
+        )
+    return _finish_plan(data, recipe, tuple(planned), metadata.inputs)
 
-    inputs = metadata.inputs
+
+def _plan_gate_only(data: dict[str, Any], recipe: Recipe, metadata: ModelMetadata, gated: Variant | None) -> JobPlan:
+    """Return the plan of a job that gates the uploaded variant gate.variant and makes none."""
+    made = [section for section in ("quantize", "prune", "distill", "tflite") if getattr(recipe, section) is not None]
+    if made:
+        raise PlanError(
+            "gate.variant",
+            f"a job that gates an uploaded variant makes no variant of its own; remove the [{made[0]}] section "
+            "or gate.variant",
+        )
+    if gated is None or gated.variant_id != recipe.gate.variant:
+        raise PlanError("gate.variant", f"{recipe.gate.variant!r} is not a variant of this model version")
+    planned = PlannedVariant(gated.kind, gated.format, gated.precision, "uploaded")
+    return _finish_plan(data, recipe, (planned,), metadata.inputs)
+
+
+def _finish_plan(
+    data: dict[str, Any], recipe: Recipe, planned: tuple[PlannedVariant, ...], inputs: tuple[TensorSpec, ...]
+) -> JobPlan:
+    """Check the calibration and evaluation sources of the planned variants and return the plan."""
     calibration: DataSource | None = None
     if any(p.method in ("onnx-static", "tflite-int8") for p in planned):
         assert recipe.quantize is not None
@@ -133,7 +162,7 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata) -> JobPlan:
     explicit_runtimes = isinstance(gate, dict) and "runtimes" in gate
     plan = JobPlan(
         recipe=recipe,
-        variants=tuple(planned),
+        variants=planned,
         calibration=calibration,
         evaluation=evaluation,
         evaluation_field=evaluation_field,

@@ -26,6 +26,8 @@ JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # How many times claim_next retries when another orchestrator took the chosen job first.
 _CLAIM_RETRIES = 5
+# The variants columns that a gate job writes over an uploaded variant that waited for the gate.
+_GATE_COLUMNS = ("status", "rejection_reason", "accuracy", "accuracy_metric", "latency_ms", "parent_variant_id")
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,17 @@ class JobStore(abc.ABC):
         """Record that the owner of a running job is alive."""
 
     @abc.abstractmethod
+    def get_variant(self, variant_id: str) -> Variant:
+        """Return a catalog variant, such as the uploaded one a gate job measures; raise NotFoundError."""
+
+    @abc.abstractmethod
     def finish(self, job_id: str, attempt: int, results: Sequence[Variant], now: datetime) -> bool:
         """Store the job's variants and mark it succeeded, in one transaction.
 
-        Returns False, storing nothing, when the job is no longer running under attempt. Raises
-        AlreadyExistsError, storing nothing, when a variant id exists already.
+        A result whose id is an existing variant with status "pending" (an upload that waited for the
+        gate) updates that variant's gate figures: status, reason, accuracy and latency. Returns False,
+        storing nothing, when the job is no longer running under attempt. Raises AlreadyExistsError,
+        storing nothing, when a variant id exists already and is not pending.
         """
 
     @abc.abstractmethod
@@ -267,11 +275,25 @@ class SqlJobStore(SqlTransactions, JobStore):
                 return False
             for variant, row in zip(results, values, strict=True):
                 queries.load_model_version(connection, variant.model_name, variant.model_version)
-                if not queries.insert_unless_exists(connection, variants, row, ("variant_id",)):
+                if queries.insert_unless_exists(connection, variants, row, ("variant_id",)):
+                    continue
+                gated = connection.execute(
+                    sa.update(variants)
+                    .where(variants.c.variant_id == variant.variant_id, variants.c.status == "pending")
+                    .values({key: row[key] for key in _GATE_COLUMNS})
+                )
+                if gated.rowcount != 1:
                     # Leaving the block with an exception rolls the whole transaction back.
-                    raise AlreadyExistsError(f"variant {variant.variant_id!r} already exists; nothing was stored")
+                    raise AlreadyExistsError(
+                        f"variant {variant.variant_id!r} already exists and does not wait for the gate "
+                        "(another job gated it first); nothing was stored"
+                    )
         logger.info("job %s succeeded with variants %s", job_id, [v.variant_id for v in results])
         return True
+
+    def get_variant(self, variant_id: str) -> Variant:
+        with self._read() as connection:
+            return queries.load_variant(connection, variant_id)
 
     def fail(self, job_id: str, attempt: int, error: str, now: datetime) -> bool:
         rows.require_aware("now", now)

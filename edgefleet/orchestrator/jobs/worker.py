@@ -10,9 +10,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -171,10 +172,11 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
 
     progress.report(0.02, "fetching the source model")
     source = work / f"source.{job.source_format}"
-    with artifacts.open(job.source_digest) as stored, source.open("wb") as copy:
-        shutil.copyfileobj(stored, copy)
+    _fetch(artifacts, job.source_digest, source)
     metadata = inspect_model(source)
-    plan = plan_job(load_recipe_json(job.recipe_json), metadata)
+    recipe_data = load_recipe_json(job.recipe_json)
+    gated = _gated_variant(recipe_data, progress.store)
+    plan = plan_job(recipe_data, metadata, gated)
     spec = _input_spec(plan, metadata)
 
     calibration: np.ndarray | None = None
@@ -189,6 +191,10 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
     share = 0.55 / len(plan.variants)
     for index, planned in enumerate(plan.variants):
         start = 0.1 + index * share
+        if gated is not None:
+            progress.report(start, f"fetching the uploaded variant {gated.variant_id}")
+            candidates.append((planned, _fetch(artifacts, gated.digest, work / f"{planned.kind}.{planned.format}")))
+            continue
         candidates.append(
             (planned, _produce(planned, plan, source, metadata, spec, calibration, work, progress, start, share))
         )
@@ -215,8 +221,40 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
             threads=gate.threads,
             input_name=spec.name,
         )
-        variants.append(_store_variant(job, planned, path, result, artifacts))
+        if gated is not None:
+            variants.append(_gated_result(job, gated, result))
+        else:
+            variants.append(_store_variant(job, planned, path, result, artifacts))
     return variants
+
+
+def _gated_variant(recipe: dict[str, Any], store: JobStore) -> Variant | None:
+    """Return the uploaded variant that the recipe's gate.variant names, or None; plan_job checks the rest."""
+    gate = recipe.get("gate")
+    variant_id = gate.get("variant") if isinstance(gate, dict) else None
+    if not isinstance(variant_id, str) or not variant_id:
+        return None
+    return store.get_variant(variant_id)
+
+
+def _fetch(artifacts: FileArtifactStore, digest: str, output: Path) -> Path:
+    """Copy a stored artifact into the work directory, for the gate to load it there."""
+    with artifacts.open(digest) as stored, output.open("wb") as copy:
+        shutil.copyfileobj(stored, copy)
+    return output
+
+
+def _gated_result(job: Job, gated: Variant, result: GateResult) -> Variant:
+    """Return the uploaded variant with the gate's verdict and figures; its file stays as stored."""
+    return replace(
+        gated,
+        status=result.status,
+        rejection_reason="" if result.accepted else result.reason,
+        accuracy=result.accuracy,
+        accuracy_metric=result.accuracy_metric,
+        latency_ms=dict(result.latency_p50_ms),
+        parent_variant_id=job.source_variant_id,
+    )
 
 
 def _input_spec(plan: JobPlan, metadata: ModelMetadata) -> TensorSpec:
