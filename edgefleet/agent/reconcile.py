@@ -64,9 +64,46 @@ class Reconciler:
     _last_progress: dict[str, float] = field(default_factory=dict)
 
     def reported_state(self) -> agent_pb2.ReportedState:
-        return agent_pb2.ReportedState(
-            desired_generation=self.generation, models=[self.statuses[k] for k in sorted(self.statuses)]
+        """Return the status of each desired model, after the variant that still serves it when that differs.
+
+        While a new variant downloads or loads, and after it failed, the host keeps serving the previous
+        one. Reporting that one too lets the orchestrator reject deleting a version that still serves.
+        """
+        models: list[agent_pb2.ModelStatus] = []
+        for name in sorted(self.statuses):
+            status = self.statuses[name]
+            still_served = self._still_served_status(name, status)
+            if still_served is not None:
+                models.append(still_served)
+            models.append(status)
+        return agent_pb2.ReportedState(desired_generation=self.generation, models=models)
+
+    def _still_served_status(self, name: str, status: agent_pb2.ModelStatus) -> agent_pb2.ModelStatus | None:
+        """Return a serving status for the variant the host serves under name, or None when status describes it."""
+        served = self.host.get(name)
+        if served is None or served.variant_id == status.variant_id:
+            return None
+        assignment = self.serving.get(name)
+        if assignment is not None and assignment.variant_id == served.variant_id:
+            digest, size_bytes = assignment.digest, assignment.size_bytes
+        else:
+            installed = self.store.current(name)
+            digest = installed.digest if installed is not None else ""
+            size_bytes = served.path.stat().st_size if served.path.exists() else 0
+        still_served = agent_pb2.ModelStatus(
+            model_name=name,
+            model_version=served.version,
+            variant_id=served.variant_id,
+            digest=digest,
+            state=name_to_enum("serving", MODEL_STATE_NAMES),
+            runtime=served.runtime,
+            providers=list(served.providers),
+            threads=served.threads,
+            bytes_downloaded=size_bytes,
+            size_bytes=size_bytes,
         )
+        still_served.updated_at.CopyFrom(status.updated_at)
+        return still_served
 
     def _set(self, assignment: agent_pb2.ModelAssignment, state: str, **fields: object) -> None:
         status = agent_pb2.ModelStatus(

@@ -230,3 +230,29 @@ def test_redeploy_clears_failed_status(
     assert status.state == MODEL_STATE_SERVING
     assert status.error == ""
     assert status.runtime == "onnxruntime"
+
+
+def test_failed_deploy_reports_served_version(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
+) -> None:
+    """After a failed deploy the report lists the version that keeps serving before the failed one."""
+    good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    bad = assignment(artifacts, onnx_failing_reshape(tmp_path / "bad.onnx"), "2")
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[bad]))
+        reported = list(reconciler.reported_state().models)
+        reconciler.apply(agent_pb2.DesiredState(generation=3, models=[good]))
+        redeployed = list(reconciler.reported_state().models)
+
+    assert [(s.variant_id, s.state) for s in reported] == [
+        ("linear:1:source", MODEL_STATE_SERVING),
+        ("linear:2:source", MODEL_STATE_FAILED),
+    ]
+    assert reported[0].digest == good.digest
+    assert reported[0].model_version == "1"
+    assert reported[0].runtime == "onnxruntime"
+    assert reported[0].error == ""
+    assert [(s.variant_id, s.state) for s in redeployed] == [("linear:1:source", MODEL_STATE_SERVING)]

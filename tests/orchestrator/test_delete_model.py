@@ -16,7 +16,9 @@ from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.domain import MetricWindow
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+from tests.agent.models import onnx_failing_reshape
 from tests.servers import (
+    AgentThread,
     ControlStream,
     OrchestratorThread,
     get_device,
@@ -233,6 +235,34 @@ def test_delete_version_still_served(catalog: OrchestratorThread, open_stream: C
 
     report(catalog, stream, device_id, {"linear:2:source": common_pb2.MODEL_STATE_SERVING})
     assert sorted(delete(catalog).deleted_variant_ids) == [FP32, SOURCE]
+
+
+def test_delete_version_served_by_agent(
+    catalog: OrchestratorThread, start_agent: Callable[..., AgentThread], tmp_path: Path
+) -> None:
+    """A real agent whose deploy of version 2 failed keeps serving version 1, which must then stay."""
+    upload(catalog, onnx_failing_reshape(tmp_path / "failing.onnx").read_bytes(), "linear", "2")
+    agent = start_agent(catalog.address, "edge")
+    device_id = wait_until(lambda: agent.agent.device_id, "the agent to register")
+    deploy(catalog, device_id, SOURCE)
+    wait_until(lambda: reported_states(catalog, device_id) == [(SOURCE, "serving")], "version 1 to serve")
+    deploy(catalog, device_id, "linear:2:source", version="2")
+    expected = [(SOURCE, "serving"), ("linear:2:source", "failed")]
+    wait_until(lambda: reported_states(catalog, device_id) == expected, "version 2 to fail")
+    digests = {digest_of(catalog, SOURCE), digest_of(catalog, FP32)}
+
+    error = rejection(catalog)
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"1 device reports serving or loading it: {device_id} (serving {SOURCE})" in (error.details() or "")
+    assert variant_ids(catalog) == [FP32, SOURCE]
+    assert all(artifact_exists(catalog, d) for d in digests)
+
+
+def reported_states(orchestrator: OrchestratorThread, device_id: str) -> list[tuple[str, str]]:
+    """Return (variant_id, state) of each model status the device last reported, in report order."""
+    states = {common_pb2.MODEL_STATE_SERVING: "serving", common_pb2.MODEL_STATE_FAILED: "failed"}
+    return [(s.variant_id, states.get(s.state, str(s.state))) for s in get_device(orchestrator, device_id).models]
 
 
 def test_delete_variant_still_loading(catalog: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
