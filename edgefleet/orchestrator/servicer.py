@@ -21,6 +21,7 @@ from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, m
 from edgefleet.orchestrator.handlers import jobs as compression_jobs
 from edgefleet.orchestrator.security import admin as security_admin
 from edgefleet.orchestrator.state import OrchestratorState
+from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, error: Base
 def _store_disconnect(state: OrchestratorState, device_id: str) -> None:
     try:
         state.store.set_connected(device_id, False, datetime.now(UTC))
+    except NotFoundError:
+        # An operator removed the device, which closed this stream; no row is left to update.
+        log.info("device_id=%s was removed, so its disconnect is not recorded", device_id)
     except Exception:
         log.exception("recording that device_id=%s disconnected failed; the store shows it connected", device_id)
 

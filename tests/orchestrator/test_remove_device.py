@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -206,6 +207,27 @@ def test_remove_closes_control_stream(
     assert end.code == grpc.StatusCode.PERMISSION_DENIED
     assert "device 'edge-01' was removed from the fleet at " in end.details
     assert "delete identity.json in the agent's state directory" in end.details
+
+
+def test_remove_connected_logs_no_error(
+    orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing a removed device's stream finds no row to mark disconnected, which is expected."""
+    device_id, key = register(orchestrator.agent, "edge-01")
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    stream.heartbeat(1)
+    stream.receive_kind("heartbeat_ack")
+
+    with caplog.at_level(logging.INFO, logger="edgefleet.orchestrator"):
+        remove(orchestrator, device_id)
+        stream.wait_end()
+        closed = f"control stream closed for device_id={device_id}"
+        wait_until(lambda: any(r.getMessage() == closed for r in caplog.records), "the stream's close to be logged")
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert f"device_id={device_id} was removed, so its disconnect is not recorded" in caplog.messages
 
 
 def test_remove_on_other_process(
