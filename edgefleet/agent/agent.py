@@ -102,14 +102,15 @@ async def reconnect_forever(
     stop: asyncio.Event,
     *,
     on_retry: RetryCallback | None = None,
-    describe: str = "device",
+    describe: Callable[[], str] = lambda: "device",
 ) -> None:
     """Run session() again and again until stop is set, sleeping backoff.next_delay() after each failure.
 
     A session that fails with a gRPC error is retried after a delay drawn with full jitter, so a
     fleet that lost the orchestrator at once spreads its reconnects across the backoff window. A
     session that lasted HEALTHY_SESSION_S resets the backoff. on_retry(error, delay) is called
-    before each wait. Raises FatalAgentError for the FATAL_CODES, naming describe.
+    before each wait. Raises FatalAgentError for the FATAL_CODES, naming describe(), which is called then
+    so that it can name a device id assigned by an earlier session.
     """
     while not stop.is_set():
         started = time.monotonic()
@@ -117,7 +118,7 @@ async def reconnect_forever(
             await session()
         except grpc.aio.AioRpcError as error:
             if error.code() in FATAL_CODES:
-                raise FatalAgentError(f"orchestrator rejected {describe}: {error.details()}") from None
+                raise FatalAgentError(f"orchestrator rejected {describe()}: {error.details()}") from None
             if time.monotonic() - started > HEALTHY_SESSION_S:
                 backoff.reset()
             delay = backoff.next_delay()
@@ -312,7 +313,7 @@ class Agent:
             Backoff(cap_s=self.config.max_backoff_s),
             stop,
             on_retry=on_retry,
-            describe=f"device {self.device_id or '(new)'}",
+            describe=lambda: f"device {self.device_id or '(new)'}",
         )
 
     async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:

@@ -293,6 +293,7 @@ def test_removed_agent_exits(orchestrator: OrchestratorThread, start_agent: Call
     error = agent.join()
 
     assert isinstance(error, FatalAgentError)
+    assert str(error).startswith(f"orchestrator rejected device {device_id}: ")
     assert f"device {device_id!r} was removed from the fleet" in str(error)
 
     restarted = start_agent(orchestrator.address, "edge")
