@@ -377,6 +377,34 @@ def test_remove_force_during_rollout(orchestrator: OrchestratorThread) -> None:
     assert [d.device_id for d in moved.waves[1].devices] == [later]
 
 
+def test_rollout_succeeds_without_removed_devices(orchestrator: OrchestratorThread) -> None:
+    """A rollout whose devices were all removed with --force does not claim that they run the version."""
+    rollout, canary, later = start_rollout(orchestrator)
+
+    remove(orchestrator, canary, force=True)
+
+    def wave_two() -> operator_pb2.Rollout | None:
+        current = orchestrator.operator.GetRollout(
+            operator_pb2.GetRolloutRequest(rollout_id=rollout.rollout_id), timeout=30
+        )
+        return current if len(current.waves) == 2 and current.waves[1].devices else None
+
+    wait_until(wave_two, "wave 2 to start")
+    remove(orchestrator, later, force=True)
+
+    def ended() -> operator_pb2.Rollout | None:
+        current = orchestrator.operator.GetRollout(
+            operator_pb2.GetRolloutRequest(rollout_id=rollout.rollout_id), timeout=30
+        )
+        return current if current.state == operator_pb2.ROLLOUT_STATE_SUCCEEDED else None
+
+    succeeded = wait_until(ended, "the rollout to succeed")
+
+    assert succeeded.reason == (
+        f"all 2 waves passed; 0 devices run {MODEL}:1; 2 devices removed from the fleet during the rollout"
+    )
+
+
 # CLI
 
 

@@ -22,7 +22,7 @@ from edgefleet.orchestrator.rollouts.domain import (
     Wave,
     WaveDevice,
 )
-from edgefleet.orchestrator.rollouts.gates import WaveGates
+from edgefleet.orchestrator.rollouts.gates import WaveGates, count_devices
 from edgefleet.orchestrator.rollouts.store import RevisionConflictError, RolloutStore, WaveKey
 from edgefleet.orchestrator.selection import Predictor, select_variant
 from edgefleet.orchestrator.store.base import NotFoundError, Store
@@ -452,8 +452,14 @@ class RolloutEngine:
         assigned = {
             d.device_id for w in waves for d in w.devices if d.assigned_generation and not d.restored_generation
         }
+        # Devices removed with --force during the rollout got the version but no longer run it.
+        running = sum(1 for device_id in assigned if self.store.get_device(device_id) is not None)
+        removed = len(assigned) - running
         model = f"{rollout.spec.model_name}:{rollout.spec.model_version}"
-        reason = f"all {last + 1} waves passed; {len(assigned)} devices run {model}"
+        verb = "runs" if running == 1 else "run"
+        reason = f"all {last + 1} waves passed; {count_devices(running)} {verb} {model}"
+        if removed:
+            reason += f"; {count_devices(removed)} removed from the fleet during the rollout"
         self.rollouts.save_rollout(replace(rollout, state="succeeded", stuck=False, reason=reason), self.clock())
         log.info("rollout_id=%s succeeded: %s", rollout.rollout_id, reason)
 

@@ -190,13 +190,14 @@ class WaveGates:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in regressed)
             return replace(wave, devices=devices, decision="pause", reason=reason, decided_at=self._now())
         skipped = sum(1 for d in devices if d.verdict == VERDICT_SKIPPED and not d.variant_id)
-        reason = f"{_devices(len(measured))} within the gates"
+        reason = f"{count_devices(len(measured))} within the gates"
         if skipped:
-            reason += f"; {_devices(skipped)} skipped because no variant qualified"
+            reason += f"; {count_devices(skipped)} skipped because no variant qualified"
         if removed:
-            reason += f"; {_devices(removed)} removed from the fleet before reporting enough samples"
+            reason += f"; {count_devices(removed)} removed from the fleet before reporting enough samples"
         return replace(wave, devices=devices, decision="proceed", reason=reason, decided_at=self._now())
 
 
-def _devices(count: int) -> str:
+def count_devices(count: int) -> str:
+    """Return '1 device' or 'N devices'."""
     return "1 device" if count == 1 else f"{count} devices"
