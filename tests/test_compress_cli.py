@@ -210,7 +210,7 @@ def test_add_distilled_pending(server: OrchestratorThread, tmp_path: Path, capsy
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--variant-kind", "int8", "--evaluation", "demo-photos"], "not to int8"),
+        (["--variant-kind", "onnx-fp32", "--evaluation", "demo-photos"], "not to onnx-fp32"),
         (["--evaluation", "demo-photos"], "not to a new version"),
         (["--variant-kind", "pruned", "--max-accuracy-drop", "2"], "--max-accuracy-drop given without --evaluation"),
     ],

@@ -355,7 +355,7 @@ def upload_requests(
 
 # The upload kinds that the orchestrator stores as pending until a gate job measures them; the same as
 # edgefleet.orchestrator.handlers.catalog.GATED_UPLOAD_KINDS, which a test keeps equal.
-GATED_UPLOAD_KINDS = ("pruned", "distilled")
+GATED_UPLOAD_KINDS = ("fp16", "int8", "pruned", "distilled", "tflite-fp16", "tflite-int8")
 
 
 def declared_format(path: Path, head: bytes) -> Any:
@@ -439,7 +439,7 @@ def check_gate_flags(args: argparse.Namespace) -> None:
     if args.variant_kind not in GATED_UPLOAD_KINDS:
         raise CliError(
             f"--evaluation applies to uploaded variants that the gate measures (--variant-kind "
-            f"{' or '.join(GATED_UPLOAD_KINDS)}), not to {args.variant_kind or 'a new version'}",
+            f"{', '.join(GATED_UPLOAD_KINDS)}), not to {args.variant_kind or 'a new version'}",
             EXIT_USAGE,
         )
 
@@ -819,8 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--evaluation",
         metavar="SOURCE",
-        help="for --variant-kind pruned or distilled: gate the variant on this data (demo-photos, digits, an image "
-        "folder or an .npz file on the orchestrator host); without it the variant stays pending, never deployed",
+        help="for a lossy --variant-kind (int8, fp16, pruned, distilled, tflite-int8, tflite-fp16): gate the "
+        "variant on this data (demo-photos, digits, an image folder or an .npz file on the orchestrator host); "
+        "without it the variant stays pending, never deployed",
     )
     sub.add_argument(
         "--max-accuracy-drop",

@@ -583,6 +583,49 @@ def test_gate_job_accepts_upload(gated_uploads: GatedUploads) -> None:
     server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:pruned"), timeout=30)
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_upload_lossy_kind_pending(gated_uploads: GatedUploads, kind: str) -> None:
+    """Lower precision made outside the orchestrator waits for the gate too, as pruning does."""
+    server = gated_uploads.server
+
+    upload(server, tiny_conv_onnx(seed=0), "tiny", "1", variant_kind=kind)
+
+    assert variant_by_id(server, f"tiny:1:{kind}").status == "pending"
+    error = rpc_error(lambda: server.operator.Deploy(deploy_request(gated_uploads, f"tiny:1:{kind}"), timeout=30))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_upload_fp32_conversion_accepted(gated_uploads: GatedUploads) -> None:
+    server = gated_uploads.server
+
+    upload(server, tiny_conv_onnx(), "tiny", "1", variant_kind="onnx-fp32")
+
+    assert variant_by_id(server, "tiny:1:onnx-fp32").status == "accepted"
+    server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:onnx-fp32"), timeout=30)
+
+
+def test_gate_job_accepts_uploaded_int8(gated_uploads: GatedUploads, tmp_path: Path) -> None:
+    """An int8 QDQ file quantized outside the orchestrator is measured and accepted by a gate job."""
+    from edgefleet.orchestrator.compress.quantize import quantize_static_qdq
+
+    server = gated_uploads.server
+    (tmp_path / "tiny.onnx").write_bytes(tiny_conv_onnx())
+    calibration = np.load(gated_uploads.evaluation["npz"])["input"]
+    quantize_static_qdq(tmp_path / "tiny.onnx", tmp_path / "tiny-int8.onnx", calibration)
+    upload(server, (tmp_path / "tiny-int8.onnx").read_bytes(), "tiny", "1", variant_kind="int8")
+    recipe = {"gate": {"variant": "tiny:1:int8", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 100}}
+
+    job = wait_job(server.operator, create(server, recipe).job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    int8 = variant_by_id(server, "tiny:1:int8")
+    assert int8.status == "accepted", int8.rejection_reason
+    assert int8.accuracy_metric == "top1"
+    assert 0.0 <= int8.accuracy <= 1.0
+    assert sorted(int8.latency_ms) == ["threads=1", "threads=2"]
+    server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:int8"), timeout=30)
+
+
 def test_gate_job_rejects_upload(gated_uploads: GatedUploads) -> None:
     server = gated_uploads.server
     recipe = {"gate": {"variant": "tiny:1:distilled", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 0}}
