@@ -64,18 +64,19 @@ class Reconciler:
     _last_progress: dict[str, float] = field(default_factory=dict)
 
     def reported_state(self) -> agent_pb2.ReportedState:
-        """Return the status of each desired model, after the variant that still serves it when that differs.
+        """Return the status of each desired model, then the variant that still serves it when that differs.
 
         While a new variant downloads or loads, and after it failed, the host keeps serving the previous
         one. Reporting that one too lets the orchestrator reject deleting a version that still serves.
+        The desired model's status comes first, so readers that take the first status of a model see it.
         """
         models: list[agent_pb2.ModelStatus] = []
         for name in sorted(self.statuses):
             status = self.statuses[name]
+            models.append(status)
             still_served = self._still_served_status(name, status)
             if still_served is not None:
                 models.append(still_served)
-            models.append(status)
         return agent_pb2.ReportedState(desired_generation=self.generation, models=models)
 
     def _still_served_status(self, name: str, status: agent_pb2.ModelStatus) -> agent_pb2.ModelStatus | None:

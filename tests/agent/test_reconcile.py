@@ -235,7 +235,7 @@ def test_redeploy_clears_failed_status(
 def test_failed_deploy_reports_served_version(
     tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
 ) -> None:
-    """After a failed deploy the report lists the version that keeps serving before the failed one."""
+    """After a failed deploy the report lists the failed version, then the one that keeps serving."""
     good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
     bad = assignment(artifacts, onnx_failing_reshape(tmp_path / "bad.onnx"), "2")
 
@@ -248,11 +248,12 @@ def test_failed_deploy_reports_served_version(
         redeployed = list(reconciler.reported_state().models)
 
     assert [(s.variant_id, s.state) for s in reported] == [
-        ("linear:1:source", MODEL_STATE_SERVING),
         ("linear:2:source", MODEL_STATE_FAILED),
+        ("linear:1:source", MODEL_STATE_SERVING),
     ]
-    assert reported[0].digest == good.digest
-    assert reported[0].model_version == "1"
-    assert reported[0].runtime == "onnxruntime"
-    assert reported[0].error == ""
+    assert reported[1].digest == good.digest
+    assert reported[1].model_version == "1"
+    assert reported[1].runtime == "onnxruntime"
+    assert reported[1].error == ""
     assert [(s.variant_id, s.state) for s in redeployed] == [("linear:1:source", MODEL_STATE_SERVING)]
+

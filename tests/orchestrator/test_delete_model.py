@@ -247,7 +247,7 @@ def test_delete_version_served_by_agent(
     deploy(catalog, device_id, SOURCE)
     wait_until(lambda: reported_states(catalog, device_id) == [(SOURCE, "serving")], "version 1 to serve")
     deploy(catalog, device_id, "linear:2:source", version="2")
-    expected = [(SOURCE, "serving"), ("linear:2:source", "failed")]
+    expected = [("linear:2:source", "failed"), (SOURCE, "serving")]
     wait_until(lambda: reported_states(catalog, device_id) == expected, "version 2 to fail")
     digests = {digest_of(catalog, SOURCE), digest_of(catalog, FP32)}
 
