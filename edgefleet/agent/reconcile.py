@@ -179,6 +179,7 @@ class Reconciler:
             served is not None
             and served.variant_id == assignment.variant_id
             and self._serving_digest(name) == assignment.digest
+            and self._requested_threads(self.serving.get(name)) == self._requested_threads(assignment)
         ):
             verified = True
             if self.verifier is not None:
@@ -335,6 +336,12 @@ class Reconciler:
             failed.variant_id,
         )
         return served
+
+    def _requested_threads(self, assignment: agent_pb2.ModelAssignment | None) -> int:
+        """Return the requested thread count of an assignment with 0 resolved to the default, or -1 for None."""
+        if assignment is None:
+            return -1
+        return assignment.threads or self.default_threads
 
     def _serving_digest(self, name: str) -> str:
         current = self.store.current(name)

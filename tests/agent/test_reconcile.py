@@ -257,3 +257,25 @@ def test_failed_deploy_reports_served_version(
     assert reported[1].error == ""
     assert [(s.variant_id, s.state) for s in redeployed] == [("linear:1:source", MODEL_STATE_SERVING)]
 
+
+def test_redeploy_other_threads_reloads(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:
+    """Deploying the served variant with another thread count loads it again with that count."""
+    default = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    two_threads = agent_pb2.ModelAssignment()
+    two_threads.CopyFrom(default)
+    two_threads.threads = 2
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[default]))
+        before = host.get("linear")
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[two_threads]))
+        after = host.get("linear")
+        status = reconciler.statuses["linear"]
+
+    assert before is not None
+    assert before.threads == 1
+    assert after is not None
+    assert after.threads == 2
+    assert status.state == MODEL_STATE_SERVING
+    assert status.threads == 2
