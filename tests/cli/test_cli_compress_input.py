@@ -85,6 +85,7 @@ def test_int8_flag_with_recipe_quantize(tmp_path: Path) -> None:
         fine_tune_steps=None,
         evaluation=None,
         max_accuracy_drop=None,
+        gate=None,
     )
 
     assert compress.build_recipe(args)["quantize"]["calibration_size"] == 8
