@@ -790,6 +790,24 @@ def test_desired_state_unknown(store: Store) -> None:
         store.get_desired_state("ghost")
 
 
+def test_readmitted_device_continues_generations(fleet: Store) -> None:
+    """A removed id registered again starts above its last generation, so its agent accepts new counters."""
+    fleet.set_assignment(_assignment(fleet.get_variant("effnet-1-source")))
+    fleet.set_assignment(_assignment(fleet.get_variant("mobilenet-1-source")))
+    fleet.remove_device("dev-1", NOW)
+    removed = fleet.get_removed_device("dev-1")
+
+    _register(fleet, key=KEY_B, now=NOW + timedelta(seconds=1))
+    generation_after = fleet.get_desired_state("dev-1")
+    next_generation = fleet.set_assignment(_assignment(fleet.get_variant("effnet-1-source")))
+
+    assert removed is not None
+    assert removed.desired_generation == 2
+    assert generation_after == (3, [])
+    assert next_generation == 4
+    assert fleet.get_removed_device("dev-1") is None
+
+
 def test_desired_generation_on_device(fleet: Store) -> None:
     fleet.set_assignment(_assignment(fleet.get_variant("effnet-1-source")))
     device = fleet.get_device("dev-1")

@@ -14,7 +14,7 @@ import pytest
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
 from edgefleet.demo.processes import LocalFleet
 from edgefleet.v1 import agent_pb2, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2, operator_pb2_grpc
-from tests.servers import STEP_TIMEOUT_S, linear_onnx, linear_weights, upload_requests
+from tests.servers import STEP_TIMEOUT_S, linear_onnx, linear_weights, upload_requests, wait_until
 
 INPUT = np.arange(4, dtype=np.float32).reshape(1, 4)
 
@@ -110,3 +110,42 @@ def test_fleet_refuses_tampered_artifact_and_signature(fleet: LocalFleet) -> Non
     assert "signature" in forged.error
     assert after_forgery[0] == "1"
     np.testing.assert_allclose(after_forgery[1], expected(0), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_reenrolled_device_takes_deploys(fleet: LocalFleet) -> None:
+    """A removed device enrolled again with its old state directory accepts the next signed deploy."""
+    stub = operator(fleet)
+    stub.UploadModel(upload_requests(linear_onnx(0), "linear", "1"), timeout=120)
+    # Two deploys raise the agent's anti-rollback counter of the model to 2.
+    for _ in range(2):
+        wait_for_generation(fleet, deploy_generation(fleet))
+
+    stub.RemoveDevice(operator_pb2.RemoveDeviceRequest(device_id="ecu-1"), timeout=STEP_TIMEOUT_S)
+    exit_code = fleet.agents["ecu-1"].popen.wait(STEP_TIMEOUT_S)
+    fleet.start_agent("ecu-1", "car-ecu", "--max-backoff-s", "0.5")
+    fleet.wait_for_devices(1)
+    wait_for_generation(fleet, deploy_generation(fleet))
+    device = stub.GetDevice(operator_pb2.GetDeviceRequest(device_id="ecu-1"), timeout=STEP_TIMEOUT_S)
+    status = next(m for m in device.models if m.model_name == "linear")
+
+    assert exit_code == 2
+    assert status.state == common_pb2.MODEL_STATE_SERVING, status.error
+    assert infer(fleet)[0] == "1"
+
+
+def deploy_generation(fleet: LocalFleet) -> int:
+    """Deploy linear:1 to ecu-1; return the desired generation that carries it."""
+    request = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id="ecu-1")
+    return operator(fleet).Deploy(request, timeout=STEP_TIMEOUT_S).device.desired_generation
+
+
+def wait_for_generation(fleet: LocalFleet, generation: int) -> None:
+    """Wait until ecu-1 reports that it applied the given desired generation."""
+    stub = operator(fleet)
+    request = operator_pb2.GetDeviceRequest(device_id="ecu-1")
+    wait_until(
+        lambda: stub.GetDevice(request, timeout=STEP_TIMEOUT_S).reported_generation == generation,
+        f"ecu-1 to apply generation {generation}",
+        timeout_s=60,
+    )

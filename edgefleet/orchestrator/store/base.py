@@ -55,6 +55,7 @@ class RemovedDevice:
     device_id: str
     instance_key_hash: str
     removed_at: datetime
+    desired_generation: int = 0
 
 
 @dataclass(frozen=True)

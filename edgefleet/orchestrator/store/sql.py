@@ -98,10 +98,21 @@ class SqlStore(SqlTransactions, Store):
             conflict = queries.register(
                 connection, device_id, instance_key_hash, hardware, labels, agent_version, peer, now
             )
+            if conflict is None:
+                # The caller admitted this registration, so a removed device is a fleet member again. Its
+                # generations continue above the last one it was sent, because they are the counters of its
+                # signed assignments, and its agent rejects counters below those of models it has run.
+                removed_generation = connection.execute(
+                    sa.select(removed_devices.c.desired_generation).where(removed_devices.c.device_id == device_id)
+                ).scalar()
+                if removed_generation is not None:
+                    connection.execute(sa.delete(removed_devices).where(removed_devices.c.device_id == device_id))
+                    connection.execute(
+                        sa.update(devices)
+                        .where(devices.c.device_id == device_id, devices.c.desired_generation <= removed_generation)
+                        .values(desired_generation=removed_generation + 1)
+                    )
             device = None if conflict else queries.load_device(connection, device_id)
-            if device is not None:
-                # The caller admitted this registration, so a removed device is a fleet member again.
-                connection.execute(sa.delete(removed_devices).where(removed_devices.c.device_id == device_id))
 
         if conflict is not None:
             logger.warning(
@@ -220,11 +231,14 @@ class SqlStore(SqlTransactions, Store):
     def remove_device(self, device_id: str, now: datetime, *, force: bool = False) -> DeviceRemoval:
         rows.require_aware("now", now)
         with self._write() as connection:
-            instance_key_hash = connection.execute(
-                sa.select(devices.c.instance_key_hash).where(devices.c.device_id == device_id).with_for_update()
-            ).scalar()
-            if instance_key_hash is None:
+            stored = connection.execute(
+                sa.select(devices.c.instance_key_hash, devices.c.desired_generation)
+                .where(devices.c.device_id == device_id)
+                .with_for_update()
+            ).first()
+            if stored is None:
                 raise NotFoundError(f"device {device_id!r} not found")
+            instance_key_hash, desired_generation = stored.instance_key_hash, stored.desired_generation
             rollout_ids = queries.rollouts_including(connection, device_id, sorted(ACTIVE_STATES))
             if rollout_ids and not force:
                 raise DeleteBlockedError(
@@ -242,11 +256,19 @@ class SqlStore(SqlTransactions, Store):
                     enrollment_tokens.c.device_id == device_id, enrollment_tokens.c.used_at.is_(None)
                 )
             )
-            removed = RemovedDevice(device_id=device_id, instance_key_hash=instance_key_hash, removed_at=now)
+            removed = RemovedDevice(
+                device_id=device_id,
+                instance_key_hash=instance_key_hash,
+                removed_at=now,
+                desired_generation=desired_generation,
+            )
             connection.execute(sa.delete(removed_devices).where(removed_devices.c.device_id == device_id))
             connection.execute(
                 sa.insert(removed_devices).values(
-                    device_id=device_id, instance_key_hash=instance_key_hash, removed_at=now
+                    device_id=device_id,
+                    instance_key_hash=instance_key_hash,
+                    removed_at=now,
+                    desired_generation=desired_generation,
                 )
             )
         return DeviceRemoval(removed=removed, rollout_ids=tuple(rollout_ids))
@@ -257,7 +279,10 @@ class SqlStore(SqlTransactions, Store):
         if row is None:
             return None
         return RemovedDevice(
-            device_id=row.device_id, instance_key_hash=row.instance_key_hash, removed_at=row.removed_at
+            device_id=row.device_id,
+            instance_key_hash=row.instance_key_hash,
+            removed_at=row.removed_at,
+            desired_generation=row.desired_generation,
         )
 
     # Models and variants

@@ -230,4 +230,7 @@ removed_devices = sa.Table(
     sa.Column("device_id", sa.String, primary_key=True),
     sa.Column("instance_key_hash", sa.String, nullable=False),
     sa.Column("removed_at", UtcDateTime, nullable=False),
+    # The device's desired generation when it was removed. A readmitted id continues above it, because
+    # its agent rejects signed assignments whose counter is below one it has run.
+    sa.Column("desired_generation", sa.BigInteger, nullable=False, server_default="0"),
 )
