@@ -125,9 +125,12 @@ def test_reenrolled_device_takes_deploys(fleet: LocalFleet) -> None:
     exit_code = fleet.agents["ecu-1"].popen.wait(STEP_TIMEOUT_S)
     fleet.start_agent("ecu-1", "car-ecu", "--max-backoff-s", "0.5")
     fleet.wait_for_devices(1)
+    # The agent serves linear:1 from its state directory until the readmitted device's empty desired state
+    # arrives. Deploying after that makes the agent load and verify the assignment again.
+    readmitted = stub.GetDevice(operator_pb2.GetDeviceRequest(device_id="ecu-1"), timeout=STEP_TIMEOUT_S)
+    wait_for_generation(fleet, readmitted.desired_generation)
     wait_for_generation(fleet, deploy_generation(fleet))
-    device = stub.GetDevice(operator_pb2.GetDeviceRequest(device_id="ecu-1"), timeout=STEP_TIMEOUT_S)
-    status = next(m for m in device.models if m.model_name == "linear")
+    status = wait_until(lambda: finished_status(fleet), "ecu-1 to finish loading linear:1", timeout_s=60)
 
     assert exit_code == 2
     assert status.state == common_pb2.MODEL_STATE_SERVING, status.error
@@ -138,6 +141,13 @@ def deploy_generation(fleet: LocalFleet) -> int:
     """Deploy linear:1 to ecu-1; return the desired generation that carries it."""
     request = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id="ecu-1")
     return operator(fleet).Deploy(request, timeout=STEP_TIMEOUT_S).device.desired_generation
+
+
+def finished_status(fleet: LocalFleet) -> agent_pb2.ModelStatus | None:
+    """Return ecu-1's status of linear once it is serving or failed, else None."""
+    device = operator(fleet).GetDevice(operator_pb2.GetDeviceRequest(device_id="ecu-1"), timeout=STEP_TIMEOUT_S)
+    done = (common_pb2.MODEL_STATE_SERVING, common_pb2.MODEL_STATE_FAILED)
+    return next((m for m in device.models if m.model_name == "linear" and m.state in done), None)
 
 
 def wait_for_generation(fleet: LocalFleet, generation: int) -> None:
