@@ -333,6 +333,9 @@ class Agent:
             self.identity = replace(self.identity, device_id=response.device_id)
             save_identity(self.config.state_dir, self.identity)
             self.downloader.device_id = response.device_id
+            # A state directory reused after identity.json was deleted keeps the former id's counters,
+            # which would reject the new id's first assignments.
+            await asyncio.to_thread(self.verifier.clear_counters, response.device_id)
         self.verifier.device_id = self.device_id
         try:
             await asyncio.to_thread(self.verifier.update_keys, response.trusted_keys, first_use=True)

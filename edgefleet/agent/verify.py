@@ -158,6 +158,26 @@ class ArtifactVerifier:
                 "(an operator can order a rollback with `edgefleet deploy --rollback`)"
             )
 
+    def clear_counters(self, device_id: str) -> None:
+        """Drop the counters of another device id, because the orchestrator assigned this agent a new one.
+
+        Signatures bind the device id, so no assignment signed for the former id verifies for the new
+        one, and the new id's generations, which are its counters, start again at 1.
+        """
+        with self._lock:
+            if not self.counters:
+                return
+            dropped = self.counters
+            self.counters = {}
+            _save_json(
+                self.state_dir / COUNTERS_FILE, self.counters, f"the cleared anti-rollback counters of {device_id}"
+            )
+        log.info(
+            "cleared the anti-rollback counters of models %s, which belong to a former device id; now device_id=%s",
+            ", ".join(sorted(dropped)),
+            device_id,
+        )
+
     def accept(self, assignment: agent_pb2.ModelAssignment) -> None:
         """Record the counter of an assignment that now runs; a rollback may lower it."""
         with self._lock:

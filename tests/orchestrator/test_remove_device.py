@@ -310,6 +310,55 @@ def test_removed_agent_exits(orchestrator: OrchestratorThread, start_agent: Call
     assert listed_ids(orchestrator) == [new_id]
 
 
+@pytest.mark.slow
+def test_readded_agent_takes_deploys(orchestrator: OrchestratorThread, start_agent: Callable[..., AgentThread]) -> None:
+    """An agent added back under a new id, with its old state directory, accepts that id's first deploy."""
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    agent = start_agent(orchestrator.address, "edge")
+    device_id = wait_until(lambda: agent.agent.device_id, "the agent to register")
+    wait_until(lambda: device_id in orchestrator.state.hub.sessions, "the agent's control stream")
+    # Two deploys raise the agent's anti-rollback counter of the model to 2.
+    for generation in (1, 2):
+        deploy_model(orchestrator, device_id)
+        wait_for_generation(orchestrator, device_id, generation)
+    remove(orchestrator, device_id)
+    agent.join()
+    (agent.agent.config.state_dir / IDENTITY_FILE).unlink()
+
+    fresh = start_agent(orchestrator.address, "edge")
+    new_id = wait_until(lambda: fresh.agent.device_id, "the agent to register as a new device")
+    wait_until(lambda: new_id in orchestrator.state.hub.sessions, "the new device's control stream")
+    generation = deploy_model(orchestrator, new_id)
+    # The agent first restores the former id's desired state, whose signatures fail for the new id.
+    wait_for_generation(orchestrator, new_id, generation)
+    status = wait_until(lambda: model_status(orchestrator, new_id), "the new device to report the model")
+
+    assert status.state == common_pb2.MODEL_STATE_SERVING, status.error
+    assert fresh.agent.verifier.counters == {MODEL: 1}
+
+
+def deploy_model(orchestrator: OrchestratorThread, device_id: str) -> int:
+    """Deploy MODEL:1 to the device; return its new desired generation."""
+    request = operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=device_id)
+    return orchestrator.operator.Deploy(request, timeout=30).device.desired_generation
+
+
+def wait_for_generation(orchestrator: OrchestratorThread, device_id: str, generation: int) -> None:
+    """Wait until the device reports that it applied the given desired generation."""
+    request = operator_pb2.GetDeviceRequest(device_id=device_id)
+    wait_until(
+        lambda: orchestrator.operator.GetDevice(request, timeout=30).reported_generation == generation,
+        f"{device_id} to apply generation {generation}",
+    )
+
+
+def model_status(orchestrator: OrchestratorThread, device_id: str) -> agent_pb2.ModelStatus | None:
+    """Return the device's status of MODEL once it is serving or failed, else None."""
+    device = orchestrator.operator.GetDevice(operator_pb2.GetDeviceRequest(device_id=device_id), timeout=30)
+    done = (common_pb2.MODEL_STATE_SERVING, common_pb2.MODEL_STATE_FAILED)
+    return next((m for m in device.models if m.model_name == MODEL and m.state in done), None)
+
+
 # Rollouts
 
 
