@@ -140,20 +140,33 @@ def runtime_operator_domains() -> frozenset[str]:
     )
 
 
-def _check_operator_domains(model: onnx.ModelProto, source: str) -> None:
-    """Raise ModelFileError naming the first node whose operator domain onnxruntime does not register.
+@functools.cache
+def runtime_operators() -> frozenset[tuple[str, str]]:
+    """Return the (domain, op_type) pairs that the installed onnxruntime registers schemas for."""
+    from onnxruntime.capi import onnxruntime_pybind11_state
 
-    Nodes that call one of the model's own functions are allowed, because onnxruntime inlines them.
-    Subgraphs (If, Loop, Scan bodies) and function bodies are checked too.
+    return frozenset((schema.domain, schema.name) for schema in onnxruntime_pybind11_state.get_all_operator_schema())
+
+
+def _check_operator_domains(model: onnx.ModelProto, source: str) -> None:
+    """Raise ModelFileError naming the first node whose operator onnxruntime does not register.
+
+    That is a node of an unknown domain, or of an operator that a known domain other than ai.onnx
+    lacks (onnx.checker checks ai.onnx operators). Nodes that call one of the model's own functions
+    are allowed, because onnxruntime inlines them. Subgraphs (If, Loop, Scan bodies) and function
+    bodies are checked too.
     """
     known = runtime_operator_domains()
+    operators = runtime_operators()
     local_functions = {(function.domain, function.name) for function in model.functions}
     graphs: list[tuple[str, Sequence[onnx.NodeProto]]] = [("the main graph", model.graph.node)]
     graphs.extend((f"function {function.domain}:{function.name}", function.node) for function in model.functions)
     while graphs:
         where, nodes = graphs.pop()
         for node in nodes:
-            if node.domain not in known and (node.domain, node.op_type) not in local_functions:
+            if (node.domain, node.op_type) in local_functions or node.domain in _DEFAULT_DOMAINS:
+                pass
+            elif node.domain not in known:
                 import onnxruntime
 
                 shown_known = ", ".join(sorted({domain or "ai.onnx" for domain in known}))
@@ -162,6 +175,15 @@ def _check_operator_domains(model: onnx.ModelProto, source: str) -> None:
                     f"operator domain {node.domain!r}, which onnxruntime {onnxruntime.__version__} does not "
                     f"provide, so devices cannot load the model (known domains: {shown_known}); replace the "
                     "custom operator with standard ONNX operators and upload again"
+                )
+            elif (node.domain, node.op_type) not in operators:
+                import onnxruntime
+
+                raise ModelFileError(
+                    f"ONNX model {source}: node {_node_name(node)} (in {where}) uses operator "
+                    f"{node.domain}:{node.op_type}, which onnxruntime {onnxruntime.__version__} does not provide, "
+                    "so devices cannot load the model; check the op_type's spelling, or replace the operator "
+                    "with standard ONNX operators, and upload again"
                 )
             for attribute in node.attribute:
                 subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
@@ -190,8 +212,7 @@ def _parse_model(content: bytes, source: str) -> onnx.ModelProto:
         model.ParseFromString(content)
     except DecodeError as error:
         raise ModelFileError(
-            f"ONNX model {source} is corrupt or truncated: protobuf parsing failed ({error}); "
-            "upload the complete file"
+            f"ONNX model {source} is corrupt or truncated: protobuf parsing failed ({error}); upload the complete file"
         ) from error
     if not model.HasField("graph"):
         raise not_a_model_error(source)
@@ -332,9 +353,7 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     )
 
 
-def _infer_static_shapes(
-    model: onnx.ModelProto, initializer_names: set[str], source: str
-) -> dict[str, _TensorInfo]:
+def _infer_static_shapes(model: onnx.ModelProto, initializer_names: set[str], source: str) -> dict[str, _TensorInfo]:
     """Run shape inference with every dynamic input axis set to 1 and collect every tensor's type."""
     static = onnx.ModelProto()
     static.CopyFrom(model)
@@ -356,9 +375,7 @@ def _infer_static_shapes(
             tensor_type = value.type.tensor_type
             shape: Shape | None = None
             if tensor_type.HasField("shape"):
-                shape = tuple(
-                    int(dim.dim_value) if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim
-                )
+                shape = tuple(int(dim.dim_value) if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim)
             tensors[value.name] = _TensorInfo(tensor_type.elem_type, shape)
     for tensor in graph.initializer:
         tensors[tensor.name] = _TensorInfo(tensor.data_type, tuple(int(d) for d in tensor.dims))
@@ -462,9 +479,7 @@ def _constants(graph: onnx.GraphProto) -> list[_Constant]:
     them for weights. Constants inside If, Loop or Scan subgraphs are not listed.
     """
     constants = [_Constant(t.name, t.data_type, math.prod(t.dims)) for t in graph.initializer]
-    constants.extend(
-        _Constant(s.values.name, s.values.data_type, math.prod(s.dims)) for s in graph.sparse_initializer
-    )
+    constants.extend(_Constant(s.values.name, s.values.data_type, math.prod(s.dims)) for s in graph.sparse_initializer)
     for node in graph.node:
         if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS or not node.output:
             continue
@@ -521,9 +536,7 @@ def _precision(graph: onnx.GraphProto, constants: list[_Constant]) -> str:
 def _peak_activation_bytes(
     graph: onnx.GraphProto, initializer_names: set[str], tensors: Mapping[str, _TensorInfo]
 ) -> int:
-    steps = [
-        ([name for name in node.input if name], [name for name in node.output if name]) for node in graph.node
-    ]
+    steps = [([name for name in node.input if name], [name for name in node.output if name]) for node in graph.node]
     constants = propagate_constants(steps, initializer_names)
     sizes: dict[str, int] = {}
     for name, info in tensors.items():

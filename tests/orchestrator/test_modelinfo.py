@@ -309,6 +309,20 @@ def test_custom_domain_in_subgraph_rejected() -> None:
         inspect_model(_domain_model(nodes, {"": 17, "com.example": 1}))
 
 
+def test_unknown_operator_of_runtime_domain_rejected() -> None:
+    """A domain that onnxruntime ships does not make every op_type in it loadable."""
+    node = helper.make_node("NotAnOp", ["x"], ["y"], name="typo_1", domain="com.microsoft")
+    content = _domain_model([node], {"": 17, "com.microsoft": 1})
+
+    with pytest.raises(ModelFileError) as caught:
+        inspect_model(content, "typo.onnx")
+
+    message = str(caught.value)
+    assert "ONNX model typo.onnx: node 'typo_1' (in the main graph) uses operator com.microsoft:NotAnOp" in message
+    assert "devices cannot load the model" in message
+    assert "check the op_type's spelling" in message
+
+
 def test_runtime_domains_accepted() -> None:
     """Operators of the domains onnxruntime ships, and calls of the model's own functions, load on devices."""
     gelu = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
