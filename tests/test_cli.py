@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 from edgefleet.common.errors import EXIT_UNAVAILABLE
-from tests.servers import OrchestratorThread, cli_command, hardware_message, linear_onnx, register, upload
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
+from tests.servers import (
+    ControlStream,
+    OrchestratorThread,
+    cli_command,
+    get_device,
+    hardware_message,
+    linear_onnx,
+    register,
+    upload,
+    wait_until,
+)
 
 pytest_plugins = ["tests.servers"]
 
@@ -221,7 +232,43 @@ def test_deploy_wait_times_out(fleet: OrchestratorThread) -> None:
     )
 
     assert deployed.returncode == 75, deployed.stderr
-    assert "timed out after 1 s waiting for linear:1:source on plc-01 (state: not reported yet)" in deployed.stderr
+    assert (
+        "timed out after 1 s waiting for linear:1:source on plc-01 "
+        "(state: not reported yet; the device reports generation 0 of 1)"
+    ) in deployed.stderr
+
+
+def test_deploy_wait_ignores_earlier_report(
+    fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]
+) -> None:
+    """A redeploy of the served variant waits for the new generation, not the report of the one before."""
+    upload(fleet, linear_onnx(), "linear", "1")
+    device_id, key = register(fleet.agent, "edge-01")
+    deploy = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id=device_id)
+    assignment = fleet.operator.Deploy(deploy, timeout=30).assignment
+    stream = open_stream(fleet.agent)
+    stream.hello(device_id, key, generation=1)
+    status = agent_pb2.ModelStatus(
+        model_name="linear",
+        model_version="1",
+        variant_id=assignment.variant_id,
+        digest=assignment.digest,
+        state=common_pb2.MODEL_STATE_SERVING,
+        runtime="onnxruntime",
+        threads=1,
+    )
+    status.updated_at.GetCurrentTime()
+    stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(desired_generation=1, models=[status])))
+    wait_until(lambda: get_device(fleet, device_id).reported_generation == 1, "generation 1 to be reported")
+
+    # The device reports nothing more, so it never applies generation 2.
+    deployed = run_cli(
+        "--orchestrator", fleet.address, "deploy", "--model", "linear:1", "--device", device_id,
+        "--threads", "2", "--wait", "1",
+    )  # fmt: skip
+
+    assert deployed.returncode == 75, deployed.stdout
+    assert "(state: serving; the device reports generation 1 of 2)" in deployed.stderr
 
 
 def test_models_add_conflict(fleet: OrchestratorThread, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
 from edgefleet.common.models import is_tflite
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
-from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
+from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 
 # The orchestrator's operator port (TLS with API tokens); with --insecure one plaintext port serves all.
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50052"
@@ -560,7 +560,8 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     assignment = response.assignment
     device = views.device_view(response.device)
     if args.wait > 0:
-        device = wait_for_state(client, args.device, assignment.model_name, assignment.variant_id, args.wait)
+        generation = response.device.desired_generation
+        device = wait_for_state(client, args.device, assignment, generation, args.wait)
     result = {
         "device_id": args.device,
         "model": assignment.model_name,
@@ -597,16 +598,26 @@ def threads_notice(requested: int, assigned: int, device: dict[str, Any]) -> str
     )
 
 
-def wait_for_state(client: Client, device_id: str, model: str, variant_id: str, timeout_s: float) -> dict[str, Any]:
-    """Poll the device until the model is serving or failed on the desired variant, or timeout_s passes."""
+def wait_for_state(
+    client: Client, device_id: str, assignment: agent_pb2.ModelAssignment, generation: int, timeout_s: float
+) -> dict[str, Any]:
+    """Poll the device until it reports the assigned variant serving or failed, or timeout_s passes.
+
+    Only a report of desired generation `generation` or later counts. An earlier one may show the same
+    variant serving as it ran before this deploy, with other threads, or before a failed deploy.
+    """
+    model, variant_id = assignment.model_name, assignment.variant_id
     deadline = time.monotonic() + timeout_s
     while True:
         device = views.device_view(client.call("GetDevice", operator_pb2.GetDeviceRequest(device_id=device_id)))
         status = next((m for m in device["models"] if m["model"] == model and m["variant_id"] == variant_id), None)
-        if status is not None and status["state"] in ("serving", "failed"):
+        applied = device["reported_generation"] >= generation
+        if applied and status is not None and status["state"] in ("serving", "failed"):
             return device
         if time.monotonic() > deadline:
             shown = status["state"] if status else "not reported yet"
+            if not applied:
+                shown += f"; the device reports generation {device['reported_generation']} of {generation}"
             raise CliError(
                 f"timed out after {timeout_s:g} s waiting for {variant_id} on {device_id} (state: {shown})",
                 EXIT_TIMEOUT,
