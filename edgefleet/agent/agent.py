@@ -22,7 +22,7 @@ from edgefleet.agent.identity import Identity, load_identity, lock_state_dir, sa
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.metrics import MetricsRecorder
 from edgefleet.agent.profiles import EnforcedLimits
-from edgefleet.agent.reconcile import Reconciler
+from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
 from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.agent.tensor_socket import TensorSocketServer
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
@@ -251,7 +251,16 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self.local_api.start()
         self.tensor_socket.start()
-        await asyncio.to_thread(self.reconciler.restore)
+        if self.device_id:
+            await asyncio.to_thread(self.reconciler.restore)
+        elif (self.config.state_dir / DESIRED_FILE).exists():
+            # The file belongs to a former device id, since identity.json has none, and no signature in it
+            # verifies for the id that the orchestrator assigns next.
+            log.info(
+                "not serving the models of %s, which a former device id received; waiting for the desired state "
+                "of the new id",
+                self.config.state_dir / DESIRED_FILE,
+            )
         if self.host.list():
             self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
         channel = (

@@ -311,7 +311,9 @@ def test_removed_agent_exits(orchestrator: OrchestratorThread, start_agent: Call
 
 
 @pytest.mark.slow
-def test_readded_agent_takes_deploys(orchestrator: OrchestratorThread, start_agent: Callable[..., AgentThread]) -> None:
+def test_readded_agent_takes_deploys(
+    orchestrator: OrchestratorThread, start_agent: Callable[..., AgentThread], caplog: pytest.LogCaptureFixture
+) -> None:
     """An agent added back under a new id, with its old state directory, accepts that id's first deploy."""
     upload(orchestrator, linear_onnx(1), MODEL, "1")
     agent = start_agent(orchestrator.address, "edge")
@@ -324,6 +326,7 @@ def test_readded_agent_takes_deploys(orchestrator: OrchestratorThread, start_age
     remove(orchestrator, device_id)
     agent.join()
     (agent.agent.config.state_dir / IDENTITY_FILE).unlink()
+    caplog.clear()
 
     fresh = start_agent(orchestrator.address, "edge")
     new_id = wait_until(lambda: fresh.agent.device_id, "the agent to register as a new device")
@@ -335,6 +338,11 @@ def test_readded_agent_takes_deploys(orchestrator: OrchestratorThread, start_age
 
     assert status.state == common_pb2.MODEL_STATE_SERVING, status.error
     assert fresh.agent.verifier.counters == {MODEL: 1}
+    # The desired state that the former id received is not restored, so its signatures fail nowhere.
+    agent_errors = [
+        r.getMessage() for r in caplog.records if r.name.startswith("edgefleet.agent") and r.levelno >= logging.ERROR
+    ]
+    assert agent_errors == []
 
 
 def deploy_model(orchestrator: OrchestratorThread, device_id: str) -> int:
