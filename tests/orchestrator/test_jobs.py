@@ -680,8 +680,10 @@ def test_gate_job_create_rejected(
         (np.zeros(4, np.float32), "contains float32 (4,); expected a 1-D integer array"),
         (np.zeros((4, 2), np.int64), "contains int64 (4, 2); expected a 1-D integer array"),
         (None, "as .npy"),
+        (np.array([0, 9, -1, 3]), "holds class -1 at sample 2 (1 of 4 labels out of range)"),
+        (np.array([0, 10, 12]), "holds class 10 at sample 1 (2 of 3 labels out of range), but the model outputs 10"),
     ],
-    ids=["float", "2-d", "not-npy"],
+    ids=["float", "2-d", "not-npy", "negative", "past-classes"],
 )
 def test_create_rejects_labels(
     tiny: OrchestratorThread, tmp_path: Path, labels: np.ndarray | None, expected: str

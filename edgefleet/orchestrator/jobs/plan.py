@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +118,7 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata, gated: Variant | Non
             "produces no variant: add a [quantize] section (or [tflite] for a TFLite source), "
             "or set gate.variant to gate an uploaded variant",
         )
-    return _finish_plan(data, recipe, tuple(planned), metadata.inputs)
+    return _finish_plan(data, recipe, tuple(planned), metadata)
 
 
 def _plan_gate_only(data: dict[str, Any], recipe: Recipe, metadata: ModelMetadata, gated: Variant | None) -> JobPlan:
@@ -132,18 +133,20 @@ def _plan_gate_only(data: dict[str, Any], recipe: Recipe, metadata: ModelMetadat
     if gated is None or gated.variant_id != recipe.gate.variant:
         raise PlanError("gate.variant", f"{recipe.gate.variant!r} is not a variant of this model version")
     planned = PlannedVariant(gated.kind, gated.format, gated.precision, "uploaded")
-    return _finish_plan(data, recipe, (planned,), metadata.inputs)
+    return _finish_plan(data, recipe, (planned,), metadata)
 
 
 def _finish_plan(
-    data: dict[str, Any], recipe: Recipe, planned: tuple[PlannedVariant, ...], inputs: tuple[TensorSpec, ...]
+    data: dict[str, Any], recipe: Recipe, planned: tuple[PlannedVariant, ...], metadata: ModelMetadata
 ) -> JobPlan:
     """Check the calibration and evaluation sources of the planned variants and return the plan."""
+    inputs = metadata.inputs
+    classes = _scores_per_sample(metadata)
     calibration: DataSource | None = None
     if any(p.method in ("onnx-static", "tflite-int8") for p in planned):
         assert recipe.quantize is not None
         calibration = recipe.quantize.calibration
-        _check(calibration, "quantize.calibration", inputs, recipe.quantize.calibration_size)
+        _check(calibration, "quantize.calibration", inputs, recipe.quantize.calibration_size, classes)
     evaluation = recipe.gate.evaluation
     evaluation_field = "gate.evaluation"
     if sources.is_empty(evaluation):
@@ -157,7 +160,7 @@ def _finish_plan(
                 f"(a folder, an npz or {sources.BUILTIN_PREFIX}NAME)",
             )
     else:
-        _check(evaluation, "gate.evaluation", inputs)
+        _check(evaluation, "gate.evaluation", inputs, classes=classes)
     gate = data.get("gate")
     explicit_runtimes = isinstance(gate, dict) and "runtimes" in gate
     plan = JobPlan(
@@ -221,9 +224,25 @@ def _image_size(
     return (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
 
 
-def _check(source: DataSource, field: str, inputs: tuple[TensorSpec, ...], limit: int | None = None) -> None:
+def _scores_per_sample(metadata: ModelMetadata) -> int | None:
+    """Return the scores per sample of the first output, which the gate ranks, or None when an axis is dynamic."""
+    if not metadata.outputs:
+        return None
+    axes = metadata.outputs[0].shape[1:]
+    if not axes or any(axis <= 0 for axis in axes):
+        return None
+    return math.prod(axes)
+
+
+def _check(
+    source: DataSource,
+    field: str,
+    inputs: tuple[TensorSpec, ...],
+    limit: int | None = None,
+    classes: int | None = None,
+) -> None:
     try:
-        sources.check_source(source, field, inputs, limit)
+        sources.check_source(source, field, inputs, limit, classes)
     except sources.SourceError as error:
         raise PlanError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
 

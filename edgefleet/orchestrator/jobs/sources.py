@@ -102,14 +102,21 @@ def choose_input(inputs: Sequence[TensorSpec], source: DataSource, field: str) -
     return inputs[0]
 
 
-def check_source(source: DataSource, field: str, inputs: Sequence[TensorSpec], limit: int | None = None) -> TensorSpec:
+def check_source(
+    source: DataSource,
+    field: str,
+    inputs: Sequence[TensorSpec],
+    limit: int | None = None,
+    classes: int | None = None,
+) -> TensorSpec:
     """Check, without loading the data, that source exists and fits the model input; return that input.
 
     field is the recipe path of the section ("quantize.calibration"). Folders must exist and hold
     images, .npz files must hold an array under the input's name with its dtype and fixed axes, and
     image sources must preprocess to the input's shape. A labels file must hold a 1-D integer array
-    with at least one label per sample that load_samples would load with the same limit. Raises
-    SourceError naming the field and value.
+    with at least one label per sample that load_samples would load with the same limit, each a class
+    index below classes when the model's scores per sample are known. Raises SourceError naming the
+    field and value.
     """
     spec = choose_input(inputs, source, field)
     sample_count: int | None = None  # Unknown for the built-in sources until they are loaded.
@@ -138,7 +145,7 @@ def check_source(source: DataSource, field: str, inputs: Sequence[TensorSpec], l
         path = _absolute(source.labels, f"{field}.labels")
         if not path.is_file():
             raise SourceError(f"{field}.labels", f"{source.labels!r} not found on the orchestrator host")
-        label_count = _check_labels(path, f"{field}.labels")
+        label_count = _check_labels(path, f"{field}.labels", classes)
         if sample_count is not None and source.images and limit is not None:
             # load_samples reads at most limit images of a folder, but every sample of an .npz file.
             sample_count = min(sample_count, limit)
@@ -298,10 +305,12 @@ def load_samples(source: DataSource, field: str, role: str, spec: TensorSpec, li
     return Samples(inputs=np.ascontiguousarray(inputs), labels=labels, description=describe(source))
 
 
-def _check_labels(path: Path, field: str) -> int:
-    """Check from the .npy header alone that path contains a 1-D integer array; return its length.
+def _check_labels(path: Path, field: str, classes: int | None = None) -> int:
+    """Check that path contains a 1-D integer array of class indices below classes; return its length.
 
-    Raises SourceError when the file is not .npy or the array has another dtype or rank.
+    The dtype and rank come from the .npy header; the values are read only when classes is given.
+    Raises SourceError when the file is not .npy, the array has another dtype or rank, or a label is
+    outside [0, classes).
     """
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -309,6 +318,16 @@ def _check_labels(path: Path, field: str) -> int:
         raise SourceError(field, f"cannot read {str(path)!r} as .npy: {error}") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise SourceError(field, f"{str(path)!r} contains {labels.dtype} {labels.shape}; expected a 1-D integer array")
+    if classes is not None and labels.shape[0]:
+        outside = np.flatnonzero((labels < 0) | (labels >= classes))
+        if outside.size:
+            index = int(outside[0])
+            raise SourceError(
+                field,
+                f"{str(path)!r} holds class {labels[index]} at sample {index} ({outside.size} of {labels.shape[0]} "
+                f"labels out of range), but the model outputs {classes} scores per sample; labels must be class "
+                f"indices from 0 to {classes - 1}",
+            )
     return int(labels.shape[0])
 
 
