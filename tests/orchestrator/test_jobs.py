@@ -626,6 +626,25 @@ def test_gate_job_accepts_uploaded_int8(gated_uploads: GatedUploads, tmp_path: P
     server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:int8"), timeout=30)
 
 
+def test_delete_variant_queued_gate_job(gated_uploads: GatedUploads) -> None:
+    """A queued gate job reads the uploaded variant, so deleting that variant alone is rejected."""
+    server = gated_uploads.server
+    # Without its runner the job stays queued.
+    server.state.job_runner.stop()  # type: ignore[union-attr]
+    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation}}
+    job = create(server, recipe)
+    request = operator_pb2.DeleteModelRequest(name="tiny", version="1", variant_id="tiny:1:pruned")
+
+    error = rpc_error(lambda: server.operator.DeleteModel(request, timeout=30))
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert job.job_id in (error.details() or "")
+    assert variant_by_id(server, "tiny:1:pruned").status == "pending"
+
+    server.operator.CancelCompressionJob(operator_pb2.CancelCompressionJobRequest(job_id=job.job_id), timeout=30)
+    assert list(server.operator.DeleteModel(request, timeout=30).deleted_variant_ids) == ["tiny:1:pruned"]
+
+
 def test_gate_job_rejects_upload(gated_uploads: GatedUploads) -> None:
     server = gated_uploads.server
     recipe = {"gate": {"variant": "tiny:1:distilled", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 0}}

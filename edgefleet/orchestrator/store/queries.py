@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -278,16 +279,37 @@ def jobs_using(
     states: Sequence[str],
 ) -> list[str]:
     """Return the ids, oldest first, of the jobs in states that read one of variant_ids or, with whole_version,
-    belong to name:version."""
+    belong to name:version.
+
+    A job reads its source variant and, for a gate job, the uploaded variant that its recipe's gate.variant names.
+    """
+    of_version = sa.and_(compression_jobs.c.model_name == name, compression_jobs.c.model_version == version)
     uses: sa.ColumnElement[bool] = compression_jobs.c.source_variant_id.in_(variant_ids)
-    if whole_version:
-        uses = sa.or_(uses, sa.and_(compression_jobs.c.model_name == name, compression_jobs.c.model_version == version))
+    # The gated variant belongs to the job's own version. Its id is inside the recipe JSON, which SQLite and
+    # PostgreSQL search differently, so the few active jobs of the version are filtered here.
+    uses = sa.or_(uses, of_version)
     result = connection.execute(
-        sa.select(compression_jobs.c.job_id)
+        sa.select(compression_jobs.c.job_id, compression_jobs.c.source_variant_id, compression_jobs.c.recipe_json)
         .where(uses, compression_jobs.c.state.in_(states))
         .order_by(compression_jobs.c.created_at, compression_jobs.c.job_id)
     )
-    return list(result.scalars())
+    read_ids = set(variant_ids)
+    return [
+        row.job_id
+        for row in result
+        if whole_version or row.source_variant_id in read_ids or _gated_variant_id(row.recipe_json) in read_ids
+    ]
+
+
+def _gated_variant_id(recipe_json: str) -> str:
+    """Return the gate.variant of a stored recipe, or an empty string when it gates no uploaded variant."""
+    try:
+        recipe = json.loads(recipe_json)
+    except ValueError:
+        return ""
+    gate = recipe.get("gate") if isinstance(recipe, dict) else None
+    variant_id = gate.get("variant") if isinstance(gate, dict) else None
+    return variant_id if isinstance(variant_id, str) else ""
 
 
 def unreferenced_digests(connection: Connection, digests: Sequence[str]) -> list[str]:
