@@ -252,6 +252,27 @@ def test_remove_on_other_process(
     assert "device 'edge-01' was removed from the fleet at " in end.details
 
 
+def test_removed_device_report_ends_stream(
+    orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A report that arrives after another process removed the device ends the stream with the removal error."""
+    store = orchestrator.state.store
+    device_id, key = register(orchestrator.agent, "edge-01")
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    wait_until(lambda: store.get_device(device_id).connected, "the control stream to open")  # type: ignore[union-attr]
+    # Removed in the store alone, as another orchestrator process does, so this process keeps the stream open.
+    store.remove_device(device_id, datetime.now(UTC))
+
+    with caplog.at_level(logging.INFO, logger="edgefleet.orchestrator"):
+        stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(desired_generation=0)))
+        end = stream.wait_end()
+
+    assert end.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "device 'edge-01' was removed from the fleet at " in end.details
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_removed_device_rejected(orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
     device_id, key = register(orchestrator.agent, "edge-01")
     remove(orchestrator, device_id)

@@ -201,7 +201,12 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
     logged_before = {
         (s.model_name, s.variant_id, s.error) for s in state.store.get_reported_state(device_id) if s.state == "failed"
     }
-    state.store.save_reported_state(device_id, message.desired_generation, statuses, datetime.now(UTC))
+    try:
+        state.store.save_reported_state(device_id, message.desired_generation, statuses, datetime.now(UTC))
+    except NotFoundError:
+        # Another orchestrator process removed the device while this process still has its stream open.
+        reject_if_removed(device_id, state)
+        raise NotFound(f"device {device_id!r} is not registered; register it again") from None
     for status in statuses:
         if status.state == "failed" and (status.model_name, status.variant_id, status.error) not in logged_before:
             log.warning(
