@@ -62,6 +62,7 @@ class _TensorInfo:
 def inspect_onnx(content: bytes, source: str) -> ModelMetadata:
     """Parse and check an ONNX model and estimate its cost; raise ModelFileError if it is unusable."""
     model = _parse_model(content, source)
+    _use_empty_default_domain(model)
     opset = _default_opset(model, source)
     _check_opset_supported(opset, source)
     _check_operator_domains(model, source)
@@ -189,6 +190,32 @@ def _check_operator_domains(model: onnx.ModelProto, source: str) -> None:
                 subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
                 for subgraph in subgraphs:
                     graphs.append((f"subgraph {attribute.name} of node {_node_name(node)}", subgraph.node))
+
+
+def _use_empty_default_domain(model: onnx.ModelProto) -> None:
+    """Rename the default domain "ai.onnx" to "" in the model's nodes and opset imports, in place.
+
+    onnxruntime 1.32 loads either name as the default domain, but onnx 1.23's checker and shape inference
+    reject "ai.onnx". Only the parsed model changes, and the stored file keeps its bytes.
+    """
+    opset_lists = [model.opset_import, *(function.opset_import for function in model.functions)]
+    for opset_imports in opset_lists:
+        versions = {entry.domain: entry.version for entry in opset_imports}
+        if "ai.onnx" not in versions:
+            continue
+        kept = [entry for entry in opset_imports if entry.domain != "ai.onnx"]
+        if "" not in versions:
+            kept.append(onnx.helper.make_opsetid("", versions["ai.onnx"]))
+        del opset_imports[:]
+        opset_imports.extend(kept)
+    graphs: list[Sequence[onnx.NodeProto]] = [model.graph.node, *(function.node for function in model.functions)]
+    while graphs:
+        for node in graphs.pop():
+            if node.domain == "ai.onnx":
+                node.domain = ""
+            for attribute in node.attribute:
+                subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+                graphs.extend(subgraph.node for subgraph in subgraphs)
 
 
 def _node_name(node: onnx.NodeProto) -> str:

@@ -340,6 +340,26 @@ def test_runtime_domains_accepted() -> None:
     assert inspect_model(_domain_model([call], {"": 17, "local.functions": 1}, [double])).layers == 1
 
 
+@pytest.mark.parametrize("domains", [{"": 17}, {"ai.onnx": 17}, {"": 17, "ai.onnx": 17}])
+def test_explicit_ai_onnx_domain_accepted(domains: dict[str, int]) -> None:
+    """Nodes and opset imports may name the default domain "ai.onnx" instead of "", as onnxruntime accepts."""
+    import onnxruntime
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["hidden"], domain="ai.onnx"),
+        helper.make_node("Sigmoid", ["hidden"], ["y"]),
+    ]
+    content = _domain_model(nodes, domains)
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    samples = np.array([[-1.0, 0.0, 1.0, 2.0]], np.float32)
+
+    metadata = inspect_model(content, "explicit.onnx")
+
+    assert session.run(None, {"x": samples})[0].shape == (1, 4)
+    assert metadata.layers == 2
+    assert metadata.opset == 17
+
+
 def test_int64_and_bool_accepted() -> None:
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])
     mask = helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n"])
