@@ -197,6 +197,30 @@ def test_tflite_fp16(module: torch.nn.Module, source: Path, tmp_path: Path) -> N
     assert result.status == "accepted", result.reason
 
 
+class _ChannelsLast(torch.nn.Module):
+    """The same network taking NHWC input, as TFLite models converted from TensorFlow do."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.slow
+def test_tflite_nhwc_of_nchw_source(module: torch.nn.Module, source: Path, tmp_path: Path) -> None:
+    """A channels-last TFLite variant of a channels-first ONNX source gets the samples in its own layout."""
+    nhwc_sample = samples(1, seed=0).transpose(0, 2, 3, 1).copy()
+    path = export_tflite(_ChannelsLast(module).eval(), nhwc_sample, tmp_path / "nhwc.tflite")
+
+    result = evaluate_variant(path, source, samples(16, seed=2), labels=None, runtimes=("litert",),
+                              max_accuracy_drop=0.0, threads=(1,), **FAST)
+
+    assert result.status == "accepted", result.reason
+    assert result.accuracy == 1.0
+
+
 def test_tflite_int8_needs_calibration(module: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(TfliteExportError, match="calibration"):
         export_tflite(module, samples(1, seed=0), tmp_path / "x.tflite", precision="int8")

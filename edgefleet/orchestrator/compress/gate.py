@@ -60,6 +60,8 @@ class _Runner:
         self.path = path
         self.runtime = runtime
         self.fixed_batch = 0
+        # Sizes of the input axes after the batch axis (None for a dynamic axis), or None for an unknown rank.
+        self.input_axes: tuple[int | None, ...] | None = None
         self._run: Callable[[np.ndarray], np.ndarray]
         if runtime == "onnxruntime":
             self._load_onnxruntime(threads, input_name)
@@ -88,6 +90,8 @@ class _Runner:
             raise GateError(f"input {name!r} not found in {self.path}: inputs are {[i.name for i in inputs]}")
         if batch[0] and isinstance(batch[0][0], int):
             self.fixed_batch = batch[0][0]
+        if batch[0]:
+            self.input_axes = tuple(axis if isinstance(axis, int) else None for axis in batch[0][1:])
         output = session.get_outputs()[0].name
         self._run = lambda x: session.run([output], {name: x})[0]
 
@@ -99,6 +103,8 @@ class _Runner:
         input_detail = interpreter.get_input_details()[0]
         output_detail = interpreter.get_output_details()[0]
         self.fixed_batch = 1
+        signature = input_detail.get("shape_signature", input_detail["shape"])
+        self.input_axes = tuple(int(axis) if axis >= 0 else None for axis in signature[1:])
         allocated_shape = [tuple(input_detail["shape"])]
 
         def run(batch: np.ndarray) -> np.ndarray:
@@ -115,9 +121,29 @@ class _Runner:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(batch))
 
+    def in_layout(self, batch: np.ndarray) -> np.ndarray:
+        """Return batch transposed between NCHW and NHWC when only the other layout fits the model input.
+
+        The evaluation samples have the source's layout, and a TFLite variant of an ONNX source usually
+        takes channels last. A batch that fits as it is, or in neither layout, is returned unchanged.
+        """
+        if self.input_axes is None or batch.ndim != 4 or self._fits(batch.shape[1:]):
+            return batch
+        for order in ((0, 2, 3, 1), (0, 3, 1, 2)):
+            if self._fits(tuple(batch.shape[axis] for axis in order[1:])):
+                return np.ascontiguousarray(batch.transpose(order))
+        return batch
+
+    def _fits(self, shape: tuple[int, ...]) -> bool:
+        assert self.input_axes is not None
+        return len(shape) == len(self.input_axes) and all(
+            expected is None or expected == size for expected, size in zip(self.input_axes, shape, strict=True)
+        )
+
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Run all inputs (batch axis first) and return the outputs concatenated."""
         step = self.fixed_batch if self.fixed_batch > 0 else _EVAL_BATCH
+        inputs = self.in_layout(inputs)
         return np.concatenate([self(inputs[i:i + step]) for i in range(0, inputs.shape[0], step)])
 
 
@@ -180,6 +206,7 @@ def evaluate_variant(
     The candidate must load on every runtime in runtimes. An ONNX file loads only on "onnxruntime" and
     a TFLite file only on "litert". A load or run failure rejects the candidate with the runtime's error.
     Accuracy is top-1 against labels when given, else top-1 agreement with the source on eval_inputs.
+    A model whose 4-D input fits eval_inputs only with NCHW and NHWC swapped gets them transposed.
     A drop of more than max_accuracy_drop percentage points rejects the candidate. Latency is the p50
     of `repeats` runs per thread count after `warmup` runs, with source and candidate interleaved in
     one loop so both see the same machine load. A slower candidate is flagged, never rejected for speed.
@@ -299,17 +326,20 @@ def evaluate_variant(
 def _interleaved_p50(
     source: _Runner, candidate: _Runner, sample: np.ndarray, warmup: int, repeats: int
 ) -> tuple[float, float]:
+    # Transposed before timing, so that a change of layout does not count as the candidate's latency.
+    source_sample = source.in_layout(sample)
+    candidate_sample = candidate.in_layout(sample)
     for _ in range(warmup):
-        source(sample)
-        candidate(sample)
+        source(source_sample)
+        candidate(candidate_sample)
     source_ms: list[float] = []
     candidate_ms: list[float] = []
     for i in range(repeats):
         # Alternate which model runs first so neither always inherits the other's cache state.
-        order = ((source, source_ms), (candidate, candidate_ms))
-        for runner, times in order if i % 2 == 0 else order[::-1]:
+        order = ((source, source_sample, source_ms), (candidate, candidate_sample, candidate_ms))
+        for runner, runner_sample, times in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            runner(sample)
+            runner(runner_sample)
             times.append((time.perf_counter() - start) * 1000.0)
     return float(np.median(source_ms)), float(np.median(candidate_ms))
 
