@@ -155,13 +155,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             device = await asyncio.to_thread(
                 devices.verify_identity, hello.device_id, hello.instance_key, self.state, peer
             )
-            generation, assignments = await asyncio.to_thread(self.state.store.get_desired_state, device.device_id)
         except Exception as error:
             await abort_with(context, "AgentService.Control", error)
             raise
 
         hub = self.state.hub
+        # Opened before the desired state is read, so that a deploy committing in between pushes its
+        # state on this stream. The send below then skips the older state it read.
         session = hub.open(device.device_id, peer)
+        try:
+            generation, assignments = await asyncio.to_thread(self.state.store.get_desired_state, device.device_id)
+        except Exception as error:
+            hub.release(session)
+            await abort_with(context, "AgentService.Control", error)
+            raise
         await asyncio.to_thread(self.state.store.set_connected, device.device_id, True, datetime.now(UTC))
         log.info("control stream opened for device_id=%s from %s", device.device_id, peer)
         if hub.duplicate_suspected(device.device_id):

@@ -218,6 +218,33 @@ def test_deploy_pushed_live(orchestrator: OrchestratorThread, open_stream: OpenS
     assert message.command_id == f"desired-{generation}"
 
 
+def test_deploy_during_stream_open(
+    orchestrator: OrchestratorThread, open_stream: OpenStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy that commits just after an opening stream read the desired state still reaches that stream."""
+    device_id, key = register(orchestrator.agent)
+    upload(orchestrator, linear_onnx(), "linear", "1")
+    store = orchestrator.state.store
+    read_desired_state = store.get_desired_state
+    deployed: list[operator_pb2.DeployResponse] = []
+
+    def read_then_deploy(requested_id: str) -> object:
+        desired = read_desired_state(requested_id)
+        # Only the stream's read deploys: the deploy handler reads the desired state with the original method.
+        monkeypatch.setattr(store, "get_desired_state", read_desired_state)
+        deployed.append(deploy(orchestrator, device_id))
+        return desired
+
+    monkeypatch.setattr(store, "get_desired_state", read_then_deploy)
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    message = stream.receive_kind("desired_state")
+
+    assert len(deployed) == 1
+    assert message.desired_state.generation == deployed[0].device.desired_generation
+    assert [a.model_name for a in message.desired_state.models] == ["linear"]
+
+
 def test_second_stream_replaces_first(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
     device_id, key = register(orchestrator.agent)
     first = open_stream(orchestrator.agent)
