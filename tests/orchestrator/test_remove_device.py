@@ -273,6 +273,26 @@ def test_removed_device_report_ends_stream(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+def test_deploy_racing_removal(orchestrator: OrchestratorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal that commits while a deploy to the device runs ends the deploy with NOT_FOUND, not INTERNAL."""
+    store = orchestrator.state.store
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    device_id, _ = register(orchestrator.agent, "edge-01")
+    read_desired_state = store.get_desired_state
+
+    def read_then_remove(requested_id: str) -> object:
+        desired = read_desired_state(requested_id)
+        store.remove_device(requested_id, datetime.now(UTC))
+        return desired
+
+    monkeypatch.setattr(store, "get_desired_state", read_then_remove)
+    request = operator_pb2.DeployRequest(model_name=MODEL, model_version="1", device_id=device_id)
+    error = rpc_error(lambda: orchestrator.operator.Deploy(request, timeout=30))
+
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "device 'edge-01' was removed from the fleet at " in (error.details() or "")
+
+
 def test_removed_device_rejected(orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
     device_id, key = register(orchestrator.agent, "edge-01")
     remove(orchestrator, device_id)

@@ -135,7 +135,8 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
         "pushed" if pushed else "device not connected; it syncs on reconnect",
     )
     refreshed = state.store.get_device(device.device_id)
-    assert refreshed is not None
+    if refreshed is None:  # An operator removed the device after the assignment was stored.
+        raise device_not_found(device.device_id, state)
     return operator_pb2.DeployResponse(
         device=describe_device(refreshed, state), assignment=serde.assignment_to_proto(assignment)
     )
