@@ -120,6 +120,16 @@ class Reconciler:
         self.statuses[assignment.model_name] = status
         self.report(self.reported_state())
 
+    def _set_serving(self, assignment: agent_pb2.ModelAssignment, served: ServedModel) -> None:
+        self._set(
+            assignment,
+            "serving",
+            runtime=served.runtime,
+            providers=list(served.providers),
+            threads=served.threads,
+            bytes_downloaded=assignment.size_bytes,
+        )
+
     def restore(self) -> None:
         """Serve the last applied desired state from local files, before any orchestrator is reachable."""
         path = self.state_dir / DESIRED_FILE
@@ -195,14 +205,7 @@ class Reconciler:
             serving_state = name_to_enum("serving", MODEL_STATE_NAMES)
             if verified and (status is None or status.state != serving_state or status.digest != assignment.digest):
                 # The status may still report an earlier assignment that failed while this one kept serving.
-                self._set(
-                    assignment,
-                    "serving",
-                    runtime=served.runtime,
-                    providers=list(served.providers),
-                    threads=served.threads,
-                    bytes_downloaded=assignment.size_bytes,
-                )
+                self._set_serving(assignment, served)
             return
         if self.verifier is not None:
             try:
@@ -282,14 +285,7 @@ class Reconciler:
         self.serving[name] = assignment
         if self.verifier is not None:
             self.verifier.accept(assignment)
-        self._set(
-            assignment,
-            "serving",
-            runtime=served.runtime,
-            providers=list(served.providers),
-            threads=served.threads,
-            bytes_downloaded=assignment.size_bytes,
-        )
+        self._set_serving(assignment, served)
         log.info(
             "model=%s variant=%s serving on %s providers=%s threads=%d",
             name,
