@@ -290,6 +290,45 @@ def main(argv: list[str]) -> int:
 def _infer_images(
     stub: inference_pb2_grpc.InferenceServiceStub, args: argparse.Namespace, socket: Path, labels: list[str]
 ) -> int:
+    for path in args.images:
+        # The agent can switch the model to another variant between two images (a deploy or a rollout wave),
+        # and variants differ in input name, layout and size. So each image reads the served variant first,
+        # and a request rejected because the variant changed after that read is built again and sent once more.
+        retried = False
+        while True:
+            served = _served_model(stub, args, socket)
+            if isinstance(served, int):
+                return served
+            spec, image = served
+            try:
+                pixels = load_image(path, image.height, image.width)
+            except OSError as error:
+                return _fail(f"{path}: cannot read image: {error}", EXIT_FAILURE)
+            request = inference_pb2.InferRequest(
+                model_name=args.model,
+                inputs=[array_to_tensor(spec.inputs[0].name, to_input(pixels, image, args.mean, args.std))],
+            )
+            try:
+                response = stub.Infer(request, timeout=30)
+            except grpc.RpcError as error:
+                if not retried and error.code() == grpc.StatusCode.INVALID_ARGUMENT and _variant_changed(stub, spec):
+                    retried = True
+                    continue
+                return _fail(f"{path}: inference failed: {error.details()}", EXIT_FAILURE)
+            break
+        scores = tensor_to_array(response.outputs[0]).reshape(-1)
+        best = np.argsort(scores)[::-1][: args.top]
+        ranked = ", ".join(
+            f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ") for i in best
+        )
+        print(f"{path}: {ranked}  [{response.variant_id}, {response.latency_ms:.2f} ms]")
+    return EXIT_OK
+
+
+def _served_model(
+    stub: inference_pb2_grpc.InferenceServiceStub, args: argparse.Namespace, socket: Path
+) -> tuple[inference_pb2.LocalModel, ImageInput] | int:
+    """Return the served variant of args.model with its image input, or print the error and return the exit code."""
     try:
         listed = stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
     except grpc.RpcError as error:
@@ -302,27 +341,15 @@ def _infer_images(
         served = ", ".join(sorted(models)) or "none"
         return _fail(f"model {args.model!r} is not served here; served: {served}", EXIT_USAGE)
     try:
-        image = image_input(spec, args.size)
+        return spec, image_input(spec, args.size)
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
 
-    for path in args.images:
-        try:
-            pixels = load_image(path, image.height, image.width)
-        except OSError as error:
-            return _fail(f"{path}: cannot read image: {error}", EXIT_FAILURE)
-        request = inference_pb2.InferRequest(
-            model_name=args.model,
-            inputs=[array_to_tensor(spec.inputs[0].name, to_input(pixels, image, args.mean, args.std))],
-        )
-        try:
-            response = stub.Infer(request, timeout=30)
-        except grpc.RpcError as error:
-            return _fail(f"{path}: inference failed: {error.details()}", EXIT_FAILURE)
-        scores = tensor_to_array(response.outputs[0]).reshape(-1)
-        best = np.argsort(scores)[::-1][: args.top]
-        ranked = ", ".join(
-            f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ") for i in best
-        )
-        print(f"{path}: {ranked}  [{response.variant_id}, {response.latency_ms:.2f} ms]")
-    return EXIT_OK
+
+def _variant_changed(stub: inference_pb2_grpc.InferenceServiceStub, spec: inference_pb2.LocalModel) -> bool:
+    """Return whether the agent now serves spec's model as another variant than spec.variant_id."""
+    try:
+        listed = stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
+    except grpc.RpcError:
+        return False
+    return any(m.model_name == spec.model_name and m.variant_id != spec.variant_id for m in listed)

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+from edgefleet.agent import infer_cli
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.main import main
 from edgefleet.agent.runtime.host import ModelHost
@@ -24,17 +25,19 @@ COLOUR = (200, 40, 90)
 WEIGHT = np.random.default_rng(7).standard_normal((3, CLASSES)).astype(np.float32)
 
 
-def write_classifier(path: Path, shape: list[int | str], channels_first: bool = True) -> Path:
+def write_classifier(
+    path: Path, shape: list[int | str], channels_first: bool = True, input_name: str = "image"
+) -> Path:
     """Write logits = mean over the pixels of each channel @ WEIGHT, for images of the given input shape."""
     graph = helper.make_graph(
         [
             helper.make_node(
-                "ReduceMean", ["image"], ["channels"], axes=[2, 3] if channels_first else [1, 2], keepdims=0
+                "ReduceMean", [input_name], ["channels"], axes=[2, 3] if channels_first else [1, 2], keepdims=0
             ),
             helper.make_node("MatMul", ["channels", "weight"], ["logits"]),
         ],
         "classifier",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [shape[0], CLASSES])],
         [helper.make_tensor("weight", TensorProto.FLOAT, WEIGHT.shape, WEIGHT.ravel().tolist())],
     )
@@ -349,3 +352,85 @@ def test_unknown_model(socket: Path, image: Path, capsys: pytest.CaptureFixture[
     error = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert "served: dyn, fixed, nhwc, vector" in error
+
+
+class SwitchingHost:
+    """A real ModelHost that serves model "switch" and records every call as (variant, ok).
+
+    It serves version 1 (NCHW, input "image") until switch() installs version 2 (NHWC, input "pixels"),
+    as a deploy or a rollout wave does.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.version_2 = write_classifier(folder / "v2.onnx", [1, 8, 8, 3], channels_first=False, input_name="pixels")
+        self.host = ModelHost(default_threads=1, on_latency=self._record)
+        self.host.install("switch", "1", "switch:1:source", write_classifier(folder / "v1.onnx", [1, 3, 8, 8]), "onnx")
+
+    def _record(self, name: str, variant_id: str, latency_ms: float, ok: bool) -> None:
+        self.calls.append((variant_id, ok))
+
+    def switch(self) -> None:
+        self.host.install("switch", "2", "switch:2:source", self.version_2, "onnx")
+
+
+@pytest.fixture
+def switching(tmp_path: Path, state_dir: Path) -> Iterator[tuple[SwitchingHost, Path]]:
+    switching_host = SwitchingHost(tmp_path)
+    server = LocalApiServer(switching_host.host, state_dir / "agent.sock")
+    server.start()
+    yield switching_host, server.socket_path
+    server.stop(grace_s=0)
+    switching_host.host.close()
+
+
+def test_variant_switch_between_images(
+    switching: tuple[SwitchingHost, Path],
+    image: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    switching_host, socket = switching
+    original_to_array = infer_cli.tensor_to_array
+
+    def switch_after_first_response(tensor: object) -> np.ndarray:
+        # Runs when the response to the first image arrives, before the command looks at the second image.
+        if not switching_host.calls[1:]:
+            switching_host.switch()
+        return original_to_array(tensor)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(infer_cli, "tensor_to_array", switch_after_first_response)
+
+    code = infer("--socket", str(socket), "--model", "switch", "--top", str(CLASSES), str(image), str(image))
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == EXIT_OK
+    assert switching_host.calls == [("switch:1:source", True), ("switch:2:source", True)]
+    assert "switch:2:source" in lines[1]
+    assert printed_classes(lines[1]) == expected_ranking((127.0,), (128.0,))
+
+
+def test_variant_switch_during_request(
+    switching: tuple[SwitchingHost, Path],
+    image: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    switching_host, socket = switching
+    original_load = infer_cli.load_image
+
+    def switch_while_loading(path: Path, height: int, width: int) -> np.ndarray:
+        # The command has read version 1's input spec, so its first request names the input "image".
+        if not switching_host.calls:
+            switching_host.switch()
+        return original_load(path, height, width)
+
+    monkeypatch.setattr(infer_cli, "load_image", switch_while_loading)
+
+    code = infer("--socket", str(socket), "--model", "switch", "--top", str(CLASSES), str(image))
+
+    output = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert switching_host.calls == [("switch:2:source", False), ("switch:2:source", True)]
+    assert "switch:2:source" in output
+    assert printed_classes(output) == expected_ranking((127.0,), (128.0,))
