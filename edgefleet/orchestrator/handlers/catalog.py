@@ -28,7 +28,7 @@ from edgefleet.orchestrator.artifacts import (
 )
 from edgefleet.orchestrator.domain import ModelVersion, Variant
 from edgefleet.orchestrator.download import DownloadError, iter_chunks
-from edgefleet.orchestrator.handlers.devices import suggest
+from edgefleet.orchestrator.handlers.devices import MODELS_LISTING, suggest
 from edgefleet.orchestrator.modelinfo import ModelFileError, inspect_model
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import AlreadyExistsError, DeleteBlockedError, NotFoundError
@@ -204,7 +204,8 @@ def _existing_version(name: str, version: str, state: OrchestratorState) -> Mode
         return state.store.get_model_version(name, version)
     except NotFoundError:
         known = sorted({f"{m.name}:{m.version}" for m in state.store.list_model_versions()})
-        raise NotFound(f"model {name}:{version} not found{suggest(f'{name}:{version}', known)}") from None
+        hint = suggest(f"{name}:{version}", known, MODELS_LISTING)
+        raise NotFound(f"model {name}:{version} not found{hint}") from None
 
 
 def _check_version_conflict(name: str, version: str, digest: str, state: OrchestratorState) -> None:
@@ -270,7 +271,7 @@ def get_model(request: operator_pb2.GetModelRequest, state: OrchestratorState) -
             model = state.store.get_model_version(request.name)
         except NotFoundError:
             known = sorted({m.name for m in state.store.list_model_versions()})
-            raise NotFound(f"model {request.name!r} not found{suggest(request.name, known)}") from None
+            raise NotFound(f"model {request.name!r} not found{suggest(request.name, known, MODELS_LISTING)}") from None
     return serde.model_to_proto(model, state.store.list_variants(model.name, model.version))
 
 

@@ -303,13 +303,25 @@ def device_not_found(device_id: str, state: OrchestratorState) -> NotFound:
             f"its metrics stay queryable with `edgefleet metrics query --device {device_id}`"
         )
     known = [d.device_id for d in state.store.list_devices()]
-    return NotFound(f"device {device_id!r} not found{suggest(device_id, known)}")
+    return NotFound(f"device {device_id!r} not found{suggest(device_id, known, DEVICES_LISTING)}")
 
 
-def suggest(value: str, known: list[str]) -> str:
-    """Return '; did you mean ...?' for the closest known names, or an empty string."""
+# CLI commands that list the known ids, for not-found errors.
+DEVICES_LISTING = "edgefleet devices list"
+MODELS_LISTING = "edgefleet models list"
+ROLLOUTS_LISTING = "edgefleet rollout list"
+
+
+def suggest(value: str, known: list[str], listing: str = "") -> str:
+    """Return '; did you mean ...?' for the closest known names.
+
+    With no close name it returns '; list them with `LISTING`' when listing names the CLI command
+    that lists the known names, and an empty string otherwise.
+    """
     close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(close)}?" if close else ""
+    if close:
+        return f"; did you mean {', '.join(close)}?"
+    return f"; list them with `{listing}`" if listing else ""
 
 
 def remove_device(
@@ -331,7 +343,7 @@ def remove_device(
                 f"device {device_id!r} was already removed at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}"
             ) from None
         known = [d.device_id for d in state.store.list_devices()]
-        raise NotFound(f"device {device_id!r} not found{suggest(device_id, known)}") from None
+        raise NotFound(f"device {device_id!r} not found{suggest(device_id, known, DEVICES_LISTING)}") from None
     except DeleteBlockedError as error:
         raise FailedPrecondition(str(error)) from None
     if state.security is not None:

@@ -11,7 +11,7 @@ from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from edgefleet.common.serde import MODEL_STATE_NAMES, enum_to_name, name_to_enum, timestamp
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.handlers.catalog import get_model
-from edgefleet.orchestrator.handlers.devices import suggest
+from edgefleet.orchestrator.handlers.devices import ROLLOUTS_LISTING, suggest
 from edgefleet.orchestrator.rollouts import engine, targets
 from edgefleet.orchestrator.rollouts.domain import (
     DEFAULT_MAX_ROLLBACKS,
@@ -153,7 +153,7 @@ def _load(rollouts: RolloutStore, rollout_id: str) -> Rollout:
         return rollouts.get_rollout(rollout_id)
     except NotFoundError:
         known = [r.rollout_id for r in rollouts.list_rollouts()]
-        raise NotFound(f"rollout {rollout_id!r} not found{suggest(rollout_id, known)}") from None
+        raise NotFound(f"rollout {rollout_id!r} not found{suggest(rollout_id, known, ROLLOUTS_LISTING)}") from None
 
 
 # Conversions
