@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -109,6 +110,7 @@ def main(args: WorkerArgs) -> None:
     from edgefleet.common.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
+    keep_temp_files_in(Path(args.work_dir))
     _watch_parent(args.parent_pid)
     store = open_job_store(args.db_url)
     try:
@@ -116,6 +118,21 @@ def main(args: WorkerArgs) -> None:
     finally:
         store.close()
     sys.exit(code)
+
+
+def keep_temp_files_in(work_dir: Path) -> Path:
+    """Make WORK_DIR/tmp this process's directory for temporary files, and return it.
+
+    The runner removes the attempt's work directory when the worker exits, also after SIGTERM or
+    SIGKILL, and a later runner start removes it after a crash. A temporary directory under /tmp
+    would stay behind in those cases, with the copies of the model that quantization stages there
+    (56 MB for the demo's EfficientNet-Lite0). TMPDIR carries the setting to child processes.
+    """
+    scratch = work_dir / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(scratch)
+    os.environ["TMPDIR"] = str(scratch)
+    return scratch
 
 
 def run_attempt(store: JobStore, args: WorkerArgs) -> int:
