@@ -9,11 +9,12 @@ import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-from edgefleet.orchestrator.jobs.worker import keep_temp_files_in
-
 
 def stage_and_block(work_dir: str, ready: Event) -> None:
     """Stage a file in a temporary directory as quantize_static_qdq does, then block until killed."""
+    # Imported here, in the child: test_jobs checks that the test process never imports the worker module.
+    from edgefleet.orchestrator.jobs.worker import keep_temp_files_in
+
     keep_temp_files_in(Path(work_dir))
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as scratch:
         (Path(scratch) / "source.onnx").write_bytes(b"model")
