@@ -302,6 +302,11 @@ def device_not_found(device_id: str, state: OrchestratorState) -> NotFound:
             f"device {device_id!r} was removed from the fleet at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}; "
             f"its metrics stay queryable with `edgefleet metrics query --device {device_id}`"
         )
+    return unknown_device(device_id, state)
+
+
+def unknown_device(device_id: str, state: OrchestratorState) -> NotFound:
+    """Return the NotFound error for a device id that was never registered, with the closest known ids."""
     known = [d.device_id for d in state.store.list_devices()]
     return NotFound(f"device {device_id!r} not found{suggest(device_id, known, DEVICES_LISTING)}")
 
@@ -342,8 +347,7 @@ def remove_device(
             raise NotFound(
                 f"device {device_id!r} was already removed at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}"
             ) from None
-        known = [d.device_id for d in state.store.list_devices()]
-        raise NotFound(f"device {device_id!r} not found{suggest(device_id, known, DEVICES_LISTING)}") from None
+        raise unknown_device(device_id, state) from None
     except DeleteBlockedError as error:
         raise FailedPrecondition(str(error)) from None
     if state.security is not None:

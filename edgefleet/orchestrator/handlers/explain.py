@@ -14,7 +14,7 @@ from edgefleet.orchestrator.costmodel.predictor import CalibratedPredictor
 from edgefleet.orchestrator.costmodel.store import BenchmarkResult, benchmark_store
 from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
-from edgefleet.orchestrator.handlers.devices import DEVICES_LISTING, suggest
+from edgefleet.orchestrator.handlers.devices import unknown_device
 from edgefleet.orchestrator.selection import Candidate, accuracy_rank, select_variant
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
@@ -122,8 +122,7 @@ def explain_selection(
         raise InvalidArgument("budget_ms", f"{request.budget_ms!r}; use a positive number of ms, or 0 for no budget")
     device = state.store.get_device(request.device_id)
     if device is None:
-        known = [d.device_id for d in state.store.list_devices()]
-        raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known, DEVICES_LISTING)}")
+        raise unknown_device(request.device_id, state)
     model = get_model(operator_pb2.GetModelRequest(name=request.model_name, version=request.model_version), state)
     variants = state.store.list_variants(model.name, model.version)
     predictor = calibrated_predictor(state, variants, [device.hardware.hardware_class])

@@ -15,7 +15,7 @@ from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME, from_timestam
 from edgefleet.common.sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch
 from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
-from edgefleet.orchestrator.handlers.devices import DEVICES_LISTING, MODELS_LISTING, reject_if_removed, suggest
+from edgefleet.orchestrator.handlers.devices import MODELS_LISTING, reject_if_removed, suggest, unknown_device
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
@@ -239,8 +239,7 @@ def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: Orche
     store = state.store
     device_id = request.device_id
     if device_id and store.get_device(device_id) is None and store.get_removed_device(device_id) is None:
-        known = [d.device_id for d in store.list_devices()]
-        raise NotFound(f"device {request.device_id!r} not found{suggest(request.device_id, known, DEVICES_LISTING)}")
+        raise unknown_device(device_id, state)
     if not (request.model_name or request.variant_id):
         return
     model_names = sorted({m.name for m in store.list_model_versions()})

@@ -262,7 +262,7 @@ def _fetch(artifacts: FileArtifactStore, digest: str, output: Path) -> Path:
 
 
 def _gated_result(job: Job, gated: Variant, result: GateResult) -> Variant:
-    """Return the uploaded variant with the gate's verdict and figures; its file stays as stored."""
+    """Return the variant with the gate's verdict and figures; the file of an uploaded one stays as stored."""
     return replace(
         gated,
         status=result.status,
@@ -357,7 +357,7 @@ def _store_variant(
     """Put the candidate file in the artifact store and describe it; nothing reaches the catalog yet."""
     metadata = inspect_model(path)
     digest = artifacts.put_file(path)
-    return Variant(
+    made = Variant(
         variant_id=variant_id_for(job, planned.kind),
         model_name=job.model_name,
         model_version=job.model_version,
@@ -367,13 +367,8 @@ def _store_variant(
         digest=digest,
         size_bytes=path.stat().st_size,
         metadata=metadata,
-        status=result.status,
-        rejection_reason="" if result.accepted else result.reason,
-        accuracy=result.accuracy,
-        accuracy_metric=result.accuracy_metric,
-        latency_ms=dict(result.latency_p50_ms),
-        parent_variant_id=job.source_variant_id,
     )
+    return _gated_result(job, made, result)
 
 
 def variant_id_for(job: Job, kind: str) -> str:
