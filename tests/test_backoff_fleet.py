@@ -37,9 +37,9 @@ MAX_QUARTER_SHARE = 0.40
 MAX_SECOND_SHARE = 0.35
 # How much earlier than its drawn delay a retry may start (timer resolution).
 EARLY_S = 0.01
-# The median time a retry may start after its drawn delay ends. A loaded CI machine has held the
-# event loop of the 200 agents for about 0.5 s at once; a loop that slept twice the drawn delay
-# would be late by a median of 2 s in the capped rounds.
+# The median time a retry may start after its drawn delay ends. A loaded CI machine has stalled the
+# event loop of the 200 agents for about 0.5 s at once. A loop that slept twice the drawn delay
+# would start a median of 2 s late in the capped rounds.
 MEDIAN_LATE_S = 1.0
 
 
@@ -121,8 +121,8 @@ def test_backoff_fleet_spreads_reconnects(start_orchestrator: Callable[..., Orch
     assert all(len(a.attempts) >= RETRIES + 1 for a in agents), "every agent retried RETRIES times"
     for retry in range(RETRIES):
         ceiling = min(CAP_S, BASE_S * 2**retry)
-        # The spread is judged on the drawn delays: on a loaded machine the event loop of 200
-        # agents wakes late by a similar amount for all of them, which says nothing about jitter.
+        # The spread is checked on the drawn delays, because on a loaded machine the event loop of
+        # 200 agents wakes all of them late by a similar amount, which is unrelated to jitter.
         normalized = [a.delays[retry] / ceiling for a in agents]
         statistic = ks_statistic(normalized)
         quarters = [sum(1 for x in normalized if q / 4 <= x < (q + 1) / 4) for q in range(4)]

@@ -569,9 +569,9 @@ class TensorSocketServer:
                     served.idle_since = time.monotonic()
                     if not reader.wait_frame():
                         return
-                    # Busy from the first byte, so that a later eviction cannot cut off this request. One that
-                    # lands before this mark still lets the thread read what was sent and reply; only a request
-                    # larger than the socket buffer fails on the client's side, which retries once.
+                    # Busy from the first byte, so that a later eviction cannot cut off this request. After an
+                    # eviction just before this mark the thread still reads what was sent and replies. Only a
+                    # request larger than the socket buffer then fails on the client's side, which retries once.
                     with self._lock:
                         served.idle_since = None
                     frame = reader.read_raw()

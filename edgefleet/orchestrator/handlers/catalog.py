@@ -48,8 +48,8 @@ FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite"}
 # Upload kinds whose accuracy can differ from the source's: they are stored as "pending" and stay
 # undeployable until a gate job (`edgefleet models compress --gate VARIANT_ID`) measures them. Lower
 # precision counts, because a quantizer run elsewhere can be miscalibrated or silently wrong.
-# NOTE: fp32 conversions ("onnx-fp32", "tflite-fp32") are accepted unmeasured, as the source's format
-# twins; a broken export of one shows in its devices' outputs, not in the gate.
+# NOTE: fp32 conversions ("onnx-fp32", "tflite-fp32") of the source are accepted unmeasured. A broken
+# export of one shows only in its devices' outputs, because no gate measures it.
 GATED_UPLOAD_KINDS = ("fp16", "int8", "pruned", "distilled", "tflite-fp16", "tflite-int8")
 # Maximum length of a client file name that upload errors show as sent; longer or unprintable names are
 # shown quoted and cut.
