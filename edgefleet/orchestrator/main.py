@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgefleet-orchestrator: {error}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        from edgefleet.orchestrator.security.serving import check_listen_addresses
+
+        # A port in use must end the start before anything is written in the data directory.
+        check_listen_addresses(config)
         prepare_data_dir(config.data_dir)
         asyncio.run(serve_config(config))
     except (ConfigError, CredentialsError) as error:

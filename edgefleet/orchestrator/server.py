@@ -22,7 +22,7 @@ from edgefleet.orchestrator.outage import RetryLog
 from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.rollouts.service import sql_rollout_store, start_rollouts
 from edgefleet.orchestrator.security.auth import AuthInterceptor
-from edgefleet.orchestrator.security.serving import add_ports, open_security
+from edgefleet.orchestrator.security.serving import add_ports, check_listen_addresses, open_security
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import Store, open_store
@@ -191,6 +191,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     """
     retention_policy = RetentionPolicy.from_config(config)
     limits = OrchestratorLimits.from_config(config)
+    check_listen_addresses(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(open_store, config.db_url)
     for device in await asyncio.to_thread(store.list_devices):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ import grpc
 import pytest
 
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
+from edgefleet.common.hardware import HardwareProfile
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.server import server_options
+from edgefleet.orchestrator.store import open_store
 from edgefleet.orchestrator.store.engine import SQLITE_HEADER
 from tests.readonly import on_read_only_mount, read_only_mounts_work
 from tests.security.helpers import make_pki
@@ -91,6 +95,93 @@ def test_startup_port_in_use(tmp_path: Path, running_port: int) -> None:
     assert result.returncode == EXIT_UNAVAILABLE
     assert f"cannot listen on 127.0.0.1:{running_port}" in error_line(result)
     assert "already in use by another process" in error_line(result)
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """Yield a port on 127.0.0.1 that a listening socket of this test occupies until the test ends."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def tree_snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """Return (size, mtime in ns, SHA-256) of every file under directory, keyed by relative path."""
+    snapshot = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            snapshot[str(path.relative_to(directory))] = (stat.st_size, stat.st_mtime_ns, digest)
+    return snapshot
+
+
+def test_startup_port_in_use_creates_nothing(tmp_path: Path, held_port: int) -> None:
+    data_dir = tmp_path / "fleet"
+
+    result = run_orchestrator(data_dir, "--listen", f"127.0.0.1:{held_port}")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert "already in use by another process" in error_line(result)
+    assert not data_dir.exists()
+
+
+def test_startup_metrics_port_in_use_creates_nothing(tmp_path: Path, held_port: int) -> None:
+    data_dir = tmp_path / "fleet"
+
+    result = run_orchestrator(data_dir, "--metrics-listen", f"127.0.0.1:{held_port}")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert f"cannot listen on 127.0.0.1:{held_port}" in error_line(result)
+    assert "--metrics-listen" in error_line(result)
+    assert not data_dir.exists()
+
+
+def test_startup_port_in_use_keeps_state_dir(tmp_path: Path, held_port: int) -> None:
+    """A failed start on the state directory of a running orchestrator changes none of its files."""
+    data_dir = tmp_path / "fleet"
+    data_dir.mkdir()
+    # The device's stream is open on the running orchestrator. A start that went on would mark it disconnected.
+    store = open_store(f"sqlite:///{data_dir / 'edgefleet.db'}")
+    try:
+        hardware = HardwareProfile(
+            cpu_model="Cortex-A76",
+            architecture="aarch64",
+            logical_cores=4,
+            usable_cores=4.0,
+            cpu_features=(),
+            memory_total_bytes=4 << 30,
+            memory_available_bytes=2 << 30,
+            disk_free_bytes=8 << 30,
+        )
+        now = datetime.now(UTC)
+        store.register_device(
+            device_id="edge-01",
+            instance_key_hash="k" * 64,
+            hardware=hardware,
+            labels={},
+            agent_version="0.1.0",
+            peer="ipv4:127.0.0.1:40000",
+            now=now,
+        )
+        store.set_connected("edge-01", True, now)
+    finally:
+        store.close()
+    (data_dir / "admin.token").write_text("efa_kept\n")
+    before = tree_snapshot(data_dir)
+
+    result = run_orchestrator(data_dir, "--listen", f"127.0.0.1:{held_port}")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert tree_snapshot(data_dir) == before
+    store = open_store(f"sqlite:///{data_dir / 'edgefleet.db'}")
+    try:
+        device = store.get_device("edge-01")
+    finally:
+        store.close()
+    assert device is not None
+    assert device.connected
 
 
 def test_startup_port_in_use_by_name(tmp_path: Path, running_port: int) -> None:

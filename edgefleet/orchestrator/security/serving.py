@@ -85,6 +85,23 @@ def bind_port(server: grpc.aio.Server, address: str, name: str, credentials: grp
     return port
 
 
+def check_listen_addresses(config: OrchestratorConfig) -> None:
+    """Probe every address the orchestrator listens on: the agent, operator and metrics ports.
+
+    Start-up calls it before it creates the data directory, the database or admin.token, so that a
+    port in use ends the start with nothing written. Raises OSError from check_address_free.
+    """
+    # NOTE: a port that another process takes between this probe and the bind still fails the
+    # bind, after the database was opened.
+    check_address_free(config.listen, "listen")
+    if not config.insecure and config.operator_listen:
+        check_address_free(config.operator_listen, "operator_listen")
+    if config.metrics_listen:
+        # An empty host serves /metrics on every IPv4 address (telemetry.Telemetry.serve).
+        host, _, port = config.metrics_listen.rpartition(":")
+        check_address_free(f"{host or '0.0.0.0'}:{port}", "metrics_listen")
+
+
 def check_address_free(address: str, name: str) -> None:
     """Bind a probe socket to each address that HOST resolves to, so that a used port fails with a clear reason.
 
