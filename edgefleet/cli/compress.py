@@ -395,7 +395,12 @@ def add_commands(
         "(needs --evaluation)",
     )
     sub.add_argument("--no-wait", action="store_true", help="print the queued job and return at once")
-    sub.add_argument("--wait-timeout", type=float, default=0.0, help="seconds to follow the job; 0 waits until done")
+    sub.add_argument(
+        "--wait-timeout",
+        type=argtypes.wait_seconds(),
+        default=0.0,
+        help="seconds to follow the job; 0 waits until done",
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_compress)
 
@@ -416,6 +421,8 @@ def add_commands(
     sub.set_defaults(handler=cmd_jobs_cancel)
     sub = jobs.add_parser("wait", help="follow a job until it finishes and show its variants")
     sub.add_argument("job_id")
-    sub.add_argument("--wait-timeout", type=float, default=0.0, help="seconds to wait; 0 waits until done")
+    sub.add_argument(
+        "--wait-timeout", type=argtypes.wait_seconds(), default=0.0, help="seconds to wait; 0 waits until done"
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_jobs_wait)

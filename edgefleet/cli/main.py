@@ -34,6 +34,9 @@ from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 # The orchestrator's operator port (TLS with API tokens); with --insecure one plaintext port serves all.
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50052"
 DEFAULT_INSECURE_ORCHESTRATOR = "127.0.0.1:50051"
+# The orchestrator's limit on deploy threads (edgefleet.orchestrator.handlers.deploy.MAX_THREADS), checked
+# here too so that a huge --threads is a usage error and not a protobuf overflow.
+MAX_DEPLOY_THREADS = 256
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 # gRPC's status details when the server certificate does not name the host dialled (grpcio 1.85).
 HOSTNAME_MISMATCH_TEXT = "Hostname Verification Check failed"
@@ -841,7 +844,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject the variant when it loses more accuracy than this (default 1; needs --evaluation)",
     )
     sub.add_argument("--no-wait", action="store_true", help="print the queued gate job and return at once")
-    sub.add_argument("--wait-timeout", type=float, help="seconds to follow the gate job; 0 or unset waits until done")
+    sub.add_argument(
+        "--wait-timeout",
+        type=argtypes.wait_seconds(),
+        help="seconds to follow the gate job; 0 or unset waits until done",
+    )
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_add)
@@ -878,12 +885,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--variant", help="variant id; default: the source variant or one the device can run")
     sub.add_argument(
         "--threads",
-        type=argtypes.whole_number(0),
+        type=argtypes.whole_number(0, MAX_DEPLOY_THREADS),
         default=0,
-        help="intra-op threads, at most the device's usable cores (a larger value is lowered to them); "
-        "0 (default) lets the orchestrator or the agent choose",
+        help="intra-op threads, at most the device's usable cores (a larger value is lowered to them) "
+        f"and at most {MAX_DEPLOY_THREADS}; 0 (default) lets the orchestrator or the agent choose",
     )
-    sub.add_argument("--wait", type=float, default=0.0, help="seconds to wait until the device serves or fails it")
+    sub.add_argument(
+        "--wait",
+        type=argtypes.wait_seconds(),
+        default=0.0,
+        help="seconds to wait until the device serves or fails it; 0 (default) returns at once",
+    )
     sub.add_argument(
         "--rollback",
         action="store_true",
@@ -927,7 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = nouns.add_parser("demo", help="run the demo fleet on real models (orchestrator and three agents)")
     sub.add_argument("--report", type=Path, help="also write the figures as JSON to this file")
-    sub.add_argument("--duration", type=float, default=20.0, help="seconds of inference per device")
+    sub.add_argument(
+        "--duration", type=argtypes.seconds(), default=20.0, help="seconds of inference per device, above 0"
+    )
     sub.add_argument("--work-dir", type=Path, help="directory for the demo's database and agents (default: a temp dir)")
     sub.set_defaults(handler=None)
 

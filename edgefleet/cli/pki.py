@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgefleet.common import argtypes
 from edgefleet.common.errors import EdgefleetError
+
+# 100 years. A validity that ends after 9999-12-31 cannot be written in an X.509 certificate.
+MAX_DAYS = 36_500
 
 
 def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,14 +26,24 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="IP address or DNS name the orchestrator is reached at; repeat for several "
         "(default 127.0.0.1, ::1 and localhost)",
     )
-    sub.add_argument("--days", type=int, default=3650, help="validity of the CA in days (default 3650)")
+    sub.add_argument(
+        "--days",
+        type=argtypes.whole_number(1, MAX_DAYS),
+        default=3650,
+        help=f"validity of the CA in days, 1 to {MAX_DAYS} (default 3650)",
+    )
     sub.set_defaults(local_handler=cmd_init)
 
     sub = verbs.add_parser("issue", help="issue a device certificate that binds the device id")
     sub.add_argument("--dir", type=Path, required=True, help="the CA directory of `pki init`")
     sub.add_argument("--device-id", required=True, help="device id to bind in the certificate")
     sub.add_argument("--out", type=Path, help="directory for ID.pem and ID.key (default DIR/devices)")
-    sub.add_argument("--days", type=int, default=397, help="validity in days (default 397)")
+    sub.add_argument(
+        "--days",
+        type=argtypes.whole_number(1, MAX_DAYS),
+        default=397,
+        help=f"validity in days, 1 to {MAX_DAYS} (default 397)",
+    )
     sub.set_defaults(local_handler=cmd_issue)
 
 

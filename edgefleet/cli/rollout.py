@@ -443,4 +443,6 @@ def add_commands(nouns: Any, output_flag: Callable[[argparse.ArgumentParser], No
 
 def _watch_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--watch", action="store_true", help="print the rollout again on each change until it ends")
-    sub.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    sub.add_argument(
+        "--interval", type=argtypes.seconds(), default=1.0, help="seconds between polls with --watch, above 0"
+    )

@@ -6,17 +6,23 @@ import argparse
 import math
 from collections.abc import Callable
 
+# The largest value of a protobuf int32 field. A count without its own maximum is still capped here, because
+# protobuf raises ValueError (a traceback in the CLI) when a request field is set to a larger number.
+MAX_INT32 = 2**31 - 1
+
 
 def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """Return an argparse type that parses a whole number of at least minimum (and at most maximum)."""
-    allowed = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+    """Return an argparse type that parses a whole number from minimum to maximum (default MAX_INT32)."""
+    if maximum is None:
+        maximum = MAX_INT32
+    allowed = f"from {minimum} to {maximum}"
 
     def parse(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
             number = None
-        if number is None or number < minimum or (maximum is not None and number > maximum):
+        if number is None or number < minimum or number > maximum:
             raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a whole number {allowed}")
         return number
 
@@ -33,6 +39,22 @@ def seconds(maximum: float | None = None) -> Callable[[str], float]:
         except ValueError:
             number = math.nan
         if not (math.isfinite(number) and number > 0 and (maximum is None or number <= maximum)):
+            raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds {allowed}")
+        return number
+
+    return parse
+
+
+def wait_seconds(maximum: float | None = None) -> Callable[[str], float]:
+    """Return an argparse type that parses a finite number of seconds of 0 or more (and at most maximum)."""
+    allowed = "of 0 or more" + (f" and at most {maximum:g}" if maximum is not None else "")
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number >= 0 and (maximum is None or number <= maximum)):
             raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds {allowed}")
         return number
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet.cli import rollout
-from edgefleet.cli.main import EXIT_USAGE, main
+from edgefleet.cli.main import EXIT_USAGE, MAX_DEPLOY_THREADS, main
+from edgefleet.orchestrator.handlers import deploy as deploy_handlers
 from edgefleet.orchestrator.handlers import rollouts as rollout_handlers
 from edgefleet.orchestrator.rollouts.domain import DEFAULT_MIN_SAMPLES
 from tests.agent.models import tflite_linear
@@ -158,6 +159,76 @@ def test_deploy_threads_negative(capsys: Capture) -> None:
     error = usage_error(capsys, ["deploy", "--model", "linear", "--device", "edge-01", "--threads", "-1"])
 
     assert "argument --threads: invalid value '-1'" in error
+
+
+DEPLOY = ["deploy", "--model", "linear", "--device", "edge-01"]
+
+
+@pytest.mark.parametrize("value", ["257", "99999999999999999999"])
+def test_deploy_threads_huge(fleet: OrchestratorThread, capsys: Capture, value: str) -> None:
+    error = usage_error(
+        capsys,
+        ["--insecure", "--orchestrator", fleet.address, *DEPLOY, "--threads", value],
+    )
+
+    assert f"argument --threads: invalid value {value!r}: give a whole number from 0 to 256" in error
+    assert "Traceback" not in error
+    assert cli(fleet, "devices", "show", "edge-01", "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out)["desired_generation"] == 0
+
+
+def test_deploy_threads_limit_match() -> None:
+    assert MAX_DEPLOY_THREADS == deploy_handlers.MAX_THREADS
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf"])
+def test_deploy_wait_invalid(fleet: OrchestratorThread, capsys: Capture, value: str) -> None:
+    error = usage_error(
+        capsys,
+        ["--insecure", "--orchestrator", fleet.address, *DEPLOY, "--wait", value],
+    )
+
+    assert f"argument --wait: invalid value {value!r}: give a number of seconds of 0 or more" in error
+    assert cli(fleet, "devices", "show", "edge-01", "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out)["desired_generation"] == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs", "wait", "job-1", "--wait-timeout", "-1"],
+        ["models", "compress", "linear:1", "--int8", "--wait-timeout", "-1"],
+        ["models", "add", "linear.onnx", "--name", "linear", "--version", "2", "--wait-timeout", "-1"],
+    ],
+)
+def test_wait_timeout_negative(capsys: Capture, argv: list[str]) -> None:
+    error = usage_error(capsys, argv)
+
+    assert "argument --wait-timeout: invalid value '-1': give a number of seconds of 0 or more" in error
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_rollout_interval_invalid(capsys: Capture, value: str) -> None:
+    error = usage_error(capsys, ["rollout", "status", "ro-1", "--watch", "--interval", value])
+
+    assert f"argument --interval: invalid value {value!r}: give a number of seconds above 0" in error
+
+
+@pytest.mark.parametrize("verb", ["init", "issue"])
+@pytest.mark.parametrize("value", ["-1", "0", "99999999"])
+def test_pki_days_invalid(tmp_path: Path, capsys: Capture, verb: str, value: str) -> None:
+    assert main(["pki", "init", "--dir", str(tmp_path / "pki")]) == 0
+    before = sorted(path.name for path in (tmp_path / "pki").rglob("*"))
+    capsys.readouterr()
+    argv = ["pki", verb, "--dir", str(tmp_path / "pki"), "--days", value]
+    if verb == "issue":
+        argv += ["--device-id", "cam-001"]
+
+    error = usage_error(capsys, argv)
+
+    assert f"argument --days: invalid value {value!r}: give a whole number from 1 to 36500" in error
+    assert "Traceback" not in error
+    assert sorted(path.name for path in (tmp_path / "pki").rglob("*")) == before
 
 
 ROLLOUT = ["rollout", "create", "--model", "linear:1", "--budget-ms", "100"]
