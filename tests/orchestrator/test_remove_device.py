@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from edgefleet.agent.agent import FatalAgentError
 from edgefleet.agent.identity import IDENTITY_FILE
@@ -16,9 +20,11 @@ from edgefleet.cli.main import main as cli_main
 from edgefleet.common.serde import timestamp
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator.domain import ModelStatus
+from edgefleet.orchestrator.store import queries
 from edgefleet.orchestrator.store.tables_security import device_credentials, enrollment_tokens, rollback_orders
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 from tests.servers import (
+    STEP_TIMEOUT_S,
     AgentThread,
     ControlStream,
     OrchestratorThread,
@@ -291,6 +297,94 @@ def test_deploy_racing_removal(orchestrator: OrchestratorThread, monkeypatch: py
 
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "device 'edge-01' was removed from the fleet at " in (error.details() or "")
+
+
+def test_register_racing_removal(orchestrator: OrchestratorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal that commits after a registration passed the removed-device check rejects the registration."""
+    store = orchestrator.state.store
+    device_id, key = register(orchestrator.agent, "edge-01")
+    register_device = store.register_device
+
+    def remove_then_register(**arguments: Any) -> object:
+        store.remove_device(arguments["device_id"], datetime.now(UTC))
+        return register_device(**arguments)
+
+    monkeypatch.setattr(store, "register_device", remove_then_register)
+    error = rpc_error(lambda: register(orchestrator.agent, device_id, key))
+
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "device 'edge-01' was removed from the fleet at " in (error.details() or "")
+    assert store.get_device(device_id) is None
+    assert store.get_removed_device(device_id) is not None
+
+
+class ObservedLock:
+    """A wrapper of the SQLite writer lock that sets waiting when a thread has to wait for the lock."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.waiting = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            self.waiting.set()
+            self.lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.release()
+
+
+def wait_for_writer(orchestrator: OrchestratorThread, writer_lock: ObservedLock | None) -> None:
+    """Wait until a second writer waits: on SQLite for writer_lock, on PostgreSQL for a row lock."""
+    if writer_lock is not None:
+        assert writer_lock.waiting.wait(STEP_TIMEOUT_S), "the registration did not wait for the writer lock"
+        return
+    engine = orchestrator.state.store.engine  # type: ignore[attr-defined]
+    waiting = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+
+    def lock_waiters() -> int:
+        with engine.connect() as connection:
+            return int(connection.execute(waiting).scalar_one())
+
+    wait_until(lock_waiters, "the registration to wait for the removal's row lock")
+
+
+def test_register_during_removal_transaction(orchestrator: OrchestratorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration that reaches the store while a removal has the device row locked is rejected."""
+    store = orchestrator.state.store
+    device_id, key = register(orchestrator.agent, "edge-01")
+    row_locked = threading.Event()
+    release = threading.Event()
+    rollouts_including = queries.rollouts_including
+
+    def pause_after_row_lock(*arguments: Any) -> list[str]:
+        # remove_device calls this after it locked the device row, inside its transaction.
+        row_locked.set()
+        release.wait(STEP_TIMEOUT_S)
+        return rollouts_including(*arguments)
+
+    monkeypatch.setattr(queries, "rollouts_including", pause_after_row_lock)
+    writer_lock = None
+    if store.engine.dialect.name == "sqlite":  # type: ignore[attr-defined]
+        # SQLite writers of one process queue on the engine's writer lock before BEGIN IMMEDIATE.
+        writer_lock = ObservedLock(store._write_lock)  # type: ignore[attr-defined]
+        monkeypatch.setattr(store, "_write_lock", writer_lock)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        removal = pool.submit(store.remove_device, device_id, datetime.now(UTC))
+        assert row_locked.wait(STEP_TIMEOUT_S), "the removal did not lock the device row"
+        registration = pool.submit(register, orchestrator.agent, device_id, key)
+        wait_for_writer(orchestrator, writer_lock)
+        release.set()
+        removal.result(STEP_TIMEOUT_S)
+        error = registration.exception(STEP_TIMEOUT_S)
+
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "device 'edge-01' was removed from the fleet at " in (error.details() or "")
+    assert store.get_device(device_id) is None
+    assert store.get_removed_device(device_id) is not None
 
 
 def test_removed_device_rejected(orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:

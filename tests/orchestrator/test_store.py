@@ -38,6 +38,7 @@ from edgefleet.orchestrator.store import (
     open_store,
     sql,
 )
+from edgefleet.orchestrator.store.base import DeviceRemovedError
 from edgefleet.orchestrator.store.engine import alembic_config, create_store_engine
 from edgefleet.orchestrator.store.schema import metadata as store_metadata
 from edgefleet.orchestrator.store.sql import SqlStore
@@ -796,8 +797,9 @@ def test_readmitted_device_continues_generations(fleet: Store) -> None:
     fleet.set_assignment(_assignment(fleet.get_variant("mobilenet-1-source")))
     fleet.remove_device("dev-1", NOW)
     removed = fleet.get_removed_device("dev-1")
+    assert removed is not None
 
-    _register(fleet, key=KEY_B, now=NOW + timedelta(seconds=1))
+    _register(fleet, key=KEY_B, now=NOW + timedelta(seconds=1), readmitted_removal=removed.removed_at)
     generation_after = fleet.get_desired_state("dev-1")
     next_generation = fleet.set_assignment(_assignment(fleet.get_variant("effnet-1-source")))
 
@@ -806,6 +808,18 @@ def test_readmitted_device_continues_generations(fleet: Store) -> None:
     assert generation_after == (3, [])
     assert next_generation == 4
     assert fleet.get_removed_device("dev-1") is None
+
+
+def test_register_removed_not_readmitted(fleet: Store) -> None:
+    """A registration whose caller readmitted no removal, or an older one, leaves a removed id removed."""
+    fleet.remove_device("dev-1", NOW)
+
+    for readmitted in (None, NOW - timedelta(hours=1)):
+        with pytest.raises(DeviceRemovedError) as raised:
+            _register(fleet, key=KEY_B, now=NOW + timedelta(seconds=1), readmitted_removal=readmitted)
+        assert raised.value.removed.removed_at == NOW
+        assert fleet.get_device("dev-1") is None
+        assert fleet.get_removed_device("dev-1") is not None
 
 
 def test_desired_generation_on_device(fleet: Store) -> None:

@@ -20,6 +20,7 @@ from edgefleet.orchestrator.rollouts.reconcile import device_drift
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import (
     DeleteBlockedError,
+    DeviceRemovedError,
     FleetStates,
     IdentityMismatchError,
     NotFoundError,
@@ -66,8 +67,9 @@ def register(
 
     instance_key_hash = serde.key_hash(request.instance_key)
     claimed_id = (identity.device_id if identity else "") or request.device_id
+    readmitted: RemovedDevice | None = None
     if claimed_id:
-        _check_not_removed(claimed_id, instance_key_hash, request.enrollment_token, state, peer)
+        readmitted = _check_not_removed(claimed_id, instance_key_hash, request.enrollment_token, state, peer)
     if state.security is not None and identity is not None:
         state.security.admit(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash, peer)
     device_id = claimed_id or f"dev-{secrets.token_hex(6)}"
@@ -85,7 +87,17 @@ def register(
             agent_version=request.agent_version,
             peer=peer,
             now=datetime.now(UTC),
+            readmitted_removal=readmitted.removed_at if readmitted is not None else None,
         )
+    except DeviceRemovedError as error:
+        # An operator removed the device after _check_not_removed read the record. The removal wins,
+        # so the agent gets the removal error that its next registration would get.
+        log.warning(
+            "rejected registration of device_id=%s from %s: the device was removed while it registered",
+            device_id,
+            peer,
+        )
+        raise removed_error(error.removed, state) from None
     except IdentityMismatchError:
         state.telemetry.rejected_registrations.labels("identity_conflict").inc()
         log.warning(
@@ -149,21 +161,21 @@ def removed_error(removed: RemovedDevice, state: OrchestratorState) -> Edgefleet
 
 def _check_not_removed(
     device_id: str, instance_key_hash: str, enrollment_token: str, state: OrchestratorState, peer: str
-) -> None:
-    """Reject a registration that presents a removed device's credentials.
+) -> RemovedDevice | None:
+    """Reject a registration that presents a removed device's credentials; return the removal it readmits.
 
     With TLS only a new enrollment token readmits the id, because the removal deleted its credential.
     Without TLS the instance key is the only credential, so an agent with another key may take the id.
+    Returns None for an id that is not removed. Store.register_device checks the removal again in its
+    transaction, so a removal that commits after this check rejects the registration there.
     """
-    # NOTE: a removal that commits between this check and Store.register_device is undone by the
-    # registration, which recreates the device. Removing it again fixes that.
     removed = state.store.get_removed_device(device_id)
     if removed is None:
-        return
+        return None
     readmitted = bool(enrollment_token) if _uses_tls(state) else removed.instance_key_hash != instance_key_hash
     if readmitted:
         log.info("device_id=%s was removed at %s and registers again from %s", device_id, removed.removed_at, peer)
-        return
+        return removed
     log.warning("rejected registration of the removed device_id=%s from %s", device_id, peer)
     raise removed_error(removed, state)
 

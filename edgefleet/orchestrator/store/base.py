@@ -58,6 +58,14 @@ class RemovedDevice:
     desired_generation: int = 0
 
 
+class DeviceRemovedError(StoreError):
+    """A registration found its device id removed by a removal that its caller did not readmit."""
+
+    def __init__(self, removed: RemovedDevice) -> None:
+        super().__init__(f"device {removed.device_id!r} was removed at {removed.removed_at.isoformat()}")
+        self.removed = removed
+
+
 @dataclass(frozen=True)
 class DeviceRemoval:
     """The result of Store.remove_device."""
@@ -93,11 +101,19 @@ class Store(abc.ABC):
         agent_version: str,
         peer: str,
         now: datetime,
+        readmitted_removal: datetime | None = None,
     ) -> Device:
         """Insert or update a device and append its hardware profile to the history when it changed.
 
+        readmitted_removal is the removed_at of the RemovedDevice record that the caller checked and
+        readmitted, or None when the caller found the id not removed. The store checks the record again
+        in the registering transaction, after it locks the device row, so a removal that commits
+        while the registration is in flight cannot be undone by it.
+
         Raises IdentityMismatchError, after recording an IdentityConflict, when device_id is known
-        with another instance_key_hash; the stored device is then left unchanged.
+        with another instance_key_hash; the stored device is then left unchanged. Raises
+        DeviceRemovedError, storing nothing, when device_id is recorded as removed at another time
+        than readmitted_removal.
         """
 
     @abc.abstractmethod

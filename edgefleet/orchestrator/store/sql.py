@@ -28,6 +28,7 @@ from edgefleet.orchestrator.store.base import (
     DeleteBlockedError,
     DeletedModel,
     DeviceRemoval,
+    DeviceRemovedError,
     FleetStates,
     IdentityMismatchError,
     NotFoundError,
@@ -87,6 +88,7 @@ class SqlStore(SqlTransactions, Store):
         agent_version: str,
         peer: str,
         now: datetime,
+        readmitted_removal: datetime | None = None,
     ) -> Device:
         if not device_id:
             raise StoreError("device_id is empty; the agent must send its device id")
@@ -99,13 +101,19 @@ class SqlStore(SqlTransactions, Store):
                 connection, device_id, instance_key_hash, hardware, labels, agent_version, peer, now
             )
             if conflict is None:
-                # The caller admitted this registration, so a removed device is a fleet member again. Its
+                # queries.register locked the device row, or inserted it, so a removal of this id has
+                # either committed before this read or waits for this transaction to end.
+                removed = connection.execute(
+                    sa.select(removed_devices).where(removed_devices.c.device_id == device_id)
+                ).first()
+                if removed is not None and removed.removed_at != readmitted_removal:
+                    # Raising rolls the registration back.
+                    raise DeviceRemovedError(_removed_device_from_row(removed))
+                # The caller readmitted this registration, so a removed device is a fleet member again. Its
                 # generations continue above the last one it was sent, because they are the counters of its
                 # signed assignments, and its agent rejects counters below those of models it has run.
-                removed_generation = connection.execute(
-                    sa.select(removed_devices.c.desired_generation).where(removed_devices.c.device_id == device_id)
-                ).scalar()
-                if removed_generation is not None:
+                if removed is not None:
+                    removed_generation = removed.desired_generation
                     connection.execute(sa.delete(removed_devices).where(removed_devices.c.device_id == device_id))
                     connection.execute(
                         sa.update(devices)
@@ -276,14 +284,7 @@ class SqlStore(SqlTransactions, Store):
     def get_removed_device(self, device_id: str) -> RemovedDevice | None:
         with self._read() as connection:
             row = connection.execute(sa.select(removed_devices).where(removed_devices.c.device_id == device_id)).first()
-        if row is None:
-            return None
-        return RemovedDevice(
-            device_id=row.device_id,
-            instance_key_hash=row.instance_key_hash,
-            removed_at=row.removed_at,
-            desired_generation=row.desired_generation,
-        )
+        return None if row is None else _removed_device_from_row(row)
 
     # Models and variants
 
@@ -609,6 +610,15 @@ class SqlStore(SqlTransactions, Store):
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def _removed_device_from_row(row: sa.Row[Any]) -> RemovedDevice:
+    return RemovedDevice(
+        device_id=row.device_id,
+        instance_key_hash=row.instance_key_hash,
+        removed_at=row.removed_at,
+        desired_generation=row.desired_generation,
+    )
 
 
 def _delete_blockers(
