@@ -28,7 +28,7 @@ from edgefleet.orchestrator.artifacts import (
 )
 from edgefleet.orchestrator.domain import ModelVersion, Variant
 from edgefleet.orchestrator.download import DownloadError, iter_chunks
-from edgefleet.orchestrator.handlers.devices import MODELS_LISTING, suggest
+from edgefleet.orchestrator.handlers.devices import MODELS_LISTING, reject_if_removed, suggest
 from edgefleet.orchestrator.modelinfo import ModelFileError, inspect_model
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import AlreadyExistsError, DeleteBlockedError, NotFoundError
@@ -346,6 +346,8 @@ def open_download(
     try:
         _, assignments = state.store.get_desired_state(request.device_id)
     except NotFoundError:
+        # A device removed through another orchestrator process passes the cached security check.
+        reject_if_removed(request.device_id, state)
         raise NotFound(f"device {request.device_id!r} is not registered") from None
     if request.digest not in {a.digest for a in assignments}:
         raise FailedPrecondition(
