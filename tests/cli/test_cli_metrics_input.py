@@ -169,3 +169,51 @@ def test_query_filter_help(capsys: Capture) -> None:
     assert "only windows of this model name" in help_text
     assert "only windows of this variant (NAME:VERSION:KIND)" in help_text
     assert "hardware class" in help_text
+
+
+def hardware_class_of(fleet: OrchestratorThread, capsys: Capture, device_id: str) -> str:
+    assert cli(fleet, "devices", "show", device_id, "-o", "json") == 0
+    return str(json.loads(capsys.readouterr().out)["hardware_class"])
+
+
+def test_query_unknown_hardware_class(fleet: OrchestratorThread, capsys: Capture) -> None:
+    known = hardware_class_of(fleet, capsys, "edge-01")
+    typo = known[:-1]
+
+    code, error = query_error(fleet, capsys, "--hardware-class", typo)
+
+    assert code == EXIT_NOT_FOUND
+    assert f"hardware class {typo!r} not found" in error
+    assert f"did you mean {known}?" in error
+
+
+def test_plot_unknown_hardware_class(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "plot", "--hardware-class", "camera-*")
+
+    assert code == EXIT_NOT_FOUND
+    assert "hardware class 'camera-*' not found" in capsys.readouterr().err
+
+
+def test_query_known_hardware_class_empty(fleet: OrchestratorThread, capsys: Capture) -> None:
+    known = hardware_class_of(fleet, capsys, "edge-01")
+
+    code = cli(fleet, "metrics", "query", "--hardware-class", known, "--until", "2020-01-01T00:00:00Z", "-o", "json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_query_hardware_class_of_removed(fleet: OrchestratorThread, capsys: Capture) -> None:
+    known = hardware_class_of(fleet, capsys, "edge-01")
+    assert cli(fleet, "devices", "remove", "edge-01") == 0
+    capsys.readouterr()
+
+    empty = cli(fleet, "metrics", "query", "--hardware-class", known, "--until", "2020-01-01T00:00:00Z", "-o", "json")
+    empty_rows = json.loads(capsys.readouterr().out)
+    stored = cli(fleet, "metrics", "query", "--hardware-class", known, "-o", "json")
+    stored_rows = json.loads(capsys.readouterr().out)
+
+    assert empty == 0
+    assert empty_rows == []
+    assert stored == 0
+    assert [row["inferences"] for row in stored_rows] == [10]

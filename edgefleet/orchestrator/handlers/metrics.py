@@ -17,7 +17,7 @@ from edgefleet.orchestrator import validation
 from edgefleet.orchestrator.domain import MetricWindow
 from edgefleet.orchestrator.handlers.devices import MODELS_LISTING, reject_if_removed, suggest, unknown_device
 from edgefleet.orchestrator.state import OrchestratorState
-from edgefleet.orchestrator.store.base import NotFoundError
+from edgefleet.orchestrator.store.base import NotFoundError, Store
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ MAX_WINDOWS_PER_BATCH = 1000
 MAX_WINDOW_SECONDS = 3600
 GROUP_KEYS = ("device", "model", "variant", "hardware_class")
 MAX_BUCKETS = 10_000
+# The CLI command that lists the hardware classes that have latency windows.
+HARDWARE_CLASSES_LISTING = "edgefleet metrics query --group-by hardware_class"
 # A device clock this far from the orchestrator's is logged with the upload.
 CLOCK_SKEW_WARNING = timedelta(minutes=5)
 
@@ -231,15 +233,21 @@ def _query_time(message: Timestamp, field: str) -> datetime | None:
 
 
 def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: OrchestratorState) -> None:
-    """Raise NotFound, with the closest known names, for a filtered device, model or variant that does not exist.
+    """Raise NotFound, with the closest known names, for a filter value that does not exist.
 
-    Only called when no window matched, so windows of a deleted device or model can still be queried. A
-    removed device is known, so a time range without its windows returns no rows.
+    The filters checked are the device, model, variant and hardware class. Only called when no window
+    matched, so windows of a deleted device or model can still be queried. A removed device is known, so
+    a time range without its windows returns no rows. A hardware class is known while a device has it or
+    a stored window carries it.
     """
     store = state.store
     device_id = request.device_id
     if device_id and store.get_device(device_id) is None and store.get_removed_device(device_id) is None:
         raise unknown_device(device_id, state)
+    if request.hardware_class and not _hardware_class_known(request.hardware_class, store):
+        known = sorted({device.hardware.hardware_class for device in store.list_devices()})
+        hint = suggest(request.hardware_class, known, HARDWARE_CLASSES_LISTING)
+        raise NotFound(f"hardware class {request.hardware_class!r} not found{hint}")
     if not (request.model_name or request.variant_id):
         return
     model_names = sorted({m.name for m in store.list_model_versions()})
@@ -252,6 +260,16 @@ def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: Orche
         except NotFoundError:
             known = [v.variant_id for name in model_names for v in store.list_variants(name)]
             raise NotFound(f"variant {request.variant_id!r} not found{suggest(request.variant_id, known)}") from None
+
+
+def _hardware_class_known(hardware_class: str, store: Store) -> bool:
+    if any(device.hardware.hardware_class == hardware_class for device in store.list_devices()):
+        return True
+    windows = store.iter_metric_windows(hardware_class=hardware_class)
+    try:
+        return next(windows, None) is not None
+    finally:
+        windows.close()  # Ends the read transaction that the iterator keeps open.
 
 
 class _Group:
