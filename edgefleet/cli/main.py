@@ -681,11 +681,15 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
-    from edgefleet.cli.plot import plot_latency
+    from edgefleet.cli.plot import output_path, plot_latency
 
     filters = metric_filters(args)
     if not any(filters.values()):
         raise CliError("name what to plot: --device, --model, --variant or --hardware-class", EXIT_USAGE)
+    try:
+        out = output_path(args.out)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
     bucket = parse_duration(args.bucket)
     series_request = operator_pb2.QueryMetricsRequest(bucket_seconds=bucket)
     overall_request = operator_pb2.QueryMetricsRequest(include_sketch=True)
@@ -697,7 +701,12 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
     overall = client.call("QueryMetrics", overall_request).rows
     if not overall or not overall[0].inference_count:
         raise CliError(f"no latency windows match {filters_text(filters)} since {args.since}", EXIT_NOT_FOUND)
-    path = plot_latency(list(series), overall[0], filters_text(filters), args.out)
+    try:
+        path = plot_latency(list(series), overall[0], filters_text(filters), out)
+    except OSError as error:
+        raise CliError(
+            f"cannot write --out {out}: {error.strerror or error}; give a file path in a writable folder", EXIT_USAGE
+        ) from None
     result = {
         "path": str(path),
         "inferences": overall[0].inference_count,
@@ -921,7 +930,13 @@ def build_parser() -> argparse.ArgumentParser:
     metric_filter_flags(sub)
     sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
     sub.add_argument("--bucket", default="10s", help="time bucket of the series: 10s, 1m, 5m (default 10s)")
-    sub.add_argument("--out", type=Path, default=Path("latency.png"), help="PNG file to write (default latency.png)")
+    sub.add_argument(
+        "--out",
+        type=Path,
+        default=Path("latency.png"),
+        help="image file to write; its suffix sets the format, and a name without one gets .png "
+        "(default latency.png)",
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_plot)
 

@@ -14,10 +14,36 @@ def bucket_bounds(index: int, gamma: float) -> tuple[float, float]:
     return gamma ** (index - 1), gamma**index
 
 
+def output_path(path: Path) -> Path:
+    """Return the file that --out names, with .png added when it has no suffix.
+
+    matplotlib picks the image format from the suffix and adds .png itself to a name without one, so the
+    returned path is the file that plot_latency writes. Raises ValueError, naming the path and the fix,
+    for a directory or a suffix that matplotlib cannot write.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if path.is_dir():
+        raise ValueError(f"invalid --out {path}: it is a directory; give a file path such as {path / 'latency.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    image_format = path.suffix[1:].lower()
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    if image_format not in supported:
+        raise ValueError(
+            f"invalid --out {path}: matplotlib cannot write .{image_format} files; use .png or one of "
+            f"{', '.join('.' + name for name in supported)}"
+        )
+    return path
+
+
 def plot_latency(
     series: list[operator_pb2.MetricRow], overall: operator_pb2.MetricRow, title: str, output: Path
 ) -> Path:
-    """Draw p50/p95/p99 per time bucket above the histogram of the merged sketch; return the PNG path."""
+    """Draw p50/p95/p99 per time bucket above the histogram of the merged sketch; return the image path.
+
+    Raises OSError when the file or its folder cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # No display: render straight to a file.
@@ -57,7 +83,9 @@ def plot_latency(
     distribution.set_ylabel("inferences")
     distribution.grid(True, alpha=0.3)
     distribution.legend()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(output, dpi=110)
+    finally:
+        plt.close(figure)
     return output

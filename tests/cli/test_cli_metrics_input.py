@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -217,3 +218,63 @@ def test_query_hardware_class_of_removed(fleet: OrchestratorThread, capsys: Capt
     assert empty_rows == []
     assert stored == 0
     assert [row["inferences"] for row in stored_rows] == [10]
+
+
+def plot(fleet: OrchestratorThread, capsys: Capture, out: Path) -> tuple[int, str, str]:
+    """Run `metrics plot --model linear --out OUT` and return its exit status, stdout and stderr."""
+    code = cli(fleet, "metrics", "plot", "--model", "linear", "--out", str(out))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """Return an empty folder for plot files, apart from the orchestrator's files in tmp_path."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def test_plot_out_directory(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    folder = out_dir / "plots"
+    folder.mkdir()
+
+    code, out, error = plot(fleet, capsys, folder)
+
+    assert code == EXIT_USAGE
+    assert f"invalid --out {folder}: it is a directory" in error
+    assert f"such as {folder / 'latency.png'}" in error
+    assert out == ""
+    assert sorted(p.name for p in out_dir.iterdir()) == ["plots"]
+
+
+def test_plot_out_unwritable(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    blocker = out_dir / "notes.txt"
+    blocker.write_text("kept\n")
+
+    code, out, error = plot(fleet, capsys, blocker / "latency.png")
+
+    assert code == EXIT_USAGE
+    assert f"cannot write --out {blocker / 'latency.png'}" in error
+    assert "writable folder" in error
+    assert "Traceback" not in error
+    assert out == ""
+    assert blocker.read_text() == "kept\n"
+
+
+def test_plot_out_unknown_format(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    code, out, error = plot(fleet, capsys, out_dir / "latency.jpgx")
+
+    assert code == EXIT_USAGE
+    assert "matplotlib cannot write .jpgx files; use .png" in error
+    assert out == ""
+    assert list(out_dir.iterdir()) == []
+
+
+def test_plot_out_without_suffix(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    code, out, error = plot(fleet, capsys, out_dir / "latency")
+
+    assert code == 0
+    assert "cannot" not in error
+    assert out.startswith(f"wrote {out_dir / 'latency.png'} (10 inferences")
+    assert (out_dir / "latency.png").read_bytes().startswith(b"\x89PNG")
