@@ -122,6 +122,8 @@ def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
         "macs": metadata.macs,
         "parameters": metadata.parameters,
         "peak_activation_bytes": metadata.peak_activation_bytes,
+        "opset": metadata.opset,
+        "min_runtime_version": metadata.min_runtime_version,
         "accuracy": _number(variant.accuracy),
         "accuracy_metric": variant.accuracy_metric,
         "latency_ms": dict(variant.latency_ms),

@@ -158,6 +158,7 @@ def metadata_to_proto(metadata: ModelMetadata) -> pb.ModelMetadata:
         macs_by_op_type=dict(metadata.macs_by_op_type),
         precision=name_to_enum(metadata.precision, PRECISIONS),
         layers=metadata.layers,
+        min_runtime_version=metadata.min_runtime_version,
     )
 
 
@@ -173,4 +174,5 @@ def metadata_from_proto(message: pb.ModelMetadata) -> ModelMetadata:
         macs_by_op_type=dict(message.macs_by_op_type),
         precision=enum_to_name(message.precision, PRECISIONS, "precision") if message.precision else "fp32",
         layers=message.layers,
+        min_runtime_version=message.min_runtime_version,
     )

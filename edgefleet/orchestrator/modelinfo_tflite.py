@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from edgefleet.orchestrator.modelinfo import (
     estimate_peak_activation_bytes,
     propagate_constants,
 )
+from edgefleet.orchestrator.runtime_compat import parse_release
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,48 @@ def inspect_tflite(content: bytes, source: str) -> ModelMetadata:
         macs_by_op_type=macs_by_op_type,
         precision=_precision({index: tensor_details[index] for index in weights}, shapes),
         layers=len(ops),
+        min_runtime_version=min_runtime_version(content, source),
     )
+
+
+def min_runtime_version(content: bytes, source: str) -> str:
+    """Return the min_runtime_version entry of a TFLite flatbuffer's metadata ("2.3.0"), or "" without one.
+
+    The TFLite converter stores it as a NUL-padded ASCII string in the buffer that the entry names.
+    Reading it needs the schema bindings that ship with ai-edge-litert; without them it returns "".
+    """
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        logger.warning("cannot read min_runtime_version of %s: ai-edge-litert's schema bindings are missing", source)
+        return ""
+    try:
+        return _read_min_runtime_version(schema.Model.GetRootAs(content, 0), content, source)
+    except (struct.error, IndexError, ValueError) as error:
+        # LiteRT verified the flatbuffer before this runs, so this marks a bug in the reading.
+        logger.warning("cannot read min_runtime_version of %s: %s", source, error)
+        return ""
+
+
+def _read_min_runtime_version(model: Any, content: bytes, source: str) -> str:
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        if entry is None or entry.Name() != b"min_runtime_version":
+            continue
+        if not 0 <= entry.Buffer() < model.BuffersLength():
+            logger.warning("%s: min_runtime_version names buffer %d, which does not exist", source, entry.Buffer())
+            return ""
+        buffer = model.Buffers(entry.Buffer())
+        data = bytes(buffer.DataAsNumpy()) if buffer.DataLength() else b""
+        if not data and buffer.Offset() > 1:  # Models over 2 GiB keep buffers after the flatbuffer.
+            data = content[buffer.Offset() : buffer.Offset() + buffer.Size()]
+        text = data.split(b"\0", 1)[0].decode("ascii", errors="replace").strip()
+        if parse_release(text) is None:
+            logger.warning(
+                "%s: min_runtime_version %r is not MAJOR.MINOR[.PATCH], so selection cannot check it", source, text
+            )
+        return text
+    return ""
 
 
 def _load_interpreter(content: bytes, source: str) -> Any:

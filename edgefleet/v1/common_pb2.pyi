@@ -150,7 +150,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dim_names: _Optional[_Iterable[str]] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("format", "inputs", "outputs", "opset", "parameters", "macs", "peak_activation_bytes", "macs_by_op_type", "precision", "layers")
+    __slots__ = ("format", "inputs", "outputs", "opset", "parameters", "macs", "peak_activation_bytes", "macs_by_op_type", "precision", "layers", "min_runtime_version")
     class MacsByOpTypeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class ModelMetadata(_message.Message):
     MACS_BY_OP_TYPE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     format: ModelFormat
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
@@ -178,7 +179,8 @@ class ModelMetadata(_message.Message):
     macs_by_op_type: _containers.ScalarMap[str, int]
     precision: Precision
     layers: int
-    def __init__(self, format: _Optional[_Union[ModelFormat, str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., opset: _Optional[int] = ..., parameters: _Optional[int] = ..., macs: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., macs_by_op_type: _Optional[_Mapping[str, int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., layers: _Optional[int] = ...) -> None: ...
+    min_runtime_version: str
+    def __init__(self, format: _Optional[_Union[ModelFormat, str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., opset: _Optional[int] = ..., parameters: _Optional[int] = ..., macs: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., macs_by_op_type: _Optional[_Mapping[str, int]] = ..., precision: _Optional[_Union[Precision, str]] = ..., layers: _Optional[int] = ..., min_runtime_version: _Optional[str] = ...) -> None: ...
 
 class LatencySketch(_message.Message):
     __slots__ = ("relative_accuracy", "bucket_offset", "counts", "zero_count", "count", "sum_ms", "min_ms", "max_ms")
