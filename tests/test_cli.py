@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Callable
@@ -269,6 +270,83 @@ def test_deploy_wait_ignores_earlier_report(
 
     assert deployed.returncode == 75, deployed.stdout
     assert "(state: serving; the device reports generation 1 of 2)" in deployed.stderr
+
+
+def report_serving(fleet: OrchestratorThread, stream: ControlStream, device_id: str, key: str) -> None:
+    """Open the device's control stream and report linear:1 serving on it."""
+    stream.hello(device_id, key)
+    status = agent_pb2.ModelStatus(
+        model_name="linear",
+        model_version="1",
+        variant_id="linear:1:source",
+        digest="sha256:" + "0" * 64,
+        state=common_pb2.MODEL_STATE_SERVING,
+        runtime="onnxruntime",
+        threads=1,
+    )
+    status.updated_at.GetCurrentTime()
+    stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(models=[status])))
+    wait_until(lambda: get_device(fleet, device_id).models, f"{device_id} to report its model")
+
+
+def test_offline_model_state_marked(fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
+    """An offline device's model state is shown as its last report with its age, an online one's as it is."""
+    online_id, online_key = register(fleet.agent, "edge-online")
+    offline_id, offline_key = register(fleet.agent, "edge-offline")
+    report_serving(fleet, open_stream(fleet.agent), online_id, online_key)
+    closed = open_stream(fleet.agent)
+    report_serving(fleet, closed, offline_id, offline_key)
+    closed.close()
+    offline_status = common_pb2.DEVICE_STATUS_OFFLINE
+    wait_until(lambda: get_device(fleet, offline_id).status == offline_status, f"{offline_id} to go offline")
+
+    listed = run_cli("--orchestrator", fleet.address, "devices", "list")
+    listed_json = run_cli("--orchestrator", fleet.address, "devices", "list", "-o", "json")
+    shown = run_cli("--orchestrator", fleet.address, "devices", "show", offline_id)
+    shown_online = run_cli("--orchestrator", fleet.address, "devices", "show", online_id)
+
+    for result in (listed, listed_json, shown, shown_online):
+        assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert re.search(r" linear:serving \(last seen \d+s ago\) ", rows[offline_id])
+    assert re.search(r" linear:serving +\d+s ago ", rows[online_id])
+    devices = {d["device_id"]: d for d in json.loads(listed_json.stdout)}
+    assert devices[offline_id]["status"] == "offline"
+    assert devices[offline_id]["models"][0]["state"] == "serving"
+    assert devices[offline_id]["models"][0]["current"] is False
+    assert devices[online_id]["models"][0]["state"] == "serving"
+    assert devices[online_id]["models"][0]["current"] is True
+    assert re.search(r"linear:1:source +serving \(last seen \d+s ago\) +onnxruntime", shown.stdout)
+    assert re.search(r"linear:1:source +serving +onnxruntime", shown_online.stdout)
+
+
+def test_deploy_offline_state_marked(fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:
+    """A deploy to an offline device shows the variant's state as the device's last report, with its age."""
+    upload(fleet, linear_onnx(), "linear", "1")
+    device_id, key = register(fleet.agent, "edge-01")
+    deploy = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id=device_id)
+    fleet.operator.Deploy(deploy, timeout=30)
+    stream = open_stream(fleet.agent)
+    report_serving(fleet, stream, device_id, key)
+    stream.close()
+    offline_status = common_pb2.DEVICE_STATUS_OFFLINE
+    wait_until(lambda: get_device(fleet, device_id).status == offline_status, f"{device_id} to go offline")
+    command = ("--orchestrator", fleet.address, "deploy", "--model", "linear:1", "--device", device_id)
+
+    deployed = run_cli(*command, "--threads", "2")
+    deployed_json = run_cli(*command, "--threads", "1", "-o", "json")
+    waited = run_cli(*command, "--threads", "2", "--wait", "1")
+
+    assert deployed.returncode == 0, deployed.stderr
+    assert re.search(r": serving \(last seen \d+s ago\) onnxruntime", deployed.stdout), deployed.stdout
+    assert deployed_json.returncode == 0, deployed_json.stderr
+    result = json.loads(deployed_json.stdout)
+    assert result["device_status"] == "offline"
+    assert result["last_seen"] is not None
+    assert result["state"]["state"] == "serving"
+    assert result["state"]["current"] is False
+    assert waited.returncode == 75, waited.stderr
+    assert re.search(r"\(state: serving \(last seen \d+s ago\); the device reports generation 0 of 4\)", waited.stderr)
 
 
 def test_models_add_conflict(fleet: OrchestratorThread, tmp_path: Path) -> None:

@@ -247,7 +247,7 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
             f"{d['usable_cores']:g}",
             views.human_bytes(d["memory_bytes"]),
             ",".join(r["name"] for r in d["runtimes"]) or "-",
-            ",".join(f"{m['model']}:{m['state']}" for m in d["models"]) or "-",
+            models_column(d),
             views.age(d["last_seen"]),
             ",".join(sorted({entry["kind"] for entry in d["drift"]})) or "-",
         )
@@ -256,6 +256,13 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
     return views.table(
         ("DEVICE", "STATUS", "PROFILE", "CORES", "MEMORY", "RUNTIMES", "MODELS", "LAST SEEN", "DRIFT"), rows
     )
+
+
+def models_column(d: dict[str, Any]) -> str:
+    """Return MODEL:STATE pairs, marked as the last report with its age unless the device is online."""
+    if not d["models"]:
+        return "-"
+    return ",".join(f"{m['model']}:{m['state']}" for m in d["models"]) + views.last_report_note(d)
 
 
 def render_device(d: dict[str, Any]) -> str:
@@ -285,7 +292,7 @@ def render_device(d: dict[str, Any]) -> str:
                     (
                         "  " + m["model"],
                         m["variant_id"],
-                        m["state"],
+                        m["state"] + views.last_report_note(d),
                         m["runtime"] or "-",
                         ",".join(m["providers"]) or "-",
                         m["threads"] or "-",
@@ -575,6 +582,8 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
         "requested_threads": args.threads,
         "notice": threads_notice(args.threads, assignment.threads, device),
         "desired_generation": device["desired_generation"],
+        "device_status": device["status"],
+        "last_seen": device["last_seen"],
         # Only the assigned variant's status counts; an older variant may still be serving until the device applies it.
         "state": next(
             (
@@ -618,7 +627,7 @@ def wait_for_state(
         if applied and status is not None and status["state"] in ("serving", "failed"):
             return device
         if time.monotonic() > deadline:
-            shown = status["state"] if status else "not reported yet"
+            shown = status["state"] + views.last_report_note(device) if status else "not reported yet"
             if not applied:
                 shown += f"; the device reports generation {device['reported_generation']} of {generation}"
             raise CliError(
@@ -639,7 +648,8 @@ def render_deploy(result: dict[str, Any]) -> str:
             if state["state"] == "failed"
             else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
         )
-        line = f"{line}: {state['state']} {detail}".rstrip()
+        note = views.last_report_note({"status": result["device_status"], "last_seen": result["last_seen"]})
+        line = f"{line}: {state['state']}{note} {detail}".rstrip()
     if result["notice"]:
         line += f"\nnote: {result['notice']}"
     return line

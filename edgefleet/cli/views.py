@@ -45,10 +45,16 @@ def model_status_view(status: agent_pb2.ModelStatus) -> dict[str, Any]:
 
 
 def device_view(device: operator_pb2.Device) -> dict[str, Any]:
+    """Return the device's view. Each model has "current": false unless the device is online.
+
+    A stale or offline device's model states are its last report, which held when the device was last
+    seen ("last_seen"), so they do not say that the model serves now.
+    """
     hardware = device.hardware
+    status = _name(device.status, DEVICE_STATUS_NAMES)
     return {
         "device_id": device.device_id,
-        "status": _name(device.status, DEVICE_STATUS_NAMES),
+        "status": status,
         "revoked": device.revoked,
         "profile": hardware.profile_name,
         "hardware_class": hardware.hardware_class,
@@ -78,7 +84,7 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
         "last_seen": _time(device.last_seen),
         "desired_generation": device.desired_generation,
         "reported_generation": device.reported_generation,
-        "models": [model_status_view(m) for m in device.models],
+        "models": [{**model_status_view(m), "current": status == "online"} for m in device.models],
         "desired": [
             {
                 "model": a.model_name,
@@ -195,6 +201,13 @@ def age(iso: str | None, now: datetime | None = None) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f}m ago"
     return f"{seconds / 3600:.1f}h ago"
+
+
+def last_report_note(device: dict[str, Any]) -> str:
+    """Return " (last seen AGE)" for a device view whose model states are its last report, else ""."""
+    if device["status"] == "online":
+        return ""
+    return f" (last seen {age(device['last_seen'])})"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -12,12 +12,15 @@ from edgefleet.common.hardware import HardwareProfile, hardware_class_of
 from edgefleet.orchestrator.costmodel.features import FORMAT_RUNTIMES
 from edgefleet.orchestrator.costmodel.predictor import Prediction
 from edgefleet.orchestrator.domain import Device, Variant
+from edgefleet.orchestrator.runtime_compat import RUNTIME_TOO_OLD as RUNTIME_TOO_OLD
+from edgefleet.orchestrator.runtime_compat import check_runtime_version
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
-# Reasons a candidate carries, as the first word of Candidate.reason.
+# Reasons a candidate carries, as the first word of Candidate.reason. RUNTIME_TOO_OLD, imported
+# above, marks a variant that the device's runtime version cannot load.
 CHOSEN = "chosen"
 GATE_REJECTED = "rejected by the gate"
 NOT_RUNNABLE = "format not runnable"
@@ -116,6 +119,7 @@ def select_for_hardware(
     memory = hardware.memory_total_bytes
     qualified: list[tuple[Variant, Prediction, float]] = []
     excluded: dict[str, Candidate] = {}
+    notes: dict[str, str] = {}  # Variants allowed although the runtime version could not be checked.
     for variant in variants:
         if variant.status != "accepted":
             detail = variant.rejection_reason or variant.status
@@ -127,6 +131,12 @@ def select_for_hardware(
                 variant, f"{NOT_RUNNABLE}: {variant.format}, but the device runs {runs}"
             )
             continue
+        runtime_check = check_runtime_version(hardware, variant)
+        if not runtime_check.loads:
+            excluded[variant.variant_id] = _excluded(variant, runtime_check.reason)
+            continue
+        if runtime_check.reason:
+            notes[variant.variant_id] = runtime_check.reason
         prediction = predictor.predict(hardware, variant)
         if memory > 0 and prediction.memory_bytes > memory:
             excluded[variant.variant_id] = _excluded(
@@ -158,6 +168,8 @@ def select_for_hardware(
                 reason = f"{LESS_ACCURATE}: accuracy {_describe_accuracy(accuracy)} < {_describe_accuracy(best)}"
             else:
                 reason = f"{SLOWER}: predicted p95 {prediction.p95_ms:.2f} ms >= {chosen[1].p95_ms:.2f} ms"
+        if variant.variant_id in notes:
+            reason += f" (note: {notes[variant.variant_id]})"
         candidates[variant.variant_id] = Candidate(
             variant=variant,
             predicted_p50_ms=prediction.p50_ms,
@@ -184,9 +196,10 @@ def select_variant(
     """Choose the variant a device runs and the threads it runs it with.
 
     The rule: among variants that the gate accepted, in a format one of the device's runtimes
-    executes, whose predicted memory fits the device's memory and whose predicted p95 meets
-    budget_ms, take the most accurate; equal accuracy goes to the lower predicted p95. With
-    budget_ms=None the most accurate runnable variant wins. Every variant appears in
+    executes at a runtime version that loads them (see runtime_compat), whose predicted memory
+    fits the device's memory and whose predicted p95 meets budget_ms, take the most accurate; equal
+    accuracy goes to the lower predicted p95. With budget_ms=None the most accurate runnable
+    variant wins. Every variant appears in
     Selection.candidates with its prediction and the reason it was chosen or excluded. When no
     variant qualifies, Selection.chosen is None. Raises ValueError for a budget that is not positive.
     """
@@ -202,17 +215,24 @@ def select_for_fleet(
 ) -> dict[str, Selection]:
     """Run select_variant for many devices and return the selections by device id.
 
-    Devices of one hardware class share a selection, so the predictor runs once per class and variant.
-    Devices without a hardware class are grouped by the class derived from their profile.
+    Devices of one hardware class and the same runtime versions share a selection, so the predictor
+    runs once per group and variant. The hardware class leaves runtime versions out, but they decide
+    which variants load. Devices without a hardware class are grouped by the class derived from
+    their profile.
     """
     by_class: dict[str, Selection] = {}
     result: dict[str, Selection] = {}
     for device in devices:
-        key = device.hardware.hardware_class or hardware_class_of(device.hardware)
+        versions = ",".join(sorted(f"{r.name}={r.version}" for r in device.hardware.runtimes))
+        key = f"{device.hardware.hardware_class or hardware_class_of(device.hardware)}|{versions}"
         selection = by_class.get(key)
         if selection is None:
             selection = select_for_hardware(device.hardware, variants, budget_ms=budget_ms, predictor=predictor)
             by_class[key] = selection
         result[device.device_id] = selection
-    log.debug("selected variants for %d devices in %d hardware classes", len(result), len(by_class))
+    log.debug(
+        "selected variants for %d devices in %d groups of hardware class and runtime versions",
+        len(result),
+        len(by_class),
+    )
     return result

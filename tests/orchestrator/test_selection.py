@@ -19,6 +19,7 @@ from edgefleet.orchestrator.selection import (
     NOT_RUNNABLE,
     OVER_BUDGET,
     OVER_MEMORY,
+    RUNTIME_TOO_OLD,
     SLOWER,
     select_for_fleet,
     select_variant,
@@ -50,6 +51,9 @@ class TablePredictor:
         )
 
 
+RUNTIME_VERSIONS = {"onnxruntime": "1.32.0", "litert": "2.3.0"}
+
+
 def hardware(runtimes: tuple[str, ...] = ("onnxruntime", "litert"), **changes: Any) -> HardwareProfile:
     profile = HardwareProfile(
         cpu_model="Cortex-A76",
@@ -60,7 +64,7 @@ def hardware(runtimes: tuple[str, ...] = ("onnxruntime", "litert"), **changes: A
         memory_total_bytes=2 * GIB,
         memory_available_bytes=GIB,
         disk_free_bytes=10 * GIB,
-        runtimes=tuple(RuntimeInfo(name, "1.0") for name in runtimes),
+        runtimes=tuple(RuntimeInfo(name, RUNTIME_VERSIONS[name]) for name in runtimes),
         hardware_class="rpi5-4c",
     )
     return dataclasses.replace(profile, **changes)
@@ -244,3 +248,27 @@ def test_fleet_predicts_once_per_class() -> None:
     assert predictor.calls == 2 * len(variants)
     assert selections["b-7"].chosen is not None
     assert selections["b-7"].chosen.variant_id == "v4"
+
+
+def test_fleet_splits_class_by_runtime_version() -> None:
+    variants = [variant("opset17", 0.8), dataclasses.replace(variant("opset13", 0.7), metadata=replace_opset(13))]
+    predictor = TablePredictor({"opset17": 5.0, "opset13": 5.0})
+    old_runtimes = (RuntimeInfo("onnxruntime", "1.10.0"), RuntimeInfo("litert", "2.3.0"))
+    old = device("old")
+    devices = [
+        device("new"),
+        dataclasses.replace(old, hardware=dataclasses.replace(old.hardware, runtimes=old_runtimes)),
+    ]
+
+    selections = select_for_fleet(devices, variants, budget_ms=10.0, predictor=predictor)
+
+    assert devices[0].hardware.hardware_class == devices[1].hardware.hardware_class
+    assert selections["new"].chosen is not None
+    assert selections["new"].chosen.variant_id == "opset17"
+    assert selections["old"].chosen is not None
+    assert selections["old"].chosen.variant_id == "opset13"
+    assert selections["old"].candidates[0].reason.startswith(RUNTIME_TOO_OLD)
+
+
+def replace_opset(opset: int) -> ModelMetadata:
+    return dataclasses.replace(variant("any", None).metadata, opset=opset)

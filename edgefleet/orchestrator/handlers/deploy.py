@@ -12,7 +12,14 @@ from edgefleet.orchestrator.domain import Assignment, Device, Variant
 from edgefleet.orchestrator.handlers.catalog import get_model
 from edgefleet.orchestrator.handlers.devices import describe_device, device_not_found, suggest
 from edgefleet.orchestrator.handlers.explain import calibrated_predictor
-from edgefleet.orchestrator.selection import NOT_RUNNABLE, OVER_MEMORY, runnable_formats, select_variant
+from edgefleet.orchestrator.runtime_compat import check_runtime_version
+from edgefleet.orchestrator.selection import (
+    NOT_RUNNABLE,
+    OVER_MEMORY,
+    RUNTIME_TOO_OLD,
+    runnable_formats,
+    select_variant,
+)
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import operator_pb2
@@ -34,11 +41,14 @@ def choose_variant(device: Device, variants: list[Variant], state: OrchestratorS
         hints = []
         if any(c.reason.startswith(OVER_MEMORY) for c in selection.candidates):
             hints.append("a smaller variant (edgefleet models compress --int8)")
+        if any(c.reason.startswith(RUNTIME_TOO_OLD) for c in selection.candidates):
+            hints.append("a variant that the device's runtime version loads, or upgrade the runtime on the device")
         if not hints or any(c.reason.startswith(NOT_RUNNABLE) for c in selection.candidates):
             hints.append("a variant in a format it can run (edgefleet models add --variant-kind)")
         raise FailedPrecondition(
             f"no variant runs on device {device.device_id} "
-            f"(runtimes: {', '.join(r.name for r in device.hardware.runtimes) or 'none'}): {reasons}. "
+            f"(runtimes: {', '.join(f'{r.name} {r.version}'.strip() for r in device.hardware.runtimes) or 'none'}): "
+            f"{reasons}. "
             f"Add {' or '.join(hints)}"
         )
     return selection.chosen, selection.threads
@@ -97,6 +107,15 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
             raise FailedPrecondition(
                 f"variant {variant.variant_id} is {variant.format} but device {device.device_id} runs "
                 f"{', '.join(runnable_formats(device.hardware)) or 'no runtime'}"
+            )
+        runtime_check = check_runtime_version(device.hardware, variant)
+        if not runtime_check.loads:
+            raise FailedPrecondition(
+                f"variant {variant.variant_id} cannot be deployed to device {device.device_id}: {runtime_check.reason}"
+            )
+        if runtime_check.reason:
+            log.warning(
+                "deploying variant=%s to device_id=%s: %s", variant.variant_id, device.device_id, runtime_check.reason
             )
         threads = capped_threads(request, device)
     else:

@@ -17,6 +17,7 @@ from edgefleet.common.serde import DEVICE_STATUS_NAMES, enum_to_name, hardware_f
 from edgefleet.orchestrator import serde, validation
 from edgefleet.orchestrator.domain import Device
 from edgefleet.orchestrator.rollouts.reconcile import device_drift
+from edgefleet.orchestrator.runtime_compat import parse_release
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import (
     DeleteBlockedError,
@@ -124,6 +125,15 @@ def register(
         hardware.profile_name or "-",
         peer,
     )
+    for runtime in hardware.runtimes:
+        if parse_release(runtime.version) is None:
+            log.warning(
+                "device_id=%s reports %s version %r, which does not parse as MAJOR.MINOR[.PATCH]; variant "
+                "selection treats it as unknown and cannot check which opsets or models it loads",
+                device.device_id,
+                runtime.name,
+                runtime.version,
+            )
     response = agent_pb2.RegisterResponse(
         device_id=device.device_id,
         heartbeat_interval_seconds=max(1, round(state.config.heartbeat_interval_s)),
