@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from edgefleet.agent.config import HELP, AgentConfig
+from edgefleet.agent.config import HELP, AgentConfig, check_agent_config
 from edgefleet.agent.identity import IdentityError, prepare_state_dir
 from edgefleet.common.config import ConfigError, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = build_parser().parse_args(argv)
     try:
         config = load_agent_config(flags)
+        check_agent_config(config)
         configure_logging(config.log_level, config.log_format)
     except (ConfigError, ValueError) as error:
         print(f"edgefleet-agent: {error}", file=sys.stderr)

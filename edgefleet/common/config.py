@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,3 +134,42 @@ def load_config(
             if value is not None:
                 values[name] = _convert(value, hints[name], "the command line", flag_name(name))
     return config_type(**values)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: above or at minimum, and at most maximum when it is set."""
+
+    minimum: float
+    unit: str
+    exclusive_minimum: bool = False
+    maximum: float | None = None
+
+    def check(self, name: str, value: float) -> None:
+        """Raise ConfigError naming the flag of field name, the value and the range when value is outside it."""
+        below = value <= self.minimum if self.exclusive_minimum else value < self.minimum
+        above = self.maximum is not None and value > self.maximum
+        if math.isfinite(value) and not below and not above:
+            return
+        raise ConfigError(f"invalid {flag_name(name)} {format_number(value)}: must be {self.describe()}")
+
+    def describe(self) -> str:
+        """Return the range in words, such as "greater than 0 seconds" or "from 1 to 86400 seconds"."""
+        if self.exclusive_minimum:
+            text = f"greater than {format_number(self.minimum)}"
+            if self.maximum is not None:
+                text += f" and at most {format_number(self.maximum)}"
+        elif self.maximum is not None:
+            text = f"from {format_number(self.minimum)} to {format_number(self.maximum)}"
+        else:
+            text = f"at least {format_number(self.minimum)}"
+        return f"{text} {self.unit}".rstrip()
+
+
+def format_number(value: float) -> str:
+    """Format value as the user would write it: 30 for 30.0, 0.5, 4294967295, nan."""
+    if isinstance(value, int):
+        return str(value)
+    if value.is_integer():
+        return str(int(value))
+    return f"{value:g}"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from edgefleet.common.config import ConfigError, flag_name
+from edgefleet.common.config import ConfigError, Range, flag_name, format_number
 
 HELP = {
     "listen": "HOST:PORT for agents (mutual TLS) to call; port 0 picks a free port",
@@ -151,36 +150,6 @@ def parse_listen_address(value: str, name: str, *, allow_empty_host: bool = Fals
     return ListenAddress(host=host, port=port)
 
 
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a numeric setting: above or at minimum, and at most maximum when it is set."""
-
-    minimum: float
-    unit: str
-    exclusive_minimum: bool = False
-    maximum: float | None = None
-
-    def check(self, name: str, value: float) -> None:
-        """Raise ConfigError naming the flag of field name, the value and the range when value is outside it."""
-        below = value <= self.minimum if self.exclusive_minimum else value < self.minimum
-        above = self.maximum is not None and value > self.maximum
-        if math.isfinite(value) and not below and not above:
-            return
-        raise ConfigError(f"invalid {flag_name(name)} {_number(value)}: must be {self.describe()}")
-
-    def describe(self) -> str:
-        """Return the range in words, such as "greater than 0 seconds" or "from 1 to 86400 seconds"."""
-        if self.exclusive_minimum:
-            text = f"greater than {_number(self.minimum)}"
-            if self.maximum is not None:
-                text += f" and at most {_number(self.maximum)}"
-        elif self.maximum is not None:
-            text = f"from {_number(self.minimum)} to {_number(self.maximum)}"
-        else:
-            text = f"at least {_number(self.minimum)}"
-        return f"{text} {self.unit}".rstrip()
-
-
 RANGES = {
     "heartbeat_interval_s": Range(0, "seconds", exclusive_minimum=True, maximum=MAX_HEARTBEAT_INTERVAL_S),
     "stale_after_s": Range(0, "seconds", exclusive_minimum=True),
@@ -208,15 +177,6 @@ def _check_at_least(config: OrchestratorConfig, name: str, lower_name: str, reas
     lower = getattr(config, lower_name)
     if value < lower:
         raise ConfigError(
-            f"invalid {flag_name(name)} {_number(value)}: must be at least {flag_name(lower_name)} "
-            f"({_number(lower)} seconds), so that {reason}"
+            f"invalid {flag_name(name)} {format_number(value)}: must be at least {flag_name(lower_name)} "
+            f"({format_number(lower)} seconds), so that {reason}"
         )
-
-
-def _number(value: float) -> str:
-    """Format value as the user would write it: 30 for 30.0, 0.5, 4294967295, nan."""
-    if isinstance(value, int):
-        return str(value)
-    if value.is_integer():
-        return str(int(value))
-    return f"{value:g}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.config import AgentConfig, check_agent_config
 from edgefleet.agent.main import check_tls_files
 from edgefleet.cli.main import main as edgefleet_cli
 from edgefleet.common.errors import EXIT_CONFIG
@@ -213,3 +213,50 @@ def test_insecure_skips_tls_check(tmp_path: Path) -> None:
     config = AgentConfig(insecure=True, cert=missing, key=missing)
 
     check_tls_files(config)
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:99999", "port 99999 is out of range; give the orchestrator's agent port"),
+        ("127.0.0.1:0", "port 0 is out of range"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        (":50051", "expected HOST:PORT"),
+        ("127.0.0.1:5005x", "expected HOST:PORT"),
+        ("::1:50051", "put an IPv6 address in brackets"),
+    ],
+)
+def test_orchestrator_address_invalid(tmp_path: Path, address: str, expected: str) -> None:
+    result = run_agent("--insecure", "--state-dir", str(tmp_path / "state"), "--orchestrator", address)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"edgefleet-agent: invalid --orchestrator {address!r}: {expected}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--max-backoff-s", "nan", "greater than 0 seconds"),
+        ("--max-backoff-s", "-3", "greater than 0 seconds"),
+        ("--shutdown-grace-s", "nan", "at least 0 seconds"),
+        ("--shutdown-grace-s", "inf", "at least 0 seconds"),
+        ("--keepalive-time-s", "nan", "from 0.001 to 2147483 seconds"),
+        ("--keepalive-timeout-s", "0", "from 0.001 to 2147483 seconds"),
+        ("--metrics-buffer-max-bytes", "0", "at least 1 bytes"),
+        ("--metrics-buffer-max-batches", "-1", "at least 1 batches"),
+    ],
+)
+def test_numeric_setting_invalid(tmp_path: Path, flag: str, value: str, allowed: str) -> None:
+    result = run_agent("--insecure", "--state-dir", str(tmp_path / "state"), flag, value)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"edgefleet-agent: invalid {flag} {value}: must be {allowed}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_orchestrator_host_name_accepted() -> None:
+    check_agent_config(AgentConfig(orchestrator="orchestrator.example.internal:50051"))
+    check_agent_config(AgentConfig(orchestrator="[::1]:50051"))
