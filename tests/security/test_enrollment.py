@@ -207,6 +207,52 @@ def test_revoke_closes_and_refuses(start_secure: StartSecure) -> None:
     assert second_end.code == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_revoke_unknown_id_rejected(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    key = register(orchestrator, "cam-001", orchestrator.enrollment_token("cam-001"))
+
+    with pytest.raises(grpc.RpcError) as raised:
+        orchestrator.operator().RevokeDevice(
+            operator_pb2.RevokeDeviceRequest(device_id="cam-01", reason="stolen"), timeout=STEP_TIMEOUT_S
+        )
+    stream = open_control(orchestrator, "cam-001", key)
+    listed = orchestrator.operator().ListDevices(operator_pb2.ListDevicesRequest(), timeout=STEP_TIMEOUT_S)
+    stream.close()
+
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "device 'cam-01' not found; did you mean cam-001?" in (raised.value.details() or "")
+    assert {d.device_id: d.revoked for d in listed.devices} == {"cam-001": False}
+
+
+def test_revoke_before_enrollment(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    token = orchestrator.enrollment_token("cam-1")
+
+    response = orchestrator.operator().RevokeDevice(
+        operator_pb2.RevokeDeviceRequest(device_id="cam-1", reason="lost in transit"), timeout=STEP_TIMEOUT_S
+    )
+    error = register_error(orchestrator, "cam-1", token)
+
+    assert response.device_id == "cam-1"
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "the enrollment token is not valid" in (error.details() or "")
+
+
+def test_revoke_removed_device(start_secure: StartSecure) -> None:
+    orchestrator = start_secure()
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    orchestrator.operator().RemoveDevice(operator_pb2.RemoveDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        orchestrator.operator().RevokeDevice(
+            operator_pb2.RevokeDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S
+        )
+
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "device 'cam-1' was removed from the fleet at" in (raised.value.details() or "")
+    assert "nothing to revoke" in (raised.value.details() or "")
+
+
 def test_revoked_shown_on_device(start_secure: StartSecure) -> None:
     orchestrator = start_secure()
     register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.common.serde import timestamp
 from edgefleet.orchestrator import serde, validation
+from edgefleet.orchestrator.handlers.devices import unknown_device
 from edgefleet.orchestrator.security import tokens
 from edgefleet.orchestrator.security.auth import Security
 from edgefleet.orchestrator.security.store import (
@@ -91,10 +92,16 @@ def revoke_enrollment_token(
 def revoke_device(
     request: operator_pb2.RevokeDeviceRequest, state: OrchestratorState
 ) -> operator_pb2.RevokeDeviceResponse:
-    """Revoke a device and close its control stream on this process; the next connection is refused."""
+    """Revoke a device and close its control stream on this process; the next connection is refused.
+
+    Raises NotFound, with the closest registered ids, for an id that is neither a registered device nor
+    named by an unused enrollment token, so a mistyped id does not report success while the device stays
+    trusted.
+    """
     validation.check_device_id(request.device_id)
     validation.check_text(request.reason, "reason", 256)
     security = security_of(state)
+    _check_revocable(request.device_id, security, state)
     security.revoke(request.device_id, request.reason)
     session = state.hub.sessions.get(request.device_id)
     if session is not None and state.hub.loop is not None:
@@ -106,6 +113,21 @@ def revoke_device(
         "; closing its control stream" if session is not None else "",
     )
     return operator_pb2.RevokeDeviceResponse(device_id=request.device_id, stream_closed=session is not None)
+
+
+def _check_revocable(device_id: str, security: Security, state: OrchestratorState) -> None:
+    if state.store.get_device(device_id) is not None:
+        return
+    # An unused token lets the id enroll, so revoking it before its first registration is allowed.
+    if any(token.used_at is None for token in security.store.list_enrollment_tokens(device_id)):
+        return
+    removed = state.store.get_removed_device(device_id)
+    if removed is not None:
+        raise NotFound(
+            f"device {device_id!r} was removed from the fleet at {removed.removed_at:%Y-%m-%dT%H:%M:%SZ}, "
+            "which already deleted its credential and unused enrollment tokens; there is nothing to revoke"
+        )
+    raise unknown_device(device_id, state)
 
 
 def token_to_proto(record: ApiTokenRecord) -> operator_pb2.ApiToken:
