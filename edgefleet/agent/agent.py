@@ -96,6 +96,15 @@ class FatalAgentError(Exception):
 RetryCallback = Callable[[grpc.aio.AioRpcError, float], None]
 
 
+async def _ended_stream_error(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
+    """Convert the final status of an ended control stream to an AioRpcError; OK becomes UNAVAILABLE."""
+    code = await call.code()
+    details = await call.details()
+    if code == grpc.StatusCode.OK:
+        code, details = grpc.StatusCode.UNAVAILABLE, "control stream ended"
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 async def reconnect_forever(
     session: Callable[[], Awaitable[None]],
     backoff: Backoff,
@@ -401,7 +410,12 @@ class Agent:
         outbox = self._outbox
         while True:
             message = await outbox.get()
-            await call.write(message)
+            try:
+                await call.write(message)
+            except asyncio.InvalidStateError:
+                # grpc.aio raises this instead of AioRpcError when the stream has already ended. That happens
+                # when the orchestrator goes away while the read loop is busy applying a desired state.
+                raise await _ended_stream_error(call) from None
 
     async def _heartbeat_loop(self, interval_s: int) -> None:
         sequence = 0

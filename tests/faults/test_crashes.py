@@ -277,3 +277,33 @@ def test_restart_with_leftovers(fleet: tuple[OrchestratorProcess, TcpProxy, Agen
     assert served == "1"
     assert response.model_version == "1"
     assert [path for path in leftovers if path.exists()] == []
+
+
+def test_orchestrator_lost_mid_download(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:
+    orchestrator, proxy, agent = fleet
+    channel, operator = orchestrator.operator()
+    new_model = linear_model(4, padding_floats=2 * MIB)  # About 8 MiB.
+    new_digest = hashlib.sha256(new_model).hexdigest()
+    try:
+        device_id = agent.device_id()
+        upload(operator, new_model, "2")
+        proxy.throttle(2 * MIB)
+        deploy(operator, device_id, "2")
+        part = agent.state_dir / "models" / "partial" / f"{new_digest}.part"
+        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+        # The control stream ends while the agent is busy applying the desired state, so the heartbeats
+        # of the next seconds are written to a stream that has already finished.
+        proxy.drop()
+        time.sleep(3)
+        assert agent.running, f"the agent exited while the orchestrator was unreachable:\n{agent.log_tail()}"
+
+        proxy.throttle(None)
+        proxy.pass_traffic()
+        wait_serving(operator, device_id, "2")
+        output = InferenceClient(agent.socket_path, MODEL).infer_once()
+    finally:
+        channel.close()
+
+    assert agent.running
+    assert "agent failed" not in agent.log_path.read_text()
+    assert output.model_version == "2"
