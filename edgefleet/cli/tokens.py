@@ -20,12 +20,23 @@ OutputFlag = Callable[[argparse.ArgumentParser], None]
 ROLES = ("viewer", "operator", "admin")
 
 
+# The orchestrator's longest enrollment token validity (edgefleet.orchestrator.security.tokens.MAX_ENROLLMENT_TTL),
+# checked here too so that a huge --ttl is a usage error and not a protobuf overflow.
+MAX_ENROLLMENT_TTL_DAYS = 30
+
+
 def parse_ttl(value: str) -> int:
     """Parse a duration such as 30m, 24h or 7d into seconds; raise ArgumentTypeError for anything else."""
     match = re.fullmatch(r"(\d+)([smhd])", value)
     if not match or int(match.group(1)) == 0:
         raise argparse.ArgumentTypeError(f"invalid duration {value!r}: use a positive number with s, m, h or d (24h)")
-    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if seconds > MAX_ENROLLMENT_TTL_DAYS * 86400:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {value!r}: an enrollment token is valid for at most {MAX_ENROLLMENT_TTL_DAYS} days "
+            f"(--ttl {MAX_ENROLLMENT_TTL_DAYS}d)"
+        )
+    return seconds
 
 
 def add_device_commands(devices: argparse._SubParsersAction[argparse.ArgumentParser], output_flag: OutputFlag) -> None:
@@ -49,7 +60,12 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     verbs = enroll.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("create", help="create a single-use enrollment token for one device id")
     sub.add_argument("--device-id", required=True)
-    sub.add_argument("--ttl", type=parse_ttl, default=24 * 3600, help="validity: 30m, 24h, 7d (default 24h)")
+    sub.add_argument(
+        "--ttl",
+        type=parse_ttl,
+        default=24 * 3600,
+        help=f"validity: 30m, 24h, 7d, at most {MAX_ENROLLMENT_TTL_DAYS}d (default 24h)",
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_enroll_create)
     sub = verbs.add_parser("list", help="list enrollment tokens with their state (never their secrets)")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from edgefleet.cli import tokens
 from edgefleet.cli.main import main
 from edgefleet.common.tls import device_id_from_file
+from edgefleet.orchestrator.security import tokens as orchestrator_tokens
 from tests.security.helpers import SecureOrchestrator
 
 pytest_plugins = ["tests.servers", "tests.security.helpers"]
@@ -117,3 +120,32 @@ def test_cli_needs_ca(start_secure: StartSecure, capsys: pytest.CaptureFixture[s
 
     assert code == 2
     assert "--ca-cert" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ttl", ["31d", "99999999d", "745h"])
+def test_cli_enroll_ttl_too_long(start_secure: StartSecure, capsys: pytest.CaptureFixture[str], ttl: str) -> None:
+    orchestrator = start_secure()
+
+    with pytest.raises(SystemExit) as caught:
+        cli(orchestrator, "enroll", "create", "--device-id", "cam-1", "--ttl", ttl)
+    error = capsys.readouterr().err
+    listed = cli(orchestrator, "enroll", "list", "-o", "json")
+
+    assert caught.value.code == 2
+    assert f"argument --ttl: invalid duration {ttl!r}: an enrollment token is valid for at most 30 days" in error
+    assert "Traceback" not in error
+    assert listed == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_cli_enroll_ttl_longest(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+
+    enrolled = cli(orchestrator, "enroll", "create", "--device-id", "cam-1", "--ttl", "30d")
+
+    assert enrolled == 0
+    assert capsys.readouterr().out.startswith("efe_")
+
+
+def test_enroll_ttl_limit_match() -> None:
+    assert timedelta(days=tokens.MAX_ENROLLMENT_TTL_DAYS) == orchestrator_tokens.MAX_ENROLLMENT_TTL
