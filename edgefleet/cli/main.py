@@ -402,6 +402,8 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
                 digest.update(block)
     except OSError as error:
         raise CliError(f"cannot read model file {path}: {error.strerror or error}", EXIT_USAGE) from None
+    if not head:
+        raise CliError(f"model file {path} is empty (0 bytes); give an .onnx or .tflite model file", EXIT_USAGE)
     header = operator_pb2.UploadModelHeader(
         name=args.name,
         version=args.version,
@@ -415,7 +417,7 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
     try:
         model = client.stub.UploadModel(upload_requests(path, header, show_progress), timeout=600)
     except grpc.RpcError as error:
-        raise client.error(error) from None
+        raise upload_error(client.error(error)) from None
     if args.evaluation is None:
         emit(views.model_view(model), args.output, render_model)
         return
@@ -429,6 +431,18 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
     compress.run_job(
         client, args.name, args.version, recipe, no_wait=args.no_wait, wait_timeout=wait_timeout, output=args.output
     )
+
+
+# The fields of UploadModelHeader that `models add` fills from its flags, as the orchestrator names them in errors.
+UPLOAD_HEADER_FLAGS = {"header.name": "--name", "header.version": "--version", "header.variant_kind": "--variant-kind"}
+
+
+def upload_error(error: CliError) -> CliError:
+    """Return error with the upload header fields in its message replaced by the `models add` flags that set them."""
+    message = str(error)
+    for field, flag in UPLOAD_HEADER_FLAGS.items():
+        message = message.replace(f"invalid {field}:", f"invalid {flag}:")
+    return CliError(message, error.code)
 
 
 def check_gate_flags(args: argparse.Namespace) -> None:

@@ -50,7 +50,7 @@ def check_name(value: str, field: str) -> None:
     if not NAME_PATTERN.match(value):
         raise InvalidArgument(
             field,
-            f"{_shown(value)} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            f"{_shown(value)} must be 1-128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
 
 

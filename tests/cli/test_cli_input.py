@@ -81,6 +81,43 @@ def test_models_add_not_model(fleet: OrchestratorThread, tmp_path: Path, capsys:
     assert "upload-" not in error
 
 
+def test_models_add_empty_file(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+
+    code = cli(fleet, "models", "add", str(empty), "--name", "linear", "--version", "2")
+    error = capsys.readouterr().err
+    listed = cli(fleet, "models", "list", "-o", "json")
+
+    assert code == EXIT_USAGE
+    assert f"model file {empty} is empty (0 bytes); give an .onnx or .tflite model file" in error
+    assert "header" not in error
+    assert listed == 0
+    assert [m["version"] for m in json.loads(capsys.readouterr().out)] == ["1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--name", "lïnear", "--version", "2"], "invalid --name: 'lïnear' must be 1-128 ASCII letters"),
+        (["--name", "linear", "--version", "-2"], "invalid --version: '-2' must be 1-128 ASCII letters"),
+        (["--name", "linear", "--version", "1", "--variant-kind", "bogus"], "invalid --variant-kind: 'bogus'"),
+    ],
+)
+def test_models_add_flag_names(
+    fleet: OrchestratorThread, tmp_path: Path, capsys: Capture, flags: list[str], expected: str
+) -> None:
+    model = tmp_path / "variant.onnx"
+    model.write_bytes(linear_onnx(seed=1))
+
+    code = cli(fleet, "models", "add", str(model), *flags)
+    error = capsys.readouterr().err
+
+    assert code == EXIT_USAGE
+    assert expected in error
+    assert "header." not in error
+
+
 def test_models_add_wrong_kind(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
     model = tmp_path / "variant.onnx"
     model.write_bytes(linear_onnx(seed=1))

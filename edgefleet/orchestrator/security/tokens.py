@@ -55,7 +55,8 @@ def create_api_token(store: SecurityStore, name: str, role: str, now: datetime) 
     """
     if not _TOKEN_NAME.fullmatch(name):
         raise InvalidArgument(
-            "name", f"{name!r} must be 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+            "name",
+            f"{name!r} must be 1-64 ASCII letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
         )
     check_role(role)
     token_id = secrets.token_hex(6)
