@@ -14,8 +14,10 @@ MAX_INT32 = 2**31 - 1
 def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """Return an argparse type that parses a whole number from minimum to maximum (default MAX_INT32)."""
     if maximum is None:
+        allowed = f"of at least {minimum} (at most {MAX_INT32})"
         maximum = MAX_INT32
-    allowed = f"from {minimum} to {maximum}"
+    else:
+        allowed = f"from {minimum} to {maximum}"
 
     def parse(value: str) -> int:
         try:

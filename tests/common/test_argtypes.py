@@ -21,7 +21,7 @@ def test_whole_number_range(text: str) -> None:
 
 
 def test_whole_number_open_range() -> None:
-    with pytest.raises(argparse.ArgumentTypeError, match=f"from 0 to {MAX_INT32}"):
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"of at least 0 \(at most {MAX_INT32}\)"):
         whole_number(0)("-3")
 
 
