@@ -10,6 +10,7 @@ serving, 75 a --wait or --wait-timeout ran out before the device or job finished
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -958,8 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=Path("latency.png"),
-        help="image file to write; its suffix sets the format, and a name without one gets .png "
-        "(default latency.png)",
+        help="image file to write; its suffix sets the format, and a name without one gets .png (default latency.png)",
     )
     output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_plot)
@@ -990,8 +990,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv; report unknown arguments with the usage of the command they were given to.
+
+    argparse reports them from the top-level parser, whose usage lists only the global options, so a
+    mistyped flag of `edgefleet deploy` would show no flag of deploy. Exits 2 through parser.error.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    command = parser
+    while True:
+        subcommands = next((a for a in command._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, subcommands.dest, None) if subcommands is not None else None
+        if subcommands is None or chosen is None:
+            break
+        command = subcommands.choices[chosen]
+    flags = [option for action in command._actions for option in action.option_strings]
+    hints = []
+    for argument in unknown:
+        close = difflib.get_close_matches(argument.partition("=")[0], flags, n=1) if argument.startswith("-") else []
+        if close:
+            hints.append(f"{argument.partition('=')[0]}: did you mean {close[0]}?")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     try:
         if args.noun == "demo":
             return cmd_demo(args)

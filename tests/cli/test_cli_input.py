@@ -311,3 +311,27 @@ def test_rollout_limits_match() -> None:
     assert rollout.MAX_MIN_SAMPLES == rollout_handlers.MAX_MIN_SAMPLES
     assert rollout.MAX_ROLLBACKS == rollout_handlers.MAX_ROLLBACKS
     assert rollout.MAX_SAMPLE_TIMEOUT_S == rollout_handlers.MAX_SAMPLE_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "expected"),
+    [
+        (
+            [*DEPLOY, "--varient", "linear:1:source"],
+            "deploy",
+            "--varient linear:1:source (--varient: did you mean --variant?)",
+        ),
+        (["devices", "list", "--stats", "online"], "devices list", "--stats online (--stats: did you mean --status?)"),
+        (
+            ["metrics", "query", "--grop-by=variant"],
+            "metrics query",
+            "--grop-by=variant (--grop-by: did you mean --group-by?)",
+        ),
+        (["rollout", "list", "extra"], "rollout list", "extra"),
+    ],
+)
+def test_unknown_flag_names_command(capsys: Capture, argv: list[str], command: str, expected: str) -> None:
+    error = usage_error(capsys, argv)
+
+    assert f"edgefleet {command}: error: unrecognized arguments: {expected}" in error
+    assert f"usage: edgefleet {command}" in error
