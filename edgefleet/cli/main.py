@@ -677,10 +677,19 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
     request = operator_pb2.QueryMetricsRequest(group_by=[g for g in args.group_by.split(",") if g])
     for name, value in metric_filters(args).items():
         setattr(request, name, value)
-    if args.since:
-        request.start.FromDatetime(parse_time(args.since))
-    if args.until:
-        request.end.FromDatetime(parse_time(args.until))
+    since = parse_time(args.since) if args.since else None
+    until = parse_time(args.until) if args.until else None
+    if since is not None and until is not None and since >= until:
+        raise CliError(
+            f"invalid range: --since {args.since} ({since:%Y-%m-%dT%H:%M:%SZ}) is not before --until {args.until} "
+            f"({until:%Y-%m-%dT%H:%M:%SZ}); a duration counts back from now, so give --since the longer one "
+            f"(--since {args.until} --until {args.since})",
+            EXIT_USAGE,
+        )
+    if since is not None:
+        request.start.FromDatetime(since)
+    if until is not None:
+        request.end.FromDatetime(until)
     response = client.call("QueryMetrics", request)
     rows = [views.metric_row_view(r) for r in response.rows]
     keys = [g for g in args.group_by.split(",") if g]

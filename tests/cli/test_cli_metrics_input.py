@@ -278,3 +278,19 @@ def test_plot_out_without_suffix(fleet: OrchestratorThread, capsys: Capture, out
     assert "cannot" not in error
     assert out.startswith(f"wrote {out_dir / 'latency.png'} (10 inferences")
     assert (out_dir / "latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_query_since_after_until(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code, error = query_error(fleet, capsys, "--since", "10m", "--until", "20m")
+
+    assert code == EXIT_USAGE
+    assert "invalid range: --since 10m (" in error
+    assert "is not before --until 20m (" in error
+    assert "(--since 20m --until 10m)" in error
+
+
+def test_query_since_before_until(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "metrics", "query", "--since", "20m", "--until", "10s", "-o", "json")
+
+    assert code == 0
+    assert [row["inferences"] for row in json.loads(capsys.readouterr().out)] == [10]
