@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgefleet.common.config import ConfigError, Range
+from edgefleet.common.config import ConfigError, Range, dial_address_problem
 
 HELP = {
     "orchestrator": "orchestrator address HOST:PORT",
@@ -66,7 +66,6 @@ class AgentConfig:
         return self.socket_path.with_name(self.socket_path.name.removesuffix(".sock") + ".tensor.sock")
 
 
-MAX_PORT = 65535
 
 # gRPC takes keepalive durations in milliseconds as a C int, so whole seconds up to (2**31 - 1) ms.
 MAX_GRPC_DURATION_S = (2**31 - 1) // 1000
@@ -93,20 +92,7 @@ def check_agent_config(config: AgentConfig) -> None:
 
 
 def check_orchestrator_address(value: str) -> None:
-    """Raise ConfigError unless value is HOST:PORT ([IPv6]:PORT for IPv6) with a port from 1 to 65535.
-
-    gRPC takes a larger port modulo 65536 (127.0.0.1:99999 dials port 34463), so the agent would
-    connect to another service or retry forever.
-    """
-    example = "127.0.0.1:50051, orchestrator.example.internal:50051 or [::1]:50051"
-    host, separator, port_text = value.rpartition(":")
-    if not separator or not host or not port_text.isdigit():
-        raise ConfigError(f"invalid --orchestrator {value!r}: expected HOST:PORT, such as {example}")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ConfigError(f"invalid --orchestrator {value!r}: put an IPv6 address in brackets, such as [::1]:50051")
-    port = int(port_text)
-    if not 1 <= port <= MAX_PORT:
-        raise ConfigError(
-            f"invalid --orchestrator {value!r}: port {port} is out of range; give the orchestrator's agent port "
-            f"(--listen, default 50051), from 1 to {MAX_PORT}"
-        )
+    """Raise ConfigError unless value is HOST:PORT ([IPv6]:PORT for IPv6) with a port from 1 to 65535."""
+    problem = dial_address_problem(value, "the orchestrator's agent port (--listen, default 50051)")
+    if problem:
+        raise ConfigError(f"invalid --orchestrator {value!r}: {problem}")

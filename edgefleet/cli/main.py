@@ -26,6 +26,7 @@ import grpc
 
 from edgefleet.cli import rollout, views
 from edgefleet.common import argtypes
+from edgefleet.common.config import dial_address_problem
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
 from edgefleet.common.models import is_tflite
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
@@ -138,6 +139,20 @@ class Client:
             f"Connect with --orchestrator to an address the certificate names{example}, or create a certificate "
             f"for this host with `edgefleet pki init --dir NEW_DIR --host {host}` (a new fleet CA)"
         )
+
+
+def orchestrator_address(value: str) -> str:
+    """Return value when it is the HOST:PORT of an orchestrator; the argparse type of --orchestrator.
+
+    argparse applies it to the EDGEFLEET_ORCHESTRATOR default as well. Raises ArgumentTypeError naming the
+    value and the fix, so a mistyped port does not send the API token to another service.
+    """
+    problem = dial_address_problem(value, "the orchestrator's operator port (--operator-listen, default 50052)")
+    if problem:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {value!r}: {problem}; set --orchestrator or EDGEFLEET_ORCHESTRATOR"
+        )
+    return value
 
 
 def split_host_port(address: str) -> tuple[str, int | None]:
@@ -818,6 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--orchestrator",
+        type=orchestrator_address,
         default=os.environ.get("EDGEFLEET_ORCHESTRATOR"),
         help="orchestrator operator HOST:PORT (env EDGEFLEET_ORCHESTRATOR, default "
         f"{DEFAULT_ORCHESTRATOR}, or {DEFAULT_INSECURE_ORCHESTRATOR} with --insecure)",

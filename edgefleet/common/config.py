@@ -173,3 +173,25 @@ def format_number(value: float) -> str:
     if value.is_integer():
         return str(int(value))
     return f"{value:g}"
+
+
+MAX_PORT = 65535
+
+
+def dial_address_problem(value: str, port_hint: str) -> str:
+    """Return what is wrong with value as an address to connect to, or "" when it is HOST:PORT.
+
+    The host may be a name, an IPv4 address or an IPv6 address in brackets, and the port goes from 1
+    to 65535. gRPC takes a larger port modulo 65536 (127.0.0.1:99999 dials port 34463) and a missing
+    one as 443, so either would reach another service. port_hint names the port to give instead.
+    """
+    example = "127.0.0.1:50051, orchestrator.example.internal:50051 or [::1]:50051"
+    host, separator, port_text = value.rpartition(":")
+    if not separator or not host or not port_text.isdigit():
+        return f"expected HOST:PORT, such as {example}"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return "put an IPv6 address in brackets, such as [::1]:50051"
+    port = int(port_text)
+    if not 1 <= port <= MAX_PORT:
+        return f"port {port} is out of range; give {port_hint}, from 1 to {MAX_PORT}"
+    return ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.cli import rollout
-from edgefleet.cli.main import EXIT_USAGE, MAX_DEPLOY_THREADS, main
+from edgefleet.cli.main import EXIT_USAGE, MAX_DEPLOY_THREADS, main, orchestrator_address
 from edgefleet.orchestrator.handlers import deploy as deploy_handlers
 from edgefleet.orchestrator.handlers import rollouts as rollout_handlers
 from edgefleet.orchestrator.rollouts.domain import DEFAULT_MIN_SAMPLES
@@ -335,3 +335,34 @@ def test_unknown_flag_names_command(capsys: Capture, argv: list[str], command: s
 
     assert f"edgefleet {command}: error: unrecognized arguments: {expected}" in error
     assert f"usage: edgefleet {command}" in error
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:99999", "port 99999 is out of range; give the orchestrator's operator port"),
+        ("127.0.0.1:0", "port 0 is out of range"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("::1:50052", "put an IPv6 address in brackets"),
+    ],
+)
+def test_orchestrator_address_invalid(capsys: Capture, address: str, expected: str) -> None:
+    error = usage_error(capsys, ["--orchestrator", address, "devices", "list"])
+
+    assert f"argument --orchestrator: invalid value {address!r}: {expected}" in error
+    assert "set --orchestrator or EDGEFLEET_ORCHESTRATOR" in error
+    assert "cannot reach" not in error
+
+
+def test_orchestrator_address_from_env(capsys: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_ORCHESTRATOR", "127.0.0.1:99999")
+
+    error = usage_error(capsys, ["devices", "list"])
+
+    assert "argument --orchestrator: invalid value '127.0.0.1:99999': port 99999 is out of range" in error
+    assert "EDGEFLEET_ORCHESTRATOR" in error
+
+
+@pytest.mark.parametrize("address", ["orchestrator.example.internal:50052", "[::1]:50052", "127.0.0.1:1"])
+def test_orchestrator_address_valid(address: str) -> None:
+    assert orchestrator_address(address) == address
