@@ -298,7 +298,7 @@ class Upload(Generic[T]):
             self.abort()
             raise UploadTooLargeError(
                 f"upload exceeds the maximum of {self._max_size_bytes} bytes after {received} bytes; "
-                "upload a smaller model or raise the orchestrator's maximum upload size"
+                "upload a smaller model or raise the orchestrator's --max-upload-bytes"
             )
         if self._declared_size and received > self._declared_size:
             self.abort()
@@ -416,7 +416,7 @@ class UploadAssembler(Generic[T]):
         if size_bytes > self.max_size_bytes:
             raise UploadTooLargeError(
                 f"upload declares {size_bytes} bytes, over the maximum of {self.max_size_bytes} bytes; "
-                "upload a smaller model or raise the orchestrator's maximum upload size"
+                "upload a smaller model or raise the orchestrator's --max-upload-bytes"
             )
         declared_sha256 = sha256.lower().removeprefix(DIGEST_PREFIX)
         if declared_sha256 and not _HEX_DIGEST.fullmatch(declared_sha256):

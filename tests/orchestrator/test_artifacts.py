@@ -158,6 +158,8 @@ def test_upload_over_limit_declared(assembler: UploadAssembler[int], artifact_st
         assembler.begin(size_bytes=4 * MiB + 1)
 
     assert raised.value.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over the maximum of {4 * MiB} bytes" in str(raised.value)
+    assert "raise the orchestrator's --max-upload-bytes" in str(raised.value)
     assert stored_files(artifact_store.root) == []
 
 
@@ -165,9 +167,10 @@ def test_upload_over_limit_received(assembler: UploadAssembler[int], artifact_st
     upload = assembler.begin()  # Size not declared: the limit applies to the bytes as they arrive.
     upload.write(b"\0" * (4 * MiB))
 
-    with pytest.raises(UploadTooLargeError):
+    with pytest.raises(UploadTooLargeError) as raised:
         upload.write(b"\0")
 
+    assert "raise the orchestrator's --max-upload-bytes" in str(raised.value)
     assert stored_files(artifact_store.root) == []
 
 
