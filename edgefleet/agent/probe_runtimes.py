@@ -104,29 +104,30 @@ def probe_onnxruntime(
         logger.debug("onnxruntime not installed: %s", exc)
         return None
     providers = tuple(
-        provider
-        for provider in available()
-        if provider not in IGNORED_ONNXRUNTIME_PROVIDERS and loads(provider)
+        provider for provider in available() if provider not in IGNORED_ONNXRUNTIME_PROVIDERS and loads(provider)
     )
     if "CPUExecutionProvider" not in providers:
         logger.warning("onnxruntime %s cannot run a one-node model on the CPU", onnxruntime.__version__)
     return RuntimeInfo(name="onnxruntime", version=str(onnxruntime.__version__), providers=providers)
 
 
-def _import_litert() -> tuple[str, Any, Callable[..., Any]] | None:
-    """Return (version, Interpreter, load_delegate) from ai_edge_litert or tflite_runtime, or None."""
+def _import_litert() -> tuple[str, str, Any, Callable[..., Any]] | None:
+    """Return (package, version, Interpreter, load_delegate) from ai_edge_litert or tflite_runtime, or None.
+
+    package names the distribution, because the two number their releases differently.
+    """
     try:
         import ai_edge_litert
         from ai_edge_litert.interpreter import Interpreter, load_delegate
 
-        return str(ai_edge_litert.__version__), Interpreter, load_delegate
+        return "ai-edge-litert", str(ai_edge_litert.__version__), Interpreter, load_delegate
     except ImportError as exc:
         logger.debug("ai_edge_litert not installed: %s", exc)
     try:
         import tflite_runtime
         from tflite_runtime.interpreter import Interpreter, load_delegate
 
-        return str(tflite_runtime.__version__), Interpreter, load_delegate
+        return "tflite-runtime", str(tflite_runtime.__version__), Interpreter, load_delegate
     except ImportError as exc:
         logger.debug("tflite_runtime not installed: %s", exc)
     return None
@@ -137,9 +138,7 @@ def _runs_tiny_model(interpreter_class: Any, delegates: Sequence[Any] = ()) -> b
     import numpy as np
 
     try:
-        interpreter = interpreter_class(
-            model_content=TINY_TFLITE_MODEL, experimental_delegates=list(delegates)
-        )
+        interpreter = interpreter_class(model_content=TINY_TFLITE_MODEL, experimental_delegates=list(delegates))
         interpreter.allocate_tensors()
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.array([1.5], dtype=np.float32))
         interpreter.invoke()
@@ -159,7 +158,7 @@ def litert_delegate_loads(delegate: DelegateLibrary) -> bool:
     litert = _import_litert()
     if litert is None:
         return False
-    _, interpreter_class, load_delegate = litert
+    _, _, interpreter_class, load_delegate = litert
     try:
         library = ctypes.CDLL(delegate.library)
     except OSError as exc:
@@ -189,14 +188,14 @@ def probe_litert(
     litert = _import_litert()
     if litert is None:
         return None
-    version, interpreter_class, _ = litert
+    package, version, interpreter_class, _ = litert
     providers: list[str] = []
     if _runs_tiny_model(interpreter_class):
         providers.extend(LITERT_BUILTIN_DELEGATES)
     else:
         logger.warning("LiteRT %s cannot run a one-node model on the CPU", version)
     providers.extend(delegate.name for delegate in delegates if loads(delegate))
-    return RuntimeInfo(name="litert", version=version, providers=tuple(providers))
+    return RuntimeInfo(name="litert", version=version, providers=tuple(providers), package=package)
 
 
 def probe_runtimes() -> tuple[RuntimeInfo, ...]:

@@ -83,7 +83,10 @@ def hardware_to_proto(profile: HardwareProfile) -> pb.HardwareProfile:
             )
             for a in profile.accelerators
         ],
-        runtimes=[pb.Runtime(name=r.name, version=r.version, providers=list(r.providers)) for r in profile.runtimes],
+        runtimes=[
+            pb.Runtime(name=r.name, version=r.version, providers=list(r.providers), package=r.package)
+            for r in profile.runtimes
+        ],
         os=profile.os,
         kernel=profile.kernel,
         profile_name=profile.profile_name,
@@ -116,7 +119,7 @@ def hardware_from_proto(message: pb.HardwareProfile) -> HardwareProfile:
         memory_available_bytes=message.memory_available_bytes,
         disk_free_bytes=message.disk_free_bytes,
         accelerators=accelerators,
-        runtimes=tuple(RuntimeInfo(r.name, r.version, tuple(r.providers)) for r in message.runtimes),
+        runtimes=tuple(RuntimeInfo(r.name, r.version, tuple(r.providers), r.package) for r in message.runtimes),
         os=message.os,
         kernel=message.kernel,
         profile_name=message.profile_name,

@@ -62,6 +62,12 @@ ONNXRUNTIME_MAX_OPSET: dict[tuple[int, int], int] = {
 # "1.18.0rc1", "1.18.0.dev20240101" and "1.17.3+cu118" all match.
 _RELEASE = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 
+# TFLite converters write min_runtime_version as a TensorFlow release. tflite-runtime shares those
+# numbers, but ai-edge-litert numbers its own releases from 1.0: it took over from TensorFlow Lite
+# 2.17, the last release on Maven, which moved to LiteRT 1.0.1. So every ai-edge-litert release
+# loads what TensorFlow Lite 2.17 loads, and its version says nothing about newer requirements.
+LITERT_SUCCEEDS_TENSORFLOW: Release = (2, 17, 0)
+
 # Reason for an exclusion, as the first words of Candidate.reason.
 RUNTIME_TOO_OLD = "runtime version too old"
 
@@ -201,17 +207,33 @@ def _check_litert(runtime: RuntimeInfo, variant: Variant) -> RuntimeCheck:
             loads=True,
             reason=f"the variant's min_runtime_version {required_text!r} does not parse, so it was not checked",
         )
-    # NOTE: TFLite converters write TensorFlow release numbers, while ai-edge-litert numbers its
-    # own releases from 1.0. Both are compared as plain numbers, so a device on ai-edge-litert 1.x
-    # is excluded from a model that requires TensorFlow 2.x even where it would load it.
     installed = parse_release(runtime.version)
     if installed is None:
         return _unknown_version(runtime, f"min_runtime_version {required_text}")
     if installed >= required:
         return RuntimeCheck(loads=True)
+    if runtime.package != "tflite-runtime":
+        return _check_renumbered_litert(runtime, required, required_text)
     return RuntimeCheck(
         loads=False,
-        reason=f"{RUNTIME_TOO_OLD}: LiteRT {runtime.version} on the device is older than {required_text}, the "
-        f"variant's min_runtime_version; upgrade LiteRT on the device to {required_text} or later, or add a "
+        reason=f"{RUNTIME_TOO_OLD}: tflite-runtime {runtime.version} on the device is older than {required_text}, "
+        "the variant's min_runtime_version; replace tflite-runtime on the device with ai-edge-litert, or add a "
         "variant converted for an older runtime",
+    )
+
+
+def _check_renumbered_litert(runtime: RuntimeInfo, required: Release, required_text: str) -> RuntimeCheck:
+    """Check a LiteRT that is not tflite-runtime, whose version is below the TensorFlow release required.
+
+    ai-edge-litert loads every requirement up to LITERT_SUCCEEDS_TENSORFLOW. A newer one, or a
+    device that does not say which package it runs (agents before the package field), is allowed
+    with a note, because the device's version cannot be compared with a TensorFlow release.
+    """
+    if runtime.package == "ai-edge-litert" and required <= LITERT_SUCCEEDS_TENSORFLOW:
+        return RuntimeCheck(loads=True)
+    package = runtime.package or "an unnamed LiteRT package"
+    return RuntimeCheck(
+        loads=True,
+        reason=f"min_runtime_version {required_text} was not checked: {package} {runtime.version} on the device "
+        "numbers its releases apart from TensorFlow's",
     )

@@ -223,7 +223,7 @@ def select_for_fleet(
     by_class: dict[str, Selection] = {}
     result: dict[str, Selection] = {}
     for device in devices:
-        versions = ",".join(sorted(f"{r.name}={r.version}" for r in device.hardware.runtimes))
+        versions = ",".join(sorted(f"{r.name}={r.package}:{r.version}" for r in device.hardware.runtimes))
         key = f"{device.hardware.hardware_class or hardware_class_of(device.hardware)}|{versions}"
         selection = by_class.get(key)
         if selection is None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/common.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x0b\x41\x63\x63\x65lerator\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.edgefleet.v1.AcceleratorKind\x12\x0e\n\x06vendor\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_path\x18\x04 \x01(\t\x12\x13\n\x0bpci_address\x18\x05 \x01(\t\x12\x0e\n\x06\x64river\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06source\x18\x08 \x01(\t\";\n\x07Runtime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\"\xf6\x02\n\x0fHardwareProfile\x12\x11\n\tcpu_model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rlogical_cores\x18\x03 \x01(\r\x12\x14\n\x0cusable_cores\x18\x04 \x01(\x01\x12\x14\n\x0c\x63pu_features\x18\x05 \x03(\t\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x08 \x01(\x04\x12/\n\x0c\x61\x63\x63\x65lerators\x18\t \x03(\x0b\x32\x19.edgefleet.v1.Accelerator\x12\'\n\x08runtimes\x18\n \x03(\x0b\x32\x15.edgefleet.v1.Runtime\x12\n\n\x02os\x18\x0b \x01(\t\x12\x0e\n\x06kernel\x18\x0c \x01(\t\x12\x14\n\x0cprofile_name\x18\r \x01(\t\x12\x16\n\x0ehardware_class\x18\x0e \x01(\t\"n\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tdim_names\x18\x04 \x03(\t\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x12\n\nzero_point\x18\x06 \x01(\x03\"\xb5\x03\n\rModelMetadata\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.edgefleet.v1.ModelFormat\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12\r\n\x05opset\x18\x04 \x01(\x03\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12\x0c\n\x04macs\x18\x06 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x07 \x01(\x04\x12\x46\n\x0fmacs_by_op_type\x18\x08 \x03(\x0b\x32-.edgefleet.v1.ModelMetadata.MacsByOpTypeEntry\x12*\n\tprecision\x18\t \x01(\x0e\x32\x17.edgefleet.v1.Precision\x12\x0e\n\x06layers\x18\n \x01(\r\x12\x1b\n\x13min_runtime_version\x18\x0b \x01(\t\x1a\x33\n\x11MacsByOpTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xa4\x01\n\rLatencySketch\x12\x19\n\x11relative_accuracy\x18\x01 \x01(\x01\x12\x15\n\rbucket_offset\x18\x02 \x01(\x11\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x04\x12\x12\n\nzero_count\x18\x04 \x01(\x04\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x0e\n\x06sum_ms\x18\x06 \x01(\x01\x12\x0e\n\x06min_ms\x18\x07 \x01(\x01\x12\x0e\n\x06max_ms\x18\x08 \x01(\x01\"\xf3\x01\n\x0cMetricWindow\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nvariant_id\x18\x03 \x01(\t\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\r\x12\x17\n\x0finference_count\x18\x06 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x04\x12,\n\x07latency\x18\x08 \x01(\x0b\x32\x1b.edgefleet.v1.LatencySketch\"-\n\x04Page\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t*{\n\x0c\x44\x65viceStatus\x12\x1d\n\x19\x44\x45VICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45VICE_STATUS_ONLINE\x10\x01\x12\x17\n\x13\x44\x45VICE_STATUS_STALE\x10\x02\x12\x19\n\x15\x44\x45VICE_STATUS_OFFLINE\x10\x03*\x81\x01\n\x0f\x41\x63\x63\x65leratorKind\x12 \n\x1c\x41\x43\x43\x45LERATOR_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x43\x43\x45LERATOR_KIND_GPU\x10\x01\x12\x18\n\x14\x41\x43\x43\x45LERATOR_KIND_NPU\x10\x02\x12\x18\n\x14\x41\x43\x43\x45LERATOR_KIND_DSP\x10\x03*[\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x01\x12\x17\n\x13MODEL_FORMAT_TFLITE\x10\x02*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03*\xdd\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_PENDING\x10\x01\x12\x1b\n\x17MODEL_STATE_DOWNLOADING\x10\x02\x12\x19\n\x15MODEL_STATE_VERIFYING\x10\x03\x12\x17\n\x13MODEL_STATE_LOADING\x10\x04\x12\x17\n\x13MODEL_STATE_SERVING\x10\x05\x12\x16\n\x12MODEL_STATE_FAILED\x10\x06\x12\x17\n\x13MODEL_STATE_REMOVED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/common.proto\x12\x0c\x65\x64gefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x01\n\x0b\x41\x63\x63\x65lerator\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.edgefleet.v1.AcceleratorKind\x12\x0e\n\x06vendor\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_path\x18\x04 \x01(\t\x12\x13\n\x0bpci_address\x18\x05 \x01(\t\x12\x0e\n\x06\x64river\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06source\x18\x08 \x01(\t\"L\n\x07Runtime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x0f\n\x07package\x18\x04 \x01(\t\"\xf6\x02\n\x0fHardwareProfile\x12\x11\n\tcpu_model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rlogical_cores\x18\x03 \x01(\r\x12\x14\n\x0cusable_cores\x18\x04 \x01(\x01\x12\x14\n\x0c\x63pu_features\x18\x05 \x03(\t\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x07 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x08 \x01(\x04\x12/\n\x0c\x61\x63\x63\x65lerators\x18\t \x03(\x0b\x32\x19.edgefleet.v1.Accelerator\x12\'\n\x08runtimes\x18\n \x03(\x0b\x32\x15.edgefleet.v1.Runtime\x12\n\n\x02os\x18\x0b \x01(\t\x12\x0e\n\x06kernel\x18\x0c \x01(\t\x12\x14\n\x0cprofile_name\x18\r \x01(\t\x12\x16\n\x0ehardware_class\x18\x0e \x01(\t\"n\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tdim_names\x18\x04 \x03(\t\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x12\n\nzero_point\x18\x06 \x01(\x03\"\xb5\x03\n\rModelMetadata\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.edgefleet.v1.ModelFormat\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.edgefleet.v1.TensorSpec\x12\r\n\x05opset\x18\x04 \x01(\x03\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12\x0c\n\x04macs\x18\x06 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x07 \x01(\x04\x12\x46\n\x0fmacs_by_op_type\x18\x08 \x03(\x0b\x32-.edgefleet.v1.ModelMetadata.MacsByOpTypeEntry\x12*\n\tprecision\x18\t \x01(\x0e\x32\x17.edgefleet.v1.Precision\x12\x0e\n\x06layers\x18\n \x01(\r\x12\x1b\n\x13min_runtime_version\x18\x0b \x01(\t\x1a\x33\n\x11MacsByOpTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xa4\x01\n\rLatencySketch\x12\x19\n\x11relative_accuracy\x18\x01 \x01(\x01\x12\x15\n\rbucket_offset\x18\x02 \x01(\x11\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x04\x12\x12\n\nzero_count\x18\x04 \x01(\x04\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x0e\n\x06sum_ms\x18\x06 \x01(\x01\x12\x0e\n\x06min_ms\x18\x07 \x01(\x01\x12\x0e\n\x06max_ms\x18\x08 \x01(\x01\"\xf3\x01\n\x0cMetricWindow\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nvariant_id\x18\x03 \x01(\t\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_seconds\x18\x05 \x01(\r\x12\x17\n\x0finference_count\x18\x06 \x01(\x04\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x04\x12,\n\x07latency\x18\x08 \x01(\x0b\x32\x1b.edgefleet.v1.LatencySketch\"-\n\x04Page\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t*{\n\x0c\x44\x65viceStatus\x12\x1d\n\x19\x44\x45VICE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45VICE_STATUS_ONLINE\x10\x01\x12\x17\n\x13\x44\x45VICE_STATUS_STALE\x10\x02\x12\x19\n\x15\x44\x45VICE_STATUS_OFFLINE\x10\x03*\x81\x01\n\x0f\x41\x63\x63\x65leratorKind\x12 \n\x1c\x41\x43\x43\x45LERATOR_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41\x43\x43\x45LERATOR_KIND_GPU\x10\x01\x12\x18\n\x14\x41\x43\x43\x45LERATOR_KIND_NPU\x10\x02\x12\x18\n\x14\x41\x43\x43\x45LERATOR_KIND_DSP\x10\x03*[\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_FORMAT_ONNX\x10\x01\x12\x17\n\x13MODEL_FORMAT_TFLITE\x10\x02*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03*\xdd\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_PENDING\x10\x01\x12\x1b\n\x17MODEL_STATE_DOWNLOADING\x10\x02\x12\x19\n\x15MODEL_STATE_VERIFYING\x10\x03\x12\x17\n\x13MODEL_STATE_LOADING\x10\x04\x12\x17\n\x13MODEL_STATE_SERVING\x10\x05\x12\x16\n\x12MODEL_STATE_FAILED\x10\x06\x12\x17\n\x13MODEL_STATE_REMOVED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELMETADATA_MACSBYOPTYPEENTRY']._loaded_options = None
   _globals['_MODELMETADATA_MACSBYOPTYPEENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICESTATUS']._serialized_start=1713
-  _globals['_DEVICESTATUS']._serialized_end=1836
-  _globals['_ACCELERATORKIND']._serialized_start=1839
-  _globals['_ACCELERATORKIND']._serialized_end=1968
-  _globals['_MODELFORMAT']._serialized_start=1970
-  _globals['_MODELFORMAT']._serialized_end=2061
-  _globals['_PRECISION']._serialized_start=2063
-  _globals['_PRECISION']._serialized_end=2161
-  _globals['_MODELSTATE']._serialized_start=2164
-  _globals['_MODELSTATE']._serialized_end=2385
+  _globals['_DEVICESTATUS']._serialized_start=1730
+  _globals['_DEVICESTATUS']._serialized_end=1853
+  _globals['_ACCELERATORKIND']._serialized_start=1856
+  _globals['_ACCELERATORKIND']._serialized_end=1985
+  _globals['_MODELFORMAT']._serialized_start=1987
+  _globals['_MODELFORMAT']._serialized_end=2078
+  _globals['_PRECISION']._serialized_start=2080
+  _globals['_PRECISION']._serialized_end=2178
+  _globals['_MODELSTATE']._serialized_start=2181
+  _globals['_MODELSTATE']._serialized_end=2402
   _globals['_ACCELERATOR']._serialized_start=77
   _globals['_ACCELERATOR']._serialized_end=261
   _globals['_RUNTIME']._serialized_start=263
-  _globals['_RUNTIME']._serialized_end=322
-  _globals['_HARDWAREPROFILE']._serialized_start=325
-  _globals['_HARDWAREPROFILE']._serialized_end=699
-  _globals['_TENSORSPEC']._serialized_start=701
-  _globals['_TENSORSPEC']._serialized_end=811
-  _globals['_MODELMETADATA']._serialized_start=814
-  _globals['_MODELMETADATA']._serialized_end=1251
-  _globals['_MODELMETADATA_MACSBYOPTYPEENTRY']._serialized_start=1200
-  _globals['_MODELMETADATA_MACSBYOPTYPEENTRY']._serialized_end=1251
-  _globals['_LATENCYSKETCH']._serialized_start=1254
-  _globals['_LATENCYSKETCH']._serialized_end=1418
-  _globals['_METRICWINDOW']._serialized_start=1421
-  _globals['_METRICWINDOW']._serialized_end=1664
-  _globals['_PAGE']._serialized_start=1666
-  _globals['_PAGE']._serialized_end=1711
+  _globals['_RUNTIME']._serialized_end=339
+  _globals['_HARDWAREPROFILE']._serialized_start=342
+  _globals['_HARDWAREPROFILE']._serialized_end=716
+  _globals['_TENSORSPEC']._serialized_start=718
+  _globals['_TENSORSPEC']._serialized_end=828
+  _globals['_MODELMETADATA']._serialized_start=831
+  _globals['_MODELMETADATA']._serialized_end=1268
+  _globals['_MODELMETADATA_MACSBYOPTYPEENTRY']._serialized_start=1217
+  _globals['_MODELMETADATA_MACSBYOPTYPEENTRY']._serialized_end=1268
+  _globals['_LATENCYSKETCH']._serialized_start=1271
+  _globals['_LATENCYSKETCH']._serialized_end=1435
+  _globals['_METRICWINDOW']._serialized_start=1438
+  _globals['_METRICWINDOW']._serialized_end=1681
+  _globals['_PAGE']._serialized_start=1683
+  _globals['_PAGE']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)

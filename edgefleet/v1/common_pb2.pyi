@@ -92,14 +92,16 @@ class Accelerator(_message.Message):
     def __init__(self, kind: _Optional[_Union[AcceleratorKind, str]] = ..., vendor: _Optional[str] = ..., name: _Optional[str] = ..., device_path: _Optional[str] = ..., pci_address: _Optional[str] = ..., driver: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Runtime(_message.Message):
-    __slots__ = ("name", "version", "providers")
+    __slots__ = ("name", "version", "providers", "package")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    package: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., package: _Optional[str] = ...) -> None: ...
 
 class HardwareProfile(_message.Message):
     __slots__ = ("cpu_model", "architecture", "logical_cores", "usable_cores", "cpu_features", "memory_total_bytes", "memory_available_bytes", "disk_free_bytes", "accelerators", "runtimes", "os", "kernel", "profile_name", "hardware_class")

@@ -25,6 +25,7 @@ from edgefleet.agent.probe_runtimes import (
     probe_onnxruntime,
 )
 from edgefleet.common.hardware import Accelerator, HardwareProfile, hardware_class_of
+from edgefleet.common.serde import hardware_from_proto, hardware_to_proto
 from tests.agent.fakes.cpuinfo import ARMV7_CORTEX_A72, RASPBERRY_PI_5, RK3588, XEON_SAPPHIRE_RAPIDS
 from tests.agent.fakes.nvml import NVML_ERROR_DRIVER_NOT_LOADED, FakeGpu, FakeNvml
 from tests.agent.fakes.tiny_models import build_tiny_onnx_model, build_tiny_tflite_model
@@ -56,9 +57,7 @@ def probe(tree: FakeTree, **overrides: Any) -> HardwareProfile:
 
 
 def add_h100(tree: FakeTree) -> None:
-    tree.add_pci_device(
-        H100_ADDRESS, device_class=0x030200, vendor="0x10de", device="0x2330", driver="nvidia"
-    )
+    tree.add_pci_device(H100_ADDRESS, device_class=0x030200, vendor="0x10de", device="0x2330", driver="nvidia")
     tree.add_nvidia_gpu(0, H100_ADDRESS, "NVIDIA H100 80GB HBM3")
     tree.device_node("/dev/nvidiactl")
     tree.device_node("/dev/nvidia-uvm")
@@ -181,9 +180,7 @@ def test_cgroup_quota_above_affinity(tree: FakeTree) -> None:
 
 
 def test_cgroup_v1_quota(tree: FakeTree) -> None:
-    tree.set_cgroup_v1(
-        "/docker/abc", cpu={"cpu.cfs_quota_us": "250000\n", "cpu.cfs_period_us": "100000\n"}, memory={}
-    )
+    tree.set_cgroup_v1("/docker/abc", cpu={"cpu.cfs_quota_us": "250000\n", "cpu.cfs_period_us": "100000\n"}, memory={})
     assert probe(tree).usable_cores == 2.5
 
 
@@ -279,9 +276,7 @@ def test_nvml_init_failure(tree: FakeTree) -> None:
 
 
 def test_nvidia_node_without_proc(tree: FakeTree) -> None:
-    tree.add_pci_device(
-        H100_ADDRESS, device_class=0x030200, vendor="0x10de", device="0x2330", driver="nvidia"
-    )
+    tree.add_pci_device(H100_ADDRESS, device_class=0x030200, vendor="0x10de", device="0x2330", driver="nvidia")
     tree.device_node("/dev/nvidia0")
     accelerators = probe(tree).accelerators
     assert len(accelerators) == 1
@@ -316,12 +311,8 @@ def test_amd_render_node(tree: FakeTree) -> None:
 
 
 def test_intel_render_node_beside_bmc(tree: FakeTree) -> None:
-    igpu = tree.add_pci_device(
-        "0000:00:02.0", device_class=0x030000, vendor="0x8086", device="0x46a6", driver="i915"
-    )
-    bmc = tree.add_pci_device(
-        "0000:05:00.0", device_class=0x030000, vendor="0x1a03", device="0x2000", driver="ast"
-    )
+    igpu = tree.add_pci_device("0000:00:02.0", device_class=0x030000, vendor="0x8086", device="0x46a6", driver="i915")
+    bmc = tree.add_pci_device("0000:05:00.0", device_class=0x030000, vendor="0x1a03", device="0x2000", driver="ast")
     tree.add_class_node("drm", "renderD128", igpu)
     tree.add_class_node("drm", "renderD129", bmc)
     accelerators = probe(tree).accelerators
@@ -452,6 +443,17 @@ def test_litert_fake_gpu_delegate() -> None:
     runtime = probe_litert(delegates, loads=lambda delegate: delegate.name == "GPU")
     assert runtime is not None
     assert runtime.providers == ("XNNPACK", "GPU")
+
+
+def test_litert_package_named() -> None:
+    """The orchestrator needs the package: ai-edge-litert and tflite-runtime number their releases differently."""
+    import ai_edge_litert
+
+    runtime = probe_litert(())
+    assert runtime is not None
+    assert (runtime.package, runtime.version) == ("ai-edge-litert", ai_edge_litert.__version__)
+    profile = HardwareProfile("cpu", "x86_64", 2, 2.0, (), 1 << 30, 1 << 30, 1 << 30, runtimes=(runtime,))
+    assert hardware_from_proto(hardware_to_proto(profile)).runtimes == (runtime,)
 
 
 def test_litert_delegate_missing_library() -> None:

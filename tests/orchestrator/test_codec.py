@@ -17,7 +17,10 @@ PROFILE = HardwareProfile(
     memory_available_bytes=3 << 30,
     disk_free_bytes=16 << 30,
     accelerators=(Accelerator(kind="npu", vendor="rockchip", name="rknpu"),),
-    runtimes=(RuntimeInfo("onnxruntime", "1.20.0", ("CPUExecutionProvider",)),),
+    runtimes=(
+        RuntimeInfo("onnxruntime", "1.20.0", ("CPUExecutionProvider",)),
+        RuntimeInfo("litert", "1.4.0", ("XNNPACK",), package="ai-edge-litert"),
+    ),
     profile_name="camera",
 )
 

@@ -88,8 +88,8 @@ def onnxruntime(version: str) -> common_pb2.Runtime:
     return common_pb2.Runtime(name="onnxruntime", version=version, providers=["CPUExecutionProvider"])
 
 
-def litert(version: str) -> common_pb2.Runtime:
-    return common_pb2.Runtime(name="litert", version=version, providers=["XNNPACK"])
+def litert(version: str, package: str = "ai-edge-litert") -> common_pb2.Runtime:
+    return common_pb2.Runtime(name="litert", version=version, providers=["XNNPACK"], package=package)
 
 
 def explain(
@@ -289,17 +289,50 @@ def test_litert_min_runtime_version(start_orchestrator: Callable[..., Orchestrat
     model = upload(orchestrator, tflite, "linear", "1", variant_kind="tflite-fp32", filename="linear.tflite")
     stored = {v.kind: v.metadata.min_runtime_version for v in model.variants}
     assert stored == {"source": "", "tflite-fp32": "2.10.0"}
-    old = device_with(orchestrator, "old-litert", litert("2.3.0"))
-    new = device_with(orchestrator, "new-litert", litert("2.16.1"))
+    old = device_with(orchestrator, "old-tflite-runtime", litert("2.5.0", package="tflite-runtime"))
+    new = device_with(orchestrator, "new-tflite-runtime", litert("2.14.0", package="tflite-runtime"))
 
     old_reason = reasons(explain(orchestrator, old))["linear:1:tflite-fp32"]
     new_response = explain(orchestrator, new)
 
     assert old_reason.startswith("runtime version too old")
-    assert "LiteRT 2.3.0" in old_reason
+    assert "tflite-runtime 2.5.0" in old_reason
     assert "2.10.0" in old_reason
-    assert "upgrade LiteRT on the device" in old_reason
+    assert "with ai-edge-litert" in old_reason
     assert new_response.chosen_variant_id == "linear:1:tflite-fp32"
     error = deploy_error(orchestrator, old, variant_id="linear:1:tflite-fp32")
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "LiteRT 2.3.0" in (error.details() or "")
+    assert "tflite-runtime 2.5.0" in (error.details() or "")
+
+
+@pytest.mark.parametrize("version", ["1.0.1", "1.4.0", "2.3.0"])
+def test_ai_edge_litert_loads_tensorflow_requirements(
+    start_orchestrator: Callable[..., OrchestratorThread], version: str
+) -> None:
+    """ai-edge-litert numbers its releases from 1.0, below the TensorFlow releases that converters write."""
+    orchestrator = start_orchestrator()
+    upload(orchestrator, linear_at_opset(13), "linear", "1")
+    tflite = with_min_runtime_version(tflite_linear().read_bytes(), "2.10.0")
+    upload(orchestrator, tflite, "linear", "1", variant_kind="tflite-fp32", filename="linear.tflite")
+    device = device_with(orchestrator, "camera-1", litert(version))
+
+    response = explain(orchestrator, device)
+
+    assert response.chosen_variant_id == "linear:1:tflite-fp32"
+    assert "not checked" not in reasons(response)["linear:1:tflite-fp32"]
+
+
+@pytest.mark.parametrize(("package", "required"), [("ai-edge-litert", "2.18.0"), ("", "2.10.0")])
+def test_litert_requirement_not_comparable(
+    start_orchestrator: Callable[..., OrchestratorThread], package: str, required: str
+) -> None:
+    orchestrator = start_orchestrator()
+    upload(orchestrator, linear_at_opset(13), "linear", "1")
+    tflite = with_min_runtime_version(tflite_linear().read_bytes(), required)
+    upload(orchestrator, tflite, "linear", "1", variant_kind="tflite-fp32", filename="linear.tflite")
+    device = device_with(orchestrator, "camera-1", litert("1.4.0", package=package))
+
+    response = explain(orchestrator, device)
+
+    assert response.chosen_variant_id == "linear:1:tflite-fp32"
+    assert f"min_runtime_version {required} was not checked" in reasons(response)["linear:1:tflite-fp32"]
