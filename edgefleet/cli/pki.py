@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edgefleet.common import argtypes
-from edgefleet.common.errors import EdgefleetError
+from edgefleet.common.errors import EXIT_USAGE, EdgefleetError
 
 # 100 years. A validity that ends after 9999-12-31 cannot be written in an X.509 certificate.
 MAX_DAYS = 36_500
@@ -54,7 +54,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         ca = init_ca(args.dir, hosts=hosts, days=args.days)
     except PkiError as error:
-        return _fail(str(error))
+        return _fail(str(error), _exit_code(error))
+    except OSError as error:
+        return _fail(_write_error(args.dir, error), EXIT_USAGE)
     print(f"created the fleet CA {ca.cert_path} (key {ca.key_path}, mode 0600)")
     print(f"created the orchestrator certificate {args.dir / SERVER_CERT} for {', '.join(hosts)}")
     print(
@@ -70,14 +72,32 @@ def cmd_issue(args: argparse.Namespace) -> int:
     try:
         issued = issue_device_certificate(args.dir, args.device_id, out_dir=args.out, days=args.days)
     except (PkiError, EdgefleetError) as error:
-        return _fail(str(error))
+        return _fail(str(error), _exit_code(error))
+    except OSError as error:
+        return _fail(_write_error(args.out or args.dir, error), EXIT_USAGE)
     print(f"issued {issued.cert_path} and {issued.key_path} (mode 0600) for device {args.device_id}")
     print(f"valid until {issued.not_after:%Y-%m-%d}; copy both and the CA certificate to the device")
     return 0
 
 
-def _fail(message: str) -> int:
+def _exit_code(error: Exception) -> int:
+    """Return 4 (conflict) for a CA or certificate that already exists and 2 (usage) for other errors."""
+    from edgefleet.cli.main import EXIT_CONFLICT
+    from edgefleet.orchestrator.security.pki import PkiExistsError
+
+    return EXIT_CONFLICT if isinstance(error, PkiExistsError) else EXIT_USAGE
+
+
+def _write_error(directory: Path, error: OSError) -> str:
+    """Return the message for a directory that the CA files cannot be read from or written to."""
+    where = error.filename or directory
+    # mkdir reports a file in the way as "File exists", and a path below a file as "Not a directory".
+    reason = "a file is in the way" if isinstance(error, FileExistsError | NotADirectoryError) else error.strerror
+    return f"cannot use {where}: {reason or error}; give --dir (and --out) a directory that this user can write"
+
+
+def _fail(message: str, code: int) -> int:
     import sys
 
     print(f"edgefleet: {message}", file=sys.stderr)
-    return 1
+    return code

@@ -30,7 +30,7 @@ def test_pki_init_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
     assert initialized == 0
     assert issued == 0
-    assert again == 1
+    assert again == 4
     assert "already contains a CA" in capsys.readouterr().err
     assert stat.S_IMODE(os.stat(directory / "ca.key").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(directory / "devices" / "cam-7.key").st_mode) == 0o600
@@ -42,8 +42,57 @@ def test_pki_issue_bad_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
     code = main(["pki", "issue", "--dir", str(tmp_path), "--device-id", "../etc"])
 
-    assert code == 1
+    assert code == 2
     assert "--device-id" in capsys.readouterr().err
+
+
+def test_pki_issue_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["pki", "init", "--dir", str(tmp_path)])
+    main(["pki", "issue", "--dir", str(tmp_path), "--device-id", "cam-7"])
+    key = (tmp_path / "devices" / "cam-7.key").read_bytes()
+    capsys.readouterr()
+
+    code = main(["pki", "issue", "--dir", str(tmp_path), "--device-id", "cam-7"])
+
+    assert code == 4
+    assert "cam-7.pem already exists" in capsys.readouterr().err
+    assert (tmp_path / "devices" / "cam-7.key").read_bytes() == key
+
+
+@pytest.mark.parametrize("verb", ["init", "issue"])
+def test_pki_dir_is_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("kept\n")
+    argv = ["pki", verb, "--dir", str(blocker)] + (["--device-id", "cam-7"] if verb == "issue" else [])
+
+    code = main(argv)
+
+    error = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot use {blocker}" in error
+    assert "a file is in the way" in error
+    assert "Traceback" not in error
+    assert blocker.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("host", ["bad_host!", "[::1]", "a..b", "lead-.example", "fleet.example.com."])
+def test_pki_init_bad_host(tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str) -> None:
+    directory = tmp_path / "pki"
+
+    code = main(["pki", "init", "--dir", str(directory), "--host", "127.0.0.1", "--host", host])
+
+    assert code == 2
+    assert f"invalid --host {host!r}: give an IP address" in capsys.readouterr().err
+    assert not directory.exists()
+
+
+def test_pki_init_host_forms(tmp_path: Path) -> None:
+    hosts = ["orchestrator.plant-1.internal", "10.0.0.5", "::1", "localhost"]
+    argv = ["pki", "init", "--dir", str(tmp_path / "pki")]
+    for host in hosts:
+        argv += ["--host", host]
+
+    assert main(argv) == 0
 
 
 def cli(orchestrator: SecureOrchestrator, *args: str, token: str | None = None) -> int:

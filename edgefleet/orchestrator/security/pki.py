@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,16 @@ BACKDATE = timedelta(minutes=5)
 
 class PkiError(ValueError):
     """The CA directory is missing, incomplete or would be overwritten; the message names the path and the fix."""
+
+
+class PkiExistsError(PkiError):
+    """A CA or certificate already exists where a new one would be written."""
+
+
+# A DNS name that a certificate can carry: dot-separated labels of letters, digits and inner hyphens
+# (RFC 1123), at most 253 characters in all.
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,21 @@ def _name(common_name: str, unit: str) -> x509.Name:
     )
 
 
+def check_hosts(hosts: Sequence[str]) -> None:
+    """Raise PkiError for a host that is neither an IP address nor a DNS name, before anything is written."""
+    if not hosts:
+        raise PkiError("name at least one host (IP address or DNS name) for the server certificate")
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _DNS_NAME.fullmatch(host):
+                raise PkiError(
+                    f"invalid --host {host!r}: give an IP address (127.0.0.1, ::1 without brackets) or a DNS name "
+                    "of letters, digits, hyphens and dots (orchestrator.plant-1.internal)"
+                ) from None
+
+
 def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -78,11 +104,15 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
 def init_ca(directory: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = CA_DAYS) -> IssuedCertificate:
     """Create a fleet CA in directory and the orchestrator's server certificate for hosts; return the CA.
 
-    Raises PkiError when directory already contains a CA, so that an existing fleet keeps its trust root.
+    Raises PkiExistsError when directory already contains a CA, so that an existing fleet keeps its trust
+    root, and PkiError for a host that is neither an IP address nor a DNS name.
     """
+    check_hosts(hosts)
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / CA_KEY).exists() or (directory / CA_CERT).exists():
-        raise PkiError(f"{directory} already contains a CA ({CA_CERT}); use another --dir or delete the old CA first")
+        raise PkiExistsError(
+            f"{directory} already contains a CA ({CA_CERT}); use another --dir or delete the old CA first"
+        )
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     subject = _name("edgefleet fleet CA", "fleet CA")
@@ -146,7 +176,7 @@ def _issue(
 ) -> IssuedCertificate:
     ca_certificate, ca_key = _load_ca(directory)
     if cert_path.exists() or key_path.exists():
-        raise PkiError(f"{cert_path} already exists; delete it and its key to issue a new certificate")
+        raise PkiExistsError(f"{cert_path} already exists; delete it and its key to issue a new certificate")
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
@@ -178,10 +208,10 @@ def issue_server_certificate(
 ) -> IssuedCertificate:
     """Issue the orchestrator's server certificate, valid for hosts (IP addresses or DNS names).
 
-    Raises PkiError when no CA is in directory, when hosts is empty or when a server certificate exists.
+    Raises PkiError when no CA is in directory or when a host is missing or invalid, and PkiExistsError
+    when a server certificate exists.
     """
-    if not hosts:
-        raise PkiError("name at least one host (IP address or DNS name) for the server certificate")
+    check_hosts(hosts)
     issued = _issue(
         directory,
         subject=_name(hosts[0], "orchestrator"),
