@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet.common.config import ConfigError, Range, dial_address_problem
+from edgefleet.common.labels import label_problem
 
 HELP = {
     "orchestrator": "orchestrator address HOST:PORT",
@@ -88,6 +89,9 @@ def check_agent_config(config: AgentConfig) -> None:
     check_orchestrator_address(config.orchestrator)
     for name, allowed in RANGES.items():
         allowed.check(name, getattr(config, name))
+    problem = label_problem(config.labels)
+    if problem:
+        raise ConfigError(f"invalid --labels: {problem}; the orchestrator would reject the device")
 
 
 def check_orchestrator_address(value: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from edgefleet.agent.probe_runtimes import LITERT_BUILTIN_DELEGATES
 from edgefleet.common.hardware import HardwareProfile, RuntimeInfo, hardware_class_of
+from edgefleet.common.labels import label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,9 @@ def _labels(data: dict[str, Any], source: str) -> dict[str, str]:
             raise ProfileError(
                 f"{source}: label {key!r} must be a string, got {label!r} ({type(label).__name__})"
             )
+    problem = label_problem(value)
+    if problem:
+        raise ProfileError(f"{source}: invalid [labels]: {problem}; the orchestrator would reject the device")
     return dict(value)
 
 

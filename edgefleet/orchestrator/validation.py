@@ -12,13 +12,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from edgefleet.common.errors import InvalidArgument
+from edgefleet.common.labels import LABEL_KEY_PATTERN, LABEL_KEY_RULE, MAX_LABEL_VALUE, MAX_LABELS
 from edgefleet.v1 import common_pb2
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LABEL_KEY_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
-MAX_LABELS = 32
-MAX_LABEL_VALUE = 128
 MAX_TEXT = 256
 MAX_FEATURES = 64
 MAX_ACCELERATORS = 16
@@ -64,9 +62,7 @@ def check_labels(labels: Mapping[str, str], field: str = "labels") -> None:
         raise InvalidArgument(field, f"has {len(labels)} entries; at most {MAX_LABELS} are allowed")
     for key, value in labels.items():
         if not LABEL_KEY_PATTERN.match(key):
-            raise InvalidArgument(
-                f"{field}[{_shown(key)}]", "keys must be 1-63 characters of a-z, 0-9, '.', '_', '/' or '-'"
-            )
+            raise InvalidArgument(f"{field}[{_shown(key)}]", LABEL_KEY_RULE)
         check_text(value, f"{field}[{key}]", MAX_LABEL_VALUE)
 
 

@@ -260,3 +260,31 @@ def test_numeric_setting_invalid(tmp_path: Path, flag: str, value: str, allowed:
 def test_orchestrator_host_name_accepted() -> None:
     check_agent_config(AgentConfig(orchestrator="orchestrator.example.internal:50051"))
     check_agent_config(AgentConfig(orchestrator="[::1]:50051"))
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ("ké=v", "label key 'ké': keys must be 1-63 characters of a-z"),
+        ("bad key=v", "label key 'bad key'"),
+        ("site=" + "x" * 129, "label 'site': the value is 129 characters long; at most 128 are allowed"),
+    ],
+)
+def test_labels_invalid(tmp_path: Path, labels: str, expected: str) -> None:
+    result = run_agent("--insecure", "--state-dir", str(tmp_path / "state"), "--labels", labels)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"edgefleet-agent: invalid --labels: {expected}" in result.stderr
+    assert "the orchestrator would reject the device" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_profile_labels_invalid(tmp_path: Path) -> None:
+    profile = tmp_path / "gateway.toml"
+    profile.write_text('name = "gateway"\n[labels]\n"Zone A" = "north"\n')
+
+    result = run_agent("--insecure", "--state-dir", str(tmp_path / "state"), "--profile", str(profile))
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"{profile}: invalid [labels]: label key 'Zone A'" in result.stderr
+    assert "Traceback" not in result.stderr
