@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,22 @@ def test_jobs_list_json(
     run_cli(server, "jobs", "list", "--output", "json")
     listed = json.loads(capsys.readouterr().out)
     assert compressed["job"]["job_id"] in [j["job_id"] for j in listed]
+
+
+def test_jobs_time_format(
+    server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    run_cli(server, "jobs", "list", "--output", "json")
+    job = json.loads(capsys.readouterr().out)[0]
+    run_cli(server, "models", "list", "--output", "json")
+    model = json.loads(capsys.readouterr().out)[0]
+
+    # Jobs print times as models, devices and rollouts do: UTC to the second, with +00:00.
+    pattern = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"
+    assert re.fullmatch(pattern, job["created_at"])
+    assert re.fullmatch(pattern, job["updated_at"])
+    assert re.fullmatch(pattern, model["created_at"])
 
 
 def test_jobs_show(server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

@@ -54,8 +54,9 @@ def job_view(job: operator_pb2.CompressionJob) -> dict[str, Any]:
         "stage": job.stage,
         "error": job.error,
         "variant_ids": list(job.variant_ids),
-        "created_at": job.created_at.ToDatetime().isoformat() + "Z" if job.HasField("created_at") else None,
-        "updated_at": job.updated_at.ToDatetime().isoformat() + "Z" if job.HasField("updated_at") else None,
+        # The same form as every other time the CLI prints: UTC to the second, with +00:00.
+        "created_at": views.iso_time(job.created_at),
+        "updated_at": views.iso_time(job.updated_at),
         "recipe": recipe,
     }
 

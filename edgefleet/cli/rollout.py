@@ -102,8 +102,8 @@ def wave_view(wave: operator_pb2.Wave) -> dict[str, Any]:
         "attempt": wave.attempt,
         "decision": _name(wave.decision, WAVE_DECISIONS),
         "reason": wave.reason,
-        "started_at": views._time(wave.started_at),
-        "decided_at": views._time(wave.decided_at),
+        "started_at": views.iso_time(wave.started_at),
+        "decided_at": views.iso_time(wave.decided_at),
         "devices": [wave_device_view(d) for d in wave.devices],
     }
 
@@ -136,9 +136,9 @@ def rollout_view(rollout: operator_pb2.Rollout) -> dict[str, Any]:
         "rollbacks": rollout.rollbacks,
         "sample_timeout_s": rollout.sample_timeout_seconds,
         "superseded_by": rollout.superseded_by,
-        "created_at": views._time(rollout.created_at),
-        "started_at": views._time(rollout.started_at),
-        "updated_at": views._time(rollout.updated_at),
+        "created_at": views.iso_time(rollout.created_at),
+        "started_at": views.iso_time(rollout.started_at),
+        "updated_at": views.iso_time(rollout.updated_at),
         "waves": [wave_view(w) for w in rollout.waves],
     }
 

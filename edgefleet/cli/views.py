@@ -18,10 +18,12 @@ def _name(value: int, names: Sequence[str]) -> str:
     return names[value - 1] if 1 <= value <= len(names) else "unknown"
 
 
-def _time(value: Timestamp) -> str | None:
+def iso_time(value: Timestamp) -> str | None:
+    """Return value as ISO 8601 in UTC to the second (2026-12-04T21:08:38+00:00), or None when unset."""
     if value.seconds == 0 and value.nanos == 0:
         return None
     return value.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+
 
 
 def _number(value: float) -> float | None:
@@ -40,7 +42,7 @@ def model_status_view(status: agent_pb2.ModelStatus) -> dict[str, Any]:
         "threads": status.threads,
         "bytes_downloaded": status.bytes_downloaded,
         "size_bytes": status.size_bytes,
-        "updated_at": _time(status.updated_at),
+        "updated_at": iso_time(status.updated_at),
     }
 
 
@@ -80,8 +82,8 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
         "kernel": hardware.kernel,
         "labels": dict(device.labels),
         "agent_version": device.agent_version,
-        "registered_at": _time(device.registered_at),
-        "last_seen": _time(device.last_seen),
+        "registered_at": iso_time(device.registered_at),
+        "last_seen": iso_time(device.last_seen),
         "desired_generation": device.desired_generation,
         "reported_generation": device.reported_generation,
         "models": [{**model_status_view(m), "current": status == "online"} for m in device.models],
@@ -98,7 +100,7 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
             {
                 "instance_key_fingerprint": c.instance_key_fingerprint,
                 "peer": c.peer,
-                "seen_at": _time(c.seen_at),
+                "seen_at": iso_time(c.seen_at),
             }
             for c in device.identity_conflicts
         ],
@@ -154,7 +156,7 @@ def model_view(model: operator_pb2.Model) -> dict[str, Any]:
         "layers": metadata.layers,
         "inputs": [tensor_view(t) for t in metadata.inputs],
         "outputs": [tensor_view(t) for t in metadata.outputs],
-        "created_at": _time(model.created_at),
+        "created_at": iso_time(model.created_at),
         "variants": [variant_view(v) for v in model.variants],
     }
 
@@ -169,8 +171,8 @@ def metric_row_view(row: operator_pb2.MetricRow) -> dict[str, Any]:
         "p95_ms": _number(row.p95_ms),
         "p99_ms": _number(row.p99_ms),
         "mean_ms": _number(row.mean_ms),
-        "first_window": _time(row.first_window),
-        "last_window": _time(row.last_window),
+        "first_window": iso_time(row.first_window),
+        "last_window": iso_time(row.last_window),
     }
 
 
