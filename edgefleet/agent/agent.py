@@ -371,7 +371,7 @@ class Agent:
                 hello=agent_pb2.Hello(
                     device_id=self.device_id,
                     instance_key=self.identity.instance_key,
-                    desired_generation=self.reconciler.generation,
+                    desired_generation=self.reconciler.hello_generation(),
                 )
             )
         )

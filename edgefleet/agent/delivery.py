@@ -58,6 +58,10 @@ ProgressCallback = Callable[[int, int], None]
 class DeliveryError(Exception):
     """A model could not be downloaded or installed."""
 
+    # True when the same download may succeed later without a new assignment, so the agent tries it
+    # again when it next connects to the orchestrator.
+    retry_on_connect = False
+
 
 class DigestMismatchError(DeliveryError):
     """The downloaded file's SHA-256 differs from the requested digest; it was deleted, not installed."""
@@ -70,9 +74,17 @@ class ChunkCorruptError(DeliveryError):
 class DiskFullError(DeliveryError):
     """The device's disk has no space for the download; the installed models are untouched."""
 
+    retry_on_connect = True
+
 
 class DownloadFailedError(DeliveryError):
     """The orchestrator rejected the download, or it kept failing after all retries."""
+
+
+class DownloadInterruptedError(DownloadFailedError):
+    """The download kept failing with retryable status codes; the verified part is kept for a later resume."""
+
+    retry_on_connect = True
 
 
 class DownloadCancelledError(DeliveryError):
@@ -545,7 +557,8 @@ class Downloader:
         free = shutil.disk_usage(self.store.root).free
         return DiskFullError(
             f"disk full while downloading {digest} ({free} bytes free under {self.store.root}): {error}; "
-            "installed models are unchanged, free space on the device and retry"
+            "installed models are unchanged; free space on the device, then restart the agent or deploy "
+            "the model again, or wait until the agent next connects to the orchestrator and tries again"
         )
 
 
@@ -657,9 +670,9 @@ class _Transfer:
             failures += 1
             if failures > policy.max_attempts:
                 self.checkpoint()
-                raise DownloadFailedError(
+                raise DownloadInterruptedError(
                     f"download of {self.digest} failed {failures} times in a row at byte {self.offset} "
-                    f"({reason}); the agent retries later from this offset"
+                    f"({reason}); the agent resumes it from this offset when it next connects to the orchestrator"
                 )
             delay = policy.backoff_s(failures, self.downloader._rng)
             logger.warning(

@@ -60,6 +60,10 @@ class Reconciler:
     # The assignment each served model runs, saved with the desired state. When a restart meets a
     # desired variant that fails to load, the agent serves this one again, as it did before the restart.
     serving: dict[str, agent_pb2.ModelAssignment] = field(default_factory=dict)
+    # Names of models whose download failed in a way that may succeed later (disk full, orchestrator unreachable).
+    # The agent then claims no generation when it connects, so the orchestrator sends the desired state
+    # again and the download is tried again.
+    retry_on_connect: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
 
@@ -78,6 +82,10 @@ class Reconciler:
             if still_served is not None:
                 models.append(still_served)
         return agent_pb2.ReportedState(desired_generation=self.generation, models=models)
+
+    def hello_generation(self) -> int:
+        """Return the generation to claim when a control stream opens: 0 while a download waits for a retry."""
+        return 0 if self.retry_on_connect else self.generation
 
     def _still_served_status(self, name: str, status: agent_pb2.ModelStatus) -> agent_pb2.ModelStatus | None:
         """Return a serving status for the variant the host serves under name, or None when status describes it."""
@@ -170,6 +178,7 @@ class Reconciler:
                 self.serving.pop(name)
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
+            self.retry_on_connect &= desired_names
             # Reports sent while the models are applied already report on this generation.
             self.generation = desired.generation
             for assignment in desired.models:
@@ -184,6 +193,8 @@ class Reconciler:
 
     def _apply_one(self, assignment: agent_pb2.ModelAssignment, *, offline: bool) -> None:
         name = assignment.model_name
+        if not offline:
+            self.retry_on_connect.discard(name)
         served = self.host.get(name)
         if (
             served is not None
@@ -273,6 +284,8 @@ class Reconciler:
             )
         except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
             log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)
+            if isinstance(error, DeliveryError) and error.retry_on_connect:
+                self.retry_on_connect.add(name)
             if previous is not None and previous.digest != assignment.digest:
                 # Keep the version on disk that the host still serves.
                 self.store.activate(name, previous.digest)

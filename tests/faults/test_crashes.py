@@ -307,3 +307,35 @@ def test_orchestrator_lost_mid_download(fleet: tuple[OrchestratorProcess, TcpPro
     assert agent.running
     assert "agent failed" not in agent.log_path.read_text()
     assert output.model_version == "2"
+
+
+def test_download_given_up_resumes_on_reconnect(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:
+    orchestrator, proxy, agent = fleet
+    channel, operator = orchestrator.operator()
+    new_model = linear_model(5, padding_floats=2 * MIB)  # About 8 MiB.
+    new_digest = hashlib.sha256(new_model).hexdigest()
+    try:
+        device_id = agent.device_id()
+        upload(operator, new_model, "2")
+        proxy.throttle(2 * MIB)
+        deploy(operator, device_id, "2")
+        part = agent.state_dir / "models" / "partial" / f"{new_digest}.part"
+        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+        # The orchestrator stays unreachable until the agent gives the download up. RetryPolicy's defaults
+        # do that at the 9th failed attempt, after 8 jittered waits: about 46 s on average, at most 92 s.
+        proxy.drop()
+        wait_for(
+            lambda: "failed 9 times in a row" in agent.log_path.read_text(),
+            "the agent to give the download up",
+            timeout_s=150,
+        )
+
+        proxy.throttle(None)
+        proxy.pass_traffic()
+        wait_serving(operator, device_id, "2")
+        output = InferenceClient(agent.socket_path, MODEL).infer_once()
+    finally:
+        channel.close()
+
+    assert output.model_version == "2"
+    assert not part.exists()
