@@ -94,7 +94,8 @@ def run(config: AgentConfig) -> int:
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
     limits = profile.enforce()
-    hardware = profile.apply(probe_hardware(store_dir=config.state_dir))
+    # The free space reported is that of the model store (Agent.store), which may be a file system of its own.
+    hardware = profile.apply(probe_hardware(store_dir=config.state_dir / "models"))
     labels = {**profile.labels, **config.labels}
     if profile.name:
         labels.setdefault("profile", profile.name)

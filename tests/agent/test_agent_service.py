@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_USAGE
 from edgefleet.v1 import agent_pb2, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
 from tests.agent.models import linear_reference, tflite_linear
+from tests.faults.processes import AgentProcess
 from tests.servers import (
     AgentThread,
     OrchestratorThread,
@@ -357,3 +360,30 @@ def test_agent_lock_released(start_orchestrator: StartOrchestrator, start_agent:
     second = start_agent(orchestrator.address, "ecu")
 
     assert wait_online(orchestrator, second) == device_id
+
+
+def test_process_disk_free_of_model_store(start_orchestrator: StartOrchestrator, tmp_path: Path) -> None:
+    """The agent reports the free space of its model store, which may be a file system of its own."""
+    shared_memory = Path("/dev/shm")
+    if not shared_memory.is_dir():
+        pytest.skip("needs /dev/shm as a second file system")
+    store_target = Path(tempfile.mkdtemp(prefix="edgefleet-store-", dir=shared_memory))
+    state_free = shutil.disk_usage(tmp_path).free
+    store_free = shutil.disk_usage(store_target).free
+    if abs(state_free - store_free) < max(state_free, store_free) // 10:
+        shutil.rmtree(store_target)
+        pytest.skip("/dev/shm and the test directory have about the same free space")
+    state_dir = tmp_path / "ecu"
+    state_dir.mkdir()
+    (state_dir / "models").symlink_to(store_target)
+    orchestrator = start_orchestrator()
+    agent = AgentProcess(tmp_path, "ecu", orchestrator.address)
+    agent.start()
+    try:
+        device_id = wait_until(agent.device_id, "the agent to register")
+        reported = get_device(orchestrator, device_id).hardware.disk_free_bytes
+    finally:
+        agent.stop()
+        shutil.rmtree(store_target)
+
+    assert abs(reported - store_free) < abs(reported - state_free), (reported, store_free, state_free)
