@@ -314,3 +314,23 @@ def test_cli_devices_drift(orchestrator: OrchestratorThread, capsys: pytest.Capt
     assert "DRIFT: generation_lag" in shown
     assert list_code == 0
     assert [d["device_id"] for d in json.loads(listed)] == [devices[1]]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"target_labels": {"knd": "camera"}}, "(no device has the label 'knd'; did you mean kind?)"),
+        ({"target_labels": {"kind": "camra"}}, "(no device has kind=camra; the values of kind are camera)"),
+        ({"target_hardware_class": "plc-*"}, "(no hardware class matches 'plc-*'; the classes are "),
+    ],
+)
+def test_unmatched_target_reason(orchestrator: OrchestratorThread, fields: dict[str, object], expected: str) -> None:
+    fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(**fields), timeout=30)
+
+    waiting = wait_rollout(
+        orchestrator, rollout.rollout_id, lambda r: r.reason.startswith("waiting for a device"), "waiting reason"
+    )
+
+    assert waiting.state == operator_pb2.ROLLOUT_STATE_PENDING
+    assert expected in waiting.reason

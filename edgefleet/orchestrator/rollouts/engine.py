@@ -230,6 +230,9 @@ class RolloutEngine:
         devices = self._targeted(rollout)
         if not devices:
             reason = f"waiting for a device that matches the target {targets.format_selector(rollout.spec.target)}"
+            unmatched = targets.unmatched_reason(rollout.spec.target, self.store.list_devices())
+            if unmatched:
+                reason += f" ({unmatched})"
             if rollout.reason != reason:
                 self.rollouts.save_rollout(replace(rollout, reason=reason), self.clock())
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from collections import defaultdict
@@ -62,6 +63,29 @@ def matches(target: Target, device: Device) -> bool:
     if not target.hardware_class:
         return True
     return fnmatch.fnmatchcase(device.hardware.hardware_class, target.hardware_class)
+
+
+def unmatched_reason(target: Target, devices: Iterable[Device]) -> str:
+    """Return which term of the target no device satisfies, with the closest labels or classes the fleet has.
+
+    Returns "" when every term alone matches some device (only their combination matches none).
+    """
+    devices = list(devices)
+    for key, value in sorted(target.labels.items()):
+        values = sorted({d.labels[key] for d in devices if key in d.labels})
+        if not values:
+            keys = sorted({k for d in devices for k in d.labels})
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the labels are {', '.join(keys) or 'none'}"
+            return f"no device has the label {key!r}; {hint}"
+        if value not in values:
+            return f"no device has {key}={value}; the values of {key} are {', '.join(values)}"
+    if target.hardware_class:
+        classes = sorted({d.hardware.hardware_class for d in devices})
+        if not any(fnmatch.fnmatchcase(c, target.hardware_class) for c in classes):
+            known = ", ".join(classes) or "none"
+            return f"no hardware class matches {target.hardware_class!r}; the classes are {known}"
+    return ""
 
 
 def select(target: Target, devices: Iterable[Device]) -> list[Device]:
