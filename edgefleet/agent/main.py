@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgefleet.agent.config import HELP, AgentConfig, check_agent_config
 from edgefleet.agent.identity import IdentityError, prepare_state_dir
-from edgefleet.common.config import ConfigError, add_flags, load_config
+from edgefleet.common.config import ConfigError, DaemonArgumentParser, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
@@ -21,7 +21,7 @@ log = logging.getLogger("edgefleet.agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = DaemonArgumentParser(
         prog="edgefleet-agent",
         description="Run the edgefleet agent on a device. `edgefleet-agent infer --help` tries a deployed model.",
     )

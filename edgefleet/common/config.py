@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import tomllib
@@ -12,7 +13,9 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
+
+from edgefleet.common.errors import EXIT_CONFIG
 
 T = TypeVar("T")
 
@@ -79,6 +82,25 @@ def parse_pairs(text: str, name: str) -> dict[str, str]:
             raise ConfigError(f"invalid {name} entry {item!r}: expected KEY=VALUE")
         pairs[key.strip()] = value.strip()
     return pairs
+
+
+class DaemonArgumentParser(argparse.ArgumentParser):
+    """The command-line parser of a daemon: an invalid command line prints one line and exits 78 (EX_CONFIG).
+
+    argparse prints its whole usage block and exits 2, which fills the journal and, for the agent, is the
+    code of a device that the orchestrator rejected. The unit files do not restart either code.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            flags = [option for action in self._actions for option in action.option_strings]
+            typos = [word.partition("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+            close = [(typo, difflib.get_close_matches(typo, flags, n=1)) for typo in typos]
+            hints = [f"{typo}: did you mean {match[0]}?" for typo, match in close if match]
+            hint = f" ({'; '.join(hints)})" if hints else ""
+        line = f"{self.prog}: invalid command line: {message}{hint}; `{self.prog} --help` lists the flags"
+        self.exit(EXIT_CONFIG, line + "\n")
 
 
 def add_flags(parser: argparse.ArgumentParser, config_type: type, help_texts: Mapping[str, str]) -> None:

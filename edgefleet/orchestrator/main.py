@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
-from edgefleet.common.config import ConfigError, add_flags, load_config
+from edgefleet.common.config import ConfigError, DaemonArgumentParser, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from edgefleet.common.logs import configure_logging
 from edgefleet.common.paths import writable_directory_problem
@@ -20,7 +19,7 @@ log = logging.getLogger("edgefleet.orchestrator")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = DaemonArgumentParser(
         prog="edgefleet-orchestrator", description="Run the edgefleet orchestrator (gRPC API, fleet store)."
     )
     parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (env EDGEFLEET_CONFIG)")

@@ -288,3 +288,14 @@ def test_profile_labels_invalid(tmp_path: Path) -> None:
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert f"{profile}: invalid [labels]: label key 'Zone A'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_command_line_typo(tmp_path: Path) -> None:
+    result = run_agent("--insecure", "--state-dir", str(tmp_path / "state"), "--orchestator", "127.0.0.1:50051")
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "edgefleet-agent: invalid command line: unrecognized arguments: --orchestator 127.0.0.1:50051 "
+        "(--orchestator: did you mean --orchestrator?); `edgefleet-agent --help` lists the flags"
+    ]
+    assert not (tmp_path / "state").exists()

@@ -454,3 +454,20 @@ def test_startup_postgres_unreachable(tmp_path: Path) -> None:
 
     assert result.returncode == EXIT_UNAVAILABLE
     assert "cannot open the database" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--lisen", "127.0.0.1:0"], "unrecognized arguments: --lisen 127.0.0.1:0 (--lisen: did you mean --listen?)"),
+        (["--stale-after-s"], "argument --stale-after-s: expected one argument"),
+    ],
+)
+def test_startup_command_line_invalid(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = run_orchestrator(tmp_path / "data", *args)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"edgefleet-orchestrator: invalid command line: {expected}; `edgefleet-orchestrator --help` lists the flags"
+    ]
+    assert not (tmp_path / "data").exists()
