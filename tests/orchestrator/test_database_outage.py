@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
 from tests.faults.processes import OrchestratorProcess, wait_for
 from tests.faults.proxy import TcpProxy
+from tests.orchestrator.test_jobs import tiny_conv_onnx
 from tests.pg import PostgresCluster
+from tests.servers import upload_requests
 
 # Longer than the job runner's, the rollout engine's and the last-seen flush's retry intervals, so
 # each background loop fails several times during the outage.
@@ -130,3 +133,51 @@ def test_database_watch_survives_pool_timeout(tmp_path: Path) -> None:
 
     assert watching
     assert status == "SERVING"
+
+
+def test_database_outage_requeues_running_job(postgres_cluster: PostgresCluster, tmp_path: Path) -> None:
+    """A job whose worker loses the database runs again once it is back, instead of ending as failed."""
+    postgres_cluster.create_database("job_outage")
+    proxy = TcpProxy(postgres_cluster.port)
+    url = f"postgresql+psycopg://{postgres_cluster.superuser}@{proxy.address}/job_outage"
+    orchestrator = OrchestratorProcess(tmp_path, "--db", url)
+    recipe = {
+        "quantize": {"calibration": {"images": "builtin:demo-photos"}, "calibration_size": 4},
+        "gate": {"max_accuracy_drop": 100.0},
+    }
+    try:
+        orchestrator.start()
+        with grpc.insecure_channel(orchestrator.address) as channel:
+            operator = operator_pb2_grpc.OperatorServiceStub(channel)
+            operator.UploadModel(upload_requests(tiny_conv_onnx(), "tiny", "1"), timeout=60)
+            request = operator_pb2.CreateCompressionJobRequest(model_name="tiny", recipe_json=json.dumps(recipe))
+            job_id = operator.CreateCompressionJob(request, timeout=30).job_id
+
+            def job() -> operator_pb2.CompressionJob:
+                return operator.GetCompressionJob(operator_pb2.GetCompressionJobRequest(job_id=job_id), timeout=30)
+
+            wait_for(lambda: job().state == operator_pb2.JOB_STATE_RUNNING, "the job to start")
+            proxy.drop()
+            # The worker ends at its first database access in the outage; any of these log lines shows it.
+            worker_ends = (f"job {job_id} attempt 1 stopped", f"Process job-{job_id}:", f"job {job_id} failed")
+            wait_for(
+                lambda: any(text in orchestrator.log_path.read_text() for text in worker_ends),
+                "the worker to meet the outage",
+                timeout_s=120,
+            )
+
+            proxy.pass_traffic()
+
+            def finished_job() -> operator_pb2.CompressionJob | None:
+                current = job()
+                if current.state in (operator_pb2.JOB_STATE_QUEUED, operator_pb2.JOB_STATE_RUNNING):
+                    return None
+                return current
+
+            finished = wait_for(finished_job, "the job to finish", timeout_s=120)
+    finally:
+        orchestrator.stop()
+        proxy.close()
+        postgres_cluster.drop_database("job_outage")
+
+    assert operator_pb2.JobState.Name(finished.state) == "JOB_STATE_SUCCEEDED", finished.error

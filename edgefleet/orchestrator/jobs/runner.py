@@ -5,7 +5,8 @@ data never load into the orchestrator process. The worker opens its own connecti
 writes progress there. The runner (a thread of the orchestrator) claims the oldest queued job, starts
 the worker, records a heartbeat on the job while the worker runs, terminates the worker when the job is
 cancelled (SIGTERM, then SIGKILL after terminate_grace_s) and records a failure when the worker dies
-without recording an outcome.
+without recording an outcome. A worker that loses the database exits with EXIT_DATABASE_UNAVAILABLE,
+and the runner queues its job again once it can write that.
 
 Recovery: a job stays RUNNING in the database when its orchestrator dies (kill -9, power loss). A runner
 puts such a job back in the queue, to run again from the start under a new attempt, when its owner
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Exit status of a worker whose job was cancelled or requeued while it ran.
 EXIT_ABANDONED = 3
+# Exit status of a worker that lost the database; the runner queues its job again.
+EXIT_DATABASE_UNAVAILABLE = 4
 # Work directories are named JOBID-ATTEMPT. Other entries under work_root are never removed.
 _WORK_DIR_NAME = re.compile(r"[0-9A-Za-z]+-[0-9]+")
 
@@ -298,6 +301,10 @@ class JobRunner:
         if running.stop_reason == "stopping":
             if self.store.requeue(job.job_id, job.attempt, "the orchestrator stopped", now):
                 logger.info("job %s goes back to the queue: the orchestrator stopped", job.job_id)
+        elif running.stop_reason == "" and code == EXIT_DATABASE_UNAVAILABLE:
+            # Raises DatabaseUnavailable while the outage lasts; the next step reaps the worker again.
+            if self.store.requeue(job.job_id, job.attempt, "the worker lost the database", now):
+                logger.warning("job %s goes back to the queue: its worker lost the database", job.job_id)
         elif running.stop_reason == "" and code not in (0, EXIT_ABANDONED):
             message = f"the worker process exited with status {code}"
             if code is not None and code < 0:

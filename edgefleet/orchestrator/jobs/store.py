@@ -352,13 +352,15 @@ def open_job_store(url: str) -> SqlJobStore:
     """Open the job store on its own engine at url, migrating the schema to the newest revision.
 
     For processes that have no SqlStore to share an engine with, such as the job worker. Raises
-    ValueError for an unsupported URL and the driver's OperationalError when the database is unreachable.
+    ValueError for an unsupported URL, DatabaseUnavailable when the PostgreSQL server cannot be reached
+    and the driver's OperationalError for other connection failures.
     """
-    from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
+    from edgefleet.orchestrator.store.engine import create_store_engine, database_errors, upgrade_to_head
 
     engine = create_store_engine(url)
     try:
-        upgrade_to_head(engine)
+        with database_errors(engine):
+            upgrade_to_head(engine)
     except BaseException:
         engine.dispose()
         raise

@@ -28,10 +28,11 @@ from edgefleet.orchestrator.compress.recipe import RecipeError
 from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.jobs import sources
 from edgefleet.orchestrator.jobs.plan import JobPlan, PlanError, PlannedVariant, load_recipe_json, plan_job
-from edgefleet.orchestrator.jobs.runner import EXIT_ABANDONED, WorkerArgs
+from edgefleet.orchestrator.jobs.runner import EXIT_ABANDONED, EXIT_DATABASE_UNAVAILABLE, WorkerArgs
 from edgefleet.orchestrator.jobs.store import RUNNING, Job, JobStore, open_job_store
 from edgefleet.orchestrator.modelinfo import ModelFileError, inspect_model
 from edgefleet.orchestrator.store.base import StoreError
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.compress.qat import FineTuneConfig
@@ -106,13 +107,19 @@ class _CountingReader(CalibrationDataReader):
 
 def main(args: WorkerArgs) -> None:
     """Run one job attempt in this process and exit: 0 when it finished (succeeded or failed), 3 when
-    it was abandoned, 1 on an unexpected error that could not be recorded."""
+    it was abandoned, 4 when it lost the database, 1 on an unexpected error that could not be recorded."""
     from edgefleet.common.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format)
     keep_temp_files_in(Path(args.work_dir))
     _watch_parent(args.parent_pid)
-    store = open_job_store(args.db_url)
+    try:
+        store = open_job_store(args.db_url)
+    except DatabaseUnavailable as error:
+        logger.warning(
+            "job %s attempt %d stopped: %s; the job runs again from the start", args.job_id, args.attempt, error
+        )
+        sys.exit(EXIT_DATABASE_UNAVAILABLE)
     try:
         code = run_attempt(store, args)
     finally:
@@ -151,6 +158,12 @@ def run_attempt(store: JobStore, args: WorkerArgs) -> int:
     except JobAbandoned:
         logger.info("job %s attempt %d was cancelled or requeued; worker exits", args.job_id, args.attempt)
         return EXIT_ABANDONED
+    except DatabaseUnavailable as error:
+        # Recording a failure needs the database as well, so the runner queues the job again instead.
+        logger.warning(
+            "job %s attempt %d stopped: %s; the job runs again from the start", args.job_id, args.attempt, error
+        )
+        return EXIT_DATABASE_UNAVAILABLE
     except _JOB_ERRORS as error:
         message = str(error)
     except Exception as error:  # Recorded on the job, so an operator sees it without the log.
