@@ -144,7 +144,10 @@ class ArtifactVerifier:
         if public is None:
             raise VerificationError(
                 f"assignment of {name} {assignment.variant_id} is signed by unknown key "
-                f"{assignment.signing_key_id!r} (trusted: {', '.join(sorted(self.keys)) or 'none'}); it was rejected"
+                f"{assignment.signing_key_id!r} (trusted: {', '.join(sorted(self.keys)) or 'none'}); it was rejected. "
+                "If the orchestrator's signing keys were replaced (a rotation this device missed, or a new "
+                f"orchestrator database), delete {self.state_dir / KEYS_FILE} and enroll the device again with a new "
+                f"token (edgefleet enroll create --device-id {self.device_id or 'DEVICE_ID'})"
             )
         if not verify(public, assignment.signature, assignment_payload(self.device_id, assignment)):
             raise VerificationError(

@@ -316,3 +316,23 @@ def test_agent_accepts_rollback_deploy(start_secure: StartSecure, start_agent: S
 
     assert "lower than 1000" in refused.error
     assert served_version(agent) == "1"
+
+
+def test_verify_unknown_key_names_recovery(signer: Signer, tmp_path: Path) -> None:
+    """The error for an assignment signed by other keys, as after a new orchestrator database, names the fix."""
+    verifier = trusting(signer, tmp_path)
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'other-orchestrator.db'}")
+    upgrade_to_head(engine)
+    other_store = SqlSecurityStore(engine, owns_engine=True)
+    other_signer = Signer(other_store, cache_s=0.0)
+    other_signer.ensure_key(datetime.now(UTC))
+    try:
+        with pytest.raises(VerificationError) as caught:
+            verifier.check(signed(other_signer, desired(1)))
+    finally:
+        other_store.close()
+
+    message = str(caught.value)
+    assert "signed by unknown key" in message
+    assert str(tmp_path / "trusted_keys.json") in message
+    assert "edgefleet enroll create --device-id cam-1" in message
