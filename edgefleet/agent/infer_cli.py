@@ -18,6 +18,7 @@ from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
 from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, resize_and_crop
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
 PROG = "edgefleet-agent infer"
@@ -47,8 +48,10 @@ class ImageInput:
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def load_image(path: Path, height: int, width: int) -> np.ndarray:
-    """Read an image as HxWx3 uint8, resized (shorter side) and centre-cropped to height x width.
+def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAULT_CROP_FRACTION) -> np.ndarray:
+    """Read an image as HxWx3 uint8, resized so that a centred height x width crop covers crop_fraction of it.
+
+    The default crop is the standard ImageNet evaluation's, which the demo uses as well.
 
     16-bit grayscale is scaled to 8 bits. Raises OSError for a file that Pillow cannot read, and for
     an image of more pixels than Pillow reads safely (Image.MAX_IMAGE_PIXELS times 2).
@@ -71,13 +74,7 @@ def load_image(path: Path, height: int, width: int) -> np.ndarray:
             rgb = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
         else:
             rgb = image.convert("RGB")
-        scale = max(height / rgb.height, width / rgb.width)
-        resized = rgb.resize(
-            (max(width, round(rgb.width * scale)), max(height, round(rgb.height * scale))), Image.Resampling.BILINEAR
-        )
-        left = (resized.width - width) // 2
-        top = (resized.height - height) // 2
-        return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+        return resize_and_crop(rgb, height, width, crop_fraction)
 
 
 def to_input(pixels: np.ndarray, image: ImageInput, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -139,6 +136,18 @@ def parse_size(text: str) -> tuple[int, int]:
             f"invalid value {text!r}: expected HEIGHTxWIDTH in pixels, such as 224x224, or one number such as 224"
         )
     return (values[0], values[-1])
+
+
+def parse_crop_fraction(text: str) -> float:
+    """Parse --crop-fraction: a number above 0 and at most 1."""
+    try:
+        value = float(text)
+        check_crop_fraction(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a fraction in (0, 1]; give one such as 0.875, or 1 for the whole shorter side"
+        ) from None
+    return value
 
 
 def parse_mean(text: str) -> tuple[float, ...]:
@@ -237,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="image size HEIGHTxWIDTH in pixels, for models with a dynamic height or width (default: the model's)",
     )
     parser.add_argument(
+        "--crop-fraction",
+        type=parse_crop_fraction,
+        default=DEFAULT_CROP_FRACTION,
+        metavar="F",
+        help="part of the image's shorter side that the centred crop covers, in (0, 1] "
+        f"(default {DEFAULT_CROP_FRACTION}, as in ImageNet evaluation and the demo; 1 keeps the whole side)",
+    )
+    parser.add_argument(
         "--mean",
         type=parse_mean,
         default=(127.0,),
@@ -301,7 +318,7 @@ def _infer_images(
                 return served
             spec, image = served
             try:
-                pixels = load_image(path, image.height, image.width)
+                pixels = load_image(path, image.height, image.width, args.crop_fraction)
             except OSError as error:
                 return _fail(f"{path}: cannot read image: {error}", EXIT_FAILURE)
             request = inference_pb2.InferRequest(

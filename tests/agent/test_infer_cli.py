@@ -275,6 +275,10 @@ def test_model_without_image(socket: Path, image: Path, capsys: pytest.CaptureFi
         ("--mean", "inf"),
         ("--size", "0x10"),
         ("--size", "big"),
+        ("--crop-fraction", "0"),
+        ("--crop-fraction", "1.5"),
+        ("--crop-fraction", "nan"),
+        ("--crop-fraction", "half"),
     ],
 )
 def test_invalid_flag(flag: str, value: str, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -285,6 +289,33 @@ def test_invalid_flag(flag: str, value: str, image: Path, capsys: pytest.Capture
     assert exit_info.value.code == EXIT_USAGE
     assert f"argument {flag}" in error
     assert repr(value) in error or f" {value}:" in error
+
+
+def test_photo_classified_as_in_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """infer on the demo's cat photo crops it as the demo does, so the real model ranks the same class first."""
+    from skimage import data
+
+    from edgefleet.demo import images
+    from edgefleet.demo.assets import ensure_efficientnet_lite0_onnx
+
+    photo = data.chelsea()
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(photo).save(path)
+    with ModelHost(default_threads=1) as model_host:
+        model_host.install("efficientnet", "1", "efficientnet:1:source", ensure_efficientnet_lite0_onnx(), "onnx")
+        served = model_host.get("efficientnet")
+        assert served is not None
+        spec = served.inputs[0]
+        demo_logits = model_host.infer("efficientnet", {spec.name: images.preprocess(photo, spec)}).outputs
+        server = LocalApiServer(model_host, tmp_path / "agent.sock")
+        server.start()
+        try:
+            code = infer("--socket", str(server.socket_path), "--model", "efficientnet", "--top", "1", str(path))
+        finally:
+            server.stop(grace_s=0)
+
+    assert code == EXIT_OK
+    assert printed_classes(capsys.readouterr().out) == [int(np.argmax(next(iter(demo_logits.values()))))]
 
 
 def test_default_socket(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -419,11 +450,11 @@ def test_variant_switch_during_request(
     switching_host, socket = switching
     original_load = infer_cli.load_image
 
-    def switch_while_loading(path: Path, height: int, width: int) -> np.ndarray:
+    def switch_while_loading(path: Path, height: int, width: int, crop_fraction: float) -> np.ndarray:
         # The command has read version 1's input spec, so its first request names the input "image".
         if not switching_host.calls:
             switching_host.switch()
-        return original_load(path, height, width)
+        return original_load(path, height, width, crop_fraction)
 
     monkeypatch.setattr(infer_cli, "load_image", switch_while_loading)
 
