@@ -14,9 +14,9 @@ DEFAULT_CROP_FRACTION = 0.875
 
 
 def check_crop_fraction(crop_fraction: float) -> None:
-    """Raise ValueError naming crop_fraction when it lies outside (0, 1]."""
+    """Raise ValueError naming crop_fraction when it is outside (0, 1]."""
     if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop fraction is {crop_fraction}, expected a value in (0, 1]")
+        raise ValueError(f"invalid crop fraction {crop_fraction}: expected a value in (0, 1], such as 0.875")
 
 
 def resize_and_crop(
