@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from edgefleet.cli import views
-from edgefleet.cli.main import EXIT_USAGE, Client, CliError, emit, split_model_ref
+from edgefleet.cli.main import EXIT_USAGE, Client, CliError, emit, output_flag_of_command, split_model_ref
 from edgefleet.v1 import operator_pb2
 
 
@@ -100,5 +100,5 @@ def add_parser(nouns: Any) -> None:
     sub.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: latest version)")
     sub.add_argument("--device", required=True, help="device id")
     sub.add_argument("--budget-ms", type=float, help="latency budget on the predicted p95, in milliseconds")
-    sub.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+    output_flag_of_command(sub)
     sub.set_defaults(handler=cmd_explain)

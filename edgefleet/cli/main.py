@@ -827,6 +827,18 @@ def metric_filter_flags(sub: argparse.ArgumentParser) -> None:
     )
 
 
+OUTPUT_FORMATS = ("table", "json")
+
+
+def output_flag_of_command(sub: argparse.ArgumentParser) -> None:
+    """Add --output/-o to a command, so that it is accepted before and after the command's name.
+
+    The default is SUPPRESS, so a command given no --output keeps the value of the top-level flag
+    instead of resetting it to table.
+    """
+    sub.add_argument("--output", "-o", choices=OUTPUT_FORMATS, default=argparse.SUPPRESS, help="output format")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -858,10 +870,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to wait for each request, above 0 (default 30)",
     )
+    parser.add_argument(
+        "--output",
+        "-o",
+        choices=OUTPUT_FORMATS,
+        default="table",
+        help="output format (default table); the same flag after the command overrides it",
+    )
     nouns = parser.add_subparsers(dest="noun", required=True)
 
     def output_flag(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--output", "-o", choices=("table", "json"), default="table", help="output format")
+        output_flag_of_command(sub)
 
     devices = nouns.add_parser("devices", help="list and inspect devices").add_subparsers(dest="verb", required=True)
     sub = devices.add_parser("list", help="list devices")

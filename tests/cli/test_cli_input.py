@@ -59,6 +59,36 @@ def test_timeout_fraction(fleet: OrchestratorThread, capsys: Capture) -> None:
     assert [d["device_id"] for d in json.loads(capsys.readouterr().out)] == ["edge-01"]
 
 
+@pytest.mark.parametrize("flag", ["-o", "--output"])
+def test_output_before_command(fleet: OrchestratorThread, capsys: Capture, flag: str) -> None:
+    code = cli(fleet, flag, "json", "devices", "list")
+
+    assert code == 0
+    assert [d["device_id"] for d in json.loads(capsys.readouterr().out)] == ["edge-01"]
+
+
+def test_output_after_command_wins(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(fleet, "-o", "json", "devices", "list", "-o", "table")
+
+    output = capsys.readouterr().out
+    assert code == 0
+    assert output.startswith("DEVICE")
+    assert "edge-01" in output
+
+
+def test_output_before_local_command(capsys: Capture) -> None:
+    code = main(["-o", "json", "completion", "bash"])
+
+    assert code == 0
+    assert "complete -F" in capsys.readouterr().out
+
+
+def test_output_invalid_before_command(capsys: Capture) -> None:
+    error = usage_error(capsys, ["-o", "yaml", "devices", "list"])
+
+    assert "argument --output/-o: invalid choice: 'yaml'" in error
+
+
 def test_models_add_directory(fleet: OrchestratorThread, tmp_path: Path, capsys: Capture) -> None:
     code = cli(fleet, "models", "add", str(tmp_path), "--name", "linear", "--version", "2")
 
