@@ -22,7 +22,7 @@ from edgefleet.orchestrator.outage import RetryLog
 from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.rollouts.service import sql_rollout_store, start_rollouts
 from edgefleet.orchestrator.security.auth import AuthInterceptor
-from edgefleet.orchestrator.security.serving import add_ports, check_listen_addresses, open_security
+from edgefleet.orchestrator.security.serving import add_ports, check_listen_addresses, open_security, port_credentials
 from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import Store, open_store
@@ -192,6 +192,9 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     retention_policy = RetentionPolicy.from_config(config)
     limits = OrchestratorLimits.from_config(config)
     check_listen_addresses(config)
+    # Bad TLS files, like a port in use, must end the start before the database is opened: the start
+    # would otherwise mark the devices of an orchestrator running on this database disconnected.
+    credentials = port_credentials(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(open_store, config.db_url)
     for device in await asyncio.to_thread(store.list_devices):
@@ -225,7 +228,7 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
     try:
-        port, operator_port = add_ports(server, config)
+        port, operator_port = add_ports(server, config, credentials)
     except RuntimeError as error:
         # grpcio raises RuntimeError, not OSError, for an address that is in use or invalid.
         store.close()

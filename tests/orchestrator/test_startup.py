@@ -138,11 +138,12 @@ def test_startup_metrics_port_in_use_creates_nothing(tmp_path: Path, held_port: 
     assert not data_dir.exists()
 
 
-def test_startup_port_in_use_keeps_state_dir(tmp_path: Path, held_port: int) -> None:
-    """A failed start on the state directory of a running orchestrator changes none of its files."""
-    data_dir = tmp_path / "fleet"
+def store_connected_device(data_dir: Path) -> None:
+    """Create data_dir with a database whose device edge-01 is connected, and an admin.token.
+
+    The device's stream is open on the running orchestrator. A start that went on would mark it disconnected.
+    """
     data_dir.mkdir()
-    # The device's stream is open on the running orchestrator. A start that went on would mark it disconnected.
     store = open_store(f"sqlite:///{data_dir / 'edgefleet.db'}")
     try:
         hardware = HardwareProfile(
@@ -169,19 +170,66 @@ def test_startup_port_in_use_keeps_state_dir(tmp_path: Path, held_port: int) -> 
     finally:
         store.close()
     (data_dir / "admin.token").write_text("efa_kept\n")
-    before = tree_snapshot(data_dir)
 
-    result = run_orchestrator(data_dir, "--listen", f"127.0.0.1:{held_port}")
 
-    assert result.returncode == EXIT_UNAVAILABLE
-    assert tree_snapshot(data_dir) == before
+def stored_device_connected(data_dir: Path) -> bool:
     store = open_store(f"sqlite:///{data_dir / 'edgefleet.db'}")
     try:
         device = store.get_device("edge-01")
     finally:
         store.close()
     assert device is not None
-    assert device.connected
+    return device.connected
+
+
+def test_startup_port_in_use_keeps_state_dir(tmp_path: Path, held_port: int) -> None:
+    """A failed start on the state directory of a running orchestrator changes none of its files."""
+    data_dir = tmp_path / "fleet"
+    store_connected_device(data_dir)
+    before = tree_snapshot(data_dir)
+
+    result = run_orchestrator(data_dir, "--listen", f"127.0.0.1:{held_port}")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert tree_snapshot(data_dir) == before
+    assert stored_device_connected(data_dir)
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("missing.key", "cannot read private key"),
+        ("ca.key", "does not match certificate"),
+    ],
+)
+def test_startup_tls_files_invalid_keep_state_dir(tmp_path: Path, key: str, problem: str) -> None:
+    """A start with a bad --key ends before it opens the database of a running orchestrator."""
+    pki = make_pki(tmp_path / "pki")
+    data_dir = tmp_path / "fleet"
+    store_connected_device(data_dir)
+    before = tree_snapshot(data_dir)
+    tls_args = ["--no-insecure", "--operator-listen", "127.0.0.1:0", "--ca-cert", str(pki.ca)]
+    tls_args += ["--cert", str(pki.directory / "server.pem"), "--key", str(pki.directory / key)]
+
+    result = run_orchestrator(data_dir, *tls_args)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert problem in error_line(result)
+    assert tree_snapshot(data_dir) == before
+    assert stored_device_connected(data_dir)
+
+
+def test_startup_tls_key_missing_writes_nothing(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    data_dir = tmp_path / "fleet"
+    tls_args = ["--no-insecure", "--operator-listen", "127.0.0.1:0", "--ca-cert", str(pki.ca)]
+    tls_args += ["--cert", str(pki.directory / "server.pem"), "--key", str(pki.directory / "missing.key")]
+
+    result = run_orchestrator(data_dir, *tls_args)
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "cannot read private key" in error_line(result)
+    assert list(data_dir.rglob("*")) == []
 
 
 def test_startup_port_in_use_by_name(tmp_path: Path, running_port: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
@@ -44,20 +45,45 @@ def open_security(store: Store, config: OrchestratorConfig) -> Security:
     return security
 
 
-def add_ports(server: grpc.aio.Server, config: OrchestratorConfig) -> tuple[int, int]:
+@dataclass(frozen=True)
+class PortCredentials:
+    """TLS credentials of the agent port and the operator port; None for a port served in plaintext or not served."""
+
+    agent: grpc.ServerCredentials | None
+    operator: grpc.ServerCredentials | None
+
+
+def port_credentials(config: OrchestratorConfig) -> PortCredentials:
+    """Read the TLS files and return the credentials of both ports; both are None with config.insecure.
+
+    Start-up calls it before it opens the database, so that a missing or mismatched file ends the start
+    before the database or admin.token is written. Raises CredentialsError naming the file and the fix.
+    """
+    if config.insecure:
+        return PortCredentials(agent=None, operator=None)
+    agent = server_credentials(config.ca_cert, config.cert, config.key, require_client_auth=True)
+    operator = None
+    if config.operator_listen:
+        operator = server_credentials(config.ca_cert, config.cert, config.key, require_client_auth=False)
+    return PortCredentials(agent=agent, operator=operator)
+
+
+def add_ports(
+    server: grpc.aio.Server, config: OrchestratorConfig, credentials: PortCredentials | None = None
+) -> tuple[int, int]:
     """Bind the agent port and, with TLS, the operator port; return both ports (the operator port is 0 without).
 
     The agent port requires client certificates of the fleet CA (mutual TLS). The operator port uses
     server-only TLS, because operators authenticate with API tokens. With config.insecure one plaintext
-    port serves both. Raises CredentialsError for missing TLS files and OSError naming the address
-    when it cannot be bound, such as a port already in use by another process.
+    port serves both. credentials defaults to port_credentials(config). Raises CredentialsError for
+    missing TLS files and OSError naming the address when it cannot be bound, such as a port already
+    in use by another process.
     """
     if config.insecure:
         return bind_port(server, config.listen, "listen", None), 0
-    agent_credentials = server_credentials(config.ca_cert, config.cert, config.key, require_client_auth=True)
-    operator_credentials = None
-    if config.operator_listen:
-        operator_credentials = server_credentials(config.ca_cert, config.cert, config.key, require_client_auth=False)
+    if credentials is None:
+        credentials = port_credentials(config)
+    agent_credentials, operator_credentials = credentials.agent, credentials.operator
     port = bind_port(server, config.listen, "listen", agent_credentials)
     operator_port = 0
     if operator_credentials is not None:
