@@ -13,6 +13,7 @@ from edgefleet.agent.config import HELP, AgentConfig, check_agent_config
 from edgefleet.agent.identity import IdentityError, prepare_state_dir
 from edgefleet.common.config import ConfigError, DaemonArgumentParser, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from edgefleet.common.labels import label_problem
 from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
 from edgefleet.common.tls import CredentialsError, check_key_pair, read_pem
@@ -87,6 +88,18 @@ def run(config: AgentConfig) -> int:
     except ProfileError as error:
         log.error("%s", error)
         return EXIT_CONFIG
+    labels = {**profile.labels, **config.labels}
+    if profile.name:
+        labels.setdefault("profile", profile.name)
+    # The profile's labels and --labels pass their own checks, but the orchestrator limits them together.
+    problem = label_problem(labels)
+    if problem:
+        log.error(
+            "cannot start: invalid labels of the profile and --labels together: %s; the orchestrator would reject "
+            "the device, so remove labels from the profile or from --labels",
+            problem,
+        )
+        return EXIT_CONFIG
     try:
         check_tls_files(config)
         prepare_state_dir(config.state_dir)
@@ -96,9 +109,6 @@ def run(config: AgentConfig) -> int:
     limits = profile.enforce()
     # The free space reported is that of the model store (Agent.store), which may be a file system of its own.
     hardware = profile.apply(probe_hardware(store_dir=config.state_dir / "models"))
-    labels = {**profile.labels, **config.labels}
-    if profile.name:
-        labels.setdefault("profile", profile.name)
     config = AgentConfig(**{**config.__dict__, "labels": labels})
     allowed_runtimes = tuple(r.name for r in hardware.runtimes)
     log.info(

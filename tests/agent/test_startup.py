@@ -290,6 +290,25 @@ def test_profile_labels_invalid(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_profile_and_flag_labels_too_many(tmp_path: Path) -> None:
+    """Labels that pass alone but exceed the orchestrator's limit together stop the start."""
+    profile = tmp_path / "gateway.toml"
+    profile_labels = "".join(f'"p{index}" = "v"\n' for index in range(20))
+    profile.write_text(f'name = "gateway"\n[labels]\n{profile_labels}')
+    flag_labels = ",".join(f"f{index}=v" for index in range(12))
+
+    result = run_agent(
+        "--insecure", "--state-dir", str(tmp_path / "state"), "--profile", str(profile), "--labels", flag_labels
+    )
+
+    # 20 from the profile, 12 from --labels and profile=gateway.
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "33 labels; at most 32 are allowed" in result.stderr
+    assert "the orchestrator would reject the device" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
 def test_command_line_typo(tmp_path: Path) -> None:
     result = run_agent("--insecure", "--state-dir", str(tmp_path / "state"), "--orchestator", "127.0.0.1:50051")
 
