@@ -13,13 +13,22 @@ from edgefleet.cli.main import main as cli_main
 from edgefleet.common.serde import timestamp
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
-from tests.servers import OrchestratorThread, get_device, linear_onnx, register, upload, wait_until
+from tests.servers import (
+    OrchestratorThread,
+    get_device,
+    hardware_message,
+    linear_onnx,
+    register,
+    upload,
+    wait_until,
+)
 
 pytest_plugins = ["tests.servers"]
 
 MODEL = "classifier"
 RUNNING = operator_pb2.ROLLOUT_STATE_RUNNING
 SUCCEEDED = operator_pb2.ROLLOUT_STATE_SUCCEEDED
+PENDING = operator_pb2.ROLLOUT_STATE_PENDING
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
@@ -154,6 +163,45 @@ def test_rollout_succeeds(orchestrator: OrchestratorThread) -> None:
     assert len(first.devices) == 1
     assert [w.decision for w in done.waves] == [operator_pb2.WAVE_DECISION_PROCEED] * 2
     assert {a.model_version for d in devices for a in get_device(orchestrator, d).desired} == {"2"}
+
+
+def test_rollout_all_skipped_aborts(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    litert_only = hardware_message(runtimes=[common_pb2.Runtime(name="litert", version="2.3.0")])
+    devices = [register(orchestrator.agent, hardware=litert_only, labels={"kind": "camera"})[0] for _ in range(2)]
+    upload(orchestrator, linear_onnx(2), MODEL, "2")
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+
+    done = wait_rollout(
+        orchestrator, rollout.rollout_id, lambda r: r.state not in (PENDING, RUNNING), "the end of the rollout"
+    )
+    code, out, _ = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id)
+
+    assert done.state == operator_pb2.ROLLOUT_STATE_ABORTED
+    assert done.reason.startswith(f"no device runs {MODEL}:2: 2 devices skipped")
+    for device_id in devices:
+        assert f"{device_id}: no variant qualifies" in done.reason
+    assert "format not runnable: onnx" in done.reason
+    assert any(f"edgefleet explain --model {MODEL}:2 --device {d}`" in done.reason for d in devices)
+    assert "create a new rollout" in done.reason
+    assert code == 0
+    assert "ABORTED" in out
+    assert "SUCCEEDED" not in out
+
+
+def test_rollout_some_skipped_succeeds(orchestrator: OrchestratorThread) -> None:
+    litert_only = hardware_message(runtimes=[common_pb2.Runtime(name="litert", version="2.3.0")])
+    skipped = register(orchestrator.agent, hardware=litert_only, labels={"kind": "camera"})[0]
+    runnable = register(orchestrator.agent, labels={"kind": "camera"})[0]
+    upload(orchestrator, linear_onnx(2), MODEL, "2")
+    rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)
+    wait_until(lambda: get_rollout(orchestrator, rollout.rollout_id).state == RUNNING, "wave 1")
+    wave = serve_current_wave(orchestrator, rollout.rollout_id, 5.0)
+
+    done = wait_rollout(orchestrator, rollout.rollout_id, lambda r: r.state == SUCCEEDED, "success")
+
+    assert {d.device_id: d.variant_id != "" for d in wave.devices} == {skipped: False, runnable: True}
+    assert done.reason == f"all 1 waves passed; 1 device runs {MODEL}:2"
+    assert "1 device skipped" in done.waves[0].reason
 
 
 def test_revoked_device_not_in_rollout(orchestrator: OrchestratorThread) -> None:

@@ -36,6 +36,8 @@ LEASE_NAME = "rollout-engine"
 LEASE_TTL_S = 10.0
 # A rollback waits this long for connected devices to report the restored generation before it ends.
 ROLLBACK_CONFIRM_TIMEOUT = timedelta(seconds=120)
+# Skipped devices named in the reason of a rollout that no device runs; rollout status lists them all.
+MAX_LISTED_SKIPS = 5
 
 # Returns the predictor for the variants of one model version on devices of the given hardware
 # classes; called each time a wave chooses variants.
@@ -84,6 +86,20 @@ def exclusions_of(waves: Sequence[Wave]) -> Exclusions:
             elif device.verdict in (VERDICT_OVER_BUDGET, VERDICT_ERROR_RATE):
                 by_class.add((device.hardware_class, device.variant_id))
     return Exclusions(frozenset(by_device), frozenset(by_class))
+
+
+def _skipped_devices(waves: Sequence[Wave]) -> list[WaveDevice]:
+    """Return the devices that the last attempt of each wave assigned nothing, in wave order."""
+    latest: dict[int, Wave] = {}
+    for wave in waves:
+        if wave.index not in latest or wave.attempt > latest[wave.index].attempt:
+            latest[wave.index] = wave
+    return [
+        device
+        for index in sorted(latest)
+        for device in latest[index].devices
+        if not device.variant_id and not device.late and device.verdict == VERDICT_SKIPPED
+    ]
 
 
 def create_rollout(
@@ -459,12 +475,40 @@ class RolloutEngine:
         running = sum(1 for device_id in assigned if self.store.get_device(device_id) is not None)
         removed = len(assigned) - running
         model = f"{rollout.spec.model_name}:{rollout.spec.model_version}"
+        if not assigned:
+            self._end_with_no_device(rollout, waves)
+            return
         verb = "runs" if running == 1 else "run"
         reason = f"all {last + 1} waves passed; {count_devices(running)} {verb} {model}"
         if removed:
             reason += f"; {count_devices(removed)} removed from the fleet during the rollout"
         self.rollouts.save_rollout(replace(rollout, state="succeeded", stuck=False, reason=reason), self.clock())
         log.info("rollout_id=%s succeeded: %s", rollout.rollout_id, reason)
+
+    def _end_with_no_device(self, rollout: Rollout, waves: Sequence[Wave]) -> None:
+        """End a rollout whose waves all passed without assigning the version to any device, as aborted.
+
+        Succeeded would tell the operator that the version runs. Aborted keeps the assignments made,
+        which are none here, and stops the rollout, so a fixed version needs a new rollout.
+        """
+        model = f"{rollout.spec.model_name}:{rollout.spec.model_version}"
+        skipped = _skipped_devices(waves)
+        if skipped:
+            listed = "; ".join(f"{d.device_id}: {d.note}" for d in skipped[:MAX_LISTED_SKIPS])
+            more = len(skipped) - MAX_LISTED_SKIPS
+            if more > 0:
+                listed += f"; and {count_devices(more)} more (see `edgefleet rollout status {rollout.rollout_id}`)"
+            detail = f"{count_devices(len(skipped))} skipped ({listed})"
+        else:
+            detail = "no targeted device was assigned the version"
+        example = f" --device {skipped[0].device_id}" if skipped else " --device DEVICE_ID"
+        reason = (
+            f"no device runs {model}: {detail}. Check why with `edgefleet explain --model {model}{example}`, "
+            "add a variant those devices can run (`edgefleet models compress` or `edgefleet models add "
+            "--variant-kind`) or raise --budget-ms, then create a new rollout"
+        )
+        self.rollouts.save_rollout(replace(rollout, state="aborted", stuck=False, reason=reason), self.clock())
+        log.warning("rollout_id=%s aborted: %s", rollout.rollout_id, reason)
 
     def _roll_back_wave(self, rollout: Rollout, wave: Wave, waves: Sequence[Wave]) -> None:
         """Restore the wave's devices, then try the wave again or, at the rollback limit, roll back everything."""
