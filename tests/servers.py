@@ -422,11 +422,17 @@ class AgentThread:
     test process. stop() ends it as SIGTERM would, with a final metrics upload.
     """
 
-    def __init__(self, config: AgentConfig, hardware: HardwareProfile, memory_budget_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        hardware: HardwareProfile,
+        memory_budget_bytes: int | None = None,
+        agent_options: dict[str, Any] | None = None,
+    ) -> None:
         from edgefleet.agent.agent import Agent
 
         limits = EnforcedLimits(cpus=(0,), threads=1, memory_budget_bytes=memory_budget_bytes)
-        self.agent = Agent(config, hardware, limits, tuple(r.name for r in hardware.runtimes))
+        self.agent = Agent(config, hardware, limits, tuple(r.name for r in hardware.runtimes), **(agent_options or {}))
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -465,7 +471,10 @@ class AgentThread:
 
 @pytest.fixture
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
-    """Yield a factory of in-process agents: start(address, name, hardware=..., **AgentConfig fields)."""
+    """Yield a factory of in-process agents: start(address, name, hardware=..., **AgentConfig fields).
+
+    agent_options are keyword arguments of Agent, such as read_disk_usage.
+    """
     started: list[AgentThread] = []
 
     def start(
@@ -473,6 +482,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
         name: str = "agent",
         hardware: HardwareProfile | None = None,
         memory_budget_bytes: int | None = None,
+        agent_options: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> AgentThread:
         config = AgentConfig(
@@ -484,7 +494,9 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
             labels={"name": name},
             insecure=True,
         )
-        agent = AgentThread(replace(config, **overrides), hardware or agent_hardware(), memory_budget_bytes)
+        agent = AgentThread(
+            replace(config, **overrides), hardware or agent_hardware(), memory_budget_bytes, agent_options
+        )
         started.append(agent)
         return agent
 

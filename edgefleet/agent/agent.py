@@ -21,6 +21,7 @@ from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.agent.identity import Identity, load_identity, lock_state_dir, save_identity
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.metrics import MetricsRecorder
+from edgefleet.agent.probe import DiskUsage, disk_usage
 from edgefleet.agent.profiles import EnforcedLimits
 from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
 from edgefleet.agent.runtime.host import ModelHost
@@ -87,6 +88,10 @@ FATAL_CODES = (
 )
 # A session that lasted this long counts as healthy, so the next reconnect starts from a short delay.
 HEALTHY_SESSION_S = 30.0
+# A heartbeat carries the model store's free space once it moved this far from the figure the
+# orchestrator has: 64 MiB or 1 % of the file system, whichever is less.
+DISK_FREE_REPORT_STEP_BYTES = 64 * 1024 * 1024
+DISK_FREE_REPORT_STEP_FRACTION = 0.01
 
 
 class FatalAgentError(Exception):
@@ -147,10 +152,18 @@ class Agent:
         *,
         keepalive: Keepalive | None = None,
         buffer_limits: BufferLimits | None = None,
+        read_disk_usage: Callable[[Path], DiskUsage] = disk_usage,
     ) -> None:
-        """Set up the agent's parts; keepalive and buffer_limits default to Keepalive() and BufferLimits()."""
+        """Set up the agent's parts; keepalive and buffer_limits default to Keepalive() and BufferLimits().
+
+        read_disk_usage reads the file system of the model store for the free space that heartbeats
+        report; tests replace it.
+        """
         self.config = config
         self.hardware = hardware
+        self._read_disk_usage = read_disk_usage
+        # The free space the orchestrator has: sent in the registration or the last heartbeat that carried it.
+        self._reported_disk_free = hardware.disk_free_bytes
         self.limits = limits
         config.state_dir.mkdir(parents=True, exist_ok=True)
         # Held until run() returns; raises IdentityError (a ValueError) while another agent runs here.
@@ -336,6 +349,10 @@ class Agent:
 
     async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
+        usage = await asyncio.to_thread(self._read_disk_usage, self.store.root)
+        if usage.total_bytes:
+            self.hardware = replace(self.hardware, disk_free_bytes=usage.free_bytes)
+        self._reported_disk_free = self.hardware.disk_free_bytes
         response = await stub.Register(
             agent_pb2.RegisterRequest(
                 device_id=self.identity.device_id,
@@ -424,8 +441,34 @@ class Agent:
             sequence += 1
             heartbeat = agent_pb2.Heartbeat(sequence=sequence)
             heartbeat.sent_at.GetCurrentTime()
+            disk_free = await self._changed_disk_free()
+            if disk_free is not None:
+                heartbeat.disk_free_bytes = disk_free
             if self._outbox is not None:
                 self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=heartbeat))
+
+    async def _changed_disk_free(self) -> int | None:
+        """Read the model store's free space; return it when it moved far enough from the reported figure.
+
+        Far enough is DISK_FREE_REPORT_STEP_BYTES or DISK_FREE_REPORT_STEP_FRACTION of the file
+        system, whichever is less, so a download or a file written elsewhere on the disk shows up
+        without a new figure on every heartbeat. Returns None otherwise, and when the read failed.
+        """
+        usage = await asyncio.to_thread(self._read_disk_usage, self.store.root)
+        if not usage.total_bytes:
+            return None
+        step = min(DISK_FREE_REPORT_STEP_BYTES, int(usage.total_bytes * DISK_FREE_REPORT_STEP_FRACTION))
+        if abs(usage.free_bytes - self._reported_disk_free) < max(step, 1):
+            return None
+        log.info(
+            "free space of the model store %s changed from %d to %d bytes; reporting it",
+            self.store.root,
+            self._reported_disk_free,
+            usage.free_bytes,
+        )
+        self._reported_disk_free = usage.free_bytes
+        self.hardware = replace(self.hardware, disk_free_bytes=usage.free_bytes)
+        return usage.free_bytes
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         apply_lock = asyncio.Lock()

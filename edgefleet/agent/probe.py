@@ -200,16 +200,30 @@ def _os_name(root: Path) -> str:
     return ""
 
 
-def disk_free_bytes(store_dir: Path) -> int:
-    """Return the free bytes of the file system holding store_dir (or its nearest existing parent)."""
+@dataclasses.dataclass(frozen=True)
+class DiskUsage:
+    """Size and free space of a file system, in bytes; both 0 when they could not be read."""
+
+    total_bytes: int
+    free_bytes: int
+
+
+def disk_usage(store_dir: Path) -> DiskUsage:
+    """Return the size and free bytes of the file system holding store_dir (or its nearest existing parent)."""
     directory = store_dir.absolute()
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     try:
-        return shutil.disk_usage(directory).free
+        usage = shutil.disk_usage(directory)
     except OSError as exc:
         logger.debug("cannot read free disk space of %s: %s", directory, exc)
-        return 0
+        return DiskUsage(0, 0)
+    return DiskUsage(usage.total, usage.free)
+
+
+def disk_free_bytes(store_dir: Path) -> int:
+    """Return the free bytes of the file system holding store_dir (or its nearest existing parent)."""
+    return disk_usage(store_dir).free_bytes
 
 
 def probe_hardware(

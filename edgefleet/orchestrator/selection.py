@@ -1,4 +1,4 @@
-"""Choose the variant of a model that each device runs, from predicted latency, memory and accuracy."""
+"""Choose the variant of a model that each device runs, from predicted latency, memory, disk space and accuracy."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ CHOSEN = "chosen"
 GATE_REJECTED = "rejected by the gate"
 NOT_RUNNABLE = "format not runnable"
 OVER_MEMORY = "memory over the device's memory"
+OVER_DISK = "file larger than the device's free disk space"
 OVER_BUDGET = "predicted p95 over the budget"
 LESS_ACCURATE = "less accurate than the chosen one"
 SLOWER = "slower than the chosen one at equal accuracy"
@@ -75,6 +76,11 @@ def runnable_formats(hardware: HardwareProfile) -> list[str]:
     return [runtimes[r.name] for r in hardware.runtimes if r.name in runtimes]
 
 
+def fits_disk(variant: Variant, disk_free_bytes: int) -> bool:
+    """Return whether the variant's file fits the free space; True when the free space is unknown (0)."""
+    return disk_free_bytes <= 0 or variant.size_bytes <= disk_free_bytes
+
+
 def accuracy_rank(variant: Variant, variants: Sequence[Variant]) -> float:
     """Return the accuracy a variant ranks by; -1 when it was not measured.
 
@@ -117,6 +123,8 @@ def select_for_hardware(
         raise ValueError(f"budget_ms must be positive or None for no budget, got {budget_ms!r}")
     formats = runnable_formats(hardware)
     memory = hardware.memory_total_bytes
+    # The free space of the model store, as last reported; 0 means the device could not read it.
+    disk_free = hardware.disk_free_bytes
     qualified: list[tuple[Variant, Prediction, float]] = []
     excluded: dict[str, Candidate] = {}
     notes: dict[str, str] = {}  # Variants allowed although the runtime version could not be checked.
@@ -129,6 +137,15 @@ def select_for_hardware(
             runs = ", ".join(formats) or "no format"
             excluded[variant.variant_id] = _excluded(
                 variant, f"{NOT_RUNNABLE}: {variant.format}, but the device runs {runs}"
+            )
+            continue
+        # NOTE: a device that already stores this variant needs no new space for it, but the report
+        # does not say which files are stored, so a nearly full device can have its own variant excluded.
+        if not fits_disk(variant, disk_free):
+            excluded[variant.variant_id] = _excluded(
+                variant,
+                f"{OVER_DISK}: {variant.size_bytes / MIB:.1f} MiB file, "
+                f"{disk_free / MIB:.1f} MiB free in its model store",
             )
             continue
         runtime_check = check_runtime_version(hardware, variant)
@@ -195,9 +212,10 @@ def select_variant(
 ) -> Selection:
     """Choose the variant a device runs and the threads it runs it with.
 
-    The rule: among variants that the gate accepted, in a format one of the device's runtimes
-    executes at a runtime version that loads them (see runtime_compat), whose predicted memory
-    fits the device's memory and whose predicted p95 meets budget_ms, take the most accurate; equal
+    The rule: among variants that the gate accepted, whose file fits the free space of the device's
+    model store, in a format one of the device's runtimes executes at a runtime version that loads
+    them (see runtime_compat), whose predicted memory fits the device's memory and whose predicted
+    p95 meets budget_ms, take the most accurate; equal
     accuracy goes to the lower predicted p95. With budget_ms=None the most accurate runnable
     variant wins. Every variant appears in
     Selection.candidates with its prediction and the reason it was chosen or excluded. When no
@@ -224,7 +242,9 @@ def select_for_fleet(
     result: dict[str, Selection] = {}
     for device in devices:
         versions = ",".join(sorted(f"{r.name}={r.package}:{r.version}" for r in device.hardware.runtimes))
-        key = f"{device.hardware.hardware_class or hardware_class_of(device.hardware)}|{versions}"
+        # Devices of one class differ in free disk space, which decides the variants whose files fit.
+        fits = "".join("1" if fits_disk(v, device.hardware.disk_free_bytes) else "0" for v in variants)
+        key = f"{device.hardware.hardware_class or hardware_class_of(device.hardware)}|{versions}|{fits}"
         selection = by_class.get(key)
         if selection is None:
             selection = select_for_hardware(device.hardware, variants, budget_ms=budget_ms, predictor=predictor)

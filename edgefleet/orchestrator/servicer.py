@@ -208,6 +208,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if removed is not None:
             await abort_with(context, "AgentService.Control", devices.removed_error(removed, self.state))
 
+    async def _update_disk_free(self, device_id: str, free_bytes: int) -> None:
+        """Store the free space a heartbeat reported, so that variant selection and `devices show` see it."""
+        try:
+            await asyncio.to_thread(self.state.store.update_disk_free, device_id, free_bytes)
+        except NotFoundError:
+            # Removed while its stream is open; the stream is closed with the removal error when it ends.
+            log.info("not storing the free disk space of device_id=%s, which is no longer registered", device_id)
+            return
+        log.debug("device_id=%s reports %d bytes of free disk space", device_id, free_bytes)
+
     async def _read(
         self,
         session: StreamSession,
@@ -224,6 +234,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     sent_at = from_timestamp(message.heartbeat.sent_at)
                     if sent_at is not None:
                         self.state.hub.record_clock_skew(device_id, sent_at)
+                    if message.heartbeat.HasField("disk_free_bytes"):
+                        await self._update_disk_free(device_id, message.heartbeat.disk_free_bytes)
                     session.send(
                         agent_pb2.OrchestratorMessage(
                             heartbeat_ack=agent_pb2.HeartbeatAck(

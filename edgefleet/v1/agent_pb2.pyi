@@ -96,12 +96,14 @@ class Hello(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., instance_key: _Optional[str] = ..., desired_generation: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sequence", "sent_at")
+    __slots__ = ("sequence", "sent_at", "disk_free_bytes")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     sent_at: _timestamp_pb2.Timestamp
-    def __init__(self, sequence: _Optional[int] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    disk_free_bytes: int
+    def __init__(self, sequence: _Optional[int] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disk_free_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("model_name", "model_version", "variant_id", "digest", "state", "error", "runtime", "providers", "threads", "bytes_downloaded", "size_bytes", "updated_at")

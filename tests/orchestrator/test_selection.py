@@ -18,6 +18,7 @@ from edgefleet.orchestrator.selection import (
     LESS_ACCURATE,
     NOT_RUNNABLE,
     OVER_BUDGET,
+    OVER_DISK,
     OVER_MEMORY,
     RUNTIME_TOO_OLD,
     SLOWER,
@@ -171,6 +172,27 @@ def test_select_excludes_memory() -> None:
     assert selection.candidates[0].predicted_memory_bytes == 3 * GIB
 
 
+def test_select_excludes_over_disk() -> None:
+    variants = [variant("big", 0.90, size_bytes=2 * GIB), variant("fits", 0.70)]
+    predictor = TablePredictor({"big": 5.0, "fits": 5.0})
+
+    selection = select_variant(device(disk_free_bytes=GIB), variants, budget_ms=None, predictor=predictor)
+
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "fits"
+    assert reasons(selection)["big"] == f"{OVER_DISK}: 2048.0 MiB file, 1024.0 MiB free in its model store"
+
+
+def test_select_unknown_disk_free() -> None:
+    variants = [variant("big", 0.90, size_bytes=2 * GIB)]
+    predictor = TablePredictor({"big": 5.0})
+
+    selection = select_variant(device(disk_free_bytes=0), variants, budget_ms=None, predictor=predictor)
+
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "big"
+
+
 def test_select_excludes_gate_rejected() -> None:
     variants = [
         variant("bad", 0.95, status="rejected", rejection_reason="top1 drop of 3 points"),
@@ -268,6 +290,20 @@ def test_fleet_splits_class_by_runtime_version() -> None:
     assert selections["old"].chosen is not None
     assert selections["old"].chosen.variant_id == "opset13"
     assert selections["old"].candidates[0].reason.startswith(RUNTIME_TOO_OLD)
+
+
+def test_fleet_splits_class_by_disk_free() -> None:
+    variants = [variant("big", 0.90, size_bytes=2 * GIB), variant("fits", 0.70)]
+    predictor = TablePredictor({"big": 5.0, "fits": 5.0})
+    devices = [device("roomy"), device("full", disk_free_bytes=GIB)]
+
+    selections = select_for_fleet(devices, variants, budget_ms=None, predictor=predictor)
+
+    assert devices[0].hardware.hardware_class == devices[1].hardware.hardware_class
+    assert selections["roomy"].chosen is not None
+    assert selections["roomy"].chosen.variant_id == "big"
+    assert selections["full"].chosen is not None
+    assert selections["full"].chosen.variant_id == "fits"
 
 
 def replace_opset(opset: int) -> ModelMetadata:

@@ -440,6 +440,23 @@ def test_register_history_ignores_volatile(store: Store) -> None:
     assert len(store.hardware_history("dev-1")) == 1
 
 
+def test_update_disk_free(store: Store) -> None:
+    _register(store)
+
+    store.update_disk_free("dev-1", 3 << 30)
+
+    device = store.get_device("dev-1")
+    assert device is not None
+    assert device.hardware.disk_free_bytes == 3 << 30
+    assert device.hardware == dataclasses.replace(_profile(), disk_free_bytes=3 << 30)
+    assert len(store.hardware_history("dev-1")) == 1
+
+
+def test_update_disk_free_unknown(store: Store) -> None:
+    with pytest.raises(NotFoundError, match="dev-missing"):
+        store.update_disk_free("dev-missing", 1)
+
+
 def test_hardware_history_unknown(store: Store) -> None:
     assert store.hardware_history("nope") == []
 

@@ -15,6 +15,7 @@ from edgefleet.orchestrator.handlers.explain import calibrated_predictor
 from edgefleet.orchestrator.runtime_compat import check_runtime_version
 from edgefleet.orchestrator.selection import (
     NOT_RUNNABLE,
+    OVER_DISK,
     OVER_MEMORY,
     RUNTIME_TOO_OLD,
     runnable_formats,
@@ -41,6 +42,11 @@ def choose_variant(device: Device, variants: list[Variant], state: OrchestratorS
         hints = []
         if any(c.reason.startswith(OVER_MEMORY) for c in selection.candidates):
             hints.append("a smaller variant (edgefleet models compress --int8)")
+        if any(c.reason.startswith(OVER_DISK) for c in selection.candidates):
+            hints.append(
+                "a variant with a smaller file, or delete files on the device; its agent reports the free space "
+                "within a heartbeat or two"
+            )
         if any(c.reason.startswith(RUNTIME_TOO_OLD) for c in selection.candidates):
             hints.append("a variant that the device's runtime version loads, or upgrade the runtime on the device")
         if not hints or any(c.reason.startswith(NOT_RUNNABLE) for c in selection.candidates):

@@ -141,6 +141,13 @@ class Store(abc.ABC):
     def set_connected(self, device_id: str, connected: bool, now: datetime) -> None: ...
 
     @abc.abstractmethod
+    def update_disk_free(self, device_id: str, free_bytes: int) -> None:
+        """Replace disk_free_bytes in the device's stored hardware; raise NotFoundError for an unknown device.
+
+        The hardware history gets no row, because the free space is one of the volatile readings.
+        """
+
+    @abc.abstractmethod
     def remove_device(self, device_id: str, now: datetime, *, force: bool = False) -> DeviceRemoval:
         """Delete a device with its labels, hardware history, desired and reported state in one transaction.
 

@@ -236,6 +236,21 @@ class SqlStore(SqlTransactions, Store):
             if result.rowcount == 0:
                 raise NotFoundError(f"device {device_id!r} is not registered")
 
+    def update_disk_free(self, device_id: str, free_bytes: int) -> None:
+        if free_bytes < 0:
+            raise ValueError(f"free_bytes must be 0 or more, got {free_bytes}")
+        with self._write() as connection:
+            stored = connection.execute(
+                sa.select(devices.c.hardware).where(devices.c.device_id == device_id).with_for_update()
+            ).first()
+            if stored is None:
+                raise NotFoundError(f"device {device_id!r} is not registered")
+            connection.execute(
+                sa.update(devices)
+                .where(devices.c.device_id == device_id)
+                .values(hardware={**stored.hardware, "disk_free_bytes": free_bytes})
+            )
+
     def remove_device(self, device_id: str, now: datetime, *, force: bool = False) -> DeviceRemoval:
         rows.require_aware("now", now)
         with self._write() as connection:
