@@ -8,13 +8,16 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet.cli import tokens
 from edgefleet.cli.main import main
 from edgefleet.common.tls import device_id_from_file
 from edgefleet.orchestrator.security import tokens as orchestrator_tokens
 from tests.security.helpers import SecureOrchestrator
+from tests.servers import STEP_TIMEOUT_S, OrchestratorThread, orchestrator_config
 
 pytest_plugins = ["tests.servers", "tests.security.helpers"]
 
@@ -75,7 +78,9 @@ def test_pki_dir_is_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], ver
     assert blocker.read_text() == "kept\n"
 
 
-@pytest.mark.parametrize("host", ["bad_host!", "[::1]", "a..b", "lead-.example", "fleet.example.com."])
+@pytest.mark.parametrize(
+    "host", ["bad_host!", "[::1]", "a..b", "lead-.example", "fleet.example.com.", "*.internal", "orch.*.internal"]
+)
 def test_pki_init_bad_host(tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str) -> None:
     directory = tmp_path / "pki"
 
@@ -93,6 +98,34 @@ def test_pki_init_host_forms(tmp_path: Path) -> None:
         argv += ["--host", host]
 
     assert main(argv) == 0
+
+
+def test_pki_init_wildcard_host_serves(tmp_path: Path) -> None:
+    """A server certificate for *.fleet.internal lets an operator dial any name under it over TLS."""
+    directory = tmp_path / "pki"
+    assert main(["pki", "init", "--dir", str(directory), "--host", "*.fleet.internal"]) == 0
+    config = orchestrator_config(
+        tmp_path,
+        insecure=False,
+        ca_cert=directory / "ca.pem",
+        cert=directory / "server.pem",
+        key=directory / "server.key",
+        operator_listen="127.0.0.1:0",
+    )
+    orchestrator = OrchestratorThread(config)
+    try:
+        assert orchestrator._running is not None
+        credentials = grpc.ssl_channel_credentials((directory / "ca.pem").read_bytes())
+        # The name the client checks the certificate against; the connection goes to 127.0.0.1.
+        options = [("grpc.ssl_target_name_override", "orch-2.fleet.internal")]
+        address = f"127.0.0.1:{orchestrator._running.operator_port}"
+        with grpc.secure_channel(address, credentials, options=options) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            response = health.Check(health_pb2.HealthCheckRequest(), timeout=STEP_TIMEOUT_S)
+    finally:
+        orchestrator.stop()
+
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def cli(orchestrator: SecureOrchestrator, *args: str, token: str | None = None) -> int:

@@ -40,9 +40,10 @@ class PkiExistsError(PkiError):
 
 
 # A DNS name that a certificate can carry: dot-separated labels of letters, digits and inner hyphens
-# (RFC 1123), at most 253 characters in all.
+# (RFC 1123), at most 253 characters in all. The first label may be a whole-label wildcard, as in
+# *.fleet.internal (RFC 6125 section 6.4.3), followed by at least two labels.
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)(?:{_DNS_LABEL}(?:\.{_DNS_LABEL})*|\*\.{_DNS_LABEL}(?:\.{_DNS_LABEL})+)")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def check_hosts(hosts: Sequence[str]) -> None:
             if not _DNS_NAME.fullmatch(host):
                 raise PkiError(
                     f"invalid --host {host!r}: give an IP address (127.0.0.1, ::1 without brackets) or a DNS name "
-                    "of letters, digits, hyphens and dots (orchestrator.plant-1.internal)"
+                    "of letters, digits, hyphens and dots (orchestrator.plant-1.internal, or *.plant-1.internal "
+                    "for every name under it)"
                 ) from None
 
 
