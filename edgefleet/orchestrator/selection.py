@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgefleet.common.hardware import HardwareProfile, hardware_class_of
 from edgefleet.orchestrator.costmodel.features import FORMAT_RUNTIMES
 from edgefleet.orchestrator.costmodel.predictor import Prediction
-from edgefleet.orchestrator.domain import Device, Variant
+from edgefleet.orchestrator.domain import Device, ModelStatus, Variant
 from edgefleet.orchestrator.runtime_compat import RUNTIME_TOO_OLD as RUNTIME_TOO_OLD
 from edgefleet.orchestrator.runtime_compat import check_runtime_version
 
@@ -76,9 +76,21 @@ def runnable_formats(hardware: HardwareProfile) -> list[str]:
     return [runtimes[r.name] for r in hardware.runtimes if r.name in runtimes]
 
 
-def fits_disk(variant: Variant, disk_free_bytes: int) -> bool:
-    """Return whether the variant's file fits the free space; True when the free space is unknown (0)."""
-    return disk_free_bytes <= 0 or variant.size_bytes <= disk_free_bytes
+# Reported states in which the device's model store contains the variant's file.
+STORED_STATES = frozenset({"loading", "serving"})
+
+
+def fits_disk(variant: Variant, disk_free_bytes: int, stored_digests: Collection[str] = ()) -> bool:
+    """Return whether the variant's file fits the free space, or is already stored on the device.
+
+    True as well when the free space is unknown (0).
+    """
+    return disk_free_bytes <= 0 or variant.digest in stored_digests or variant.size_bytes <= disk_free_bytes
+
+
+def stored_digests(reported: Iterable[ModelStatus]) -> frozenset[str]:
+    """Return the digests of the files that a device's reported model states show in its model store."""
+    return frozenset(status.digest for status in reported if status.state in STORED_STATES and status.digest)
 
 
 def accuracy_rank(variant: Variant, variants: Sequence[Variant]) -> float:
@@ -117,8 +129,12 @@ def select_for_hardware(
     *,
     budget_ms: float | None,
     predictor: Predictor,
+    stored: Collection[str] = (),
 ) -> Selection:
-    """Select a variant for any device with this hardware profile; see select_variant for the rule."""
+    """Select a variant for any device with this hardware profile; see select_variant for the rule.
+
+    stored holds the digests of files the device already stores, which need no free space.
+    """
     if budget_ms is not None and not (budget_ms > 0):
         raise ValueError(f"budget_ms must be positive or None for no budget, got {budget_ms!r}")
     formats = runnable_formats(hardware)
@@ -139,9 +155,7 @@ def select_for_hardware(
                 variant, f"{NOT_RUNNABLE}: {variant.format}, but the device runs {runs}"
             )
             continue
-        # NOTE: a device that already stores this variant needs no new space for it, but the report
-        # does not say which files are stored, so a nearly full device can have its own variant excluded.
-        if not fits_disk(variant, disk_free):
+        if not fits_disk(variant, disk_free, stored):
             excluded[variant.variant_id] = _excluded(
                 variant,
                 f"{OVER_DISK}: {variant.size_bytes / MIB:.1f} MiB file, "
@@ -209,19 +223,21 @@ def select_variant(
     *,
     budget_ms: float | None,
     predictor: Predictor,
+    reported: Iterable[ModelStatus] = (),
 ) -> Selection:
     """Choose the variant a device runs and the threads it runs it with.
 
     The rule: among variants that the gate accepted, whose file fits the free space of the device's
-    model store, in a format one of the device's runtimes executes at a runtime version that loads
-    them (see runtime_compat), whose predicted memory fits the device's memory and whose predicted
-    p95 meets budget_ms, take the most accurate; equal
-    accuracy goes to the lower predicted p95. With budget_ms=None the most accurate runnable
-    variant wins. Every variant appears in
-    Selection.candidates with its prediction and the reason it was chosen or excluded. When no
-    variant qualifies, Selection.chosen is None. Raises ValueError for a budget that is not positive.
+    model store or is stored there already (serving or loading in reported), in a format one of the
+    device's runtimes executes at a runtime version that loads them (see runtime_compat), whose
+    predicted memory fits the device's memory and whose predicted p95 meets budget_ms, take the most
+    accurate; equal accuracy goes to the lower predicted p95. With budget_ms=None the most accurate
+    runnable variant wins. Every variant appears in Selection.candidates with its prediction and the
+    reason it was chosen or excluded. When no variant qualifies, Selection.chosen is None. Raises
+    ValueError for a budget that is not positive.
     """
-    return select_for_hardware(device.hardware, variants, budget_ms=budget_ms, predictor=predictor)
+    stored = stored_digests(reported)
+    return select_for_hardware(device.hardware, variants, budget_ms=budget_ms, predictor=predictor, stored=stored)
 
 
 def select_for_fleet(

@@ -131,3 +131,28 @@ def test_selection_sees_refreshed_disk_free(start_orchestrator: StartOrchestrato
     assert "delete files on the device" in (deploy_error.value.details() or "")
     assert freed.chosen_variant_id == f"{MODEL}:1:source"
     assert freed.candidates[0].reason.startswith(CHOSEN)
+
+
+def test_stored_variant_kept_on_full_disk(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    """A variant the device already serves needs no free space, so a full disk does not exclude it."""
+    disk = FakeDisk(100 * GIB, 50 * GIB)
+    orchestrator, _, device_id = start_fleet(start_orchestrator, start_agent, disk)
+    model = linear_onnx()
+    upload(orchestrator, model, MODEL, "1")
+    orchestrator.operator.Deploy(operator_pb2.DeployRequest(model_name=MODEL, device_id=device_id), timeout=30)
+
+    def serving() -> bool:
+        states = [status.state for status in get_device(orchestrator, device_id).models]
+        return states == [common_pb2.MODEL_STATE_SERVING]
+
+    wait_until(serving, "the model to serve")
+    disk.free_bytes = len(model) - 1
+    wait_until(lambda: stored_disk_free(orchestrator, device_id) == len(model) - 1, "the full disk at the orchestrator")
+    full = explain(orchestrator, device_id)
+    redeploy = orchestrator.operator.Deploy(
+        operator_pb2.DeployRequest(model_name=MODEL, device_id=device_id), timeout=30
+    )
+
+    assert full.chosen_variant_id == f"{MODEL}:1:source"
+    assert full.candidates[0].reason.startswith(CHOSEN)
+    assert redeploy.assignment.variant_id == f"{MODEL}:1:source"

@@ -36,7 +36,8 @@ def choose_variant(device: Device, variants: list[Variant], state: OrchestratorS
     Raises FailedPrecondition listing every variant and why it was excluded when none fits.
     """
     predictor = calibrated_predictor(state, variants, [device.hardware.hardware_class])
-    selection = select_variant(device, variants, budget_ms=None, predictor=predictor)
+    reported = state.store.get_reported_state(device.device_id)
+    selection = select_variant(device, variants, budget_ms=None, predictor=predictor, reported=reported)
     if selection.chosen is None:
         reasons = "; ".join(f"{c.variant.variant_id}: {c.reason}" for c in selection.candidates) or "no variants"
         hints = []

@@ -127,7 +127,8 @@ def explain_selection(
     variants = state.store.list_variants(model.name, model.version)
     predictor = calibrated_predictor(state, variants, [device.hardware.hardware_class])
     budget = request.budget_ms or None
-    selection = select_variant(device, variants, budget_ms=budget, predictor=predictor)
+    reported = state.store.get_reported_state(device.device_id)
+    selection = select_variant(device, variants, budget_ms=budget, predictor=predictor, reported=reported)
     log.info(
         "explained selection of %s:%s for device_id=%s: %s",
         model.name,

@@ -340,7 +340,10 @@ class RolloutEngine:
         chosen: list[WaveDevice] = []
         for device in devices:
             allowed = [v for v in variants if exclusions.allows(device, v)]
-            selection = select_variant(device, allowed, budget_ms=spec.budget_ms, predictor=predictor)
+            reported = self.store.get_reported_state(device.device_id)
+            selection = select_variant(
+                device, allowed, budget_ms=spec.budget_ms, predictor=predictor, reported=reported
+            )
             hardware_class = device.hardware.hardware_class
             if selection.chosen is None:
                 excluded = len(variants) - len(allowed)
