@@ -28,6 +28,7 @@ from edgefleet.orchestrator.jobs import sources
 from edgefleet.orchestrator.jobs.runner import JobRunner, RunnerConfig
 from edgefleet.orchestrator.jobs.store import (
     CANCELLED,
+    FAILED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
@@ -300,6 +301,35 @@ def test_recover_dead_owner(job_store: SqlJobStore, tmp_path: Path) -> None:
     job_store.add_job(_job("a", now))
     job_store.claim_next(f"{socket.gethostname()}:{dead_pid}:0", now)
     assert _runner(job_store, tmp_path).recover() == ["a"]
+
+
+def test_worker_losing_database_fails_at_limit(job_store: SqlJobStore, tmp_path: Path) -> None:
+    """A worker that cannot reach the database while the runner can is requeued a bounded number of times."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # Nothing listens on it once the socket closes.
+    unreachable = f"postgresql+psycopg://edgefleet@127.0.0.1:{closed_port}/absent"
+    config = RunnerConfig(
+        db_url=unreachable,
+        artifacts_root=tmp_path,
+        work_root=tmp_path,
+        poll_interval_s=0.1,
+        max_attempts_losing_database=2,
+    )
+    job_store.add_job(_job("a", datetime.now(UTC)))
+    runner = JobRunner(job_store, config)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while job_store.get_job("a").state in (QUEUED, RUNNING) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        runner.stop()
+
+    job = job_store.get_job("a")
+    assert job.state == FAILED
+    assert job.attempt == 2
+    assert "lost the database in attempt 2, the last one allowed" in job.error
 
 
 def test_recover_live_owner_kept(job_store: SqlJobStore, tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ class RunnerConfig:
     terminate_grace_s: float = 5.0
     log_level: str = "info"
     log_format: str = "text"
+    # A job whose worker loses the database goes back to the queue until its attempt reaches this many.
+    # The runner reached the database to claim the job, so workers that lose it attempt after attempt point
+    # at a fault of the worker's own connection (a full max_connections, for example), not a passing outage.
+    max_attempts_losing_database: int = 10
 
 
 @dataclass(frozen=True)
@@ -302,9 +306,17 @@ class JobRunner:
             if self.store.requeue(job.job_id, job.attempt, "the orchestrator stopped", now):
                 logger.info("job %s goes back to the queue: the orchestrator stopped", job.job_id)
         elif running.stop_reason == "" and code == EXIT_DATABASE_UNAVAILABLE:
-            # Raises DatabaseUnavailable while the outage lasts; the next step reaps the worker again.
-            if self.store.requeue(job.job_id, job.attempt, "the worker lost the database", now):
-                logger.warning("job %s goes back to the queue: its worker lost the database", job.job_id)
+            # Both writes raise DatabaseUnavailable while the outage lasts; the next step reaps the worker again.
+            if job.attempt < self.config.max_attempts_losing_database:
+                if self.store.requeue(job.job_id, job.attempt, "the worker lost the database", now):
+                    logger.warning("job %s goes back to the queue: its worker lost the database", job.job_id)
+            else:
+                message = (
+                    f"the worker lost the database in attempt {job.attempt}, the last one allowed; check that "
+                    "the database accepts more connections (PostgreSQL max_connections) and create the job again"
+                )
+                if self.store.fail(job.job_id, job.attempt, message, now):
+                    logger.error("job %s failed: %s", job.job_id, message)
         elif running.stop_reason == "" and code not in (0, EXIT_ABANDONED):
             message = f"the worker process exited with status {code}"
             if code is not None and code < 0:
