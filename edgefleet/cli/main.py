@@ -155,6 +155,20 @@ def orchestrator_address(value: str) -> str:
     return value
 
 
+def environment_orchestrator() -> str:
+    """Return EDGEFLEET_ORCHESTRATOR, or "" when unset; raise CliError naming it when it is no HOST:PORT.
+
+    It is read only by commands that connect, so a stale value does not stop pki or completion.
+    """
+    value = os.environ.get("EDGEFLEET_ORCHESTRATOR", "")
+    if not value:
+        return ""
+    try:
+        return orchestrator_address(value)
+    except argparse.ArgumentTypeError as error:
+        raise CliError(f"environment variable EDGEFLEET_ORCHESTRATOR: {error}", EXIT_USAGE) from None
+
+
 def split_host_port(address: str) -> tuple[str, int | None]:
     """Split HOST:PORT or [IPV6]:PORT; the port is None when it is missing or not a number."""
     host, sep, port = address.rpartition(":")
@@ -846,7 +860,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--orchestrator",
         type=orchestrator_address,
-        default=os.environ.get("EDGEFLEET_ORCHESTRATOR"),
         help="orchestrator operator HOST:PORT (env EDGEFLEET_ORCHESTRATOR, default "
         f"{DEFAULT_ORCHESTRATOR}, or {DEFAULT_INSECURE_ORCHESTRATOR} with --insecure)",
     )
@@ -1077,7 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.local_handler(args))
         if args.insecure:
             print("edgefleet: warning: talking to the orchestrator without TLS (--insecure)", file=sys.stderr)
-        address = args.orchestrator or (DEFAULT_INSECURE_ORCHESTRATOR if args.insecure else DEFAULT_ORCHESTRATOR)
+        address = args.orchestrator or environment_orchestrator()
+        address = address or (DEFAULT_INSECURE_ORCHESTRATOR if args.insecure else DEFAULT_ORCHESTRATOR)
         client = Client(address, args.timeout, token=args.token, ca_cert=args.ca_cert, insecure=args.insecure)
         args.handler(client, args)
     except CliError as error:

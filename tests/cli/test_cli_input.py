@@ -387,10 +387,30 @@ def test_orchestrator_address_invalid(capsys: Capture, address: str, expected: s
 def test_orchestrator_address_from_env(capsys: Capture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEFLEET_ORCHESTRATOR", "127.0.0.1:99999")
 
-    error = usage_error(capsys, ["devices", "list"])
+    code = main(["devices", "list"])
 
-    assert "argument --orchestrator: invalid value '127.0.0.1:99999': port 99999 is out of range" in error
-    assert "EDGEFLEET_ORCHESTRATOR" in error
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "EDGEFLEET_ORCHESTRATOR: invalid value '127.0.0.1:99999': port 99999 is out of range" in error
+    assert "cannot reach" not in error
+
+
+def test_orchestrator_env_flag_wins(orchestrator: OrchestratorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_ORCHESTRATOR", "127.0.0.1:99999")
+
+    assert cli(orchestrator, "devices", "list") == 0
+
+
+def test_orchestrator_env_ignored_offline(capsys: Capture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Commands that do not connect work while EDGEFLEET_ORCHESTRATOR is invalid."""
+    monkeypatch.setenv("EDGEFLEET_ORCHESTRATOR", "127.0.0.1")
+
+    completion = main(["completion", "bash"])
+    pki = main(["pki", "init", "--dir", str(tmp_path / "pki"), "--host", "orchestrator.example.internal"])
+
+    assert completion == 0
+    assert pki == 0
+    assert (tmp_path / "pki").is_dir()
 
 
 @pytest.mark.parametrize("address", ["orchestrator.example.internal:50052", "[::1]:50052", "127.0.0.1:1"])
