@@ -110,6 +110,19 @@ async def _ended_stream_error(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRp
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+async def write_control(call: grpc.aio.StreamStreamCall, message: agent_pb2.AgentMessage) -> None:
+    """Write message to the control stream; raise AioRpcError with the final status when the stream ended.
+
+    grpc.aio raises InvalidStateError, not AioRpcError, for a write to a call that has already ended.
+    That happens when the orchestrator goes away while the agent is busy, for example applying a
+    desired state, so the caller reconnects as it does for any other lost stream.
+    """
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        raise await _ended_stream_error(call) from None
+
+
 async def reconnect_forever(
     session: Callable[[], Awaitable[None]],
     backoff: Backoff,
@@ -383,16 +396,17 @@ class Agent:
 
         self._outbox = asyncio.Queue()
         call = stub.Control()
-        await call.write(
+        await write_control(
+            call,
             agent_pb2.AgentMessage(
                 hello=agent_pb2.Hello(
                     device_id=self.device_id,
                     instance_key=self.identity.instance_key,
                     desired_generation=self.reconciler.hello_generation(),
                 )
-            )
+            ),
         )
-        await call.write(agent_pb2.AgentMessage(reported_state=self.reconciler.reported_state()))
+        await write_control(call, agent_pb2.AgentMessage(reported_state=self.reconciler.reported_state()))
         interval = max(1, response.heartbeat_interval_seconds)
         self.connected = True
         self.sessions_opened += 1
@@ -427,12 +441,7 @@ class Agent:
         outbox = self._outbox
         while True:
             message = await outbox.get()
-            try:
-                await call.write(message)
-            except asyncio.InvalidStateError:
-                # grpc.aio raises this instead of AioRpcError when the stream has already ended. That happens
-                # when the orchestrator goes away while the read loop is busy applying a desired state.
-                raise await _ended_stream_error(call) from None
+            await write_control(call, message)
 
     async def _heartbeat_loop(self, interval_s: int) -> None:
         sequence = 0
