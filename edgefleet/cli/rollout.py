@@ -95,6 +95,56 @@ def wave_device_view(device: operator_pb2.WaveDevice) -> dict[str, Any]:
     }
 
 
+def list_device_statuses(client: Client) -> dict[str, tuple[str, str | None]]:
+    """Return each device's status (online, stale, offline) and last-seen time, from ListDevices."""
+    statuses: dict[str, tuple[str, str | None]] = {}
+    request = operator_pb2.ListDevicesRequest()
+    while True:
+        response = client.call("ListDevices", request)
+        for device in response.devices:
+            view = views.device_view(device)
+            statuses[view["device_id"]] = (view["status"], view["last_seen"])
+        if not response.next_page_token:
+            return statuses
+        request.page_token = response.next_page_token
+
+
+def add_device_status(view: dict[str, Any], statuses: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    """Return a copy of a rollout view whose wave devices carry their device's status now.
+
+    Each wave device gets "device_status", "last_seen" and "current". "current" is false unless the device
+    is online, because "state" is the model state recorded when the engine last judged the wave. A device
+    missing from statuses (removed since) gets None in all three.
+    """
+    waves = []
+    for wave in view["waves"]:
+        devices = []
+        for device in wave["devices"]:
+            status, last_seen = statuses.get(device["device_id"], (None, None))
+            current = None if status is None else status == "online"
+            devices.append({**device, "device_status": status, "last_seen": last_seen, "current": current})
+        waves.append({**wave, "devices": devices})
+    return {**view, "waves": waves}
+
+
+def with_device_status(client: Client, rollout_views: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the rollout views with each wave device's status now, calling ListDevices only if a wave has devices."""
+    if not any(wave["devices"] for view in rollout_views for wave in view["waves"]):
+        return [add_device_status(view, {}) for view in rollout_views]
+    statuses = list_device_statuses(client)
+    return [add_device_status(view, statuses) for view in rollout_views]
+
+
+def wave_device_state(device: dict[str, Any]) -> str:
+    """Return the STATE cell: the recorded model state, marked with the last-seen age unless the device is online."""
+    if not device["state"]:
+        return "-"
+    status = device.get("device_status")
+    if status is None:
+        return str(device["state"])
+    return device["state"] + views.last_report_note({"status": status, "last_seen": device["last_seen"]})
+
+
 def wave_view(wave: operator_pb2.Wave) -> dict[str, Any]:
     return {
         "index": wave.index,
@@ -213,7 +263,7 @@ def render_rollout(r: dict[str, Any]) -> str:
                 (
                     "  " + d["device_id"] + (" (late)" if d["late"] else ""),
                     d["variant_id"] or "-",
-                    d["state"] or "-",
+                    wave_device_state(d),
                     d["samples"],
                     d["p95_ms"],
                     d["baseline_p95_ms"],
@@ -324,7 +374,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> None:
     # Plain ints: the enum values of RolloutState are the list position + 1.
     states: list[Any] = [ROLLOUT_STATES.index(s) + 1 for s in args.state]
     response = client.call("ListRollouts", operator_pb2.ListRolloutsRequest(model_name=args.model or "", states=states))
-    data = [rollout_view(r) for r in response.rollouts]
+    data = with_device_status(client, [rollout_view(r) for r in response.rollouts])
     if args.output == "json":
         print(json.dumps(data, indent=2))
     else:
@@ -343,18 +393,19 @@ def cmd_action(client: Client, args: argparse.Namespace) -> None:
 def _show(client: Client, rollout: operator_pb2.Rollout, args: argparse.Namespace) -> None:
     """Print the rollout; with --watch, print it again on every change until it reaches a final state."""
     view = rollout_view(rollout)
-    emit_one(view, args.output)
+    emit_one(with_device_status(client, [view])[0], args.output)
     if not getattr(args, "watch", False):
         return
     interval = max(args.interval, 0.1)
     while view["state"] not in FINAL_STATES:
         time.sleep(interval)
         latest = rollout_view(client.call("GetRollout", operator_pb2.GetRolloutRequest(rollout_id=view["rollout_id"])))
+        # Compared without the device status, whose last-seen time moves with every heartbeat.
         if latest != view:
             view = latest
             if args.output != "json":
                 print()
-            emit_one(view, args.output)
+            emit_one(with_device_status(client, [view])[0], args.output)
 
 
 def emit_one(view: dict[str, Any], output: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -14,6 +15,7 @@ from edgefleet.common.serde import timestamp
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 from tests.servers import (
+    ControlStream,
     OrchestratorThread,
     get_device,
     hardware_message,
@@ -310,6 +312,69 @@ def test_cli_create_and_status(orchestrator: OrchestratorThread, capsys: pytest.
     assert "RUNNING" in status
     assert "wave 1 (50%)" in status
     assert "0/20 samples" in status
+
+
+def report_wave_serving(stream: ControlStream, device: operator_pb2.WaveDevice, key: str) -> None:
+    """Open the device's control stream and report its wave variant serving."""
+    stream.hello(device.device_id, key)
+    status = agent_pb2.ModelStatus(
+        model_name=MODEL,
+        model_version="2",
+        variant_id=device.variant_id,
+        state=common_pb2.MODEL_STATE_SERVING,
+        runtime="onnxruntime",
+        threads=1,
+    )
+    status.updated_at.GetCurrentTime()
+    stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(models=[status])))
+
+
+def test_cli_status_offline_state_marked(
+    orchestrator: OrchestratorThread,
+    capsys: pytest.CaptureFixture[str],
+    open_stream: Callable[..., ControlStream],
+) -> None:
+    """A wave device that is offline now shows its recorded state as its last report, with its age."""
+    keys = dict(register(orchestrator.agent, labels={"kind": "camera"}) for _ in range(2))
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    upload(orchestrator, linear_onnx(2), MODEL, "2")
+    rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)
+    running = wait_rollout(orchestrator, rollout.rollout_id, lambda r: bool(r.waves), "wave 1 to start")
+    online, offline = running.waves[0].devices
+    report_wave_serving(open_stream(orchestrator.agent), online, keys[online.device_id])
+    closed = open_stream(orchestrator.agent)
+    report_wave_serving(closed, offline, keys[offline.device_id])
+    serving = common_pb2.MODEL_STATE_SERVING
+    wait_rollout(
+        orchestrator,
+        rollout.rollout_id,
+        lambda r: all(d.state == serving for d in r.waves[0].devices),
+        "both devices to be judged serving",
+    )
+    closed.close()
+    offline_status = common_pb2.DEVICE_STATUS_OFFLINE
+    wait_until(lambda: get_device(orchestrator, offline.device_id).status == offline_status, "a device to go offline")
+
+    code, table, err = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id)
+    json_code, json_out, json_err = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id, "-o", "json")
+    list_code, list_out, list_err = run_cli(capsys, orchestrator, "rollout", "list", "-o", "json")
+
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("  ") and "DEVICE" not in line}
+    assert re.search(r" serving \(last seen \d+s ago\) ", rows[offline.device_id])
+    assert re.search(r" serving +\d+ ", rows[online.device_id])
+    assert json_code == 0, json_err
+    devices = {d["device_id"]: d for d in json.loads(json_out)["waves"][0]["devices"]}
+    assert devices[offline.device_id]["state"] == "serving"
+    assert devices[offline.device_id]["device_status"] == "offline"
+    assert devices[offline.device_id]["current"] is False
+    assert devices[offline.device_id]["last_seen"] is not None
+    assert devices[online.device_id]["state"] == "serving"
+    assert devices[online.device_id]["device_status"] == "online"
+    assert devices[online.device_id]["current"] is True
+    assert list_code == 0, list_err
+    listed = json.loads(list_out)[0]["waves"][0]["devices"]
+    assert {d["device_id"]: d["current"] for d in listed} == {offline.device_id: False, online.device_id: True}
 
 
 def test_cli_actions(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
