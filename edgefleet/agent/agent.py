@@ -364,7 +364,7 @@ class Agent:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         usage = await asyncio.to_thread(self._read_disk_usage, self.store.root)
         if usage.total_bytes:
-            self.hardware = replace(self.hardware, disk_free_bytes=usage.free_bytes)
+            self.hardware = replace(self.hardware, disk_free_bytes=usage.reported_free_bytes)
         self._reported_disk_free = self.hardware.disk_free_bytes
         response = await stub.Register(
             agent_pb2.RegisterRequest(
@@ -467,17 +467,18 @@ class Agent:
         if not usage.total_bytes:
             return None
         step = min(DISK_FREE_REPORT_STEP_BYTES, int(usage.total_bytes * DISK_FREE_REPORT_STEP_FRACTION))
-        if abs(usage.free_bytes - self._reported_disk_free) < max(step, 1):
+        free = usage.reported_free_bytes
+        if abs(free - self._reported_disk_free) < max(step, 1):
             return None
         log.info(
             "free space of the model store %s changed from %d to %d bytes; reporting it",
             self.store.root,
             self._reported_disk_free,
-            usage.free_bytes,
+            free,
         )
-        self._reported_disk_free = usage.free_bytes
-        self.hardware = replace(self.hardware, disk_free_bytes=usage.free_bytes)
-        return usage.free_bytes
+        self._reported_disk_free = free
+        self.hardware = replace(self.hardware, disk_free_bytes=free)
+        return free
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         apply_lock = asyncio.Lock()

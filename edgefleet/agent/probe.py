@@ -207,6 +207,17 @@ class DiskUsage:
     total_bytes: int
     free_bytes: int
 
+    @property
+    def reported_free_bytes(self) -> int:
+        """Free bytes as the orchestrator stores them, where 0 means unknown; a full file system reports 1.
+
+        Variant selection treats an unknown free space as fitting every file, so a full model store
+        must not send 0.
+        """
+        if not self.total_bytes:
+            return 0
+        return max(self.free_bytes, 1)
+
 
 def disk_usage(store_dir: Path) -> DiskUsage:
     """Return the size and free bytes of the file system holding store_dir (or its nearest existing parent)."""
@@ -222,8 +233,11 @@ def disk_usage(store_dir: Path) -> DiskUsage:
 
 
 def disk_free_bytes(store_dir: Path) -> int:
-    """Return the free bytes of the file system holding store_dir (or its nearest existing parent)."""
-    return disk_usage(store_dir).free_bytes
+    """Return the free bytes of the file system holding store_dir (or its nearest existing parent).
+
+    Returns 0 when they could not be read and at least 1 otherwise, as DiskUsage.reported_free_bytes.
+    """
+    return disk_usage(store_dir).reported_free_bytes
 
 
 def probe_hardware(

@@ -156,3 +156,33 @@ def test_stored_variant_kept_on_full_disk(start_orchestrator: StartOrchestrator,
     assert full.chosen_variant_id == f"{MODEL}:1:source"
     assert full.candidates[0].reason.startswith(CHOSEN)
     assert redeploy.assignment.variant_id == f"{MODEL}:1:source"
+
+
+def test_full_disk_heartbeat_excludes_variant(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
+    """0 free bytes means unknown at the orchestrator, so a model store filled to the last byte must not send 0."""
+    disk = FakeDisk(100 * GIB, 50 * GIB)
+    orchestrator, _, device_id = start_fleet(start_orchestrator, start_agent, disk)
+    upload(orchestrator, linear_onnx(), MODEL, "1")
+
+    disk.free_bytes = 0
+    wait_until(lambda: stored_disk_free(orchestrator, device_id) != 50 * GIB, "the full disk at the orchestrator")
+    full = explain(orchestrator, device_id)
+
+    assert stored_disk_free(orchestrator, device_id) == 1
+    assert full.chosen_variant_id == ""
+    assert full.candidates[0].reason.startswith(f"{OVER_DISK}: ")
+
+
+def test_full_disk_at_registration_excludes_variant(
+    start_orchestrator: StartOrchestrator, start_agent: StartAgent
+) -> None:
+    disk = FakeDisk(100 * GIB, 0)
+    orchestrator, _, device_id = start_fleet(start_orchestrator, start_agent, disk)
+    upload(orchestrator, linear_onnx(), MODEL, "1")
+
+    full = explain(orchestrator, device_id)
+
+    assert stored_disk_free(orchestrator, device_id) == 1
+    assert full.chosen_variant_id == ""
+    assert full.candidates[0].reason.startswith(f"{OVER_DISK}: ")
+
