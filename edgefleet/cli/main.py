@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from edgefleet.cli import rollout, views
+from edgefleet.cli.argparser import CliArgumentParser
 from edgefleet.common import argtypes
 from edgefleet.common.config import dial_address_problem
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
@@ -854,7 +855,7 @@ def output_flag_of_command(sub: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = CliArgumentParser(
         prog="edgefleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -915,8 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = nouns.add_parser("models", help="add and inspect models").add_subparsers(dest="verb", required=True)
     sub = models.add_parser("add", help="upload an ONNX or TFLite file")
     sub.add_argument("path", type=Path)
-    sub.add_argument("--name", required=True)
-    sub.add_argument("--version", required=True)
+    sub.add_argument("--name", required=True, help="model name in the catalog")
+    sub.add_argument("--version", required=True, help="model version, such as 1 or 2026-12-01")
     sub.add_argument(
         "--variant-kind",
         help="add the file as a variant of this kind (tflite-fp32, int8, ...) of an existing version",

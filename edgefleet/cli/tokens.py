@@ -59,7 +59,7 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     enroll = nouns.add_parser("enroll", help="create, list and revoke enrollment tokens for devices (admin)")
     verbs = enroll.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("create", help="create a single-use enrollment token for one device id")
-    sub.add_argument("--device-id", required=True)
+    sub.add_argument("--device-id", required=True, help="device id that the token lets an agent enroll as")
     sub.add_argument(
         "--ttl",
         type=parse_ttl,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgefleet.cli import rollout
-from edgefleet.cli.main import EXIT_USAGE, MAX_DEPLOY_THREADS, main, orchestrator_address
+from edgefleet.cli.main import EXIT_USAGE, MAX_DEPLOY_THREADS, build_parser, main, orchestrator_address
 from edgefleet.orchestrator.handlers import deploy as deploy_handlers
 from edgefleet.orchestrator.handlers import rollouts as rollout_handlers
 from edgefleet.orchestrator.rollouts.domain import DEFAULT_MIN_SAMPLES
@@ -365,6 +367,67 @@ def test_unknown_flag_names_command(capsys: Capture, argv: list[str], command: s
 
     assert f"edgefleet {command}: error: unrecognized arguments: {expected}" in error
     assert f"usage: edgefleet {command}" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["metrics", "query", "--since", "-5m"],
+            "argument --since: '-5m' starts with a dash, so it is read as an option instead of a value. "
+            "--since expects start: ISO 8601 time or a duration back from now (15m, 2h). "
+            "Durations and counts are positive, so write --since 5m. "
+            "To pass a value that does start with a dash, write --since=-5m.",
+        ),
+        (
+            ["enroll", "create", "--device-id", "cam-001", "--ttl", "-1h"],
+            "argument --ttl: '-1h' starts with a dash, so it is read as an option instead of a value. "
+            "--ttl expects validity: 30m, 24h, 7d, at most 30d. Durations and counts are positive, so write --ttl 1h.",
+        ),
+        (
+            ["--timeout", "-5s", "devices", "list"],
+            "--timeout expects seconds to wait for each request, above 0. "
+            "Durations and counts are positive, so drop the minus sign.",
+        ),
+        (["deploy", "--model", "m", "--device", "d", "--wait", "-1e1"], "so write --wait 1e1."),
+        (["metrics", "query", "--sin", "-5m"], "argument --since: '-5m' starts with a dash"),
+        (["devices", "list", "--label", "a=b", "--label", "-x"], "argument --label: '-x' starts with a dash"),
+        (
+            ["models", "add", "m.onnx", "--name", "-m", "--version", "1"],
+            "--name expects model name in the catalog. To pass a value that starts with a dash, write --name=-m.",
+        ),
+        (["devices", "list", "-o", "-x"], "argument --output: '-x' starts with a dash"),
+        (["devices", "list", "-o", "-x"], "--output expects one of: table, json."),
+        (["metrics", "query", "--since"], "argument --since: missing value at the end of the command; --since expects"),
+        (["metrics", "query", "--since", "--model", "m"], "argument --since: missing value before --model;"),
+    ],
+)
+def test_flag_value_with_dash(capsys: Capture, argv: list[str], expected: str) -> None:
+    error = usage_error(capsys, argv)
+
+    assert expected in error
+    assert "expected one argument" not in error
+
+
+def value_flags(parser: argparse.ArgumentParser, command: list[str]) -> Iterator[tuple[list[str], str]]:
+    """Yield the command words and the longest option string of every flag that takes one value."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield from value_flags(subparser, [*command, name])
+        elif action.option_strings and action.nargs is None:
+            yield command, max(action.option_strings, key=len)
+
+
+def test_every_value_flag_explains_dash(capsys: Capture) -> None:
+    """Each flag of the CLI that takes a value explains a value that starts with a dash, not argparse's message."""
+    flags = list(value_flags(build_parser(), []))
+    assert len(flags) > 50
+    for command, flag in flags:
+        error = usage_error(capsys, [*command, flag, "-5x"])
+
+        assert f"argument {flag}: '-5x' starts with a dash" in error, (command, flag)
+        assert f"{flag} expects " in error, (command, flag)
 
 
 @pytest.mark.parametrize(
