@@ -89,9 +89,13 @@ FATAL_CODES = (
 # A session that lasted this long counts as healthy, so the next reconnect starts from a short delay.
 HEALTHY_SESSION_S = 30.0
 # A heartbeat carries the model store's free space once it moved this far from the figure the
-# orchestrator has: 64 MiB or 1 % of the file system, whichever is less.
+# orchestrator has. The step is the least of 64 MiB, 1 % of the file system and 1/8 of the smaller
+# of the two free figures, but at least 64 KiB. The relative step matters on a nearly full disk,
+# where a few MiB decide which variant files fit and the fixed steps would hide them.
 DISK_FREE_REPORT_STEP_BYTES = 64 * 1024 * 1024
 DISK_FREE_REPORT_STEP_FRACTION = 0.01
+DISK_FREE_REPORT_STEP_OF_FREE = 1 / 8
+DISK_FREE_REPORT_MIN_STEP_BYTES = 64 * 1024
 
 
 class FatalAgentError(Exception):
@@ -459,16 +463,22 @@ class Agent:
     async def _changed_disk_free(self) -> int | None:
         """Read the model store's free space; return it when it moved far enough from the reported figure.
 
-        Far enough is DISK_FREE_REPORT_STEP_BYTES or DISK_FREE_REPORT_STEP_FRACTION of the file
-        system, whichever is less, so a download or a file written elsewhere on the disk shows up
-        without a new figure on every heartbeat. Returns None otherwise, and when the read failed.
+        Far enough is the least of DISK_FREE_REPORT_STEP_BYTES, DISK_FREE_REPORT_STEP_FRACTION of the
+        file system and DISK_FREE_REPORT_STEP_OF_FREE of the smaller free figure, but at least
+        DISK_FREE_REPORT_MIN_STEP_BYTES. So a download or a file written or deleted elsewhere on the
+        disk shows up without a new figure on every heartbeat. Returns None otherwise, and when the
+        read failed.
         """
         usage = await asyncio.to_thread(self._read_disk_usage, self.store.root)
         if not usage.total_bytes:
             return None
-        step = min(DISK_FREE_REPORT_STEP_BYTES, int(usage.total_bytes * DISK_FREE_REPORT_STEP_FRACTION))
         free = usage.reported_free_bytes
-        if abs(free - self._reported_disk_free) < max(step, 1):
+        step = min(
+            DISK_FREE_REPORT_STEP_BYTES,
+            int(usage.total_bytes * DISK_FREE_REPORT_STEP_FRACTION),
+            int(min(free, self._reported_disk_free) * DISK_FREE_REPORT_STEP_OF_FREE),
+        )
+        if abs(free - self._reported_disk_free) < max(step, DISK_FREE_REPORT_MIN_STEP_BYTES):
             return None
         log.info(
             "free space of the model store %s changed from %d to %d bytes; reporting it",

@@ -186,3 +186,24 @@ def test_full_disk_at_registration_excludes_variant(
     assert full.chosen_variant_id == ""
     assert full.candidates[0].reason.startswith(f"{OVER_DISK}: ")
 
+
+
+def test_freed_space_on_nearly_full_disk_reported(
+    start_orchestrator: StartOrchestrator, start_agent: StartAgent
+) -> None:
+    """Deleting 40 MiB on a large disk with 10 MiB free is under the 64 MiB step but decides which files fit."""
+    disk = FakeDisk(256 * GIB, 10 * MIB)
+    orchestrator, _, device_id = start_fleet(start_orchestrator, start_agent, disk)
+    registered = stored_disk_free(orchestrator, device_id)
+
+    disk.free_bytes = 50 * MIB
+    freed = wait_until(
+        lambda: stored_disk_free(orchestrator, device_id) == 50 * MIB, "the freed space at the orchestrator"
+    )
+
+    disk.free_bytes = 50 * MIB - 32 * 1024  # Under the 64 KiB floor: not worth a database write.
+    wait_heartbeats(disk, 3)
+
+    assert registered == 10 * MIB
+    assert freed
+    assert stored_disk_free(orchestrator, device_id) == 50 * MIB
