@@ -314,7 +314,7 @@ def test_worker_losing_database_fails_at_limit(job_store: SqlJobStore, tmp_path:
         artifacts_root=tmp_path,
         work_root=tmp_path,
         poll_interval_s=0.1,
-        max_attempts_losing_database=2,
+        max_database_losses=2,
     )
     job_store.add_job(_job("a", datetime.now(UTC)))
     runner = JobRunner(job_store, config)
@@ -329,7 +329,7 @@ def test_worker_losing_database_fails_at_limit(job_store: SqlJobStore, tmp_path:
     job = job_store.get_job("a")
     assert job.state == FAILED
     assert job.attempt == 2
-    assert "lost the database in attempt 2, the last one allowed" in job.error
+    assert "the workers of 2 attempts in a row lost the database" in job.error
 
 
 def test_recover_live_owner_kept(job_store: SqlJobStore, tmp_path: Path) -> None:

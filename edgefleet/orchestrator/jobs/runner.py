@@ -66,10 +66,12 @@ class RunnerConfig:
     terminate_grace_s: float = 5.0
     log_level: str = "info"
     log_format: str = "text"
-    # A job whose worker loses the database goes back to the queue until its attempt reaches this many.
-    # The runner reached the database to claim the job, so workers that lose it attempt after attempt point
-    # at a fault of the worker's own connection (a full max_connections, for example), not a passing outage.
-    max_attempts_losing_database: int = 10
+    # A job whose worker loses the database goes back to the queue until this many attempts in a row lost it.
+    # The runner reached the database to claim each of them, so workers that lose it again and again point at
+    # a fault of the workers' own connections (a full max_connections, for example), not a passing outage.
+    max_database_losses: int = 10
+    # Maximum wait before the runner claims a job again after a worker lost the database.
+    max_claim_delay_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ class JobRunner:
         self._cancel_requests: set[str] = set()
         self._thread: threading.Thread | None = None
         self._next_recovery = 0.0
+        # Attempts of one job in a row whose workers lost the database, by job id; emptied by any other exit.
+        self._database_losses: dict[str, set[int]] = {}
+        self._claim_after = 0.0  # time.monotonic() before which the runner claims no job.
 
     @property
     def current_job_id(self) -> str:
@@ -236,7 +241,7 @@ class JobRunner:
         running = self._running
         if running is not None:
             self._supervise(running)
-        if self._running is None and not self._stopping.is_set():
+        if self._running is None and not self._stopping.is_set() and time.monotonic() >= self._claim_after:
             job = self.store.claim_next(self.owner, datetime.now(UTC))
             if job is not None:
                 self._launch(job)
@@ -306,29 +311,43 @@ class JobRunner:
             if self.store.requeue(job.job_id, job.attempt, "the orchestrator stopped", now):
                 logger.info("job %s goes back to the queue: the orchestrator stopped", job.job_id)
         elif running.stop_reason == "" and code == EXIT_DATABASE_UNAVAILABLE:
-            # Both writes raise DatabaseUnavailable while the outage lasts; the next step reaps the worker again.
-            if job.attempt < self.config.max_attempts_losing_database:
-                if self.store.requeue(job.job_id, job.attempt, "the worker lost the database", now):
-                    logger.warning("job %s goes back to the queue: its worker lost the database", job.job_id)
-            else:
-                message = (
-                    f"the worker lost the database in attempt {job.attempt}, the last one allowed; check that "
-                    "the database accepts more connections (PostgreSQL max_connections) and create the job again"
-                )
-                if self.store.fail(job.job_id, job.attempt, message, now):
-                    logger.error("job %s failed: %s", job.job_id, message)
+            self._database_lost(job, now)
         elif running.stop_reason == "" and code not in (0, EXIT_ABANDONED):
             message = f"the worker process exited with status {code}"
             if code is not None and code < 0:
                 message = f"the worker process was killed by {signal.Signals(-code).name}"
             if self.store.fail(job.job_id, job.attempt, message + "; see the orchestrator log", now):
                 logger.error("job %s failed: %s", job.job_id, message)
+        if code != EXIT_DATABASE_UNAVAILABLE:
+            self._database_losses.clear()
         shutil.rmtree(running.work_dir, ignore_errors=True)
         with self._changed:
             self._cancel_requests.discard(job.job_id)
             self._running = None
             self._changed.notify_all()
         logger.info("worker of job %s exited with status %s", job.job_id, code)
+
+    def _database_lost(self, job: Job, now: datetime) -> None:
+        """Queue the job again after its worker lost the database, or fail it after too many losses in a row.
+
+        Both writes raise DatabaseUnavailable while an outage lasts, and the next step reaps the worker
+        again, so each attempt counts once. Each loss doubles the wait before the next claim.
+        """
+        lost = self._database_losses.setdefault(job.job_id, set())
+        lost.add(job.attempt)
+        if len(lost) < self.config.max_database_losses:
+            if self.store.requeue(job.job_id, job.attempt, "the worker lost the database", now):
+                logger.warning("job %s goes back to the queue: its worker lost the database", job.job_id)
+            delay_s = min(self.config.poll_interval_s * 2 ** len(lost), self.config.max_claim_delay_s)
+            self._claim_after = time.monotonic() + delay_s
+            return
+        message = (
+            f"the workers of {len(lost)} attempts in a row lost the database; check that the database accepts "
+            "more connections (PostgreSQL max_connections) and create the job again"
+        )
+        if self.store.fail(job.job_id, job.attempt, message, now):
+            logger.error("job %s failed: %s", job.job_id, message)
+        self._database_losses.pop(job.job_id, None)
 
 
 def _process_exists(pid: int) -> bool:
