@@ -198,6 +198,24 @@ def test_add_pruned_gated(server: OrchestratorThread, tmp_path: Path, capsys: py
     assert result["variants"][0]["accuracy"] is not None
 
 
+def test_add_gated_quiet(server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`models add --quiet --evaluation` prints neither the pending notice nor the gate job's progress."""
+    upload(server, tiny_conv_onnx(seed=5), "tiny", "quiet")
+    model = tmp_path / "pruned.onnx"
+    model.write_bytes(tiny_conv_onnx(seed=6))
+    flags = ["--name", "tiny", "--version", "quiet", "--variant-kind", "pruned", "--quiet"]
+
+    code = run_cli(
+        server, "models", "add", str(model), *flags, "--evaluation", "demo-photos", "--max-accuracy-drop", "100"
+    )
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err == "edgefleet: warning: talking to the orchestrator without TLS (--insecure)\n"
+    assert re.match(r"job \w+ succeeded", captured.out), captured.out
+    assert "tiny:quiet:pruned" in captured.out
+
+
 def test_add_distilled_pending(server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "distilled.onnx"
     model.write_bytes(tiny_conv_onnx(seed=5))
@@ -252,6 +270,46 @@ def test_gated_kinds_match() -> None:
     from edgefleet.orchestrator.handlers.catalog import GATED_UPLOAD_KINDS
 
     assert CLI_KINDS == GATED_UPLOAD_KINDS
+
+
+def compress_in_pipe(server: OrchestratorThread, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run `edgefleet models compress` as a process whose stdout and stderr are pipes, as in a script."""
+    command = [sys.executable, "-m", "edgefleet.cli.main", "--orchestrator", server.address, "--insecure"]
+    return subprocess.run(
+        [*command, "models", "compress", "tiny:1", *FAST, *flags],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_compress_progress_in_pipe(server: OrchestratorThread) -> None:
+    """Without a terminal the progress is one plain line per stage on stderr, and the result goes to stdout."""
+    result = compress_in_pipe(server)
+
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("edgefleet: warning:")]
+    assert lines[0].startswith("started compression job ")
+    job_id = lines[0].split()[3]
+    assert len(lines) > 1
+    assert all(line.startswith(f"{job_id} [") for line in lines[1:]), lines
+    assert "\r" not in result.stderr
+    assert lines[-1].endswith("succeeded: done"), lines
+    assert result.stdout.startswith(f"job {job_id} succeeded")
+    assert "accepted" in result.stdout
+
+
+def test_compress_quiet(server: OrchestratorThread) -> None:
+    """--quiet leaves only the --insecure warning on stderr, and the result on stdout."""
+    result = compress_in_pipe(server, "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["edgefleet: warning: talking to the orchestrator without TLS (--insecure)"]
+    assert re.match(r"job \w+ succeeded", result.stdout), result.stdout
+    assert "accepted" in result.stdout
 
 
 def test_nothing_to_do(server: OrchestratorThread) -> None:

@@ -306,13 +306,34 @@ def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> Non
 def cmd_models_compress(client: Client, args: argparse.Namespace) -> None:
     name, version = split_model_ref(args.model)
     recipe = build_recipe(args)
-    run_job(client, name, version, recipe, no_wait=args.no_wait, wait_timeout=args.wait_timeout, output=args.output)
+    run_job(
+        client,
+        name,
+        version,
+        recipe,
+        no_wait=args.no_wait,
+        wait_timeout=args.wait_timeout,
+        output=args.output,
+        quiet=args.quiet,
+    )
 
 
 def run_job(
-    client: Client, name: str, version: str, recipe: dict[str, Any], *, no_wait: bool, wait_timeout: float, output: str
+    client: Client,
+    name: str,
+    version: str,
+    recipe: dict[str, Any],
+    *,
+    no_wait: bool,
+    wait_timeout: float,
+    output: str,
+    quiet: bool = False,
 ) -> None:
-    """Start a compression job with recipe and, unless no_wait, follow it and print its variants."""
+    """Start a compression job with recipe and, unless no_wait, follow it and print its variants.
+
+    While it follows the job, stderr gets the job id and a progress bar (a line per stage when stderr is
+    not a terminal), unless quiet is set or the output is JSON.
+    """
     job = client.call(
         "CreateCompressionJob",
         operator_pb2.CreateCompressionJobRequest(
@@ -322,8 +343,9 @@ def run_job(
     if no_wait:
         emit(job_view(job), output, render_job)
         return
-    announce = f"started compression job {job.job_id} for {job.model_name}:{job.model_version}"
-    followed = follow(client, job.job_id, timeout_s=wait_timeout, show=output != "json", announce=announce)
+    announce = "" if quiet else f"started compression job {job.job_id} for {job.model_name}:{job.model_version}"
+    show = output != "json" and not quiet
+    followed = follow(client, job.job_id, timeout_s=wait_timeout, show=show, announce=announce)
     finish(client, followed, output)
 
 
@@ -401,6 +423,9 @@ def add_commands(
         type=argtypes.wait_seconds(),
         default=0.0,
         help="seconds to follow the job; 0 waits until done",
+    )
+    sub.add_argument(
+        "--quiet", action="store_true", help="no progress bar or job line on stderr; the result still goes to stdout"
     )
     output_flag(sub)
     sub.set_defaults(handler=cmd_models_compress)

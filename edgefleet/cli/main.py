@@ -460,7 +460,14 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
     recipe = compress.gate_recipe(variant_id, args.evaluation, args.max_accuracy_drop)
     wait_timeout = args.wait_timeout or 0.0
     compress.run_job(
-        client, args.name, args.version, recipe, no_wait=args.no_wait, wait_timeout=wait_timeout, output=args.output
+        client,
+        args.name,
+        args.version,
+        recipe,
+        no_wait=args.no_wait,
+        wait_timeout=wait_timeout,
+        output=args.output,
+        quiet=args.quiet,
     )
 
 
