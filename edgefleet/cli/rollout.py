@@ -391,7 +391,11 @@ def cmd_action(client: Client, args: argparse.Namespace) -> None:
 
 
 def _show(client: Client, rollout: operator_pb2.Rollout, args: argparse.Namespace) -> None:
-    """Print the rollout; with --watch, print it again on every change until it reaches a final state."""
+    """Print the rollout; with --watch, print it again on every change until it reaches a final state.
+
+    With --watch, raises CliError with exit code 1 when that state is not succeeded, so that a script
+    waiting on the rollout learns that the version did not reach its target.
+    """
     view = rollout_view(rollout)
     emit_one(with_device_status(client, [view])[0], args.output)
     if not getattr(args, "watch", False):
@@ -406,6 +410,10 @@ def _show(client: Client, rollout: operator_pb2.Rollout, args: argparse.Namespac
             if args.output != "json":
                 print()
             emit_one(with_device_status(client, [view])[0], args.output)
+    if view["state"] != "succeeded":
+        from edgefleet.cli.main import EXIT_FAILED, CliError
+
+        raise CliError(f"rollout {view['rollout_id']} ended {view['state']}: {view['reason']}", EXIT_FAILED)
 
 
 def emit_one(view: dict[str, Any], output: str) -> None:

@@ -177,6 +177,7 @@ def test_rollout_all_skipped_aborts(orchestrator: OrchestratorThread, capsys: py
         orchestrator, rollout.rollout_id, lambda r: r.state not in (PENDING, RUNNING), "the end of the rollout"
     )
     code, out, _ = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id)
+    watch_code, watch_out, watch_err = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id, "--watch")
 
     assert done.state == operator_pb2.ROLLOUT_STATE_ABORTED
     assert done.reason.startswith(f"no device runs {MODEL}:2: 2 devices skipped")
@@ -188,9 +189,12 @@ def test_rollout_all_skipped_aborts(orchestrator: OrchestratorThread, capsys: py
     assert code == 0
     assert "ABORTED" in out
     assert "SUCCEEDED" not in out
+    assert watch_code == 1
+    assert "ABORTED" in watch_out
+    assert f"rollout {rollout.rollout_id} ended aborted: no device runs {MODEL}:2" in watch_err
 
 
-def test_rollout_some_skipped_succeeds(orchestrator: OrchestratorThread) -> None:
+def test_rollout_some_skipped_succeeds(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
     litert_only = hardware_message(runtimes=[common_pb2.Runtime(name="litert", version="2.3.0")])
     skipped = register(orchestrator.agent, hardware=litert_only, labels={"kind": "camera"})[0]
     runnable = register(orchestrator.agent, labels={"kind": "camera"})[0]
@@ -200,7 +204,10 @@ def test_rollout_some_skipped_succeeds(orchestrator: OrchestratorThread) -> None
     wave = serve_current_wave(orchestrator, rollout.rollout_id, 5.0)
 
     done = wait_rollout(orchestrator, rollout.rollout_id, lambda r: r.state == SUCCEEDED, "success")
+    watch_code, watch_out, watch_err = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id, "--watch")
 
+    assert watch_code == 0, watch_err
+    assert "SUCCEEDED" in watch_out
     assert {d.device_id: d.variant_id != "" for d in wave.devices} == {skipped: False, runnable: True}
     assert done.reason == f"all 1 waves passed; 1 device runs {MODEL}:2"
     assert "1 device skipped" in done.waves[0].reason
