@@ -326,8 +326,11 @@ def open_stream() -> Iterator[Callable[[agent_pb2_grpc.AgentServiceStub], Contro
 # Models
 
 
-def linear_onnx(seed: int = 0) -> bytes:
-    """Return an ONNX model of y = x @ W + b with x float32 (1, 4) and y (1, 3); the seed picks W and b."""
+def linear_onnx(seed: int = 0, opset: int = 17) -> bytes:
+    """Return an ONNX model of y = x @ W + b with x float32 (1, 4) and y (1, 3); the seed picks W and b.
+
+    opset is the default-domain opset that the model is stamped with.
+    """
     weight, bias = linear_weights(seed)
     graph = helper.make_graph(
         [
@@ -342,7 +345,7 @@ def linear_onnx(seed: int = 0) -> bytes:
             helper.make_tensor("bias", TensorProto.FLOAT, bias.shape, bias.ravel().tolist()),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()

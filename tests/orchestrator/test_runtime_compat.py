@@ -12,10 +12,8 @@ from collections.abc import Callable
 import flatbuffers  # type: ignore[import-untyped]
 import grpc
 import numpy as np
-import onnx
 import pytest
 from ai_edge_litert import schema_py_generated as tflite_schema
-from onnx import TensorProto, helper
 
 from edgefleet.orchestrator.modelinfo_tflite import min_runtime_version
 from edgefleet.orchestrator.runtime_compat import (
@@ -30,7 +28,7 @@ from tests.servers import (
     OrchestratorThread,
     get_device,
     hardware_message,
-    linear_weights,
+    linear_onnx,
     register,
     upload,
     wait_until,
@@ -39,28 +37,6 @@ from tests.servers import (
 pytest_plugins = ["tests.servers"]
 
 NEWEST_TABLE_OPSET = max(ONNXRUNTIME_MAX_OPSET.values())
-
-
-def linear_at_opset(opset: int) -> bytes:
-    """Return y = x @ W + b with x float32 (1, 4) and y (1, 3), stamped with the given default-domain opset."""
-    weight, bias = linear_weights(0)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "weight"], ["product"]),
-            helper.make_node("Add", ["product", "bias"], ["y"]),
-        ],
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-        [
-            helper.make_tensor("weight", TensorProto.FLOAT, weight.shape, weight.ravel().tolist()),
-            helper.make_tensor("bias", TensorProto.FLOAT, bias.shape, bias.ravel().tolist()),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def with_min_runtime_version(content: bytes, version: str) -> bytes:
@@ -165,8 +141,8 @@ def test_min_runtime_version_read_from_tflite() -> None:
 def fleet(start_orchestrator: Callable[..., OrchestratorThread]) -> OrchestratorThread:
     """Return an orchestrator on SQLite with linear:1 at opset 17 (source) and at opset 13 (onnx-fp32)."""
     orchestrator = start_orchestrator()
-    upload(orchestrator, linear_at_opset(17), "linear", "1")
-    upload(orchestrator, linear_at_opset(13), "linear", "1", variant_kind="onnx-fp32")
+    upload(orchestrator, linear_onnx(opset=17), "linear", "1")
+    upload(orchestrator, linear_onnx(opset=13), "linear", "1", variant_kind="onnx-fp32")
     return orchestrator
 
 
@@ -218,7 +194,7 @@ def test_explicit_deploy_rejected(fleet: OrchestratorThread) -> None:
 
 def test_automatic_deploy_rejected_without_fit(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
     orchestrator = start_orchestrator()
-    upload(orchestrator, linear_at_opset(17), "linear", "1")
+    upload(orchestrator, linear_onnx(opset=17), "linear", "1")
     device_id = device_with(orchestrator, "old-ort", onnxruntime("1.8.1"))
 
     error = deploy_error(orchestrator, device_id)
@@ -254,7 +230,7 @@ def test_rollout_skips_old_runtime(start_orchestrator: Callable[..., Orchestrato
     orchestrator = start_orchestrator()
     old = device_with(orchestrator, "old-ort", onnxruntime("1.10.0"))
     new = device_with(orchestrator, "new-ort", onnxruntime("1.20.1"))
-    upload(orchestrator, linear_at_opset(17), "linear", "1")
+    upload(orchestrator, linear_onnx(opset=17), "linear", "1")
     request = operator_pb2.CreateRolloutRequest(
         model_name="linear",
         model_version="1",
@@ -284,7 +260,7 @@ def test_rollout_skips_old_runtime(start_orchestrator: Callable[..., Orchestrato
 
 def test_litert_min_runtime_version(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
     orchestrator = start_orchestrator()
-    upload(orchestrator, linear_at_opset(13), "linear", "1")
+    upload(orchestrator, linear_onnx(opset=13), "linear", "1")
     tflite = with_min_runtime_version(tflite_linear().read_bytes(), "2.10.0")
     model = upload(orchestrator, tflite, "linear", "1", variant_kind="tflite-fp32", filename="linear.tflite")
     stored = {v.kind: v.metadata.min_runtime_version for v in model.variants}
@@ -311,7 +287,7 @@ def test_ai_edge_litert_loads_tensorflow_requirements(
 ) -> None:
     """ai-edge-litert numbers its releases from 1.0, below the TensorFlow releases that converters write."""
     orchestrator = start_orchestrator()
-    upload(orchestrator, linear_at_opset(13), "linear", "1")
+    upload(orchestrator, linear_onnx(opset=13), "linear", "1")
     tflite = with_min_runtime_version(tflite_linear().read_bytes(), "2.10.0")
     upload(orchestrator, tflite, "linear", "1", variant_kind="tflite-fp32", filename="linear.tflite")
     device = device_with(orchestrator, "camera-1", litert(version))
@@ -327,7 +303,7 @@ def test_litert_requirement_not_comparable(
     start_orchestrator: Callable[..., OrchestratorThread], package: str, required: str
 ) -> None:
     orchestrator = start_orchestrator()
-    upload(orchestrator, linear_at_opset(13), "linear", "1")
+    upload(orchestrator, linear_onnx(opset=13), "linear", "1")
     tflite = with_min_runtime_version(tflite_linear().read_bytes(), required)
     upload(orchestrator, tflite, "linear", "1", variant_kind="tflite-fp32", filename="linear.tflite")
     device = device_with(orchestrator, "camera-1", litert("1.4.0", package=package))
