@@ -90,7 +90,7 @@ FATAL_CODES = (
 HEALTHY_SESSION_S = 30.0
 # A heartbeat carries the model store's free space once it moved this far from the figure the
 # orchestrator has. The step is the least of 64 MiB, 1 % of the file system and 1/8 of the smaller
-# of the two free figures, but at least 64 KiB. The relative step matters on a nearly full disk,
+# of the two free figures, but never less than 64 KiB. The relative step matters on a nearly full disk,
 # where a few MiB decide which variant files fit and the fixed steps would hide them.
 DISK_FREE_REPORT_STEP_BYTES = 64 * 1024 * 1024
 DISK_FREE_REPORT_STEP_FRACTION = 0.01
@@ -106,7 +106,10 @@ RetryCallback = Callable[[grpc.aio.AioRpcError, float], None]
 
 
 async def _ended_stream_error(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
-    """Convert the final status of an ended control stream to an AioRpcError; OK becomes UNAVAILABLE."""
+    """Convert the final status of an ended control stream to an AioRpcError.
+
+    A final status of OK becomes UNAVAILABLE, because the stream ended all the same.
+    """
     code = await call.code()
     details = await call.details()
     if code == grpc.StatusCode.OK:
@@ -115,7 +118,7 @@ async def _ended_stream_error(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRp
 
 
 async def write_control(call: grpc.aio.StreamStreamCall, message: agent_pb2.AgentMessage) -> None:
-    """Write message to the control stream; raise AioRpcError with the final status when the stream ended.
+    """Write message to the control stream, or raise AioRpcError with the final status if it ended.
 
     grpc.aio raises InvalidStateError, not AioRpcError, for a write to a call that has already ended.
     That happens when the orchestrator goes away while the agent is busy, for example applying a
@@ -171,10 +174,10 @@ class Agent:
         buffer_limits: BufferLimits | None = None,
         read_disk_usage: Callable[[Path], DiskUsage] = disk_usage,
     ) -> None:
-        """Set up the agent's parts; keepalive and buffer_limits default to Keepalive() and BufferLimits().
+        """Set up the agent's parts.
 
-        read_disk_usage reads the file system of the model store for the free space that heartbeats
-        report; tests replace it.
+        keepalive and buffer_limits default to Keepalive() and BufferLimits(). read_disk_usage reads
+        the free space of the model store's file system for heartbeats, and tests replace it.
         """
         self.config = config
         self.hardware = hardware
@@ -461,10 +464,10 @@ class Agent:
                 self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=heartbeat))
 
     async def _changed_disk_free(self) -> int | None:
-        """Read the model store's free space; return it when it moved far enough from the reported figure.
+        """Read the model store's free space, and return it if it moved far enough from the reported figure.
 
         Far enough is the least of DISK_FREE_REPORT_STEP_BYTES, DISK_FREE_REPORT_STEP_FRACTION of the
-        file system and DISK_FREE_REPORT_STEP_OF_FREE of the smaller free figure, but at least
+        file system and DISK_FREE_REPORT_STEP_OF_FREE of the smaller free figure, but never less than
         DISK_FREE_REPORT_MIN_STEP_BYTES. So a download or a file written or deleted elsewhere on the
         disk shows up without a new figure on every heartbeat. Returns None otherwise, and when the
         read failed.
@@ -481,7 +484,7 @@ class Agent:
         if abs(free - self._reported_disk_free) < max(step, DISK_FREE_REPORT_MIN_STEP_BYTES):
             return None
         log.info(
-            "free space of the model store %s changed from %d to %d bytes; reporting it",
+            "free space of the model store %s changed from %d to %d bytes, so the next heartbeat reports it",
             self.store.root,
             self._reported_disk_free,
             free,

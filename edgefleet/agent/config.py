@@ -67,7 +67,8 @@ class AgentConfig:
         return self.socket_path.with_name(self.socket_path.name.removesuffix(".sock") + ".tensor.sock")
 
 
-# gRPC takes keepalive durations in milliseconds as a C int, so whole seconds up to (2**31 - 1) ms.
+# gRPC takes keepalive durations in milliseconds as a C int, so the maximum is the whole number of
+# seconds within 2**31 - 1 ms.
 MAX_GRPC_DURATION_S = (2**31 - 1) // 1000
 
 RANGES = {

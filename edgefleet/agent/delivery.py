@@ -82,7 +82,7 @@ class DownloadFailedError(DeliveryError):
 
 
 class DownloadInterruptedError(DownloadFailedError):
-    """The download kept failing with retryable status codes; the verified part is kept for a later resume."""
+    """A download that kept failing with retryable status codes. Its verified part is kept for a later resume."""
 
     retry_on_connect = True
 

@@ -84,7 +84,7 @@ class Reconciler:
         return agent_pb2.ReportedState(desired_generation=self.generation, models=models)
 
     def hello_generation(self) -> int:
-        """Return the generation to claim when a control stream opens: 0 while a download waits for a retry."""
+        """Return the generation to claim when a control stream opens, which is 0 while a download waits for a retry."""
         return 0 if self.retry_on_connect else self.generation
 
     def _still_served_status(self, name: str, status: agent_pb2.ModelStatus) -> agent_pb2.ModelStatus | None:
