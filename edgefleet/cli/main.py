@@ -143,7 +143,7 @@ class Client:
 
 
 def orchestrator_address(value: str) -> str:
-    """Return value when it is the HOST:PORT of an orchestrator; the argparse type of --orchestrator.
+    """Return value if it is an orchestrator's HOST:PORT. This is the argparse type of --orchestrator.
 
     argparse applies it to the EDGEFLEET_ORCHESTRATOR default as well. Raises ArgumentTypeError naming the
     value and the fix, so a mistyped port does not send the API token to another service.
@@ -157,7 +157,7 @@ def orchestrator_address(value: str) -> str:
 
 
 def environment_orchestrator() -> str:
-    """Return EDGEFLEET_ORCHESTRATOR, or "" when unset; raise CliError naming it when it is no HOST:PORT.
+    """Return EDGEFLEET_ORCHESTRATOR, or "" when unset. Raise CliError naming it when it is not HOST:PORT.
 
     It is read only by commands that connect, so a stale value does not stop pki or completion.
     """
@@ -1056,7 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse argv; report unknown arguments with the usage of the command they were given to.
+    """Parse argv, and report unknown arguments with the usage of the command they were given to.
 
     argparse reports them from the top-level parser, whose usage lists only the global options, so a
     mistyped flag of `edgefleet deploy` would show no flag of deploy. Exits 2 through parser.error.

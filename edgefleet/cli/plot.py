@@ -40,7 +40,7 @@ def output_path(path: Path) -> Path:
 def plot_latency(
     series: list[operator_pb2.MetricRow], overall: operator_pb2.MetricRow, title: str, output: Path
 ) -> Path:
-    """Draw p50/p95/p99 per time bucket above the histogram of the merged sketch; return the image path.
+    """Draw p50/p95/p99 per time bucket above the histogram of the merged sketch, and return the image path.
 
     Raises OSError when the file or its folder cannot be written.
     """

@@ -391,7 +391,7 @@ def cmd_action(client: Client, args: argparse.Namespace) -> None:
 
 
 def _show(client: Client, rollout: operator_pb2.Rollout, args: argparse.Namespace) -> None:
-    """Print the rollout; with --watch, print it again on every change until it reaches a final state.
+    """Print the rollout. With --watch, print it again on every change until it reaches a final state.
 
     With --watch, raises CliError with exit code 1 when that state is not succeeded, so that a script
     waiting on the rollout learns that the version did not reach its target.
