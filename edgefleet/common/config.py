@@ -85,7 +85,7 @@ def parse_pairs(text: str, name: str) -> dict[str, str]:
 
 
 class DaemonArgumentParser(argparse.ArgumentParser):
-    """The command-line parser of a daemon: an invalid command line prints one line and exits 78 (EX_CONFIG).
+    """Command-line parser of a daemon that prints one line and exits 78 (EX_CONFIG) for an invalid command line.
 
     argparse prints its whole usage block and exits 2, which fills the journal and, for the agent, is the
     code of a device that the orchestrator rejected. The unit files do not restart either code.

@@ -26,7 +26,7 @@ class RuntimeInfo:
     name: str  # "onnxruntime" or "litert".
     version: str
     providers: tuple[str, ...] = ()  # Execution providers or delegates that actually load.
-    package: str = ""  # Python distribution: "ai-edge-litert" or "tflite-runtime" for LiteRT; "" when unknown.
+    package: str = ""  # Python distribution: "ai-edge-litert" or "tflite-runtime" for LiteRT. "" when unknown.
 
 
 @dataclass(frozen=True)

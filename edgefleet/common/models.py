@@ -52,5 +52,5 @@ class ModelMetadata:
     macs_by_op_type: dict[str, int] = field(default_factory=dict)
     precision: str = "fp32"  # One of PRECISIONS: the narrowest type that most weights use.
     layers: int = 0
-    # TFLite: the min_runtime_version entry of the flatbuffer's metadata ("2.3.0"); "" when absent.
+    # TFLite: the min_runtime_version entry of the flatbuffer's metadata ("2.3.0"). "" when absent.
     min_runtime_version: str = ""
