@@ -63,7 +63,7 @@ ONNXRUNTIME_MAX_OPSET: dict[tuple[int, int], int] = {
 _RELEASE = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 # TFLite converters write min_runtime_version as a TensorFlow release. tflite-runtime shares those
-# numbers, but ai-edge-litert numbers its own releases from 1.0: it took over from TensorFlow Lite
+# numbers, but ai-edge-litert numbers its own releases from 1.0. It took over from TensorFlow Lite
 # 2.17, the last release on Maven, which moved to LiteRT 1.0.1. So every ai-edge-litert release
 # loads what TensorFlow Lite 2.17 loads, and its version says nothing about newer requirements.
 LITERT_SUCCEEDS_TENSORFLOW: Release = (2, 17, 0)
@@ -77,11 +77,11 @@ class RuntimeCheck:
     """Whether a device's runtime can load a variant, and the text an operator reads about it."""
 
     loads: bool
-    reason: str = ""  # The exclusion reason, or a note when the version could not be checked; "" otherwise.
+    reason: str = ""  # The exclusion reason, or a note when the version could not be checked. "" otherwise.
 
 
 def parse_release(version: str) -> Release | None:
-    """Return (major, minor, patch) from the start of a runtime version string; None when it does not parse.
+    """Return (major, minor, patch) from the start of a runtime version string, or None when it does not parse.
 
     A missing patch number counts as 0. Pre-release and local suffixes are ignored, so
     "1.18.0rc1" parses as (1, 18, 0).
@@ -123,7 +123,7 @@ def known_onnxruntime_opsets() -> dict[tuple[int, int], int]:
 
 
 def onnxruntime_max_opset(version: str) -> int | None:
-    """Return the newest default-domain opset that an onnxruntime release loads; None when version does not parse.
+    """Return the newest default-domain opset that an onnxruntime release loads, or None when version does not parse.
 
     A release newer than every known one loads the newest known opset. A release older than
     every known one loads opset 8, the opset of the oldest release.

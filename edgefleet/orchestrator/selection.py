@@ -131,7 +131,7 @@ def select_for_hardware(
     predictor: Predictor,
     stored: Collection[str] = (),
 ) -> Selection:
-    """Select a variant for any device with this hardware profile; see select_variant for the rule.
+    """Select a variant for any device with this hardware profile, by the rule of select_variant.
 
     stored holds the digests of files the device already stores, which need no free space.
     """
@@ -139,7 +139,7 @@ def select_for_hardware(
         raise ValueError(f"budget_ms must be positive or None for no budget, got {budget_ms!r}")
     formats = runnable_formats(hardware)
     memory = hardware.memory_total_bytes
-    # The free space of the model store, as last reported; 0 means the device could not read it.
+    # The free space of the model store, as last reported. 0 means the device could not read it.
     disk_free = hardware.disk_free_bytes
     qualified: list[tuple[Variant, Prediction, float]] = []
     excluded: dict[str, Candidate] = {}
