@@ -192,8 +192,8 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     retention_policy = RetentionPolicy.from_config(config)
     limits = OrchestratorLimits.from_config(config)
     check_listen_addresses(config)
-    # Bad TLS files, like a port in use, must end the start before the database is opened: the start
-    # would otherwise mark the devices of an orchestrator running on this database disconnected.
+    # Bad TLS files, like a port in use, must end the start before the database is opened, because the
+    # start would otherwise mark the devices of an orchestrator running on this database disconnected.
     credentials = port_credentials(config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(open_store, config.db_url)

@@ -213,7 +213,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             await asyncio.to_thread(self.state.store.update_disk_free, device_id, free_bytes)
         except NotFoundError:
-            # Removed while its stream is open; the stream is closed with the removal error when it ends.
+            # The device was removed while its stream is open. When the stream ends, it is closed with
+            # the removal error.
             log.info("not storing the free disk space of device_id=%s, which is no longer registered", device_id)
             return
         log.debug("device_id=%s reports %d bytes of free disk space", device_id, free_bytes)

@@ -172,7 +172,7 @@ def removed_error(removed: RemovedDevice, state: OrchestratorState) -> Edgefleet
 def _check_not_removed(
     device_id: str, instance_key_hash: str, enrollment_token: str, state: OrchestratorState, peer: str
 ) -> RemovedDevice | None:
-    """Reject a registration that presents a removed device's credentials; return the removal it readmits.
+    """Reject a registration that presents a removed device's credentials, and return the removal it readmits.
 
     With TLS only a new enrollment token readmits the id, because the removal deleted its credential.
     Without TLS the instance key is the only credential, so an agent with another key may take the id.

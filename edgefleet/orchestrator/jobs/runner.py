@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 # Exit status of a worker whose job was cancelled or requeued while it ran.
 EXIT_ABANDONED = 3
-# Exit status of a worker that lost the database; the runner queues its job again.
+# Exit status of a worker that lost the database. The runner queues its job again.
 EXIT_DATABASE_UNAVAILABLE = 4
 # Work directories are named JOBID-ATTEMPT. Other entries under work_root are never removed.
 _WORK_DIR_NAME = re.compile(r"[0-9A-Za-z]+-[0-9]+")

@@ -36,7 +36,7 @@ LEASE_NAME = "rollout-engine"
 LEASE_TTL_S = 10.0
 # A rollback waits this long for connected devices to report the restored generation before it ends.
 ROLLBACK_CONFIRM_TIMEOUT = timedelta(seconds=120)
-# Skipped devices named in the reason of a rollout that no device runs; rollout status lists them all.
+# Skipped devices named in the reason of a rollout that no device runs. `rollout status` lists them all.
 MAX_LISTED_SKIPS = 5
 
 # Returns the predictor for the variants of one model version on devices of the given hardware

@@ -92,7 +92,7 @@ def revoke_enrollment_token(
 def revoke_device(
     request: operator_pb2.RevokeDeviceRequest, state: OrchestratorState
 ) -> operator_pb2.RevokeDeviceResponse:
-    """Revoke a device and close its control stream on this process; the next connection is refused.
+    """Revoke a device and close its control stream on this process. Its next connection is rejected.
 
     Raises NotFound, with the closest registered ids, for an id that is neither a registered device nor
     named by an unused enrollment token, so a mistyped id does not report success while the device stays

@@ -47,14 +47,14 @@ def open_security(store: Store, config: OrchestratorConfig) -> Security:
 
 @dataclass(frozen=True)
 class PortCredentials:
-    """TLS credentials of the agent port and the operator port; None for a port served in plaintext or not served."""
+    """TLS credentials of the agent port and the operator port. None for a port served in plaintext or not served."""
 
     agent: grpc.ServerCredentials | None
     operator: grpc.ServerCredentials | None
 
 
 def port_credentials(config: OrchestratorConfig) -> PortCredentials:
-    """Read the TLS files and return the credentials of both ports; both are None with config.insecure.
+    """Read the TLS files and return the credentials of both ports. Both are None with config.insecure.
 
     Start-up calls it before it opens the database, so that a missing or mismatched file ends the start
     before the database or admin.token is written. Raises CredentialsError naming the file and the fix.

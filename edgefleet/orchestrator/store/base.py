@@ -142,7 +142,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def update_disk_free(self, device_id: str, free_bytes: int) -> None:
-        """Replace disk_free_bytes in the device's stored hardware; raise NotFoundError for an unknown device.
+        """Replace disk_free_bytes in the device's stored hardware, or raise NotFoundError for an unknown device.
 
         The hardware history gets no row, because the free space is one of the volatile readings.
         """
