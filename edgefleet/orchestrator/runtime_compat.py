@@ -233,9 +233,13 @@ def _check_renumbered_litert(runtime: RuntimeInfo, required: Release, required_t
     """
     if runtime.package == "ai-edge-litert" and required <= LITERT_SUCCEEDS_TENSORFLOW:
         return RuntimeCheck(loads=True)
-    package = runtime.package or "an unnamed LiteRT package"
-    return RuntimeCheck(
-        loads=True,
-        reason=f"min_runtime_version {required_text} was not checked: {package} {runtime.version} on the device "
-        "numbers its releases apart from TensorFlow's",
-    )
+    if runtime.package:
+        numbering = (
+            f"{runtime.package} {runtime.version} on the device numbers its releases differently from TensorFlow"
+        )
+    else:
+        numbering = (
+            f"the device does not name its LiteRT package, so its version {runtime.version} "
+            "may not be a TensorFlow release"
+        )
+    return RuntimeCheck(loads=True, reason=f"min_runtime_version {required_text} was not checked: {numbering}")
