@@ -202,14 +202,14 @@ def _os_name(root: Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DiskUsage:
-    """Size and free space of a file system, in bytes; both 0 when they could not be read."""
+    """Size and free space of a file system, in bytes. Both are 0 when they could not be read."""
 
     total_bytes: int
     free_bytes: int
 
     @property
     def reported_free_bytes(self) -> int:
-        """Free bytes as the orchestrator stores them, where 0 means unknown; a full file system reports 1.
+        """Free bytes as the orchestrator stores them. 0 means unknown, so a full file system reports 1.
 
         Variant selection treats an unknown free space as fitting every file, so a full model store
         must not send 0.
