@@ -121,7 +121,8 @@ class JobRunner:
         self._cancel_requests: set[str] = set()
         self._thread: threading.Thread | None = None
         self._next_recovery = 0.0
-        # Attempts of one job in a row whose workers lost the database, by job id; emptied by any other exit.
+        # Attempts in a row whose workers lost the database, by job id. A worker exit with any other
+        # status, of any job, clears every entry.
         self._database_losses: dict[str, set[int]] = {}
         self._claim_after = 0.0  # time.monotonic() before which the runner claims no job.
 
