@@ -65,7 +65,8 @@ _RELEASE = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 # TFLite converters write min_runtime_version as a TensorFlow release. tflite-runtime shares those
 # numbers, but ai-edge-litert numbers its own releases from 1.0. It took over from TensorFlow Lite
 # 2.17, the last release on Maven, which moved to LiteRT 1.0.1. So every ai-edge-litert release
-# loads what TensorFlow Lite 2.17 loads, and its version says nothing about newer requirements.
+# loads what TensorFlow Lite 2.17 loads, and its version does not show whether it meets a newer
+# requirement.
 LITERT_SUCCEEDS_TENSORFLOW: Release = (2, 17, 0)
 
 # Reason for an exclusion, as the first words of Candidate.reason.
@@ -228,7 +229,7 @@ def _check_renumbered_litert(runtime: RuntimeInfo, required: Release, required_t
     """Check a LiteRT that is not tflite-runtime, whose version is below the TensorFlow release required.
 
     ai-edge-litert loads every requirement up to LITERT_SUCCEEDS_TENSORFLOW. A newer one, or a
-    device that does not say which package it runs (agents before the package field), is allowed
+    device that does not report which package it runs (agents older than the package field), is allowed
     with a note, because the device's version cannot be compared with a TensorFlow release.
     """
     if runtime.package == "ai-edge-litert" and required <= LITERT_SUCCEEDS_TENSORFLOW:

@@ -133,7 +133,7 @@ def select_for_hardware(
 ) -> Selection:
     """Select a variant for any device with this hardware profile, by the rule of select_variant.
 
-    stored holds the digests of files the device already stores, which need no free space.
+    stored contains the digests of files the device already stores, which need no free space.
     """
     if budget_ms is not None and not (budget_ms > 0):
         raise ValueError(f"budget_ms must be positive or None for no budget, got {budget_ms!r}")

@@ -491,8 +491,8 @@ class RolloutEngine:
     def _end_with_no_device(self, rollout: Rollout, waves: Sequence[Wave]) -> None:
         """End a rollout whose waves all passed without assigning the version to any device, as aborted.
 
-        Succeeded would tell the operator that the version runs. Aborted keeps the assignments made,
-        which are none here, and stops the rollout, so a fixed version needs a new rollout.
+        Succeeded would tell the operator that the version runs. Aborted stops the rollout and keeps
+        the assignments made (here there are none), so a fixed version needs a new rollout.
         """
         model = f"{rollout.spec.model_name}:{rollout.spec.model_version}"
         skipped = _skipped_devices(waves)
