@@ -45,9 +45,11 @@ class CliArgumentParser(argparse.ArgumentParser):
         action = self._option_string_actions.get(option_strings[0])
         if action is None:
             return None
+
         name = max(action.option_strings, key=len)
         expects = f"{name} expects {expected_value(action)}"
         arguments: list[str] = getattr(self, "arguments", [])
+
         # The first use of the flag that is last or followed by a dash, as argparse rejects the first one.
         positions = [
             i
@@ -56,12 +58,14 @@ class CliArgumentParser(argparse.ArgumentParser):
         ]
         if not positions:
             return None
+
         following = arguments[positions[0] + 1 : positions[0] + 2]
         if not following:
             return f"argument {name}: missing value at the end of the command; {expects}"
         value = following[0]
         if self.is_option(value):
             return f"argument {name}: missing value before {value}; {expects}"
+
         message = (
             f"argument {name}: {value!r} starts with a dash, so it is read as an option instead of a value. {expects}."
         )
