@@ -63,6 +63,8 @@ class Telemetry:
         host, _, port = address.rpartition(":")
         if not port.isdigit():
             raise ValueError(f"invalid metrics listen address {address!r}; expected HOST:PORT")
+        # The address keeps the brackets of an IPv6 host ([::1]:9464), which getaddrinfo does not accept.
+        host = host.removeprefix("[").removesuffix("]")
         server, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
         self._server = server
         return int(server.server_port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -127,3 +128,29 @@ def test_duplicate_batch_is_counted_as_duplicate(fleet: tuple[LocalFleet, int]) 
         stub.UploadMetrics(request, timeout=10)
     batches = {labels["result"]: value for labels, value in scrape(port)["edgefleet_metric_batches_total"]}
     assert batches["duplicate"] >= 1
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="this host cannot bind ::1")
+def test_metrics_listen_on_ipv6_in_brackets(tmp_path: Path) -> None:
+    local = LocalFleet(tmp_path, secure=False)
+    port_file = tmp_path / "metrics.port"
+    local.start_orchestrator(extra_args=("--metrics-listen", "[::1]:0", "--metrics-port-file", str(port_file)))
+    try:
+        port = int(port_file.read_text())
+        with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as response:
+            status = response.status
+            text = response.read().decode()
+    finally:
+        local.stop()
+
+    assert status == 200
+    assert "edgefleet_registrations_total" in text
