@@ -89,14 +89,18 @@ def run(config: AgentConfig) -> int:
         log.error("%s", error)
         return EXIT_CONFIG
     labels = {**profile.labels, **config.labels}
-    if profile.name:
-        labels.setdefault("profile", profile.name)
+    sources = "the profile and --labels"
+    if profile.name and "profile" not in labels:
+        labels["profile"] = profile.name
+        # This label counts toward the limit too, so the message names it.
+        sources = f"the profile, --labels and the label profile={profile.name} that the agent adds"
     # The profile's labels and --labels pass their own checks, but the orchestrator limits them together.
     problem = label_problem(labels)
     if problem:
         log.error(
-            "cannot start: invalid labels of the profile and --labels together: %s; the orchestrator would reject "
+            "cannot start: invalid labels of %s together: %s; the orchestrator would reject "
             "the device, so remove labels from the profile or from --labels",
+            sources,
             problem,
         )
         return EXIT_CONFIG

@@ -304,6 +304,7 @@ def test_profile_and_flag_labels_too_many(tmp_path: Path) -> None:
     # 20 from the profile, 12 from --labels and profile=gateway.
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert "33 labels; at most 32 are allowed" in result.stderr
+    assert "the label profile=gateway that the agent adds" in result.stderr
     assert "the orchestrator would reject the device" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "state").exists()
