@@ -216,7 +216,9 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         metrics_port = state.telemetry.serve(config.metrics_listen)
         if config.metrics_port_file is not None:
             config.metrics_port_file.write_text(f"{metrics_port}\n")
-        log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_listen.rpartition(":")[0], metrics_port)
+        # An empty host (":9464") serves every IPv4 address, as Telemetry.serve binds it.
+        metrics_host = config.metrics_listen.rpartition(":")[0] or "0.0.0.0"
+        log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
 
     state.security = await asyncio.to_thread(open_security, store, config)
     server = grpc.aio.server(

@@ -154,3 +154,19 @@ def test_metrics_listen_on_ipv6_in_brackets(tmp_path: Path) -> None:
 
     assert status == 200
     assert "edgefleet_registrations_total" in text
+
+
+def test_metrics_listen_empty_host_logged(tmp_path: Path) -> None:
+    local = LocalFleet(tmp_path, secure=False)
+    port_file = tmp_path / "metrics.port"
+    local.start_orchestrator(extra_args=("--metrics-listen", ":0", "--metrics-port-file", str(port_file)))
+    try:
+        port = int(port_file.read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            status = response.status
+        log_text = local.orchestrator.log_path.read_text()
+    finally:
+        local.stop()
+
+    assert status == 200
+    assert f"Prometheus metrics on http://0.0.0.0:{port}/metrics" in log_text
