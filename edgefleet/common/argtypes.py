@@ -33,30 +33,26 @@ def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], in
 
 def seconds(maximum: float | None = None) -> Callable[[str], float]:
     """Return an argparse type that parses a finite number of seconds above 0 (and at most maximum)."""
-    allowed = "above 0" + (f" and at most {maximum:g}" if maximum is not None else "")
-
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not (math.isfinite(number) and number > 0 and (maximum is None or number <= maximum)):
-            raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds {allowed}")
-        return number
-
-    return parse
+    return _seconds_type(allow_zero=False, maximum=maximum)
 
 
 def wait_seconds(maximum: float | None = None) -> Callable[[str], float]:
     """Return an argparse type that parses a finite number of seconds of 0 or more (and at most maximum)."""
-    allowed = "of 0 or more" + (f" and at most {maximum:g}" if maximum is not None else "")
+    return _seconds_type(allow_zero=True, maximum=maximum)
+
+
+def _seconds_type(*, allow_zero: bool, maximum: float | None) -> Callable[[str], float]:
+    allowed = ("of 0 or more" if allow_zero else "above 0") + (
+        f" and at most {maximum:g}" if maximum is not None else ""
+    )
 
     def parse(value: str) -> float:
         try:
             number = float(value)
         except ValueError:
             number = math.nan
-        if not (math.isfinite(number) and number >= 0 and (maximum is None or number <= maximum)):
+        in_range = (number >= 0 if allow_zero else number > 0) and (maximum is None or number <= maximum)
+        if not (math.isfinite(number) and in_range):
             raise argparse.ArgumentTypeError(f"invalid value {value!r}: give a number of seconds {allowed}")
         return number
 
