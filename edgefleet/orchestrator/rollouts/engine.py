@@ -24,7 +24,7 @@ from edgefleet.orchestrator.rollouts.domain import (
 )
 from edgefleet.orchestrator.rollouts.gates import WaveGates, count_devices
 from edgefleet.orchestrator.rollouts.store import RevisionConflictError, RolloutStore, WaveKey
-from edgefleet.orchestrator.selection import Predictor, select_variant
+from edgefleet.orchestrator.selection import Predictor, fits_disk, select_variant
 from edgefleet.orchestrator.store.base import NotFoundError, Store
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,11 @@ class RolloutEngine:
         chosen: list[WaveDevice] = []
         for device in devices:
             allowed = [v for v in variants if exclusions.allows(device, v)]
-            reported = self.store.get_reported_state(device.device_id)
+            # The reported state only matters for a variant whose file does not fit the free space, so a
+            # fleet with room reads no extra row per device.
+            disk_free = device.hardware.disk_free_bytes
+            short_of_space = any(not fits_disk(v, disk_free) for v in allowed)
+            reported = self.store.get_reported_state(device.device_id) if short_of_space else []
             selection = select_variant(
                 device, allowed, budget_ms=spec.budget_ms, predictor=predictor, reported=reported
             )
