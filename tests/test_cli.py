@@ -302,10 +302,10 @@ def test_offline_model_state_marked(fleet: OrchestratorThread, open_stream: Call
 
     listed = run_cli("--orchestrator", fleet.address, "devices", "list")
     listed_json = run_cli("--orchestrator", fleet.address, "devices", "list", "-o", "json")
-    shown = run_cli("--orchestrator", fleet.address, "devices", "show", offline_id)
-    shown_online = run_cli("--orchestrator", fleet.address, "devices", "show", online_id)
+    show_offline = run_cli("--orchestrator", fleet.address, "devices", "show", offline_id)
+    show_online = run_cli("--orchestrator", fleet.address, "devices", "show", online_id)
 
-    for result in (listed, listed_json, shown, shown_online):
+    for result in (listed, listed_json, show_offline, show_online):
         assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
     assert re.search(r" linear:serving \(last seen \d+s ago\) ", rows[offline_id])
@@ -316,8 +316,8 @@ def test_offline_model_state_marked(fleet: OrchestratorThread, open_stream: Call
     assert devices[offline_id]["models"][0]["current"] is False
     assert devices[online_id]["models"][0]["state"] == "serving"
     assert devices[online_id]["models"][0]["current"] is True
-    assert re.search(r"linear:1:source +serving \(last seen \d+s ago\) +onnxruntime", shown.stdout)
-    assert re.search(r"linear:1:source +serving +onnxruntime", shown_online.stdout)
+    assert re.search(r"linear:1:source +serving \(last seen \d+s ago\) +onnxruntime", show_offline.stdout)
+    assert re.search(r"linear:1:source +serving +onnxruntime", show_online.stdout)
 
 
 def test_deploy_offline_state_marked(fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]) -> None:

@@ -679,11 +679,11 @@ def wait_for_state(
         if applied and status is not None and status["state"] in ("serving", "failed"):
             return device
         if time.monotonic() > deadline:
-            shown = status["state"] + views.last_report_note(device) if status else "not reported yet"
+            state_text = status["state"] + views.last_report_note(device) if status else "not reported yet"
             if not applied:
-                shown += f"; the device reports generation {device['reported_generation']} of {generation}"
+                state_text += f"; the device reports generation {device['reported_generation']} of {generation}"
             raise CliError(
-                f"timed out after {timeout_s:g} s waiting for {variant_id} on {device_id} (state: {shown})",
+                f"timed out after {timeout_s:g} s waiting for {variant_id} on {device_id} (state: {state_text})",
                 EXIT_TIMEOUT,
             )
         time.sleep(0.5)

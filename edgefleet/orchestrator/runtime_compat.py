@@ -172,10 +172,10 @@ def check_runtime_version(hardware: HardwareProfile, variant: Variant) -> Runtim
 
 
 def _unknown_version(runtime: RuntimeInfo, requirement: str) -> RuntimeCheck:
-    shown = repr(runtime.version) if runtime.version else "an empty version"
+    version_text = repr(runtime.version) if runtime.version else "an empty version"
     return RuntimeCheck(
         loads=True,
-        reason=f"{runtime.name} version {shown} on the device does not parse, so {requirement} was not checked; "
+        reason=f"{runtime.name} version {version_text} on the device does not parse, so {requirement} was not checked; "
         "fix the version the device reports",
     )
 

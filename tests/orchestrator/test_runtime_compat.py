@@ -1,7 +1,7 @@
 """Variant selection, deploy and rollouts against the runtime versions that devices report over gRPC.
 
 Devices register through the real Register call with HardwareProfile messages that report older
-onnxruntime and LiteRT releases; the models are real ONNX files at different opsets and a real
+onnxruntime and LiteRT releases. The models are real ONNX files at different opsets, and a real
 TFLite file whose min_runtime_version entry is rewritten.
 """
 
