@@ -1005,6 +1005,38 @@ def test_query_metric_time_range(store: Store) -> None:
     assert len(store.query_metric_windows(end=start)) == 1
 
 
+# (filters, expected tags) for test_query_metric_by_receipt. Every query starts at NOW. With an
+# end, the receive times it matches end an hour after that end.
+_RECEIPT_CASES: list[tuple[dict[str, Any], list[str]]] = [
+    ({"end": NOW + timedelta(minutes=10), "received_device_ids": {"dev-2"}}, ["skewed", "recent", "future"]),
+    ({"end": NOW + timedelta(minutes=10)}, ["recent", "future"]),
+    ({"received_device_ids": {"dev-2"}}, ["skewed", "recent", "future"]),
+    ({}, ["recent", "future"]),
+]
+
+
+@pytest.mark.parametrize(("filters", "expected"), _RECEIPT_CASES, ids=["skewed-end", "end", "skewed", "open"])
+def test_query_metric_by_receipt(store: Store, filters: dict[str, Any], expected: list[str]) -> None:
+    """Windows that were only delivered late do not match by their receive time."""
+    _register(store, "dev-1")
+    _register(store, "dev-2")
+    received_at = NOW + timedelta(minutes=1)
+    tagged = {
+        "late": _window("dev-1", received_at=received_at, window_start=NOW - timedelta(days=2)),
+        "skewed": _window("dev-2", received_at=received_at, window_start=NOW - timedelta(hours=1)),
+        "recent": _window("dev-1", received_at=received_at, window_start=NOW),
+        "future": _window("dev-1", received_at=received_at, window_start=NOW + timedelta(hours=2)),
+    }
+    store.add_metric_batch("dev-1", "b1", [tagged["late"], tagged["recent"], tagged["future"]])
+    store.add_metric_batch("dev-2", "b2", [tagged["skewed"]])
+    by_window = {window: tag for tag, window in tagged.items()}
+    received_end = filters["end"] + timedelta(hours=1) if "end" in filters else None
+
+    selected = store.query_metric_windows(start=NOW, received_start=NOW, received_end=received_end, **filters)
+
+    assert [by_window[w] for w in selected] == expected
+
+
 # Concurrency
 
 

@@ -180,6 +180,10 @@ def query_metrics(
         raise InvalidArgument("start", f"{start.isoformat()} must be before end {end.isoformat()}")
     if request.bucket_seconds > MAX_WINDOW_SECONDS * 24:
         raise InvalidArgument("bucket_seconds", f"{request.bucket_seconds} is over {MAX_WINDOW_SECONDS * 24}")
+    skewed = state.hub.skewed_devices()
+    if request.device_id:
+        skewed = skewed & {request.device_id}
+    max_skew = timedelta(seconds=state.config.max_clock_skew_s)
     # Windows placed by receive time end at their receipt at the latest, so a receipt up to one
     # window length after the range can still place a window inside it; placement_time filters exactly.
     windows = state.store.iter_metric_windows(
@@ -191,9 +195,8 @@ def query_metrics(
         end=end,
         received_start=start,
         received_end=end + timedelta(seconds=MAX_WINDOW_SECONDS) if end else None,
+        received_device_ids=skewed,
     )
-    skewed = state.hub.skewed_devices()
-    max_skew = timedelta(seconds=state.config.max_clock_skew_s)
     keys = tuple(dict.fromkeys(request.group_by))
     # Windows are merged as they stream from the store, so memory grows with the groups, not the windows.
     groups: dict[tuple[tuple[str, str], ...], _Group] = {}

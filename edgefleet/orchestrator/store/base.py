@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -250,12 +250,16 @@ class Store(abc.ABC):
         end: datetime | None = None,
         received_start: datetime | None = None,
         received_end: datetime | None = None,
+        received_device_ids: Collection[str] = (),
     ) -> list[MetricWindow]:
         """Return windows matching every non-empty filter, with window_start in [start, end), by window_start.
 
-        When received_start or received_end is given, windows with received_at in [received_start,
-        received_end) match as well, so a caller can place windows of a device with a wrong clock
-        by their receive time.
+        When received_start or received_end is given, a window with received_at in [received_start,
+        received_end) matches as well if its device is in received_device_ids or its window_start is
+        at or after end. This lets a caller place by receive time the windows of devices with a wrong
+        clock and windows that start later than their receipt allows. Windows that were only
+        delivered late do not match by receipt, so a recent range does not read every old window that
+        an agent uploaded in it.
         """
         return list(
             self.iter_metric_windows(
@@ -267,6 +271,7 @@ class Store(abc.ABC):
                 end=end,
                 received_start=received_start,
                 received_end=received_end,
+                received_device_ids=received_device_ids,
             )
         )
 
@@ -282,6 +287,7 @@ class Store(abc.ABC):
         end: datetime | None = None,
         received_start: datetime | None = None,
         received_end: datetime | None = None,
+        received_device_ids: Collection[str] = (),
     ) -> Generator[MetricWindow, None, None]:
         """Yield what query_metric_windows returns, reading it in batches, so memory does not grow with the range.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -538,9 +538,18 @@ class SqlStore(SqlTransactions, Store):
         end: datetime | None = None,
         received_start: datetime | None = None,
         received_end: datetime | None = None,
+        received_device_ids: Collection[str] = (),
     ) -> Generator[MetricWindow, None, None]:
         query = _metric_windows_query(
-            device_id, model_name, variant_id, hardware_class, start, end, received_start, received_end
+            device_id,
+            model_name,
+            variant_id,
+            hardware_class,
+            start,
+            end,
+            received_start,
+            received_end,
+            received_device_ids,
         )
         with self._read() as connection:
             # yield_per fetches in batches, through a server-side cursor on PostgreSQL.
@@ -701,6 +710,7 @@ def _metric_windows_query(
     end: datetime | None,
     received_start: datetime | None,
     received_end: datetime | None,
+    received_device_ids: Collection[str],
 ) -> sa.Select[Any]:
     """Build the select of query_metric_windows and iter_metric_windows, ordered by window_start."""
     query = sa.select(metric_windows).order_by(metric_windows.c.window_start, metric_windows.c.id)
@@ -714,7 +724,21 @@ def _metric_windows_query(
         if value:
             query = query.where(column == value)
     by_start = queries.time_range(metric_windows.c.window_start, "", start, end)
-    if received_start is not None or received_end is not None:
-        by_receipt = queries.time_range(metric_windows.c.received_at, "received_", received_start, received_end)
-        return query.where(sa.or_(by_start, by_receipt))
-    return query.where(by_start)
+    if received_start is None and received_end is None:
+        return query.where(by_start)
+
+    # Only windows that the caller may place by receive time match by it. Matching every window
+    # received in the range would read all old windows that agents delivered late in it, and on
+    # PostgreSQL 15 the OR then kept the planner from using the range of the window_start indexes.
+    placed_by_receipt: list[sa.ColumnElement[bool]] = []
+    if received_device_ids:
+        placed_by_receipt.append(metric_windows.c.device_id.in_(sorted(received_device_ids)))
+    if end is not None:
+        placed_by_receipt.append(metric_windows.c.window_start >= end)
+    if not placed_by_receipt:
+        return query.where(by_start)
+    by_receipt = sa.and_(
+        queries.time_range(metric_windows.c.received_at, "received_", received_start, received_end),
+        sa.or_(*placed_by_receipt),
+    )
+    return query.where(sa.or_(by_start, by_receipt))
