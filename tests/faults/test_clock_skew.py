@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -120,3 +122,33 @@ def test_late_delivery_keeps_its_start(
     upload(orchestrator, device_id, "b1", datetime.now(UTC) - HOUR, 4)
 
     assert recent_total(orchestrator, device_id) == 0
+
+
+def test_late_delivery_no_clock_warning(orchestrator: OrchestratorThread, caplog: pytest.LogCaptureFixture) -> None:
+    device_id, _ = register(orchestrator.agent)
+
+    with caplog.at_level(logging.INFO, logger="edgefleet.orchestrator.handlers.metrics"):
+        upload(orchestrator, device_id, "b1", datetime.now(UTC) - timedelta(days=2), 4)
+
+    records = [record for record in caplog.records if record.name == "edgefleet.orchestrator.handlers.metrics"]
+    messages = [record.getMessage() for record in records]
+    assert [record.levelname for record in records] == ["INFO"]
+    assert len(messages) == 1
+    assert "delivered late" in messages[0]
+
+
+def test_future_window_clock_warning(orchestrator: OrchestratorThread, caplog: pytest.LogCaptureFixture) -> None:
+    device_id, _ = register(orchestrator.agent)
+
+    with caplog.at_level(logging.INFO, logger="edgefleet.orchestrator.handlers.metrics"):
+        upload(orchestrator, device_id, "b1", datetime.now(UTC) + HOUR, 4)
+
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "edgefleet.orchestrator.handlers.metrics" and record.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 1
+    ahead = re.search(rf"device_id={device_id} clock looks ahead by about (\d+) s", warnings[0])
+    assert ahead is not None, warnings[0]
+    assert int(ahead.group(1)) == pytest.approx(3600, abs=5)

@@ -58,19 +58,35 @@ def upload_metrics(
     if stored:
         state.telemetry.metric_windows.inc(len(windows))
         state.telemetry.inferences_reported.inc(sum(w.inference_count for w in windows))
-    skewed = [
-        w
-        for w in windows
-        if abs(w.window_start - received_at) > CLOCK_SKEW_WARNING + timedelta(seconds=w.window_seconds)
-    ]
-    if stored and skewed:
-        log.warning(
-            "device_id=%s clock looks off by about %.0f s (batch %s); stored with both device and receive times",
-            device.device_id,
-            (received_at - skewed[-1].window_start).total_seconds(),
-            request.batch_id,
-        )
+    if stored and windows:
+        _log_window_times(device.device_id, request.batch_id, windows, received_at)
     return agent_pb2.UploadMetricsResponse(accepted=len(windows) if stored else 0, duplicate=not stored)
+
+
+def _log_window_times(device_id: str, batch_id: str, windows: list[MetricWindow], received_at: datetime) -> None:
+    """Log a batch with a window that starts after its receipt, or one that ended long before it.
+
+    Only a clock that is ahead explains a window from the future. An old window is normal for an
+    agent that buffered its windows while the orchestrator was unreachable, so it is no warning.
+    """
+    ahead = max(window.window_start - received_at for window in windows)
+    if ahead > CLOCK_SKEW_WARNING:
+        log.warning(
+            "device_id=%s clock looks ahead by about %.0f s: batch %s has a window that starts after its receipt; "
+            "stored with both device and receive times",
+            device_id,
+            ahead.total_seconds(),
+            batch_id,
+        )
+    late = max(received_at - window.window_start - timedelta(seconds=window.window_seconds) for window in windows)
+    if late > CLOCK_SKEW_WARNING:
+        log.info(
+            "device_id=%s batch %s has a window that ended %.0f s before its receipt: delivered late from the "
+            "agent's buffer, or the device clock is behind (devices show prints the measured clock skew)",
+            device_id,
+            batch_id,
+            late.total_seconds(),
+        )
 
 
 def _window_from_proto(
