@@ -81,6 +81,7 @@ def run(config: AgentConfig) -> int:
     from edgefleet.agent.agent import Agent, FatalAgentError, Keepalive
     from edgefleet.agent.buffer import BufferLimits
     from edgefleet.agent.probe import probe_hardware
+    from edgefleet.agent.probe_cgroup import cpu_quota
     from edgefleet.agent.profiles import DeviceProfile, ProfileError, load_profile
 
     try:
@@ -110,7 +111,7 @@ def run(config: AgentConfig) -> int:
     except (CredentialsError, IdentityError) as error:
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
-    limits = profile.enforce()
+    limits = profile.enforce(cpu_quota(Path("/")))
     # The free space reported is that of the model store (Agent.store), which may be a file system of its own.
     hardware = profile.apply(probe_hardware(store_dir=config.state_dir / "models"))
     config = AgentConfig(**{**config.__dict__, "labels": labels})

@@ -121,11 +121,14 @@ class DeviceProfile:
             runtime, providers=tuple(p for p in runtime.providers if p in cpu_providers)
         )
 
-    def enforce(self) -> EnforcedLimits:
+    def enforce(self, cpu_quota: float | None = None) -> EnforcedLimits:
         """Pin this process to ceil(cores) of the CPUs it may run on, lowest ids first.
 
         Sets the affinity of every thread listed in /proc/self/task with os.sched_setaffinity
         (threads created later inherit it); a profile without cores leaves the affinity alone.
+        cpu_quota is the cgroup CPU quota in CPUs (probe_cgroup.cpu_quota), or None when unlimited.
+        Without `threads` in the profile, the agent runs one thread per pinned CPU, but no more than the
+        quota rounded up. The kernel throttles a cgroup that has used its quota, so more threads only wait.
         Returns the CPUs, the thread count and the memory budget that the agent must respect.
         """
         usable = sorted(os.sched_getaffinity(0))
@@ -142,8 +145,15 @@ class DeviceProfile:
             cpus = usable[:requested]
             _pin_all_threads(cpus)
             logger.info("profile %s pinned the agent to CPUs %s", self.name, cpus)
-        threads = self.threads if self.threads is not None else len(cpus)
+        threads = self.threads if self.threads is not None else default_threads(len(cpus), cpu_quota)
         return EnforcedLimits(cpus=tuple(cpus), threads=threads, memory_budget_bytes=self.memory_bytes)
+
+
+def default_threads(cpu_count: int, cpu_quota: float | None) -> int:
+    """Return the intra-op threads for cpu_count CPUs under a cgroup quota of cpu_quota CPUs (None: no quota)."""
+    if cpu_quota is None:
+        return cpu_count
+    return max(1, min(cpu_count, math.ceil(cpu_quota)))
 
 
 def _pin_all_threads(cpus: list[int]) -> None:

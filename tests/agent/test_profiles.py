@@ -16,7 +16,7 @@ import pytest
 import edgefleet
 from edgefleet.agent.profiles import DeviceProfile, ProfileError, load_profile, shipped_profiles
 from edgefleet.common.hardware import Accelerator, HardwareProfile, RuntimeInfo, hardware_class_of
-from tests.agent.fakes.tree import GIB, MIB
+from tests.agent.fakes.tree import GIB, MIB, FakeTree
 
 REPO_ROOT = Path(edgefleet.__file__).resolve().parents[1]
 
@@ -200,17 +200,20 @@ def test_load_missing_file(tmp_path: Path) -> None:
 # enforce(), in a child process so that this process keeps its CPU affinity.
 
 
-def enforce_in_child(tmp_path: Path, profile_text: str) -> dict[str, object]:
+def enforce_in_child(tmp_path: Path, profile_text: str, probe_root: Path = Path("/")) -> dict[str, object]:
+    """Run enforce() in a child with the cgroup CPU quota read below probe_root; return what it set."""
     path = write_profile(tmp_path, profile_text)
     script = textwrap.dedent(f"""
         import json, os, threading
+        from pathlib import Path
+        from edgefleet.agent.probe_cgroup import cpu_quota
         from edgefleet.agent.profiles import load_profile
         before = sorted(os.sched_getaffinity(0))
         started, stop = threading.Event(), threading.Event()
         worker = threading.Thread(target=lambda: (started.set(), stop.wait()))
         worker.start()
         started.wait()
-        limits = load_profile({str(path)!r}).enforce()
+        limits = load_profile({str(path)!r}).enforce(cpu_quota(Path({str(probe_root)!r})))
         worker_affinity = sorted(os.sched_getaffinity(worker.native_id))
         stop.set()
         worker.join()
@@ -262,3 +265,35 @@ def test_enforce_without_cores(tmp_path: Path) -> None:
     assert result["after"] == result["before"]
     assert result["cpus"] == result["before"]
     assert result["threads"] == len(os.sched_getaffinity(0))
+
+
+def test_enforce_threads_capped_by_quota(tmp_path: Path) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs, so that a quota of 0.5 CPUs allows fewer threads than CPUs")
+    tree = FakeTree(tmp_path / "root")
+    tree.set_cgroup_v2("/agent.service", {"/agent.service": {"cpu.max": "50000 100000\n"}})
+
+    result = enforce_in_child(tmp_path, "memory_mib = 64\n", probe_root=tree.root)
+
+    assert result["cpus"] == result["before"]
+    assert result["threads"] == 1
+
+
+def test_enforce_threads_quota_rounded_up(tmp_path: Path) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell 2 threads from 1")
+    tree = FakeTree(tmp_path / "root")
+    tree.set_cgroup_v2("/agent.service", {"/agent.service": {"cpu.max": "150000 100000\n"}})
+
+    result = enforce_in_child(tmp_path, "memory_mib = 64\n", probe_root=tree.root)
+
+    assert result["threads"] == 2
+
+
+def test_enforce_profile_threads_over_quota(tmp_path: Path) -> None:
+    tree = FakeTree(tmp_path / "root")
+    tree.set_cgroup_v2("/agent.service", {"/agent.service": {"cpu.max": "50000 100000\n"}})
+
+    result = enforce_in_child(tmp_path, "threads = 3\n", probe_root=tree.root)
+
+    assert result["threads"] == 3
