@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"edgefleet-orchestrator: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    from edgefleet.orchestrator.store.instance_lock import InstanceLockLost
+
     try:
         from edgefleet.orchestrator.security.serving import check_listen_addresses
 
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         check_listen_addresses(config)
         prepare_data_dir(config.data_dir)
         asyncio.run(serve_config(config))
+    except InstanceLockLost as error:
+        # Another orchestrator serves the database now; a restart by systemd reports it and exits 78.
+        log.error("stopped: %s", error)
+        return EXIT_UNAVAILABLE
     except (ConfigError, CredentialsError) as error:
         # A restart cannot fix these: an unusable data directory or SQLite file, or missing TLS files.
         log.error("cannot start: %s", error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +28,7 @@ from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import Store, open_store
 from edgefleet.orchestrator.store.engine import DatabaseUnavailable
+from edgefleet.orchestrator.store.instance_lock import InstanceLock, InstanceLockLost, acquire_instance_lock
 from edgefleet.orchestrator.validation import MalformedRequestInterceptor
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -94,15 +96,20 @@ class RunningServer:
     database_watch: asyncio.Task[None] | None = None
     retention: asyncio.Task[None] | None = None
     operator_port: int = 0  # The server-only TLS port for operators; 0 with --insecure, where port serves both.
+    instance_lock: InstanceLock | None = None
+    lock_watch: asyncio.Task[None] | None = None
+    # Done with the InstanceLockLost when another orchestrator took over the database; serve() then stops.
+    lock_lost: asyncio.Future[InstanceLockLost] | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Flip health to NOT_SERVING, close streams, let calls finish for grace_s, then flush and close.
 
         It shuts down the event loop's default executor, so it is the last thing to run on its loop.
         """
-        if self.database_watch is not None:
-            self.database_watch.cancel()
-            await asyncio.gather(self.database_watch, return_exceptions=True)
+        for watch in (self.database_watch, self.lock_watch):
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         for session in list(self.state.hub.sessions.values()):
             session.close()
@@ -124,6 +131,9 @@ class RunningServer:
         await _drain_worker_threads(grace_s)
         self.state.telemetry.close()
         self.state.store.close()
+        if self.instance_lock is not None:
+            # The default executor is shut down by now; closing the lock's file or session is quick.
+            self.instance_lock.release()
         log.info("orchestrator stopped")
 
 
@@ -184,6 +194,27 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer, inter
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+async def _hold_instance_lock(lock: InstanceLock, lost: asyncio.Future[InstanceLockLost], interval_s: float) -> None:
+    """Check every interval_s that this process still holds the database's instance lock.
+
+    A PostgreSQL session lost with the server takes the lock with it; the check takes it again on a new
+    session. When another orchestrator took it first, lost gets the error and the watch ends. While the
+    database is unreachable the check fails and is retried, as the store's own calls are.
+    """
+    retry_log = RetryLog(log, "checking the orchestrator's database lock")
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(lock.verify)
+        except InstanceLockLost as error:
+            lost.set_result(error)
+            return
+        except Exception as error:
+            retry_log.failed(error, interval_s)
+            continue
+        retry_log.succeeded()
+
+
 async def start_server(config: OrchestratorConfig) -> RunningServer:
     """Open the store, bind the listen address and start serving; return the running server.
 
@@ -195,11 +226,42 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     # Bad TLS files, like a port in use, must end the start before the database is opened, because the
     # start would otherwise mark the devices of an orchestrator running on this database disconnected.
     credentials = port_credentials(config)
+    # The ports are bound before anything is written, so a port taken since the probe above fails
+    # here with nothing stored. Clients that connect before start() wait in the listen backlog.
+    # The interceptor gets the security state once the store is open.
+    auth = AuthInterceptor(None)
+    server = grpc.aio.server(options=server_options(config), interceptors=[MalformedRequestInterceptor(), auth])
+    try:
+        port, operator_port = add_ports(server, config, credentials)
+    except RuntimeError as error:
+        # grpcio raises RuntimeError, not OSError, for an address that is in use or invalid.
+        raise OSError(f"cannot listen: {error} (--listen {config.listen}); the address is in use or invalid") from None
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    instance_lock = await asyncio.to_thread(acquire_instance_lock, config.db_url, config.listen)
+    try:
+        return await _start_serving(config, server, auth, instance_lock, retention_policy, limits, port, operator_port)
+    except BaseException:
+        instance_lock.release()
+        await server.stop(None)
+        raise
+
+
+async def _start_serving(
+    config: OrchestratorConfig,
+    server: grpc.aio.Server,
+    auth: AuthInterceptor,
+    instance_lock: InstanceLock,
+    retention_policy: RetentionPolicy,
+    limits: OrchestratorLimits,
+    port: int,
+    operator_port: int,
+) -> RunningServer:
+    """Open the store and start serving on the bound server; the second half of start_server."""
     store = await asyncio.to_thread(open_store, config.db_url)
+    # This process holds the database's instance lock, so no other orchestrator serves these devices:
+    # a device stored as connected is left over from a process that ended, with all its streams.
     for device in await asyncio.to_thread(store.list_devices):
         if device.connected:
-            # Left over from a process that died; no stream of that process survives it.
             await asyncio.to_thread(store.set_connected, device.device_id, False, device.registered_at)
     artifacts = FileArtifactStore(config.data_dir / "artifacts")
     hub = FleetHub(
@@ -221,29 +283,20 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
 
     state.security = await asyncio.to_thread(open_security, store, config)
-    server = grpc.aio.server(
-        options=server_options(config), interceptors=[MalformedRequestInterceptor(), AuthInterceptor(state.security)]
-    )
+    auth.security = state.security
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(state), server)
     operator_pb2_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(state), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
-    try:
-        port, operator_port = add_ports(server, config, credentials)
-    except RuntimeError as error:
-        # grpcio raises RuntimeError, not OSError, for an address that is in use or invalid.
-        store.close()
-        raise OSError(f"cannot listen: {error} (--listen {config.listen}); the address is in use or invalid") from None
-    except (OSError, ValueError):
-        store.close()
-        raise
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await asyncio.to_thread(start_jobs, state)
     flusher = asyncio.create_task(_flush_forever(hub))
     database_watch = asyncio.create_task(_watch_database(store, health, DATABASE_CHECK_INTERVAL_S))
+    lock_lost: asyncio.Future[InstanceLockLost] = asyncio.get_running_loop().create_future()
+    lock_watch = asyncio.create_task(_hold_instance_lock(instance_lock, lock_lost, DATABASE_CHECK_INTERVAL_S))
     # Rollouts resume from the database: the engine continues every rollout where it was.
     state.rollout_service = start_rollouts(state)
     retention = None
@@ -266,6 +319,9 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         database_watch=database_watch,
         retention=retention,
         operator_port=operator_port,
+        instance_lock=instance_lock,
+        lock_watch=lock_watch,
+        lock_lost=lock_lost,
     )
 
 
@@ -291,12 +347,18 @@ async def serve(config: OrchestratorConfig) -> None:
         watchdog = asyncio.create_task(_watchdog_forever(notifier, notifier.watchdog_interval_s, running.state.hub))
     stop = asyncio.Event()
     install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    assert running.lock_lost is not None
+    waiters: list[asyncio.Future[Any]] = [stopped, running.lock_lost]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     notifier.stopping()
     if watchdog is not None:
         watchdog.cancel()
     await running.stop(config.shutdown_grace_s)
     notifier.close()
+    if running.lock_lost.done():
+        raise running.lock_lost.result()
 
 
 async def _watchdog_forever(notifier: Notifier, interval_s: float, hub: FleetHub) -> None:

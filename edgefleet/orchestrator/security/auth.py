@@ -368,7 +368,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     the TLS peer. The health and reflection services are open to every client.
     """
 
-    def __init__(self, security: Security) -> None:
+    def __init__(self, security: Security | None) -> None:
+        # None until start-up has opened the store; the server starts serving only after it is set.
         self.security = security
 
     async def intercept_service(
@@ -380,6 +381,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
         if service != OPERATOR_SERVICE or handler is None:
             return handler
+        assert self.security is not None, "the server started before its security state was set"
         try:
             caller = await asyncio.to_thread(self.security.authorize, method, handler_call_details.invocation_metadata)
         except EdgefleetError as error:

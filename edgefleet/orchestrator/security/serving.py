@@ -115,10 +115,12 @@ def check_listen_addresses(config: OrchestratorConfig) -> None:
     """Probe every address the orchestrator listens on: the agent, operator and metrics ports.
 
     Start-up calls it before it creates the data directory, the database or admin.token, so that a
-    port in use ends the start with nothing written. Raises OSError from check_address_free.
+    port in use ends the start with nothing written and with the reason, which gRPC's bind does not
+    give. Raises OSError from check_address_free.
     """
-    # NOTE: a port that another process takes between this probe and the bind still fails the
-    # bind, after the database was opened.
+    # NOTE: the gRPC ports are bound before the database opens, so one taken after this probe still
+    # ends the start with nothing stored. The metrics port is bound after the store opens, because
+    # its exporter reads the store; one taken in between fails the start after the schema upgrade.
     check_address_free(config.listen, "listen")
     if not config.insecure and config.operator_listen:
         check_address_free(config.operator_listen, "operator_listen")
