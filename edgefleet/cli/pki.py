@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from edgefleet.common import argtypes
@@ -14,6 +15,8 @@ MAX_DAYS = 36_500
 
 def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `pki init` and `pki issue`; they work on local files and need no orchestrator."""
+    from edgefleet.cli.main import output_flag_of_command
+
     pki = nouns.add_parser("pki", help="create the fleet CA and issue certificates (local files)")
     verbs = pki.add_subparsers(dest="verb", required=True)
 
@@ -32,6 +35,7 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=3650,
         help=f"validity of the CA in days, 1 to {MAX_DAYS} (default 3650)",
     )
+    output_flag_of_command(sub)
     sub.set_defaults(local_handler=cmd_init)
 
     sub = verbs.add_parser("issue", help="issue a device certificate that binds the device id")
@@ -44,6 +48,7 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=397,
         help=f"validity in days, 1 to {MAX_DAYS} (default 397)",
     )
+    output_flag_of_command(sub)
     sub.set_defaults(local_handler=cmd_issue)
 
 
@@ -57,6 +62,17 @@ def cmd_init(args: argparse.Namespace) -> int:
         return _fail(str(error), _exit_code(error))
     except OSError as error:
         return _fail(_write_error(args.dir, error), EXIT_USAGE)
+    if args.output == "json":
+        created = {
+            "ca_cert": str(ca.cert_path),
+            "ca_key": str(ca.key_path),
+            "ca_not_after": ca.not_after.isoformat(timespec="seconds"),
+            "server_cert": str(args.dir / SERVER_CERT),
+            "server_key": str(args.dir / SERVER_KEY),
+            "hosts": list(hosts),
+        }
+        print(json.dumps(created, indent=2))
+        return 0
     print(f"created the fleet CA {ca.cert_path} (key {ca.key_path}, mode 0600)")
     print(f"created the orchestrator certificate {args.dir / SERVER_CERT} for {', '.join(hosts)}")
     print(
@@ -75,6 +91,16 @@ def cmd_issue(args: argparse.Namespace) -> int:
         return _fail(str(error), _exit_code(error))
     except OSError as error:
         return _fail(_write_error(args.out or args.dir, error), EXIT_USAGE)
+    if args.output == "json":
+        certificate = {
+            "device_id": args.device_id,
+            "cert": str(issued.cert_path),
+            "key": str(issued.key_path),
+            "subject": issued.subject,
+            "not_after": issued.not_after.isoformat(timespec="seconds"),
+        }
+        print(json.dumps(certificate, indent=2))
+        return 0
     print(f"issued {issued.cert_path} and {issued.key_path} (mode 0600) for device {args.device_id}")
     print(f"valid until {issued.not_after:%Y-%m-%d}; copy both and the CA certificate to the device")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Callable
@@ -38,6 +39,29 @@ def test_pki_init_and_issue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert stat.S_IMODE(os.stat(directory / "ca.key").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(directory / "devices" / "cam-7.key").st_mode) == 0o600
     assert device_id_from_file(directory / "devices" / "cam-7.pem") == "cam-7"
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_pki_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str], placement: str) -> None:
+    directory = tmp_path / "pki"
+
+    def run(*args: str) -> dict[str, object]:
+        argv = ["-o", "json", "pki", *args] if placement == "before" else ["pki", *args, "-o", "json"]
+        assert main(argv) == 0
+        parsed: dict[str, object] = json.loads(capsys.readouterr().out)
+        return parsed
+
+    created = run("init", "--dir", str(directory), "--host", "fleet.example")
+    issued = run("issue", "--dir", str(directory), "--device-id", "cam-7")
+
+    assert created["ca_cert"] == str(directory / "ca.pem")
+    assert created["server_key"] == str(directory / "server.key")
+    assert created["hosts"] == ["fleet.example"]
+    assert issued["device_id"] == "cam-7"
+    assert issued["cert"] == str(directory / "devices" / "cam-7.pem")
+    assert issued["key"] == str(directory / "devices" / "cam-7.key")
+    assert device_id_from_file(Path(str(issued["cert"]))) == "cam-7"
+    assert str(issued["not_after"]) < str(created["ca_not_after"])
 
 
 def test_pki_issue_bad_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
