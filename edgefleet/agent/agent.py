@@ -291,8 +291,6 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until stop is set; raise FatalAgentError when the orchestrator rejects this device."""
         self._loop = asyncio.get_running_loop()
-        self.local_api.start()
-        self.tensor_socket.start()
         if self.device_id:
             await asyncio.to_thread(self.reconciler.restore)
         elif (self.config.state_dir / DESIRED_FILE).exists():
@@ -303,6 +301,10 @@ class Agent:
                 "of the new id",
                 self.config.state_dir / DESIRED_FILE,
             )
+        # The sockets open after the restore, so that a client does not get NOT_FOUND for a model that is still
+        # loading from local files. Until then a client fails to connect, as to an agent that has not started.
+        self.local_api.start()
+        self.tensor_socket.start()
         if self.host.list():
             self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
         channel = (

@@ -6,12 +6,16 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+import numpy as np
 import pytest
 
+from edgefleet.agent.tensor_socket import TensorReply
+from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from edgefleet.common.serde import timestamp
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
@@ -30,6 +34,7 @@ from tests.servers import register_request, upload_requests
 pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
+T = TypeVar("T")
 
 
 def local_version(agent: AgentProcess) -> str:
@@ -277,6 +282,51 @@ def test_restart_with_leftovers(fleet: tuple[OrchestratorProcess, TcpProxy, Agen
     assert served == "1"
     assert response.model_version == "1"
     assert [path for path in leftovers if path.exists()] == []
+
+
+def first_answer(call: Callable[[], T]) -> T:
+    """Return the result of call's first attempt that reaches a listening agent, trying every 5 ms."""
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while True:
+        try:
+            return call()
+        except (grpc.RpcError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def test_restart_serves_before_listening(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:
+    orchestrator, _, agent = fleet
+    channel, operator = orchestrator.operator()
+    try:
+        device_id = agent.device_id()
+        # 32 MiB, so that loading the model at start-up takes long enough for a client to call in between.
+        upload(operator, linear_model(5, padding_floats=8 * MIB), "2")
+        deploy(operator, device_id, "2")
+        wait_serving(operator, device_id, "2")
+    finally:
+        channel.close()
+    agent.stop()
+    tensor_socket = agent.state_dir / "agent.tensor.sock"
+    agent.socket_path.unlink(missing_ok=True)
+    tensor_socket.unlink(missing_ok=True)
+
+    def list_local_models() -> list[inference_pb2.LocalModel]:
+        with grpc.insecure_channel(f"unix://{agent.socket_path}") as local_channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(local_channel)
+            return list(stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=10).models)
+
+    def tensor_infer() -> TensorReply:
+        with TensorSocketClient(tensor_socket) as client:
+            return client.infer(MODEL, {"x": np.ones((1, 4), dtype=np.float32)})
+
+    agent.start()
+    listed = first_answer(list_local_models)
+    reply = first_answer(tensor_infer)
+
+    assert [(m.model_name, m.model_version) for m in listed] == [(MODEL, "2")]
+    assert reply.model_version == "2"
 
 
 def test_orchestrator_lost_mid_download(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:
