@@ -6,8 +6,10 @@ import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from edgefleet.common.hardware import HardwareProfile, RuntimeInfo
 from edgefleet.common.sketch import LatencySketch
@@ -153,6 +155,31 @@ def test_retention_second_run_noop(store: Store) -> None:
 
     assert result.merged_windows == 0
     assert store.query_metric_windows() == before
+
+
+def test_retention_skips_merged_history(store: Store) -> None:
+    """A run reads no window that an earlier run merged or left alone in its bucket."""
+    old = NOW - 3 * DAY
+    history = [make_window(old + timedelta(seconds=10 * i), [1.0]) for i in range(36)]
+    alone = [make_window(old + timedelta(hours=1), [2.0])]
+    store.add_metric_batch("dev-1", "b1", history + alone)
+    apply_retention(store, POLICY, NOW)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    engine = store.engine  # type: ignore[attr-defined]
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        result = apply_retention(store, POLICY, NOW, reclaim=False)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+    assert result.merged_windows == 0
+    assert [w.inference_count for w in store.query_metric_windows()] == [30, 6, 1]
+    assert statements
+    assert not [statement for statement in statements if "metric_windows.sketch" in statement]
 
 
 def test_retention_merges_late_arrivals(store: Store) -> None:

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # PRAGMA auto_vacuum value of INCREMENTAL (0 is NONE, 1 is FULL).
 SQLITE_AUTO_VACUUM_INCREMENTAL = 2
-# batch_id of windows written by downsample_device_windows.
+# batch_id of windows that downsample_device_windows wrote, or left alone in their bucket.
 DOWNSAMPLED_BATCH_ID = "downsampled"
 
 # Length of a device's hardware history, as a column of a select on devices.
@@ -341,10 +341,28 @@ def time_range(
 def downsample_device_windows(
     connection: Connection, device_id: str, received_before: datetime, bucket_seconds: int
 ) -> tuple[int, int]:
-    """Merge one device's windows received before received_before per bucket; return (removed, written)."""
+    """Merge one device's windows received before received_before per bucket; return (removed, written).
+
+    Only the buckets from the first to the last window without DOWNSAMPLED_BATCH_ID are read, so a
+    run does not read the device's whole downsampled history again.
+    """
+    received_early = sa.and_(metric_windows.c.device_id == device_id, metric_windows.c.received_at < received_before)
+    first_start, last_start = connection.execute(
+        sa.select(sa.func.min(metric_windows.c.window_start), sa.func.max(metric_windows.c.window_start)).where(
+            received_early, metric_windows.c.batch_id != DOWNSAMPLED_BATCH_ID
+        )
+    ).one()
+    if first_start is None:
+        return 0, 0
+    span_start = int(first_start.timestamp()) // bucket_seconds * bucket_seconds
+    span_end = (int(last_start.timestamp()) // bucket_seconds + 1) * bucket_seconds
     old_rows = connection.execute(
         sa.select(metric_windows)
-        .where(metric_windows.c.device_id == device_id, metric_windows.c.received_at < received_before)
+        .where(
+            received_early,
+            metric_windows.c.window_start >= datetime.fromtimestamp(span_start, UTC),
+            metric_windows.c.window_start < datetime.fromtimestamp(span_end, UTC),
+        )
         .order_by(metric_windows.c.window_start, metric_windows.c.id)
     ).all()
     buckets: dict[tuple[str, str, str, str, int], list[sa.Row[Any]]] = defaultdict(list)
@@ -354,8 +372,12 @@ def downsample_device_windows(
 
     removed: list[int] = []
     merged_rows: list[dict[str, Any]] = []
+    # A window alone in its bucket stays as it is, but gets DOWNSAMPLED_BATCH_ID so that later runs skip it.
+    alone: list[int] = []
     for (model_name, model_version, variant_id, hardware_class, start), members in buckets.items():
         if len(members) < 2:
+            if members[0].batch_id != DOWNSAMPLED_BATCH_ID:
+                alone.append(members[0].id)
             continue
         try:
             sketch = LatencySketch.from_bytes(members[0].sketch)
@@ -392,6 +414,12 @@ def downsample_device_windows(
     # Chunks keep the statement under SQLite's limit on bound parameters.
     for offset in range(0, len(removed), 500):
         connection.execute(sa.delete(metric_windows).where(metric_windows.c.id.in_(removed[offset : offset + 500])))
+    for offset in range(0, len(alone), 500):
+        connection.execute(
+            sa.update(metric_windows)
+            .where(metric_windows.c.id.in_(alone[offset : offset + 500]))
+            .values(batch_id=DOWNSAMPLED_BATCH_ID)
+        )
     if merged_rows:
         connection.execute(sa.insert(metric_windows), merged_rows)
     return len(removed), len(merged_rows)

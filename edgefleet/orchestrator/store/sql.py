@@ -573,7 +573,10 @@ class SqlStore(SqlTransactions, Store):
             device_ids = list(
                 connection.execute(
                     sa.select(metric_windows.c.device_id)
-                    .where(metric_windows.c.received_at < received_before)
+                    .where(
+                        metric_windows.c.received_at < received_before,
+                        metric_windows.c.batch_id != queries.DOWNSAMPLED_BATCH_ID,
+                    )
                     .distinct()
                     .order_by(metric_windows.c.device_id)
                 ).scalars()
