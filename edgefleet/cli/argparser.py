@@ -38,7 +38,18 @@ class CliArgumentParser(argparse.ArgumentParser):
         match = MISSING_VALUE.fullmatch(message)
         if match is not None:
             message = self.missing_value_message(match["flags"].split("/")) or message
+        message = self.missing_command_message(message) or message
         super().error(message)
+
+    def missing_command_message(self, message: str) -> str | None:
+        """Return the message for a parser called without its subcommand, or None for another message.
+
+        argparse would name the subcommand by its internal dest ("arguments are required: verb").
+        """
+        subcommands = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if subcommands is None or message != f"the following arguments are required: {subcommands.dest}":
+            return None
+        return f"missing command: give one of {', '.join(subcommands.choices)} (`{self.prog} --help` describes each)"
 
     def missing_value_message(self, option_strings: list[str]) -> str | None:
         """Return the message for a flag of option_strings that got no value, or None if it is not found."""

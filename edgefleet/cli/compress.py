@@ -99,9 +99,20 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
     recipe: dict[str, Any] = {}
     if args.recipe is not None:
         path: Path = args.recipe
+        if path.is_dir():
+            raise CliError(f"recipe file {path} is a directory; give a .toml or .json recipe file", EXIT_USAGE)
         if not path.is_file():
             raise CliError(f"recipe file {path} not found", EXIT_USAGE)
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CliError(
+                f"invalid recipe file {path}: it is not UTF-8 text ({error.reason} at byte {error.start}); "
+                "give a TOML or JSON recipe",
+                EXIT_USAGE,
+            ) from None
+        except OSError as error:
+            raise CliError(f"cannot read recipe file {path}: {error.strerror or error}", EXIT_USAGE) from None
         try:
             if path.suffix.lower() == ".toml":
                 recipe = tomllib.loads(text)
@@ -328,18 +339,28 @@ def run_job(
     wait_timeout: float,
     output: str,
     quiet: bool = False,
+    pending_variant: str = "",
 ) -> None:
     """Start a compression job with recipe and, unless no_wait, follow it and print its variants.
 
     While it follows the job, stderr gets the job id and a progress bar (a line per stage when stderr is
-    not a terminal), unless quiet is set or the output is JSON.
+    not a terminal), unless quiet is set or the output is JSON. pending_variant is the variant that
+    `models add` stored for this job to gate. When the orchestrator rejects the job, the error says that
+    the variant stays pending and how to gate it later.
     """
-    job = client.call(
-        "CreateCompressionJob",
-        operator_pb2.CreateCompressionJobRequest(
-            model_name=name, model_version=version, recipe_json=json.dumps(recipe, sort_keys=True)
-        ),
+    request = operator_pb2.CreateCompressionJobRequest(
+        model_name=name, model_version=version, recipe_json=json.dumps(recipe, sort_keys=True)
     )
+    try:
+        job = client.call("CreateCompressionJob", request)
+    except CliError as error:
+        if not pending_variant:
+            raise
+        raise CliError(
+            f"{error}. {pending_variant} stays stored as pending; gate it with `edgefleet models compress "
+            f"{name}:{version} --gate {pending_variant} --evaluation SOURCE`",
+            error.code,
+        ) from None
     if no_wait:
         emit(job_view(job), output, render_job)
         return
@@ -409,7 +430,10 @@ def add_commands(
         "--evaluation", metavar="SOURCE", help="gate evaluation data (default: the built-in source's held-out half)"
     )
     sub.add_argument(
-        "--max-accuracy-drop", type=float, metavar="POINTS", help="reject variants that lose more accuracy"
+        "--max-accuracy-drop",
+        type=argtypes.finite_number(0, 100, "percentage points"),
+        metavar="POINTS",
+        help="reject variants that lose more accuracy than this, in percentage points from 0 to 100 (default 1)",
     )
     sub.add_argument(
         "--gate",

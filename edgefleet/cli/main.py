@@ -92,11 +92,14 @@ class Client:
             raise CliError(f"{error} (the CLI also reads EDGEFLEET_CA_CERT)", EXIT_USAGE) from None
         self.stub = operator_pb2_grpc.OperatorServiceStub(self.channel)
 
-    def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
+    def call(
+        self, method: str, request: Any, *, timeout_s: float | None = None, flags: dict[str, str] | None = None
+    ) -> Any:
+        """Call method and return its response. Raises CliError, which names flags[field] for a request field."""
         try:
             return getattr(self.stub, method)(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as error:
-            raise self.error(error) from None
+            raise with_flag_names(self.error(error), flags or {}) from None
 
     def error(self, error: grpc.RpcError) -> CliError:
         code = error.code()
@@ -242,6 +245,23 @@ def parse_time(value: str) -> datetime:
     if not MIN_QUERY_TIME <= parsed <= MAX_QUERY_TIME:
         raise invalid
     return parsed
+
+
+# The QueryMetricsRequest fields that the metrics commands set from their flags, as the orchestrator names
+# them in errors.
+METRIC_FLAGS = {
+    "device_id": "--device",
+    "model_name": "--model",
+    "variant_id": "--variant",
+    "hardware_class": "--hardware-class",
+    "group_by": "--group-by",
+    "bucket_seconds": "--bucket",
+    "start": "--since",
+    "end": "--until",
+}
+# The longest --bucket of `metrics plot`, the orchestrator's limit on QueryMetricsRequest.bucket_seconds
+# (24 times MAX_WINDOW_SECONDS in edgefleet.orchestrator.handlers.metrics).
+MAX_PLOT_BUCKET_S = 86_400
 
 
 def metric_filters(args: argparse.Namespace) -> dict[str, str]:
@@ -448,7 +468,7 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
     try:
         model = client.stub.UploadModel(upload_requests(path, header, show_progress), timeout=600)
     except grpc.RpcError as error:
-        raise upload_error(client.error(error)) from None
+        raise with_flag_names(client.error(error), UPLOAD_HEADER_FLAGS) from None
     if args.evaluation is None:
         emit(views.model_view(model), args.output, render_model)
         return
@@ -468,6 +488,7 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
         wait_timeout=wait_timeout,
         output=args.output,
         quiet=args.quiet,
+        pending_variant=variant_id,
     )
 
 
@@ -475,10 +496,10 @@ def cmd_models_add(client: Client, args: argparse.Namespace) -> None:
 UPLOAD_HEADER_FLAGS = {"header.name": "--name", "header.version": "--version", "header.variant_kind": "--variant-kind"}
 
 
-def upload_error(error: CliError) -> CliError:
-    """Return error with the upload header fields in its message replaced by the `models add` flags that set them."""
+def with_flag_names(error: CliError, flags: dict[str, str]) -> CliError:
+    """Return error with each request field of flags in its message ("invalid budget_ms:") replaced by its flag."""
     message = str(error)
-    for field, flag in UPLOAD_HEADER_FLAGS.items():
+    for field, flag in flags.items():
         message = message.replace(f"invalid {field}:", f"invalid {flag}:")
     return CliError(message, error.code)
 
@@ -711,7 +732,14 @@ def render_deploy(result: dict[str, Any]) -> str:
 
 
 def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
-    request = operator_pb2.QueryMetricsRequest(group_by=[g for g in args.group_by.split(",") if g])
+    keys = [key.strip() for key in args.group_by.split(",") if key.strip()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise CliError(
+            f"invalid --group-by {args.group_by!r}: {', '.join(repeated)} is given more than once; name each key once",
+            EXIT_USAGE,
+        )
+    request = operator_pb2.QueryMetricsRequest(group_by=keys)
     for name, value in metric_filters(args).items():
         setattr(request, name, value)
     since = parse_time(args.since) if args.since else None
@@ -727,9 +755,8 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
         request.start.FromDatetime(since)
     if until is not None:
         request.end.FromDatetime(until)
-    response = client.call("QueryMetrics", request)
+    response = client.call("QueryMetrics", request, flags=METRIC_FLAGS)
     rows = [views.metric_row_view(r) for r in response.rows]
-    keys = [g for g in args.group_by.split(",") if g]
 
     def render(data: list[dict[str, Any]]) -> str:
         return views.table(
@@ -761,15 +788,15 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
         out = output_path(args.out)
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
-    bucket = parse_duration(args.bucket)
+    bucket = parse_bucket(args.bucket)
     series_request = operator_pb2.QueryMetricsRequest(bucket_seconds=bucket)
     overall_request = operator_pb2.QueryMetricsRequest(include_sketch=True)
     for request in (series_request, overall_request):
         for name, value in filters.items():
             setattr(request, name, value)
         request.start.FromDatetime(parse_time(args.since))
-    series = client.call("QueryMetrics", series_request).rows
-    overall = client.call("QueryMetrics", overall_request).rows
+    series = client.call("QueryMetrics", series_request, flags=METRIC_FLAGS).rows
+    overall = client.call("QueryMetrics", overall_request, flags=METRIC_FLAGS).rows
     if not overall or not overall[0].inference_count:
         raise CliError(f"no latency windows match {filters_text(filters)} since {args.since}", EXIT_NOT_FOUND)
     try:
@@ -800,12 +827,20 @@ def filters_text(filters: dict[str, str]) -> str:
     )
 
 
-def parse_duration(value: str) -> int:
-    """Parse 10s, 5m or 1h into whole seconds; raise CliError for anything else."""
+def parse_bucket(value: str) -> int:
+    """Parse the --bucket of `metrics plot` (10s, 5m, 1h) into whole seconds.
+
+    Raises CliError for other text and for more than MAX_PLOT_BUCKET_S, which the orchestrator rejects.
+    """
     match = re.fullmatch(r"(\d+)([smh]?)", value)
-    if not match or int(match.group(1)) == 0:
-        raise CliError(f"invalid duration {value!r}: use a positive number of seconds, or 10s, 5m, 1h", EXIT_USAGE)
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)] if match else 0
+    if not 1 <= seconds <= MAX_PLOT_BUCKET_S:
+        raise CliError(
+            f"invalid --bucket {value!r}: give whole seconds or a duration such as 10s, 5m or 1h, "
+            f"from 1 s to 24h ({MAX_PLOT_BUCKET_S} s)",
+            EXIT_USAGE,
+        )
+    return seconds
 
 
 def cmd_health(client: Client, args: argparse.Namespace) -> None:
@@ -850,6 +885,8 @@ def metric_filter_flags(sub: argparse.ArgumentParser) -> None:
 
 
 OUTPUT_FORMATS = ("table", "json")
+# The orchestrator's rule for model names and versions (NAME_PATTERN in edgefleet.orchestrator.validation).
+NAME_RULE = "1 to 128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def output_flag_of_command(sub: argparse.ArgumentParser) -> None:
@@ -922,9 +959,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = nouns.add_parser("models", help="add and inspect models").add_subparsers(dest="verb", required=True)
     sub = models.add_parser("add", help="upload an ONNX or TFLite file")
-    sub.add_argument("path", type=Path)
-    sub.add_argument("--name", required=True, help="model name in the catalog")
-    sub.add_argument("--version", required=True, help="model version, such as 1 or 2026-12-01")
+    sub.add_argument(
+        "path",
+        type=Path,
+        help="ONNX or TFLite model file, up to the orchestrator's --max-upload-bytes (default 512 MiB)",
+    )
+    sub.add_argument("--name", required=True, help=f"model name in the catalog: {NAME_RULE}")
+    sub.add_argument("--version", required=True, help=f"model version, such as 1 or 2026-12-01: {NAME_RULE}")
     sub.add_argument(
         "--variant-kind",
         help="add the file as a variant of this kind (tflite-fp32, int8, ...) of an existing version",
@@ -938,9 +979,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--max-accuracy-drop",
-        type=float,
+        type=argtypes.finite_number(0, 100, "percentage points"),
         metavar="POINTS",
-        help="reject the variant when it loses more accuracy than this (default 1; needs --evaluation)",
+        help="reject the variant when it loses more accuracy than this, in percentage points from 0 to 100 "
+        "(default 1; needs --evaluation)",
     )
     sub.add_argument("--no-wait", action="store_true", help="print the queued gate job and return at once")
     sub.add_argument(
@@ -1019,7 +1061,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = metrics.add_parser("plot", help="write a PNG of latency over time and of its distribution")
     metric_filter_flags(sub)
     sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
-    sub.add_argument("--bucket", default="10s", help="time bucket of the series: 10s, 1m, 5m (default 10s)")
+    sub.add_argument(
+        "--bucket",
+        default="10s",
+        help="time bucket of the series: whole seconds or 10s, 1m, 5m, 1h, at most 24h (default 10s)",
+    )
     sub.add_argument(
         "--out",
         type=Path,

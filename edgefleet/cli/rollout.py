@@ -40,6 +40,22 @@ PROGRESS_WIDTH = 20
 MAX_MIN_SAMPLES = 10_000_000
 MAX_ROLLBACKS = 100
 MAX_SAMPLE_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_BUDGET_MS = 3_600_000.0
+MAX_WAVE_PERCENT = 100
+# The CreateRolloutRequest fields that `rollout create` sets from its flags, as the orchestrator names them in errors.
+CREATE_FLAGS = {
+    "model_name": "--model",
+    "model_version": "--model",
+    "target_labels": "--target",
+    "target_hardware_class": "--hardware-class",
+    "wave_percents": "--waves",
+    "budget_ms": "--budget-ms",
+    "max_p95_regression_pct": "--max-p95-regression",
+    "max_error_rate_pct": "--max-error-rate",
+    "min_samples": "--min-samples",
+    "max_rollbacks": "--max-rollbacks",
+    "sample_timeout_seconds": "--sample-timeout",
+}
 
 
 class UsageError(ValueError):
@@ -336,6 +352,12 @@ def parse_waves(text: str) -> list[int]:
         raise UsageError(f"invalid --waves {text!r}: expected rising percents such as 1,10,50,100") from None
     if not percents:
         raise UsageError("--waves is empty; give rising percents such as 1,10,50,100")
+    for percent in percents:
+        if not 1 <= percent <= MAX_WAVE_PERCENT:
+            raise UsageError(
+                f"invalid --waves {text!r}: wave percent {percent} is out of range; each wave covers 1 to "
+                f"{MAX_WAVE_PERCENT} percent of the target, as in 1,10,50,100"
+            )
     return percents
 
 
@@ -361,7 +383,7 @@ def cmd_create(client: Client, args: argparse.Namespace) -> None:
         max_rollbacks=args.max_rollbacks or 0,
         sample_timeout_seconds=args.sample_timeout or 0.0,
     )
-    rollout = client.call("CreateRollout", request)
+    rollout = client.call("CreateRollout", request, flags=CREATE_FLAGS)
     _show(client, rollout, args)
 
 
@@ -436,8 +458,18 @@ def add_commands(nouns: Any, output_flag: Callable[[argparse.ArgumentParser], No
         help="devices: KEY=VALUE labels and hardware_class=PATTERN, comma-separated (default all)",
     )
     sub.add_argument("--hardware-class", help="only devices of this hardware class (an fnmatch pattern)")
-    sub.add_argument("--waves", default="1,10,50,100", help="cumulative percent of the target per wave")
-    sub.add_argument("--budget-ms", type=float, required=True, help="p95 latency budget per device, in ms")
+    sub.add_argument(
+        "--waves",
+        default="1,10,50,100",
+        help="cumulative percent of the target after each wave: up to 20 comma-separated percents that rise "
+        "from 1 to 100 and end at 100 (default 1,10,50,100)",
+    )
+    sub.add_argument(
+        "--budget-ms",
+        type=float,
+        required=True,
+        help=f"p95 latency budget per device, in ms, above 0 and at most {MAX_BUDGET_MS:.0f}",
+    )
     sub.add_argument(
         "--max-p95-regression",
         type=float,

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 OutputFlag = Callable[[argparse.ArgumentParser], None]
 ROLES = ("viewer", "operator", "admin")
+# The orchestrator's rule for device ids (ID_PATTERN in edgefleet.orchestrator.validation).
+DEVICE_ID_RULE = "1 to 63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
 
 
 # The orchestrator's longest enrollment token validity (edgefleet.orchestrator.security.tokens.MAX_ENROLLMENT_TTL),
@@ -59,7 +61,11 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     enroll = nouns.add_parser("enroll", help="create, list and revoke enrollment tokens for devices (admin)")
     verbs = enroll.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("create", help="create a single-use enrollment token for one device id")
-    sub.add_argument("--device-id", required=True, help="device id that the token lets an agent enroll as")
+    sub.add_argument(
+        "--device-id",
+        required=True,
+        help=f"device id that the token lets an agent enroll as (the id in its certificate): {DEVICE_ID_RULE}",
+    )
     sub.add_argument(
         "--ttl",
         type=parse_ttl,
@@ -80,7 +86,12 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     tokens = nouns.add_parser("tokens", help="create, list and revoke operator API tokens (admin)")
     verbs = tokens.add_subparsers(dest="verb", required=True)
     sub = verbs.add_parser("create", help="create an API token; its secret is printed once")
-    sub.add_argument("--name", required=True, help="who or what uses the token")
+    sub.add_argument(
+        "--name",
+        required=True,
+        help="who or what uses the token: 1 to 64 ASCII letters, digits, '.', '_', '@' or '-', "
+        "starting with a letter or digit",
+    )
     sub.add_argument("--role", required=True, choices=ROLES, help="viewer reads, operator deploys, admin manages")
     output_flag(sub)
     sub.set_defaults(handler=cmd_tokens_create)

@@ -57,3 +57,20 @@ def _seconds_type(*, allow_zero: bool, maximum: float | None) -> Callable[[str],
         return number
 
     return parse
+
+
+def finite_number(minimum: float, maximum: float, unit: str) -> Callable[[str], float]:
+    """Return an argparse type that parses a finite number from minimum to maximum, named by unit in errors."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and minimum <= number <= maximum):
+            raise argparse.ArgumentTypeError(
+                f"invalid value {value!r}: give a number of {unit} from {minimum:g} to {maximum:g}"
+            )
+        return number
+
+    return parse

@@ -291,10 +291,25 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
     """Run the demo; return the process exit status. Every process it starts is stopped on return."""
     from edgefleet.common.logs import configure_logging
 
-    configure_logging("warning")
     if duration_s <= 0:
         print(f"edgefleet demo: --duration must be positive, got {duration_s:g}", file=sys.stderr)
         return 2
+    # Checked before anything starts: the report is written only after minutes of work.
+    if work_dir is not None and work_dir.exists() and not work_dir.is_dir():
+        print(
+            f"edgefleet demo: invalid --work-dir {work_dir}: it exists and is not a directory; "
+            "give a new or existing directory",
+            file=sys.stderr,
+        )
+        return 2
+    if report_path is not None and report_path.is_dir():
+        print(
+            f"edgefleet demo: invalid --report {report_path}: it is a directory; give a file path such as "
+            f"{report_path / 'report.json'}",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging("warning")
     temporary = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-")) if work_dir is None else work_dir
     fleet = LocalFleet(work)

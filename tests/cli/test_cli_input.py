@@ -394,7 +394,8 @@ def test_unknown_flag_names_command(capsys: Capture, argv: list[str], command: s
         (["devices", "list", "--label", "a=b", "--label", "-x"], "argument --label: '-x' starts with a dash"),
         (
             ["models", "add", "m.onnx", "--name", "-m", "--version", "1"],
-            "--name expects model name in the catalog. To pass a value that starts with a dash, write --name=-m.",
+            "--name expects model name in the catalog: 1 to 128 ASCII letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit. To pass a value that starts with a dash, write --name=-m.",
         ),
         (["devices", "list", "-o", "-x"], "argument --output: '-x' starts with a dash"),
         (["devices", "list", "-o", "-x"], "--output expects one of: table, json."),

@@ -124,6 +124,8 @@ def _gated_variant(data: dict[str, Any], name: str, version: str, state: Orchest
 
 
 def _get(job_id: str, jobs: JobStore) -> Job:
+    if not job_id:
+        raise InvalidArgument("job_id", "missing; pass a job id (`edgefleet jobs list` lists them)")
     validation.check_device_id(job_id, "job_id")
     try:
         return jobs.get_job(job_id)
