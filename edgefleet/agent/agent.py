@@ -216,6 +216,8 @@ class Agent:
             state_dir=config.state_dir,
             allowed_runtimes=allowed_runtimes,
             default_threads=limits.threads,
+            # A profile's threads may exceed its pinned CPUs, as an explicit choice of the operator.
+            max_threads=max(len(limits.cpus), limits.threads),
             memory_budget_bytes=limits.memory_budget_bytes,
             report=self._queue_report,
             on_serving=self._benchmark_installed,

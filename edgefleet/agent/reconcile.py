@@ -53,6 +53,9 @@ class Reconciler:
     # Queues the on-device benchmark of a newly installed variant; it must return at once, because
     # the benchmark runs off the inference and reconcile paths.
     on_serving: ServingCallback | None = None
+    # Maximum intra-op threads a model may run, such as the number of CPUs the agent is pinned to, or None for no
+    # cap. An assignment planned for other hardware, from before a restart with a smaller profile, may request more.
+    max_threads: int | None = None
     # Checks each assignment's signature and counter before anything is fetched; None installs
     # unsigned assignments (tools and tests without an orchestrator).
     verifier: ArtifactVerifier | None = None
@@ -278,7 +281,7 @@ class Reconciler:
                 )
                 self._set(assignment, "verifying", bytes_downloaded=assignment.size_bytes)
             self._set(assignment, "loading")
-            threads = assignment.threads or self.default_threads
+            threads = self._install_threads(assignment)
             served = self.host.install(
                 name, assignment.model_version, assignment.variant_id, installed.path, model_format, threads
             )
@@ -330,7 +333,7 @@ class Reconciler:
                 assignment.variant_id,
                 installed.path,
                 format_from_proto(assignment.format),
-                assignment.threads or self.default_threads,
+                self._install_threads(assignment),
             )
         except (ModelLoadError, OSError, ValueError) as error:
             log.error(
@@ -345,6 +348,21 @@ class Reconciler:
             failed.variant_id,
         )
         return served
+
+    def _install_threads(self, assignment: agent_pb2.ModelAssignment) -> int:
+        """Return the threads to load an assignment with, which is its request (the default for 0) capped at max_threads."""
+        threads = assignment.threads or self.default_threads
+        if self.max_threads is not None and threads > self.max_threads:
+            log.warning(
+                "model=%s variant=%s requests %d threads, more than the %d this device allows, so it loads with %d",
+                assignment.model_name,
+                assignment.variant_id,
+                threads,
+                self.max_threads,
+                self.max_threads,
+            )
+            return self.max_threads
+        return threads
 
     def _requested_threads(self, assignment: agent_pb2.ModelAssignment | None) -> int:
         """Return the requested thread count of an assignment with 0 resolved to the default, or -1 for None."""

@@ -258,6 +258,24 @@ def test_failed_deploy_reports_served_version(
     assert [(s.variant_id, s.state) for s in redeployed] == [("linear:1:source", MODEL_STATE_SERVING)]
 
 
+def test_threads_capped_at_max(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:
+    """An assignment that requests more threads than the device allows loads with the allowed count."""
+    two_threads = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    two_threads.threads = 2
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.max_threads = 1
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[two_threads]))
+        served = host.get("linear")
+        status = reconciler.statuses["linear"]
+
+    assert served is not None
+    assert served.threads == 1
+    assert status.state == MODEL_STATE_SERVING
+    assert status.threads == 1
+
+
 def test_redeploy_other_threads_reloads(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:
     """Deploying the served variant with another thread count loads it again with that count."""
     default = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
