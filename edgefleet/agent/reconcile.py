@@ -350,7 +350,7 @@ class Reconciler:
         return served
 
     def _install_threads(self, assignment: agent_pb2.ModelAssignment) -> int:
-        """Return the threads to load an assignment with, which is its request (the default for 0) capped at max_threads."""
+        """Return the threads to load an assignment with: its request, 0 meaning the default, capped at max_threads."""
         threads = assignment.threads or self.default_threads
         if self.max_threads is not None and threads > self.max_threads:
             log.warning(
