@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +10,6 @@ import grpc
 import pytest
 
 from edgefleet.cli.main import main as cli_main
-from edgefleet.orchestrator.security.auth import CACHE_S
 from edgefleet.orchestrator.security.store import EnrollmentRejected, SqlSecurityStore
 from edgefleet.orchestrator.security.tokens import hash_secret
 from edgefleet.orchestrator.store.base import NotFoundError, StoreError
@@ -301,48 +299,6 @@ def test_deploy_to_revoked_refused(start_secure: StartSecure) -> None:
 
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "revoked" in (raised.value.details() or "")
-
-
-def test_removed_rejected_on_other_process(db_url: str, start_secure: StartSecure) -> None:
-    """Another process of the database rejects a removed device at once, though its security cache has the device."""
-    remover = start_secure(db_url)
-    other = start_secure(db_url)
-    key = register(remover, "cam-1", remover.enrollment_token("cam-1"))
-    agent = other.agent("cam-1")
-    # A call through the other process caches the device's enrolled certificate there.
-    agent.UploadMetrics(agent_pb2.UploadMetricsRequest(device_id="cam-1", batch_id="before"), timeout=STEP_TIMEOUT_S)
-
-    remover.operator().RemoveDevice(operator_pb2.RemoveDeviceRequest(device_id="cam-1"), timeout=STEP_TIMEOUT_S)
-    removed_at = time.monotonic()
-    errors: dict[str, grpc.RpcError] = {}
-    calls: dict[str, Callable[[], object]] = {
-        "UploadMetrics": lambda: agent.UploadMetrics(
-            agent_pb2.UploadMetricsRequest(device_id="cam-1", batch_id="after"), timeout=STEP_TIMEOUT_S
-        ),
-        "DownloadArtifact": lambda: list(
-            agent.DownloadArtifact(
-                agent_pb2.DownloadArtifactRequest(device_id="cam-1", digest="sha256:" + "0" * 64),
-                timeout=STEP_TIMEOUT_S,
-            )
-        ),
-        "Register": lambda: register(other, "cam-1", "", instance_key=key),
-    }
-    for name, call in calls.items():
-        with pytest.raises(grpc.RpcError) as raised:
-            call()
-        errors[name] = raised.value
-    stream = ControlStream(agent)
-    stream.hello("cam-1", key)
-    hello = stream.wait_end()
-    stream.close()
-    elapsed_s = time.monotonic() - removed_at
-
-    assert elapsed_s < CACHE_S, "the calls took longer than the security cache keeps a device"
-    for name, error in errors.items():
-        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, name
-        assert "device 'cam-1' was removed from the fleet at " in (error.details() or ""), name
-    assert hello.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "device 'cam-1' was removed from the fleet at " in hello.details
 
 
 def test_revoke_refuses_uploads(start_secure: StartSecure) -> None:
