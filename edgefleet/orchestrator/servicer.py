@@ -20,6 +20,7 @@ from edgefleet.orchestrator.fleet import TAKEOVER_WINDOW_S, TAKEOVERS_FOR_DUPLIC
 from edgefleet.orchestrator.handlers import catalog, deploy, devices, explain, metrics, rollouts
 from edgefleet.orchestrator.handlers import jobs as compression_jobs
 from edgefleet.orchestrator.security import admin as security_admin
+from edgefleet.orchestrator.security.auth import revoked_text
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
@@ -203,7 +204,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             )
         security = self.state.security
         if security is not None and await asyncio.to_thread(security.is_revoked, device.device_id):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"device {device.device_id!r} was revoked")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked_text(device.device_id))
         removed = await asyncio.to_thread(self.state.store.get_removed_device, device.device_id)
         if removed is not None:
             await abort_with(context, "AgentService.Control", devices.removed_error(removed, self.state))

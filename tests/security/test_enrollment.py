@@ -203,6 +203,8 @@ def test_revoke_closes_and_refuses(start_secure: StartSecure) -> None:
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "revoked" in (error.details() or "")
     assert second_end.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "device 'cam-1' is revoked" in second_end.details
+    assert "edgefleet enroll create --device-id cam-1" in second_end.details
 
 
 def test_revoke_unknown_id_rejected(start_secure: StartSecure) -> None:

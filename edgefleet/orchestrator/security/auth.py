@@ -219,9 +219,7 @@ class Security:
             return
         revoked, enrolled = self._device_state(identity.device_id)
         if revoked:
-            raise permission_denied(
-                f"device {identity.device_id!r} is revoked; enroll it again with a new token to readmit it"
-            )
+            raise permission_denied(revoked_text(identity.device_id))
         if not self.tls:
             return
         if enrolled is None:
@@ -359,6 +357,14 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, error: EdgefleetError) ->
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+
+
+def revoked_text(device_id: str) -> str:
+    """Return the message that an agent of a revoked device gets, naming how to readmit it."""
+    return (
+        f"device {device_id!r} is revoked; to readmit it, create an enrollment token with "
+        f"`edgefleet enroll create --device-id {device_id}` and start the agent with --enrollment-token"
+    )
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
