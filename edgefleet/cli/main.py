@@ -29,6 +29,7 @@ from edgefleet.cli.argparser import CliArgumentParser
 from edgefleet.common import argtypes
 from edgefleet.common.config import dial_address_problem
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
+from edgefleet.common.labels import label_problem
 from edgefleet.common.models import is_tflite
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
@@ -1138,8 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
             print(script(build_parser(), args.shell), end="")
             return 0
         for pair in getattr(args, "label", []):
-            if "=" not in pair:
+            key, sep, value = pair.partition("=")
+            if not sep:
                 raise CliError(f"invalid --label {pair!r}: expected KEY=VALUE", EXIT_USAGE)
+            problem = label_problem({key: value})
+            if problem:
+                raise CliError(f"invalid --label {pair!r}: {problem}", EXIT_USAGE)
         if getattr(args, "local_handler", None) is not None:
             return int(args.local_handler(args))
         if args.insecure:

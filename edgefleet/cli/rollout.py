@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet.cli import views
 from edgefleet.common import argtypes
+from edgefleet.common.labels import label_problem
 from edgefleet.v1 import operator_pb2
 
 if TYPE_CHECKING:
@@ -321,7 +322,8 @@ def render_rollouts(rollouts: list[dict[str, Any]]) -> str:
 def parse_target(text: str) -> tuple[dict[str, str], str]:
     """Parse "kind=camera,site=a,hardware_class=car-ecu-*" into labels and a hardware class pattern.
 
-    "" and "all" select every device. Raises UsageError for a term without "=" or a key given twice.
+    "" and "all" select every device. Raises UsageError for a term without "=", a key given twice and
+    labels that the orchestrator would reject.
     """
     text = text.strip()
     if text in ("", "all", "*"):
@@ -341,6 +343,9 @@ def parse_target(text: str) -> tuple[dict[str, str], str]:
             raise UsageError(f"--target {text!r} names label {key!r} twice")
         else:
             labels[key] = value
+    problem = label_problem(labels)
+    if problem:
+        raise UsageError(f"invalid --target {text!r}: {problem}")
     return labels, hardware_class
 
 

@@ -289,3 +289,22 @@ def test_help_names_limits(capsys: Capture, command: list[str], expected: str) -
         main([*command, "--help"])
 
     assert expected in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["devices", "list", "--label", "SITE=plant-1"], "invalid --label 'SITE=plant-1': label key 'SITE'"),
+        (["devices", "list", "--label", "=x"], "invalid --label '=x': label key ''"),
+        ([*ROLLOUT, "--target", "Site=plant-1"], "invalid --target 'Site=plant-1': label key 'Site'"),
+    ],
+)
+def test_label_key_invalid(fleet: OrchestratorThread, capsys: Capture, argv: list[str], expected: str) -> None:
+    code = cli(fleet, *argv)
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert expected in error
+    assert "keys must be 1-63 characters" in error
+    assert "label_selector" not in error
+    assert "target_labels" not in error
