@@ -23,6 +23,7 @@ from edgefleet.orchestrator.security import admin as security_admin
 from edgefleet.orchestrator.security.auth import revoked_text
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ def _store_disconnect(state: OrchestratorState, device_id: str) -> None:
     except NotFoundError:
         # An operator removed the device, which closed this stream; no row is left to update.
         log.info("device_id=%s was removed, so its disconnect is not recorded", device_id)
+    except DatabaseUnavailable as error:
+        # No traceback: during an outage every stream that closes ends here, and the cause is known.
+        log.warning(
+            "recording that device_id=%s disconnected failed: %s; the store shows it connected until it reconnects",
+            device_id,
+            error.message,
+        )
     except Exception:
         log.exception("recording that device_id=%s disconnected failed; the store shows it connected", device_id)
 

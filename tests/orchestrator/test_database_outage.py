@@ -12,12 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet.cli.main import main as edgefleet_cli
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
-from edgefleet.v1 import operator_pb2, operator_pb2_grpc
+from edgefleet.v1 import agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.faults.processes import OrchestratorProcess, wait_for
 from tests.faults.proxy import TcpProxy
 from tests.orchestrator.test_jobs import tiny_conv_onnx
 from tests.pg import PostgresCluster
-from tests.servers import upload_requests
+from tests.servers import ControlStream, register, upload_requests
 
 # Longer than the job runner's, the rollout engine's and the last-seen flush's retry intervals, so
 # each background loop fails several times during the outage.
@@ -54,8 +54,18 @@ def test_database_outage_unavailable_then_recovers(
         assert list_devices_error(orchestrator.address) is None
 
         assert health_status(orchestrator.address, "edgefleet.v1.OperatorService") == "SERVING"
+        # A device whose stream closes during the outage: its disconnect cannot be stored.
+        agent_channel = grpc.insecure_channel(orchestrator.address)
+        agent = agent_pb2_grpc.AgentServiceStub(agent_channel)
+        device_id, instance_key = register(agent)
+        stream = ControlStream(agent)
+        stream.hello(device_id, instance_key)
+        stream.heartbeat(1)
+        stream.receive_kind("heartbeat_ack")
 
         proxy.drop()
+        stream.close()
+        agent_channel.close()
         error = list_devices_error(orchestrator.address)
         assert error is not None
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
@@ -78,6 +88,7 @@ def test_database_outage_unavailable_then_recovers(
         time.sleep(OUTAGE_S)
         outage_log = orchestrator.log_tail(400)
         assert "Traceback" not in outage_log
+        assert f"recording that device_id={device_id} disconnected failed: {DATABASE_UNAVAILABLE_TEXT}" in outage_log
         assert f"job runner step failed: {DATABASE_UNAVAILABLE_TEXT}" in outage_log
         assert outage_log.count("job runner step failed") == 1
 
