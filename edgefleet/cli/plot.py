@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.v1 import operator_pb2
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def bucket_bounds(index: int, gamma: float) -> tuple[float, float]:
@@ -44,9 +48,23 @@ def plot_latency(
 
     Raises OSError when the file or its folder cannot be written.
     """
+    import matplotlib.pyplot as plt
+
+    figure = latency_figure(series, overall, title)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(output, dpi=110)
+    finally:
+        plt.close(figure)
+    return output
+
+
+def latency_figure(series: list[operator_pb2.MetricRow], overall: operator_pb2.MetricRow, title: str) -> Figure:
+    """Build the figure of plot_latency: latency over time on top, the merged distribution below."""
     import matplotlib
 
     matplotlib.use("Agg")  # No display: render straight to a file.
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     times = [datetime.fromisoformat(row.group["time"]) for row in series]
@@ -62,7 +80,11 @@ def plot_latency(
     over_time.set_xlabel("window start (UTC)")
     over_time.grid(True, alpha=0.3)
     over_time.legend()
-    figure.autofmt_xdate()
+    # Figure.autofmt_xdate hides the tick labels of every axes but the bottom one, which here is the
+    # distribution, so the time axis formats its own labels.
+    locator = mdates.AutoDateLocator()
+    over_time.xaxis.set_major_locator(locator)
+    over_time.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
 
     sketch = LatencySketch.from_proto(overall.latency)
     gamma = (1 + sketch.relative_accuracy) / (1 - sketch.relative_accuracy)
@@ -83,9 +105,4 @@ def plot_latency(
     distribution.set_ylabel("inferences")
     distribution.grid(True, alpha=0.3)
     distribution.legend()
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(output, dpi=110)
-    finally:
-        plt.close(figure)
-    return output
+    return figure
