@@ -154,6 +154,27 @@ def test_unreachable(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_slow_call_names_timeout(fleet: OrchestratorThread) -> None:
+    result = run_cli("--orchestrator", fleet.address, "--timeout", "0.0001", "devices", "list")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert f"the orchestrator at {fleet.address} did not finish the call within --timeout 0.0001 s" in result.stderr
+    assert "retry with a larger --timeout" in result.stderr
+
+
+def test_silent_listener_unreachable() -> None:
+    """A port that accepts TCP connections but never answers is not a slow orchestrator."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+
+        result = run_cli("--orchestrator", address, "--timeout", "1", "devices", "list")
+
+    assert result.returncode == EXIT_UNAVAILABLE
+    assert f"cannot reach the orchestrator at {address}" in result.stderr
+
+
 def test_unknown_device(fleet: OrchestratorThread) -> None:
     result = run_cli("--orchestrator", fleet.address, "devices", "show", "camera-1")
 

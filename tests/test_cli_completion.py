@@ -124,3 +124,12 @@ def test_zsh_uses_bashcompinit() -> None:
 def test_unknown_shell_rejected() -> None:
     with pytest.raises(ValueError, match="fish"):
         script(build_parser(), "fish")
+
+
+def test_completion_rejects_json_output(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["-o", "json", "completion", "bash"])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert "completion prints a shell script, which has no JSON form; run it without -o json" in captured.err

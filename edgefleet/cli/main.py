@@ -62,6 +62,10 @@ STATUS_EXIT_CODES = {
 }
 
 
+# How long the CLI waits for a health check that tells a slow call from an unreachable orchestrator.
+RESPONDS_TIMEOUT_S = 5.0
+
+
 class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
@@ -97,14 +101,24 @@ class Client:
         self, method: str, request: Any, *, timeout_s: float | None = None, flags: dict[str, str] | None = None
     ) -> Any:
         """Call method and return its response. Raises CliError, which names flags[field] for a request field."""
+        timeout_s = timeout_s or self.timeout_s
         try:
-            return getattr(self.stub, method)(request, timeout=timeout_s or self.timeout_s)
+            return getattr(self.stub, method)(request, timeout=timeout_s)
         except grpc.RpcError as error:
-            raise with_flag_names(self.error(error), flags or {}) from None
+            raise with_flag_names(self.error(error, timeout_s), flags or {}) from None
 
-    def error(self, error: grpc.RpcError) -> CliError:
+    def error(self, error: grpc.RpcError, timeout_s: float | None = None) -> CliError:
+        """Turn a failed call's status into a CliError; timeout_s is the deadline the call had."""
         code = error.code()
         details = error.details()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.responds():
+            timeout_s = timeout_s or self.timeout_s
+            return CliError(
+                f"the orchestrator at {self.address} did not finish the call within --timeout {timeout_s:g} s; "
+                "it may still be working on it (a query over a long range or a large fleet takes longer), "
+                "so retry with a larger --timeout",
+                EXIT_UNAVAILABLE,
+            )
         if code == grpc.StatusCode.UNAVAILABLE and HOSTNAME_MISMATCH_TEXT in details:
             return CliError(self.hostname_mismatch_message(), EXIT_USAGE)
         if code == grpc.StatusCode.UNAVAILABLE and VERIFY_FAILED_TEXT in details:
@@ -132,6 +146,16 @@ class Client:
                 EXIT_UNAVAILABLE,
             )
         return CliError(f"{code.name.lower().replace('_', ' ')}: {details}", STATUS_EXIT_CODES.get(code, EXIT_FAILED))
+
+    def responds(self) -> bool:
+        """Return whether the orchestrator answers a health check within a few seconds."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=RESPONDS_TIMEOUT_S)
+        except grpc.RpcError:
+            return False
+        return True
 
     def hostname_mismatch_message(self) -> str:
         """Return the error for a server certificate that does not name the host in the address."""
@@ -868,7 +892,9 @@ def cmd_health(client: Client, args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.demo.run import run_demo
 
-    return run_demo(report_path=args.report, duration_s=args.duration, work_dir=args.work_dir)
+    return run_demo(
+        report_path=args.report, duration_s=args.duration, work_dir=args.work_dir, json_output=args.output == "json"
+    )
 
 
 def metric_filter_flags(sub: argparse.ArgumentParser) -> None:
@@ -1094,6 +1120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=argtypes.seconds(), default=20.0, help="seconds of inference per device, above 0"
     )
     sub.add_argument("--work-dir", type=Path, help="directory for the demo's database and agents (default: a temp dir)")
+    # With -o json the report goes to stdout and the narration to stderr.
+    output_flag(sub)
     sub.set_defaults(handler=None)
 
     from edgefleet.cli import completion
@@ -1135,6 +1163,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         if args.noun == "completion":
             from edgefleet.cli.completion import script
+
+            if args.output == "json":
+                raise CliError(
+                    "completion prints a shell script, which has no JSON form; run it without -o json", EXIT_USAGE
+                )
 
             print(script(build_parser(), args.shell), end="")
             return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 import numpy as np
@@ -287,8 +288,19 @@ def _ensure_models() -> tuple[Path, Path]:
     return ensure_efficientnet_lite0_onnx(), ensure_efficientnet_lite0_tflite()
 
 
-def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | None) -> int:
-    """Run the demo; return the process exit status. Every process it starts is stopped on return."""
+def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | None, json_output: bool = False) -> int:
+    """Run the demo; return the process exit status. Every process it starts is stopped on return.
+
+    With json_output the report goes to stdout as JSON, and the narration to stderr.
+    """
+    if not json_output:
+        return _run_demo(report_path, duration_s, work_dir, report_stream=None)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run_demo(report_path, duration_s, work_dir, report_stream=stdout)
+
+
+def _run_demo(report_path: Path | None, duration_s: float, work_dir: Path | None, report_stream: TextIO | None) -> int:
     from edgefleet.common.logs import configure_logging
 
     if duration_s <= 0:
@@ -374,6 +386,9 @@ def run_demo(*, report_path: Path | None, duration_s: float, work_dir: Path | No
             report_path.parent.mkdir(parents=True, exist_ok=True)
             report_path.write_text(json.dumps(report, indent=2) + "\n")
             _say(f"\nReport written to {report_path}")
+        if report_stream is not None:
+            report_stream.write(json.dumps(report, indent=2) + "\n")
+            report_stream.flush()
         return 0
     except KeyboardInterrupt:
         _say("\nInterrupted; stopping the fleet.")
