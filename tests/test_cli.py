@@ -293,6 +293,41 @@ def test_deploy_wait_ignores_earlier_report(
     assert "(state: serving; the device reports generation 1 of 2)" in deployed.stderr
 
 
+def test_deploy_earlier_failure_exits_zero(
+    fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]
+) -> None:
+    """A failure reported for the previous desired state does not fail a new deploy without --wait."""
+    upload(fleet, linear_onnx(), "linear", "1")
+    device_id, key = register(fleet.agent, "edge-01")
+    deploy = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id=device_id)
+    assignment = fleet.operator.Deploy(deploy, timeout=30).assignment
+    stream = open_stream(fleet.agent)
+    stream.hello(device_id, key, generation=1)
+    status = agent_pb2.ModelStatus(
+        model_name="linear",
+        model_version="1",
+        variant_id=assignment.variant_id,
+        digest=assignment.digest,
+        state=common_pb2.MODEL_STATE_FAILED,
+        error="no space left on device",
+    )
+    status.updated_at.GetCurrentTime()
+    stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(desired_generation=1, models=[status])))
+    wait_until(lambda: get_device(fleet, device_id).reported_generation == 1, "generation 1 to be reported")
+    command = ("--orchestrator", fleet.address, "deploy", "--model", "linear:1", "--device", device_id)
+
+    # The device reports nothing more, so generations 2 and 3 stay unapplied.
+    deployed = run_cli(*command, "--threads", "2")
+    deployed_json = run_cli(*command, "--threads", "1", "-o", "json")
+
+    assert deployed.returncode == 0, deployed.stderr
+    assert "failed (reported for generation 1, before this deploy) no space left on device" in deployed.stdout
+    assert deployed_json.returncode == 0, deployed_json.stderr
+    result = json.loads(deployed_json.stdout)
+    assert result["state"]["state"] == "failed"
+    assert (result["reported_generation"], result["desired_generation"]) == (1, 3)
+
+
 def report_serving(fleet: OrchestratorThread, stream: ControlStream, device_id: str, key: str) -> None:
     """Open the device's control stream and report linear:1 serving on it."""
     stream.hello(device_id, key)
@@ -359,7 +394,10 @@ def test_deploy_offline_state_marked(fleet: OrchestratorThread, open_stream: Cal
     waited = run_cli(*command, "--threads", "2", "--wait", "1")
 
     assert deployed.returncode == 0, deployed.stderr
-    assert re.search(r": serving \(last seen \d+s ago\) onnxruntime", deployed.stdout), deployed.stdout
+    assert re.search(
+        r": serving \(last seen \d+s ago\) \(reported for generation 0, before this deploy\) onnxruntime",
+        deployed.stdout,
+    ), deployed.stdout
     assert deployed_json.returncode == 0, deployed_json.stderr
     result = json.loads(deployed_json.stdout)
     assert result["device_status"] == "offline"

@@ -680,6 +680,7 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
         "requested_threads": args.threads,
         "notice": threads_notice(args.threads, assignment.threads, device),
         "desired_generation": device["desired_generation"],
+        "reported_generation": device["reported_generation"],
         "device_status": device["status"],
         "last_seen": device["last_seen"],
         # Only the assigned variant's status counts; an older variant may still be serving until the device applies it.
@@ -694,8 +695,14 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     }
     emit(result, args.output, render_deploy)
     state = result["state"]
-    if state is not None and state["state"] == "failed":
+    # A failure reported for an earlier desired state says nothing about this deploy yet.
+    if state is not None and state["state"] == "failed" and not reported_before(result):
         raise CliError(f"device {args.device} failed to run {assignment.variant_id}: {state['error']}")
+
+
+def reported_before(result: dict[str, Any]) -> bool:
+    """Return whether the device's model states in a deploy result predate the deploy's desired state."""
+    return bool(result["reported_generation"] < result["desired_generation"])
 
 
 def threads_notice(requested: int, assigned: int, device: dict[str, Any]) -> str:
@@ -747,6 +754,8 @@ def render_deploy(result: dict[str, Any]) -> str:
             else f"{state['runtime']} {','.join(state['providers'])} threads={state['threads']}"
         )
         note = views.last_report_note({"status": result["device_status"], "last_seen": result["last_seen"]})
+        if reported_before(result):
+            note += f" (reported for generation {result['reported_generation']}, before this deploy)"
         line = f"{line}: {state['state']}{note} {detail}".rstrip()
     if result["notice"]:
         line += f"\nnote: {result['notice']}"
