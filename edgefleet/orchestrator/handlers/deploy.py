@@ -166,3 +166,82 @@ def deploy(request: operator_pb2.DeployRequest, state: OrchestratorState) -> ope
     return operator_pb2.DeployResponse(
         device=describe_device(refreshed, state), assignment=serde.assignment_to_proto(assignment)
     )
+
+
+def replan_for_hardware(device: Device, state: OrchestratorState) -> int:
+    """Re-plan the device's assignments that its hardware, as just registered, cannot run; return how many changed.
+
+    An agent restarted with another profile, runtime or CPU share keeps its desired state, which may
+    name a format it no longer runs, a runtime version it lacks, or more threads than its cores. An
+    assignment whose variant the device cannot load gets the variant and threads that an automatic
+    deploy of the same model version would choose. When no variant fits, it stays, and the agent
+    reports it failed. One whose variant still loads keeps it, with threads lowered to the cores.
+    """
+    _, assignments = state.store.get_desired_state(device.device_id)
+    changed = 0
+    for assignment in assignments:
+        variants = state.store.list_variants(assignment.model_name, assignment.model_version)
+        current = next((v for v in variants if v.variant_id == assignment.variant_id), None)
+        problem = _variant_problem(device, assignment, current)
+        if problem:
+            try:
+                variant, threads = choose_variant(device, variants, state)
+            except FailedPrecondition as error:
+                log.warning(
+                    "device_id=%s keeps variant=%s although %s: %s",
+                    device.device_id,
+                    assignment.variant_id,
+                    problem,
+                    error.message,
+                )
+                continue
+        elif current is not None and assignment.threads > thread_budget(device):
+            # The variant still runs, so the operator's or the rollout's choice of it stands.
+            problem = (
+                f"it has {device.hardware.usable_cores:g} usable cores now, fewer than {assignment.threads} threads"
+            )
+            variant, threads = current, thread_budget(device)
+        else:
+            continue
+        replanned = Assignment(
+            device_id=device.device_id,
+            model_name=assignment.model_name,
+            model_version=assignment.model_version,
+            variant_id=variant.variant_id,
+            digest=variant.digest,
+            size_bytes=variant.size_bytes,
+            format=variant.format,
+            threads=threads,
+            rollout_id=assignment.rollout_id,
+        )
+        try:
+            generation = state.store.set_assignment(replanned)
+        except NotFoundError:
+            return changed  # An operator removed the device meanwhile.
+        changed += 1
+        log.info(
+            "re-planned device_id=%s model=%s:%s from variant=%s threads=%d to variant=%s threads=%d "
+            "generation=%d, because %s",
+            device.device_id,
+            assignment.model_name,
+            assignment.model_version,
+            assignment.variant_id,
+            assignment.threads,
+            variant.variant_id,
+            threads,
+            generation,
+            problem,
+        )
+    return changed
+
+
+def _variant_problem(device: Device, assignment: Assignment, variant: Variant | None) -> str:
+    """Return why the device cannot load the assignment's variant, or "" when it can."""
+    formats = runnable_formats(device.hardware)
+    if assignment.format not in formats:
+        return f"it runs {', '.join(formats) or 'no runtime'} now, not {assignment.format}"
+    if variant is not None:
+        runtime_check = check_runtime_version(device.hardware, variant)
+        if not runtime_check.loads:
+            return runtime_check.reason
+    return ""

@@ -118,6 +118,11 @@ def register(
         ) from None
     state.hub.heartbeat(device.device_id)
     state.telemetry.registrations.inc()
+    if registered is not None:
+        from edgefleet.orchestrator.handlers.deploy import replan_for_hardware
+
+        # The agent fetches the new desired state when its control stream opens.
+        replan_for_hardware(device, state)
     log.info(
         "registered device_id=%s class=%s profile=%s from %s",
         device.device_id,
