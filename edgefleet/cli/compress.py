@@ -438,8 +438,7 @@ def add_commands(
     sub.add_argument(
         "--gate",
         metavar="VARIANT_ID",
-        help="gate this uploaded variant (status pending) instead of making one "
-        "(needs --evaluation)",
+        help="gate this uploaded variant (status pending) instead of making one (needs --evaluation)",
     )
     sub.add_argument("--no-wait", action="store_true", help="print the queued job and return at once")
     sub.add_argument(

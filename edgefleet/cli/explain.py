@@ -8,6 +8,7 @@ from typing import Any
 
 from edgefleet.cli import views
 from edgefleet.cli.main import EXIT_USAGE, Client, CliError, emit, output_flag_of_command, split_model_ref
+from edgefleet.common.units import human_bytes
 from edgefleet.v1 import operator_pb2
 
 
@@ -70,7 +71,7 @@ def render_explain(data: dict[str, Any]) -> str:
     )
     lines += ["", header]
     for c in data["candidates"]:
-        memory = views.human_bytes(c["predicted_memory_bytes"]) if c["predicted_memory_bytes"] else "-"
+        memory = human_bytes(c["predicted_memory_bytes"]) if c["predicted_memory_bytes"] else "-"
         lines.append(
             f"  {'*' if c['chosen'] else ' ':1} {c['variant_id']:{width}} {c['format']:6} {c['precision']:4} "
             f"{_cell(c['ranked_accuracy'], 4):>8} {_cell(c['predicted_p50_ms']):>8} {_cell(c['predicted_p95_ms']):>8} "

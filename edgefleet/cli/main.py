@@ -33,6 +33,7 @@ from edgefleet.common.labels import label_problem
 from edgefleet.common.models import is_tflite
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME
 from edgefleet.common.tls import CredentialsError, load_certificate, operator_channel
+from edgefleet.common.units import human_bytes
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2, operator_pb2_grpc
 
 # The orchestrator's operator port (TLS with API tokens); with --insecure one plaintext port serves all.
@@ -321,7 +322,7 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
             "revoked" if d["revoked"] else d["status"],
             d["profile"] or "-",
             f"{d['usable_cores']:g}",
-            views.human_bytes(d["memory_bytes"]),
+            human_bytes(d["memory_bytes"]),
             ",".join(r["name"] for r in d["runtimes"]) or "-",
             models_column(d),
             views.age(d["last_seen"]),
@@ -349,9 +350,8 @@ def render_device(d: dict[str, Any]) -> str:
         f"cpu:           {d['cpu_model']} ({d['architecture']}), "
         f"{d['usable_cores']:g} usable of {d['logical_cores']} cores",
         f"cpu features:  {', '.join(d['cpu_features']) or '-'}",
-        f"memory:        {views.human_bytes(d['memory_bytes'])} "
-        f"({views.human_bytes(d['memory_available_bytes'])} available)",
-        f"disk free:     {views.human_bytes(d['disk_free_bytes'])}",
+        f"memory:        {human_bytes(d['memory_bytes'])} ({human_bytes(d['memory_available_bytes'])} available)",
+        f"disk free:     {human_bytes(d['disk_free_bytes'])}",
         "accelerators:  " + (", ".join(f"{a['kind']} {a['vendor']} {a['name']}" for a in d["accelerators"]) or "none"),
         "runtimes:      "
         + ("; ".join(f"{r['name']} {r['version']} [{', '.join(r['providers'])}]" for r in d["runtimes"]) or "none"),
@@ -559,7 +559,7 @@ def render_models(models: list[dict[str, Any]]) -> str:
             m["version"],
             m["format"],
             m["precision"],
-            views.human_bytes(m["size_bytes"]),
+            human_bytes(m["size_bytes"]),
             views.human_count(m["macs"]),
             views.human_count(m["parameters"], millions_digits=2),
             len(m["variants"]),
@@ -576,9 +576,9 @@ def render_model(m: dict[str, Any]) -> str:
     lines = [
         f"model:      {m['name']}:{m['version']} ({m['format']}, opset {m['opset']}, {m['precision']})",
         f"digest:     {m['digest']}",
-        f"size:       {views.human_bytes(m['size_bytes'])}   parameters: {m['parameters']:,}   layers: {m['layers']}",
+        f"size:       {human_bytes(m['size_bytes'])}   parameters: {m['parameters']:,}   layers: {m['layers']}",
         f"cost:       {m['macs']:,} MACs per inference; "
-        f"peak activations about {views.human_bytes(m['peak_activation_bytes'])}",
+        f"peak activations about {human_bytes(m['peak_activation_bytes'])}",
         "inputs:     " + "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
         "outputs:    " + "; ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
         "variants:",
@@ -594,7 +594,7 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
             v["format"],
             v["precision"],
             v["status"],
-            views.human_bytes(v["size_bytes"]),
+            human_bytes(v["size_bytes"]),
             views.human_count(v["macs"]),
             "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
             " ".join(f"{k}:{val:.3g}ms" for k, val in sorted(v["latency_ms"].items())) or "-",

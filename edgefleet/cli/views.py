@@ -25,7 +25,6 @@ def iso_time(value: Timestamp) -> str | None:
     return value.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
 
 
-
 def _number(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
@@ -174,15 +173,6 @@ def metric_row_view(row: operator_pb2.MetricRow) -> dict[str, Any]:
         "first_window": iso_time(row.first_window),
         "last_window": iso_time(row.last_window),
     }
-
-
-def human_bytes(value: int) -> str:
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
 
 
 def human_count(value: int, millions_digits: int = 1) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgefleet.common.hardware import HardwareProfile, hardware_class_of
+from edgefleet.common.units import human_bytes
 from edgefleet.orchestrator.costmodel.features import FORMAT_RUNTIMES
 from edgefleet.orchestrator.costmodel.predictor import Prediction
 from edgefleet.orchestrator.domain import Device, ModelStatus, Variant
@@ -158,8 +159,8 @@ def select_for_hardware(
         if not fits_disk(variant, disk_free, stored):
             excluded[variant.variant_id] = _excluded(
                 variant,
-                f"{OVER_DISK}: {variant.size_bytes / MIB:.1f} MiB file, "
-                f"{disk_free / MIB:.1f} MiB free in its model store",
+                f"{OVER_DISK}: {human_bytes(variant.size_bytes)} file, "
+                f"{human_bytes(disk_free)} free in its model store",
             )
             continue
         runtime_check = check_runtime_version(hardware, variant)

@@ -78,11 +78,11 @@ def test_output_after_command_wins(fleet: OrchestratorThread, capsys: Capture) -
     assert "edge-01" in output
 
 
-def test_output_before_local_command(capsys: Capture) -> None:
-    code = main(["-o", "json", "completion", "bash"])
+def test_output_before_local_command(tmp_path: Path, capsys: Capture) -> None:
+    code = main(["-o", "json", "pki", "init", "--dir", str(tmp_path / "pki")])
 
     assert code == 0
-    assert "complete -F" in capsys.readouterr().out
+    assert json.loads(capsys.readouterr().out)["ca_cert"] == str(tmp_path / "pki" / "ca.pem")
 
 
 def test_output_invalid_before_command(capsys: Capture) -> None:

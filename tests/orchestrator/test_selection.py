@@ -180,7 +180,7 @@ def test_select_excludes_over_disk() -> None:
 
     assert selection.chosen is not None
     assert selection.chosen.variant_id == "fits"
-    assert reasons(selection)["big"] == f"{OVER_DISK}: 2048.0 MiB file, 1024.0 MiB free in its model store"
+    assert reasons(selection)["big"] == f"{OVER_DISK}: 2.0 GiB file, 1.0 GiB free in its model store"
 
 
 def test_select_unknown_disk_free() -> None:
