@@ -822,13 +822,17 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
         out = output_path(args.out)
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
-    bucket = parse_bucket(args.bucket)
+    start = parse_time(args.since)
+    if args.bucket is None:
+        bucket = automatic_bucket((datetime.now(UTC) - start).total_seconds())
+    else:
+        bucket = parse_bucket(args.bucket)
     series_request = operator_pb2.QueryMetricsRequest(bucket_seconds=bucket)
     overall_request = operator_pb2.QueryMetricsRequest(include_sketch=True)
     for request in (series_request, overall_request):
         for name, value in filters.items():
             setattr(request, name, value)
-        request.start.FromDatetime(parse_time(args.since))
+        request.start.FromDatetime(start)
     series = client.call("QueryMetrics", series_request, flags=METRIC_FLAGS).rows
     overall = client.call("QueryMetrics", overall_request, flags=METRIC_FLAGS).rows
     if not overall or not overall[0].inference_count:
@@ -846,6 +850,20 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
         "bucket_seconds": bucket,
     }
     emit(result, args.output, render_plot)
+
+
+# The buckets `metrics plot` chooses from without --bucket, and the most points it draws with them.
+AUTOMATIC_BUCKETS_S = (10, 60, 300, 900, 3600, 6 * 3600, 24 * 3600)
+MAX_AUTOMATIC_POINTS = 360
+
+
+def automatic_bucket(range_s: float) -> int:
+    """Return the shortest of AUTOMATIC_BUCKETS_S that splits range_s into at most MAX_AUTOMATIC_POINTS buckets."""
+    # Whole seconds: the range is measured a little after --since was read, so 1h is 3600.0x s here.
+    for bucket in AUTOMATIC_BUCKETS_S:
+        if int(range_s) / bucket <= MAX_AUTOMATIC_POINTS:
+            return bucket
+    return AUTOMATIC_BUCKETS_S[-1]
 
 
 def render_plot(result: dict[str, Any]) -> str:
@@ -1099,14 +1117,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
     sub.add_argument(
         "--bucket",
-        default="10s",
-        help="time bucket of the series: whole seconds or 10s, 1m, 5m, 1h, at most 24h (default 10s)",
+        help="time bucket of the series: whole seconds or 10s, 1m, 5m, 1h, at most 24h (default: the shortest of "
+        "10s, 1m, 5m, 15m, 1h, 6h and 24h that draws --since in at most 360 points)",
     )
     sub.add_argument(
         "--out",
         type=Path,
         default=Path("latency.png"),
-        help="image file to write; its suffix sets the format, and a name without one gets .png (default latency.png)",
+        help="image file to write; its suffix sets the format, a name without one gets .png, and missing folders "
+        "are created (default latency.png)",
     )
     output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_plot)

@@ -294,3 +294,17 @@ def test_query_since_before_until(fleet: OrchestratorThread, capsys: Capture) ->
 
     assert code == 0
     assert [row["inferences"] for row in json.loads(capsys.readouterr().out)] == [10]
+
+
+@pytest.mark.parametrize(("since", "bucket_seconds"), [("1h", 10), ("1d", 300), ("3d", 900), ("400d", 86400)])
+def test_plot_bucket_follows_range(
+    fleet: OrchestratorThread, capsys: Capture, tmp_path: Path, since: str, bucket_seconds: int
+) -> None:
+    code = cli(
+        fleet, "metrics", "plot", "--model", "linear", "--since", since, "--out", str(tmp_path / "p.png"), "-o", "json"
+    )
+
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["bucket_seconds"] == bucket_seconds
+    assert result["buckets"] >= 1
