@@ -160,12 +160,14 @@ def cmd_enroll_create(client: Client, args: argparse.Namespace) -> None:
         "CreateEnrollmentToken",
         operator_pb2.CreateEnrollmentTokenRequest(device_id=args.device_id, ttl_seconds=args.ttl),
     )
-    result = {
-        "device_id": response.device_id,
-        "token": response.token,
-        "token_id": response.token_id,
-        "expires_at": _time_text(response.expires_at),
-    }
+    # The keys of `enroll list`, plus the secret, which only this reply carries.
+    created = operator_pb2.EnrollmentToken(
+        token_id=response.token_id,
+        device_id=response.device_id,
+        created_at=response.created_at,
+        expires_at=response.expires_at,
+    )
+    result = {**enrollment_token_view(created, datetime.now(UTC)), "token": response.token}
     _emit(
         result,
         args.output,

@@ -671,16 +671,18 @@ class CreateEnrollmentTokenRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateEnrollmentTokenResponse(_message.Message):
-    __slots__ = ("token", "device_id", "expires_at", "token_id")
+    __slots__ = ("token", "device_id", "expires_at", "token_id", "created_at")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     token: str
     device_id: str
     expires_at: _timestamp_pb2.Timestamp
     token_id: str
-    def __init__(self, token: _Optional[str] = ..., device_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, token: _Optional[str] = ..., device_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class EnrollmentToken(_message.Message):
     __slots__ = ("token_id", "device_id", "created_at", "expires_at", "used_at")

@@ -210,6 +210,20 @@ def test_cli_enroll_list_and_revoke(start_secure: StartSecure, capsys: pytest.Ca
     assert "'not-an-id' is not an enrollment token id (12 hex digits)" in malformed_error
 
 
+def test_cli_enroll_create_json_matches_list(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
+    orchestrator = start_secure()
+
+    cli(orchestrator, "enroll", "create", "--device-id", "cam-1", "-o", "json")
+    created = json.loads(capsys.readouterr().out)
+    cli(orchestrator, "enroll", "list", "-o", "json")
+    listed = json.loads(capsys.readouterr().out)
+
+    assert created["token"].startswith("efe_")
+    assert {key: value for key, value in created.items() if key != "token"} == listed[0]
+    assert created["state"] == "unused"
+    assert created["created_at"] < created["expires_at"]
+
+
 def test_cli_needs_token(start_secure: StartSecure, capsys: pytest.CaptureFixture[str]) -> None:
     orchestrator = start_secure()
 

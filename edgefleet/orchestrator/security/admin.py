@@ -38,10 +38,12 @@ def create_enrollment_token(
     validation.check_device_id(request.device_id)
     security = security_of(state)
     ttl = timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else tokens.DEFAULT_ENROLLMENT_TTL
-    secret, expires_at = tokens.create_enrollment_token(security.store, request.device_id, ttl, datetime.now(UTC))
+    now = datetime.now(UTC)
+    secret, expires_at = tokens.create_enrollment_token(security.store, request.device_id, ttl, now)
     return operator_pb2.CreateEnrollmentTokenResponse(
         token=secret,
         device_id=request.device_id,
+        created_at=timestamp(now),
         expires_at=timestamp(expires_at),
         token_id=tokens.hash_secret(secret)[:ENROLLMENT_TOKEN_ID_LENGTH],
     )
