@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,6 +121,51 @@ def orchestrator_config(tmp_path: Path, db_url: str = "", **overrides: Any) -> O
         listen="127.0.0.1:0", db=db_url, data_dir=tmp_path / "orchestrator", insecure=True, operator_listen=""
     )
     return replace(config, **overrides)
+
+
+def store_connected_device(db_url: str, device_id: str = "edge-01") -> None:
+    """Store device_id as registered and connected, as an orchestrator does while the device's stream is open."""
+    from edgefleet.common.hardware import HardwareProfile
+    from edgefleet.orchestrator.store import open_store
+
+    store = open_store(db_url)
+    try:
+        hardware = HardwareProfile(
+            cpu_model="Cortex-A76",
+            architecture="aarch64",
+            logical_cores=4,
+            usable_cores=4.0,
+            cpu_features=(),
+            memory_total_bytes=4 << 30,
+            memory_available_bytes=2 << 30,
+            disk_free_bytes=8 << 30,
+        )
+        now = datetime.now(UTC)
+        store.register_device(
+            device_id=device_id,
+            instance_key_hash="k" * 64,
+            hardware=hardware,
+            labels={},
+            agent_version="0.1.0",
+            peer="ipv4:127.0.0.1:40000",
+            now=now,
+        )
+        store.set_connected(device_id, True, now)
+    finally:
+        store.close()
+
+
+def stored_device_connected(db_url: str, device_id: str = "edge-01") -> bool:
+    """Return whether the database stores device_id as connected."""
+    from edgefleet.orchestrator.store import open_store
+
+    store = open_store(db_url)
+    try:
+        device = store.get_device(device_id)
+    finally:
+        store.close()
+    assert device is not None
+    return device.connected
 
 
 @pytest.fixture

@@ -260,10 +260,10 @@ def test_deploy_wait_times_out(fleet: OrchestratorThread) -> None:
     ) in deployed.stderr
 
 
-def test_deploy_wait_ignores_earlier_report(
-    fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]
-) -> None:
-    """A redeploy of the served variant waits for the new generation, not the report of the one before."""
+def report_first_generation(
+    fleet: OrchestratorThread, open_stream: Callable[..., ControlStream], state: int, error: str = ""
+) -> str:
+    """Deploy linear:1 to a new device edge-01, report it in state for generation 1, and return the device id."""
     upload(fleet, linear_onnx(), "linear", "1")
     device_id, key = register(fleet.agent, "edge-01")
     deploy = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id=device_id)
@@ -275,13 +275,22 @@ def test_deploy_wait_ignores_earlier_report(
         model_version="1",
         variant_id=assignment.variant_id,
         digest=assignment.digest,
-        state=common_pb2.MODEL_STATE_SERVING,
-        runtime="onnxruntime",
-        threads=1,
+        state=state,
+        error=error,
     )
+    if state == common_pb2.MODEL_STATE_SERVING:
+        status.runtime, status.threads = "onnxruntime", 1
     status.updated_at.GetCurrentTime()
     stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(desired_generation=1, models=[status])))
     wait_until(lambda: get_device(fleet, device_id).reported_generation == 1, "generation 1 to be reported")
+    return device_id
+
+
+def test_deploy_wait_ignores_earlier_report(
+    fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]
+) -> None:
+    """A redeploy of the served variant waits for the new generation, not the report of the one before."""
+    device_id = report_first_generation(fleet, open_stream, common_pb2.MODEL_STATE_SERVING)
 
     # The device reports nothing more, so it never applies generation 2.
     deployed = run_cli(
@@ -297,23 +306,7 @@ def test_deploy_earlier_failure_exits_zero(
     fleet: OrchestratorThread, open_stream: Callable[..., ControlStream]
 ) -> None:
     """A failure reported for the previous desired state does not fail a new deploy without --wait."""
-    upload(fleet, linear_onnx(), "linear", "1")
-    device_id, key = register(fleet.agent, "edge-01")
-    deploy = operator_pb2.DeployRequest(model_name="linear", model_version="1", device_id=device_id)
-    assignment = fleet.operator.Deploy(deploy, timeout=30).assignment
-    stream = open_stream(fleet.agent)
-    stream.hello(device_id, key, generation=1)
-    status = agent_pb2.ModelStatus(
-        model_name="linear",
-        model_version="1",
-        variant_id=assignment.variant_id,
-        digest=assignment.digest,
-        state=common_pb2.MODEL_STATE_FAILED,
-        error="no space left on device",
-    )
-    status.updated_at.GetCurrentTime()
-    stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(desired_generation=1, models=[status])))
-    wait_until(lambda: get_device(fleet, device_id).reported_generation == 1, "generation 1 to be reported")
+    device_id = report_first_generation(fleet, open_stream, common_pb2.MODEL_STATE_FAILED, "no space left on device")
     command = ("--orchestrator", fleet.address, "deploy", "--model", "linear:1", "--device", device_id)
 
     # The device reports nothing more, so generations 2 and 3 stay unapplied.

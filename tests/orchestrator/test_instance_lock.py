@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -15,10 +14,14 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
-from edgefleet.common.hardware import HardwareProfile
-from edgefleet.orchestrator.store import open_store
 from edgefleet.orchestrator.store.instance_lock import INSTANCE_LOCK_KEY
-from tests.servers import STEP_TIMEOUT_S, OrchestratorThread, orchestrator_config
+from tests.servers import (
+    STEP_TIMEOUT_S,
+    OrchestratorThread,
+    orchestrator_config,
+    store_connected_device,
+    stored_device_connected,
+)
 
 pytest_plugins = ["tests.servers"]
 
@@ -87,49 +90,10 @@ def first(tmp_path: Path, db_url: str) -> Iterator[OrchestratorProcess]:
     process.stop()
 
 
-def connect_device(db_url: str, device_id: str = "edge-01") -> None:
-    """Store device_id as registered and connected, as the first orchestrator does when its stream opens."""
-    store = open_store(db_url)
-    try:
-        hardware = HardwareProfile(
-            cpu_model="Cortex-A76",
-            architecture="aarch64",
-            logical_cores=4,
-            usable_cores=4.0,
-            cpu_features=(),
-            memory_total_bytes=4 << 30,
-            memory_available_bytes=2 << 30,
-            disk_free_bytes=8 << 30,
-        )
-        now = datetime.now(UTC)
-        store.register_device(
-            device_id=device_id,
-            instance_key_hash="k" * 64,
-            hardware=hardware,
-            labels={},
-            agent_version="0.1.0",
-            peer="ipv4:127.0.0.1:40000",
-            now=now,
-        )
-        store.set_connected(device_id, True, now)
-    finally:
-        store.close()
-
-
-def device_connected(db_url: str, device_id: str = "edge-01") -> bool:
-    store = open_store(db_url)
-    try:
-        device = store.get_device(device_id)
-    finally:
-        store.close()
-    assert device is not None
-    return device.connected
-
-
 def test_second_orchestrator_on_one_database_is_refused(
     tmp_path: Path, db_url: str, first: OrchestratorProcess
 ) -> None:
-    connect_device(db_url)
+    store_connected_device(db_url)
     second_dir = tmp_path / "second"
 
     result = subprocess.run(
@@ -142,7 +106,7 @@ def test_second_orchestrator_on_one_database_is_refused(
     assert f"pid {first.process.pid}" in error
     assert "run one orchestrator per database" in error
     # The first orchestrator's device keeps its stream, and the refused start wrote no admin token.
-    assert device_connected(db_url)
+    assert stored_device_connected(db_url)
     assert not (second_dir / "admin.token").exists()
 
 
@@ -155,14 +119,14 @@ def test_lock_is_released_at_stop(tmp_path: Path, db_url: str, first: Orchestrat
 
 
 def test_killed_orchestrator_leaves_no_lock(tmp_path: Path, db_url: str, first: OrchestratorProcess) -> None:
-    connect_device(db_url)
+    store_connected_device(db_url)
     first.process.kill()
     first.wait()
 
     second = OrchestratorThread(orchestrator_config(tmp_path / "second", db_url))
     try:
         # The device's stream ended with the killed process, and the new holder of the lock says so.
-        assert not device_connected(db_url)
+        assert not stored_device_connected(db_url)
     finally:
         second.stop()
 

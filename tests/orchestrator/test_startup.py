@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,18 @@ import grpc
 import pytest
 
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
-from edgefleet.common.hardware import HardwareProfile
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.server import server_options
-from edgefleet.orchestrator.store import open_store
 from edgefleet.orchestrator.store.engine import SQLITE_HEADER
 from tests.readonly import on_read_only_mount, read_only_mounts_work
 from tests.security.helpers import make_pki
-from tests.servers import STEP_TIMEOUT_S, OrchestratorThread, orchestrator_config
+from tests.servers import (
+    STEP_TIMEOUT_S,
+    OrchestratorThread,
+    orchestrator_config,
+    store_connected_device,
+    stored_device_connected,
+)
 
 pytest_plugins = ["tests.servers"]
 
@@ -138,61 +141,27 @@ def test_startup_metrics_port_in_use_creates_nothing(tmp_path: Path, held_port: 
     assert not data_dir.exists()
 
 
-def store_connected_device(data_dir: Path) -> None:
+def connected_fleet(data_dir: Path) -> None:
     """Create data_dir with a database whose device edge-01 is connected, and an admin.token.
 
     The device's stream is open on the running orchestrator. A start that went on would mark it disconnected.
     """
     data_dir.mkdir()
-    store = open_store(f"sqlite:///{data_dir / 'edgefleet.db'}")
-    try:
-        hardware = HardwareProfile(
-            cpu_model="Cortex-A76",
-            architecture="aarch64",
-            logical_cores=4,
-            usable_cores=4.0,
-            cpu_features=(),
-            memory_total_bytes=4 << 30,
-            memory_available_bytes=2 << 30,
-            disk_free_bytes=8 << 30,
-        )
-        now = datetime.now(UTC)
-        store.register_device(
-            device_id="edge-01",
-            instance_key_hash="k" * 64,
-            hardware=hardware,
-            labels={},
-            agent_version="0.1.0",
-            peer="ipv4:127.0.0.1:40000",
-            now=now,
-        )
-        store.set_connected("edge-01", True, now)
-    finally:
-        store.close()
+    store_connected_device(f"sqlite:///{data_dir / 'edgefleet.db'}")
     (data_dir / "admin.token").write_text("efa_kept\n")
-
-
-def stored_device_connected(data_dir: Path) -> bool:
-    store = open_store(f"sqlite:///{data_dir / 'edgefleet.db'}")
-    try:
-        device = store.get_device("edge-01")
-    finally:
-        store.close()
-    assert device is not None
-    return device.connected
 
 
 def test_startup_port_in_use_keeps_state_dir(tmp_path: Path, held_port: int) -> None:
     """A failed start on the state directory of a running orchestrator changes none of its files."""
     data_dir = tmp_path / "fleet"
-    store_connected_device(data_dir)
+    connected_fleet(data_dir)
     before = tree_snapshot(data_dir)
 
     result = run_orchestrator(data_dir, "--listen", f"127.0.0.1:{held_port}")
 
     assert result.returncode == EXIT_UNAVAILABLE
     assert tree_snapshot(data_dir) == before
-    assert stored_device_connected(data_dir)
+    assert stored_device_connected(f"sqlite:///{data_dir / 'edgefleet.db'}")
 
 
 @pytest.mark.parametrize(
@@ -206,7 +175,7 @@ def test_startup_tls_files_invalid_keep_state_dir(tmp_path: Path, key: str, prob
     """A start with a bad --key ends before it opens the database of a running orchestrator."""
     pki = make_pki(tmp_path / "pki")
     data_dir = tmp_path / "fleet"
-    store_connected_device(data_dir)
+    connected_fleet(data_dir)
     before = tree_snapshot(data_dir)
     tls_args = ["--no-insecure", "--operator-listen", "127.0.0.1:0", "--ca-cert", str(pki.ca)]
     tls_args += ["--cert", str(pki.directory / "server.pem"), "--key", str(pki.directory / key)]
@@ -216,7 +185,7 @@ def test_startup_tls_files_invalid_keep_state_dir(tmp_path: Path, key: str, prob
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert problem in error_line(result)
     assert tree_snapshot(data_dir) == before
-    assert stored_device_connected(data_dir)
+    assert stored_device_connected(f"sqlite:///{data_dir / 'edgefleet.db'}")
 
 
 def test_startup_tls_key_missing_writes_nothing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -203,16 +204,13 @@ def replan_for_hardware(device: Device, state: OrchestratorState) -> int:
             variant, threads = current, thread_budget(device)
         else:
             continue
-        replanned = Assignment(
-            device_id=device.device_id,
-            model_name=assignment.model_name,
-            model_version=assignment.model_version,
+        replanned = replace(
+            assignment,
             variant_id=variant.variant_id,
             digest=variant.digest,
             size_bytes=variant.size_bytes,
             format=variant.format,
             threads=threads,
-            rollout_id=assignment.rollout_id,
         )
         try:
             generation = state.store.set_assignment(replanned)
