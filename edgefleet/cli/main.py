@@ -63,7 +63,7 @@ STATUS_EXIT_CODES = {
 }
 
 
-# How long the CLI waits for a health check that tells a slow call from an unreachable orchestrator.
+# How long the CLI waits for the health check that distinguishes a slow call from an unreachable orchestrator.
 RESPONDS_TIMEOUT_S = 5.0
 
 
@@ -149,7 +149,7 @@ class Client:
         return CliError(f"{code.name.lower().replace('_', ' ')}: {details}", STATUS_EXIT_CODES.get(code, EXIT_FAILED))
 
     def responds(self) -> bool:
-        """Return whether the orchestrator answers a health check within a few seconds."""
+        """Return whether the orchestrator responds to a health check within RESPONDS_TIMEOUT_S."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         try:
@@ -695,7 +695,7 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     }
     emit(result, args.output, render_deploy)
     state = result["state"]
-    # A failure reported for an earlier desired state says nothing about this deploy yet.
+    # A failure reported for an earlier desired state is not a result of this deploy.
     if state is not None and state["state"] == "failed" and not reported_before(result):
         raise CliError(f"device {args.device} failed to run {assignment.variant_id}: {state['error']}")
 

@@ -125,7 +125,7 @@ def test_killed_orchestrator_leaves_no_lock(tmp_path: Path, db_url: str, first: 
 
     second = OrchestratorThread(orchestrator_config(tmp_path / "second", db_url))
     try:
-        # The device's stream ended with the killed process, and the new holder of the lock says so.
+        # The device's stream ended with the killed process, and the new holder of the lock records that.
         assert not stored_device_connected(db_url)
     finally:
         second.stop()
@@ -181,7 +181,7 @@ def test_lost_postgres_lock_is_taken_again(tmp_path: Path, db_url: str, first: O
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-def test_lost_postgres_lock_taken_by_another_stops_the_orchestrator(db_url: str, first: OrchestratorProcess) -> None:
+def test_lost_lock_taken_by_another_stops(db_url: str, first: OrchestratorProcess) -> None:
     with admin_connection(db_url) as admin:
         # Another session takes the lock before the orchestrator's next check, as a second orchestrator
         # that starts while the first one's session is gone would. The orchestrator checks every 5 s,

@@ -197,7 +197,7 @@ def replan_for_hardware(device: Device, state: OrchestratorState) -> int:
                 )
                 continue
         elif current is not None and assignment.threads > thread_budget(device):
-            # The variant still runs, so the operator's or the rollout's choice of it stands.
+            # The variant still loads, so the operator's or the rollout's choice of it is kept.
             problem = (
                 f"it has {device.hardware.usable_cores:g} usable cores now, fewer than {assignment.threads} threads"
             )
