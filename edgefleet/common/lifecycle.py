@@ -26,7 +26,10 @@ def install_stop_signals(stop: asyncio.Event, *, process: str, grace_s: float) -
         if signals_seen > 1 and signum == signal.SIGINT:
             log.warning("second interrupt: %s exits without waiting for its shutdown", process)
             os._exit(EXIT_INTERRUPTED)
-        log.info("received %s; %s stops within %.0f s", signal.Signals(signum).name, process, grace_s)
+        # Not a bound on the whole stop: work already running in worker threads may take as long again.
+        log.info(
+            "received %s; %s stops, giving open calls %.0f s to finish", signal.Signals(signum).name, process, grace_s
+        )
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
