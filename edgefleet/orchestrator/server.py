@@ -237,7 +237,9 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
         # grpcio raises RuntimeError, not OSError, for an address that is in use or invalid.
         raise OSError(f"cannot listen: {error} (--listen {config.listen}); the address is in use or invalid") from None
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    instance_lock = await asyncio.to_thread(acquire_instance_lock, config.db_url, config.listen)
+    # The lock names the bound port, which differs from --listen's when that requests port 0.
+    bound = f"{config.listen.rsplit(':', 1)[0]}:{port}"
+    instance_lock = await asyncio.to_thread(acquire_instance_lock, config.db_url, bound)
     try:
         return await _start_serving(config, server, auth, instance_lock, retention_policy, limits, port, operator_port)
     except BaseException:

@@ -64,6 +64,7 @@ class OrchestratorProcess:
                 self.process.kill()
                 raise TimeoutError("orchestrator did not start")
             time.sleep(0.05)
+        self.port = int(port_file.read_text())
 
     def wait(self, timeout_s: float = STEP_TIMEOUT_S) -> tuple[int, str]:
         """Wait for the process to exit on its own; return its exit code and stderr."""
@@ -103,7 +104,7 @@ def test_second_orchestrator_on_one_database_is_refused(
     assert result.returncode == EXIT_CONFIG, result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert "another orchestrator already serves the database" in error
-    assert f"pid {first.process.pid}" in error
+    assert f"listening on 127.0.0.1:{first.port}, pid {first.process.pid}," in error
     assert "run one orchestrator per database" in error
     # The first orchestrator's device keeps its stream, and the refused start wrote no admin token.
     assert stored_device_connected(db_url)
@@ -197,3 +198,24 @@ def test_lost_lock_taken_by_another_stops(db_url: str, first: OrchestratorProces
 
     assert code == EXIT_UNAVAILABLE, stderr
     assert "took over the database since; this orchestrator stops" in stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_symlinked_sqlite_path_is_refused(tmp_path: Path, db_url: str, first: OrchestratorProcess) -> None:
+    database = Path(make_url(db_url).database or "")
+    link_dir = tmp_path / "elsewhere"
+    link_dir.mkdir()
+    link = link_dir / "link.db"
+    link.symlink_to(database)
+
+    result = subprocess.run(
+        orchestrator_command(tmp_path / "second", f"sqlite:///{link}"),
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT_S,
+        check=False,
+    )
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"pid {first.process.pid}" in result.stderr
+    assert not (link_dir / "link.db.orchestrator.lock").exists()

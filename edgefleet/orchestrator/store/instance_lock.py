@@ -54,8 +54,12 @@ class InstanceLockLost(Exception):
 
 
 def holder_text(listen: str) -> str:
-    """Describe this process for the next orchestrator's error message: host, pid and listen address."""
-    return f"edgefleet-orchestrator on {socket.gethostname()} pid {os.getpid()} listening on {listen}"
+    """Describe this process for the next orchestrator's error message: listen address, pid and host.
+
+    The host comes last because PostgreSQL keeps only the first 63 bytes of an application_name, and a
+    cut host name misleads less than a cut port or pid.
+    """
+    return f"edgefleet-orchestrator listening on {listen}, pid {os.getpid()}, host {socket.gethostname()}"
 
 
 class InstanceLock:
@@ -146,6 +150,9 @@ def sqlite_lock_path(database: Path) -> Path:
 def _acquire_sqlite(database: Path, listen: str) -> SqliteInstanceLock:
     # The database's own checks name the problem with its directory or file better than the lock could.
     check_sqlite_path(database)
+    # The lock sits next to the file that the path resolves to, so a symlink or a relative path to the
+    # same database finds the same lock. NOTE: a hard link to the database still gets a lock of its own.
+    database = database.resolve()
     path = sqlite_lock_path(database)
     try:
         # "a+" creates the file without truncating what the holder wrote.
