@@ -219,3 +219,22 @@ def test_symlinked_sqlite_path_is_refused(tmp_path: Path, db_url: str, first: Or
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert f"pid {first.process.pid}" in result.stderr
     assert not (link_dir / "link.db.orchestrator.lock").exists()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_lock_path_directory_is_named(tmp_path: Path, db_url: str) -> None:
+    database = Path(make_url(db_url).database or "")
+    lock_path = database.with_name(database.name + ".orchestrator.lock")
+    lock_path.mkdir()
+
+    result = subprocess.run(
+        orchestrator_command(tmp_path / "data", db_url),
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT_S,
+        check=False,
+    )
+
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert f"the orchestrator lock {lock_path} is a directory" in result.stderr
+    assert "remove it" in result.stderr

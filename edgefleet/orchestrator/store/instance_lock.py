@@ -157,6 +157,11 @@ def _acquire_sqlite(database: Path, listen: str) -> SqliteInstanceLock:
     try:
         # "a+" creates the file without truncating what the holder wrote.
         handle = path.open("a+", encoding="utf-8")
+    except IsADirectoryError:
+        raise ConfigError(
+            f"the orchestrator lock {path} is a directory, not a file; remove it (no orchestrator uses it) "
+            "and start again"
+        ) from None
     except OSError as error:
         raise ConfigError(
             f"cannot open the orchestrator lock {path}: {error.strerror}; the directory of the SQLite database "
