@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,10 +170,14 @@ def test_silent_listener_unreachable() -> None:
         silent.listen(8)
         address = f"127.0.0.1:{silent.getsockname()[1]}"
 
+        started = time.monotonic()
         result = run_cli("--orchestrator", address, "--timeout", "1", "devices", "list")
+        elapsed_s = time.monotonic() - started
 
     assert result.returncode == EXIT_UNAVAILABLE
     assert f"cannot reach the orchestrator at {address}" in result.stderr
+    # The call and the health check after it wait 1 s each; the rest is the interpreter's start.
+    assert elapsed_s < 5, f"the CLI took {elapsed_s:.1f} s with --timeout 1"
 
 
 def test_unknown_device(fleet: OrchestratorThread) -> None:

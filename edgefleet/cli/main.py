@@ -63,7 +63,10 @@ STATUS_EXIT_CODES = {
 }
 
 
-# How long the CLI waits for the health check that distinguishes a slow call from an unreachable orchestrator.
+# How long the CLI waits for the health check that distinguishes a slow call from an unreachable orchestrator:
+# as long as --timeout, within these bounds. The lower bound lets a tiny --timeout still get a usable check,
+# and the upper one keeps a silent or stopped server from doubling a long --timeout.
+RESPONDS_MIN_TIMEOUT_S = 1.0
 RESPONDS_TIMEOUT_S = 5.0
 
 
@@ -112,7 +115,7 @@ class Client:
         """Turn a failed call's status into a CliError; timeout_s is the deadline the call had."""
         code = error.code()
         details = error.details()
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.responds():
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.responds(timeout_s or self.timeout_s):
             timeout_s = timeout_s or self.timeout_s
             return CliError(
                 f"the orchestrator at {self.address} did not finish the call within --timeout {timeout_s:g} s; "
@@ -148,12 +151,13 @@ class Client:
             )
         return CliError(f"{code.name.lower().replace('_', ' ')}: {details}", STATUS_EXIT_CODES.get(code, EXIT_FAILED))
 
-    def responds(self) -> bool:
-        """Return whether the orchestrator responds to a health check within RESPONDS_TIMEOUT_S."""
+    def responds(self, timeout_s: float) -> bool:
+        """Return whether the orchestrator responds to a health check within timeout_s, bounded as above."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        check_timeout_s = min(max(timeout_s, RESPONDS_MIN_TIMEOUT_S), RESPONDS_TIMEOUT_S)
         try:
-            health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=RESPONDS_TIMEOUT_S)
+            health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=check_timeout_s)
         except grpc.RpcError:
             return False
         return True
