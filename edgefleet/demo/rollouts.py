@@ -235,14 +235,26 @@ def _serving(socket: Path, variant_id: str) -> inference_pb2.LocalModel | None:
 
 
 def _burst(socket: Path, model: inference_pb2.LocalModel, inputs: list[np.ndarray]) -> None:
+    """Send BURST inferences to model; stop early when the device stopped serving that variant.
+
+    A wave rolled back, or a device re-planned, swaps the model under the burst, and the next variant
+    may expect other inputs, so the agent rejects the request.
+    """
     with grpc.insecure_channel(f"unix://{socket}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         name = model.inputs[0].name
         for index in range(BURST):
             tensor = inputs[index % len(inputs)]
-            stub.Infer(
-                inference_pb2.InferRequest(model_name=MODEL_NAME, inputs=[array_to_tensor(name, tensor)]), timeout=60
-            )
+            try:
+                stub.Infer(
+                    inference_pb2.InferRequest(model_name=MODEL_NAME, inputs=[array_to_tensor(name, tensor)]),
+                    timeout=60,
+                )
+            except grpc.RpcError as error:
+                if _serving(socket, model.variant_id) is not None:
+                    raise
+                log.info("stopped a burst: %s no longer serves %s (%s)", socket, model.variant_id, error.code())
+                return
 
 
 def _photo_tensors(model: inference_pb2.LocalModel) -> list[np.ndarray]:
