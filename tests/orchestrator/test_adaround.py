@@ -175,8 +175,14 @@ def test_static_qdq_adaround_grid(source: Path, tmp_path: Path, per_channel: boo
     ).model
     rounded_path = tmp_path / "rounded.onnx"
     onnx.save(rounded, str(rounded_path))
+    # adaround_weights rounds to the 8-bit grid, so the quantizer must not choose 7 bits on this CPU.
     output = quantize_static_qdq(
-        rounded_path, tmp_path / "rounded.int8.onnx", calibration, per_channel=per_channel, preprocess=False
+        rounded_path,
+        tmp_path / "rounded.int8.onnx",
+        calibration,
+        per_channel=per_channel,
+        reduce_range=False,
+        preprocess=False,
     )
     expected = weights(rounded)
     for name, (integers, scale) in quantized_conv_weights(output).items():

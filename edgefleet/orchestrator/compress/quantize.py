@@ -28,6 +28,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edgefleet.common.models import ModelMetadata
 from edgefleet.orchestrator.compress.calibration import ArrayCalibrationReader, model_input_spec
+from edgefleet.orchestrator.compress.kernels import default_reduce_range
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.compress.adaround import AdaRoundConfig
@@ -65,7 +66,7 @@ def quantize_static_qdq(
     per_channel: bool = True,
     activation_type: str = "uint8",
     calibration_method: str = "minmax",
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     preprocess: bool = True,
     op_types_to_quantize: tuple[str, ...] | None = None,
     nodes_to_exclude: tuple[str, ...] = (),
@@ -81,7 +82,8 @@ def quantize_static_qdq(
 ) -> Path:
     """Quantize an fp32 ONNX model to int8 weights and activations in the QDQ format.
 
-    Weights are int8 (per output channel when per_channel); activations use activation_type, with
+    Weights are int8 (per output channel when per_channel, 7-bit when reduce_range; None sets it
+    where 8-bit weights saturate this CPU's kernels, see kernels.py). Activations use activation_type, with
     ranges measured by running calibration (a reader, or an array with the batch axis first) through
     the model. A model below opset 13 is upgraded for per-channel weights. Unless preprocess is False,
     `quant_pre_process` (symbolic shape inference and graph optimization) runs first; when it fails the
@@ -106,6 +108,8 @@ def quantize_static_qdq(
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
     per-channel weights; raises CalibrationError when the calibration array does not match the input.
     """
+    if reduce_range is None:
+        reduce_range = default_reduce_range()
     if activation_type not in ACTIVATION_TYPES:
         raise QuantizationError(
             f"invalid activation_type {activation_type!r}: expected one of {ACTIVATION_TYPES}"
