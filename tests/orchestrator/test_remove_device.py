@@ -236,28 +236,6 @@ def test_remove_connected_logs_no_error(
     assert f"device_id={device_id} was removed, so its disconnect is not recorded" in caplog.messages
 
 
-def test_remove_on_other_process(
-    db_url: str, start_orchestrator: Callable[..., OrchestratorThread], open_stream: Callable[..., ControlStream]
-) -> None:
-    """A removal made through one orchestrator ends the device's stream on another one of the same database."""
-    holder = start_orchestrator(db_url)
-    other = start_orchestrator(db_url)
-    device_id, key = register(holder.agent, "edge-01")
-    stream = open_stream(holder.agent)
-    stream.hello(device_id, key)
-    stream.heartbeat(1)
-    stream.receive_kind("heartbeat_ack")
-
-    response = remove(other, device_id)
-    # The holder notices at its next flush of last-seen times, which a heartbeat makes pending.
-    stream.heartbeat(2)
-    end = stream.wait_end()
-
-    assert not response.stream_closed
-    assert end.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "device 'edge-01' was removed from the fleet at " in end.details
-
-
 def test_removed_device_report_ends_stream(
     orchestrator: OrchestratorThread, open_stream: Callable[..., ControlStream], caplog: pytest.LogCaptureFixture
 ) -> None:
