@@ -216,15 +216,15 @@ async def _hold_instance_lock(lock: InstanceLock, lost: asyncio.Future[InstanceL
 
 
 async def start_server(config: OrchestratorConfig) -> RunningServer:
-    """Open the store, bind the listen address and start serving; return the running server.
+    """Bind the listen addresses, take the database's instance lock, open the store and serve; return the server.
 
-    Raises ValueError for an invalid retention or limit setting and OSError when the address cannot be bound.
+    Raises ValueError for an invalid retention or limit setting, OSError when the address cannot be bound,
+    and InstanceLockHeld (a ConfigError) when another orchestrator serves the database.
     """
     retention_policy = RetentionPolicy.from_config(config)
     limits = OrchestratorLimits.from_config(config)
     check_listen_addresses(config)
-    # Bad TLS files, like a port in use, must end the start before the database is opened, because the
-    # start would otherwise mark the devices of an orchestrator running on this database disconnected.
+    # Bad TLS files, like a port in use, end the start before anything is written in the data directory.
     credentials = port_credentials(config)
     # The ports are bound before anything is written, so a port taken since the probe above fails
     # here with nothing stored. Clients that connect before start() wait in the listen backlog.
