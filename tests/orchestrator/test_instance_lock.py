@@ -44,6 +44,13 @@ def orchestrator_command(data_dir: Path, db_url: str, *args: str) -> list[str]:
     ]
 
 
+def run_orchestrator(data_dir: Path, db_url: str) -> subprocess.CompletedProcess[str]:
+    """Run an orchestrator on db_url until it exits, as a second one whose start fails does."""
+    return subprocess.run(
+        orchestrator_command(data_dir, db_url), capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False
+    )
+
+
 class OrchestratorProcess:
     """A real edgefleet-orchestrator process, started and waited for until it serves."""
 
@@ -97,9 +104,7 @@ def test_second_orchestrator_on_one_database_is_refused(
     store_connected_device(db_url)
     second_dir = tmp_path / "second"
 
-    result = subprocess.run(
-        orchestrator_command(second_dir, db_url), capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False
-    )
+    result = run_orchestrator(second_dir, db_url)
 
     assert result.returncode == EXIT_CONFIG, result.stderr
     error = result.stderr.strip().splitlines()[-1]
@@ -171,13 +176,7 @@ def test_lost_postgres_lock_is_taken_again(tmp_path: Path, db_url: str, first: O
             time.sleep(0.2)
     assert first.process.poll() is None
 
-    result = subprocess.run(
-        orchestrator_command(tmp_path / "second", db_url),
-        capture_output=True,
-        text=True,
-        timeout=STEP_TIMEOUT_S,
-        check=False,
-    )
+    result = run_orchestrator(tmp_path / "second", db_url)
     assert result.returncode == EXIT_CONFIG, result.stderr
 
 
@@ -208,13 +207,7 @@ def test_symlinked_sqlite_path_is_refused(tmp_path: Path, db_url: str, first: Or
     link = link_dir / "link.db"
     link.symlink_to(database)
 
-    result = subprocess.run(
-        orchestrator_command(tmp_path / "second", f"sqlite:///{link}"),
-        capture_output=True,
-        text=True,
-        timeout=STEP_TIMEOUT_S,
-        check=False,
-    )
+    result = run_orchestrator(tmp_path / "second", f"sqlite:///{link}")
 
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert f"pid {first.process.pid}" in result.stderr
@@ -227,13 +220,7 @@ def test_lock_path_directory_is_named(tmp_path: Path, db_url: str) -> None:
     lock_path = database.with_name(database.name + ".orchestrator.lock")
     lock_path.mkdir()
 
-    result = subprocess.run(
-        orchestrator_command(tmp_path / "data", db_url),
-        capture_output=True,
-        text=True,
-        timeout=STEP_TIMEOUT_S,
-        check=False,
-    )
+    result = run_orchestrator(tmp_path / "data", db_url)
 
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert f"the orchestrator lock {lock_path} is a directory" in result.stderr
