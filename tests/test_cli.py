@@ -164,7 +164,7 @@ def test_slow_call_names_timeout(fleet: OrchestratorThread) -> None:
 
 
 def test_silent_listener_unreachable() -> None:
-    """A port that accepts TCP connections but never answers is not a slow orchestrator."""
+    """A port that accepts TCP connections but never responds is not a slow orchestrator."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)

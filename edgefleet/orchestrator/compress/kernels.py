@@ -1,4 +1,4 @@
-"""What the orchestrator's CPU means for int8 variants that onnxruntime runs on it.
+"""Default int8 weight width for the orchestrator's CPU, where onnxruntime builds and gates int8 variants.
 
 onnxruntime's x86 int8 kernels multiply uint8 activations by int8 weights. Without VNNI (AVX512-VNNI
 or AVX-VNNI) they use vpmaddubsw, which adds two products into a signed 16-bit lane and saturates
@@ -43,7 +43,7 @@ def int8_weights_saturate(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | 
 
 @functools.cache
 def default_reduce_range() -> bool:
-    """Return the reduce_range that int8 quantization uses unless told otherwise: 7-bit weights where 8 saturate."""
+    """Return the default reduce_range of int8 quantization: true (7-bit weights) where 8-bit weights saturate."""
     saturate = int8_weights_saturate()
     if saturate:
         log.info(

@@ -120,7 +120,8 @@ def check_listen_addresses(config: OrchestratorConfig) -> None:
     """
     # NOTE: the gRPC ports are bound before the database opens, so one taken after this probe still
     # ends the start with nothing stored. The metrics port is bound after the store opens, because
-    # its exporter reads the store; one taken in between fails the start after the schema upgrade.
+    # its exporter reads the store. So a metrics port taken in between fails the start after the
+    # schema upgrade.
     check_address_free(config.listen, "listen")
     if not config.insecure and config.operator_listen:
         check_address_free(config.operator_listen, "operator_listen")

@@ -1,7 +1,7 @@
 """One orchestrator per database: a lock that a starting orchestrator takes before it opens the store.
 
-Control streams, desired-state pushes and device status live in the process that holds a device's
-stream, so two orchestrators on one database would each see the other's devices as offline and would
+Control streams, desired-state pushes and device status live in the process that has a device's
+stream open, so two orchestrators on one database would each see the other's devices as offline and would
 never push to them. Start-up also marks every device that the database stores as connected disconnected,
 which is right only when no other orchestrator serves that database. So the second orchestrator
 refuses to start and names the one that holds the lock.
@@ -120,7 +120,7 @@ class PostgresInstanceLock(InstanceLock):
                 f"took over the database since; this orchestrator stops so that one serves the fleet. {_FIX}"
             )
         self._connection = connection
-        log.warning("the PostgreSQL session that holds the orchestrator lock was lost; took the lock again")
+        log.warning("lost the PostgreSQL session of the orchestrator lock; acquired the lock again on a new session")
         return True
 
     def release(self) -> None:
