@@ -339,16 +339,18 @@ def redact_url(url: str) -> str:
 async def serve(config: OrchestratorConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down within the configured grace period.
 
-    A second SIGINT during shutdown exits at once.
+    A second SIGINT during shutdown exits at once. A stop signal that arrives during the start takes
+    effect once the start is done: the port file tells scripts the process is up, so a signal sent
+    right after it appears must get the graceful stop, not the default action.
     """
+    stop = asyncio.Event()
+    install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
     running = await start_server(config)
     notifier = Notifier()
     notifier.ready(f"serving on port {running.port}")
     watchdog = None
     if notifier.watchdog_interval_s is not None:
         watchdog = asyncio.create_task(_watchdog_forever(notifier, notifier.watchdog_interval_s, running.state.hub))
-    stop = asyncio.Event()
-    install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
     stopped = asyncio.create_task(stop.wait())
     assert running.lock_lost is not None
     waiters: list[asyncio.Future[Any]] = [stopped, running.lock_lost]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgefleet.cli.main import main as edgefleet_cli
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, EXIT_UNAVAILABLE
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable, unavailable_error
 from edgefleet.v1 import agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 from tests.faults.processes import OrchestratorProcess, wait_for
 from tests.faults.proxy import TcpProxy
@@ -192,3 +196,46 @@ def test_database_outage_requeues_running_job(postgres_cluster: PostgresCluster,
         postgres_cluster.drop_database("job_outage")
 
     assert operator_pb2.JobState.Name(finished.state) == "JOB_STATE_SUCCEEDED", finished.error
+
+
+@pytest.fixture
+def postgres_engine() -> Iterator[sa.Engine]:
+    """An engine for the PostgreSQL dialect; these tests only classify errors and never connect."""
+    engine = sa.create_engine("postgresql+psycopg://edgefleet@127.0.0.1:1/edgefleet")
+    yield engine
+    engine.dispose()
+
+
+def test_failed_ping_then_failed_autocommit_counts_as_unavailable(postgres_engine: sa.Engine) -> None:
+    """The pool's pre-ping on a dead connection raises psycopg's ProgrammingError with the lost connection as context.
+
+    psycopg cannot restore autocommit on a connection whose ping failed mid-query, and SQLAlchemy
+    reports that error; the OperationalError of the ping is its context.
+    """
+    driver_error = psycopg.ProgrammingError("can't change 'autocommit' now: connection in transaction status ACTIVE")
+    # Raised while the ping's error was being handled, as psycopg's do_ping does.
+    driver_error.__context__ = psycopg.OperationalError("connection socket closed")
+    error = sa.exc.ProgrammingError(None, None, driver_error)
+
+    unavailable = unavailable_error(postgres_engine, error)
+
+    assert isinstance(unavailable, DatabaseUnavailable)
+    assert unavailable.message.startswith(f"{DATABASE_UNAVAILABLE_TEXT} (connection socket closed)")
+
+
+def test_programming_error_of_a_live_server_is_not_unavailable(postgres_engine: sa.Engine) -> None:
+    error = sa.exc.ProgrammingError("SELECT nope", None, psycopg.errors.UndefinedColumn('column "nope" does not exist'))
+    assert unavailable_error(postgres_engine, error) is None
+
+
+def test_refused_password_is_not_unavailable(postgres_engine: sa.Engine) -> None:
+    """A wrong password has SQLSTATE 28P01: retrying cannot fix it, so it is not reported as an outage."""
+    error = sa.exc.OperationalError(None, None, psycopg.errors.InvalidPassword("password authentication failed"))
+    assert unavailable_error(postgres_engine, error) is None
+
+
+def test_server_shutdown_is_unavailable(postgres_engine: sa.Engine) -> None:
+    error = sa.exc.OperationalError(None, None, psycopg.errors.AdminShutdown("terminating connection"))
+    unavailable = unavailable_error(postgres_engine, error)
+    assert isinstance(unavailable, DatabaseUnavailable)
+    assert "(terminating connection)" in unavailable.message

@@ -488,3 +488,30 @@ def test_startup_command_line_invalid(tmp_path: Path, args: list[str], expected:
         f"edgefleet-orchestrator: invalid command line: {expected}; `edgefleet-orchestrator --help` lists the flags"
     ]
     assert not (tmp_path / "data").exists()
+
+
+def test_stop_signal_during_start_stops_gracefully(tmp_path: Path) -> None:
+    """SIGTERM sent while the orchestrator starts gets the graceful stop once the start is done.
+
+    The lock file appears before the store opens, so the signal lands in the middle of the start.
+    """
+    data_dir = tmp_path / "data"
+    lock_file = data_dir / "edgefleet.db.orchestrator.lock"
+    command = [sys.executable, "-m", "edgefleet.orchestrator.main", "--insecure", "--listen", "127.0.0.1:0"]
+    command += ["--log-level", "info", "--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not lock_file.exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "the orchestrator did not take its lock"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=STEP_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert "received SIGTERM; orchestrator stops" in stderr
+    assert "orchestrator serving on" in stderr

@@ -71,16 +71,34 @@ def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnava
     """
     if engine.dialect.name != "postgresql":
         return None
-    sqlstate = getattr(error.orig, "sqlstate", None)
-    lost = isinstance(error, sa.exc.OperationalError) and (
-        sqlstate is None or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
-    )
-    if not (lost or error.connection_invalidated):
+    cause = _lost_server_error(engine, error.orig)
+    if cause is None and not error.connection_invalidated:
         return None
-    reason = str(error.orig).strip().splitlines()[0] if str(error.orig).strip() else type(error.orig).__name__
+    if cause is None:
+        cause = error.orig
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return DatabaseUnavailable(
         f"{DATABASE_UNAVAILABLE_TEXT} ({reason}); the orchestrator reconnects by itself, so retry in a few seconds"
     )
+
+
+def _lost_server_error(engine: Engine, orig: BaseException | None) -> BaseException | None:
+    """Return the driver's error in orig's chain that says the server is lost, else None.
+
+    The chain matters when the pool's pre-ping finds a dead connection: psycopg then also fails to
+    restore autocommit on it, and SQLAlchemy raises that ProgrammingError, whose context holds the
+    OperationalError of the ping.
+    """
+    operational_error = engine.dialect.loaded_dbapi.OperationalError
+    seen: set[int] = set()
+    while orig is not None and id(orig) not in seen:
+        seen.add(id(orig))
+        if isinstance(orig, operational_error):
+            sqlstate = getattr(orig, "sqlstate", None)
+            if sqlstate is None or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES):
+                return orig
+        orig = orig.__cause__ or orig.__context__
+    return None
 
 
 @contextlib.contextmanager
