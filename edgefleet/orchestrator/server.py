@@ -29,6 +29,7 @@ from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import Store, open_store
 from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 from edgefleet.orchestrator.store.instance_lock import InstanceLock, InstanceLockLost, acquire_instance_lock
+from edgefleet.orchestrator.telemetry import Telemetry
 from edgefleet.orchestrator.validation import MalformedRequestInterceptor
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, operator_pb2, operator_pb2_grpc
 
@@ -236,14 +237,25 @@ async def start_server(config: OrchestratorConfig) -> RunningServer:
     except RuntimeError as error:
         # grpcio raises RuntimeError, not OSError, for an address that is in use or invalid.
         raise OSError(f"cannot listen: {error} (--listen {config.listen}); the address is in use or invalid") from None
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    # The lock names the bound port, which differs from --listen's when that requests port 0.
-    bound = f"{config.listen.rsplit(':', 1)[0]}:{port}"
-    instance_lock = await asyncio.to_thread(acquire_instance_lock, config.db_url, bound)
+    telemetry = Telemetry()
     try:
-        return await _start_serving(config, server, auth, instance_lock, retention_policy, limits, port, operator_port)
+        if config.metrics_listen:
+            telemetry.bind(config.metrics_listen)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        # The lock names the bound port, which differs from --listen's when that requests port 0.
+        bound = f"{config.listen.rsplit(':', 1)[0]}:{port}"
+        instance_lock = await asyncio.to_thread(acquire_instance_lock, config.db_url, bound)
+    except BaseException:
+        telemetry.close()
+        await server.stop(None)
+        raise
+    try:
+        return await _start_serving(
+            config, server, auth, instance_lock, telemetry, retention_policy, limits, port, operator_port
+        )
     except BaseException:
         instance_lock.release()
+        telemetry.close()
         await server.stop(None)
         raise
 
@@ -253,6 +265,7 @@ async def _start_serving(
     server: grpc.aio.Server,
     auth: AuthInterceptor,
     instance_lock: InstanceLock,
+    telemetry: Telemetry,
     retention_policy: RetentionPolicy,
     limits: OrchestratorLimits,
     port: int,
@@ -273,14 +286,16 @@ async def _start_serving(
         max_clock_skew_s=config.max_clock_skew_s,
     )
     hub.loop = asyncio.get_running_loop()
-    state = OrchestratorState(config=config, store=store, hub=hub, artifacts=artifacts, limits=limits)
+    state = OrchestratorState(
+        config=config, store=store, hub=hub, artifacts=artifacts, limits=limits, telemetry=telemetry
+    )
     state.rollouts = sql_rollout_store(store)
-    state.telemetry.attach(state, config.metrics_lookback_s)
+    telemetry.attach(state, config.metrics_lookback_s)
     if config.metrics_listen:
-        metrics_port = state.telemetry.serve(config.metrics_listen)
+        metrics_port = telemetry.serve()
         if config.metrics_port_file is not None:
             config.metrics_port_file.write_text(f"{metrics_port}\n")
-        # An empty host (":9464") serves every IPv4 address, as Telemetry.serve binds it.
+        # An empty host (":9464") serves every IPv4 address, as Telemetry.bind binds it.
         metrics_host = config.metrics_listen.rpartition(":")[0] or "0.0.0.0"
         log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
 

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from edgefleet.common.sketch import LatencySketch
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from edgefleet.orchestrator.state import OrchestratorState
 
 log = logging.getLogger(__name__)
@@ -30,18 +32,14 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registrations = Counter(
-            "edgefleet_registrations", "Device registrations accepted", registry=self.registry
-        )
+        self.registrations = Counter("edgefleet_registrations", "Device registrations accepted", registry=self.registry)
         self.rejected_registrations = Counter(
             "edgefleet_rejected_registrations", "Device registrations rejected", ["reason"], registry=self.registry
         )
         self.metric_batches = Counter(
             "edgefleet_metric_batches", "Metric batches received from agents", ["result"], registry=self.registry
         )
-        self.metric_windows = Counter(
-            "edgefleet_metric_windows", "Metric windows stored", registry=self.registry
-        )
+        self.metric_windows = Counter("edgefleet_metric_windows", "Metric windows stored", registry=self.registry)
         self.inferences_reported = Counter(
             "edgefleet_inferences_reported", "Inferences counted in stored metric windows", registry=self.registry
         )
@@ -52,28 +50,65 @@ class Telemetry:
         for result in ("stored", "rejected"):
             self.uploads.labels(result)
         self.rejected_registrations.labels("identity_conflict")
-        self._server: WSGIServer | None = None
+        self._server: ThreadingWSGIServer | None = None
+        self._serving: threading.Thread | None = None
 
     def attach(self, state: OrchestratorState, lookback_s: float) -> None:
         """Register the collector that reads devices and latency windows from the store at each scrape."""
         self.registry.register(FleetCollector(state, lookback_s))
 
-    def serve(self, address: str) -> int:
-        """Serve /metrics on HOST:PORT in a daemon thread; return the bound port."""
+    def bind(self, address: str) -> int:
+        """Bind and listen on HOST:PORT for /metrics without answering yet; return the bound port.
+
+        Start-up binds before the store opens, so a port in use fails the start with nothing written.
+        Scrapes that arrive before serve() wait in the listen backlog.
+        """
         host, _, port = address.rpartition(":")
         if not port.isdigit():
             raise ValueError(f"invalid metrics listen address {address!r}; expected HOST:PORT")
         # The address keeps the brackets of an IPv6 host ([::1]:9464), which getaddrinfo does not accept.
-        host = host.removeprefix("[").removesuffix("]")
-        server, _ = start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
-        self._server = server
-        return int(server.server_port)
+        host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
+        family, *_, socket_address = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        try:
+            self._server = make_server(
+                str(socket_address[0]), int(port), make_wsgi_app(self.registry), Server, handler_class=_QuietHandler
+            )
+        except OSError as error:
+            raise OSError(
+                f"cannot listen on {address} (--metrics-listen): {error.strerror or error}; "
+                "pick a free port or stop the process that holds it"
+            ) from None
+        return int(self._server.server_port)
+
+    def serve(self) -> int:
+        """Answer scrapes on the bound address in a daemon thread; return the bound port."""
+        assert self._server is not None, "bind() first"
+        self._serving = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._serving.start()
+        return int(self._server.server_port)
 
     def close(self) -> None:
-        if self._server is not None:
+        if self._server is None:
+            return
+        # shutdown() waits for serve_forever to return, so it is only called once that runs.
+        if self._serving is not None:
             self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+            self._serving = None
+        self._server.server_close()
+        self._server = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Leaves scrapes out of stderr: Prometheus calls every few seconds."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
 
 
 class FleetCollector(Collector):

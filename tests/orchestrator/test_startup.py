@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
+from edgefleet.orchestrator import server as server_module
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.server import server_options
 from edgefleet.orchestrator.store.engine import SQLITE_HEADER
@@ -138,6 +139,21 @@ def test_startup_metrics_port_in_use_creates_nothing(tmp_path: Path, held_port: 
     assert result.returncode == EXIT_UNAVAILABLE
     assert f"cannot listen on 127.0.0.1:{held_port}" in error_line(result)
     assert "--metrics-listen" in error_line(result)
+    assert not data_dir.exists()
+
+
+def test_metrics_port_taken_after_the_probe_creates_nothing(
+    tmp_path: Path, held_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A metrics port taken between the probe and the bind still ends the start before the database opens."""
+    # Without the probe, start_server meets the held port as a port taken just after the probe would be.
+    monkeypatch.setattr(server_module, "check_listen_addresses", lambda config: None)
+    data_dir = tmp_path / "fleet"
+    config = orchestrator_config(data_dir, metrics_listen=f"127.0.0.1:{held_port}")
+
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{held_port} \\(--metrics-listen\\)"):
+        asyncio.run(server_module.start_server(config))
+
     assert not data_dir.exists()
 
 

@@ -118,15 +118,13 @@ def check_listen_addresses(config: OrchestratorConfig) -> None:
     port in use ends the start with nothing written and with the reason, which gRPC's bind does not
     give. Raises OSError from check_address_free.
     """
-    # NOTE: the gRPC ports are bound before the database opens, so one taken after this probe still
-    # ends the start with nothing stored. The metrics port is bound after the store opens, because
-    # its exporter reads the store. So a metrics port taken in between fails the start after the
-    # schema upgrade.
+    # All ports are bound before the database opens, so one taken after this probe still ends the
+    # start with nothing stored; the probe is there for the reason in the message.
     check_address_free(config.listen, "listen")
     if not config.insecure and config.operator_listen:
         check_address_free(config.operator_listen, "operator_listen")
     if config.metrics_listen:
-        # An empty host serves /metrics on every IPv4 address (telemetry.Telemetry.serve).
+        # An empty host serves /metrics on every IPv4 address (telemetry.Telemetry.bind).
         host, _, port = config.metrics_listen.rpartition(":")
         check_address_free(f"{host or '0.0.0.0'}:{port}", "metrics_listen")
 
