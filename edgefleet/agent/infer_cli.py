@@ -53,11 +53,12 @@ def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAU
 
     The default crop is the standard ImageNet evaluation's, which the demo uses as well.
 
-    16-bit grayscale is scaled to 8 bits. Raises OSError for a file that Pillow cannot read, and for
-    an image of more pixels than Pillow reads safely (Image.MAX_IMAGE_PIXELS times 2).
+    An EXIF orientation is applied, as image viewers do. 16-bit grayscale is scaled to 8 bits. Raises
+    OSError for a file that Pillow cannot read, and for an image of more pixels than Pillow reads safely
+    (Image.MAX_IMAGE_PIXELS times 2).
     """
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise SystemExit("edgefleet-agent infer needs Pillow to read images: pip install pillow") from None
     try:
@@ -68,12 +69,14 @@ def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAU
     except Image.DecompressionBombError as error:
         raise OSError(f"{error.args[0] if error.args else error} Scale the image down first") from None
     with image:
-        if image.mode in SIXTEEN_BIT_MODES:
+        # Cameras store the pixels as the sensor read them and the rotation to show them in EXIF.
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode in SIXTEEN_BIT_MODES:
             # convert("RGB") clips 16-bit values at 255, which turns most pixels white.
-            scaled = np.asarray(image).astype(np.float32) / 257.0
+            scaled = np.asarray(upright).astype(np.float32) / 257.0
             rgb = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
         else:
-            rgb = image.convert("RGB")
+            rgb = upright.convert("RGB")
         return resize_and_crop(rgb, height, width, crop_fraction)
 
 

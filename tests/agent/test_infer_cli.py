@@ -18,6 +18,7 @@ from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.main import main
 from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from tests.photos import write_sideways_photo
 
 CLASSES = 5
 # The RGB colour of the test image. A uniform image keeps its colour through the resize and the crop.
@@ -465,3 +466,15 @@ def test_variant_switch_during_request(
     assert switching_host.calls == [("switch:2:source", False), ("switch:2:source", True)]
     assert "switch:2:source" in output
     assert printed_classes(output) == expected_ranking((127.0,), (128.0,))
+
+
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    path = tmp_path / "portrait.jpg"
+    write_sideways_photo(path)
+
+    pixels = infer_cli.load_image(path, 16, 8, crop_fraction=1.0)
+
+    assert pixels.shape == (16, 8, 3)
+    top, bottom = pixels[1].mean(axis=0), pixels[-2].mean(axis=0)
+    assert top[0] > 200 and top[2] < 50, top
+    assert bottom[2] > 200 and bottom[0] < 50, bottom

@@ -31,6 +31,7 @@ from edgefleet.orchestrator.compress.quantize import (
     recommend_quantization,
     requantized_exclusions,
 )
+from tests.photos import write_sideways_photo
 
 SIZE = 32
 
@@ -425,3 +426,15 @@ def test_requantized_exclusions_leading_conv(conv_net: Path, tmp_path: Path) -> 
     convs = tuple(n.name for n in onnx.load(str(conv_net)).graph.node if n.op_type == "Conv")
     output = quantize_static_qdq(conv_net, tmp_path / "leading.onnx", samples(8, seed=1), nodes_to_exclude=convs[:1])
     assert requantized_exclusions(onnx.load(str(output)), convs[:1]) == []
+
+
+def test_calibration_images_apply_exif_orientation(tmp_path: Path) -> None:
+    write_sideways_photo(tmp_path / "portrait.jpg")
+    spec = PreprocessSpec(height=16, width=8, mean=(0, 0, 0), std=(1, 1, 1), resize_shorter=8)
+
+    loaded = load_image_folder(tmp_path, spec)
+
+    assert loaded.shape == (1, 3, 16, 8)
+    red, blue = loaded[0, 0], loaded[0, 2]
+    assert red[1].mean() > 0.8 and blue[1].mean() < 0.2
+    assert blue[-2].mean() > 0.8 and red[-2].mean() < 0.2

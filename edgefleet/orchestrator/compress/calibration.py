@@ -244,7 +244,7 @@ def load_image_folder(folder: Path, spec: PreprocessSpec, *, limit: int | None =
     Raises CalibrationError when the folder is missing or empty, or an image cannot be decoded.
     """
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
     except ImportError as error:  # pragma: no cover - pillow ships with the demo extra
         raise CalibrationError(
             "loading calibration images needs pillow: install edgefleet[demo] or pip install pillow"
@@ -256,7 +256,8 @@ def load_image_folder(folder: Path, spec: PreprocessSpec, *, limit: int | None =
     for path in paths:
         try:
             with Image.open(path) as opened:
-                rgb = np.asarray(opened.convert("RGB"))
+                # Photos from cameras hold their rotation in EXIF; a device's app sees them upright.
+                rgb = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
         except (OSError, UnidentifiedImageError) as error:
             raise CalibrationError(f"cannot decode calibration image {path}: {error}") from error
         samples.append(preprocess_image(rgb, spec))
