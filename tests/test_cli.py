@@ -118,6 +118,17 @@ def test_models_list_small_counts(fleet: OrchestratorThread) -> None:
     assert variants.stdout.splitlines()[1].split()[6] == "12"
 
 
+def test_models_list_unknown_name_says_so(fleet: OrchestratorThread) -> None:
+    listed = run_cli("--orchestrator", fleet.address, "--insecure", "models", "list", "--name", "nope")
+    as_json = run_cli("--orchestrator", fleet.address, "--insecure", "models", "list", "--name", "nope", "-o", "json")
+
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1:] == []
+    assert "no model named 'nope'; `edgefleet models list` shows every name" in listed.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == []
+
+
 def test_devices_show_json(fleet: OrchestratorThread) -> None:
     result = run_cli("--orchestrator", fleet.address, "devices", "show", "plc-01", "-o", "json")
 

@@ -615,6 +615,9 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
 def cmd_models_list(client: Client, args: argparse.Namespace) -> None:
     response = client.call("ListModels", operator_pb2.ListModelsRequest(name=args.name or ""))
     emit([views.model_view(m) for m in response.models], args.output, render_models)
+    if args.name and not response.models:
+        # A filter that matches nothing is not an error, but a mistyped name should not pass unnoticed.
+        print(f"no model named {args.name!r}; `edgefleet models list` shows every name", file=sys.stderr)
 
 
 def cmd_models_show(client: Client, args: argparse.Namespace) -> None:
