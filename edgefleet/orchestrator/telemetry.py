@@ -87,7 +87,7 @@ class Telemetry:
         return int(self._server.server_port)
 
     def serve(self) -> int:
-        """Answer scrapes on the bound address in a daemon thread; return the bound port."""
+        """Serve scrapes on the bound address from a daemon thread; return the bound port."""
         assert self._server is not None, "bind() first"
         self._serving = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._serving.start()

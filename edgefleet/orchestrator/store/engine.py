@@ -83,7 +83,7 @@ def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnava
 
 
 def _lost_server_error(engine: Engine, orig: BaseException | None) -> BaseException | None:
-    """Return the driver's error in orig's chain that says the server is lost, else None.
+    """Return the driver's error in orig's chain that reports a lost server, else None.
 
     The chain matters when the pool's pre-ping finds a dead connection: psycopg then also fails to
     restore autocommit on it, and SQLAlchemy raises that ProgrammingError, whose context holds the
