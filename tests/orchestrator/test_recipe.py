@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,20 @@ def test_recipe_full_dict() -> None:
         ({"distill": {"alpha": 1.5}}, ("distill.alpha", "1.5", "[0, 1]")),
         ({"distill": {"student_family": "resnet"}}, ("distill.student_family", "'resnet'", "fire")),
         ({"tflite": {"precisions": ["int4"]}}, ("tflite.precisions", "int4", "fp16")),
-        ({"gate": {"max_accuracy_drop": -1}}, ("gate.max_accuracy_drop", "-1", ">= 0")),
+        ({"gate": {"max_accuracy_drop": -1}}, ("gate.max_accuracy_drop", "-1", "from 0 to 100")),
         ({"gate": {"runtimes": ["tensorrt"]}}, ("gate.runtimes", "tensorrt", "litert")),
         ({"gate": {"threads": [0]}}, ("gate.threads", "from 1 to 64")),
         ({"gate": {"threads": [1, 65]}}, ("gate.threads", "from 1 to 64")),
+        ({"gate": {"max_accuracy_drop": 101}}, ("gate.max_accuracy_drop", "101", "from 0 to 100")),
+        ({"gate": {"max_accuracy_drop": math.inf}}, ("gate.max_accuracy_drop", "inf", "finite number")),
+        ({"distill": {"temperature": math.inf}}, ("distill.temperature", "inf", "finite number")),
+        ({"prune": {"lr": math.inf}}, ("prune.lr", "inf", "finite number")),
+        ({"quantize": {"calibration": {"preprocess": {"scale": math.inf}}}},
+         ("quantize.calibration.preprocess.scale", "inf", "finite number")),
+        ({"quantize": {"calibration": {"preprocess": {"std": [math.nan, 1, 1]}}}},
+         ("quantize.calibration.preprocess.std[0]", "nan", "finite number")),
+        ({"gate": {"evaluation": {"preprocess": {"mean": [0, -math.inf, 0]}}}},
+         ("gate.evaluation.preprocess.mean[1]", "-inf", "finite number")),
     ],
 )
 def test_recipe_invalid(data: dict[str, object], fragments: tuple[str, ...]) -> None:
@@ -117,6 +128,13 @@ def test_recipe_file_names_path(tmp_path: Path) -> None:
     path = tmp_path / "recipe.toml"
     path.write_text("[prune]\nratio = 1.0\n", encoding="utf-8")
     with pytest.raises(RecipeError, match=r"recipe\.toml: prune\.ratio"):
+        load_recipe(path)
+
+
+def test_recipe_toml_nan_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.toml"
+    path.write_text("[quantize.calibration.preprocess]\nstd = [nan, nan, nan]\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"recipe\.toml: quantize\.calibration\.preprocess\.std\[0\] = nan"):
         load_recipe(path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -88,7 +89,7 @@ class TfliteConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    max_accuracy_drop: float = 1.0  # Percentage points, >= 0.
+    max_accuracy_drop: float = 1.0  # Percentage points, from 0 to 100.
     evaluation: DataSource = field(default_factory=DataSource)
     runtimes: tuple[str, ...] = ("onnxruntime",)  # Any of "onnxruntime", "litert".
     threads: tuple[int, ...] = (1, 2)
@@ -217,6 +218,9 @@ def _convert(raw: Any, default: Any, path: str) -> Any:
     if isinstance(default, float):
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise RecipeError(f"{path} = {raw!r} is invalid: expected a number")
+        # TOML and Python's json module accept nan and inf, and inf passes the range checks that have no upper bound.
+        if not math.isfinite(raw):
+            raise RecipeError(f"{path} = {raw!r} is invalid: expected a finite number")
         return float(raw)
     if isinstance(default, str):
         if not isinstance(raw, str):
@@ -266,8 +270,8 @@ def _check_ranges(section: Any, where: str) -> None:
         resolution = section.input_resolution
         _require(resolution >= 16, f"{where}.input_resolution", resolution, ">= 16")
     elif isinstance(section, GateConfig):
-        _require(section.max_accuracy_drop >= 0, f"{where}.max_accuracy_drop", section.max_accuracy_drop,
-                 ">= 0 percentage points")
+        _require(0 <= section.max_accuracy_drop <= 100, f"{where}.max_accuracy_drop", section.max_accuracy_drop,
+                 "from 0 to 100 percentage points")
         _require(
             all(0 < t <= MAX_GATE_THREADS for t in section.threads),
             f"{where}.threads",
