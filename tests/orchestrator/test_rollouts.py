@@ -148,6 +148,13 @@ def test_create_rejects(orchestrator: OrchestratorThread, fields: dict[str, obje
     assert error.code() == code
 
 
+def test_create_budget_error_plain_numbers(orchestrator: OrchestratorThread) -> None:
+    fleet(orchestrator, cameras=0)
+    error = rpc_error(lambda: orchestrator.operator.CreateRollout(create_request(budget_ms=5_000_000.0), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "5000000 must be above 0 and at most 3600000" in (error.details() or "")
+
+
 def test_get_unknown(orchestrator: OrchestratorThread) -> None:
     error = rpc_error(lambda: get_rollout(orchestrator, "ro-missing"))
     assert error.code() == grpc.StatusCode.NOT_FOUND

@@ -58,7 +58,8 @@ def spec_from_request(request: operator_pb2.CreateRolloutRequest) -> RolloutSpec
         raise InvalidArgument("wave_percents", str(error)) from None
     if not (0 < request.budget_ms <= MAX_BUDGET_MS):
         raise InvalidArgument(
-            "budget_ms", f"{request.budget_ms:g} must be above 0 and at most {MAX_BUDGET_MS:g}; give the p95 budget"
+            "budget_ms",
+            f"{request.budget_ms:.15g} must be above 0 and at most {MAX_BUDGET_MS:.0f}; give the p95 budget in ms",
         )
     for name in ("max_p95_regression_pct", "max_error_rate_pct"):
         value = getattr(request, name)
