@@ -608,6 +608,28 @@ def test_stuck_then_abort(two_classes: Fleet) -> None:
     assert kept.model_version == "2"
 
 
+def test_stuck_abort_clears_flag(two_classes: Fleet) -> None:
+    rollout = two_classes.create(sample_timeout_s=60.0)
+    two_classes.step(rollout.rollout_id)
+    two_classes.step(rollout.rollout_id, seconds=61)
+    apply_action(two_classes.rollouts, rollout.rollout_id, "abort", two_classes.clock())
+    aborted = two_classes.rollouts.get_rollout(rollout.rollout_id)
+    assert aborted.state == "aborted"
+    assert not aborted.stuck
+
+
+def test_stuck_rollback_clears_flag(two_classes: Fleet) -> None:
+    rollout = two_classes.create(sample_timeout_s=60.0)
+    two_classes.step(rollout.rollout_id)
+    stuck = two_classes.step(rollout.rollout_id, seconds=61)
+    rolling_back = apply_action(two_classes.rollouts, rollout.rollout_id, "rollback", two_classes.clock())
+    rolled_back = two_classes.step(rollout.rollout_id)
+    assert stuck.stuck
+    assert not rolling_back.stuck
+    assert rolled_back.state == "rolled_back"
+    assert not rolled_back.stuck
+
+
 def test_tick_runs_all(two_classes: Fleet) -> None:
     rollout = two_classes.create()
     two_classes.clock.advance(1)

@@ -159,10 +159,11 @@ def apply_action(rollouts: RolloutStore, rollout_id: str, action: str, now: date
             _accept_paused_wave(rollouts, rollout, now)
             changed = replace(rollout, state="running", reason="resumed by the operator")
         elif action == "abort":
+            # The reason keeps why the wave was stuck, and the flag marks only a rollout that still waits for samples.
             stuck = f" while stuck ({rollout.reason})" if rollout.stuck else ""
-            changed = replace(rollout, state="aborted", reason=f"aborted by the operator{stuck}")
+            changed = replace(rollout, state="aborted", stuck=False, reason=f"aborted by the operator{stuck}")
         else:
-            changed = replace(rollout, state="rolling_back", reason="rollback requested by the operator")
+            changed = replace(rollout, state="rolling_back", stuck=False, reason="rollback requested by the operator")
         try:
             saved = rollouts.save_rollout(changed, now)
         except RevisionConflictError:
