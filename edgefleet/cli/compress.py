@@ -24,8 +24,8 @@ from edgefleet.cli.main import (
     render_variants,
     split_model_ref,
 )
+from edgefleet.cli.retry import call_retrying
 from edgefleet.common import argtypes
-from edgefleet.common.backoff import Backoff
 from edgefleet.v1 import operator_pb2
 
 BUILTIN_SOURCES = ("demo-photos", "digits")
@@ -270,32 +270,17 @@ def follow(
 
 
 def _get_job_retrying(client: Client, job_id: str) -> operator_pb2.CompressionJob:
-    """Get the job; retry while the orchestrator is unreachable, for up to UNAVAILABLE_RETRY_S.
-
-    Prints once on stderr that it retries. Raises the last CliError when the orchestrator stays
-    unreachable, and any other CliError at once.
-    """
-    request = operator_pb2.GetCompressionJobRequest(job_id=job_id)
-    give_up_at: float | None = None
-    backoff = Backoff(base_s=POLL_INTERVAL_S, cap_s=MAX_RETRY_INTERVAL_S)
-    while True:
-        try:
-            return client.call("GetCompressionJob", request)
-        except CliError as error:
-            if error.code != EXIT_UNAVAILABLE:
-                raise
-            now = time.monotonic()
-            if give_up_at is None:
-                give_up_at = now + UNAVAILABLE_RETRY_S
-                print(
-                    f"edgefleet: {error}; retrying for up to {UNAVAILABLE_RETRY_S:g} s "
-                    f"(job {job_id} keeps running if the orchestrator restarts)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if now >= give_up_at:
-                raise
-            time.sleep(min(backoff.next_delay(), give_up_at - now))
+    """Get the job; retry while the orchestrator is unreachable, for up to UNAVAILABLE_RETRY_S."""
+    job: operator_pb2.CompressionJob = call_retrying(
+        client,
+        "GetCompressionJob",
+        operator_pb2.GetCompressionJobRequest(job_id=job_id),
+        retry_s=UNAVAILABLE_RETRY_S,
+        base_s=POLL_INTERVAL_S,
+        cap_s=MAX_RETRY_INTERVAL_S,
+        goes_on=f"job {job_id} keeps running if the orchestrator restarts",
+    )
+    return job
 
 
 def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> None:

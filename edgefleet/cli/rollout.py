@@ -43,6 +43,10 @@ MAX_ROLLBACKS = 100
 MAX_SAMPLE_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_BUDGET_MS = 3_600_000.0
 MAX_WAVE_PERCENT = 100
+# While watching a rollout, an unreachable orchestrator (a restart) is retried this long before exit 69.
+# The rollout engine continues after a restart, so a short outage should not end the watch.
+UNAVAILABLE_RETRY_S = 60.0
+MAX_RETRY_INTERVAL_S = 5.0
 # The CreateRolloutRequest fields that `rollout create` sets from its flags, as the orchestrator names them in errors.
 CREATE_FLAGS = {
     "model_name": "--model",
@@ -427,10 +431,22 @@ def _show(client: Client, rollout: operator_pb2.Rollout, args: argparse.Namespac
     emit_one(with_device_status(client, [view])[0], args.output)
     if not getattr(args, "watch", False):
         return
+    from edgefleet.cli.retry import call_retrying  # Imported here because it imports edgefleet.cli.main.
+
     interval = max(args.interval, 0.1)
+    rollout_id = view["rollout_id"]
     while view["state"] not in FINAL_STATES:
         time.sleep(interval)
-        latest = rollout_view(client.call("GetRollout", operator_pb2.GetRolloutRequest(rollout_id=view["rollout_id"])))
+        polled = call_retrying(
+            client,
+            "GetRollout",
+            operator_pb2.GetRolloutRequest(rollout_id=rollout_id),
+            retry_s=UNAVAILABLE_RETRY_S,
+            base_s=interval,
+            cap_s=MAX_RETRY_INTERVAL_S,
+            goes_on=f"rollout {rollout_id} goes on if the orchestrator restarts",
+        )
+        latest = rollout_view(polled)
         # Compared without the device status, whose last-seen time moves with every heartbeat.
         if latest != view:
             view = latest
