@@ -16,7 +16,6 @@ from edgefleet.cli import views
 from edgefleet.cli.main import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
-    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     Client,
     CliError,
