@@ -31,7 +31,9 @@ def call_retrying(
             now = time.monotonic()
             if give_up_at is None:
                 give_up_at = now + retry_s
-                print(f"edgefleet: {error}; retrying for up to {retry_s:g} s ({goes_on})", file=sys.stderr, flush=True)
+                # The unreachable error ends with a full stop, so drop it before appending the retry clause.
+                reason = str(error).rstrip(".")
+                print(f"edgefleet: {reason}; retrying for up to {retry_s:g} s ({goes_on})", file=sys.stderr, flush=True)
             if now >= give_up_at:
                 raise
             time.sleep(min(backoff.next_delay(), give_up_at - now))

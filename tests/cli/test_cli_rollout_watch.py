@@ -58,5 +58,6 @@ def test_rollout_watch_survives_restart(tmp_path: Path, capsys: pytest.CaptureFi
     error = capsys.readouterr().err
     assert result == [EXIT_FAILED]
     assert error.count("retrying for up to 60 s") == 1
+    assert "EDGEFLEET_ORCHESTRATOR; retrying" in error
     assert f"rollout {rollout_id} goes on if the orchestrator restarts" in error
     assert f"rollout {rollout_id} ended aborted: aborted by the operator" in error
