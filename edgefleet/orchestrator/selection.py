@@ -24,6 +24,7 @@ MIB = 1024 * 1024
 # above, marks a variant that the device's runtime version cannot load.
 CHOSEN = "chosen"
 GATE_REJECTED = "rejected by the gate"
+GATE_PENDING = "waiting for the gate"
 NOT_RUNNABLE = "format not runnable"
 OVER_MEMORY = "memory over the device's memory"
 OVER_DISK = "file larger than the device's free disk space"
@@ -148,7 +149,8 @@ def select_for_hardware(
     for variant in variants:
         if variant.status != "accepted":
             detail = variant.rejection_reason or variant.status
-            excluded[variant.variant_id] = _excluded(variant, f"{GATE_REJECTED}: {detail}")
+            verdict = GATE_PENDING if variant.status == "pending" else GATE_REJECTED
+            excluded[variant.variant_id] = _excluded(variant, f"{verdict}: {detail}")
             continue
         if variant.format not in formats:
             runs = ", ".join(formats) or "no format"

@@ -14,6 +14,7 @@ from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.costmodel.predictor import AnalyticPredictor, Prediction
 from edgefleet.orchestrator.domain import Device, Variant
 from edgefleet.orchestrator.selection import (
+    GATE_PENDING,
     GATE_REJECTED,
     LESS_ACCURATE,
     NOT_RUNNABLE,
@@ -200,6 +201,15 @@ def test_select_excludes_gate_rejected() -> None:
     ]
     selection = select_variant(device(), variants, budget_ms=None, predictor=TablePredictor({"ok": 5.0}))
     assert reasons(selection)["bad"] == f"{GATE_REJECTED}: top1 drop of 3 points"
+
+
+def test_select_excludes_gate_pending() -> None:
+    variants = [
+        variant("uploaded", 0.95, status="pending", rejection_reason="not gated yet"),
+        variant("ok", 0.70),
+    ]
+    selection = select_variant(device(), variants, budget_ms=None, predictor=TablePredictor({"ok": 5.0}))
+    assert reasons(selection)["uploaded"] == f"{GATE_PENDING}: not gated yet"
 
 
 def test_select_none_runnable() -> None:
