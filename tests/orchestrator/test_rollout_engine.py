@@ -427,6 +427,18 @@ def test_pause_stops_waves(two_classes: Fleet) -> None:
     assert two_classes.current_wave(rollout.rollout_id).devices[0].samples == 50
 
 
+def test_paused_wave_reason_counts_samples(two_classes: Fleet) -> None:
+    rollout = two_classes.create()
+    two_classes.step(rollout.rollout_id)
+    apply_action(two_classes.rollouts, rollout.rollout_id, "pause", two_classes.clock())
+    two_classes.serve_wave(rollout, 5.0, count=10)
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    assert wave.devices[0].samples == 10
+    assert wave.reason.startswith("waiting for 40 samples per device")
+    assert f"{wave.devices[0].device_id} 10" in wave.reason
+
+
 def test_action_wrong_state(two_classes: Fleet) -> None:
     rollout = two_classes.create()
     with pytest.raises(RolloutActionError, match="cannot resume"):

@@ -22,7 +22,7 @@ from edgefleet.orchestrator.rollouts.domain import (
     Wave,
     WaveDevice,
 )
-from edgefleet.orchestrator.rollouts.gates import WaveGates, count_devices
+from edgefleet.orchestrator.rollouts.gates import WaveGates, count_devices, waiting_reason
 from edgefleet.orchestrator.rollouts.store import RevisionConflictError, RolloutStore, WaveKey
 from edgefleet.orchestrator.selection import Predictor, fits_disk, select_variant
 from edgefleet.orchestrator.store.base import NotFoundError, Store
@@ -454,7 +454,12 @@ class RolloutEngine:
         if attempts and attempts[-1].decision == "waiting":
             gates = WaveGates(self.store, self.clock)
             wave = attempts[-1]
-            refreshed = replace(wave, devices=tuple(gates.judge(rollout, wave, d) for d in wave.devices))
+            devices = tuple(gates.judge(rollout, wave, d) for d in wave.devices)
+            refreshed = replace(wave, devices=devices)
+            waiting = [d for d in devices if d.variant_id and not d.late and d.verdict == VERDICT_PENDING]
+            if waiting:
+                # The reason heads the wave in `rollout status`, so it shows the same counts as the rows.
+                refreshed = replace(refreshed, reason=waiting_reason(rollout.spec.min_samples, waiting))
             if refreshed != wave:
                 self.rollouts.save_wave(refreshed)
 

@@ -182,8 +182,7 @@ class WaveGates:
             return replace(wave, devices=devices, decision="rollback", reason=reason, decided_at=self._now())
         waiting = [d for d in measured if d.verdict == VERDICT_PENDING]
         if waiting:
-            have = ", ".join(f"{d.device_id} {d.samples}" for d in waiting)
-            reason = f"waiting for {rollout.spec.min_samples} samples per device ({have})"
+            reason = waiting_reason(rollout.spec.min_samples, waiting)
             return replace(wave, devices=devices, decision="waiting", reason=reason)
         regressed = [d for d in measured if d.verdict == VERDICT_REGRESSION]
         if regressed:
@@ -196,6 +195,12 @@ class WaveGates:
         if removed:
             reason += f"; {count_devices(removed)} removed from the fleet before reporting enough samples"
         return replace(wave, devices=devices, decision="proceed", reason=reason, decided_at=self._now())
+
+
+def waiting_reason(min_samples: int, waiting: Sequence[WaveDevice]) -> str:
+    """Return the reason of a wave whose waiting devices still have fewer than min_samples samples."""
+    have = ", ".join(f"{d.device_id} {d.samples}" for d in waiting)
+    return f"waiting for {min_samples} samples per device ({have})"
 
 
 def count_devices(count: int) -> str:
