@@ -19,8 +19,12 @@ install: $(STAMP) assets
 assets: $(STAMP)
 	$(BIN)/python -m edgefleet.demo.assets fetch --cache $(EDGEFLEET_CACHE)
 
+# Two workers: most tests wait on subprocesses, sockets and timers, so two run well on two cores.
+# --dist loadfile keeps each file on one worker, so module fixtures (trained models) are built once.
+TEST_WORKERS ?= 2
+
 test: install
-	EDGEFLEET_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest -q
+	EDGEFLEET_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 check: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,8 +19,10 @@ INPUT = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
-    fleet = LocalFleet(tmp_path / "fleet", heartbeat_interval_s=1.0)
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    # A short directory: the test names would make the agent's socket paths longer than the 107 bytes
+    # a Unix socket path may have, under pytest-xdist's per-worker directory.
+    fleet = LocalFleet(tmp_path_factory.mktemp("tls") / "fleet", heartbeat_interval_s=1.0)
     fleet.start_orchestrator()
     fleet.start_agent("ecu-1", "car-ecu", "--max-backoff-s", "0.5")
     try:
