@@ -110,6 +110,37 @@ def test_quantiles_merge_devices(orchestrator: OrchestratorThread) -> None:
         assert abs(value - exact) <= 0.01 * exact, f"p{quantile * 100:g}: {value} vs numpy {exact}"
 
 
+def minute_of_windows(seed: int, start: datetime) -> list[common_pb2.MetricWindow]:
+    """Six back-to-back 10 s windows of 500 inferences each: 50 inferences per second for a minute."""
+    return [make_window(latencies(seed, 500), start=start + timedelta(seconds=10 * i)) for i in range(6)]
+
+
+@pytest.mark.parametrize(("second_starts_after_s", "expected_per_s"), [(0, 100.0), (60, 50.0), (30, 6000 / 90)])
+def test_throughput_of_devices_counts_time_they_served(
+    orchestrator: OrchestratorThread, second_starts_after_s: int, expected_per_s: float
+) -> None:
+    """Two devices serving 50/s each: 100/s when at once, 50/s when one after the other."""
+    first, _ = register(orchestrator.agent)
+    second, _ = register(orchestrator.agent)
+    send(orchestrator, first, "batch-a", minute_of_windows(5, BASE))
+    send(orchestrator, second, "batch-b", minute_of_windows(6, BASE + timedelta(seconds=second_starts_after_s)))
+
+    (row,) = query(orchestrator, model_name="classifier", device_id="")
+
+    assert row.inference_count == 6000
+    assert row.throughput_per_s == pytest.approx(expected_per_s)
+
+
+def test_throughput_is_averaged_over_idle_gaps(orchestrator: OrchestratorThread) -> None:
+    device_id, _ = register(orchestrator.agent)
+    windows = minute_of_windows(7, BASE) + minute_of_windows(8, BASE + timedelta(hours=1))
+
+    send(orchestrator, device_id, "batch-1", windows)
+    (row,) = query(orchestrator, device_id=device_id)
+
+    assert row.throughput_per_s == pytest.approx(6000 / 3660)
+
+
 def test_duplicate_batch(orchestrator: OrchestratorThread) -> None:
     device_id, _ = register(orchestrator.agent)
     windows = [make_window(latencies(seed=4, count=100))]
@@ -334,3 +365,4 @@ def test_duplicate_batch_concurrent(orchestrator: OrchestratorThread) -> None:
 
     assert [r.duplicate for r in responses].count(False) == 1
     assert query(orchestrator)[0].inference_count == 50
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -298,8 +297,6 @@ class _Group:
         self.sketch = LatencySketch()
         self.first: datetime | None = None
         self.last_end: datetime | None = None
-        # Throughput per device: windows of several devices overlap in time, so their spans are summed.
-        self.busy_seconds: dict[str, float] = defaultdict(float)
         self.inferences = 0
         self.errors = 0
 
@@ -310,14 +307,15 @@ class _Group:
             self.first = placed_at
         if self.last_end is None or window_end > self.last_end:
             self.last_end = window_end
-        self.busy_seconds[window.device_id] += window.window_seconds
         self.inferences += window.inference_count
         self.errors += window.error_count
 
     def row(self, group: dict[str, str], include_sketch: bool) -> operator_pb2.MetricRow:
         assert self.first is not None and self.last_end is not None, "a group has at least one window"
         sketch = self.sketch
-        span = max(sum(self.busy_seconds.values()) / max(len(self.busy_seconds), 1), 1e-9)
+        # Throughput over the row's span, from its first window's start to its last window's end:
+        # devices that served at once add up, and devices that served one after another do not.
+        span = max((self.last_end - self.first).total_seconds(), 1e-9)
         empty = sketch.count == 0
         row = operator_pb2.MetricRow(
             group=group,
