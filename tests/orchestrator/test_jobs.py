@@ -613,6 +613,31 @@ def test_gate_job_accepts_upload(gated_uploads: GatedUploads) -> None:
     server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:pruned"), timeout=30)
 
 
+def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads) -> None:
+    """The source's top-1 that a labelled gate measured ranks it against its lossy variants."""
+    server = gated_uploads.server
+    recipe = {
+        "gate": {"variant": "tiny:1:distilled", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 100}
+    }
+
+    job = wait_job(server.operator, create(server, recipe).job_id)
+    explained = server.operator.ExplainSelection(
+        operator_pb2.ExplainSelectionRequest(model_name="tiny", model_version="1", device_id=gated_uploads.device_id),
+        timeout=30,
+    )
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    source = variant_by_id(server, "tiny:1:source")
+    distilled = variant_by_id(server, "tiny:1:distilled")
+    # The labels are the source's own top-1, so the source scores 1.0 and the other model less.
+    assert (source.accuracy, source.accuracy_metric) == (1.0, "top1")
+    assert distilled.status == "accepted" and distilled.accuracy < 1.0
+    ranked = {c.variant.variant_id: c.ranked_accuracy for c in explained.candidates}
+    assert ranked["tiny:1:source"] == 1.0
+    assert ranked["tiny:1:distilled"] == distilled.accuracy
+    assert explained.chosen_variant_id == "tiny:1:source"
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp16"])
 def test_upload_lossy_kind_pending(gated_uploads: GatedUploads, kind: str) -> None:
     """Lower precision made outside the orchestrator waits for the gate too, as pruning does."""

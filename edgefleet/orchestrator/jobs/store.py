@@ -95,11 +95,21 @@ class JobStore(abc.ABC):
         """Return a catalog variant, such as the uploaded one a gate job measures; raise NotFoundError."""
 
     @abc.abstractmethod
-    def finish(self, job_id: str, attempt: int, results: Sequence[Variant], now: datetime) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        results: Sequence[Variant],
+        now: datetime,
+        *,
+        source_top1: float | None = None,
+    ) -> bool:
         """Store the job's variants and mark it succeeded, in one transaction.
 
         A result whose id is an existing variant with status "pending" (an upload that waited for the
-        gate) updates that variant's gate figures: status, reason, accuracy and latency. Returns False,
+        gate) updates that variant's gate figures: status, reason, accuracy and latency. source_top1,
+        the source's top-1 accuracy that a gate with labels measured, is stored on the job's source
+        variant, so that selection ranks it by that figure against its variants. Returns False,
         storing nothing, when the job is no longer running under attempt. Raises AlreadyExistsError,
         storing nothing, when a variant id exists already and is not pending.
         """
@@ -253,7 +263,15 @@ class SqlJobStore(SqlTransactions, JobStore):
         rows.require_aware("now", now)
         return self._update_running(job_id, attempt, heartbeat_at=now)
 
-    def finish(self, job_id: str, attempt: int, results: Sequence[Variant], now: datetime) -> bool:
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        results: Sequence[Variant],
+        now: datetime,
+        *,
+        source_top1: float | None = None,
+    ) -> bool:
         rows.require_aware("now", now)
         values = [rows.variant_values(variant, created_at=now) for variant in results]
         with self._write() as connection:
@@ -288,6 +306,15 @@ class SqlJobStore(SqlTransactions, JobStore):
                         f"variant {variant.variant_id!r} already exists and does not wait for the gate "
                         "(another job gated it first); nothing was stored"
                     )
+            if source_top1 is not None:
+                source_variant_id = sa.select(compression_jobs.c.source_variant_id).where(
+                    compression_jobs.c.job_id == job_id
+                )
+                connection.execute(
+                    sa.update(variants)
+                    .where(variants.c.variant_id == source_variant_id.scalar_subquery())
+                    .values(accuracy=source_top1, accuracy_metric="top1")
+                )
         logger.info("job %s succeeded with variants %s", job_id, [v.variant_id for v in results])
         return True
 

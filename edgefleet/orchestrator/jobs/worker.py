@@ -150,9 +150,9 @@ def run_attempt(store: JobStore, args: WorkerArgs) -> int:
         job = store.get_job(args.job_id)
         if job.state != RUNNING or job.attempt != args.attempt:
             raise JobAbandoned(args.job_id)
-        variants = _run(job, args, progress)
+        variants, source_top1 = _run(job, args, progress)
         progress.report(0.98, f"storing {len(variants)} variants")
-        if not store.finish(job.job_id, args.attempt, variants, datetime.now(UTC)):
+        if not store.finish(job.job_id, args.attempt, variants, datetime.now(UTC), source_top1=source_top1):
             raise JobAbandoned(args.job_id)
         return 0
     except JobAbandoned:
@@ -195,7 +195,8 @@ def _name_work_files(message: str, job: Job, work: Path) -> str:
     return re.sub(re.escape(str(work)) + r"/([\w-]+\.\w+)", name, message)
 
 
-def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
+def _run(job: Job, args: WorkerArgs, progress: Progress) -> tuple[list[Variant], float | None]:
+    """Make and gate the job's variants; return them and the source's top-1 accuracy when labels measured it."""
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     artifacts = FileArtifactStore(args.artifacts_root, temp_max_age_s=_ARTIFACT_TEMP_AGE_S)
@@ -233,6 +234,7 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
     evaluation = sources.load_samples(plan.evaluation, plan.evaluation_field, "evaluation", spec)
     gate = plan.recipe.gate
     variants: list[Variant] = []
+    source_top1: float | None = None
     share = 0.3 / len(candidates)
     for index, (planned, path) in enumerate(candidates):
         threads = ", ".join(str(t) for t in gate.threads)
@@ -251,11 +253,13 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> list[Variant]:
             threads=gate.threads,
             input_name=spec.name,
         )
+        if result.accuracy_metric == "top1" and result.source_accuracy is not None:
+            source_top1 = result.source_accuracy  # The same source on the same samples for every candidate.
         if gated is not None:
             variants.append(_gated_result(job, gated, result))
         else:
             variants.append(_store_variant(job, planned, path, result, artifacts))
-    return variants
+    return variants, source_top1
 
 
 def _gated_variant(recipe: dict[str, Any], store: JobStore) -> Variant | None:
