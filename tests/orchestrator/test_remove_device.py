@@ -547,8 +547,8 @@ def test_remove_force_during_rollout(orchestrator: OrchestratorThread) -> None:
     assert [d.device_id for d in moved.waves[1].devices] == [later]
 
 
-def test_rollout_succeeds_without_removed_devices(orchestrator: OrchestratorThread) -> None:
-    """A rollout whose devices were all removed with --force does not claim that they run the version."""
+def test_rollout_of_removed_devices_ends_aborted(orchestrator: OrchestratorThread) -> None:
+    """A rollout whose devices were all removed with --force does not end as succeeded: no device runs the version."""
     rollout, canary, later = start_rollout(orchestrator)
 
     remove(orchestrator, canary, force=True)
@@ -566,12 +566,13 @@ def test_rollout_succeeds_without_removed_devices(orchestrator: OrchestratorThre
         current = orchestrator.operator.GetRollout(
             operator_pb2.GetRolloutRequest(rollout_id=rollout.rollout_id), timeout=30
         )
-        return current if current.state == operator_pb2.ROLLOUT_STATE_SUCCEEDED else None
+        return current if current.state == operator_pb2.ROLLOUT_STATE_ABORTED else None
 
-    succeeded = wait_until(ended, "the rollout to succeed")
+    aborted = wait_until(ended, "the rollout to end as aborted")
 
-    assert succeeded.reason == (
-        f"all 2 waves passed; 0 devices run {MODEL}:1; 2 devices removed from the fleet during the rollout"
+    assert aborted.reason == (
+        f"no device runs {MODEL}:1: all 2 waves passed, but the 2 devices that got it were removed from the "
+        "fleet during the rollout; create a new rollout for the devices that remain"
     )
 
 

@@ -491,6 +491,16 @@ class RolloutEngine:
         if not assigned:
             self._end_with_no_device(rollout, waves)
             return
+        if not running:
+            # As with no device assigned: succeeded would tell scripts that the version runs somewhere.
+            verb = "was" if removed == 1 else "were"
+            reason = (
+                f"no device runs {model}: all {last + 1} waves passed, but the {count_devices(removed)} that got it "
+                f"{verb} removed from the fleet during the rollout; create a new rollout for the devices that remain"
+            )
+            self.rollouts.save_rollout(replace(rollout, state="aborted", stuck=False, reason=reason), self.clock())
+            log.warning("rollout_id=%s aborted: %s", rollout.rollout_id, reason)
+            return
         verb = "runs" if running == 1 else "run"
         reason = f"all {last + 1} waves passed; {count_devices(running)} {verb} {model}"
         if removed:
