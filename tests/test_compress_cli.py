@@ -155,6 +155,26 @@ def test_compress_fine_tune_steps(server: OrchestratorThread, capsys: pytest.Cap
     assert "fine-tuning the int8 onnx variant of model tiny:1 failed" in result["job"]["error"]
 
 
+def test_failed_job_error_printed_once(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli(server, "models", "compress", "tiny:1", *FAST, "--fine-tune-steps", "10", "--quiet")
+    captured = capsys.readouterr()
+
+    assert code == 1
+    assert re.fullmatch(r"job \w+ failed: .*4 samples are too few to fine-tune.*\n", captured.out), captured.out
+    assert re.search(r"edgefleet: job \w+ failed\n", captured.err), captured.err
+    assert "too few" not in captured.err
+
+
+def test_jobs_list_marks_cut_errors(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(server, "models", "compress", "tiny:1", *FAST, "--fine-tune-steps", "10", "--quiet")
+    capsys.readouterr()
+
+    run_cli(server, "jobs", "list")
+
+    failed = [line for line in capsys.readouterr().out.splitlines() if " failed " in line]
+    assert failed and all("fine-tuning the int8 onnx variant of model tiny:1 failed:... " in line for line in failed), failed
+
+
 def test_recipe_relative_paths(
     server: OrchestratorThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -368,3 +388,11 @@ def test_ctrl_c_detaches(server: OrchestratorThread) -> None:
     assert process.returncode == 130
     assert "detached" in rest
     assert job.state == operator_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_cancelled_job_line_names_the_state_once() -> None:
+    from edgefleet.cli.compress import render_result
+
+    job = {"job_id": "a1", "state": "cancelled", "error": "", "stage": "cancelled"}
+
+    assert render_result({"job": job, "variants": []}) == "job a1 cancelled"

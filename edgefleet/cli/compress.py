@@ -196,7 +196,7 @@ def render_jobs(jobs: list[dict[str, Any]]) -> str:
             f"{j['model']}:{j['version']}",
             j["state"],
             f"{j['progress']:.0%}",
-            (j["error"] or j["stage"])[:60],
+            views.shorten(j["error"] or j["stage"], 60),
             len(j["variant_ids"]),
             j["created_at"],
         )
@@ -205,9 +205,15 @@ def render_jobs(jobs: list[dict[str, Any]]) -> str:
     return views.table(("JOB", "MODEL", "STATE", "PROGRESS", "STAGE", "VARIANTS", "CREATED"), rows)
 
 
+def _outcome(job: dict[str, Any]) -> str:
+    """Return "job ID STATE: DETAIL", leaving out a detail that only repeats the state ("cancelled")."""
+    detail = job["error"] or job["stage"]
+    return f"job {job['job_id']} {job['state']}" + (f": {detail}" if detail and detail != job["state"] else "")
+
+
 def render_result(result: dict[str, Any]) -> str:
     job = result["job"]
-    lines = [f"job {job['job_id']} {job['state']}: {job['error'] or job['stage']}"]
+    lines = [_outcome(job)]
     if result["variants"]:
         lines.append(render_variants(result["variants"]))
     return "\n".join(lines)
@@ -291,9 +297,12 @@ def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> Non
         )
         wanted = set(job.variant_ids)
         variants = [views.variant_view(v) for v in response.variants if v.variant_id in wanted]
-    emit({"job": job_view(job), "variants": variants}, output, render_result)
+    view = job_view(job)
+    emit({"job": view, "variants": variants}, output, render_result)
     if job.state != operator_pb2.JOB_STATE_SUCCEEDED:
-        raise CliError(f"job {job.job_id} {JOB_STATES[job.state]}: {job.error or job.stage}", EXIT_FAILED)
+        # The table on stdout shows the error already; JSON output leaves stderr as the place to read it.
+        message = _outcome(view) if output == "json" else f"job {job.job_id} {JOB_STATES[job.state]}"
+        raise CliError(message, EXIT_FAILED)
     if not any(v["status"] == "accepted" for v in variants):
         raise CliError(f"job {job.job_id} produced no accepted variant; see the reasons above", EXIT_FAILED)
 

@@ -202,6 +202,11 @@ def last_report_note(device: dict[str, Any]) -> str:
     return f" (last seen {age(device['last_seen'])})"
 
 
+def shorten(text: str, width: int) -> str:
+    """Return text cut to width characters, ending in "..." when it was cut; `show` commands print it whole."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Render rows as a left-aligned text table with a header line."""
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
