@@ -172,7 +172,8 @@ def test_jobs_list_marks_cut_errors(server: OrchestratorThread, capsys: pytest.C
     run_cli(server, "jobs", "list")
 
     failed = [line for line in capsys.readouterr().out.splitlines() if " failed " in line]
-    assert failed and all("fine-tuning the int8 onnx variant of model tiny:1 failed:... " in line for line in failed), failed
+    cut = "fine-tuning the int8 onnx variant of model tiny:1 failed:... "
+    assert failed and all(cut in line for line in failed), failed
 
 
 def test_recipe_relative_paths(
