@@ -157,13 +157,22 @@ def with_device_status(client: Client, rollout_views: list[dict[str, Any]]) -> l
 
 
 def wave_device_state(device: dict[str, Any]) -> str:
-    """Return the STATE cell: the recorded model state, marked with the last-seen age unless the device is online."""
-    if not device["state"]:
-        return "-"
-    status = device.get("device_status")
+    """Return the STATE cell: the recorded model state, marked unless the device is online now.
+
+    A device that is offline or stale gets its last-seen age, one that never reported a state its
+    status, and one removed from the fleet since (device_status None after add_device_status) "removed".
+    """
+    state = str(device["state"] or "-")
+    if "device_status" not in device:
+        return state
+    status = device["device_status"]
     if status is None:
-        return str(device["state"])
-    return device["state"] + views.last_report_note({"status": status, "last_seen": device["last_seen"]})
+        return f"{state} (removed)"
+    if status == "online":
+        return state
+    if not device["state"]:
+        return f"- ({status})"
+    return state + views.last_report_note({"status": status, "last_seen": device["last_seen"]})
 
 
 def wave_view(wave: operator_pb2.Wave) -> dict[str, Any]:

@@ -461,3 +461,21 @@ def test_unmatched_target_reason(orchestrator: OrchestratorThread, fields: dict[
 
     assert waiting.state == operator_pb2.ROLLOUT_STATE_PENDING
     assert expected in waiting.reason
+
+
+@pytest.mark.parametrize(
+    ("state", "status", "expected"),
+    [
+        ("serving", "online", "serving"),
+        ("serving", None, "serving (removed)"),
+        ("", None, "- (removed)"),
+        ("", "offline", "- (offline)"),
+        ("", "online", "-"),
+    ],
+)
+def test_cli_wave_device_state_marks_removed_and_silent(state: str, status: str | None, expected: str) -> None:
+    from edgefleet.cli.rollout import wave_device_state
+
+    device = {"state": state, "device_status": status, "last_seen": None}
+
+    assert wave_device_state(device) == expected
