@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -28,11 +30,15 @@ def cache_dir() -> Path:
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write a file through write(temporary path), ignoring its warnings, and rename it into place."""
+    """Write a file through write(temporary path), ignoring its warnings, and rename it into place.
+
+    The converters' progress lines go to stderr: a test that builds a model first while it reads a
+    command's stdout (the cache is empty on a fresh clone) would read them too.
+    """
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
     os.close(handle)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             # The converters warn about their own internals (debug options, deprecations).
             warnings.simplefilter("ignore")
             write(Path(temporary))
