@@ -68,9 +68,17 @@ class Telemetry:
             raise ValueError(f"invalid metrics listen address {address!r}; expected HOST:PORT")
         # The address keeps the brackets of an IPv6 host ([::1]:9464), which getaddrinfo does not accept.
         host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
-        family, *_, socket_address = socket.getaddrinfo(
-            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        try:
+            family, *_, socket_address = socket.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except (OSError, UnicodeError) as error:
+            # Python's IDNA codec raises UnicodeError for a name with an empty label ("a..b") before any lookup.
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a valid host name"
+            raise OSError(
+                f"cannot listen on {address} (--metrics-listen): cannot resolve {host!r} ({reason}); "
+                "check --metrics-listen"
+            ) from None
 
         class Server(ThreadingWSGIServer):
             address_family = family

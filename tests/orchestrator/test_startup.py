@@ -142,6 +142,24 @@ def test_startup_metrics_port_in_use_creates_nothing(tmp_path: Path, held_port: 
     assert not data_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--metrics-listen", "a..b:0"), ("--metrics-listen", "a..b:9464"), ("--listen", "a..b:50051")],
+)
+def test_startup_host_invalid_writes_nothing(tmp_path: Path, flag: str, value: str) -> None:
+    """A host name with an empty label fails in Python's IDNA codec, before any DNS lookup."""
+    data_dir = tmp_path / "fleet"
+
+    result = run_orchestrator(data_dir, flag, value)
+
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"cannot listen on {value}" in error_line(result)
+    assert f"check {flag}" in error_line(result)
+    # NOTE: with port 0 there is no probe, so main creates the data directory before the bind fails.
+    assert list(data_dir.rglob("*")) == []
+
+
 def test_metrics_port_taken_after_the_probe_creates_nothing(
     tmp_path: Path, held_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,6 +145,9 @@ def check_address_free(address: str, name: str) -> None:
         resolved = socket.getaddrinfo(host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
         raise OSError(f"cannot listen on {address}: cannot resolve {host!r} ({error.strerror}); check {flag}") from None
+    except UnicodeError:
+        # Python's IDNA codec rejects a name with an empty label ("a..b") before any lookup.
+        raise OSError(f"cannot listen on {address}: {host!r} is not a valid host name; check {flag}") from None
     failures: list[OSError] = []
     for family, kind, protocol, _, socket_address in resolved:
         with socket.socket(family, kind, protocol) as probe:
