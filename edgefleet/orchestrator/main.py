@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgefleet.common.config import ConfigError, DaemonArgumentParser, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
+from edgefleet.common.lifecycle import EXIT_INTERRUPTED
 from edgefleet.common.logs import configure_logging
 from edgefleet.common.paths import writable_directory_problem
 from edgefleet.common.tls import CredentialsError
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         check_listen_addresses(config)
         prepare_data_dir(config.data_dir)
         asyncio.run(serve_config(config))
+    except KeyboardInterrupt:
+        # A SIGINT that arrives before serve() installs its handlers, such as during the server module's
+        # import, stops the start. asyncio.run has already cancelled what was running.
+        log.warning("interrupted during start-up, before serving; the orchestrator stopped")
+        return EXIT_INTERRUPTED
     except InstanceLockLost as error:
         # Another orchestrator serves the database now; a restart by systemd reports it and exits 78.
         log.error("stopped: %s", error)
