@@ -18,6 +18,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from edgefleet.common.sketch import LatencySketch
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from edgefleet.orchestrator.state import OrchestratorState
@@ -131,6 +132,9 @@ class FleetCollector(Collector):
         try:
             yield from self._devices()
             yield from self._latency()
+        except DatabaseUnavailable as error:
+            # Every scrape during a PostgreSQL outage gets here, so one line each, not a traceback.
+            log.warning("collecting fleet metrics for /metrics failed: %s", error)
         except Exception:
             # A failed scrape must not take the exporter down; the error is in the log.
             log.exception("collecting fleet metrics for /metrics failed")

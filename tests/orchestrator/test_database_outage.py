@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,34 @@ def test_database_outage_unavailable_then_recovers(
         orchestrator.stop()
         proxy.close()
         postgres_cluster.drop_database("outage")
+
+
+def test_metrics_scrape_during_outage_logs_one_line(postgres_cluster: PostgresCluster, tmp_path: Path) -> None:
+    """A /metrics scrape while the database is away logs a one-line warning and still serves the counters."""
+    postgres_cluster.create_database("scrape_outage")
+    proxy = TcpProxy(postgres_cluster.port)
+    url = f"postgresql+psycopg://{postgres_cluster.superuser}@{proxy.address}/scrape_outage"
+    metrics_port_file = tmp_path / "metrics.port"
+    orchestrator = OrchestratorProcess(
+        tmp_path, "--db", url, "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", str(metrics_port_file)
+    )
+    try:
+        orchestrator.start()
+        metrics_url = f"http://127.0.0.1:{metrics_port_file.read_text().strip()}/metrics"
+
+        proxy.drop()
+        with urllib.request.urlopen(metrics_url, timeout=30) as response:
+            body = response.read().decode()
+        wait_for(lambda: "collecting fleet metrics" in orchestrator.log_tail(400), "the failed scrape's log line")
+
+        outage_log = orchestrator.log_tail(400)
+        assert "edgefleet_registrations_total" in body
+        assert "Traceback" not in outage_log
+        assert f"collecting fleet metrics for /metrics failed: {DATABASE_UNAVAILABLE_TEXT}" in outage_log
+    finally:
+        orchestrator.stop()
+        proxy.close()
+        postgres_cluster.drop_database("scrape_outage")
 
 
 def test_database_watch_survives_pool_timeout(tmp_path: Path) -> None:
