@@ -18,7 +18,7 @@ from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
 from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
-from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, resize_and_crop
+from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, resize_and_crop, upright_rgb
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
 PROG = "edgefleet-agent infer"
@@ -43,11 +43,6 @@ class ImageInput:
     channels_first: bool  # NCHW when true, NHWC otherwise.
 
 
-# Pillow modes of 16-bit grayscale images. Pillow opens 16-bit grayscale PNG files as "I;16" or, in
-# older releases, as the 32-bit mode "I" with values up to 65535.
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
 def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAULT_CROP_FRACTION) -> np.ndarray:
     """Read an image as HxWx3 uint8, resized so that a centred height x width crop covers crop_fraction of it.
 
@@ -58,7 +53,7 @@ def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAU
     (Image.MAX_IMAGE_PIXELS times 2).
     """
     try:
-        from PIL import Image, ImageOps
+        from PIL import Image
     except ImportError:
         raise SystemExit("edgefleet-agent infer needs Pillow to read images: pip install pillow") from None
     try:
@@ -69,15 +64,7 @@ def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAU
     except Image.DecompressionBombError as error:
         raise OSError(f"{error.args[0] if error.args else error} Scale the image down first") from None
     with image:
-        # Cameras store the pixels as the sensor read them and the rotation to show them in EXIF.
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode in SIXTEEN_BIT_MODES:
-            # convert("RGB") clips 16-bit values at 255, which turns most pixels white.
-            scaled = np.asarray(upright).astype(np.float32) / 257.0
-            rgb = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
-        else:
-            rgb = upright.convert("RGB")
-        return resize_and_crop(rgb, height, width, crop_fraction)
+        return resize_and_crop(upright_rgb(image), height, width, crop_fraction)
 
 
 def to_input(pixels: np.ndarray, image: ImageInput, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Resize and centre-crop of photos for image models, shared by the demo and edgefleet-agent infer."""
+"""Reading, resizing and centre-cropping of photos for image models, shared by the demo, infer and calibration."""
 
 from __future__ import annotations
 
@@ -11,6 +11,26 @@ if TYPE_CHECKING:
 
 # Standard ImageNet evaluation: resize so that the crop covers 87.5 % of the shorter side (256 -> 224).
 DEFAULT_CROP_FRACTION = 0.875
+
+# Pillow modes of 16-bit grayscale images. Pillow opens 16-bit grayscale PNG files as "I;16" or, in
+# older releases, as the 32-bit mode "I" with values up to 65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """Apply image's EXIF orientation, as image viewers do, and convert it to 8-bit RGB.
+
+    16-bit grayscale is scaled to 8 bits. Returns a new image and leaves image open.
+    """
+    from PIL import Image, ImageOps
+
+    # Cameras store the pixels as the sensor read them and the rotation to show them in EXIF.
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode in SIXTEEN_BIT_MODES:
+        # convert("RGB") clips 16-bit values at 255, which turns most pixels white.
+        scaled = np.asarray(upright).astype(np.float32) / 257.0
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return upright.convert("RGB")
 
 
 def check_crop_fraction(crop_fraction: float) -> None:

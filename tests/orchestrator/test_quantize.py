@@ -13,6 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from edgefleet.agent.infer_cli import load_image
 from edgefleet.common.models import ModelMetadata
 from edgefleet.orchestrator.compress.calibration import (
     CalibrationError,
@@ -438,3 +439,17 @@ def test_calibration_images_apply_exif_orientation(tmp_path: Path) -> None:
     red, blue = loaded[0, 0], loaded[0, 2]
     assert red[1].mean() > 0.8 and blue[1].mean() < 0.2
     assert blue[-2].mean() > 0.8 and red[-2].mean() < 0.2
+
+
+def test_calibration_images_scale_16_bit_grayscale(tmp_path: Path) -> None:
+    """A 16-bit grayscale PNG is read as edgefleet-agent infer reads it, not clipped to white at 255."""
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    spec = PreprocessSpec(height=16, width=16, mean=(0, 0, 0), std=(1, 1, 1), layout="NHWC")
+
+    loaded = load_image_folder(tmp_path, spec)
+
+    pixels = np.rint(loaded[0] * 255)
+    assert pixels.min() == 0
+    assert pixels.max() == 255
+    assert np.array_equal(pixels, load_image(tmp_path / "depth.png", 16, 16, crop_fraction=1.0))

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from edgefleet.common.images import upright_rgb
 from edgefleet.common.models import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def load_image_folder(folder: Path, spec: PreprocessSpec, *, limit: int | None =
     Raises CalibrationError when the folder is missing or empty, or an image cannot be decoded.
     """
     try:
-        from PIL import Image, ImageOps, UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError
     except ImportError as error:  # pragma: no cover - pillow ships with the demo extra
         raise CalibrationError(
             "loading calibration images needs pillow: install edgefleet[demo] or pip install pillow"
@@ -256,8 +257,8 @@ def load_image_folder(folder: Path, spec: PreprocessSpec, *, limit: int | None =
     for path in paths:
         try:
             with Image.open(path) as opened:
-                # Photos from cameras hold their rotation in EXIF; a device's app sees them upright.
-                rgb = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+                # Read as edgefleet-agent infer reads an image: upright, with 16-bit grayscale scaled.
+                rgb = np.asarray(upright_rgb(opened))
         except (OSError, UnidentifiedImageError) as error:
             raise CalibrationError(f"cannot decode calibration image {path}: {error}") from error
         samples.append(preprocess_image(rgb, spec))
