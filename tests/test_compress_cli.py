@@ -397,3 +397,24 @@ def test_cancelled_job_line_names_the_state_once() -> None:
     job = {"job_id": "a1", "state": "cancelled", "error": "", "stage": "cancelled"}
 
     assert render_result({"job": job, "variants": []}) == "job a1 cancelled"
+
+
+def test_jobs_list_error_on_one_line() -> None:
+    from edgefleet.cli.compress import render_jobs
+
+    job = {
+        "job_id": "a1",
+        "model": "tiny",
+        "version": "1",
+        "state": "failed",
+        "progress": 0.5,
+        "error": "[ONNXRuntimeError] : 1 : FAIL : Load model failed:\nNode (conv) Op (Conv) mismatch",
+        "stage": "quantizing",
+        "variant_ids": [],
+        "created_at": "2026-12-05T17:00:00Z",
+    }
+
+    lines = render_jobs([job]).splitlines()
+
+    assert len(lines) == 2, lines
+    assert "Load model failed: Node (..." in lines[1]

@@ -203,8 +203,13 @@ def last_report_note(device: dict[str, Any]) -> str:
 
 
 def shorten(text: str, width: int) -> str:
-    """Return text cut to width characters, ending in "..." when it was cut; `show` commands print it whole."""
-    return text if len(text) <= width else text[: width - 3] + "..."
+    """Return text on one line, cut to width characters and ending in "..." when it was cut.
+
+    Runs of whitespace, newlines included, become one space, so a multi-line error keeps a table's
+    rows apart. `show` commands print the text whole.
+    """
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
