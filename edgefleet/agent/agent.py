@@ -17,7 +17,7 @@ from edgefleet import __version__
 from edgefleet.agent.benchmark import BenchmarkWorker
 from edgefleet.agent.buffer import BufferLimits, MetricBuffer
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.delivery import Downloader, ModelStore, RetryPolicy
+from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.agent.identity import Identity, load_identity, lock_state_dir, save_identity
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.metrics import MetricsRecorder
@@ -206,13 +206,7 @@ class Agent:
             if self.credentials is None
             else grpc.secure_channel(config.orchestrator, self.credentials, options=self.channel_options)
         )
-        # --max-backoff-s caps every wait of the agent on the orchestrator: reconnects and download retries.
-        self.downloader = Downloader(
-            self._sync_channel,
-            self.store,
-            device_id=self.identity.device_id,
-            retry=RetryPolicy(max_backoff_s=config.max_backoff_s),
-        )
+        self.downloader = Downloader(self._sync_channel, self.store, device_id=self.identity.device_id)
         # Benchmarks run on their own thread within the device's thread budget and report on the control stream.
         self.benchmarks = BenchmarkWorker(self._send, max_threads=limits.threads)
         self.reconciler = Reconciler(

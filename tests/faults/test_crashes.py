@@ -371,14 +371,13 @@ def test_download_given_up_resumes_on_reconnect(fleet: tuple[OrchestratorProcess
         deploy(operator, device_id, "2")
         part = agent.state_dir / "models" / "partial" / f"{new_digest}.part"
         wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
-        # The orchestrator stays unreachable until the agent gives the download up: at the 9th failed
-        # attempt, after 8 jittered waits that the agent's --max-backoff-s 1 caps (about 4 s, at most 8 s).
-        # Uncapped, the waits would take 46 s on average.
+        # The orchestrator stays unreachable until the agent gives the download up. RetryPolicy's defaults
+        # do that at the 9th failed attempt, after 8 jittered waits: about 46 s on average, at most 92 s.
         proxy.drop()
         wait_for(
             lambda: "failed 9 times in a row" in agent.log_path.read_text(),
             "the agent to give the download up",
-            timeout_s=30,
+            timeout_s=150,
         )
 
         proxy.throttle(None)
