@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgefleet.common.config import ConfigError, DaemonArgumentParser, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from edgefleet.common.lifecycle import EXIT_INTERRUPTED
+from edgefleet.common.lifecycle import EXIT_INTERRUPTED, install_stop_signals
 from edgefleet.common.logs import configure_logging
 from edgefleet.common.paths import writable_directory_problem
 from edgefleet.common.tls import CredentialsError
@@ -98,9 +98,14 @@ def prepare_data_dir(data_dir: Path) -> None:
 
 
 async def serve_config(config: OrchestratorConfig) -> None:
+    # The handlers go in before the server module's import, which takes about a second, so that a
+    # signal during it gets the graceful stop as well.
+    stop = asyncio.Event()
+    install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
+
     from edgefleet.orchestrator.server import serve
 
-    await serve(config)
+    await serve(config, stop)
 
 
 if __name__ == "__main__":

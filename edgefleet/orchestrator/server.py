@@ -351,15 +351,17 @@ def redact_url(url: str) -> str:
     return url
 
 
-async def serve(config: OrchestratorConfig) -> None:
+async def serve(config: OrchestratorConfig, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down within the configured grace period.
 
     A second SIGINT during shutdown exits at once. A stop signal that arrives during the start takes
     effect once the start is done: the port file tells scripts the process is up, so a signal sent
     right after it appears must get the graceful stop, not the default action.
     """
-    stop = asyncio.Event()
-    install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
+    if stop is None:
+        # A caller that installed the handlers earlier passes the event they set.
+        stop = asyncio.Event()
+        install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
     running = await start_server(config)
     notifier = Notifier()
     notifier.ready(f"serving on port {running.port}")
