@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from edgefleet.common.config import ConfigError, Range, flag_name, format_number
 
@@ -148,6 +150,20 @@ def parse_listen_address(value: str, name: str, *, allow_empty_host: bool = Fals
             "(0 picks a free port)"
         )
     return ListenAddress(host=host, port=port)
+
+
+def resolve_listen_host(address: str, host: str, port: int, flag: str) -> list[tuple[Any, ...]]:
+    """Return getaddrinfo's passive TCP addresses for host (without IPv6 brackets) and port.
+
+    Raises OSError naming address and flag when the host does not resolve or is not a valid name.
+    """
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise OSError(f"cannot listen on {address}: cannot resolve {host!r} ({error.strerror}); check {flag}") from None
+    except UnicodeError:
+        # Python's IDNA codec rejects a name with an empty label ("a..b") before any lookup.
+        raise OSError(f"cannot listen on {address}: {host!r} is not a valid host name; check {flag}") from None
 
 
 RANGES = {

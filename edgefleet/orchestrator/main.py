@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data_dir(config.data_dir)
         asyncio.run(serve_config(config))
     except KeyboardInterrupt:
-        # A SIGINT that arrives before serve() installs its handlers, such as during the server module's
-        # import, stops the start. asyncio.run has already cancelled what was running.
+        # A SIGINT between the event loop's start and serve_config's handlers goes to asyncio, which
+        # cancels the start and raises this.
         log.warning("interrupted during start-up, before serving; the orchestrator stopped")
         return EXIT_INTERRUPTED
     except InstanceLockLost as error:

@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.systemd import Notifier
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.config import OrchestratorConfig
@@ -351,17 +350,13 @@ def redact_url(url: str) -> str:
     return url
 
 
-async def serve(config: OrchestratorConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down within the configured grace period.
+async def serve(config: OrchestratorConfig, stop: asyncio.Event) -> None:
+    """Run until stop is set or the database lock is lost, then shut down within the configured grace period.
 
-    A second SIGINT during shutdown exits at once. A stop signal that arrives during the start takes
-    effect once the start is done: the port file tells scripts the process is up, so a signal sent
-    right after it appears must get the graceful stop, not the default action.
+    The caller installs the signal handlers (install_stop_signals) that set stop before it calls this,
+    so a signal during the start, even right after the port file appears, gets the graceful stop once
+    the start is done. A second SIGINT during shutdown exits at once.
     """
-    if stop is None:
-        # A caller that installed the handlers earlier passes the event they set.
-        stop = asyncio.Event()
-        install_stop_signals(stop, process="orchestrator", grace_s=config.shutdown_grace_s)
     running = await start_server(config)
     notifier = Notifier()
     notifier.ready(f"serving on port {running.port}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections import Counter as Tally
 from collections import defaultdict
@@ -18,6 +17,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from edgefleet.common.sketch import LatencySketch
+from edgefleet.orchestrator.config import resolve_listen_host
 from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class Telemetry:
         self.registry.register(FleetCollector(state, lookback_s))
 
     def bind(self, address: str) -> int:
-        """Bind and listen on HOST:PORT for /metrics without answering yet; return the bound port.
+        """Bind and listen on HOST:PORT for /metrics without serving scrapes yet; return the bound port.
 
         Start-up binds before the store opens, so a port in use fails the start with nothing written.
         Scrapes that arrive before serve() wait in the listen backlog.
@@ -69,17 +69,7 @@ class Telemetry:
             raise ValueError(f"invalid metrics listen address {address!r}; expected HOST:PORT")
         # The address keeps the brackets of an IPv6 host ([::1]:9464), which getaddrinfo does not accept.
         host = host.removeprefix("[").removesuffix("]") or "0.0.0.0"
-        try:
-            family, *_, socket_address = socket.getaddrinfo(
-                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-        except (OSError, UnicodeError) as error:
-            # Python's IDNA codec raises UnicodeError for a name with an empty label ("a..b") before any lookup.
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a valid host name"
-            raise OSError(
-                f"cannot listen on {address} (--metrics-listen): cannot resolve {host!r} ({reason}); "
-                "check --metrics-listen"
-            ) from None
+        family, *_, socket_address = resolve_listen_host(address, host, int(port), "--metrics-listen")[0]
 
         class Server(ThreadingWSGIServer):
             address_family = family

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from edgefleet.common.config import flag_name
 from edgefleet.common.tls import server_credentials
-from edgefleet.orchestrator.config import OrchestratorConfig, parse_listen_address
+from edgefleet.orchestrator.config import OrchestratorConfig, parse_listen_address, resolve_listen_host
 from edgefleet.orchestrator.security.auth import Security
 from edgefleet.orchestrator.security.store import SqlSecurityStore
 from edgefleet.orchestrator.security.tokens import ensure_bootstrap_token
@@ -119,7 +119,7 @@ def check_listen_addresses(config: OrchestratorConfig) -> None:
     give. Raises OSError from check_address_free.
     """
     # All ports are bound before the database opens, so one taken after this probe still ends the
-    # start with nothing stored; the probe is there for the reason in the message.
+    # start with nothing stored. The probe gives the reason, which the bind's error lacks.
     check_address_free(config.listen, "listen")
     if not config.insecure and config.operator_listen:
         check_address_free(config.operator_listen, "operator_listen")
@@ -141,13 +141,7 @@ def check_address_free(address: str, name: str) -> None:
         return
     flag = flag_name(name)
     host = listen.host.removeprefix("[").removesuffix("]")
-    try:
-        resolved = socket.getaddrinfo(host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as error:
-        raise OSError(f"cannot listen on {address}: cannot resolve {host!r} ({error.strerror}); check {flag}") from None
-    except UnicodeError:
-        # Python's IDNA codec rejects a name with an empty label ("a..b") before any lookup.
-        raise OSError(f"cannot listen on {address}: {host!r} is not a valid host name; check {flag}") from None
+    resolved = resolve_listen_host(address, host, listen.port, flag)
     failures: list[OSError] = []
     for family, kind, protocol, _, socket_address in resolved:
         with socket.socket(family, kind, protocol) as probe:
