@@ -476,5 +476,7 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
 
     assert pixels.shape == (16, 8, 3)
     top, bottom = pixels[1].mean(axis=0), pixels[-2].mean(axis=0)
-    assert top[0] > 200 and top[2] < 50, top
-    assert bottom[2] > 200 and bottom[0] < 50, bottom
+    assert top[0] > 200, top
+    assert top[2] < 50, top
+    assert bottom[2] > 200, bottom
+    assert bottom[0] < 50, bottom

@@ -252,18 +252,18 @@ def test_failed_ping_then_failed_autocommit_counts_as_unavailable(postgres_engin
     assert unavailable.message.startswith(f"{DATABASE_UNAVAILABLE_TEXT} (connection socket closed)")
 
 
-def test_programming_error_of_a_live_server_is_not_unavailable(postgres_engine: sa.Engine) -> None:
+def test_live_server_error_not_outage(postgres_engine: sa.Engine) -> None:
     error = sa.exc.ProgrammingError("SELECT nope", None, psycopg.errors.UndefinedColumn('column "nope" does not exist'))
     assert unavailable_error(postgres_engine, error) is None
 
 
-def test_refused_password_is_not_unavailable(postgres_engine: sa.Engine) -> None:
+def test_refused_password_not_outage(postgres_engine: sa.Engine) -> None:
     """A wrong password has SQLSTATE 28P01: retrying cannot fix it, so it is not reported as an outage."""
     error = sa.exc.OperationalError(None, None, psycopg.errors.InvalidPassword("password authentication failed"))
     assert unavailable_error(postgres_engine, error) is None
 
 
-def test_server_shutdown_is_unavailable(postgres_engine: sa.Engine) -> None:
+def test_server_shutdown_is_outage(postgres_engine: sa.Engine) -> None:
     error = sa.exc.OperationalError(None, None, psycopg.errors.AdminShutdown("terminating connection"))
     unavailable = unavailable_error(postgres_engine, error)
     assert isinstance(unavailable, DatabaseUnavailable)

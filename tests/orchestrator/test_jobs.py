@@ -631,7 +631,8 @@ def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads
     distilled = variant_by_id(server, "tiny:1:distilled")
     # The labels are the source's own top-1, so the source scores 1.0 and the other model less.
     assert (source.accuracy, source.accuracy_metric) == (1.0, "top1")
-    assert distilled.status == "accepted" and distilled.accuracy < 1.0
+    assert distilled.status == "accepted"
+    assert distilled.accuracy < 1.0
     ranked = {c.variant.variant_id: c.ranked_accuracy for c in explained.candidates}
     assert ranked["tiny:1:source"] == 1.0
     assert ranked["tiny:1:distilled"] == distilled.accuracy

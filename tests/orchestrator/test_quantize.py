@@ -437,8 +437,10 @@ def test_calibration_images_apply_exif_orientation(tmp_path: Path) -> None:
 
     assert loaded.shape == (1, 3, 16, 8)
     red, blue = loaded[0, 0], loaded[0, 2]
-    assert red[1].mean() > 0.8 and blue[1].mean() < 0.2
-    assert blue[-2].mean() > 0.8 and red[-2].mean() < 0.2
+    assert red[1].mean() > 0.8
+    assert blue[1].mean() < 0.2
+    assert blue[-2].mean() > 0.8
+    assert red[-2].mean() < 0.2
 
 
 def test_calibration_images_scale_16_bit_grayscale(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def _lost_server_error(engine: Engine, orig: BaseException | None) -> BaseExcept
     """Return the driver's error in orig's chain that reports a lost server, else None.
 
     The chain matters when the pool's pre-ping finds a dead connection: psycopg then also fails to
-    restore autocommit on it, and SQLAlchemy raises that ProgrammingError, whose context holds the
+    restore autocommit on it, and SQLAlchemy raises that ProgrammingError, whose context is the
     OperationalError of the ping.
     """
     operational_error = engine.dialect.loaded_dbapi.OperationalError
