@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
 from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
-from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, resize_and_crop, upright_rgb
+from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, read_upright_rgb, resize_and_crop
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
 PROG = "edgefleet-agent infer"
@@ -43,28 +42,28 @@ class ImageInput:
     channels_first: bool  # NCHW when true, NHWC otherwise.
 
 
-def load_image(path: Path, height: int, width: int, crop_fraction: float = DEFAULT_CROP_FRACTION) -> np.ndarray:
+def load_image(
+    path: Path, height: int, width: int, crop_fraction: float = DEFAULT_CROP_FRACTION
+) -> tuple[np.ndarray, str]:
     """Read an image as HxWx3 uint8, resized so that a centred height x width crop covers crop_fraction of it.
 
     The default crop is the standard ImageNet evaluation's, which the demo uses as well.
 
-    An EXIF orientation is applied, as image viewers do. 16-bit grayscale is scaled to 8 bits. Raises
-    OSError for a file that Pillow cannot read, and for an image of more pixels than Pillow reads safely
-    (Image.MAX_IMAGE_PIXELS times 2).
+    An EXIF orientation is applied, as image viewers do. 16-bit grayscale is scaled to 8 bits. Returns
+    the pixels and, for EXIF data that Pillow cannot read and that was therefore ignored, the reason
+    ("" otherwise). Raises OSError for a file that Pillow cannot read, and for an image of more pixels
+    than Pillow reads safely (Image.MAX_IMAGE_PIXELS times 2).
     """
     try:
         from PIL import Image
     except ImportError:
         raise SystemExit("edgefleet-agent infer needs Pillow to read images: pip install pillow") from None
     try:
-        with warnings.catch_warnings():
-            # The user named the file, so an image over Pillow's warning threshold is read without a warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        # The user named the file, so an image over Pillow's warning threshold is read without a warning.
+        upright = read_upright_rgb(path, warn_large=False)
     except Image.DecompressionBombError as error:
         raise OSError(f"{error.args[0] if error.args else error} Scale the image down first") from None
-    with image:
-        return resize_and_crop(upright_rgb(image), height, width, crop_fraction)
+    return resize_and_crop(upright.rgb, height, width, crop_fraction), upright.exif_error
 
 
 def to_input(pixels: np.ndarray, image: ImageInput, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -266,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -308,9 +311,14 @@ def _infer_images(
                 return served
             spec, image = served
             try:
-                pixels = load_image(path, image.height, image.width, args.crop_fraction)
+                pixels, exif_error = load_image(path, image.height, image.width, args.crop_fraction)
             except OSError as error:
                 return _fail(f"{path}: cannot read image: {error}", EXIT_FAILURE)
+            if exif_error and not retried:  # A retry reads the file again, with the same warning.
+                _warn(
+                    f"{path}: ignored the image's EXIF data, which cannot be read ({exif_error}); "
+                    "the image is used as stored, without EXIF orientation"
+                )
             request = inference_pb2.InferRequest(
                 model_name=args.model,
                 inputs=[array_to_tensor(spec.inputs[0].name, to_input(pixels, image, args.mean, args.std))],

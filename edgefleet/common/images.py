@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,20 +21,108 @@ DEFAULT_CROP_FRACTION = 0.875
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """Apply image's EXIF orientation, as image viewers do, and convert it to 8-bit RGB.
+# Exceptions that Pillow raises while it parses EXIF data that is not a valid TIFF structure: SyntaxError
+# for a bad header, struct.error for truncated numbers, ValueError and TypeError for values of the wrong
+# kind. Pillow's own JPEG plug-in catches these when it reads the resolution from EXIF data (Pillow 13).
+EXIF_ERRORS = (SyntaxError, struct.error, ValueError, TypeError)
 
-    16-bit grayscale is scaled to 8 bits. Returns a new image and leaves image open.
+
+@dataclass(frozen=True)
+class UprightImage:
+    """An image file read as 8-bit RGB and turned by its EXIF orientation."""
+
+    rgb: Image.Image
+    # Why the EXIF data was ignored because Pillow cannot read it, or "" when it was read or absent.
+    exif_error: str = ""
+
+
+def read_upright_rgb(path: Path, *, warn_large: bool = True) -> UprightImage:
+    """Read the image file at path, apply its EXIF orientation, as image viewers do, and convert it to 8-bit RGB.
+
+    16-bit grayscale is scaled to 8 bits. When Pillow cannot read the EXIF data, it is ignored: the image
+    is kept as stored, exif_error gives the reason, and Pillow's warnings about it (UserWarning from
+    PIL.TiffImagePlugin) are not shown. Other warnings are shown as usual, except
+    Image.DecompressionBombWarning when warn_large is false.
+
+    Raises OSError for a file that Pillow cannot read (UnidentifiedImageError included), and
+    Image.DecompressionBombError for an image of more than twice Image.MAX_IMAGE_PIXELS.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    # Cameras store the pixels as the sensor read them and the rotation to show them in EXIF.
-    upright = ImageOps.exif_transpose(image)
-    if upright.mode in SIXTEEN_BIT_MODES:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # The JPEG plug-in parses the EXIF data while it opens the file, to read the resolution.
+            with Image.open(path) as image:
+                # Decoding errors propagate here, so the EXIF step below catches only EXIF errors.
+                image.load()
+                upright, exif_error = _apply_exif_orientation(image, caught)
+                return UprightImage(_to_rgb(upright), exif_error)
+    finally:
+        _show_other_warnings(caught, warn_large)
+
+
+def _apply_exif_orientation(image: Image.Image, caught: list[warnings.WarningMessage]) -> tuple[Image.Image, str]:
+    """Turn image by its EXIF orientation, and return the result with "".
+
+    When Pillow cannot read the EXIF data, returns image unchanged with the reason. caught contains the
+    warnings raised since the file was opened.
+    """
+    from PIL import ImageOps
+
+    exif_warning = _first_exif_warning(caught)
+    if exif_warning:
+        return image, exif_warning
+    try:
+        # Cameras store the pixels as the sensor read them and the rotation to show them in EXIF.
+        # Pillow parses the EXIF data of PNG and WebP files here, not while it opens them.
+        upright = ImageOps.exif_transpose(image)
+    except EXIF_ERRORS as error:
+        return image, _one_line(str(error))
+    exif_warning = _first_exif_warning(caught)
+    if exif_warning:
+        # Pillow skipped the entries that it could not read, so the orientation it read may be wrong too.
+        return image, exif_warning
+    return upright, ""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
         # convert("RGB") clips 16-bit values at 255, which turns most pixels white.
-        scaled = np.asarray(upright).astype(np.float32) / 257.0
+        scaled = np.asarray(image).astype(np.float32) / 257.0
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
-    return upright.convert("RGB")
+    return image.convert("RGB")
+
+
+def _is_exif_warning(caught: warnings.WarningMessage) -> bool:
+    from PIL import TiffImagePlugin
+
+    # Pillow parses EXIF data with its TIFF reader and warns from there, with messages that vary between
+    # releases ("Corrupt EXIF data", "Possibly corrupt EXIF data", "Truncated File Read").
+    return issubclass(caught.category, UserWarning) and caught.filename == TiffImagePlugin.__file__
+
+
+def _first_exif_warning(caught: list[warnings.WarningMessage]) -> str:
+    return next((_one_line(str(w.message)) for w in caught if _is_exif_warning(w)), "")
+
+
+def _show_other_warnings(caught: list[warnings.WarningMessage], warn_large: bool) -> None:
+    from PIL import Image
+
+    for warning in caught:
+        if _is_exif_warning(warning):
+            continue
+        if not warn_large and issubclass(warning.category, Image.DecompressionBombWarning):
+            continue
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _one_line(text: str) -> str:
+    """Return text with each run of whitespace, line breaks included, replaced by one space."""
+    return " ".join(text.split())
 
 
 def check_crop_fraction(crop_fraction: float) -> None:

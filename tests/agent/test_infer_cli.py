@@ -18,7 +18,7 @@ from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.main import main
 from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
-from tests.photos import write_sideways_photo
+from tests.photos import NOT_TIFF_EXIF, corrupt_exif, write_sideways_photo
 
 CLASSES = 5
 # The RGB colour of the test image. A uniform image keeps its colour through the resize and the crop.
@@ -451,7 +451,7 @@ def test_variant_switch_during_request(
     switching_host, socket = switching
     original_load = infer_cli.load_image
 
-    def switch_while_loading(path: Path, height: int, width: int, crop_fraction: float) -> np.ndarray:
+    def switch_while_loading(path: Path, height: int, width: int, crop_fraction: float) -> tuple[np.ndarray, str]:
         # The command has read version 1's input spec, so its first request names the input "image".
         if not switching_host.calls:
             switching_host.switch()
@@ -472,11 +472,59 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
     path = tmp_path / "portrait.jpg"
     write_sideways_photo(path)
 
-    pixels = infer_cli.load_image(path, 16, 8, crop_fraction=1.0)
+    pixels, exif_error = infer_cli.load_image(path, 16, 8, crop_fraction=1.0)
 
+    assert exif_error == ""
     assert pixels.shape == (16, 8, 3)
     top, bottom = pixels[1].mean(axis=0), pixels[-2].mean(axis=0)
     assert top[0] > 200, top
     assert top[2] < 50, top
     assert bottom[2] > 200, bottom
     assert bottom[0] < 50, bottom
+
+
+def test_load_image_ignores_corrupt_exif(tmp_path: Path) -> None:
+    """EXIF data cut short after its Orientation entry is ignored whole, so the image is not turned."""
+    path = tmp_path / "cut.jpg"
+    write_sideways_photo(path, exif=corrupt_exif())
+
+    pixels, exif_error = infer_cli.load_image(path, 8, 16, crop_fraction=1.0)
+
+    assert "Corrupt EXIF data" in exif_error
+    assert pixels.shape == (8, 16, 3)
+    left, right = pixels[:, 1].mean(axis=0), pixels[:, -2].mean(axis=0)
+    assert left[0] > 200, left
+    assert left[2] < 50, left
+    assert right[2] > 200, right
+    assert right[0] < 50, right
+
+
+def test_corrupt_exif_process(socket: Path, tmp_path: Path) -> None:
+    """Images with EXIF data that Pillow cannot read are classified, with one warning line each."""
+    clean_jpeg, clean_png = tmp_path / "clean.jpg", tmp_path / "clean.png"
+    broken = [tmp_path / "cut.jpg", tmp_path / "cut.png", tmp_path / "cut.webp", tmp_path / "not-tiff.png"]
+    Image.new("RGB", (20, 16), COLOUR).save(clean_jpeg, quality=95)
+    Image.new("RGB", (20, 16), COLOUR).save(clean_png)
+    for path, exif in zip(broken, [corrupt_exif(), corrupt_exif(), corrupt_exif(), NOT_TIFF_EXIF], strict=True):
+        Image.new("RGB", (20, 16), COLOUR).save(path, quality=95, lossless=True, exif=exif)
+    command = [sys.executable, "-m", "edgefleet.agent.main", "infer", "--socket", str(socket), "--model", "fixed"]
+
+    result = subprocess.run(
+        [*command, "--top", str(CLASSES), str(clean_jpeg), str(clean_png), *map(str, broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "UserWarning" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(broken), result.stderr
+    for path, line in zip(broken, lines, strict=True):
+        assert line.startswith(f"edgefleet-agent infer: warning: {path}: ignored the image's EXIF data"), line
+    scores = {line.split(": ", 1)[0]: line.split(": ", 1)[1].rsplit("  [", 1)[0] for line in result.stdout.splitlines()}
+    assert scores[str(broken[0])] == scores[str(clean_jpeg)]
+    for path in broken[1:]:
+        assert scores[str(path)] == scores[str(clean_png)]

@@ -32,7 +32,7 @@ from edgefleet.orchestrator.compress.quantize import (
     recommend_quantization,
     requantized_exclusions,
 )
-from tests.photos import write_sideways_photo
+from tests.photos import corrupt_exif, write_sideways_photo
 
 SIZE = 32
 
@@ -443,6 +443,24 @@ def test_calibration_images_apply_exif_orientation(tmp_path: Path) -> None:
     assert red[-2].mean() < 0.2
 
 
+def test_calibration_images_ignore_corrupt_exif(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A photo with EXIF data cut short is read as stored, with one warning naming it."""
+    path = tmp_path / "cut.jpg"
+    write_sideways_photo(path, exif=corrupt_exif())
+    spec = PreprocessSpec(height=8, width=16, mean=(0, 0, 0), std=(1, 1, 1), resize_shorter=8)
+
+    loaded = load_image_folder(tmp_path, spec)
+
+    assert loaded.shape == (1, 3, 8, 16)
+    red, blue = loaded[0, 0], loaded[0, 2]
+    assert red[:, 1].mean() > 0.8
+    assert blue[:, -2].mean() > 0.8
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(messages) == 1, messages
+    assert f"ignored the EXIF data of calibration image {path}" in messages[0]
+    assert "Corrupt EXIF data" in messages[0]
+
+
 def test_calibration_images_scale_16_bit_grayscale(tmp_path: Path) -> None:
     """A 16-bit grayscale PNG is read as edgefleet-agent infer reads it, not clipped to white at 255."""
     ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
@@ -454,4 +472,4 @@ def test_calibration_images_scale_16_bit_grayscale(tmp_path: Path) -> None:
     pixels = np.rint(loaded[0] * 255)
     assert pixels.min() == 0
     assert pixels.max() == 255
-    assert np.array_equal(pixels, load_image(tmp_path / "depth.png", 16, 16, crop_fraction=1.0))
+    assert np.array_equal(pixels, load_image(tmp_path / "depth.png", 16, 16, crop_fraction=1.0)[0])

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-from edgefleet.common.images import upright_rgb
+from edgefleet.common.images import read_upright_rgb
 from edgefleet.common.models import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def load_image_folder(folder: Path, spec: PreprocessSpec, *, limit: int | None =
     Raises CalibrationError when the folder is missing or empty, or an image cannot be decoded.
     """
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
     except ImportError as error:  # pragma: no cover - pillow ships with the demo extra
         raise CalibrationError(
             "loading calibration images needs pillow: install edgefleet[demo] or pip install pillow"
@@ -256,12 +256,18 @@ def load_image_folder(folder: Path, spec: PreprocessSpec, *, limit: int | None =
     samples = []
     for path in paths:
         try:
-            with Image.open(path) as opened:
-                # Read as edgefleet-agent infer reads an image: upright, with 16-bit grayscale scaled.
-                rgb = np.asarray(upright_rgb(opened))
+            # Read as edgefleet-agent infer reads an image: upright, with 16-bit grayscale scaled.
+            upright = read_upright_rgb(path)
         except (OSError, UnidentifiedImageError) as error:
             raise CalibrationError(f"cannot decode calibration image {path}: {error}") from error
-        samples.append(preprocess_image(rgb, spec))
+        if upright.exif_error:
+            logger.warning(
+                "ignored the EXIF data of calibration image %s, which cannot be read (%s); "
+                "the image is used as stored, without EXIF orientation",
+                path,
+                upright.exif_error,
+            )
+        samples.append(preprocess_image(np.asarray(upright.rgb), spec))
     return np.stack(samples)
 
 
