@@ -88,6 +88,11 @@ FATAL_CODES = (
 )
 # A session that lasted this long counts as healthy, so the next reconnect starts from a short delay.
 HEALTHY_SESSION_S = 30.0
+# During an outage that keeps the same error, one warning per this many seconds says the orchestrator is
+# still unreachable; the attempts in between are logged at debug level.
+OUTAGE_WARNING_INTERVAL_S = 300.0
+# How often a connected agent checks for downloads to retry, and the least wait before a retry.
+RETRY_CHECK_S = 1.0
 # A heartbeat carries the model store's free space once it moved this far from the figure the
 # orchestrator has. The step is the least of 64 MiB, 1 % of the file system and 1/8 of the smaller
 # of the two free figures, but never less than 64 KiB. The relative step matters on a nearly full disk,
@@ -162,6 +167,67 @@ async def reconnect_forever(
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
 
+class OutageLog:
+    """Logs failed connection attempts: a warning for the first and for a new error, then one per interval.
+
+    A fleet of agents that lost its orchestrator for hours would otherwise log a warning per attempt
+    each. The attempts in between are logged at debug level, and the first connection after the
+    outage logs how long it lasted.
+    """
+
+    def __init__(
+        self,
+        orchestrator: str,
+        interval_s: float = OUTAGE_WARNING_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.interval_s = interval_s
+        self._clock = clock
+        self.attempts = 0
+        self._started = 0.0
+        self._warned = 0.0
+        self._last_error = ""
+
+    def failed(self, error: str, delay: float) -> None:
+        now = self._clock()
+        if self.attempts == 0:
+            self._started = now
+        self.attempts += 1
+        if self.attempts == 1 or error != self._last_error:
+            self._warned = now
+            log.warning(
+                "connection to orchestrator %s failed (%s); retrying in %.1f s",
+                self.orchestrator,
+                error,
+                delay,
+            )
+        elif now - self._warned >= self.interval_s:
+            self._warned = now
+            log.warning(
+                "orchestrator %s still unreachable after %d attempts over %.0f s (%s); retrying in %.1f s",
+                self.orchestrator,
+                self.attempts,
+                now - self._started,
+                error,
+                delay,
+            )
+        else:
+            log.debug("connection attempt %d to orchestrator %s failed (%s)", self.attempts, self.orchestrator, error)
+        self._last_error = error
+
+    def ended(self) -> None:
+        if self.attempts:
+            log.info(
+                "connected to orchestrator %s again after %d failed attempts over %.0f s",
+                self.orchestrator,
+                self.attempts,
+                self._clock() - self._started,
+            )
+        self.attempts = 0
+        self._last_error = ""
+
+
 class Agent:
     def __init__(
         self,
@@ -227,6 +293,7 @@ class Agent:
         self.tensor_socket = TensorSocketServer(self.host, config.tensor_socket_path)
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
         self.notifier = Notifier()
+        self._outage = OutageLog(config.orchestrator)
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = False  # A control stream is open.
@@ -355,13 +422,7 @@ class Agent:
                 f"orchestrator {self.config.orchestrator} unreachable ({error.code().name}); "
                 f"retrying in {delay:.0f} s; serving {len(self.host.list())} models"
             )
-            log.warning(
-                "connection to orchestrator %s failed (%s: %s); retrying in %.1f s",
-                self.config.orchestrator,
-                error.code().name,
-                error.details(),
-                delay,
-            )
+            self._outage.failed(f"{error.code().name}: {error.details()}", delay)
 
         await reconnect_forever(
             lambda: self._session(channel, stop),
@@ -401,6 +462,7 @@ class Agent:
         except VerificationError as error:
             log.error("ignoring the signing keys from the registration: %s", error)
         log.info("registered as device_id=%s with orchestrator %s", self.device_id, self.config.orchestrator)
+        self._outage.ended()
         self._mark_ready(
             f"connected to {self.config.orchestrator} as {self.device_id}; serving {len(self.host.list())} models"
         )
@@ -421,10 +483,12 @@ class Agent:
         interval = max(1, response.heartbeat_interval_seconds)
         self.connected = True
         self.sessions_opened += 1
+        apply_lock = asyncio.Lock()
         tasks = [
             asyncio.create_task(self._write_loop(call)),
             asyncio.create_task(self._heartbeat_loop(interval)),
-            asyncio.create_task(self._read_loop(call)),
+            asyncio.create_task(self._read_loop(call, apply_lock)),
+            asyncio.create_task(self._retry_loop(apply_lock)),
             asyncio.create_task(stop.wait()),
         ]
         try:
@@ -497,8 +561,7 @@ class Agent:
         self.hardware = replace(self.hardware, disk_free_bytes=free)
         return free
 
-    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
-        apply_lock = asyncio.Lock()
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall, apply_lock: asyncio.Lock) -> None:
         async for message in call:
             kind = message.WhichOneof("body")
             if kind == "desired_state":
@@ -515,6 +578,22 @@ class Agent:
                 self._run_benchmark(message.command_id, message.run_benchmark)
             else:
                 log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
+
+    async def _retry_loop(self, apply_lock: asyncio.Lock) -> None:
+        """Retry, while the control stream stays open, the downloads that failed in a way that may succeed later.
+
+        The waits grow with full jitter up to --max-backoff-s, as reconnects do, and start short again
+        once nothing waits for a retry.
+        """
+        backoff = Backoff(cap_s=self.config.max_backoff_s)
+        while True:
+            if not self.reconciler.retry_later:
+                backoff.reset()
+                await asyncio.sleep(RETRY_CHECK_S)
+                continue
+            await asyncio.sleep(RETRY_CHECK_S + backoff.next_delay())
+            async with apply_lock:
+                await asyncio.to_thread(self.reconciler.retry_pending)
 
     async def _upload_loop(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         """Move finished windows to disk every interval, and start sending unless a send is still running.

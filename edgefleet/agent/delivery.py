@@ -59,8 +59,8 @@ class DeliveryError(Exception):
     """A model could not be downloaded or installed."""
 
     # True when the same download may succeed later without a new assignment, so the agent tries it
-    # again when it next connects to the orchestrator.
-    retry_on_connect = False
+    # again after a delay, and when it next connects to the orchestrator.
+    retryable = False
 
 
 class DigestMismatchError(DeliveryError):
@@ -74,7 +74,7 @@ class ChunkCorruptError(DeliveryError):
 class DiskFullError(DeliveryError):
     """The device's disk has no space for the download; the installed models are untouched."""
 
-    retry_on_connect = True
+    retryable = True
 
 
 class DownloadFailedError(DeliveryError):
@@ -84,7 +84,7 @@ class DownloadFailedError(DeliveryError):
 class DownloadInterruptedError(DownloadFailedError):
     """A download that kept failing with retryable status codes. Its verified part is kept for a later resume."""
 
-    retry_on_connect = True
+    retryable = True
 
 
 class DownloadCancelledError(DeliveryError):
@@ -557,8 +557,8 @@ class Downloader:
         free = shutil.disk_usage(self.store.root).free
         return DiskFullError(
             f"disk full while downloading {digest} ({free} bytes free under {self.store.root}): {error}; "
-            "installed models are unchanged; free space on the device, then restart the agent or deploy "
-            "the model again, or wait until the agent next connects to the orchestrator and tries again"
+            "installed models are unchanged; free space on the device, and the agent tries the download "
+            "again by itself"
         )
 
 
@@ -672,7 +672,7 @@ class _Transfer:
                 self.checkpoint()
                 raise DownloadInterruptedError(
                     f"download of {self.digest} failed {failures} times in a row at byte {self.offset} "
-                    f"({reason}); the agent resumes it from this offset when it next connects to the orchestrator"
+                    f"({reason}); the agent resumes it from this offset after a wait, or when it next connects"
                 )
             delay = policy.backoff_s(failures, self.downloader._rng)
             logger.warning(

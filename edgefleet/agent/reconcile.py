@@ -64,9 +64,11 @@ class Reconciler:
     # desired variant that fails to load, the agent serves this one again, as it did before the restart.
     serving: dict[str, agent_pb2.ModelAssignment] = field(default_factory=dict)
     # Names of models whose download failed in a way that may succeed later (disk full, orchestrator unreachable).
-    # The agent then claims no generation when it connects, so the orchestrator sends the desired state
-    # again and the download is tried again.
-    retry_on_connect: set[str] = field(default_factory=set)
+    # retry_pending() tries them again, which the agent calls after a delay while it stays connected. The
+    # agent also claims no generation when it connects, so the orchestrator sends the desired state again.
+    retry_later: set[str] = field(default_factory=set)
+    # The last desired state applied, which retry_pending() takes the assignments from.
+    _desired: agent_pb2.DesiredState | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
 
@@ -88,7 +90,7 @@ class Reconciler:
 
     def hello_generation(self) -> int:
         """Return the generation to claim when a control stream opens, which is 0 while a download waits for a retry."""
-        return 0 if self.retry_on_connect else self.generation
+        return 0 if self.retry_later else self.generation
 
     def _still_served_status(self, name: str, status: agent_pb2.ModelStatus) -> agent_pb2.ModelStatus | None:
         """Return a serving status for the variant the host serves under name, or None when status describes it."""
@@ -181,9 +183,10 @@ class Reconciler:
                 self.serving.pop(name)
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
-            self.retry_on_connect &= desired_names
+            self.retry_later &= desired_names
             # Reports sent while the models are applied already report on this generation.
             self.generation = desired.generation
+            self._desired = desired
             for assignment in desired.models:
                 self._apply_one(assignment, offline=offline)
             if offline and any(self.host.get(a.model_name) is None for a in desired.models):
@@ -194,10 +197,25 @@ class Reconciler:
                 self._save(desired)
             self.report(self.reported_state())
 
+    def retry_pending(self) -> None:
+        """Apply again the assignments of the last desired state whose download may succeed now.
+
+        A download given up while the control stream stayed open, or a disk that had no space, would
+        otherwise wait for the next reconnect, which may never come.
+        """
+        with self._lock:
+            if self._desired is None or not self.retry_later:
+                return
+            pending = [a for a in self._desired.models if a.model_name in self.retry_later]
+            log.info("retrying the download of %s", ", ".join(f"model={a.model_name}" for a in pending))
+            for assignment in pending:
+                self._apply_one(assignment, offline=False)
+            self.report(self.reported_state())
+
     def _apply_one(self, assignment: agent_pb2.ModelAssignment, *, offline: bool) -> None:
         name = assignment.model_name
         if not offline:
-            self.retry_on_connect.discard(name)
+            self.retry_later.discard(name)
         served = self.host.get(name)
         if (
             served is not None
@@ -287,8 +305,8 @@ class Reconciler:
             )
         except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
             log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)
-            if isinstance(error, DeliveryError) and error.retry_on_connect:
-                self.retry_on_connect.add(name)
+            if isinstance(error, DeliveryError) and error.retryable:
+                self.retry_later.add(name)
             if previous is not None and previous.digest != assignment.digest:
                 # Keep the version on disk that the host still serves.
                 self.store.activate(name, previous.digest)

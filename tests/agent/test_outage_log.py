@@ -1,0 +1,75 @@
+"""How an agent logs a long outage of its orchestrator."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from edgefleet.agent.agent import OutageLog
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def levels(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(record.levelname, record.getMessage()) for record in caplog.records]
+
+
+def test_one_warning_per_interval_for_the_same_error(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    outage = OutageLog("orch:50051", interval_s=300.0, clock=clock)
+    caplog.set_level(logging.DEBUG, logger="edgefleet.agent.agent")
+
+    for _ in range(20):  # 20 attempts 30 s apart: 570 s in all.
+        outage.failed("UNAVAILABLE: connection refused", 30.0)
+        clock.now += 30.0
+
+    warnings = [message for level, message in levels(caplog) if level == "WARNING"]
+    assert warnings == [
+        "connection to orchestrator orch:50051 failed (UNAVAILABLE: connection refused); retrying in 30.0 s",
+        "orchestrator orch:50051 still unreachable after 11 attempts over 300 s "
+        "(UNAVAILABLE: connection refused); retrying in 30.0 s",
+    ]
+    assert sum(level == "DEBUG" for level, _ in levels(caplog)) == 18
+
+
+def test_new_error_warns_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    outage = OutageLog("orch:50051", interval_s=300.0, clock=clock)
+    caplog.set_level(logging.DEBUG, logger="edgefleet.agent.agent")
+
+    outage.failed("UNAVAILABLE: connection refused", 1.0)
+    clock.now += 1.0
+    outage.failed("UNAVAILABLE: connection refused", 2.0)
+    clock.now += 2.0
+    outage.failed("DEADLINE_EXCEEDED: Deadline Exceeded", 4.0)
+
+    assert [level for level, _ in levels(caplog)] == ["WARNING", "DEBUG", "WARNING"]
+    assert "DEADLINE_EXCEEDED" in caplog.records[-1].getMessage()
+
+
+def test_outage_end_logs_its_length(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    outage = OutageLog("orch:50051", clock=clock)
+    caplog.set_level(logging.INFO, logger="edgefleet.agent.agent")
+    outage.ended()  # A first connection without an outage logs nothing.
+    for _ in range(4):
+        outage.failed("UNAVAILABLE: connection refused", 10.0)
+        clock.now += 10.0
+
+    outage.ended()
+    outage.failed("UNAVAILABLE: connection refused", 1.0)
+
+    assert levels(caplog)[-2:] == [
+        ("INFO", "connected to orchestrator orch:50051 again after 4 failed attempts over 40 s"),
+        (
+            "WARNING",
+            "connection to orchestrator orch:50051 failed (UNAVAILABLE: connection refused); retrying in 1.0 s",
+        ),
+    ]

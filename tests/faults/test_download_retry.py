@@ -1,0 +1,85 @@
+"""A download that fails while the agent stays connected is tried again without a reconnect."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.fleet import MODEL, deploy, linear_model, online_device, upload, wait_serving
+from tests.faults.processes import AgentProcess, InferenceClient, OrchestratorProcess, wait_for
+from tests.faults.proxy import TcpProxy
+
+pytestmark = pytest.mark.slow
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def small_model_store(tmp_path: Path) -> Iterator[Path]:
+    """Mount a 16 MiB tmpfs as the model store of an agent named camera under tmp_path; yield its path."""
+    store = tmp_path / "camera" / "models"
+    store.mkdir(parents=True)
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(store)], capture_output=True, check=False
+        )
+    except FileNotFoundError:
+        pytest.skip("needs mount(8) to make a disk smaller than the model")
+    if result.returncode != 0:
+        pytest.skip(f"needs a tmpfs mount (root) to make a disk smaller than the model: {result.stderr.strip()}")
+    try:
+        yield store
+    finally:
+        subprocess.run(["umount", "--lazy", str(store)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros into directory/filler until its file system is full; return the filler's path."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as handle, pytest.raises(OSError, match="No space left"):
+        while True:
+            handle.write(b"\0" * 65536)
+    return filler
+
+
+def test_disk_full_download_retried_once_space_is_freed(tmp_path: Path, small_model_store: Path) -> None:
+    orchestrator = OrchestratorProcess(tmp_path)
+    orchestrator.start()
+    proxy = TcpProxy(orchestrator.port)
+    agent = AgentProcess(tmp_path, "camera", proxy.address)
+    agent.start()
+    channel, operator = orchestrator.operator()
+    new_model = linear_model(6, padding_floats=2 * MIB)  # About 8 MiB.
+    part = small_model_store / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
+    try:
+        device_id = wait_for(agent.device_id, "the agent to register")
+        wait_for(lambda: online_device(operator, device_id), "the device to come online")
+        upload(operator, linear_model(0), "1")
+        deploy(operator, device_id, "1")
+        wait_serving(operator, device_id, "1")
+        upload(operator, new_model, "2")
+        proxy.throttle(2 * MIB)
+        deploy(operator, device_id, "2")
+        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+        filler = fill(small_model_store)
+        wait_for(lambda: "disk full while downloading" in agent.log_path.read_text(), "the download to fail")
+
+        proxy.throttle(None)
+        filler.unlink()
+        wait_serving(operator, device_id, "2")
+        output = InferenceClient(agent.socket_path, MODEL).infer_once()
+        log_text = agent.log_path.read_text()
+    finally:
+        channel.close()
+        agent.stop()
+        proxy.close()
+        orchestrator.stop()
+
+    assert output.model_version == "2"
+    # The retry came from the open control stream, not from a new registration.
+    assert log_text.count("registered as device_id=") == 1
+    assert "retrying the download of model=linear" in log_text
