@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from edgefleet.agent.delivery import DeliveryError, Downloader, ModelStore
+from edgefleet.agent.delivery import DeliveryError, DiskFullError, Downloader, ModelStore
 from edgefleet.agent.runtime.base import ModelLoadError
 from edgefleet.agent.runtime.host import ModelHost, ServedModel
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
@@ -69,6 +70,9 @@ class Reconciler:
     retry_later: set[str] = field(default_factory=set)
     # The last desired state applied, which retry_pending() takes the assignments from.
     _desired: agent_pb2.DesiredState | None = None
+    # Free bytes of the model store when a model's download failed on a full disk. retry_pending() skips
+    # the model until more is free, so a disk that stays full costs no download attempts.
+    _free_at_disk_full: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
 
@@ -206,16 +210,31 @@ class Reconciler:
         with self._lock:
             if self._desired is None or not self.retry_later:
                 return
-            pending = [a for a in self._desired.models if a.model_name in self.retry_later]
+            pending = [
+                a
+                for a in self._desired.models
+                if a.model_name in self.retry_later
+                and self._store_free() > self._free_at_disk_full.get(a.model_name, -1)
+            ]
+            if not pending:
+                return
             log.info("retrying the download of %s", ", ".join(f"model={a.model_name}" for a in pending))
             for assignment in pending:
                 self._apply_one(assignment, offline=False)
             self.report(self.reported_state())
 
+    def _store_free(self) -> int:
+        """Return the free bytes of the model store's file system, or 0 when they cannot be read."""
+        try:
+            return shutil.disk_usage(self.store.root).free
+        except OSError:
+            return 0
+
     def _apply_one(self, assignment: agent_pb2.ModelAssignment, *, offline: bool) -> None:
         name = assignment.model_name
         if not offline:
             self.retry_later.discard(name)
+            self._free_at_disk_full.pop(name, None)
         served = self.host.get(name)
         if (
             served is not None
@@ -307,6 +326,8 @@ class Reconciler:
             log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)
             if isinstance(error, DeliveryError) and error.retryable:
                 self.retry_later.add(name)
+            if isinstance(error, DiskFullError):
+                self._free_at_disk_full[name] = self._store_free()
             if previous is not None and previous.digest != assignment.digest:
                 # Keep the version on disk that the host still serves.
                 self.store.activate(name, previous.digest)

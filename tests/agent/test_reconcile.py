@@ -297,3 +297,34 @@ def test_redeploy_other_threads_reloads(tmp_path: Path, artifacts: FileArtifactS
     assert after.threads == 2
     assert status.state == MODEL_STATE_SERVING
     assert status.threads == 2
+
+
+def test_disk_full_download_retried_once_space_is_free(
+    tmp_path: Path,
+    artifacts: FileArtifactStore,
+    channel: grpc.Channel,
+    small_disk: Path | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if small_disk is None:
+        pytest.skip("needs a tmpfs mount (root) to fill a disk")
+    good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    caplog.set_level("INFO", logger="edgefleet.agent.reconcile")
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(small_disk / "device", channel, host)
+        fill_disk(small_disk)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
+        failed_at = reconciler.statuses["linear"].updated_at.ToNanoseconds()
+        reconciler.retry_pending()  # The disk is as full as at the failure: no attempt.
+        status_while_full = reconciler.statuses["linear"]
+        (small_disk / "filler").unlink()
+        reconciler.retry_pending()
+
+        assert status_while_full.state == MODEL_STATE_FAILED
+        assert "disk full" in status_while_full.error
+        assert status_while_full.updated_at.ToNanoseconds() == failed_at
+        assert caplog.text.count("retrying the download of model=linear") == 1
+        assert reconciler.statuses["linear"].state == MODEL_STATE_SERVING
+        assert reconciler.retry_later == set()
+        assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
