@@ -256,7 +256,9 @@ def progress_bar(done: float, total: float, width: int = PROGRESS_WIDTH) -> str:
 
 
 def _wave_progress(wave: dict[str, Any], min_samples: int) -> tuple[str, str]:
-    measured = [d for d in wave["devices"] if d["variant_id"] and not d["late"]]
+    # The gates skip a device that got a variant and was then removed from the fleet (devices remove
+    # --force) before it reported min_samples, so the wave no longer waits for its samples.
+    measured = [d for d in wave["devices"] if d["variant_id"] and not d["late"] and d["verdict"] != "skipped"]
     if wave["decision"] != "waiting":
         devices = "1 device" if len(measured) == 1 else f"{len(measured)} devices"
         return progress_bar(1, 1), devices

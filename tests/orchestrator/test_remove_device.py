@@ -547,6 +547,44 @@ def test_remove_force_during_rollout(orchestrator: OrchestratorThread) -> None:
     assert [d.device_id for d in moved.waves[1].devices] == [later]
 
 
+def test_remove_force_lowers_sample_bar(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    """A wave that still waits counts only the samples of the devices that remain in `rollout status`."""
+    for i in range(2):
+        register(orchestrator.agent, f"cam-{i}", labels={"kind": "camera"})
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    request = operator_pb2.CreateRolloutRequest(
+        model_name=MODEL,
+        model_version="1",
+        target_labels={"kind": "camera"},
+        wave_percents=[100],
+        budget_ms=50.0,
+        max_error_rate_pct=1.0,
+        min_samples=40,
+    )
+    rollout_id = orchestrator.operator.CreateRollout(request, timeout=30).rollout_id
+
+    def wave_devices() -> dict[str, operator_pb2.WaveDevice]:
+        rollout = orchestrator.operator.GetRollout(operator_pb2.GetRolloutRequest(rollout_id=rollout_id), timeout=30)
+        return {d.device_id: d for d in rollout.waves[0].devices} if rollout.waves else {}
+
+    remaining, removed = wait_until(lambda: len(wave_devices()) == 2 and sorted(wave_devices()), "wave 1 to start")
+    upload_window(orchestrator, remaining, wave_devices()[remaining].variant_id)
+    wait_until(lambda: wave_devices()[remaining].samples == 30, "the wave to count the uploaded samples")
+    before = run_cli(capsys, orchestrator, "rollout", "status", rollout_id)
+
+    remove(orchestrator, removed, force=True)
+    wait_until(lambda: wave_devices()[removed].verdict == "skipped", "the wave to skip the removed device")
+    after = run_cli(capsys, orchestrator, "rollout", "status", rollout_id)
+    rollout = orchestrator.operator.GetRollout(operator_pb2.GetRolloutRequest(rollout_id=rollout_id), timeout=30)
+
+    assert before[0] == 0
+    assert "30/80 samples" in before[1]
+    assert after[0] == 0
+    assert "30/40 samples" in after[1], after[1]
+    assert f"waiting for 40 samples per device ({remaining} 30)" in after[1]
+    assert rollout.waves[0].decision == operator_pb2.WAVE_DECISION_WAITING
+
+
 def test_rollout_of_removed_devices_ends_aborted(orchestrator: OrchestratorThread) -> None:
     """A rollout whose devices were all removed with --force does not end as succeeded: no device runs the version."""
     rollout, canary, later = start_rollout(orchestrator)
