@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -225,3 +226,53 @@ def test_kubernetes_readiness_follows_database() -> None:
     assert readiness[-2] == "--service"
     assert readiness[-1] in SERVICE_NAMES
     assert "--service" not in liveness
+
+
+def health_check_hosts() -> set[str]:
+    """Return the hosts that the image's HEALTHCHECK and the Kubernetes probes pass to --orchestrator."""
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    match = re.search(r"HEALTHCHECK .* CMD (\[.+\])$", dockerfile, flags=re.MULTILINE)
+    assert match is not None, "the Dockerfile has no HEALTHCHECK in exec form"
+    healthcheck = json.loads(match.group(1))
+    container = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    commands = [healthcheck, *(container[probe]["exec"]["command"] for probe in ("readinessProbe", "livenessProbe"))]
+    return {command[command.index("--orchestrator") + 1].rpartition(":")[0] for command in commands}
+
+
+def pki_init_hosts(text: str) -> list[list[str]]:
+    """Return the --host values of each `edgefleet pki init` command in text."""
+    recipes = []
+    for match in re.finditer(r"edgefleet pki init ([^`\n]+)", text):
+        words = shlex.split(match.group(1))
+        hosts = []
+        for option, value in zip(words[::2], words[1::2], strict=False):
+            if option == "--host":
+                hosts.append(value)
+            elif option != "--dir":
+                break
+        recipes.append(hosts)
+    return recipes
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["container/Dockerfile", "compose/compose.yaml", "kubernetes/secret.yaml"],
+)
+def test_pki_recipe_names_health_check_host(path: str, tmp_path: Path) -> None:
+    """The server certificate from a deploy file's `pki init` command must name the host that the health
+    checks dial. Otherwise the CLI rejects the TLS handshake, and every health check and probe fails."""
+    from cryptography import x509
+
+    from edgefleet.cli.main import main
+
+    recipes = pki_init_hosts((DEPLOY / path).read_text())
+    assert recipes, f"{path} shows no `edgefleet pki init` command"
+    for number, hosts in enumerate(recipes):
+        directory = tmp_path / str(number)
+        assert main(["pki", "init", "--dir", str(directory), *(f"--host={host}" for host in hosts)]) == 0
+        certificate = x509.load_pem_x509_certificate((directory / "server.pem").read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        addresses = [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+        named = {*names.get_values_for_type(x509.DNSName), *addresses}
+        missing = health_check_hosts() - named
+        assert not missing, f"{path}: `pki init {' '.join(hosts)}` writes a certificate without {sorted(missing)}"
