@@ -276,3 +276,16 @@ def test_pki_recipe_names_health_check_host(path: str, tmp_path: Path) -> None:
         named = {*names.get_values_for_type(x509.DNSName), *addresses}
         missing = health_check_hosts() - named
         assert not missing, f"{path}: `pki init {' '.join(hosts)}` writes a certificate without {sorted(missing)}"
+
+
+def test_config_example_serves_scraped_metrics_port() -> None:
+    """The systemd path (deploy/config) must serve /metrics on the port that deploy/prometheus scrapes."""
+    from edgefleet.common.config import load_config
+    from edgefleet.orchestrator.config import OrchestratorConfig, parse_listen_address
+
+    orchestrator = load_config(OrchestratorConfig, file=DEPLOY / "config" / "orchestrator.toml", environ={})
+    config = load_yaml_documents(DEPLOY / "prometheus" / "prometheus.yml")[0]
+    targets = [t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert orchestrator.metrics_listen, "orchestrator.toml does not set metrics_listen, so nothing serves /metrics"
+    port = parse_listen_address(orchestrator.metrics_listen, "metrics_listen", allow_empty_host=True).port
+    assert {int(target.rpartition(":")[2]) for target in targets} == {port}
