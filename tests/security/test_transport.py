@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from edgefleet.common.tls import channel_credentials
 from tests.security.helpers import Pki, SecureOrchestrator, make_pki
 from tests.servers import STEP_TIMEOUT_S, register_request
 
@@ -74,6 +75,29 @@ def test_mtls_operator_port_refuses_agents(start_secure: StartSecure) -> None:
         agent_pb2_grpc.AgentServiceStub(channel).Register(register_request("cam-1"), timeout=STEP_TIMEOUT_S)
 
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_mtls_operator_port_names_agent_port(start_secure: StartSecure) -> None:
+    """An agent with a device certificate that dials the operator port learns which port to dial.
+
+    The operator port requests no client certificate, so the agent's certificate never arrives there.
+    """
+    orchestrator = start_secure()
+    cert, key = orchestrator.pki.device("cam-1")
+    credentials = channel_credentials(orchestrator.pki.ca, cert, key)
+    request = register_request("cam-1")
+    request.enrollment_token = orchestrator.enrollment_token("cam-1")
+    from edgefleet.v1 import agent_pb2_grpc
+
+    channel = grpc.secure_channel(orchestrator.operator_address, credentials)
+    with channel, pytest.raises(grpc.RpcError) as raised:
+        agent_pb2_grpc.AgentServiceStub(channel).Register(request, timeout=STEP_TIMEOUT_S)
+
+    details = raised.value.details() or ""
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "operator port" in details
+    assert "--listen" in details
+    assert "EDGEFLEET_ORCHESTRATOR" in details
 
 
 def test_mtls_missing_files_fail_start(tmp_path: Path) -> None:

@@ -183,8 +183,13 @@ class Security:
             return DeviceIdentity(device_id=claimed_device_id, fingerprint="")
         pems = auth_context.get("x509_pem_cert") or []
         if not pems:
+            # The agent port's handshake requires a client certificate, so a call without one came in on
+            # the operator port. That port requests none, so an agent that dials it gets here even with --cert.
             raise unauthenticated(
-                "a device certificate is required on this port; start the agent with --ca-cert, --cert and --key"
+                "agent calls need the agent port (the orchestrator's --listen, default 50051) and a device "
+                "certificate, but this call came in on the operator port without one; point the agent's "
+                "--orchestrator (or EDGEFLEET_ORCHESTRATOR, which the CLI also reads) at the agent port and "
+                "start it with --ca-cert, --cert and --key"
             )
         try:
             certificate = load_certificate(pems[0])
