@@ -96,23 +96,41 @@ def inspect_tflite(content: bytes, source: str) -> ModelMetadata:
     )
 
 
+class MetadataReadError(ValueError):
+    """Metadata of a TFLite file that cannot be read, with the reason as the message."""
+
+
 def min_runtime_version(content: bytes, source: str) -> str:
     """Return the min_runtime_version entry of a TFLite flatbuffer's metadata ("2.3.0"), or "" without one.
 
+    Returns "" as well, with a warning naming source, when the entry cannot be read (see
+    read_min_runtime_version).
+    """
+    try:
+        return read_min_runtime_version(content, source)
+    except MetadataReadError as error:
+        logger.warning("cannot read min_runtime_version of %s: %s", source, error)
+        return ""
+
+
+def read_min_runtime_version(content: bytes, source: str) -> str:
+    """Return the min_runtime_version entry of a TFLite flatbuffer's metadata ("2.3.0"), or "" without one.
+
     The TFLite converter stores it as a NUL-padded ASCII string in the buffer that the entry names.
-    Reading it needs the schema bindings that ship with ai-edge-litert; without them it returns "".
+    Reading it needs the schema bindings that ship with ai-edge-litert. Raises MetadataReadError
+    without them, and for a flatbuffer that cannot be parsed or an entry that names a missing buffer.
     """
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:
-        logger.warning("cannot read min_runtime_version of %s: ai-edge-litert's schema bindings are missing", source)
-        return ""
+        raise MetadataReadError("ai-edge-litert's schema bindings are missing") from None
     try:
         return _read_min_runtime_version(schema.Model.GetRootAs(content, 0), content, source)
+    except MetadataReadError:
+        raise
     except (struct.error, IndexError, ValueError) as error:
-        # LiteRT verified the flatbuffer before this runs, so this marks a bug in the reading.
-        logger.warning("cannot read min_runtime_version of %s: %s", source, error)
-        return ""
+        # An upload runs this after LiteRT verified the flatbuffer, so there the error marks a bug in the reading.
+        raise MetadataReadError(str(error) or type(error).__name__) from error
 
 
 def _read_min_runtime_version(model: Any, content: bytes, source: str) -> str:
@@ -121,8 +139,7 @@ def _read_min_runtime_version(model: Any, content: bytes, source: str) -> str:
         if entry is None or entry.Name() != b"min_runtime_version":
             continue
         if not 0 <= entry.Buffer() < model.BuffersLength():
-            logger.warning("%s: min_runtime_version names buffer %d, which does not exist", source, entry.Buffer())
-            return ""
+            raise MetadataReadError(f"min_runtime_version names buffer {entry.Buffer()}, which does not exist")
         buffer = model.Buffers(entry.Buffer())
         data = bytes(buffer.DataAsNumpy()) if buffer.DataLength() else b""
         if not data and buffer.Offset() > 1:  # Models over 2 GiB keep buffers after the flatbuffer.

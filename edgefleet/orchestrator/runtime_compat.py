@@ -201,8 +201,8 @@ def _check_onnxruntime(runtime: RuntimeInfo, variant: Variant) -> RuntimeCheck:
 def _check_litert(runtime: RuntimeInfo, variant: Variant) -> RuntimeCheck:
     required_text = variant.metadata.min_runtime_version
     if not required_text:
-        # NOTE: variants stored before min_runtime_version was read at upload also have "" here, so
-        # their requirement goes unchecked until the file is added again.
+        # NOTE: a variant stored before min_runtime_version was read at upload also has "" here when
+        # the start-up backfill could not read its artifact, so its requirement goes unchecked.
         return RuntimeCheck(loads=True)
     required = parse_release(required_text)
     if required is None:

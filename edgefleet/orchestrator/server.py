@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edgefleet.common.systemd import Notifier
 from edgefleet.orchestrator.artifacts import FileArtifactStore
+from edgefleet.orchestrator.backfill import fill_min_runtime_versions
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.fleet import FleetHub
 from edgefleet.orchestrator.jobs.runner import start_jobs
@@ -278,6 +279,8 @@ async def _start_serving(
         if device.connected:
             await asyncio.to_thread(store.set_connected, device.device_id, False, device.registered_at)
     artifacts = FileArtifactStore(config.data_dir / "artifacts")
+    # Before serving, so that selection checks the LiteRT version of variants stored by earlier releases.
+    await asyncio.to_thread(fill_min_runtime_versions, store, artifacts)
     hub = FleetHub(
         store,
         stale_after_s=config.stale_after_s,

@@ -7,14 +7,17 @@ TFLite file whose min_runtime_version entry is rewritten.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import flatbuffers  # type: ignore[import-untyped]
 import grpc
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from ai_edge_litert import schema_py_generated as tflite_schema
 
+from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.modelinfo_tflite import min_runtime_version
 from edgefleet.orchestrator.runtime_compat import (
     ONNXRUNTIME_MAX_OPSET,
@@ -22,6 +25,8 @@ from edgefleet.orchestrator.runtime_compat import (
     onnxruntime_max_opset,
     parse_release,
 )
+from edgefleet.orchestrator.store.engine import create_store_engine
+from edgefleet.orchestrator.store.tables import variants
 from edgefleet.v1 import common_pb2, operator_pb2
 from tests.agent.models import tflite_linear
 from tests.servers import (
@@ -77,6 +82,20 @@ def explain(
 
 def reasons(response: operator_pb2.ExplainSelectionResponse) -> dict[str, str]:
     return {c.variant.variant_id: c.reason for c in response.candidates}
+
+
+def drop_min_runtime_versions(db_url: str) -> None:
+    """Remove the min_runtime_version entry from the stored TFLite variants, as earlier releases stored them."""
+    engine = create_store_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            query = sa.select(variants.c.variant_id, variants.c.metadata).where(variants.c.format == "tflite")
+            for variant_id, metadata in connection.execute(query).all():
+                older = {key: value for key, value in metadata.items() if key != "min_runtime_version"}
+                update = sa.update(variants).where(variants.c.variant_id == variant_id).values(metadata=older)
+                connection.execute(update)
+    finally:
+        engine.dispose()
 
 
 def deploy_error(orchestrator: OrchestratorThread, device_id: str, variant_id: str = "") -> grpc.RpcError:
@@ -312,3 +331,41 @@ def test_litert_requirement_not_comparable(
 
     assert response.chosen_variant_id == "linear:1:tflite-fp32"
     assert f"min_runtime_version {required} was not checked" in reasons(response)["linear:1:tflite-fp32"]
+
+
+def test_startup_fills_min_runtime_version(
+    db_url: str, start_orchestrator: Callable[..., OrchestratorThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TFLite variants stored without min_runtime_version get it from their artifact at the next start."""
+    first = start_orchestrator(db_url)
+    upload(first, linear_onnx(opset=13), "linear", "1")
+    files = {
+        kind: with_min_runtime_version(tflite_linear().read_bytes(), version)
+        for kind, version in [("tflite-fp32", "2.10.0"), ("tflite-fp16", "2.11.0"), ("tflite-int8", "2.12.0")]
+    }
+    for kind, content in files.items():
+        upload(first, content, "linear", "1", variant_kind=kind, filename=f"{kind}.tflite")
+    artifacts = FileArtifactStore(first.config.data_dir / "artifacts")
+    digests = {kind: first.state.store.get_variant(f"linear:1:{kind}").digest for kind in files}
+    first.stop()
+    drop_min_runtime_versions(db_url)
+    artifacts.path_of(digests["tflite-fp16"]).write_bytes(b"not the uploaded file")
+    artifacts.delete(digests["tflite-int8"])
+
+    with caplog.at_level(logging.WARNING, logger="edgefleet.orchestrator.backfill"):
+        second = start_orchestrator(db_url)
+    store = second.state.store
+    old = device_with(second, "old-tflite-runtime", litert("2.5.0", package="tflite-runtime"))
+
+    assert store.get_variant("linear:1:tflite-fp32").metadata.min_runtime_version == "2.10.0"
+    assert store.get_variant("linear:1:tflite-fp16").metadata.min_runtime_version == ""
+    assert store.get_variant("linear:1:tflite-int8").metadata.min_runtime_version == ""
+    left = [v.variant_id for v in store.list_tflite_variants_without_min_runtime_version()]
+    assert left == ["linear:1:tflite-fp16", "linear:1:tflite-int8"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edgefleet.orchestrator.backfill"]
+    assert len(warnings) == 2, warnings
+    assert "variant linear:1:tflite-fp16" in warnings[0]
+    assert "does not match the digest" in warnings[0]
+    assert "variant linear:1:tflite-int8" in warnings[1]
+    assert "artifact is missing" in warnings[1]
+    assert reasons(explain(second, old))["linear:1:tflite-fp32"].startswith("runtime version too old")

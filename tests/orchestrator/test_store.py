@@ -374,6 +374,11 @@ def test_migration_keeps_windows_of_removed(empty_db_url: str) -> None:
     assert removed.instance_key_hash == KEY_A
 
 
+def test_set_min_runtime_version_unknown(store: Store) -> None:
+    with pytest.raises(NotFoundError, match="variant 'nope' not found"):
+        store.set_min_runtime_version("nope", "2.3.0")
+
+
 def test_open_store_twice(db_url: str) -> None:
     first = open_store(db_url)
     _register(first)

@@ -193,6 +193,18 @@ class Store(abc.ABC):
     def list_variants(self, model_name: str, model_version: str | None = None) -> list[Variant]: ...
 
     @abc.abstractmethod
+    def list_tflite_variants_without_min_runtime_version(self) -> list[Variant]:
+        """Return the TFLite variants whose stored metadata has no min_runtime_version entry, oldest first.
+
+        Orchestrators before the release that read min_runtime_version stored TFLite variants without the
+        entry. Since then every TFLite variant has it, "" for a file without one.
+        """
+
+    @abc.abstractmethod
+    def set_min_runtime_version(self, variant_id: str, version: str) -> None:
+        """Store version as the min_runtime_version of a variant's metadata; raise NotFoundError."""
+
+    @abc.abstractmethod
     def delete_model(self, name: str, version: str, variant_id: str = "") -> DeletedModel:
         """Delete one variant of a model version, or the version with all its variants when variant_id is empty.
 

@@ -364,6 +364,30 @@ class SqlStore(SqlTransactions, Store):
         with self._read() as connection:
             return [rows.variant_from_row(row) for row in connection.execute(query)]
 
+    def list_tflite_variants_without_min_runtime_version(self) -> list[Variant]:
+        # The JSON column is filtered here, not in SQL, because SQLite and PostgreSQL test for a missing
+        # key differently. The orchestrator calls this once at start-up, so reading every TFLite row is cheap.
+        query = (
+            sa.select(variants)
+            .where(variants.c.format == "tflite")
+            .order_by(variants.c.created_at, variants.c.variant_id)
+        )
+        with self._read() as connection:
+            return [
+                rows.variant_from_row(row)
+                for row in connection.execute(query)
+                if "min_runtime_version" not in row.metadata
+            ]
+
+    def set_min_runtime_version(self, variant_id: str, version: str) -> None:
+        with self._write() as connection:
+            query = sa.select(variants.c.metadata).where(variants.c.variant_id == variant_id).with_for_update()
+            stored = connection.execute(query).scalar()
+            if stored is None:
+                raise NotFoundError(f"variant {variant_id!r} not found")
+            metadata = {**stored, "min_runtime_version": version}
+            connection.execute(sa.update(variants).where(variants.c.variant_id == variant_id).values(metadata=metadata))
+
     def delete_model(self, name: str, version: str, variant_id: str = "") -> DeletedModel:
         with self._write() as connection:
             # The lock makes concurrent deletions of one version on PostgreSQL wait for each other.
