@@ -26,7 +26,8 @@ def candidate_view(candidate: operator_pb2.Candidate) -> dict[str, Any]:
         "precision": variant["precision"],
         "accuracy": variant["accuracy"],
         "accuracy_metric": variant["accuracy_metric"],
-        # What the selection ranks by, which for the source is 1.0 when the others measure agreement with it.
+        "accuracy_drop": variant["accuracy_drop"],
+        # What the selection ranks by: 1 - drop / 100, with the drop in points against the source.
         "ranked_accuracy": candidate.ranked_accuracy if candidate.ranked_accuracy >= 0 else None,
         "predicted_p50_ms": _number(candidate.predicted_p50_ms),
         "predicted_p95_ms": _number(candidate.predicted_p95_ms),
@@ -66,15 +67,17 @@ def render_explain(data: dict[str, Any]) -> str:
     # The variant column is as wide as the longest id, so long ids keep the columns aligned.
     width = max([len("VARIANT"), *(len(c["variant_id"]) for c in data["candidates"])])
     header = (
-        f"  {'':1} {'VARIANT':{width}} {'FORMAT':6} {'PREC':4} {'ACCURACY':>8} {'P50 MS':>8} {'P95 MS':>8} "
+        f"  {'':1} {'VARIANT':{width}} {'FORMAT':6} {'PREC':4} {'DROP PT':>8} {'P50 MS':>8} {'P95 MS':>8} "
         f"{'MEMORY':>10} {'THR':>3} BASIS"
     )
     lines += ["", header]
     for c in data["candidates"]:
         memory = human_bytes(c["predicted_memory_bytes"]) if c["predicted_memory_bytes"] else "-"
+        ranked = c["ranked_accuracy"]
+        drop = None if ranked is None else (1.0 - ranked) * 100.0
         lines.append(
             f"  {'*' if c['chosen'] else ' ':1} {c['variant_id']:{width}} {c['format']:6} {c['precision']:4} "
-            f"{_cell(c['ranked_accuracy'], 4):>8} {_cell(c['predicted_p50_ms']):>8} {_cell(c['predicted_p95_ms']):>8} "
+            f"{_cell(drop):>8} {_cell(c['predicted_p50_ms']):>8} {_cell(c['predicted_p95_ms']):>8} "
             f"{memory:>10} {c['threads'] or '-':>3} {c['basis'] or '-'}"
         )
         lines.append(f"      {c['reason']}")

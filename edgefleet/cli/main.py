@@ -601,13 +601,14 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
             human_bytes(v["size_bytes"]),
             views.human_count(v["macs"]),
             "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
+            "-" if v["accuracy_drop"] is None else f"{v['accuracy_drop']:.2f}",
             " ".join(f"{k}:{val:.3g}ms" for k, val in sorted(v["latency_ms"].items())) or "-",
             v["rejection_reason"],
         )
         for v in variants
     ]
     return views.table(
-        ("VARIANT", "FORMAT", "PRECISION", "STATUS", "SIZE", "MACS", "ACCURACY", "LATENCY P50", "REASON"),
+        ("VARIANT", "FORMAT", "PRECISION", "STATUS", "SIZE", "MACS", "ACCURACY", "DROP PT", "LATENCY P50", "REASON"),
         rows,
     )
 

@@ -133,6 +133,7 @@ def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
         "min_runtime_version": metadata.min_runtime_version,
         "accuracy": _number(variant.accuracy),
         "accuracy_metric": variant.accuracy_metric,
+        "accuracy_drop": _number(variant.accuracy_drop),
         "latency_ms": dict(variant.latency_ms),
         "parent_variant_id": variant.parent_variant_id,
     }

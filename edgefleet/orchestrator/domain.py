@@ -60,6 +60,8 @@ class Variant:
     rejection_reason: str = ""
     accuracy: float | None = None
     accuracy_metric: str = ""
+    # Points lost against the source on the evaluation data of the variant's own gate; 0 for a source.
+    accuracy_drop: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50 by "threads=N".
     parent_variant_id: str = ""
     created_at: datetime | None = None

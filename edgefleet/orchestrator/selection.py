@@ -95,21 +95,40 @@ def stored_digests(reported: Iterable[ModelStatus]) -> frozenset[str]:
     return frozenset(status.digest for status in reported if status.state in STORED_STATES and status.digest)
 
 
-def accuracy_rank(variant: Variant, variants: Sequence[Variant]) -> float:
-    """Return the accuracy a variant ranks by; -1 when it was not measured.
+def accuracy_drop(variant: Variant, variants: Sequence[Variant]) -> float | None:
+    """Return the points of accuracy a variant lost against its source, or None when it was not measured.
 
-    A source variant without a measured accuracy ranks as 1.0 when the other variants measure
-    top-1 agreement with the source, because the source agrees with itself on every sample.
+    A source loses nothing. Any other variant has the drop its own gate measured, against the source
+    on the same samples, so variants gated on different data still compare fairly. Variants stored
+    before the drop was kept fall back on their accuracy: top-1 agreement gives the drop exactly, and
+    a top-1 accuracy against labels is compared with the source's latest top-1.
     """
-    if variant.accuracy is not None and not math.isnan(variant.accuracy):
-        return variant.accuracy
-    if variant.kind == "source" and any(v.accuracy_metric == "top1_agreement" for v in variants):
-        return 1.0
-    return -1.0
+    if variant.kind == "source":
+        return 0.0
+    if variant.accuracy_drop is not None and not math.isnan(variant.accuracy_drop):
+        return variant.accuracy_drop
+    if variant.accuracy is None or math.isnan(variant.accuracy):
+        return None
+    if variant.accuracy_metric == "top1_agreement":
+        return (1.0 - variant.accuracy) * 100.0
+    source = next((v for v in variants if v.kind == "source"), None)
+    if source is None or source.accuracy is None or math.isnan(source.accuracy):
+        return None
+    if variant.accuracy_metric == "top1" and source.accuracy_metric == "top1":
+        return (source.accuracy - variant.accuracy) * 100.0
+    return None
 
 
-def _describe_accuracy(value: float) -> str:
-    return "unmeasured" if value < 0 else f"{value:.4f}"
+def accuracy_rank(variant: Variant, variants: Sequence[Variant]) -> float:
+    """Return the accuracy a variant ranks by, relative to its source (1 - drop / 100); -1 when unmeasured."""
+    drop = accuracy_drop(variant, variants)
+    return -1.0 if drop is None else 1.0 - drop / 100.0
+
+
+def _describe_accuracy(rank: float) -> str:
+    if rank < 0:
+        return "accuracy unmeasured"
+    return f"accuracy drop {(1.0 - rank) * 100.0:.2f} points"
 
 
 def _excluded(variant: Variant, reason: str, prediction: Prediction | None = None) -> Candidate:
@@ -194,12 +213,12 @@ def select_for_hardware(
     for rank, (variant, prediction, accuracy) in enumerate(qualified):
         if rank == 0:
             within = f"p95 {prediction.p95_ms:.2f} ms within {budget_ms:g} ms" if budget_ms else "no latency budget"
-            reason = f"{CHOSEN}: most accurate runnable variant (accuracy {_describe_accuracy(accuracy)}, {within})"
+            reason = f"{CHOSEN}: most accurate runnable variant ({_describe_accuracy(accuracy)}, {within})"
         else:
             assert chosen is not None
             best = chosen[2]
             if accuracy < best:
-                reason = f"{LESS_ACCURATE}: accuracy {_describe_accuracy(accuracy)} < {_describe_accuracy(best)}"
+                reason = f"{LESS_ACCURATE}: {_describe_accuracy(accuracy)}, against {(1.0 - best) * 100.0:.2f}"
             else:
                 reason = f"{SLOWER}: predicted p95 {prediction.p95_ms:.2f} ms >= {chosen[1].p95_ms:.2f} ms"
         if variant.variant_id in notes:

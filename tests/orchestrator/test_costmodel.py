@@ -452,7 +452,7 @@ def test_explain_grpc(orchestrator: OrchestratorThread) -> None:
 
 
 def test_explain_ranked_accuracy(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    """The source ranks as 1.0 against an int8 variant measured as agreement with it, matching its reason line."""
+    """The source ranks as 1.0 (no drop) against an int8 variant measured as agreement with it, as the table shows."""
     device_id, _ = onnx_only_device(orchestrator)
     upload(orchestrator, linear_onnx(seed=0), "linear", "1")
     source = orchestrator.state.store.get_variant("linear:1:source")
@@ -464,6 +464,7 @@ def test_explain_ranked_accuracy(orchestrator: OrchestratorThread, capsys: pytes
             precision="int8",
             accuracy=0.95,
             accuracy_metric="top1_agreement",
+            accuracy_drop=5.0,
         )
     )
     capsys.readouterr()
@@ -477,7 +478,9 @@ def test_explain_ranked_accuracy(orchestrator: OrchestratorThread, capsys: pytes
     assert ranked == {"linear:1:source": 1.0, "linear:1:int8": pytest.approx(0.95)}
     assert code == 0
     source_row = next(line for line in table.splitlines() if "linear:1:source " in line and " onnx " in line)
-    assert " 1.0000 " in source_row
+    int8_row = next(line for line in table.splitlines() if "linear:1:int8 " in line)
+    assert " 0.00 " in source_row
+    assert " 5.00 " in int8_row
 
 
 def test_explain_budget_excludes(orchestrator: OrchestratorThread) -> None:

@@ -635,7 +635,8 @@ def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads
     assert distilled.accuracy < 1.0
     ranked = {c.variant.variant_id: c.ranked_accuracy for c in explained.candidates}
     assert ranked["tiny:1:source"] == 1.0
-    assert ranked["tiny:1:distilled"] == distilled.accuracy
+    assert distilled.accuracy_drop == pytest.approx((1.0 - distilled.accuracy) * 100.0)
+    assert ranked["tiny:1:distilled"] == pytest.approx(distilled.accuracy)
     assert explained.chosen_variant_id == "tiny:1:source"
 
 

@@ -14,6 +14,7 @@ from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.costmodel.predictor import AnalyticPredictor, Prediction
 from edgefleet.orchestrator.domain import Device, Variant
 from edgefleet.orchestrator.selection import (
+    CHOSEN,
     GATE_PENDING,
     GATE_REJECTED,
     LESS_ACCURATE,
@@ -23,6 +24,8 @@ from edgefleet.orchestrator.selection import (
     OVER_MEMORY,
     RUNTIME_TOO_OLD,
     SLOWER,
+    accuracy_drop,
+    accuracy_rank,
     select_for_fleet,
     select_variant,
 )
@@ -106,7 +109,7 @@ def variant(variant_id: str, accuracy: float | None, fmt: str = "onnx", **change
         variant_id=variant_id,
         model_name="effnet",
         model_version="1",
-        kind="int8" if precision == "int8" else "source",
+        kind="int8" if precision == "int8" else "pruned",
         format=fmt,
         precision=precision,
         digest="sha256:" + "1" * 64,
@@ -114,6 +117,8 @@ def variant(variant_id: str, accuracy: float | None, fmt: str = "onnx", **change
         metadata=metadata,
         accuracy=accuracy,
         accuracy_metric="top1",
+        # As if the gate measured a source at 1.0 on the same samples.
+        accuracy_drop=None if accuracy is None else (1.0 - accuracy) * 100.0,
     )
     return dataclasses.replace(base, **changes)
 
@@ -318,3 +323,58 @@ def test_fleet_splits_class_by_disk_free() -> None:
 
 def replace_opset(opset: int) -> ModelMetadata:
     return dataclasses.replace(variant("any", None).metadata, opset=opset)
+
+
+def test_select_ranks_by_drop_on_own_gate_data() -> None:
+    # The int8 variant has the higher top-1, but on other data than the source's latest figure: its
+    # own gate measured it 1 point below the source, so the source wins.
+    variants = [
+        variant("source", 0.90, kind="source", accuracy_drop=0.0),
+        variant("int8", 0.94, precision="int8", accuracy_drop=1.0),
+        variant("pruned", 0.895, accuracy_drop=0.5),
+    ]
+    predictor = TablePredictor({"source": 9.0, "int8": 3.0, "pruned": 5.0})
+
+    selection = select_variant(device(), variants, budget_ms=None, predictor=predictor)
+
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "source"
+    assert reasons(selection)["source"].startswith(
+        f"{CHOSEN}: most accurate runnable variant (accuracy drop 0.00 points"
+    )
+    assert reasons(selection)["int8"] == f"{LESS_ACCURATE}: accuracy drop 1.00 points, against 0.00"
+    assert reasons(selection)["pruned"] == f"{LESS_ACCURATE}: accuracy drop 0.50 points, against 0.00"
+
+
+def test_select_variant_that_beat_its_source() -> None:
+    variants = [
+        variant("source", 0.90, kind="source", accuracy_drop=0.0),
+        variant("distilled", 0.88, kind="distilled", accuracy_drop=-0.5),
+    ]
+    predictor = TablePredictor({"source": 9.0, "distilled": 3.0})
+
+    selection = select_variant(device(), variants, budget_ms=None, predictor=predictor)
+
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "distilled"
+
+
+@pytest.mark.parametrize(
+    ("metric", "accuracy", "expected_drop"),
+    [("top1_agreement", 0.97, 3.0), ("top1", 0.85, 5.0), ("top1", 0.92, -2.0)],
+)
+def test_accuracy_drop_of_variants_stored_without_one(metric: str, accuracy: float, expected_drop: float) -> None:
+    # Variants gated before the drop was stored: agreement gives it exactly, top-1 is compared with the source's.
+    source = variant("source", 0.90, kind="source", accuracy_drop=None)
+    old = variant("int8", accuracy, precision="int8", accuracy_metric=metric, accuracy_drop=None)
+
+    assert accuracy_drop(source, [source, old]) == 0.0
+    assert accuracy_drop(old, [source, old]) == pytest.approx(expected_drop)
+
+
+def test_accuracy_drop_unknown_without_source_top1() -> None:
+    source = variant("source", None, kind="source", accuracy_metric="", accuracy_drop=None)
+    old = variant("int8", 0.85, precision="int8", accuracy_drop=None)
+
+    assert accuracy_drop(old, [source, old]) is None
+    assert accuracy_rank(old, [source, old]) == -1.0

@@ -374,6 +374,35 @@ def test_migration_keeps_windows_of_removed(empty_db_url: str) -> None:
     assert removed.instance_key_hash == KEY_A
 
 
+def test_migration_fills_accuracy_drop(empty_db_url: str) -> None:
+    """Variants stored before the drop was kept get it where their figure allows: sources and agreement."""
+    store = open_store(empty_db_url)
+    try:
+        store.add_model_version(_model(), _variant())
+        store.add_variant(_variant("effnet-1-int8", kind="int8", accuracy=0.97, accuracy_metric="top1_agreement"))
+        store.add_variant(_variant("effnet-1-pruned", kind="pruned", accuracy=0.91, accuracy_metric="top1"))
+    finally:
+        store.close()
+    engine = create_store_engine(empty_db_url)
+    config = alembic_config()
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "20261205_removed_generation")
+    finally:
+        engine.dispose()
+
+    store = open_store(empty_db_url)
+    try:
+        drops = {v: store.get_variant(v).accuracy_drop for v in ("effnet-1-source", "effnet-1-int8", "effnet-1-pruned")}
+    finally:
+        store.close()
+
+    assert drops["effnet-1-source"] == 0.0
+    assert drops["effnet-1-int8"] == pytest.approx(3.0)
+    assert drops["effnet-1-pruned"] is None
+
+
 def test_set_min_runtime_version_unknown(store: Store) -> None:
     with pytest.raises(NotFoundError, match="variant 'nope' not found"):
         store.set_min_runtime_version("nope", "2.3.0")

@@ -176,6 +176,7 @@ async def upload_model(
         metadata=metadata,
         status="pending" if gated else "accepted",
         rejection_reason=pending_reason(header.name, header.version, variant_id) if gated else "",
+        accuracy_drop=None if kind else 0.0,  # The source loses nothing against itself.
         created_at=now,
     )
     return await asyncio.to_thread(_store_upload, header, variant, state, now)

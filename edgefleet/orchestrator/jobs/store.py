@@ -27,7 +27,15 @@ TERMINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 # How many times claim_next retries when another orchestrator took the chosen job first.
 _CLAIM_RETRIES = 5
 # The variants columns that a gate job writes over an uploaded variant that waited for the gate.
-_GATE_COLUMNS = ("status", "rejection_reason", "accuracy", "accuracy_metric", "latency_ms", "parent_variant_id")
+_GATE_COLUMNS = (
+    "status",
+    "rejection_reason",
+    "accuracy",
+    "accuracy_metric",
+    "accuracy_drop",
+    "latency_ms",
+    "parent_variant_id",
+)
 
 
 @dataclass(frozen=True)

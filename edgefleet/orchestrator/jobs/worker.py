@@ -286,6 +286,7 @@ def _gated_result(job: Job, gated: Variant, result: GateResult) -> Variant:
         rejection_reason="" if result.accepted else result.reason,
         accuracy=result.accuracy,
         accuracy_metric=result.accuracy_metric,
+        accuracy_drop=result.accuracy_drop_points,
         latency_ms=dict(result.latency_p50_ms),
         parent_variant_id=job.source_variant_id,
     )

@@ -137,6 +137,7 @@ variants = sa.Table(
     sa.Column("rejection_reason", sa.String, nullable=False),
     sa.Column("accuracy", sa.Float, nullable=True),
     sa.Column("accuracy_metric", sa.String, nullable=False),
+    sa.Column("accuracy_drop", sa.Float, nullable=True),
     sa.Column("latency_ms", sa.JSON, nullable=False),
     # Not a foreign key: "" means no parent, as in the domain record.
     sa.Column("parent_variant_id", sa.String, nullable=False),
