@@ -88,8 +88,8 @@ FATAL_CODES = (
 )
 # A session that lasted this long counts as healthy, so the next reconnect starts from a short delay.
 HEALTHY_SESSION_S = 30.0
-# During an outage that keeps the same error, one warning per this many seconds says the orchestrator is
-# still unreachable; the attempts in between are logged at debug level.
+# During an outage that keeps the same error, the agent warns once per this many seconds that the
+# orchestrator is still unreachable, and logs the attempts in between at debug level.
 OUTAGE_WARNING_INTERVAL_S = 300.0
 # How often a connected agent checks for downloads to retry, and the least wait before a retry.
 RETRY_CHECK_S = 1.0
@@ -562,22 +562,41 @@ class Agent:
         return free
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall, apply_lock: asyncio.Lock) -> None:
-        async for message in call:
-            kind = message.WhichOneof("body")
-            if kind == "desired_state":
-                log.info(
-                    "received desired state generation %d with %d models",
-                    message.desired_state.generation,
-                    len(message.desired_state.models),
-                )
-                async with apply_lock:
-                    await asyncio.to_thread(self.reconciler.apply, message.desired_state)
-            elif kind == "heartbeat_ack":
-                continue
-            elif kind == "run_benchmark":
-                self._run_benchmark(message.command_id, message.run_benchmark)
-            else:
-                log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
+        """Read commands from the orchestrator, applying desired states in order in tasks of their own.
+
+        The loop goes on reading while a desired state is applied, so a newer one can stop a download
+        that it no longer wants (Reconciler.supersede).
+        """
+        applying: set[asyncio.Task[None]] = set()
+        try:
+            async for message in call:
+                kind = message.WhichOneof("body")
+                if kind == "desired_state":
+                    desired = message.desired_state
+                    log.info(
+                        "received desired state generation %d with %d models", desired.generation, len(desired.models)
+                    )
+                    ticket = self.reconciler.supersede(desired)
+                    task = asyncio.create_task(self._apply(desired, ticket, apply_lock))
+                    applying.add(task)
+                    task.add_done_callback(applying.discard)
+                elif kind == "heartbeat_ack":
+                    continue
+                elif kind == "run_benchmark":
+                    self._run_benchmark(message.command_id, message.run_benchmark)
+                else:
+                    log.info("ignoring unsupported command %s (%s)", kind, message.command_id)
+        finally:
+            for task in applying:
+                task.cancel()
+
+    async def _apply(self, desired: agent_pb2.DesiredState, ticket: int, apply_lock: asyncio.Lock) -> None:
+        # asyncio.Lock wakes its waiters in order, so desired states are applied in the order they came.
+        async with apply_lock:
+            try:
+                await asyncio.to_thread(self.reconciler.apply, desired, ticket=ticket)
+            except Exception:
+                log.exception("applying desired state generation %d failed", desired.generation)
 
     async def _retry_loop(self, apply_lock: asyncio.Lock) -> None:
         """Retry, while the control stream stays open, the downloads that failed in a way that may succeed later.

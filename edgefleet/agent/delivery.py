@@ -683,7 +683,10 @@ class _Transfer:
                 failures,
                 delay,
             )
-            self.downloader._sleep(delay)
+            if self.cancel is None:
+                self.downloader._sleep(delay)
+            else:
+                self.cancel.wait(delay)  # A cancel ends the wait early, and the check above raises.
 
     def _stream_once(self) -> None:
         request = agent_pb2.DownloadArtifactRequest(

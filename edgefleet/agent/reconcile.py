@@ -15,7 +15,13 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from edgefleet.agent.delivery import DeliveryError, DiskFullError, Downloader, ModelStore
+from edgefleet.agent.delivery import (
+    DeliveryError,
+    DiskFullError,
+    DownloadCancelledError,
+    Downloader,
+    ModelStore,
+)
 from edgefleet.agent.runtime.base import ModelLoadError
 from edgefleet.agent.runtime.host import ModelHost, ServedModel
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
@@ -75,6 +81,14 @@ class Reconciler:
     _free_at_disk_full: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
+    # How many desired states supersede() has seen, and which of them apply() works on. A higher count
+    # means a newer desired state waits, so applying the older one stops. _guard protects these two, the
+    # download in progress as (model name, digest) and the event that stops it.
+    _received: int = 0
+    _applying: int = 0
+    _downloading: tuple[str, str] | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def reported_state(self) -> agent_pb2.ReportedState:
         """Return the status of each desired model, then the variant that still serves it when that differs.
@@ -170,9 +184,46 @@ class Reconciler:
         )
         self.apply(desired, offline=True)
 
-    def apply(self, desired: agent_pb2.DesiredState, *, offline: bool = False) -> None:
-        """Install, swap or remove models until the host serves exactly the desired ones."""
+    def supersede(self, desired: agent_pb2.DesiredState) -> int:
+        """Record that desired arrived, stop the download in progress if desired no longer wants it.
+
+        Returns the ticket to pass to apply() for desired.
+
+        The agent calls this as soon as a desired state arrives, while an earlier one may still be
+        applied. So a version that a rollback or a new deploy replaced stops downloading, and never
+        serves, instead of finishing its download first.
+        """
+        with self._guard:
+            self._received += 1
+            ticket = self._received
+            if self._downloading is None:
+                return ticket
+            name, digest = self._downloading
+            if any(a.model_name == name and a.digest == digest for a in desired.models):
+                return ticket
+            log.info(
+                "stopping the download of model=%s %s: desired generation %d no longer has it",
+                name,
+                digest,
+                desired.generation,
+            )
+            self._cancel.set()
+            return ticket
+
+    def _superseded(self) -> bool:
+        """Return whether a newer desired state than the one applied last has arrived."""
+        with self._guard:
+            return self._received > self._applying
+
+    def apply(self, desired: agent_pb2.DesiredState, *, offline: bool = False, ticket: int | None = None) -> None:
+        """Install, swap or remove models until the host serves exactly the desired ones.
+
+        ticket is what supersede() returned for desired. When supersede() has seen a newer desired
+        state since, applying stops early and leaves the rest to the newer one.
+        """
         with self._lock:
+            with self._guard:
+                self._applying = self._received if ticket is None else ticket
             if self.verifier is not None and desired.HasField("trusted_keys"):
                 try:
                     self.verifier.update_keys(desired.trusted_keys)
@@ -192,6 +243,9 @@ class Reconciler:
             self.generation = desired.generation
             self._desired = desired
             for assignment in desired.models:
+                if self._superseded():
+                    log.info("left desired generation %d for a newer one", desired.generation)
+                    return
                 self._apply_one(assignment, offline=offline)
             if offline and any(self.host.get(a.model_name) is None for a in desired.models):
                 # A model is missing on disk: claim no generation, so the orchestrator sends the desired
@@ -308,20 +362,34 @@ class Reconciler:
                     )
                     return
             else:
+                with self._guard:
+                    if self._received > self._applying:
+                        return  # A newer desired state arrived: apply() stops at the next model.
+                    self._downloading = (name, assignment.digest)
+                    self._cancel.clear()
                 self._set(assignment, "downloading", bytes_downloaded=0)
-                installed = self.downloader.install(
-                    name,
-                    assignment.digest,
-                    model_format,
-                    expected_size=assignment.size_bytes,
-                    progress=lambda done, total: self._progress(assignment, done, total),
-                )
+                try:
+                    installed = self.downloader.install(
+                        name,
+                        assignment.digest,
+                        model_format,
+                        expected_size=assignment.size_bytes,
+                        progress=lambda done, total: self._progress(assignment, done, total),
+                        cancel=self._cancel,
+                    )
+                finally:
+                    with self._guard:
+                        self._downloading = None
                 self._set(assignment, "verifying", bytes_downloaded=assignment.size_bytes)
             self._set(assignment, "loading")
             threads = self._install_threads(assignment)
             served = self.host.install(
                 name, assignment.model_version, assignment.variant_id, installed.path, model_format, threads
             )
+        except DownloadCancelledError:
+            # The verified part stays on disk. The newer desired state sets this model's status next.
+            log.info("model=%s variant=%s download stopped for a newer desired state", name, assignment.variant_id)
+            return
         except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
             log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)
             if isinstance(error, DeliveryError) and error.retryable:

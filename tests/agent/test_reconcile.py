@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -22,6 +24,7 @@ from edgefleet.orchestrator.download import DownloadError, iter_chunks
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from edgefleet.v1.common_pb2 import MODEL_STATE_FAILED, MODEL_STATE_SERVING
 from tests.agent.models import onnx_failing_reshape, onnx_linear
+from tests.faults.fleet import linear_model
 
 
 class ArtifactServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -328,3 +331,54 @@ def test_disk_full_download_retried_once_space_is_free(
         assert reconciler.statuses["linear"].state == MODEL_STATE_SERVING
         assert reconciler.retry_later == set()
         assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+
+
+class SlowArtifactServicer(ArtifactServicer):
+    """Serves artifacts at one chunk per 50 ms, so a download of a few MiB is still running when a test acts."""
+
+    def DownloadArtifact(
+        self, request: agent_pb2.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.ArtifactChunk]:
+        for chunk in super().DownloadArtifact(request, context):
+            time.sleep(0.05)
+            yield chunk
+
+
+def test_newer_desired_state_stops_download(tmp_path: Path, artifacts: FileArtifactStore) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(SlowArtifactServicer(artifacts), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    big_file = tmp_path / "big.onnx"
+    big_file.write_bytes(linear_model(2, padding_floats=2 * 1024 * 1024))  # About 8 MiB.
+    small = assignment(artifacts, onnx_linear(tmp_path / "small.onnx"), "1")
+    big = assignment(artifacts, big_file, "2")
+    second = agent_pb2.DesiredState(generation=2, models=[big])
+    rollback = agent_pb2.DesiredState(generation=3, models=[small])
+    try:
+        with ModelHost(default_threads=1) as host:
+            reconciler = make_reconciler(tmp_path / "device", channel, host)
+            reconciler.apply(agent_pb2.DesiredState(generation=1, models=[small]))
+            part = reconciler.store.part_path(big.digest)
+            applying = threading.Thread(
+                target=reconciler.apply, args=(second,), kwargs={"ticket": reconciler.supersede(second)}
+            )
+            applying.start()
+            deadline = time.monotonic() + 30
+            while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            reconciler.apply(rollback, ticket=reconciler.supersede(rollback))
+            applying.join(timeout=30)
+
+            assert not applying.is_alive()
+            assert part.exists()
+            assert part.stat().st_size < big.size_bytes
+            assert reconciler.store.find("linear", big.digest) is None
+            assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+            assert reconciler.statuses["linear"].state == MODEL_STATE_SERVING
+            assert reconciler.statuses["linear"].variant_id == small.variant_id
+            assert reconciler.generation == 3
+    finally:
+        channel.close()
+        server.stop(grace=None)

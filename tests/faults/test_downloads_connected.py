@@ -1,4 +1,4 @@
-"""A download that fails while the agent stays connected is tried again without a reconnect."""
+"""Downloads that fail or are replaced while the agent stays connected to the orchestrator."""
 
 from __future__ import annotations
 
@@ -83,3 +83,41 @@ def test_disk_full_download_retried_once_space_is_freed(tmp_path: Path, small_mo
     # The retry came from the open control stream, not from a new registration.
     assert log_text.count("registered as device_id=") == 1
     assert "retrying the download of model=linear" in log_text
+
+
+def test_new_deploy_stops_replaced_download(tmp_path: Path) -> None:
+    orchestrator = OrchestratorProcess(tmp_path)
+    orchestrator.start()
+    proxy = TcpProxy(orchestrator.port)
+    agent = AgentProcess(tmp_path, "camera", proxy.address)
+    agent.start()
+    channel, operator = orchestrator.operator()
+    replaced = linear_model(7, padding_floats=2 * MIB)  # About 8 MiB: 4 s at 2 MiB/s.
+    part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(replaced).hexdigest()}.part"
+    try:
+        device_id = wait_for(agent.device_id, "the agent to register")
+        wait_for(lambda: online_device(operator, device_id), "the device to come online")
+        upload(operator, linear_model(0), "1")
+        deploy(operator, device_id, "1")
+        wait_serving(operator, device_id, "1")
+        upload(operator, replaced, "2")
+        upload(operator, linear_model(8), "3")
+        proxy.throttle(2 * MIB)
+        deploy(operator, device_id, "2")
+        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+        deploy(operator, device_id, "3")
+        wait_serving(operator, device_id, "3")
+        output = InferenceClient(agent.socket_path, MODEL).infer_once()
+        log_text = agent.log_path.read_text()
+    finally:
+        channel.close()
+        agent.stop()
+        proxy.close()
+        orchestrator.stop()
+
+    assert output.model_version == "3"
+    assert "stopping the download of model=linear" in log_text
+    # Version 2 never served: its download stopped when version 3 replaced it.
+    assert "variant=linear:3:source serving" in log_text
+    assert "variant=linear:2:source serving" not in log_text
+    assert part.exists()
