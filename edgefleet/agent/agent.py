@@ -59,9 +59,12 @@ class Keepalive:
 HTTP2_MAX_FRAME_SIZE = 2**24 - 1
 
 
-def channel_options(keepalive: Keepalive) -> list[tuple[str, int]]:
-    """Return the gRPC channel options of the agent's connections to the orchestrator."""
-    return [
+def channel_options(keepalive: Keepalive, max_backoff_s: float | None = None) -> list[tuple[str, int]]:
+    """Return the gRPC channel options of the agent's connections to the orchestrator.
+
+    max_backoff_s caps the wait between gRPC's own connection attempts; None keeps gRPC's default.
+    """
+    options = [
         ("grpc.keepalive_time_ms", round(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", round(keepalive.timeout_s * 1000)),
         # gRPC 1.85 closes a connection whose ping goes unanswered after grpc.http2.ping_timeout_ms,
@@ -75,6 +78,15 @@ def channel_options(keepalive: Keepalive) -> list[tuple[str, int]]:
         # frame instead of sixteen of the 16 KiB default (bench/bench_download.py).
         ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_SIZE),
     ]
+    if max_backoff_s is not None:
+        # After a failed connection attempt, a gRPC channel fails every call at once with the last error
+        # until its own backoff ends: from 1 s, times 1.6 per attempt, up to 120 s (gRPC's
+        # doc/connection-backoff.md). Without this cap an agent reconnected up to two minutes after the
+        # orchestrator came back, whatever --max-backoff-s was set to.
+        cap_ms = max(1, round(max_backoff_s * 1000))
+        options.append(("grpc.initial_reconnect_backoff_ms", min(1000, cap_ms)))
+        options.append(("grpc.max_reconnect_backoff_ms", cap_ms))
+    return options
 
 
 CHANNEL_OPTIONS = channel_options(Keepalive())
@@ -264,7 +276,7 @@ class Agent:
         self.recorder = MetricsRecorder(config.metrics_window_s)
         # Windows wait here, on disk, until the orchestrator acknowledges them, across restarts too.
         self.metric_buffer = MetricBuffer(config.state_dir / "metrics", buffer_limits)
-        self.channel_options = channel_options(keepalive or Keepalive())
+        self.channel_options = channel_options(keepalive or Keepalive(), config.max_backoff_s)
         self.host = ModelHost(default_threads=limits.threads, on_latency=self._on_latency)
         self.store = ModelStore(config.state_dir / "models")
         self._sync_channel = (
