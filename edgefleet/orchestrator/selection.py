@@ -99,9 +99,10 @@ def accuracy_drop(variant: Variant, variants: Sequence[Variant]) -> float | None
     """Return the points of accuracy a variant lost against its source, or None when it was not measured.
 
     A source loses nothing. Any other variant has the drop its own gate measured, against the source
-    on the same samples, so variants gated on different data still compare fairly. Variants stored
-    before the drop was kept fall back on their accuracy: top-1 agreement gives the drop exactly, and
-    a top-1 accuracy against labels is compared with the source's latest top-1.
+    on the same samples, so variants gated on different data still compare fairly. For variants stored
+    before the drop was kept, top-1 agreement gives the drop exactly. A top-1 accuracy against labels
+    does not, because the source's figure on those samples was not kept, so such a variant counts as
+    unmeasured: compared with the source's figure from another gate, it could rank above the source.
     """
     if variant.kind == "source":
         return 0.0
@@ -111,11 +112,6 @@ def accuracy_drop(variant: Variant, variants: Sequence[Variant]) -> float | None
         return None
     if variant.accuracy_metric == "top1_agreement":
         return (1.0 - variant.accuracy) * 100.0
-    source = next((v for v in variants if v.kind == "source"), None)
-    if source is None or source.accuracy is None or math.isnan(source.accuracy):
-        return None
-    if variant.accuracy_metric == "top1" and source.accuracy_metric == "top1":
-        return (source.accuracy - variant.accuracy) * 100.0
     return None
 
 

@@ -30,8 +30,8 @@ def upgrade() -> None:
     )
     op.execute(variants.update().where(variants.c.kind == "source").values(accuracy_drop=0.0))
     # The source agrees with itself on every sample, so an agreement figure gives the drop exactly.
-    # NOTE: a top-1 figure against labels does not: the source's figure on the same data was not kept,
-    # so those variants keep no drop and selection compares them with the source's latest top-1.
+    # NOTE: a top-1 figure against labels does not, because the source's figure on the same data was not
+    # kept. Those variants keep no drop, so selection ranks them as unmeasured.
     op.execute(
         variants.update()
         .where(
