@@ -400,6 +400,7 @@ class Agent:
             await self._connect_loop(channel, stop)
         finally:
             self.notifier.stopping(f"stopping; device {self.device_id or '(unregistered)'}")
+            self.reconciler.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

@@ -658,6 +658,10 @@ class _Transfer:
                 logger.warning("fetching chunk at byte %d of %s again: %s", self.offset, self.digest, corrupt)
                 continue
             except grpc.RpcError as error:
+                if self.cancel is not None and self.cancel.is_set():
+                    # The agent stops and closed the channel under the call: a cancel, not a failure.
+                    self.checkpoint()
+                    raise DownloadCancelledError(f"download of {self.digest} cancelled at byte {self.offset}") from None
                 code = error.code()
                 if code not in RETRYABLE_CODES:
                     self.checkpoint()

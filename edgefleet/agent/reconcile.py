@@ -86,6 +86,7 @@ class Reconciler:
     # download in progress as (model name, digest) and the event that stops it.
     _received: int = 0
     _applying: int = 0
+    _stopped: bool = False
     _downloading: tuple[str, str] | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -210,6 +211,16 @@ class Reconciler:
             self._cancel.set()
             return ticket
 
+    def stop(self) -> None:
+        """Stop the download in progress and any applying, for the agent's shutdown.
+
+        The verified part of the download stays for a resume after the restart.
+        """
+        with self._guard:
+            self._stopped = True
+            self._received += 1
+            self._cancel.set()
+
     def _superseded(self) -> bool:
         """Return whether a newer desired state than the one applied last has arrived."""
         with self._guard:
@@ -223,6 +234,8 @@ class Reconciler:
         """
         with self._lock:
             with self._guard:
+                if self._stopped:
+                    return
                 self._applying = self._received if ticket is None else ticket
             if self.verifier is not None and desired.HasField("trusted_keys"):
                 try:
@@ -262,7 +275,7 @@ class Reconciler:
         otherwise wait for the next reconnect, which may never come.
         """
         with self._lock:
-            if self._desired is None or not self.retry_later:
+            if self._desired is None or not self.retry_later or self._superseded():
                 return
             pending = [
                 a
@@ -388,7 +401,7 @@ class Reconciler:
             )
         except DownloadCancelledError:
             # The verified part stays on disk. The newer desired state sets this model's status next.
-            log.info("model=%s variant=%s download stopped for a newer desired state", name, assignment.variant_id)
+            log.info("model=%s variant=%s download stopped: replaced, or the agent stops", name, assignment.variant_id)
             return
         except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
             log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)

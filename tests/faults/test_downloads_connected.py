@@ -121,3 +121,39 @@ def test_new_deploy_stops_replaced_download(tmp_path: Path) -> None:
     assert "variant=linear:3:source serving" in log_text
     assert "variant=linear:2:source serving" not in log_text
     assert part.exists()
+
+
+def test_stop_during_download_keeps_part(tmp_path: Path) -> None:
+    orchestrator = OrchestratorProcess(tmp_path)
+    orchestrator.start()
+    proxy = TcpProxy(orchestrator.port)
+    agent = AgentProcess(tmp_path, "camera", proxy.address)
+    agent.start()
+    channel, operator = orchestrator.operator()
+    new_model = linear_model(9, padding_floats=2 * MIB)  # About 8 MiB: 8 s at 1 MiB/s.
+    part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
+    try:
+        device_id = wait_for(agent.device_id, "the agent to register")
+        wait_for(lambda: online_device(operator, device_id), "the device to come online")
+        upload(operator, linear_model(0), "1")
+        deploy(operator, device_id, "1")
+        wait_serving(operator, device_id, "1")
+        upload(operator, new_model, "2")
+        proxy.throttle(MIB)
+        deploy(operator, device_id, "2")
+        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+        code = agent.stop()
+        log_text = agent.log_path.read_text()
+    finally:
+        channel.close()
+        agent.stop()
+        proxy.close()
+        orchestrator.stop()
+
+    assert code == 0
+    assert "download stopped: replaced, or the agent stops" in log_text
+    # Nothing failed or loaded after the stop: the download ended at once and kept its verified part.
+    after_stop = log_text.split("agent stopped")[-1]
+    assert "ERROR" not in after_stop
+    assert " serving on " not in after_stop
+    assert part.exists()
