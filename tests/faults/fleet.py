@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from edgefleet.v1 import common_pb2, operator_pb2, operator_pb2_grpc
-from tests.faults.processes import STEP_TIMEOUT_S, wait_for
+from tests.faults.processes import STEP_TIMEOUT_S, AgentProcess, OrchestratorProcess, wait_for
+from tests.faults.proxy import TcpProxy
 from tests.servers import linear_weights, upload_requests
 
 MODEL = "linear"
@@ -76,3 +81,29 @@ def inference_total(operator: operator_pb2_grpc.OperatorServiceStub, device_id: 
         timeout=STEP_TIMEOUT_S,
     )
     return sum(row.inference_count for row in response.rows)
+
+
+@contextlib.contextmanager
+def serving_fleet(work_dir: Path) -> Iterator[tuple[OrchestratorProcess, TcpProxy, AgentProcess]]:
+    """Yield an orchestrator, a proxy in front of it and an agent behind the proxy that serves MODEL:1.
+
+    The agent is named camera, so its state is under work_dir/camera. All three stop at the end.
+    """
+    orchestrator = OrchestratorProcess(work_dir)
+    orchestrator.start()
+    proxy = TcpProxy(orchestrator.port)
+    agent = AgentProcess(work_dir, "camera", proxy.address)
+    agent.start()
+    channel, operator = orchestrator.operator()
+    try:
+        device_id = wait_for(agent.device_id, "the agent to register")
+        wait_for(lambda: online_device(operator, device_id), "the device to come online")
+        upload(operator, linear_model(0), "1")
+        deploy(operator, device_id, "1")
+        wait_serving(operator, device_id, "1")
+        yield orchestrator, proxy, agent
+    finally:
+        channel.close()
+        agent.stop()
+        proxy.close()
+        orchestrator.stop()

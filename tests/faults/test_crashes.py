@@ -19,7 +19,16 @@ from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from edgefleet.common.serde import timestamp
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc, operator_pb2
-from tests.faults.fleet import MODEL, deploy, inference_total, linear_model, online_device, upload, wait_serving
+from tests.faults.fleet import (
+    MODEL,
+    deploy,
+    inference_total,
+    linear_model,
+    online_device,
+    serving_fleet,
+    upload,
+    wait_serving,
+)
 from tests.faults.processes import (
     STEP_TIMEOUT_S,
     AgentProcess,
@@ -53,24 +62,8 @@ def local_version(agent: AgentProcess) -> str:
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[OrchestratorProcess, TcpProxy, AgentProcess]]:
     """Yield an orchestrator, a proxy in front of it and an agent behind the proxy that serves MODEL:1."""
-    orchestrator = OrchestratorProcess(tmp_path)
-    orchestrator.start()
-    proxy = TcpProxy(orchestrator.port)
-    agent = AgentProcess(tmp_path, "camera", proxy.address)
-    agent.start()
-    channel, operator = orchestrator.operator()
-    try:
-        device_id = wait_for(agent.device_id, "the agent to register")
-        wait_for(lambda: online_device(operator, device_id), "the device to come online")
-        upload(operator, linear_model(0), "1")
-        deploy(operator, device_id, "1")
-        wait_serving(operator, device_id, "1")
-        yield orchestrator, proxy, agent
-    finally:
-        channel.close()
-        agent.stop()
-        proxy.close()
-        orchestrator.stop()
+    with serving_fleet(tmp_path) as processes:
+        yield processes
 
 
 def test_agent_killed_mid_download(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:

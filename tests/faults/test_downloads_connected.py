@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.fleet import MODEL, deploy, linear_model, online_device, upload, wait_serving
-from tests.faults.processes import AgentProcess, InferenceClient, OrchestratorProcess, wait_for
-from tests.faults.proxy import TcpProxy
+from tests.faults.fleet import MODEL, deploy, linear_model, serving_fleet, upload, wait_serving
+from tests.faults.processes import InferenceClient, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,37 +46,24 @@ def fill(directory: Path) -> Path:
 
 
 def test_disk_full_download_retried_once_space_is_freed(tmp_path: Path, small_model_store: Path) -> None:
-    orchestrator = OrchestratorProcess(tmp_path)
-    orchestrator.start()
-    proxy = TcpProxy(orchestrator.port)
-    agent = AgentProcess(tmp_path, "camera", proxy.address)
-    agent.start()
-    channel, operator = orchestrator.operator()
     new_model = linear_model(6, padding_floats=2 * MIB)  # About 8 MiB.
     part = small_model_store / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
-    try:
-        device_id = wait_for(agent.device_id, "the agent to register")
-        wait_for(lambda: online_device(operator, device_id), "the device to come online")
-        upload(operator, linear_model(0), "1")
-        deploy(operator, device_id, "1")
-        wait_serving(operator, device_id, "1")
-        upload(operator, new_model, "2")
-        proxy.throttle(2 * MIB)
-        deploy(operator, device_id, "2")
-        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
-        filler = fill(small_model_store)
-        wait_for(lambda: "disk full while downloading" in agent.log_path.read_text(), "the download to fail")
+    with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
+        channel, operator = orchestrator.operator()
+        with channel:
+            device_id = agent.device_id()
+            upload(operator, new_model, "2")
+            proxy.throttle(2 * MIB)
+            deploy(operator, device_id, "2")
+            wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+            filler = fill(small_model_store)
+            wait_for(lambda: "disk full while downloading" in agent.log_path.read_text(), "the download to fail")
 
-        proxy.throttle(None)
-        filler.unlink()
-        wait_serving(operator, device_id, "2")
-        output = InferenceClient(agent.socket_path, MODEL).infer_once()
-        log_text = agent.log_path.read_text()
-    finally:
-        channel.close()
-        agent.stop()
-        proxy.close()
-        orchestrator.stop()
+            proxy.throttle(None)
+            filler.unlink()
+            wait_serving(operator, device_id, "2")
+            output = InferenceClient(agent.socket_path, MODEL).infer_once()
+            log_text = agent.log_path.read_text()
 
     assert output.model_version == "2"
     # The retry came from the open control stream, not from a new registration.
@@ -86,34 +72,21 @@ def test_disk_full_download_retried_once_space_is_freed(tmp_path: Path, small_mo
 
 
 def test_new_deploy_stops_replaced_download(tmp_path: Path) -> None:
-    orchestrator = OrchestratorProcess(tmp_path)
-    orchestrator.start()
-    proxy = TcpProxy(orchestrator.port)
-    agent = AgentProcess(tmp_path, "camera", proxy.address)
-    agent.start()
-    channel, operator = orchestrator.operator()
     replaced = linear_model(7, padding_floats=2 * MIB)  # About 8 MiB: 4 s at 2 MiB/s.
-    part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(replaced).hexdigest()}.part"
-    try:
-        device_id = wait_for(agent.device_id, "the agent to register")
-        wait_for(lambda: online_device(operator, device_id), "the device to come online")
-        upload(operator, linear_model(0), "1")
-        deploy(operator, device_id, "1")
-        wait_serving(operator, device_id, "1")
-        upload(operator, replaced, "2")
-        upload(operator, linear_model(8), "3")
-        proxy.throttle(2 * MIB)
-        deploy(operator, device_id, "2")
-        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
-        deploy(operator, device_id, "3")
-        wait_serving(operator, device_id, "3")
-        output = InferenceClient(agent.socket_path, MODEL).infer_once()
-        log_text = agent.log_path.read_text()
-    finally:
-        channel.close()
-        agent.stop()
-        proxy.close()
-        orchestrator.stop()
+    with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
+        part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(replaced).hexdigest()}.part"
+        channel, operator = orchestrator.operator()
+        with channel:
+            device_id = agent.device_id()
+            upload(operator, replaced, "2")
+            upload(operator, linear_model(8), "3")
+            proxy.throttle(2 * MIB)
+            deploy(operator, device_id, "2")
+            wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+            deploy(operator, device_id, "3")
+            wait_serving(operator, device_id, "3")
+            output = InferenceClient(agent.socket_path, MODEL).infer_once()
+            log_text = agent.log_path.read_text()
 
     assert output.model_version == "3"
     assert "stopping the download of model=linear" in log_text
@@ -124,31 +97,17 @@ def test_new_deploy_stops_replaced_download(tmp_path: Path) -> None:
 
 
 def test_stop_during_download_keeps_part(tmp_path: Path) -> None:
-    orchestrator = OrchestratorProcess(tmp_path)
-    orchestrator.start()
-    proxy = TcpProxy(orchestrator.port)
-    agent = AgentProcess(tmp_path, "camera", proxy.address)
-    agent.start()
-    channel, operator = orchestrator.operator()
     new_model = linear_model(9, padding_floats=2 * MIB)  # About 8 MiB: 8 s at 1 MiB/s.
-    part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
-    try:
-        device_id = wait_for(agent.device_id, "the agent to register")
-        wait_for(lambda: online_device(operator, device_id), "the device to come online")
-        upload(operator, linear_model(0), "1")
-        deploy(operator, device_id, "1")
-        wait_serving(operator, device_id, "1")
-        upload(operator, new_model, "2")
-        proxy.throttle(MIB)
-        deploy(operator, device_id, "2")
-        wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
-        code = agent.stop()
-        log_text = agent.log_path.read_text()
-    finally:
-        channel.close()
-        agent.stop()
-        proxy.close()
-        orchestrator.stop()
+    with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
+        part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
+        channel, operator = orchestrator.operator()
+        with channel:
+            upload(operator, new_model, "2")
+            proxy.throttle(MIB)
+            deploy(operator, agent.device_id(), "2")
+            wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+            code = agent.stop()
+            log_text = agent.log_path.read_text()
 
     assert code == 0
     assert "download stopped: replaced, or the agent stops" in log_text
