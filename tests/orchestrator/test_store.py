@@ -344,6 +344,18 @@ def test_migration_downgrade_upgrade(empty_db_url: str) -> None:
         store.close()
 
 
+def _downgrade(db_url: str, revision: str) -> None:
+    """Take the schema of the database at db_url down to revision, as an older release left it."""
+    engine = create_store_engine(db_url)
+    config = alembic_config()
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
 def test_migration_keeps_windows_of_removed(empty_db_url: str) -> None:
     """Windows stored before the metric tables lost their device foreign key survive the removal of the device."""
     store = open_store(empty_db_url)
@@ -352,14 +364,7 @@ def test_migration_keeps_windows_of_removed(empty_db_url: str) -> None:
         store.add_metric_batch("dev-1", "batch-1", [_window()])
     finally:
         store.close()
-    engine = create_store_engine(empty_db_url)
-    config = alembic_config()
-    try:
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "20261204_received_at")
-    finally:
-        engine.dispose()
+    _downgrade(empty_db_url, "20261204_received_at")
 
     store = open_store(empty_db_url)
     try:
@@ -383,14 +388,7 @@ def test_migration_fills_accuracy_drop(empty_db_url: str) -> None:
         store.add_variant(_variant("effnet-1-pruned", kind="pruned", accuracy=0.91, accuracy_metric="top1"))
     finally:
         store.close()
-    engine = create_store_engine(empty_db_url)
-    config = alembic_config()
-    try:
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, "20261205_removed_generation")
-    finally:
-        engine.dispose()
+    _downgrade(empty_db_url, "20261205_removed_generation")
 
     store = open_store(empty_db_url)
     try:
