@@ -76,7 +76,8 @@ class ArtifactStore(abc.ABC):
 
         digest is the caller's already verified digest of the file, which skips hashing it again.
         With move=True the store may take the file over (it is gone afterwards). Storing content
-        that is already present keeps the one stored copy.
+        that is already present keeps the one stored copy, unless that copy no longer matches the
+        digest because it was changed or damaged on disk. The new file then replaces it.
         """
 
     @abc.abstractmethod
@@ -152,10 +153,21 @@ class FileArtifactStore(ArtifactStore):
             digest = format_digest(sha256_file(source))
         target = self.path_of(digest)
         if target.exists():
-            logger.debug("artifact %s is already stored; keeping the stored copy", digest)
-            if move:
-                source.unlink()
-            return digest
+            stored_hex = sha256_file(target)
+            if stored_hex == parse_digest(digest):
+                logger.debug("artifact %s is already stored; keeping the stored copy", digest)
+                if move:
+                    source.unlink()
+                return digest
+            # Devices reject this copy by its digest, and their error asks operators to upload the
+            # model again, so that upload must repair it.
+            logger.warning(
+                "stored artifact %s in %s has SHA-256 %s, so it was changed or damaged on disk; replacing it "
+                "with the uploaded copy",
+                digest,
+                target,
+                stored_hex,
+            )
 
         if move and self._rename_into_place(source, target):
             return digest

@@ -195,6 +195,7 @@ def create_store_engine(url: str | URL) -> Engine:
 def _create_sqlite_engine(url: URL) -> Engine:
     database = Path(url.database or "")
     check_sqlite_path(database)
+    _create_private_file(database)
     engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     # pysqlite opens transactions itself with a deferred BEGIN. Two deferred transactions that both
@@ -228,6 +229,21 @@ def _create_sqlite_engine(url: URL) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _create_private_file(database: Path) -> None:
+    """Create a missing SQLite database file with mode 0600, whatever the umask.
+
+    The database contains the private signing keys. SQLite would create the file with mode 0644 under
+    the usual umask 022, and it gives DATABASE-wal and DATABASE-shm the mode of the database file.
+    An existing file keeps its mode.
+    """
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+    logger.info("created the SQLite database file %s with mode 0600", database)
 
 
 def check_sqlite_path(database: Path) -> None:
