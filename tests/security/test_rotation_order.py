@@ -44,9 +44,9 @@ def test_rotation_read_before_deploy(
     apply = reconciler.apply
     applied: list[int] = []
 
-    def recording_apply(desired: agent_pb2.DesiredState, *, offline: bool = False) -> None:
+    def recording_apply(desired: agent_pb2.DesiredState, *, offline: bool = False, ticket: int | None = None) -> None:
         applied.append(desired.generation)
-        apply(desired, offline=offline)
+        apply(desired, offline=offline, ticket=ticket)
 
     monkeypatch.setattr(reconciler, "apply", recording_apply)
 
@@ -58,7 +58,7 @@ def test_rotation_read_before_deploy(
 
     def pausing_get_desired_state(device_id: str) -> Any:
         desired = get_desired_state(device_id)
-        if sys._getframe(1).f_code.co_name == "rotate_signing_key" and not rotation_read.is_set():
+        if sys._getframe(1).f_code.co_name == "_send_key_set" and not rotation_read.is_set():
             rotation_read.set()
             assert release.wait(STEP_TIMEOUT_S)
         return desired

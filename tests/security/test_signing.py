@@ -254,6 +254,23 @@ def test_rotation_reaches_connected_agent(start_secure: StartSecure, start_agent
     assert served_version(agent) == "2"
 
 
+def test_retire_reaches_connected_agent(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    """An online agent stops trusting a retired key at once, not only with its next deploy."""
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_until(lambda: agent.agent.connected, "the agent to connect")
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    new_key = next(k.key_id for k in rotated.keys if k.active)
+    wait_until(lambda: new_key in agent.agent.verifier.keys or None, "the agent to learn the new key")
+
+    admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
+
+    wait_until(lambda: first_key not in agent.agent.verifier.keys or None, "the agent to drop the retired key")
+    assert set(agent.agent.verifier.keys) == {new_key}
+
+
 def test_agent_rejects_replay_and_tamper(start_secure: StartSecure, start_agent: StartAgent) -> None:
     orchestrator = start_secure()
     admin = orchestrator.operator()

@@ -199,10 +199,7 @@ def rotate_signing_key(
     then would leave it trusting no key at all.
     """
     key = security_of(state).signer.rotate(datetime.now(UTC))
-    sent = 0
-    for device_id in list(state.hub.sessions):
-        generation, assignments = state.store.get_desired_state(device_id)
-        sent += state.hub.push_threadsafe(device_id, serde.desired_state_message(generation, assignments))
+    sent = _send_key_set(state)
     log.info("rotated to signing key %s; sent the new key set to %d connected devices", key.key_id, sent)
     return list_signing_keys(None, state)
 
@@ -210,10 +207,26 @@ def rotate_signing_key(
 def retire_signing_key(
     request: operator_pb2.RetireSigningKeyRequest, state: OrchestratorState
 ) -> operator_pb2.ListSigningKeysResponse:
+    """Retire a signing key and send the key set without it to the devices connected to this process.
+
+    A key is often retired because it leaked. Without the push, an online device would keep
+    accepting assignments signed by it until its next deploy.
+    """
     if not request.key_id:
         raise InvalidArgument("key_id", "missing; list the keys with `edgefleet keys list`")
     try:
         security_of(state).signer.retire(request.key_id, datetime.now(UTC))
     except NotFoundError as error:
         raise NotFound(str(error)) from None
+    sent = _send_key_set(state)
+    log.info("sent the key set without retired key %s to %d connected devices", request.key_id, sent)
     return list_signing_keys(None, state)
+
+
+def _send_key_set(state: OrchestratorState) -> int:
+    """Push each connected device's desired state, which carries the current key set; return the count sent."""
+    sent = 0
+    for device_id in list(state.hub.sessions):
+        generation, assignments = state.store.get_desired_state(device_id)
+        sent += state.hub.push_threadsafe(device_id, serde.desired_state_message(generation, assignments))
+    return sent
