@@ -242,6 +242,34 @@ class ModelStore:
                 return model
         return None
 
+    def find_verified(self, name: str, digest: str) -> InstalledModel | None:
+        """Return what find() returns once the file's SHA-256 matches digest, or None.
+
+        The check covers files changed on disk after their download, for example by someone with access
+        to the device, before they are loaded again. A file that fails it is deleted and logged, so the
+        next download replaces it.
+        """
+        model = self.find(name, digest)
+        if model is None:
+            return None
+        try:
+            with model.path.open("rb") as handle:
+                actual = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as error:
+            logger.error("cannot read model file %s to check its SHA-256: %s", model.path, error)
+            return None
+        if actual == parse_digest(digest):
+            return model
+        logger.error(
+            "model file %s has SHA-256 %s, not %s: it changed after its download; deleted it, and the "
+            "model is downloaded again",
+            model.path,
+            actual,
+            digest,
+        )
+        model.path.unlink(missing_ok=True)
+        return None
+
     def install(self, name: str, digest: str, source: Path, model_format: str) -> InstalledModel:
         """Move a verified file into models/<name>/ and make it the current version.
 
@@ -495,7 +523,7 @@ class Downloader:
 
         Returns the installed model. Raises the errors of fetch and ModelStore.install.
         """
-        if self.store.find(name, digest) is not None:
+        if self.store.find_verified(name, digest) is not None:
             return self.store.activate(name, digest)
         path = self.fetch(digest, expected_size=expected_size, progress=progress, cancel=cancel)
         return self.store.install(name, digest, path, model_format)

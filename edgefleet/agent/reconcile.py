@@ -366,10 +366,11 @@ class Reconciler:
         previous = self.store.current(name)
         try:
             if offline:
-                installed = self.store.find(name, assignment.digest)
+                installed = self.store.find_verified(name, assignment.digest)
                 if installed is None:
                     log.info(
-                        "model=%s %s is not on disk; it is fetched once the orchestrator is reachable",
+                        "model=%s %s is not on disk or failed its SHA-256 check; it is fetched once the orchestrator "
+                        "is reachable",
                         name,
                         assignment.digest,
                     )
@@ -442,9 +443,13 @@ class Reconciler:
         assignment = self.serving.get(name)
         if assignment is None or assignment.digest == failed.digest:
             return None
-        installed = self.store.find(name, assignment.digest)
+        installed = self.store.find_verified(name, assignment.digest)
         if installed is None:
-            log.warning("model=%s: variant %s, which served before, is no longer on disk", name, assignment.variant_id)
+            log.warning(
+                "model=%s: variant %s, which served before, is no longer on disk or failed its SHA-256 check",
+                name,
+                assignment.variant_id,
+            )
             return None
         try:
             served = self.host.install(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -382,3 +383,25 @@ def test_download_given_up_resumes_on_reconnect(fleet: tuple[OrchestratorProcess
 
     assert output.model_version == "2"
     assert not part.exists()
+
+
+def test_changed_model_file_downloaded_again(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:
+    orchestrator, _, agent = fleet
+    agent.stop()
+    model_dir = agent.state_dir / "models" / "models" / MODEL
+    current = model_dir / json.loads((model_dir / "state.json").read_text())["current"]
+    current.write_bytes(linear_model(5))  # Another valid model under the file name of the one installed.
+
+    def restored() -> bool:
+        return current.exists() and hashlib.sha256(current.read_bytes()).hexdigest() == current.stem
+
+    agent.start()
+    wait_for(restored, "the agent to download its changed model file again")
+    output = InferenceClient(agent.socket_path, MODEL).infer_once()
+    files = installed_files_consistent(agent.state_dir, MODEL)
+    log_text = agent.log_path.read_text()
+
+    assert "changed after its download" in log_text
+    assert files["current"] == current.name
+    assert output.model_version == "1"
+    assert orchestrator.running
