@@ -347,6 +347,8 @@ def test_reimaged_device_rebinds_with_token(start_secure: StartSecure) -> None:
     assert "start it once with a new enrollment token" in (conflict.details() or "")
     assert new_key != old_key
     assert replayed.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "presented an enrollment token that cannot rebind the id" in (replayed.value.details() or "")
+    assert "already used at" in (replayed.value.details() or "")
     # The conflicts are the attempt before the new token and the replay; the rebinding itself does not count as one.
     conflicts = orchestrator.server.state.store.list_identity_conflicts("cam-1")
     assert len(conflicts) == 2

@@ -76,9 +76,10 @@ def register(
     device_id = claimed_id or f"dev-{secrets.token_hex(6)}"
     registered = state.store.get_device(device_id)
     rekeyed = registered is not None and registered.instance_key_hash != instance_key_hash
+    token_rejected = ""
     if rekeyed and state.security is not None and identity is not None:
         # A device re-imaged with its enrolled certificate has a new instance key; a new token lets it in.
-        state.security.rebind(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
+        token_rejected = state.security.rebind(identity, request.enrollment_token, datetime.now(UTC), instance_key_hash)
     try:
         device = state.store.register_device(
             device_id=device_id,
@@ -106,7 +107,9 @@ def register(
             device_id,
             peer,
         )
-        if state.security is not None and state.security.tls:
+        if token_rejected:
+            fix = f"it presented an enrollment token that cannot rebind the id: {token_rejected}"
+        elif state.security is not None and state.security.tls:
             fix = (
                 "if this is a re-imaged or replaced device, start it once with a new enrollment token "
                 f"(`edgefleet enroll create --device-id {device_id}`), which rebinds the id to it"

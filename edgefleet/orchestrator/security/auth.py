@@ -301,22 +301,22 @@ class Security:
                 instance_key_hash[:12],
             )
 
-    def rebind(self, identity: DeviceIdentity, enrollment_token: str, now: datetime, instance_key_hash: str) -> bool:
+    def rebind(self, identity: DeviceIdentity, enrollment_token: str, now: datetime, instance_key_hash: str) -> str:
         """Consume an enrollment token to give an enrolled device id to a new agent instance key.
 
         For a registration whose certificate is enrolled already but whose instance key differs, as
-        after a device was re-imaged with its old certificate. Returns False, changing nothing, when
-        there is no token or the store rejects it.
+        after a device was re-imaged with its old certificate. Returns why the store rejected the
+        token, changing nothing, or "" when it rebound the id or there was no token to try.
         """
         if not self.tls or not identity.device_id or not enrollment_token:
-            return False
+            return ""
         try:
             self.store.enroll(
                 hash_secret(enrollment_token), identity.device_id, identity.fingerprint, now, instance_key_hash
             )
         except EnrollmentRejected as rejection:
             log.warning("rejected the new instance key of device_id=%s: %s", identity.device_id, rejection)
-            return False
+            return str(rejection)
         self.forget(identity.device_id)
         log.warning(
             "device_id=%s now belongs to a new agent instance (key %s) by its enrollment token; the agent "
@@ -324,7 +324,7 @@ class Security:
             identity.device_id,
             instance_key_hash[:12],
         )
-        return True
+        return ""
 
     def revoke(self, device_id: str, reason: str) -> None:
         self.store.revoke_device(device_id, reason, datetime.now(UTC))
