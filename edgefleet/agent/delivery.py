@@ -673,6 +673,8 @@ class _Transfer:
                 self._stream_once()
                 if self.total_known and self.offset >= self.total:
                     break
+                if self.cancel is not None and self.cancel.is_set():
+                    continue  # _stream_once stopped for the cancel, which the check at the top of the loop raises.
                 reason = f"stream ended at byte {self.offset} of {self.total}"
             except _CorruptChunk as corrupt:
                 count = self.refetches.get(self.offset, 0) + 1

@@ -24,6 +24,7 @@ from edgefleet.agent.delivery import (
     ChunkCorruptError,
     DigestMismatchError,
     DiskFullError,
+    DownloadCancelledError,
     Downloader,
     DownloadFailedError,
     ModelStore,
@@ -487,6 +488,30 @@ def test_offset_recorded_during_download(
 
     assert max(recorded) >= 4 * MiB
     assert all(offset % CHUNK == 0 for offset in recorded)
+
+
+def test_cancel_mid_stream_not_retried(
+    channel: grpc.Channel,
+    servicer: ArtifactServicer,
+    model_store: ModelStore,
+    model_digest: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cancel during a stream ends the download without a retry or an interruption warning."""
+    cancel = threading.Event()
+
+    def cancel_at_4_mib(done: int, total: int) -> None:
+        if done >= 4 * MiB:
+            cancel.set()
+
+    with pytest.raises(DownloadCancelledError):
+        make_downloader(channel, model_store).fetch(model_digest, progress=cancel_at_4_mib, cancel=cancel)
+
+    assert len(servicer.request_offsets) == 1
+    assert "interrupted" not in caplog.text
+    partial = model_store.read_partial(model_digest)
+    assert partial is not None
+    assert partial.verified_offset == 4 * MiB
 
 
 def test_background_fsync_error_raised(
