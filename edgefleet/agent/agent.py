@@ -589,6 +589,10 @@ class Agent:
                     log.info(
                         "received desired state generation %d with %d models", desired.generation, len(desired.models)
                     )
+                    # The key set is adopted now, not when the apply runs: an apply may wait behind a long
+                    # download, and a reconnect drops the waiting applies, while the orchestrator sends a key
+                    # rotation or retirement only once.
+                    await asyncio.to_thread(self.reconciler.update_keys, desired)
                     ticket = self.reconciler.supersede(desired)
                     task = asyncio.create_task(self._apply(desired, ticket, apply_lock))
                     applying.add(task)

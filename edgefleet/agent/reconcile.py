@@ -237,11 +237,7 @@ class Reconciler:
                 if self._stopped:
                     return
                 self._applying = self._received if ticket is None else ticket
-            if self.verifier is not None and desired.HasField("trusted_keys"):
-                try:
-                    self.verifier.update_keys(desired.trusted_keys)
-                except VerificationError as error:
-                    log.error("ignoring the signing keys of desired generation %d: %s", desired.generation, error)
+            self.update_keys(desired)
             desired_names = {a.model_name for a in desired.models}
             for name in [m.name for m in self.host.list() if m.name not in desired_names]:
                 self.host.remove(name)
@@ -267,6 +263,15 @@ class Reconciler:
             if not offline:
                 self._save(desired)
             self.report(self.reported_state())
+
+    def update_keys(self, desired: agent_pb2.DesiredState) -> None:
+        """Adopt the signing key set that desired carries, if it is newer; log a set that fails verification."""
+        if self.verifier is None or not desired.HasField("trusted_keys"):
+            return
+        try:
+            self.verifier.update_keys(desired.trusted_keys)
+        except VerificationError as error:
+            log.error("ignoring the signing keys of desired generation %d: %s", desired.generation, error)
 
     def retry_pending(self) -> None:
         """Apply again the assignments of the last desired state whose download may succeed now.

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from edgefleet.v1 import operator_pb2
 from tests.faults.fleet import MODEL, deploy, linear_model, serving_fleet, upload, wait_serving
-from tests.faults.processes import InferenceClient, wait_for
+from tests.faults.processes import STEP_TIMEOUT_S, InferenceClient, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +118,29 @@ def test_stop_during_download_keeps_part(tmp_path: Path) -> None:
     assert "ERROR" not in after_stop
     assert " serving on " not in after_stop
     assert part.exists()
+
+
+def test_key_rotation_adopted_during_download(tmp_path: Path) -> None:
+    """The agent trusts a rotated key set on arrival, not after the download that the apply waits for.
+
+    An apply that waits is dropped when the control stream reconnects, and the orchestrator does not
+    send the key set again, so a later retire would leave the device trusting no current key.
+    """
+    new_model = linear_model(15, padding_floats=2 * MIB)  # About 8 MiB: 8 s at 1 MiB/s.
+    with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
+        part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
+        keys_file = agent.state_dir / "trusted_keys.json"
+        channel, operator = orchestrator.operator()
+        with channel:
+            upload(operator, new_model, "2")
+            proxy.throttle(MIB)
+            deploy(operator, agent.device_id(), "2")
+            wait_for(lambda: part.exists() and part.stat().st_size > MIB, "a partial download of over 1 MiB")
+            rotated = operator.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=STEP_TIMEOUT_S)
+            wait_for(
+                lambda: json.loads(keys_file.read_text())["version"] == rotated.key_set_version,
+                "the agent to trust the rotated key set",
+            )
+            still_downloading = part.exists()
+
+    assert still_downloading
