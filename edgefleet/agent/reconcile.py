@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,7 +262,16 @@ class Reconciler:
                 self.generation = 0
             if not offline:
                 self._save(desired)
+                # Parts of downloads that a newer desired state replaced would hold disk space that the
+                # orchestrator counts as used when it checks whether the next variant fits.
+                self._discard_partials(a.digest for a in desired.models)
             self.report(self.reported_state())
+
+    def _discard_partials(self, desired_digests: Iterable[str]) -> None:
+        try:
+            self.store.discard_partials_except(desired_digests)
+        except (OSError, ValueError) as error:
+            log.warning("cannot remove partial downloads outside the desired state: %s", error)
 
     def update_keys(self, desired: agent_pb2.DesiredState) -> None:
         """Adopt the signing key set that desired carries, if it is newer; log a set that fails verification."""
