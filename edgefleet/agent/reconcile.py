@@ -237,6 +237,11 @@ class Reconciler:
                 if self._stopped:
                     return
                 self._applying = self._received if ticket is None else ticket
+                overtaken = self._received > self._applying
+            if overtaken:
+                # Applying it would only unload models that the newer state may have again.
+                log.info("skipped desired generation %d: a newer one arrived before it was applied", desired.generation)
+                return
             self.update_keys(desired)
             desired_names = {a.model_name for a in desired.models}
             for name in [m.name for m in self.host.list() if m.name not in desired_names]:

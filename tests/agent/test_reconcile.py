@@ -386,3 +386,24 @@ def test_newer_desired_state_stops_download(
     finally:
         channel.close()
         server.stop(grace=None)
+
+
+def test_overtaken_desired_state_skipped(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:
+    # A desired state without the model, overtaken by one that has it again before it was applied,
+    # must not unload the model in between.
+    good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
+    emptied = agent_pb2.DesiredState(generation=2)
+    restored = agent_pb2.DesiredState(generation=3, models=[good])
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[good]))
+        emptied_ticket = reconciler.supersede(emptied)
+        restored_ticket = reconciler.supersede(restored)
+        reconciler.apply(emptied, ticket=emptied_ticket)
+        served_between = host.get("linear")
+        reconciler.apply(restored, ticket=restored_ticket)
+
+        assert served_between is not None
+        assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+        assert reconciler.generation == 3
