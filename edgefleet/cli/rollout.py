@@ -267,6 +267,13 @@ def _wave_progress(wave: dict[str, Any], min_samples: int) -> tuple[str, str]:
     return progress_bar(samples, total), f"{samples}/{total} samples"
 
 
+def _ended_state(cell: str, state: str) -> str:
+    """Mark a recorded model state that was still changing when the rollout ended, before any note on the cell."""
+    if state in ("pending", "downloading", "verifying", "loading") and cell.startswith(state):
+        return f"{state} when the rollout ended{cell[len(state):]}"
+    return cell
+
+
 def render_rollout(r: dict[str, Any]) -> str:
     """Render one rollout with a progress line per wave and a row per device."""
     waves_total = len(r["wave_percents"])
@@ -282,20 +289,22 @@ def render_rollout(r: dict[str, Any]) -> str:
     ]
     if r["superseded_by"]:
         lines.append(f"superseded by {r['superseded_by']}")
+    ended = r["state"] in FINAL_STATES
     for wave in r["waves"]:
         bar, count = _wave_progress(wave, r["min_samples"])
         attempt = f" attempt {wave['attempt'] + 1}" if wave["attempt"] else ""
+        decision = f"{wave['decision'].upper()}: {wave['reason']}"
+        if ended and wave["decision"] == "waiting":
+            # The rollout ended (rolled back or aborted by the operator, say) before this wave's gates decided.
+            decision = f"UNDECIDED: the rollout ended {r['state']} first; it was waiting: {wave['reason']}"
         lines.append("")
-        lines.append(
-            f"wave {wave['index'] + 1} ({wave['percent']}%){attempt}  {bar} {count}  "
-            f"{wave['decision'].upper()}: {wave['reason']}"
-        )
+        lines.append(f"wave {wave['index'] + 1} ({wave['percent']}%){attempt}  {bar} {count}  {decision}")
         if wave["devices"]:
             rows = [
                 (
                     "  " + d["device_id"] + (" (late)" if d["late"] else ""),
                     d["variant_id"] or "-",
-                    wave_device_state(d),
+                    _ended_state(wave_device_state(d), d["state"]) if ended else wave_device_state(d),
                     d["samples"],
                     d["p95_ms"],
                     d["baseline_p95_ms"],

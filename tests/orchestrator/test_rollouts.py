@@ -343,6 +343,46 @@ def report_wave_serving(stream: ControlStream, device: operator_pb2.WaveDevice, 
     stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(models=[status])))
 
 
+def test_cli_status_marks_wave_ended_undecided(
+    orchestrator: OrchestratorThread,
+    capsys: pytest.CaptureFixture[str],
+    open_stream: Callable[..., ControlStream],
+) -> None:
+    """A rollback by the operator while a wave device downloads leaves the wave undecided, and says so."""
+    device_id, key = register(orchestrator.agent, labels={"kind": "camera"})
+    upload(orchestrator, linear_onnx(1), MODEL, "1")
+    upload(orchestrator, linear_onnx(2), MODEL, "2")
+    rollout = orchestrator.operator.CreateRollout(create_request(wave_percents=[100]), timeout=30)
+    running = wait_rollout(orchestrator, rollout.rollout_id, lambda r: bool(r.waves), "wave 1 to start")
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    status = agent_pb2.ModelStatus(
+        model_name=MODEL,
+        model_version="2",
+        variant_id=running.waves[0].devices[0].variant_id,
+        state=common_pb2.MODEL_STATE_DOWNLOADING,
+    )
+    status.updated_at.GetCurrentTime()
+    stream.send(agent_pb2.AgentMessage(reported_state=agent_pb2.ReportedState(models=[status])))
+    downloading = common_pb2.MODEL_STATE_DOWNLOADING
+    wait_rollout(
+        orchestrator, rollout.rollout_id, lambda r: r.waves[0].devices[0].state == downloading, "the download to count"
+    )
+    stream.close()  # A connected device that does not apply the rollback would hold it for minutes.
+    wait_until(lambda: not orchestrator.state.store.get_device(device_id).connected, "the device to disconnect")
+
+    rollback_code, _, rollback_err = run_cli(capsys, orchestrator, "rollout", "rollback", rollout.rollout_id)
+    wait_rollout(
+        orchestrator, rollout.rollout_id, lambda r: r.state == operator_pb2.ROLLOUT_STATE_ROLLED_BACK, "rollback"
+    )
+    code, table, err = run_cli(capsys, orchestrator, "rollout", "status", rollout.rollout_id)
+
+    assert rollback_code == 0, rollback_err
+    assert code == 0, err
+    assert "UNDECIDED: the rollout ended rolled_back first; it was waiting:" in table
+    assert re.search(r" downloading when the rollout ended \(last seen \d+s ago\) ", table)
+
+
 def test_cli_status_offline_state_marked(
     orchestrator: OrchestratorThread,
     capsys: pytest.CaptureFixture[str],
