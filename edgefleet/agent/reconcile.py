@@ -186,13 +186,13 @@ class Reconciler:
         self.apply(desired, offline=True)
 
     def supersede(self, desired: agent_pb2.DesiredState) -> int:
-        """Record that desired arrived, stop the download in progress if desired no longer wants it.
-
-        Returns the ticket to pass to apply() for desired.
+        """Record that desired arrived, and stop the download in progress; return the ticket for apply().
 
         The agent calls this as soon as a desired state arrives, while an earlier one may still be
         applied. So a version that a rollback or a new deploy replaced stops downloading, and never
-        serves, instead of finishing its download first.
+        serves, instead of finishing its download first. A download that desired still has stops too,
+        so that the changes the device can make from its own files come first (see _in_apply_order).
+        It resumes from its verified part when applying desired reaches it.
         """
         with self._guard:
             self._received += 1
@@ -201,13 +201,20 @@ class Reconciler:
                 return ticket
             name, digest = self._downloading
             if any(a.model_name == name and a.digest == digest for a in desired.models):
-                return ticket
-            log.info(
-                "stopping the download of model=%s %s: desired generation %d no longer has it",
-                name,
-                digest,
-                desired.generation,
-            )
+                log.info(
+                    "pausing the download of model=%s %s to apply desired generation %d; it resumes after the "
+                    "changes that need no download",
+                    name,
+                    digest,
+                    desired.generation,
+                )
+            else:
+                log.info(
+                    "stopping the download of model=%s %s: desired generation %d no longer has it",
+                    name,
+                    digest,
+                    desired.generation,
+                )
             self._cancel.set()
             return ticket
 
@@ -256,7 +263,7 @@ class Reconciler:
             # Reports sent while the models are applied already report on this generation.
             self.generation = desired.generation
             self._desired = desired
-            for assignment in desired.models:
+            for assignment in self._in_apply_order(desired.models):
                 if self._superseded():
                     log.info("left desired generation %d for a newer one", desired.generation)
                     return
@@ -271,6 +278,24 @@ class Reconciler:
                 # orchestrator counts as used when it checks whether the next variant fits.
                 self._discard_partials(a.digest for a in desired.models)
             self.report(self.reported_state())
+
+    def _in_apply_order(self, assignments: Iterable[agent_pb2.ModelAssignment]) -> list[agent_pb2.ModelAssignment]:
+        """Return the assignments that need no download first, then the downloads from the smallest.
+
+        So a large download of one model delays no change to another model that the device can make
+        from its own files, such as a rollback to the version it kept.
+        """
+
+        def needs_download(assignment: agent_pb2.ModelAssignment) -> bool:
+            served = self.host.get(assignment.model_name)
+            if served is not None and served.variant_id == assignment.variant_id:
+                return False
+            try:
+                return self.store.find(assignment.model_name, assignment.digest) is None
+            except ValueError:  # A malformed name or digest, which _apply_one reports as failed.
+                return True
+
+        return sorted(assignments, key=lambda a: (needs_download(a), a.size_bytes))
 
     def _discard_partials(self, desired_digests: Iterable[str]) -> None:
         try:
@@ -421,7 +446,11 @@ class Reconciler:
             )
         except DownloadCancelledError:
             # The verified part stays on disk. The newer desired state sets this model's status next.
-            log.info("model=%s variant=%s download stopped: replaced, or the agent stops", name, assignment.variant_id)
+            log.info(
+                "model=%s variant=%s download stopped: a newer desired state arrived, or the agent stops",
+                name,
+                assignment.variant_id,
+            )
             return
         except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
             log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)

@@ -375,7 +375,7 @@ def test_newer_desired_state_stops_download(
             applying.join(timeout=30)
 
             assert not applying.is_alive()
-            assert "download stopped: replaced, or the agent stops" in caplog.text
+            assert "download stopped: a newer desired state arrived, or the agent stops" in caplog.text
             # The newer desired state does not have the stopped download, so its part is deleted.
             assert not part.exists()
             assert reconciler.store.find("linear", big.digest) is None
@@ -407,3 +407,59 @@ def test_overtaken_desired_state_skipped(tmp_path: Path, artifacts: FileArtifact
         assert served_between is not None
         assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
         assert reconciler.generation == 3
+
+
+def test_rollback_of_other_model_not_blocked_by_download(tmp_path: Path, artifacts: FileArtifactStore) -> None:
+    # Model "other" goes back to the version it kept on disk while a large download of "linear" runs:
+    # the swap comes first, and the download resumes after it.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(SlowArtifactServicer(artifacts), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    big_file = tmp_path / "big.onnx"
+    big_file.write_bytes(linear_model(3, padding_floats=2 * 1024 * 1024))  # About 8 MiB.
+    big = assignment(artifacts, big_file, "2")
+    other_1, other_2 = (
+        agent_pb2.ModelAssignment(
+            model_name="other",
+            model_version=version,
+            variant_id=f"other:{version}:source",
+            digest=artifacts.put_file(onnx_linear(tmp_path / f"other-{version}.onnx", seed=int(version))),
+            size_bytes=(tmp_path / f"other-{version}.onnx").stat().st_size,
+            format=format_to_proto("onnx"),
+        )
+        for version in ("1", "2")
+    )
+    serving_order: list[str] = []
+
+    def record(reported: agent_pb2.ReportedState) -> None:
+        for status in reported.models:
+            if status.state == MODEL_STATE_SERVING and status.variant_id not in serving_order:
+                serving_order.append(status.variant_id)
+
+    downloading = agent_pb2.DesiredState(generation=3, models=[other_2, big])
+    rollback = agent_pb2.DesiredState(generation=4, models=[other_1, big])
+    try:
+        with ModelHost(default_threads=1) as host:
+            reconciler = make_reconciler(tmp_path / "device", channel, host)
+            reconciler.apply(agent_pb2.DesiredState(generation=1, models=[other_1]))
+            reconciler.apply(agent_pb2.DesiredState(generation=2, models=[other_2]))
+            reconciler.report = record
+            part = reconciler.store.part_path(big.digest)
+            applying = threading.Thread(
+                target=reconciler.apply, args=(downloading,), kwargs={"ticket": reconciler.supersede(downloading)}
+            )
+            applying.start()
+            deadline = time.monotonic() + 30
+            while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            reconciler.apply(rollback, ticket=reconciler.supersede(rollback))
+            applying.join(timeout=30)
+
+            assert host.infer("other", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+            assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "2"
+            assert serving_order.index("other:1:source") < serving_order.index(big.variant_id)
+    finally:
+        channel.close()
+        server.stop(grace=None)

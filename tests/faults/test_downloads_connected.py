@@ -113,7 +113,7 @@ def test_stop_during_download_keeps_part(tmp_path: Path) -> None:
             log_text = agent.log_path.read_text()
 
     assert code == 0
-    assert "download stopped: replaced, or the agent stops" in log_text
+    assert "download stopped: a newer desired state arrived, or the agent stops" in log_text
     # Nothing failed or loaded after the stop: the download ended at once and kept its verified part.
     after_stop = log_text.split("agent stopped")[-1]
     assert "ERROR" not in after_stop
