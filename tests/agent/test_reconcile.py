@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -46,10 +47,11 @@ def artifacts(tmp_path: Path) -> FileArtifactStore:
     return FileArtifactStore(tmp_path / "orchestrator-artifacts")
 
 
-@pytest.fixture
-def channel(artifacts: FileArtifactStore) -> Iterator[grpc.Channel]:
+@contextlib.contextmanager
+def serving(servicer: ArtifactServicer) -> Iterator[grpc.Channel]:
+    """Yield a channel to a real gRPC server on a free loopback port that runs servicer."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(ArtifactServicer(artifacts), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -58,6 +60,12 @@ def channel(artifacts: FileArtifactStore) -> Iterator[grpc.Channel]:
     finally:
         channel.close()
         server.stop(grace=None)
+
+
+@pytest.fixture
+def channel(artifacts: FileArtifactStore) -> Iterator[grpc.Channel]:
+    with serving(ArtifactServicer(artifacts)) as channel:
+        yield channel
 
 
 def assignment(artifacts: FileArtifactStore, model_file: Path, version: str) -> agent_pb2.ModelAssignment:
@@ -209,9 +217,7 @@ def test_unwritable_counters_kept_in_memory(tmp_path: Path, small_disk: Path | N
     assert json.loads((state_dir / "counters.json").read_text()) == {"linear": 1}
 
 
-def test_redeploy_clears_failed_status(
-    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
-) -> None:
+def test_redeploy_clears_failed_status(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:
     """Deploying the version that kept serving after a failed deploy replaces the failure in the report."""
     good = assignment(artifacts, onnx_linear(tmp_path / "good.onnx"), "1")
     bad = assignment(artifacts, onnx_failing_reshape(tmp_path / "bad.onnx"), "2")
@@ -344,48 +350,62 @@ class SlowArtifactServicer(ArtifactServicer):
             yield chunk
 
 
+@pytest.fixture
+def slow_channel(artifacts: FileArtifactStore) -> Iterator[grpc.Channel]:
+    with serving(SlowArtifactServicer(artifacts)) as channel:
+        yield channel
+
+
+def big_assignment(artifacts: FileArtifactStore, tmp_path: Path, seed: int) -> agent_pb2.ModelAssignment:
+    """Return an assignment of version 2 of "linear" in a file of about 8 MiB."""
+    big_file = tmp_path / "big.onnx"
+    big_file.write_bytes(linear_model(seed, padding_floats=2 * 1024 * 1024))
+    return assignment(artifacts, big_file, "2")
+
+
+def apply_during_download(
+    reconciler: Reconciler, downloading: agent_pb2.DesiredState, newer: agent_pb2.DesiredState, digest: str
+) -> threading.Thread:
+    """Apply downloading in a thread, and newer here once the download of digest has written bytes.
+
+    Both go through supersede() first, as the agent does. Returns the thread, joined.
+    """
+    part = reconciler.store.part_path(digest)
+    applying = threading.Thread(
+        target=reconciler.apply, args=(downloading,), kwargs={"ticket": reconciler.supersede(downloading)}
+    )
+    applying.start()
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    reconciler.apply(newer, ticket=reconciler.supersede(newer))
+    applying.join(timeout=30)
+    return applying
+
+
 def test_newer_desired_state_stops_download(
-    tmp_path: Path, artifacts: FileArtifactStore, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, artifacts: FileArtifactStore, slow_channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO", logger="edgefleet.agent.reconcile")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(SlowArtifactServicer(artifacts), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    big_file = tmp_path / "big.onnx"
-    big_file.write_bytes(linear_model(2, padding_floats=2 * 1024 * 1024))  # About 8 MiB.
     small = assignment(artifacts, onnx_linear(tmp_path / "small.onnx"), "1")
-    big = assignment(artifacts, big_file, "2")
+    big = big_assignment(artifacts, tmp_path, seed=2)
     second = agent_pb2.DesiredState(generation=2, models=[big])
     rollback = agent_pb2.DesiredState(generation=3, models=[small])
-    try:
-        with ModelHost(default_threads=1) as host:
-            reconciler = make_reconciler(tmp_path / "device", channel, host)
-            reconciler.apply(agent_pb2.DesiredState(generation=1, models=[small]))
-            part = reconciler.store.part_path(big.digest)
-            applying = threading.Thread(
-                target=reconciler.apply, args=(second,), kwargs={"ticket": reconciler.supersede(second)}
-            )
-            applying.start()
-            deadline = time.monotonic() + 30
-            while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            reconciler.apply(rollback, ticket=reconciler.supersede(rollback))
-            applying.join(timeout=30)
 
-            assert not applying.is_alive()
-            assert "download stopped: a newer desired state arrived, or the agent stops" in caplog.text
-            # The newer desired state does not have the stopped download, so its part is deleted.
-            assert not part.exists()
-            assert reconciler.store.find("linear", big.digest) is None
-            assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
-            assert reconciler.statuses["linear"].state == MODEL_STATE_SERVING
-            assert reconciler.statuses["linear"].variant_id == small.variant_id
-            assert reconciler.generation == 3
-    finally:
-        channel.close()
-        server.stop(grace=None)
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", slow_channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[small]))
+        applying = apply_during_download(reconciler, second, rollback, big.digest)
+
+        assert not applying.is_alive()
+        assert "download stopped: a newer desired state arrived, or the agent stops" in caplog.text
+        # The newer desired state does not have the stopped download, so its part is deleted.
+        assert not reconciler.store.part_path(big.digest).exists()
+        assert reconciler.store.find("linear", big.digest) is None
+        assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+        assert reconciler.statuses["linear"].state == MODEL_STATE_SERVING
+        assert reconciler.statuses["linear"].variant_id == small.variant_id
+        assert reconciler.generation == 3
 
 
 def test_overtaken_desired_state_skipped(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:
@@ -409,17 +429,12 @@ def test_overtaken_desired_state_skipped(tmp_path: Path, artifacts: FileArtifact
         assert reconciler.generation == 3
 
 
-def test_rollback_of_other_model_not_blocked_by_download(tmp_path: Path, artifacts: FileArtifactStore) -> None:
+def test_rollback_of_other_model_not_blocked_by_download(
+    tmp_path: Path, artifacts: FileArtifactStore, slow_channel: grpc.Channel
+) -> None:
     # Model "other" goes back to the version it kept on disk while a large download of "linear" runs:
     # the swap comes first, and the download resumes after it.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(SlowArtifactServicer(artifacts), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    big_file = tmp_path / "big.onnx"
-    big_file.write_bytes(linear_model(3, padding_floats=2 * 1024 * 1024))  # About 8 MiB.
-    big = assignment(artifacts, big_file, "2")
+    big = big_assignment(artifacts, tmp_path, seed=3)
     other_1, other_2 = (
         agent_pb2.ModelAssignment(
             model_name="other",
@@ -440,26 +455,14 @@ def test_rollback_of_other_model_not_blocked_by_download(tmp_path: Path, artifac
 
     downloading = agent_pb2.DesiredState(generation=3, models=[other_2, big])
     rollback = agent_pb2.DesiredState(generation=4, models=[other_1, big])
-    try:
-        with ModelHost(default_threads=1) as host:
-            reconciler = make_reconciler(tmp_path / "device", channel, host)
-            reconciler.apply(agent_pb2.DesiredState(generation=1, models=[other_1]))
-            reconciler.apply(agent_pb2.DesiredState(generation=2, models=[other_2]))
-            reconciler.report = record
-            part = reconciler.store.part_path(big.digest)
-            applying = threading.Thread(
-                target=reconciler.apply, args=(downloading,), kwargs={"ticket": reconciler.supersede(downloading)}
-            )
-            applying.start()
-            deadline = time.monotonic() + 30
-            while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            reconciler.apply(rollback, ticket=reconciler.supersede(rollback))
-            applying.join(timeout=30)
 
-            assert host.infer("other", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
-            assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "2"
-            assert serving_order.index("other:1:source") < serving_order.index(big.variant_id)
-    finally:
-        channel.close()
-        server.stop(grace=None)
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", slow_channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[other_1]))
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[other_2]))
+        reconciler.report = record
+        apply_during_download(reconciler, downloading, rollback, big.digest)
+
+        assert host.infer("other", {"x": np.ones((1, 4), np.float32)}).model_version == "1"
+        assert host.infer("linear", {"x": np.ones((1, 4), np.float32)}).model_version == "2"
+        assert serving_order.index("other:1:source") < serving_order.index(big.variant_id)

@@ -12,7 +12,7 @@ import pytest
 
 from edgefleet.v1 import operator_pb2
 from tests.faults.fleet import MODEL, deploy, linear_model, serving_fleet, upload, wait_serving
-from tests.faults.processes import STEP_TIMEOUT_S, InferenceClient, wait_for
+from tests.faults.processes import STEP_TIMEOUT_S, AgentProcess, InferenceClient, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,11 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def part_of(agent: AgentProcess, model: bytes) -> Path:
+    """Return the path of the agent's partial download of model."""
+    return agent.state_dir / "models" / "partial" / f"{hashlib.sha256(model).hexdigest()}.part"
+
+
 def test_disk_full_download_retried_once_space_is_freed(tmp_path: Path, small_model_store: Path) -> None:
     new_model = linear_model(6, padding_floats=2 * MIB)  # About 8 MiB.
     part = small_model_store / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
@@ -76,7 +81,7 @@ def test_disk_full_download_retried_once_space_is_freed(tmp_path: Path, small_mo
 def test_new_deploy_stops_replaced_download(tmp_path: Path) -> None:
     replaced = linear_model(7, padding_floats=2 * MIB)  # About 8 MiB: 4 s at 2 MiB/s.
     with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
-        part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(replaced).hexdigest()}.part"
+        part = part_of(agent, replaced)
         channel, operator = orchestrator.operator()
         with channel:
             device_id = agent.device_id()
@@ -102,7 +107,7 @@ def test_new_deploy_stops_replaced_download(tmp_path: Path) -> None:
 def test_stop_during_download_keeps_part(tmp_path: Path) -> None:
     new_model = linear_model(9, padding_floats=2 * MIB)  # About 8 MiB: 8 s at 1 MiB/s.
     with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
-        part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
+        part = part_of(agent, new_model)
         channel, operator = orchestrator.operator()
         with channel:
             upload(operator, new_model, "2")
@@ -129,7 +134,7 @@ def test_key_rotation_adopted_during_download(tmp_path: Path) -> None:
     """
     new_model = linear_model(15, padding_floats=2 * MIB)  # About 8 MiB: 8 s at 1 MiB/s.
     with serving_fleet(tmp_path) as (orchestrator, proxy, agent):
-        part = agent.state_dir / "models" / "partial" / f"{hashlib.sha256(new_model).hexdigest()}.part"
+        part = part_of(agent, new_model)
         keys_file = agent.state_dir / "trusted_keys.json"
         channel, operator = orchestrator.operator()
         with channel:
