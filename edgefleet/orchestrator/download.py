@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -48,15 +50,26 @@ class DownloadNotFoundError(DownloadError):
 class ChunkDigestCache:
     """The SHA-256 of artifact chunks already served, so each is computed once for the whole fleet.
 
-    Artifacts are content-addressed, so a chunk's digest never changes: when a rollout sends one model
-    to a thousand devices, the orchestrator hashes each chunk for the first device only. The cache is
-    keyed by artifact digest, chunk size and offset and keeps the max_entries most recently used.
+    Artifacts are content-addressed, so a chunk's digest does not change while the stored copy stays
+    the same: when a rollout sends one model to a thousand devices, the orchestrator hashes each chunk
+    for the first device only. The cache is keyed by artifact digest, chunk size and offset and keeps
+    the max_entries most recently used. note_copy() drops a digest's entries when its stored copy is
+    replaced, as an upload does that repairs a copy changed on disk.
     """
 
     def __init__(self, max_entries: int = 65_536) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._copies: dict[str, object] = {}  # The identity of the stored copy that each digest's entries describe.
         self._lock = threading.Lock()
+
+    def note_copy(self, digest: str, copy: object) -> None:
+        """Record the identity of the stored copy about to be read, and forget the digest's entries if it changed."""
+        with self._lock:
+            if self._copies.get(digest, copy) != copy:
+                for key in [key for key in self._entries if key[0] == digest]:
+                    del self._entries[key]
+            self._copies[digest] = copy
 
     def get(self, digest: str, chunk_size: int, offset: int) -> str | None:
         key = (digest, chunk_size, offset)
@@ -120,7 +133,21 @@ def iter_chunks(
             f"offset {offset} is outside artifact {digest} of {total_size} bytes; "
             "resume from an offset between 0 and the size"
         )
+    cache.note_copy(digest, _copy_identity(handle))
     return _read_chunks(handle, digest, total_size, offset, effective_chunk_size(chunk_size), cache)
+
+
+def _copy_identity(handle: BinaryIO) -> object:
+    """Return what tells one stored file from its replacement: inode, modification time and size.
+
+    NOTE: a store whose handles have no file descriptor gives None, so a replaced copy keeps the
+    cached chunk digests of the copy before it.
+    """
+    try:
+        info = os.fstat(handle.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def _read_chunks(
