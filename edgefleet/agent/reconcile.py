@@ -321,11 +321,11 @@ class Reconciler:
         with self._lock:
             if self._desired is None or not self.retry_later or self._superseded():
                 return
+            free = self._store_free()
             pending = [
                 a
                 for a in self._desired.models
-                if a.model_name in self.retry_later
-                and self._store_free() > self._free_at_disk_full.get(a.model_name, -1)
+                if a.model_name in self.retry_later and free > self._free_at_disk_full.get(a.model_name, -1)
             ]
             if not pending:
                 return
