@@ -159,7 +159,7 @@ class FileArtifactStore(ArtifactStore):
                 if move:
                     source.unlink()
                 return digest
-            # Devices reject this copy by its digest, and their error asks operators to upload the
+            # Devices reject this copy by its digest, and their error tells operators to upload the
             # model again, so that upload must repair it.
             logger.warning(
                 "stored artifact %s in %s has SHA-256 %s, so it was changed or damaged on disk; replacing it "

@@ -348,7 +348,7 @@ def test_cli_status_marks_wave_ended_undecided(
     capsys: pytest.CaptureFixture[str],
     open_stream: Callable[..., ControlStream],
 ) -> None:
-    """A rollback by the operator while a wave device downloads leaves the wave undecided, and says so."""
+    """A rollback by the operator while a wave device downloads leaves the wave undecided, as status shows."""
     device_id, key = register(orchestrator.agent, labels={"kind": "camera"})
     upload(orchestrator, linear_onnx(1), MODEL, "1")
     upload(orchestrator, linear_onnx(2), MODEL, "2")

@@ -115,9 +115,9 @@ class JobStore(abc.ABC):
         """Store the job's variants and mark it succeeded, in one transaction.
 
         A result whose id is an existing variant with status "pending" (an upload that waited for the
-        gate) updates that variant's gate figures: status, reason, accuracy and latency. source_top1,
-        the source's top-1 accuracy that a gate with labels measured, is stored on the job's source
-        variant, so that selection ranks it by that figure against its variants. Returns False,
+        gate) updates that variant's gate figures: status, reason, accuracy, accuracy drop and latency.
+        source_top1, the source's top-1 accuracy that a gate with labels measured, is stored on the
+        job's source variant for display. Selection ranks by each variant's accuracy drop. Returns False,
         storing nothing, when the job is no longer running under attempt. Raises AlreadyExistsError,
         storing nothing, when a variant id exists already and is not pending.
         """
