@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from edgefleet.common.serde import DEVICE_STATUS_NAMES
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator.config import resolve_listen_host
 from edgefleet.orchestrator.store.engine import DatabaseUnavailable
@@ -134,6 +135,11 @@ class FleetCollector(Collector):
         by_status: Tally[tuple[str, str]] = Tally()
         for device in devices:
             by_status[(self.state.hub.status_of(device), device.hardware.hardware_class)] += 1
+        # Every status gets a series for each hardware class, 0 included, so that a sum over a
+        # status reads 0 rather than "no data" when no device has it.
+        for hardware_class in {hardware_class for _, hardware_class in by_status}:
+            for status in DEVICE_STATUS_NAMES:
+                by_status.setdefault((status, hardware_class), 0)
         gauge = GaugeMetricFamily(
             "edgefleet_devices", "Devices by status and hardware class", labels=["status", "hardware_class"]
         )

@@ -102,6 +102,8 @@ def test_scrape_reports_devices_and_quantiles(fleet: tuple[LocalFleet, int]) -> 
     samples = scrape(port)
     devices = {labels["status"]: value for labels, value in samples["edgefleet_devices"]}
     assert sum(devices.values()) == 2
+    # Statuses that no device has are exported as 0, so dashboards sum them to 0, not "no data".
+    assert set(devices) == {"online", "stale", "offline"}
     quantiles = {
         labels["quantile"]: value
         for labels, value in samples["edgefleet_inference_latency_ms"]
