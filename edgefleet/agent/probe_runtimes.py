@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.agent.runtime.native_stderr import capture_native_stderr
 from edgefleet.common.hardware import RuntimeInfo
 
 logger = logging.getLogger(__name__)
@@ -190,11 +191,13 @@ def probe_litert(
         return None
     package, version, interpreter_class, _ = litert
     providers: list[str] = []
-    if _runs_tiny_model(interpreter_class):
-        providers.extend(LITERT_BUILTIN_DELEGATES)
-    else:
-        logger.warning("LiteRT %s cannot run a one-node model on the CPU", version)
-    providers.extend(delegate.name for delegate in delegates if loads(delegate))
+    # LiteRT prints to fd 2 when the first interpreter applies XNNPACK, which would break a JSON log.
+    with capture_native_stderr("probing LiteRT"):
+        if _runs_tiny_model(interpreter_class):
+            providers.extend(LITERT_BUILTIN_DELEGATES)
+        else:
+            logger.warning("LiteRT %s cannot run a one-node model on the CPU", version)
+        providers.extend(delegate.name for delegate in delegates if loads(delegate))
     return RuntimeInfo(name="litert", version=version, providers=tuple(providers), package=package)
 
 

@@ -18,6 +18,7 @@ from edgefleet.agent.runtime.base import (
     Runner,
     check_threads,
 )
+from edgefleet.agent.runtime.native_stderr import capture_native_stderr
 from edgefleet.common.models import TensorSpec
 
 try:
@@ -284,14 +285,16 @@ class LiteRTRunner(Runner):
         slots: list[_Slot] = []
         delegates: set[str] = set()
         reasons: list[str] = []
-        for _ in range(self.pool_size):
-            interpreter, delegate, reason = self._interpreter(path, threads, attempt)
-            slots.append(_Slot(interpreter))
-            delegates.add(delegate)
-            if reason:
-                reasons.append(reason)
-                # The remaining interpreters skip a GPU delegate that already failed.
-                attempt = tuple(name for name in attempt if name != GPU)
+        # LiteRT prints to fd 2 while it builds an interpreter, which would break a JSON log.
+        with capture_native_stderr(f"loading {path}"):
+            for _ in range(self.pool_size):
+                interpreter, delegate, reason = self._interpreter(path, threads, attempt)
+                slots.append(_Slot(interpreter))
+                delegates.add(delegate)
+                if reason:
+                    reasons.append(reason)
+                    # The remaining interpreters skip a GPU delegate that already failed.
+                    attempt = tuple(name for name in attempt if name != GPU)
         providers = tuple(name for name in DELEGATE_PREFERENCE if name in delegates)
         fallback_reason = reasons[0] if reasons else ""
         if fallback_reason:
