@@ -105,7 +105,11 @@ class Reconciler:
             still_served = self._still_served_status(name, status)
             if still_served is not None:
                 models.append(still_served)
-        return agent_pb2.ReportedState(desired_generation=self.generation, models=models)
+        report = agent_pb2.ReportedState(desired_generation=self.generation, models=models)
+        trusted_keys = self.verifier.trusted_keys_report() if self.verifier is not None else None
+        if trusted_keys is not None:
+            report.trusted_keys.CopyFrom(trusted_keys)
+        return report
 
     def hello_generation(self) -> int:
         """Return the generation to claim when a control stream opens, which is 0 while a download waits for a retry."""

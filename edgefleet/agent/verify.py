@@ -90,6 +90,13 @@ class ArtifactVerifier:
     def has_keys(self) -> bool:
         return bool(self.keys)
 
+    def trusted_keys_report(self) -> agent_pb2.TrustedKeysReport | None:
+        """Return the key set version and key ids this device trusts, or None while it trusts none."""
+        with self._lock:
+            if not self.keys:
+                return None
+            return agent_pb2.TrustedKeysReport(version=self.key_version, key_ids=sorted(self.keys))
+
     def update_keys(self, key_set: agent_pb2.TrustedKeys, *, first_use: bool = False) -> bool:
         """Adopt a newer key set; return whether the stored set changed.
 

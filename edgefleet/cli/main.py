@@ -362,6 +362,12 @@ def render_device(d: dict[str, Any]) -> str:
         f"os:            {d['os']} (kernel {d['kernel']})",
         f"labels:        {', '.join(f'{k}={v}' for k, v in sorted(d['labels'].items())) or '-'}",
         f"generations:   desired {d['desired_generation']}, reported {d['reported_generation']}",
+        "signing keys:  "
+        + (
+            f"{', '.join(d['trusted_keys']['key_ids'])} (key set version {d['trusted_keys']['version']})"
+            if d["trusted_keys"]
+            else "not reported"
+        ),
     ]
     if d["models"]:
         lines.append("models:")

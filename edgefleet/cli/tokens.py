@@ -113,6 +113,11 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     sub.set_defaults(handler=cmd_keys_rotate)
     sub = verbs.add_parser("retire", help="remove an old key from the set that devices trust")
     sub.add_argument("key_id")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="retire even when some devices have not reported a key that stays; they must be enrolled again",
+    )
     output_flag(sub)
     sub.set_defaults(handler=cmd_keys_retire)
 
@@ -258,23 +263,57 @@ def cmd_tokens_revoke(client: Client, args: argparse.Namespace) -> None:
 def keys_view(response: operator_pb2.ListSigningKeysResponse) -> dict[str, Any]:
     return {
         "key_set_version": response.key_set_version,
+        "devices": response.devices,
         "keys": [
             {
                 "key_id": k.key_id,
                 "public_key": k.public_key.hex(),
                 "created_at": _time_text(k.created_at),
                 "active": k.active,
+                "trusted_by": k.trusted_by,
             }
             for k in response.keys
+        ],
+        "behind": [
+            {
+                "device_id": d.device_id,
+                "key_set_version": d.trusted_key_set_version or None,
+                "key_ids": list(d.trusted_key_ids),
+                "last_seen": _time_text(d.last_seen) if d.HasField("last_seen") else None,
+            }
+            for d in response.behind
         ],
     }
 
 
 def render_keys(data: dict[str, Any]) -> str:
-    rows = [(k["key_id"], "yes" if k["active"] else "", k["created_at"], k["public_key"]) for k in data["keys"]]
-    return f"key set version {data['key_set_version']}\n" + views.table(
-        ("KEY ID", "ACTIVE", "CREATED", "PUBLIC KEY"), rows
-    )
+    devices = data["devices"]
+    rows = [
+        (k["key_id"], "yes" if k["active"] else "", f"{k['trusted_by']} of {devices}", k["created_at"], k["public_key"])
+        for k in data["keys"]
+    ]
+    lines = [
+        f"key set version {data['key_set_version']}",
+        views.table(("KEY ID", "ACTIVE", "TRUSTED BY", "CREATED", "PUBLIC KEY"), rows),
+    ]
+    behind = data["behind"]
+    if behind:
+        lines.append(f"{len(behind)} of {devices} devices have not reported key set version {data['key_set_version']}:")
+        lines.append(
+            views.table(
+                ("  DEVICE", "KEY SET", "TRUSTED KEYS", "LAST SEEN"),
+                [
+                    (
+                        "  " + d["device_id"],
+                        d["key_set_version"] or "-",
+                        ", ".join(d["key_ids"]) or "not reported",
+                        views.age(d["last_seen"]),
+                    )
+                    for d in behind
+                ],
+            )
+        )
+    return "\n".join(lines)
 
 
 def cmd_keys_list(client: Client, args: argparse.Namespace) -> None:
@@ -286,5 +325,6 @@ def cmd_keys_rotate(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_keys_retire(client: Client, args: argparse.Namespace) -> None:
-    response = client.call("RetireSigningKey", operator_pb2.RetireSigningKeyRequest(key_id=args.key_id))
+    request = operator_pb2.RetireSigningKeyRequest(key_id=args.key_id, force=args.force)
+    response = client.call("RetireSigningKey", request)
     _emit(keys_view(response), args.output, render_keys)

@@ -104,6 +104,9 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
             for c in device.identity_conflicts
         ],
         "profile_revisions": device.profile_revisions,
+        "trusted_keys": {"version": device.trusted_key_set_version, "key_ids": list(device.trusted_key_ids)}
+        if device.trusted_key_set_version
+        else None,
     }
 
 

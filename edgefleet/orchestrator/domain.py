@@ -25,6 +25,9 @@ class Device:
     profile_revisions: int  # Distinct hardware profiles recorded for this device.
     desired_generation: int
     reported_generation: int
+    # The signing key set the agent last reported trusting; None until it reports one.
+    trusted_key_set_version: int | None = None
+    trusted_key_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

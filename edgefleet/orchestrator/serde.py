@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 
 from edgefleet.common.models import PRECISIONS
@@ -28,6 +29,9 @@ from edgefleet.orchestrator.domain import (
 )
 from edgefleet.v1 import agent_pb2, operator_pb2
 
+# A key set contains the active key and the keys not yet retired, far fewer than this in practice.
+MAX_TRUSTED_KEYS = 64
+KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 def key_hash(instance_key: str) -> str:
     return hashlib.sha256(instance_key.encode()).hexdigest()
@@ -116,7 +120,20 @@ def device_to_proto(
         reported_generation=device.reported_generation,
         identity_conflicts=[conflict_to_proto(c) for c in conflicts],
         profile_revisions=device.profile_revisions,
+        trusted_key_set_version=device.trusted_key_set_version or 0,
+        trusted_key_ids=device.trusted_key_ids,
     )
+
+
+def trusted_keys_from_proto(message: agent_pb2.TrustedKeysReport) -> tuple[int, list[str]]:
+    """Return the key set version and key ids of an agent's report; raise ValueError for invalid ids."""
+    key_ids = list(message.key_ids)
+    if len(key_ids) > MAX_TRUSTED_KEYS:
+        raise ValueError(f"trusted_keys.key_ids has {len(key_ids)} ids; at most {MAX_TRUSTED_KEYS}")
+    for key_id in key_ids:
+        if not KEY_ID.fullmatch(key_id):
+            raise ValueError(f"trusted_keys.key_ids has {key_id!r}, which is not a key id (16 lowercase hex digits)")
+    return message.version, key_ids
 
 
 def variant_to_proto(variant: Variant) -> operator_pb2.Variant:

@@ -134,12 +134,22 @@ class ModelStatus(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., variant_id: _Optional[str] = ..., digest: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ModelState, str]] = ..., error: _Optional[str] = ..., runtime: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., threads: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., size_bytes: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReportedState(_message.Message):
-    __slots__ = ("desired_generation", "models")
+    __slots__ = ("desired_generation", "models", "trusted_keys")
     DESIRED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEYS_FIELD_NUMBER: _ClassVar[int]
     desired_generation: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
-    def __init__(self, desired_generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+    trusted_keys: TrustedKeysReport
+    def __init__(self, desired_generation: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., trusted_keys: _Optional[_Union[TrustedKeysReport, _Mapping]] = ...) -> None: ...
+
+class TrustedKeysReport(_message.Message):
+    __slots__ = ("version", "key_ids")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommandAck(_message.Message):
     __slots__ = ("command_id", "ok", "error")

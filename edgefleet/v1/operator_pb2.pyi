@@ -85,7 +85,7 @@ class IdentityConflict(_message.Message):
     def __init__(self, instance_key_fingerprint: _Optional[str] = ..., peer: _Optional[str] = ..., seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed", "drift", "revoked")
+    __slots__ = ("device_id", "status", "hardware", "labels", "agent_version", "registered_at", "last_seen", "models", "desired", "desired_generation", "reported_generation", "identity_conflicts", "profile_revisions", "clock_skew_seconds", "clock_skewed", "drift", "revoked", "trusted_key_set_version", "trusted_key_ids")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,8 @@ class Device(_message.Message):
     CLOCK_SKEWED_FIELD_NUMBER: _ClassVar[int]
     DRIFT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEY_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     status: _common_pb2.DeviceStatus
     hardware: _common_pb2.HardwareProfile
@@ -127,7 +129,9 @@ class Device(_message.Message):
     clock_skewed: bool
     drift: _containers.RepeatedCompositeFieldContainer[Drift]
     revoked: bool
-    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ..., revoked: _Optional[bool] = ...) -> None: ...
+    trusted_key_set_version: int
+    trusted_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.DeviceStatus, str]] = ..., hardware: _Optional[_Union[_common_pb2.HardwareProfile, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_agent_pb2.ModelStatus, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[_agent_pb2.ModelAssignment, _Mapping]]] = ..., desired_generation: _Optional[int] = ..., reported_generation: _Optional[int] = ..., identity_conflicts: _Optional[_Iterable[_Union[IdentityConflict, _Mapping]]] = ..., profile_revisions: _Optional[int] = ..., clock_skew_seconds: _Optional[float] = ..., clock_skewed: _Optional[bool] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ..., revoked: _Optional[bool] = ..., trusted_key_set_version: _Optional[int] = ..., trusted_key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Drift(_message.Message):
     __slots__ = ("kind", "model_name", "desired_variant_id", "reported_variant_id", "detail")
@@ -781,38 +785,58 @@ class RevokeApiTokenRequest(_message.Message):
     def __init__(self, token_id: _Optional[str] = ...) -> None: ...
 
 class SigningKeyInfo(_message.Message):
-    __slots__ = ("key_id", "public_key", "created_at", "active")
+    __slots__ = ("key_id", "public_key", "created_at", "active", "trusted_by")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_BY_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     public_key: bytes
     created_at: _timestamp_pb2.Timestamp
     active: bool
-    def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
+    trusted_by: int
+    def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ..., trusted_by: _Optional[int] = ...) -> None: ...
 
 class ListSigningKeysRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ListSigningKeysResponse(_message.Message):
-    __slots__ = ("keys", "key_set_version")
+    __slots__ = ("keys", "key_set_version", "devices", "behind")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     KEY_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[SigningKeyInfo]
     key_set_version: int
-    def __init__(self, keys: _Optional[_Iterable[_Union[SigningKeyInfo, _Mapping]]] = ..., key_set_version: _Optional[int] = ...) -> None: ...
+    devices: int
+    behind: _containers.RepeatedCompositeFieldContainer[DeviceKeys]
+    def __init__(self, keys: _Optional[_Iterable[_Union[SigningKeyInfo, _Mapping]]] = ..., key_set_version: _Optional[int] = ..., devices: _Optional[int] = ..., behind: _Optional[_Iterable[_Union[DeviceKeys, _Mapping]]] = ...) -> None: ...
+
+class DeviceKeys(_message.Message):
+    __slots__ = ("device_id", "trusted_key_set_version", "trusted_key_ids", "last_seen")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEY_SET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    trusted_key_set_version: int
+    trusted_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    last_seen: _timestamp_pb2.Timestamp
+    def __init__(self, device_id: _Optional[str] = ..., trusted_key_set_version: _Optional[int] = ..., trusted_key_ids: _Optional[_Iterable[str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RotateSigningKeyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RetireSigningKeyRequest(_message.Message):
-    __slots__ = ("key_id",)
+    __slots__ = ("key_id", "force")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     key_id: str
-    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, key_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ("name", "version", "variant_id")

@@ -372,6 +372,38 @@ def test_failed_model_logged_once(
     assert logged[1].endswith("failed: runtime failed again, differently")
 
 
+def test_reported_trusted_keys_stored(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
+    device_id, key = register(orchestrator.agent)
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    report = agent_pb2.ReportedState(
+        trusted_keys=agent_pb2.TrustedKeysReport(version=4, key_ids=["0123456789abcdef", "fedcba9876543210"])
+    )
+
+    stream.send(agent_pb2.AgentMessage(reported_state=report))
+    device = wait_until(
+        lambda: get_device(orchestrator, device_id) if get_device(orchestrator, device_id).trusted_key_ids else None,
+        "the trusted keys to be stored",
+    )
+
+    assert device.trusted_key_set_version == 4
+    assert list(device.trusted_key_ids) == ["0123456789abcdef", "fedcba9876543210"]
+
+
+def test_reported_trusted_keys_invalid(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
+    device_id, key = register(orchestrator.agent)
+    stream = open_stream(orchestrator.agent)
+    stream.hello(device_id, key)
+    report = agent_pb2.ReportedState(trusted_keys=agent_pb2.TrustedKeysReport(version=1, key_ids=["not-a-key"]))
+
+    stream.send(agent_pb2.AgentMessage(reported_state=report))
+    end = stream.wait_end()
+
+    assert end.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'not-a-key'" in end.details
+    assert get_device(orchestrator, device_id).trusted_key_set_version == 0
+
+
 def test_reported_state_invalid(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:
     device_id, key = register(orchestrator.agent)
     stream = open_stream(orchestrator.agent)

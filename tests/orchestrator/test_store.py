@@ -925,6 +925,32 @@ def test_reported_state_unknown(store: Store) -> None:
     assert store.get_reported_state("ghost") == []
 
 
+def test_trusted_keys_stored(store: Store) -> None:
+    _register(store)
+    before = store.get_device("dev-1")
+    store.save_reported_state("dev-1", 1, [], NOW, trusted_keys=(3, ["bbbb000000000000", "aaaa000000000000"]))
+    device = store.get_device("dev-1")
+    assert before is not None
+    assert before.trusted_key_set_version is None
+    assert before.trusted_key_ids == ()
+    assert device is not None
+    assert device.trusted_key_set_version == 3
+    assert device.trusted_key_ids == ("aaaa000000000000", "bbbb000000000000")
+    assert [d.trusted_key_ids for d in store.list_devices()] == [device.trusted_key_ids]
+
+
+def test_trusted_keys_kept_without_report(store: Store) -> None:
+    """A report without keys (an agent that trusts none yet) leaves the stored keys as they were."""
+    _register(store)
+    store.save_reported_state("dev-1", 1, [], NOW, trusted_keys=(2, ["aaaa000000000000"]))
+    store.save_reported_state("dev-1", 2, [], NOW)
+    device = store.get_device("dev-1")
+    assert device is not None
+    assert device.reported_generation == 2
+    assert device.trusted_key_set_version == 2
+    assert device.trusted_key_ids == ("aaaa000000000000",)
+
+
 # Metrics
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
+from edgefleet.cli.main import main
 from edgefleet.common.errors import FailedPrecondition
 from edgefleet.orchestrator.security.signing import Signer
 from edgefleet.orchestrator.security.store import SqlSecurityStore
@@ -246,6 +249,7 @@ def test_rotation_reaches_connected_agent(start_secure: StartSecure, start_agent
     rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
     new_key = next(k.key_id for k in rotated.keys if k.active)
     wait_until(lambda: new_key in agent.agent.verifier.keys or None, "the agent to learn the new key")
+    wait_reported_keys(orchestrator, "ecu-1")
     admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
     second = deploy_and_wait(orchestrator, "ecu-1", "2", common_pb2.MODEL_STATE_SERVING)
 
@@ -263,12 +267,85 @@ def test_retire_reaches_connected_agent(start_secure: StartSecure, start_agent: 
     first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
     rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
     new_key = next(k.key_id for k in rotated.keys if k.active)
-    wait_until(lambda: new_key in agent.agent.verifier.keys or None, "the agent to learn the new key")
+    wait_reported_keys(orchestrator, "ecu-1")
 
     admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
 
     wait_until(lambda: first_key not in agent.agent.verifier.keys or None, "the agent to drop the retired key")
     assert set(agent.agent.verifier.keys) == {new_key}
+
+
+def wait_reported_keys(orchestrator: SecureOrchestrator, device_id: str) -> None:
+    """Wait until the orchestrator has the device's report of the current key set."""
+
+    def reported() -> bool | None:
+        listed = orchestrator.operator().ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30)
+        devices = orchestrator.operator().ListDevices(operator_pb2.ListDevicesRequest(), timeout=30).devices
+        device = next((d for d in devices if d.device_id == device_id), None)
+        return (device is not None and device.trusted_key_set_version == listed.key_set_version) or None
+
+    wait_until(reported, f"{device_id} to report the current signing keys")
+
+
+def test_keys_list_counts_trusting_devices(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_reported_keys(orchestrator, "ecu-1")
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    agent.stop()
+
+    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    device = admin.GetDevice(operator_pb2.GetDeviceRequest(device_id="ecu-1"), timeout=30)
+
+    assert rotated.devices == 1
+    assert [(k.key_id == first_key, k.trusted_by) for k in rotated.keys] == [(True, 1), (False, 0)]
+    assert [d.device_id for d in rotated.behind] == ["ecu-1"]
+    assert list(rotated.behind[0].trusted_key_ids) == [first_key]
+    assert rotated.behind[0].trusted_key_set_version < rotated.key_set_version
+    assert list(device.trusted_key_ids) == [first_key]
+
+
+def test_retire_rejected_for_device_behind(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    """Retiring the only key an offline device trusts is rejected until the device reports the new key."""
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_reported_keys(orchestrator, "ecu-1")
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    agent.stop()
+    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    new_key = next(k.key_id for k in rotated.keys if k.active)
+
+    with pytest.raises(grpc.RpcError) as rejected:
+        admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
+    kept = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30)
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_reported_keys(orchestrator, "ecu-1")
+    retired = admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
+
+    assert rejected.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"ecu-1 (trusts {first_key})" in rejected.value.details()
+    assert "--force" in rejected.value.details()
+    assert [k.key_id for k in kept.keys] == [first_key, new_key]
+    assert [k.key_id for k in retired.keys] == [new_key]
+    wait_until(lambda: first_key not in agent.agent.verifier.keys or None, "the agent to drop the retired key")
+
+
+def test_retire_force_strands_device(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_reported_keys(orchestrator, "ecu-1")
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    agent.stop()
+    admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+
+    retired = admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key, force=True), timeout=30)
+
+    assert first_key not in [k.key_id for k in retired.keys]
+    assert [d.device_id for d in retired.behind] == ["ecu-1"]
+    assert retired.keys[0].trusted_by == 0
 
 
 def test_agent_rejects_replay_and_tamper(start_secure: StartSecure, start_agent: StartAgent) -> None:
@@ -353,3 +430,51 @@ def test_verify_unknown_key_names_recovery(signer: Signer, tmp_path: Path) -> No
     assert "signed by unknown key" in message
     assert str(tmp_path / "trusted_keys.json") in message
     assert "edgefleet enroll create --device-id cam-1" in message
+
+
+def test_cli_keys_show_devices_behind(
+    start_secure: StartSecure, start_agent: StartAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_reported_keys(orchestrator, "ecu-1")
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    agent.stop()
+    admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+
+    listed = cli(orchestrator, "keys", "list")
+    listing = capsys.readouterr().out
+    shown = cli(orchestrator, "devices", "show", "ecu-1")
+    device = capsys.readouterr().out
+    rejected = cli(orchestrator, "keys", "retire", first_key)
+    rejection = capsys.readouterr().err
+    forced = cli(orchestrator, "-o", "json", "keys", "retire", first_key, "--force")
+    after = json.loads(capsys.readouterr().out)
+
+    assert listed == 0
+    assert "TRUSTED BY" in listing
+    assert "1 of 1 devices have not reported key set version 2:" in listing
+    assert f"  ecu-1   1        {first_key}" in listing
+    assert shown == 0
+    assert f"signing keys:  {first_key} (key set version 1)" in device
+    assert rejected != 0
+    assert f"ecu-1 (trusts {first_key})" in rejection
+    assert "--force" in rejection
+    assert forced == 0
+    assert [k["key_id"] for k in after["keys"]] != [first_key]
+    assert [d["device_id"] for d in after["behind"]] == ["ecu-1"]
+
+
+def cli(orchestrator: SecureOrchestrator, *args: str) -> int:
+    return main(
+        [
+            "--orchestrator",
+            orchestrator.operator_address,
+            "--ca-cert",
+            str(orchestrator.pki.ca),
+            "--token",
+            orchestrator.admin_token,
+            *args,
+        ]
+    )

@@ -224,6 +224,7 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
         raise InvalidArgument("reported_state.models", f"has {len(message.models)} entries; at most 256")
     try:
         statuses = [serde.model_status_from_proto(device_id, m, i) for i, m in enumerate(message.models)]
+        trusted_keys = serde.trusted_keys_from_proto(message.trusted_keys) if message.HasField("trusted_keys") else None
     except ValueError as error:
         raise InvalidArgument("reported_state", str(error)) from None
     # Agents send their whole state on every change, so a failure stays in each report until it is
@@ -232,7 +233,9 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
         (s.model_name, s.variant_id, s.error) for s in state.store.get_reported_state(device_id) if s.state == "failed"
     }
     try:
-        state.store.save_reported_state(device_id, message.desired_generation, statuses, datetime.now(UTC))
+        state.store.save_reported_state(
+            device_id, message.desired_generation, statuses, datetime.now(UTC), trusted_keys=trusted_keys
+        )
     except NotFoundError:
         # Another orchestrator process removed the device while this process still has its stream open.
         reject_if_removed(device_id, state)

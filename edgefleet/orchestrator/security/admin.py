@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from edgefleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.common.serde import timestamp
 from edgefleet.orchestrator import serde, validation
+from edgefleet.orchestrator.domain import Device
 from edgefleet.orchestrator.handlers.devices import unknown_device
 from edgefleet.orchestrator.security import tokens
 from edgefleet.orchestrator.security.auth import Security
@@ -175,6 +176,7 @@ def list_signing_keys(
     request: operator_pb2.ListSigningKeysRequest | None, state: OrchestratorState
 ) -> operator_pb2.ListSigningKeysResponse:
     version, keys = security_of(state).signer.keys()
+    devices = _trusting_devices(state)
     return operator_pb2.ListSigningKeysResponse(
         keys=[
             operator_pb2.SigningKeyInfo(
@@ -182,10 +184,28 @@ def list_signing_keys(
                 public_key=k.public_key,
                 created_at=timestamp(k.created_at),
                 active=index == len(keys) - 1,
+                trusted_by=sum(k.key_id in d.trusted_key_ids for d in devices),
             )
             for index, k in enumerate(keys)
         ],
         key_set_version=version,
+        devices=len(devices),
+        behind=[_device_keys(d) for d in devices if (d.trusted_key_set_version or 0) < version],
+    )
+
+
+def _trusting_devices(state: OrchestratorState) -> list[Device]:
+    """Return the registered devices that are not revoked: those that must keep trusting a signing key."""
+    revoked = state.revoked_device_ids()
+    return [d for d in state.store.list_devices() if d.device_id not in revoked]
+
+
+def _device_keys(device: Device) -> operator_pb2.DeviceKeys:
+    return operator_pb2.DeviceKeys(
+        device_id=device.device_id,
+        trusted_key_set_version=device.trusted_key_set_version or 0,
+        trusted_key_ids=device.trusted_key_ids,
+        last_seen=timestamp(device.last_seen),
     )
 
 
@@ -214,13 +234,52 @@ def retire_signing_key(
     """
     if not request.key_id:
         raise InvalidArgument("key_id", "missing; list the keys with `edgefleet keys list`")
+    security = security_of(state)
+    stranded = _stranded_devices(request.key_id, security, state)
+    if stranded and not request.force:
+        raise FailedPrecondition(
+            f"retiring signing key {request.key_id} would leave {len(stranded)} devices trusting none of the "
+            f"remaining keys: {_describe_keys(stranded)}. Wait until they connect and report the new key "
+            "(`edgefleet keys list` shows the devices behind), or pass --force and enroll those devices again"
+        )
     try:
-        security_of(state).signer.retire(request.key_id, datetime.now(UTC))
+        security.signer.retire(request.key_id, datetime.now(UTC))
     except NotFoundError as error:
         raise NotFound(str(error)) from None
+    if stranded:
+        log.warning(
+            "retired signing key %s with force: %d devices trust none of the remaining keys and must be enrolled "
+            "again: %s",
+            request.key_id,
+            len(stranded),
+            _describe_keys(stranded),
+        )
     sent = _send_key_set(state)
     log.info("sent the key set without retired key %s to %d connected devices", request.key_id, sent)
     return list_signing_keys(None, state)
+
+
+def _stranded_devices(key_id: str, security: Security, state: OrchestratorState) -> list[Device]:
+    """Return the devices that would trust none of the signing keys left after retiring key_id.
+
+    An agent adopts a key set only when a key it already trusts signed it, so such a device would reject
+    every later key set and assignment until it is enrolled again. A device that has not reported its
+    keys counts, because nothing shows that it learned a successor. Returns [] for the active key and
+    for unknown keys, which the signer rejects.
+    """
+    _, keys = security.signer.keys()
+    if key_id not in {k.key_id for k in keys[:-1]}:
+        return []
+    remaining = {k.key_id for k in keys if k.key_id != key_id}
+    return [d for d in _trusting_devices(state) if not remaining.intersection(d.trusted_key_ids)]
+
+
+def _describe_keys(devices: list[Device], limit: int = 5) -> str:
+    """Return "id (trusts k1, k2), ..." for the first devices, and how many more there are."""
+    text = ", ".join(
+        f"{d.device_id} (trusts {', '.join(d.trusted_key_ids) or 'no reported key'})" for d in devices[:limit]
+    )
+    return text + (f" and {len(devices) - limit} more" if len(devices) > limit else "")
 
 
 def _send_key_set(state: OrchestratorState) -> int:

@@ -238,9 +238,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def save_reported_state(
-        self, device_id: str, generation: int, statuses: Sequence[ModelStatus], now: datetime
+        self,
+        device_id: str,
+        generation: int,
+        statuses: Sequence[ModelStatus],
+        now: datetime,
+        *,
+        trusted_keys: tuple[int, Sequence[str]] | None = None,
     ) -> None:
-        """Replace the device's reported model states and remember which generation they answer."""
+        """Replace the device's reported model states and remember which generation they answer.
+
+        trusted_keys, the key set version and key ids the agent trusts, replaces the stored ones when given.
+        """
 
     @abc.abstractmethod
     def get_reported_state(self, device_id: str) -> list[ModelStatus]: ...

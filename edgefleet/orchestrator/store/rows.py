@@ -42,6 +42,8 @@ def device_from_row(row: Row[Any], labels: Mapping[str, str], profile_revisions:
         profile_revisions=profile_revisions,
         desired_generation=row.desired_generation,
         reported_generation=row.reported_generation,
+        trusted_key_set_version=row.trusted_key_set_version,
+        trusted_key_ids=tuple(row.trusted_key_ids or ()),
     )
 
 

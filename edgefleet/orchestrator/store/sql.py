@@ -471,12 +471,19 @@ class SqlStore(SqlTransactions, Store):
             return int(generation), [rows.assignment_from_row(row) for row in result]
 
     def save_reported_state(
-        self, device_id: str, generation: int, statuses: Sequence[ModelStatus], now: datetime
+        self,
+        device_id: str,
+        generation: int,
+        statuses: Sequence[ModelStatus],
+        now: datetime,
+        *,
+        trusted_keys: tuple[int, Sequence[str]] | None = None,
     ) -> None:
         """Replace the device's reported model states and record the desired generation they report on.
 
-        Raises NotFoundError for an unknown device and StoreError for a status of another device or
-        with a state outside MODEL_STATES.
+        trusted_keys, the key set version and key ids the agent trusts, replaces the stored ones when
+        given. Raises NotFoundError for an unknown device and StoreError for a status of another device
+        or with a state outside MODEL_STATES.
         """
         rows.require_aware("now", now)
         for status in statuses:
@@ -486,9 +493,14 @@ class SqlStore(SqlTransactions, Store):
                 raise StoreError(f"invalid model state {status.state!r}; expected one of {MODEL_STATES}")
         values = [rows.status_values(status, updated_at=now) for status in statuses]
 
+        device_values: dict[str, Any] = {"reported_generation": generation}
+        if trusted_keys is not None:
+            device_values["trusted_key_set_version"] = trusted_keys[0]
+            device_values["trusted_key_ids"] = sorted(trusted_keys[1])
+
         with self._write() as connection:
             result = connection.execute(
-                sa.update(devices).where(devices.c.device_id == device_id).values(reported_generation=generation)
+                sa.update(devices).where(devices.c.device_id == device_id).values(**device_values)
             )
             if result.rowcount == 0:
                 raise NotFoundError(f"device {device_id!r} is not registered")

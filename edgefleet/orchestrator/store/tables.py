@@ -67,6 +67,10 @@ devices = sa.Table(
     sa.Column("connected", sa.Boolean, nullable=False),
     sa.Column("desired_generation", sa.BigInteger, nullable=False),
     sa.Column("reported_generation", sa.BigInteger, nullable=False),
+    # The signing key set the agent last reported trusting: NULL until it reports one, and the key
+    # ids as a JSON list.
+    sa.Column("trusted_key_set_version", sa.BigInteger, nullable=True),
+    sa.Column("trusted_key_ids", sa.JSON, nullable=True),
     # Rollouts and variant choice select the devices of one hardware class.
     sa.Index(None, "hardware_class"),
 )
