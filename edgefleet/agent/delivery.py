@@ -21,6 +21,7 @@ from typing import BinaryIO
 import grpc
 
 from edgefleet.common.files import fsync_directory
+from edgefleet.common.logs import RetryLog
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ RETRYABLE_CODES = frozenset(
 )
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+# The orchestrator tags each INTERNAL error with a new id ("internal error (id 8b07e1f27bf1)"), which
+# download failures leave out when they compare errors.
+_ERROR_ID = re.compile(r"\(id [0-9a-f]+\)")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _READ_BUFFER_BYTES = 1024 * 1024
 
@@ -85,6 +89,12 @@ class DownloadInterruptedError(DownloadFailedError):
     """A download that kept failing with retryable status codes. Its verified part is kept for a later resume."""
 
     retryable = True
+
+    def __init__(self, message: str, *, repeated: bool = False) -> None:
+        super().__init__(message)
+        # True when every attempt failed as the previous ones of this digest did, so none was logged
+        # above debug level.
+        self.repeated = repeated
 
 
 class DownloadCancelledError(DeliveryError):
@@ -508,6 +518,9 @@ class Downloader:
         self.attempt_timeout_s = attempt_timeout_s
         self._sleep = sleep
         self._rng = rng or random.Random()
+        # Failed attempts per digest, so a download that fails the same way in every retry round
+        # logs its attempts at debug level, with a warning at most every 5 minutes.
+        self.failures = RetryLog(logger)
 
     def install(
         self,
@@ -579,6 +592,7 @@ class Downloader:
                     f"downloaded file has SHA-256 {actual}, not the requested {digest}; it was deleted. "
                     "The orchestrator's stored artifact may be corrupt: upload the model again"
                 )
+            self.failures.succeeded(digest, f"download of {digest}")
             return self.store.part_path(digest)
 
     def _disk_full(self, digest: str, error: OSError) -> DiskFullError:
@@ -645,6 +659,7 @@ class _Transfer:
         self.unsynced_bytes = 0
         self.refetches: dict[int, int] = {}
         self.sync: _BackgroundSync | None = None
+        self.logged = False  # Whether a failed attempt of this fetch was logged above debug level.
 
     def hash_existing_prefix(self) -> None:
         """Feed the already verified bytes of a resumed .part file into the running SHA-256."""
@@ -702,14 +717,27 @@ class _Transfer:
             if self.offset > start:
                 failures = 0
             failures += 1
+            comparable_reason = _ERROR_ID.sub("(id ...)", reason)
             if failures > policy.max_attempts:
+                self.logged |= self.downloader.failures.failed(
+                    self.digest,
+                    comparable_reason,
+                    "download of %s interrupted at byte %d (%s); giving up after %d attempts in a row",
+                    self.digest,
+                    self.offset,
+                    reason,
+                    failures,
+                )
                 self.checkpoint()
                 raise DownloadInterruptedError(
                     f"download of {self.digest} failed {failures} times in a row at byte {self.offset} "
-                    f"({reason}); the agent resumes it from this offset after a wait, or when it next connects"
+                    f"({reason}); the agent resumes it from this offset after a wait, or when it next connects",
+                    repeated=not self.logged,
                 )
             delay = policy.backoff_s(failures, self.downloader._rng)
-            logger.warning(
+            self.logged |= self.downloader.failures.failed(
+                self.digest,
+                comparable_reason,
                 "download of %s interrupted at byte %d (%s); retry %d in %.2f s",
                 self.digest,
                 self.offset,

@@ -20,6 +20,7 @@ from edgefleet.agent.delivery import (
     DiskFullError,
     DownloadCancelledError,
     Downloader,
+    DownloadInterruptedError,
     ModelStore,
 )
 from edgefleet.agent.runtime.base import ModelLoadError
@@ -79,6 +80,9 @@ class Reconciler:
     # Free bytes of the model store when a model's download failed on a full disk. retry_pending() skips
     # the model until more is free, so a disk that stays full costs no download attempts.
     _free_at_disk_full: dict[str, int] = field(default_factory=dict)
+    # Models in retry_later whose last download failed as the ones before it did. The Downloader logs
+    # their attempts at debug level, and so does retry_pending() for their retries.
+    _failing_again: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_progress: dict[str, float] = field(default_factory=dict)
     # How many desired states supersede() has seen, and which of them apply() works on. A higher count
@@ -264,6 +268,7 @@ class Reconciler:
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
             self.retry_later &= desired_names
+            self._failing_again &= desired_names
             # Reports sent while the models are applied already report on this generation.
             self.generation = desired.generation
             self._desired = desired
@@ -333,7 +338,12 @@ class Reconciler:
             ]
             if not pending:
                 return
-            log.info("retrying the download of %s", ", ".join(f"model={a.model_name}" for a in pending))
+            repeated = all(a.model_name in self._failing_again for a in pending)
+            log.log(
+                logging.DEBUG if repeated else logging.INFO,
+                "retrying the download of %s",
+                ", ".join(f"model={a.model_name}" for a in pending),
+            )
             for assignment in pending:
                 self._apply_one(assignment, offline=False)
             self.report(self.reported_state())
@@ -350,6 +360,7 @@ class Reconciler:
         if not offline:
             self.retry_later.discard(name)
             self._free_at_disk_full.pop(name, None)
+            self._failing_again.discard(name)
         served = self.host.get(name)
         if (
             served is not None
@@ -457,9 +468,13 @@ class Reconciler:
             )
             return
         except (DeliveryError, ModelLoadError, OSError, ValueError) as error:
-            log.error("model=%s variant=%s failed: %s", name, assignment.variant_id, error)
+            repeated = isinstance(error, DownloadInterruptedError) and error.repeated
+            level = logging.DEBUG if repeated else logging.ERROR
+            log.log(level, "model=%s variant=%s failed: %s", name, assignment.variant_id, error)
             if isinstance(error, DeliveryError) and error.retryable:
                 self.retry_later.add(name)
+                if repeated:
+                    self._failing_again.add(name)
             if isinstance(error, DiskFullError):
                 self._free_at_disk_full[name] = self._store_free()
             if previous is not None and previous.digest != assignment.digest:

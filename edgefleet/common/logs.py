@@ -1,4 +1,4 @@
-"""Logging set-up for entry points (one event a line, as text or JSON for journald), and a limit for repeated errors."""
+"""Logging set-up for entry points (one event a line, as text or JSON for journald), and limits for repeated errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 _CHATTY_LIBRARIES = ("alembic", "onnx_ir", "onnxscript", "jax", "torchao")
@@ -88,3 +90,80 @@ class RepeatedErrors:
         with self._lock:
             count = self._counts[key] = self._counts.get(key, 0) + 1
         return count
+
+
+@dataclass
+class _FailureStreak:
+    error: str
+    started: float
+    warned: float
+    failures: int = 1
+    failures_since_warning: int = 0
+
+
+class RetryLog:
+    """Logs the failed attempts of an operation that is retried, one streak of failures per key.
+
+    The first failure of a key, and a failure whose error differs from the key's previous one, are
+    logged in full at the level given. Identical repeats are logged at debug level, plus a warning at
+    most every interval_s that gives the failures since the last warning and the last one in full.
+    The first success after failures logs one info line and ends the streak. Keys without a success
+    are kept, so use keys from a bounded set. Safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self.interval_s = interval_s
+        self._clock = clock
+        self._streaks: dict[Hashable, _FailureStreak] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, key: Hashable, error: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
+        """Record a failure of key and log message % args as described in the class.
+
+        error is compared with the key's previous failure, so it leaves out what changes between
+        identical failures, such as a request id. Returns whether the message was logged at level.
+        """
+        now = self._clock()
+        text = message % args if args else message
+        with self._lock:
+            streak = self._streaks.get(key)
+            if streak is None or streak.error != error:
+                failures = streak.failures + 1 if streak is not None else 1
+                started = streak.started if streak is not None else now
+                self._streaks[key] = _FailureStreak(error, started, now, failures)
+                self._logger.log(level, "%s", text)
+                return True
+            streak.failures += 1
+            streak.failures_since_warning += 1
+            if now - streak.warned < self.interval_s:
+                self._logger.debug("%s", text)
+                return False
+            self._logger.warning(
+                "%d more identical failures in the %.0f s since the last warning, %d over %.0f s in all; the last: %s",
+                streak.failures_since_warning,
+                now - streak.warned,
+                streak.failures,
+                now - streak.started,
+                text,
+            )
+            streak.warned = now
+            streak.failures_since_warning = 0
+            return False
+
+    def succeeded(self, key: Hashable, operation: str) -> None:
+        """End the key's streak; if it had failures, log at info level that operation succeeded after them."""
+        with self._lock:
+            streak = self._streaks.pop(key, None)
+        if streak is not None:
+            self._logger.info(
+                "%s succeeded after %d failed attempts over %.0f s",
+                operation,
+                streak.failures,
+                self._clock() - streak.started,
+            )

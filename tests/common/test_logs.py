@@ -1,4 +1,4 @@
-"""configure_logging: formats, levels and the libraries it quiets."""
+"""configure_logging (formats, levels and the libraries it quiets) and the limits for repeated errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgefleet.common.logs import RepeatedErrors, configure_logging
+from edgefleet.common.logs import RepeatedErrors, RetryLog, configure_logging
 
 
 @pytest.fixture
@@ -85,3 +85,69 @@ def test_repeated_warnings_logged_sparsely(caplog: pytest.LogCaptureFixture) -> 
     ]
     assert {record.levelno for record in caplog.records} == {logging.WARNING}
     assert all(record.exc_info is None for record in caplog.records)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_retry_log_repeats_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    retries = RetryLog(logging.getLogger("test.retry"), interval_s=300.0, clock=clock)
+    caplog.set_level(logging.DEBUG, logger="test.retry")
+
+    logged = []
+    for attempt in range(1, 21):  # 20 failures 30 s apart: 570 s in all.
+        logged.append(retries.failed("d1", "INTERNAL", "download failed (attempt %d)", attempt))
+        clock.now += 30.0
+
+    records = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert logged == [True] + [False] * 19
+    assert records[0] == ("WARNING", "download failed (attempt 1)")
+    assert records[10] == (
+        "WARNING",
+        "10 more identical failures in the 300 s since the last warning, 11 over 300 s in all; "
+        "the last: download failed (attempt 11)",
+    )
+    assert [level for level, _ in records].count("WARNING") == 2
+    assert [level for level, _ in records].count("DEBUG") == 18
+
+
+def test_retry_log_new_error_logged_in_full(caplog: pytest.LogCaptureFixture) -> None:
+    retries = RetryLog(logging.getLogger("test.retry"), clock=FakeClock())
+    caplog.set_level(logging.DEBUG, logger="test.retry")
+
+    retries.failed("d1", "INTERNAL", "internal error")
+    retries.failed("d1", "INTERNAL", "internal error again")
+    retries.failed("d1", "UNAVAILABLE", "unreachable", level=logging.ERROR)
+    retries.failed("d2", "INTERNAL", "internal error on d2")
+
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", "internal error"),
+        ("DEBUG", "internal error again"),
+        ("ERROR", "unreachable"),
+        ("WARNING", "internal error on d2"),
+    ]
+
+
+def test_retry_log_success_ends_streak(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    retries = RetryLog(logging.getLogger("test.retry"), clock=clock)
+    caplog.set_level(logging.DEBUG, logger="test.retry")
+
+    retries.succeeded("d1", "download of d1")
+    for _ in range(3):
+        retries.failed("d1", "INTERNAL", "internal error")
+        clock.now += 10.0
+    retries.succeeded("d1", "download of d1")
+    first_again = retries.failed("d1", "INTERNAL", "internal error")
+
+    messages = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert messages[3] == ("INFO", "download of d1 succeeded after 3 failed attempts over 30 s")
+    assert first_again
+    assert messages[4] == ("WARNING", "internal error")
+    assert len(messages) == 5
