@@ -26,7 +26,7 @@ from edgefleet.agent.profiles import EnforcedLimits
 from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
 from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.agent.tensor_socket import TensorSocketServer
-from edgefleet.agent.verify import ArtifactVerifier, VerificationError
+from edgefleet.agent.verify import ArtifactVerifier, VerificationError, key_set_ids
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.serde import hardware_to_proto
@@ -473,7 +473,9 @@ class Agent:
         try:
             await asyncio.to_thread(self.verifier.update_keys, response.trusted_keys, first_use=True)
         except VerificationError as error:
-            log.error("ignoring the signing keys from the registration: %s", error)
+            log.error(
+                "ignoring the signing key set %s from the registration: %s", key_set_ids(response.trusted_keys), error
+            )
         log.info("registered as device_id=%s with orchestrator %s", self.device_id, self.config.orchestrator)
         self._outage.ended()
         self._mark_ready(

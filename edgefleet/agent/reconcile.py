@@ -25,7 +25,7 @@ from edgefleet.agent.delivery import (
 )
 from edgefleet.agent.runtime.base import ModelLoadError
 from edgefleet.agent.runtime.host import ModelHost, ServedModel
-from edgefleet.agent.verify import ArtifactVerifier, VerificationError
+from edgefleet.agent.verify import ArtifactVerifier, VerificationError, key_set_ids
 from edgefleet.common.serde import MODEL_STATE_NAMES, format_from_proto, name_to_enum
 from edgefleet.v1 import agent_pb2
 
@@ -257,7 +257,6 @@ class Reconciler:
                 # Applying it would only unload models that the newer state may have again.
                 log.info("skipped desired generation %d: a newer one arrived before it was applied", desired.generation)
                 return
-            self.update_keys(desired)
             desired_names = {a.model_name for a in desired.models}
             for name in [m.name for m in self.host.list() if m.name not in desired_names]:
                 self.host.remove(name)
@@ -313,13 +312,21 @@ class Reconciler:
             log.warning("cannot remove partial downloads outside the desired state: %s", error)
 
     def update_keys(self, desired: agent_pb2.DesiredState) -> None:
-        """Adopt the signing key set that desired carries, if it is newer; log a set that fails verification."""
+        """Adopt the signing key set that desired carries, if it is newer; log a set that fails verification.
+
+        The agent calls this once per desired state, when it arrives; apply() does not adopt keys.
+        """
         if self.verifier is None or not desired.HasField("trusted_keys"):
             return
         try:
             self.verifier.update_keys(desired.trusted_keys)
         except VerificationError as error:
-            log.error("ignoring the signing keys of desired generation %d: %s", desired.generation, error)
+            log.error(
+                "ignoring the signing key set %s of desired generation %d: %s",
+                key_set_ids(desired.trusted_keys),
+                desired.generation,
+                error,
+            )
 
     def retry_pending(self) -> None:
         """Apply again the assignments of the last desired state whose download may succeed now.

@@ -22,6 +22,13 @@ class VerificationError(Exception):
     """An assignment or key set failed verification; the message gives the reason and the fix."""
 
 
+def key_set_ids(key_set: agent_pb2.TrustedKeys) -> str:
+    """Return the ids of a key set's keys and of the keys that signed it, for log lines."""
+    keys = ", ".join(sorted(key.key_id for key in key_set.keys)) or "none"
+    signers = ", ".join(sorted(signature.key_id for signature in key_set.signatures)) or "none"
+    return f"version {key_set.version} with keys {keys}, signed by {signers}"
+
+
 def _write_json(path: Path, value: object) -> None:
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
