@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 import grpc
 
+from edgefleet.common.errors import without_error_id
 from edgefleet.common.files import fsync_directory
 from edgefleet.common.logs import RetryLog
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
@@ -50,9 +51,6 @@ RETRYABLE_CODES = frozenset(
 )
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-# The orchestrator tags each INTERNAL error with a new id ("internal error (id 8b07e1f27bf1)"), which
-# download failures leave out when they compare errors.
-_ERROR_ID = re.compile(r"\(id [0-9a-f]+\)")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _READ_BUFFER_BYTES = 1024 * 1024
 
@@ -717,7 +715,7 @@ class _Transfer:
             if self.offset > start:
                 failures = 0
             failures += 1
-            comparable_reason = _ERROR_ID.sub("(id ...)", reason)
+            comparable_reason = without_error_id(reason)
             if failures > policy.max_attempts:
                 self.logged |= self.downloader.failures.failed(
                     self.digest,

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+# The orchestrator tags each INTERNAL error with a new id ("internal error (id 8b07e1f27bf1)"), so that
+# operators can find its traceback in the log.
+_INTERNAL_ERROR_ID = re.compile(r"\(id [0-9a-f]+\)")
+
+
+def internal_error_message(error_id: str) -> str:
+    """Return the message of an INTERNAL error whose traceback the orchestrator logged under error_id."""
+    return f"internal error (id {error_id}); see the orchestrator log"
+
+
+def without_error_id(message: str) -> str:
+    """Return message with the id of an INTERNAL error masked, so that repeats of one failure compare equal."""
+    return _INTERNAL_ERROR_ID.sub("(id ...)", message)
 
 
 class EdgefleetError(Exception):

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from edgefleet.common.errors import EdgefleetError, InvalidArgument
+from edgefleet.common.errors import EdgefleetError, InvalidArgument, internal_error_message
 from edgefleet.common.serde import from_timestamp, timestamp
 from edgefleet.orchestrator import serde
 from edgefleet.orchestrator.domain import IdentityConflict
@@ -54,7 +54,7 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, error: Base
         await context.abort(error.code, error.message)
     error_id = uuid.uuid4().hex[:12]
     log.error("[%s] unexpected error id=%s", method, error_id, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the orchestrator log")
+    await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error_id))
 
 
 def _store_disconnect(state: OrchestratorState, device_id: str) -> None:

@@ -360,6 +360,9 @@ def test_failed_model_logged_once(
     with caplog.at_level(logging.WARNING, logger="edgefleet.orchestrator.handlers.devices"):
         for _ in range(3):
             report("runtime failed to load the model")
+        # A download retried against an orchestrator error reports a new error id each time.
+        for error_id in ("0a1b2c3d4e5f", "5f4e3d2c1b0a"):
+            report(f"download failed: internal error (id {error_id}); see the orchestrator log")
         report("runtime failed again, differently")
         wait_until(
             lambda: [m for m in get_device(orchestrator, device_id).models if "differently" in m.error],
@@ -367,9 +370,10 @@ def test_failed_model_logged_once(
         )
 
     logged = [r.getMessage() for r in caplog.records if f"device_id={device_id} reports model=linear" in r.getMessage()]
-    assert len(logged) == 2
+    assert len(logged) == 3
     assert logged[0].endswith("failed: runtime failed to load the model")
-    assert logged[1].endswith("failed: runtime failed again, differently")
+    assert logged[1].endswith("failed: download failed: internal error (id 0a1b2c3d4e5f); see the orchestrator log")
+    assert logged[2].endswith("failed: runtime failed again, differently")
 
 
 def test_reported_trusted_keys_stored(orchestrator: OrchestratorThread, open_stream: OpenStream) -> None:

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from edgefleet.common.errors import AlreadyExists, EdgefleetError, FailedPrecondition, InvalidArgument, NotFound
+from edgefleet.common.errors import (
+    AlreadyExists,
+    EdgefleetError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    without_error_id,
+)
 from edgefleet.common.hardware import hardware_class_of
 from edgefleet.common.serde import DEVICE_STATUS_NAMES, enum_to_name, hardware_from_proto, timestamp
 from edgefleet.orchestrator import serde, validation
@@ -228,9 +235,12 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
     except ValueError as error:
         raise InvalidArgument("reported_state", str(error)) from None
     # Agents send their whole state on every change, so a failure stays in each report until it is
-    # fixed. Only a failure that is new or changed is logged, once.
+    # fixed. Only a failure that is new or changed is logged, once. A download that fails on an INTERNAL
+    # error of this orchestrator reports a new error id with each retry, which does not count as a change.
     logged_before = {
-        (s.model_name, s.variant_id, s.error) for s in state.store.get_reported_state(device_id) if s.state == "failed"
+        (s.model_name, s.variant_id, without_error_id(s.error))
+        for s in state.store.get_reported_state(device_id)
+        if s.state == "failed"
     }
     try:
         state.store.save_reported_state(
@@ -241,7 +251,8 @@ def save_reported_state(device_id: str, message: agent_pb2.ReportedState, state:
         reject_if_removed(device_id, state)
         raise NotFound(f"device {device_id!r} is not registered; register it again") from None
     for status in statuses:
-        if status.state == "failed" and (status.model_name, status.variant_id, status.error) not in logged_before:
+        failure = (status.model_name, status.variant_id, without_error_id(status.error))
+        if status.state == "failed" and failure not in logged_before:
             log.warning(
                 "device_id=%s reports model=%s variant=%s failed: %s",
                 device_id,
