@@ -203,8 +203,10 @@ class TensorSocketClient:
             set_timeouts(sock, receive_s=self.timeout_s, send_s=self.timeout_s)
         try:
             sock.connect(str(self.socket_path))
-        except OSError as error:
+        except BaseException as error:
             sock.close()
+            if not isinstance(error, OSError):
+                raise
             raise ConnectionError(
                 f"cannot connect to the tensor socket {self.socket_path}: {error.strerror or error}; "
                 "is edgefleet-agent running, and may this user open the socket?"
@@ -225,7 +227,13 @@ class TensorSocketClient:
         self.close()
 
     def _run(self, work: Callable[[_Connection], _T]) -> _T:
-        """Run one exchange on the connection, reconnecting and retrying once when it broke."""
+        """Run one exchange on the connection, reconnecting and retrying once when it broke.
+
+        Any exception other than an error reply that the agent sent in full closes the connection, and
+        with it the shared region, before it propagates. An exchange cut short (KeyboardInterrupt, a
+        malformed reply) leaves its reply unread, and the next request on the same connection would read
+        that reply, or find outputs of the cut request in the region. The next call reconnects instead.
+        """
         with self._lock:
             attempt = 1
             while True:
@@ -233,25 +241,31 @@ class TensorSocketClient:
                 try:
                     return work(connection)
                 except ConnectionError as error:
-                    connection.close()
-                    self._connection = None
+                    self._drop(connection)
                     if attempt == 2:
                         raise ConnectionError(f"tensor socket {self.socket_path}: {error}") from error
                     attempt += 1
                 except TensorSocketError as error:
                     if error.reason == CONNECTION_LIMIT:  # The agent has closed this connection.
-                        connection.close()
-                        self._connection = None
+                        self._drop(connection)
                     raise
                 except (OSError, ProtocolError) as error:
-                    connection.close()  # A timeout or a garbled reply leaves the stream out of step.
-                    self._connection = None
+                    self._drop(connection)  # A timeout or a garbled reply leaves the stream out of step.
                     if isinstance(error, BlockingIOError):  # SO_RCVTIMEO or SO_SNDTIMEO ran out.
                         raise TimeoutError(
                             f"the agent did not respond on {self.socket_path} within {self.timeout_s} s; "
                             "is it overloaded?"
                         ) from error
                     raise
+                except BaseException:
+                    self._drop(connection)
+                    raise
+
+    def _drop(self, connection: _Connection) -> None:
+        """Close connection and its shared region, so that the next call connects afresh."""
+        if self._connection is connection:
+            self._connection = None
+        connection.close()
 
     def _region(self, connection: _Connection, need: int) -> mmap.mmap:
         """Return the connection's shared region, asking the agent for a larger one when it is under need bytes."""
