@@ -28,6 +28,7 @@ from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.agent.tensor_socket import TensorSocketServer
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError, key_set_ids
 from edgefleet.common.backoff import Backoff
+from edgefleet.common.files import SocketPathError, bind_error_message, prepare_socket_path
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.serde import hardware_to_proto
 from edgefleet.common.systemd import Notifier
@@ -370,8 +371,16 @@ class Agent:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until stop is set; raise FatalAgentError when the orchestrator rejects this device."""
+        """Serve until stop is set.
+
+        Raises FatalAgentError when the orchestrator rejects this device, and SocketPathError when the
+        agent cannot bind its local API socket or tensor socket.
+        """
         self._loop = asyncio.get_running_loop()
+        # Checked before the models load, which may take long, and before either socket is bound, so that a
+        # bad --tensor-socket leaves no local API socket behind.
+        prepare_socket_path(self.config.socket_path, "local API socket", "--socket")
+        prepare_socket_path(self.config.tensor_socket_path, "tensor socket", "--tensor-socket")
         if self.device_id:
             await asyncio.to_thread(self.reconciler.restore)
         elif (self.config.state_dir / DESIRED_FILE).exists():
@@ -384,8 +393,7 @@ class Agent:
             )
         # The sockets open after the restore, so that a client does not get NOT_FOUND for a model that is still
         # loading from local files. Until then a client fails to connect, as to an agent that has not started.
-        self.local_api.start()
-        self.tensor_socket.start()
+        self._start_sockets()
         if self.host.list():
             self._mark_ready(f"serving {len(self.host.list())} models from local state; connecting to the orchestrator")
         channel = (
@@ -414,6 +422,19 @@ class Agent:
             self.notifier.close()
             os.close(self._state_lock)
             log.info("agent stopped device_id=%s", self.device_id)
+
+    def _start_sockets(self) -> None:
+        """Start the local API and the tensor socket; on failure, raise SocketPathError with neither one bound."""
+        self.local_api.start()
+        path = self.config.tensor_socket_path
+        try:
+            self.tensor_socket.start()
+        except SocketPathError:
+            self.local_api.stop()
+            raise
+        except OSError as error:
+            self.local_api.stop()
+            raise SocketPathError(bind_error_message(error, path, "tensor socket", "--tensor-socket")) from error
 
     def _mark_ready(self, status: str) -> None:
         """Tell systemd the agent is ready (once) and publish a status line."""

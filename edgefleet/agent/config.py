@@ -83,7 +83,7 @@ RANGES = {
 
 
 def check_agent_config(config: AgentConfig) -> None:
-    """Check the orchestrator address and the numeric settings before the agent starts.
+    """Check the orchestrator address, the numeric settings and the socket paths before the agent starts.
 
     Raises ConfigError naming the flag, the value and what to give instead.
     """
@@ -93,6 +93,10 @@ def check_agent_config(config: AgentConfig) -> None:
     problem = label_problem(config.labels)
     if problem:
         raise ConfigError(f"invalid --labels: {problem}; the orchestrator would reject the device")
+    if config.socket_path.absolute() == config.tensor_socket_path.absolute():
+        raise ConfigError(
+            f"--socket and --tensor-socket name the same path {config.socket_path}; give each socket its own path"
+        )
 
 
 def check_orchestrator_address(value: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from concurrent import futures
@@ -15,7 +16,7 @@ import numpy as np
 from edgefleet.agent.runtime.base import InvalidInputError
 from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
 from edgefleet.agent.tensor_socket import decode_array
-from edgefleet.common.files import check_socket_path, claim_socket_path
+from edgefleet.common.files import SocketPathError, bind_error_message, check_socket_path, prepare_socket_path
 from edgefleet.common.logs import RepeatedErrors
 from edgefleet.common.serde import MODEL_STATE_NAMES, name_to_enum, tensor_to_proto
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
@@ -99,10 +100,10 @@ class LocalApiServer:
         self._server: grpc.Server | None = None
 
     def start(self) -> None:
+        """Bind the socket and start serving; raise SocketPathError naming the path, --socket and the fix."""
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
-        claim_socket_path(self.socket_path, "--socket")
+        prepare_socket_path(self.socket_path, "local API socket", "--socket")
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="local-api"),
             options=[
@@ -118,10 +119,26 @@ class LocalApiServer:
         try:
             server.add_insecure_port(f"unix://{self.socket_path}")
             server.start()
+        except RuntimeError as error:
+            # gRPC says only "Failed to bind"; a plain bind of the same path gives the reason.
+            raise SocketPathError(self._bind_failure(error)) from error
         finally:
             os.umask(old_umask)
         self._server = server
         log.info("local inference API listening on %s", self.socket_path)
+
+    def _bind_failure(self, error: RuntimeError) -> str:
+        """Return the reason that gRPC could not bind the socket, found by binding it with the socket module."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.bind(str(self.socket_path))
+        except OSError as bind_error:
+            return bind_error_message(bind_error, self.socket_path, "local API socket", "--socket")
+        else:
+            self.socket_path.unlink(missing_ok=True)
+        finally:
+            probe.close()
+        return f"gRPC cannot listen on the local API socket {self.socket_path}: {error}; set --socket to another path"
 
     def stop(self, grace_s: float = 2.0) -> None:
         if self._server is not None:

@@ -13,6 +13,7 @@ from edgefleet.agent.config import HELP, AgentConfig, check_agent_config
 from edgefleet.agent.identity import IdentityError, prepare_state_dir
 from edgefleet.common.config import ConfigError, DaemonArgumentParser, add_flags, load_config
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from edgefleet.common.files import SocketPathError
 from edgefleet.common.labels import label_problem
 from edgefleet.common.lifecycle import install_stop_signals
 from edgefleet.common.logs import configure_logging
@@ -145,6 +146,9 @@ def run(config: AgentConfig) -> int:
     except FatalAgentError as error:
         log.error("%s", error)
         return EXIT_USAGE
+    except SocketPathError as error:
+        log.error("cannot start: %s", error)
+        return EXIT_CONFIG
     except Exception:
         log.exception("agent failed")
         return EXIT_FAILURE
