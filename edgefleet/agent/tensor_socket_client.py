@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ class TensorSocketClient:
         self._output_bytes = 0  # The largest output payload so far, to size the next region.
         self._listed_output_bytes: dict[str, int] = {}  # By model, from the model list when its shapes are fixed.
         self._warned_overwritten = False
+        _clients.add(self)
         self._connect()
 
     def _connect(self) -> _Connection:
@@ -213,6 +215,18 @@ class TensorSocketClient:
             ) from error
         self._connection = _Connection(sock)
         return self._connection
+
+    def _detach_after_fork(self) -> None:
+        """Forget the connection inherited from the parent process, in a child right after fork().
+
+        The child shares the parent's socket and MAP_SHARED region, so its requests and replies would
+        mix with the parent's. Closing the inherited descriptors sends nothing to the agent, so the
+        parent keeps its connection. The child's next call connects with its own region.
+        """
+        self._lock = threading.Lock()  # Another thread of the parent may have held it at the fork.
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
     def close(self) -> None:
         with self._lock:
@@ -586,6 +600,18 @@ class TensorSocketClient:
         """Return the models the agent serves, with runtime, providers, threads, inputs and outputs."""
         reply, _ = self._run(lambda connection: _check(_exchange(connection.reader, {"op": "models"})))
         return list(reply["models"])
+
+
+# Every live client, so that a child process detaches them from the parent's connections after fork().
+_clients: weakref.WeakSet[TensorSocketClient] = weakref.WeakSet()
+
+
+def _detach_clients_after_fork() -> None:
+    for client in list(_clients):
+        client._detach_after_fork()
+
+
+os.register_at_fork(after_in_child=_detach_clients_after_fork)
 
 
 def _address(array: np.ndarray) -> int:
