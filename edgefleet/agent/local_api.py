@@ -44,6 +44,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, host: ModelHost) -> None:
         self.host = host
         self._failures = RepeatedErrors(log)  # A model that fails on every call logs one traceback.
+        self._oversize = RepeatedErrors(log)  # Logs an oversize reply once per model, then every 1000th.
 
     def Infer(self, request: inference_pb2.InferRequest, context: grpc.ServicerContext) -> inference_pb2.InferResponse:
         try:
@@ -60,13 +61,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except Exception as error:
             self._failures.exception(request.model_name, "local inference on model=%s failed", request.model_name)
             context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
-        return inference_pb2.InferResponse(
+        response = inference_pb2.InferResponse(
             model_name=result.model_name,
             model_version=result.model_version,
             variant_id=result.variant_id,
             outputs=[array_to_tensor(name, value) for name, value in result.outputs.items()],
             latency_ms=result.latency_ms,
         )
+        size = response.ByteSize()
+        if size > MAX_MESSAGE_BYTES:
+            # gRPC would reject the reply after the model ran, with a bare RESOURCE_EXHAUSTED and no log line.
+            message = (
+                f"the reply of model {request.model_name!r} takes {size} bytes, over the reply limit of "
+                f"{MAX_MESSAGE_BYTES}; send fewer rows per call"
+            )
+            self._oversize.warning(request.model_name, "local API: %s", message)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        return response
 
     def ListLocalModels(
         self, request: inference_pb2.ListLocalModelsRequest, context: grpc.ServicerContext
@@ -120,7 +131,7 @@ class LocalApiServer:
             server.add_insecure_port(f"unix://{self.socket_path}")
             server.start()
         except RuntimeError as error:
-            # gRPC says only "Failed to bind"; a plain bind of the same path gives the reason.
+            # gRPC reports only "Failed to bind", but a plain bind of the same path gives the reason.
             raise SocketPathError(self._bind_failure(error)) from error
         finally:
             os.umask(old_umask)

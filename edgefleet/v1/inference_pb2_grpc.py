@@ -52,8 +52,9 @@ class InferenceServiceServicer:
     def Infer(self, request, context):
         """Run the model served under model_name once. Errors: NOT_FOUND for a model that is not served,
         INVALID_ARGUMENT for inputs whose names, dtypes, shapes or data lengths do not match the model
-        (names must be unique), INTERNAL when the runtime fails. Requests and replies are at most 64 MiB;
-        a client sets grpc.max_receive_message_length to receive a reply over gRPC's 4 MiB default.
+        (names must be unique), INTERNAL when the runtime fails, RESOURCE_EXHAUSTED when the reply would
+        exceed 64 MiB (send fewer rows per call). Requests and replies are at most 64 MiB; a client sets
+        grpc.max_receive_message_length to receive a reply over gRPC's 4 MiB default.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
