@@ -73,7 +73,14 @@ CONNECTION_LIMIT = "CONNECTION_LIMIT"
 
 
 class ProtocolError(ValueError):
-    """A frame that breaks the framing rules; the connection cannot continue after it."""
+    """A frame that breaks the framing rules; the connection cannot continue after it.
+
+    http2 is whether the peer speaks HTTP/2 instead, as a gRPC client or server does.
+    """
+
+    def __init__(self, message: str, http2: bool = False) -> None:
+        super().__init__(message)
+        self.http2 = http2
 
 
 class TensorSocketError(RuntimeError):
@@ -250,6 +257,9 @@ class FrameReader:
 
         magic, header_size, payload_size = _PREFIX.unpack_from(self._buffer, self._start)
         if magic != MAGIC:
+            start = bytes(self._buffer[self._start : self._start + _PREFIX.size])
+            if _is_http2(start):
+                raise ProtocolError("the peer speaks HTTP/2 (gRPC), not the tensor socket protocol", http2=True)
             raise ProtocolError(f"frame starts with {magic!r}, not {MAGIC!r}; is the client speaking this protocol?")
         if header_size > MAX_HEADER_BYTES:
             raise ProtocolError(f"frame header of {header_size} bytes exceeds the limit of {MAX_HEADER_BYTES}")
@@ -830,6 +840,24 @@ def _pack(region: mmap.mmap, buffers: Sequence[np.ndarray], offset: int = 0) -> 
 def default_spin_s() -> float:
     """Return SPIN_S, or 0 with one usable CPU, where polling would only delay the peer."""
     return SPIN_S if len(os.sched_getaffinity(0)) > 1 else 0.0
+
+
+# RFC 9113, section 3.4: an HTTP/2 client starts with this preface, and a server with a SETTINGS frame.
+_HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HTTP2_SETTINGS = 0x04
+
+
+def _is_http2(start: bytes) -> bool:
+    """Return whether the first bytes of a stream are an HTTP/2 client preface or a server's first frame."""
+    if _HTTP2_CLIENT_PREFACE.startswith(start):
+        return True
+    # A frame header: 24-bit payload length, type, flags, then the stream id, which is 0 for SETTINGS.
+    # A SETTINGS payload is a list of 6-byte entries.
+    if len(start) < 9:
+        return False
+    length = int.from_bytes(start[:3], "big")
+    stream_id = int.from_bytes(start[5:9], "big") & 0x7FFFFFFF
+    return start[3] == _HTTP2_SETTINGS and stream_id == 0 and length % 6 == 0
 
 
 def set_timeouts(sock: socket.socket, receive_s: float, send_s: float) -> None:

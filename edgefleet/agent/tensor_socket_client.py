@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import grp
 import logging
 import math
 import mmap
@@ -39,6 +40,7 @@ from edgefleet.agent.tensor_socket import (
     set_timeouts,
     write_frame,
 )
+from edgefleet.common.files import MAX_SOCKET_PATH_BYTES
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -183,6 +185,12 @@ class TensorSocketClient:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be above 0 or None to wait forever, got {timeout_s!r}")
         self.socket_path = Path(socket_path)
+        length = len(os.fsencode(self.socket_path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(
+                f"tensor socket path {self.socket_path} is {length} bytes long, but a Unix socket path has at most "
+                f"{MAX_SOCKET_PATH_BYTES}; connect through a shorter path, such as a symbolic link to its folder"
+            )
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
         self.hybrid_poll = hybrid_poll
@@ -207,11 +215,13 @@ class TensorSocketClient:
             sock.connect(str(self.socket_path))
         except BaseException as error:
             sock.close()
+            if isinstance(error, PermissionError):
+                raise PermissionError(error.errno, _permission_message(self.socket_path)) from error
             if not isinstance(error, OSError):
                 raise
             raise ConnectionError(
                 f"cannot connect to the tensor socket {self.socket_path}: {error.strerror or error}; "
-                "is edgefleet-agent running, and may this user open the socket?"
+                "is edgefleet-agent running?"
             ) from error
         self._connection = _Connection(sock)
         return self._connection
@@ -270,6 +280,8 @@ class TensorSocketClient:
                             f"the agent did not respond on {self.socket_path} within {self.timeout_s} s; "
                             "is it overloaded?"
                         ) from error
+                    if isinstance(error, ProtocolError) and error.http2:
+                        raise ProtocolError(_grpc_socket_message(self.socket_path), http2=True) from error
                     raise
                 except BaseException:
                     self._drop(connection)
@@ -600,6 +612,34 @@ class TensorSocketClient:
         """Return the models the agent serves, with runtime, providers, threads, inputs and outputs."""
         reply, _ = self._run(lambda connection: _check(_exchange(connection.reader, {"op": "models"})))
         return list(reply["models"])
+
+
+def _grpc_socket_message(path: Path) -> str:
+    """Return the error message for a tensor socket path where a gRPC server listens."""
+    tensor_path = path.with_name(path.name.removesuffix(".sock") + ".tensor.sock")
+    return (
+        f"{path} is a gRPC socket, such as the agent's local API socket (edgefleet-agent --socket), not its "
+        f"tensor socket; connect to the --tensor-socket path instead, by default {tensor_path} next to it"
+    )
+
+
+def _permission_message(path: Path) -> str:
+    """Return the error message for a tensor socket that this process may not connect to."""
+    try:
+        group_id = path.stat().st_gid
+    except OSError:  # A folder on the way denies search access.
+        return (
+            f"permission denied on the tensor socket {path}: this user needs search access to its folders "
+            "and write access to the socket, which the agent's group has; add the user to that group"
+        )
+    try:
+        group = repr(grp.getgrgid(group_id).gr_name)
+    except KeyError:
+        group = str(group_id)
+    return (
+        f"permission denied on the tensor socket {path}: this user needs write access to it, which the "
+        f"agent's group {group} has; add the user to that group (and log in again)"
+    )
 
 
 # Every live client, so that a child process detaches them from the parent's connections after fork().

@@ -1,4 +1,4 @@
-"""TensorSocketClient against a real TensorSocketServer and onnxruntime model: interrupted calls, fork()."""
+"""TensorSocketClient against a real TensorSocketServer and model: interrupted calls, fork(), wrong sockets."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import functools
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from edgefleet.agent.runtime import ModelHost
 from edgefleet.agent.runtime.host import InferenceResult, PreparedInference
-from edgefleet.agent.tensor_socket import TensorSocketServer
+from edgefleet.agent.tensor_socket import FrameReader, ProtocolError, TensorSocketServer
 from edgefleet.agent.tensor_socket_client import TensorSocketClient
 from tests.agent.models import linear_reference, onnx_linear
 
@@ -183,3 +186,69 @@ def test_forked_client_own_outputs(server: TensorSocketServer, shared_memory: bo
     assert parent_counts == {"own": FORK_CALLS, "other": 0, "error": 0}
     for counts in child_counts:
         assert counts == {"own": FORK_CALLS, "other": 0, "error": 0}
+
+
+def test_grpc_socket_named(tmp_path: Path) -> None:
+    """A client pointed at a gRPC socket names the agent's --socket and --tensor-socket options."""
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    grpc_server.add_insecure_port(f"unix://{tmp_path / 'agent.sock'}")
+    grpc_server.start()
+    try:
+        with (
+            TensorSocketClient(tmp_path / "agent.sock", timeout_s=10) as client,
+            pytest.raises(ProtocolError) as caught,
+        ):
+            client.infer("linear", {"x": FIRST})
+    finally:
+        grpc_server.stop(None)
+
+    assert "gRPC socket" in str(caught.value)
+    assert "--socket" in str(caught.value)
+    assert f"by default {tmp_path / 'agent.tensor.sock'}" in str(caught.value)
+
+
+def test_http2_client_rejected(server: TensorSocketServer) -> None:
+    """The agent rejects an HTTP/2 client on the tensor socket with an error that names HTTP/2."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.socket_path))
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        frame = FrameReader(sock).read()
+
+    assert frame is not None
+    assert frame[0]["code"] == "INVALID_ARGUMENT"
+    assert "HTTP/2" in frame[0]["message"]
+
+
+NOBODY = 65534  # The uid and gid of the unprivileged user nobody.
+
+
+def connect_as_nobody(path: Path) -> dict[str, str]:
+    """Drop to the unprivileged user nobody and return the error of a call on the tensor socket at path."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    try:
+        with TensorSocketClient(path, timeout_s=5) as client:
+            client.infer("linear", {"x": FIRST})
+    except Exception as error:
+        return {"type": type(error).__name__, "message": str(error)}
+    return {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops from root to the user nobody")
+def test_permission_denied_named(server: TensorSocketServer) -> None:
+    """A user outside the agent's group gets PermissionError saying that it needs write access."""
+    pid, read_end = run_in_child(functools.partial(connect_as_nobody, server.socket_path))
+    error = child_result(pid, read_end, timeout_s=60)
+
+    assert error is not None
+    assert error["type"] == "PermissionError"
+    assert "permission denied on the tensor socket" in error["message"]
+    assert "write access" in error["message"]
+    assert "is edgefleet-agent running" not in error["message"]
+
+
+def test_path_too_long(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="a Unix socket path has at most 107"):
+        TensorSocketClient(tmp_path / ("d" * 120) / "agent.tensor.sock")
