@@ -15,6 +15,7 @@ import numpy as np
 
 from edgefleet.agent.runtime.base import InvalidInputError
 from edgefleet.agent.runtime.host import ModelHost, ModelNotFoundError
+from edgefleet.agent.tensor_limits import check_shape
 from edgefleet.agent.tensor_socket import decode_array
 from edgefleet.common.files import SocketPathError, bind_error_message, check_socket_path, prepare_socket_path
 from edgefleet.common.logs import RepeatedErrors
@@ -30,8 +31,14 @@ WORKERS = 4
 
 
 def tensor_to_array(tensor: inference_pb2.Tensor) -> np.ndarray:
-    """Decode a Tensor message; raise ValueError naming the tensor when dtype, shape and data disagree."""
-    return decode_array(tensor.name, tensor.dtype, tensor.shape, tensor.data)
+    """Decode a Tensor message.
+
+    Raises ValueError naming the tensor when its shape is out of the limits of check_shape, or when dtype,
+    shape and data disagree.
+    """
+    # decode_array multiplies the dimensions in int64, where a shape such as [2**40, 2**40] wraps to 0.
+    shape = check_shape(tensor.name, tensor.shape)
+    return decode_array(tensor.name, tensor.dtype, shape, tensor.data)
 
 
 def array_to_tensor(name: str, array: np.ndarray) -> inference_pb2.Tensor:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.agent.local_api import MAX_MESSAGE_BYTES, LocalApiServer, array_to_tensor, tensor_to_array
 from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.tensor_limits import MAX_DIMENSION, MAX_ELEMENTS
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 from tests.agent.models import linear_reference, onnx_linear
 
@@ -106,3 +107,27 @@ def test_reply_over_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
     assert f"over the reply limit of {MAX_MESSAGE_BYTES}; send fewer rows per call" in details
     assert any("local API: the reply of model 'widen'" in record.getMessage() for record in caplog.records)
     assert tensor_to_array(after.outputs[0]).shape == (rows // 2, width)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # In int64 the byte count of this shape wraps to 0, the length of the empty data.
+        ([2**40, 2**40], f"each dimension must be from 0 to {MAX_DIMENSION}"),
+        ([MAX_DIMENSION + 1, 4], f"each dimension must be from 0 to {MAX_DIMENSION}"),
+        ([2**13, 2**13, 2**2], f"of {2**28} elements, over the limit of {MAX_ELEMENTS}"),
+    ],
+)
+def test_shape_over_limit_rejected(
+    stub: inference_pb2_grpc.InferenceServiceStub, shape: list[int], expected: str
+) -> None:
+    tensor = inference_pb2.Tensor(name="x", dtype="float32", shape=shape, data=b"")
+
+    with pytest.raises(grpc.RpcError) as rejected:
+        stub.Infer(inference_pb2.InferRequest(model_name="linear", inputs=[tensor]), timeout=10)
+
+    assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = rejected.value.details() or ""
+    assert f"input 'x' has shape {shape}" in details
+    assert expected in details
+    assert "cannot reshape" not in details
