@@ -657,7 +657,7 @@ class TensorSocketServer:
         op = request.get("op")
         if op == "models":
             return {"ok": True, "models": [_model_entry(m) for m in self.host.list()]}, []
-        return _error("INVALID_ARGUMENT", f"unknown op {op!r}; use 'infer' or 'models'"), []
+        return _error("INVALID_ARGUMENT", f"unknown op {op!r}; use 'infer', 'models' or 'shm'"), []
 
     def _infer(
         self,

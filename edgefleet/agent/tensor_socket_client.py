@@ -177,8 +177,10 @@ class TensorSocketClient:
         shared_memory: bool = True,
         hybrid_poll: bool = False,
     ) -> None:
-        """Connect; raise ConnectionError naming the path when no agent listens there.
+        """Prepare a client of the tensor socket at socket_path, which connects on its first call.
 
+        So an application may start before the agent: its calls raise ConnectionError until the agent
+        listens. Raises ValueError when socket_path is too long for a Unix socket.
         timeout_s bounds each wait for the agent (None waits forever); raises ValueError when it is 0 or less.
         hybrid_poll has no effect with one usable CPU, where polling would take the agent's CPU.
         """
@@ -205,7 +207,6 @@ class TensorSocketClient:
         self._listed_output_bytes: dict[str, int] = {}  # By model, from the model list when its shapes are fixed.
         self._warned_overwritten = False
         _clients.add(self)
-        self._connect()
 
     def _connect(self) -> _Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -358,7 +359,8 @@ class TensorSocketClient:
         """Allocate model's inputs in the connection's shared region, so that infer sends them without a copy.
 
         Names, dtypes and shapes come from the agent's model list. shapes sets the shape of an input with a
-        dynamic axis (-1) or replaces the listed one. With dtypes the caller describes the inputs instead.
+        dynamic axis (-1), and its other axes must keep their listed sizes. With dtypes the caller describes
+        the inputs instead.
         Its keys are the input names in order, shapes gives every shape, and the model list is not read.
         The arrays are uninitialised like np.empty and packed from the start of the region. The region
         has room for one set, so a later call returns arrays over the same memory. Pass the returned dict (or its
@@ -402,18 +404,20 @@ class TensorSocketClient:
     ) -> list[tuple[str, tuple[int, ...], np.dtype[Any]]]:
         """Return (name, shape, dtype) of each input of model, from the caller or the agent's model list."""
         shapes = dict(shapes or {})
-        listed: list[tuple[str, Sequence[int], npt.DTypeLike]]
+        # Name, dtype and the model's listed shape of each input, which is None when the caller gives dtypes.
+        listed: list[tuple[str, npt.DTypeLike, Sequence[int] | None]]
         if dtypes is not None:
             missing = [name for name in dtypes if name not in shapes]
             if missing:
                 raise ValueError(f"inputs {missing} have a dtype but no shape; pass shapes for every input in dtypes")
-            listed = [(name, shapes[name], dtype) for name, dtype in dtypes.items()]
+            _check_names(dtypes)
+            listed = [(name, dtype, None) for name, dtype in dtypes.items()]
         else:
             entries = {entry["model_name"]: entry for entry in self.models()}
             entry = entries.get(model)
             if entry is None:
                 raise TensorSocketError("NOT_FOUND", f"model {model!r} is not installed; installed: {sorted(entries)}")
-            listed = [(t["name"], shapes.get(t["name"], t["shape"]), t["dtype"]) for t in entry["inputs"]]
+            listed = [(t["name"], t["dtype"], t["shape"]) for t in entry["inputs"]]
             self._listed_output_bytes[model] = _static_bytes(entry["outputs"])
         unknown = sorted(set(shapes) - {name for name, _, _ in listed})
         if unknown:
@@ -423,22 +427,18 @@ class TensorSocketClient:
             )
 
         specs: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
-        for name, shape, dtype_like in listed:
-            dims = tuple(shape)
-            if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims):
-                raise ValueError(f"input {name!r} has shape {list(dims)}; use a list of integers")
-            if any(d < 0 for d in dims):
-                raise ValueError(
-                    f"input {name!r} of model {model!r} has the dynamic shape {list(dims)} (-1 is any size); "
-                    f"pass shapes={{{name!r}: [...]}} with the size of each axis"
-                )
+        for name, dtype_like, listed_shape in listed:
+            given = name in shapes
+            shape = shapes[name] if given else listed_shape
+            assert shape is not None
+            dims = _check_shape(model, name, tuple(shape), None if listed_shape is None else tuple(listed_shape), given)
             dtype = np.dtype(dtype_like)
             if dtype.kind not in NUMERIC_KINDS or dtype.byteorder == ">":
                 raise ValueError(
                     f"input {name!r} has dtype {dtype.str}; the tensor socket carries little-endian bool, "
                     "integer, float and complex tensors only"
                 )
-            specs.append((name, tuple(int(d) for d in dims), dtype))
+            specs.append((name, dims, dtype))
         return specs
 
     def infer(self, model: str, feeds: Mapping[str, np.ndarray]) -> TensorReply:
@@ -448,8 +448,15 @@ class TensorSocketClient:
         NOT_FOUND for a model that is not installed, INVALID_ARGUMENT for inputs that do not match it and
         INTERNAL when the runtime fails. Raises ConnectionError when the agent cannot be reached and
         TimeoutError when it does not respond within timeout_s. Raises ValueError, before sending, for an
-        input of a dtype with no fixed byte layout (strings, objects).
+        input of a dtype with no fixed byte layout (strings, objects), and TypeError when feeds is not a
+        mapping or an input name is not a str.
         """
+        if not isinstance(feeds, Mapping):
+            raise TypeError(
+                f"feeds must be a mapping of input name to array, like {{'input': array}}, not {type(feeds).__name__}; "
+                "client.models() lists each model's input names"
+            )
+        _check_names(feeds)
         connection = self._connection
         # Only calls with inputs in the region get prepared, so a client without any pays nothing here.
         key = _prepared_key(model, feeds) if connection is not None and connection.prepared else None
@@ -662,6 +669,50 @@ def _address(array: np.ndarray) -> int:
 def _output_offset(input_bytes: int) -> int:
     """Return where the outputs go in the shared region: after the inputs, aligned for any dtype."""
     return -(-input_bytes // _OUTPUT_ALIGNMENT) * _OUTPUT_ALIGNMENT
+
+
+def _check_names(tensors: Mapping[Any, object]) -> None:
+    """Raise TypeError for a key of tensors that is not a str, because the agent matches inputs by name."""
+    for name in tensors:
+        if not isinstance(name, str):
+            raise TypeError(f"input names must be str, got {name!r} of type {type(name).__name__}")
+
+
+def _check_shape(
+    model: str, name: str, dims: tuple[Any, ...], listed: tuple[int, ...] | None, given: bool
+) -> tuple[int, ...]:
+    """Return the shape of an input for input_arrays, or raise ValueError naming the input and the fix.
+
+    dims comes from the caller's shapes when given is true, and from the model list otherwise. listed is
+    the model's listed shape, or None when the caller describes the inputs with dtypes.
+    """
+    if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims):
+        raise ValueError(f"input {name!r} has shape {list(dims)}; use a list of integers")
+    # The shape to suggest: the fixed sizes of the listed shape, with N for each axis of any size.
+    template = "[" + ", ".join("N" if d < 0 else str(d) for d in (listed or dims)) + "]"
+    if any(d < 0 for d in dims):
+        if given:
+            raise ValueError(
+                f"shapes gives input {name!r} of model {model!r} the shape {list(dims)}, but -1 is not a size; "
+                f"pass shapes={{{name!r}: {template}}} with a size N for each axis that the model leaves open"
+            )
+        raise ValueError(
+            f"input {name!r} of model {model!r} has the dynamic shape {list(dims)} (-1 is any size); "
+            f"pass shapes={{{name!r}: {template}}} with a size N for each -1 axis"
+        )
+    if given and listed is not None:
+        if len(dims) != len(listed):
+            raise ValueError(
+                f"shapes gives input {name!r} of model {model!r} the shape {list(dims)}, but the model lists "
+                f"{list(listed)} with {len(listed)} axes; pass shapes={{{name!r}: {template}}}"
+            )
+        for axis, (size, listed_size) in enumerate(zip(dims, listed, strict=True)):
+            if listed_size >= 0 and size != listed_size:
+                raise ValueError(
+                    f"shapes gives input {name!r} of model {model!r} the shape {list(dims)}, but its axis {axis} "
+                    f"has the fixed size {listed_size}; pass shapes={{{name!r}: {template}}}"
+                )
+    return tuple(int(d) for d in dims)
 
 
 def _static_bytes(tensors: Sequence[Mapping[str, Any]]) -> int:

@@ -151,7 +151,7 @@ def test_unknown_op(server: TensorSocketServer) -> None:
         frame = read_frame(sock)
 
     assert frame is not None
-    assert frame[0]["message"] == "unknown op 'train'; use 'infer' or 'models'"
+    assert frame[0]["message"] == "unknown op 'train'; use 'infer', 'models' or 'shm'"
 
 
 def test_bad_magic_closes(server: TensorSocketServer) -> None:
@@ -328,8 +328,28 @@ def test_stop_removes_socket(server: TensorSocketServer) -> None:
 
 
 def test_no_agent(tmp_path: Path) -> None:
-    with pytest.raises(ConnectionError, match="is edgefleet-agent running"):
-        TensorSocketClient(tmp_path / "none.sock")
+    with (
+        TensorSocketClient(tmp_path / "none.sock") as no_agent,
+        pytest.raises(ConnectionError, match="is edgefleet-agent running"),
+    ):
+        no_agent.infer("linear", {"x": BATCH})
+
+
+def test_client_before_agent(host: ModelHost, tmp_path: Path) -> None:
+    """A client created before the agent listens connects on its first call after the agent starts."""
+    path = tmp_path / "agent.tensor.sock"
+    early = TensorSocketClient(path, timeout_s=10)
+    with pytest.raises(ConnectionError):
+        early.infer("linear", {"x": BATCH})
+    late_server = TensorSocketServer(host, path)
+    late_server.start()
+    try:
+        reply = early.infer("linear", {"x": BATCH})
+    finally:
+        early.close()
+        late_server.stop()
+
+    np.testing.assert_allclose(reply.outputs["y"], linear_reference(BATCH), rtol=1e-5)
 
 
 def test_long_path(host: ModelHost, tmp_path: Path) -> None:
@@ -696,8 +716,38 @@ def test_input_arrays_caller_dtypes(client: TensorSocketClient) -> None:
 
 
 def test_input_arrays_dynamic_shape(client: TensorSocketClient) -> None:
-    with pytest.raises(ValueError, match=r"dynamic shape \[-1, 4\].*pass shapes=\{'x': \[...\]\}"):
+    with pytest.raises(ValueError, match=r"dynamic shape \[-1, 4\].*pass shapes=\{'x': \[N, 4\]\}"):
         client.input_arrays("linear")
+
+
+def test_input_arrays_given_dynamic_shape(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"-1 is not a size; pass shapes=\{'x': \[N, 4\]\}"):
+        client.input_arrays("linear", shapes={"x": [-1, 4]})
+
+
+def test_input_arrays_fixed_axis_mismatch(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"\[2, 999\], but its axis 1 has the fixed size 4"):
+        client.input_arrays("linear", shapes={"x": [2, 999]})
+
+
+def test_input_arrays_axis_count_mismatch(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"the shape \[8\], but the model lists \[-1, 4\] with 2 axes"):
+        client.input_arrays("linear", shapes={"x": [8]})
+
+
+def test_input_arrays_integer_name(client: TensorSocketClient) -> None:
+    with pytest.raises(TypeError, match="input names must be str, got 0 of type int"):
+        client.input_arrays("linear", shapes={0: [2, 4]}, dtypes={0: np.float32})  # type: ignore[dict-item]
+
+
+def test_infer_bare_array(client: TensorSocketClient) -> None:
+    with pytest.raises(TypeError, match=r"mapping of input name to array.*not ndarray"):
+        client.infer("linear", BATCH)  # type: ignore[arg-type]
+
+
+def test_infer_integer_name(client: TensorSocketClient) -> None:
+    with pytest.raises(TypeError, match="input names must be str, got 0 of type int"):
+        client.infer("linear", {0: BATCH})  # type: ignore[dict-item]
 
 
 def test_input_arrays_unknown_model(client: TensorSocketClient) -> None:
@@ -1038,6 +1088,7 @@ def test_reply_poll_follows_run_time(
     client: TensorSocketClient, monkeypatch: pytest.MonkeyPatch, spin_s: float, expected: list[float | None]
 ) -> None:
     """The client polls for a reply only while the model's last run was shorter than the poll."""
+    client.models()  # The client connects on its first call.
     assert client._connection is not None
     reader = client._connection.reader
     reader.spin_s = spin_s
