@@ -50,9 +50,13 @@ class InferenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Infer(self, request, context):
-        """Run the model served under model_name once. Errors: NOT_FOUND for a model that is not served,
-        INVALID_ARGUMENT for inputs whose names, dtypes, shapes or data lengths do not match the model
-        (names must be unique), INTERNAL when the runtime fails, RESOURCE_EXHAUSTED when the reply would
+        """Run the model served under model_name once. The agent converts float64 to a float32 input, and
+        integers to an integer input when every value fits in its dtype (int32 to int64 always); a
+        quantized input also takes float32 or float64 data, which the agent quantizes. Other dtypes are
+        rejected. Errors: NOT_FOUND for a model that is not served, INVALID_ARGUMENT for inputs whose
+        names, dtypes, shapes or data lengths do not match the model (names must be unique), for a finite
+        float64 value beyond the float32 range (not turned into infinity) and for an integer out of the
+        input dtype's range, INTERNAL when the runtime fails, RESOURCE_EXHAUSTED when the reply would
         exceed 64 MiB (send fewer rows per call). Requests and replies are at most 64 MiB; a client sets
         grpc.max_receive_message_length to receive a reply over gRPC's 4 MiB default.
         """

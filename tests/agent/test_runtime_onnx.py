@@ -9,9 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgefleet.agent.runtime import InvalidInputError, ModelClosedError, ModelLoadError, choose_threads
+from edgefleet.agent.runtime import InvalidInputError, ModelClosedError, ModelLoadError, check_feeds, choose_threads
 from edgefleet.agent.runtime.onnx import OnnxRunner, select_providers
 from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.models import TensorSpec
 from tests.agent.models import linear_reference, onnx_linear, onnx_two_inputs
 
 CPU = "CPUExecutionProvider"
@@ -157,6 +158,86 @@ def test_run_rejects_float64_for_int64(two_inputs_path: Path) -> None:
         model.run({"ids": np.zeros((1, 2)), "offset": np.zeros(1, dtype=np.float32)})
 
 
+@pytest.mark.filterwarnings("error")  # A numpy RuntimeWarning would reach the agent's stderr.
+@pytest.mark.parametrize("value", [1e300, -1e39])
+def test_run_rejects_float32_overflow(linear_path: Path, value: float) -> None:
+    model = OnnxRunner().load(linear_path, threads=1)
+    x = np.full((2, 4), 0.5)
+    x[1, 2] = value
+
+    with pytest.raises(InvalidInputError) as caught:
+        model.run({"x": x})
+
+    message = str(caught.value)
+    assert f"invalid input 'x': the float64 value {value!r} is finite but outside the float32 range" in message
+    assert "-3.40282347e+38 to 3.40282347e+38" in message
+    assert "scale the values into that range" in message
+
+
+@pytest.mark.filterwarnings("error")
+def test_run_keeps_float64_inf_and_nan(linear_path: Path) -> None:
+    """Infinities and NaN exist in float32 too, so they pass unchanged; only finite values can overflow."""
+    model = OnnxRunner().load(linear_path, threads=1)
+    x = np.array([[np.inf, 0.0, 0.0, 0.0], [np.nan, 0.0, 0.0, 0.0]])
+
+    outputs = model.run({"x": x})
+
+    assert outputs["y"].shape == (2, 3)
+
+
+def test_run_converts_int8_to_int64(two_inputs_path: Path) -> None:
+    model = OnnxRunner().load(two_inputs_path, threads=1)
+    ids = np.array([[-128, 127], [3, 4]], dtype=np.int8)
+
+    outputs = model.run({"ids": ids, "offset": np.array([0.5], dtype=np.float32)})
+
+    np.testing.assert_array_equal(outputs["total"], np.array([-0.5, 7.5], dtype=np.float32))
+
+
+def test_run_converts_uint64_in_range(two_inputs_path: Path) -> None:
+    model = OnnxRunner().load(two_inputs_path, threads=1)
+    ids = np.array([[1, 2], [3, 2**62]], dtype=np.uint64)
+
+    outputs = model.run({"ids": ids, "offset": np.array([0.0], dtype=np.float32)})
+
+    np.testing.assert_array_equal(outputs["total"], np.array([3.0, 3.0 + 2**62], dtype=np.float32))
+
+
+def test_run_rejects_uint64_out_of_range(two_inputs_path: Path) -> None:
+    model = OnnxRunner().load(two_inputs_path, threads=1)
+    ids = np.array([[1, 2**64 - 1]], dtype=np.uint64)
+
+    with pytest.raises(InvalidInputError) as caught:
+        model.run({"ids": ids, "offset": np.array([0.0], dtype=np.float32)})
+
+    message = str(caught.value)
+    assert f"invalid input 'ids': uint64 values from 1 to {2**64 - 1} do not fit in int64" in message
+    assert f"whose range is {-(2**63)} to {2**63 - 1}" in message
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [
+        ([0, 2**31 - 1, -(2**31)], "int32", None),
+        ([0, 2**31], "int32", "int64 values from 0 to 2147483648 do not fit in int32"),
+        ([0, 255], "uint8", None),
+        ([-1, 255], "uint8", "int64 values from -1 to 255 do not fit in uint8, whose range is 0 to 255"),
+    ],
+)
+def test_check_feeds_narrows_integers(values: list[int], dtype: str, expected: str | None) -> None:
+    """int64 data, numpy's default, narrows to a smaller integer input only when every value fits."""
+    spec = TensorSpec(name="ids", dtype=dtype, shape=(-1,))
+    array = np.array(values, dtype=np.int64)
+
+    if expected is None:
+        converted = check_feeds([spec], {"ids": array})["ids"]
+        assert converted.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(converted, array)
+    else:
+        with pytest.raises(InvalidInputError, match=f"invalid input 'ids': {expected}"):
+            check_feeds([spec], {"ids": array})
+
+
 def test_run_rejects_shape(linear_path: Path) -> None:
     model = OnnxRunner().load(linear_path, threads=1)
     with pytest.raises(InvalidInputError, match=r"received float32 with shape \(2, 5\)"):
@@ -229,9 +310,7 @@ def test_concurrent_equals_sequential(linear_path: Path) -> None:
     sequential = [model.run({"x": x})["y"] for x in inputs]
     with ThreadPoolExecutor(max_workers=8) as pool:
         concurrent = list(pool.map(lambda x: model.run({"x": x})["y"], inputs))
-    mismatches = [
-        i for i, (a, b) in enumerate(zip(sequential, concurrent, strict=True)) if not np.array_equal(a, b)
-    ]
+    mismatches = [i for i, (a, b) in enumerate(zip(sequential, concurrent, strict=True)) if not np.array_equal(a, b)]
     assert mismatches == []
 
 

@@ -65,29 +65,79 @@ def _shape_matches(expected: Sequence[int], received: Sequence[int]) -> bool:
     return all(want < 0 or want == got for want, got in zip(expected, received, strict=True))
 
 
-def _convert_dtype(spec: TensorSpec, array: np.ndarray) -> np.ndarray | None:
-    """Return array in a dtype that the spec accepts, or None when no safe conversion exists."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _accepts_dtype(spec: TensorSpec, received: np.dtype) -> bool:
+    """Return whether check_feeds takes received for the spec's input, as it is or converted."""
     expected = np.dtype(spec.dtype)
-    received = array.dtype
     if received == expected:
-        return array
-    if spec.scale != 0.0 and received in (np.float32, np.float64):
+        return True
+    if spec.scale != 0.0:
         # A quantized input takes float data, which the runner quantizes with the spec's scale.
-        return array.astype(np.float32, copy=False)
+        return received in (np.float32, np.float64)
     if expected == np.float32 and received == np.float64:
-        return array.astype(np.float32)
-    if expected == np.int64 and received == np.int32:
-        # Widening int32 to int64 keeps every value.
-        return array.astype(np.int64)
-    return None
+        return True
+    return np.issubdtype(expected, np.integer) and np.issubdtype(received, np.integer)
+
+
+def _to_float32(name: str, array: np.ndarray) -> np.ndarray:
+    """Convert float64 values to float32; raise InvalidInputError naming the input when a finite one overflows.
+
+    NaN and infinities stay as they are, and other values are rounded to the nearest float32.
+    """
+    if array.dtype == np.float32:
+        return array
+    with np.errstate(over="raise"):
+        try:
+            return array.astype(np.float32)
+        except FloatingPointError:
+            pass
+    with np.errstate(over="ignore"):
+        overflow = np.isinf(array.astype(np.float32)) & np.isfinite(array)
+    count = int(overflow.sum())
+    example = float(array[overflow].flat[0])
+    values = f"the float64 value {example!r} is" if count == 1 else f"{count} float64 values, such as {example!r}, are"
+    raise InvalidInputError(
+        f"invalid input {name!r}: {values} finite but outside the float32 range of -{FLOAT32_MAX:.9g} to "
+        f"{FLOAT32_MAX:.9g}, so converting them would give infinity; scale the values into that range"
+    )
+
+
+def _to_integer(name: str, array: np.ndarray, expected: np.dtype) -> np.ndarray:
+    """Convert integers to the dtype expected; raise InvalidInputError naming the input when one does not fit."""
+    if np.can_cast(array.dtype, expected, "safe") or array.size == 0:
+        return array.astype(expected)
+    low, high = int(array.min()), int(array.max())
+    limits = np.iinfo(expected)
+    if low < limits.min or high > limits.max:
+        raise InvalidInputError(
+            f"invalid input {name!r}: {array.dtype.name} values from {low} to {high} do not fit in {expected.name}, "
+            f"whose range is {limits.min} to {limits.max}; pass values in that range"
+        )
+    return array.astype(expected)
+
+
+def _convert_dtype(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """Return array in the dtype that the spec's input takes; the dtype must pass _accepts_dtype."""
+    expected = np.dtype(spec.dtype)
+    if array.dtype == expected:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        return _to_float32(spec.name, array)
+    return _to_integer(spec.name, array, expected)
 
 
 def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Check feeds against the declared inputs and return them converted for the runtime.
 
-    Converts float64 to float32, int32 to int64, and, for a quantized input, float data to float32
-    (the runner quantizes it). Dynamic axes (-1) accept any size. Returns C-contiguous arrays.
-    Raises InvalidInputError for missing or unexpected names, another dtype or a shape mismatch.
+    Converts float64 to float32, and, for a quantized input, float data to float32 (the runner
+    quantizes it). A finite float64 value beyond the float32 range is rejected, not turned into inf.
+    Converts integers to the integer dtype of an input that is not quantized when every value fits
+    in it, such as int32 to int64 always and int64 to int32 for values within the int32 range.
+    Dynamic axes (-1) accept any size. Returns C-contiguous arrays. Raises InvalidInputError naming
+    the input for missing or unexpected names, another dtype, a shape mismatch or a value that the
+    conversion cannot keep.
     """
     expected_names = [spec.name for spec in specs]
     missing = [name for name in expected_names if name not in feeds]
@@ -101,16 +151,14 @@ def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) ->
     checked: dict[str, np.ndarray] = {}
     for spec in specs:
         array = np.asarray(feeds[spec.name])
-        converted = _convert_dtype(spec, array)
-        shape_ok = _shape_matches(spec.shape, array.shape)
-        if converted is None or not shape_ok:
+        if not _accepts_dtype(spec, array.dtype) or not _shape_matches(spec.shape, array.shape):
             accepted = spec.dtype if spec.scale == 0.0 else f"{spec.dtype} (or float32 to quantize)"
             raise InvalidInputError(
                 f"invalid input {spec.name!r}: expected {_describe(accepted, spec.shape)} "
                 f"(-1 is any size), received {_describe(array.dtype.name, array.shape)}; "
                 "pass an array of the expected dtype and shape"
             )
-        checked[spec.name] = np.ascontiguousarray(converted)
+        checked[spec.name] = np.ascontiguousarray(_convert_dtype(spec, array))
     return checked
 
 
@@ -164,9 +212,7 @@ class Runner(abc.ABC):
         """Return the execution providers or delegates this runtime can use, in preference order."""
 
     @abc.abstractmethod
-    def load(
-        self, path: Path | str, *, threads: int, allowed_providers: Sequence[str] | None = None
-    ) -> LoadedModel:
+    def load(self, path: Path | str, *, threads: int, allowed_providers: Sequence[str] | None = None) -> LoadedModel:
         """Load the model file at path with threads intra-op threads.
 
         allowed_providers limits the providers or delegates tried (None allows all). Raises
