@@ -332,6 +332,13 @@ def _infer_images(
                 return _fail(f"{path}: inference failed: {error.details()}", EXIT_FAILURE)
             break
         scores = tensor_to_array(response.outputs[0]).reshape(-1)
+        if labels and len(labels) < scores.size:
+            # Checked on the reply, because a model's listed output shape may leave the class count dynamic.
+            return _fail(
+                f"labels file {args.labels} has {len(labels)} lines, but model {args.model!r} has {scores.size} "
+                f"classes; {LABELS_FORMAT}",
+                EXIT_USAGE,
+            )
         best = np.argsort(scores)[::-1][: args.top]
         ranked = ", ".join(
             f"{i} {labels[i] if i < len(labels) else ''} ({scores[i]:.3g})".replace("  ", " ") for i in best
