@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import math
 import os
+import socket as unix_socket
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
 from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from edgefleet.common.files import MAX_SOCKET_PATH_BYTES
 from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, read_upright_rgb, resize_and_crop
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
@@ -277,8 +281,9 @@ def _fail(message: str, code: int) -> int:
 def main(argv: list[str]) -> int:
     """Run the command with argv, the arguments after "infer", and return the exit code.
 
-    Exits 2 for invalid flags, files and model inputs, 69 when no agent serves the socket, and 1 when
-    an image cannot be read or the inference fails.
+    Exits 2 for invalid flags, files and model inputs, and for a socket path that is not the agent's gRPC
+    socket. Exits 69 when no agent serves the socket or this user may not connect to it, and 1 when an
+    image cannot be read or the inference fails.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -286,15 +291,86 @@ def main(argv: list[str]) -> int:
         socket = agent_socket(args.socket, args.state_dir, args.config)
     except (UsageError, ConfigError) as error:
         return _fail(str(error), EXIT_USAGE)
-    if not socket.exists():
-        hint = f"; an agent run by the systemd unit serves {SYSTEMD_SOCKET}" if SYSTEMD_SOCKET.exists() else ""
-        return _fail(
-            f"no agent socket at {socket.absolute()}; start edgefleet-agent, or pass the --socket (or --state-dir) "
+    problem = _socket_problem(socket.absolute())
+    if problem is not None:
+        return _fail(*problem)
+    with grpc.insecure_channel(f"unix://{socket.absolute()}") as channel:
+        return _infer_images(inference_pb2_grpc.InferenceServiceStub(channel), args, socket, labels)
+
+
+def _socket_problem(socket: Path) -> tuple[str, int] | None:
+    """Connect to socket once without gRPC; return the error message and exit code when that fails.
+
+    gRPC reports a path that is too long, a permission error and a socket that no process serves all
+    as UNAVAILABLE, which the command would explain as an agent that is not running.
+    """
+    length = len(os.fsencode(socket))
+    if length > MAX_SOCKET_PATH_BYTES:
+        return (
+            f"the socket path {socket} is {length} bytes long, but a Unix socket path has at most "
+            f"{MAX_SOCKET_PATH_BYTES}; pass a shorter path to the same socket, such as one through a symbolic "
+            "link to its directory",
+            EXIT_USAGE,
+        )
+    try:
+        mode = socket.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        hint = f"; an agent run by the systemd unit serves {SYSTEMD_SOCKET}" if _exists(SYSTEMD_SOCKET) else ""
+        return (
+            f"no agent socket at {socket}; start edgefleet-agent, or pass the --socket (or --state-dir) "
             f"of a running agent{hint}",
             EXIT_UNAVAILABLE,
         )
-    with grpc.insecure_channel(f"unix://{socket.absolute()}") as channel:
-        return _infer_images(inference_pb2_grpc.InferenceServiceStub(channel), args, socket, labels)
+    except PermissionError:  # A directory on the way that this user may not search.
+        return _permission_problem(socket), EXIT_UNAVAILABLE
+    if not stat.S_ISSOCK(mode):
+        return f"{socket} is not a socket; pass the --socket (or --state-dir) of a running agent", EXIT_USAGE
+    probe = unix_socket.socket(unix_socket.AF_UNIX, unix_socket.SOCK_STREAM)
+    try:
+        probe.connect(str(socket))
+    except PermissionError:
+        return _permission_problem(socket), EXIT_UNAVAILABLE
+    except ConnectionRefusedError:
+        return (
+            f"no process accepts connections on {socket}, a socket file that a stopped agent left behind; "
+            "start edgefleet-agent",
+            EXIT_UNAVAILABLE,
+        )
+    except OSError as error:
+        return f"cannot connect to the agent socket {socket}: {error.strerror}", EXIT_UNAVAILABLE
+    finally:
+        probe.close()
+    return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except PermissionError:
+        return True  # Only an existing directory can deny the search.
+
+
+def _permission_problem(socket: Path) -> str:
+    """Return the message for a socket that this user may not connect to, with the group that may.
+
+    The group is the socket's, or that of the first directory above it that this user can read the
+    status of, such as /run/edgefleet-agent (mode 0750) under the systemd unit.
+    """
+    for path in (socket, *socket.parents):
+        try:
+            status = path.stat()
+        except OSError:
+            continue
+        try:
+            group = grp.getgrgid(status.st_gid).gr_name
+        except KeyError:
+            group = str(status.st_gid)
+        return (
+            f"permission denied connecting to the agent socket {socket} ({path} has group {group} and mode "
+            f"{stat.S_IMODE(status.st_mode):04o}); add this user to the group {group} and log in again, or run "
+            "the command as the agent's user"
+        )
+    return f"permission denied connecting to the agent socket {socket}; run the command as the agent's user"
 
 
 def _infer_images(
@@ -354,9 +430,10 @@ def _served_model(
     try:
         listed = stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=5).models
     except grpc.RpcError as error:
-        return _fail(
-            f"cannot reach the agent at {socket}: {error.details()}; is edgefleet-agent running?", EXIT_UNAVAILABLE
-        )
+        details = error.details() or ""
+        if "Failed parsing HTTP/2" in details:
+            return _fail(_not_grpc_problem(socket), EXIT_USAGE)
+        return _fail(f"cannot reach the agent at {socket}: {details}; is edgefleet-agent running?", EXIT_UNAVAILABLE)
     models = {m.model_name: m for m in listed}
     spec = models.get(args.model)
     if spec is None:
@@ -366,6 +443,17 @@ def _served_model(
         return spec, image_input(spec, args.size)
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
+
+
+def _not_grpc_problem(socket: Path) -> str:
+    """Return the message for a socket whose server does not speak gRPC, such as the agent's tensor socket."""
+    message = (
+        f"{socket} does not answer gRPC, so it is not the agent's local API socket; --socket takes the gRPC "
+        "socket (STATE_DIR/agent.sock by default), not the tensor socket (agent.tensor.sock)"
+    )
+    if socket.name.endswith(".tensor.sock"):
+        message += f"; try --socket {socket.with_name(socket.name.removesuffix('.tensor.sock') + '.sock')}"
+    return message
 
 
 def _variant_changed(stub: inference_pb2_grpc.InferenceServiceStub, spec: inference_pb2.LocalModel) -> bool:

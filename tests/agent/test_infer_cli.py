@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import grp
+import os
+import shutil
+import socket as unix_socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ from edgefleet.agent import infer_cli
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.main import main
 from edgefleet.agent.runtime.host import ModelHost
+from edgefleet.agent.tensor_socket import TensorSocketServer
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.photos import NOT_TIFF_EXIF, corrupt_exif, write_sideways_photo
 
@@ -542,3 +547,107 @@ def test_corrupt_exif_process(socket: Path, tmp_path: Path) -> None:
     assert scores[str(broken[0])] == scores[str(clean_jpeg)]
     for path in broken[1:]:
         assert scores[str(path)] == scores[str(clean_png)]
+
+
+def test_tensor_socket_as_socket(
+    host: ModelHost, state_dir: Path, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = TensorSocketServer(host, state_dir / "agent.tensor.sock")
+    server.start()
+    try:
+        code = infer("--socket", str(server.socket_path), "--model", "fixed", str(image))
+    finally:
+        server.stop()
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert f"{server.socket_path} does not answer gRPC, so it is not the agent's local API socket" in error
+    assert "--socket takes the gRPC socket (STATE_DIR/agent.sock by default), not the tensor socket" in error
+    assert f"try --socket {state_dir.absolute() / 'agent.sock'}" in error
+    assert "is edgefleet-agent running" not in error
+    assert error.count("\n") == 1
+
+
+def test_socket_path_too_long(state_dir: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = state_dir.absolute() / ("d" * 100) / "agent.sock"
+
+    code = infer("--socket", str(path), "--model", "fixed", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert f"the socket path {path} is {len(str(path))} bytes long, but a Unix socket path has at most 107" in error
+    assert "pass a shorter path to the same socket" in error
+    assert "is edgefleet-agent running" not in error
+    assert error.count("\n") == 1
+
+
+def test_socket_is_file(state_dir: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = state_dir.absolute() / "agent.sock"
+    path.parent.mkdir()
+    path.write_text("")
+
+    code = infer("--socket", str(path), "--model", "fixed", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert f"{path} is not a socket; pass the --socket (or --state-dir) of a running agent" in error
+
+
+def test_socket_not_served(state_dir: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A socket file that a killed agent left behind, which no process accepts connections on."""
+    path = state_dir.absolute() / "agent.sock"
+    path.parent.mkdir()
+    stale = unix_socket.socket(unix_socket.AF_UNIX, unix_socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+
+    code = infer("--socket", str(path), "--model", "fixed", str(image))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_UNAVAILABLE
+    assert f"no process accepts connections on {path}, a socket file that a stopped agent left behind" in error
+
+
+def run_infer_without_capabilities(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `edgefleet-agent infer ARGS` as a process; as root, without the capabilities that bypass file modes."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root connects to any socket, and setpriv is not installed to drop the capabilities")
+        prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    command = [*prefix, sys.executable, "-m", "edgefleet.agent.main", "infer", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_socket_permission_denied(socket: Path, image: Path) -> None:
+    socket.chmod(0)
+    group = grp.getgrgid(socket.stat().st_gid).gr_name
+
+    result = run_infer_without_capabilities("--socket", str(socket), "--model", "fixed", str(image))
+
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    assert f"permission denied connecting to the agent socket {socket} ({socket} has group {group}" in result.stderr
+    assert f"add this user to the group {group} and log in again" in result.stderr
+    assert "is edgefleet-agent running" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_socket_directory_not_searchable(host: ModelHost, tmp_path: Path, image: Path) -> None:
+    """Under systemd the socket's directory has mode 0750, so a user outside its group cannot even stat it."""
+    directory = tmp_path / "run"
+    server = LocalApiServer(host, directory / "agent.sock")
+    server.start()
+    directory.chmod(0)
+    try:
+        result = run_infer_without_capabilities("--socket", str(server.socket_path), "--model", "fixed", str(image))
+    finally:
+        directory.chmod(0o750)
+        server.stop(grace_s=0)
+
+    group = grp.getgrgid(directory.stat().st_gid).gr_name
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    assert f"permission denied connecting to the agent socket {server.socket_path} ({directory} has group {group}" in (
+        result.stderr
+    )
+    assert "mode 0000" in result.stderr
+    assert "Traceback" not in result.stderr
