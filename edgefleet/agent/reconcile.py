@@ -375,19 +375,25 @@ class Reconciler:
             and self._serving_digest(name) == assignment.digest
             and self._requested_threads(self.serving.get(name)) == self._requested_threads(assignment)
         ):
-            verified = True
             if self.verifier is not None:
                 # Nothing changes on the device, but a valid newer counter raises the rollback floor.
                 try:
                     self.verifier.check(assignment)
                     self.verifier.accept(assignment)
                 except VerificationError as error:
-                    verified = False
-                    log.warning("model=%s keeps serving; the repeated assignment failed verification: %s", name, error)
+                    # The model keeps serving, but the report must not claim that this generation
+                    # applied: a device that verifies nothing would otherwise pass every deploy --wait.
+                    log.error("model=%s keeps serving; the repeated assignment failed verification: %s", name, error)
+                    self._set(
+                        assignment,
+                        "failed",
+                        error=f"{error} (the model keeps serving from the assignment verified before)",
+                    )
+                    return
             self.serving[name] = assignment
             status = self.statuses.get(name)
             serving_state = name_to_enum("serving", MODEL_STATE_NAMES)
-            if verified and (status is None or status.state != serving_state or status.digest != assignment.digest):
+            if status is None or status.state != serving_state or status.digest != assignment.digest:
                 # The status may still report an earlier assignment that failed while this one kept serving.
                 self._set_serving(assignment, served)
             return

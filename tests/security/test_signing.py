@@ -432,6 +432,49 @@ def test_verify_unknown_key_names_recovery(signer: Signer, tmp_path: Path) -> No
     assert "edgefleet enroll create --device-id cam-1" in message
 
 
+def test_retire_rejected_for_unreported_device(start_secure: StartSecure) -> None:
+    """A device that registered but never reported its keys, like an agent of an earlier release, blocks too."""
+    from tests.security.test_enrollment import register
+
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+
+    with pytest.raises(grpc.RpcError) as rejected:
+        admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key), timeout=30)
+
+    assert [(d.device_id, d.trusted_key_set_version) for d in rotated.behind] == [("cam-1", 0)]
+    assert rejected.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "1 device that never reported their keys (agents of earlier releases do not): cam-1" in (
+        rejected.value.details() or ""
+    )
+
+
+def test_unverified_repeat_reported_failed(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    """A device that cannot verify the assignment of the model it serves keeps serving and reports failed."""
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+    admin.UploadModel(upload_requests(linear_onnx(0), "linear", "1"), timeout=120)
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_until(lambda: agent.agent.connected, "the agent to connect")
+    deploy_and_wait(orchestrator, "ecu-1", "1", common_pb2.MODEL_STATE_SERVING)
+    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
+    agent.stop()
+    admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key, force=True), timeout=30)
+
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    wait_until(lambda: agent.agent.connected, "the agent to connect")
+    # The same version again, so the agent takes the path for an assignment it already serves.
+    status = deploy_and_wait(orchestrator, "ecu-1", "1", common_pb2.MODEL_STATE_FAILED)
+
+    assert "signed by unknown key" in status.error or "not signed by a key" in status.error
+    assert "keeps serving" in status.error
+    assert served_version(agent) == "1"
+
+
 def test_cli_keys_show_devices_behind(
     start_secure: StartSecure, start_agent: StartAgent, capsys: pytest.CaptureFixture[str]
 ) -> None:
