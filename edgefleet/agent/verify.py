@@ -135,7 +135,8 @@ class ArtifactVerifier:
                 raise VerificationError(
                     f"key set version {key_set.version} is not signed by a key this device trusts "
                     f"({', '.join(sorted(self.keys)) or 'none'}); if its keys were all retired, stop the agent, delete "
-                    f"{self.state_dir / KEYS_FILE} and start it with a new enrollment token"
+                    f"{self.state_dir / KEYS_FILE} and start it with a new enrollment token (none is needed when the "
+                    "orchestrator runs with --insecure)"
                 )
             self.keys = offered
             self.key_version = key_set.version
@@ -161,7 +162,8 @@ class ArtifactVerifier:
                 f"{assignment.signing_key_id!r} (trusted: {', '.join(sorted(self.keys)) or 'none'}); it was rejected. "
                 "If the orchestrator's signing keys were replaced (a rotation this device missed, or a new "
                 f"orchestrator database), delete {self.state_dir / KEYS_FILE} and enroll the device again with a new "
-                f"token (edgefleet enroll create --device-id {self.device_id or 'DEVICE_ID'})"
+                f"token (edgefleet enroll create --device-id {self.device_id or 'DEVICE_ID'}; none is needed when the "
+                "orchestrator runs with --insecure)"
             )
         if not verify(public, assignment.signature, assignment_payload(self.device_id, assignment)):
             raise VerificationError(

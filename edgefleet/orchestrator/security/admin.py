@@ -238,9 +238,9 @@ def retire_signing_key(
     stranded = _stranded_devices(request.key_id, security, state)
     if stranded and not request.force:
         raise FailedPrecondition(
-            f"retiring signing key {request.key_id} would leave {len(stranded)} devices trusting none of the "
-            f"remaining keys: {_describe_keys(stranded)}. Wait until they connect and report the new key "
-            "(`edgefleet keys list` shows the devices behind), or pass --force and enroll those devices again"
+            f"retiring signing key {request.key_id} would leave {_describe_stranded(stranded)}. Wait until they "
+            "connect and report the new key (`edgefleet keys list` shows the devices behind), or pass --force "
+            "and enroll again those that then reject the new key set"
         )
     try:
         security.signer.retire(request.key_id, datetime.now(UTC))
@@ -248,11 +248,10 @@ def retire_signing_key(
         raise NotFound(str(error)) from None
     if stranded:
         log.warning(
-            "retired signing key %s with force: %d devices trust none of the remaining keys and must be enrolled "
-            "again: %s",
+            "retired signing key %s with --force, leaving %s; a device that rejects the new key set must be "
+            "enrolled again",
             request.key_id,
-            len(stranded),
-            _describe_keys(stranded),
+            _describe_stranded(stranded),
         )
     sent = _send_key_set(state)
     log.info("sent the key set without retired key %s to %d connected devices", request.key_id, sent)
@@ -274,12 +273,33 @@ def _stranded_devices(key_id: str, security: Security, state: OrchestratorState)
     return [d for d in _trusting_devices(state) if not remaining.intersection(d.trusted_key_ids)]
 
 
-def _describe_keys(devices: list[Device], limit: int = 5) -> str:
-    """Return "id (trusts k1, k2), ..." for the first devices, and how many more there are."""
-    text = ", ".join(
-        f"{d.device_id} (trusts {', '.join(d.trusted_key_ids) or 'no reported key'})" for d in devices[:limit]
-    )
-    return text + (f" and {len(devices) - limit} more" if len(devices) > limit else "")
+def _describe_stranded(devices: list[Device], limit: int = 5) -> str:
+    """Describe the devices that trust none of the remaining keys, then those that never reported keys.
+
+    Agents older than the key reports send none, so a device without a report may have learned the
+    successor all the same; it is named apart.
+    """
+    trusting = [d for d in devices if d.trusted_key_set_version is not None]
+    unreported = [d for d in devices if d.trusted_key_set_version is None]
+    parts = []
+    if trusting:
+        listed = ", ".join(f"{d.device_id} (trusts {', '.join(d.trusted_key_ids)})" for d in trusting[:limit])
+        parts.append(f"{_devices(len(trusting))} trusting none of the remaining keys: {listed}{_more(trusting, limit)}")
+    if unreported:
+        listed = ", ".join(d.device_id for d in unreported[:limit])
+        parts.append(
+            f"{_devices(len(unreported))} that never reported their keys (agents of earlier releases do not): "
+            f"{listed}{_more(unreported, limit)}"
+        )
+    return "; and ".join(parts)
+
+
+def _devices(count: int) -> str:
+    return f"{count} device" if count == 1 else f"{count} devices"
+
+
+def _more(devices: list[Device], limit: int) -> str:
+    return f" and {len(devices) - limit} more" if len(devices) > limit else ""
 
 
 def _send_key_set(state: OrchestratorState) -> int:
