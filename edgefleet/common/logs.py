@@ -167,3 +167,62 @@ class RetryLog:
                 streak.failures,
                 self._clock() - streak.started,
             )
+
+
+@dataclass
+class _LoggedValue:
+    value: float
+    logged_at: float
+    repeats: int = 0
+
+
+class MeasurementLog:
+    """Logs a measured value that repeats per key, such as a device's clock skew, without flooding the log.
+
+    A key's first value is logged at the level given. So is a value that differs from the last value
+    logged by more than the tolerance, which is absolute_tolerance or relative_tolerance times the last
+    value, whichever is larger, and any value interval_s or more after the key's last line. Other values
+    are logged at debug level. Keys are kept for the object's lifetime, so use keys from a bounded set.
+    Safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        absolute_tolerance: float,
+        relative_tolerance: float = 0.0,
+        interval_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self.absolute_tolerance = absolute_tolerance
+        self.relative_tolerance = relative_tolerance
+        self.interval_s = interval_s
+        self._clock = clock
+        self._values: dict[Hashable, _LoggedValue] = {}
+        self._lock = threading.Lock()
+
+    def log(self, key: Hashable, value: float, level: int, message: str, *args: object) -> bool:
+        """Log message % args for key's value as the class describes. Returns whether it was logged at level."""
+        now = self._clock()
+        with self._lock:
+            last = self._values.get(key)
+            if last is not None and not self._is_new(last, value, now):
+                last.repeats += 1
+                logged = False
+            else:
+                self._values[key] = _LoggedValue(value, now)
+                logged = True
+        if not logged:
+            self._logger.debug(message, *args)
+        elif last is not None and last.repeats:
+            suffix = " (%d more at debug level in the %.0f s since the last such line)"
+            self._logger.log(level, message + suffix, *args, last.repeats, now - last.logged_at)
+        else:
+            self._logger.log(level, message, *args)
+        return logged
+
+    def _is_new(self, last: _LoggedValue, value: float, now: float) -> bool:
+        tolerance = max(self.absolute_tolerance, self.relative_tolerance * abs(last.value))
+        return abs(value - last.value) > tolerance or now - last.logged_at >= self.interval_s

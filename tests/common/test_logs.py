@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgefleet.common.logs import RepeatedErrors, RetryLog, configure_logging
+from edgefleet.common.logs import MeasurementLog, RepeatedErrors, RetryLog, configure_logging
 
 
 @pytest.fixture
@@ -151,3 +151,38 @@ def test_retry_log_success_ends_streak(caplog: pytest.LogCaptureFixture) -> None
     assert first_again
     assert messages[4] == ("WARNING", "internal error")
     assert len(messages) == 5
+
+
+def test_measurement_log_repeats_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    skews = MeasurementLog(logging.getLogger("test.skew"), absolute_tolerance=60.0, interval_s=300.0, clock=clock)
+    caplog.set_level(logging.DEBUG, logger="test.skew")
+
+    logged = []
+    for second in range(0, 330, 30):  # 11 values 30 s apart, within the tolerance of the first.
+        logged.append(skews.log("d1", 3600.0 + second % 50, logging.WARNING, "d1 ahead (t=%d)", second))
+        clock.now += 30.0
+
+    records = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert logged == [True] + [False] * 9 + [True]
+    assert records[0] == ("WARNING", "d1 ahead (t=0)")
+    assert records[-1] == ("WARNING", "d1 ahead (t=300) (9 more at debug level in the 300 s since the last such line)")
+    assert [level for level, _ in records].count("DEBUG") == 9
+
+
+def test_measurement_log_change_logged(caplog: pytest.LogCaptureFixture) -> None:
+    skews = MeasurementLog(
+        logging.getLogger("test.skew"), absolute_tolerance=60.0, relative_tolerance=0.1, clock=FakeClock()
+    )
+    caplog.set_level(logging.DEBUG, logger="test.skew")
+
+    for key, value in [("d1", 1000.0), ("d1", 1090.0), ("d1", 1101.0), ("d2", 1000.0), ("d1", -1000.0)]:
+        skews.log(key, value, logging.INFO, "%s at %.0f", key, value)
+
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("INFO", "d1 at 1000"),
+        ("DEBUG", "d1 at 1090"),
+        ("INFO", "d1 at 1101 (1 more at debug level in the 0 s since the last such line)"),
+        ("INFO", "d2 at 1000"),
+        ("INFO", "d1 at -1000"),
+    ]

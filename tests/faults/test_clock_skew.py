@@ -152,3 +152,66 @@ def test_future_window_clock_warning(orchestrator: OrchestratorThread, caplog: p
     ahead = re.search(rf"device_id={device_id} clock looks ahead by about (\d+) s", warnings[0])
     assert ahead is not None, warnings[0]
     assert int(ahead.group(1)) == pytest.approx(3600, abs=5)
+
+
+def metrics_records(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name == "edgefleet.orchestrator.handlers.metrics"
+    ]
+
+
+def test_clock_ahead_warned_once(orchestrator: OrchestratorThread, caplog: pytest.LogCaptureFixture) -> None:
+    device_id, _ = register(orchestrator.agent)
+
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.orchestrator.handlers.metrics"):
+        for batch in range(5):
+            upload(orchestrator, device_id, f"b{batch}", datetime.now(UTC) + HOUR, 4)
+    records = metrics_records(caplog)
+
+    levels = [level for level, _ in records]
+    assert levels == ["WARNING", "DEBUG", "DEBUG", "DEBUG", "DEBUG"], records
+    assert f"device_id={device_id} clock looks ahead by about 3600 s" in records[0][1]
+
+
+def test_clock_ahead_change_warned_again(orchestrator: OrchestratorThread, caplog: pytest.LogCaptureFixture) -> None:
+    device_id, _ = register(orchestrator.agent)
+
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.orchestrator.handlers.metrics"):
+        upload(orchestrator, device_id, "b1", datetime.now(UTC) + HOUR, 4)
+        upload(orchestrator, device_id, "b2", datetime.now(UTC) + HOUR + timedelta(seconds=30), 4)
+        upload(orchestrator, device_id, "b3", datetime.now(UTC) + 2 * HOUR, 4)
+    records = metrics_records(caplog)
+
+    assert [level for level, _ in records] == ["WARNING", "DEBUG", "WARNING"], records
+    assert "ahead by about 7200 s" in records[2][1]
+    assert "batch b3" in records[2][1]
+    assert "1 more at debug level" in records[2][1]
+
+
+def test_clock_ahead_per_device(orchestrator: OrchestratorThread, caplog: pytest.LogCaptureFixture) -> None:
+    first, _ = register(orchestrator.agent)
+    second, _ = register(orchestrator.agent)
+
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.orchestrator.handlers.metrics"):
+        upload(orchestrator, first, "b1", datetime.now(UTC) + HOUR, 4)
+        upload(orchestrator, second, "b1", datetime.now(UTC) + HOUR, 4)
+    warnings = [message for level, message in metrics_records(caplog) if level == "WARNING"]
+
+    assert len(warnings) == 2
+    assert f"device_id={first} " in warnings[0]
+    assert f"device_id={second} " in warnings[1]
+
+
+def test_late_delivery_logged_once(orchestrator: OrchestratorThread, caplog: pytest.LogCaptureFixture) -> None:
+    # A clock an hour behind makes every batch look an hour late.
+    device_id, _ = register(orchestrator.agent)
+
+    with caplog.at_level(logging.DEBUG, logger="edgefleet.orchestrator.handlers.metrics"):
+        for batch in range(4):
+            upload(orchestrator, device_id, f"b{batch}", datetime.now(UTC) - HOUR, 4)
+    records = metrics_records(caplog)
+
+    assert [level for level, _ in records] == ["INFO", "DEBUG", "DEBUG", "DEBUG"], records
+    assert f"device_id={device_id} batch b0 has a window that ended" in records[0][1]

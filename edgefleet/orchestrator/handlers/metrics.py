@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from edgefleet.common.logs import MeasurementLog
 from edgefleet.common.serde import MAX_QUERY_TIME, MIN_QUERY_TIME, from_timestamp, timestamp
 from edgefleet.common.sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch
 from edgefleet.orchestrator import validation
@@ -62,15 +63,25 @@ def upload_metrics(
     return agent_pb2.UploadMetricsResponse(accepted=len(windows) if stored else 0, duplicate=not stored)
 
 
+# Logs a device's apparent clock offset the first time, when it moves by over 2 minutes or 10 %, and
+# every 5 minutes while it stays. A skewed device uploads every few seconds, so the batches in between
+# log at debug level. Keys stay for the process's lifetime: two per device that ever showed an offset.
+_window_time_log = MeasurementLog(log, absolute_tolerance=120.0, relative_tolerance=0.1, interval_s=300.0)
+
+
 def _log_window_times(device_id: str, batch_id: str, windows: list[MetricWindow], received_at: datetime) -> None:
     """Log a batch with a window that starts after its receipt, or one that ended long before it.
 
     Only a clock that is ahead explains a window from the future. An old window is normal for an
     agent that buffered its windows while the orchestrator was unreachable, so it is no warning.
+    Repeats of either line for a device go to debug level, as _window_time_log describes.
     """
     ahead = max(window.window_start - received_at for window in windows)
     if ahead > CLOCK_SKEW_WARNING:
-        log.warning(
+        _window_time_log.log(
+            (device_id, "ahead"),
+            ahead.total_seconds(),
+            logging.WARNING,
             "device_id=%s clock looks ahead by about %.0f s: batch %s has a window that starts after its receipt; "
             "stored with both device and receive times",
             device_id,
@@ -79,7 +90,10 @@ def _log_window_times(device_id: str, batch_id: str, windows: list[MetricWindow]
         )
     late = max(received_at - window.window_start - timedelta(seconds=window.window_seconds) for window in windows)
     if late > CLOCK_SKEW_WARNING:
-        log.info(
+        _window_time_log.log(
+            (device_id, "late"),
+            late.total_seconds(),
+            logging.INFO,
             "device_id=%s batch %s has a window that ended %.0f s before its receipt: delivered late from the "
             "agent's buffer, or the device clock is behind (devices show prints the measured clock skew)",
             device_id,
