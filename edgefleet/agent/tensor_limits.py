@@ -1,7 +1,4 @@
-"""Shape limits of the input tensors that the local API accepts.
-
-The tensor socket applies the same per-dimension limit in InferPlan.parse of tensor_socket.py.
-"""
+"""Shape limits of the input tensors that the local gRPC API and the tensor socket accept."""
 
 from __future__ import annotations
 

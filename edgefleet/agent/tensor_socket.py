@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from edgefleet.agent.tensor_limits import check_shape
 from edgefleet.common.files import check_socket_path, claim_socket_path
 from edgefleet.common.logs import RepeatedErrors
 
@@ -132,7 +133,7 @@ def decode_array(name: str, dtype_name: str, shape: Sequence[int], data: memoryv
     dims = tuple(shape)
     if any(d < 0 for d in dims):
         raise ValueError(f"input {name!r} has a negative dimension in shape {list(dims)}")
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python integers: a huge shape cannot wrap around.
     if expected != len(data):
         raise ValueError(f"input {name!r}: shape {list(dims)} of {dtype.name} needs {expected} bytes, got {len(data)}")
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(dims)
@@ -374,11 +375,7 @@ class InferPlan:
                 raise ValueError(f"input {name!r} appears twice in 'inputs'; send each input once")
             if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
                 raise ValueError(f"input {name!r} has shape {_clip(repr(shape))}; use a list of integers")
-            if any(d < 0 or d > MAX_PAYLOAD_BYTES for d in shape):
-                raise ValueError(
-                    f"input {name!r} has shape {_clip(repr(shape))}; each dimension must be from 0 to "
-                    f"{MAX_PAYLOAD_BYTES}"
-                )
+            check_shape(name, shape)
             dtype = _parse_dtype(name, entry["dtype"]).newbyteorder("<")
             size = math.prod(shape) * dtype.itemsize
             inputs.append((name, dtype, tuple(shape), offset, offset + size))
@@ -463,10 +460,13 @@ class TensorSocketServer:
         old_umask = os.umask(0o117)
         try:
             listener.bind(str(self.socket_path))
+            self._socket_inode = self.socket_path.stat().st_ino
+            listener.listen(self.max_connections)
+        except OSError:
+            listener.close()
+            raise
         finally:
             os.umask(old_umask)
-        self._socket_inode = self.socket_path.stat().st_ino
-        listener.listen(self.max_connections)
         self._listener = listener
         self._stopping.clear()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="tensor-socket", daemon=True)

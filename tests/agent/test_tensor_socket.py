@@ -507,6 +507,26 @@ def test_outputs_over_limit(host: ModelHost, tmp_path: Path) -> None:
     assert after.outputs["y"].shape == (2, 64)
 
 
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ([2**20, 2**20], "of 1099511627776 elements, over the limit of 67108864"),
+        ([2**40, 1], "each dimension must be from 0 to 67108864"),
+        ([-1, 4], "each dimension must be from 0 to 67108864"),
+    ],
+)
+def test_shape_over_limits(server: TensorSocketServer, shape: list[int], expected: str) -> None:
+    entry = {"name": "x", "dtype": "float32", "shape": shape}
+    with raw_connection(server) as sock:
+        write_frame(sock, {"op": "infer", "model": "linear", "inputs": [entry]})
+        frame = read_frame(sock)
+
+    assert frame is not None
+    assert frame[0]["code"] == "INVALID_ARGUMENT"
+    assert expected in frame[0]["message"]
+    assert "input 'x'" in frame[0]["message"]
+
+
 def test_duplicate_input_names(server: TensorSocketServer) -> None:
     entry = {"name": "x", "dtype": "float32", "shape": [1, 4]}
     with raw_connection(server) as sock:
