@@ -251,16 +251,22 @@ TIME_FORMS = (
     "use ISO 8601 (2026-12-04T10:00:00Z) or a duration back from now (30s, 15m, 2h, 1d), "
     f"for a time from {MIN_QUERY_TIME:%Y-%m-%d} to {MAX_QUERY_TIME:%Y-%m-%d}"
 )
+# How far --since may lie after this machine's clock before it is rejected as a time in the future.
+# The orchestrator's clock may run ahead of this one, and it keeps a window that starts up to its
+# --max-clock-skew-s (default 60 s) after the window was received at its start time.
+MAX_SINCE_AHEAD_S = 60.0
+DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
 def parse_time(value: str) -> datetime:
-    """Parse an ISO 8601 time or a duration back from now such as 15m, 2h, 30s, 1d into an aware datetime.
+    """Parse an ISO 8601 time or a duration back from now such as 15m, 2h, 30s, 1d into an aware datetime in UTC.
 
-    A time without a zone is UTC. Raises CliError (usage) for other text and for a time outside
-    MIN_QUERY_TIME to MAX_QUERY_TIME.
+    A time without a zone is in the local time zone of this machine (the TZ environment variable, else
+    /etc/localtime), as date and journalctl read it. A time with Z or an offset is taken as given.
+    Raises CliError (usage) for other text and for a time outside MIN_QUERY_TIME to MAX_QUERY_TIME.
     """
     invalid = CliError(f"invalid time {value!r}: {TIME_FORMS}", EXIT_USAGE)
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value)
+    match = DURATION_PATTERN.fullmatch(value)
     try:
         if match:
             seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -270,11 +276,39 @@ def parse_time(value: str) -> datetime:
     except (ValueError, OverflowError):
         # OverflowError: a duration reaching back before year 1 (99999999d).
         raise invalid from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        # astimezone() reads a naive datetime as local time.
+        parsed = parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # A local time at either end of the datetime range can leave it when converted to UTC.
+        raise invalid from None
     if not MIN_QUERY_TIME <= parsed <= MAX_QUERY_TIME:
         raise invalid
     return parsed
+
+
+def parse_since(value: str) -> datetime:
+    """Parse --since with parse_time, and reject a time more than MAX_SINCE_AHEAD_S after now (exit 2).
+
+    Such a start matches no window, so the query would print an empty table and hide the mistake,
+    which is most often a time without a zone that was meant in another zone.
+    """
+    since = parse_time(value)
+    now = datetime.now(UTC)
+    if since <= now + timedelta(seconds=MAX_SINCE_AHEAD_S):
+        return since
+    zone_note = ""
+    if not DURATION_PATTERN.fullmatch(value) and datetime.fromisoformat(value).tzinfo is None:
+        local = datetime.fromisoformat(value).astimezone()
+        zone_note = (
+            f"; a time without a zone is local time on this machine ({local.tzname()}, UTC{local:%z}), "
+            "so add Z for UTC or an offset such as +01:00"
+        )
+    raise CliError(
+        f"invalid --since {value!r}: it is {since:%Y-%m-%dT%H:%M:%SZ}, after the current time "
+        f"{now:%Y-%m-%dT%H:%M:%SZ}{zone_note}; give a time in the past or a duration back from now such as 15m",
+        EXIT_USAGE,
+    )
 
 
 # The QueryMetricsRequest fields that the metrics commands set from their flags, as the orchestrator names
@@ -779,6 +813,20 @@ def render_deploy(result: dict[str, Any]) -> str:
 # Metrics
 
 
+def parse_range(since_text: str | None, until_text: str | None) -> tuple[datetime | None, datetime | None]:
+    """Parse --since and --until of the metrics commands; either may be None. Raises CliError (usage)."""
+    since = parse_since(since_text) if since_text else None
+    until = parse_time(until_text) if until_text else None
+    if since is not None and until is not None and since >= until:
+        raise CliError(
+            f"invalid range: --since {since_text} ({since:%Y-%m-%dT%H:%M:%SZ}) is not before --until {until_text} "
+            f"({until:%Y-%m-%dT%H:%M:%SZ}); a duration counts back from now, so give --since the longer one "
+            f"(--since {until_text} --until {since_text})",
+            EXIT_USAGE,
+        )
+    return since, until
+
+
 def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
     keys = [key.strip() for key in args.group_by.split(",") if key.strip()]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
@@ -790,15 +838,7 @@ def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
     request = operator_pb2.QueryMetricsRequest(group_by=keys)
     for name, value in metric_filters(args).items():
         setattr(request, name, value)
-    since = parse_time(args.since) if args.since else None
-    until = parse_time(args.until) if args.until else None
-    if since is not None and until is not None and since >= until:
-        raise CliError(
-            f"invalid range: --since {args.since} ({since:%Y-%m-%dT%H:%M:%SZ}) is not before --until {args.until} "
-            f"({until:%Y-%m-%dT%H:%M:%SZ}); a duration counts back from now, so give --since the longer one "
-            f"(--since {args.until} --until {args.since})",
-            EXIT_USAGE,
-        )
+    since, until = parse_range(args.since, args.until)
     if since is not None:
         request.start.FromDatetime(since)
     if until is not None:
@@ -836,7 +876,7 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
         out = output_path(args.out)
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
-    start = parse_time(args.since)
+    start = parse_since(args.since)
     if args.bucket is None:
         bucket = automatic_bucket((datetime.now(UTC) - start).total_seconds())
     else:
@@ -936,6 +976,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         report_path=args.report, duration_s=args.duration, work_dir=args.work_dir, json_output=args.output == "json"
     )
+
+
+# The forms of --since and --until, for their help.
+TIME_HELP = "ISO 8601 time, in this machine's time zone unless it ends in Z or an offset, or a duration back from now"
 
 
 def metric_filter_flags(sub: argparse.ArgumentParser) -> None:
@@ -1116,8 +1160,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = nouns.add_parser("metrics", help="query latency metrics").add_subparsers(dest="verb", required=True)
     sub = metrics.add_parser("query", help="count, throughput and p50/p95/p99 latency from merged sketches")
     metric_filter_flags(sub)
-    sub.add_argument("--since", help="start: ISO 8601 time or a duration back from now (15m, 2h)")
-    sub.add_argument("--until", help="end: ISO 8601 time or a duration back from now")
+    sub.add_argument("--since", help=f"start: {TIME_HELP} (15m, 2h), no more than {MAX_SINCE_AHEAD_S:.0f} s after now")
+    sub.add_argument("--until", help=f"end: {TIME_HELP}")
     sub.add_argument(
         "--group-by",
         default="device,model,variant",
@@ -1128,7 +1172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = metrics.add_parser("plot", help="write a PNG of latency over time and of its distribution")
     metric_filter_flags(sub)
-    sub.add_argument("--since", default="1h", help="start: ISO 8601 time or a duration back from now (default 1h)")
+    sub.add_argument(
+        "--since",
+        default="1h",
+        help=f"start: {TIME_HELP} (default 1h), no more than {MAX_SINCE_AHEAD_S:.0f} s after now",
+    )
     sub.add_argument(
         "--bucket",
         help="time bucket of the series: whole seconds or 10s, 1m, 5m, 1h, at most 24h (default: the shortest of "

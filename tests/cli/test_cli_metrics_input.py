@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tests.servers import OrchestratorThread, linear_onnx, register, upload
 pytest_plugins = ["tests.servers"]
 
 Capture = pytest.CaptureFixture[str]
+SetZone = Callable[[str], None]
 
 
 def cli(orchestrator: OrchestratorThread, *args: str) -> int:
@@ -79,8 +82,98 @@ def test_plot_since_out_of_range(fleet: OrchestratorThread, capsys: Capture) -> 
     assert "invalid time '99999999d'" in capsys.readouterr().err
 
 
-def test_parse_time_naive_is_utc() -> None:
-    assert parse_time("2026-12-04T10:00:00") == datetime(2026, 12, 4, 10, tzinfo=UTC)
+# Central European Time in POSIX TZ form, which libc reads without the time zone database.
+BERLIN_TZ = "CET-1CEST,M3.5.0,M10.5.0/3"
+
+
+@pytest.fixture
+def local_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[SetZone]:
+    """Return a function that sets this process's local time zone (TZ); the old zone is back afterwards."""
+
+    def set_zone(zone: str) -> None:
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_parse_time_naive_is_local(local_zone: SetZone) -> None:
+    local_zone(BERLIN_TZ)
+
+    assert parse_time("2026-12-04T10:00:00") == datetime(2026, 12, 4, 9, tzinfo=UTC)
+    assert parse_time("2026-07-04T10:00") == datetime(2026, 7, 4, 8, tzinfo=UTC)
+
+
+def test_parse_time_zone_given(local_zone: SetZone) -> None:
+    local_zone(BERLIN_TZ)
+
+    assert parse_time("2026-12-04T10:00:00Z") == datetime(2026, 12, 4, 10, tzinfo=UTC)
+    assert parse_time("2026-12-04T10:00:00+03:00") == datetime(2026, 12, 4, 7, tzinfo=UTC)
+    assert parse_time("2026-12-04T10:00:00").tzinfo == UTC
+
+
+def test_query_naive_since_local(fleet: OrchestratorThread, capsys: Capture, local_zone: SetZone) -> None:
+    local_zone(BERLIN_TZ)
+    # What `date -d '-5 min' +%Y-%m-%dT%H:%M` prints: local time without a zone.
+    since = (datetime.now() - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M")
+
+    code = cli(fleet, "metrics", "query", "--since", since, "-o", "json")
+
+    assert code == 0
+    assert [row["inferences"] for row in json.loads(capsys.readouterr().out)] == [10]
+
+
+def test_query_since_future_naive(fleet: OrchestratorThread, capsys: Capture, local_zone: SetZone) -> None:
+    local_zone("XYZ-2")  # UTC+02:00 all year.
+    since = datetime.now(UTC) + timedelta(hours=1)
+    value = since.astimezone().strftime("%Y-%m-%dT%H:%M")
+
+    code, error = query_error(fleet, capsys, "--since", value)
+
+    assert code == EXIT_USAGE
+    assert f"invalid --since {value!r}: it is {since:%Y-%m-%dT%H:%M}:00Z" in error
+    assert "after the current time 20" in error
+    assert "local time on this machine (XYZ, UTC+0200)" in error
+
+
+def test_query_since_future_utc(fleet: OrchestratorThread, capsys: Capture) -> None:
+    value = f"{datetime.now(UTC) + timedelta(minutes=10):%Y-%m-%dT%H:%M:%S}Z"
+
+    code, error = query_error(fleet, capsys, "--since", value)
+
+    assert code == EXIT_USAGE
+    assert f"invalid --since {value!r}: it is {value}, after the current time " in error
+    assert "local time" not in error
+
+
+def test_query_since_within_tolerance(fleet: OrchestratorThread, capsys: Capture) -> None:
+    value = f"{datetime.now(UTC) + timedelta(seconds=20):%Y-%m-%dT%H:%M:%S}Z"
+
+    code = cli(fleet, "metrics", "query", "--since", value, "-o", "json")
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_plot_since_future(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    value = f"{datetime.now(UTC) + timedelta(hours=2):%Y-%m-%dT%H:%M:%S}Z"
+
+    code = cli(fleet, "metrics", "plot", "--model", "linear", "--since", value, "--out", str(out_dir / "p.png"))
+
+    assert code == EXIT_USAGE
+    assert f"invalid --since {value!r}" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_query_time_help(capsys: Capture) -> None:
+    with pytest.raises(SystemExit):
+        main(["metrics", "query", "--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "in this machine's time zone unless it ends in Z or an offset" in help_text
+    assert "no more than 60 s after now" in help_text
 
 
 def test_until_far_future(fleet: OrchestratorThread, capsys: Capture) -> None:
