@@ -357,7 +357,7 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
     rows = [
         (
             d["device_id"],
-            "revoked" if d["revoked"] else d["status"],
+            ("revoked" if d["revoked"] else d["status"]) + (", clock skewed" if d["clock_skewed"] else ""),
             d["profile"] or "-",
             f"{d['usable_cores']:g}",
             human_bytes(d["memory_bytes"]),
@@ -421,6 +421,12 @@ def render_device(d: dict[str, Any]) -> str:
                     for m in d["models"]
                 ],
             )
+        )
+    if d["clock_skewed"]:
+        lines.append(
+            f"WARNING: the device clock is {views.clock_skew_text(d)}, past the orchestrator's "
+            "--max-clock-skew-s, so its metric windows are placed at their receive time in queries; "
+            "fix the device's time synchronization (NTP)"
         )
     for conflict in d["identity_conflicts"]:
         lines.append(

@@ -85,6 +85,8 @@ def device_view(device: operator_pb2.Device) -> dict[str, Any]:
         "last_seen": iso_time(device.last_seen),
         "desired_generation": device.desired_generation,
         "reported_generation": device.reported_generation,
+        "clock_skew_seconds": round(device.clock_skew_seconds, 3),
+        "clock_skewed": device.clock_skewed,
         "models": [{**model_status_view(m), "current": status == "online"} for m in device.models],
         "desired": [
             {
@@ -197,6 +199,12 @@ def age(iso: str | None, now: datetime | None = None) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f}m ago"
     return f"{seconds / 3600:.1f}h ago"
+
+
+def clock_skew_text(device: dict[str, Any]) -> str:
+    """Return how far the device's clock runs ahead of or behind the orchestrator's, such as "125 s ahead"."""
+    skew = device["clock_skew_seconds"]
+    return f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the orchestrator"
 
 
 def last_report_note(device: dict[str, Any]) -> str:
