@@ -28,8 +28,10 @@ from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.agent.tensor_socket import TensorSocketServer
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError, key_set_ids
 from edgefleet.common.backoff import Backoff
+from edgefleet.common.errors import without_error_id
 from edgefleet.common.files import SocketPathError, bind_error_message, prepare_socket_path
 from edgefleet.common.hardware import HardwareProfile
+from edgefleet.common.logs import RetryLog
 from edgefleet.common.serde import hardware_to_proto
 from edgefleet.common.systemd import Notifier
 from edgefleet.common.tls import channel_credentials, device_id_from_file
@@ -307,6 +309,8 @@ class Agent:
         self.ready = asyncio.Event()  # Set once registered or serving from local state.
         self.notifier = Notifier()
         self._outage = OutageLog(config.orchestrator)
+        # During an outage every round of metric uploads fails the same way, every few seconds.
+        self._upload_log = RetryLog(log)
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = False  # A control stream is open.
@@ -717,13 +721,17 @@ class Agent:
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     await asyncio.to_thread(self.metric_buffer.drop, batch.batch_id, error.details() or "rejected")
                     continue
-                log.warning(
-                    "metric upload of batch %s failed (%s); %d batches wait on disk for the next try",
+                self._upload_log.failed(
+                    "metrics",
+                    f"{error.code().name}: {without_error_id(error.details() or '')}",
+                    "metric upload of batch %s failed (%s: %s); %d batches wait on disk for the next try",
                     batch.batch_id,
                     error.code().name,
+                    error.details(),
                     len(self.metric_buffer),
                 )
                 return
+            self._upload_log.succeeded("metrics", "metric upload")
             log.debug(
                 "uploaded batch %s: %d windows (duplicate=%s)",
                 batch.batch_id,
