@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +53,25 @@ def test_quantize_int8() -> None:
     spec = TensorSpec(name="x", dtype="int8", shape=(3,), scale=0.1, zero_point=-10)
     values = np.array([-20.0, 0.26, 20.0], dtype=np.float32)
     np.testing.assert_array_equal(quantize(values, spec), np.array([-128, -7, 127], dtype=np.int8))
+
+
+def test_quantize_rejects_nan() -> None:
+    spec = TensorSpec(name="x", dtype="int8", shape=(3,), scale=0.1, zero_point=0)
+
+    with pytest.raises(InvalidInputError, match="input 'x' contains NaN"):
+        quantize(np.array([0.0, np.nan, 1.0], dtype=np.float32), spec)
+
+
+def test_quantize_huge_values_clip_silently() -> None:
+    """Values whose quotient by the scale overflows float32 clip to the range's ends, without a numpy warning."""
+    spec = TensorSpec(name="x", dtype="int8", shape=(4,), scale=1e-30, zero_point=0)
+    values = np.array([3e38, -3e38, np.inf, -np.inf], dtype=np.float32)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = quantize(values, spec)
+
+    np.testing.assert_array_equal(result, np.array([127, -128, 127, -128], dtype=np.int8))
 
 
 def test_dequantize_int8() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.agent.runtime.base import (
+    InvalidInputError,
     LoadedModel,
     ModelClosedError,
     ModelLoadError,
@@ -49,10 +50,22 @@ _PLUGIN_SYMBOL = "tflite_plugin_create_delegate"
 
 
 def quantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """Quantize float values for spec: q = round(x / scale) + zero_point, clipped to the dtype's range."""
+    """Quantize float values for spec: q = round(x / scale) + zero_point, clipped to the dtype's range.
+
+    Raises InvalidInputError naming the input for NaN, which no quantized value stands for. Infinities
+    and values beyond the range clip to its ends.
+    """
     dtype = np.dtype(spec.dtype)
     limits = np.iinfo(dtype)
-    scaled = np.round(values.astype(np.float32) / np.float32(spec.scale)) + spec.zero_point
+    values = values.astype(np.float32, copy=False)
+    if np.isnan(values).any():
+        raise InvalidInputError(
+            f"input {spec.name!r} contains NaN, which the model's quantized {dtype.name} input cannot hold; "
+            "replace the NaN values"
+        )
+    # Dividing a huge value by a small scale overflows to inf, which the clip then takes to the range's end.
+    with np.errstate(over="ignore"):
+        scaled = np.round(values / np.float32(spec.scale)) + spec.zero_point
     return np.clip(scaled, limits.min, limits.max).astype(dtype)
 
 
