@@ -882,9 +882,10 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
         out = output_path(args.out)
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
-    start = parse_since(args.since)
+    start, end = parse_range(args.since, args.until)
+    assert start is not None, "--since has a default"
     if args.bucket is None:
-        bucket = automatic_bucket((datetime.now(UTC) - start).total_seconds())
+        bucket = automatic_bucket(((end or datetime.now(UTC)) - start).total_seconds())
     else:
         bucket = parse_bucket(args.bucket)
     series_request = operator_pb2.QueryMetricsRequest(bucket_seconds=bucket)
@@ -893,10 +894,15 @@ def cmd_metrics_plot(client: Client, args: argparse.Namespace) -> None:
         for name, value in filters.items():
             setattr(request, name, value)
         request.start.FromDatetime(start)
+        if end is not None:
+            request.end.FromDatetime(end)
     series = client.call("QueryMetrics", series_request, flags=METRIC_FLAGS).rows
     overall = client.call("QueryMetrics", overall_request, flags=METRIC_FLAGS).rows
     if not overall or not overall[0].inference_count:
-        raise CliError(f"no latency windows match {filters_text(filters)} since {args.since}", EXIT_NOT_FOUND)
+        until_text = f" until {args.until}" if args.until else ""
+        raise CliError(
+            f"no latency windows match {filters_text(filters)} since {args.since}{until_text}", EXIT_NOT_FOUND
+        )
     try:
         path = plot_latency(list(series), overall[0], filters_text(filters), out)
     except OSError as error:
@@ -1183,10 +1189,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="1h",
         help=f"start: {TIME_HELP} (default 1h), no more than {MAX_SINCE_AHEAD_S:.0f} s after now",
     )
+    sub.add_argument("--until", help=f"end: {TIME_HELP} (default: now)")
     sub.add_argument(
         "--bucket",
         help="time bucket of the series: whole seconds or 10s, 1m, 5m, 1h, at most 24h (default: the shortest of "
-        "10s, 1m, 5m, 15m, 1h, 6h and 24h that draws --since in at most 360 points)",
+        "10s, 1m, 5m, 15m, 1h, 6h and 24h that draws --since to --until in at most 360 points)",
     )
     sub.add_argument(
         "--out",

@@ -401,3 +401,54 @@ def test_plot_bucket_follows_range(
     assert code == 0
     assert result["bucket_seconds"] == bucket_seconds
     assert result["buckets"] >= 1
+
+
+def test_plot_until_excludes_window(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    code = cli(
+        fleet, "metrics", "plot", "--model", "linear", "--since", "2h", "--until", "1h", "--out", str(out_dir / "p.png")
+    )
+
+    assert code == EXIT_NOT_FOUND
+    assert "no latency windows match model=linear since 2h until 1h" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_plot_until_includes_window(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    out = out_dir / "p.png"
+
+    code = cli(fleet, "metrics", "plot", "--model", "linear", "--since", "10m", "--until", "5s", "--out", str(out))
+
+    assert code == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (10 inferences")
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_since_after_until(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    code = cli(
+        fleet, "metrics", "plot", "--model", "linear", "--since", "10m", "--until", "20m", "--out", str(out_dir / "p")
+    )
+
+    error = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "invalid range: --since 10m (" in error
+    assert "(--since 20m --until 10m)" in error
+
+
+def test_plot_until_invalid(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    code = cli(fleet, "metrics", "plot", "--model", "linear", "--until", "yesterday", "--out", str(out_dir / "p"))
+
+    assert code == EXIT_USAGE
+    assert "invalid time 'yesterday'" in capsys.readouterr().err
+
+
+def test_plot_bucket_follows_until(fleet: OrchestratorThread, capsys: Capture, out_dir: Path) -> None:
+    # 1h back to a day ahead is 25 h, which 300 s buckets draw in 300 points; 1h alone takes 10 s buckets.
+    until = f"{datetime.now(UTC) + timedelta(days=1):%Y-%m-%dT%H:%M:%S}Z"
+    args = ("--model", "linear", "--since", "1h", "--until", until, "--out", str(out_dir / "p.png"), "-o", "json")
+
+    code = cli(fleet, "metrics", "plot", *args)
+
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["bucket_seconds"] == 300
+    assert result["inferences"] == 10
