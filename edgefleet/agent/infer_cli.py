@@ -376,6 +376,7 @@ def _permission_problem(socket: Path) -> str:
 def _infer_images(
     stub: inference_pb2_grpc.InferenceServiceStub, args: argparse.Namespace, socket: Path, labels: list[str]
 ) -> int:
+    warned_extra_labels = False
     for path in args.images:
         # The agent can switch the model to another variant between two images (a deploy or a rollout wave),
         # and variants differ in input name, layout and size. So each image reads the served variant first,
@@ -414,6 +415,15 @@ def _infer_images(
                 f"labels file {args.labels} has {len(labels)} lines, but model {args.model!r} has {scores.size} "
                 f"classes; {LABELS_FORMAT}",
                 EXIT_USAGE,
+            )
+        if labels and len(labels) > scores.size and not warned_extra_labels:
+            # A labels file with an extra first line ("background", as some TFLite classifiers have)
+            # would shift every name by one.
+            warned_extra_labels = True
+            print(
+                f"warning: labels file {args.labels} has {len(labels)} lines, but model {args.model!r} has "
+                f"{scores.size} classes; the names may be shifted, for example by a 'background' first line",
+                file=sys.stderr,
             )
         best = np.argsort(scores)[::-1][: args.top]
         ranked = ", ".join(

@@ -198,6 +198,21 @@ def test_labels_too_few(socket: Path, image: Path, tmp_path: Path, capsys: pytes
     assert output.out == ""
 
 
+def test_labels_too_many_warned(
+    socket: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("background\n" + "".join(f"class {i}\n" for i in range(CLASSES)), encoding="utf-8")
+
+    code = infer("--socket", str(socket), "--model", "fixed", "--labels", str(labels), str(image), str(image))
+
+    output = capsys.readouterr()
+    assert code == EXIT_OK
+    assert f"labels file {labels} has {CLASSES + 1} lines, but model 'fixed' has {CLASSES} classes" in output.err
+    assert output.err.count("\n") == 1
+    assert output.out.count(f"{image}: ") == 2
+
+
 def test_labels_png(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = infer("--socket", str(socket), "--model", "fixed", "--labels", str(image), str(image))
 
