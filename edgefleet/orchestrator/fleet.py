@@ -37,6 +37,7 @@ class StreamSession:
         default_factory=lambda: asyncio.Queue(MAX_QUEUED_COMMANDS)
     )
     desired_generation: int = 0  # The generation of the newest desired state queued on this stream.
+    close_reason: str = ""  # The cause of the stream's end, for the log line of its close.
 
     def send(self, message: agent_pb2.OrchestratorMessage) -> bool:
         """Queue a message without waiting; return False when the queue is full.
@@ -65,8 +66,13 @@ class StreamSession:
             self.desired_generation = message.desired_state.generation
         return True
 
-    def close(self) -> None:
-        """Ask the stream's writer to finish; a None in the queue ends it."""
+    def close(self, reason: str = "the orchestrator closed it") -> None:
+        """Ask the stream's writer to finish, because of reason. A None in the queue ends it.
+
+        The first reason given is kept for the log line of the close, because later ones follow from it.
+        """
+        if not self.close_reason:
+            self.close_reason = reason
         while True:
             try:
                 self.queue.put_nowait(None)
@@ -111,7 +117,7 @@ class FleetHub:
                 peer,
             )
             previous.replaced_by = peer
-            previous.close()
+            previous.close(f"a newer stream of the device from {peer} replaced it")
         now = datetime.now(UTC)
         if previous is not None:
             takeovers = self._takeovers.setdefault(device_id, deque(maxlen=TAKEOVERS_FOR_DUPLICATE))
@@ -184,7 +190,7 @@ class FleetHub:
             return False
         if not session.send(message):
             log.warning("command queue full for device_id=%s; closing its stream so it re-syncs", device_id)
-            session.close()
+            session.close(f"its command queue was full ({MAX_QUEUED_COMMANDS} commands)")
             return False
         return True
 
@@ -218,7 +224,7 @@ class FleetHub:
             session = self.sessions.get(device_id)
             if session is not None and self.loop is not None:
                 log.warning("closing the control stream of device_id=%s: the device is no longer registered", device_id)
-                self.loop.call_soon_threadsafe(session.close)
+                self.loop.call_soon_threadsafe(session.close, "the device is no longer registered")
         return len(pending)
 
     def status_of(self, device: Device, now: datetime | None = None) -> str:

@@ -113,7 +113,7 @@ class RunningServer:
                 await asyncio.gather(watch, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         for session in list(self.state.hub.sessions.values()):
-            session.close()
+            session.close("the orchestrator is stopping")
         await self.server.stop(grace_s)
         if self.state.job_runner is not None:
             # Ends a running worker and puts its job back in the queue for the next start.

@@ -57,9 +57,9 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, error: Base
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error_id))
 
 
-def _store_disconnect(state: OrchestratorState, device_id: str) -> None:
+def _store_disconnect(state: OrchestratorState, device_id: str, last_heard: datetime) -> None:
     try:
-        state.store.set_connected(device_id, False, datetime.now(UTC))
+        state.store.set_connected(device_id, False, last_heard)
     except NotFoundError:
         # An operator removed the device, which closed this stream; no row is left to update.
         log.info("device_id=%s was removed, so its disconnect is not recorded", device_id)
@@ -74,15 +74,19 @@ def _store_disconnect(state: OrchestratorState, device_id: str) -> None:
         log.exception("recording that device_id=%s disconnected failed; the store shows it connected", device_id)
 
 
-async def _record_disconnect(state: OrchestratorState, device_id: str) -> None:
+async def _record_disconnect(state: OrchestratorState, session: StreamSession) -> None:
     """Store that a device's stream closed, even when the call is cancelled while the write waits.
+
+    last_seen stays at the device's last message, not the close: a keepalive timeout closes the
+    stream of a dead device a minute or more after it was last heard from.
 
     A cancelled await on run_in_executor also cancels the job if no worker thread has taken it yet,
     and the agent's cancel often arrives just after its half-close started this write. Shielding
     keeps the job queued, so the device is not left stored as connected.
     """
+    last_heard = state.hub.last_seen.get(session.device_id, session.opened_at)
     loop = asyncio.get_running_loop()
-    await asyncio.shield(loop.run_in_executor(None, _store_disconnect, state, device_id))
+    await asyncio.shield(loop.run_in_executor(None, _store_disconnect, state, session.device_id, last_heard))
 
 
 async def _report_duplicate(state: OrchestratorState, device_id: str, instance_key: str, peer: str) -> None:
@@ -196,11 +200,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 if self.state.security is not None and message.WhichOneof("body") == "desired_state":
                     message = await asyncio.to_thread(self.state.security.sign_message, device.device_id, message)
                 yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            session.close_reason = session.close_reason or "the call was cancelled"
+            raise
+        except Exception as error:
+            session.close_reason = session.close_reason or f"sending a message failed: {error}"
+            raise
         finally:
             reader.cancel()
+            # Logged before the await below: gRPC can cancel this task while the disconnect write waits,
+            # and the CancelledError would skip the line.
+            log.info("control stream closed for device_id=%s: %s", device.device_id, session.close_reason)
             if hub.release(session):
-                await _record_disconnect(self.state, device.device_id)
-            log.info("control stream closed for device_id=%s", device.device_id)
+                await _record_disconnect(self.state, session)
         if failure:
             await abort_with(context, "AgentService.Control", failure[0])
         if session.replaced_by:
@@ -272,13 +284,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         log.warning("dropped a benchmark report of device_id=%s: %s", device_id, error.message)
                 else:
                     raise InvalidArgument("body", f"unexpected control message {kind or 'with no body'}")
+            # grpc.aio (1.85) ends the request iterator without an error when a keepalive timeout drops the
+            # connection, as when the agent closes its side, so the two look the same here.
+            reason = "the agent's side of the stream ended: the agent closed it or the connection was lost"
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as error:
             log.info("control stream of device_id=%s broke: %s", device_id, error.code().name)
+            reason = f"the stream broke with {error.code().name}"
         except Exception as error:
             failure.append(error)
-        session.close()
+            reason = f"handling a message from the agent failed: {error}"
+        session.close(reason)
 
     async def DownloadArtifact(
         self, request: agent_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext

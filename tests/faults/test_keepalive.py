@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from edgefleet.agent.agent import Keepalive
 from edgefleet.agent.config import AgentConfig
 from edgefleet.orchestrator.fleet import StreamSession
-from tests.faults.processes import AgentRunner, wait_for
+from edgefleet.orchestrator.store.tables import devices
+from tests.faults.processes import AgentProcess, AgentRunner, OrchestratorProcess, wait_for
 from tests.faults.proxy import TcpProxy
 from tests.servers import OrchestratorThread, agent_hardware
 
@@ -21,6 +26,8 @@ KEEPALIVE_S = 1.0
 KEEPALIVE_TIMEOUT_S = 1.0
 # Slack on top of keepalive time + timeout for a loaded 2-core machine to act on the dead link.
 DETECTION_SLACK_S = 3.0
+# OrchestratorProcess passes --heartbeat-interval-s 1.
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 @pytest.fixture
@@ -141,3 +148,57 @@ def test_keepalive_too_many_pings_control(
         runner.stop()
 
     assert opened > 1
+
+
+def stored_device(orchestrator: OrchestratorProcess, device_id: str) -> sa.Row[tuple[bool, datetime | None]]:
+    """Read the device's connected flag and last_seen from the orchestrator's SQLite file."""
+    engine = sa.create_engine(f"sqlite:///{orchestrator.data_dir / 'edgefleet.db'}")
+    try:
+        with engine.connect() as connection:
+            query = sa.select(devices.c.connected, devices.c.last_seen).where(devices.c.device_id == device_id)
+            return connection.execute(query).one()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_frozen_agent_keeps_last_seen(tmp_path: Path) -> None:
+    # SIGSTOP leaves the agent's socket open, so only the orchestrator's keepalive notices the device
+    # is gone. last_seen must stay at the agent's last message, not move to that close.
+    orchestrator = OrchestratorProcess(
+        tmp_path,
+        "--keepalive-time-s",
+        str(KEEPALIVE_S),
+        "--keepalive-timeout-s",
+        str(KEEPALIVE_TIMEOUT_S),
+        "--keepalive-min-ping-interval-s",
+        "0.5",
+    )
+    orchestrator.start()
+    agent = AgentProcess(tmp_path, "camera", orchestrator.address)
+    agent.start()
+    try:
+        device_id = wait_for(agent.device_id, "the agent to register")
+        wait_for(lambda: stored_device(orchestrator, device_id).connected, "the agent's control stream")
+        time.sleep(3 * HEARTBEAT_INTERVAL_S)  # Heartbeats move last_seen past the stream's open.
+        assert agent.popen is not None
+
+        os.kill(agent.popen.pid, signal.SIGSTOP)
+        stopped_at = datetime.now(UTC)
+        wait_for(lambda: not stored_device(orchestrator, device_id).connected, "the orchestrator to store the close")
+        closed_at = datetime.now(UTC)
+        # The last-seen writer runs every 2 s: wait for one more write after the close.
+        time.sleep(3.0)
+        last_seen = stored_device(orchestrator, device_id).last_seen
+        log_text = orchestrator.log_path.read_text()
+        os.kill(agent.popen.pid, signal.SIGCONT)
+    finally:
+        agent.stop()
+        orchestrator.stop()
+
+    assert last_seen is not None
+    print(f"stopped at {stopped_at}, last seen {last_seen}, disconnect seen at {closed_at}")
+    # A message in flight when the signal arrived may still be read just after it.
+    assert last_seen <= stopped_at + timedelta(seconds=0.5)
+    assert last_seen >= stopped_at - timedelta(seconds=2 * HEARTBEAT_INTERVAL_S)
+    assert f"control stream closed for device_id={device_id}: the agent's side of the stream ended" in log_text

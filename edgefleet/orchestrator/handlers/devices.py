@@ -398,7 +398,7 @@ def remove_device(
         state.security.forget(device_id)
     session = state.hub.sessions.get(device_id)
     if session is not None and state.hub.loop is not None:
-        state.hub.loop.call_soon_threadsafe(session.close)
+        state.hub.loop.call_soon_threadsafe(session.close, "an operator removed the device")
     log.warning(
         "removed device_id=%s%s%s",
         device_id,

@@ -138,7 +138,13 @@ class Store(abc.ABC):
         """Set last_seen for many devices in one transaction and return the ids that are not registered."""
 
     @abc.abstractmethod
-    def set_connected(self, device_id: str, connected: bool, now: datetime) -> None: ...
+    def set_connected(self, device_id: str, connected: bool, seen: datetime) -> None:
+        """Record whether a control stream is open, and advance last_seen to seen if that is later.
+
+        seen is when the device was last heard from: the open of its stream, or its last message
+        when the stream closes. An earlier time leaves last_seen as it is. Raises NotFoundError for an
+        unknown device.
+        """
 
     @abc.abstractmethod
     def update_disk_free(self, device_id: str, free_bytes: int) -> None:

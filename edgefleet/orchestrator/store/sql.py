@@ -217,13 +217,13 @@ class SqlStore(SqlTransactions, Store):
             ).scalars()
             return frozenset(last_seen) - frozenset(known)
 
-    def set_connected(self, device_id: str, connected: bool, now: datetime) -> None:
-        """Record whether a control stream is open and advance last_seen to now; raise NotFoundError."""
-        rows.require_aware("now", now)
+    def set_connected(self, device_id: str, connected: bool, seen: datetime) -> None:
+        """Record whether a control stream is open and advance last_seen to seen; raise NotFoundError."""
+        rows.require_aware("seen", seen)
         last_seen = sa.case(
             (
-                sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < now),
-                sa.literal(now, UtcDateTime()),
+                sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < seen),
+                sa.literal(seen, UtcDateTime()),
             ),
             else_=devices.c.last_seen,
         )
