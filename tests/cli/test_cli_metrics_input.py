@@ -221,7 +221,7 @@ def test_model_name_rpc_with_version(fleet: OrchestratorThread) -> None:
     [
         ("--device", "edge-02", "device", "edge-01"),
         ("--model", "lineer", "model", "linear"),
-        ("--variant", "linear:2:onnx", "variant", "linear:1:"),
+        ("--variant", "linear:1:sourse", "variant", "linear:1:source"),
     ],
 )
 def test_query_unknown(
@@ -232,6 +232,66 @@ def test_query_unknown(
     assert code == EXIT_NOT_FOUND
     assert f"{noun} {value!r} not found" in error
     assert f"did you mean {suggestion}" in error
+
+
+def test_query_unknown_variant_lists(fleet: OrchestratorThread, capsys: Capture) -> None:
+    code, error = query_error(fleet, capsys, "--variant", "linear:2:onnx")
+
+    assert code == EXIT_NOT_FOUND
+    assert "variant 'linear:2:onnx' not found; list them with `edgefleet models variants linear`" in error
+
+
+# A removed device with stored windows, its id cut by one character, and a live device that shares
+# only the "dev-" prefix with both.
+REMOVED_ID = "dev-6cfbfb36dd7f"
+TYPO_ID = "dev-6cfbfb36dd7"
+LIVE_ID = "dev-cb5b1982288d"
+
+
+@pytest.fixture
+def removed_fleet(fleet: OrchestratorThread, capsys: Capture) -> OrchestratorThread:
+    """Return the fleet with REMOVED_ID removed after uploading one window, and LIVE_ID registered."""
+    register(fleet.agent, REMOVED_ID)
+    variants = fleet.operator.ListVariants(operator_pb2.ListVariantsRequest(model_name="linear"), timeout=30)
+    window = common_pb2.MetricWindow(
+        model_name="linear",
+        model_version="1",
+        variant_id=variants.variants[0].variant_id,
+        window_start=timestamp(datetime.now(UTC) - timedelta(seconds=30)),
+        window_seconds=10,
+        inference_count=3,
+        latency=LatencySketch().to_proto(),
+    )
+    request = agent_pb2.UploadMetricsRequest(device_id=REMOVED_ID, batch_id="batch-removed", windows=[window])
+    fleet.agent.UploadMetrics(request, timeout=30)
+    assert cli(fleet, "devices", "remove", REMOVED_ID) == 0
+    register(fleet.agent, LIVE_ID)
+    capsys.readouterr()
+    return fleet
+
+
+def test_query_typo_suggests_removed(removed_fleet: OrchestratorThread, capsys: Capture) -> None:
+    code, error = query_error(removed_fleet, capsys, "--device", TYPO_ID)
+
+    assert code == EXIT_NOT_FOUND
+    assert f"device {TYPO_ID!r} not found; did you mean {REMOVED_ID}?" in error
+    assert LIVE_ID not in error
+
+
+def test_remove_typo_no_unrelated(removed_fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(removed_fleet, "devices", "remove", TYPO_ID)
+
+    error = capsys.readouterr().err
+    assert code == EXIT_NOT_FOUND
+    assert f"device {TYPO_ID!r} not found; list them with `edgefleet devices list`" in error
+    assert LIVE_ID not in error
+
+
+def test_show_typo_suggests_close(removed_fleet: OrchestratorThread, capsys: Capture) -> None:
+    code = cli(removed_fleet, "devices", "show", LIVE_ID[:-1])
+
+    assert code == EXIT_NOT_FOUND
+    assert f"did you mean {LIVE_ID}?" in capsys.readouterr().err
 
 
 def test_plot_unknown_model(fleet: OrchestratorThread, capsys: Capture) -> None:

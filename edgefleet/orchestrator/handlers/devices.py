@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import secrets
 from dataclasses import asdict, replace
@@ -362,12 +361,37 @@ ROLLOUTS_LISTING = "edgefleet rollout list"
 
 
 def suggest(value: str, known: list[str], listing: str = "") -> str:
-    """Return '; did you mean ...?' for the closest known names.
+    """Return '; did you mean ...?' for up to three known names within a few edits of value.
 
-    With no close name it returns '; list them with `LISTING`' when listing names the CLI command
-    that lists the known names, and an empty string otherwise.
+    A name is close when its edit distance from value (insertions, deletions, substitutions and swaps
+    of adjacent characters) is at most a quarter of value's length, and at least 1. So
+    'dev-6cfbfb36dd7' finds 'dev-6cfbfb36dd7f' but not 'dev-cb5b1982288d', which shares only the
+    prefix; a similarity ratio with a cutoff would suggest that unrelated device. With no close name
+    it returns '; list them with `LISTING`' when listing names the CLI command that lists the known
+    names, and an empty string otherwise.
     """
-    close = difflib.get_close_matches(value, known, n=3, cutoff=0.5)
+    max_edits = max(1, len(value) // 4)
+
+    def edit_distance(name: str) -> int:
+        # Optimal string alignment distance, the Levenshtein distance with adjacent swaps, row by row.
+        before, previous = [0] * (len(name) + 1), list(range(len(name) + 1))
+        for i, char in enumerate(value, 1):
+            current = [i] + [0] * len(name)
+            for j, other in enumerate(name, 1):
+                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other))
+                if i > 1 and j > 1 and char == name[j - 2] and value[i - 2] == other:
+                    current[j] = min(current[j], before[j - 2] + 1)
+            before, previous = previous, current
+        return previous[-1]
+
+    distances: dict[str, int] = {}
+    for name in known:
+        # Names whose length differs by more than max_edits are further away, so skip computing it.
+        if name != value and abs(len(name) - len(value)) <= max_edits:
+            distance = edit_distance(name)
+            if distance <= max_edits:
+                distances[name] = distance
+    close = sorted(distances, key=lambda name: (distances[name], name))[:3]
     if close:
         return f"; did you mean {', '.join(close)}?"
     return f"; list them with `{listing}`" if listing else ""
