@@ -252,8 +252,8 @@ TIME_FORMS = (
     f"for a time from {MIN_QUERY_TIME:%Y-%m-%d} to {MAX_QUERY_TIME:%Y-%m-%d}"
 )
 # How far --since may lie after this machine's clock before it is rejected as a time in the future.
-# The orchestrator's clock may run ahead of this one, and it keeps a window that starts up to its
-# --max-clock-skew-s (default 60 s) after the window was received at its start time.
+# The orchestrator's clock may run ahead of this one, and it places a window at the start the device
+# sent unless that start is more than its --max-clock-skew-s (default 60 s) after the window arrived.
 MAX_SINCE_AHEAD_S = 60.0
 DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
@@ -357,7 +357,7 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
     rows = [
         (
             d["device_id"],
-            ("revoked" if d["revoked"] else d["status"]) + (", clock skewed" if d["clock_skewed"] else ""),
+            status_column(d),
             d["profile"] or "-",
             f"{d['usable_cores']:g}",
             human_bytes(d["memory_bytes"]),
@@ -371,6 +371,14 @@ def render_devices(devices: list[dict[str, Any]]) -> str:
     return views.table(
         ("DEVICE", "STATUS", "PROFILE", "CORES", "MEMORY", "RUNTIMES", "MODELS", "LAST SEEN", "DRIFT"), rows
     )
+
+
+def status_column(d: dict[str, Any]) -> str:
+    """Return the device's status, or revoked, with ", clock skewed" when its clock is flagged."""
+    status = "revoked" if d["revoked"] else d["status"]
+    if d["clock_skewed"]:
+        status += ", clock skewed"
+    return status
 
 
 def models_column(d: dict[str, Any]) -> str:
@@ -820,7 +828,10 @@ def render_deploy(result: dict[str, Any]) -> str:
 
 
 def parse_range(since_text: str | None, until_text: str | None) -> tuple[datetime | None, datetime | None]:
-    """Parse --since and --until of the metrics commands; either may be None. Raises CliError (usage)."""
+    """Parse --since and --until of the metrics commands, either of which may be None.
+
+    Raises CliError (usage) for an invalid time, a --since in the future or a --since not before --until.
+    """
     since = parse_since(since_text) if since_text else None
     until = parse_time(until_text) if until_text else None
     if since is not None and until is not None and since >= until:

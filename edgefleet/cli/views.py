@@ -202,7 +202,7 @@ def age(iso: str | None, now: datetime | None = None) -> str:
 
 
 def clock_skew_text(device: dict[str, Any]) -> str:
-    """Return how far the device's clock runs ahead of or behind the orchestrator's, such as "125 s ahead"."""
+    """Return how far the device clock runs ahead of or behind the orchestrator's: "125 s behind the orchestrator"."""
     skew = device["clock_skew_seconds"]
     return f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the orchestrator"
 
