@@ -375,7 +375,8 @@ def test_unknown_flag_names_command(capsys: Capture, argv: list[str], command: s
         (
             ["metrics", "query", "--since", "-5m"],
             "argument --since: '-5m' starts with a dash, so it is read as an option instead of a value. "
-            "--since expects start: ISO 8601 time or a duration back from now (15m, 2h). "
+            "--since expects start: ISO 8601 time, in this machine's time zone unless it ends in Z or an offset, "
+            "or a duration back from now (15m, 2h), no more than 60 s after now. "
             "Durations and counts are positive, so write --since 5m. "
             "To pass a value that does start with a dash, write --since=-5m.",
         ),
