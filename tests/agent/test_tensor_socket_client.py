@@ -169,9 +169,17 @@ def child_result(pid: int, read_end: int, timeout_s: float) -> dict[str, int] | 
     return json.loads(data) if data else None
 
 
-# Python 3.12 warns about fork() in a process with threads: the agent side's threads do not run in the
-# children, which only use the client.
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+# Python 3.12 warns about fork() in a process with threads, and so does JAX once another test in the
+# same worker imported it. Neither the agent side's threads nor JAX's run in the children, which only
+# use the client.
+FORK_WARNINGS = (
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+    pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning"),
+)
+
+
+@FORK_WARNINGS[0]
+@FORK_WARNINGS[1]
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "inline"])
 def test_forked_client_own_outputs(server: TensorSocketServer, shared_memory: bool) -> None:
     """A client used in the parent and in forked children gives each process the outputs of its own inputs."""
@@ -237,6 +245,8 @@ def connect_as_nobody(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops from root to the user nobody")
+@FORK_WARNINGS[0]
+@FORK_WARNINGS[1]
 def test_permission_denied_named(server: TensorSocketServer) -> None:
     """A user outside the agent's group gets PermissionError saying that it needs write access."""
     pid, read_end = run_in_child(functools.partial(connect_as_nobody, server.socket_path))
