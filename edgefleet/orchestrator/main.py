@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sys
@@ -60,9 +61,24 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
     except OSError as error:
+        if error.errno == errno.ENOSPC:
+            from edgefleet.orchestrator.server import redact_url
+
+            log.error(
+                "cannot start: the disk is full (%s); free space in --data-dir %s and next to the database %s, "
+                "then start again",
+                error,
+                config.data_dir,
+                redact_url(config.db_url),
+            )
+            return EXIT_UNAVAILABLE
         log.error("cannot start: %s", error)
         return EXIT_UNAVAILABLE
     except Exception as error:
+        if type(error).__name__ == "DatabaseDiskFull":
+            # Its message names the full disk, the database file and the fix.
+            log.error("cannot start: %s; then start again", error)
+            return EXIT_UNAVAILABLE
         if type(error).__name__ in ("OperationalError", "DatabaseUnavailable"):
             # SQLAlchemy's OperationalError: the database is unreachable, missing or refused the login.
             # DatabaseUnavailable: the server went away after the schema upgrade, while the start-up read it.

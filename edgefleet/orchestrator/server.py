@@ -127,6 +127,8 @@ class RunningServer:
             await asyncio.gather(self.retention, return_exceptions=True)
         try:
             await asyncio.to_thread(self.state.hub.flush)
+        except DatabaseUnavailable as error:
+            log.warning("final flush of last-seen times failed: %s", error.message)
         except Exception:
             log.exception("final flush of last-seen times failed")
         await _drain_worker_threads(grace_s)
@@ -165,7 +167,7 @@ async def _flush_forever(hub: FleetHub) -> None:
 
 
 async def _watch_database(store: Store, health: health_aio.HealthServicer, interval_s: float) -> None:
-    """Report the services NOT_SERVING while the database is unreachable, and SERVING once it responds again.
+    """Report the services NOT_SERVING while the database is unreachable or its disk is full, and SERVING after.
 
     The overall status (service "") stays SERVING, so a liveness probe does not restart an orchestrator
     that waits for its database, while a readiness probe on a service name takes it out of rotation.
@@ -181,7 +183,7 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer, inter
         except DatabaseUnavailable as error:
             if ready:
                 ready = False
-                log.warning("reporting the gRPC services NOT_SERVING until the database responds: %s", error.message)
+                log.warning("reporting the gRPC services NOT_SERVING until the database works again: %s", error.message)
                 for name in SERVICE_NAMES:
                     await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             continue
@@ -190,7 +192,7 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer, inter
             continue
         if not ready:
             ready = True
-            log.info("the database responds again; reporting the gRPC services SERVING")
+            log.info("the database works again; reporting the gRPC services SERVING")
             for name in SERVICE_NAMES:
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

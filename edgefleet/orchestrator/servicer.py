@@ -178,11 +178,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         session = hub.open(device.device_id, peer)
         try:
             generation, assignments = await asyncio.to_thread(self.state.store.get_desired_state, device.device_id)
+            await asyncio.to_thread(self.state.store.set_connected, device.device_id, True, datetime.now(UTC))
         except Exception as error:
             hub.release(session)
             await abort_with(context, "AgentService.Control", error)
             raise
-        await asyncio.to_thread(self.state.store.set_connected, device.device_id, True, datetime.now(UTC))
         log.info("control stream opened for device_id=%s from %s", device.device_id, peer)
         if hub.duplicate_suspected(device.device_id):
             await _report_duplicate(self.state, device.device_id, hello.instance_key, peer)

@@ -19,6 +19,7 @@ from edgefleet.orchestrator.rollouts.store import RolloutStore, SqlRolloutStore
 from edgefleet.orchestrator.selection import Predictor
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import Store, StoreError
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class RolloutService:
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             await asyncio.to_thread(self.engine.rollouts.release_lease, LEASE_NAME, self.engine.holder)
+        except DatabaseUnavailable as error:
+            log.warning("releasing the rollout engine lease failed: %s; it expires by itself", error.message)
         except Exception:
             log.exception("releasing the rollout engine lease failed; it expires by itself")
         log.info("rollout engine %s stopped", self.engine.holder)

@@ -362,4 +362,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> None:
-        """Run a trivial query; raise DatabaseUnavailable when the database server cannot be reached."""
+        """Run a trivial query; raise DatabaseUnavailable when the database server cannot be reached.
+
+        A SQLite store also raises it (as DatabaseDiskFull) while its writes fail on a full disk.
+        """

@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from importlib import resources
@@ -48,6 +49,24 @@ _SQLITE_CONFIG_ERRORS = frozenset(
 # The fix that every SQLite configuration error names.
 _SQLITE_FIX = "point --db or --data-dir elsewhere"
 
+# Extended SQLite result codes (sqlite.org/rescode.html) of a failed write, file growth or shared-memory
+# set-up. A full disk causes them too: "disk I/O error" when a new connection cannot size the -shm file.
+_SQLITE_WRITE_IOERRS = frozenset(
+    {
+        sqlite3.SQLITE_IOERR_WRITE,
+        sqlite3.SQLITE_IOERR_FSYNC,
+        sqlite3.SQLITE_IOERR_TRUNCATE,
+        sqlite3.SQLITE_IOERR_SHMOPEN,
+        sqlite3.SQLITE_IOERR_SHMSIZE,
+        sqlite3.SQLITE_IOERR_SHMMAP,
+    }
+)
+
+# Free space below which one of those I/O errors counts as a full disk. SQLite grows its files by a
+# page (4 KiB by default) and the -shm file by 32 KiB.
+# NOTE: a guessed margin; a write larger than it can still fail with more space free.
+DISK_FULL_BYTES = 1024 * 1024
+
 # Key of the PostgreSQL advisory lock that serializes schema upgrades of concurrently starting
 # orchestrators. The value is arbitrary but must stay the same in every edgefleet release.
 _MIGRATION_LOCK_KEY = int.from_bytes(b"edgeflt", "big")
@@ -60,15 +79,22 @@ _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P")
 
 
 class DatabaseUnavailable(Unavailable):
-    """The PostgreSQL server of the store cannot be reached or dropped the connection; a retry may succeed."""
+    """The store's PostgreSQL server cannot be reached or dropped the connection, or the disk of its SQLite
+    file is full; a retry may succeed."""
+
+
+class DatabaseDiskFull(DatabaseUnavailable):
+    """The file system of the SQLite database is full, so writes fail until space is freed on it."""
 
 
 def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnavailable | None:
-    """Return a DatabaseUnavailable for a PostgreSQL error that a lost server caused, else None.
+    """Return a DatabaseUnavailable for an error that a lost PostgreSQL server or a full SQLite disk caused, else None.
 
-    psycopg raises its OperationalError without a SQLSTATE when it cannot connect at all. SQLite errors
-    are left alone, because its OperationalError also covers errors that a retry cannot fix.
+    psycopg raises its OperationalError without a SQLSTATE when it cannot connect at all. Other SQLite
+    errors are left alone, because its OperationalError also covers errors that a retry cannot fix.
     """
+    if engine.dialect.name == "sqlite":
+        return sqlite_disk_full(engine, error)
     if engine.dialect.name != "postgresql":
         return None
     cause = _lost_server_error(engine, error.orig)
@@ -79,6 +105,31 @@ def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnava
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return DatabaseUnavailable(
         f"{DATABASE_UNAVAILABLE_TEXT} ({reason}); the orchestrator reconnects by itself, so retry in a few seconds"
+    )
+
+
+def sqlite_disk_full(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseDiskFull | None:
+    """Return a DatabaseDiskFull naming the file and the fix when a full disk caused a SQLite error, else None.
+
+    SQLITE_FULL always counts. The I/O errors in _SQLITE_WRITE_IOERRS count when the file system of
+    the database has less than DISK_FULL_BYTES free, because a failing disk causes them as well.
+    """
+    if engine.dialect.name != "sqlite" or not isinstance(error.orig, sqlite3.Error):
+        return None
+    code = getattr(error.orig, "sqlite_errorcode", -1)
+    database = Path(engine.url.database or "")
+    try:
+        usage = os.statvfs(database.parent)
+    except OSError:
+        usage = None
+    free = usage.f_bavail * usage.f_frsize if usage is not None else None
+    disk_is_full = free is not None and free < DISK_FULL_BYTES
+    if code & 0xFF != sqlite3.SQLITE_FULL and not (code in _SQLITE_WRITE_IOERRS and disk_is_full):
+        return None
+    free_text = f", {free} bytes free" if free is not None else ""
+    return DatabaseDiskFull(
+        f"{DATABASE_UNAVAILABLE_TEXT}: the file system of the SQLite database {database} is full "
+        f"({error.orig}{free_text}); free space on that file system or move the database with --db or --data-dir"
     )
 
 
@@ -103,7 +154,8 @@ def _lost_server_error(engine: Engine, orig: BaseException | None) -> BaseExcept
 
 @contextlib.contextmanager
 def database_errors(engine: Engine) -> Iterator[None]:
-    """Raise DatabaseUnavailable in place of the driver's error when the PostgreSQL server is lost."""
+    """Raise DatabaseUnavailable in place of the driver's error when the PostgreSQL server is lost or the
+    SQLite disk is full."""
     try:
         yield
     except sa.exc.DBAPIError as error:
@@ -310,7 +362,7 @@ def upgrade_to_head(engine: Engine) -> None:
     """Apply every pending Alembic revision in one transaction.
 
     Raises ConfigError naming the file when a SQLite database is not a database, cannot be opened, is
-    read-only or corrupt, and the driver's error for other failures.
+    read-only or corrupt, DatabaseDiskFull when its disk is full, and the driver's error for other failures.
     """
     config = alembic_config()
     try:
@@ -322,15 +374,25 @@ def upgrade_to_head(engine: Engine) -> None:
             command.upgrade(config, "head")
     except sa.exc.DBAPIError as error:
         config_error = sqlite_config_error(engine, error)
-        if config_error is None:
-            raise
-        raise config_error from error
+        if config_error is not None:
+            raise config_error from error
+        disk_full = sqlite_disk_full(engine, error)
+        if disk_full is not None:
+            raise disk_full from error
+        raise
     logger.debug("database schema of %s is at head", engine.url.render_as_string(hide_password=True))
 
 
 # One writer lock per SQLite engine, shared by every store built on it.
 _WRITER_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 _WRITER_LOCKS_GUARD = threading.Lock()
+
+# The latest write of each SQLite engine that failed on a full disk, with its time.monotonic().
+_FULL_DISK_WRITES: weakref.WeakKeyDictionary[Engine, tuple[DatabaseDiskFull, float]] = weakref.WeakKeyDictionary()
+# How long ping() raises after a write failed on a full disk. It is longer than the 5 s interval of the
+# orchestrator's health check, so that the next check reports each failure. The rollout engine writes
+# its lease every second, so a full disk keeps failing writes while it lasts.
+FULL_DISK_REPORT_S = 10.0
 
 
 def _writer_lock(engine: Engine) -> threading.Lock | contextlib.nullcontext[None]:
@@ -347,7 +409,8 @@ class SqlTransactions:
     between tries (sqliteDefaultBusyCallback in SQLite's main.c). So every store on one engine
     queues this process's writers on one shared lock instead; writers of other processes still
     wait through BEGIN IMMEDIATE, which the engine's begin hook issues. Both transaction kinds raise
-    DatabaseUnavailable when the PostgreSQL server cannot be reached or drops the connection.
+    DatabaseUnavailable when the PostgreSQL server cannot be reached or drops the connection, and
+    DatabaseDiskFull when the disk of the SQLite file is full.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -359,14 +422,26 @@ class SqlTransactions:
         return self._engine
 
     def ping(self) -> None:
-        """Run a trivial query; raise DatabaseUnavailable when the PostgreSQL server cannot be reached."""
+        """Run a trivial query; raise DatabaseUnavailable when the PostgreSQL server cannot be reached.
+
+        Reads keep working on a full disk, so it raises DatabaseDiskFull for FULL_DISK_REPORT_S after
+        a write of this engine failed on one. A trial write would not do: a small one can succeed in
+        the space that failed writes left in the WAL file while larger ones still fail.
+        """
         with self._read() as connection:
             connection.execute(sa.text("SELECT 1"))
+        failure = _FULL_DISK_WRITES.get(self._engine)
+        if failure is not None and time.monotonic() - failure[1] < FULL_DISK_REPORT_S:
+            raise failure[0]
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
-        with database_errors(self._engine), self._write_lock, self._engine.begin() as connection:
-            yield connection
+        try:
+            with database_errors(self._engine), self._write_lock, self._engine.begin() as connection:
+                yield connection
+        except DatabaseDiskFull as error:
+            _FULL_DISK_WRITES[self._engine] = (error, time.monotonic())
+            raise
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:
