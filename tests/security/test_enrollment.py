@@ -182,8 +182,9 @@ def open_control(orchestrator: SecureOrchestrator, device_id: str, instance_key:
     return stream
 
 
-def test_revoke_closes_and_refuses(start_secure: StartSecure) -> None:
+def test_revoke_closes_and_refuses(start_secure: StartSecure, caplog: pytest.LogCaptureFixture) -> None:
     orchestrator = start_secure()
+    caplog.set_level(logging.INFO, logger="edgefleet.orchestrator.servicer")
     key = register(orchestrator, "cam-1", orchestrator.enrollment_token("cam-1"))
     stream = open_control(orchestrator, "cam-1", key)
 
@@ -205,6 +206,8 @@ def test_revoke_closes_and_refuses(start_secure: StartSecure) -> None:
     assert second_end.code == grpc.StatusCode.PERMISSION_DENIED
     assert "device 'cam-1' is revoked" in second_end.details
     assert "edgefleet enroll create --device-id cam-1" in second_end.details
+    closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("control stream closed")]
+    assert "control stream closed for device_id=cam-1: the device was revoked" in closed
 
 
 def test_revoke_unknown_id_rejected(start_secure: StartSecure) -> None:

@@ -108,7 +108,7 @@ def revoke_device(
     security.revoke(request.device_id, request.reason)
     session = state.hub.sessions.get(request.device_id)
     if session is not None and state.hub.loop is not None:
-        state.hub.loop.call_soon_threadsafe(session.close)
+        state.hub.loop.call_soon_threadsafe(session.close, "the device was revoked")
     log.warning(
         "revoked device_id=%s (%s)%s",
         request.device_id,
