@@ -961,6 +961,17 @@ def test_add_metric_batch(store: Store) -> None:
     assert store.query_metric_windows() == windows
 
 
+def test_removed_device_ids_with_windows(store: Store) -> None:
+    for device_id in ("dev-1", "dev-2", "dev-3"):
+        _register(store, device_id)
+    store.add_metric_batch("dev-1", "batch-1", [_window("dev-1")])
+    store.add_metric_batch("dev-3", "batch-3", [_window("dev-3")])
+    store.remove_device("dev-3", NOW)
+    store.remove_device("dev-2", NOW)
+
+    assert store.removed_device_ids_with_windows() == ["dev-3"]
+
+
 def test_add_metric_batch_duplicate(store: Store) -> None:
     _register(store)
     store.add_metric_batch("dev-1", "batch-1", [_window(minute=0)])

@@ -7,7 +7,6 @@ import logging
 import math
 from datetime import UTC, datetime, timedelta
 
-import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgefleet.common.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -19,8 +18,6 @@ from edgefleet.orchestrator.domain import MetricWindow
 from edgefleet.orchestrator.handlers.devices import DEVICES_LISTING, MODELS_LISTING, reject_if_removed, suggest
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError, Store
-from edgefleet.orchestrator.store.engine import SqlTransactions, database_errors
-from edgefleet.orchestrator.store.tables import metric_windows, removed_devices
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 
 log = logging.getLogger(__name__)
@@ -279,7 +276,7 @@ def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: Orche
     device_id = request.device_id
     if device_id and store.get_device(device_id) is None and store.get_removed_device(device_id) is None:
         # Removed devices are suggested too, because their windows can still be queried.
-        known = [device.device_id for device in store.list_devices()] + _removed_device_ids_with_windows(store)
+        known = [device.device_id for device in store.list_devices()] + store.removed_device_ids_with_windows()
         raise NotFound(f"device {device_id!r} not found{suggest(device_id, known, DEVICES_LISTING)}")
     if request.hardware_class and not _hardware_class_known(request.hardware_class, store):
         known = sorted({device.hardware.hardware_class for device in store.list_devices()})
@@ -300,18 +297,6 @@ def _check_filters_exist(request: operator_pb2.QueryMetricsRequest, state: Orche
             listing = f"edgefleet models variants {variant_model}" if variant_model in model_names else MODELS_LISTING
             hint = suggest(request.variant_id, known, listing)
             raise NotFound(f"variant {request.variant_id!r} not found{hint}") from None
-
-
-def _removed_device_ids_with_windows(store: Store) -> list[str]:
-    """Return the ids of removed devices that still have metric windows stored."""
-    # TODO: make this a Store method. It reads the SQL store's tables here, so a Store that is not
-    # SQL-backed gets no removed devices.
-    if not isinstance(store, SqlTransactions):
-        return []
-    has_windows = sa.exists().where(metric_windows.c.device_id == removed_devices.c.device_id)
-    query = sa.select(removed_devices.c.device_id).where(has_windows).order_by(removed_devices.c.device_id)
-    with database_errors(store.engine), store.engine.connect() as connection:
-        return list(connection.scalars(query))
 
 
 def _hardware_class_known(hardware_class: str, store: Store) -> bool:

@@ -167,6 +167,10 @@ class Store(abc.ABC):
     def get_removed_device(self, device_id: str) -> RemovedDevice | None:
         """Return the record of a removed device, or None for an id that was never removed or registered again."""
 
+    @abc.abstractmethod
+    def removed_device_ids_with_windows(self) -> list[str]:
+        """Return the sorted ids of removed devices that still have metric windows stored."""
+
     # Models and variants
 
     @abc.abstractmethod

@@ -301,6 +301,12 @@ class SqlStore(SqlTransactions, Store):
             row = connection.execute(sa.select(removed_devices).where(removed_devices.c.device_id == device_id)).first()
         return None if row is None else _removed_device_from_row(row)
 
+    def removed_device_ids_with_windows(self) -> list[str]:
+        has_windows = sa.exists().where(metric_windows.c.device_id == removed_devices.c.device_id)
+        query = sa.select(removed_devices.c.device_id).where(has_windows).order_by(removed_devices.c.device_id)
+        with self._read() as connection:
+            return list(connection.scalars(query))
+
     # Models and variants
 
     def add_model_version(self, model: ModelVersion, source_variant: Variant) -> ModelVersion:
