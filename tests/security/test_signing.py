@@ -326,6 +326,8 @@ def test_retire_rejected_for_device_behind(start_secure: StartSecure, start_agen
 
     assert rejected.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"ecu-1 (trusts {first_key})" in rejected.value.details()
+    assert "Wait until the devices trusting none of the remaining keys connect" in rejected.value.details()
+    assert "Upgrade the agents" not in rejected.value.details()
     assert "--force" in rejected.value.details()
     assert [k.key_id for k in kept.keys] == [first_key, new_key]
     assert [k.key_id for k in retired.keys] == [new_key]
@@ -447,9 +449,10 @@ def test_retire_rejected_for_unreported_device(start_secure: StartSecure) -> Non
 
     assert [(d.device_id, d.trusted_key_set_version) for d in rotated.behind] == [("cam-1", 0)]
     assert rejected.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "1 device that never reported their keys (agents of earlier releases do not): cam-1" in (
-        rejected.value.details() or ""
-    )
+    details = rejected.value.details() or ""
+    assert "1 device that never reported its keys (agents of earlier releases do not): cam-1" in details
+    assert "Upgrade the agents that never reported their keys" in details
+    assert "Wait until the devices trusting none" not in details
 
 
 def test_unverified_repeat_reported_failed(start_secure: StartSecure, start_agent: StartAgent) -> None:

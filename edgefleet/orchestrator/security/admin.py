@@ -238,9 +238,8 @@ def retire_signing_key(
     stranded = _stranded_devices(request.key_id, security, state)
     if stranded and not request.force:
         raise FailedPrecondition(
-            f"retiring signing key {request.key_id} would leave {_describe_stranded(stranded)}. Wait until they "
-            "connect and report the new key (`edgefleet keys list` shows the devices behind), or pass --force "
-            "and enroll again those that then reject the new key set"
+            f"retiring signing key {request.key_id} would leave {_describe_stranded(stranded)}. "
+            f"{_stranded_fix(stranded)}"
         )
     try:
         security.signer.retire(request.key_id, datetime.now(UTC))
@@ -288,10 +287,28 @@ def _describe_stranded(devices: list[Device], limit: int = 5) -> str:
     if unreported:
         listed = ", ".join(d.device_id for d in unreported[:limit])
         parts.append(
-            f"{_devices(len(unreported))} that never reported their keys (agents of earlier releases do not): "
-            f"{listed}{_more(unreported, limit)}"
+            f"{_devices(len(unreported))} that never reported {'its' if len(unreported) == 1 else 'their'} keys "
+            f"(agents of earlier releases do not): {listed}{_more(unreported, limit)}"
         )
     return "; and ".join(parts)
+
+
+def _stranded_fix(devices: list[Device]) -> str:
+    """Return what the operator can do about the devices that block a key retirement."""
+    steps = []
+    if any(d.trusted_key_set_version is not None for d in devices):
+        steps.append(
+            "Wait until the devices trusting none of the remaining keys connect and report the new key "
+            "(`edgefleet keys list` shows the devices behind)."
+        )
+    if any(d.trusted_key_set_version is None for d in devices):
+        steps.append(
+            "Upgrade the agents that never reported their keys, which then report them. An agent of an "
+            "earlier release that was connected when the new key was added has learned it, so retiring with "
+            "--force is safe for such a device."
+        )
+    steps.append("Pass --force to retire anyway, and enroll again each device that then rejects the new key set.")
+    return " ".join(steps)
 
 
 def _devices(count: int) -> str:
