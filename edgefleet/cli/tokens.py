@@ -289,13 +289,23 @@ def keys_view(response: operator_pb2.ListSigningKeysResponse) -> dict[str, Any]:
 def render_keys(data: dict[str, Any]) -> str:
     devices = data["devices"]
     rows = [
-        (k["key_id"], "yes" if k["active"] else "", f"{k['trusted_by']} of {devices}", k["created_at"], k["public_key"])
+        (
+            k["key_id"],
+            "yes" if k["active"] else "",
+            "-" if devices is None else f"{k['trusted_by']} of {devices}",
+            k["created_at"],
+            k["public_key"],
+        )
         for k in data["keys"]
     ]
     lines = [
         f"key set version {data['key_set_version']}",
         views.table(("KEY ID", "ACTIVE", "TRUSTED BY", "CREATED", "PUBLIC KEY"), rows),
     ]
+    if devices is None:
+        lines.append(
+            "The orchestrator does not report which keys devices trust: it runs an earlier release than this CLI."
+        )
     behind = data["behind"]
     if behind:
         lines.append(f"{len(behind)} of {devices} devices have not reported key set version {data['key_set_version']}:")
@@ -316,15 +326,30 @@ def render_keys(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _keys_result(client: Client, response: operator_pb2.ListSigningKeysResponse) -> dict[str, Any]:
+    """Return keys_view(response), with "devices": null when the orchestrator does not count trusting devices.
+
+    An orchestrator of an earlier release leaves the count unset, which reads 0 although devices exist.
+    """
+    view = keys_view(response)
+    if response.devices == 0 and client.call("ListDevices", operator_pb2.ListDevicesRequest(page_size=1)).devices:
+        view["devices"] = None
+        for key in view["keys"]:
+            key["trusted_by"] = None
+    return view
+
+
 def cmd_keys_list(client: Client, args: argparse.Namespace) -> None:
-    _emit(keys_view(client.call("ListSigningKeys", operator_pb2.ListSigningKeysRequest())), args.output, render_keys)
+    response = client.call("ListSigningKeys", operator_pb2.ListSigningKeysRequest())
+    _emit(_keys_result(client, response), args.output, render_keys)
 
 
 def cmd_keys_rotate(client: Client, args: argparse.Namespace) -> None:
-    _emit(keys_view(client.call("RotateSigningKey", operator_pb2.RotateSigningKeyRequest())), args.output, render_keys)
+    response = client.call("RotateSigningKey", operator_pb2.RotateSigningKeyRequest())
+    _emit(_keys_result(client, response), args.output, render_keys)
 
 
 def cmd_keys_retire(client: Client, args: argparse.Namespace) -> None:
     request = operator_pb2.RetireSigningKeyRequest(key_id=args.key_id, force=args.force)
     response = client.call("RetireSigningKey", request)
-    _emit(keys_view(response), args.output, render_keys)
+    _emit(_keys_result(client, response), args.output, render_keys)
