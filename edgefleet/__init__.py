@@ -1,3 +1,3 @@
 """edgefleet: run ML models on fleets of edge devices."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
