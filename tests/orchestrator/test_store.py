@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from pg import find_postgres_bin
@@ -39,7 +42,12 @@ from edgefleet.orchestrator.store import (
     sql,
 )
 from edgefleet.orchestrator.store.base import DeviceRemovedError
-from edgefleet.orchestrator.store.engine import alembic_config, create_store_engine
+from edgefleet.orchestrator.store.engine import (
+    MigrationError,
+    alembic_config,
+    create_store_engine,
+    migration_transaction,
+)
 from edgefleet.orchestrator.store.schema import metadata as store_metadata
 from edgefleet.orchestrator.store.sql import SqlStore
 
@@ -328,7 +336,7 @@ def test_migration_downgrade_upgrade(empty_db_url: str) -> None:
     engine = create_store_engine(empty_db_url)
     config = alembic_config()
     try:
-        with engine.begin() as connection:
+        with migration_transaction(engine) as connection:
             config.attributes["connection"] = connection
             command.downgrade(config, "base")
         with engine.connect() as connection:
@@ -349,7 +357,7 @@ def _downgrade(db_url: str, revision: str) -> None:
     engine = create_store_engine(db_url)
     config = alembic_config()
     try:
-        with engine.begin() as connection:
+        with migration_transaction(engine) as connection:
             config.attributes["connection"] = connection
             command.downgrade(config, revision)
     finally:
@@ -399,6 +407,124 @@ def test_migration_fills_accuracy_drop(empty_db_url: str) -> None:
     assert drops["effnet-1-source"] == 0.0
     assert drops["effnet-1-int8"] == pytest.approx(3.0)
     assert drops["effnet-1-pruned"] is None
+
+
+# The revision before 20261205_trusted_keys, whose downgrade rebuilds the devices table on SQLite.
+BEFORE_TRUSTED_KEYS = "20261205_accuracy_drop"
+
+
+def _populate_fleet(db_url: str) -> None:
+    """Store a device with labels, two hardware profiles, an assignment, statuses and an identity conflict."""
+    store = open_store(db_url)
+    try:
+        _register(store)
+        _register(store, now=NOW + timedelta(hours=1), hardware=_profile(memory_total_bytes=16 << 30))
+        store.add_model_version(_model(), _variant())
+        store.set_assignment(_assignment(store.get_variant("effnet-1-source")))
+        store.save_reported_state("dev-1", 1, [_status(), _status("mobilenet", "failed", error="oom")], NOW)
+        store.record_identity_conflict(IdentityConflict("dev-1", KEY_B[:12], "ipv4:10.0.0.9:1234", NOW))
+    finally:
+        store.close()
+
+
+def _row_counts(db_url: str) -> dict[str, int]:
+    """Return the row count of every table but alembic_version."""
+    engine = create_store_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            names = set(sa.inspect(connection).get_table_names()) - {"alembic_version"}
+            return {
+                name: connection.execute(sa.select(sa.func.count()).select_from(sa.table(name))).scalar_one()
+                for name in sorted(names)
+            }
+    finally:
+        engine.dispose()
+
+
+def _alembic_command(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the alembic command with the shipped alembic.ini on db_url, as a developer does."""
+    ini = Path(alembic_config().config_file_name or "")
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"url={db_url}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_alembic_downgrade_keeps_rows(empty_db_url: str) -> None:
+    """A downgrade that rebuilds the devices table keeps the rows of the tables that reference it."""
+    _populate_fleet(empty_db_url)
+    before = _row_counts(empty_db_url)
+
+    result = _alembic_command(empty_db_url, "downgrade", BEFORE_TRUSTED_KEYS)
+    after_downgrade = _row_counts(empty_db_url)
+    open_store(empty_db_url).close()
+    after_upgrade = _row_counts(empty_db_url)
+
+    assert result.returncode == 0, result.stderr
+    for table in ("devices", "device_labels", "hardware_profiles", "assignments", "model_statuses"):
+        assert before[table] > 0, table
+    assert before["identity_conflicts"] == 1
+    assert after_downgrade == before
+    assert after_upgrade == before
+
+
+def test_sqlite_table_rebuild_keeps_rows(tmp_path: Path) -> None:
+    """A batch-mode rebuild of the devices table in a migration transaction deletes no referencing rows."""
+    db_url = f"sqlite:///{tmp_path / 'edgefleet.db'}"
+    _populate_fleet(db_url)
+    before = _row_counts(db_url)
+
+    engine = create_store_engine(db_url)
+    try:
+        with migration_transaction(engine) as connection:
+            operations = Operations(MigrationContext.configure(connection))
+            with operations.batch_alter_table("devices", recreate="always"):
+                pass
+        with engine.connect() as connection:
+            foreign_keys = connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+    finally:
+        engine.dispose()
+
+    assert _row_counts(db_url) == before
+    assert foreign_keys == 1
+
+
+def test_sqlite_migration_foreign_key_violation(tmp_path: Path) -> None:
+    """A migration that leaves a row without its parent is rolled back with an error naming the row."""
+    db_url = f"sqlite:///{tmp_path / 'edgefleet.db'}"
+    _populate_fleet(db_url)
+    before = _row_counts(db_url)
+
+    engine = create_store_engine(db_url)
+    try:
+        violation = pytest.raises(MigrationError, match=r"device_labels row 1 references devices")
+        with violation as raised, migration_transaction(engine) as connection:
+            connection.execute(sa.text("UPDATE device_labels SET device_id = 'dev-missing' WHERE rowid = 1"))
+        with engine.connect() as connection:
+            foreign_keys = connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+    finally:
+        engine.dispose()
+
+    assert "rolled back" in str(raised.value)
+    assert _row_counts(db_url) == before
+    assert foreign_keys == 1
+
+
+def test_alembic_rejects_sqlite_foreign_keys_on(tmp_path: Path) -> None:
+    """Migrating a SQLite connection that enforces foreign keys fails before any step runs."""
+    db_url = f"sqlite:///{tmp_path / 'edgefleet.db'}"
+    _populate_fleet(db_url)
+    engine = create_store_engine(db_url)
+    config = alembic_config()
+    try:
+        with pytest.raises(RuntimeError, match="foreign keys"), engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, BEFORE_TRUSTED_KEYS)
+    finally:
+        engine.dispose()
 
 
 def test_set_min_runtime_version_unknown(store: Store) -> None:

@@ -87,6 +87,10 @@ class DatabaseDiskFull(DatabaseUnavailable):
     """The file system of the SQLite database is full, so writes fail until space is freed on it."""
 
 
+class MigrationError(Exception):
+    """A schema migration left the database inconsistent and was rolled back."""
+
+
 def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnavailable | None:
     """Return a DatabaseUnavailable for an error that a lost PostgreSQL server or a full SQLite disk caused, else None.
 
@@ -358,15 +362,73 @@ def alembic_config() -> Config:
     return Config(str(migrations / "alembic.ini"))
 
 
+@contextlib.contextmanager
+def migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """Open the transaction that Alembic migrations run in, with SQLite's foreign keys off.
+
+    On SQLite, batch mode changes a table by copying it, dropping the original and renaming the copy.
+    With foreign keys on, dropping the original fires ON DELETE CASCADE and deletes every row that
+    references it. SQLite ignores PRAGMA foreign_keys inside a transaction, so it is switched off on
+    the DBAPI connection before the transaction begins and on again after it ends. Before commit,
+    PRAGMA foreign_key_check must report no violations, else MigrationError is raised and the
+    transaction rolls back.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            yield connection
+        return
+
+    with engine.connect() as connection:
+        # The DBAPI connection runs in autocommit (isolation_level None), so the pragma runs outside
+        # any transaction, where SQLite applies it.
+        dbapi_connection = connection.connection.driver_connection
+        assert isinstance(dbapi_connection, sqlite3.Connection)
+        dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                yield connection
+                _check_foreign_keys(connection)
+        finally:
+            try:
+                dbapi_connection.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error:
+                # The pool must not hand out a connection without foreign keys, and a new one gets
+                # them on connect.
+                connection.invalidate()
+
+
+# How many violations a MigrationError lists.
+_SHOWN_VIOLATIONS = 5
+
+
+def _check_foreign_keys(connection: Connection) -> None:
+    """Raise MigrationError listing the rows that PRAGMA foreign_key_check reports, if any."""
+    violations = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if not violations:
+        return
+    # Each row is (table, rowid, referenced table, index of the foreign key in the table).
+    shown = "; ".join(
+        f"{table} row {rowid} references {parent} (foreign key {fkid})"
+        for table, rowid, parent, fkid in violations[:_SHOWN_VIOLATIONS]
+    )
+    more = f" and {len(violations) - _SHOWN_VIOLATIONS} more" if len(violations) > _SHOWN_VIOLATIONS else ""
+    rows = "1 row" if len(violations) == 1 else f"{len(violations)} rows"
+    raise MigrationError(
+        f"the schema migration left {rows} whose referenced row is missing: {shown}{more}; "
+        "the migration was rolled back, so the database is unchanged"
+    )
+
+
 def upgrade_to_head(engine: Engine) -> None:
     """Apply every pending Alembic revision in one transaction.
 
     Raises ConfigError naming the file when a SQLite database is not a database, cannot be opened, is
-    read-only or corrupt, DatabaseDiskFull when its disk is full, and the driver's error for other failures.
+    read-only or corrupt, DatabaseDiskFull when its disk is full, MigrationError when a migration left
+    rows without their referenced row, and the driver's error for other failures.
     """
     config = alembic_config()
     try:
-        with engine.begin() as connection:
+        with migration_transaction(engine) as connection:
             if connection.dialect.name == "postgresql":
                 # Released at commit. SQLite needs no lock because BEGIN IMMEDIATE already serializes.
                 connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))

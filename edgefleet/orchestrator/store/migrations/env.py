@@ -5,11 +5,17 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from edgefleet.orchestrator.store.engine import create_store_engine
+from edgefleet.orchestrator.store.engine import create_store_engine, migration_transaction
 from edgefleet.orchestrator.store.schema import metadata
 
 
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite" and connection.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        # A batch-mode step would drop a table and cascade the delete to every row that references it.
+        raise RuntimeError(
+            "the SQLite connection enforces foreign keys, so a table rebuild would delete the rows that "
+            "reference the table; migrate in edgefleet.orchestrator.store.engine.migration_transaction()"
+        )
     context.configure(
         connection=connection,
         target_metadata=metadata,
@@ -33,7 +39,7 @@ def _run_online() -> None:
         raise SystemExit("no database given; pass -x url=sqlite:///PATH or -x url=postgresql+psycopg://...")
     engine = create_store_engine(url)
     try:
-        with engine.begin() as connection:
+        with migration_transaction(engine) as connection:
             _run(connection)
     finally:
         engine.dispose()
