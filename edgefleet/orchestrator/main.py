@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stopped: %s", error)
         return EXIT_UNAVAILABLE
     except (ConfigError, CredentialsError) as error:
-        # A restart cannot fix these: an unusable data directory or SQLite file, or missing TLS files.
+        # A restart cannot fix these: an unusable data directory or SQLite file, missing TLS files, or a
+        # database that a newer release migrated.
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
     except OSError as error:

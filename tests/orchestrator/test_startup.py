@@ -16,13 +16,17 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
+from edgefleet import __version__
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
 from edgefleet.common.lifecycle import EXIT_INTERRUPTED
 from edgefleet.orchestrator import server as server_module
 from edgefleet.orchestrator.config import OrchestratorConfig
 from edgefleet.orchestrator.server import server_options
+from edgefleet.orchestrator.store import open_store
 from edgefleet.orchestrator.store.engine import SQLITE_HEADER
+from tests.pg import PostgresCluster
 from tests.readonly import on_read_only_mount, read_only_mounts_work
 from tests.security.helpers import make_pki
 from tests.servers import (
@@ -392,6 +396,64 @@ def test_startup_database_corrupt(tmp_path: Path) -> None:
     assert result.returncode == EXIT_CONFIG
     assert f"cannot use the SQLite database {data_dir.resolve() / 'edgefleet.db'}" in error_line(result)
     assert "Traceback" not in result.stderr
+
+
+# An Alembic revision that this checkout does not ship, as a later release would add one.
+NEWER_REVISION = "20270101_next_release"
+
+
+def set_schema_revision(db_url: str, revision: str) -> None:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE alembic_version SET version_num = :revision"), {"revision": revision})
+    finally:
+        engine.dispose()
+
+
+def schema_revision(db_url: str) -> str:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            return str(connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def assert_newer_release_error(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    error = error_line(result)
+    assert f"is at schema revision {NEWER_REVISION}, which edgefleet {__version__} does not know" in error
+    assert "because a newer release migrated it" in error
+    assert "Start that release, or restore the backup taken before the upgrade" in error
+
+
+def test_startup_database_from_newer_release(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    db_url = f"sqlite:///{data_dir / 'edgefleet.db'}"
+    open_store(db_url).close()
+    set_schema_revision(db_url, NEWER_REVISION)
+
+    result = run_orchestrator(data_dir)
+
+    assert_newer_release_error(result)
+    assert schema_revision(db_url) == NEWER_REVISION
+
+
+def test_startup_postgres_from_newer_release(tmp_path: Path, postgres_cluster: PostgresCluster) -> None:
+    db_url = postgres_cluster.create_database("newer_release")
+    try:
+        open_store(db_url).close()
+        set_schema_revision(db_url, NEWER_REVISION)
+
+        result = run_orchestrator(tmp_path / "data", "--db", db_url)
+
+        assert_newer_release_error(result)
+        assert schema_revision(db_url) == NEWER_REVISION
+    finally:
+        postgres_cluster.drop_database("newer_release")
 
 
 def test_startup_database_is_directory(tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from edgefleet import __version__
 from edgefleet.common.config import ConfigError
 from edgefleet.common.errors import DATABASE_UNAVAILABLE_TEXT, Unavailable
 from edgefleet.common.paths import writable_directory_problem
@@ -89,6 +92,10 @@ class DatabaseDiskFull(DatabaseUnavailable):
 
 class MigrationError(Exception):
     """A schema migration left the database inconsistent and was rolled back."""
+
+
+class UnknownRevisionError(ConfigError):
+    """The database is at an Alembic revision that this release does not ship, so a newer release migrated it."""
 
 
 def unavailable_error(engine: Engine, error: sa.exc.DBAPIError) -> DatabaseUnavailable | None:
@@ -422,18 +429,25 @@ def _check_foreign_keys(connection: Connection) -> None:
 def upgrade_to_head(engine: Engine) -> None:
     """Apply every pending Alembic revision in one transaction.
 
-    Raises ConfigError naming the file when a SQLite database is not a database, cannot be opened, is
-    read-only or corrupt, DatabaseDiskFull when its disk is full, MigrationError when a migration left
-    rows without their referenced row, and the driver's error for other failures.
+    Raises UnknownRevisionError (a ConfigError) when a newer release migrated the database, ConfigError
+    naming the file when a SQLite database is not a database, cannot be opened, is read-only or corrupt,
+    DatabaseDiskFull when its disk is full, MigrationError when a migration left rows without their
+    referenced row, and the driver's error for other failures.
     """
     config = alembic_config()
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head()
+    shown_url = engine.url.render_as_string(hide_password=True)
     try:
         with migration_transaction(engine) as connection:
             if connection.dialect.name == "postgresql":
                 # Released at commit. SQLite needs no lock because BEGIN IMMEDIATE already serializes.
                 connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            previous = MigrationContext.configure(connection).get_current_revision()
+            _check_known_revision(script, previous, shown_url)
+            if previous != head:
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
     except sa.exc.DBAPIError as error:
         config_error = sqlite_config_error(engine, error)
         if config_error is not None:
@@ -442,7 +456,18 @@ def upgrade_to_head(engine: Engine) -> None:
         if disk_full is not None:
             raise disk_full from error
         raise
-    logger.debug("database schema of %s is at head", engine.url.render_as_string(hide_password=True))
+    logger.debug("database schema of %s is at head", shown_url)
+
+
+def _check_known_revision(script: ScriptDirectory, revision: str | None, shown_url: str) -> None:
+    """Raise UnknownRevisionError when revision is not one of the migrations this release ships."""
+    if revision is None or revision in {known.revision for known in script.walk_revisions()}:
+        return
+    raise UnknownRevisionError(
+        f"the database {shown_url} is at schema revision {revision}, which edgefleet {__version__} does not "
+        f"know (its newest is {script.get_current_head()}) because a newer release migrated it. Start that "
+        "release, or restore the backup taken before the upgrade and start this one"
+    )
 
 
 # One writer lock per SQLite engine, shared by every store built on it.
