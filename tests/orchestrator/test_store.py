@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from edgefleet.orchestrator.store import (
     open_store,
     sql,
 )
+from edgefleet.orchestrator.store import engine as engine_module
 from edgefleet.orchestrator.store.base import DeviceRemovedError
 from edgefleet.orchestrator.store.engine import (
     MigrationError,
@@ -184,10 +186,11 @@ def _window(device_id: str = "dev-1", minute: int = 0, **changes: Any) -> Metric
 
 
 @pytest.fixture
-def empty_db_url(request: pytest.FixtureRequest, db_url: str) -> Iterator[str]:
+def empty_db_url(request: pytest.FixtureRequest, db_url: str, tmp_path: Path) -> Iterator[str]:
     """Yield the URL of a database without tables, on the backend of db_url."""
     if db_url.startswith("sqlite"):
-        yield db_url
+        # db_url is a copy of a migrated database, so the empty one is a new file.
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
     cluster = request.getfixturevalue("postgres_cluster")
     name = "empty_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_").lower()[:40]
@@ -525,6 +528,32 @@ def test_alembic_rejects_sqlite_foreign_keys_on(tmp_path: Path) -> None:
             command.downgrade(config, BEFORE_TRUSTED_KEYS)
     finally:
         engine.dispose()
+
+
+def _migration_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == engine_module.__name__ and r.levelno >= logging.INFO]
+
+
+def test_upgrade_to_head_logs_changes(empty_db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Creating or upgrading the schema logs at INFO, and a start at head logs nothing at INFO."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    shown_url = sa.make_url(empty_db_url).render_as_string(hide_password=True)
+    caplog.set_level(logging.INFO, logger=engine_module.__name__)
+
+    open_store(empty_db_url).close()
+    created = _migration_messages(caplog)
+    caplog.clear()
+    open_store(empty_db_url).close()
+    at_head = _migration_messages(caplog)
+    _downgrade(empty_db_url, BEFORE_TRUSTED_KEYS)
+    caplog.clear()
+    open_store(empty_db_url).close()
+    upgraded = _migration_messages(caplog)
+
+    # On SQLite the file's creation is logged first.
+    assert created[-1] == f"created the database schema of {shown_url} at {head}"
+    assert at_head == []
+    assert upgraded == [f"upgraded the database schema of {shown_url} from {BEFORE_TRUSTED_KEYS} to {head}"]
 
 
 def test_set_min_runtime_version_unknown(store: Store) -> None:

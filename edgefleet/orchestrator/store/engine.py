@@ -427,7 +427,7 @@ def _check_foreign_keys(connection: Connection) -> None:
 
 
 def upgrade_to_head(engine: Engine) -> None:
-    """Apply every pending Alembic revision in one transaction.
+    """Apply every pending Alembic revision in one transaction and log the upgrade at INFO.
 
     Raises UnknownRevisionError (a ConfigError) when a newer release migrated the database, ConfigError
     naming the file when a SQLite database is not a database, cannot be opened, is read-only or corrupt,
@@ -456,7 +456,12 @@ def upgrade_to_head(engine: Engine) -> None:
         if disk_full is not None:
             raise disk_full from error
         raise
-    logger.debug("database schema of %s is at head", shown_url)
+    if previous == head:
+        logger.debug("database schema of %s is at head %s", shown_url, head)
+    elif previous is None:
+        logger.info("created the database schema of %s at %s", shown_url, head)
+    else:
+        logger.info("upgraded the database schema of %s from %s to %s", shown_url, previous, head)
 
 
 def _check_known_revision(script: ScriptDirectory, revision: str | None, shown_url: str) -> None:
