@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from edgefleet.common.errors import EXIT_CONFIG, EXIT_UNAVAILABLE
-from edgefleet.orchestrator.store.instance_lock import INSTANCE_LOCK_KEY
+from edgefleet.orchestrator.store.instance_lock import INSTANCE_LOCK_KEY, application_name, holder_text
 from tests.servers import (
     STEP_TIMEOUT_S,
     OrchestratorThread,
@@ -109,7 +111,8 @@ def test_second_orchestrator_on_one_database_is_refused(
     assert result.returncode == EXIT_CONFIG, result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert "another orchestrator already serves the database" in error
-    assert f"listening on 127.0.0.1:{first.port}, pid {first.process.pid}," in error
+    assert f"edgefleet-orchestrator at 127.0.0.1:{first.port}, pid {first.process.pid}," in error
+    assert ",," not in error
     assert "run one orchestrator per database" in error
     # The first orchestrator's device keeps its stream, and the refused start wrote no admin token.
     assert stored_device_connected(db_url)
@@ -225,3 +228,33 @@ def test_lock_path_directory_is_named(tmp_path: Path, db_url: str) -> None:
     assert result.returncode == EXIT_CONFIG, result.stderr
     assert f"the orchestrator lock {lock_path} is a directory" in result.stderr
     assert "remove it" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "expected_parts"),
+    [
+        ("[::1]:1", "vm", 3),
+        ("127.0.0.1:57111", "build-host-with-a-long-name", 2),
+        ("[2001:db8:85a3::8a2e:370]:50051", "vm", 1),
+    ],
+)
+def test_application_name_keeps_whole_parts(
+    monkeypatch: pytest.MonkeyPatch, listen: str, host: str, expected_parts: int
+) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    monkeypatch.setattr(os, "getpid", lambda: 4194304)
+    full = holder_text(listen)
+
+    name = application_name(listen)
+
+    assert len(name.encode()) <= 63
+    assert name == ", ".join(full.split(", ")[:expected_parts])
+
+
+def test_application_name_cuts_long_listen(monkeypatch: pytest.MonkeyPatch) -> None:
+    listen = "[2001:db8:85a3:1234:5678:8a2e:370:7334]:50051"
+    monkeypatch.setattr(os, "getpid", lambda: 4194304)
+
+    name = application_name(listen)
+
+    assert name == f"edgefleet-orchestrator at {listen}".encode()[:63].decode()

@@ -54,12 +54,26 @@ class InstanceLockLost(Exception):
 
 
 def holder_text(listen: str) -> str:
-    """Describe this process for the next orchestrator's error message: listen address, pid and host.
+    """Describe this process for the next orchestrator's error message: listen address, pid and host."""
+    return ", ".join(_holder_parts(listen))
 
-    The host comes last because PostgreSQL keeps only the first 63 bytes of an application_name, and a
-    cut host name misleads less than a cut port or pid.
+
+def application_name(listen: str) -> str:
+    """Return holder_text shortened to fit PostgreSQL's application_name by dropping whole parts from the end.
+
+    PostgreSQL would cut a longer name at 63 bytes, mid-word. The host is dropped first because the
+    error message also names the client address of the holder's session.
     """
-    return f"edgefleet-orchestrator listening on {listen}, pid {os.getpid()}, host {socket.gethostname()}"
+    parts = _holder_parts(listen)
+    while len(parts) > 1 and len(", ".join(parts).encode()) > _APPLICATION_NAME_BYTES:
+        parts.pop()
+    # NOTE: a listen address longer than 37 bytes, such as a long IPv6 address, is still cut.
+    return ", ".join(parts).encode()[:_APPLICATION_NAME_BYTES].decode(errors="ignore")
+
+
+def _holder_parts(listen: str) -> list[str]:
+    # Ordered by how much they help the operator find the other orchestrator.
+    return [f"edgefleet-orchestrator at {listen}", f"pid {os.getpid()}", f"host {socket.gethostname()}"]
 
 
 class InstanceLock:
@@ -199,9 +213,8 @@ def _read_holder(text: str) -> str:
 
 
 def _acquire_postgres(url: URL, listen: str) -> PostgresInstanceLock:
-    application_name = holder_text(listen).encode()[:_APPLICATION_NAME_BYTES].decode(errors="ignore")
     # NullPool: this engine's one connection is the lock's session, never shared with the store's pool.
-    engine = sa.create_engine(url, poolclass=NullPool, connect_args={"application_name": application_name})
+    engine = sa.create_engine(url, poolclass=NullPool, connect_args={"application_name": application_name(listen)})
     shown_url = url.render_as_string(hide_password=True)
     try:
         connection = engine.connect()
