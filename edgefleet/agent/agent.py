@@ -203,6 +203,7 @@ class OutageLog:
         self._started = 0.0
         self._warned = 0.0
         self._last_error = ""
+        self._connected_before = False
 
     def failed(self, error: str, delay: float) -> None:
         now = self._clock()
@@ -233,14 +234,17 @@ class OutageLog:
 
     def ended(self) -> None:
         if self.attempts:
+            # "again" only after an earlier connection of this process, not after a failed first start.
             log.info(
-                "connected to orchestrator %s again after %d failed attempts over %.0f s",
+                "connected to orchestrator %s %safter %d failed attempts over %.0f s",
                 self.orchestrator,
+                "again " if self._connected_before else "",
                 self.attempts,
                 self._clock() - self._started,
             )
         self.attempts = 0
         self._last_error = ""
+        self._connected_before = True
 
 
 class Agent:

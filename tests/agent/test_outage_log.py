@@ -73,3 +73,16 @@ def test_outage_end_logs_its_length(caplog: pytest.LogCaptureFixture) -> None:
             "connection to orchestrator orch:50051 failed (UNAVAILABLE: connection refused); retrying in 1.0 s",
         ),
     ]
+
+
+def test_first_connection_after_failures_omits_again(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    outage = OutageLog("orch:50051", clock=clock)
+    caplog.set_level(logging.INFO, logger="edgefleet.agent.agent")
+    for _ in range(4):  # The orchestrator is not up yet when the agent starts.
+        outage.failed("UNAVAILABLE: connection refused", 1.0)
+        clock.now += 1.0
+
+    outage.ended()
+
+    assert levels(caplog)[-1] == ("INFO", "connected to orchestrator orch:50051 after 4 failed attempts over 4 s")
