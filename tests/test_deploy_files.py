@@ -86,10 +86,18 @@ def test_dockerfile_commands_and_sources_exist() -> None:
 def kubernetes_objects() -> dict[str, dict[str, Any]]:
     kustomization = load_yaml_documents(DEPLOY / "kubernetes" / "kustomization.yaml")[0]
     objects = {}
-    for resource in kustomization["resources"]:
+    # secret.yaml is not a resource of the kustomization but documents the Secret that it references.
+    for resource in [*kustomization["resources"], "secret.yaml"]:
         for document in load_yaml_documents(DEPLOY / "kubernetes" / resource):
             objects[document["kind"]] = document
     return objects
+
+
+def test_kustomization_leaves_secret_out() -> None:
+    """kubectl apply -k would otherwise replace the operator's Secret with secret.yaml's placeholders."""
+    kustomization = load_yaml_documents(DEPLOY / "kubernetes" / "kustomization.yaml")[0]
+    assert "secret.yaml" not in kustomization["resources"]
+    assert "secretGenerator" not in kustomization
 
 
 def test_kubernetes_references_resolve() -> None:
