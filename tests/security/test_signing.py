@@ -287,15 +287,23 @@ def wait_reported_keys(orchestrator: SecureOrchestrator, device_id: str) -> None
     wait_until(reported, f"{device_id} to report the current signing keys")
 
 
-def test_keys_list_counts_trusting_devices(start_secure: StartSecure, start_agent: StartAgent) -> None:
-    orchestrator = start_secure()
+def miss_rotation(
+    orchestrator: SecureOrchestrator, start_agent: StartAgent
+) -> tuple[str, operator_pb2.ListSigningKeysResponse]:
+    """Enroll ecu-1, wait for its key report, stop it and rotate; return the first key id and the new key list."""
     admin = orchestrator.operator()
     agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
     wait_reported_keys(orchestrator, "ecu-1")
     first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
     agent.stop()
+    return first_key, admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
 
-    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+
+def test_keys_list_counts_trusting_devices(start_secure: StartSecure, start_agent: StartAgent) -> None:
+    orchestrator = start_secure()
+    admin = orchestrator.operator()
+
+    first_key, rotated = miss_rotation(orchestrator, start_agent)
     device = admin.GetDevice(operator_pb2.GetDeviceRequest(device_id="ecu-1"), timeout=30)
 
     assert rotated.devices == 1
@@ -310,11 +318,7 @@ def test_retire_rejected_for_device_behind(start_secure: StartSecure, start_agen
     """Retiring the only key an offline device trusts is rejected until the device reports the new key."""
     orchestrator = start_secure()
     admin = orchestrator.operator()
-    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
-    wait_reported_keys(orchestrator, "ecu-1")
-    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
-    agent.stop()
-    rotated = admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    first_key, rotated = miss_rotation(orchestrator, start_agent)
     new_key = next(k.key_id for k in rotated.keys if k.active)
 
     with pytest.raises(grpc.RpcError) as rejected:
@@ -337,11 +341,7 @@ def test_retire_rejected_for_device_behind(start_secure: StartSecure, start_agen
 def test_retire_force_strands_device(start_secure: StartSecure, start_agent: StartAgent) -> None:
     orchestrator = start_secure()
     admin = orchestrator.operator()
-    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
-    wait_reported_keys(orchestrator, "ecu-1")
-    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
-    agent.stop()
-    admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    first_key, _ = miss_rotation(orchestrator, start_agent)
 
     retired = admin.RetireSigningKey(operator_pb2.RetireSigningKeyRequest(key_id=first_key, force=True), timeout=30)
 
@@ -482,12 +482,7 @@ def test_cli_keys_show_devices_behind(
     start_secure: StartSecure, start_agent: StartAgent, capsys: pytest.CaptureFixture[str]
 ) -> None:
     orchestrator = start_secure()
-    admin = orchestrator.operator()
-    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
-    wait_reported_keys(orchestrator, "ecu-1")
-    first_key = admin.ListSigningKeys(operator_pb2.ListSigningKeysRequest(), timeout=30).keys[0].key_id
-    agent.stop()
-    admin.RotateSigningKey(operator_pb2.RotateSigningKeyRequest(), timeout=30)
+    first_key, _ = miss_rotation(orchestrator, start_agent)
 
     listed = cli(orchestrator, "keys", "list")
     listing = capsys.readouterr().out
