@@ -12,13 +12,13 @@ import grpc
 import pytest
 
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError
-from edgefleet.cli.main import main
 from edgefleet.common.errors import FailedPrecondition
 from edgefleet.orchestrator.security.signing import Signer
 from edgefleet.orchestrator.security.store import SqlSecurityStore
 from edgefleet.orchestrator.store.engine import create_store_engine, upgrade_to_head
 from edgefleet.v1 import agent_pb2, common_pb2, operator_pb2
 from tests.security.helpers import SecureOrchestrator
+from tests.security.test_cli import cli
 from tests.servers import STEP_TIMEOUT_S, AgentThread, linear_onnx, upload_requests, wait_until
 
 pytest_plugins = ["tests.servers", "tests.security.helpers"]
@@ -505,17 +505,3 @@ def test_cli_keys_show_devices_behind(
     assert forced == 0
     assert [k["key_id"] for k in after["keys"]] != [first_key]
     assert [d["device_id"] for d in after["behind"]] == ["ecu-1"]
-
-
-def cli(orchestrator: SecureOrchestrator, *args: str) -> int:
-    return main(
-        [
-            "--orchestrator",
-            orchestrator.operator_address,
-            "--ca-cert",
-            str(orchestrator.pki.ca),
-            "--token",
-            orchestrator.admin_token,
-            *args,
-        ]
-    )
