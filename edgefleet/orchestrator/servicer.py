@@ -47,13 +47,52 @@ def _take_chunks(chunks: Iterator[agent_pb2.ArtifactChunk], max_bytes: int) -> l
     return batch
 
 
+class _UnexpectedErrors:
+    """Logs each unexpected error with its id, and the traceback only the first time the same error occurs.
+
+    An agent retries a download that fails the same way, so one broken artifact would otherwise log
+    a traceback of some 50 lines per device and retry. Every id still gets a line, so the id that a
+    caller saw can be found in the log.
+    """
+
+    # Distinct errors remembered; a new one beyond this forgets the others, which only repeats tracebacks.
+    MAX_KEYS = 256
+
+    def __init__(self) -> None:
+        self._first: dict[tuple[str, str, str], tuple[str, int]] = {}
+
+    def log(self, method: str, error_id: str, error: BaseException) -> None:
+        key = (method, type(error).__name__, str(error))
+        first = self._first.get(key)
+        if first is None:
+            if len(self._first) >= self.MAX_KEYS:
+                self._first.clear()
+            self._first[key] = (error_id, 1)
+            log.error("[%s] unexpected error id=%s", method, error_id, exc_info=error)
+            return
+        first_id, count = first[0], first[1] + 1
+        self._first[key] = (first_id, count)
+        log.error(
+            "[%s] unexpected error id=%s: %s: %s (the same error as id=%s, whose traceback is logged; %d times so far)",
+            method,
+            error_id,
+            type(error).__name__,
+            error,
+            first_id,
+            count,
+        )
+
+
+_unexpected_errors = _UnexpectedErrors()
+
+
 async def abort_with(context: grpc.aio.ServicerContext, method: str, error: BaseException) -> None:
     """End the call with the error's status; unexpected errors become INTERNAL without details."""
     if isinstance(error, EdgefleetError):
         log.info("[%s] %s: %s", method, error.code.name, error.message)
         await context.abort(error.code, error.message)
     error_id = uuid.uuid4().hex[:12]
-    log.error("[%s] unexpected error id=%s", method, error_id, exc_info=error)
+    _unexpected_errors.log(method, error_id, error)
     await context.abort(grpc.StatusCode.INTERNAL, internal_error_message(error_id))
 
 

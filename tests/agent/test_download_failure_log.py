@@ -80,6 +80,11 @@ def test_repeated_download_failure_quiet(
     stored.write_bytes(model)
     wait_until(lambda: model_state(orchestrator, device_id) == common_pb2.MODEL_STATE_SERVING, "the model to serve")
     successes = messages(caplog, "edgefleet.agent.delivery", logging.INFO, f"download of {digest} succeeded after")
+    orchestrator_errors = [
+        record
+        for record in caplog.records
+        if record.name == "edgefleet.orchestrator.servicer" and "unexpected error id=" in record.getMessage()
+    ]
 
     assert len(delivery_warnings) == 1, delivery_warnings
     assert "INTERNAL: internal error (id " in delivery_warnings[0]
@@ -88,3 +93,8 @@ def test_repeated_download_failure_quiet(
     assert len(repeated_failures) >= 7  # 3 repeats in the first round and 4 in the second.
     assert "INTERNAL: internal error (id " in summaries[0]
     assert len(successes) == 1, successes
+    # The orchestrator logs a line for every failed attempt, and the traceback only for the first.
+    assert len(orchestrator_errors) >= 7
+    assert [record.exc_info is not None for record in orchestrator_errors].count(True) == 1
+    assert orchestrator_errors[0].exc_info is not None
+    assert all("the same error as id=" in record.getMessage() for record in orchestrator_errors[1:])
