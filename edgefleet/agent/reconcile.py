@@ -191,7 +191,35 @@ class Reconciler:
             len(desired.models),
             desired.generation,
         )
-        self.apply(desired, offline=True)
+        self.apply(self._verified_for_restore(desired), offline=True)
+
+    def _verified_for_restore(self, desired: agent_pb2.DesiredState) -> agent_pb2.DesiredState:
+        """Return desired with each assignment that fails verification replaced by the one served before it.
+
+        A saved desired state may hold an assignment that this device rejected, for example one signed by
+        a key it never learned. The model it served instead must serve again after a restart.
+        """
+        if self.verifier is None:
+            return desired
+        restored = agent_pb2.DesiredState()
+        restored.CopyFrom(desired)
+        for assignment in restored.models:
+            previous = self.serving.get(assignment.model_name)
+            if previous is None or previous == assignment:
+                continue
+            try:
+                self.verifier.check(assignment)
+            except VerificationError as error:
+                log.warning(
+                    "restoring model=%s variant=%s, which served before, because the saved assignment of %s fails "
+                    "verification: %s",
+                    assignment.model_name,
+                    previous.variant_id,
+                    assignment.variant_id,
+                    error,
+                )
+                assignment.CopyFrom(previous)
+        return restored
 
     def supersede(self, desired: agent_pb2.DesiredState) -> int:
         """Record that desired arrived, and stop the download in progress; return the ticket for apply().

@@ -472,10 +472,16 @@ def test_unverified_repeat_reported_failed(start_secure: StartSecure, start_agen
     wait_until(lambda: agent.agent.connected, "the agent to connect")
     # The same version again, so the agent takes the path for an assignment it already serves.
     status = deploy_and_wait(orchestrator, "ecu-1", "1", common_pb2.MODEL_STATE_FAILED)
+    served_before_restart = served_version(agent)
+    agent.stop()
+    # The saved desired state now holds the rejected assignment; a restart serves the verified one.
+    agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
+    restored = wait_until(lambda: served_version(agent), "the agent to restore its model")
 
     assert "signed by unknown key" in status.error or "not signed by a key" in status.error
     assert "keeps serving" in status.error
-    assert served_version(agent) == "1"
+    assert served_before_restart == "1"
+    assert restored == "1"
 
 
 def test_cli_keys_show_devices_behind(
