@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import hashlib
 import logging
@@ -294,7 +295,14 @@ class Upload(Generic[T]):
         self._received = 0
         self._done = False
         self.temp_path = store.staging_dir() / f"upload-{uuid.uuid4().hex}{suffix}"
-        self._file: BinaryIO | None = self.temp_path.open("xb")
+        try:
+            self._file: BinaryIO | None = self.temp_path.open("xb")
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise UploadTooLargeError(
+                    "the artifact store's disk is full, so the upload cannot start; free space on the orchestrator"
+                ) from error
+            raise
 
     @property
     def received_bytes(self) -> int:
@@ -387,7 +395,9 @@ class Upload(Generic[T]):
             return
         self._done = True
         if self._file is not None:
-            self._file.close()
+            # Closing flushes buffered bytes, which fails again on a full disk; the file is discarded anyway.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         self.temp_path.unlink(missing_ok=True)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
 import random
 import subprocess
@@ -390,10 +392,11 @@ def test_chunks_malformed_digest(artifact_store: FileArtifactStore) -> None:
         iter_chunks(artifact_store, "sha1:abc")
 
 
-def test_upload_disk_full(tmp_path: Path) -> None:
-    mount_point = tmp_path / "small-disk"
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """Mount a tmpfs with the given options on mount_point, yield it and unmount it; skip without root."""
     mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]
+    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)]
     try:
         mounted = subprocess.run(command, capture_output=True, check=False).returncode == 0
     except FileNotFoundError:
@@ -401,14 +404,57 @@ def test_upload_disk_full(tmp_path: Path) -> None:
     if not mounted:
         pytest.skip("needs a tmpfs mount (root) to fill a disk")
     try:
-        artifact_store = FileArtifactStore(mount_point / "artifacts")
-        upload = UploadAssembler(artifact_store, max_size_bytes=4 * MiB, validate=inspect_size).begin()
-
-        with pytest.raises(UploadTooLargeError, match="disk is full") as raised:
-            for _ in range(4):
-                upload.write(b"\3" * (512 * 1024))
-
-        assert raised.value.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert stored_files(artifact_store.root) == []
+        yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """Mount a 1 MiB tmpfs and yield its path."""
+    with mounted_tmpfs(tmp_path / "small-disk", "size=1m") as mount_point:
+        yield mount_point
+
+
+def test_upload_disk_full(small_disk: Path) -> None:
+    artifact_store = FileArtifactStore(small_disk / "artifacts")
+    upload = UploadAssembler(artifact_store, max_size_bytes=4 * MiB, validate=inspect_size).begin()
+
+    with pytest.raises(UploadTooLargeError, match="disk is full") as raised:
+        for _ in range(4):
+            upload.write(b"\3" * (512 * 1024))
+
+    assert raised.value.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stored_files(artifact_store.root) == []
+
+
+def test_upload_disk_full_at_commit(small_disk: Path) -> None:
+    """A chunk that fits in the file's buffer fails only when commit flushes it, and still reads as a full disk."""
+    artifact_store = FileArtifactStore(small_disk / "artifacts")
+    upload = UploadAssembler(artifact_store, max_size_bytes=4 * MiB, validate=inspect_size).begin()
+    with open(small_disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * 4096)
+    upload.write(b"\3" * 100)
+
+    with pytest.raises(UploadTooLargeError, match="disk is full") as raised:
+        upload.commit()
+
+    assert raised.value.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stored_files(artifact_store.root) == []
+    assert list(artifact_store.staging_dir().iterdir()) == []
+
+
+def test_upload_disk_full_at_start(tmp_path: Path) -> None:
+    """A file system without a free inode rejects the upload's temp file, which reads as a full disk."""
+    with mounted_tmpfs(tmp_path / "few-inodes", "size=1m,nr_inodes=16") as mount_point:
+        artifact_store = FileArtifactStore(mount_point / "artifacts")
+        staging = artifact_store.staging_dir()
+        for index in itertools.count():
+            try:
+                (staging / f"filler-{index}").touch()
+            except OSError:
+                break
+
+        with pytest.raises(UploadTooLargeError, match="disk is full, so the upload cannot start"):
+            UploadAssembler(artifact_store, max_size_bytes=4 * MiB, validate=inspect_size).begin()
