@@ -184,7 +184,10 @@ def read_labels(path: Path) -> list[str]:
         ) from None
     if "\0" in text:
         raise UsageError(f"labels file {path} contains NUL bytes, so it is not a text file; {LABELS_FORMAT}")
-    return text.splitlines()
+    labels = text.splitlines()
+    if not labels:
+        raise UsageError(f"labels file {path} is empty; {LABELS_FORMAT}")
+    return labels
 
 
 def agent_socket(socket: Path | None, state_dir: Path | None, config_file: Path | None) -> Path:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from edgefleet.agent.tensor_limits import check_shape
 from edgefleet.agent.tensor_socket import (
     CONNECTION_LIMIT,
     MAX_PAYLOAD_BYTES,
@@ -373,6 +374,8 @@ class TensorSocketClient:
         NOT_FOUND when the agent serves no such model, and ConnectionError or TimeoutError as infer does.
         """
         specs = self._input_specs(model, shapes, dtypes)
+        for name, shape, _ in specs:
+            check_shape(name, shape)  # The agent would reject a larger input, and np.empty might not fit.
         input_bytes = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs)
         need = _output_offset(input_bytes) + max(self._output_bytes, self._listed_output_bytes.get(model, 0))
 

@@ -198,6 +198,18 @@ def test_labels_too_few(socket: Path, image: Path, tmp_path: Path, capsys: pytes
     assert output.out == ""
 
 
+def test_labels_empty(socket: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("", encoding="utf-8")
+
+    code = infer("--socket", str(socket), "--model", "fixed", "--labels", str(labels), str(image))
+
+    output = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert f"labels file {labels} is empty" in output.err
+    assert output.out == ""
+
+
 def test_labels_too_many_warned(
     socket: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -118,6 +118,13 @@ def test_infer_unknown_name(host: ModelHost) -> None:
         host.infer("missing", {"x": _x()})
 
 
+def test_infer_bare_array(host: ModelHost, seed_paths: dict[int, Path]) -> None:
+    host.install("linear", "1", "variant-a", seed_paths[0], "onnx")
+
+    with pytest.raises(TypeError, match=r"feeds must map each input name to an array, got ndarray"):
+        host.infer("linear", _x())  # type: ignore[arg-type]
+
+
 def test_install_unknown_format(host: ModelHost, seed_paths: dict[int, Path]) -> None:
     with pytest.raises(ValueError, match="unknown model format 'pt'"):
         host.install("linear", "1", "v", seed_paths[0], "pt")

@@ -513,6 +513,7 @@ def test_outputs_over_limit(host: ModelHost, tmp_path: Path) -> None:
         ([2**20, 2**20], "of 1099511627776 elements, over the limit of 67108864"),
         ([2**40, 1], "each dimension must be from 0 to 67108864"),
         ([-1, 4], "each dimension must be from 0 to 67108864"),
+        ([1] * 40, "has 40 axes; a tensor may have at most 32"),
     ],
 )
 def test_shape_over_limits(server: TensorSocketServer, shape: list[int], expected: str) -> None:
@@ -743,6 +744,11 @@ def test_input_arrays_dynamic_shape(client: TensorSocketClient) -> None:
 def test_input_arrays_given_dynamic_shape(client: TensorSocketClient) -> None:
     with pytest.raises(ValueError, match=r"-1 is not a size; pass shapes=\{'x': \[N, 4\]\}"):
         client.input_arrays("linear", shapes={"x": [-1, 4]})
+
+
+def test_input_arrays_shape_over_limit(client: TensorSocketClient) -> None:
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[1099511627776, 4\]; each dimension must be"):
+        client.input_arrays("linear", shapes={"x": [1 << 40, 4]})
 
 
 def test_input_arrays_fixed_axis_mismatch(client: TensorSocketClient) -> None:

@@ -206,8 +206,14 @@ class ModelHost:
 
         Raises ModelNotFoundError for an unknown name, InvalidInputError for feeds that do not
         match the model's inputs, and the runtime's exception when the run fails. on_latency gets
-        every call of an installed model, with ok False for rejected inputs and failed runs.
+        every call of an installed model, with ok False for rejected inputs and failed runs. Raises
+        TypeError when feeds is not a mapping, such as a bare array.
         """
+        if not isinstance(feeds, Mapping):
+            raise TypeError(
+                f"feeds must map each input name to an array, got {type(feeds).__name__}; "
+                "pass {name: array}, with the names in ModelHost.get(name).inputs"
+            )
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
