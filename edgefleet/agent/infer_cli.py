@@ -64,7 +64,10 @@ def load_image(
         raise SystemExit("edgefleet-agent infer needs Pillow to read images: pip install pillow") from None
     try:
         # The user named the file, so an image over Pillow's warning threshold is read without a warning.
-        upright = read_upright_rgb(path, warn_large=False)
+        # A JPEG may be decoded at a reduced size that keeps twice the pixels the crop window needs, so the
+        # bilinear resize below still scales down.
+        min_side = 2 * math.ceil(max(height, width) / crop_fraction)
+        upright = read_upright_rgb(path, warn_large=False, min_side=min_side)
     except Image.DecompressionBombError as error:
         raise OSError(f"{error.args[0] if error.args else error} Scale the image down first") from None
     return resize_and_crop(upright.rgb, height, width, crop_fraction), upright.exif_error

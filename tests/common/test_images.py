@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,42 @@ def test_extreme_aspect_ratio_small_peak() -> None:
     assert shape == "(224, 224, 3)"
     assert (int(low), int(high)) == (90, 90)
     assert int(peak_kib) / 1024 < MAX_PEAK_MIB
+
+
+JPEG_SCRIPT = """
+import re
+import sys
+from pathlib import Path
+from edgefleet.common.images import read_upright_rgb
+
+upright = read_upright_rgb(Path(sys.argv[1]), min_side=int(sys.argv[2]))
+peak_kib = re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)
+print(upright.rgb.size[0], upright.rgb.size[1], peak_kib)
+"""
+
+
+def read_in_child(path: Path, min_side: int) -> tuple[int, int, float]:
+    """Read path with read_upright_rgb in a new process; return the decoded width, height and peak MiB."""
+    result = subprocess.run(
+        [sys.executable, "-c", JPEG_SCRIPT, str(path), str(min_side)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    width, height, peak_kib = result.stdout.split()
+    return int(width), int(height), int(peak_kib) / 1024
+
+
+def test_large_jpeg_decoded_reduced(tmp_path: Path) -> None:
+    photo = tmp_path / "large.jpg"
+    noise = np.random.default_rng(0).integers(0, 255, (4000, 6000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(photo, quality=90)
+
+    reduced = read_in_child(photo, min_side=512)
+    whole = read_in_child(photo, min_side=0)
+
+    assert reduced[:2] == (1500, 1000)
+    assert whole[:2] == (6000, 4000)
+    assert reduced[2] < MAX_PEAK_MIB
+    assert whole[2] > 2 * reduced[2]
