@@ -116,7 +116,8 @@ def add_commands(nouns: argparse._SubParsersAction[argparse.ArgumentParser], out
     sub.add_argument(
         "--force",
         action="store_true",
-        help="retire even when some devices have not reported a key that stays; they must be enrolled again",
+        help="retire even when some devices have reported none of the keys that stay; enroll again each device "
+        "that then rejects the new key set",
     )
     output_flag(sub)
     sub.set_defaults(handler=cmd_keys_retire)

@@ -55,7 +55,7 @@ class _UnexpectedErrors:
     caller saw can be found in the log.
     """
 
-    # Distinct errors remembered; a new one beyond this forgets the others, which only repeats tracebacks.
+    # Distinct errors kept; one more clears them all, which at worst logs some tracebacks again.
     MAX_KEYS = 256
 
     def __init__(self) -> None:
