@@ -835,10 +835,11 @@ def parse_range(since_text: str | None, until_text: str | None) -> tuple[datetim
     since = parse_since(since_text) if since_text else None
     until = parse_time(until_text) if until_text else None
     if since is not None and until is not None and since >= until:
+        durations = DURATION_PATTERN.fullmatch(since_text or "") and DURATION_PATTERN.fullmatch(until_text or "")
+        hint = "a duration counts back from now, so give --since the longer one" if durations else "swap them"
         raise CliError(
             f"invalid range: --since {since_text} ({since:%Y-%m-%dT%H:%M:%SZ}) is not before --until {until_text} "
-            f"({until:%Y-%m-%dT%H:%M:%SZ}); a duration counts back from now, so give --since the longer one "
-            f"(--since {until_text} --until {since_text})",
+            f"({until:%Y-%m-%dT%H:%M:%SZ}); {hint} (--since {until_text} --until {since_text})",
             EXIT_USAGE,
         )
     return since, until

@@ -440,6 +440,16 @@ def test_query_since_after_until(fleet: OrchestratorThread, capsys: Capture) -> 
     assert "invalid range: --since 10m (" in error
     assert "is not before --until 20m (" in error
     assert "(--since 20m --until 10m)" in error
+    assert "a duration counts back from now" in error
+
+
+def test_query_absolute_times_swapped(fleet: OrchestratorThread, capsys: Capture) -> None:
+    since, until = "2026-12-05T10:00:00Z", "2026-12-05T09:00:00Z"
+    code, error = query_error(fleet, capsys, "--since", since, "--until", until)
+
+    assert code == EXIT_USAGE
+    assert f"swap them (--since {until} --until {since})" in error
+    assert "duration" not in error
 
 
 def test_query_since_before_until(fleet: OrchestratorThread, capsys: Capture) -> None:
