@@ -10,6 +10,7 @@ import math
 import mmap
 import os
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -221,6 +222,12 @@ class TensorSocketClient:
                 raise PermissionError(error.errno, _permission_message(self.socket_path)) from error
             if not isinstance(error, OSError):
                 raise
+            kind = _non_socket_kind(self.socket_path)
+            if kind:
+                raise ConnectionError(
+                    f"cannot connect to the tensor socket {self.socket_path}: it is a {kind}, not a socket; "
+                    "give the path of the agent's --tensor-socket"
+                ) from error
             raise ConnectionError(
                 f"cannot connect to the tensor socket {self.socket_path}: {error.strerror or error}; "
                 "is edgefleet-agent running?"
@@ -654,6 +661,19 @@ def _permission_message(path: Path) -> str:
 
 # Every live client, so that a child process detaches them from the parent's connections after fork().
 _clients: weakref.WeakSet[TensorSocketClient] = weakref.WeakSet()
+
+
+def _non_socket_kind(path: Path) -> str:
+    """Return "directory" or "regular file" for such an entry at path, or "" for a socket or no entry."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return ""
 
 
 def _detach_clients_after_fork() -> None:

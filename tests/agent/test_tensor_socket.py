@@ -335,6 +335,21 @@ def test_no_agent(tmp_path: Path) -> None:
         no_agent.infer("linear", {"x": BATCH})
 
 
+@pytest.mark.parametrize("kind", ["regular file", "directory"])
+def test_path_not_a_socket(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "agent.tensor.sock"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text("not a socket")
+
+    with TensorSocketClient(path) as client, pytest.raises(ConnectionError) as raised:
+        client.infer("linear", {"x": BATCH})
+
+    assert f"it is a {kind}, not a socket; give the path of the agent's --tensor-socket" in str(raised.value)
+    assert "is edgefleet-agent running" not in str(raised.value)
+
+
 def test_client_before_agent(host: ModelHost, tmp_path: Path) -> None:
     """A client created before the agent listens connects on its first call after the agent starts."""
     path = tmp_path / "agent.tensor.sock"
