@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import math
 import os
 import socket as unix_socket
@@ -20,7 +19,7 @@ from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
 from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
-from edgefleet.common.files import MAX_SOCKET_PATH_BYTES
+from edgefleet.common.files import MAX_SOCKET_PATH_BYTES, access_group
 from edgefleet.common.images import DEFAULT_CROP_FRACTION, check_crop_fraction, read_upright_rgb, resize_and_crop
 from edgefleet.v1 import inference_pb2, inference_pb2_grpc
 
@@ -357,26 +356,15 @@ def _exists(path: Path) -> bool:
 
 
 def _permission_problem(socket: Path) -> str:
-    """Return the message for a socket that this user may not connect to, with the group that may.
-
-    The group is the socket's, or that of the first directory above it that this user can read the
-    status of, such as /run/edgefleet-agent (mode 0750) under the systemd unit.
-    """
-    for path in (socket, *socket.parents):
-        try:
-            status = path.stat()
-        except OSError:
-            continue
-        try:
-            group = grp.getgrgid(status.st_gid).gr_name
-        except KeyError:
-            group = str(status.st_gid)
-        return (
-            f"permission denied connecting to the agent socket {socket} ({path} has group {group} and mode "
-            f"{stat.S_IMODE(status.st_mode):04o}); add this user to the group {group} and log in again, or run "
-            "the command as the agent's user"
-        )
-    return f"permission denied connecting to the agent socket {socket}; run the command as the agent's user"
+    """Return the message for a socket that this user may not connect to, with the group that may."""
+    found = access_group(socket)
+    if found is None:
+        return f"permission denied connecting to the agent socket {socket}; run the command as the agent's user"
+    path, group, mode = found
+    return (
+        f"permission denied connecting to the agent socket {socket} ({path} has group {group} and mode "
+        f"{mode:04o}); add this user to the group {group} and log in again, or run the command as the agent's user"
+    )
 
 
 def _infer_images(

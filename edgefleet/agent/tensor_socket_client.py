@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import grp
 import logging
 import math
 import mmap
@@ -42,7 +41,7 @@ from edgefleet.agent.tensor_socket import (
     set_timeouts,
     write_frame,
 )
-from edgefleet.common.files import MAX_SOCKET_PATH_BYTES
+from edgefleet.common.files import MAX_SOCKET_PATH_BYTES, access_group
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -642,20 +641,15 @@ def _grpc_socket_message(path: Path) -> str:
 
 def _permission_message(path: Path) -> str:
     """Return the error message for a tensor socket that this process may not connect to."""
-    try:
-        group_id = path.stat().st_gid
-    except OSError:  # A folder on the way denies search access.
+    found = access_group(path)
+    if found is None or found[0] != path:  # A folder on the way denies search access.
         return (
             f"permission denied on the tensor socket {path}: this user needs search access to its folders "
             "and write access to the socket, which the agent's group has; add the user to that group"
         )
-    try:
-        group = repr(grp.getgrgid(group_id).gr_name)
-    except KeyError:
-        group = str(group_id)
     return (
         f"permission denied on the tensor socket {path}: this user needs write access to it, which the "
-        f"agent's group {group} has; add the user to that group (and log in again)"
+        f"agent's group {found[1]!r} has; add the user to that group (and log in again)"
     )
 
 

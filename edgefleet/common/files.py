@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import socket
 from pathlib import Path
@@ -119,3 +120,23 @@ def bind_error_message(error: OSError, path: Path, what: str, option: str) -> st
             "in a writable directory"
         )
     return f"cannot create the {what} {path}: {error.strerror or error}; set {option} to another path"
+
+
+def access_group(path: Path) -> tuple[Path, str, int] | None:
+    """Return the first of path and its parents whose status this user can read, its group and mode bits.
+
+    A user denied access to a socket needs the group of the socket, or of the first directory above it
+    that this user can read the status of, such as /run/edgefleet-agent (mode 0750) under the systemd
+    unit. Returns None when no such entry is found.
+    """
+    for entry in (path, *path.parents):
+        try:
+            status = entry.stat()
+        except OSError:
+            continue
+        try:
+            group = grp.getgrgid(status.st_gid).gr_name
+        except KeyError:
+            group = str(status.st_gid)
+        return entry, group, status.st_mode & 0o7777
+    return None
