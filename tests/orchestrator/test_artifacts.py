@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import os
 import random
-import subprocess
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -35,6 +34,7 @@ from edgefleet.orchestrator.download import (
     iter_chunks,
 )
 from edgefleet.v1 import operator_pb2, operator_pb2_grpc
+from tests.tmpfs import mounted_tmpfs
 
 MiB = 1024 * 1024
 
@@ -390,23 +390,6 @@ def test_chunks_unknown_digest(artifact_store: FileArtifactStore) -> None:
 def test_chunks_malformed_digest(artifact_store: FileArtifactStore) -> None:
     with pytest.raises(InvalidDownloadError, match="invalid digest"):
         iter_chunks(artifact_store, "sha1:abc")
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
-    """Mount a tmpfs with the given options on mount_point, yield it and unmount it; skip without root."""
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)]
-    try:
-        mounted = subprocess.run(command, capture_output=True, check=False).returncode == 0
-    except FileNotFoundError:
-        mounted = False
-    if not mounted:
-        pytest.skip("needs a tmpfs mount (root) to fill a disk")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.fixture

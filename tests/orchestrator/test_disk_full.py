@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from edgefleet.v1 import agent_pb2_grpc
 from tests.faults.processes import STEP_TIMEOUT_S, AgentProcess, OrchestratorProcess, wait_for
 from tests.orchestrator.test_store import _register
 from tests.servers import register
+from tests.tmpfs import mounted_tmpfs
 
 OPERATOR_SERVICE = "edgefleet.v1.OperatorService"
 # Longer than the rollout engine's 1 s tick and the last-seen writer's 2 s interval, so both fail
@@ -33,17 +33,8 @@ OUTAGE_S = 6.0
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """Mount a 4 MiB tmpfs for the SQLite database and yield its path."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)]
-    try:
-        mounted = subprocess.run(command, capture_output=True, check=False).returncode == 0
-    except FileNotFoundError:
-        mounted = False
-    if not mounted:
-        pytest.skip("needs a tmpfs mount (root) to fill a disk")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "small-disk", "size=4m", lazy_unmount=True) as mount_point:
+        yield mount_point
 
 
 def fill(disk: Path) -> Path:
