@@ -474,7 +474,7 @@ def test_unverified_repeat_reported_failed(start_secure: StartSecure, start_agen
     status = deploy_and_wait(orchestrator, "ecu-1", "1", common_pb2.MODEL_STATE_FAILED)
     served_before_restart = served_version(agent)
     agent.stop()
-    # The saved desired state now holds the rejected assignment; a restart serves the verified one.
+    # The saved desired state now contains the rejected assignment, and a restart serves the verified one.
     agent = start_enrolled_agent(orchestrator, start_agent, "ecu-1")
     restored = wait_until(lambda: served_version(agent), "the agent to restore its model")
 

@@ -275,8 +275,8 @@ def _stranded_devices(key_id: str, security: Security, state: OrchestratorState)
 def _describe_stranded(devices: list[Device], limit: int = 5) -> str:
     """Describe the devices that trust none of the remaining keys, then those that never reported keys.
 
-    Agents older than the key reports send none, so a device without a report may have learned the
-    successor all the same; it is named apart.
+    Agents of earlier releases send no key report, so a device without one may have learned the
+    successor all the same. Such devices are named apart.
     """
     trusting = [d for d in devices if d.trusted_key_set_version is not None]
     unreported = [d for d in devices if d.trusted_key_set_version is None]

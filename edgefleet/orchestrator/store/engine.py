@@ -429,10 +429,10 @@ def _check_foreign_keys(connection: Connection) -> None:
 def upgrade_to_head(engine: Engine) -> None:
     """Apply every pending Alembic revision in one transaction and log the upgrade at INFO.
 
-    Raises UnknownRevisionError (a ConfigError) when a newer release migrated the database, ConfigError
-    naming the file when a SQLite database is not a database, cannot be opened, is read-only or corrupt,
-    DatabaseDiskFull when its disk is full, MigrationError when a migration left rows without their
-    referenced row, and the driver's error for other failures.
+    Raises UnknownRevisionError (a ConfigError) when a newer release migrated the database. Raises
+    ConfigError naming the file when a SQLite database is not a database, cannot be opened, is
+    read-only or corrupt, and DatabaseDiskFull when its disk is full. Raises MigrationError when a
+    migration left rows without their referenced row, and the driver's error for other failures.
     """
     config = alembic_config()
     script = ScriptDirectory.from_config(config)
