@@ -97,6 +97,16 @@ def local_models(socket: Path) -> list[inference_pb2.LocalModel]:
         return list(stub.ListLocalModels(inference_pb2.ListLocalModelsRequest(), timeout=30).models)
 
 
+def served_models(socket: Path) -> list[inference_pb2.LocalModel] | None:
+    """Return local_models(socket), or None while no server listens on the socket."""
+    try:
+        return local_models(socket)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
+
+
 def expected_linear(seed: int) -> np.ndarray:
     weight, bias = linear_weights(seed)
     return INPUT @ weight + bias
@@ -258,7 +268,11 @@ def test_agent_restart_offline(start_orchestrator: StartOrchestrator, start_agen
 
     restarted = start_agent(orchestrator.address, "ecu")
     wait_until(restarted.agent.config.socket_path.is_socket, "the local API socket")
-    wait_until(lambda: local_models(restarted.agent.config.socket_path), "the model to be served from local state")
+    # The agent checks the socket path at start-up by binding it for a moment, so the first socket seen
+    # may be that check's, which is gone before the local API binds the path.
+    wait_until(
+        lambda: served_models(restarted.agent.config.socket_path), "the model to be served from local state"
+    )
     result = infer(restarted.agent.config.socket_path)
     returned = start_orchestrator(listen=f"127.0.0.1:{port}")
     back_online = wait_online(returned, restarted)

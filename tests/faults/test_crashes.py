@@ -397,6 +397,8 @@ def test_changed_model_file_downloaded_again(fleet: tuple[OrchestratorProcess, T
 
     agent.start()
     wait_for(restored, "the agent to download its changed model file again")
+    # The file is in place before the agent loads it, so wait until the model serves.
+    local_version(agent)
     output = InferenceClient(agent.socket_path, MODEL).infer_once()
     files = installed_files_consistent(agent.state_dir, MODEL)
     log_text = agent.log_path.read_text()
