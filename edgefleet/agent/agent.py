@@ -337,7 +337,7 @@ class Agent:
         self.identity = replace(self.identity, device_id=certificate_id)
         save_identity(self.config.state_dir, self.identity)
 
-    def _on_latency(self, name: str, variant_id: str, latency_ms: float, ok: bool) -> None:
+    def _on_latency(self, name: str, variant_id: str, latency_ms: float | None, ok: bool) -> None:
         served = self.host.get(name)
         self.recorder.record(name, served.version if served else "", variant_id, latency_ms, ok)
 

@@ -23,6 +23,7 @@ class _Window:
     start_s: int  # Unix time, a multiple of the window length.
     sketch: LatencySketch = field(default_factory=LatencySketch)
     errors: int = 0
+    rejected: int = 0  # Calls whose input was rejected: counted and failed, with no latency.
 
 
 class MetricsRecorder:
@@ -41,8 +42,12 @@ class MetricsRecorder:
         self._closed: deque[common_pb2.MetricWindow] = deque()
         self.dropped_windows = 0
 
-    def record(self, model: str, version: str, variant_id: str, latency_ms: float, ok: bool = True) -> None:
-        """Add one inference's latency; cheap enough for every call (see bench/bench_sketch.py)."""
+    def record(self, model: str, version: str, variant_id: str, latency_ms: float | None, ok: bool = True) -> None:
+        """Add one inference's latency; cheap enough for every call (see bench/bench_sketch.py).
+
+        A latency of None is a call rejected before the runtime ran: it counts as a failed
+        inference but stays out of the latency sketch, so rejected calls cannot pull p50 down.
+        """
         start = int(time.time()) // self.window_s * self.window_s
         key = (model, version, variant_id)
         with self._lock:
@@ -51,6 +56,10 @@ class MetricsRecorder:
                 if window is not None:
                     self._close(key, window)
                 window = self._open[key] = _Window(start)
+            if latency_ms is None:
+                window.rejected += 1
+                window.errors += 1
+                return
             window.sketch.add(latency_ms)
             if not ok:
                 window.errors += 1
@@ -61,7 +70,7 @@ class MetricsRecorder:
             model_version=key[1],
             variant_id=key[2],
             window_seconds=self.window_s,
-            inference_count=window.sketch.count,
+            inference_count=window.sketch.count + window.rejected,
             error_count=window.errors,
             latency=window.sketch.to_proto(),
         )

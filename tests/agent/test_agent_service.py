@@ -188,6 +188,27 @@ def test_agent_uploads_metrics(start_orchestrator: StartOrchestrator, start_agen
     assert rows[0].p50_ms > 0
 
 
+def test_rejected_calls_count_without_latency(
+    start_orchestrator: StartOrchestrator, start_agent: StartAgent
+) -> None:
+    orchestrator, agent, device_id = serving_linear(start_orchestrator, start_agent)
+
+    latencies = [infer(agent.agent.config.socket_path).latency_ms for _ in range(20)]
+    for _ in range(30):
+        with pytest.raises(grpc.RpcError) as raised:
+            infer(agent.agent.config.socket_path, data=np.zeros((1, 3), dtype=np.float32))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    agent.stop()
+    rows = orchestrator.operator.QueryMetrics(
+        operator_pb2.QueryMetricsRequest(device_id=device_id, group_by=["variant"]), timeout=30
+    ).rows
+
+    assert rows[0].inference_count == 50
+    assert rows[0].error_count == 30
+    # The 30 rejected calls took a few microseconds each; had they entered the sketch, p50 would be one of them.
+    assert min(latencies) * 0.98 <= rows[0].p50_ms <= max(latencies) * 1.02
+
+
 def test_agent_swaps_version(start_orchestrator: StartOrchestrator, start_agent: StartAgent) -> None:
     orchestrator = start_orchestrator()
     agent = start_agent(orchestrator.address, "ecu")

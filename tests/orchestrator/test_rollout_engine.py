@@ -165,9 +165,20 @@ class Fleet:
         return next((a for a in assignments if a.model_name == MODEL), None)
 
     def samples(
-        self, device_id: str, variant_id: str, latency_ms: float, count: int = 50, errors: int = 0, *, at: datetime
+        self,
+        device_id: str,
+        variant_id: str,
+        latency_ms: float,
+        count: int = 50,
+        errors: int = 0,
+        *,
+        at: datetime,
+        rejected: int = 0,
     ) -> None:
-        """Store one window of count inferences of latency_ms on a device, starting at at."""
+        """Store one window of count inferences of latency_ms on a device, starting at at.
+
+        rejected adds calls whose input the device rejected: failed, with no latency in the sketch.
+        """
         sketch = LatencySketch()
         for _ in range(count):
             sketch.add(latency_ms)
@@ -183,8 +194,8 @@ class Fleet:
             window_start=at,
             window_seconds=WINDOW_S,
             received_at=at + timedelta(seconds=WINDOW_S),
-            inference_count=count,
-            error_count=errors,
+            inference_count=count + rejected,
+            error_count=errors + rejected,
             sketch=sketch.to_bytes(),
         )
         self.store.add_metric_batch(device_id, f"batch-{next(self._batches)}", [window])
@@ -388,6 +399,18 @@ def test_error_rate_rolls_back(two_classes: Fleet) -> None:
     stepped = two_classes.step(rollout.rollout_id)
     assert stepped.state == "rolling_back"
     assert "error rate" in stepped.reason
+
+
+def test_rejected_inputs_roll_back(two_classes: Fleet) -> None:
+    # A variant whose input every application call misses has samples but no latency at all.
+    rollout = two_classes.create()
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    device = wave.devices[0]
+    two_classes.samples(device.device_id, device.variant_id, 5.0, count=0, rejected=50, at=two_classes.clock())
+    stepped = two_classes.step(rollout.rollout_id)
+    assert stepped.state == "rolling_back"
+    assert "error rate 100.00%" in stepped.reason
 
 
 def test_regression_pauses(two_classes: Fleet) -> None:

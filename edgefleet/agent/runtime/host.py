@@ -17,9 +17,10 @@ from edgefleet.common.models import FORMATS, TensorSpec
 
 logger = logging.getLogger(__name__)
 
-# Called after every inference that reached the runtime: model name, variant id, latency in
-# milliseconds and whether the runtime call succeeded.
-LatencyCallback = Callable[[str, str, float, bool], None]
+# Called after every call of an installed model: model name, variant id, latency in milliseconds
+# and whether the call succeeded. The latency is None for inputs rejected before the runtime ran:
+# such calls count as failed, but their few microseconds of checking are no inference latency.
+LatencyCallback = Callable[[str, str, float | None, bool], None]
 
 
 class ModelNotFoundError(LookupError):
@@ -206,7 +207,8 @@ class ModelHost:
 
         Raises ModelNotFoundError for an unknown name, InvalidInputError for feeds that do not
         match the model's inputs, and the runtime's exception when the run fails. on_latency gets
-        every call of an installed model, with ok False for rejected inputs and failed runs. Raises
+        every call of an installed model, with ok False for rejected inputs and failed runs, and
+        a latency of None for rejected inputs. Raises
         TypeError when feeds is not a mapping, such as a bare array.
         """
         if not isinstance(feeds, Mapping):
@@ -251,6 +253,7 @@ class ModelHost:
     def _run(self, name: str, entry: _Entry, feeds: Mapping[str, np.ndarray], *, checked: bool) -> InferenceResult:
         """Run entry's model for a call that already counts in entry.in_flight, and release it."""
         ok = False
+        ran = False
         latency_ms = 0.0
         try:
             start = time.perf_counter_ns()
@@ -262,12 +265,13 @@ class ModelHost:
                     # with other input names or shapes, its error rate is what shows that applications broke.
                     run_feeds = check_feeds(entry.model.inputs, feeds)
                     start = time.perf_counter_ns()
+                ran = True
                 outputs = entry.model.run_checked(run_feeds)
                 ok = True
             finally:
                 latency_ms = (time.perf_counter_ns() - start) / 1e6
                 if self._on_latency is not None:
-                    self._report(name, entry.info.variant_id, latency_ms, ok)
+                    self._report(name, entry.info.variant_id, latency_ms if ran else None, ok)
         finally:
             with self._lock:
                 entry.in_flight -= 1
@@ -282,7 +286,7 @@ class ModelHost:
             variant_id=entry.info.variant_id,
         )
 
-    def _report(self, name: str, variant_id: str, latency_ms: float, ok: bool) -> None:
+    def _report(self, name: str, variant_id: str, latency_ms: float | None, ok: bool) -> None:
         assert self._on_latency is not None
         try:
             self._on_latency(name, variant_id, latency_ms, ok)

@@ -111,7 +111,9 @@ class WaveGates:
             )
         figures = self.device_figures(rollout, wave, device)
         judged = replace(device, state=state, samples=figures.samples, errors=figures.errors, p95_ms=figures.p95_ms)
-        if figures.samples < spec.min_samples or figures.p95_ms is None:
+        # Rejected inputs count as samples and errors without a latency, so a variant that rejects every
+        # call has samples but no p95; the error-rate gate below judges it rather than waiting forever.
+        if figures.samples < spec.min_samples:
             if self._store.get_device(device.device_id) is None:
                 # An operator removed the device with --force; waiting for its samples would stall the wave.
                 return replace(
@@ -135,6 +137,10 @@ class WaveGates:
                 judged,
                 verdict=VERDICT_ERROR_RATE,
                 note=f"error rate {error_pct:.2f}% over the limit of {spec.max_error_rate_pct:g}%",
+            )
+        if figures.p95_ms is None:
+            return replace(
+                judged, verdict=VERDICT_PENDING, note=f"{figures.samples} samples, none of which ran the model"
             )
         if figures.p95_ms > spec.budget_ms:
             return replace(
