@@ -24,7 +24,7 @@ from edgefleet.orchestrator.retention import RetentionPolicy, retention_forever
 from edgefleet.orchestrator.rollouts.service import sql_rollout_store, start_rollouts
 from edgefleet.orchestrator.security.auth import AuthInterceptor
 from edgefleet.orchestrator.security.serving import add_ports, check_listen_addresses, open_security, port_credentials
-from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer
+from edgefleet.orchestrator.servicer import AgentServicer, OperatorServicer, unavailable_calls
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store import Store, open_store
 from edgefleet.orchestrator.store.engine import DatabaseUnavailable
@@ -193,6 +193,7 @@ async def _watch_database(store: Store, health: health_aio.HealthServicer, inter
         if not ready:
             ready = True
             log.info("the database works again; reporting the gRPC services SERVING")
+            unavailable_calls.recovered()
             for name in SERVICE_NAMES:
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

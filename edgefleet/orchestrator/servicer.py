@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -86,8 +87,52 @@ class _UnexpectedErrors:
 _unexpected_errors = _UnexpectedErrors()
 
 
+class UnavailableCalls:
+    """Logs the calls that fail because the database is unavailable, without a line for each.
+
+    During an outage every agent's metric upload and every operator call fails the same way, every
+    few seconds. The first failure of each method, and one whose message changed, is logged at info
+    level; repeats go to debug level. recovered(), called when the database works again, logs how
+    many calls of each method failed and starts over.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[str, int]] = {}
+
+    def failed(self, method: str, error: DatabaseUnavailable) -> None:
+        with self._lock:
+            previous = self._failures.get(method)
+            count = previous[1] + 1 if previous is not None else 1
+            self._failures[method] = (error.message, count)
+        if previous is None or previous[0] != error.message:
+            log.info(
+                "[%s] %s: %s (repeats are logged at debug level until the database works again)",
+                method,
+                error.code.name,
+                error.message,
+            )
+        else:
+            log.debug("[%s] %s: %s", method, error.code.name, error.message)
+
+    def recovered(self) -> None:
+        with self._lock:
+            failures, self._failures = self._failures, {}
+        if failures:
+            log.info(
+                "calls that failed while the database was unavailable: %s",
+                ", ".join(f"{method} {count}" for method, (_, count) in sorted(failures.items())),
+            )
+
+
+unavailable_calls = UnavailableCalls()
+
+
 async def abort_with(context: grpc.aio.ServicerContext, method: str, error: BaseException) -> None:
     """End the call with the error's status; unexpected errors become INTERNAL without details."""
+    if isinstance(error, DatabaseUnavailable):
+        unavailable_calls.failed(method, error)
+        await context.abort(error.code, error.message)
     if isinstance(error, EdgefleetError):
         log.info("[%s] %s: %s", method, error.code.name, error.message)
         await context.abort(error.code, error.message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,7 @@ def test_disk_full_unavailable_then_recovers(
         assert error.details().startswith(DATABASE_UNAVAILABLE_TEXT), error.details()
         assert f"the file system of the SQLite database {database} is full" in error.details()
         assert "free space on that file system" in error.details()
+        repeated_errors = [register_error(orchestrator.address) for _ in range(3)]
 
         capsys.readouterr()
         exit_code = edgefleet_cli(
@@ -140,9 +142,18 @@ def test_disk_full_unavailable_then_recovers(
         )
         recovered_error = register_error(orchestrator.address)
         wait_for(lambda: "rollout engine tick works again" in orchestrator.log_path.read_text(), "the tick to recover")
+        recovery_log = orchestrator.log_path.read_text()
     finally:
         agent.stop()
         orchestrator.stop()
+
+    assert all(e is not None and e.code() == grpc.StatusCode.UNAVAILABLE for e in repeated_errors)
+    # One line for the failed Register calls during the outage and a count of them after it, not one line each.
+    assert outage_log.count("[AgentService.Register] UNAVAILABLE") == 1
+    summary = next(line for line in recovery_log.splitlines() if "calls that failed while the database" in line)
+    failed_registers = re.search(r"AgentService\.Register (\d+)", summary)
+    assert failed_registers is not None, summary
+    assert int(failed_registers.group(1)) >= 4
 
     assert outage_log.count("Traceback") == tracebacks_before
     assert outage_log.count("rollout engine tick failed") == 1
