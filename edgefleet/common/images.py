@@ -40,8 +40,8 @@ def read_upright_rgb(path: Path, *, warn_large: bool = True, min_side: int = 0) 
     """Read the image file at path, apply its EXIF orientation, as image viewers do, and convert it to 8-bit RGB.
 
     With min_side, a JPEG file is decoded at 1/2, 1/4 or 1/8 of its size where both sides stay at least
-    min_side, which libjpeg does while decoding. A process that read a 6000 x 4000 JPEG peaked at 51 MB
-    with min_side 512 (decoded at 1500 x 1000) against 315 MB without. Other formats are decoded whole.
+    min_side, which libjpeg does while decoding. Other formats are decoded whole. An RGB image is
+    returned without a copy; bench/bench_image_memory.py measures the peaks.
 
     16-bit grayscale is scaled to 8 bits. When Pillow cannot read the EXIF data, it is ignored: the image
     is kept as stored, exif_error gives the reason, and Pillow's warnings about it (UserWarning from
@@ -83,14 +83,16 @@ def _apply_exif_orientation(image: Image.Image, caught: list[warnings.WarningMes
     try:
         # Cameras store the pixels as the sensor read them and the rotation to show them in EXIF.
         # Pillow parses the EXIF data of PNG and WebP files here, not while it opens them.
-        upright = ImageOps.exif_transpose(image)
+        # In place: otherwise Pillow returns a copy of an image that needs no turn, one more full-size
+        # decoded image in memory.
+        ImageOps.exif_transpose(image, in_place=True)
     except EXIF_ERRORS as error:
         return image, _one_line(str(error))
     exif_warning = _first_exif_warning(caught)
     if exif_warning:
         # Pillow skipped the entries that it could not read, so the orientation it read may be wrong too.
         return image, exif_warning
-    return upright, ""
+    return image, ""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -100,6 +102,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # convert("RGB") clips 16-bit values at 255, which turns most pixels white.
         scaled = np.asarray(image).astype(np.float32) / 257.0
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "RGB":
+        return image  # convert() would copy it.
     return image.convert("RGB")
 
 
