@@ -59,13 +59,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.parse_args()
     rng = np.random.default_rng(0)
+    rgb_row = rng.integers(0, 255, (1, 6000, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as work:
         images = {
             "10000 x 1 PNG": (Path(work) / "wide.png", rng.integers(0, 255, (1, 10000, 3), dtype=np.uint8)),
             "6000 x 4000 JPEG": (Path(work) / "photo.jpg", rng.integers(0, 255, (4000, 6000, 3), dtype=np.uint8)),
             # Rows repeat so that the files compress quickly; the decoded size is what counts here.
-            "6000 x 6000 PNG": (Path(work) / "rgb.png", np.repeat(rng.integers(0, 255, (1, 6000, 3), np.uint8), 6000, 0)),
-            "6000 x 6000 grey PNG": (Path(work) / "grey.png", np.repeat(rng.integers(0, 255, (1, 6000), np.uint8), 6000, 0)),
+            "6000 x 6000 PNG": (Path(work) / "rgb.png", np.repeat(rgb_row, 6000, axis=0)),
+            "6000 x 6000 grey PNG": (Path(work) / "grey.png", np.repeat(rgb_row[..., 0], 6000, axis=0)),
         }
         print(f"{'image':20} {'case':14} {'peak MiB':>9}")
         for name, (path, pixels) in images.items():
