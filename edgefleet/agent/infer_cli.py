@@ -16,6 +16,7 @@ import numpy as np
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.local_api import array_to_tensor, tensor_to_array
+from edgefleet.agent.probe import available_memory_bytes
 from edgefleet.common import argtypes
 from edgefleet.common.config import ConfigError, load_config
 from edgefleet.common.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
@@ -54,8 +55,9 @@ def load_image(
 
     An EXIF orientation is applied, as image viewers do. 16-bit grayscale is scaled to 8 bits. Returns
     the pixels and, for EXIF data that Pillow cannot read and that was therefore ignored, the reason
-    ("" otherwise). Raises OSError for a file that Pillow cannot read, and for an image of more pixels
-    than Pillow reads safely (Image.MAX_IMAGE_PIXELS times 2).
+    ("" otherwise). Raises OSError for a file that Pillow cannot read, for an image of more pixels
+    than Pillow reads safely (Image.MAX_IMAGE_PIXELS times 2), and for one whose decoding needs more
+    memory than the device has available.
     """
     try:
         from PIL import Image
@@ -66,7 +68,10 @@ def load_image(
         # A JPEG may be decoded at a reduced size that keeps twice the pixels the crop window needs, so the
         # bilinear resize below still scales down.
         min_side = 2 * math.ceil(max(height, width) / crop_fraction)
-        upright = read_upright_rgb(path, warn_large=False, min_side=min_side)
+        available = available_memory_bytes()
+        upright = read_upright_rgb(
+            path, warn_large=False, min_side=min_side, max_decoded_bytes=available if available > 0 else None
+        )
     except Image.DecompressionBombError as error:
         raise OSError(f"{error.args[0] if error.args else error} Scale the image down first") from None
     return resize_and_crop(upright.rgb, height, width, crop_fraction), upright.exif_error

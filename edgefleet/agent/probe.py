@@ -188,6 +188,11 @@ def _memory(root: Path) -> tuple[int, int]:
     return total, min(available, total)
 
 
+def available_memory_bytes(root: Path = Path("/")) -> int:
+    """Return the memory this process can use now: MemAvailable capped by its cgroup's headroom; 0 if unknown."""
+    return _memory(root)[1]
+
+
 def _os_name(root: Path) -> str:
     for path in ("/etc/os-release", "/usr/lib/os-release"):
         text = read_text(root, path)

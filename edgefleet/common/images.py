@@ -36,7 +36,34 @@ class UprightImage:
     exif_error: str = ""
 
 
-def read_upright_rgb(path: Path, *, warn_large: bool = True, min_side: int = 0) -> UprightImage:
+class ImageMemoryError(OSError):
+    """Decoding an image would need more memory than the caller allows."""
+
+
+def decoded_bytes(size: tuple[int, int], mode: str) -> int:
+    """Estimate the peak bytes that reading an image of size (width, height) in Pillow mode needs.
+
+    Pillow holds multi-band images (RGB, RGBA, LA, CMYK) and 32-bit ones in 4 bytes per pixel, 16-bit
+    grayscale in 2 and the rest in 1. An RGB image is used as decoded; other modes also get an RGB
+    copy of 4 bytes per pixel, and 16-bit grayscale passes through float32 arrays on the way.
+    """
+    from PIL import Image
+
+    pixels = size[0] * size[1]
+    if Image.getmodebands(mode) > 1 or mode in ("I", "F"):
+        stored = 4
+    elif mode.startswith("I;16"):
+        stored = 2
+    else:
+        stored = 1
+    if mode in SIXTEEN_BIT_MODES:
+        return pixels * (stored + 4 + 4 + 1 + 4)
+    return pixels * (stored if mode == "RGB" else stored + 4)
+
+
+def read_upright_rgb(
+    path: Path, *, warn_large: bool = True, min_side: int = 0, max_decoded_bytes: int | None = None
+) -> UprightImage:
     """Read the image file at path, apply its EXIF orientation, as image viewers do, and convert it to 8-bit RGB.
 
     With min_side, a JPEG file is decoded at 1/2, 1/4 or 1/8 of its size where both sides stay at least
@@ -47,6 +74,10 @@ def read_upright_rgb(path: Path, *, warn_large: bool = True, min_side: int = 0) 
     is kept as stored, exif_error gives the reason, and Pillow's warnings about it (UserWarning from
     PIL.TiffImagePlugin) are not shown. Other warnings are shown as usual, except
     Image.DecompressionBombWarning when warn_large is false.
+
+    With max_decoded_bytes, an image whose decoding would need more (decoded_bytes) raises
+    ImageMemoryError before it is decoded, so a device short of memory refuses it instead of being
+    stopped by the out-of-memory killer.
 
     Raises OSError for a file that Pillow cannot read (UnidentifiedImageError included), and
     Image.DecompressionBombError for an image of more than twice Image.MAX_IMAGE_PIXELS.
@@ -61,12 +92,24 @@ def read_upright_rgb(path: Path, *, warn_large: bool = True, min_side: int = 0) 
             with Image.open(path) as image:
                 if min_side and image.format == "JPEG":
                     image.draft("RGB", (min_side, min_side))
+                needed = decoded_bytes(image.size, image.mode)
+                if max_decoded_bytes is not None and needed > max_decoded_bytes:
+                    raise ImageMemoryError(
+                        f"the image is {image.width} x {image.height} pixels ({image.format}, {image.mode}); "
+                        f"reading it needs about {_mib(needed)} MiB, more than the {_mib(max_decoded_bytes)} MiB "
+                        "of memory available; scale it down first"
+                        + ("" if image.format == "JPEG" else ", or save it as JPEG, which is read at a reduced size")
+                    )
                 # Decoding errors propagate here, so the EXIF step below catches only EXIF errors.
                 image.load()
                 upright, exif_error = _apply_exif_orientation(image, caught)
                 return UprightImage(_to_rgb(upright), exif_error)
     finally:
         _show_other_warnings(caught, warn_large)
+
+
+def _mib(size: int) -> int:
+    return -(-size // (1 << 20))
 
 
 def _apply_exif_orientation(image: Image.Image, caught: list[warnings.WarningMessage]) -> tuple[Image.Image, str]:

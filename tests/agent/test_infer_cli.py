@@ -277,6 +277,34 @@ def test_image_over_pixel_limit(
     assert error.count("\n") == 1
 
 
+def test_image_over_available_memory(
+    socket: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A 1000 x 800 PNG decodes to about 3 MiB (4 bytes per RGB pixel); the device claims 2 MiB free.
+    png = tmp_path / "large.png"
+    Image.fromarray(np.zeros((800, 1000, 3), dtype=np.uint8)).save(png)
+    monkeypatch.setattr(infer_cli, "available_memory_bytes", lambda: 2 << 20)
+
+    code = infer("--socket", str(socket), "--model", "fixed", str(png))
+
+    error = capsys.readouterr().err
+    assert code == EXIT_FAILURE
+    assert f"{png}: cannot read image: the image is 1000 x 800 pixels (PNG, RGB)" in error
+    assert "needs about 4 MiB, more than the 2 MiB of memory available; scale it down first" in error
+    assert "or save it as JPEG" in error
+
+
+def test_image_within_available_memory(
+    socket: Path, image: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(infer_cli, "available_memory_bytes", lambda: 64 << 20)
+
+    code = infer("--socket", str(socket), "--model", "fixed", "--top", str(CLASSES), str(image))
+
+    assert code == EXIT_OK
+    assert printed_classes(capsys.readouterr().out) == expected_ranking((127.0,), (128.0,))
+
+
 def test_dynamic_needs_size(socket: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = infer("--socket", str(socket), "--model", "dyn", str(image))
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data as skimage_data
 
-from edgefleet.common.images import resize_and_crop
+from edgefleet.common.images import ImageMemoryError, decoded_bytes, read_upright_rgb, resize_and_crop
 
 # Peak memory of a child process that only resizes one image, in MiB. Resizing a 20000 x 1 image
 # whole before cropping needs about 5 GB, the window alone under 100 MB with numpy and Pillow loaded.
@@ -104,3 +104,30 @@ def test_large_jpeg_decoded_reduced(tmp_path: Path) -> None:
     assert whole[:2] == (6000, 4000)
     assert reduced[2] < MAX_PEAK_MIB
     assert whole[2] > 2 * reduced[2]
+
+
+@pytest.mark.parametrize(
+    ("mode", "per_pixel"),
+    [("RGB", 4), ("RGBA", 8), ("L", 5), ("P", 5), ("LA", 8), ("I;16", 15)],
+)
+def test_decoded_bytes(mode: str, per_pixel: int) -> None:
+    # Pillow holds multi-band pixels in 4 bytes; a mode other than RGB also gets an RGB copy.
+    assert decoded_bytes((300, 200), mode) == 300 * 200 * per_pixel
+
+
+def test_read_refuses_image_over_memory(tmp_path: Path) -> None:
+    path = tmp_path / "grey.png"
+    Image.new("L", (1024, 1024)).save(path)  # 5 MiB to read: 1 for the grey image, 4 for its RGB copy.
+
+    with pytest.raises(ImageMemoryError, match=r"1024 x 1024 pixels \(PNG, L\); reading it needs about 5 MiB, "):
+        read_upright_rgb(path, max_decoded_bytes=4 << 20)
+    assert read_upright_rgb(path, max_decoded_bytes=5 << 20).rgb.size == (1024, 1024)
+
+
+def test_read_checks_jpeg_at_reduced_size(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (2048, 2048)).save(path)  # 16 MiB decoded whole, 1 MiB at 1/4 scale.
+
+    with pytest.raises(ImageMemoryError, match="2048 x 2048 pixels"):
+        read_upright_rgb(path, max_decoded_bytes=2 << 20)
+    assert read_upright_rgb(path, min_side=512, max_decoded_bytes=2 << 20).rgb.size == (512, 512)
