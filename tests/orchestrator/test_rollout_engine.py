@@ -390,27 +390,25 @@ def test_budget_breach_rolls_back(two_classes: Fleet) -> None:
     assert restored.variant_id == f"{MODEL}-1-source"
 
 
-def test_error_rate_rolls_back(two_classes: Fleet) -> None:
+@pytest.mark.parametrize(
+    ("count", "errors", "rejected", "reason"),
+    [
+        (50, 10, 0, "error rate 20.00%"),
+        # A variant whose input every application call misses has samples but no latency at all.
+        (0, 0, 50, "error rate 100.00%"),
+    ],
+)
+def test_error_rate_rolls_back(two_classes: Fleet, count: int, errors: int, rejected: int, reason: str) -> None:
     rollout = two_classes.create()
     two_classes.step(rollout.rollout_id)
     wave = two_classes.current_wave(rollout.rollout_id)
     device = wave.devices[0]
-    two_classes.samples(device.device_id, device.variant_id, 5.0, count=50, errors=10, at=two_classes.clock())
+    two_classes.samples(
+        device.device_id, device.variant_id, 5.0, count=count, errors=errors, rejected=rejected, at=two_classes.clock()
+    )
     stepped = two_classes.step(rollout.rollout_id)
     assert stepped.state == "rolling_back"
-    assert "error rate" in stepped.reason
-
-
-def test_rejected_inputs_roll_back(two_classes: Fleet) -> None:
-    # A variant whose input every application call misses has samples but no latency at all.
-    rollout = two_classes.create()
-    two_classes.step(rollout.rollout_id)
-    wave = two_classes.current_wave(rollout.rollout_id)
-    device = wave.devices[0]
-    two_classes.samples(device.device_id, device.variant_id, 5.0, count=0, rejected=50, at=two_classes.clock())
-    stepped = two_classes.step(rollout.rollout_id)
-    assert stepped.state == "rolling_back"
-    assert "error rate 100.00%" in stepped.reason
+    assert reason in stepped.reason
 
 
 def test_regression_pauses(two_classes: Fleet) -> None:
