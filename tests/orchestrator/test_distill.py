@@ -124,6 +124,10 @@ def test_distill_deterministic(digits_subset: tuple[torch.Tensor, torch.Tensor])
         ("temperature", 0.0, "temperature 0.0 must be positive"),
         ("epochs", 0, "epochs 0 must be at least 1"),
         ("lr", -1.0, "learning rate -1.0 must be positive"),
+        ("temperature", float("nan"), "temperature nan must be a finite number"),
+        ("temperature", float("inf"), "temperature inf must be a finite number"),
+        ("alpha", float("nan"), "alpha nan must be a finite number"),
+        ("lr", float("nan"), "learning rate nan must be a finite number"),
     ],
 )
 def test_distill_rejects_argument(

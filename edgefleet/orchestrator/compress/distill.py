@@ -156,6 +156,10 @@ def evaluate_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
 
 def _check_arguments(teacher: nn.Module | None, inputs: torch.Tensor, labels: torch.Tensor, *,
                      temperature: float, alpha: float, epochs: int, lr: float, batch_size: int) -> None:
+    # A NaN passes every comparison below that is written as a rejection, and trains to NaN weights.
+    for name, value in (("temperature", temperature), ("alpha", alpha), ("learning rate", lr)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} {value} must be a finite number")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha {alpha} is outside [0, 1]; use 0 for plain training, 1 for soft targets only")
     if alpha > 0.0 and teacher is None:
