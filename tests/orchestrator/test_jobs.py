@@ -47,21 +47,32 @@ JOB_TIMEOUT_S = 120.0
 DEMO = {"images": "builtin:demo-photos"}
 
 
-def tiny_conv_onnx(seed: int = 0, size: int = 224) -> bytes:
-    """Return a small image classifier: (N, 3, size, size) -> strided Conv -> ReLU -> pool -> Gemm -> (N, 10)."""
+def tiny_conv_onnx(seed: int = 0, size: int = 224, layout: str = "NCHW") -> bytes:
+    """Return a small image classifier: (N, 3, size, size) -> strided Conv -> ReLU -> pool -> Gemm -> (N, 10).
+
+    With layout "NHWC" the input is (N, size, size, 3), transposed to NCHW before the Conv, as in models
+    converted from TFLite.
+    """
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((8, 3, 4, 4)).astype(np.float32) * 0.3
     fc = rng.standard_normal((10, 8)).astype(np.float32)
+    conv_input = "nchw" if layout == "NHWC" else "input"
+    nodes = [
+        helper.make_node("Conv", [conv_input, "w"], ["conv"], strides=[4, 4]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
+    ]
+    if layout == "NHWC":
+        nodes.insert(0, helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]))
+        input_shape: list[str | int] = ["batch", size, size, 3]
+    else:
+        input_shape = ["batch", 3, size, size]
     graph = helper.make_graph(
-        [
-            helper.make_node("Conv", ["input", "w"], ["conv"], strides=[4, 4]),
-            helper.make_node("Relu", ["conv"], ["relu"]),
-            helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
-            helper.make_node("Flatten", ["pool"], ["flat"]),
-            helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
-        ],
+        nodes,
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         [
             helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel().tolist()),
@@ -908,6 +919,55 @@ def test_job_folder_takes_input_size(start_orchestrator: Callable[..., Orchestra
 
     assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
     assert json.loads(job.recipe_json) == recipe
+
+
+def test_job_nhwc_takes_input_layout(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+    """The recipe of `models compress --int8 --calibration demo-photos` calibrates an NHWC model."""
+    server = start_orchestrator()
+    upload(server, tiny_conv_onnx(size=32, layout="NHWC"), "nhwc", "1")
+
+    job = wait_job(server.operator, create(server, _fast_recipe(), model="nhwc").job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert json.loads(job.recipe_json) == _fast_recipe()
+
+
+def _image_metadata(shape: tuple[int, ...]) -> ModelMetadata:
+    spec = TensorSpec("input", "float32", shape)
+    return ModelMetadata("onnx", (spec,), (TensorSpec("logits", "float32", (1, 10)),), 17, 10, 100, 1000)
+
+
+def test_plan_layout_from_input() -> None:
+    from edgefleet.orchestrator.jobs.plan import plan_job
+
+    nhwc = plan_job(_fast_recipe(evaluation=DEMO), _image_metadata((1, 32, 32, 3)))
+    nchw = plan_job(_fast_recipe(evaluation=DEMO), _image_metadata((1, 3, 32, 32)))
+
+    assert nhwc.calibration is not None
+    assert nhwc.calibration.preprocess.layout == "NHWC"
+    assert (nhwc.calibration.preprocess.height, nhwc.calibration.preprocess.width) == (32, 32)
+    assert nhwc.evaluation.preprocess.layout == "NHWC"
+    assert nchw.calibration is not None
+    assert nchw.calibration.preprocess.layout == "NCHW"
+
+
+def test_plan_layout_ambiguous() -> None:
+    from edgefleet.orchestrator.jobs.plan import PlanError, plan_job
+
+    with pytest.raises(PlanError, match='ambiguous: set layout = "NCHW" or "NHWC"') as caught:
+        plan_job(_fast_recipe(), _image_metadata((1, 3, 32, 3)))
+
+    assert caught.value.field == "quantize.calibration.preprocess.layout"
+
+
+def test_plan_layout_explicit_kept() -> None:
+    from edgefleet.orchestrator.jobs.plan import PlanError, plan_job
+
+    recipe = _fast_recipe()
+    recipe["quantize"]["calibration"] = {**DEMO, "preprocess": {"layout": "NCHW"}}
+
+    with pytest.raises(PlanError, match=r"'NCHW' puts 32 channels .* set layout = \"NCHW\" or \"NHWC\" in "):
+        plan_job(recipe, _image_metadata((1, 32, 32, 3)))
 
 
 def test_job_error_names_model(start_orchestrator: Callable[..., OrchestratorThread]) -> None:

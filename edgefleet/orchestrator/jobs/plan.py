@@ -187,11 +187,13 @@ def _check_dynamic_suits(metadata: ModelMetadata) -> None:
 
 
 def _with_input_image_size(data: dict[str, Any], inputs: tuple[TensorSpec, ...]) -> dict[str, Any]:
-    """Return a copy of data whose image sources take a preprocess height or width left out from the model input.
+    """Return a copy of data whose image sources take a left-out preprocess layout and size from the model input.
 
-    Without this, every image source would default to 224x224, and the shortcut flags of `edgefleet
-    models compress`, which cannot set a size, could not calibrate a model with any other input size.
-    Sections of the wrong type are copied unchanged, for parse_recipe to reject.
+    Without this, every image source would default to NCHW and 224x224, and the shortcut flags of
+    `edgefleet models compress`, which set neither, could not calibrate an NHWC model (every TFLite
+    source) or a model with any other input size. Raises PlanError when the layout is left out and the
+    input has 3 entries on both axis 1 and axis 3. Sections of the wrong type are copied unchanged,
+    for parse_recipe to reject.
     """
     filled = copy.deepcopy(data)
     for section_name, source_name in (("quantize", "calibration"), ("gate", "evaluation")):
@@ -202,6 +204,10 @@ def _with_input_image_size(data: dict[str, Any], inputs: tuple[TensorSpec, ...])
         preprocess = source.setdefault("preprocess", {})
         if not isinstance(preprocess, dict):
             continue
+        if "layout" not in preprocess:
+            layout = _image_layout(inputs, source, f"{section_name}.{source_name}.preprocess.layout")
+            if layout:
+                preprocess["layout"] = layout
         size = _image_size(inputs, source, preprocess)
         if size is None:
             continue
@@ -211,15 +217,46 @@ def _with_input_image_size(data: dict[str, Any], inputs: tuple[TensorSpec, ...])
     return filled
 
 
-def _image_size(
-    inputs: tuple[TensorSpec, ...], source: dict[str, Any], preprocess: dict[str, Any]
-) -> tuple[int, int] | None:
-    """Return (height, width) of the rank-4 model input that source feeds, or None when there is none."""
+def _image_input(inputs: tuple[TensorSpec, ...], source: dict[str, Any]) -> TensorSpec | None:
+    """Return the rank-4 model input that source feeds, or None when there is none or it is unclear."""
     name = source.get("input_name") or ""
     candidates = [spec for spec in inputs if spec.name == name] if name else list(inputs)
     if len(candidates) != 1 or len(candidates[0].shape) != 4:
         return None
-    shape = candidates[0].shape
+    return candidates[0]
+
+
+def _image_layout(inputs: tuple[TensorSpec, ...], source: dict[str, Any], field: str) -> str:
+    """Return "NCHW" or "NHWC" when exactly one of axes 1 and 3 of the image input has 3 entries, else "".
+
+    With neither axis at 3, check_source rejects the default NCHW with a message that names the layout
+    key. Raises PlanError when both axes have 3 entries, because then only the user knows the layout.
+    """
+    spec = _image_input(inputs, source)
+    if spec is None:
+        return ""
+    shape = spec.shape
+    if shape[1] == 3 and shape[3] == 3:
+        raise PlanError(
+            field,
+            f"model input {spec.name!r} of shape {list(shape)} has 3 entries on both axis 1 and axis 3, so the "
+            'image layout is ambiguous: set layout = "NCHW" or "NHWC" in a recipe file (--recipe)',
+        )
+    if shape[1] == 3:
+        return "NCHW"
+    if shape[3] == 3:
+        return "NHWC"
+    return ""
+
+
+def _image_size(
+    inputs: tuple[TensorSpec, ...], source: dict[str, Any], preprocess: dict[str, Any]
+) -> tuple[int, int] | None:
+    """Return (height, width) of the rank-4 model input that source feeds, or None when there is none."""
+    spec = _image_input(inputs, source)
+    if spec is None:
+        return None
+    shape = spec.shape
     layout = preprocess.get("layout", PreprocessConfig().layout)
     return (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
 

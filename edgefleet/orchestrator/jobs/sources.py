@@ -194,7 +194,7 @@ def _check_image_input(spec: TensorSpec, preprocess: PreprocessConfig, field: st
         raise SourceError(
             f"{field}.preprocess.layout",
             f"{preprocess.layout!r} puts {channels} channels on input {spec.name!r} of shape {list(spec.shape)}; "
-            "images have 3: set the layout that matches the model",
+            f'images have 3: set layout = "NCHW" or "NHWC" in [{field}.preprocess] of a recipe file (--recipe)',
         )
     for key, want, got in (("height", height, preprocess.height), ("width", width, preprocess.width)):
         if want > 0 and want != got:
