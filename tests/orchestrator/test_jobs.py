@@ -528,6 +528,13 @@ def test_job_variant_latency(tiny_jobs: TinyJobs) -> None:
     assert sorted(_variant_of(tiny_jobs, tiny_jobs.accepted).latency_ms) == ["threads=1", "threads=2"]
 
 
+def test_job_variant_source_latency(tiny_jobs: TinyJobs) -> None:
+    """The source's p50 from the same gate run is stored, so the speed-up is measured, not assumed."""
+    variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
+    assert sorted(variant.source_latency_ms) == ["threads=1", "threads=2"]
+    assert all(value > 0 for value in variant.source_latency_ms.values())
+
+
 def test_job_variant_figures(tiny_jobs: TinyJobs) -> None:
     variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
     assert variant.metadata.macs > 0
@@ -619,6 +626,7 @@ def test_gate_job_accepts_upload(gated_uploads: GatedUploads) -> None:
     assert pruned.accuracy == 1.0
     assert pruned.accuracy_metric == "top1"
     assert sorted(pruned.latency_ms) == ["threads=1", "threads=2"]
+    assert sorted(pruned.source_latency_ms) == ["threads=1", "threads=2"]
     assert pruned.parent_variant_id == "tiny:1:source"
     assert [v.kind for v in variants_of(server.operator, "tiny")].count("pruned") == 1
     server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:pruned"), timeout=30)
@@ -820,6 +828,73 @@ def test_create_rejects_short_labels_folder(tiny: OrchestratorThread, tmp_path: 
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"has 2 labels for the 3 samples of '{folder}'" in (error.details() or "")
+
+
+def _job_count(server: OrchestratorThread) -> int:
+    return len(server.operator.ListCompressionJobs(operator_pb2.ListCompressionJobsRequest(), timeout=30).jobs)
+
+
+def _image_folder(folder: Path, count: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (40, 30), (index * 40, 80, 120)).save(folder / f"{index}.png")
+    return folder
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot-segment", "symlink"])
+def test_create_rejects_evaluation_npz_is_calibration(tiny: OrchestratorThread, tmp_path: Path, spelling: str) -> None:
+    path = tmp_path / "data.npz"
+    np.savez(path, input=np.zeros((2, 3, 224, 224), np.float32))
+    evaluation = {
+        "same": str(path),
+        "dot-segment": f"{tmp_path}/./data.npz",
+        "symlink": str(tmp_path / "link.npz"),
+    }[spelling]
+    (tmp_path / "link.npz").symlink_to(path)
+    recipe = {"quantize": {"calibration": {"npz": str(path)}}, "gate": {"evaluation": {"npz": evaluation}}}
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gate.evaluation.npz" in (error.details() or "")
+    assert "is the calibration data as well" in (error.details() or "")
+    assert _job_count(tiny) == jobs_before
+
+
+def test_create_rejects_evaluation_folder_is_calibration(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "photos", 2)
+    recipe = {
+        "quantize": {"calibration": {"images": str(folder)}},
+        "gate": {"evaluation": {"images": f"{tmp_path}/../{tmp_path.name}/photos/"}},
+    }
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gate.evaluation.images" in (error.details() or "")
+    assert _job_count(tiny) == jobs_before
+
+
+def test_check_apart_warns_on_shared_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    calibration = _image_folder(tmp_path / "calibration", 3)
+    evaluation = _image_folder(tmp_path / "evaluation", 0)
+    (evaluation / "copy.png").write_bytes((calibration / "1.png").read_bytes())
+    (evaluation / "other.png").write_bytes((calibration / "2.png").read_bytes()[:-1] + b"\0")
+
+    with caplog.at_level("WARNING", logger="edgefleet.orchestrator.jobs.sources"):
+        sources.check_apart(DataSource(images=str(calibration)), DataSource(images=str(evaluation)), "gate.evaluation")
+
+    assert len(caplog.records) == 1
+    assert "1 of the images in" in caplog.records[0].getMessage()
+    assert "(the first is copy.png)" in caplog.records[0].getMessage()
+
+
+def test_check_apart_builtin_passes() -> None:
+    sources.check_apart(DataSource(images="builtin:demo-photos"), DataSource(images="builtin:demo-photos"), "gate")
 
 
 def test_check_source_labels_limit(tmp_path: Path) -> None:

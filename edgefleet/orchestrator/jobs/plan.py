@@ -161,6 +161,11 @@ def _finish_plan(
             )
     else:
         _check(evaluation, "gate.evaluation", inputs, classes=classes)
+        if calibration is not None:
+            try:
+                sources.check_apart(calibration, evaluation, "gate.evaluation")
+            except sources.SourceError as error:
+                raise PlanError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
     gate = data.get("gate")
     explicit_runtimes = isinstance(gate, dict) and "runtimes" in gate
     plan = JobPlan(

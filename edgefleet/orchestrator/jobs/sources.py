@@ -16,6 +16,7 @@ headers; load_samples() runs in the job's worker process and may import heavy li
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import math
 import zipfile
@@ -156,6 +157,62 @@ def check_source(
                 f"{describe(source)!r}; give one label per sample, in the order of the samples",
             )
     return spec
+
+
+def check_apart(calibration: DataSource, evaluation: DataSource, field: str) -> None:
+    """Raise SourceError when evaluation names the same folder or .npz file as calibration.
+
+    Paths are compared by file identity, so two spellings of one folder, a symbolic link to it or a hard
+    link to the same .npz file count as the same. Built-in sources split themselves and always pass. An
+    evaluation folder with some images whose bytes equal calibration images is logged as a warning.
+    """
+    if builtin_name(calibration) or builtin_name(evaluation):
+        return
+    for key in ("images", "npz"):
+        calibration_path, evaluation_path = getattr(calibration, key), getattr(evaluation, key)
+        if calibration_path and evaluation_path and _same_file(Path(calibration_path), Path(evaluation_path)):
+            raise SourceError(
+                f"{field}.{key}",
+                f"{evaluation_path!r} is the calibration data as well, so the gate would measure accuracy on "
+                "the samples the int8 ranges were fitted on; give evaluation data kept apart from calibration",
+            )
+    if calibration.images and evaluation.images:
+        shared = _shared_files(Path(calibration.images), Path(evaluation.images))
+        if shared:
+            logger.warning(
+                "%s: %d of the images in %s are copies of calibration images in %s (the first is %s), so the "
+                "gate measures accuracy partly on calibration data",
+                field,
+                len(shared),
+                evaluation.images,
+                calibration.images,
+                shared[0].name,
+            )
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.samefile(second)
+    except OSError:
+        return False
+
+
+def _shared_files(calibration: Path, evaluation: Path) -> list[Path]:
+    """List the images of folder evaluation whose bytes equal those of an image in folder calibration.
+
+    Only files of equal size are read and compared, so folders of distinct photos cost one stat per file.
+    """
+    try:
+        by_size: dict[int, list[Path]] = {}
+        for path in list_images(calibration, ""):
+            by_size.setdefault(path.stat().st_size, []).append(path)
+        return [
+            path
+            for path in list_images(evaluation, "")
+            if any(filecmp.cmp(path, other, shallow=False) for other in by_size.get(path.stat().st_size, []))
+        ]
+    except (OSError, SourceError):
+        return []
 
 
 def list_images(folder: Path, field: str) -> list[Path]:
