@@ -78,6 +78,64 @@ def test_variants_table(
     assert all(part in line for part in ("int8", "accepted", "threads=1:", "threads=2:"))
 
 
+def test_variants_json_speedup(
+    server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The gate's own timing of the source shows beside the variant's, as a speed-up per thread count."""
+    capsys.readouterr()
+    run_cli(server, "models", "variants", "tiny", "--output", "json")
+    variant_id = compressed["variants"][0]["variant_id"]
+    variant = next(v for v in json.loads(capsys.readouterr().out) if v["variant_id"] == variant_id)
+
+    assert sorted(variant["source_latency_ms"]) == ["threads=1", "threads=2"]
+    assert sorted(variant["speedup"]) == ["threads=1", "threads=2"]
+    for key, speedup in variant["speedup"].items():
+        assert speedup == pytest.approx(variant["source_latency_ms"][key] / variant["latency_ms"][key])
+    assert variant["slower_than_source"] == any(s < 1.0 for s in variant["speedup"].values())
+
+
+def test_variants_table_speedup(
+    server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    run_cli(server, "models", "variants", "tiny")
+    lines = capsys.readouterr().out.splitlines()
+    line = next(x for x in lines if x.startswith(compressed["variants"][0]["variant_id"]))
+
+    assert "SPEEDUP" in lines[0]
+    assert re.search(r"threads=1:\d+\.\d\dx threads=2:\d+\.\d\dx", line)
+
+
+def test_variants_table_flags_slower() -> None:
+    from edgefleet.cli import views
+    from edgefleet.cli.main import render_variants
+
+    variant = operator_pb2.Variant(
+        variant_id="tiny:1:int8-x",
+        kind="int8",
+        status="accepted",
+        latency_ms={"threads=1": 2.0, "threads=2": 1.0},
+        source_latency_ms={"threads=1": 3.0, "threads=2": 1.25},
+    )
+    faster = render_variants([views.variant_view(variant)])
+    variant.source_latency_ms["threads=2"] = 0.5
+    slower = render_variants([views.variant_view(variant)])
+
+    assert "threads=1:1.50x threads=2:1.25x" in faster
+    assert "SLOWER" not in faster
+    assert "threads=1:1.50x threads=2:0.50x SLOWER" in slower
+
+
+def test_variants_json_without_source_timing() -> None:
+    """A variant gated before the source's p50 was kept shows no speed-up rather than an assumed one."""
+    from edgefleet.cli import views
+
+    view = views.variant_view(operator_pb2.Variant(variant_id="v", latency_ms={"threads=1": 2.0}))
+
+    assert view["speedup"] == {}
+    assert view["slower_than_source"] is None
+
+
 def test_jobs_list_json(
     server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -645,6 +645,21 @@ def render_model(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+VARIANT_COLUMNS = (
+    "VARIANT",
+    "FORMAT",
+    "PRECISION",
+    "STATUS",
+    "SIZE",
+    "MACS",
+    "ACCURACY",
+    "DROP PT",
+    "LATENCY P50",
+    "SPEEDUP",
+    "REASON",
+)
+
+
 def render_variants(variants: list[dict[str, Any]]) -> str:
     rows = [
         (
@@ -657,14 +672,21 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
             "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
             "-" if v["accuracy_drop"] is None else f"{v['accuracy_drop']:.2f}",
             " ".join(f"{k}:{val:.3g}ms" for k, val in sorted(v["latency_ms"].items())) or "-",
+            _render_speedup(v),
             v["rejection_reason"],
         )
         for v in variants
     ]
-    return views.table(
-        ("VARIANT", "FORMAT", "PRECISION", "STATUS", "SIZE", "MACS", "ACCURACY", "DROP PT", "LATENCY P50", "REASON"),
-        rows,
-    )
+    return views.table(VARIANT_COLUMNS, rows)
+
+
+def _render_speedup(variant: dict[str, Any]) -> str:
+    """Render the gate's speed-up over the source by thread count, with SLOWER when it is below 1 at any."""
+    speedups = variant["speedup"]
+    if not speedups:
+        return "-"
+    text = " ".join(f"{key}:{value:.2f}x" for key, value in sorted(speedups.items()))
+    return f"{text} SLOWER" if variant["slower_than_source"] else text
 
 
 def cmd_models_list(client: Client, args: argparse.Namespace) -> None:

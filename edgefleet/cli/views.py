@@ -122,6 +122,12 @@ def tensor_view(tensor: common_pb2.TensorSpec) -> dict[str, Any]:
 
 def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
     metadata = variant.metadata
+    # Source p50 over variant p50, by "threads=N": above 1 the variant ran faster in its gate.
+    speedups = {
+        key: source_ms / variant.latency_ms[key]
+        for key, source_ms in variant.source_latency_ms.items()
+        if variant.latency_ms.get(key, 0.0) > 0.0
+    }
     return {
         "variant_id": variant.variant_id,
         "kind": variant.kind,
@@ -140,6 +146,10 @@ def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
         "accuracy_metric": variant.accuracy_metric,
         "accuracy_drop": _number(variant.accuracy_drop),
         "latency_ms": dict(variant.latency_ms),
+        "source_latency_ms": dict(variant.source_latency_ms),
+        "speedup": speedups,
+        # None when the gate kept no source figure, so nothing was compared.
+        "slower_than_source": any(value < 1.0 for value in speedups.values()) if speedups else None,
         "parent_variant_id": variant.parent_variant_id,
     }
 

@@ -66,6 +66,9 @@ class Variant:
     # Points lost against the source on the evaluation data of the variant's own gate; 0 for a source.
     accuracy_drop: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50 by "threads=N".
+    # The source's p50 by "threads=N", timed by the same gate run alternately with the variant. Empty
+    # for a source, an ungated upload and a variant gated before this figure was kept.
+    source_latency_ms: dict[str, float] = field(default_factory=dict)
     parent_variant_id: str = ""
     created_at: datetime | None = None
 

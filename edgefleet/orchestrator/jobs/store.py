@@ -34,6 +34,7 @@ _GATE_COLUMNS = (
     "accuracy_metric",
     "accuracy_drop",
     "latency_ms",
+    "source_latency_ms",
     "parent_variant_id",
 )
 

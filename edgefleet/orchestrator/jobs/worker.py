@@ -288,6 +288,7 @@ def _gated_result(job: Job, gated: Variant, result: GateResult) -> Variant:
         accuracy_metric=result.accuracy_metric,
         accuracy_drop=result.accuracy_drop_points,
         latency_ms=dict(result.latency_p50_ms),
+        source_latency_ms=dict(result.source_latency_p50_ms),
         parent_variant_id=job.source_variant_id,
     )
 

@@ -96,6 +96,7 @@ def variant_values(variant: Variant, created_at: datetime) -> dict[str, Any]:
         "accuracy_metric": variant.accuracy_metric,
         "accuracy_drop": variant.accuracy_drop,
         "latency_ms": {str(key): float(value) for key, value in variant.latency_ms.items()},
+        "source_latency_ms": {str(key): float(value) for key, value in variant.source_latency_ms.items()},
         "parent_variant_id": variant.parent_variant_id,
         "created_at": stored_created_at,
     }
@@ -118,6 +119,7 @@ def variant_from_row(row: Row[Any]) -> Variant:
         accuracy_metric=row.accuracy_metric,
         accuracy_drop=row.accuracy_drop,
         latency_ms={str(key): float(value) for key, value in row.latency_ms.items()},
+        source_latency_ms={str(key): float(value) for key, value in (row.source_latency_ms or {}).items()},
         parent_variant_id=row.parent_variant_id,
         created_at=row.created_at,
     )

@@ -143,6 +143,8 @@ variants = sa.Table(
     sa.Column("accuracy_metric", sa.String, nullable=False),
     sa.Column("accuracy_drop", sa.Float, nullable=True),
     sa.Column("latency_ms", sa.JSON, nullable=False),
+    # NULL for variants gated before the source's figure was kept.
+    sa.Column("source_latency_ms", sa.JSON, nullable=True),
     # Not a foreign key: "" means no parent, as in the domain record.
     sa.Column("parent_variant_id", sa.String, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
