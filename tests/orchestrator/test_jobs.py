@@ -528,6 +528,13 @@ def test_job_variant_latency(tiny_jobs: TinyJobs) -> None:
     assert sorted(_variant_of(tiny_jobs, tiny_jobs.accepted).latency_ms) == ["threads=1", "threads=2"]
 
 
+def test_job_variant_source_latency(tiny_jobs: TinyJobs) -> None:
+    """The source's p50 from the same gate run is stored, so the speed-up is measured, not assumed."""
+    variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
+    assert sorted(variant.source_latency_ms) == ["threads=1", "threads=2"]
+    assert all(value > 0 for value in variant.source_latency_ms.values())
+
+
 def test_job_variant_figures(tiny_jobs: TinyJobs) -> None:
     variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
     assert variant.metadata.macs > 0
@@ -619,6 +626,7 @@ def test_gate_job_accepts_upload(gated_uploads: GatedUploads) -> None:
     assert pruned.accuracy == 1.0
     assert pruned.accuracy_metric == "top1"
     assert sorted(pruned.latency_ms) == ["threads=1", "threads=2"]
+    assert sorted(pruned.source_latency_ms) == ["threads=1", "threads=2"]
     assert pruned.parent_variant_id == "tiny:1:source"
     assert [v.kind for v in variants_of(server.operator, "tiny")].count("pruned") == 1
     server.operator.Deploy(deploy_request(gated_uploads, "tiny:1:pruned"), timeout=30)
