@@ -94,6 +94,17 @@ def test_variants_json_speedup(
     assert variant["slower_than_source"] == any(s < 1.0 for s in variant["speedup"].values())
 
 
+def test_variants_json_evaluation_samples(
+    server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    run_cli(server, "models", "variants", "tiny", "--output", "json")
+    listed = {v["variant_id"]: v for v in json.loads(capsys.readouterr().out)}
+
+    assert listed[compressed["variants"][0]["variant_id"]]["evaluation_samples"] == 64
+    assert listed["tiny:1:source"]["evaluation_samples"] is None
+
+
 def test_variants_table_speedup(
     server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,6 +114,7 @@ def test_variants_table_speedup(
     line = next(x for x in lines if x.startswith(compressed["variants"][0]["variant_id"]))
 
     assert "SPEEDUP" in lines[0]
+    assert "SAMPLES" in lines[0]
     assert re.search(r"threads=1:\d+\.\d\dx threads=2:\d+\.\d\dx", line)
 
 

@@ -145,6 +145,7 @@ def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
         "accuracy": _number(variant.accuracy),
         "accuracy_metric": variant.accuracy_metric,
         "accuracy_drop": _number(variant.accuracy_drop),
+        "evaluation_samples": variant.evaluation_samples or None,
         "latency_ms": dict(variant.latency_ms),
         "source_latency_ms": dict(variant.source_latency_ms),
         "speedup": speedups,

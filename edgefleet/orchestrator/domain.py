@@ -65,6 +65,8 @@ class Variant:
     accuracy_metric: str = ""
     # Points lost against the source on the evaluation data of the variant's own gate; 0 for a source.
     accuracy_drop: float | None = None
+    # The samples that accuracy and accuracy_drop were measured on; 0 when unknown or unmeasured.
+    evaluation_samples: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50 by "threads=N".
     # The source's p50 by "threads=N", timed by the same gate run alternately with the variant. Empty
     # for a source, an ungated upload and a variant gated before this figure was kept.

@@ -81,6 +81,45 @@ def test_gate_measures_latency(source: Path, int8: Path) -> None:
     )
 
 
+def test_gate_rejects_too_few_samples(source: Path) -> None:
+    """On 3 samples one changed top-1 costs 33 points, so a 1-point limit cannot be measured."""
+    result = evaluate_variant(source, source, samples(3, seed=2), labels=None, max_accuracy_drop=1.0,
+                              threads=(1,), **FAST)
+
+    assert result.status == "rejected"
+    assert result.reason.startswith("too few evaluation samples: on 3 samples one sample is worth 33.33 points")
+    assert "give at least 100 evaluation samples or raise max_accuracy_drop to 33.34" in result.reason
+    assert result.evaluation_samples == 3
+    assert result.accuracy == 1.0
+
+
+def test_gate_sample_worth_limit_accepted(source: Path) -> None:
+    """One sample worth exactly the limit is enough: 100 samples measure a 1-point drop."""
+    result = evaluate_variant(source, source, samples(100, seed=2), labels=None, max_accuracy_drop=1.0,
+                              threads=(1,), **FAST)
+
+    assert result.status == "accepted", result.reason
+    assert result.evaluation_samples == 100
+
+
+def test_gate_zero_limit_few_samples(source: Path) -> None:
+    """A limit of 0 allows no changed sample, which any number of samples checks."""
+    result = evaluate_variant(source, source, samples(3, seed=2), labels=None, max_accuracy_drop=0.0,
+                              threads=(1,), **FAST)
+
+    assert result.status == "accepted", result.reason
+
+
+def test_gate_drop_reason_before_sample_count(source: Path, tmp_path: Path) -> None:
+    """A measured drop over the limit is the reason given, even on too few samples."""
+    broken = randomize_weights(source, tmp_path / "broken.onnx")
+    result = evaluate_variant(broken, source, samples(8, seed=2), labels=None, max_accuracy_drop=5.0,
+                              threads=(1,), **FAST)
+
+    assert result.status == "rejected"
+    assert "exceeds max_accuracy_drop 5" in result.reason
+
+
 def test_gate_reports_sizes(source: Path, int8: Path) -> None:
     result = evaluate_variant(int8, source, samples(4, seed=2), labels=None, max_accuracy_drop=100.0,
                               threads=(1,), **FAST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ class GateResult:
     accuracy_metric: str = ""  # "top1" against labels, or "top1_agreement" with the source's top-1.
     source_accuracy: float | None = None
     accuracy_drop_points: float | None = None  # (source_accuracy - accuracy) * 100.
+    evaluation_samples: int = 0  # Number of samples that accuracy was measured on.
     latency_p50_ms: dict[str, float] = field(default_factory=dict)  # By "threads=N".
     source_latency_p50_ms: dict[str, float] = field(default_factory=dict)
     speedup: dict[str, float] = field(default_factory=dict)  # source p50 / candidate p50, by "threads=N".
@@ -207,7 +209,10 @@ def evaluate_variant(
     a TFLite file only on "litert". A load or run failure rejects the candidate with the runtime's error.
     Accuracy is top-1 against labels when given, else top-1 agreement with the source on eval_inputs.
     A model whose 4-D input fits eval_inputs only with NCHW and NHWC swapped gets them transposed.
-    A drop of more than max_accuracy_drop percentage points rejects the candidate. Latency is the p50
+    A drop of more than max_accuracy_drop percentage points rejects the candidate. So does a positive
+    max_accuracy_drop smaller than one sample's worth (100 / samples points), because with so few samples
+    any changed top-1 already exceeds it and the limit that applies is 0, not the one requested. A limit
+    of 0 allows no changed sample, which any number of samples can check. Latency is the p50
     of `repeats` runs per thread count after `warmup` runs, with source and candidate interleaved in
     one loop so both see the same machine load. A slower candidate is flagged, never rejected for speed.
 
@@ -228,7 +233,7 @@ def evaluate_variant(
         )
 
     sizes: dict[str, Any] = {"size_bytes": candidate.stat().st_size if candidate.exists() else 0,
-             "source_size_bytes": source.stat().st_size}
+             "source_size_bytes": source.stat().st_size, "evaluation_samples": int(eval_inputs.shape[0])}
     cost: dict[str, Any] = _model_cost(candidate)
 
     def reject(reason: str, **figures: Any) -> GateResult:
@@ -315,12 +320,28 @@ def evaluate_variant(
             f"max_accuracy_drop {max_accuracy_drop:g}",
             **accuracy_figures, **latency_figures,
         )
+    sample_points = 100.0 / eval_inputs.shape[0]
+    if 0 < max_accuracy_drop < sample_points:
+        return reject(
+            f"too few evaluation samples: on {eval_inputs.shape[0]} samples one sample is worth "
+            f"{sample_points:.2f} points, more than max_accuracy_drop {max_accuracy_drop:g}, so the gate cannot "
+            f"measure a drop that small; give at least {_samples_for(max_accuracy_drop)} evaluation samples or "
+            f"raise max_accuracy_drop to {math.ceil(sample_points * 100) / 100:g}",
+            **accuracy_figures, **latency_figures,
+        )
     speed_note = "; slower than the source" if slower else ""
     reason = f"{metric} {accuracy:.4f} (drop {drop:.2f} <= {max_accuracy_drop:g} points){speed_note}"
     logger.info("gate accepted %s: %s", candidate, reason)
     return GateResult(
         status="accepted", reason=reason, **sizes, **cost, **accuracy_figures, **latency_figures
     )
+
+
+def _samples_for(max_accuracy_drop: float) -> int:
+    """Return the fewest samples on which one sample is worth at most max_accuracy_drop points."""
+    count = math.ceil(100.0 / max_accuracy_drop)
+    # ceil can land one above the exact count when 100 / max_accuracy_drop rounds up in floating point.
+    return count - 1 if count > 1 and 100.0 / (count - 1) <= max_accuracy_drop else count
 
 
 def _interleaved_p50(

@@ -33,6 +33,7 @@ _GATE_COLUMNS = (
     "accuracy",
     "accuracy_metric",
     "accuracy_drop",
+    "evaluation_samples",
     "latency_ms",
     "source_latency_ms",
     "parent_variant_id",
@@ -112,15 +113,17 @@ class JobStore(abc.ABC):
         now: datetime,
         *,
         source_top1: float | None = None,
+        source_samples: int = 0,
     ) -> bool:
         """Store the job's variants and mark it succeeded, in one transaction.
 
         A result whose id is an existing variant with status "pending" (an upload that waited for the
-        gate) updates that variant's gate figures: status, reason, accuracy, accuracy drop and latency.
-        source_top1, the source's top-1 accuracy that a gate with labels measured, is stored on the
-        job's source variant for display. Selection ranks by each variant's accuracy drop. Returns False,
-        storing nothing, when the job is no longer running under attempt. Raises AlreadyExistsError,
-        storing nothing, when a variant id exists already and is not pending.
+        gate) updates that variant's gate figures: status, reason, accuracy, accuracy drop, sample count
+        and latency. source_top1, the source's top-1 accuracy that a gate with labels measured on
+        source_samples samples, is stored on the job's source variant for display. Selection ranks by
+        each variant's accuracy drop. Returns False, storing nothing, when the job is no longer running
+        under attempt. Raises AlreadyExistsError, storing nothing, when a variant id exists already and
+        is not pending.
         """
 
     @abc.abstractmethod
@@ -280,6 +283,7 @@ class SqlJobStore(SqlTransactions, JobStore):
         now: datetime,
         *,
         source_top1: float | None = None,
+        source_samples: int = 0,
     ) -> bool:
         rows.require_aware("now", now)
         values = [rows.variant_values(variant, created_at=now) for variant in results]
@@ -322,7 +326,7 @@ class SqlJobStore(SqlTransactions, JobStore):
                 connection.execute(
                     sa.update(variants)
                     .where(variants.c.variant_id == source_variant_id.scalar_subquery())
-                    .values(accuracy=source_top1, accuracy_metric="top1")
+                    .values(accuracy=source_top1, accuracy_metric="top1", evaluation_samples=source_samples)
                 )
         logger.info("job %s succeeded with variants %s", job_id, [v.variant_id for v in results])
         return True

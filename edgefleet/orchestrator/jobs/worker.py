@@ -150,9 +150,17 @@ def run_attempt(store: JobStore, args: WorkerArgs) -> int:
         job = store.get_job(args.job_id)
         if job.state != RUNNING or job.attempt != args.attempt:
             raise JobAbandoned(args.job_id)
-        variants, source_top1 = _run(job, args, progress)
+        variants, source_top1, source_samples = _run(job, args, progress)
         progress.report(0.98, f"storing {len(variants)} variants")
-        if not store.finish(job.job_id, args.attempt, variants, datetime.now(UTC), source_top1=source_top1):
+        finished = store.finish(
+            job.job_id,
+            args.attempt,
+            variants,
+            datetime.now(UTC),
+            source_top1=source_top1,
+            source_samples=source_samples,
+        )
+        if not finished:
             raise JobAbandoned(args.job_id)
         return 0
     except JobAbandoned:
@@ -195,8 +203,12 @@ def _name_work_files(message: str, job: Job, work: Path) -> str:
     return re.sub(re.escape(str(work)) + r"/([\w-]+\.\w+)", name, message)
 
 
-def _run(job: Job, args: WorkerArgs, progress: Progress) -> tuple[list[Variant], float | None]:
-    """Make and gate the job's variants; return them and the source's top-1 accuracy when labels measured it."""
+def _run(job: Job, args: WorkerArgs, progress: Progress) -> tuple[list[Variant], float | None, int]:
+    """Make and gate the job's variants.
+
+    Returns them, the source's top-1 accuracy when labels measured it (else None) and the number of
+    evaluation samples.
+    """
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     artifacts = FileArtifactStore(args.artifacts_root, temp_max_age_s=_ARTIFACT_TEMP_AGE_S)
@@ -259,7 +271,7 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> tuple[list[Variant],
             variants.append(_gated_result(job, gated, result))
         else:
             variants.append(_store_variant(job, planned, path, result, artifacts))
-    return variants, source_top1
+    return variants, source_top1, int(evaluation.inputs.shape[0])
 
 
 def _gated_variant(recipe: dict[str, Any], store: JobStore) -> Variant | None:
@@ -287,6 +299,7 @@ def _gated_result(job: Job, gated: Variant, result: GateResult) -> Variant:
         accuracy=result.accuracy,
         accuracy_metric=result.accuracy_metric,
         accuracy_drop=result.accuracy_drop_points,
+        evaluation_samples=result.evaluation_samples,
         latency_ms=dict(result.latency_p50_ms),
         source_latency_ms=dict(result.source_latency_p50_ms),
         parent_variant_id=job.source_variant_id,
