@@ -528,6 +528,10 @@ def test_job_variant_latency(tiny_jobs: TinyJobs) -> None:
     assert sorted(_variant_of(tiny_jobs, tiny_jobs.accepted).latency_ms) == ["threads=1", "threads=2"]
 
 
+def test_job_variant_evaluation_samples(tiny_jobs: TinyJobs) -> None:
+    assert _variant_of(tiny_jobs, tiny_jobs.accepted).evaluation_samples == sources.DEMO_EVAL_CROPS * 4
+
+
 def test_job_variant_source_latency(tiny_jobs: TinyJobs) -> None:
     """The source's p50 from the same gate run is stored, so the speed-up is measured, not assumed."""
     variant = _variant_of(tiny_jobs, tiny_jobs.accepted)
@@ -615,7 +619,8 @@ def test_upload_pruned_pending(gated_uploads: GatedUploads) -> None:
 
 def test_gate_job_accepts_upload(gated_uploads: GatedUploads) -> None:
     server = gated_uploads.server
-    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation}}
+    # One of the 16 samples is worth 6.25 points, the smallest limit that they can measure.
+    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 6.25}}
 
     job = wait_job(server.operator, create(server, recipe).job_id)
 
@@ -650,6 +655,8 @@ def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads
     distilled = variant_by_id(server, "tiny:1:distilled")
     # The labels are the source's own top-1, so the source scores 1.0 and the other model less.
     assert (source.accuracy, source.accuracy_metric) == (1.0, "top1")
+    assert source.evaluation_samples == 16
+    assert distilled.evaluation_samples == 16
     assert distilled.status == "accepted"
     assert distilled.accuracy < 1.0
     ranked = {c.variant.variant_id: c.ranked_accuracy for c in explained.candidates}
@@ -657,6 +664,21 @@ def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads
     assert distilled.accuracy_drop == pytest.approx((1.0 - distilled.accuracy) * 100.0)
     assert ranked["tiny:1:distilled"] == pytest.approx(distilled.accuracy)
     assert explained.chosen_variant_id == "tiny:1:source"
+
+
+def test_gate_job_rejects_too_few_samples(gated_uploads: GatedUploads) -> None:
+    """On 16 samples one changed top-1 is 6.25 points, so the default 1-point limit cannot be measured."""
+    server = gated_uploads.server
+    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 1}}
+
+    job = wait_job(server.operator, create(server, recipe).job_id)
+
+    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+    pruned = variant_by_id(server, "tiny:1:pruned")
+    assert pruned.status == "rejected"
+    assert pruned.rejection_reason.startswith("too few evaluation samples: on 16 samples one sample is worth 6.25")
+    assert pruned.evaluation_samples == 16
+    assert pruned.accuracy == 1.0
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp16"])
