@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -270,7 +272,7 @@ def _wave_progress(wave: dict[str, Any], min_samples: int) -> tuple[str, str]:
 def _ended_state(cell: str, state: str) -> str:
     """Mark a recorded model state that was still changing when the rollout ended, before any note on the cell."""
     if state in ("pending", "downloading", "verifying", "loading") and cell.startswith(state):
-        return f"{state} when the rollout ended{cell[len(state):]}"
+        return f"{state} when the rollout ended{cell[len(state) :]}"
     return cell
 
 
@@ -413,7 +415,31 @@ def cmd_create(client: Client, args: argparse.Namespace) -> None:
         sample_timeout_seconds=args.sample_timeout or 0.0,
     )
     rollout = client.call("CreateRollout", request, flags=CREATE_FLAGS)
+    if not _any_device_matches(client, labels, hardware_class):
+        target = target_text(labels, hardware_class)
+        print(
+            f"edgefleet: warning: no registered device matches the target {target}; rollout {rollout.rollout_id} "
+            "stays pending until one does and supersedes no rollout before that. If the target is a typo, "
+            f"abort it with `edgefleet rollout abort {rollout.rollout_id}`",
+            file=sys.stderr,
+        )
     _show(client, rollout, args)
+
+
+def _any_device_matches(client: Client, labels: dict[str, str], hardware_class: str) -> bool:
+    """Return whether a registered, unrevoked device has every label and a hardware class matching the pattern."""
+    request = operator_pb2.ListDevicesRequest()
+    while True:
+        response = client.call("ListDevices", request)
+        for device in response.devices:
+            # Rollouts leave revoked devices out.
+            if device.revoked or any(device.labels.get(key) != value for key, value in labels.items()):
+                continue
+            if not hardware_class or fnmatch.fnmatchcase(device.hardware.hardware_class, hardware_class):
+                return True
+        if not response.next_page_token:
+            return False
+        request.page_token = response.next_page_token
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> None:

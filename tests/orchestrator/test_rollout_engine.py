@@ -610,17 +610,66 @@ def test_supersede_names_new(two_classes: Fleet) -> None:
     old = two_classes.create()
     two_classes.step(old.rollout_id)
     new = two_classes.create(version="3")
+    created = two_classes.rollouts.get_rollout(old.rollout_id)
+    two_classes.step(new.rollout_id)
     superseded = two_classes.rollouts.get_rollout(old.rollout_id)
+    assert created.state == "running"
+    assert old.rollout_id in new.reason
     assert superseded.state == "superseded"
     assert superseded.superseded_by == new.rollout_id
     assert new.rollout_id in superseded.reason
+
+
+def test_unmatched_rollout_supersedes_nothing(two_classes: Fleet) -> None:
+    two_classes.model("3")
+    old = two_classes.create()
+    two_classes.step(old.rollout_id)
+    typo = two_classes.create(version="3", target=Target(labels={"kidn": "camera"}))
+    pending = two_classes.step(typo.rollout_id)
+    two_classes.serve_wave(old, 5.0)
+    advanced = two_classes.step(old.rollout_id)
+    assert pending.state == "pending"
+    assert "no device has the label 'kidn'" in pending.reason
+    assert f"{old.rollout_id} (running) goes on" in pending.reason
+    assert advanced.state == "running"
+    assert advanced.current_wave == 1
+
+
+def test_rollout_of_unrunnable_devices_supersedes_nothing(two_classes: Fleet) -> None:
+    """A rollout that ends without assigning a device leaves the older rollout in charge."""
+    two_classes.model("3")
+    old = two_classes.create(wave_percents=(100,))
+    two_classes.step(old.rollout_id)
+    two_classes.serve_wave(old, 5.0)
+    succeeded = two_classes.step(old.rollout_id)
+    two_classes.device("cam-tiny", profile("tiny", runtimes=("litert",)), site="tiny")
+    unrunnable = two_classes.create(version="3", target=Target(labels={"site": "tiny"}), wave_percents=(100,))
+    two_classes.step(unrunnable.rollout_id)
+    ended = two_classes.step(unrunnable.rollout_id)
+    rolling_back = apply_action(two_classes.rollouts, old.rollout_id, "rollback", two_classes.clock())
+    assert succeeded.state == "succeeded"
+    assert ended.state == "aborted"
+    assert rolling_back.state == "rolling_back"
+
+
+def test_superseded_rollback_names_newer(two_classes: Fleet) -> None:
+    two_classes.model("3")
+    old = two_classes.create()
+    two_classes.step(old.rollout_id)
+    new = two_classes.create(version="3")
+    two_classes.step(new.rollout_id)
+    with pytest.raises(RolloutActionError) as refused:
+        apply_action(two_classes.rollouts, old.rollout_id, "rollback", two_classes.clock())
+    assert f"superseded by rollout {new.rollout_id}" in str(refused.value)
+    assert f"`edgefleet rollout rollback {new.rollout_id}`" in str(refused.value)
 
 
 def test_superseded_not_advanced(two_classes: Fleet) -> None:
     two_classes.model("3")
     old = two_classes.create()
     two_classes.step(old.rollout_id)
-    two_classes.create(version="3")
+    new = two_classes.create(version="3")
+    two_classes.step(new.rollout_id)
     two_classes.serve_wave(old, 5.0)
     two_classes.clock.advance(1)
     two_classes.engine.tick()

@@ -269,6 +269,8 @@ def test_list_filters(orchestrator: OrchestratorThread) -> None:
     upload(orchestrator, linear_onnx(3), MODEL, "3")
     old = orchestrator.operator.CreateRollout(create_request(), timeout=30)
     new = orchestrator.operator.CreateRollout(create_request(model_version="3"), timeout=30)
+    # The new rollout supersedes the old one when it assigns its first device.
+    wait_rollout(orchestrator, old.rollout_id, lambda r: r.superseded_by == new.rollout_id, "old rollout superseded")
     superseded = orchestrator.operator.ListRollouts(
         operator_pb2.ListRolloutsRequest(states=[operator_pb2.ROLLOUT_STATE_SUPERSEDED]), timeout=30
     )
@@ -460,6 +462,67 @@ def test_cli_list(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixtur
     assert rollout.rollout_id in out
     assert json_code == 0
     assert json.loads(json_out) == []
+
+
+def test_cli_create_unmatched_target_warns(
+    orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet(orchestrator)
+    running = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    wait_until(lambda: get_rollout(orchestrator, running.rollout_id).state == RUNNING, "wave 1")
+    code, out, err = run_cli(
+        capsys,
+        orchestrator,
+        "rollout",
+        "create",
+        "--model",
+        f"{MODEL}:2",
+        "--target",
+        "kidn=camera",
+        "--budget-ms",
+        "5",
+    )
+    typo = re.search(r"rollout (ro-[0-9a-f]+)", out)
+    assert code == 0
+    assert "warning: no registered device matches the target kidn=camera" in err
+    assert "no device has the label 'kidn'; did you mean kind?" in out
+    assert f"{running.rollout_id} (running) goes on until this rollout assigns its first device" in out
+    assert typo is not None
+    assert get_rollout(orchestrator, running.rollout_id).state == RUNNING
+    assert get_rollout(orchestrator, typo.group(1)).state == PENDING
+
+
+def test_cli_create_matched_target_no_warning(
+    orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet(orchestrator)
+    code, _, err = run_cli(
+        capsys,
+        orchestrator,
+        "rollout",
+        "create",
+        "--model",
+        f"{MODEL}:2",
+        "--target",
+        "kind=camera",
+        "--budget-ms",
+        "5",
+    )
+    assert code == 0
+    assert "no registered device matches" not in err
+
+
+def test_cli_rollback_superseded_names_newer(
+    orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet(orchestrator)
+    old = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    new = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    wait_rollout(orchestrator, old.rollout_id, lambda r: r.superseded_by == new.rollout_id, "old rollout superseded")
+    code, _, err = run_cli(capsys, orchestrator, "rollout", "rollback", old.rollout_id)
+    assert code == 4
+    assert f"superseded by rollout {new.rollout_id}" in err
+    assert f"edgefleet rollout rollback {new.rollout_id}" in err
 
 
 def test_cli_bad_target(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:

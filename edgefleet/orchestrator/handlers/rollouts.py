@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -30,8 +29,6 @@ from edgefleet.orchestrator.rollouts.store import RolloutStore
 from edgefleet.orchestrator.state import OrchestratorState
 from edgefleet.orchestrator.store.base import NotFoundError
 from edgefleet.v1 import operator_pb2
-
-log = logging.getLogger(__name__)
 
 MAX_MIN_SAMPLES = 10_000_000
 MAX_ROLLBACKS = 100
@@ -91,10 +88,12 @@ def spec_from_request(request: operator_pb2.CreateRolloutRequest) -> RolloutSpec
 
 
 def create_rollout(request: operator_pb2.CreateRolloutRequest, state: OrchestratorState) -> operator_pb2.Rollout:
-    """Create a pending rollout of a model version; older rollouts of the model become superseded.
+    """Create a pending rollout of a model version.
 
-    An empty model_version takes the newest version. Raises InvalidArgument for a malformed request,
-    NotFound for an unknown model and FailedPrecondition when no variant of the version is accepted.
+    Older rollouts of the model go on until the new one assigns its first device, which supersedes
+    them, and the new rollout's reason names them. An empty model_version takes the newest version.
+    Raises InvalidArgument for a malformed request, NotFound for an unknown model and
+    FailedPrecondition when no variant of the version is accepted.
     """
     spec = spec_from_request(request)
     model = get_model(operator_pb2.GetModelRequest(name=spec.model_name, version=spec.model_version), state)
@@ -105,9 +104,9 @@ def create_rollout(request: operator_pb2.CreateRolloutRequest, state: Orchestrat
         )
     spec = replace(spec, model_version=model.version)
     rollouts = rollout_store(state)
-    rollout, superseded = engine.create_rollout(rollouts, spec)
-    for old in superseded:
-        log.info("rollout_id=%s supersedes rollout_id=%s", rollout.rollout_id, old.rollout_id)
+    revoked = state.revoked_device_ids()
+    devices = [d for d in state.store.list_devices() if d.device_id not in revoked]
+    rollout, _ = engine.create_rollout(rollouts, spec, devices=devices)
     return rollout_to_proto(rollout, [])
 
 

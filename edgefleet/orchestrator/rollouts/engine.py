@@ -12,6 +12,7 @@ from edgefleet.orchestrator.domain import Assignment, Device, Variant
 from edgefleet.orchestrator.rollouts import targets
 from edgefleet.orchestrator.rollouts.domain import (
     ACTIVE_STATES,
+    SUPERSEDABLE_STATES,
     VERDICT_ERROR_RATE,
     VERDICT_FAILED,
     VERDICT_OVER_BUDGET,
@@ -19,6 +20,7 @@ from edgefleet.orchestrator.rollouts.domain import (
     VERDICT_SKIPPED,
     Rollout,
     RolloutSpec,
+    Target,
     Wave,
     WaveDevice,
 )
@@ -103,28 +105,63 @@ def _skipped_devices(waves: Sequence[Wave]) -> list[WaveDevice]:
 
 
 def create_rollout(
-    rollouts: RolloutStore, spec: RolloutSpec, now: datetime | None = None
+    rollouts: RolloutStore,
+    spec: RolloutSpec,
+    now: datetime | None = None,
+    devices: Sequence[Device] | None = None,
 ) -> tuple[Rollout, list[Rollout]]:
-    """Store a new pending rollout and supersede older ones of the model; return it and the superseded ones."""
+    """Store a new pending rollout; return it and the older rollouts it supersedes once it assigns a device.
+
+    Given the registered devices, a rollout whose target matches none of them starts with the reason
+    that the engine would give it (which term matches nothing). Nothing is superseded here: the older
+    rollouts go on until the new one assigns its first device.
+    """
     now = now or datetime.now(UTC)
+    older = _supersedable(rollouts, spec.model_name, before=now)
+    reason = "waiting for the engine to start the first wave"
+    if devices is not None and not targets.select(spec.target, devices):
+        reason = waiting_for_device_reason(spec.target, devices)
     rollout = Rollout(
         rollout_id=new_rollout_id(),
         spec=spec,
         state="pending",
-        reason="waiting for the engine to start the first wave",
+        reason=reason + supersede_note(older),
         created_at=now,
         updated_at=now,
     )
-    superseded = rollouts.create_rollout(rollout)
+    rollouts.create_rollout(rollout)
     log.info(
-        "created rollout_id=%s of model=%s:%s waves=%s budget=%gms",
+        "created rollout_id=%s of model=%s:%s waves=%s budget=%gms%s",
         rollout.rollout_id,
         spec.model_name,
         spec.model_version,
         ",".join(str(p) for p in spec.wave_percents),
         spec.budget_ms,
+        f"; it supersedes {', '.join(r.rollout_id for r in older)} once it assigns a device" if older else "",
     )
-    return rollout, superseded
+    return rollout, older
+
+
+def waiting_for_device_reason(target: Target, devices: Sequence[Device]) -> str:
+    """Return the reason of a rollout that waits for a device to match its target, naming the term that matches none."""
+    reason = f"waiting for a device that matches the target {targets.format_selector(target)}"
+    unmatched = targets.unmatched_reason(target, devices)
+    return f"{reason} ({unmatched})" if unmatched else reason
+
+
+def supersede_note(older: Sequence[Rollout]) -> str:
+    """Return the clause that a pending rollout's reason ends with while older rollouts of its model go on."""
+    if not older:
+        return ""
+    named = ", ".join(f"{r.rollout_id} ({r.state})" for r in older)
+    verb = "goes" if len(older) == 1 else "go"
+    return f"; {named} {verb} on until this rollout assigns its first device, which supersedes it"
+
+
+def _supersedable(rollouts: RolloutStore, model_name: str, *, before: datetime, exclude: str = "") -> list[Rollout]:
+    """Return the rollouts of a model, oldest first, that a rollout created at before supersedes when it assigns."""
+    found = rollouts.list_rollouts(model_name=model_name, states=SUPERSEDABLE_STATES)
+    return [r for r in reversed(found) if r.created_at <= before and r.rollout_id != exclude]
 
 
 def apply_action(rollouts: RolloutStore, rollout_id: str, action: str, now: datetime | None = None) -> Rollout:
@@ -148,6 +185,8 @@ def apply_action(rollouts: RolloutStore, rollout_id: str, action: str, now: date
     while True:
         now = now or datetime.now(UTC)
         rollout = rollouts.get_rollout(rollout_id)
+        if rollout.state == "superseded" and rollout.superseded_by:
+            raise RolloutActionError(_superseded_message(rollout, action))
         if rollout.state not in allowed[action]:
             raise RolloutActionError(
                 f"cannot {action} rollout {rollout_id}: it is {rollout.state}; {action} applies to "
@@ -171,6 +210,20 @@ def apply_action(rollouts: RolloutStore, rollout_id: str, action: str, now: date
             continue
         log.info("rollout_id=%s %s by the operator: now %s", rollout_id, action, saved.state)
         return saved
+
+
+def _superseded_message(rollout: Rollout, action: str) -> str:
+    """Return why an action does not apply to a superseded rollout, naming the rollout that superseded it."""
+    newer = rollout.superseded_by
+    message = f"cannot {action} rollout {rollout.rollout_id}: it is superseded by rollout {newer}"
+    if action != "rollback":
+        return f"{message}; {action} rollout {newer} instead (`edgefleet rollout {action} {newer}`)"
+    return (
+        f"{message}. Roll back {newer} instead (`edgefleet rollout rollback {newer}`): each device it assigned "
+        f"gets back the assignment it had before, which is {rollout.rollout_id}'s on devices that "
+        f"{rollout.rollout_id} had reached. Devices that only {rollout.rollout_id} assigned keep its version; "
+        "move them with `edgefleet deploy`"
+    )
 
 
 def _accept_paused_wave(rollouts: RolloutStore, rollout: Rollout, now: datetime) -> None:
@@ -246,10 +299,10 @@ class RolloutEngine:
             return
         devices = self._targeted(rollout)
         if not devices:
-            reason = f"waiting for a device that matches the target {targets.format_selector(rollout.spec.target)}"
-            unmatched = targets.unmatched_reason(rollout.spec.target, self.store.list_devices())
-            if unmatched:
-                reason += f" ({unmatched})"
+            older = _supersedable(
+                self.rollouts, rollout.spec.model_name, before=rollout.created_at, exclude=rollout.rollout_id
+            )
+            reason = waiting_for_device_reason(rollout.spec.target, self.store.list_devices()) + supersede_note(older)
             if rollout.reason != reason:
                 self.rollouts.save_rollout(replace(rollout, reason=reason), self.clock())
             return
@@ -399,6 +452,7 @@ class RolloutEngine:
                         threads=device.threads,
                         rollout_id=rollout.rollout_id,
                     ),
+                    self.clock(),
                 )
             except NotFoundError as error:
                 log.warning("rollout_id=%s cannot assign device_id=%s: %s", rollout.rollout_id, device.device_id, error)

@@ -53,11 +53,11 @@ class RolloutStore(abc.ABC):
     """Durable rollouts, waves and wave devices. Methods are thread-safe; each one is one transaction."""
 
     @abc.abstractmethod
-    def create_rollout(self, rollout: Rollout) -> list[Rollout]:
-        """Insert a rollout and supersede the older rollouts of its model; return the superseded ones.
+    def create_rollout(self, rollout: Rollout) -> None:
+        """Insert a rollout; raise AlreadyExistsError for a known rollout id.
 
-        Rollouts of the same model in SUPERSEDABLE_STATES become "superseded", with a reason naming
-        the new rollout. Raises AlreadyExistsError for a known rollout id.
+        Older rollouts of the model stay as they are, because the new one supersedes them only when it
+        assigns its first device (see assign).
         """
 
     @abc.abstractmethod
@@ -96,11 +96,13 @@ class RolloutStore(abc.ABC):
         """Add a device to an existing wave; raise AlreadyExistsError when it is there already."""
 
     @abc.abstractmethod
-    def assign(self, key: WaveKey, assignment: Assignment) -> int:
+    def assign(self, key: WaveKey, assignment: Assignment, now: datetime) -> int:
         """Record the device's current assignment as the previous one and replace it, in one transaction.
 
         Returns the new desired generation. A wave device that is already assigned is left as it is
-        and its generation returned, so the call is safe to repeat after a crash. Raises NotFoundError
+        and its generation returned, so the call is safe to repeat after a crash. The same transaction
+        supersedes the rollouts of the model that are in SUPERSEDABLE_STATES and were created before
+        this one, so a rollout that never assigns a device supersedes nothing. Raises NotFoundError
         for an unknown wave device, device or variant.
         """
 
@@ -128,32 +130,11 @@ class SqlRolloutStore(SqlTransactions, RolloutStore):
 
     # Rollouts
 
-    def create_rollout(self, rollout: Rollout) -> list[Rollout]:
+    def create_rollout(self, rollout: Rollout) -> None:
         _check_rollout(rollout)
         with self._write() as connection:
-            older = [
-                _rollout_from_row(row)
-                for row in connection.execute(
-                    sa.select(rollouts)
-                    .where(rollouts.c.model_name == rollout.spec.model_name)
-                    .where(rollouts.c.state.in_(sorted(SUPERSEDABLE_STATES)))
-                    .order_by(rollouts.c.created_at)
-                    .with_for_update()
-                )
-            ]
             if not queries.insert_unless_exists(connection, rollouts, _rollout_values(rollout)):
                 raise AlreadyExistsError(f"rollout {rollout.rollout_id!r} already exists; choose another id")
-            superseded = []
-            for old in older:
-                reason = (
-                    f"superseded by rollout {rollout.rollout_id} of "
-                    f"{rollout.spec.model_name}:{rollout.spec.model_version}"
-                )
-                changed = replace(old, state="superseded", reason=reason, superseded_by=rollout.rollout_id)
-                superseded.append(_update_rollout(connection, changed, rollout.created_at))
-        for old in superseded:
-            logger.info("rollout_id=%s superseded by rollout_id=%s", old.rollout_id, rollout.rollout_id)
-        return superseded
 
     def get_rollout(self, rollout_id: str) -> Rollout:
         with self._read() as connection:
@@ -261,7 +242,8 @@ class SqlRolloutStore(SqlTransactions, RolloutStore):
 
     # Assignments
 
-    def assign(self, key: WaveKey, assignment: Assignment) -> int:
+    def assign(self, key: WaveKey, assignment: Assignment, now: datetime) -> int:
+        rows.require_aware("now", now)
         if assignment.rollout_id != key.rollout_id:
             raise StoreError(
                 f"assignment names rollout {assignment.rollout_id!r} but the wave belongs to {key.rollout_id!r}"
@@ -303,6 +285,14 @@ class SqlRolloutStore(SqlTransactions, RolloutStore):
                     assigned_generation=generation,
                     **previous,
                 )
+            )
+            superseded = _supersede_older(connection, _load_rollout(connection, key.rollout_id), now)
+        for old in superseded:
+            logger.info(
+                "rollout_id=%s superseded by rollout_id=%s, which assigned device_id=%s",
+                old.rollout_id,
+                key.rollout_id,
+                assignment.device_id,
             )
         return generation
 
@@ -482,6 +472,28 @@ def _update_rollout(connection: Connection, rollout: Rollout, now: datetime) -> 
             f"now {stored.revision}, state {stored.state}); read it again"
         )
     return saved
+
+
+def _supersede_older(connection: Connection, rollout: Rollout, now: datetime) -> list[Rollout]:
+    """Mark the rollouts of rollout's model created before it and in SUPERSEDABLE_STATES superseded; return them."""
+    older = [
+        _rollout_from_row(row)
+        for row in connection.execute(
+            sa.select(rollouts)
+            .where(rollouts.c.model_name == rollout.spec.model_name)
+            .where(rollouts.c.rollout_id != rollout.rollout_id)
+            .where(rollouts.c.created_at <= rollout.created_at)
+            .where(rollouts.c.state.in_(sorted(SUPERSEDABLE_STATES)))
+            .order_by(rollouts.c.created_at)
+            .with_for_update()
+        )
+    ]
+    reason = (
+        f"superseded by rollout {rollout.rollout_id} of {rollout.spec.model_name}:{rollout.spec.model_version}, "
+        "which assigned its first device"
+    )
+    changed = [replace(old, state="superseded", reason=reason, superseded_by=rollout.rollout_id) for old in older]
+    return [_update_rollout(connection, old, now) for old in changed]
 
 
 def _wave_values(wave: Wave) -> dict[str, Any]:
