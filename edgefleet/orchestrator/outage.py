@@ -36,8 +36,11 @@ class RetryLog:
         self._last_warning = 0.0
         self._failures = 0
 
-    def failed(self, error: BaseException, retry_s: float) -> None:
-        """Log a failed step that the loop retries after retry_s seconds."""
+    def failed(self, error: BaseException, retry_s: float, *, max_retry_s: float | None = None) -> None:
+        """Log a failed step that the loop retries after retry_s seconds.
+
+        max_retry_s is the longest delay of a loop that backs off, for the first warning of an outage.
+        """
         if not isinstance(error, DatabaseUnavailable):
             self.logger.error("%s failed; retrying in %.1f s", self.action, retry_s, exc_info=error)
             return
@@ -46,7 +49,16 @@ class RetryLog:
         if self._outage_started is None:
             self._outage_started = now
             self._last_warning = now
-            self.logger.warning("%s failed: %s; retrying every %.1f s", self.action, error.message, retry_s)
+            if max_retry_s is None:
+                self.logger.warning("%s failed: %s; retrying every %.1f s", self.action, error.message, retry_s)
+            else:
+                self.logger.warning(
+                    "%s failed: %s; retrying in %.1f s, then at longer intervals up to %.0f s",
+                    self.action,
+                    error.message,
+                    retry_s,
+                    max_retry_s,
+                )
         elif now - self._last_warning >= self.repeat_s:
             self._last_warning = now
             self.logger.warning(

@@ -5,17 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from edgefleet.orchestrator.config import MAX_METRICS_WINDOW_S, OrchestratorConfig
+from edgefleet.orchestrator.outage import RetryLog
 from edgefleet.orchestrator.store.base import Store
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 # The first run waits this long after start-up (or one interval, if shorter), so a restart loop
 # does not run retention again and again.
 FIRST_RUN_DELAY_S = 60.0
+# A run that failed on an unavailable database is retried after this delay, doubled after each
+# further failure up to the maximum, so retention resumes soon after a short outage.
+UNAVAILABLE_RETRY_S = 5.0
+UNAVAILABLE_MAX_RETRY_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -90,12 +97,44 @@ def apply_retention(
     return result
 
 
-async def retention_forever(store: Store, policy: RetentionPolicy, interval_s: float) -> None:
-    """Run apply_retention every interval_s seconds in a worker thread until cancelled; log failures."""
-    await asyncio.sleep(min(FIRST_RUN_DELAY_S, interval_s))
+def unavailable_retry_s(failures: int, interval_s: float) -> float:
+    """Return the delay after the given count of consecutive runs that failed on an unavailable database.
+
+    The delay doubles from UNAVAILABLE_RETRY_S up to UNAVAILABLE_MAX_RETRY_S and never exceeds interval_s.
+    """
+    delay = UNAVAILABLE_RETRY_S * 2 ** min(max(failures - 1, 0), 16)
+    return min(delay, UNAVAILABLE_MAX_RETRY_S, interval_s)
+
+
+async def retention_forever(
+    store: Store,
+    policy: RetentionPolicy,
+    interval_s: float,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Run apply_retention every interval_s seconds in a worker thread until cancelled; log failures.
+
+    A run that fails because the database is unavailable is retried after a short delay that grows
+    with each failure (unavailable_retry_s), and the outage is logged once as a warning. Any other
+    error is logged with its traceback and retried after interval_s.
+    """
+    await sleep(min(FIRST_RUN_DELAY_S, interval_s))
+    retry_log = RetryLog(log, "metric retention")
+    failures = 0
     while True:
         try:
             await asyncio.to_thread(apply_retention, store, policy)
-        except Exception:
-            log.exception("metric retention failed; retrying in %.0f s", interval_s)
-        await asyncio.sleep(interval_s)
+        except DatabaseUnavailable as error:
+            failures += 1
+            delay = unavailable_retry_s(failures, interval_s)
+            retry_log.failed(error, delay, max_retry_s=unavailable_retry_s(10_000, interval_s))
+        except Exception as error:
+            failures = 0
+            delay = interval_s
+            retry_log.failed(error, delay)
+        else:
+            failures = 0
+            delay = interval_s
+            retry_log.succeeded()
+        await sleep(delay)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -14,8 +16,9 @@ import sqlalchemy as sa
 from edgefleet.common.hardware import HardwareProfile, RuntimeInfo
 from edgefleet.common.sketch import LatencySketch
 from edgefleet.orchestrator.domain import MetricWindow
-from edgefleet.orchestrator.retention import RetentionPolicy, apply_retention
+from edgefleet.orchestrator.retention import RetentionPolicy, apply_retention, retention_forever, unavailable_retry_s
 from edgefleet.orchestrator.store import Store, open_store
+from edgefleet.orchestrator.store.engine import DatabaseUnavailable
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -233,3 +236,53 @@ def test_retention_shrinks_sqlite_file(tmp_path: Path) -> None:
     assert result.deleted_windows == 2400
     assert before > 1_000_000
     assert after < before / 4
+
+
+class OutageStore:
+    """A store whose first `failures` deletions raise DatabaseUnavailable, as during a database outage."""
+
+    def __init__(self, store: Store, failures: int) -> None:
+        self.store = store
+        self.failures = failures
+
+    def delete_metric_windows(self, received_before: datetime) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise DatabaseUnavailable("the orchestrator's database is unavailable (connection refused)")
+        return self.store.delete_metric_windows(received_before=received_before)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+class StopLoop(Exception):
+    """Ends retention_forever from the test's sleep."""
+
+
+def test_retention_retries_soon_after_outage(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    store.add_metric_batch("dev-1", "expired", [make_window(datetime.now(UTC) - 40 * DAY, [1.0])])
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) > 4:
+            raise StopLoop
+
+    outage = cast(Store, OutageStore(store, failures=3))
+    with caplog.at_level(logging.INFO, logger="edgefleet.orchestrator.retention"), pytest.raises(StopLoop):
+        asyncio.run(retention_forever(outage, POLICY, 3600.0, sleep=sleep))
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert delays == [60.0, 5.0, 10.0, 20.0, 3600.0]
+    assert len(warnings) == 1
+    assert "retrying in 5.0 s" in warnings[0].getMessage()
+    assert warnings[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("works again" in r.getMessage() for r in caplog.records)
+    assert store.query_metric_windows() == []
+
+
+def test_unavailable_retry_capped() -> None:
+    assert unavailable_retry_s(1, 3600.0) == 5.0
+    assert unavailable_retry_s(7, 3600.0) == 300.0
+    assert unavailable_retry_s(3, 12.0) == 12.0
