@@ -666,6 +666,22 @@ def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads
     assert explained.chosen_variant_id == "tiny:1:source"
 
 
+def test_gate_jobs_store_evaluation_digest(gated_uploads: GatedUploads) -> None:
+    """Two gates on the same data store one digest, which tells selection that their drops compare."""
+    server = gated_uploads.server
+    for variant_id in ("tiny:1:pruned", "tiny:1:distilled"):
+        recipe = {"gate": {"variant": variant_id, "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 100}}
+        job = wait_job(server.operator, create(server, recipe).job_id)
+        assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
+
+    pruned = variant_by_id(server, "tiny:1:pruned")
+    distilled = variant_by_id(server, "tiny:1:distilled")
+
+    assert pruned.evaluation_digest.startswith("sha256:")
+    assert pruned.evaluation_digest == distilled.evaluation_digest
+    assert variant_by_id(server, "tiny:1:source").evaluation_digest == ""
+
+
 def test_gate_job_rejects_too_few_samples(gated_uploads: GatedUploads) -> None:
     """On 16 samples one changed top-1 is 6.25 points, so the default 1-point limit cannot be measured."""
     server = gated_uploads.server
