@@ -670,7 +670,7 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
             v["status"],
             human_bytes(v["size_bytes"]),
             views.human_count(v["macs"]),
-            "-" if v["accuracy"] is None else f"{v['accuracy']:.4f}",
+            _render_accuracy(v),
             "-" if v["accuracy_drop"] is None else f"{v['accuracy_drop']:.2f}",
             v["evaluation_samples"] or "-",
             " ".join(f"{k}:{val:.3g}ms" for k, val in sorted(v["latency_ms"].items())) or "-",
@@ -680,6 +680,18 @@ def render_variants(variants: list[dict[str, Any]]) -> str:
         for v in variants
     ]
     return views.table(VARIANT_COLUMNS, rows)
+
+
+# Short names of Variant.accuracy_metric for the ACCURACY column.
+ACCURACY_METRIC_NAMES = {"top1": "top1", "top1_agreement": "agree"}
+
+
+def _render_accuracy(variant: dict[str, Any]) -> str:
+    """Render the accuracy with its metric: "top1 0.8125" against labels, "agree 0.9062" with the source."""
+    if variant["accuracy"] is None:
+        return "-"
+    metric = ACCURACY_METRIC_NAMES.get(variant["accuracy_metric"], variant["accuracy_metric"])
+    return f"{metric} {variant['accuracy']:.4f}".strip()
 
 
 def _render_speedup(variant: dict[str, Any]) -> str:

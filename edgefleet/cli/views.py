@@ -146,6 +146,7 @@ def variant_view(variant: operator_pb2.Variant) -> dict[str, Any]:
         "accuracy_metric": variant.accuracy_metric,
         "accuracy_drop": _number(variant.accuracy_drop),
         "evaluation_samples": variant.evaluation_samples or None,
+        "evaluation_digest": variant.evaluation_digest,
         "latency_ms": dict(variant.latency_ms),
         "source_latency_ms": dict(variant.source_latency_ms),
         "speedup": speedups,

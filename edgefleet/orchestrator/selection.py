@@ -99,7 +99,8 @@ def accuracy_drop(variant: Variant, variants: Sequence[Variant]) -> float | None
     """Return the points of accuracy a variant lost against its source, or None when it was not measured.
 
     A source loses nothing. Any other variant has the drop its own gate measured, against the source
-    on the same samples, so variants gated on different data still compare fairly. For variants stored
+    on the same samples. Drops that gates measured on different data compare only roughly (see
+    other_evaluation_data), and selection notes that in its reasons. For variants stored
     before the drop was kept, top-1 agreement gives the drop exactly. A top-1 accuracy against labels
     does not, because the source's figure on those samples was not kept, so such a variant counts as
     unmeasured: compared with the source's figure from another gate, it could rank above the source.
@@ -119,6 +120,32 @@ def accuracy_rank(variant: Variant, variants: Sequence[Variant]) -> float:
     """Return the accuracy a variant ranks by, relative to its source (1 - drop / 100); -1 when unmeasured."""
     drop = accuracy_drop(variant, variants)
     return -1.0 if drop is None else 1.0 - drop / 100.0
+
+
+def other_evaluation_data(variant: Variant, other: Variant) -> bool:
+    """Return whether two variants' drops may come from different evaluation data.
+
+    A source's drop is 0 by definition, so it compares with any drop. Two gated variants compare
+    exactly only when both stored the same digest of their evaluation data. Otherwise the sample
+    sets, and often the metric and sample count, differ, and a difference of one sample on a small
+    set can decide the ranking.
+    """
+    if variant.kind == "source" or other.kind == "source":
+        return False
+    return not variant.evaluation_digest or variant.evaluation_digest != other.evaluation_digest
+
+
+def _describe_evaluation(variant: Variant) -> str:
+    metric = variant.accuracy_metric or "accuracy"
+    samples = f"{variant.evaluation_samples} samples" if variant.evaluation_samples else "an unknown number of samples"
+    return f"{metric} on {samples}"
+
+
+def _different_data_note(variant: Variant, chosen: Variant) -> str:
+    return (
+        f"; note: measured on other evaluation data than {chosen.variant_id}'s ({_describe_evaluation(variant)}, "
+        f"against {_describe_evaluation(chosen)}), so the two drops compare only roughly"
+    )
 
 
 def _describe_accuracy(rank: float) -> str:
@@ -210,11 +237,23 @@ def select_for_hardware(
         if rank == 0:
             within = f"p95 {prediction.p95_ms:.2f} ms within {budget_ms:g} ms" if budget_ms else "no latency budget"
             reason = f"{CHOSEN}: most accurate runnable variant ({_describe_accuracy(accuracy)}, {within})"
+            outranked = [
+                other.variant_id
+                for other, _, other_accuracy in qualified[1:]
+                if 0 <= other_accuracy < accuracy and other_evaluation_data(other, variant)
+            ]
+            if outranked:
+                reason += (
+                    f"; note: it outranks {', '.join(outranked)} on drops measured on other evaluation data, "
+                    "which compare only roughly"
+                )
         else:
             assert chosen is not None
             best = chosen[2]
             if accuracy < best:
                 reason = f"{LESS_ACCURATE}: {_describe_accuracy(accuracy)}, against {(1.0 - best) * 100.0:.2f}"
+                if accuracy >= 0 and other_evaluation_data(variant, chosen[0]):
+                    reason += _different_data_note(variant, chosen[0])
             else:
                 reason = f"{SLOWER}: predicted p95 {prediction.p95_ms:.2f} ms >= {chosen[1].p95_ms:.2f} ms"
         if variant.variant_id in notes:

@@ -153,6 +153,7 @@ def variant_to_proto(variant: Variant) -> operator_pb2.Variant:
         accuracy_metric=variant.accuracy_metric,
         accuracy_drop=math.nan if variant.accuracy_drop is None else variant.accuracy_drop,
         evaluation_samples=variant.evaluation_samples,
+        evaluation_digest=variant.evaluation_digest,
         latency_ms=variant.latency_ms,
         source_latency_ms=variant.source_latency_ms,
         parent_variant_id=variant.parent_variant_id,

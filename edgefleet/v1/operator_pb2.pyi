@@ -211,7 +211,7 @@ class UploadModelRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadModelHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class Variant(_message.Message):
-    __slots__ = ("variant_id", "model_name", "model_version", "kind", "format", "precision", "digest", "size_bytes", "metadata", "status", "rejection_reason", "accuracy", "accuracy_metric", "latency_ms", "parent_variant_id", "created_at", "accuracy_drop", "source_latency_ms", "evaluation_samples")
+    __slots__ = ("variant_id", "model_name", "model_version", "kind", "format", "precision", "digest", "size_bytes", "metadata", "status", "rejection_reason", "accuracy", "accuracy_metric", "latency_ms", "parent_variant_id", "created_at", "accuracy_drop", "source_latency_ms", "evaluation_samples", "evaluation_digest")
     class LatencyMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class Variant(_message.Message):
     ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     variant_id: str
     model_name: str
     model_version: str
@@ -264,7 +265,8 @@ class Variant(_message.Message):
     accuracy_drop: float
     source_latency_ms: _containers.ScalarMap[str, float]
     evaluation_samples: int
-    def __init__(self, variant_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., kind: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metadata: _Optional[_Union[_common_pb2.ModelMetadata, _Mapping]] = ..., status: _Optional[str] = ..., rejection_reason: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., parent_variant_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., source_latency_ms: _Optional[_Mapping[str, float]] = ..., evaluation_samples: _Optional[int] = ...) -> None: ...
+    evaluation_digest: str
+    def __init__(self, variant_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., kind: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ModelFormat, str]] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., metadata: _Optional[_Union[_common_pb2.ModelMetadata, _Mapping]] = ..., status: _Optional[str] = ..., rejection_reason: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., parent_variant_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accuracy_drop: _Optional[float] = ..., source_latency_ms: _Optional[_Mapping[str, float]] = ..., evaluation_samples: _Optional[int] = ..., evaluation_digest: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "version", "digest", "size_bytes", "metadata", "created_at", "variants")

@@ -346,6 +346,50 @@ def test_select_ranks_by_drop_on_own_gate_data() -> None:
     assert reasons(selection)["pruned"] == f"{LESS_ACCURATE}: accuracy drop 0.50 points, against 0.00"
 
 
+def _gated_on(variant_id: str, drop: float, metric: str, samples: int, data: str, **changes: Any) -> Variant:
+    return variant(
+        variant_id, 1.0 - drop / 100.0, accuracy_metric=metric, accuracy_drop=drop, evaluation_samples=samples,
+        evaluation_digest="sha256:" + data * 64, **changes,
+    )
+
+
+def test_select_notes_other_evaluation_data() -> None:
+    """One sample better on 48 labelled samples outranks a drop of 0 on other data, with a note in both reasons."""
+    variants = [
+        variant("source", None, kind="source", accuracy_drop=0.0),
+        _gated_on("pruned", -2.08, "top1", 48, "a"),
+        _gated_on("int8", 0.0, "top1_agreement", 64, "b", precision="int8"),
+    ]
+    predictor = TablePredictor({"source": 9.0, "pruned": 5.0, "int8": 3.0})
+
+    selection = select_variant(device(), variants, budget_ms=None, predictor=predictor)
+    explained = reasons(selection)
+
+    assert selection.chosen is not None
+    assert selection.chosen.variant_id == "pruned"
+    assert "note: it outranks int8 on drops measured on other evaluation data" in explained["pruned"]
+    assert explained["int8"].startswith(f"{LESS_ACCURATE}: accuracy drop 0.00 points, against -2.08")
+    assert (
+        "note: measured on other evaluation data than pruned's (top1_agreement on 64 samples, against top1 on "
+        "48 samples), so the two drops compare only roughly"
+    ) in explained["int8"]
+    assert "note" not in explained["source"]
+
+
+def test_select_same_evaluation_data_no_note() -> None:
+    variants = [
+        variant("source", None, kind="source", accuracy_drop=0.0),
+        _gated_on("pruned", -2.08, "top1", 48, "a"),
+        _gated_on("int8", 0.0, "top1", 48, "a", precision="int8"),
+    ]
+    predictor = TablePredictor({"source": 9.0, "pruned": 5.0, "int8": 3.0})
+
+    explained = reasons(select_variant(device(), variants, budget_ms=None, predictor=predictor))
+
+    assert "note" not in explained["pruned"]
+    assert explained["int8"] == f"{LESS_ACCURATE}: accuracy drop 0.00 points, against -2.08"
+
+
 def test_select_variant_that_beat_its_source() -> None:
     variants = [
         variant("source", 0.90, kind="source", accuracy_drop=0.0),

@@ -34,6 +34,7 @@ _GATE_COLUMNS = (
     "accuracy_metric",
     "accuracy_drop",
     "evaluation_samples",
+    "evaluation_digest",
     "latency_ms",
     "source_latency_ms",
     "parent_variant_id",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -244,6 +245,7 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> tuple[list[Variant],
 
     progress.report(0.66, f"loading evaluation data from {sources.describe(plan.evaluation)}")
     evaluation = sources.load_samples(plan.evaluation, plan.evaluation_field, "evaluation", spec)
+    evaluation_digest = _data_digest(evaluation.inputs, evaluation.labels)
     gate = plan.recipe.gate
     variants: list[Variant] = []
     source_top1: float | None = None
@@ -268,10 +270,23 @@ def _run(job: Job, args: WorkerArgs, progress: Progress) -> tuple[list[Variant],
         if result.accuracy_metric == "top1" and result.source_accuracy is not None:
             source_top1 = result.source_accuracy  # The same source on the same samples for every candidate.
         if gated is not None:
-            variants.append(_gated_result(job, gated, result))
+            made = _gated_result(job, gated, result)
         else:
-            variants.append(_store_variant(job, planned, path, result, artifacts))
+            made = _store_variant(job, planned, path, result, artifacts)
+        variants.append(replace(made, evaluation_digest=evaluation_digest))
     return variants, source_top1, int(evaluation.inputs.shape[0])
+
+
+def _data_digest(inputs: np.ndarray, labels: np.ndarray | None) -> str:
+    """Return "sha256:<hex>" of the evaluation samples and labels, with their shapes and dtypes."""
+    digest = hashlib.sha256()
+    for array in (inputs, labels):
+        if array is None:
+            digest.update(b"none")
+            continue
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return "sha256:" + digest.hexdigest()
 
 
 def _gated_variant(recipe: dict[str, Any], store: JobStore) -> Variant | None:

@@ -144,6 +144,8 @@ variants = sa.Table(
     sa.Column("accuracy_drop", sa.Float, nullable=True),
     # NULL for variants gated before the count was kept.
     sa.Column("evaluation_samples", sa.Integer, nullable=True),
+    # NULL for variants gated before the digest was kept.
+    sa.Column("evaluation_digest", sa.String, nullable=True),
     sa.Column("latency_ms", sa.JSON, nullable=False),
     # NULL for variants gated before the source's figure was kept.
     sa.Column("source_latency_ms", sa.JSON, nullable=True),
