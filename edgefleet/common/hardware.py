@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 # Accelerator kinds, matching edgefleet.v1.AcceleratorKind without the prefix.
 ACCELERATOR_KINDS = ("gpu", "npu", "dsp")
+# Steps, in MiB, to which a hardware class rounds memory down. The first applies from 256 MiB up and
+# the second below it.
+MEMORY_STEP_MIB = 256
+SMALL_MEMORY_STEP_MIB = 16
 
 
 @dataclass(frozen=True)
@@ -54,15 +58,31 @@ class HardwareProfile:
         return None
 
 
+def memory_class_mib(memory_bytes: int) -> int:
+    """Round memory down to the step of its hardware class, in MiB.
+
+    The step is 256 MiB from 256 MiB up. Below that it is 16 MiB, so that small devices such as PLCs
+    with 32 to 128 MiB get distinct classes; under 16 MiB it is 1 MiB. Existing classes of 256 MiB
+    and more keep their names.
+    """
+    mib = memory_bytes // (1024 * 1024)
+    if mib >= MEMORY_STEP_MIB:
+        return (mib // MEMORY_STEP_MIB) * MEMORY_STEP_MIB
+    if mib >= SMALL_MEMORY_STEP_MIB:
+        return (mib // SMALL_MEMORY_STEP_MIB) * SMALL_MEMORY_STEP_MIB
+    return int(mib)
+
+
 def hardware_class_of(profile: HardwareProfile) -> str:
     """Derive a stable key that groups devices whose inference speed should match.
 
     Devices of one class share the architecture, the usable cores rounded to a half, the memory
-    rounded to 256 MiB, the inference-relevant CPU features, the accelerators and the runtimes with
-    their providers. The key starts with a readable part and ends with a short hash of the rest.
+    rounded down (memory_class_mib), the inference-relevant CPU features, the accelerators and the
+    runtimes with their providers. The key starts with a readable part and ends with a short hash of
+    the rest.
     """
     cores = round(profile.usable_cores * 2) / 2
-    memory_mib = (profile.memory_total_bytes // (256 * 1024 * 1024)) * 256
+    memory_mib = memory_class_mib(profile.memory_total_bytes)
     parts = [
         profile.architecture,
         profile.cpu_model,
