@@ -65,7 +65,7 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ratio: float = 0.3  # Fraction of channels removed, in (0, 1).
+    ratio: float = 0.3  # Fraction of the multiply-accumulates (MACs) removed, in (0, 1).
     round_to: int = 8  # Kept channel counts are multiples of this: 8 or 16.
     finetune_epochs: int = 3
     lr: float = 1e-3
@@ -140,6 +140,23 @@ _NESTED: dict[str, type[Any]] = {
 }
 
 
+def format_value(value: Any) -> str:
+    """Return value as a recipe writes it in TOML: true, 0.5, "NHWC", [1, 2], so that messages quote recipe syntax."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(format_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {format_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)
+
+
 def parse_recipe(data: dict[str, Any]) -> Recipe:
     """Build a Recipe from a dict; keys that are left out take the defaults of the dataclasses above.
 
@@ -184,12 +201,12 @@ def load_recipe(path: Path) -> Recipe:
 
 def _build(cls: type[Any], value: Any, where: str) -> Any:
     if not isinstance(value, dict):
-        raise RecipeError(f"{where} must be a table, got {value!r}")
+        raise RecipeError(f"{where} must be a table, got {format_value(value)}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(value) - set(known))
     if unknown:
         key = unknown[0]
-        raise RecipeError(f"unknown key {where}.{key} = {value[key]!r}: allowed keys are {sorted(known)}")
+        raise RecipeError(f"unknown key {where}.{key} = {format_value(value[key])}: allowed keys are {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for key, raw in value.items():
         path = f"{where}.{key}"
@@ -209,30 +226,30 @@ def _convert(raw: Any, default: Any, path: str) -> Any:
     """Check raw against the type of the field's default, converting lists to tuples."""
     if isinstance(default, bool):
         if not isinstance(raw, bool):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected true or false")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected true or false")
         return raw
     if isinstance(default, int):
         if isinstance(raw, bool) or not isinstance(raw, int):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected an integer")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected an integer")
         return raw
     if isinstance(default, float):
         if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected a number")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected a number")
         # TOML and Python's json module accept nan and inf, and inf passes the range checks that have no upper bound.
         if not math.isfinite(raw):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected a finite number")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected a finite number")
         return float(raw)
     if isinstance(default, str):
         if not isinstance(raw, str):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected a string")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected a string")
         return raw
     if isinstance(default, tuple):
         if not isinstance(raw, list | tuple):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected a list")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected a list")
         if default and len(raw) == 0:
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected at least one value")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected at least one value")
         if default and isinstance(default[0], float) and len(raw) != len(default):
-            raise RecipeError(f"{path} = {raw!r} is invalid: expected {len(default)} numbers")
+            raise RecipeError(f"{path} = {format_value(raw)} is invalid: expected {len(default)} numbers")
         sample = default[0] if default else ""
         return tuple(_convert(item, sample, f"{path}[{i}]") for i, item in enumerate(raw))
     raise RecipeError(f"{path} has no known type")  # pragma: no cover - every field has a typed default
@@ -245,12 +262,14 @@ def _check_choice(value: Any, choice_key: str, path: str) -> None:
     values = value if isinstance(value, tuple) else (value,)
     for item in values:
         if item not in allowed:
-            raise RecipeError(f"{path} = {value!r} is invalid: allowed values are {list(allowed)}")
+            raise RecipeError(
+                f"{path} = {format_value(value)} is invalid: allowed values are {format_value(list(allowed))}"
+            )
 
 
 def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise RecipeError(f"{path} = {value!r} is out of range: must be {allowed}")
+        raise RecipeError(f"{path} = {format_value(value)} is out of range: must be {allowed}")
 
 
 def _check_ranges(section: Any, where: str) -> None:
@@ -281,7 +300,8 @@ def _check_ranges(section: Any, where: str) -> None:
     elif isinstance(section, PreprocessConfig):
         _require(section.height > 0, f"{where}.height", section.height, "> 0")
         _require(section.width > 0, f"{where}.width", section.width, "> 0")
-        _require(all(s != 0 for s in section.std), f"{where}.std", section.std, "non-zero")
+        # A negative std flips the sign of a channel, and edgefleet-agent infer --std rejects it too.
+        _require(all(s > 0 for s in section.std), f"{where}.std", section.std, "above 0 for each channel")
         _require(section.scale > 0, f"{where}.scale", section.scale, "> 0")
         _require(section.resize_shorter >= 0, f"{where}.resize_shorter", section.resize_shorter, ">= 0")
     elif isinstance(section, DataSource):
