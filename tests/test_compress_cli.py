@@ -228,35 +228,79 @@ def test_missing_folder(server: OrchestratorThread, tmp_path: Path, capsys: pyte
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
-def test_compress_fine_tune_steps(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    """The flag reaches the job's recipe, and 4 calibration samples are too few to fine-tune on."""
+def test_compress_fine_tune_too_few(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 calibration samples are too few to fine-tune on, which the request finds before any job runs."""
     code = run_cli(server, "models", "compress", "tiny:1", *FAST, "--fine-tune-steps", "10", "--output", "json")
-    result = json.loads(capsys.readouterr().out)
-    assert code == 1
-    assert result["job"]["recipe"]["quantize"]["fine_tune_steps"] == 10
-    assert "4 samples are too few to fine-tune" in result["job"]["error"]
-    assert "fine-tuning the int8 onnx variant of model tiny:1 failed" in result["job"]["error"]
+    captured = capsys.readouterr()
+
+    assert code == 2
+    assert "calibration_size = 4, but fine_tune_steps needs at least 36 calibration samples" in captured.err
+    assert captured.out == ""
 
 
-def test_failed_job_error_printed_once(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_cli(server, "models", "compress", "tiny:1", *FAST, "--fine-tune-steps", "10", "--quiet")
+def undecodable_evaluation(tmp_path: Path) -> list[str]:
+    """Return --evaluation flags naming a folder whose only image the request accepts and the job cannot decode."""
+    from tests.orchestrator.test_jobs import truncated_png
+
+    folder = tmp_path / "evaluation"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(truncated_png())
+    return ["--evaluation", str(folder)]
+
+
+def test_failed_job_error_printed_once(
+    server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_cli(server, "models", "compress", "tiny:1", *FAST, *undecodable_evaluation(tmp_path), "--quiet")
     captured = capsys.readouterr()
 
     assert code == 1
-    assert re.fullmatch(r"job \w+ failed: .*4 samples are too few to fine-tune.*\n", captured.out), captured.out
+    assert re.fullmatch(r"job \w+ failed: .*broken\.png.*\n", captured.out), captured.out
     assert re.search(r"edgefleet: job \w+ failed\n", captured.err), captured.err
-    assert "too few" not in captured.err
+    assert "broken.png" not in captured.err
 
 
-def test_jobs_list_marks_cut_errors(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
-    run_cli(server, "models", "compress", "tiny:1", *FAST, "--fine-tune-steps", "10", "--quiet")
+def test_jobs_list_marks_cut_errors(
+    server: OrchestratorThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_cli(server, "models", "compress", "tiny:1", *FAST, *undecodable_evaluation(tmp_path), "--quiet")
     capsys.readouterr()
 
     run_cli(server, "jobs", "list")
 
     failed = [line for line in capsys.readouterr().out.splitlines() if " failed " in line]
-    cut = "fine-tuning the int8 onnx variant of model tiny:1 failed:... "
-    assert failed and all(cut in line for line in failed), failed
+    assert failed and all("gate.evaluation.images: " in line and "... " in line for line in failed), failed
+
+
+def test_jobs_cancel_twice(server: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    """A repeated cancel of a cancelled job succeeds, so a retrying script does not fail."""
+    run_cli(server, "models", "compress", "tiny:1", *FAST, "--no-wait", "--output", "json")
+    job_id = json.loads(capsys.readouterr().out)["job_id"]
+    assert run_cli(server, "jobs", "cancel", job_id) == 0
+    capsys.readouterr()
+
+    code = run_cli(server, "jobs", "cancel", job_id)
+
+    assert code == 0
+    assert f"job {job_id} already cancelled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--int8", "--calibration", "demo-photos"], "--int8, --calibration would make an int8 variant"),
+        (["--int8"], "--int8 would make"),
+    ],
+)
+def test_gate_with_int8_flags(
+    server: OrchestratorThread, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    code = run_cli(server, "models", "compress", "tiny:1", "--gate", "tiny:1:pruned", "--evaluation", "digits", *flags)
+
+    error = capsys.readouterr().err
+    assert code == 2
+    assert named in error
+    assert "[quantize] section" not in error
 
 
 def test_recipe_relative_paths(

@@ -92,8 +92,9 @@ def resolve_recipe_paths(recipe: dict[str, Any], folder: Path) -> None:
 def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """Read --recipe (TOML or JSON) and apply the shortcut flags on top; return the recipe dict.
 
-    Raises CliError for a missing or unreadable recipe file, and for int8 flags (--calibration,
-    --calibration-size, --fine-tune-steps) given without --int8 or a quantize section in the recipe.
+    Raises CliError for a missing or unreadable recipe file, for int8 flags (--calibration,
+    --calibration-size, --fine-tune-steps) given without --int8 or a quantize section in the recipe, and
+    for --gate together with --int8, an int8 flag or a quantize section.
     """
     recipe: dict[str, Any] = {}
     if args.recipe is not None:
@@ -137,6 +138,15 @@ def build_recipe(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(
             f"{', '.join(int8_flags)} given without --int8: the int8 flags apply only to int8 quantization; "
             "add --int8 (or a [quantize] section to the --recipe file)",
+            EXIT_USAGE,
+        )
+    if args.gate is not None and (args.int8 or int8_flags or "quantize" in recipe):
+        made_by = [flag for flag in ("--int8", *int8_flags) if flag != "--int8" or args.int8]
+        if not made_by:
+            made_by = [f"the [quantize] section of {args.recipe}"]
+        raise CliError(
+            f"--gate gates an uploaded variant and makes none, but {', '.join(made_by)} would make an int8 "
+            "variant: leave out --gate, or run a separate job for each",
             EXIT_USAGE,
         )
     if args.int8 or int8_flags:
@@ -374,6 +384,12 @@ def cmd_jobs_show(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> None:
+    before = client.call("GetCompressionJob", operator_pb2.GetCompressionJobRequest(job_id=args.job_id))
+    if before.state == operator_pb2.JOB_STATE_CANCELLED:
+        # A retried cancel succeeds, so a script may repeat it.
+        print(f"job {before.job_id} already cancelled", file=sys.stderr)
+        emit(job_view(before), args.output, render_job)
+        return
     # Ending a running worker may take the orchestrator's grace period.
     job = client.call(
         "CancelCompressionJob", operator_pb2.CancelCompressionJobRequest(job_id=args.job_id), timeout_s=60.0

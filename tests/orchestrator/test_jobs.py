@@ -85,6 +85,17 @@ def tiny_conv_onnx(seed: int = 0, size: int = 224, layout: str = "NCHW") -> byte
     return model.SerializeToString()
 
 
+def truncated_png() -> bytes:
+    """Return the first 60 bytes of a PNG: Pillow reads its header but fails to decode its pixels."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()[:60]
+
+
 def create(server: OrchestratorThread, recipe: dict[str, Any], model: str = "tiny") -> operator_pb2.CompressionJob:
     request = operator_pb2.CreateCompressionJobRequest(model_name=model, recipe_json=json.dumps(recipe))
     return server.operator.CreateCompressionJob(request, timeout=30)
@@ -147,10 +158,10 @@ def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyJobs]:
     server = OrchestratorThread(orchestrator_config(tmp_path))
     try:
         upload(server, tiny_conv_onnx(), "tiny", "1")
-        # The request checks only that the folder contains image files; the worker fails to decode this one.
+        # The request reads only image headers; the worker fails to decode this truncated PNG.
         undecodable = tmp_path / "undecodable"
         undecodable.mkdir()
-        (undecodable / "broken.png").write_bytes(b"not a PNG image")
+        (undecodable / "broken.png").write_bytes(truncated_png())
         failed = create(server, {**_fast_recipe(), "gate": {"evaluation": {"images": str(undecodable)}}})
         queued = create(server, _fast_recipe())
         cancelled = server.operator.CancelCompressionJob(
@@ -159,7 +170,13 @@ def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyJobs]:
         failed = wait_job(server.operator, failed.job_id)
         kinds = tuple(v.kind for v in variants_of(server.operator, "tiny"))
         accepted = create(server, _fast_recipe())
-        rejected = create(server, _fast_recipe(runtimes=["litert"]))
+        # An upload with other weights disagrees with the source on some of 16 noise samples.
+        upload(server, tiny_conv_onnx(seed=3), "tiny", "1", variant_kind="distilled")
+        np.savez(tmp_path / "noise.npz", input=np.random.default_rng(5).standard_normal((16, 3, 224, 224), np.float32))
+        evaluation = {"npz": str(tmp_path / "noise.npz")}
+        rejected = create(
+            server, {"gate": {"variant": "tiny:1:distilled", "evaluation": evaluation, "max_accuracy_drop": 0.0}}
+        )
         yield TinyJobs(
             server,
             wait_job(server.operator, accepted.job_id),
@@ -551,7 +568,7 @@ def test_job_variant_figures(tiny_jobs: TinyJobs) -> None:
 def test_job_rejected_stored(tiny_jobs: TinyJobs) -> None:
     variant = _variant_of(tiny_jobs, tiny_jobs.rejected)
     assert variant.status == "rejected"
-    assert "cannot load on litert" in variant.rejection_reason
+    assert "exceeds max_accuracy_drop 0" in variant.rejection_reason
 
 
 def test_job_rejected_not_deployable(tiny_jobs: TinyJobs) -> None:
@@ -858,7 +875,7 @@ def test_create_rejects_short_labels_folder(tiny: OrchestratorThread, tmp_path: 
     folder = tmp_path / "photos"
     folder.mkdir()
     for index in range(3):
-        (folder / f"photo{index}.png").write_bytes(b"never decoded by the request")
+        (folder / f"photo{index}.png").write_bytes(truncated_png())  # Never decoded by the request.
     np.save(tmp_path / "labels.npy", np.zeros(2, np.int64))
     evaluation = {"images": str(folder), "labels": str(tmp_path / "labels.npy")}
 
@@ -917,6 +934,67 @@ def test_create_rejects_evaluation_folder_is_calibration(tiny: OrchestratorThrea
     assert _job_count(tiny) == jobs_before
 
 
+def test_create_rejects_runtime_of_other_format(tiny: OrchestratorThread) -> None:
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, _fast_recipe(runtimes=["onnxruntime", "litert"])))
+
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'gate.runtimes: ["onnxruntime", "litert"] includes "litert", which cannot load the int8' in details
+    assert 'an ONNX model loads on onnxruntime only; set runtimes = ["onnxruntime"]' in details
+    assert _job_count(tiny) == jobs_before
+
+
+def test_create_rejects_undecodable_image(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "photos", 2)
+    (folder / "notes.png").write_bytes(b"not a PNG image")
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, {**_fast_recipe(), "gate": {"evaluation": {"images": str(folder)}}}))
+
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"gate.evaluation.images: '{folder / 'notes.png'}' is not an image that Pillow can read" in details
+    assert _job_count(tiny) == jobs_before
+
+
+def test_create_undecodable_past_calibration_size(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    """Only the images that calibration_size takes are checked, as only those are read."""
+    folder = _image_folder(tmp_path / "photos", 2)
+    (folder / "z-notes.png").write_bytes(b"not a PNG image")
+    recipe = {"quantize": {"calibration": {"images": str(folder)}, "calibration_size": 2}, "gate": {"evaluation": DEMO}}
+
+    upload(tiny, tiny_conv_onnx(seed=4), "tinycal", "1")
+
+    job = create(tiny, recipe, model="tinycal")
+
+    tiny.operator.CancelCompressionJob(operator_pb2.CancelCompressionJobRequest(job_id=job.job_id), timeout=60)
+    assert job.state == operator_pb2.JOB_STATE_QUEUED
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("photo", "did you mean photos in"),
+        ("demo-photo", 'did you mean the built-in source demo-photos (images = "builtin:demo-photos" in a recipe)?'),
+    ],
+)
+def test_create_missing_folder_hint(tiny: OrchestratorThread, tmp_path: Path, name: str, hint: str) -> None:
+    _image_folder(tmp_path / "photos", 1)
+
+    error = rpc_error(lambda: create(tiny, {"quantize": {"calibration": {"images": str(tmp_path / name)}}}))
+
+    assert f"folder '{tmp_path / name}' not found" in (error.details() or "")
+    assert hint in (error.details() or "")
+
+
+def test_create_recipe_without_variant(tiny: OrchestratorThread) -> None:
+    error = rpc_error(lambda: create(tiny, {"gate": {"evaluation": DEMO}}))
+
+    assert (error.details() or "").startswith("invalid recipe: produces no variant")
+
+
 def test_check_apart_warns_on_shared_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     calibration = _image_folder(tmp_path / "calibration", 3)
     evaluation = _image_folder(tmp_path / "evaluation", 0)
@@ -940,7 +1018,7 @@ def test_check_source_labels_limit(tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for index in range(5):
-        (folder / f"photo{index}.png").write_bytes(b"")
+        (folder / f"photo{index}.png").write_bytes(truncated_png())
     np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
     source = DataSource(images=str(folder), labels=str(tmp_path / "labels.npy"))
     spec = TensorSpec("input", "float32", (-1, 3, 224, 224))
@@ -963,6 +1041,15 @@ def test_job_failed_stores_no_variant(tiny_jobs: TinyJobs) -> None:
 
 def test_cancel_queued(tiny_jobs: TinyJobs) -> None:
     assert tiny_jobs.cancelled.state == operator_pb2.JOB_STATE_CANCELLED
+
+
+def test_cancel_cancelled_again(tiny_jobs: TinyJobs) -> None:
+    request = operator_pb2.CancelCompressionJobRequest(job_id=tiny_jobs.cancelled.job_id)
+
+    job = tiny_jobs.server.operator.CancelCompressionJob(request, timeout=30)
+
+    assert job.state == operator_pb2.JOB_STATE_CANCELLED
+    assert job.updated_at == tiny_jobs.cancelled.updated_at
 
 
 def test_cancel_finished(tiny_jobs: TinyJobs) -> None:
@@ -1083,7 +1170,8 @@ def test_plan_layout_explicit_kept() -> None:
         plan_job(recipe, _image_metadata((1, 32, 32, 3)))
 
 
-def test_job_error_names_model(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
+def test_create_rejects_model_without_weights(tiny: OrchestratorThread) -> None:
+    """A model with only a Relu has nothing to quantize, which its stored MACs show before calibration."""
     graph = helper.make_graph(
         [helper.make_node("Relu", ["input"], ["output"])],
         "relu",
@@ -1091,14 +1179,16 @@ def test_job_error_names_model(start_orchestrator: Callable[..., OrchestratorThr
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 224, 224])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    server = start_orchestrator()
-    upload(server, model.SerializeToString(), "relu", "1")
+    upload(tiny, model.SerializeToString(), "relu", "1")
+    jobs_before = _job_count(tiny)
 
-    job = wait_job(server.operator, create(server, _fast_recipe(), model="relu").job_id)
+    error = rpc_error(lambda: create(tiny, _fast_recipe(), model="relu"))
 
-    assert job.state == operator_pb2.JOB_STATE_FAILED
-    assert "static quantization of model relu:1 inserted no QuantizeLinear" in job.error
-    assert "source.onnx" not in job.error
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid recipe quantize: the model has no Conv, ConvTranspose, Gemm or MatMul" in details
+    assert "(1 nodes, 0 multiply-accumulates)" in details
+    assert _job_count(tiny) == jobs_before
 
 
 @pytest.mark.slow
@@ -1278,15 +1368,40 @@ def process_alive(pid: int) -> bool:
     return _process_exists(pid)
 
 
-def test_job_fine_tune_needs_samples(start_orchestrator: Callable[..., OrchestratorThread]) -> None:
-    """quantize.fine_tune_steps reaches the worker: 4 calibration samples cannot fill a fine-tuning batch."""
-    server = start_orchestrator()
-    upload(server, tiny_conv_onnx(), "tiny", "1")
+def test_create_fine_tune_size_too_small(tiny: OrchestratorThread) -> None:
+    """4 calibration samples cannot fill two fine-tuning batches, which the request finds before calibrating."""
     recipe = _fast_recipe()
     recipe["quantize"]["fine_tune_steps"] = 10
-    job = wait_job(server.operator, create(server, recipe).job_id)
-    assert job.state == operator_pb2.JOB_STATE_FAILED
-    assert "4 samples are too few to fine-tune" in job.error
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "quantize.calibration_size: calibration_size = 4, but fine_tune_steps needs at least 36" in details
+    assert "--calibration-size" in details
+    assert _job_count(tiny) == jobs_before
+
+
+def test_create_fine_tune_npz_too_small(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    np.savez(tmp_path / "calibration.npz", input=np.zeros((20, 3, 224, 224), np.float32))
+    np.savez(tmp_path / "evaluation.npz", input=np.zeros((2, 3, 224, 224), np.float32))
+    recipe = {
+        "quantize": {"calibration": {"npz": str(tmp_path / "calibration.npz")}, "fine_tune_steps": 10},
+        "gate": {"evaluation": {"npz": str(tmp_path / "evaluation.npz")}},
+    }
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "calibration.npz' contains 20 samples, but fine_tune_steps needs at least 36" in (error.details() or "")
+
+
+def test_plan_fine_tune_minimum_matches_qat() -> None:
+    from edgefleet.orchestrator.compress.qat import FineTuneConfig, min_fine_tune_samples
+    from edgefleet.orchestrator.jobs.plan import FINE_TUNE_MIN_SAMPLES
+
+    assert min_fine_tune_samples(FineTuneConfig()) == FINE_TUNE_MIN_SAMPLES
 
 
 def test_job_fine_tuned_variant(start_orchestrator: Callable[..., OrchestratorThread], tmp_path: Path) -> None:

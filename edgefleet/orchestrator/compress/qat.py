@@ -70,6 +70,14 @@ def _holdout_count(count: int, fraction: float) -> int:
     return max(1, round(count * fraction))
 
 
+def min_fine_tune_samples(config: FineTuneConfig) -> int:
+    """Return the fewest samples that leave two batches of config.batch_size after the hold-out."""
+    needed = 2 * config.batch_size + 1
+    while needed - _holdout_count(needed, config.holdout_fraction) < 2 * config.batch_size:
+        needed += 1
+    return needed
+
+
 def fine_tune_qdq(
     qdq_model: onnx.ModelProto,
     source_model: onnx.ModelProto,
@@ -106,9 +114,7 @@ def fine_tune_qdq(
     holdout = _holdout_count(count, settings.holdout_fraction)
     train_count = count - holdout
     if train_count < 2 * settings.batch_size:
-        needed = 2 * settings.batch_size + 1
-        while needed - _holdout_count(needed, settings.holdout_fraction) < 2 * settings.batch_size:
-            needed += 1
+        needed = min_fine_tune_samples(settings)
         raise ValueError(
             f"{count} samples are too few to fine-tune with batch_size {settings.batch_size}: need at least "
             f"{needed}, {_holdout_count(needed, settings.holdout_fraction)} of them held out"

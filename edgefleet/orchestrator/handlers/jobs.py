@@ -77,7 +77,9 @@ def create_compression_job(
     except RecipeError as error:
         raise InvalidArgument("recipe", str(error)) from None
     except PlanError as error:
-        raise InvalidArgument(f"recipe {error.field}", str(error).removeprefix(f"{error.field}: ")) from None
+        # A PlanError about the recipe as a whole has the field "recipe", which needs no second mention.
+        field = "recipe" if error.field == "recipe" else f"recipe {error.field}"
+        raise InvalidArgument(field, str(error).removeprefix(f"{error.field}: ")) from None
     now = datetime.now(UTC)
     job = Job(
         job_id=uuid.uuid4().hex[:12],
@@ -153,11 +155,15 @@ def cancel_compression_job(
 ) -> operator_pb2.CompressionJob:
     """Cancel a queued job at once, or a running one by ending its worker process; nothing is stored.
 
-    Raises NotFound for an unknown job and FailedPrecondition for a job that already finished.
+    A job that is cancelled already is returned unchanged, so a retried cancel succeeds. Raises NotFound
+    for an unknown job and FailedPrecondition for a job that succeeded or failed.
     """
     jobs = _job_store(state)
     existing = _get(request.job_id, jobs)
     job, changed = jobs.cancel(existing.job_id, datetime.now(UTC))
+    if not changed and job.state == CANCELLED:
+        log.info("compression job %s is cancelled already", job.job_id)
+        return job_to_proto(job)
     if not changed:
         raise FailedPrecondition(f"job {job.job_id} already {job.state}; only queued or running jobs cancel")
     runner = state.job_runner

@@ -11,13 +11,24 @@ from typing import Any
 
 from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.compress.quantize import quantization_recommendation
-from edgefleet.orchestrator.compress.recipe import DataSource, PreprocessConfig, Recipe, RecipeError, parse_recipe
+from edgefleet.orchestrator.compress.recipe import (
+    DataSource,
+    PreprocessConfig,
+    Recipe,
+    RecipeError,
+    format_value,
+    parse_recipe,
+)
 from edgefleet.orchestrator.domain import Variant
 from edgefleet.orchestrator.jobs import sources
 
 logger = logging.getLogger(__name__)
 
 _RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
+_FORMAT_NAMES = {"onnx": "an ONNX", "tflite": "a TFLite"}
+# compress.qat.min_fine_tune_samples(FineTuneConfig()): two batches of 16 once a tenth is held out.
+# qat imports torch and so stays out of the orchestrator process; a test keeps the two equal.
+FINE_TUNE_MIN_SAMPLES = 36
 
 
 class PlanError(ValueError):
@@ -93,10 +104,15 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata, gated: Variant | Non
             method = "onnx-static" if recipe.quantize.method == "static" else "onnx-dynamic"
             if method == "onnx-dynamic" and metadata.macs_by_op_type:
                 _check_dynamic_suits(metadata)
+            if method == "onnx-static" and metadata.macs == 0:
+                _reject_no_weighted_operator(metadata)
             planned.append(PlannedVariant("int8", "onnx", "int8", method))
         else:
             if recipe.quantize.method != "static":
-                raise PlanError("quantize.method", f"{recipe.quantize.method!r} applies to ONNX only; use 'static'")
+                raise PlanError(
+                    "quantize.method",
+                    f'{format_value(recipe.quantize.method)} applies to ONNX only; use "static"',
+                )
             planned.append(PlannedVariant("tflite-int8", "tflite", "int8", "tflite-int8"))
     if recipe.tflite is not None:
         if source_format != "tflite":
@@ -147,6 +163,8 @@ def _finish_plan(
         assert recipe.quantize is not None
         calibration = recipe.quantize.calibration
         _check(calibration, "quantize.calibration", inputs, recipe.quantize.calibration_size, classes)
+        if recipe.quantize.fine_tune_steps and any(p.method == "onnx-static" for p in planned):
+            _check_fine_tune_samples(calibration, recipe.quantize.calibration_size, inputs)
     evaluation = recipe.gate.evaluation
     evaluation_field = "gate.evaluation"
     if sources.is_empty(evaluation):
@@ -168,6 +186,8 @@ def _finish_plan(
                 raise PlanError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
     gate = data.get("gate")
     explicit_runtimes = isinstance(gate, dict) and "runtimes" in gate
+    if explicit_runtimes:
+        _check_runtimes(recipe.gate.runtimes, planned)
     plan = JobPlan(
         recipe=recipe,
         variants=planned,
@@ -178,6 +198,52 @@ def _finish_plan(
     )
     logger.debug("planned %s", plan)
     return plan
+
+
+def _check_runtimes(runtimes: tuple[str, ...], planned: tuple[PlannedVariant, ...]) -> None:
+    """Raise PlanError when gate.runtimes names a runtime that cannot load a planned variant's format."""
+    for variant in planned:
+        runtime = _RUNTIME_OF_FORMAT[variant.format]
+        other = [r for r in runtimes if r != runtime]
+        if other:
+            raise PlanError(
+                "gate.runtimes",
+                f"{format_value(list(runtimes))} includes {format_value(other[0])}, which cannot load the "
+                f"{variant.kind} variant: {_FORMAT_NAMES[variant.format]} model loads on {runtime} only; "
+                f"set runtimes = {format_value([runtime])} or leave runtimes out",
+            )
+
+
+def _reject_no_weighted_operator(metadata: ModelMetadata) -> None:
+    """Raise PlanError for an ONNX model without multiply-accumulates, which int8 quantization cannot shrink.
+
+    onnxruntime's quantizer fails on such a model (only a Relu, say) after calibration, minutes into the job.
+    """
+    # NOTE: the stored MACs count only Conv, ConvTranspose, Gemm and MatMul nodes whose shapes the upload
+    # inferred, so a model whose shapes could not be inferred at all is rejected here as well.
+    raise PlanError(
+        "quantize",
+        f"the model has no Conv, ConvTranspose, Gemm or MatMul with known shapes ({metadata.layers} nodes, "
+        "0 multiply-accumulates), so int8 quantization has no weights to quantize; deploy the source as it is",
+    )
+
+
+def _check_fine_tune_samples(calibration: DataSource, calibration_size: int, inputs: tuple[TensorSpec, ...]) -> None:
+    """Raise PlanError when the job would load fewer calibration samples than fine-tuning needs."""
+    spec = sources.choose_input(inputs, calibration, "quantize.calibration")
+    available = sources.sample_count(calibration, spec)
+    if calibration_size < FINE_TUNE_MIN_SAMPLES:
+        field, taken = "quantize.calibration_size", f"calibration_size = {calibration_size}"
+    elif available is not None and available < FINE_TUNE_MIN_SAMPLES:
+        field, taken = "quantize.calibration", f"{sources.describe(calibration)!r} contains {available} samples"
+    else:
+        return
+    raise PlanError(
+        field,
+        f"{taken}, but fine_tune_steps needs at least {FINE_TUNE_MIN_SAMPLES} calibration samples (two batches "
+        f"of 16 once a tenth is held out): give {FINE_TUNE_MIN_SAMPLES} or more (--calibration-size), or set "
+        "fine_tune_steps = 0 (--fine-tune-steps 0)",
+    )
 
 
 def _check_dynamic_suits(metadata: ModelMetadata) -> None:

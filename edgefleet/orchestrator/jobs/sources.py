@@ -17,13 +17,14 @@ headers; load_samples() runs in the job's worker process and may import heavy li
 from __future__ import annotations
 
 import filecmp
+import itertools
 import logging
 import math
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -138,8 +139,11 @@ def check_source(
             _check_image_input(spec, source.preprocess, field)
     elif source.images:
         folder = _absolute(source.images, f"{field}.images")
-        sample_count = len(list_images(folder, f"{field}.images"))
+        images = list_images(folder, f"{field}.images")
+        sample_count = len(images)
         _check_image_input(spec, source.preprocess, field)
+        # load_samples reads the first limit images of a folder, so only those are checked.
+        _check_image_headers(images[:limit] if limit is not None else images, f"{field}.images")
     else:
         sample_count = _check_npz(_absolute(source.npz, f"{field}.npz"), spec, f"{field}.npz")
     if source.labels:
@@ -218,11 +222,53 @@ def _shared_files(calibration: Path, evaluation: Path) -> list[Path]:
 def list_images(folder: Path, field: str) -> list[Path]:
     """List the image files directly in folder, sorted; raise SourceError when it is missing or has none."""
     if not folder.is_dir():
-        raise SourceError(field, f"folder {str(folder)!r} not found on the orchestrator host or not a directory")
+        raise SourceError(
+            field,
+            f"folder {str(folder)!r} not found on the orchestrator host or not a directory{_folder_hint(folder)}",
+        )
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise SourceError(field, f"folder {str(folder)!r} contains no images (suffixes {', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+def _check_image_headers(images: Sequence[Path], field: str) -> None:
+    """Raise SourceError naming the first file whose header Pillow cannot read as an image.
+
+    Image.open reads only the header, so a file with a valid header and broken pixel data still fails
+    in the job. Without Pillow (an orchestrator installed without the demo extra) nothing is checked here.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    for path in images:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise SourceError(
+                field,
+                f"{str(path)!r} is not an image that Pillow can read ({error}); remove or replace it",
+            ) from None
+
+
+def _folder_hint(folder: Path) -> str:
+    """Return '; did you mean ...?' naming a folder next to folder or a built-in source with a close name, or ""."""
+    from edgefleet.orchestrator.handlers.devices import suggest
+
+    try:
+        # At most a few thousand entries are read, so a huge parent folder costs no more than that.
+        siblings = [p.name for p in itertools.islice(folder.parent.iterdir(), 5000) if p.is_dir()]
+    except OSError:
+        siblings = []
+    hint = suggest(folder.name, siblings)
+    if hint:
+        return f"{hint.removesuffix('?')} in {str(folder.parent)!r}?"
+    close = [name for name in BUILTINS if suggest(folder.name, [name])]
+    if close:
+        return f'; did you mean the built-in source {close[0]} (images = "{BUILTIN_PREFIX}{close[0]}" in a recipe)?'
+    return ""
 
 
 def _absolute(value: str, field: str) -> Path:
@@ -275,6 +321,25 @@ def _check_npz(path: Path, spec: TensorSpec, field: str) -> int:
     """Check the .npz array of the model input from its header (and its values for NaN); return its sample count."""
     if not path.is_file():
         raise SourceError(field, f"{str(path)!r} not found on the orchestrator host")
+    shape, dtype = _npz_header(path, spec, field)
+    check_shape(tuple(shape), str(np.dtype(dtype)), spec, field)
+    if np.dtype(dtype).kind in "fc":
+        # Reads the samples once more, so that a NaN fails the request instead of the job's calibration.
+        with np.load(path, allow_pickle=False) as archive:
+            samples = archive[spec.name]
+        finite = np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise SourceError(
+                field,
+                f"{str(path)!r} has NaN or infinite values in {bad.size} of {samples.shape[0]} samples "
+                f"(the first is sample {bad[0]}); fix or drop those samples",
+            )
+    return int(shape[0])
+
+
+def _npz_header(path: Path, spec: TensorSpec, field: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Return the shape and dtype of the .npz array of the model input, read from its .npy header."""
     member = f"{spec.name}.npy"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -294,32 +359,38 @@ def _check_npz(path: Path, spec: TensorSpec, field: str) -> int:
         if isinstance(error, SourceError):
             raise
         raise SourceError(field, f"{str(path)!r} is not a readable .npz file: {error}") from None
-    check_shape(tuple(shape), str(np.dtype(dtype)), spec, field)
-    if np.dtype(dtype).kind in "fc":
-        # Reads the samples once more, so that a NaN fails the request instead of the job's calibration.
-        with np.load(path, allow_pickle=False) as archive:
-            samples = archive[spec.name]
-        finite = np.isfinite(samples).reshape(samples.shape[0], -1).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            raise SourceError(
-                field,
-                f"{str(path)!r} has NaN or infinite values in {bad.size} of {samples.shape[0]} samples "
-                f"(the first is sample {bad[0]}); fix or drop those samples",
-            )
-    return int(shape[0])
+    return tuple(shape), np.dtype(dtype)
+
+
+def sample_count(source: DataSource, spec: TensorSpec) -> int | None:
+    """Return the samples in a folder or .npz source from its file list or header; None for a built-in source.
+
+    Call it after check_source, which rejects a missing or unreadable source.
+    """
+    if builtin_name(source):
+        return None
+    if source.images:
+        return len(list_images(Path(source.images), "images"))
+    shape, _ = _npz_header(Path(source.npz), spec, "npz")
+    return shape[0] if shape else None
 
 
 def check_shape(shape: tuple[int, ...], dtype: str, spec: TensorSpec, field: str) -> None:
     """Check that samples of shape and dtype (batch axis first) fit the model input; raise SourceError."""
-    expected = "(" + ", ".join("N" if d < 0 else str(d) for d in spec.shape) + ")"
+    # The batch axis is N even when the model fixes it, because samples are fed in batches of the fixed size.
+    expected = "(" + ", ".join("N" if i == 0 or d < 0 else str(d) for i, d in enumerate(spec.shape)) + ")"
+    batch = spec.shape[0] if spec.shape else -1
+    samples = f"N a multiple of the model's fixed batch {batch}" if batch > 1 else "any number of samples N"
     if dtype != spec.dtype:
         raise SourceError(field, f"samples are {dtype} but model input {spec.name!r} is {spec.dtype}")
     if len(shape) != len(spec.shape):
         raise SourceError(field, f"samples have shape {shape}, expected {expected} with the batch axis first")
     for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
         if axis > 0 and want > 0 and want != got:
-            raise SourceError(field, f"samples have shape {shape}, expected {expected}: axis {axis} is {got}")
+            raise SourceError(
+                field,
+                f"samples have shape {shape}, expected {expected} with {samples}: axis {axis} is {got}",
+            )
     if shape[0] == 0:
         raise SourceError(field, f"the source contains no samples (shape {shape})")
 
