@@ -21,7 +21,7 @@ from edgefleet.agent.delivery import Downloader, ModelStore
 from edgefleet.agent.identity import Identity, load_identity, lock_state_dir, save_identity
 from edgefleet.agent.local_api import LocalApiServer
 from edgefleet.agent.metrics import MetricsRecorder
-from edgefleet.agent.probe import DiskUsage, disk_usage
+from edgefleet.agent.probe import DiskUsage, disk_usage, resident_bytes
 from edgefleet.agent.profiles import EnforcedLimits
 from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
 from edgefleet.agent.runtime.host import ModelHost
@@ -304,6 +304,8 @@ class Agent:
             # A profile's threads may exceed its pinned CPUs, as an explicit choice of the operator.
             max_threads=max(len(limits.cpus), limits.threads),
             memory_budget_bytes=limits.memory_budget_bytes,
+            # The runtimes are imported now (ModelHost), so this is the agent's memory without a model.
+            process_bytes=resident_bytes(),
             report=self._queue_report,
             on_serving=self._benchmark_installed,
             verifier=self.verifier,

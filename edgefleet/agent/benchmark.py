@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefleet.agent.runtime.base import Runner, zeros_for
+from edgefleet.agent.runtime.base import Runner, release_freed_memory, zeros_for
 from edgefleet.common.amdahl import ThreadChoice, choose_threads
 from edgefleet.common.models import TensorSpec
 from edgefleet.v1 import agent_pb2
@@ -130,6 +130,8 @@ def benchmark_model(
                 timings[i] = (time.perf_counter_ns() - start) / 1e6
         finally:
             model.close()
+            # Each thread count loads a session of its own; without this, glibc keeps its freed memory.
+            release_freed_memory()
         results.append(
             ThreadLatency(
                 threads=threads,

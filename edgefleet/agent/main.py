@@ -82,7 +82,7 @@ def run(config: AgentConfig) -> int:
     from edgefleet.agent.agent import Agent, FatalAgentError, Keepalive
     from edgefleet.agent.buffer import BufferLimits
     from edgefleet.agent.probe import probe_hardware
-    from edgefleet.agent.probe_cgroup import cpu_quota
+    from edgefleet.agent.probe_cgroup import cpu_quota, memory_limit
     from edgefleet.agent.profiles import DeviceProfile, ProfileError, load_profile
 
     try:
@@ -112,7 +112,8 @@ def run(config: AgentConfig) -> int:
     except (CredentialsError, IdentityError) as error:
         log.error("cannot start: %s", error)
         return EXIT_CONFIG
-    limits = profile.enforce(cpu_quota(Path("/")))
+    cgroup_memory = memory_limit(Path("/"))
+    limits = profile.enforce(cpu_quota(Path("/")), cgroup_memory.limit_bytes if cgroup_memory is not None else None)
     # The free space reported is that of the model store (Agent.store), which may be a file system of its own.
     hardware = profile.apply(probe_hardware(store_dir=config.state_dir / "models"))
     config = AgentConfig(**{**config.__dict__, "labels": labels})

@@ -188,6 +188,15 @@ def _memory(root: Path) -> tuple[int, int]:
     return total, min(available, total)
 
 
+def resident_bytes() -> int:
+    """Return the resident set size of this process from /proc/self/statm, or 0 where it cannot be read."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_memory_bytes(root: Path = Path("/")) -> int:
     """Return the memory this process can use now: MemAvailable capped by its cgroup's headroom; 0 if unknown."""
     return _memory(root)[1]

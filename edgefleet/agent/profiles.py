@@ -49,9 +49,10 @@ class ProfileError(ValueError):
 class EnforcedLimits:
     cpus: tuple[int, ...]  # CPU ids the process is pinned to.
     threads: int  # Intra-op threads a runtime session may use.
-    # Memory the agent may commit to loaded models, or None for no budget beyond the probed memory.
-    # The agent enforces it by rejecting a model whose estimated memory exceeds it. RLIMIT_AS is not
-    # used because runtimes reserve far more virtual address space than they touch.
+    # Memory the agent may use with its loaded models, or None for no budget beyond the probed memory.
+    # The agent enforces it by rejecting a model whose estimated memory, added to the agent's own and
+    # that of the models loaded, exceeds it. RLIMIT_AS is not used because runtimes reserve far more
+    # virtual address space than they touch.
     memory_budget_bytes: int | None
 
 
@@ -121,12 +122,15 @@ class DeviceProfile:
             runtime, providers=tuple(p for p in runtime.providers if p in cpu_providers)
         )
 
-    def enforce(self, cpu_quota: float | None = None) -> EnforcedLimits:
+    def enforce(self, cpu_quota: float | None = None, memory_limit_bytes: int | None = None) -> EnforcedLimits:
         """Pin this process to ceil(cores) of the CPUs it may run on, lowest ids first.
 
         Sets the affinity of every thread listed in /proc/self/task with os.sched_setaffinity
         (threads created later inherit it); a profile without cores leaves the affinity alone.
         cpu_quota is the cgroup CPU quota in CPUs (probe_cgroup.cpu_quota), or None when unlimited.
+        memory_limit_bytes is the cgroup memory limit (probe_cgroup.memory_limit), or None when unlimited.
+        The memory budget is the smaller of it and the profile's memory_mib, because the kernel
+        kills the agent at the cgroup limit whatever the profile says.
         Without `threads` in the profile, the agent runs one thread per pinned CPU, but no more than the
         quota rounded up. The kernel throttles a cgroup that has used its quota, so more threads only wait.
         Returns the CPUs, the thread count and the memory budget that the agent must respect.
@@ -146,7 +150,8 @@ class DeviceProfile:
             _pin_all_threads(cpus)
             logger.info("profile %s pinned the agent to CPUs %s", self.name, cpus)
         threads = self.threads if self.threads is not None else default_threads(len(cpus), cpu_quota)
-        return EnforcedLimits(cpus=tuple(cpus), threads=threads, memory_budget_bytes=self.memory_bytes)
+        budgets = [b for b in (self.memory_bytes, memory_limit_bytes) if b is not None]
+        return EnforcedLimits(cpus=tuple(cpus), threads=threads, memory_budget_bytes=min(budgets, default=None))
 
 
 def default_threads(cpu_count: int, cpu_quota: float | None) -> int:

@@ -36,7 +36,8 @@ DESIRED_FILE = "desired.json"
 FORMAT_RUNTIMES = {"onnx": "onnxruntime", "tflite": "litert"}
 # Memory a loaded model needs, estimated as a multiple of its file size plus a fixed runtime cost.
 # NOTE: a rough estimate (weights, one copy for optimised kernels, arena); measured peak memory is
-# not yet reported per model.
+# not yet reported per model. EfficientNet-Lite0 (18.7 MB) adds about 70 MiB RSS under onnxruntime
+# (bench/bench_agent_memory.py).
 MEMORY_PER_FILE_BYTE = 3
 MEMORY_FIXED_BYTES = 16 * 1024 * 1024
 
@@ -55,8 +56,12 @@ class Reconciler:
     state_dir: Path
     allowed_runtimes: tuple[str, ...]
     default_threads: int
+    # Memory that the agent and its models may use in all, such as the profile's memory_mib capped by the
+    # cgroup limit, or None for no check.
     memory_budget_bytes: int | None
     report: ReportCallback
+    # Memory the agent takes with no model loaded (its RSS at start), counted against memory_budget_bytes.
+    process_bytes: int = 0
     generation: int = 0
     # Queues the on-device benchmark of a newly installed variant; it must return at once, because
     # the benchmark runs off the inference and reconcile paths.
@@ -446,22 +451,10 @@ class Reconciler:
                 f"(runtimes: {', '.join(self.allowed_runtimes) or 'none'})",
             )
             return
-        needed = assignment.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
-        if self.memory_budget_bytes is not None:
-            in_use = sum(
-                m.path.stat().st_size * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
-                for m in self.host.list()
-                if m.name != name and m.path.exists()
-            )
-            if in_use + needed > self.memory_budget_bytes:
-                self._set(
-                    assignment,
-                    "failed",
-                    error=f"model needs about {needed >> 20} MiB, {in_use >> 20} MiB are in use and the device's "
-                    f"memory budget is {self.memory_budget_bytes >> 20} MiB; remove a model from this device or "
-                    "deploy a smaller variant (edgefleet models compress --int8)",
-                )
-                return
+        over_budget = self._over_memory_budget(assignment)
+        if over_budget:
+            self._set(assignment, "failed", error=over_budget)
+            return
 
         previous = self.store.current(name)
         try:
@@ -541,6 +534,32 @@ class Reconciler:
         )
         if not offline and self.on_serving is not None:
             self.on_serving(assignment.variant_id, installed.path, model_format)
+
+    def _over_memory_budget(self, assignment: agent_pb2.ModelAssignment) -> str:
+        """Return why loading assignment would exceed the memory budget, or "" when it fits.
+
+        A swap loads and warms up the new version while the old one still serves, so the version
+        served under the same name counts until the swap ends, as do the other models and the
+        agent's own memory (process_bytes).
+        """
+        if self.memory_budget_bytes is None:
+            return ""
+        needed = assignment.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
+        served = {m.name: m for m in self.host.list() if m.path.exists()}
+        models = sum(m.path.stat().st_size * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES for m in served.values())
+        in_use = self.process_bytes + models
+        if in_use + needed <= self.memory_budget_bytes:
+            return ""
+        replaced = served.get(assignment.model_name)
+        swap = ""
+        if replaced is not None:
+            swap = f", including version {replaced.version}, which stays loaded until the new version replaces it"
+        return (
+            f"model needs about {needed >> 20} MiB, {in_use >> 20} MiB are in use (the agent itself "
+            f"{self.process_bytes >> 20} MiB, loaded models {models >> 20} MiB{swap}) and the device's memory budget "
+            f"is {self.memory_budget_bytes >> 20} MiB; remove a model from this device or deploy a smaller variant "
+            "(edgefleet models compress --int8)"
+        )
 
     def _serve_again(self, name: str, failed: agent_pb2.ModelAssignment) -> ServedModel | None:
         """Serve the assignment that ran before a restart when the desired one failed; return it, or None.

@@ -240,6 +240,15 @@ def enforce_in_child(tmp_path: Path, profile_text: str, probe_root: Path = Path(
     return result
 
 
+def test_enforce_memory_budget_capped_by_cgroup() -> None:
+    profile = DeviceProfile(name="ecu", memory_bytes=2 * GIB)
+
+    assert profile.enforce(None, 300 * MIB).memory_budget_bytes == 300 * MIB
+    assert profile.enforce(None, 4 * GIB).memory_budget_bytes == 2 * GIB
+    assert profile.enforce(None, None).memory_budget_bytes == 2 * GIB
+    assert DeviceProfile(name="").enforce(None, 300 * MIB).memory_budget_bytes == 300 * MIB
+
+
 def test_enforce_pins_one_cpu(tmp_path: Path) -> None:
     result = enforce_in_child(tmp_path, "cores = 1\nmemory_mib = 128\n")
     before = result["before"]

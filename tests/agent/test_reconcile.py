@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.delivery import Downloader, ModelStore
-from edgefleet.agent.reconcile import DESIRED_FILE, Reconciler
+from edgefleet.agent.reconcile import DESIRED_FILE, MEMORY_FIXED_BYTES, MEMORY_PER_FILE_BYTE, Reconciler
 from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.agent.verify import ArtifactVerifier
 from edgefleet.common.serde import format_to_proto
@@ -265,6 +265,32 @@ def test_failed_deploy_reports_served_version(
     assert reported[1].runtime == "onnxruntime"
     assert reported[1].error == ""
     assert [(s.variant_id, s.state) for s in redeployed] == [("linear:1:source", MODEL_STATE_SERVING)]
+
+
+def test_swap_counts_both_versions_against_budget(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
+) -> None:
+    """A budget that holds one version of a model but not two rejects a swap, and the old version serves on."""
+    first = assignment(artifacts, onnx_linear(tmp_path / "first.onnx", seed=0), "1")
+    second = assignment(artifacts, onnx_linear(tmp_path / "second.onnx", seed=1), "2")
+    one_model = first.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.process_bytes = 8 << 20
+        reconciler.memory_budget_bytes = reconciler.process_bytes + one_model + (one_model >> 1)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[first]))
+        first_status = reconciler.statuses["linear"]
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[second]))
+        second_status = reconciler.statuses["linear"]
+        served = host.get("linear")
+
+    assert first_status.state == MODEL_STATE_SERVING
+    assert second_status.state == MODEL_STATE_FAILED
+    assert "the agent itself 8 MiB" in second_status.error
+    assert "including version 1, which stays loaded until the new version replaces it" in second_status.error
+    assert served is not None
+    assert served.version == "1"
 
 
 def test_threads_capped_at_max(tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel) -> None:

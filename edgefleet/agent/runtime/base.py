@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import ctypes
+import ctypes.util
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,32 @@ from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.models import TensorSpec
 
 logger = logging.getLogger(__name__)
+
+
+# glibc's malloc_trim, or None on a C library without it (musl, macOS). Looked up on first use.
+_malloc_trim: Callable[[int], int] | None = None
+_malloc_trim_looked_up = False
+
+
+def release_freed_memory() -> None:
+    """Return the memory that glibc's allocator keeps after frees to the operating system.
+
+    A runtime session frees its weights and arenas when it closes, but glibc keeps most of these
+    pages in its per-thread arenas for later allocations, so the agent's RSS grew by tens of MiB
+    with each model swap until a memory cgroup killed it (bench/bench_agent_memory.py --swaps).
+    malloc_trim(0) walks every arena and returns its free pages. It takes a few milliseconds, so
+    the agent calls it after a model closes, not after each inference. Does nothing without glibc.
+    """
+    global _malloc_trim, _malloc_trim_looked_up
+    if not _malloc_trim_looked_up:
+        _malloc_trim_looked_up = True
+        name = ctypes.util.find_library("c")
+        try:
+            _malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
+        except (OSError, AttributeError):
+            _malloc_trim = None
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class InvalidInputError(ValueError):

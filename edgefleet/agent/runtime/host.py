@@ -12,7 +12,14 @@ from typing import cast
 
 import numpy as np
 
-from edgefleet.agent.runtime.base import LoadedModel, ModelLoadError, Runner, check_feeds, zeros_for
+from edgefleet.agent.runtime.base import (
+    LoadedModel,
+    ModelLoadError,
+    Runner,
+    check_feeds,
+    release_freed_memory,
+    zeros_for,
+)
 from edgefleet.common.models import FORMATS, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -77,6 +84,12 @@ class PreparedInference:
     feeds: dict[str, np.ndarray]
 
 
+def _close(model: LoadedModel) -> None:
+    """Close a model that no call uses any more and return the memory it freed to the operating system."""
+    model.close()
+    release_freed_memory()
+
+
 def _default_runners() -> dict[str, Runner]:
     from edgefleet.agent.runtime.litert import LiteRTRunner
     from edgefleet.agent.runtime.onnx import OnnxRunner
@@ -134,7 +147,7 @@ class ModelHost:
         try:
             model.run_checked({spec.name: zeros_for(spec) for spec in model.inputs})
         except Exception as error:  # Any runtime failure during warm-up rejects the new version.
-            model.close()
+            _close(model)
             raise ModelLoadError(f"warm-up of {name} version {version} from {path} failed: {error}") from error
 
         info = ServedModel(
@@ -168,6 +181,8 @@ class ModelHost:
                 old.model.close()
         else:
             logger.info("model %s: serving version %s (variant %s) on %s", name, version, variant_id, model.providers)
+        # Loading frees large temporary buffers too (the parsed file, graph optimisation), so trim after every install.
+        release_freed_memory()
         return info
 
     @staticmethod
@@ -187,7 +202,7 @@ class ModelHost:
                 raise ModelNotFoundError(f"model {name!r} is not installed; installed: {sorted(self._entries)}")
             close_now = self._retire(entry)
         if close_now:
-            entry.model.close()
+            _close(entry.model)
         logger.info("model %s: removed version %s", name, entry.info.version)
         return entry.info
 
@@ -277,7 +292,7 @@ class ModelHost:
                 entry.in_flight -= 1
                 close_now = entry.retired and entry.in_flight == 0
             if close_now:
-                entry.model.close()
+                _close(entry.model)
         return InferenceResult(
             outputs=outputs,
             latency_ms=latency_ms,
