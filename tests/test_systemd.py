@@ -142,3 +142,39 @@ def test_daemons_send_ready_watchdog_and_stopping(notify_socket: tuple[socket.so
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_daemons_stop_gracefully_on_sighup(notify_socket: tuple[socket.socket, str], tmp_path: Path) -> None:
+    """SIGHUP, from a closed terminal or `systemctl kill -s HUP`, stops both daemons as SIGTERM does."""
+    server, path = notify_socket
+    port_file = tmp_path / "port"
+    orchestrator_args = ["edgefleet.orchestrator.main", "--listen", "127.0.0.1:0", "--insecure"]
+    orchestrator_args += ["--data-dir", str(tmp_path / "orch"), "--port-file", str(port_file)]
+    orchestrator = spawn(orchestrator_args, path, tmp_path, "orchestrator")
+    agent = None
+    try:
+        receive_until(server, "READY=1", 30)
+        agent_args = ["edgefleet.agent.main", "--orchestrator", f"127.0.0.1:{port_file.read_text().strip()}"]
+        agent_args += ["--profile", "plc", "--state-dir", str(tmp_path / "agent"), "--insecure"]
+        agent = spawn(agent_args, path, tmp_path, "agent")
+        receive_until(server, "READY=1", 60)
+
+        agent.send_signal(signal.SIGHUP)
+        receive_until(server, "STOPPING=1", 20)
+        agent_status = agent.wait(20)
+        orchestrator.send_signal(signal.SIGHUP)
+        receive_until(server, "STOPPING=1", 20)
+        orchestrator_status = orchestrator.wait(20)
+    finally:
+        for process in (agent, orchestrator):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+
+    agent_log = (tmp_path / "agent.log").read_text()
+    orchestrator_log = (tmp_path / "orchestrator.log").read_text()
+    assert agent_status == 0, agent_log
+    assert "received SIGHUP; agent stops" in agent_log
+    assert "agent stopped" in agent_log
+    assert orchestrator_status == 0, orchestrator_log
+    assert "received SIGHUP; orchestrator stops" in orchestrator_log

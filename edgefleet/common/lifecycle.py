@@ -1,4 +1,4 @@
-"""Signal handling shared by the long-running processes: SIGTERM is graceful, a second SIGINT forces exit."""
+"""Signal handling shared by the long-running processes: SIGTERM, SIGINT and SIGHUP stop them gracefully."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report an interrupted command.
 
 
 def install_stop_signals(stop: asyncio.Event, *, process: str, grace_s: float) -> None:
-    """Set stop on SIGTERM or SIGINT; a second SIGINT ends the process at once with exit code 130.
+    """Set stop on SIGTERM, SIGINT or SIGHUP; a second SIGINT ends the process at once with exit code 130.
 
-    Call from a coroutine running on the loop that should receive the signals.
+    SIGHUP stops the process as SIGTERM does, because the daemons have no configuration to reload,
+    and the default action would end them at once, with no log line and without their shutdown work.
+    A closed terminal or `systemctl kill -s HUP` sends it. Call from a coroutine running on the loop
+    that should receive the signals.
     """
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -32,5 +35,5 @@ def install_stop_signals(stop: asyncio.Event, *, process: str, grace_s: float) -
         )
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
