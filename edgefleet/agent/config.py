@@ -77,6 +77,8 @@ RANGES = {
     # Sent to gRPC in whole milliseconds, so the smallest value is 1 ms.
     "keepalive_time_s": Range(0.001, "seconds", maximum=MAX_GRPC_DURATION_S),
     "keepalive_timeout_s": Range(0.001, "seconds", maximum=MAX_GRPC_DURATION_S),
+    # MetricsRecorder accepts 1 to 3600; checked here too, so that a bad value exits before the state dir is written.
+    "metrics_window_s": Range(1, "seconds", maximum=3600),
     "metrics_buffer_max_bytes": Range(1, "bytes"),
     "metrics_buffer_max_batches": Range(1, "batches"),
 }

@@ -246,6 +246,9 @@ def test_orchestrator_address_invalid(tmp_path: Path, address: str, expected: st
         ("--keepalive-timeout-s", "0", "from 0.001 to 2147483 seconds"),
         ("--metrics-buffer-max-bytes", "0", "at least 1 bytes"),
         ("--metrics-buffer-max-batches", "-1", "at least 1 batches"),
+        ("--metrics-window-s", "-5", "from 1 to 3600 seconds"),
+        ("--metrics-window-s", "0", "from 1 to 3600 seconds"),
+        ("--metrics-window-s", "86400", "from 1 to 3600 seconds"),
     ],
 )
 def test_numeric_setting_invalid(tmp_path: Path, flag: str, value: str, allowed: str) -> None:
