@@ -131,8 +131,9 @@ class DeviceProfile:
         memory_limit_bytes is the cgroup memory limit (probe_cgroup.memory_limit), or None when unlimited.
         The memory budget is the smaller of it and the profile's memory_mib, because the kernel
         kills the agent at the cgroup limit whatever the profile says.
-        Without `threads` in the profile, the agent runs one thread per pinned CPU, but no more than the
-        quota rounded up. The kernel throttles a cgroup that has used its quota, so more threads only wait.
+        Without `threads` in the profile, the agent runs one thread per pinned CPU. Either way it runs no more
+        than the quota rounded up, because the kernel throttles a cgroup that has used its quota, so more
+        threads only wait.
         Returns the CPUs, the thread count and the memory budget that the agent must respect.
         """
         usable = sorted(os.sched_getaffinity(0))
@@ -150,6 +151,17 @@ class DeviceProfile:
             _pin_all_threads(cpus)
             logger.info("profile %s pinned the agent to CPUs %s", self.name, cpus)
         threads = self.threads if self.threads is not None else default_threads(len(cpus), cpu_quota)
+        quota_threads = default_threads(threads, cpu_quota)
+        if threads > quota_threads:
+            # An explicit value may exceed the pinned CPUs, but not the quota: the kernel throttles the extra threads.
+            logger.warning(
+                "profile %s sets threads = %d, more than the cgroup CPU quota of %g CPUs allows; using %d",
+                self.name,
+                threads,
+                cpu_quota,
+                quota_threads,
+            )
+            threads = quota_threads
         budgets = [b for b in (self.memory_bytes, memory_limit_bytes) if b is not None]
         return EnforcedLimits(cpus=tuple(cpus), threads=threads, memory_budget_bytes=min(budgets, default=None))
 

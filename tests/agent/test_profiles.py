@@ -299,10 +299,10 @@ def test_enforce_threads_quota_rounded_up(tmp_path: Path) -> None:
     assert result["threads"] == 2
 
 
-def test_enforce_profile_threads_over_quota(tmp_path: Path) -> None:
+def test_enforce_profile_threads_capped_by_quota(tmp_path: Path) -> None:
     tree = FakeTree(tmp_path / "root")
     tree.set_cgroup_v2("/agent.service", {"/agent.service": {"cpu.max": "50000 100000\n"}})
 
     result = enforce_in_child(tmp_path, "threads = 3\n", probe_root=tree.root)
 
-    assert result["threads"] == 3
+    assert result["threads"] == 1
