@@ -239,7 +239,14 @@ def _store_upload(
             state.store.add_variant(variant)
             model = state.store.get_model_version(header.name, header.version)
     except AlreadyExistsError as error:
-        raise AlreadyExists(f"{error}; upload it under a new version or another variant kind") from None
+        if variant.kind == "source":
+            raise AlreadyExists(f"{error}; upload it under a new version") from None
+        # Uploaded variant ids are NAME:VERSION:KIND, so a version holds one uploaded variant of each kind.
+        raise AlreadyExists(
+            f"{error}: a model version holds one uploaded variant of each kind; upload this one as a new "
+            f"version, or delete the existing one first (edgefleet models delete {header.name}:{header.version} "
+            f"--variant {variant.variant_id})"
+        ) from None
     log.info(
         "stored model=%s:%s variant=%s format=%s size=%d macs=%d status=%s",
         header.name,

@@ -351,7 +351,7 @@ class SqlStore(SqlTransactions, Store):
         with self._write() as connection:
             queries.load_model_version(connection, variant.model_name, variant.model_version)
             if not queries.insert_unless_exists(connection, variants, values, ("variant_id",)):
-                raise AlreadyExistsError(f"variant {variant.variant_id!r} already exists; choose another id")
+                raise AlreadyExistsError(f"variant {variant.variant_id!r} already exists")
             return queries.load_variant(connection, variant.variant_id)
 
     def get_variant(self, variant_id: str) -> Variant:
