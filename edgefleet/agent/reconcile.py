@@ -36,7 +36,7 @@ DESIRED_FILE = "desired.json"
 FORMAT_RUNTIMES = {"onnx": "onnxruntime", "tflite": "litert"}
 # Memory a loaded model needs, estimated as a multiple of its file size plus a fixed runtime cost.
 # NOTE: a rough estimate (weights, one copy for optimised kernels, arena); measured peak memory is
-# not yet reported per model. EfficientNet-Lite0 (18.7 MB) adds about 70 MiB RSS under onnxruntime
+# not yet reported per model. EfficientNet-Lite0 (18.7 MB) adds 52 to 65 MiB USS
 # (bench/bench_agent_memory.py).
 MEMORY_PER_FILE_BYTE = 3
 MEMORY_FIXED_BYTES = 16 * 1024 * 1024
