@@ -635,14 +635,14 @@ def test_upload_pruned_pending(gated_uploads: GatedUploads) -> None:
 
 
 def test_upload_second_pruned_message(gated_uploads: GatedUploads) -> None:
-    """A version holds one uploaded variant per kind; the error names the two ways out."""
+    """A version can have one uploaded variant per kind, and the error names the two ways out."""
     server = gated_uploads.server
 
     error = rpc_error(lambda: upload(server, tiny_conv_onnx(seed=7), "tiny", "1", variant_kind="pruned"))
 
     details = error.details() or ""
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "variant 'tiny:1:pruned' already exists: a model version holds one uploaded variant of each kind" in details
+    assert "'tiny:1:pruned' already exists: a model version can have one uploaded variant of each kind" in details
     assert "edgefleet models delete tiny:1 --variant tiny:1:pruned" in details
     assert "choose another id" not in details
 

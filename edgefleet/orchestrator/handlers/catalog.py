@@ -241,9 +241,9 @@ def _store_upload(
     except AlreadyExistsError as error:
         if variant.kind == "source":
             raise AlreadyExists(f"{error}; upload it under a new version") from None
-        # Uploaded variant ids are NAME:VERSION:KIND, so a version holds one uploaded variant of each kind.
+        # Uploaded variant ids are NAME:VERSION:KIND, so a version can have one uploaded variant of each kind.
         raise AlreadyExists(
-            f"{error}: a model version holds one uploaded variant of each kind; upload this one as a new "
+            f"{error}: a model version can have one uploaded variant of each kind; upload this one as a new "
             f"version, or delete the existing one first (edgefleet models delete {header.name}:{header.version} "
             f"--variant {variant.variant_id})"
         ) from None
