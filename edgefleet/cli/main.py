@@ -752,6 +752,8 @@ def render_deleted(result: dict[str, Any]) -> str:
 
 def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
     name, version = split_model_ref(args.model)
+    # Read before the deploy, which the next engine tick records on the wave.
+    held_by = rollout.waves_waiting_on(client, name, args.device)
     response = client.call(
         "Deploy",
         operator_pb2.DeployRequest(
@@ -764,6 +766,12 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> None:
         ),
     )
     assignment = response.assignment
+    for wave in held_by:
+        print(
+            f"edgefleet: warning: device {args.device} was in {wave}, which waited for its samples; the wave "
+            "no longer gates it, and a rollback of that rollout leaves it on this assignment",
+            file=sys.stderr,
+        )
     device = views.device_view(response.device)
     if args.wait > 0:
         generation = response.device.desired_generation

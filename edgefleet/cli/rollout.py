@@ -259,8 +259,12 @@ def progress_bar(done: float, total: float, width: int = PROGRESS_WIDTH) -> str:
 
 def _wave_progress(wave: dict[str, Any], min_samples: int) -> tuple[str, str]:
     # The gates skip a device that got a variant and was then removed from the fleet (devices remove
-    # --force) before it reported min_samples, so the wave no longer waits for its samples.
-    measured = [d for d in wave["devices"] if d["variant_id"] and not d["late"] and d["verdict"] != "skipped"]
+    # --force) or reassigned (deploy) before it reported min_samples, so the wave no longer waits for its samples.
+    measured = [
+        d
+        for d in wave["devices"]
+        if d["variant_id"] and not d["late"] and d["verdict"] not in ("skipped", "reassigned")
+    ]
     if wave["decision"] != "waiting":
         devices = "1 device" if len(measured) == 1 else f"{len(measured)} devices"
         return progress_bar(1, 1), devices
@@ -440,6 +444,24 @@ def _any_device_matches(client: Client, labels: dict[str, str], hardware_class: 
         if not response.next_page_token:
             return False
         request.page_token = response.next_page_token
+
+
+def waves_waiting_on(client: Client, model_name: str, device_id: str) -> list[str]:
+    """Return "wave N of rollout ID" for each running or paused rollout of the model whose undecided wave
+    contains the device."""
+    running: list[Any] = [ROLLOUT_STATES.index(s) + 1 for s in ("running", "paused")]
+    response = client.call("ListRollouts", operator_pb2.ListRolloutsRequest(model_name=model_name, states=running))
+    held = []
+    for rollout in response.rollouts:
+        attempts = [w for w in rollout.waves if w.index == rollout.current_wave]
+        if not attempts:
+            continue
+        wave = max(attempts, key=lambda w: w.attempt)
+        if _name(wave.decision, WAVE_DECISIONS) != "waiting":
+            continue
+        if any(d.device_id == device_id and d.variant_id and not d.late for d in wave.devices):
+            held.append(f"wave {wave.index + 1} of rollout {rollout.rollout_id}")
+    return held
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> None:

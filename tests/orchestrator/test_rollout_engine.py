@@ -507,8 +507,31 @@ def test_rollback_keeps_reassigned(two_classes: Fleet) -> None:
     apply_action(two_classes.rollouts, rollout.rollout_id, "rollback", two_classes.clock())
     two_classes.step(rollout.rollout_id)
     kept = two_classes.assignment("cam-a0")
+    wave = two_classes.current_wave(rollout.rollout_id)
+    left = next(d for d in wave.devices if d.device_id == "cam-a0")
+    others = [d for d in wave.devices if d.device_id != "cam-a0"]
     assert kept is not None
     assert kept.variant_id == f"{MODEL}-2-tflite"
+    assert not left.restored
+    assert left.note.startswith("left as it is by the rollback: reassigned outside this rollout")
+    assert all(d.restored for d in others)
+
+
+def test_reassigned_device_not_awaited(two_classes: Fleet) -> None:
+    rollout = two_classes.create(wave_percents=(50, 100))
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    moved, kept = wave.devices
+    two_classes.assign(moved.device_id, f"{MODEL}-1-source")
+    two_classes.samples(kept.device_id, kept.variant_id, 5.0, at=two_classes.clock())
+    advanced = two_classes.step(rollout.rollout_id)
+    judged = next(w for w in two_classes.rollouts.list_waves(rollout.rollout_id) if w.index == 0)
+    reassigned = next(d for d in judged.devices if d.device_id == moved.device_id)
+    assert advanced.current_wave == 1
+    assert judged.decision == "proceed"
+    assert "1 device reassigned outside this rollout" in judged.reason
+    assert reassigned.verdict == "reassigned"
+    assert f"now {MODEL}-1-source" in reassigned.note
 
 
 def test_failed_variant_not_pushed_again(two_classes: Fleet) -> None:

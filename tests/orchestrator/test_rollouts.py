@@ -525,6 +525,26 @@ def test_cli_rollback_superseded_names_newer(
     assert f"edgefleet rollout rollback {new.rollout_id}" in err
 
 
+def test_cli_deploy_in_wave_warns(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
+    devices = fleet(orchestrator)
+    rollout = orchestrator.operator.CreateRollout(create_request(), timeout=30)
+    running = wait_rollout(orchestrator, rollout.rollout_id, lambda r: r.state == RUNNING, "wave 1")
+    in_wave = running.waves[0].devices[0].device_id
+    outside = next(d for d in devices if d != in_wave)
+    code, _, err = run_cli(capsys, orchestrator, "deploy", "--model", f"{MODEL}:1", "--device", in_wave)
+    outside_code, _, outside_err = run_cli(capsys, orchestrator, "deploy", "--model", f"{MODEL}:1", "--device", outside)
+
+    def reassigned(r: operator_pb2.Rollout) -> bool:
+        return any(d.device_id == in_wave and d.verdict == "reassigned" for d in r.waves[0].devices)
+
+    judged = wait_rollout(orchestrator, rollout.rollout_id, reassigned, "wave device marked reassigned")
+    assert code == 0
+    assert f"device {in_wave} was in wave 1 of rollout {rollout.rollout_id}" in err
+    assert outside_code == 0
+    assert "was in wave" not in outside_err
+    assert judged.waves[0].decision == operator_pb2.WAVE_DECISION_PROCEED
+
+
 def test_cli_bad_target(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(
         capsys, orchestrator, "rollout", "create", "--model", f"{MODEL}:2", "--target", "camera", "--budget-ms", "5"

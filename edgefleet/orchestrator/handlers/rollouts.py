@@ -179,7 +179,7 @@ def wave_device_to_proto(device: WaveDevice) -> operator_pb2.WaveDevice:
         late=device.late,
         previous_variant_id=device.previous.variant_id if device.previous else "",
         threads=device.threads,
-        restored=device.restored_generation > 0,
+        restored=device.restored,
     )
 
 

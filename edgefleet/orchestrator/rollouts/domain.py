@@ -40,6 +40,12 @@ VERDICT_REGRESSION = "regression"
 # No variant was assigned (none fits, or every candidate was excluded), or the device was removed before it
 # reported enough samples.
 VERDICT_SKIPPED = "skipped"
+# An operator changed the device's assignment of the model (deploy) before it reported enough samples, so
+# the wave no longer waits for it.
+VERDICT_REASSIGNED = "reassigned"
+# Start of the note that RolloutStore.restore writes on a wave device it left as it was, because the device
+# was reassigned since or removed. The device still gets restored_generation, so no restore is tried again.
+LEFT_AS_IS_NOTE = "left as it is by the rollback"
 
 DEFAULT_MIN_SAMPLES = 100
 DEFAULT_MAX_ROLLBACKS = 1
@@ -118,6 +124,11 @@ class WaveDevice:
     @property
     def error_rate(self) -> float:
         return self.errors / self.samples if self.samples else 0.0
+
+    @property
+    def restored(self) -> bool:
+        """Whether a rollback gave the device its previous assignment back (not one that left it as it was)."""
+        return self.restored_generation > 0 and not self.note.startswith(LEFT_AS_IS_NOTE)
 
 
 @dataclass(frozen=True)

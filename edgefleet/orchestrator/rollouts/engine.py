@@ -17,6 +17,7 @@ from edgefleet.orchestrator.rollouts.domain import (
     VERDICT_FAILED,
     VERDICT_OVER_BUDGET,
     VERDICT_PENDING,
+    VERDICT_REASSIGNED,
     VERDICT_SKIPPED,
     Rollout,
     RolloutSpec,
@@ -536,7 +537,10 @@ class RolloutEngine:
             self._start_wave(rollout, rollout.current_wave + 1, 0)
             return
         assigned = {
-            d.device_id for w in waves for d in w.devices if d.assigned_generation and not d.restored_generation
+            d.device_id
+            for w in waves
+            for d in w.devices
+            if d.assigned_generation and not d.restored_generation and d.verdict != VERDICT_REASSIGNED
         }
         # Devices removed with --force during the rollout got the version but no longer run it.
         running = sum(1 for device_id in assigned if self.store.get_device(device_id) is not None)

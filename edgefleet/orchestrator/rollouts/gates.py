@@ -15,13 +15,14 @@ from edgefleet.orchestrator.rollouts.domain import (
     VERDICT_OK,
     VERDICT_OVER_BUDGET,
     VERDICT_PENDING,
+    VERDICT_REASSIGNED,
     VERDICT_REGRESSION,
     VERDICT_SKIPPED,
     Rollout,
     Wave,
     WaveDevice,
 )
-from edgefleet.orchestrator.store.base import Store
+from edgefleet.orchestrator.store.base import NotFoundError, Store
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ BASELINE_LOOKBACK = timedelta(hours=1)
 MAX_WINDOW = timedelta(seconds=3600)
 # Verdicts that roll the wave back at once, without waiting for the other devices.
 ROLLBACK_VERDICTS = frozenset({VERDICT_FAILED, VERDICT_OVER_BUDGET, VERDICT_ERROR_RATE})
+# Verdicts of assigned devices that the wave no longer measures: removed from the fleet or reassigned.
+UNGATED_VERDICTS = frozenset({VERDICT_SKIPPED, VERDICT_REASSIGNED})
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,15 @@ class WaveGates:
                     verdict=VERDICT_SKIPPED,
                     note=f"removed from the fleet with {figures.samples} of {spec.min_samples} samples",
                 )
+            reassigned_to = self._reassigned_to(rollout, device)
+            if reassigned_to is not None:
+                # An operator deployed another assignment; the wave variant may never report enough samples.
+                return replace(
+                    judged,
+                    verdict=VERDICT_REASSIGNED,
+                    note=f"reassigned outside this rollout (now {reassigned_to}) with {figures.samples} of "
+                    f"{spec.min_samples} samples; no longer gated",
+                )
             return replace(judged, verdict=VERDICT_PENDING, note=f"{figures.samples} of {spec.min_samples} samples")
 
         # The baseline is looked up before the gates so that the figures show it whatever the verdict.
@@ -172,6 +184,21 @@ class WaveGates:
             note=f"within the budget, {regression_pct:+.1f}% against version {previous.model_version}",
         )
 
+    def _reassigned_to(self, rollout: Rollout, device: WaveDevice) -> str | None:
+        """Return what the device's assignment of the model is now, if it is no longer the one the wave made."""
+        if not device.assigned_generation:
+            return None
+        try:
+            _, assignments = self._store.get_desired_state(device.device_id)
+        except NotFoundError:
+            return None  # Removed just now; the next judgement skips it as removed.
+        current = next((a for a in assignments if a.model_name == rollout.spec.model_name), None)
+        if current is None:
+            return "no assignment of the model"
+        if current.rollout_id == rollout.rollout_id and current.variant_id == device.variant_id:
+            return None
+        return current.variant_id
+
     def evaluate(self, rollout: Rollout, wave: Wave) -> Wave:
         """Judge every device of a waiting wave and return the wave with its decision and reason.
 
@@ -180,8 +207,9 @@ class WaveGates:
         the previous version more than allowed, and proceeds otherwise.
         """
         devices = tuple(self.judge(rollout, wave, device) for device in wave.devices)
-        measured = [d for d in devices if d.variant_id and not d.late and d.verdict != VERDICT_SKIPPED]
+        measured = [d for d in devices if d.variant_id and not d.late and d.verdict not in UNGATED_VERDICTS]
         removed = sum(1 for d in devices if d.variant_id and not d.late and d.verdict == VERDICT_SKIPPED)
+        reassigned = sum(1 for d in devices if d.variant_id and not d.late and d.verdict == VERDICT_REASSIGNED)
         bad = [d for d in measured if d.verdict in ROLLBACK_VERDICTS]
         if bad:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in bad)
@@ -200,6 +228,8 @@ class WaveGates:
             reason += f"; {count_devices(skipped)} skipped because no variant qualified"
         if removed:
             reason += f"; {count_devices(removed)} removed from the fleet before reporting enough samples"
+        if reassigned:
+            reason += f"; {count_devices(reassigned)} reassigned outside this rollout before reporting enough samples"
         return replace(wave, devices=devices, decision="proceed", reason=reason, decided_at=self._now())
 
 

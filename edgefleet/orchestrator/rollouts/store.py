@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection, Row
 
 from edgefleet.orchestrator.domain import Assignment
 from edgefleet.orchestrator.rollouts.domain import (
+    LEFT_AS_IS_NOTE,
     ROLLOUT_STATES,
     SUPERSEDABLE_STATES,
     WAVE_DECISIONS,
@@ -110,10 +111,11 @@ class RolloutStore(abc.ABC):
     def restore(self, key: WaveKey, device_id: str, model_name: str) -> tuple[int, bool]:
         """Give a device of a wave back its previous assignment, in one transaction.
 
-        Only a device whose assignment is still the one this wave made is changed; one that was
-        reassigned since keeps its assignment. Returns the desired generation the device has after
-        the call and whether the call changed it. Repeating the call changes nothing. Raises
-        NotFoundError for an unknown wave device.
+        Only a device whose assignment is still the one this wave made is changed. One that was
+        reassigned or removed since keeps its assignment, and its note then starts with
+        LEFT_AS_IS_NOTE. Returns the desired generation the device has after the call and whether
+        the call changed it. Repeating the call changes nothing. Raises NotFoundError for an unknown
+        wave device.
         """
 
     @abc.abstractmethod
@@ -312,10 +314,11 @@ class SqlRolloutStore(SqlTransactions, RolloutStore):
             if desired is None or not ours:
                 # The device is gone or was reassigned since; its current assignment stays.
                 generation = int(desired or device.assigned_generation or 1)
+                why = "removed from the fleet" if desired is None else "reassigned outside this rollout"
                 connection.execute(
                     sa.update(rollout_wave_devices)
                     .where(*_device_filter(key, device_id))
-                    .values(restored_generation=generation)
+                    .values(restored_generation=generation, note=f"{LEFT_AS_IS_NOTE}: {why}; {device.note}")
                 )
                 return generation, False
             generation = queries.bump_generation(connection, device_id)
