@@ -173,7 +173,7 @@ def test_gate_rejects_wrong_runtime(source: Path, int8: Path) -> None:
         max_accuracy_drop=5.0, **FAST,
     )
     assert result.status == "rejected"
-    assert "cannot load on litert" in result.reason
+    assert "onnx models load on onnxruntime, not on litert" in result.reason
 
 
 def test_gate_invalid_drop(source: Path, int8: Path) -> None:

@@ -1433,6 +1433,26 @@ def test_job_fine_tuned_variant(start_orchestrator: Callable[..., OrchestratorTh
     assert len(job.variant_ids) == 1
 
 
+def test_plan_fine_tune_needs_onnx_static() -> None:
+    """Fine-tuning works on the ONNX QDQ graph; a TFLite job would ignore it, so the plan refuses it."""
+    from edgefleet.common.models import ModelMetadata
+    from edgefleet.orchestrator.jobs.plan import PlanError, plan_job
+
+    metadata = ModelMetadata(
+        format="tflite",
+        inputs=(TensorSpec("input", "float32", (1, 224, 224, 3)),),
+        outputs=(TensorSpec("logits", "float32", (1, 1000)),),
+        opset=3,
+        parameters=1000,
+        macs=1000,
+        peak_activation_bytes=1000,
+    )
+    recipe = {"quantize": {"calibration": {**DEMO, "preprocess": {"layout": "NHWC"}}, "fine_tune_steps": 10}}
+
+    with pytest.raises(PlanError, match=r"^quantize\.fine_tune_steps: .* this job makes tflite-int8 from a tflite "):
+        plan_job(recipe, metadata)
+
+
 def test_plan_tflite_kinds_match_uploads() -> None:
     """Job-made TFLite variants take the kinds that uploads of TFLite variants take."""
     from edgefleet.common.models import ModelMetadata

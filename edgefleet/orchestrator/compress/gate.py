@@ -251,7 +251,8 @@ def evaluate_variant(
 
     for runtime in runtimes:
         if _RUNTIME_OF_FORMAT[candidate_format] != runtime:
-            return reject(f"a {candidate_format} model cannot load on {runtime}")
+            loader = _RUNTIME_OF_FORMAT[candidate_format]
+            return reject(f"{candidate_format} models load on {loader}, not on {runtime}")
         try:
             _Runner(candidate, runtime, threads[0], input_name)
         except Exception as error:  # Runtimes raise private exception types on load.

@@ -128,6 +128,14 @@ def plan_job(data: dict[str, Any], metadata: ModelMetadata, gated: Variant | Non
                 if recipe.quantize is None:
                     raise PlanError("tflite.precisions", "int8 needs calibration data: add a [quantize] section")
                 planned.append(PlannedVariant("tflite-int8", "tflite", "int8", "tflite-int8"))
+    fine_tuned = recipe.quantize is not None and recipe.quantize.fine_tune_steps > 0
+    if fine_tuned and not any(p.method == "onnx-static" for p in planned):
+        made = ", ".join(p.kind for p in planned) or "no variant"
+        raise PlanError(
+            "quantize.fine_tune_steps",
+            f"fine-tuning applies to ONNX int8 variants made with static quantization; this job makes "
+            f"{made} from a {source_format} source; set fine_tune_steps = 0 (--fine-tune-steps 0)",
+        )
     if not planned:
         raise PlanError(
             "recipe",
