@@ -99,6 +99,33 @@ def test_static_qdq_agrees_with_source(conv_net: Path, quantized: Path) -> None:
     assert float(np.abs(expected - actual).mean()) < 0.1 * float(expected.std())
 
 
+def test_static_qdq_reports_stages(conv_net: Path, tmp_path: Path) -> None:
+    """Each step before the quantization is reported, and calibration batches as onnxruntime reads them."""
+    stages: list[tuple[float, str]] = []
+    quantize_static_qdq(
+        conv_net,
+        tmp_path / "int8.onnx",
+        samples(6, seed=1),
+        calibration_batch_size=2,
+        bias_correction=True,
+        stage_progress=lambda fraction, text: stages.append((fraction, text)),
+    )
+
+    texts = [text.split(" (")[0].split(" on ")[0] for _, text in stages]
+    assert texts == [
+        "preparing the graph for int8 quantization",
+        "correcting biases for the int8 weights' error",
+        "calibrating activation ranges: batch 1/3",
+        "calibrating activation ranges: batch 2/3",
+        "calibrating activation ranges: batch 3/3",
+        "quantizing weights and activations with the calibrated ranges",
+    ]
+    fractions = [fraction for fraction, _ in stages]
+    assert fractions == sorted(fractions)
+    assert fractions[0] == 0.0
+    assert fractions[-1] <= 1.0
+
+
 def test_static_qdq_per_channel_weights(quantized: Path) -> None:
     model = onnx.load(str(quantized))
     initializers = {init.name: init for init in model.graph.initializer}

@@ -79,6 +79,7 @@ def quantize_static_qdq(
     fine_tune: FineTuneConfig | None = None,
     fine_tune_inputs: np.ndarray | None = None,
     fine_tune_progress: Callable[[int, int, float], None] | None = None,
+    stage_progress: Callable[[float, str], None] | None = None,
 ) -> Path:
     """Quantize an fp32 ONNX model to int8 weights and activations in the QDQ format.
 
@@ -103,6 +104,11 @@ def quantize_static_qdq(
     when None), with the calibrated scales kept (see qat.fine_tune_qdq). This needs torch. The result is
     kept only when it lowers the output error on held-out samples. fine_tune_progress(step, steps, loss)
     is called every 10 steps, and an exception it raises stops the fine-tuning.
+
+    stage_progress(fraction, stage) is called as each step before fine-tuning starts, with the
+    fraction of those steps done: preprocessing, AdaRound, bias correction, each calibration batch
+    that onnxruntime reads, and the quantization that follows the last one. An exception it raises
+    stops the quantization.
 
     Returns output_path. Raises QuantizationError when the model does not load in onnxruntime, contains
     operators from a custom domain, has nothing to quantize, or cannot be upgraded to opset 13 for
@@ -134,16 +140,27 @@ def quantize_static_qdq(
     else:
         reader = calibration
     batches: list[dict[str, np.ndarray]] = []
-    if bias_correction or weight_rounding == "adaround" or (fine_tune is not None and fine_tune_inputs is None):
+    if (
+        bias_correction
+        or weight_rounding == "adaround"
+        or (fine_tune is not None and fine_tune_inputs is None)
+        or stage_progress is not None
+    ):
         # Both the correction and onnxruntime's calibrator read the data, and a reader may not rewind.
+        # A progress report needs the batch count before the calibrator starts.
         batches = _read_batches(reader)
         reader = _BatchListReader(batches)
+
+    def stage(fraction: float, text: str) -> None:
+        if stage_progress is not None:
+            stage_progress(fraction, text)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as scratch:
         staged = Path(scratch) / "source.onnx"
         onnx.save(model, str(staged))
         if preprocess:
+            stage(0.0, "preparing the graph for int8 quantization (shape inference, graph optimization)")
             staged = _preprocess(staged, Path(scratch) / "preprocessed.onnx")
         # onnxruntime's defaults (asymmetric activations, symmetric weights) apply unless overridden.
         options: dict[str, object] = dict(extra_options or {})
@@ -160,6 +177,7 @@ def quantize_static_qdq(
             from edgefleet.orchestrator.compress.adaround import AdaRoundConfig, activation_quantization_params
 
             settings = adaround_config or AdaRoundConfig()
+            stage(0.05, f"learning the weight rounding of each Conv (AdaRound) on {len(batches)} batches")
             activations = None
             if settings.quantized_inputs:
                 # A first quantization with nearest rounding gives the activation ranges to simulate.
@@ -172,12 +190,15 @@ def quantize_static_qdq(
             )
             staged = Path(scratch) / "adarounded.onnx"
         if bias_correction:
+            stage(0.1, f"correcting biases for the int8 weights' error on {len(batches)} batches")
             corrected = correct_bias(
                 onnx.load(str(staged)), batches, per_channel=per_channel, reduce_range=reduce_range,
                 op_types=op_types_to_quantize, nodes_to_exclude=(*nodes_to_exclude, *rounded_nodes),
             )
             staged = Path(scratch) / "bias_corrected.onnx"
             onnx.save(corrected, str(staged))
+        if stage_progress is not None:
+            reader = _StageReader(batches, stage, start=0.2, end=0.9)
         quantize(staged, output_path, reader)
     if fine_tune is not None:
         if fine_tune_inputs is not None:
@@ -472,6 +493,32 @@ class _BatchListReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._index = 0
+
+
+class _StageReader(_BatchListReader):
+    """Replays batches to onnxruntime's calibrator and reports each, then the quantization that follows."""
+
+    def __init__(
+        self, batches: list[dict[str, np.ndarray]], stage: Callable[[float, str], None], start: float, end: float
+    ) -> None:
+        super().__init__(batches)
+        self._stage = stage
+        self._start = start
+        self._end = end
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = super().get_next()
+        total = len(self._batches)
+        if batch is not None:
+            done = (self._index - 1) / total
+            self._stage(
+                self._start + (self._end - self._start) * done,
+                f"calibrating activation ranges: batch {self._index}/{total}",
+            )
+        elif self._index == total:
+            self._index += 1  # Report once, although the calibrator may ask again.
+            self._stage(self._end, "quantizing weights and activations with the calibrated ranges")
+        return batch
 
 
 def _read_batches(reader: CalibrationDataReader) -> list[dict[str, np.ndarray]]:

@@ -11,14 +11,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader
 
 from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.artifacts import FileArtifactStore
@@ -108,30 +106,6 @@ class Progress:
         logger.info("job %s: %.0f%% %s", self.job_id, progress * 100, stage)
         if not self.store.report_progress(self.job_id, self.attempt, progress, stage, datetime.now(UTC)):
             raise JobAbandoned(self.job_id)
-
-
-class _CountingReader(CalibrationDataReader):
-    """A calibration reader that reports each batch it hands to the calibrator."""
-
-    def __init__(self, inner: ArrayCalibrationReader, on_batch: Callable[[int, int], None]) -> None:
-        self.inner = inner
-        self.on_batch = on_batch
-        self.total = max(1, -(-len(inner) // inner.batch_size))
-        self.count = 0
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = self.inner.get_next()
-        if batch is not None:
-            self.count += 1
-            self.on_batch(min(self.count, self.total), self.total)
-        return batch
-
-    def rewind(self) -> None:
-        self.count = 0
-        self.inner.rewind()
 
 
 def main(args: WorkerArgs) -> None:
@@ -390,16 +364,12 @@ def _produce(
         progress.report(start, f"quantizing to int8 with {calibration.shape[0]} calibration samples")
         return quantize_tflite(source, output, precision="int8", calibration=calibration)
     settings = plan.recipe.quantize
-    progress.report(start, "preparing the graph for int8 quantization")
     # Fine-tuning takes minutes, so it gets the second half of this variant's share of the progress.
     calibration_share = share / 2 if settings.fine_tune_steps else share
 
-    def on_batch(done: int, total: int) -> None:
-        progress.report(
-            start + calibration_share * done / total,
-            f"calibrating int8 ranges: batch {done}/{total}",
-            throttle=done < total,
-        )
+    def on_stage(fraction: float, stage: str) -> None:
+        # Batches come every few milliseconds; the steps between them are reported at once.
+        progress.report(start + calibration_share * fraction, stage, throttle="batch" in stage)
 
     def on_step(step: int, steps: int, loss: float) -> None:
         progress.report(
@@ -408,11 +378,10 @@ def _produce(
             throttle=step < steps,
         )
 
-    reader = _CountingReader(ArrayCalibrationReader(spec, calibration), on_batch)
     return quantize_static_qdq(
         source,
         output,
-        reader,
+        ArrayCalibrationReader(spec, calibration),
         per_channel=settings.per_channel,
         activation_type=settings.activation_type,
         calibration_method=settings.calibration_method,
@@ -422,6 +391,7 @@ def _produce(
         weight_rounding=settings.weight_rounding,
         fine_tune=_fine_tune_config(settings.fine_tune_steps),
         fine_tune_progress=on_step,
+        stage_progress=on_stage,
     )
 
 
