@@ -101,7 +101,7 @@ def test_variants_json_evaluation_samples(
     run_cli(server, "models", "variants", "tiny", "--output", "json")
     listed = {v["variant_id"]: v for v in json.loads(capsys.readouterr().out)}
 
-    assert listed[compressed["variants"][0]["variant_id"]]["evaluation_samples"] == 64
+    assert listed[compressed["variants"][0]["variant_id"]]["evaluation_samples"] == 100
     assert listed["tiny:1:source"]["evaluation_samples"] is None
 
 

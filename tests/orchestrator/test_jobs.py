@@ -162,7 +162,7 @@ def tiny_jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyJobs]:
         undecodable = tmp_path / "undecodable"
         undecodable.mkdir()
         (undecodable / "broken.png").write_bytes(truncated_png())
-        failed = create(server, {**_fast_recipe(), "gate": {"evaluation": {"images": str(undecodable)}}})
+        failed = create(server, _fast_recipe(evaluation={"images": str(undecodable)}))
         queued = create(server, _fast_recipe())
         cancelled = server.operator.CancelCompressionJob(
             operator_pb2.CancelCompressionJobRequest(job_id=queued.job_id), timeout=30
@@ -713,18 +713,15 @@ def test_gate_jobs_store_evaluation_digest(gated_uploads: GatedUploads) -> None:
 
 
 def test_gate_job_rejects_too_few_samples(gated_uploads: GatedUploads) -> None:
-    """On 16 samples one changed top-1 is 6.25 points, so the default 1-point limit cannot be measured."""
+    """On 16 samples one changed top-1 is 6.25 points, so the request for a 1-point limit is refused."""
     server = gated_uploads.server
     recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 1}}
 
-    job = wait_job(server.operator, create(server, recipe).job_id)
+    error = rpc_error(lambda: create(server, recipe))
 
-    assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
-    pruned = variant_by_id(server, "tiny:1:pruned")
-    assert pruned.status == "rejected"
-    assert pruned.rejection_reason.startswith("too few evaluation samples: on 16 samples one sample is worth 6.25")
-    assert pruned.evaluation_samples == 16
-    assert pruned.accuracy == 1.0
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1 points cannot be measured on the 16 evaluation samples" in (error.details() or "")
+    assert variant_by_id(server, "tiny:1:pruned").status == "pending"
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp16"])
@@ -775,7 +772,7 @@ def test_delete_variant_queued_gate_job(gated_uploads: GatedUploads) -> None:
     server = gated_uploads.server
     # Without its runner the job stays queued.
     server.state.job_runner.stop()  # type: ignore[union-attr]
-    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation}}
+    recipe = {"gate": {"variant": "tiny:1:pruned", "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 10}}
     job = create(server, recipe)
     request = operator_pb2.DeleteModelRequest(name="tiny", version="1", variant_id="tiny:1:pruned")
 
@@ -1431,6 +1428,38 @@ def test_job_fine_tuned_variant(start_orchestrator: Callable[..., OrchestratorTh
     job = wait_job(server.operator, create(server, recipe).job_id)
     assert job.state == operator_pb2.JOB_STATE_SUCCEEDED, job.error
     assert len(job.variant_ids) == 1
+
+
+def test_create_drop_below_one_sample(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    """On 20 evaluation samples one changed prediction is 5 points: a 1-point limit cannot be measured."""
+    np.savez(tmp_path / "calibration.npz", input=np.zeros((8, 3, 224, 224), np.float32))
+    np.savez(tmp_path / "evaluation.npz", input=np.ones((20, 3, 224, 224), np.float32))
+    recipe = {
+        "quantize": {"calibration": {"npz": str(tmp_path / "calibration.npz")}},
+        "gate": {"evaluation": {"npz": str(tmp_path / "evaluation.npz")}, "max_accuracy_drop": 1.0},
+    }
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    details = error.details() or ""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gate.max_accuracy_drop: 1 points cannot be measured on the 20 evaluation samples of" in details
+    assert "give at least 100 evaluation samples, or set max_accuracy_drop (--max-accuracy-drop) to 5" in details
+    assert _job_count(tiny) == jobs_before
+    recipe["gate"]["max_accuracy_drop"] = 5.0
+    job = create(tiny, recipe)
+    tiny.operator.CancelCompressionJob(operator_pb2.CancelCompressionJobRequest(job_id=job.job_id), timeout=30)
+
+
+def test_plan_demo_photos_resolve_default_drop() -> None:
+    """The built-in photos give enough evaluation samples for the gate's default limit of 1 point."""
+    from edgefleet.orchestrator.jobs.sources import evaluation_count
+
+    spec = TensorSpec("input", "float32", (1, 3, 224, 224))
+    source = DataSource(images="builtin:demo-photos")
+
+    assert evaluation_count(source, spec) == 100
 
 
 def test_plan_fine_tune_needs_onnx_static() -> None:

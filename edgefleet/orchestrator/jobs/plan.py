@@ -192,6 +192,7 @@ def _finish_plan(
                 sources.check_apart(calibration, evaluation, "gate.evaluation")
             except sources.SourceError as error:
                 raise PlanError(error.field, str(error).removeprefix(f"{error.field}: ")) from None
+    _check_resolvable_drop(recipe.gate.max_accuracy_drop, evaluation, evaluation_field, inputs)
     gate = data.get("gate")
     explicit_runtimes = isinstance(gate, dict) and "runtimes" in gate
     if explicit_runtimes:
@@ -206,6 +207,30 @@ def _finish_plan(
     )
     logger.debug("planned %s", plan)
     return plan
+
+
+def _check_resolvable_drop(
+    max_accuracy_drop: float, evaluation: DataSource, field: str, inputs: tuple[TensorSpec, ...]
+) -> None:
+    """Raise PlanError when one evaluation sample is worth more points than max_accuracy_drop.
+
+    The gate would reject every variant then, after the quantization and the evaluation ran.
+    """
+    if max_accuracy_drop <= 0:
+        return  # "No prediction changed" can be checked on any number of samples.
+    spec = sources.choose_input(inputs, evaluation, field)
+    count = sources.evaluation_count(evaluation, spec)
+    if not count:
+        return
+    sample_points = 100.0 / count
+    if max_accuracy_drop < sample_points:
+        raise PlanError(
+            "gate.max_accuracy_drop",
+            f"{max_accuracy_drop:g} points cannot be measured on the {count} evaluation samples of "
+            f"{sources.describe(evaluation)}: one changed prediction is worth {sample_points:.2f} points; give at "
+            f"least {math.ceil(100.0 / max_accuracy_drop)} evaluation samples, or set max_accuracy_drop "
+            f"(--max-accuracy-drop) to {math.ceil(sample_points * 100) / 100:g} or more",
+        )
 
 
 def _check_runtimes(runtimes: tuple[str, ...], planned: tuple[PlannedVariant, ...]) -> None:

@@ -44,8 +44,9 @@ BUILTINS = (DEMO_PHOTOS, DIGITS)
 # The same suffixes as compress.calibration.IMAGE_SUFFIXES, which imports onnxruntime and so stays out of
 # the orchestrator process; a test keeps the two equal.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Evaluation crops per demo photo: 4 evaluation photos give 64 samples.
-DEMO_EVAL_CROPS = 16
+# Evaluation crops per demo photo: 4 evaluation photos give 100 samples, on which one changed
+# prediction is worth 1 point, the gate's default max_accuracy_drop.
+DEMO_EVAL_CROPS = 25
 DIGITS_TEST_SIZE = 0.25
 DIGITS_SPLIT_SEED = 0
 _DIGITS_PIXEL_MAX = 16.0
@@ -373,6 +374,18 @@ def sample_count(source: DataSource, spec: TensorSpec) -> int | None:
         return len(list_images(Path(source.images), "images"))
     shape, _ = _npz_header(Path(source.npz), spec, "npz")
     return shape[0] if shape else None
+
+
+def evaluation_count(source: DataSource, spec: TensorSpec) -> int | None:
+    """Return the samples the gate evaluates from source, built-in sources included; None when unknown."""
+    name = builtin_name(source)
+    if name == "demo-photos":
+        from edgefleet.demo.images import demo_photos
+
+        return DEMO_EVAL_CROPS * len(split_demo_photos(demo_photos())[1])
+    if name:
+        return None
+    return sample_count(source, spec)
 
 
 def check_shape(shape: tuple[int, ...], dtype: str, spec: TensorSpec, field: str) -> None:
