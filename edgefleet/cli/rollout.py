@@ -7,6 +7,7 @@ import fnmatch
 import json
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,11 @@ MODEL_STATES = ("pending", "downloading", "verifying", "loading", "serving", "fa
 # The selector key that matches the hardware class; every other key is a label.
 HARDWARE_CLASS_KEY = "hardware_class"
 PROGRESS_WIDTH = 20
+# Long reasons and notes (a list of skipped devices, say) are cut in tables and wrapped in `rollout
+# status`; JSON output keeps them whole.
+REASON_WIDTH = 80
+NOTE_WIDTH = 100
+WRAP_WIDTH = 110
 # The orchestrator's upper limits for rollout create (edgefleet/orchestrator/handlers/rollouts.py), so that
 # the CLI can name the allowed range. The request sends 0 for an omitted flag, which the orchestrator
 # reads as its default, so the CLI rejects an explicit 0 instead of sending it.
@@ -280,6 +286,18 @@ def _ended_state(cell: str, state: str) -> str:
     return cell
 
 
+def _wrapped(lead: str, text: str) -> str:
+    """Return lead and text wrapped at WRAP_WIDTH, with the continuation lines indented under the text."""
+    return textwrap.fill(
+        " ".join(text.split()),
+        width=max(WRAP_WIDTH, len(lead) + 40),
+        initial_indent=lead,
+        subsequent_indent=" " * min(len(lead), 9),
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+
+
 def render_rollout(r: dict[str, Any]) -> str:
     """Render one rollout with a progress line per wave and a row per device."""
     waves_total = len(r["wave_percents"])
@@ -291,7 +309,7 @@ def render_rollout(r: dict[str, Any]) -> str:
         f"gates:   p95 <= {r['budget_ms']:g} ms, regression <= {r['max_p95_regression_pct']:g}%, "
         f"errors <= {r['max_error_rate_pct']:g}%, {r['min_samples']} samples per device, "
         f"rollbacks {r['rollbacks']} of at most {r['max_rollbacks']}",
-        f"reason:  {r['reason']}",
+        _wrapped("reason:  ", r["reason"]),
     ]
     if r["superseded_by"]:
         lines.append(f"superseded by {r['superseded_by']}")
@@ -304,7 +322,7 @@ def render_rollout(r: dict[str, Any]) -> str:
             # The rollout ended (rolled back or aborted by the operator, say) before this wave's gates decided.
             decision = f"UNDECIDED: the rollout ended {r['state']} first; it was waiting: {wave['reason']}"
         lines.append("")
-        lines.append(f"wave {wave['index'] + 1} ({wave['percent']}%){attempt}  {bar} {count}  {decision}")
+        lines.append(_wrapped(f"wave {wave['index'] + 1} ({wave['percent']}%){attempt}  {bar} {count}  ", decision))
         if wave["devices"]:
             rows = [
                 (
@@ -316,7 +334,7 @@ def render_rollout(r: dict[str, Any]) -> str:
                     d["baseline_p95_ms"],
                     f"{100 * d['error_rate']:.2f}%",
                     (d["verdict"] or "waiting") + (", restored" if d["restored"] else ""),
-                    d["note"],
+                    views.shorten(d["note"], NOTE_WIDTH),
                 )
                 for d in wave["devices"]
             ]
@@ -339,7 +357,7 @@ def render_rollouts(rollouts: list[dict[str, Any]]) -> str:
             r["target"],
             f"{r['budget_ms']:g}",
             r["created_at"],
-            r["reason"],
+            views.shorten(r["reason"], REASON_WIDTH),
         )
         for r in rollouts
     ]

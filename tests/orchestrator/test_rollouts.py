@@ -381,8 +381,28 @@ def test_cli_status_marks_wave_ended_undecided(
 
     assert rollback_code == 0, rollback_err
     assert code == 0, err
-    assert "UNDECIDED: the rollout ended rolled_back first; it was waiting:" in table
+    # A long wave line wraps; joining the lines back checks its text.
+    assert "UNDECIDED: the rollout ended rolled_back first; it was waiting:" in " ".join(table.split())
     assert re.search(r" downloading when the rollout ended \(last seen \d+s ago\) ", table)
+
+
+def test_cli_long_reason_wrapped_and_cut(capsys: pytest.CaptureFixture[str]) -> None:
+    """A long reason wraps in `rollout status` and is cut in `rollout list`; JSON keeps it whole."""
+    from edgefleet.cli.rollout import REASON_WIDTH, WRAP_WIDTH, _wrapped, render_rollouts
+
+    reason = "no device runs m:2: " + "; ".join(f"dev-{i:03d}: no variant fits the budget of 5 ms" for i in range(30))
+    lines = _wrapped("reason:  ", reason).splitlines()
+    listed = {
+        "rollout_id": "ro-1", "model": "m", "version": "2", "state": "aborted", "stuck": False, "current_wave": 0,
+        "waves": [], "wave_percents": [100], "target": "kind=camera", "budget_ms": 5.0, "created_at": "-",
+        "reason": reason,
+    }
+
+    assert len(lines) > 1
+    assert all(len(line) <= WRAP_WIDTH for line in lines)
+    assert " ".join(" ".join(lines).split()) == "reason: " + reason
+    row = render_rollouts([listed]).splitlines()[1]
+    assert row.endswith(reason[: REASON_WIDTH - 3] + "...")
 
 
 def test_cli_status_offline_state_marked(
@@ -485,8 +505,9 @@ def test_cli_create_unmatched_target_warns(
     typo = re.search(r"rollout (ro-[0-9a-f]+)", out)
     assert code == 0
     assert "warning: no registered device matches the target kidn=camera" in err
-    assert "no device has the label 'kidn'; did you mean kind?" in out
-    assert f"{running.rollout_id} (running) goes on until this rollout assigns its first device" in out
+    text = " ".join(out.split())  # The reason wraps over lines.
+    assert "no device has the label 'kidn'; did you mean kind?" in text
+    assert f"{running.rollout_id} (running) goes on until this rollout assigns its first device" in text
     assert typo is not None
     assert get_rollout(orchestrator, running.rollout_id).state == RUNNING
     assert get_rollout(orchestrator, typo.group(1)).state == PENDING
