@@ -255,6 +255,7 @@ TIME_FORMS = (
 # The orchestrator's clock may run ahead of this one, and it places a window at the start the device
 # sent unless that start is more than its --max-clock-skew-s (default 60 s) after the window arrived.
 MAX_SINCE_AHEAD_S = 60.0
+DEFAULT_GROUP_BY = "device,model,variant"
 DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
@@ -890,11 +891,13 @@ def parse_range(since_text: str | None, until_text: str | None) -> tuple[datetim
 
 
 def cmd_metrics_query(client: Client, args: argparse.Namespace) -> None:
-    keys = [key.strip() for key in args.group_by.split(",") if key.strip()]
+    # Repeated flags add up: --group-by device --group-by model is --group-by device,model.
+    group_by = ",".join(args.group_by) if args.group_by else DEFAULT_GROUP_BY
+    keys = [key.strip() for key in group_by.split(",") if key.strip()]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
         raise CliError(
-            f"invalid --group-by {args.group_by!r}: {', '.join(repeated)} is given more than once; name each key once",
+            f"invalid --group-by {group_by!r}: {', '.join(repeated)} is given more than once; name each key once",
             EXIT_USAGE,
         )
     request = operator_pb2.QueryMetricsRequest(group_by=keys)
@@ -1232,8 +1235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--until", help=f"end: {TIME_HELP}")
     sub.add_argument(
         "--group-by",
-        default="device,model,variant",
-        help="comma-separated: device, model, variant, hardware_class",
+        action="append",
+        help=f"comma-separated, or repeated: device, model, variant, hardware_class (default {DEFAULT_GROUP_BY})",
     )
     output_flag(sub)
     sub.set_defaults(handler=cmd_metrics_query)

@@ -129,6 +129,19 @@ def test_query_group_by_repeated(fleet: OrchestratorThread, capsys: Capture) -> 
     assert "invalid --group-by 'device,model,device': device is given more than once" in error
 
 
+def test_query_group_by_flags_add_up(fleet: OrchestratorThread, capsys: Capture) -> None:
+    # Each flag counts: the first one's unknown key is not dropped for the second.
+    code = cli(fleet, "metrics", "query", "--group-by", "bogus", "--group-by", "device")
+
+    assert code == EXIT_USAGE
+    assert "invalid --group-by: unknown key 'bogus'" in capsys.readouterr().err
+
+    code = cli(fleet, "metrics", "query", "--group-by", "device", "--group-by", "model,device")
+
+    assert code == EXIT_USAGE
+    assert "invalid --group-by 'device,model,device': device is given more than once" in capsys.readouterr().err
+
+
 def test_query_group_by_spaces(fleet: OrchestratorThread, capsys: Capture) -> None:
     code = cli(fleet, "metrics", "query", "--group-by", "device, model", "-o", "json")
 
