@@ -189,7 +189,18 @@ def test_jobs_time_format(
 def test_jobs_show(server: OrchestratorThread, compressed: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     run_cli(server, "jobs", "show", compressed["job"]["job_id"])
-    assert "succeeded" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    variant = compressed["variants"][0]
+
+    assert "succeeded" in out
+    # The gate's figures come with the job, as models compress and jobs wait print them.
+    assert "SAMPLES" in out and "SPEEDUP" in out
+    assert variant["variant_id"] in out.split("VARIANT", 1)[1]
+
+    run_cli(server, "jobs", "show", compressed["job"]["job_id"], "--output", "json")
+    shown = json.loads(capsys.readouterr().out)
+    assert [v["variant_id"] for v in shown["variants"]] == [variant["variant_id"]]
+    assert shown["variants"][0]["evaluation_samples"] == variant["evaluation_samples"]
 
 
 def test_jobs_wait_finished(server: OrchestratorThread, compressed: dict[str, Any]) -> None:

@@ -298,15 +298,20 @@ def _get_job_retrying(client: Client, job_id: str) -> operator_pb2.CompressionJo
     return job
 
 
+def _job_variants(client: Client, job: operator_pb2.CompressionJob) -> list[dict[str, Any]]:
+    """Return the views of the variants the job stored that still exist, with the figures its gate measured."""
+    if not job.variant_ids:
+        return []
+    response = client.call(
+        "ListVariants", operator_pb2.ListVariantsRequest(model_name=job.model_name, model_version=job.model_version)
+    )
+    wanted = set(job.variant_ids)
+    return [views.variant_view(v) for v in response.variants if v.variant_id in wanted]
+
+
 def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> None:
     """Print the finished job with its variants; raise CliError when it did not produce an accepted one."""
-    variants: list[dict[str, Any]] = []
-    if job.variant_ids:
-        response = client.call(
-            "ListVariants", operator_pb2.ListVariantsRequest(model_name=job.model_name, model_version=job.model_version)
-        )
-        wanted = set(job.variant_ids)
-        variants = [views.variant_view(v) for v in response.variants if v.variant_id in wanted]
+    variants = _job_variants(client, job)
     view = job_view(job)
     emit({"job": view, "variants": variants}, output, render_result)
     if job.state != operator_pb2.JOB_STATE_SUCCEEDED:
@@ -380,7 +385,13 @@ def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:
 
 def cmd_jobs_show(client: Client, args: argparse.Namespace) -> None:
     job = client.call("GetCompressionJob", operator_pb2.GetCompressionJobRequest(job_id=args.job_id))
-    emit(job_view(job), args.output, render_job)
+    view = {**job_view(job), "variants": _job_variants(client, job)}
+    emit(view, args.output, _render_job_with_variants)
+
+
+def _render_job_with_variants(job: dict[str, Any]) -> str:
+    text = render_job(job)
+    return text + "\n" + render_variants(job["variants"]) if job["variants"] else text
 
 
 def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> None:
