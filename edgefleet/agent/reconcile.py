@@ -76,6 +76,10 @@ class Reconciler:
     # The assignment each served model runs, saved with the desired state. When a restart meets a
     # desired variant that fails to load, the agent serves this one again, as it did before the restart.
     serving: dict[str, agent_pb2.ModelAssignment] = field(default_factory=dict)
+    # The assignment each model served before the one in serving, whose file the model store keeps as its
+    # previous version, saved with the desired state. _serve_again() loads it when neither the desired nor
+    # the serving assignment loads, such as when the current file fails its SHA-256 check at start-up.
+    previous_serving: dict[str, agent_pb2.ModelAssignment] = field(default_factory=dict)
     # Names of models whose download failed in a way that may succeed later (disk full, orchestrator unreachable).
     # retry_pending() tries them again, which the agent calls after a delay while it stays connected. The
     # agent also claims no generation when it connects, so the orchestrator sends the desired state again.
@@ -187,10 +191,14 @@ class Reconciler:
             serving = {}
             for name, encoded in data.get("serving", {}).items():  # Absent in files of older agents.
                 serving[name] = agent_pb2.ModelAssignment.FromString(bytes.fromhex(encoded))
+            previous_serving = {}
+            for name, encoded in data.get("previous_serving", {}).items():  # Absent in files of older agents.
+                previous_serving[name] = agent_pb2.ModelAssignment.FromString(bytes.fromhex(encoded))
         except (OSError, ValueError, KeyError, AttributeError, DecodeError) as error:
             log.warning("ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error)
             return
         self.serving = serving
+        self.previous_serving = previous_serving
         log.info(
             "restoring %d models of desired generation %d from local files",
             len(desired.models),
@@ -297,6 +305,8 @@ class Reconciler:
                 self.statuses.pop(name, None)
             for name in [n for n in self.serving if n not in desired_names]:
                 self.serving.pop(name)
+            for name in [n for n in self.previous_serving if n not in desired_names]:
+                self.previous_serving.pop(name)
             for name in [n for n in self.statuses if n not in desired_names]:
                 self.statuses.pop(name)
             self.retry_later &= desired_names
@@ -309,7 +319,7 @@ class Reconciler:
                     log.info("left desired generation %d for a newer one", desired.generation)
                     return
                 self._apply_one(assignment, offline=offline)
-            if offline and any(self.host.get(a.model_name) is None for a in desired.models):
+            if offline and any(self._needs_fetch(a) for a in desired.models):
                 # A model is missing on disk: claim no generation, so the orchestrator sends the desired
                 # state again on connect and the missing model is downloaded.
                 self.generation = 0
@@ -337,6 +347,15 @@ class Reconciler:
                 return True
 
         return sorted(assignments, key=lambda a: (needs_download(a), a.size_bytes))
+
+    def _needs_fetch(self, assignment: agent_pb2.ModelAssignment) -> bool:
+        """Return whether nothing serves the assignment's model or its file is not on disk."""
+        if self.host.get(assignment.model_name) is None:
+            return True
+        try:
+            return self.store.find(assignment.model_name, assignment.digest) is None
+        except ValueError:  # A malformed name or digest, which _apply_one reports as failed.
+            return True
 
     def _discard_partials(self, desired_digests: Iterable[str]) -> None:
         try:
@@ -459,14 +478,10 @@ class Reconciler:
         previous = self.store.current(name)
         try:
             if offline:
+                on_disk = self.store.find(name, assignment.digest) is not None
                 installed = self.store.find_verified(name, assignment.digest)
                 if installed is None:
-                    log.info(
-                        "model=%s %s is not on disk or failed its SHA-256 check; it is fetched once the orchestrator "
-                        "is reachable",
-                        name,
-                        assignment.digest,
-                    )
+                    self._serve_previous_offline(assignment, on_disk=on_disk)
                     return
             else:
                 with self._guard:
@@ -520,6 +535,9 @@ class Reconciler:
                 message += f"; version {still_served.version} (variant {still_served.variant_id}) keeps serving"
             self._set(assignment, "failed", error=message)
             return
+        replaced = self.serving.get(name)
+        if replaced is not None and replaced.digest != assignment.digest:
+            self.previous_serving[name] = replaced
         self.serving[name] = assignment
         if self.verifier is not None:
             self.verifier.accept(assignment)
@@ -561,21 +579,62 @@ class Reconciler:
             "(edgefleet models compress --int8)"
         )
 
-    def _serve_again(self, name: str, failed: agent_pb2.ModelAssignment) -> ServedModel | None:
-        """Serve the assignment that ran before a restart when the desired one failed; return it, or None.
+    def _serve_previous_offline(self, assignment: agent_pb2.ModelAssignment, *, on_disk: bool) -> None:
+        """Serve a former version from disk when the desired one's file is missing or corrupt at start-up.
 
-        After a restart the host serves nothing yet, so without this a model whose new variant fails
-        to load would stop serving, although its former version is still on disk.
+        restore() runs before the agent connects, so the file cannot be downloaded yet. The desired variant
+        is reported as failed with the reason. apply() then claims no generation, so the orchestrator sends
+        the desired state again on connect and the file is downloaded.
         """
-        assignment = self.serving.get(name)
-        if assignment is None or assignment.digest == failed.digest:
+        name = assignment.model_name
+        if on_disk:
+            reason = "its model file failed its SHA-256 check or cannot be read"
+        else:
+            reason = "its model file is not on disk"
+        log.warning(
+            "model=%s variant=%s cannot load from local files: %s; it is downloaded once the orchestrator is reachable",
+            name,
+            assignment.variant_id,
+            reason,
+        )
+        served = self._serve_again(name, assignment)
+        if served is None:
+            return
+        self._set(
+            assignment,
+            "failed",
+            error=f"{reason}; version {served.version} (variant {served.variant_id}) keeps serving until the file "
+            "is downloaded again from the orchestrator",
+        )
+
+    def _serve_again(self, name: str, failed: agent_pb2.ModelAssignment) -> ServedModel | None:
+        """Serve the assignment that ran before, or else the one that served before it, when failed cannot serve.
+
+        Return the model that serves, or None. After a restart the host serves nothing yet, so without
+        this a model whose new variant fails to load, or whose file is corrupt, would stop serving,
+        although a former version is still on disk.
+        """
+        for assignment in (self.serving.get(name), self.previous_serving.get(name)):
+            if assignment is None or assignment.digest == failed.digest:
+                continue
+            served = self._serve_from_disk(assignment, failed)
+            if served is not None:
+                self.serving[name] = assignment
+                return served
+        return None
+
+    def _serve_from_disk(
+        self, assignment: agent_pb2.ModelAssignment, failed: agent_pb2.ModelAssignment
+    ) -> ServedModel | None:
+        """Load an installed assignment after its file passes the SHA-256 check; return it, or None on failure."""
+        name = assignment.model_name
+        if self.store.find(name, assignment.digest) is None:
+            log.warning("model=%s: variant %s, which served before, is no longer on disk", name, assignment.variant_id)
             return None
         installed = self.store.find_verified(name, assignment.digest)
         if installed is None:
             log.warning(
-                "model=%s: variant %s, which served before, is no longer on disk or failed its SHA-256 check",
-                name,
-                assignment.variant_id,
+                "model=%s: variant %s, which served before, failed its SHA-256 check", name, assignment.variant_id
             )
             return None
         try:
@@ -649,6 +708,9 @@ class Reconciler:
                         "generation": desired.generation,
                         "desired_state": desired.SerializeToString().hex(),
                         "serving": {name: a.SerializeToString().hex() for name, a in sorted(self.serving.items())},
+                        "previous_serving": {
+                            name: a.SerializeToString().hex() for name, a in sorted(self.previous_serving.items())
+                        },
                     },
                     handle,
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import subprocess
 import threading
@@ -117,6 +118,59 @@ def test_restart_serves_version_that_served(
         status = reconciler.statuses["linear"]
         assert status.variant_id == "linear:2:source"
         assert "version 1 (variant linear:1:source) keeps serving" in status.error
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_restart_offline_serves_kept_version(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel, damage: str
+) -> None:
+    """A current model file that is damaged at start-up leaves the kept version serving until it is fetched."""
+    first = assignment(artifacts, onnx_linear(tmp_path / "first.onnx", seed=0), "1")
+    second = assignment(artifacts, onnx_linear(tmp_path / "second.onnx", seed=1), "2")
+    state_dir = tmp_path / "device"
+    feeds = {"x": np.ones((1, 4), np.float32)}
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(state_dir, channel, host)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[first]))
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[second]))
+        assert host.infer("linear", feeds).model_version == "2"
+
+    model_dir = state_dir / "models" / "models" / "linear"
+    current = model_dir / json.loads((model_dir / "state.json").read_text())["current"]
+    assert current.stem == second.digest.removeprefix("sha256:")
+    if damage == "truncate":
+        with current.open("r+b") as handle:
+            handle.truncate(current.stat().st_size // 2)
+    else:
+        current.unlink()
+
+    # The agent restarts with no orchestrator reachable: restore() uses only local files.
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(state_dir, channel, host)
+        reconciler.restore()
+        restored_version = host.infer("linear", feeds).model_version
+        reported = list(reconciler.reported_state().models)
+        claimed_generation = reconciler.hello_generation()
+
+        # Once connected, the orchestrator sends the desired state again and the file is downloaded.
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[second]))
+        fetched_version = host.infer("linear", feeds).model_version
+        fetched = list(reconciler.reported_state().models)
+
+    assert restored_version == "1"
+    assert [(s.variant_id, s.state) for s in reported] == [
+        ("linear:2:source", MODEL_STATE_FAILED),
+        ("linear:1:source", MODEL_STATE_SERVING),
+    ]
+    reason = "failed its SHA-256 check" if damage == "truncate" else "is not on disk"
+    assert reason in reported[0].error
+    assert "version 1 (variant linear:1:source) keeps serving" in reported[0].error
+    assert reported[1].digest == first.digest
+    assert claimed_generation == 0
+    assert fetched_version == "2"
+    assert [(s.variant_id, s.state) for s in fetched] == [("linear:2:source", MODEL_STATE_SERVING)]
+    assert hashlib.sha256(current.read_bytes()).hexdigest() == current.stem
 
 
 @pytest.mark.parametrize(

@@ -407,3 +407,38 @@ def test_changed_model_file_downloaded_again(fleet: tuple[OrchestratorProcess, T
     assert files["current"] == current.name
     assert output.model_version == "1"
     assert orchestrator.running
+
+
+def test_corrupt_model_offline_serves_kept_version(fleet: tuple[OrchestratorProcess, TcpProxy, AgentProcess]) -> None:
+    orchestrator, proxy, agent = fleet
+    channel, operator = orchestrator.operator()
+    try:
+        device_id = agent.device_id()
+        upload(operator, linear_model(5), "2")
+        deploy(operator, device_id, "2")
+        wait_serving(operator, device_id, "2")
+    finally:
+        channel.close()
+    agent.stop()
+    model_dir = agent.state_dir / "models" / "models" / MODEL
+    current = model_dir / json.loads((model_dir / "state.json").read_text())["current"]
+    with current.open("r+b") as handle:
+        handle.truncate(current.stat().st_size // 2)
+
+    proxy.drop()
+    agent.start()
+    offline_version = local_version(agent)
+    offline_output = InferenceClient(agent.socket_path, MODEL).infer_once()
+    proxy.pass_traffic()
+    wait_for(
+        lambda: InferenceClient(agent.socket_path, MODEL).infer_once().model_version == "2",
+        "the agent to download version 2 again and serve it",
+    )
+    files = installed_files_consistent(agent.state_dir, MODEL)
+    log_text = agent.log_path.read_text()
+
+    assert offline_version == "1"
+    assert offline_output.model_version == "1"
+    assert "serves variant" in log_text
+    assert files["current"] == current.name
+    assert hashlib.sha256(current.read_bytes()).hexdigest() == current.stem
