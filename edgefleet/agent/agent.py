@@ -28,7 +28,6 @@ from edgefleet.agent.runtime.host import ModelHost
 from edgefleet.agent.tensor_socket import TensorSocketServer
 from edgefleet.agent.verify import ArtifactVerifier, VerificationError, key_set_ids
 from edgefleet.common.backoff import Backoff
-from edgefleet.common.errors import without_error_id
 from edgefleet.common.files import SocketPathError, bind_error_message, prepare_socket_path
 from edgefleet.common.hardware import HardwareProfile
 from edgefleet.common.logs import RetryLog
@@ -183,11 +182,13 @@ async def reconnect_forever(
 
 
 class OutageLog:
-    """Logs failed connection attempts: a warning for the first and for a new error, then one per interval.
+    """Logs failed connection attempts: a warning for the first and for a new status code, then one per interval.
 
     A fleet of agents that lost its orchestrator for hours would otherwise log a warning per attempt
     each. The attempts in between are logged at debug level, and the first connection after the
-    outage logs how long it lasted.
+    outage logs how long it lasted. An error counts as new only when its gRPC status code differs,
+    because the details of one outage vary from attempt to attempt, such as "Socket closed" and
+    "Connection reset by peer" when a proxy resets the connection. Each OutageLog serves one orchestrator address.
     """
 
     def __init__(
@@ -202,15 +203,17 @@ class OutageLog:
         self.attempts = 0
         self._started = 0.0
         self._warned = 0.0
-        self._last_error = ""
+        self._last_code = ""
         self._connected_before = False
 
-    def failed(self, error: str, delay: float) -> None:
+    def failed(self, code: str, details: str, delay: float) -> None:
+        """Record a failed attempt with its gRPC status code name and details; log it as the class describes."""
         now = self._clock()
+        error = f"{code}: {details}"
         if self.attempts == 0:
             self._started = now
         self.attempts += 1
-        if self.attempts == 1 or error != self._last_error:
+        if self.attempts == 1 or code != self._last_code:
             self._warned = now
             log.warning(
                 "connection to orchestrator %s failed (%s); retrying in %.1f s",
@@ -230,7 +233,7 @@ class OutageLog:
             )
         else:
             log.debug("connection attempt %d to orchestrator %s failed (%s)", self.attempts, self.orchestrator, error)
-        self._last_error = error
+        self._last_code = code
 
     def ended(self) -> None:
         if self.attempts:
@@ -243,7 +246,7 @@ class OutageLog:
                 self._clock() - self._started,
             )
         self.attempts = 0
-        self._last_error = ""
+        self._last_code = ""
         self._connected_before = True
 
 
@@ -466,7 +469,7 @@ class Agent:
                 f"orchestrator {self.config.orchestrator} unreachable ({error.code().name}); "
                 f"retrying in {delay:.0f} s; serving {len(self.host.list())} models"
             )
-            self._outage.failed(f"{error.code().name}: {error.details()}", delay)
+            self._outage.failed(error.code().name, error.details() or "", delay)
 
         await reconnect_forever(
             lambda: self._session(channel, stop),
@@ -727,9 +730,10 @@ class Agent:
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     await asyncio.to_thread(self.metric_buffer.drop, batch.batch_id, error.details() or "rejected")
                     continue
+                # Compared by status code only, because the details of one outage vary between attempts.
                 self._upload_log.failed(
                     "metrics",
-                    f"{error.code().name}: {without_error_id(error.details() or '')}",
+                    error.code().name,
                     "metric upload of batch %s failed (%s: %s); %d batches wait on disk for the next try",
                     batch.batch_id,
                     error.code().name,

@@ -27,7 +27,7 @@ def test_one_warning_per_interval_for_the_same_error(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.DEBUG, logger="edgefleet.agent.agent")
 
     for _ in range(20):  # 20 attempts 30 s apart: 570 s in all.
-        outage.failed("UNAVAILABLE: connection refused", 30.0)
+        outage.failed("UNAVAILABLE", "connection refused", 30.0)
         clock.now += 30.0
 
     warnings = [message for level, message in levels(caplog) if level == "WARNING"]
@@ -44,14 +44,44 @@ def test_new_error_warns_at_once(caplog: pytest.LogCaptureFixture) -> None:
     outage = OutageLog("orch:50051", interval_s=300.0, clock=clock)
     caplog.set_level(logging.DEBUG, logger="edgefleet.agent.agent")
 
-    outage.failed("UNAVAILABLE: connection refused", 1.0)
+    outage.failed("UNAVAILABLE", "connection refused", 1.0)
     clock.now += 1.0
-    outage.failed("UNAVAILABLE: connection refused", 2.0)
+    outage.failed("UNAVAILABLE", "connection refused", 2.0)
     clock.now += 2.0
-    outage.failed("DEADLINE_EXCEEDED: Deadline Exceeded", 4.0)
+    outage.failed("DEADLINE_EXCEEDED", "Deadline Exceeded", 4.0)
 
     assert [level for level, _ in levels(caplog)] == ["WARNING", "DEBUG", "WARNING"]
     assert "DEADLINE_EXCEEDED" in caplog.records[-1].getMessage()
+
+
+# Details that grpcio 1.85 reported for one outage, in turn, while a proxy reset each connection.
+SOCKET_CLOSED = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:52151: Handshake read failed "
+    "(Socket closed)"
+)
+CONNECTION_RESET = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:52151: Handshake read failed "
+    "(recvmsg:Connection reset by peer (104))"
+)
+
+
+def test_new_details_same_code_not_warned(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    outage = OutageLog("127.0.0.1:52151", interval_s=300.0, clock=clock)
+    caplog.set_level(logging.DEBUG, logger="edgefleet.agent.agent")
+
+    for attempt in range(12):  # 12 attempts 30 s apart: 330 s in all.
+        outage.failed("UNAVAILABLE", CONNECTION_RESET if attempt % 3 else SOCKET_CLOSED, 30.0)
+        clock.now += 30.0
+
+    warnings = [message for level, message in levels(caplog) if level == "WARNING"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("connection to orchestrator 127.0.0.1:52151 failed (UNAVAILABLE: ")
+    assert "(Socket closed)" in warnings[0]
+    # The periodic warning carries the details of the attempt that logs it, the 11th, which was reset.
+    assert warnings[1].startswith("orchestrator 127.0.0.1:52151 still unreachable after 11 attempts over 300 s")
+    assert "Connection reset by peer" in warnings[1]
+    assert sum(level == "DEBUG" for level, _ in levels(caplog)) == 10
 
 
 def test_outage_end_logs_its_length(caplog: pytest.LogCaptureFixture) -> None:
@@ -60,11 +90,11 @@ def test_outage_end_logs_its_length(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="edgefleet.agent.agent")
     outage.ended()  # A first connection without an outage logs nothing.
     for _ in range(4):
-        outage.failed("UNAVAILABLE: connection refused", 10.0)
+        outage.failed("UNAVAILABLE", "connection refused", 10.0)
         clock.now += 10.0
 
     outage.ended()
-    outage.failed("UNAVAILABLE: connection refused", 1.0)
+    outage.failed("UNAVAILABLE", "connection refused", 1.0)
 
     assert levels(caplog)[-2:] == [
         ("INFO", "connected to orchestrator orch:50051 again after 4 failed attempts over 40 s"),
@@ -80,7 +110,7 @@ def test_first_connection_after_failures_omits_again(caplog: pytest.LogCaptureFi
     outage = OutageLog("orch:50051", clock=clock)
     caplog.set_level(logging.INFO, logger="edgefleet.agent.agent")
     for _ in range(4):  # The orchestrator is not up yet when the agent starts.
-        outage.failed("UNAVAILABLE: connection refused", 1.0)
+        outage.failed("UNAVAILABLE", "connection refused", 1.0)
         clock.now += 1.0
 
     outage.ended()
