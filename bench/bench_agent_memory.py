@@ -1,4 +1,8 @@
-"""Measure the resident memory of real agent processes: imports, registered and idle, serving a model."""
+"""Measure the resident memory of real agent processes: imports, registered and idle, serving a model.
+
+With --swaps N it measures the RSS of a ModelHost across N swaps of EfficientNet-Lite0 instead, once
+with the agent's release_freed_memory() (glibc malloc_trim) and once without it.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +52,34 @@ import sys
 {imports}
 print(",".join(m for m in {forbidden!r} if m in sys.modules), flush=True)
 sys.stdin.read()
+"""
+
+
+# Swaps EfficientNet-Lite0 in a ModelHost as the agent does: it installs each version on one thread and
+# then benchmarks it at 1 and 2 threads on another (the agent's BenchmarkWorker), with the agent's default
+# of 20 timed runs. Prints the RSS in KiB after the first load and after each swap. With argv[3] "0", the
+# agent's calls of release_freed_memory() do nothing, as before the agent trimmed glibc's arenas.
+SWAP_SCRIPT = """
+import concurrent.futures, sys
+from pathlib import Path
+import edgefleet.agent.benchmark as benchmark
+import edgefleet.agent.runtime.host as host_module
+
+path, swaps, release = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+if not release:
+    benchmark.release_freed_memory = host_module.release_freed_memory = lambda: None
+
+def resident_kib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+host = host_module.ModelHost(default_threads=2)
+installer = concurrent.futures.ThreadPoolExecutor(1)
+benchmarker = concurrent.futures.ThreadPoolExecutor(1)
+for swap in range(swaps + 1):
+    installer.submit(host.install, "effnet", str(swap + 1), f"effnet:{swap + 1}", path, "onnx", 2).result()
+    benchmarker.submit(benchmark.benchmark_model, path, "onnx", max_threads=2).result()
+    print(resident_kib(), flush=True)
+host.close()
 """
 
 
@@ -188,6 +220,27 @@ def measure_agents(fleet: LocalFleet, inferences: int, settle_s: float) -> list[
     ]
 
 
+def measure_swaps(swaps: int, release: bool) -> list[int]:
+    """Run SWAP_SCRIPT in a fresh interpreter; return its RSS in bytes after the first load and each swap."""
+    command = [sys.executable, "-c", SWAP_SCRIPT, str(ensure_efficientnet_lite0_onnx()), str(swaps), str(int(release))]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60 + 30 * swaps, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the swap run exited with status {completed.returncode}: {completed.stderr.strip()}")
+    readings = [int(line) * 1024 for line in completed.stdout.split()]
+    if len(readings) != swaps + 1:
+        raise RuntimeError(f"the swap run printed {len(readings)} readings, expected {swaps + 1}")
+    return readings
+
+
+def print_swaps(with_release: Sequence[int], without_release: Sequence[int]) -> None:
+    rows = [
+        ("first load" if swap == 0 else str(swap), mib(released), mib(unreleased))
+        for swap, (released, unreleased) in enumerate(zip(with_release, without_release, strict=True))
+    ]
+    print(f"RSS in MiB of a ModelHost after each swap of {MODEL_NAME} (install, then benchmark at 1 and 2 threads):")
+    print(table(("SWAP", "WITH RELEASE_FREED_MEMORY", "WITHOUT"), rows))
+
+
 def print_imports(costs: Sequence[ImportCost]) -> None:
     bare = costs[0].memory
     rows = [
@@ -244,11 +297,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--inferences", type=int, default=20, help="inferences per agent before the last reading")
     parser.add_argument("--settle-s", type=float, default=3.0, help="seconds to wait before each reading")
+    parser.add_argument(
+        "--swaps",
+        type=int,
+        default=0,
+        help="measure RSS across this many model swaps, with and without releasing freed memory, "
+        "instead of the import and agent figures",
+    )
     args = parser.parse_args(argv)
-    if args.inferences < 1 or args.settle_s < 0:
-        parser.error("--inferences must be at least 1 and --settle-s at least 0")
+    if args.inferences < 1 or args.settle_s < 0 or args.swaps < 0:
+        parser.error("--inferences must be at least 1, --settle-s and --swaps at least 0")
 
     print(f"Machine: {machine_line()}")
+    if args.swaps:
+        try:
+            with_release = measure_swaps(args.swaps, release=True)
+            without_release = measure_swaps(args.swaps, release=False)
+        except KeyboardInterrupt:
+            print("\nInterrupted.", file=sys.stderr)
+            return 130
+        print_swaps(with_release, without_release)
+        return 0
     print_imports(measure_imports())
     print(flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-agent-memory-") as temp, sigterm_as_interrupt():
