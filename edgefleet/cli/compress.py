@@ -305,8 +305,8 @@ def _job_variants(client: Client, job: operator_pb2.CompressionJob) -> list[dict
     response = client.call(
         "ListVariants", operator_pb2.ListVariantsRequest(model_name=job.model_name, model_version=job.model_version)
     )
-    wanted = set(job.variant_ids)
-    return [views.variant_view(v) for v in response.variants if v.variant_id in wanted]
+    stored = set(job.variant_ids)
+    return [views.variant_view(v) for v in response.variants if v.variant_id in stored]
 
 
 def finish(client: Client, job: operator_pb2.CompressionJob, output: str) -> None:
