@@ -330,8 +330,11 @@ def test_delete_active_job(catalog: OrchestratorThread, tmp_path: Path) -> None:
     # Without its runner the job stays queued.
     catalog.state.job_runner.stop()  # type: ignore[union-attr]
     np.savez(tmp_path / "calibration.npz", x=np.zeros((4, 4), np.float32))
-    samples = {"npz": str(tmp_path / "calibration.npz")}
-    recipe = {"quantize": {"calibration": samples, "calibration_size": 4}, "gate": {"evaluation": samples}}
+    np.savez(tmp_path / "evaluation.npz", x=np.ones((4, 4), np.float32))
+    recipe = {
+        "quantize": {"calibration": {"npz": str(tmp_path / "calibration.npz")}, "calibration_size": 4},
+        "gate": {"evaluation": {"npz": str(tmp_path / "evaluation.npz")}, "max_accuracy_drop": 100.0},
+    }
     request = operator_pb2.CreateCompressionJobRequest(model_name="linear", recipe_json=json.dumps(recipe))
     job = catalog.operator.CreateCompressionJob(request, timeout=30)
 

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from edgefleet.common.logs import RootInfoFilter
 from edgefleet.orchestrator.compress.quantize import quantize_static_qdq
-from edgefleet.orchestrator.jobs.worker import RootInfoFilter
 
 
 def tiny_weight_conv(path: Path) -> Path:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgefleet.common.logs import RootInfoFilter
 from edgefleet.common.models import ModelMetadata, TensorSpec
 from edgefleet.orchestrator.artifacts import FileArtifactStore
 from edgefleet.orchestrator.compress.calibration import ArrayCalibrationReader, CalibrationError
@@ -55,31 +56,6 @@ _JOB_ERRORS = (
     ModelFileError,
     StoreError,
 )
-
-
-class RootInfoFilter(logging.Filter):
-    """Drop and count INFO and DEBUG records logged straight to the root logger; warnings and errors pass.
-
-    onnxruntime's quantizer (1.32) logs with the module-level logging.info: one "Increased scale[...]
-    for weight ..." line per channel whose weight scale it raised, about 300 per EfficientNet-Lite0
-    job. A filter on the root logger applies only to records created there, not to those of named loggers, so
-    this project's own log lines are unaffected.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dropped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        self.dropped += 1
-        return False
-
-    def take(self) -> int:
-        """Return the number of records dropped since the last call."""
-        dropped, self.dropped = self.dropped, 0
-        return dropped
 
 
 ROOT_INFO_FILTER = RootInfoFilter()
