@@ -534,6 +534,46 @@ def test_reassigned_device_not_awaited(two_classes: Fleet) -> None:
     assert f"now {MODEL}-1-source" in reassigned.note
 
 
+def test_wave_of_reassigned_devices_pauses(two_classes: Fleet) -> None:
+    """A wave whose every device an operator moved elsewhere measured nothing, so it does not pass."""
+    rollout = two_classes.create(wave_percents=(50, 100))
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    for device in wave.devices:
+        two_classes.assign(device.device_id, f"{MODEL}-1-source")
+
+    paused = two_classes.step(rollout.rollout_id)
+
+    judged = two_classes.current_wave(rollout.rollout_id)
+    assert paused.state == "paused"
+    assert paused.current_wave == 0
+    assert judged.decision == "pause"
+    assert "no device of this wave was measured: 2 devices reassigned outside this rollout" in judged.reason
+    apply_action(two_classes.rollouts, rollout.rollout_id, "resume", two_classes.clock())
+    assert two_classes.step(rollout.rollout_id).current_wave == 1
+
+
+def test_last_wave_of_reassigned_device_not_counted(fleet: Fleet) -> None:
+    """A one-wave rollout whose only device was redeployed does not claim that the device runs the version."""
+    fleet.device("cam-1", profile("alpha"))
+    fleet.device("cam-2", profile("alpha"))
+    fleet.model("1")
+    fleet.model("2")
+    for device_id in ("cam-1", "cam-2"):
+        fleet.assign(device_id, f"{MODEL}-1-source")
+    rollout = fleet.create(wave_percents=(100,))
+    fleet.step(rollout.rollout_id)
+    wave = fleet.current_wave(rollout.rollout_id)
+    moved, kept = wave.devices
+    fleet.assign(moved.device_id, f"{MODEL}-1-source")
+    fleet.samples(kept.device_id, kept.variant_id, 5.0, at=fleet.clock())
+
+    done = fleet.step(rollout.rollout_id)
+
+    assert done.state == "succeeded"
+    assert done.reason == f"all 1 waves passed; 1 device runs {MODEL}:2"
+
+
 def test_failed_variant_not_pushed_again(two_classes: Fleet) -> None:
     rollout = two_classes.create(max_rollbacks=3)
     two_classes.step(rollout.rollout_id)

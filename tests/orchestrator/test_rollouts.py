@@ -563,7 +563,9 @@ def test_cli_deploy_in_wave_warns(orchestrator: OrchestratorThread, capsys: pyte
     assert f"device {in_wave} was in wave 1 of rollout {rollout.rollout_id}" in err
     assert outside_code == 0
     assert "was in wave" not in outside_err
-    assert judged.waves[0].decision == operator_pb2.WAVE_DECISION_PROCEED
+    # The wave's only device left it unmeasured, so the wave waits for an operator instead of passing.
+    assert judged.waves[0].decision == operator_pb2.WAVE_DECISION_PAUSE
+    assert "no device of this wave was measured" in judged.waves[0].reason
 
 
 def test_cli_bad_target(orchestrator: OrchestratorThread, capsys: pytest.CaptureFixture[str]) -> None:

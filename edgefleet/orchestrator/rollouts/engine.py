@@ -476,7 +476,10 @@ class RolloutEngine:
         wave = attempts[-1]
         self._assign(rollout, wave)
         if wave.decision == "waiting":
-            wave = self._evaluate(rollout, wave)
+            judged = self._evaluate(rollout, wave)
+            # _proceed counts the devices that run the version from the waves' verdicts, this one's included.
+            waves = [judged if w is wave else w for w in waves]
+            wave = judged
         if wave.decision == "waiting":
             self._check_stuck(rollout, wave)
         elif wave.decision == "proceed":

@@ -204,7 +204,8 @@ class WaveGates:
 
         The wave rolls back as soon as one device failed, broke the budget or the error-rate limit.
         Once every assigned device has min_samples, the wave pauses when a device regressed against
-        the previous version more than allowed, and proceeds otherwise.
+        the previous version more than allowed, and proceeds otherwise. It also pauses when every
+        device it assigned was reassigned or removed before it was measured.
         """
         devices = tuple(self.judge(rollout, wave, device) for device in wave.devices)
         measured = [d for d in devices if d.variant_id and not d.late and d.verdict not in UNGATED_VERDICTS]
@@ -221,6 +222,19 @@ class WaveGates:
         regressed = [d for d in measured if d.verdict == VERDICT_REGRESSION]
         if regressed:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in regressed)
+            return replace(wave, devices=devices, decision="pause", reason=reason, decided_at=self._now())
+        if not measured and (removed or reassigned):
+            # Every device the wave assigned left it before its samples came: the gates saw nothing, so
+            # an operator decides whether the next wave may go out on no evidence.
+            left = []
+            if reassigned:
+                left.append(f"{count_devices(reassigned)} reassigned outside this rollout")
+            if removed:
+                left.append(f"{count_devices(removed)} removed from the fleet")
+            reason = (
+                f"no device of this wave was measured: {' and '.join(left)} before reporting enough samples; "
+                "resume to go on without measurements, or roll back or abort"
+            )
             return replace(wave, devices=devices, decision="pause", reason=reason, decided_at=self._now())
         skipped = sum(1 for d in devices if d.verdict == VERDICT_SKIPPED and not d.variant_id)
         reason = f"{count_devices(len(measured))} within the gates"
