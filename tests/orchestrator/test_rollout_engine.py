@@ -514,6 +514,7 @@ def test_rollback_keeps_reassigned(two_classes: Fleet) -> None:
     assert kept.variant_id == f"{MODEL}-2-tflite"
     assert not left.restored
     assert left.note.startswith("left as it is by the rollback: reassigned outside this rollout")
+    assert left.note.count("reassigned outside this rollout") == 1
     assert all(d.restored for d in others)
 
 
@@ -551,6 +552,21 @@ def test_wave_of_reassigned_devices_pauses(two_classes: Fleet) -> None:
     assert "no device of this wave was measured: 2 devices reassigned outside this rollout" in judged.reason
     apply_action(two_classes.rollouts, rollout.rollout_id, "resume", two_classes.clock())
     assert two_classes.step(rollout.rollout_id).current_wave == 1
+
+
+def test_rollback_note_of_judged_reassigned(two_classes: Fleet) -> None:
+    rollout = two_classes.create(wave_percents=(50, 100))
+    two_classes.step(rollout.rollout_id)
+    wave = two_classes.current_wave(rollout.rollout_id)
+    for device in wave.devices:
+        two_classes.assign(device.device_id, f"{MODEL}-1-source")
+    two_classes.step(rollout.rollout_id)  # The gates judge the devices reassigned, with the new assignment.
+    apply_action(two_classes.rollouts, rollout.rollout_id, "rollback", two_classes.clock())
+    two_classes.step(rollout.rollout_id)
+
+    notes = [d.note for d in two_classes.current_wave(rollout.rollout_id).devices]
+    assert all(n.startswith("left as it is by the rollback: reassigned outside this rollout (now ") for n in notes)
+    assert all(n.count("reassigned outside this rollout") == 1 for n in notes)
 
 
 def test_last_wave_of_reassigned_device_not_counted(fleet: Fleet) -> None:

@@ -315,10 +315,15 @@ class SqlRolloutStore(SqlTransactions, RolloutStore):
                 # The device is gone or was reassigned since; its current assignment stays.
                 generation = int(desired or device.assigned_generation or 1)
                 why = "removed from the fleet" if desired is None else "reassigned outside this rollout"
+                if device.note.startswith(why):
+                    # The gates' note says so already, with the assignment the device has now.
+                    note = f"{LEFT_AS_IS_NOTE}: {device.note}"
+                else:
+                    note = f"{LEFT_AS_IS_NOTE}: {why}" + (f"; {device.note}" if device.note else "")
                 connection.execute(
                     sa.update(rollout_wave_devices)
                     .where(*_device_filter(key, device_id))
-                    .values(restored_generation=generation, note=f"{LEFT_AS_IS_NOTE}: {why}; {device.note}")
+                    .values(restored_generation=generation, note=note)
                 )
                 return generation, False
             generation = queries.bump_generation(connection, device_id)
