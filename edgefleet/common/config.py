@@ -189,10 +189,11 @@ class Range:
 
 
 def format_number(value: float) -> str:
-    """Format value as the user would write it: 30 for 30.0, 0.5, 4294967295, nan."""
+    """Format value as the user would write it: 30 for 30.0, 0.5, 4294967295, 1e+300, nan."""
     if isinstance(value, int):
         return str(value)
-    if value.is_integer():
+    # A float of 1e16 or more is no exact integer, and 1e300 would print as 301 digits.
+    if value.is_integer() and abs(value) < 1e16:
         return str(int(value))
     return f"{value:g}"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgefleet.common.config import ConfigError, load_config
+from edgefleet.common.config import ConfigError, format_number, load_config
 from edgefleet.orchestrator.config import RANGES, ListenAddress, OrchestratorConfig, parse_listen_address
 
 
@@ -167,3 +167,12 @@ def test_config_defaults_valid() -> None:
 def test_load_config_environment_value() -> None:
     with pytest.raises(ConfigError, match="invalid --stale-after-s -5"):
         load_config(OrchestratorConfig, environ={"EDGEFLEET_STALE_AFTER_S": "-5"})
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(30.0, "30"), (0.5, "0.5"), (4294967295.0, "4294967295"), (1e300, "1e+300"), (-1e17, "-1e+17"), (7, "7")],
+)
+def test_format_number_as_written(value: float, shown: str) -> None:
+    # A huge value from a config file is shown in exponent form, not as hundreds of digits.
+    assert format_number(value) == shown
