@@ -204,8 +204,8 @@ class WaveGates:
 
         The wave rolls back as soon as one device failed, broke the budget or the error-rate limit.
         Once every assigned device has min_samples, the wave pauses when a device regressed against
-        the previous version more than allowed, and proceeds otherwise. It also pauses when every
-        device it assigned was reassigned or removed before it was measured.
+        the previous version more than allowed, and proceeds otherwise. It also pauses when it measured
+        no device because every device it assigned was reassigned (or removed) before its samples came.
         """
         devices = tuple(self.judge(rollout, wave, device) for device in wave.devices)
         measured = [d for d in devices if d.variant_id and not d.late and d.verdict not in UNGATED_VERDICTS]
@@ -223,9 +223,10 @@ class WaveGates:
         if regressed:
             reason = "; ".join(f"{d.device_id} ({d.variant_id}): {d.note}" for d in regressed)
             return replace(wave, devices=devices, decision="pause", reason=reason, decided_at=self._now())
-        if not measured and (removed or reassigned):
-            # Every device the wave assigned left it before its samples came: the gates saw nothing, so
-            # an operator decides whether the next wave may go out on no evidence.
+        if not measured and reassigned:
+            # An operator moved every device that stayed in the fleet before its samples came: the gates
+            # saw nothing, so the operator decides whether the next wave may go out on no evidence. A wave
+            # whose devices were all removed goes on, and a rollout that no device runs ends aborted.
             left = []
             if reassigned:
                 left.append(f"{count_devices(reassigned)} reassigned outside this rollout")
