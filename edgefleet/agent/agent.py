@@ -307,6 +307,7 @@ class Agent:
             # A profile's threads may exceed its pinned CPUs, as an explicit choice of the operator.
             max_threads=max(len(limits.cpus), limits.threads),
             memory_budget_bytes=limits.memory_budget_bytes,
+            memory_limit_bytes=limits.memory_limit_bytes,
             # The runtimes are imported now (ModelHost), so this is the agent's memory without a model.
             process_bytes=resident_bytes(),
             report=self._queue_report,

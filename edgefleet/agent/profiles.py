@@ -49,11 +49,13 @@ class ProfileError(ValueError):
 class EnforcedLimits:
     cpus: tuple[int, ...]  # CPU ids the process is pinned to.
     threads: int  # Intra-op threads a runtime session may use.
-    # Memory the agent may use with its loaded models, or None for no budget beyond the probed memory.
-    # The agent enforces it by rejecting a model whose estimated memory, added to the agent's own and
-    # that of the models loaded, exceeds it. RLIMIT_AS is not used because runtimes reserve far more
-    # virtual address space than they touch.
+    # Memory the loaded models may use (the profile's memory_mib), or None for no budget. The agent
+    # rejects a model whose estimated memory, added to that of the models loaded, exceeds it. RLIMIT_AS
+    # is not used because runtimes reserve far more virtual address space than they touch.
     memory_budget_bytes: int | None
+    # The cgroup memory limit of the whole process, or None: the agent also rejects a model whose
+    # estimate, added to the loaded models and the agent's own memory, exceeds it.
+    memory_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,12 @@ class DeviceProfile:
                 quota_threads,
             )
             threads = quota_threads
-        budgets = [b for b in (self.memory_bytes, memory_limit_bytes) if b is not None]
-        return EnforcedLimits(cpus=tuple(cpus), threads=threads, memory_budget_bytes=min(budgets, default=None))
+        return EnforcedLimits(
+            cpus=tuple(cpus),
+            threads=threads,
+            memory_budget_bytes=self.memory_bytes,
+            memory_limit_bytes=memory_limit_bytes,
+        )
 
 
 def default_threads(cpu_count: int, cpu_quota: float | None) -> int:

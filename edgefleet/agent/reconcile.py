@@ -56,11 +56,12 @@ class Reconciler:
     state_dir: Path
     allowed_runtimes: tuple[str, ...]
     default_threads: int
-    # Memory that the agent and its models may use in all, such as the profile's memory_mib capped by the
-    # cgroup limit, or None for no check.
+    # Memory the loaded models may use (the profile's memory_mib, "for inference"), or None for no check.
     memory_budget_bytes: int | None
     report: ReportCallback
-    # Memory the agent takes with no model loaded (its RSS at start), counted against memory_budget_bytes.
+    # Memory the whole process may use (its cgroup's limit), or None: the agent's own memory counts here.
+    memory_limit_bytes: int | None = None
+    # Memory the agent takes with no model loaded (its RSS at start), counted against memory_limit_bytes.
     process_bytes: int = 0
     generation: int = 0
     # Queues the on-device benchmark of a newly installed variant; it must return at once, because
@@ -554,30 +555,34 @@ class Reconciler:
             self.on_serving(assignment.variant_id, installed.path, model_format)
 
     def _over_memory_budget(self, assignment: agent_pb2.ModelAssignment) -> str:
-        """Return why loading assignment would exceed the memory budget, or "" when it fits.
+        """Return why loading assignment would exceed the memory budget or limit, or "" when it fits.
 
         A swap loads and warms up the new version while the old one still serves, so the version
-        served under the same name counts until the swap ends, as do the other models and the
-        agent's own memory (process_bytes).
+        served under the same name counts until the swap ends, as do the other models. The models
+        must fit memory_budget_bytes; with the agent's own memory (process_bytes) they must fit
+        memory_limit_bytes, which the kernel enforces with the out-of-memory killer.
         """
-        if self.memory_budget_bytes is None:
-            return ""
         needed = assignment.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
         served = {m.name: m for m in self.host.list() if m.path.exists()}
         models = sum(m.path.stat().st_size * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES for m in served.values())
-        in_use = self.process_bytes + models
-        if in_use + needed <= self.memory_budget_bytes:
-            return ""
         replaced = served.get(assignment.model_name)
         swap = ""
         if replaced is not None:
             swap = f", including version {replaced.version}, which stays loaded until the new version replaces it"
-        return (
-            f"model needs about {needed >> 20} MiB, {in_use >> 20} MiB are in use (the agent itself "
-            f"{self.process_bytes >> 20} MiB, loaded models {models >> 20} MiB{swap}) and the device's memory budget "
-            f"is {self.memory_budget_bytes >> 20} MiB; remove a model from this device or deploy a smaller variant "
-            "(edgefleet models compress --int8)"
-        )
+        fix = "remove a model from this device or deploy a smaller variant (edgefleet models compress --int8)"
+        if self.memory_budget_bytes is not None and models + needed > self.memory_budget_bytes:
+            return (
+                f"model needs about {needed >> 20} MiB, loaded models use {models >> 20} MiB{swap}, and the "
+                f"profile's memory budget for models is {self.memory_budget_bytes >> 20} MiB; {fix}"
+            )
+        in_use = self.process_bytes + models
+        if self.memory_limit_bytes is not None and in_use + needed > self.memory_limit_bytes:
+            return (
+                f"model needs about {needed >> 20} MiB, {in_use >> 20} MiB are in use (the agent itself "
+                f"{self.process_bytes >> 20} MiB, loaded models {models >> 20} MiB{swap}) and the cgroup memory "
+                f"limit is {self.memory_limit_bytes >> 20} MiB; {fix}, or raise the limit (MemoryMax)"
+            )
+        return ""
 
     def _serve_previous_offline(self, assignment: agent_pb2.ModelAssignment, *, on_disk: bool) -> None:
         """Serve a former version from disk when the desired one's file is missing or corrupt at start-up.

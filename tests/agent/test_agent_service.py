@@ -271,7 +271,7 @@ def test_agent_memory_budget(start_orchestrator: StartOrchestrator, start_agent:
     deploy(orchestrator, device_id)
     status = wait_state(orchestrator, device_id, common_pb2.MODEL_STATE_FAILED)
 
-    assert "memory budget is 1 MiB" in status.error
+    assert "memory budget for models is 1 MiB" in status.error
     assert "deploy a smaller variant" in status.error
     assert local_models(agent.agent.config.socket_path) == []
 

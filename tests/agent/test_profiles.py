@@ -240,13 +240,16 @@ def enforce_in_child(tmp_path: Path, profile_text: str, probe_root: Path = Path(
     return result
 
 
-def test_enforce_memory_budget_capped_by_cgroup() -> None:
+def test_enforce_memory_budget_and_cgroup_limit() -> None:
+    # memory_mib budgets the models; the cgroup limit bounds the whole process, the agent included.
     profile = DeviceProfile(name="ecu", memory_bytes=2 * GIB)
 
-    assert profile.enforce(None, 300 * MIB).memory_budget_bytes == 300 * MIB
-    assert profile.enforce(None, 4 * GIB).memory_budget_bytes == 2 * GIB
+    assert profile.enforce(None, 300 * MIB).memory_budget_bytes == 2 * GIB
+    assert profile.enforce(None, 300 * MIB).memory_limit_bytes == 300 * MIB
     assert profile.enforce(None, None).memory_budget_bytes == 2 * GIB
-    assert DeviceProfile(name="").enforce(None, 300 * MIB).memory_budget_bytes == 300 * MIB
+    assert profile.enforce(None, None).memory_limit_bytes is None
+    assert DeviceProfile(name="").enforce(None, 300 * MIB).memory_budget_bytes is None
+    assert DeviceProfile(name="").enforce(None, 300 * MIB).memory_limit_bytes == 300 * MIB
 
 
 def test_enforce_pins_one_cpu(tmp_path: Path) -> None:

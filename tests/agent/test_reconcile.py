@@ -331,8 +331,8 @@ def test_swap_counts_both_versions_against_budget(
 
     with ModelHost(default_threads=1) as host:
         reconciler = make_reconciler(tmp_path / "device", channel, host)
-        reconciler.process_bytes = 8 << 20
-        reconciler.memory_budget_bytes = reconciler.process_bytes + one_model + (one_model >> 1)
+        reconciler.process_bytes = 8 << 20  # The profile's budget is for the models alone.
+        reconciler.memory_budget_bytes = one_model + (one_model >> 1)
         reconciler.apply(agent_pb2.DesiredState(generation=1, models=[first]))
         first_status = reconciler.statuses["linear"]
         reconciler.apply(agent_pb2.DesiredState(generation=2, models=[second]))
@@ -341,8 +341,33 @@ def test_swap_counts_both_versions_against_budget(
 
     assert first_status.state == MODEL_STATE_SERVING
     assert second_status.state == MODEL_STATE_FAILED
-    assert "the agent itself 8 MiB" in second_status.error
+    assert "the profile's memory budget for models" in second_status.error
     assert "including version 1, which stays loaded until the new version replaces it" in second_status.error
+    assert served is not None
+    assert served.version == "1"
+
+
+def test_swap_counts_agent_against_cgroup_limit(
+    tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
+) -> None:
+    """Under a cgroup limit the agent's own memory counts too, since the kernel kills the whole process."""
+    first = assignment(artifacts, onnx_linear(tmp_path / "first.onnx", seed=0), "1")
+    second = assignment(artifacts, onnx_linear(tmp_path / "second.onnx", seed=1), "2")
+    one_model = first.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES
+
+    with ModelHost(default_threads=1) as host:
+        reconciler = make_reconciler(tmp_path / "device", channel, host)
+        reconciler.process_bytes = 8 << 20
+        reconciler.memory_budget_bytes = 2 * one_model  # Holds both versions: the limit decides.
+        reconciler.memory_limit_bytes = reconciler.process_bytes + one_model + (one_model >> 1)
+        reconciler.apply(agent_pb2.DesiredState(generation=1, models=[first]))
+        reconciler.apply(agent_pb2.DesiredState(generation=2, models=[second]))
+        status = reconciler.statuses["linear"]
+        served = host.get("linear")
+
+    assert status.state == MODEL_STATE_FAILED
+    assert "the agent itself 8 MiB" in status.error
+    assert "cgroup memory limit" in status.error
     assert served is not None
     assert served.version == "1"
 
