@@ -929,6 +929,21 @@ def test_create_rejects_evaluation_npz_is_calibration(tiny: OrchestratorThread, 
     assert _job_count(tiny) == jobs_before
 
 
+def test_create_rejects_evaluation_npz_copy(tiny: OrchestratorThread, tmp_path: Path) -> None:
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, input=np.zeros((2, 3, 224, 224), np.float32))
+    copy = tmp_path / "evaluation.npz"
+    copy.write_bytes(calibration.read_bytes())
+    recipe = {"quantize": {"calibration": {"npz": str(calibration)}}, "gate": {"evaluation": {"npz": str(copy)}}}
+    jobs_before = _job_count(tiny)
+
+    error = rpc_error(lambda: create(tiny, recipe))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"gate.evaluation.npz: '{copy}' has the same contents as the calibration file" in (error.details() or "")
+    assert _job_count(tiny) == jobs_before
+
+
 def test_create_rejects_evaluation_folder_is_calibration(tiny: OrchestratorThread, tmp_path: Path) -> None:
     folder = _image_folder(tmp_path / "photos", 2)
     recipe = {

@@ -168,8 +168,9 @@ def check_apart(calibration: DataSource, evaluation: DataSource, field: str) -> 
     """Raise SourceError when evaluation names the same folder or .npz file as calibration.
 
     Paths are compared by file identity, so two spellings of one folder, a symbolic link to it or a hard
-    link to the same .npz file count as the same. Built-in sources split themselves and always pass. An
-    evaluation folder with some images whose bytes equal calibration images is logged as a warning.
+    link to the same .npz file count as the same, and so does a copy of the calibration .npz with equal
+    bytes. Built-in sources split themselves and always pass. An evaluation folder with some images
+    whose bytes equal calibration images is logged as a warning.
     """
     if builtin_name(calibration) or builtin_name(evaluation):
         return
@@ -181,6 +182,13 @@ def check_apart(calibration: DataSource, evaluation: DataSource, field: str) -> 
                 f"{evaluation_path!r} is the calibration data as well, so the gate would measure accuracy on "
                 "the samples the int8 ranges were fitted on; give evaluation data kept apart from calibration",
             )
+    if calibration.npz and evaluation.npz and _same_bytes(Path(calibration.npz), Path(evaluation.npz)):
+        raise SourceError(
+            f"{field}.npz",
+            f"{evaluation.npz!r} has the same contents as the calibration file {calibration.npz!r}, so the gate "
+            "would measure accuracy on the samples the int8 ranges were fitted on; give evaluation data kept "
+            "apart from calibration",
+        )
     if calibration.images and evaluation.images:
         shared = _shared_files(Path(calibration.images), Path(evaluation.images))
         if shared:
@@ -198,6 +206,14 @@ def check_apart(calibration: DataSource, evaluation: DataSource, field: str) -> 
 def _same_file(first: Path, second: Path) -> bool:
     try:
         return first.samefile(second)
+    except OSError:
+        return False
+
+
+def _same_bytes(first: Path, second: Path) -> bool:
+    """Return whether two files have equal contents; files of different sizes are not read."""
+    try:
+        return first.stat().st_size == second.stat().st_size and filecmp.cmp(first, second, shallow=False)
     except OSError:
         return False
 
