@@ -131,12 +131,13 @@ class DeviceProfile:
         (threads created later inherit it); a profile without cores leaves the affinity alone.
         cpu_quota is the cgroup CPU quota in CPUs (probe_cgroup.cpu_quota), or None when unlimited.
         memory_limit_bytes is the cgroup memory limit (probe_cgroup.memory_limit), or None when unlimited.
-        The memory budget is the smaller of it and the profile's memory_mib, because the kernel
-        kills the agent at the cgroup limit whatever the profile says.
+        The profile's memory_mib becomes the budget for the loaded models. The cgroup limit is kept apart
+        as the bound of the whole process, the agent's own memory included, because the kernel kills the
+        agent there.
         Without `threads` in the profile, the agent runs one thread per pinned CPU. Either way it runs no more
         than the quota rounded up, because the kernel throttles a cgroup that has used its quota, so more
         threads only wait.
-        Returns the CPUs, the thread count and the memory budget that the agent must respect.
+        Returns the CPUs, the thread count, the memory budget and the memory limit that the agent must respect.
         """
         usable = sorted(os.sched_getaffinity(0))
         cpus = usable

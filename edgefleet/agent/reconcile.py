@@ -189,12 +189,9 @@ class Reconciler:
             data = json.loads(path.read_text())
             desired = agent_pb2.DesiredState()
             desired.ParseFromString(bytes.fromhex(data["desired_state"]))
-            serving = {}
-            for name, encoded in data.get("serving", {}).items():  # Absent in files of older agents.
-                serving[name] = agent_pb2.ModelAssignment.FromString(bytes.fromhex(encoded))
-            previous_serving = {}
-            for name, encoded in data.get("previous_serving", {}).items():  # Absent in files of older agents.
-                previous_serving[name] = agent_pb2.ModelAssignment.FromString(bytes.fromhex(encoded))
+            # Both are absent in files of older agents.
+            serving = _decode_assignments(data.get("serving", {}))
+            previous_serving = _decode_assignments(data.get("previous_serving", {}))
         except (OSError, ValueError, KeyError, AttributeError, DecodeError) as error:
             log.warning("ignoring unreadable %s (%s); waiting for the orchestrator's desired state", path, error)
             return
@@ -342,21 +339,20 @@ class Reconciler:
             served = self.host.get(assignment.model_name)
             if served is not None and served.variant_id == assignment.variant_id:
                 return False
-            try:
-                return self.store.find(assignment.model_name, assignment.digest) is None
-            except ValueError:  # A malformed name or digest, which _apply_one reports as failed.
-                return True
+            return not self._on_disk(assignment)
 
         return sorted(assignments, key=lambda a: (needs_download(a), a.size_bytes))
 
     def _needs_fetch(self, assignment: agent_pb2.ModelAssignment) -> bool:
         """Return whether nothing serves the assignment's model or its file is not on disk."""
-        if self.host.get(assignment.model_name) is None:
-            return True
+        return self.host.get(assignment.model_name) is None or not self._on_disk(assignment)
+
+    def _on_disk(self, assignment: agent_pb2.ModelAssignment) -> bool:
+        """Return whether the model store has the assignment's file, without checking its SHA-256."""
         try:
-            return self.store.find(assignment.model_name, assignment.digest) is None
+            return self.store.find(assignment.model_name, assignment.digest) is not None
         except ValueError:  # A malformed name or digest, which _apply_one reports as failed.
-            return True
+            return False
 
     def _discard_partials(self, desired_digests: Iterable[str]) -> None:
         try:
@@ -712,10 +708,8 @@ class Reconciler:
                     {
                         "generation": desired.generation,
                         "desired_state": desired.SerializeToString().hex(),
-                        "serving": {name: a.SerializeToString().hex() for name, a in sorted(self.serving.items())},
-                        "previous_serving": {
-                            name: a.SerializeToString().hex() for name, a in sorted(self.previous_serving.items())
-                        },
+                        "serving": _encode_assignments(self.serving),
+                        "previous_serving": _encode_assignments(self.previous_serving),
                     },
                     handle,
                 )
@@ -733,3 +727,13 @@ class Reconciler:
                 error,
                 self.state_dir,
             )
+
+
+def _encode_assignments(assignments: dict[str, agent_pb2.ModelAssignment]) -> dict[str, str]:
+    """Return the assignments by model name as hex-encoded protobuf, for the desired-state file."""
+    return {name: assignment.SerializeToString().hex() for name, assignment in sorted(assignments.items())}
+
+
+def _decode_assignments(encoded: dict[str, str]) -> dict[str, agent_pb2.ModelAssignment]:
+    """Return the assignments that _encode_assignments wrote; raises ValueError or DecodeError on bad data."""
+    return {name: agent_pb2.ModelAssignment.FromString(bytes.fromhex(text)) for name, text in encoded.items()}
