@@ -326,8 +326,8 @@ def evaluate_variant(
         return reject(
             f"too few evaluation samples: on {eval_inputs.shape[0]} samples one sample is worth "
             f"{sample_points:.2f} points, more than max_accuracy_drop {max_accuracy_drop:g}, so the gate cannot "
-            f"measure a drop that small; give at least {_samples_for(max_accuracy_drop)} evaluation samples or "
-            f"raise max_accuracy_drop to {math.ceil(sample_points * 100) / 100:g}",
+            f"measure a drop that small; give at least {samples_for(max_accuracy_drop)} evaluation samples or "
+            f"raise max_accuracy_drop to {smallest_measurable_drop(eval_inputs.shape[0]):g}",
             **accuracy_figures, **latency_figures,
         )
     speed_note = "; slower than the source" if slower else ""
@@ -338,11 +338,16 @@ def evaluate_variant(
     )
 
 
-def _samples_for(max_accuracy_drop: float) -> int:
+def samples_for(max_accuracy_drop: float) -> int:
     """Return the fewest samples on which one sample is worth at most max_accuracy_drop points."""
     count = math.ceil(100.0 / max_accuracy_drop)
     # ceil can land one above the exact count when 100 / max_accuracy_drop rounds up in floating point.
     return count - 1 if count > 1 and 100.0 / (count - 1) <= max_accuracy_drop else count
+
+
+def smallest_measurable_drop(samples: int) -> float:
+    """Return the points one of samples is worth, rounded up to hundredths: the smallest limit the gate measures."""
+    return math.ceil(100.0 / samples * 100) / 100
 
 
 def _interleaved_p50(

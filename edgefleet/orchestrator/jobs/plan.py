@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgefleet.common.models import ModelMetadata, TensorSpec
+from edgefleet.orchestrator.compress.gate import samples_for, smallest_measurable_drop
 from edgefleet.orchestrator.compress.quantize import quantization_recommendation
 from edgefleet.orchestrator.compress.recipe import (
     DataSource,
@@ -228,8 +229,8 @@ def _check_resolvable_drop(
             "gate.max_accuracy_drop",
             f"{max_accuracy_drop:g} points cannot be measured on the {count} evaluation samples of "
             f"{sources.describe(evaluation)}: one changed prediction is worth {sample_points:.2f} points; give at "
-            f"least {math.ceil(100.0 / max_accuracy_drop)} evaluation samples, or set max_accuracy_drop "
-            f"(--max-accuracy-drop) to {math.ceil(sample_points * 100) / 100:g} or more",
+            f"least {samples_for(max_accuracy_drop)} evaluation samples, or set max_accuracy_drop "
+            f"(--max-accuracy-drop) to {smallest_measurable_drop(count):g} or more",
         )
 
 
