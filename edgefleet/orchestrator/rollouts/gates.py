@@ -227,9 +227,7 @@ class WaveGates:
             # An operator moved every device that stayed in the fleet before its samples came: the gates
             # saw nothing, so the operator decides whether the next wave may go out on no evidence. A wave
             # whose devices were all removed goes on, and a rollout that no device runs ends aborted.
-            left = []
-            if reassigned:
-                left.append(f"{count_devices(reassigned)} reassigned outside this rollout")
+            left = [f"{count_devices(reassigned)} reassigned outside this rollout"]
             if removed:
                 left.append(f"{count_devices(removed)} removed from the fleet")
             reason = (
