@@ -43,7 +43,7 @@ class ImageMemoryError(OSError):
 def decoded_bytes(size: tuple[int, int], mode: str) -> int:
     """Estimate the peak bytes that reading an image of size (width, height) in Pillow mode needs.
 
-    Pillow holds multi-band images (RGB, RGBA, LA, CMYK) and 32-bit ones in 4 bytes per pixel, 16-bit
+    Pillow stores multi-band images (RGB, RGBA, LA, CMYK) and 32-bit ones in 4 bytes per pixel, 16-bit
     grayscale in 2 and the rest in 1. An RGB image is used as decoded; other modes also get an RGB
     copy of 4 bytes per pixel, and 16-bit grayscale passes through float32 arrays on the way.
     """

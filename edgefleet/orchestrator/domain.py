@@ -68,7 +68,7 @@ class Variant:
     # The samples that accuracy and accuracy_drop were measured on; 0 when unknown or unmeasured.
     evaluation_samples: int = 0
     # "sha256:<hex>" of the evaluation inputs and labels that accuracy_drop was measured on, so that
-    # drops from different data can be told apart. Empty for a source and when unknown.
+    # drops from different data can be distinguished. Empty for a source and when unknown.
     evaluation_digest: str = ""
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50 by "threads=N".
     # The source's p50 by "threads=N", timed by the same gate run alternately with the variant. Empty

@@ -324,7 +324,7 @@ def test_failed_deploy_reports_served_version(
 def test_swap_counts_both_versions_against_budget(
     tmp_path: Path, artifacts: FileArtifactStore, channel: grpc.Channel
 ) -> None:
-    """A budget that holds one version of a model but not two rejects a swap, and the old version serves on."""
+    """A budget that fits one version of a model but not two rejects a swap, and the old version serves on."""
     first = assignment(artifacts, onnx_linear(tmp_path / "first.onnx", seed=0), "1")
     second = assignment(artifacts, onnx_linear(tmp_path / "second.onnx", seed=1), "2")
     one_model = first.size_bytes * MEMORY_PER_FILE_BYTE + MEMORY_FIXED_BYTES

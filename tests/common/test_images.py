@@ -111,7 +111,7 @@ def test_large_jpeg_decoded_reduced(tmp_path: Path) -> None:
     [("RGB", 4), ("RGBA", 8), ("L", 5), ("P", 5), ("LA", 8), ("I;16", 15)],
 )
 def test_decoded_bytes(mode: str, per_pixel: int) -> None:
-    # Pillow holds multi-band pixels in 4 bytes; a mode other than RGB also gets an RGB copy.
+    # Pillow stores multi-band pixels in 4 bytes; a mode other than RGB also gets an RGB copy.
     assert decoded_bytes((300, 200), mode) == 300 * 200 * per_pixel
 
 

@@ -697,7 +697,7 @@ def test_gate_job_with_labels_stores_source_accuracy(gated_uploads: GatedUploads
 
 
 def test_gate_jobs_store_evaluation_digest(gated_uploads: GatedUploads) -> None:
-    """Two gates on the same data store one digest, which tells selection that their drops compare."""
+    """Two gates on the same data store one digest, so selection treats their drops as comparable."""
     server = gated_uploads.server
     for variant_id in ("tiny:1:pruned", "tiny:1:distilled"):
         recipe = {"gate": {"variant": variant_id, "evaluation": gated_uploads.evaluation, "max_accuracy_drop": 100}}

@@ -316,7 +316,7 @@ class SqlRolloutStore(SqlTransactions, RolloutStore):
                 generation = int(desired or device.assigned_generation or 1)
                 why = "removed from the fleet" if desired is None else "reassigned outside this rollout"
                 if device.note.startswith(why):
-                    # The gates' note says so already, with the assignment the device has now.
+                    # The gates' note already states this, with the assignment the device has now.
                     note = f"{LEFT_AS_IS_NOTE}: {device.note}"
                 else:
                     note = f"{LEFT_AS_IS_NOTE}: {why}" + (f"; {device.note}" if device.note else "")
