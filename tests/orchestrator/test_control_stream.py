@@ -100,7 +100,9 @@ def test_heartbeat_acked(orchestrator: OrchestratorThread, open_stream: OpenStre
 def test_status_online_stale_offline(
     start_orchestrator: Callable[..., OrchestratorThread], open_stream: OpenStream
 ) -> None:
-    orchestrator = start_orchestrator(stale_after_s=0.6, offline_after_s=1.5)
+    # A stale threshold of a few seconds: on a loaded 2-core machine, the status read right after a
+    # heartbeat took over 0.6 s, so a device just heard from read as stale.
+    orchestrator = start_orchestrator(stale_after_s=3.0, offline_after_s=4.5)
     device_id, key = register(orchestrator.agent)
     stream = open_stream(orchestrator.agent)
     stream.hello(device_id, key)
